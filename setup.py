@@ -1,0 +1,103 @@
+"""Build `layerfast._C`: the compiled ops, registered as `torch.ops.layerfast.*`.
+
+The C++ kernels (csrc/*.cpp, csrc/cpu/*.cpp) are always built. The CUDA kernels
+(csrc/cuda/*.cu) are built when torch was built with CUDA and nvcc is found, or when
+FORCE_CUDA=1. A machine without a visible GPU gets a default TORCH_CUDA_ARCH_LIST.
+Build with `pip install --no-build-isolation -e .` so the extension compiles against the
+torch you already have.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# Hopper (H100/H200) and Ampere, plus PTX so newer GPUs can JIT. Used only when no GPU is visible
+# and the user did not choose; compile time grows with each architecture.
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def _nvcc_version(cuda_home: str) -> str | None:
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    try:
+        out = subprocess.check_output([nvcc, "--version"], text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def _want_cuda(torch_cuda: str | None, cuda_home: str | None) -> bool:
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    return bool(torch_cuda) and bool(cuda_home)
+
+
+def _check_versions(torch_cuda: str | None, cuda_home: str | None) -> None:
+    """Stop early and clearly when nvcc and torch disagree: a mismatched build links but fails at
+    import or, worse, at the first kernel launch."""
+    if not cuda_home:
+        sys.exit("layerfast build: FORCE_CUDA=1 but no CUDA toolkit found; set CUDA_HOME.")
+    nvcc = _nvcc_version(cuda_home)
+    if torch_cuda is None:
+        sys.exit(
+            f"layerfast build: nvcc {nvcc} found at {cuda_home}, but the installed torch has no "
+            "CUDA; install a CUDA build of torch or unset FORCE_CUDA."
+        )
+    if nvcc is None:
+        sys.exit(f"layerfast build: cannot run {cuda_home}/bin/nvcc --version.")
+    if nvcc.split(".")[0] != torch_cuda.split(".")[0] or nvcc != ".".join(torch_cuda.split(".")[:2]):
+        sys.exit(
+            f"layerfast build: nvcc is CUDA {nvcc} ({cuda_home}) but torch was built with CUDA "
+            f"{torch_cuda}. Install the torch build for CUDA {nvcc}, or point CUDA_HOME at a "
+            f"CUDA {torch_cuda} toolkit."
+        )
+
+
+def extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    torch_cuda = torch.version.cuda
+    cuda_home = os.environ.get("CUDA_HOME") or CUDA_HOME
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    use_cuda = _want_cuda(torch_cuda, cuda_home)
+    if use_cuda:
+        _check_versions(torch_cuda, cuda_home)
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        return [
+            CUDAExtension(
+                "layerfast._C",
+                sources,
+                extra_compile_args={"cxx": cxx + ["-DLAYERFAST_WITH_CUDA"], "nvcc": nvcc},
+                py_limited_api=True,
+            )
+        ]
+    return [
+        CppExtension("layerfast._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)
+    ]
+
+
+def main() -> None:
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        ext_modules=extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    )
+
+
+if __name__ == "__main__":
+    main()
