@@ -1,0 +1,315 @@
+"""`Evaluator`: every variant of a model, one data pass (DESIGN.md §7).
+
+Per batch: the batch goes to the device once; the baseline runs once and keeps its activation at
+every cut some variant starts from; each group of variants then runs only its suffix — fanned
+(K variants as one wide computation) where `fanout.fan_plan` proves it safe, otherwise one
+variant at a time with its weights exchanged in place by `swap_` and exchanged back. Logits are
+scored on the device by `score_` into a [V, 4] float64 accumulator; the host syncs only for
+progress and checkpoints. The model leaves exactly as it came (values, device, layout, mode).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerfast.engine.fanout import run_fanned, stack_module
+from layerfast.engine.graph import Program, no_inplace_modules
+from layerfast.engine.plan import Group, Plan, choose_kmax, make_plan, memory_budget
+from layerfast.engine.precision import (
+    channels_last,
+    precision_context,
+    resolve_device,
+    resolve_precision,
+)
+from layerfast.errors import LayerfastError
+
+_OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)
+
+
+@dataclass
+class EvalResult:
+    """Per-variant sums over the data: columns correct@1, correct@5, cross-entropy, agreement."""
+
+    counts: torch.Tensor  # float64 [V, 4], CPU, in the order the variants were given
+    n: int
+    device: str
+    precision: str
+    num_classes: int
+    plan: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def error(self) -> torch.Tensor:
+        return 1.0 - self.counts[:, 0] / max(self.n, 1)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.counts[:, 2] / max(self.n, 1)
+
+    @property
+    def agreement(self) -> torch.Tensor:
+        return self.counts[:, 3] / max(self.n, 1)
+
+
+def _overrides_of(v: Any) -> Mapping[str, torch.Tensor]:
+    if isinstance(v, Mapping):
+        return v
+    if hasattr(v, "overrides"):
+        return v.overrides()
+    raise TypeError(f"a variant must be a mapping of state keys to tensors or have .overrides(), got {type(v)}")
+
+
+def _ops():
+    from layerfast import ops
+
+    return ops
+
+
+class Evaluator:
+    """Evaluate weight variants of `model` on batches, all in one data pass.
+
+    `variants`: mappings {state-dict key: tensor} or objects with `.overrides()`; an empty
+    mapping is the final model itself. The baseline (no overrides) is always computed: agreement
+    is measured against its predictions.
+    """
+
+    def __init__(self, model: nn.Module, variants: Sequence[Any], device: str | torch.device = "auto",
+                 precision: str = "auto", batch_size: int | None = None, fanout: bool = True,
+                 max_fanout: int = 32, memory_fraction: float = 0.5) -> None:
+        self.model = model
+        self.variants = list(variants)
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 1000)
+        self.fanout = fanout
+        self.max_fanout = max_fanout
+        self.memory_fraction = memory_fraction
+
+    # ---- setup -----------------------------------------------------------------------
+    def _live(self) -> dict[str, torch.Tensor]:
+        live = {k: p.data for k, p in self.model.named_parameters()}
+        live.update(dict(self.model.named_buffers()))
+        return live
+
+    def _device_overrides(self, live: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Each variant's tensors on the device, in the live tensors' dtype and layout, so that
+        `swap_` exchanges them byte for byte."""
+        out = []
+        for i, v in enumerate(self.variants):
+            ov = _overrides_of(v)
+            bad = [k for k in ov if k not in live]
+            shapes = [f"{k}: {tuple(t.shape)} vs model {tuple(live[k].shape)}"
+                      for k, t in ov.items() if k in live and t.shape != live[k].shape]
+            if bad or shapes:
+                raise LayerfastError(f"variant {i} does not fit the model: unknown keys {bad[:10]}; "
+                                     f"shape mismatches {shapes[:10]}")
+            out.append({k: torch.empty_like(live[k]).copy_(t) for k, t in ov.items()})
+        return out
+
+    # ---- the pass --------------------------------------------------------------------
+    def run(self, data: Any, start: int = 0, counts: torch.Tensor | None = None,
+            on_progress: Callable[[int], None] | None = None,
+            on_checkpoint: Callable[[torch.Tensor, int], None] | None = None,
+            checkpoint_every: float = 30.0) -> EvalResult:
+        """One pass over `data`: a `layerfast.data.DataSource`, or an iterable of (x, y).
+
+        `start`/`counts` resume a pass: skip the first `start` samples (DataSource only) and
+        continue from the saved sums. `on_checkpoint(counts, n_done)` is called every
+        `checkpoint_every` seconds and at the end, with CPU counts in variant order."""
+        model, dev = self.model, self.device
+        was_training = model.training
+        p0 = next(iter(model.parameters()), None)
+        home = p0.device if p0 is not None else torch.device("cpu")
+        cl = channels_last(self.precision, dev)
+        t0 = time.perf_counter()
+        model.eval()
+        model.to(dev)
+        if cl:
+            model.to(memory_format=torch.channels_last)
+        try:
+            with no_inplace_modules(model), torch.inference_mode():
+                return self._run(data, start, counts, on_progress, on_checkpoint, checkpoint_every,
+                                 cl, t0)
+        finally:
+            if cl:
+                model.to(memory_format=torch.contiguous_format)
+            model.to(home)
+            model.train(was_training)
+
+    def _batches(self, data: Any, start: int, cl: bool) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        dev = self.device
+        dtype = torch.float32
+        if hasattr(data, "batches") and hasattr(data, "shape"):
+            from layerfast.data import to_device
+
+            for x, y in data.batches(self.batch_size, start=start):
+                yield to_device(x, y, data, dev, dtype=dtype, channels_last=cl)
+            return
+        if start:
+            raise LayerfastError("resuming needs a DataSource, not a plain iterable of batches")
+        for x, y in data:
+            x = x.to(dev, non_blocking=True)
+            if cl and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(dev, torch.int64, non_blocking=True)
+
+    def _run(self, data, start, counts, on_progress, on_checkpoint, every, cl, t0) -> EvalResult:
+        ops = _ops()
+        live = self._live()
+        prog = Program(self.model)
+        dev_ov = self._device_overrides(live)
+        plan = make_plan(prog, [set(o) for o in dev_ov], self.fanout, self.max_fanout)
+        V = len(self.variants)
+        acc = torch.zeros(V + 1, 4, dtype=torch.float64, device=self.device)  # row V: baseline
+        if counts is not None:
+            acc[:V] = counts.to(self.device)
+        timings = {"setup": time.perf_counter() - t0, "baseline": 0.0, "fanned": 0.0, "swapped": 0.0}
+        n, last_ck, C = start, time.perf_counter(), 0
+        planned = False
+        for x, y in self._batches(data, start, cl):
+            with precision_context(self.precision, self.device):
+                tb = time.perf_counter()
+                cache: dict[int, torch.Tensor] = {}
+                logits0 = prog.run(x, 0, keep=set(plan.cuts), saved=cache)
+                if not isinstance(logits0, torch.Tensor) or logits0.dim() != 2:
+                    raise LayerfastError("the model must return logits shaped [batch, classes]")
+                C = logits0.shape[1]
+                _check_labels(y, C)
+                ref = logits0.argmax(1)
+                self._score(ops, logits0.unsqueeze(0), y, ref, acc[V:V + 1])
+                for i in plan.same_as_baseline:
+                    self._score(ops, logits0.unsqueeze(0), y, ref, acc[i:i + 1])
+                timings["baseline"] += time.perf_counter() - tb
+                if not planned:
+                    self._size_groups(plan, prog, x, cache)
+                    planned = True
+                for g in plan.groups:
+                    tg = time.perf_counter()
+                    inp = x if g.start == 0 else cache[g.start]
+                    if g.fan is not None:
+                        self._run_fanned_group(ops, prog, g, inp, y, ref, acc, dev_ov, live)
+                        timings["fanned"] += time.perf_counter() - tg
+                    else:
+                        for i in g.members:
+                            self._run_swapped(ops, prog, g.start, inp, y, ref, acc[i:i + 1],
+                                              dev_ov[i], live)
+                        timings["swapped"] += time.perf_counter() - tg
+                del cache
+            n += int(y.shape[0])
+            if on_progress is not None:
+                on_progress(n)
+            if on_checkpoint is not None and time.perf_counter() - last_ck >= every:
+                on_checkpoint(acc[:V].cpu(), n)
+                last_ck = time.perf_counter()
+        if n == 0:
+            raise LayerfastError("the data is empty: no samples to evaluate")
+        out = acc[:V].cpu()
+        if on_checkpoint is not None:
+            on_checkpoint(out, n)
+        timings["total"] = time.perf_counter() - t0
+        return EvalResult(out, n, str(self.device), self.precision, C, plan.summary(), timings)
+
+    # ---- pieces ----------------------------------------------------------------------
+    def _score(self, ops, logits: torch.Tensor, y: torch.Tensor, ref: torch.Tensor,
+               acc_rows: torch.Tensor) -> None:
+        ops.score_(logits.contiguous(), y, ref, acc_rows)
+
+    def _size_groups(self, plan: Plan, prog: Program, x: torch.Tensor, cache: dict) -> None:
+        """Pick K per fanned group from the activation size of one sample."""
+        per_sample = max([t.numel() * t.element_size() for t in cache.values()] +
+                         [x.numel() * x.element_size()]) / max(x.shape[0], 1)
+        budget = memory_budget(self.device, self.memory_fraction)
+        k = choose_kmax(4 * per_sample, x.shape[0], budget, self.max_fanout)
+        for g in plan.groups:
+            if g.fan is not None:
+                g.kmax = min(g.kmax, k)
+
+    def _run_swapped(self, ops, prog: Program, start: int, inp: torch.Tensor, y, ref, acc_rows,
+                     ov: dict[str, torch.Tensor], live: dict[str, torch.Tensor],
+                     lo: int = 0, hi: int | None = None) -> None:
+        keys = list(ov)
+        a, b = [live[k] for k in keys], [ov[k] for k in keys]
+        hi = inp.shape[0] if hi is None else hi
+        part = inp[lo:hi]
+        if prog.has_inplace:
+            part = part.clone()
+        ops.swap_(a, b)
+        try:
+            logits = prog.run(part, start)
+        except _OOM:
+            ops.swap_(a, b)
+            if hi - lo <= 1:
+                raise
+            mid = (lo + hi) // 2  # back off: half the batch at a time, same sums
+            self._run_swapped(ops, prog, start, inp, y, ref, acc_rows, ov, live, lo, mid)
+            self._run_swapped(ops, prog, start, inp, y, ref, acc_rows, ov, live, mid, hi)
+            return
+        ops.swap_(a, b)
+        self._score(ops, logits.unsqueeze(0), y[lo:hi], ref[lo:hi], acc_rows)
+
+    def _stacks(self, prog: Program, g: Group, lo: int, hi: int, dev_ov, live) -> dict:
+        key = (lo, hi)
+        if key not in g.stacks:
+            stacks = {}
+            for mod in g.fan.modules:
+                prefix = mod + "."
+                per = [{k[len(prefix):]: t for k, t in dev_ov[i].items() if k.startswith(prefix)}
+                       for i in g.members[lo:hi]]
+                stacks[mod] = stack_module(prog.modules[mod], mod, per)
+            g.stacks[key] = stacks
+        return g.stacks[key]
+
+    def _run_fanned_group(self, ops, prog, g: Group, inp, y, ref, acc, dev_ov, live) -> None:
+        lo = 0
+        while lo < len(g.members):
+            hi = min(lo + g.kmax, len(g.members))
+            try:
+                if not self._run_chunk(ops, prog, g, lo, hi, inp, y, ref, acc, dev_ov, live):
+                    return  # fell back to the swap path for the rest of the group
+            except _OOM:
+                if hi - lo == 1:
+                    raise
+                g.kmax = max(1, (hi - lo) // 2)  # back off; nothing of this chunk was scored
+                g.stacks.clear()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            lo = hi
+
+    def _run_chunk(self, ops, prog, g: Group, lo, hi, inp, y, ref, acc, dev_ov, live) -> bool:
+        """Run members[lo:hi] fanned and score them. False: the fanned run failed for a reason
+        other than memory, so the group now runs (from `lo` on) on the swap path instead."""
+        K = hi - lo
+        stacks = self._stacks(prog, g, lo, hi, dev_ov, live)
+        x = inp.clone() if prog.has_inplace else inp
+        try:
+            logits = run_fanned(prog, g.fan, x, stacks, K)
+        except _OOM:
+            raise
+        except Exception:  # noqa: BLE001 - the proof missed something: fall back, stay correct
+            g.fan = None
+            for i in g.members[lo:]:
+                self._run_swapped(ops, prog, g.start, inp, y, ref, acc[i:i + 1], dev_ov[i], live)
+            return False
+        B = inp.shape[0]
+        logits = logits.reshape(K, B, -1)
+        rows = g.members[lo:hi]
+        if rows == list(range(rows[0], rows[0] + K)):
+            self._score(ops, logits, y, ref, acc[rows[0]:rows[0] + K])
+        else:
+            part = torch.zeros(K, 4, dtype=acc.dtype, device=acc.device)
+            self._score(ops, logits, y, ref, part)
+            acc.index_add_(0, torch.tensor(rows, device=acc.device), part)
+        return True
+
+
+def _check_labels(y: torch.Tensor, num_classes: int) -> None:
+    if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise LayerfastError(f"labels must lie in [0, {num_classes}) for a model with "
+                             f"{num_classes} outputs; found {int(y.min())}..{int(y.max())}")

@@ -1,0 +1,81 @@
+"""The plan: which cut each variant starts from, which variants run fanned together, and how
+many at once fit in memory (DESIGN.md §7.2–7.3)."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from layerfast.engine.fanout import FanPlan, fan_plan
+from layerfast.engine.graph import Program
+
+
+@dataclass
+class Group:
+    """Variants that start at one cut and override the same modules."""
+
+    start: int
+    members: list[int]  # variant indices
+    fan: FanPlan | None  # None: each member runs alone, weights swapped in place
+    kmax: int = 1  # variants per fanned chunk (set by the memory planner, lowered on OOM)
+    stacks: dict[tuple[int, int], dict] = field(default_factory=dict)  # chunk -> weight stacks
+
+
+@dataclass
+class Plan:
+    groups: list[Group]
+    same_as_baseline: list[int]  # variants whose overrides no step reads
+    cuts: list[int]  # cuts whose baseline activation is kept
+
+    def summary(self) -> dict:
+        fanned = sum(len(g.members) for g in self.groups if g.fan is not None)
+        swapped = sum(len(g.members) for g in self.groups if g.fan is None)
+        return {
+            "groups": len(self.groups),
+            "cuts_kept": len(self.cuts),
+            "fanned_variants": fanned,
+            "swapped_variants": swapped,
+            "baseline_equal_variants": len(self.same_as_baseline),
+            "kmax": {str(g.start): g.kmax for g in self.groups if g.fan is not None},
+        }
+
+
+def make_plan(prog: Program, keysets: list[set[str]], fanout: bool, max_fanout: int) -> Plan:
+    by_key: dict[tuple[int, frozenset[str]], list[int]] = defaultdict(list)
+    same: list[int] = []
+    for i, keys in enumerate(keysets):
+        start = prog.start_cut(keys) if keys else None
+        if start is None:
+            same.append(i)
+            continue
+        mods = frozenset(prog.steps[j].target for j in range(start + 1, len(prog.steps))
+                         if prog.steps[j].keys & keys)
+        by_key[(start, mods)].append(i)
+    groups: list[Group] = []
+    for (start, _), members in sorted(by_key.items(), key=lambda kv: (kv[0][0], min(kv[1]))):
+        union: set[str] = set().union(*(keysets[i] for i in members))
+        fan = fan_plan(prog, start, union) if fanout and len(members) > 1 else None
+        groups.append(Group(start, members, fan, kmax=max_fanout if fan else 1))
+    cuts = sorted({g.start for g in groups if g.start > 0})
+    return Plan(groups, same, cuts)
+
+
+def memory_budget(device: torch.device, fraction: float) -> int:
+    """Bytes the fanned suffix may use: a fraction of free GPU memory, or of available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * fraction)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        avail = 4 << 30
+    return int(min(avail * fraction, 8 << 30))
+
+
+def choose_kmax(per_sample_bytes: float, batch: int, budget: int, cap: int) -> int:
+    """K such that K·B samples of suffix activations fit the budget (at least 1)."""
+    need = max(per_sample_bytes, 1.0) * batch
+    return int(max(1, min(cap, budget // need)))

@@ -1,0 +1,51 @@
+"""Precision modes (DESIGN.md §7.6): fp32 reproduces the naive loop; tf32 and bf16 trade exactness
+for speed on CUDA. The chosen mode is recorded with the results."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from layerfast.errors import LayerfastError
+
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LayerfastError("--device cuda was asked for, but torch sees no CUDA GPU here")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is bf16 on CUDA (with channels_last) and fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise LayerfastError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+@contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """Set matmul/conv math for the mode and restore the caller's settings afterwards."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    tf32 = precision in ("tf32", "bf16")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else nullcontext())
+    try:
+        with autocast:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def channels_last(precision: str, device: torch.device) -> bool:
+    return device.type == "cuda" and precision in ("bf16", "tf32")
