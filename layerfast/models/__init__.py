@@ -1,0 +1,155 @@
+"""Architecture registry: names -> how to build a model, re-draw its init, and cut it into units.
+
+An `ArchSpec` carries everything the analysis needs to know about an architecture beyond its
+weights: how to build it for a dataset (`build(num_classes, in_shape)`), how to re-draw one
+module from the architecture's own initialization distribution (`init`, for re-randomization:
+the paper's re-randomization is a draw from the *training* init, which is not always PyTorch's
+default, e.g. torchvision's kaiming-normal fan_out convs), and what its blocks and stages are
+(for `--granularity block|stage`, DESIGN.md §3).
+
+Registered names (`ARCHS`):
+
+- `fcn3x256` (the paper's FCN) and any `fcnDxW` (D hidden layers of width W), see `fcn.py`;
+- `vgg11 vgg13 vgg16 vgg19` and `*_bn`, CIFAR form, see `vgg.py`;
+- `resnet18 resnet34 resnet50 resnet101 resnet152`, torchvision's definitions, see `resnet.py`;
+- `resnet20 resnet32 resnet44 resnet56 resnet110` and `resnet18_cifar`, see `resnet_cifar.py`.
+
+Anything of the form `package.module:factory` is a user architecture (`user.py`): init None
+(the modules' own `reset_parameters()`), blocks/stages None (units fall back to the top-level
+children).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from torch import nn
+
+from layerfast.errors import LayerfastError
+from layerfast.models import fcn as _fcn
+from layerfast.models import resnet as _resnet
+from layerfast.models import resnet_cifar as _cifar
+from layerfast.models import user as _user
+from layerfast.models import vgg as _vgg
+from layerfast.models.init import default_init, resnet_init, vgg_init
+
+Units = list[tuple[str, list[str]]]
+
+__all__ = ["ARCHS", "ArchSpec", "build_model", "get_arch"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One architecture.
+
+    build:  (num_classes, in_shape=(C, H, W)) -> a freshly initialized model.
+    init:   re-draws ONE leaf module in place from the architecture's init rule, using torch's
+            global RNG (callers seed it); None means `module.reset_parameters()`.
+    blocks: model -> [(unit name, [module-name prefixes])] for `--granularity block`, or None
+            (top-level children).
+    stages: the same for `--granularity stage`.
+    """
+
+    name: str
+    build: Callable[[int, tuple[int, int, int]], nn.Module]
+    init: Callable[[nn.Module], None] | None = None
+    blocks: Callable[[nn.Module], Units] | None = None
+    stages: Callable[[nn.Module], Units] | None = None
+
+
+def _checked(
+    name: str, build: Callable[[int, tuple[int, int, int]], nn.Module]
+) -> Callable[[int, tuple[int, int, int]], nn.Module]:
+    """Wrap a builder so bad num_classes / in_shape is a LayerfastError, not a torch error."""
+
+    def checked_build(num_classes: int, in_shape: tuple[int, int, int]) -> nn.Module:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise LayerfastError(
+                f"arch {name!r}: num_classes must be a positive int, got {num_classes!r}"
+            )
+        shape = tuple(in_shape)
+        if len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
+            raise LayerfastError(
+                f"arch {name!r}: in_shape must be (C, H, W) of positive ints, got {in_shape!r}"
+            )
+        return build(num_classes, shape)  # type: ignore[arg-type]
+
+    return checked_build
+
+
+def _fcn_spec(name: str, depth: int, width: int) -> ArchSpec:
+    return ArchSpec(name, _checked(name, partial(_fcn.fcn, depth, width)), default_init)
+
+
+def _register() -> dict[str, ArchSpec]:
+    archs: dict[str, ArchSpec] = {"fcn3x256": _fcn_spec("fcn3x256", 3, 256)}
+    for depth in _vgg.CONFIGS:
+        for bn in (False, True):
+            name = f"vgg{depth}{'_bn' if bn else ''}"
+            archs[name] = ArchSpec(
+                name,
+                _checked(name, partial(_vgg.vgg, depth, bn)),
+                vgg_init,
+                _vgg.vgg_blocks,
+                _vgg.vgg_stages,
+            )
+    for name in _resnet._IMAGENET:
+        archs[name] = ArchSpec(
+            name,
+            _checked(name, partial(_resnet.imagenet_resnet, name)),
+            resnet_init,
+            _resnet.resnet_blocks,
+            _resnet.resnet_stages,
+        )
+    cifar: dict[str, Callable[[int, tuple[int, int, int]], nn.Module]] = {
+        f"resnet{d}": partial(_cifar.cifar_resnet, d) for d in _cifar.CIFAR_DEPTHS
+    }
+    cifar["resnet18_cifar"] = _cifar.resnet18_cifar
+    for name, build in cifar.items():
+        archs[name] = ArchSpec(
+            name, _checked(name, build), resnet_init, _resnet.resnet_blocks, _resnet.resnet_stages
+        )
+    return archs
+
+
+ARCHS: dict[str, ArchSpec] = _register()
+
+
+def _user_spec(spec: str) -> ArchSpec:
+    factory = _user.load_factory(spec)  # import errors surface here, before any data is read
+
+    def build(num_classes: int, in_shape: tuple[int, int, int]) -> nn.Module:
+        return _user.build_user_model(spec, factory, num_classes, in_shape)
+
+    return ArchSpec(spec, _checked(spec, build), None, None, None)
+
+
+def get_arch(name: str) -> ArchSpec:
+    """A registry name (case-insensitive), `fcnDxW`, or `package.module:factory`."""
+    if not isinstance(name, str) or not name.strip():
+        raise LayerfastError(f"arch must be a non-empty name, got {name!r}")
+    if _user.is_user_spec(name):
+        return _user_spec(name.strip())
+    key = name.strip().lower()
+    if key in ARCHS:
+        return ARCHS[key]
+    dims = _fcn.parse_fcn(key)
+    if dims is not None:
+        return _fcn_spec(key, *dims)
+    close = difflib.get_close_matches(key, list(ARCHS), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise LayerfastError(
+        f"unknown arch {name!r}{hint}; registered: {', '.join(ARCHS)}; also fcnDxW (D hidden "
+        "layers of width W, e.g. fcn2x100) or 'package.module:factory'"
+    )
+
+
+def build_model(
+    arch: str, num_classes: int, in_shape: tuple[int, int, int]
+) -> tuple[nn.Module, ArchSpec]:
+    """Look `arch` up and build it: the model (train mode, freshly initialized) and its spec."""
+    spec = get_arch(arch)
+    return spec.build(num_classes, tuple(in_shape)), spec  # type: ignore[arg-type]

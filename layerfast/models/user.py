@@ -1,0 +1,105 @@
+"""User architectures: `--arch package.module:factory`.
+
+The module is imported with the current directory importable (it is put first on `sys.path`
+when missing, as `python -m` would), so `--arch mynet:build` finds `./mynet.py`. `factory` may
+be a dotted attribute path (`mynet:Net.small`). It is called with the keywords `num_classes=`
+and `in_shape=` that its signature accepts (a `**kwargs` accepts both), else with no arguments,
+and must return an `nn.Module`.
+
+Everything that can go wrong (no such module, an import that raises, no such attribute, not
+callable, the factory raises, it returns something else) is one `LayerfastError` naming the
+spec and the underlying message, never a traceback: this is user code, the user needs the
+message, not our stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from layerfast.errors import LayerfastError
+
+
+def is_user_spec(name: str) -> bool:
+    """True for `pkg.mod:factory` (exactly one ':' with text on both sides)."""
+    mod, sep, attr = name.partition(":")
+    return bool(sep) and bool(mod.strip()) and bool(attr.strip()) and ":" not in attr
+
+
+def _describe(err: BaseException) -> str:
+    msg = str(err)
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
+def load_factory(spec: str) -> Callable[..., Any]:
+    """Import `pkg.mod` and return the callable `factory` named by `spec`."""
+    if not is_user_spec(spec):
+        raise LayerfastError(f"arch {spec!r}: expected 'package.module:factory'")
+    mod_name, _, attr_path = (s.strip() for s in spec.partition(":"))
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ModuleNotFoundError as err:
+        raise LayerfastError(
+            f"arch {spec!r}: cannot import module {mod_name!r} ({_describe(err)}); "
+            f"the current directory {cwd} is on the import path"
+        ) from None
+    except BaseException as err:  # noqa: BLE001 - user code: anything it raises is bad input
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        raise LayerfastError(
+            f"arch {spec!r}: importing module {mod_name!r} failed: {_describe(err)}"
+        ) from None
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise LayerfastError(
+                f"arch {spec!r}: {getattr(obj, '__name__', mod_name)!r} has no attribute {part!r}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise LayerfastError(
+            f"arch {spec!r}: {attr_path!r} is a {type(obj).__name__}, not callable"
+        )
+    return obj
+
+
+def _accepted_kwargs(factory: Callable[..., Any]) -> set[str]:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return {"num_classes", "in_shape"}
+    return {
+        p.name
+        for p in params
+        if p.name in ("num_classes", "in_shape")
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+
+
+def build_user_model(
+    spec: str, factory: Callable[..., Any], num_classes: int, in_shape: tuple[int, int, int]
+) -> nn.Module:
+    """Call `factory` with the keywords it accepts; check that it returned an nn.Module."""
+    offered = {"num_classes": num_classes, "in_shape": tuple(in_shape)}
+    kwargs = {k: v for k, v in offered.items() if k in _accepted_kwargs(factory)}
+    try:
+        model = factory(**kwargs)
+    except BaseException as err:  # noqa: BLE001 - user code: anything it raises is bad input
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        raise LayerfastError(f"arch {spec!r}: the factory raised {_describe(err)}") from None
+    if not isinstance(model, nn.Module):
+        raise LayerfastError(
+            f"arch {spec!r}: the factory returned a {type(model).__name__}, not an nn.Module"
+        )
+    return model

@@ -1,0 +1,343 @@
+"""Units: which modules (and which state-dict keys) are reset together (DESIGN.md §3).
+
+A unit is what one variant resets: a layer, a residual block, a stage, or a custom group.
+
+Granularity
+- `layer` (default): one unit per module that directly owns parameters and is not a
+  normalization layer (Conv*, Linear, Embedding, ...), in `named_modules()` order, named by its
+  qualified module name (`features.0`, `layer1.0.conv2`, `fc`).
+- `block` / `stage`: the registered architecture's own list (`ArchSpec.blocks/stages`: unit
+  name -> module-name prefixes; torchvision ResNets give `stem`, `layer1.0`.., `fc` and `stem`,
+  `layer1`.., `fc`). Without one (user models, the FCN), each top-level child that owns
+  state is one unit named after it, for both.
+- `patterns` (`--units P,...`): each pattern is a glob (`fnmatch`, case-sensitive) or, prefixed
+  `re:`, a regex (`re.search`) over qualified module names. It selects a module when it matches
+  the module's name or the name of one of its ancestors, so `layer1.0` selects the whole block
+  and `layer1.*` the whole stage. Everything one pattern selects is one unit named by the
+  pattern: this is how joint resets are asked for. A pattern selecting nothing is an error.
+  Patterns replace the granularity (combining them with block/stage is an error).
+
+BatchNorm policy (`bn`), for normalization layers (BatchNorm*, SyncBatchNorm, InstanceNorm*
+with state, GroupNorm, LayerNorm, RMSNorm)
+- `with-layer` (default): a normalization layer fed directly by a conv/linear of a unit is
+  reset with that unit, parameters AND running statistics. A normalization layer a block,
+  stage or pattern selects itself is in the unit too. One fed by no conv/linear (after an
+  addition, a concatenation, the input: pre-activation nets, transformers) would never be
+  reset at layer granularity, so there it becomes a unit of its own rather than being
+  silently skipped.
+- `keep`: normalization layers are never reset (never in `keys`).
+- `separate`: every normalization layer that `with-layer` would reset is a unit of its own
+  (named by its module), listed right after the unit it was taken from.
+
+"Fed directly by" (`bn_feeders`) is read from the graph: the model is traced with
+`torch.fx` (conv, linear and normalization modules kept as leaves, so subclasses of
+nn.Conv2d count) and a normalization module is fed by a conv/linear when its input node IS
+that module's output node: nothing in between, not even a reshape. If the model cannot be
+traced (data-dependent control flow, ...), the documented fallback rule applies: a
+normalization module is fed by the conv/linear that immediately precedes it among the children
+of the same parent (i.e. the module right before it in `named_modules()` order, within that
+parent), provided its feature count equals that conv's out_channels or linear's
+out_features.
+
+`keys` are state-dict keys: every parameter of the unit's modules, plus running_mean and
+running_var of its normalization layers, never num_batches_tracked (eval ignores it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch.fx
+from torch import nn
+
+from layerfast.errors import LayerfastError
+from layerfast.models import ArchSpec
+from layerfast.models.init import NORM_TYPES
+
+GRANULARITIES = ("layer", "block", "stage")
+BN_POLICIES = ("with-layer", "keep", "separate")
+FEEDER_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+ROOT = "(root)"  # unit name for parameters registered directly on the model itself
+
+__all__ = ["BN_POLICIES", "GRANULARITIES", "Unit", "bn_feeders", "make_units"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one variant resets.
+
+    name:    shown in the results (`layer1.0.conv2`, `stem`, `layer1.*`).
+    modules: qualified names of the modules reset together, in `named_modules()` order within
+             each selection (`""` for the model itself when it owns parameters directly).
+    keys:    the state-dict keys those modules contribute (see the module docstring).
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    keys: tuple[str, ...]
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES)
+
+
+def _has_state(module: nn.Module) -> bool:
+    """Owns parameters directly, or is a normalization layer with running statistics."""
+    if any(p is not None for p in module._parameters.values()):
+        return True
+    return is_norm(module) and getattr(module, "running_mean", None) is not None
+
+
+def _owners(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules holding state a unit can reset, in `named_modules()` order."""
+    return {name: m for name, m in model.named_modules() if _has_state(m)}
+
+
+# --------------------------------------------------------------------------- BN pairing
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Keeps conv/linear/norm modules (and their subclasses) as call_module nodes."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, FEEDER_TYPES + NORM_TYPES) or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
+def _traced_feeders(model: nn.Module) -> dict[str, str]:
+    """Pairs from the fx graph; raises when the model cannot be traced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = _LeafTracer().trace(model)
+    modules = dict(model.named_modules())
+    feeders: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not is_norm(modules.get(str(node.target), nn.Identity())):
+            continue
+        src = node.args[0] if node.args else node.kwargs.get("input")
+        if (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and isinstance(modules.get(str(src.target)), FEEDER_TYPES)
+        ):
+            feeders.setdefault(str(node.target), str(src.target))
+    return feeders
+
+
+def _out_features(m: nn.Module) -> int | None:
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.out_channels
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    return None
+
+
+def _norm_features(m: nn.Module) -> int | None:
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        return m.num_features
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels
+    shape = getattr(m, "normalized_shape", None)  # LayerNorm, RMSNorm: the last dim
+    return int(shape[-1]) if shape else None
+
+
+def _fallback_feeders(model: nn.Module) -> dict[str, str]:
+    """The untraceable-model rule: consecutive siblings, matching feature counts."""
+    feeders: dict[str, str] = {}
+    for parent_name, parent in model.named_modules():
+        prev_name, prev = None, None
+        for child_name, child in parent.named_children():
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if (
+                is_norm(child)
+                and prev is not None
+                and _out_features(prev) is not None
+                and _out_features(prev) == _norm_features(child)
+            ):
+                feeders[name] = str(prev_name)
+            prev_name, prev = name, child
+    return feeders
+
+
+def bn_feeders(model: nn.Module) -> dict[str, str]:
+    """Normalization module name -> the conv/linear module that feeds it directly.
+
+    From the torch.fx graph when the model traces, else from the fallback rule (module
+    docstring). Normalization layers fed by anything else are absent.
+    """
+    try:
+        return _traced_feeders(model)
+    except Exception:  # untraceable: any error fx raises means "use the documented rule"
+        return _fallback_feeders(model)
+
+
+# --------------------------------------------------------------------------- selections
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _prefix_selections(
+    owners: dict[str, nn.Module], groups: list[tuple[str, list[str]]]
+) -> list[tuple[str, list[str]]]:
+    return [(name, [o for o in owners if _under(o, prefixes)]) for name, prefixes in groups]
+
+
+def _children_groups(model: nn.Module, owners: dict[str, nn.Module]) -> list[tuple[str, list[str]]]:
+    """Block/stage for models without their own: each top-level child that owns state."""
+    groups = [(ROOT, [""])] if "" in owners else []
+    for child, _ in model.named_children():
+        if any(_under(o, [child]) for o in owners if o):
+            groups.append((child, [child]))
+    return groups
+
+
+def _matcher(pattern: str):
+    if pattern.startswith("re:"):
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as err:
+            raise LayerfastError(f"unit pattern {pattern!r}: bad regex: {err}") from None
+        return lambda name: rx.search(name) is not None
+    return lambda name: fnmatch.fnmatchcase(name, pattern)
+
+
+def _pattern_selections(
+    owners: dict[str, nn.Module], patterns: Sequence[str]
+) -> list[tuple[str, list[str]]]:
+    selections: list[tuple[str, list[str]]] = []
+    for pattern in dict.fromkeys(p.strip() for p in patterns):  # de-duplicated, in order
+        if not pattern or pattern == "re:":
+            raise LayerfastError("empty unit pattern in --units")
+        match = _matcher(pattern)
+        chosen = [o for o in owners if _matches_self_or_ancestor(o, match)]
+        if not chosen:
+            examples = ", ".join(list(owners)[:6]) + (", ..." if len(owners) > 6 else "")
+            raise LayerfastError(
+                f"unit pattern {pattern!r} matches no module that owns parameters "
+                f"(module names look like: {examples})"
+            )
+        selections.append((pattern, chosen))
+    return selections
+
+
+def _matches_self_or_ancestor(name: str, match) -> bool:
+    parts = name.split(".")
+    return any(match(".".join(parts[:i])) for i in range(1, len(parts) + 1))
+
+
+# --------------------------------------------------------------------------- units
+
+
+def _keys(name: str, module: nn.Module, sd_keys: set[str]) -> list[str]:
+    local = [n for n, p in module._parameters.items() if p is not None]
+    if is_norm(module):
+        local += [
+            n for n in ("running_mean", "running_var") if getattr(module, n, None) is not None
+        ]
+    full = [f"{name}.{n}" if name else n for n in local]
+    return [k for k in full if k in sd_keys]
+
+
+def make_units(
+    model: nn.Module,
+    granularity: str = "layer",
+    patterns: Sequence[str] | str | None = None,
+    bn: str = "with-layer",
+    arch: ArchSpec | None = None,
+) -> list[Unit]:
+    """The units of `model` (see the module docstring for every rule).
+
+    `patterns` may be a list or one comma-separated string. `arch` supplies block/stage
+    lists for registered architectures; without it (or when it has none) block and stage fall
+    back to top-level children.
+    """
+    if granularity not in GRANULARITIES:
+        raise LayerfastError(
+            f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}"
+        )
+    if bn not in BN_POLICIES:
+        raise LayerfastError(f"unknown BN policy {bn!r}; choose one of {', '.join(BN_POLICIES)}")
+    if isinstance(patterns, str):
+        patterns = patterns.split(",")
+    if patterns is not None and granularity != "layer":
+        raise LayerfastError(
+            f"custom units (--units) replace the granularity; drop --granularity {granularity}"
+        )
+    if patterns is not None and not list(patterns):
+        raise LayerfastError("--units needs at least one pattern")
+
+    owners = _owners(model)
+    if not owners:
+        raise LayerfastError("the model has no parameters: nothing to reset")
+    feeders = {} if bn == "keep" else bn_feeders(model)
+    fed_by: dict[str, list[str]] = {}
+    for norm, src in feeders.items():
+        if norm in owners:
+            fed_by.setdefault(src, []).append(norm)
+
+    if patterns is not None:
+        selections = _pattern_selections(owners, list(patterns))
+    elif granularity == "layer":
+        # Non-norm owners, plus (with-layer/separate) each norm no conv/linear feeds.
+        lone = bn != "keep"
+        selections = [
+            (name or ROOT, [name])
+            for name, m in owners.items()
+            if not is_norm(m) or (lone and name not in feeders)
+        ]
+    else:
+        fn = None if arch is None else (arch.blocks if granularity == "block" else arch.stages)
+        groups = fn(model) if fn is not None else _children_groups(model, owners)
+        selections = _prefix_selections(owners, groups)
+
+    sd_keys = set(model.state_dict().keys())
+    order = {name: i for i, name in enumerate(owners)}
+    units: list[Unit] = []
+    norm_units: set[str] = set()
+
+    def emit(name: str, members: list[str]) -> None:
+        members = sorted(set(members), key=order.__getitem__)
+        keys = [k for m in members for k in _keys(m, owners[m], sd_keys)]
+        units.append(Unit(name, tuple(members), tuple(keys)))
+
+    for name, chosen in selections:
+        if not chosen:  # an arch's block list naming a module this model lacks
+            continue
+        members = list(chosen)
+        if bn != "keep":
+            members += [n for c in chosen for n in fed_by.get(c, [])]
+        plain = [m for m in members if not is_norm(owners[m])]
+        norms = sorted({m for m in members if is_norm(owners[m])}, key=order.__getitem__)
+        if bn == "with-layer":
+            emit(name, members)
+            continue
+        if plain:
+            emit(name, plain)
+        elif bn == "keep" and patterns is not None:
+            raise LayerfastError(
+                f"unit pattern {name!r} selects only normalization layers, which --bn keep "
+                "never resets"
+            )
+        if bn == "separate":
+            for n in norms:
+                if n not in norm_units:
+                    norm_units.add(n)
+                    emit(n, [n])
+
+    counts = Counter(u.name for u in units)
+    dup = sorted(n for n, c in counts.items() if c > 1)
+    if dup:
+        raise LayerfastError(f"two units share the name(s) {', '.join(dup)}")
+    if not units:
+        raise LayerfastError(
+            "no units: every selected module is a normalization layer kept by --bn keep"
+        )
+    return units
