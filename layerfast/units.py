@@ -233,6 +233,24 @@ def _matches_self_or_ancestor(name: str, match) -> bool:
     return any(match(".".join(parts[:i])) for i in range(1, len(parts) + 1))
 
 
+def _home_fed_norms(
+    selections: list[tuple[str, list[str]]], feeders: dict[str, str]
+) -> list[tuple[str, list[str]]]:
+    """A fed norm belongs to the block/stage holding its feeder, not to a second one.
+
+    Matters for the top-level-children fallback, where `nn.Sequential(conv, bn, ...)` gives
+    the BN a child unit of its own although `with-layer` resets it with the conv.
+    """
+    home: dict[str, int] = {}
+    for i, (_, chosen) in enumerate(selections):
+        for o in chosen:
+            home.setdefault(o, i)
+    return [
+        (name, [o for o in chosen if home.get(feeders.get(o, ""), i) == i])
+        for i, (name, chosen) in enumerate(selections)
+    ]
+
+
 # --------------------------------------------------------------------------- units
 
 
@@ -297,6 +315,8 @@ def make_units(
         fn = None if arch is None else (arch.blocks if granularity == "block" else arch.stages)
         groups = fn(model) if fn is not None else _children_groups(model, owners)
         selections = _prefix_selections(owners, groups)
+        if bn != "keep":
+            selections = _home_fed_norms(selections, feeders)
 
     sd_keys = set(model.state_dict().keys())
     order = {name: i for i, name in enumerate(owners)}

@@ -65,9 +65,7 @@ def load_factory(spec: str) -> Callable[..., Any]:
             )
         obj = getattr(obj, part)
     if not callable(obj):
-        raise LayerfastError(
-            f"arch {spec!r}: {attr_path!r} is a {type(obj).__name__}, not callable"
-        )
+        raise LayerfastError(f"arch {spec!r}: {attr_path!r} is {type(obj).__name__}, not callable")
     return obj
 
 
@@ -100,6 +98,6 @@ def build_user_model(
         raise LayerfastError(f"arch {spec!r}: the factory raised {_describe(err)}") from None
     if not isinstance(model, nn.Module):
         raise LayerfastError(
-            f"arch {spec!r}: the factory returned a {type(model).__name__}, not an nn.Module"
+            f"arch {spec!r}: the factory returned {type(model).__name__}, not an nn.Module"
         )
     return model
