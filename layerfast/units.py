@@ -181,7 +181,8 @@ def bn_feeders(model: nn.Module) -> dict[str, str]:
 
 
 def _under(name: str, prefixes: Sequence[str]) -> bool:
-    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+    # "" is the model itself: only its own parameters, not everything below it
+    return any(name == p or (p != "" and name.startswith(p + ".")) for p in prefixes)
 
 
 def _prefix_selections(
@@ -246,7 +247,7 @@ def _home_fed_norms(
         for o in chosen:
             home.setdefault(o, i)
     return [
-        (name, [o for o in chosen if home.get(feeders.get(o, ""), i) == i])
+        (name, [o for o in chosen if o not in feeders or home.get(feeders[o], i) == i])
         for i, (name, chosen) in enumerate(selections)
     ]
 

@@ -216,8 +216,8 @@ def _std_ok(w: torch.Tensor, std: float, rel: float = 0.03) -> bool:
 def test_resnet_conv_init_is_kaiming_normal_fan_out() -> None:
     torch.manual_seed(0)
     model, spec = build_model("resnet50", 10, (3, 32, 32))
-    conv = model.layer4[0].conv2  # 512x512x3x3: 2.4M draws
-    fan_out = conv.out_channels * 9
+    conv = model.layer4[0].conv3  # 512 -> 2048, 1x1: 1M draws, fan_out = 4 * fan_in
+    fan_out = conv.out_channels
     assert _std_ok(conv.weight, math.sqrt(2 / fan_out))
     # spec.init re-draws from the same rule, in place, reproducibly per seed
     before = conv.weight.detach().clone()
@@ -261,9 +261,9 @@ def test_fcn_linear_init_is_pytorch_default() -> None:
 def test_vgg_init_rule() -> None:
     torch.manual_seed(0)
     model, spec = build_model("vgg16_bn", 10, (3, 32, 32))
-    conv = model.features[-4]  # last 512->512 conv
-    assert isinstance(conv, nn.Conv2d) and (conv.bias == 0).all()
-    assert _std_ok(conv.weight, math.sqrt(2 / (512 * 9)))
+    # the 256 -> 512 conv, where fan_out (512 * 9) differs from fan_in (256 * 9)
+    (conv,) = [m for m in model.features if isinstance(m, nn.Conv2d) and m.in_channels == 256 and m.out_channels == 512]  # fmt: skip
+    assert (conv.bias == 0).all() and _std_ok(conv.weight, math.sqrt(2 / (512 * 9)))
     lin = model.classifier[0]
     assert _std_ok(lin.weight, 0.01) and (lin.bias == 0).all()
     with torch.no_grad():
