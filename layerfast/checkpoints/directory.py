@@ -1,0 +1,226 @@
+"""CheckpointDir: the τ-labelled checkpoints of one training run, loaded lazily and safely.
+
+Memory contract (DESIGN §2): nothing large is cached across calls. `tensors(label, names)`
+returns fresh copies of just `names`; the only state kept between calls is
+
+* the key map of every file (strings only), and
+* an LRU of at most `CACHE_SIZE` (4) opened files. An opened zip-format torch file is a memory
+  map and an opened safetensors file a parsed header, so an entry costs address space, not RAM
+  (pages read are the kernel's reclaimable page cache). A legacy non-zip torch file cannot be
+  mapped and is held in RAM whole; at most ONE such file is kept open at a time.
+
+So resident memory is bounded by the tensors a caller holds plus at most one legacy file,
+whatever the number of checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerfast.checkpoints.discover import discover
+from layerfast.checkpoints.keymap import is_tolerated_missing, normalise, resolve
+from layerfast.checkpoints.safeload import OpenedFile, open_file
+from layerfast.errors import LayerfastError
+
+_MAX_LISTED = 20
+
+
+def _listing(items: Sequence[str], what: str) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = f", ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return f"{what} ({len(items)}): {shown}{more}"
+
+
+class CheckpointDir:
+    """One directory of checkpoints, one file per τ (DESIGN.md §2).
+
+    Keys are state-dict keys of the model: wrappers unwrapped and prefixes stripped (see
+    `layerfast.checkpoints.keymap`). Before `validate()` they are the normalised keys; after it,
+    keys resolved against the reference model (e.g. Lightning's `model.` prefix dropped).
+    """
+
+    CACHE_SIZE = 4
+
+    def __init__(self, path: str | os.PathLike[str], final: int | None = None) -> None:
+        self.path = Path(path)
+        self.files: dict[int, Path]
+        self.manifest: dict[str, Any] | None
+        self.files, self.manifest = discover(self.path)
+        self.labels: list[int] = sorted(self.files)
+        if final is None:
+            self.final: int = self.labels[-1]
+        else:
+            if final not in self.files:
+                raise LayerfastError(
+                    f"final model {final}: no checkpoint with label {final} in {self.path} "
+                    f"(labels: {self._label_list()})."
+                )
+            self.final = final
+        self._lock = threading.RLock()
+        self._open_files: OrderedDict[int, OpenedFile] = OrderedDict()
+        self._reference: frozenset[str] | None = None
+        self._keymaps: dict[int, dict[str, str]] = {}
+        self._finite_ok: set[int] = set()
+
+    def __repr__(self) -> str:
+        return f"CheckpointDir({str(self.path)!r}, labels={self.labels}, final={self.final})"
+
+    def _label_list(self) -> str:
+        return ", ".join(map(str, self.labels))
+
+    def check_label(self, label: int) -> None:
+        """LayerfastError unless `label` is one of this directory's τ."""
+        if label not in self.files:
+            raise LayerfastError(
+                f"no checkpoint with label {label} in {self.path} (labels: {self._label_list()})."
+            )
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _open(self, label: int) -> OpenedFile:
+        self.check_label(label)
+        with self._lock:
+            f = self._open_files.get(label)
+            if f is not None:
+                self._open_files.move_to_end(label)
+                return f
+            f = open_file(self.files[label])
+            if f.in_memory:  # at most one whole-file-in-RAM entry
+                for other in [k for k, v in self._open_files.items() if v.in_memory]:
+                    del self._open_files[other]
+            self._open_files[label] = f
+            while len(self._open_files) > self.CACHE_SIZE:
+                self._open_files.popitem(last=False)
+            return f
+
+    def _keymap(self, label: int) -> dict[str, str]:
+        """Model key -> raw key in the file, computed once per file."""
+        with self._lock:
+            km = self._keymaps.get(label)
+            if km is None:
+                raw = self._open(label).keys()
+                if self._reference is None:
+                    km = normalise(raw) or {k: k for k in raw}
+                else:
+                    km = resolve(raw, set(self._reference), str(self.files[label]))
+                self._keymaps[label] = km
+            return km
+
+    def close(self) -> None:
+        """Drop every opened file (unmaps them); later calls reopen as needed."""
+        with self._lock:
+            self._open_files.clear()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def keys(self, label: int) -> list[str]:
+        """The model state-dict keys the checkpoint at `label` holds."""
+        return list(self._keymap(label))
+
+    def shapes(self, label: int) -> dict[str, tuple[int, ...]]:
+        """Key -> shape, from metadata only (no tensor data is read)."""
+        f, km = self._open(label), self._keymap(label)
+        return {k: f.shape(raw) for k, raw in km.items()}
+
+    def tensors(self, label: int, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """CPU copies of the tensors `names` (all when None) of the checkpoint at `label`.
+
+        Only those tensors are read from the file; each call returns fresh tensors the caller
+        may modify.
+        """
+        km = self._keymap(label)
+        wanted = list(km) if names is None else list(names)
+        missing = [n for n in wanted if n not in km]
+        if missing:
+            raise LayerfastError(
+                f"{self.files[label]}: {_listing(missing, 'missing tensors')} "
+                f"(the checkpoint has {len(km)} tensors)."
+            )
+        f = self._open(label)
+        return {n: f.get(km[n]) for n in wanted}
+
+    # -- validation ------------------------------------------------------------------------
+
+    def validate(
+        self,
+        reference: Mapping[str, Any],
+        labels: Iterable[int] | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        """Check keys and shapes of checkpoints against the model's state dict `reference`.
+
+        Every missing key, unexpected key and shape mismatch of every checkpoint is listed in
+        ONE LayerfastError (lists truncated after 20 per file; files with identical problems
+        grouped), so a wrong --arch is diagnosed in one go. A missing `num_batches_tracked` is
+        tolerated (eval never reads it). With `check_finite`, every floating tensor is checked
+        for NaN/Inf, one tensor at a time straight from the file mapping; a file that passed
+        is not checked again. The reference's key set is remembered: it decides how each
+        file's keys are resolved from now on (see `keymap.resolve`).
+        """
+        ref_shapes = {k: tuple(v.shape) for k, v in reference.items()}
+        with self._lock:
+            ref = frozenset(ref_shapes)
+            if ref != self._reference:
+                self._reference = ref
+                self._keymaps.clear()
+                self._finite_ok.clear()
+        todo = self.labels if labels is None else list(labels)
+        for label in todo:
+            self.check_label(label)
+
+        problems: dict[str, list[str]] = {}  # problem text -> file names
+        for label in todo:
+            km, shapes = self._keymap(label), self.shapes(label)
+            missing = [k for k in ref_shapes if k not in km and not is_tolerated_missing(k)]
+            unexpected = [k for k in km if k not in ref_shapes]
+            bad_shape = [
+                f"{k} {list(shapes[k])} in the checkpoint vs {list(s)} in the model"
+                for k, s in ref_shapes.items()
+                if k in km and tuple(shapes[k]) != tuple(s)
+            ]
+            parts = []
+            if missing:
+                parts.append(_listing(missing, "missing keys"))
+            if unexpected:
+                parts.append(_listing(unexpected, "unexpected keys"))
+            if bad_shape:
+                parts.append(_listing(bad_shape, "shape mismatches"))
+            if parts:
+                problems.setdefault("; ".join(parts), []).append(self.files[label].name)
+        if problems:
+            blocks = [f"{_files(names)}: {text}" for text, names in problems.items()]
+            raise LayerfastError(
+                f"checkpoints in {self.path} do not match the model: " + " | ".join(blocks)
+            )
+        if check_finite:
+            self._check_finite(todo, ref_shapes)
+
+    def _check_finite(self, labels: Sequence[int], ref: Mapping[str, Any]) -> None:
+        bad: list[str] = []
+        for label in labels:
+            if label in self._finite_ok:
+                continue
+            f, km = self._open(label), self._keymap(label)
+            keys = [k for k in km if k in ref and f.is_floating(km[k])]
+            found = [k for k in keys if not f.all_finite(km[k])]
+            if found:
+                bad.append(f"{self.files[label].name}: {_listing(found, 'tensors')}")
+            else:
+                self._finite_ok.add(label)
+        if bad:
+            raise LayerfastError(
+                "checkpoints hold NaN or Inf weights: " + " | ".join(bad) + " (a diverged run?)"
+            )
+
+
+def _files(names: list[str]) -> str:
+    if len(names) <= 3:
+        return ", ".join(names)
+    return f"{names[0]}, ..., {names[-1]} ({len(names)} files)"

@@ -1,0 +1,175 @@
+"""Which files of a checkpoint directory are checkpoints, and which τ each one is (DESIGN §2).
+
+A label is the training time τ a file was saved at: `manifest.json` says it when present
+(the layout `layerfast train` writes), otherwise the last integer in the file stem
+(`epoch_003.pt` -> 3, `checkpoint-3.safetensors` -> 3). Anything ambiguous is an error rather
+than a guess, because a wrong label silently mislabels every result row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from layerfast.errors import LayerfastError
+
+SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".ckpt", ".safetensors")
+MANIFEST = "manifest.json"
+_INT_RE = re.compile(r"\d+")
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """A regular, non-hidden file with one of the supported suffixes (case-insensitive)."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in SUFFIXES
+
+
+def label_from_stem(stem: str) -> int | None:
+    """The last integer in a file stem, or None: `epoch=3-step=300` -> 300."""
+    found = _INT_RE.findall(stem)
+    return int(found[-1]) if found else None
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The parsed manifest.json, or None when the directory has none."""
+    path = directory / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LayerfastError(f"{path}: cannot parse the manifest ({exc}).") from None
+    if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
+        raise LayerfastError(
+            f'{path}: the manifest must be an object with a "checkpoints" list of '
+            '{"epoch": <int>, "file": <name>} entries.'
+        )
+    return data
+
+
+def discover(directory: str | os.PathLike[str]) -> tuple[dict[int, Path], dict[str, Any] | None]:
+    """Label -> file for one checkpoint directory, plus its manifest (or None).
+
+    With a manifest, exactly the files it lists are the checkpoints (other files in the
+    directory are ignored); without one, every supported file directly in the directory is.
+    """
+    root = Path(directory)
+    if not root.exists():
+        raise LayerfastError(f"checkpoint directory {root} does not exist.")
+    if not root.is_dir():
+        raise LayerfastError(f"{root} is not a directory: --ckpts takes a checkpoint directory.")
+    manifest = read_manifest(root)
+    if manifest is not None:
+        files = _from_manifest(root, manifest)
+    else:
+        files = _from_names(root)
+    if not files:
+        raise LayerfastError(
+            f"no checkpoints in {root}: expected files ending in {', '.join(SUFFIXES)} "
+            f"(or a {MANIFEST} listing them)."
+        )
+    return dict(sorted(files.items())), manifest
+
+
+def _from_manifest(root: Path, manifest: Mapping[str, Any]) -> dict[int, Path]:
+    where = root / MANIFEST
+    files: dict[int, Path] = {}
+    for i, entry in enumerate(manifest["checkpoints"]):
+        if not isinstance(entry, Mapping):
+            raise LayerfastError(f"{where}: checkpoints[{i}] is not an object.")
+        epoch, name = entry.get("epoch"), entry.get("file")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise LayerfastError(
+                f'{where}: checkpoints[{i}] needs a non-negative integer "epoch", got {epoch!r}.'
+            )
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise LayerfastError(
+                f'{where}: checkpoints[{i}] needs a "file" name inside the directory, got {name!r}.'
+            )
+        path = root / name
+        if not path.is_file():
+            raise LayerfastError(f"{where} lists {name} (epoch {epoch}), which does not exist.")
+        if path.suffix.lower() not in SUFFIXES:
+            raise LayerfastError(f"{where}: {name} is not a {'/'.join(SUFFIXES)} file.")
+        if epoch in files:
+            raise LayerfastError(
+                f"{where}: epoch {epoch} is listed twice ({files[epoch].name} and {name})."
+            )
+        files[epoch] = path
+    return files
+
+
+def _from_names(root: Path) -> dict[int, Path]:
+    files: dict[int, Path] = {}
+    unlabeled: list[str] = []
+    for path in sorted(root.iterdir()):
+        if not is_checkpoint_file(path):
+            continue
+        label = label_from_stem(path.stem)
+        if label is None:
+            unlabeled.append(path.name)
+            continue
+        if label in files:
+            raise LayerfastError(
+                f"{root}: {files[label].name} and {path.name} both have label {label} (the last "
+                f"integer of the file name). Rename one or write a {MANIFEST}."
+            )
+        files[label] = path
+    if unlabeled:
+        raise LayerfastError(
+            f"{root}: cannot tell the epoch of {', '.join(unlabeled)}: the label is the last "
+            f"integer of the file name (epoch_003.pt). Rename, move it away, or write a {MANIFEST}."
+        )
+    return files
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    item = getattr(obj, "item", None)  # numpy / torch scalars
+    if callable(item):
+        return item()
+    raise TypeError(f"manifest metadata: {type(obj).__name__} is not JSON serialisable")
+
+
+def write_manifest(
+    directory: str | os.PathLike[str], entries: list[dict[str, Any]], **metadata: Any
+) -> Path:
+    """Write `manifest.json` = {"checkpoints": entries, **metadata} atomically.
+
+    Atomic (temporary file in the same directory, fsync, os.replace) because a training run
+    killed mid-write must never leave a half manifest that makes the directory unreadable.
+    Each entry needs `epoch` (int) and `file` (a name in the directory); extra keys (e.g.
+    `test_error`) are kept. Returns the manifest's path.
+    """
+    root = Path(directory)
+    if "checkpoints" in metadata:
+        raise ValueError("write_manifest: 'checkpoints' is reserved for the entries")
+    epochs: set[int] = set()
+    for e in entries:
+        epoch, name = e.get("epoch"), e.get("file")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"write_manifest: entry {e!r} needs a non-negative int 'epoch'")
+        if not isinstance(name, str) or Path(name).name != name or not name:
+            raise ValueError(f"write_manifest: entry {e!r} needs a plain file name 'file'")
+        if epoch in epochs:
+            raise ValueError(f"write_manifest: epoch {epoch} appears twice")
+        epochs.add(epoch)
+    data = {"checkpoints": list(entries), **metadata}
+    text = json.dumps(data, indent=2, default=_json_default) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=root)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is meant to be shared
+        os.replace(tmp, root / MANIFEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return root / MANIFEST

@@ -1,0 +1,151 @@
+"""From whatever a training script saved to the model's state-dict keys.
+
+Checkpoints in the wild wrap the state dict (torchvision's reference scripts: `{"model": ...}`,
+Lightning: `{"state_dict": ...}`, plain loops: `{"model_state_dict": ...}`, DeepSpeed:
+`{"module": ...}`) and prefix its keys (DDP: `module.`, torch.compile: `_orig_mod.`, Lightning:
+the LightningModule's attribute, e.g. `model.`). This module finds the state dict and maps its
+keys onto the reference model's, without touching tensor data.
+
+Rules:
+
+1. Unwrapping: a mapping whose values are all tensors (`*_extra_state` entries aside) *is* the
+   state dict; otherwise the first of `state_dict`, `model_state_dict`, `model`, `module` that
+   holds one (searched up to three levels deep) is.
+2. Normalisation (no reference needed): every `_orig_mod` key component is dropped (no real
+   module has that name; torch.compile inserts it wherever a submodule was compiled), then a
+   leading `module.` is stripped while *every* key has it (DDP wraps the whole model).
+3. Resolution against a reference (`CheckpointDir.validate`): the first of these key maps that
+   matches the reference's key set exactly is used: the normalised keys; the raw keys (for a
+   model whose own root really is called `module`); the normalised keys with a first component
+   that *every* key shares stripped (Lightning's `model.`); the keys under the one first
+   component whose subtree alone matches (a LightningModule that also owns, say, a loss module
+   with parameters; two matching subtrees, e.g. teacher and student, is an error). "Matches"
+   tolerates missing `num_batches_tracked` buffers. Without an exact match, the candidate with
+   the largest overlap is used so that validation lists meaningful mismatches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from layerfast.errors import LayerfastError
+
+WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "module")
+TOLERATED_MISSING_SUFFIXES: tuple[str, ...] = ("num_batches_tracked",)
+_MAX_DEPTH = 3
+
+
+def is_tolerated_missing(key: str) -> bool:
+    """Buffers a checkpoint may lack: eval never reads them (BN's `num_batches_tracked`)."""
+    return key.rsplit(".", 1)[-1] in TOLERATED_MISSING_SUFFIXES
+
+
+def _is_state_dict(obj: Any) -> bool:
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    has_tensor = False
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            return False
+        if isinstance(v, torch.Tensor):
+            has_tensor = True
+        elif not k.endswith("_extra_state"):
+            return False
+    return has_tensor
+
+
+def find_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint object (rule 1), tensors only.
+
+    `where` names the file in the error message.
+    """
+
+    def search(o: Any, depth: int) -> Mapping[str, Any] | None:
+        if _is_state_dict(o):
+            return o
+        if depth >= _MAX_DEPTH or not isinstance(o, Mapping):
+            return None
+        for key in WRAPPER_KEYS:
+            if key in o:
+                found = search(o[key], depth + 1)
+                if found is not None:
+                    return found
+        return None
+
+    found = search(obj, 0)
+    if found is None:
+        if isinstance(obj, Mapping):
+            top = ", ".join(repr(k) for k in list(obj)[:12])
+            what = f"a dict with keys [{top}{', ...' if len(obj) > 12 else ''}]"
+        elif isinstance(obj, torch.nn.Module):
+            what = "a whole nn.Module"
+        else:
+            what = f"a {type(obj).__name__}"
+        raise LayerfastError(
+            f"{where}: no state dict found: the file holds {what}. Expected a state dict "
+            f"(name -> tensor) or a dict holding one under {', '.join(map(repr, WRAPPER_KEYS))}."
+        )
+    return {k: v for k, v in found.items() if isinstance(v, torch.Tensor)}
+
+
+def normalise(keys: Iterable[str]) -> dict[str, str]:
+    """Rule 2: normalised key -> raw key."""
+    raw = list(keys)
+    norm = [".".join(p for p in k.split(".") if p != "_orig_mod") for k in raw]
+    while norm and all(k.startswith("module.") for k in norm):
+        norm = [k[len("module.") :] for k in norm]
+    return _injective(zip(norm, raw, strict=True))
+
+
+def _injective(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for new, raw in pairs:
+        if new in out:  # two raw keys collapse onto one name: keep the raw ones apart
+            return {}
+        out[new] = raw
+    return out
+
+
+def _matches(candidate: Mapping[str, str], reference: set[str]) -> bool:
+    keys = set(candidate)
+    if not keys <= reference:
+        return False
+    return all(is_tolerated_missing(k) for k in reference - keys)
+
+
+def resolve(raw_keys: Iterable[str], reference: set[str], where: str) -> dict[str, str]:
+    """Rule 3: reference-space key -> raw key for one file."""
+    raw = list(raw_keys)
+    base = normalise(raw)
+    candidates: list[dict[str, str]] = [base, {k: k for k in raw}]
+
+    firsts = {k.split(".", 1)[0] for k in base}
+    if len(firsts) == 1 and all("." in k for k in base):
+        (p,) = firsts
+        stripped = normalise(k[len(p) + 1 :] for k in base)
+        candidates.append({new: base[f"{p}.{tail}"] for new, tail in stripped.items()})
+    elif len(firsts) > 1:
+        subtree_hits: list[tuple[str, dict[str, str]]] = []
+        for p in sorted(firsts):
+            sub = [k for k in base if k.startswith(p + ".")]
+            if not sub:
+                continue
+            stripped = normalise(k[len(p) + 1 :] for k in sub)
+            cand = {new: base[f"{p}.{tail}"] for new, tail in stripped.items()}
+            if cand and _matches(cand, reference):
+                subtree_hits.append((p, cand))
+        if len(subtree_hits) > 1:
+            names = ", ".join(repr(p + ".") for p, _ in subtree_hits)
+            raise LayerfastError(
+                f"{where}: several parts of the checkpoint match the model ({names}); "
+                "save the one you mean as its own state dict."
+            )
+        candidates.extend(c for _, c in subtree_hits)
+
+    for cand in candidates:
+        if cand and _matches(cand, reference):
+            return cand
+    return max(candidates, key=lambda c: len(set(c) & reference))

@@ -1,0 +1,128 @@
+"""How far each unit moved from its initialization: the paper's Fig. 1b/c (DESIGN.md §5).
+
+For every unit and every chosen τ, over the unit's *parameters* (weights and biases, not BN
+running statistics: buffers are not trained by gradient descent and their scale is unrelated
+to the weights', so they would swamp the distances of a conv+BN unit):
+
+    l2     = ‖θ^τ − θ^0‖₂
+    l2_rel = ‖θ^τ − θ^0‖₂ / ‖θ^0‖₂   (NaN when ‖θ^0‖₂ = 0, e.g. a zero-initialized unit)
+    linf   = ‖θ^τ − θ^0‖∞
+
+all accumulated in float64 whatever the checkpoint dtype. Rows with checkpoint
+`rerandom:<seed>` compare a fresh draw (exactly the one the rerandom variant uses) with θ^0.
+
+Without τ = 0 nothing here is defined: asking for τ rows is then a LayerfastError, asking for
+rerandom rows only returns an empty frame with the columns (so a rerandom-only analysis of a
+directory holding just the final model still writes a well-formed distances.csv).
+Memory: the tensors of one unit at two checkpoints at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from layerfast.checkpoints import CheckpointDir
+from layerfast.errors import LayerfastError
+from layerfast.variants import UnitLike, Variant, rerandom_draw
+
+__all__ = ["COLUMNS", "distances"]
+
+COLUMNS: list[str] = ["unit", "checkpoint", "l2", "l2_rel", "linf"]
+
+
+def _row(
+    unit: str, checkpoint: Any, theta: dict[str, torch.Tensor], theta0: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    sq, linf, sq0 = 0.0, 0.0, 0.0
+    for k, t0 in theta0.items():
+        a, b = theta[k].detach().double(), t0.double()
+        d = a - b
+        if d.numel():
+            sq += float((d * d).sum())
+            linf = max(linf, float(d.abs().max()))
+            sq0 += float((b * b).sum())
+    l2, n0 = math.sqrt(sq), math.sqrt(sq0)
+    return {
+        "unit": unit,
+        "checkpoint": checkpoint,
+        "l2": l2,
+        "l2_rel": l2 / n0 if n0 > 0 else float("nan"),
+        "linf": linf,
+    }
+
+
+def distances(
+    model: nn.Module,
+    units: Sequence[UnitLike],
+    ckpts: CheckpointDir | None,
+    rerandom: Iterable[Variant | int] = (),
+    arch: Any = None,
+    checkpoints: str | Iterable[int] = "all",
+) -> pd.DataFrame:
+    """The distances table: columns `unit, checkpoint, l2, l2_rel, linf` (module docstring).
+
+    `checkpoints`: "all" (every label) or labels; `()` for rerandom rows only.
+    `rerandom`: rerandom Variants from `make_variants` (their own draws are measured; variants
+    of other kinds are skipped) or seeds (drawn here exactly as a rerandom variant with that
+    seed would be, with `arch`'s init rule). Rows: per unit, τ ascending as given, then one
+    row per rerandom draw. The model is not modified.
+    """
+    wanted = list(rerandom)
+    has_tau0 = ckpts is not None and 0 in ckpts.labels
+    if isinstance(checkpoints, str):
+        if checkpoints != "all":
+            raise LayerfastError(f"checkpoints must be 'all' or labels, not {checkpoints!r}.")
+        taus = list(ckpts.labels) if ckpts is not None else None
+    else:
+        taus = list(dict.fromkeys(int(t) for t in checkpoints))
+    if not has_tau0:
+        if taus:  # None ("all" without a directory) or a non-empty list
+            found = ", ".join(map(str, ckpts.labels)) if ckpts is not None else "no directory"
+            raise LayerfastError(
+                f"distances from init need τ=0; found labels {found}. Ask only for rerandom "
+                "rows (checkpoints=()) or add the initialization checkpoint."
+            )
+        return pd.DataFrame(columns=COLUMNS)
+    assert ckpts is not None and taus is not None
+    for t in taus:
+        ckpts.check_label(t)
+    sd = model.state_dict()
+    ckpts.validate(
+        {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()},
+        labels=sorted({0, *taus}),
+        check_finite=False,
+    )
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+
+    draws: dict[str, list[tuple[str, Variant | int]]] = {u.name: [] for u in units}
+    for r in wanted:
+        if isinstance(r, Variant):
+            if r.kind != "rerandom":
+                continue
+            if r.unit not in draws:
+                raise LayerfastError(f"distances: variant {r.label!r} is for no known unit.")
+            draws[r.unit].append((f"rerandom:{r.seed}", r))
+        else:
+            for u in units:
+                draws[u.name].append((f"rerandom:{int(r)}", int(r)))
+
+    rows = []
+    for u in units:
+        pkeys = [k for k in u.keys if k in params]
+        theta0_all = ckpts.tensors(0, u.keys)
+        theta0 = {k: theta0_all[k] for k in pkeys}
+        for t in taus:
+            rows.append(_row(u.name, t, ckpts.tensors(t, pkeys), theta0))
+        for label, src in draws[u.name]:
+            if isinstance(src, Variant):
+                theta = src.overrides()
+            else:
+                theta = rerandom_draw(model, u, src, arch, theta0_all)
+            rows.append(_row(u.name, label, theta, theta0))
+    return pd.DataFrame(rows, columns=COLUMNS)

@@ -1,0 +1,407 @@
+"""Variants: what each evaluated model is, as a set of tensors that replace the final model's.
+
+A `Variant` names what it resets (`unit`, `kind`, `checkpoint`, `seed`, ...) and produces its
+replacement tensors only when asked (`overrides()`), so planning hundreds of variants costs no
+memory and the engine materialises one group at a time. Variants never modify the model: the
+final model stays what it is, and every tensor a variant returns is a fresh CPU tensor with the
+model's dtype and shape (DESIGN.md §3).
+
+Kinds and their order in `make_variants` (results are reported in this order):
+
+1. `baseline`: the final model, unit `*`, no overrides.
+2. per unit, in the order given: `reinit` to each chosen τ (τ = final is legal and equals the
+   baseline bit for bit), then `rerandom` for each seed;
+3. `fullmodel` per chosen τ: unit `*`, every state-dict key (all parameters and buffers, BN
+   statistics included; `num_batches_tracked` excepted) := τ, the paper's reference row;
+4. `joint`: several units := τ together; an entry is a list of unit names (one variant per
+   chosen τ) or `(names, τ)` (one variant); its unit is the names joined by `+`;
+5. `interp` `(unit, τ, α, σ)`: θ = (1−α)·θ^τ + α·θ^final + σ·N(0, 1) on the unit's keys, with
+   θ^final the final checkpoint and the noise on floating *parameters* only (never on BN
+   statistics, which noise could make negative); σ > 0 gives one variant per seed, drawn from
+   a generator seeded by a hash of (seed, unit, τ, α, σ); computed in float64, then cast.
+
+Re-randomization (`rerandom_draw`): each module of the unit is deep-copied alone to the CPU and
+re-drawn there under `torch.random.fork_rng`, the CPU generator seeded with a 63-bit SHA-256
+hash of ("layerfast-rerandom", seed, unit name, module name): reproducible per seed, the same
+on every device, independent of the order or number of units, and the caller's RNG state is
+untouched. The draw is the architecture's init rule (`arch.init(module)`) when it has one,
+else the module's `reset_parameters()`; normalization layers also get `reset_running_stats()`.
+Only each module's own parameters and buffers are taken (its children are modules of the unit
+in their own right). A draw must never equal θ⁰: when τ = 0 is available and any drawn tensor
+with more than one element and a non-constant θ⁰ equals θ⁰ exactly, the module is redrawn with
+the next derived seed (seed + 1, + 2, ...). Constant θ⁰ tensors (BN weight 1, bias 0, zero
+biases) come from deterministic rules that no seed can change, so they are not compared.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from layerfast.checkpoints import CheckpointDir
+from layerfast.checkpoints.keymap import is_tolerated_missing
+from layerfast.errors import LayerfastError
+
+__all__ = ["Variant", "make_variants", "rerandom_draw", "derive_seed"]
+
+RESETS = ("reinit", "rerandom", "fullmodel")
+_MAX_REDRAWS = 8
+
+
+class UnitLike(Protocol):
+    """`layerfast.units.Unit`: name, module names, state-dict keys."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def modules(self) -> tuple[str, ...]: ...
+    @property
+    def keys(self) -> tuple[str, ...]: ...
+
+
+@dataclass
+class Variant:
+    """One evaluated model: the final model with `keys` replaced by `overrides()`."""
+
+    unit: str
+    kind: str
+    checkpoint: int | None
+    seed: int | None
+    alpha: float | None = None
+    sigma: float | None = None
+    keys: tuple[str, ...] = ()
+    _load: Callable[[], dict[str, torch.Tensor]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def overrides(self) -> dict[str, torch.Tensor]:
+        """Key -> fresh CPU tensor (model dtype and shape), read or drawn now, not cached."""
+        return {} if self._load is None else self._load()
+
+    @property
+    def label(self) -> str:
+        """Short human name: `reinit layer1.0 @3`, `rerandom fc seed 1`, `fullmodel @0`."""
+        parts = [self.kind] if self.unit == "*" else [self.kind, self.unit]
+        if self.checkpoint is not None:
+            parts.append(f"@{self.checkpoint}")
+        if self.alpha is not None:
+            parts.append(f"alpha={self.alpha:g}")
+        if self.sigma is not None:
+            parts.append(f"sigma={self.sigma:g}")
+        if self.seed is not None:
+            parts.append(f"seed {self.seed}")
+        return " ".join(parts)
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from a SHA-256 hash of `parts` (JSON-encoded): stable across runs."""
+    digest = hashlib.sha256(json.dumps(list(parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+# ----------------------------------------------------------------------------- re-randomization
+
+
+def _cpu_copy(module: nn.Module) -> nn.Module:
+    """Deep copy of `module` whose parameters and buffers are CPU clones (no GPU allocation)."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True), p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = b.detach().to("cpu", copy=True)
+    return copy.deepcopy(module, memo)
+
+
+def _redraw(module: nn.Module, init: Callable[[nn.Module], None] | None, where: str) -> None:
+    if init is not None:
+        init(module)
+    else:
+        reset = getattr(module, "reset_parameters", None) or getattr(
+            module, "_reset_parameters", None
+        )
+        if callable(reset):
+            reset()
+        elif any(p is not None for p in module._parameters.values()):
+            raise LayerfastError(
+                f"cannot re-randomize {where} ({type(module).__name__}): it has no "
+                "reset_parameters() and the architecture has no init rule."
+            )
+    stats = getattr(module, "reset_running_stats", None)
+    if callable(stats):
+        stats()
+
+
+def _equals_theta0(draw: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> bool:
+    for k, t in draw.items():
+        t0 = theta0.get(k)
+        if t0 is None or t.numel() <= 1 or t0.shape != t.shape:
+            continue
+        flat = t0.reshape(-1)
+        if bool((flat == flat[0]).all()):  # constant θ⁰: a deterministic rule, not a draw
+            continue
+        if torch.equal(t, t0.to(t.dtype)):
+            return True
+    return False
+
+
+@torch.no_grad()
+def rerandom_draw(
+    model: nn.Module,
+    unit: UnitLike,
+    seed: int,
+    arch: Any = None,
+    theta0: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A fresh draw of `unit`'s keys from its init distribution (module docstring), on CPU.
+
+    `theta0`, when given, holds θ⁰ for the unit's keys; the draw is then guaranteed to differ.
+    The model is not modified and the global RNG state is unchanged afterwards.
+    """
+    init = getattr(arch, "init", None) if arch is not None else None
+    init = init if callable(init) else None
+    wanted = set(unit.keys)
+    out: dict[str, torch.Tensor] = {}
+    for mod_name in unit.modules:
+        try:
+            live = model.get_submodule(mod_name)
+        except AttributeError:
+            raise LayerfastError(
+                f"unit {unit.name!r}: the model has no module {mod_name!r}."
+            ) from None
+        prefix = f"{mod_name}." if mod_name else ""
+        where = f"module {mod_name or '(root)'} of unit {unit.name!r}"
+        base = derive_seed("layerfast-rerandom", seed, unit.name, mod_name)
+        for attempt in range(_MAX_REDRAWS):
+            m = _cpu_copy(live)
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed((base + attempt) % 2**63)
+                _redraw(m, init, where)
+            own = list(m._parameters.items()) + list(m._buffers.items())
+            draw = {
+                prefix + n: t.detach() for n, t in own if t is not None and prefix + n in wanted
+            }
+            if theta0 is None or not _equals_theta0(draw, theta0):
+                break
+        else:
+            raise LayerfastError(
+                f"re-randomizing {where} reproduces θ⁰ exactly for {_MAX_REDRAWS} seeds: its "
+                "init rule does not depend on the random seed."
+            )
+        out.update(draw)
+    missing = [k for k in unit.keys if k not in out]
+    if missing:
+        raise LayerfastError(
+            f"unit {unit.name!r}: cannot re-randomize {', '.join(missing[:5])}: not owned "
+            "directly by any of the unit's modules."
+        )
+    return {k: out[k].contiguous() for k in unit.keys}
+
+
+# ----------------------------------------------------------------------------- make_variants
+
+
+class _Ref:
+    """Shapes and dtypes of the model's state dict, and which keys are parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        sd = model.state_dict()
+        self.meta = {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
+        self.params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+
+    def meta_state(self) -> dict[str, torch.Tensor]:
+        """Shape-only stand-ins for `CheckpointDir.validate` (holds no model memory)."""
+        return {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in self.meta.items()}
+
+    def conform(self, tensors: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, t in tensors.items():
+            shape, dtype = self.meta[k]
+            if tuple(t.shape) != shape:
+                raise LayerfastError(f"{what}: {k} has shape {list(t.shape)}, model {list(shape)}.")
+            out[k] = t.to(dtype=dtype).contiguous()
+        return out
+
+
+def _chosen(ckpts: CheckpointDir, checkpoints: str | Iterable[int]) -> list[int]:
+    if isinstance(checkpoints, str):
+        if checkpoints != "all":
+            raise LayerfastError(
+                f"checkpoints must be 'all' or a list of labels, not {checkpoints!r}."
+            )
+        return list(ckpts.labels)
+    chosen = list(dict.fromkeys(int(c) for c in checkpoints))
+    for c in chosen:
+        ckpts.check_label(c)
+    return chosen
+
+
+def _unit_map(units: Sequence[UnitLike]) -> dict[str, UnitLike]:
+    out: dict[str, UnitLike] = {}
+    for u in units:
+        if u.name in out:
+            raise LayerfastError(f"two units are named {u.name!r}.")
+        out[u.name] = u
+    return out
+
+
+def make_variants(
+    model: nn.Module,
+    units: Sequence[UnitLike],
+    ckpts: CheckpointDir | None,
+    arch: Any = None,
+    reset: str | Iterable[str] = RESETS,
+    checkpoints: str | Iterable[int] = "all",
+    seeds: Iterable[int] = (1,),
+    joint: Sequence[Sequence[str] | tuple[Sequence[str], int]] | None = None,
+    interp: Sequence[tuple[str, int, float, float]] | None = None,
+) -> list[Variant]:
+    """Every variant of one analysis, baseline first (order: module docstring).
+
+    Checks everything checkable up front (labels exist, τ = 0 present for re-initialization to
+    init, keys and shapes of the checkpoints used match the model) so a bad request fails
+    before any evaluation. Reads no tensor data.
+    """
+    reset = tuple(r.strip() for r in reset.split(",")) if isinstance(reset, str) else tuple(reset)
+    bad = [r for r in reset if r not in RESETS]
+    if bad:
+        raise LayerfastError(f"unknown reset kind {bad[0]!r}: choose from {', '.join(RESETS)}.")
+    seeds = [int(s) for s in seeds]
+    ref = _Ref(model)
+    by_name = _unit_map(units)
+    needs_ckpts = [r for r in reset if r != "rerandom"] + (["joint"] if joint else [])
+    needs_ckpts += ["interp"] if interp else []
+    if ckpts is None:
+        if needs_ckpts:
+            raise LayerfastError(
+                f"{needs_ckpts[0]} needs a checkpoint directory (--ckpts); with only the final "
+                "model use --reset rerandom."
+            )
+        chosen: list[int] = []
+    else:
+        if not isinstance(checkpoints, str):
+            checkpoints = list(checkpoints)  # may be a generator: read it once
+        asks_init = checkpoints == "all" or (isinstance(checkpoints, list) and 0 in checkpoints)
+        if "reinit" in reset and asks_init and 0 not in ckpts.labels:
+            raise LayerfastError(
+                f"re-initialization to init needs τ=0; found labels "
+                f"{', '.join(map(str, ckpts.labels))} in {ckpts.path}. Pass --checkpoints with "
+                "the labels you want, or --reset rerandom."
+            )
+        chosen = _chosen(ckpts, checkpoints)
+    has_tau0 = ckpts is not None and 0 in ckpts.labels
+
+    def from_ckpt(label: int, keys: tuple[str, ...]) -> Callable[[], dict[str, torch.Tensor]]:
+        assert ckpts is not None
+        return lambda: ref.conform(ckpts.tensors(label, keys), f"{ckpts.files[label]}")
+
+    def drawn(u: UnitLike, seed: int) -> Callable[[], dict[str, torch.Tensor]]:
+        def load() -> dict[str, torch.Tensor]:
+            theta0 = ckpts.tensors(0, u.keys) if has_tau0 and ckpts is not None else None
+            return ref.conform(rerandom_draw(model, u, seed, arch, theta0), f"rerandom {u.name}")
+
+        return load
+
+    out = [Variant("*", "baseline", None, None)]
+    for u in units:
+        k = tuple(u.keys)
+        if "reinit" in reset:
+            out += [
+                Variant(u.name, "reinit", t, None, keys=k, _load=from_ckpt(t, k)) for t in chosen
+            ]
+        if "rerandom" in reset:
+            out += [Variant(u.name, "rerandom", None, s, keys=k, _load=drawn(u, s)) for s in seeds]
+    if "fullmodel" in reset:
+        every = tuple(k for k in ref.meta if not is_tolerated_missing(k))
+        for tau in chosen:
+            out.append(
+                Variant("*", "fullmodel", tau, None, keys=every, _load=from_ckpt(tau, every))
+            )
+    for entry in joint or ():
+        names, taus = _joint_entry(entry, chosen, ckpts)
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise LayerfastError(f"joint reset: no unit named {missing[0]!r}.")
+        keys = tuple(dict.fromkeys(k for n in names for k in by_name[n].keys))
+        for tau in taus:
+            out.append(
+                Variant("+".join(names), "joint", tau, None, keys=keys, _load=from_ckpt(tau, keys))
+            )
+    for unit_name, tau, alpha, sigma in interp or ():
+        assert ckpts is not None
+        if unit_name not in by_name:
+            raise LayerfastError(f"interp: no unit named {unit_name!r}.")
+        ckpts.check_label(int(tau))
+        if not sigma >= 0:
+            raise LayerfastError(f"interp: sigma must be >= 0, got {sigma}.")
+        u = by_name[unit_name]
+        for s in seeds if sigma > 0 else [None]:
+            out.append(
+                Variant(
+                    u.name,
+                    "interp",
+                    int(tau),
+                    s,
+                    float(alpha),
+                    float(sigma),
+                    tuple(u.keys),
+                    _interp(ckpts, ref, u, int(tau), float(alpha), float(sigma), s),
+                )
+            )
+    if ckpts is not None:  # keys/shapes of every file a variant reads, before any evaluation
+        used = {v.checkpoint for v in out if v.checkpoint is not None} | {ckpts.final}
+        used |= {0} & set(ckpts.labels)  # θ⁰ for the rerandom "never equal" check
+        ckpts.validate(ref.meta_state(), labels=sorted(used), check_finite=False)
+    return out
+
+
+def _joint_entry(
+    entry: Sequence[str] | tuple[Sequence[str], int], chosen: list[int], ckpts: CheckpointDir | None
+) -> tuple[list[str], list[int]]:
+    assert ckpts is not None
+    if len(entry) == 2 and not isinstance(entry[0], str) and isinstance(entry[1], int):
+        names, tau = list(entry[0]), int(entry[1])  # type: ignore[arg-type]
+        ckpts.check_label(tau)
+        return names, [tau]
+    names = [str(n) for n in entry]
+    if not names:
+        raise LayerfastError("joint reset: an empty list of units.")
+    return names, chosen
+
+
+def _interp(
+    ckpts: CheckpointDir,
+    ref: _Ref,
+    u: UnitLike,
+    tau: int,
+    alpha: float,
+    sigma: float,
+    seed: int | None,
+) -> Callable[[], dict[str, torch.Tensor]]:
+    keys = tuple(u.keys)
+
+    def load() -> dict[str, torch.Tensor]:
+        a, f = ckpts.tensors(tau, keys), ckpts.tensors(ckpts.final, keys)
+        gen = None
+        if sigma > 0:
+            gen = torch.Generator().manual_seed(
+                derive_seed("layerfast-interp", seed, u.name, tau, alpha, sigma)
+            )
+        out = {}
+        for k in keys:
+            if not a[k].is_floating_point():
+                out[k] = a[k]
+                continue
+            t = (1.0 - alpha) * a[k].double() + alpha * f[k].double()
+            if gen is not None and k in ref.params:
+                t = t + sigma * torch.randn(t.shape, generator=gen, dtype=torch.float64)
+            out[k] = t
+        return ref.conform(out, f"interp {u.name}")
+
+    return load
