@@ -116,12 +116,16 @@ class Evaluator:
     def run(self, data: Any, start: int = 0, counts: torch.Tensor | None = None,
             on_progress: Callable[[int], None] | None = None,
             on_checkpoint: Callable[[torch.Tensor, int], None] | None = None,
-            checkpoint_every: float = 30.0) -> EvalResult:
+            checkpoint_every: float = 30.0,
+            on_logits: Callable[[list[int], torch.Tensor], None] | None = None) -> EvalResult:
         """One pass over `data`: a `layerfast.data.DataSource`, or an iterable of (x, y).
 
         `start`/`counts` resume a pass: skip the first `start` samples (DataSource only) and
         continue from the saved sums. `on_checkpoint(counts, n_done)` is called every
-        `checkpoint_every` seconds and at the end, with CPU counts in variant order."""
+        `checkpoint_every` seconds and at the end, with CPU counts in variant order.
+        `on_logits(variant_indices, logits[K, B, C])` sees every block of logits scored, in
+        data order per variant (for tests and research code; it costs a host sync)."""
+        self._hook = on_logits
         model, dev = self.model, self.device
         was_training = model.training
         p0 = next(iter(model.parameters()), None)
@@ -184,7 +188,7 @@ class Evaluator:
                 ref = logits0.argmax(1)
                 self._score(ops, logits0.unsqueeze(0), y, ref, acc[V:V + 1])
                 for i in plan.same_as_baseline:
-                    self._score(ops, logits0.unsqueeze(0), y, ref, acc[i:i + 1])
+                    self._score(ops, logits0.unsqueeze(0), y, ref, acc[i:i + 1], [i])
                 timings["baseline"] += time.perf_counter() - tb
                 if not planned:
                     self._size_groups(plan, prog, x, cache)
@@ -198,7 +202,7 @@ class Evaluator:
                     else:
                         for i in g.members:
                             self._run_swapped(ops, prog, g.start, inp, y, ref, acc[i:i + 1],
-                                              dev_ov[i], live)
+                                              dev_ov[i], live, rows=[i])
                         timings["swapped"] += time.perf_counter() - tg
                 del cache
             n += int(y.shape[0])
@@ -217,8 +221,10 @@ class Evaluator:
 
     # ---- pieces ----------------------------------------------------------------------
     def _score(self, ops, logits: torch.Tensor, y: torch.Tensor, ref: torch.Tensor,
-               acc_rows: torch.Tensor) -> None:
+               acc_rows: torch.Tensor, rows: list[int] | None = None) -> None:
         ops.score_(logits.contiguous(), y, ref, acc_rows)
+        if self._hook is not None and rows is not None:
+            self._hook(rows, logits.float().cpu())
 
     def _size_groups(self, plan: Plan, prog: Program, x: torch.Tensor, cache: dict) -> None:
         """Pick K per fanned group from the activation size of one sample."""
@@ -232,7 +238,7 @@ class Evaluator:
 
     def _run_swapped(self, ops, prog: Program, start: int, inp: torch.Tensor, y, ref, acc_rows,
                      ov: dict[str, torch.Tensor], live: dict[str, torch.Tensor],
-                     lo: int = 0, hi: int | None = None) -> None:
+                     lo: int = 0, hi: int | None = None, rows: list[int] | None = None) -> None:
         keys = list(ov)
         a, b = [live[k] for k in keys], [ov[k] for k in keys]
         hi = inp.shape[0] if hi is None else hi
@@ -247,11 +253,11 @@ class Evaluator:
             if hi - lo <= 1:
                 raise
             mid = (lo + hi) // 2  # back off: half the batch at a time, same sums
-            self._run_swapped(ops, prog, start, inp, y, ref, acc_rows, ov, live, lo, mid)
-            self._run_swapped(ops, prog, start, inp, y, ref, acc_rows, ov, live, mid, hi)
+            self._run_swapped(ops, prog, start, inp, y, ref, acc_rows, ov, live, lo, mid, rows)
+            self._run_swapped(ops, prog, start, inp, y, ref, acc_rows, ov, live, mid, hi, rows)
             return
         ops.swap_(a, b)
-        self._score(ops, logits.unsqueeze(0), y[lo:hi], ref[lo:hi], acc_rows)
+        self._score(ops, logits.unsqueeze(0), y[lo:hi], ref[lo:hi], acc_rows, rows)
 
     def _stacks(self, prog: Program, g: Group, lo: int, hi: int, dev_ov, live) -> dict:
         key = (lo, hi)
@@ -295,16 +301,17 @@ class Evaluator:
         except Exception:  # noqa: BLE001 - the proof missed something: fall back, stay correct
             g.fan = None
             for i in g.members[lo:]:
-                self._run_swapped(ops, prog, g.start, inp, y, ref, acc[i:i + 1], dev_ov[i], live)
+                self._run_swapped(ops, prog, g.start, inp, y, ref, acc[i:i + 1], dev_ov[i], live,
+                                  rows=[i])
             return False
         B = inp.shape[0]
         logits = logits.reshape(K, B, -1)
         rows = g.members[lo:hi]
         if rows == list(range(rows[0], rows[0] + K)):
-            self._score(ops, logits, y, ref, acc[rows[0]:rows[0] + K])
+            self._score(ops, logits, y, ref, acc[rows[0]:rows[0] + K], rows)
         else:
             part = torch.zeros(K, 4, dtype=acc.dtype, device=acc.device)
-            self._score(ops, logits, y, ref, part)
+            self._score(ops, logits, y, ref, part, rows)
             acc.index_add_(0, torch.tensor(rows, device=acc.device), part)
         return True
 
