@@ -1,0 +1,7 @@
+"""`python -m layerfast ...` is the `layerfast` command."""
+
+import sys
+
+from layerfast.cli import main
+
+sys.exit(main())

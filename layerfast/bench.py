@@ -1,0 +1,149 @@
+"""`layerfast bench`: layerfast against the naive loop on the same variants and data, in one run.
+
+"Naive" is how public reproductions work: for each variant, load its weights from the checkpoint
+file into the model, make a DataLoader pass over the test set (normalising on the host), fp32,
+and read the counts back with `.item()` every batch. It may be timed on a subset of the variants
+(`--naive-variants`) and scaled to all of them; the output says so. Also timed: layerfast with
+fan-out off (prefix sharing only, each variant's suffix alone).
+
+Checkpoints are synthetic (the initialization plus growing noise, saved to a temp dir): timing
+does not depend on what the weights are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from layerfast.errors import LayerfastError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default="fcn3x256")
+    p.add_argument("--data", default="digits", help="data spec (synthetic:imagenet for ResNet-50 at 224²)")
+    p.add_argument("--granularity", default="layer", choices=["layer", "block", "stage"])
+    p.add_argument("--checkpoints", type=int, default=5, help="synthetic checkpoints (τ = 0..N-1)")
+    p.add_argument("--seeds", type=int, default=2, help="re-randomizations per unit")
+    p.add_argument("--naive-variants", type=int, default=None,
+                   help="time the naive loop on this many variants and scale (default: all)")
+    p.add_argument("--no-prefix-only", action="store_true", help="skip the fan-out-off timing")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"])
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def _synthetic_ckpts(model: torch.nn.Module, n: int, where: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for tau in range(n):
+        sd = {k: (v + 0.02 * tau * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v
+              for k, v in init.items()}
+        torch.save(sd, where / f"epoch_{tau:03d}.pt")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def naive_pass(model, variants, src, device, batch_size: int) -> float:
+    """Seconds for the naive loop over `variants` (weights loaded from disk each time)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    xs, ys = zip(*src.batches(4096), strict=True)
+    ds = TensorDataset(torch.cat(xs), torch.cat(ys))
+    mean = torch.tensor(src.mean or (0.0,)).view(1, -1, 1, 1)
+    std = torch.tensor(src.std or (1.0,)).view(1, -1, 1, 1)
+    model.eval().to(device)
+    state = model.state_dict()
+    _sync(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for v in variants:
+            ov = v.overrides()
+            saved = {k: state[k].clone() for k in ov}
+            model.load_state_dict(ov, strict=False)
+            correct = 0
+            for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+                x = ((x.float() / src.scale - mean) / std).to(device)
+                correct += (model(x).argmax(1) == y.to(device)).sum().item()
+            model.load_state_dict(saved, strict=False)
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def run(args: argparse.Namespace) -> dict:
+    from layerfast.checkpoints import CheckpointDir
+    from layerfast.data import open_data
+    from layerfast.engine import Evaluator
+    from layerfast.engine.precision import resolve_device
+    from layerfast.models import build_model
+    from layerfast.units import make_units
+    from layerfast.variants import make_variants
+
+    if args.checkpoints < 2:
+        raise LayerfastError("--checkpoints needs at least 2 (τ0 and a final model)")
+    device = resolve_device(args.device)
+    src = open_data(args.data, split="test", max_samples=args.max_samples)
+    torch.manual_seed(0)
+    model, spec = build_model(args.arch, src.num_classes, tuple(src.shape))
+    with tempfile.TemporaryDirectory(prefix="layerfast-bench-") as tmp:
+        _synthetic_ckpts(model, args.checkpoints, Path(tmp))
+        ck = CheckpointDir(tmp)
+        model.load_state_dict(ck.tensors(ck.final))
+        units = make_units(model, granularity=args.granularity, arch=spec)
+        variants = make_variants(model, units, ck, spec, reset=("reinit", "rerandom"),
+                                 seeds=range(1, args.seeds + 1))
+        V, n = len(variants), src.n
+        out: dict = {"arch": args.arch, "data": args.data, "n": n, "variants": V,
+                     "units": len(units), "device": str(device)}
+        timings = {}
+        for name, fan in (("layerfast", True), ("prefix_only", False)):
+            if name == "prefix_only" and args.no_prefix_only:
+                continue
+            ev = Evaluator(model, variants, device=device, precision=args.precision,
+                           batch_size=args.batch_size, fanout=fan)
+            _sync(device)
+            t = time.perf_counter()
+            res = ev.run(src)
+            _sync(device)
+            timings[name] = time.perf_counter() - t
+            out["precision"] = res.precision
+            out[f"{name}_plan"] = res.plan
+        k = min(args.naive_variants or V, V)
+        idx = sorted({round(i * (V - 1) / max(k - 1, 1)) for i in range(k)})
+        sub = [variants[i] for i in idx]
+        t_naive = naive_pass(model, sub, src, device, args.batch_size or 256)
+        timings["naive"] = t_naive * V / len(sub)
+        out["naive_timed_variants"] = len(sub)
+        out["naive_scaled"] = len(sub) < V
+        out["seconds"] = {k: round(v, 4) for k, v in timings.items()}
+        out["variant_images_per_s"] = {k: V * n / v for k, v in timings.items()}
+        out["speedup_vs_naive"] = {k: timings["naive"] / v for k, v in timings.items() if k != "naive"}
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    out = run(args)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    scaled = (f" (timed on {out['naive_timed_variants']} of {out['variants']} variants, scaled)"
+              if out["naive_scaled"] else "")
+    print(f"{out['arch']} on {out['data']}: {out['variants']} variants × {out['n']} samples, "
+          f"{out['device']}, {out['precision']}")
+    print(f"{'approach':14s} {'seconds':>10s} {'variant·img/s':>15s} {'× naive':>8s}")
+    for name, secs in out["seconds"].items():
+        speed = out["variant_images_per_s"][name]
+        ratio = out["speedup_vs_naive"].get(name, 1.0)
+        print(f"{name:14s} {secs:10.3f} {speed:15.0f} {ratio:8.1f}")
+    if scaled:
+        print(f"naive{scaled}; naive = load weights, DataLoader pass, fp32, .item() per batch")
+    return 0

@@ -1,0 +1,191 @@
+"""`layerfast` command line: a thin layer over the Python API (DESIGN.md §6).
+
+Exit status: 0 done; 2 bad input or usage (one line on stderr, no traceback); 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from layerfast.errors import LayerfastError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,10; got {text!r}") from None
+
+
+def _seeds(text: str) -> int | list[int]:
+    """`--seeds 3` means seeds 1..3; `--seeds 1,7,9` names them."""
+    return int(text) if "," not in text else _int_list(text)
+
+
+def _common_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
+                   help="auto = bf16 + channels_last on CUDA, fp32 on CPU")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per batch")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="layerfast", description=(
+        "Which layers of a trained network matter: reset each unit to earlier checkpoints or "
+        "fresh draws and measure test error, every variant in one data pass."))
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("analyze", help="reset every unit, evaluate all variants, write the report")
+    a.add_argument("--arch", required=True, help="registry name (fcn3x256, vgg11, resnet50, ...) or pkg.module:factory")
+    a.add_argument("--ckpts", help="checkpoint directory (DESIGN.md §2)")
+    a.add_argument("--data", default="digits", help="data spec (default: digits); see docs/data.md")
+    a.add_argument("--split", default="test", choices=["test", "train"])
+    a.add_argument("--granularity", default="layer", choices=["layer", "block", "stage"])
+    a.add_argument("--units", default=None, help="custom units: glob or re:regex patterns, comma-separated")
+    a.add_argument("--bn", default="with-layer", choices=["with-layer", "keep", "separate"])
+    a.add_argument("--reset", default="reinit,rerandom,fullmodel", help="kinds: reinit,rerandom,fullmodel")
+    a.add_argument("--checkpoints", default="all", help="τ labels to reset to: all or e.g. 0,1,10")
+    a.add_argument("--seeds", type=_seeds, default=1, help="re-randomization seeds: a count n (1..n) or a list")
+    a.add_argument("--threshold", type=float, default=0.05, help="robust ⇔ Δerror ≤ threshold (default 0.05)")
+    a.add_argument("--final", type=int, default=None, help="label of the final model (default: largest)")
+    a.add_argument("--out", default=None, help="output dir (default layerfast-out/<arch>-<time>)")
+    a.add_argument("--fresh", action="store_true", help="discard a previous run's progress in --out")
+    a.add_argument("--no-fanout", action="store_true", help="run each variant alone (bit-exact swap path)")
+    a.add_argument("--list-units", action="store_true", help="print the units (and variants) and exit")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common_eval(a)
+
+    t = sub.add_parser("train", help="train a model, saving the paper's checkpoint schedule")
+    t.add_argument("--arch", required=True)
+    t.add_argument("--data", default="digits")
+    t.add_argument("--epochs", type=int, required=True)
+    t.add_argument("--checkpoints", type=_int_list, default=None, help="default: 0,1,2,3,8,40,90,100 scaled")
+    t.add_argument("--out", required=True)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--max-samples", type=int, default=None, help="train on the first N samples")
+    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--quiet", action="store_true")
+
+    d = sub.add_parser("demo", help="zero-setup: train fcn3x256 on digits, analyze, write the report")
+    d.add_argument("--out", default="layerfast-demo")
+    d.add_argument("--quiet", action="store_true")
+
+    b = sub.add_parser("bench", help="layerfast vs the naive loop on the same variants, one run")
+    from layerfast.bench import add_arguments
+
+    add_arguments(b)
+
+    c = sub.add_parser("convert", help="write a dataset spec to an FFCV .beton")
+    c.add_argument("spec")
+    c.add_argument("--to", required=True)
+    c.add_argument("--split", default="test", choices=["test", "train"])
+
+    r = sub.add_parser("report", help="redraw the figures of a finished run from its CSV files")
+    r.add_argument("out")
+
+    i = sub.add_parser("info", help="versions, build flags, kernels, FFCV")
+    i.add_argument("--json", action="store_true")
+    return ap
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from layerfast.analysis import analyze, list_units
+
+    if args.list_units:
+        units = list_units(args.arch, args.data, args.granularity, args.units, args.bn)
+        for u in units:
+            print(f"{u.name:32s} {len(u.modules):3d} modules  {len(u.keys):3d} tensors")
+        print(f"{len(units)} units ({args.granularity} granularity, --bn {args.bn})")
+        return 0
+    if not args.ckpts:
+        raise LayerfastError("analyze needs --ckpts DIR (or --list-units for a dry run)")
+    res = analyze(args.arch, args.ckpts, data=args.data, split=args.split,
+                  granularity=args.granularity, units=args.units, bn=args.bn, reset=args.reset,
+                  checkpoints=args.checkpoints, seeds=args.seeds, threshold=args.threshold,
+                  device=args.device, precision=args.precision, batch_size=args.batch_size,
+                  max_samples=args.max_samples, out=args.out, final=args.final, fresh=args.fresh,
+                  progress=not args.quiet, fanout=not args.no_fanout)
+    print(res.summary())
+    print(f"\n{res.run['variants']} variants × {res.run['n']} samples in {res.run['seconds']:.1f} s "
+          f"({res.run['device']}, {res.run['precision']}); results in {res.out}/")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from layerfast.train import train
+
+    man = train(args.arch, args.data, args.epochs, args.out, checkpoints=args.checkpoints,
+                batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+                schedule=args.schedule, progress=not args.quiet, max_samples=args.max_samples,
+                overwrite=args.overwrite)
+    for c in man["checkpoints"]:
+        print(f"epoch {c['epoch']:4d}  test error {c['test_error']:.4f}  {c['file']}")
+    print(f"checkpoints and manifest.json in {args.out}/")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from layerfast.demo import demo
+
+    demo(args.out, progress=not args.quiet)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from layerfast.data import convert
+
+    path = convert(args.spec, args.to, split=args.split)
+    print(f"wrote {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from layerfast.report import redraw
+
+    for p in redraw(args.out):
+        print(f"wrote {p}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from layerfast.info import main as info_main
+
+    return info_main(["--json"] if args.json else [])
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from layerfast.bench import main as bench_main
+
+    return bench_main(args)
+
+
+COMMANDS = {"analyze": _analyze, "train": _train, "demo": _demo, "convert": _convert,
+            "report": _report, "info": _info, "bench": _bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LayerfastError as exc:
+        print(f"layerfast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerfast: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
