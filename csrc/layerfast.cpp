@@ -1,5 +1,8 @@
 // The schema file: every op of the `layerfast` library is declared here, once.
 // Kernels register themselves next to their code (csrc/cpu/<op>_kernel.cpp, csrc/cuda/<op>_kernel.cu).
+// Autograd and ADInplaceOrView kernels (not differentiable; version counter bumps) are in
+// csrc/autograd.cpp. Fake implementations for torch.compile / FakeTensor live in Python, in
+// layerfast/ops.py (see set_python_module below), next to the pure-torch references.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -13,6 +16,35 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(layerfast, m) {
-  // Exchange the contents of a[i] and b[i] for every i, in place. Same shapes, dtypes, devices.
+  // The fake implementations of these ops are registered by `import layerfast.ops`.
+  m.set_python_module("layerfast.ops");
+
+  // swap_(a, b): exchange the contents of a[i] and b[i] for every i, in place.
+  // - len(a) == len(b); each pair has the same shape, dtype and device; all tensors on one device.
+  // - Any dtype. Storage is not reallocated: data pointers stay, only the bytes move.
+  // - Pairs that are dense with the same strides (contiguous, channels_last, ...) are swapped
+  //   bytewise: CPU with std::swap_ranges (parallel over 128 KiB chunks), CUDA with ONE kernel
+  //   launch for the whole list (a few when it holds more than 1024 tensors, see
+  //   csrc/cuda/swap_kernel.cu). Other pairs (views with gaps, different layouts) fall back to
+  //   three copies through a temporary.
+  // - A pair that is the same memory is a no-op; a pair whose memory partially overlaps is an
+  //   error. Tensors of different pairs must not share memory (not checked).
+  // - An empty list is a no-op.
   m.def("swap_(Tensor(a!)[] a, Tensor(b!)[] b) -> ()");
+
+  // score_(logits, labels, ref_pred, acc): add, per variant v, four counts into acc[v, :]:
+  //   acc[v, 0] += #{b : pred[v, b] == labels[b]}                           correct@1
+  //   acc[v, 1] += #{b : #{c : logits[v, b, c] > logits[v, b, labels[b]]} < 5}  correct@5
+  //                (when C < 5 this column counts correct@1 instead)
+  //   acc[v, 2] += sum_b (logsumexp_c logits[v, b, :] - logits[v, b, labels[b]])  cross-entropy
+  //   acc[v, 3] += #{b : pred[v, b] == ref_pred[b]}                          agreement
+  // where pred[v, b] = argmax_c logits[v, b, c], the FIRST maximal index on ties (NaN counts as
+  // maximal, as in torch.argmax). The loss is computed in float32 with max subtraction and
+  // summed in float64. No host synchronisation.
+  // - logits: float32, float16 or bfloat16, [V, B, C], contiguous, C >= 1.
+  // - labels: int64 [B], values in [0, C) (checked on CPU; a device-side assert on CUDA).
+  // - ref_pred: int64 [B], the baseline's predictions (torch.argmax of its logits).
+  // - acc: float64 [V, 4], contiguous; all four tensors on one device.
+  m.def("score_(Tensor logits, Tensor labels, Tensor ref_pred, Tensor(a!) acc) -> ()");
 }
+

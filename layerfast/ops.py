@@ -1,0 +1,181 @@
+"""The compiled ops of layerfast (`torch.ops.layerfast.*`) and their pure-torch references.
+
+Two hot spots of the engine (DESIGN.md §7) are single ops with a CPU and a CUDA kernel
+(csrc/cpu/<op>_kernel.cpp, csrc/cuda/<op>_kernel.cu; schemas in csrc/layerfast.cpp):
+
+- `swap_(a, b)`: exchange the contents of many tensor pairs in place (a variant's weights in,
+  the final model's out, and back), one kernel launch on CUDA.
+- `score_(logits, labels, ref_pred, acc)`: fold a block of logits of V variants into per-variant
+  counts (correct@1, correct@5, cross-entropy sum, agreement with the baseline) on the device,
+  without a host synchronisation.
+
+Both mutate their arguments and return nothing. They are real torch ops: they work under
+`torch.inference_mode()`, bump the version counters of what they mutate, refuse to be
+differentiated, and have fake implementations (below) so `torch.compile` and FakeTensor can trace
+them. `swap_reference` and `score_reference` compute the same results with plain torch ops; the
+tests compare against them and the engine falls back to them on devices without a kernel
+(`has_kernel`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from layerfast import _ext  # noqa: F401  (loads layerfast._C, which registers torch.ops.layerfast)
+
+__all__ = ["swap_", "score_", "swap_reference", "score_reference", "has_kernel"]
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def has_kernel(op: str, device: torch.device | str) -> bool:
+    """True when `torch.ops.layerfast.<op>` has a compiled kernel for `device`'s type
+    (e.g. `has_kernel("swap_", "cuda")` is False when the extension was built without CUDA)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"layerfast::{op}", key
+    )
+
+
+# ---- swap_ -----------------------------------------------------------------------------------
+
+
+def swap_(a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
+    """Exchange the contents of `a[i]` and `b[i]` in place, for every i.
+
+    Why it exists: evaluating a variant means putting its tensors into the live model and taking
+    them out again, for every variant and batch. Copying through a temporary costs three passes
+    over the bytes and, with `torch._foreach_copy_`, several launches per list; `swap_` reads and
+    writes each byte once and, on CUDA, swaps the whole list in one kernel launch (up to 1024
+    dense pairs per launch; see csrc/cuda/swap_kernel.cu). Swapping twice restores both lists
+    bit for bit (NaN payloads included), and data pointers never change.
+
+    Each pair must have the same shape, dtype and device (any dtype); all tensors on one device.
+    Dense pairs with the same layout (contiguous, channels_last, ...) are swapped bytewise; any
+    other pair (a strided view, mismatched layouts) falls back to copies through a temporary.
+    A pair that is one and the same memory is left alone; partially overlapping pairs raise.
+    On a tensor that requires grad, call it under `torch.no_grad()` / `torch.inference_mode()`.
+    """
+    torch.ops.layerfast.swap_.default(list(a), list(b))
+
+
+def swap_reference(a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
+    """`swap_` with plain torch ops (a clone and two copies per pair)."""
+    if len(a) != len(b):
+        raise ValueError(f"swap_reference: a and b differ in length ({len(a)} vs {len(b)})")
+    with torch.no_grad():
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
+                raise ValueError(
+                    f"swap_reference: a[{i}] is {x.dtype}{list(x.shape)} on {x.device} but b[{i}] "
+                    f"is {y.dtype}{list(y.shape)} on {y.device}"
+                )
+            tmp = x.clone()
+            x.copy_(y)
+            y.copy_(tmp)
+
+
+@torch.library.register_fake("layerfast::swap_")
+def _swap_fake(a: list[Tensor], b: list[Tensor]) -> None:
+    torch._check(
+        len(a) == len(b),
+        lambda: f"layerfast::swap_: a and b must have the same length, got {len(a)} and {len(b)}",
+    )
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        torch._check(
+            x.device == y.device and x.dtype == y.dtype,
+            lambda i=i, x=x, y=y: f"layerfast::swap_: a[{i}] is {x.dtype} on {x.device} but "
+            f"b[{i}] is {y.dtype} on {y.device}; each pair must have the same dtype and device",
+        )
+        torch._check(
+            x.shape == y.shape,
+            lambda i=i, x=x, y=y: f"layerfast::swap_: a[{i}] has shape {list(x.shape)} but b[{i}] "
+            f"has shape {list(y.shape)}; each pair must have the same shape",
+        )
+
+
+# ---- score_ ----------------------------------------------------------------------------------
+
+
+def score_(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Tensor) -> None:
+    """Add per-variant counts of a block of logits into `acc` (float64 [V, 4]), in place.
+
+    Why it exists: the engine scores hundreds of variants per batch. Doing it with torch ops
+    takes about ten kernels and several [V, B, C]-sized temporaries per call; `score_` reads the
+    logits once (one kernel on CUDA, one parallel loop on CPU) and never synchronises the host,
+    so the accumulator stays on the device until the caller reads it.
+
+    Inputs: `logits` float32/float16/bfloat16 [V, B, C], contiguous; `labels` int64 [B] in
+    [0, C); `ref_pred` int64 [B], the baseline's predictions (`torch.argmax` of its logits);
+    `acc` float64 [V, 4], contiguous; all on one device. For each variant v it adds:
+
+    - `acc[v, 0]` correct@1: pred == label, where pred is the argmax over C with the FIRST
+      maximal index on ties (NaN counts as maximal), exactly as `torch.argmax`;
+    - `acc[v, 1]` correct@5: fewer than 5 classes have a logit strictly greater than the
+      label's (ties count in the sample's favour); when C < 5 this column counts correct@1;
+    - `acc[v, 2]` summed cross-entropy: logsumexp(logits) - logits[label], computed in float32
+      with max subtraction, summed in float64;
+    - `acc[v, 3]` agreement: pred == ref_pred.
+
+    Labels are checked on CPU (an error before anything is added); on CUDA a label outside
+    [0, C) trips a device-side assert, which loses the CUDA context, so validate labels once per
+    dataset. On CUDA the counts are exact and the loss sum's last bits depend on block order.
+    """
+    torch.ops.layerfast.score_.default(logits, labels, ref_pred, acc)
+
+
+def score_reference(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Tensor) -> None:
+    """`score_` with plain torch ops (same definitions, same checks on shapes and dtypes)."""
+    _check_score_args(logits, labels, ref_pred, acc)
+    x = logits.float()
+    V, B, C = x.shape
+    if V == 0 or B == 0:
+        return
+    pred = x.argmax(-1)  # [V, B], first maximal index
+    xl = x.gather(2, labels.view(1, B, 1).expand(V, B, 1)).squeeze(2)  # [V, B]
+    correct1 = pred == labels
+    correct5 = (x > xl.unsqueeze(2)).sum(2) < 5 if C >= 5 else correct1
+    loss = torch.logsumexp(x, 2) - xl
+    agree = pred == ref_pred
+    cols = (correct1.sum(1), correct5.sum(1), loss.double().sum(1), agree.sum(1))
+    acc.add_(torch.stack([c.to(torch.float64) for c in cols], 1))
+
+
+def _check_score_args(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Tensor) -> None:
+    torch._check(
+        logits.dim() == 3,
+        lambda: f"layerfast::score_: logits must have shape [V, B, C], got {list(logits.shape)}",
+    )
+    torch._check(
+        logits.dtype in _LOGIT_DTYPES,
+        lambda: f"layerfast::score_: logits must be float32, float16 or bfloat16, got {logits.dtype}",
+    )
+    V, B, C = logits.shape
+    torch._check(
+        C >= 1,
+        lambda: f"layerfast::score_: logits must have at least one class, got {list(logits.shape)}",
+    )
+    for name, t in (("labels", labels), ("ref_pred", ref_pred)):
+        torch._check(
+            t.dim() == 1 and t.shape[0] == B and t.dtype == torch.int64,
+            lambda name=name, t=t: f"layerfast::score_: {name} must be int64 of shape [B] = [{B}], "
+            f"got {t.dtype} {list(t.shape)}",
+        )
+    torch._check(
+        acc.dim() == 2 and acc.shape[0] == V and acc.shape[1] == 4 and acc.dtype == torch.float64,
+        lambda: f"layerfast::score_: acc must be float64 of shape [V, 4] = [{V}, 4], got "
+        f"{acc.dtype} {list(acc.shape)}",
+    )
+    devices = {t.device for t in (logits, labels, ref_pred, acc)}
+    torch._check(
+        len(devices) == 1,
+        lambda: f"layerfast::score_: all tensors must be on one device, got {sorted(map(str, devices))}",
+    )
+
+
+@torch.library.register_fake("layerfast::score_")
+def _score_fake(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Tensor) -> None:
+    _check_score_args(logits, labels, ref_pred, acc)

@@ -1,0 +1,19 @@
+"""Shared pytest fixtures and markers for the layerfast tests.
+
+`@pytest.mark.cuda`: the test needs a CUDA GPU; it is skipped where `torch.cuda.is_available()`
+is False (the marker is declared in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
