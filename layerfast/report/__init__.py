@@ -1,0 +1,53 @@
+"""Results on disk and on screen: CSV files, paper-style figures, the terminal summary.
+
+    tables.py    write_csv / read_results / read_distances, atomic file replacement
+    figures.py   heatmap (Fig. 1a), distance_plot (Fig. 1b/c)
+    terminal.py  summary_table
+
+`redraw(out_dir)` rebuilds the figures of a finished run from its CSV files alone, so
+`layerfast report OUT` can restyle a run without touching a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from layerfast.errors import LayerfastError
+from layerfast.report.figures import distance_plot, heatmap
+from layerfast.report.tables import atomic_path, read_distances, read_results, write_csv
+from layerfast.report.terminal import summary_table
+
+__all__ = [
+    "atomic_path",
+    "distance_plot",
+    "heatmap",
+    "read_distances",
+    "read_results",
+    "redraw",
+    "summary_table",
+    "write_csv",
+]
+
+
+def redraw(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Rewrite `heatmap.png` (and `distances.png` if `distances.csv` exists) in `out_dir`.
+
+    Reads only `results.csv` / `distances.csv`, so it works on a run made elsewhere. Returns
+    the paths written. A missing out dir or results.csv is a LayerfastError, since it is what a
+    user gets by pointing `layerfast report` at the wrong directory.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise LayerfastError(f"{out} is not a directory (expected a layerfast --out directory)")
+    results = out / "results.csv"
+    if not results.is_file():
+        raise LayerfastError(
+            f"{results} not found: {out} does not look like a finished layerfast run "
+            "(expected results.csv from `layerfast analyze --out DIR`)"
+        )
+    written = [heatmap(read_results(results), out / "heatmap.png")]
+    dist = out / "distances.csv"
+    if dist.is_file():
+        written.append(distance_plot(read_distances(dist), out / "distances.png"))
+    return written

@@ -1,0 +1,387 @@
+"""Paper-style figures: the test-error heatmap (Fig. 1a) and the weight-distance heatmaps (1b/c).
+
+Layout follows Zhang, Bengio & Singer (arXiv 1902.01996), Fig. 1: one row per unit in model
+order, one column per reset source: `ReRnd` (re-randomization, mean over seeds) first, then each
+checkpoint τ ascending; every cell annotated. The distance figure uses the same rows and columns
+so a reader can lay the two side by side: "this layer is critical at τ=0 and it moved far from
+its initialization" is read across figures, cell for cell.
+
+Readability rules (the figures must work for a 4-layer MLP and for ResNet-50's 54 layers):
+- the figure grows with the number of rows and columns, fonts shrink with the cell size, and
+  cell annotations are dropped only past `MAX_ANNOTATED_ROWS` rows or `MAX_ANNOTATED_COLS`
+  columns, where they would be illegible anyway;
+- a perceptually uniform colormap (viridis), so equal steps in error look like equal steps;
+- annotation colour is chosen per cell from the cell's luminance (white on dark, black on
+  light);
+- matplotlib's object API only (no pyplot): nothing global is touched, the Agg canvas is used
+  regardless of the user's backend, and no figure is ever left open.
+Every file is written atomically (tmp file in the same directory, then os.replace).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Colormap, LogNorm, Normalize
+from matplotlib.figure import Figure
+
+from layerfast.errors import LayerfastError
+from layerfast.report.tables import atomic_path, tau_of, unit_order
+
+__all__ = [
+    "FULLMODEL_ROW",
+    "MAX_ANNOTATED_COLS",
+    "MAX_ANNOTATED_ROWS",
+    "RERANDOM_COLUMN",
+    "distance_grid",
+    "distance_plot",
+    "error_grid",
+    "heatmap",
+]
+
+#: Label of the re-randomization column, as in the paper.
+RERANDOM_COLUMN = "ReRnd"
+#: Label of the reference row holding fullmodel resets (every unit := τ at once).
+FULLMODEL_ROW = "all units (full model)"
+MAX_ANNOTATED_ROWS = 60
+MAX_ANNOTATED_COLS = 40
+_CMAP = "viridis"
+_DPI = 150
+_CHAR_W = 0.62  # average glyph width of DejaVu Sans, in em
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def error_grid(table: pd.DataFrame) -> tuple[list[str], list[str], np.ndarray]:
+    """Pivot a results table into (row labels, column labels, test error [rows, cols]).
+
+    Rows: units with reinit/rerandom rows, in table order, then a `FULLMODEL_ROW` reference row
+    if the table has fullmodel variants. Columns: `ReRnd` (mean error over rerandom seeds, if
+    any) then every τ of reinit/fullmodel rows ascending. Missing combinations are NaN.
+    joint/interp rows are not part of the paper's figure and are ignored.
+    """
+    kinds = table["kind"].astype(str)
+    one = table[kinds.isin(["reinit", "rerandom"])]
+    full = table[kinds == "fullmodel"]
+    units = unit_order(one["unit"].astype(str))
+    tau_rows = pd.concat([one[one["kind"] == "reinit"], full])
+    taus = sorted({int(t) for t in tau_rows["checkpoint"].dropna()})
+    has_rr = bool((one["kind"] == "rerandom").any())
+    cols = ([RERANDOM_COLUMN] if has_rr else []) + [str(t) for t in taus]
+    rows = units + ([FULLMODEL_ROW] if len(full) else [])
+    grid = np.full((len(rows), len(cols)), np.nan)
+    col_of = {c: j for j, c in enumerate(cols)}
+    row_of = {u: i for i, u in enumerate(units)}
+
+    rr = one[one["kind"] == "rerandom"].groupby("unit", sort=False)["error"].mean()
+    for unit, err in rr.items():
+        grid[row_of[str(unit)], col_of[RERANDOM_COLUMN]] = err
+    ri = one[(one["kind"] == "reinit") & one["checkpoint"].notna()]
+    for (unit, tau), err in ri.groupby(["unit", "checkpoint"], sort=False)["error"].mean().items():
+        grid[row_of[str(unit)], col_of[str(int(tau))]] = err
+    fm = full[full["checkpoint"].notna()]
+    for tau, err in fm.groupby("checkpoint")["error"].mean().items():
+        grid[len(units), col_of[str(int(tau))]] = err
+    return rows, cols, grid
+
+
+def distance_grid(distances: pd.DataFrame, column: str) -> tuple[list[str], list[str], np.ndarray]:
+    """Pivot distances into (units, [ReRnd, τ...], values of `column`), like `error_grid`."""
+    units = unit_order(distances["unit"].astype(str))
+    tau = [tau_of(c) for c in distances["checkpoint"]]
+    taus = sorted({t for t in tau if t is not None})
+    has_rr = any(t is None for t in tau)
+    cols = ([RERANDOM_COLUMN] if has_rr else []) + [str(t) for t in taus]
+    col_of = {c: j for j, c in enumerate(cols)}
+    row_of = {u: i for i, u in enumerate(units)}
+    sums = np.zeros((len(units), len(cols)))
+    counts = np.zeros((len(units), len(cols)))
+    for unit, t, value in zip(distances["unit"].astype(str), tau, distances[column], strict=True):
+        if unit == "*" or pd.isna(value):
+            continue
+        i, j = row_of[unit], col_of[RERANDOM_COLUMN if t is None else str(t)]
+        sums[i, j] += float(value)
+        counts[i, j] += 1
+    with np.errstate(invalid="ignore"):
+        grid = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return units, cols, grid
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _two_sig(v: float) -> str:
+    """Two significant digits, compact: 0.0032 -> '3.2e-3', 0.41 -> '0.41', 38.4 -> '38'."""
+    if not math.isfinite(v):
+        return ""
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a < 0.01 or a >= 1000:
+        mant, exp = f"{v:.1e}".split("e")
+        return f"{mant}e{int(exp)}"
+    digits = max(0, 1 - math.floor(math.log10(a)))
+    s = f"{v:.{digits}f}"
+    if float(s) >= 10 ** (2 - digits) and digits > 0:  # 0.995 rounds up to 1.00 -> "1.0"
+        s = f"{v:.{digits - 1}f}"
+    return s
+
+
+def _percent(v: float) -> str:
+    """An error in [0, 1] as percent with 2 significant digits ('38', '1.6', '0.52', '100')."""
+    if not math.isfinite(v):
+        return ""
+    p = 100.0 * v
+    if p >= 99.5:
+        return "100"
+    if p == 0:
+        return "0"
+    if p < 0.01:
+        return "<0.01"
+    return _two_sig(p)
+
+
+def _text_color(rgba: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with a cell (WCAG relative luminance)."""
+
+    def lin(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (lin(float(c)) for c in rgba[:3])
+    lum = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    # Contrast with black (lum+0.05)/0.05 beats contrast with white 1.05/(lum+0.05) above ~0.18.
+    return "black" if lum > 0.179 else "white"
+
+
+def _text_w(text: str, font: float) -> float:
+    """Approximate width in inches of one line of `text` at `font` points."""
+    return len(text) * font * _CHAR_W / 72
+
+
+class _Geometry:
+    """Figure geometry for an R x C grid: cell size in inches and font sizes in points.
+
+    Sizes are computed, not left to matplotlib's defaults, so that the figure grows with the
+    grid instead of squeezing 54 rows into a fixed canvas.
+    """
+
+    def __init__(
+        self, rows: Sequence[str], cols: Sequence[str], annot_chars: int, n_panels: int = 1
+    ) -> None:
+        n_rows, n_cols = len(rows), len(cols)
+        self.n_rows, self.n_cols, self.n_panels = n_rows, n_cols, n_panels
+        self.annotate = n_rows <= MAX_ANNOTATED_ROWS and n_cols <= MAX_ANNOTATED_COLS
+        # Rows get thinner as there are more of them, down to a floor that 6 pt text still fits.
+        self.cell_h = float(np.clip(0.36 - 0.003 * n_rows, 0.17, 0.36))
+        self.font = float(np.clip(self.cell_h * 72 * 0.5, 6.0, 10.0))
+        self.label_font = self.font + 0.5
+        if self.annotate:
+            self.cell_w = max(0.42, _text_w("x" * annot_chars, self.font) + 0.14)
+        else:
+            self.cell_w = 0.3
+        self._widest_col = max((_text_w(c, self.label_font) for c in cols), default=0.0)
+        if self.annotate:  # annotated cells are wide anyway: widen a little more for "ReRnd"
+            self.cell_w = max(self.cell_w, self._widest_col + 0.1)
+        # Column labels that do not fit under their cell are turned upright, not overlapped.
+        self.rotate_x = self._widest_col + 0.06 > self.cell_w
+        self.label_w = max((_text_w(r, self.label_font) for r in rows), default=0.3)
+        self.panel_w = n_cols * self.cell_w
+        self.panel_h = n_rows * self.cell_h
+
+    def figsize(self, titles: Sequence[str], extra_h: float) -> tuple[float, float]:
+        """(width, height): panels + row labels + colour bars, at least as wide as the titles.
+
+        When a title forces a wider figure, the panels get the extra width, so the effective
+        cell width (and with it whether column labels must be turned upright) is updated.
+        """
+        fixed = self.n_panels * 1.3 + self.label_w + 0.6
+        w = self.n_panels * self.panel_w + fixed
+        title_w = max((_text_w(t, self.label_font + 1.5) for t in titles), default=0.0) + 0.4
+        if title_w > w:
+            self.panel_w = (title_w - fixed) / self.n_panels
+            self.rotate_x = self._widest_col + 0.06 > self.panel_w / max(self.n_cols, 1)
+            w = title_w
+        h = self.panel_h + extra_h + (0.5 if self.rotate_x else 0.0)
+        return w, h
+
+    def colorbar(self, fig: Figure, im: object, ax: Axes, label: str) -> object:
+        """A colour bar as tall as the grid and about 0.18 in wide, whatever the grid's shape."""
+        bar_w = 0.18
+        cbar = fig.colorbar(
+            im,  # type: ignore[arg-type]
+            ax=ax,
+            fraction=min(0.3, bar_w / max(self.panel_w, 0.1)),
+            pad=min(0.05, 0.08 / max(self.panel_w, 0.1)),
+            aspect=max(4.0, self.panel_h / bar_w),
+        )
+        cbar.set_label(label, fontsize=self.label_font + 0.5)
+        cbar.ax.tick_params(labelsize=self.label_font)
+        return cbar
+
+
+def _cmap() -> Colormap:
+    # Missing cells: neutral light grey, clearly not a value on the colour scale.
+    return colormaps[_CMAP].with_extremes(bad="#d9d9d9")
+
+
+def _draw_grid(
+    ax: Axes,
+    grid: np.ndarray,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    norm: Normalize,
+    fmt: Callable[[float], str],
+    geo: _Geometry,
+    ylabels: bool,
+) -> object:
+    cmap = _cmap()
+    masked = np.ma.masked_invalid(grid)
+    if isinstance(norm, LogNorm):
+        masked = np.ma.masked_where(~(grid > 0), grid)
+    im = ax.imshow(masked, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    ax.set_xticks(
+        range(len(cols)),
+        labels=list(cols),
+        fontsize=geo.label_font,
+        rotation=90 if geo.rotate_x else 0,
+    )
+    ax.set_yticks(range(len(rows)), labels=list(rows) if ylabels else [], fontsize=geo.label_font)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    # White separators: the ReRnd column is a different kind of reset than the τ columns, and
+    # the full-model row is a reference, not a unit.
+    if cols and cols[0] == RERANDOM_COLUMN and len(cols) > 1:
+        ax.axvline(0.5, color="white", lw=3)
+    if rows and rows[-1] == FULLMODEL_ROW and len(rows) > 1:
+        ax.axhline(len(rows) - 1.5, color="white", lw=3)
+    if geo.annotate:
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                v = grid[i, j]
+                if not math.isfinite(v):
+                    continue
+                colour = (
+                    _text_color(cmap(norm(v))) if not np.ma.getmaskarray(masked)[i, j] else "black"
+                )
+                ax.text(j, i, fmt(v), ha="center", va="center", fontsize=geo.font, color=colour)
+    return im
+
+
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    FigureCanvasAgg(fig)
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=_DPI, facecolor="white")
+    return target
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _baseline(table: pd.DataFrame) -> tuple[float | None, int | None]:
+    base = table[table["kind"].astype(str) == "baseline"]
+    if base.empty:
+        return None, None
+    return float(base["error"].iloc[0]), int(base["n"].iloc[0])
+
+
+def heatmap(table: pd.DataFrame, path: str | os.PathLike[str], title: str | None = None) -> Path:
+    """Write the paper's Fig. 1a: test error (%) per unit (rows) and reset source (columns).
+
+    Cells show the test error after resetting that unit alone, in percent with two significant
+    digits; the colour scale runs from 0 to the largest error shown, so robust cells (near the
+    baseline) are dark and critical ones bright. The baseline error is in the title and marked
+    on the colour bar. Returns the path written.
+    """
+    rows, cols, grid = error_grid(table)
+    if not rows or not cols:
+        raise LayerfastError(
+            "heatmap: the results have no reinit, rerandom or fullmodel rows to draw"
+        )
+    base, n = _baseline(table)
+    finite = grid[np.isfinite(grid)]
+    vmax = max([float(finite.max()) if finite.size else 0.0, base or 0.0])
+    vmax = vmax if vmax > 0 else 1.0
+    norm = Normalize(vmin=0.0, vmax=100.0 * vmax)
+
+    head = title if title is not None else "Test error (%) after resetting one unit"
+    sub = (
+        "no baseline row"
+        if base is None
+        else (f"baseline {100 * base:.2f}% (n={n:,}; white line on the colour bar)")
+    )
+    geo = _Geometry(rows, cols, annot_chars=4)
+    fig = Figure(figsize=geo.figsize([head, sub], extra_h=1.6), layout="constrained")
+    ax = fig.add_subplot()
+    im = _draw_grid(ax, 100.0 * grid, rows, cols, norm, lambda v: _percent(v / 100), geo, True)
+    ax.set_xlabel("checkpoint τ (re-initialization)", fontsize=geo.label_font + 1)
+    ax.set_ylabel("unit", fontsize=geo.label_font + 1)
+    cbar = geo.colorbar(fig, im, ax, "test error (%)")
+    if base is not None:
+        # A white line on the colour bar puts the baseline on the same scale as the cells.
+        cbar.ax.axhline(100.0 * base, color="white", lw=2)  # type: ignore[attr-defined]
+    fig.suptitle(f"{head}\n{sub}", fontsize=geo.label_font + 1.5)
+    return _save(fig, path)
+
+
+def _norm_for(grid: np.ndarray) -> tuple[Normalize, bool]:
+    """Linear colour scale unless positive values span more than two decades (then log)."""
+    pos = grid[np.isfinite(grid) & (grid > 0)]
+    if pos.size == 0:
+        return Normalize(vmin=0.0, vmax=1.0), False
+    lo, hi = float(pos.min()), float(pos.max())
+    if hi / lo > 100.0:
+        return LogNorm(vmin=lo, vmax=hi), True
+    return Normalize(vmin=0.0, vmax=hi), False
+
+
+def distance_plot(distances_df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write the paper's Fig. 1b/c: per-unit distance of θ^τ from θ^0, two heatmap panels.
+
+    Left: relative ℓ2 distance ‖θ^τ − θ^0‖₂ / ‖θ^0‖₂ (comparable across units of different
+    size); right: ℓ∞ distance ‖θ^τ − θ^0‖∞. Same rows and columns as the error heatmap; the
+    ReRnd column is a fresh draw against θ^0 (mean over seeds), the yardstick for "as far as a
+    random re-draw". A panel switches to a log colour scale when its values span more than two
+    decades (stated in its colour-bar label). Returns the path written.
+    """
+    for col in ("unit", "checkpoint", "l2_rel", "linf"):
+        if col not in distances_df.columns:
+            raise LayerfastError(f"distance_plot: distances have no {col!r} column")
+    if distances_df.empty:
+        raise LayerfastError("distance_plot: the distances table is empty")
+    panels = [
+        (
+            "l2_rel",
+            r"relative $\ell_2$ distance  $\Vert\theta^\tau-\theta^0\Vert_2\,/\,\Vert\theta^0\Vert_2$",
+        ),
+        ("linf", r"$\ell_\infty$ distance  $\Vert\theta^\tau-\theta^0\Vert_\infty$"),
+    ]
+    grids = [distance_grid(distances_df, col) for col, _ in panels]
+    rows, cols, _ = grids[0]
+    heading = [
+        r"Distance of each unit's weights from their initialization $\theta^0$",
+        f"{RERANDOM_COLUMN}: a fresh random draw against " + r"$\theta^0$ (mean over seeds)",
+    ]
+    geo = _Geometry(rows, cols, annot_chars=6, n_panels=2)
+    fig = Figure(figsize=geo.figsize(heading, extra_h=1.8), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for k, (ax, (_, label), (_, _, grid)) in enumerate(zip(axes, panels, grids, strict=True)):
+        norm, is_log = _norm_for(grid)
+        im = _draw_grid(ax, grid, rows, cols, norm, _two_sig, geo, ylabels=k == 0)
+        ax.set_title(label, fontsize=geo.label_font + 1)
+        ax.set_xlabel("checkpoint τ", fontsize=geo.label_font + 1)
+        if k == 0:
+            ax.set_ylabel("unit", fontsize=geo.label_font + 1)
+        geo.colorbar(fig, im, ax, "distance" + (" (log scale)" if is_log else ""))
+    fig.suptitle("\n".join(heading), fontsize=geo.label_font + 1.5)
+    return _save(fig, path)

@@ -1,0 +1,176 @@
+"""The summary table printed at the end of a run: one line per unit, plain aligned text.
+
+Plain text (no rich/colour) because the same string goes to a terminal, a CI log, a notebook
+and a file, and must read the same everywhere; ASCII only except unit names, so that a Windows
+console or a latin-1 log never chokes on it. Verdicts are recomputed from `delta_error` with the
+threshold given here, so the footer's threshold is by construction the one the verdicts used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from layerfast.report.tables import tau_of, unit_order
+
+__all__ = ["summary_table"]
+
+
+def _pct(v: float) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{100 * v:.2f}%"
+
+
+def _verdict(delta: float, threshold: float) -> str:
+    return "robust" if delta <= threshold + 1e-12 else "critical"
+
+
+def _ranges(taus: Sequence[int], all_taus: Sequence[int]) -> str:
+    """Compact list of τ, collapsing runs of consecutive evaluated τ: [0,1,2,40] -> '0-2,40'."""
+    if not taus:
+        return "none"
+    pos = {t: i for i, t in enumerate(all_taus)}
+    parts: list[str] = []
+    start = prev = taus[0]
+    for t in list(taus[1:]) + [None]:
+        if t is not None and pos[t] == pos[prev] + 1:
+            prev = t
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if t is not None:
+            start = prev = t
+    return ",".join(parts)
+
+
+def _align(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        cells = [
+            c.rjust(w) if j in right else c.ljust(w)
+            for j, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def summary_table(
+    table: pd.DataFrame, distances: pd.DataFrame | None = None, threshold: float = 0.05
+) -> str:
+    """Render the per-unit summary of a results table as aligned plain text.
+
+    Columns: unit; error after reinit to the earliest τ (τ0, normally the initialization);
+    error after rerandom as mean (sd over seeds, sample standard deviation; just the mean for
+    one seed); the verdicts for both; every τ at which reinit is critical (the paper's point
+    is that critical layers become robust after a few epochs); and, with `distances`, the
+    largest relative ℓ2 distance from θ^0 over τ. The baseline error with its Wilson interval
+    is the header line (it is the same for every unit), the threshold the footer line.
+    """
+    kinds = table["kind"].astype(str)
+    base = table[kinds == "baseline"]
+    reinit = table[(kinds == "reinit") & table["checkpoint"].notna()]
+    rr = table[kinds == "rerandom"]
+    full = table[(kinds == "fullmodel") & table["checkpoint"].notna()]
+    units = unit_order(table.loc[kinds.isin(["reinit", "rerandom"]), "unit"].astype(str))
+    taus = sorted({int(t) for t in reinit["checkpoint"]})
+    tau0 = taus[0] if taus else None
+    seeds = sorted({int(s) for s in rr["seed"].dropna()})
+
+    max_rel: dict[str, float] = {}
+    if distances is not None and len(distances):
+        for unit, cp, rel in zip(
+            distances["unit"].astype(str), distances["checkpoint"], distances["l2_rel"], strict=True
+        ):
+            if tau_of(cp) is not None and pd.notna(rel):
+                max_rel[unit] = max(max_rel.get(unit, -math.inf), float(rel))
+
+    head = ["unit"]
+    if tau0 is not None:
+        head.append(f"reinit@{tau0}")
+    if len(rr):
+        head.append("rerandom mean (sd)" if len(seeds) > 1 else "rerandom")
+    head.append("verdict")
+    if taus:
+        head.append("critical at tau")
+    if distances is not None:
+        head.append("max l2_rel")
+    right = {j for j, h in enumerate(head) if h.startswith(("reinit@", "rerandom", "max"))}
+
+    lines: list[list[str]] = [head]
+    pending: list[tuple[list[str], list[str]]] = []
+    for unit in units:
+        row = [unit]
+        verdicts = []
+        ri = reinit[reinit["unit"].astype(str) == unit]
+        if tau0 is not None:
+            at0 = ri[ri["checkpoint"] == tau0]
+            if len(at0):
+                row.append(_pct(float(at0["error"].mean())))
+                verdicts.append(
+                    f"reinit@{tau0}: {_verdict(float(at0['delta_error'].mean()), threshold)}"
+                )
+            else:
+                row.append("-")
+        if len(rr):
+            r = rr[rr["unit"].astype(str) == unit]
+            if len(r) == 0:
+                row.append("-")
+            else:
+                errs = r["error"].to_numpy(dtype=np.float64)
+                cell = _pct(float(errs.mean()))
+                if len(errs) > 1:
+                    cell += f" ({100 * float(errs.std(ddof=1)):.2f})"
+                row.append(cell)
+                crit = sum(_verdict(float(d), threshold) == "critical" for d in r["delta_error"])
+                if crit in (0, len(r)):
+                    verdicts.append(f"rerandom: {'critical' if crit else 'robust'}")
+                else:
+                    verdicts.append(f"rerandom: mixed ({crit}/{len(r)} critical)")
+        row.append("")  # filled in below, once the verdict parts' widths are known
+        pending.append((row, verdicts))
+        if taus:
+            crit_taus = sorted(
+                int(t)
+                for t, d in zip(ri["checkpoint"], ri["delta_error"], strict=True)
+                if _verdict(float(d), threshold) == "critical"
+            )
+            row.append(_ranges(crit_taus, taus) if len(ri) else "-")
+        if distances is not None:
+            rel = max_rel.get(unit)
+            row.append("-" if rel is None else (f"{rel:.4f}" if rel >= 1e-3 else f"{rel:.2e}"))
+        lines.append(row)
+
+    if len(full) and tau0 is not None:
+        at0 = full[full["checkpoint"] == tau0]
+        row = ["(all units)", _pct(float(at0["error"].mean())) if len(at0) else "-"]
+        row += [""] * (len(head) - len(row))
+        lines.append(row)
+
+    # Verdicts: pad each part to its widest so "rerandom: ..." starts in the same place.
+    vcol = head.index("verdict")
+    widths = [max((len(v[k]) for _, v in pending if len(v) > k), default=0) for k in range(2)]
+    for row, verdicts in pending:
+        row[vcol] = "  ".join(v.ljust(widths[k]) for k, v in enumerate(verdicts)).rstrip() or "-"
+
+    text = _align(lines, right)
+    rule = "-" * max(len(s) for s in text)
+    if len(base):
+        b = base.iloc[0]
+        title = (
+            f"baseline test error {_pct(float(b['error']))} "
+            f"[95% CI {_pct(float(b['error_lo']))}, {_pct(float(b['error_hi']))}], "
+            f"n={int(b['n']):,}"
+        )
+    else:
+        title = "no baseline row"
+    foot = [
+        f"threshold: robust <=> error - baseline error <= {threshold:g} "
+        f"({100 * threshold:g} points), else critical",
+    ]
+    if len(seeds) > 1:
+        foot.append(f"rerandom: mean (sample sd) of the error over {len(seeds)} seeds, in % points")
+    if tau0 is not None and len(full):
+        foot.append(f"(all units): every unit reset to tau={tau0} at once (reference)")
+    return "\n".join([title, rule, text[0], rule, *text[1:], rule, *foot])
