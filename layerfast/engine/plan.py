@@ -54,10 +54,14 @@ def make_plan(prog: Program, keysets: list[set[str]], fanout: bool, max_fanout: 
         mods = frozenset(prog.steps[j].target for j in range(start + 1, len(prog.steps))
                          if prog.steps[j].keys & keys)
         by_key[(start, mods)].append(i)
+    stateful = {s.target for s in prog.steps if s.op == "call_module" and s.keys}
     groups: list[Group] = []
-    for (start, _), members in sorted(by_key.items(), key=lambda kv: (kv[0][0], min(kv[1]))):
+    for (start, mods), members in sorted(by_key.items(), key=lambda kv: (kv[0][0], min(kv[1]))):
         union: set[str] = set().union(*(keysets[i] for i in members))
-        fan = fan_plan(prog, start, union) if fanout and len(members) > 1 else None
+        # Whole-model variants (fullmodel) share nothing with the baseline: fanning them buys
+        # only a bigger batch and costs bit-exactness, so they take the swap path.
+        whole = start == 0 and mods >= stateful
+        fan = fan_plan(prog, start, union) if fanout and len(members) > 1 and not whole else None
         groups.append(Group(start, members, fan, kmax=max_fanout if fan else 1))
     cuts = sorted({g.start for g in groups if g.start > 0})
     return Plan(groups, same, cuts)
