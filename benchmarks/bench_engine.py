@@ -1,0 +1,69 @@
+"""Engine benchmarks: layerfast vs the naive loop (and prefix sharing alone), same variants, same
+data, same run (`pytest benchmarks/bench_engine.py --benchmark-enable`).
+
+Each case calls `layerfast.bench.run`, which times all approaches side by side and stores the
+figures in the benchmark's `extra_info` (seconds, variant·images/s, speedup vs naive). The CUDA
+cases are the ones BENCHMARKS.md reports for issue 4; they skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from layerfast.bench import add_arguments, run
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def _bench(benchmark, *argv: str) -> dict:
+    out: dict = {}
+
+    def once() -> None:
+        out.update(run(_args(*argv)))
+
+    benchmark.pedantic(once, rounds=1, iterations=1)
+    benchmark.extra_info.update({k: out[k] for k in ("variants", "n", "device", "precision",
+                                                     "seconds", "variant_images_per_s",
+                                                     "speedup_vs_naive", "naive_scaled")})
+    print(f"\n{argv}: {out['seconds']} speedup {out['speedup_vs_naive']}")
+    return out
+
+
+def test_cpu_fcn_synthetic(benchmark):
+    _bench(benchmark, "--arch", "fcn3x256", "--data", "synthetic:cifar", "--max-samples", "2000",
+           "--device", "cpu")
+
+
+def test_cpu_fcn_fashion_mnist(benchmark):
+    pytest.importorskip("layerfast.data")
+    _bench(benchmark, "--arch", "fcn3x256", "--data", "fashion-mnist", "--device", "cpu",
+           "--precision", "fp32")
+
+
+@pytest.mark.cuda
+def test_cuda_resnet50_block(benchmark):
+    """Issue 4's headline: 18 units × (5 checkpoints + 2 re-randomizations) = 126 variants."""
+    _bench(benchmark, "--arch", "resnet50", "--data", "synthetic:imagenet", "--granularity",
+           "block", "--checkpoints", "5", "--seeds", "2", "--naive-variants", "4")
+
+
+@pytest.mark.cuda
+def test_cuda_resnet50_layer(benchmark):
+    _bench(benchmark, "--arch", "resnet50", "--data", "synthetic:imagenet", "--granularity",
+           "layer", "--checkpoints", "5", "--seeds", "2", "--naive-variants", "4")
+
+
+@pytest.mark.cuda
+def test_cuda_vgg11_cifar(benchmark):
+    _bench(benchmark, "--arch", "vgg11", "--data", "synthetic:cifar", "--naive-variants", "8")
+
+
+@pytest.mark.cuda
+def test_cuda_fcn(benchmark):
+    _bench(benchmark, "--arch", "fcn3x256", "--data", "fashion-mnist", "--naive-variants", "8")
