@@ -9,6 +9,7 @@ complete, so a failed or killed run never leaves results that look finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -25,6 +26,10 @@ import torch
 from layerfast.errors import LayerfastError
 
 RESETS = ("reinit", "rerandom", "fullmodel")
+#: What a finished run writes into its out dir (DESIGN.md §5); run.json is written last.
+OUTPUTS = ("results.csv", "distances.csv", "heatmap.png", "distances.png", "run.json")
+#: Default seconds between progress saves (see `_checkpoint_every`).
+CHECKPOINT_EVERY = 5.0
 
 
 @dataclass
@@ -62,9 +67,12 @@ def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:
         if checkpoints.strip() == "all":
             return "all"
         try:
-            return [int(c) for c in checkpoints.split(",") if c.strip()]
+            labels = [int(c) for c in checkpoints.split(",") if c.strip()]
         except ValueError:
-            raise LayerfastError(f"--checkpoints takes 'all' or labels like 0,1,10; got {checkpoints!r}") from None
+            labels = []
+        if not labels:
+            raise LayerfastError(f"--checkpoints takes 'all' or labels like 0,1,10; got {checkpoints!r}")
+        return labels
     return [int(c) for c in checkpoints]
 
 
@@ -74,6 +82,56 @@ def _parse_list(value: str | Sequence[str] | None) -> list[str]:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return list(value)
+
+
+def _seed_list(seeds: int | Iterable[int]) -> list[int]:
+    """`seeds=n` means seeds 1..n (the CLI's `--seeds 3`); an iterable names them."""
+    if isinstance(seeds, bool):
+        raise LayerfastError(f"--seeds takes a count n >= 1 or a list of seeds; got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise LayerfastError(f"--seeds takes a count n >= 1 (seeds 1..n) or a list of "
+                                 f"seeds like 1,7,9; got {seeds}")
+        return list(range(1, seeds + 1))
+    out = [int(s) for s in seeds]
+    if not out or len(set(out)) != len(out):
+        raise LayerfastError(f"--seeds needs at least one seed and no repeats; got {out}")
+    return out
+
+
+def _check_options(threshold: float, batch_size: int | None, device: Any) -> None:
+    """Reject bad scalar options before anything is loaded or written, with the flag's name:
+    the engine would otherwise fail deep inside (or, for batch size 0, silently pick a default)."""
+    if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise LayerfastError(f"--threshold must lie in [0, 1]; got {threshold}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise LayerfastError(f"--batch-size must be a positive integer; got {batch_size!r}")
+    if isinstance(device, torch.device) or device == "auto":
+        return
+    try:
+        ok = torch.device(device).type in ("cpu", "cuda")
+    except (RuntimeError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise LayerfastError(f"unknown --device {device!r}: choose auto, cpu, cuda or cuda:N")
+
+
+def _checkpoint_every(value: float | None) -> float:
+    """Seconds between progress saves: the argument, else $LAYERFAST_CHECKPOINT_EVERY, else 5.
+    A save costs one small SQLite transaction, so 0 (every batch) is affordable for tests."""
+    if value is None:
+        text = os.environ.get("LAYERFAST_CHECKPOINT_EVERY", "").strip()
+        if not text:
+            return CHECKPOINT_EVERY
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+    if not value >= 0:  # also rejects NaN
+        raise LayerfastError(f"checkpoint interval (LAYERFAST_CHECKPOINT_EVERY) must be a number "
+                             f"of seconds >= 0; got {value!r}")
+    return float(value)
 
 
 def _out_dir(out: str | os.PathLike[str] | None, arch: str) -> Path:
@@ -91,10 +149,17 @@ def _out_dir(out: str | os.PathLike[str] | None, arch: str) -> Path:
     return path
 
 
+def _remove_outputs(path: Path) -> None:
+    """Outputs of an earlier run must not sit next to a pass in progress looking finished."""
+    for name in OUTPUTS:
+        with contextlib.suppress(FileNotFoundError):
+            (path / name).unlink()
+
+
 def _versions() -> dict:
     import layerfast
 
-    return {"layerfast": layerfast.__version__, "torch": torch.__version__,
+    return {"layerfast": getattr(layerfast, "__version__", None), "torch": torch.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version()}
 
 
@@ -129,9 +194,20 @@ def _num_outputs(model: torch.nn.Module, src: Any) -> int:
         model.eval()
         out = model(torch.zeros(1, *src.shape))
         model.train(was)
-    if out.dim() != 2:
-        raise LayerfastError(f"the model must return logits [batch, classes]; it returned {tuple(out.shape)}")
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise LayerfastError(f"the model must return logits [batch, classes]; it returned {shape}")
     return int(out.shape[1])
+
+
+def _file_ids(ck: Any) -> dict[str, list]:
+    """Name, size and mtime of each checkpoint: retraining into the same directory changes them,
+    and progress summed over the old weights must not be continued with the new ones."""
+    ids = {}
+    for label, f in ck.files.items():
+        st = f.stat()
+        ids[str(label)] = [f.name, st.st_size, st.st_mtime_ns]
+    return ids
 
 
 def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split: str = "test",
@@ -142,17 +218,16 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
             batch_size: int | None = None, max_samples: int | None = None,
             out: str | os.PathLike[str] | None = None, final: int | None = None,
             fresh: bool = False, progress: bool = True, figures: bool = True,
-            fanout: bool = True) -> Analysis:
+            fanout: bool = True, checkpoint_every: float | None = None) -> Analysis:
     """Reset every unit of the final model to each checkpoint τ and to fresh draws, evaluate all
     variants in one data pass, and write results.csv, distances.csv, run.json and the figures.
 
     `seeds`: a count n (seeds 1..n) or explicit seeds. Resumes a killed run in the same `out`
-    with the same arguments; refuses different arguments there unless `fresh`.
+    with the same arguments (progress saved every `checkpoint_every` seconds, default
+    $LAYERFAST_CHECKPOINT_EVERY or 5); refuses different arguments there unless `fresh`.
+    Everything is validated before `out` is touched, so bad input leaves no files behind.
     """
-    from layerfast import report
-    from layerfast.distances import distances as unit_distances
     from layerfast.engine import Evaluator
-    from layerfast.metrics import results_table
     from layerfast.store import ResumeStore
     from layerfast.units import make_units
     from layerfast.variants import make_variants
@@ -162,9 +237,9 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
     bad = [r for r in resets if r not in RESETS]
     if bad:
         raise LayerfastError(f"unknown --reset {bad[0]!r}: choose from {', '.join(RESETS)}")
-    seed_list = list(range(1, int(seeds) + 1)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    if not 0 <= threshold <= 1:
-        raise LayerfastError(f"--threshold must lie in [0, 1]; got {threshold}")
+    seed_list = _seed_list(seeds)
+    _check_options(threshold, batch_size, device)
+    every = _checkpoint_every(checkpoint_every)
     chosen = _parse_checkpoints(checkpoints)
     patterns = _parse_list(units) or None
 
@@ -172,62 +247,95 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
     unit_list = make_units(model, granularity=granularity, patterns=patterns, bn=bn, arch=spec)
     variants = make_variants(model, unit_list, ck, spec, reset=resets, checkpoints=chosen,
                              seeds=seed_list)
-    path = _out_dir(out, arch)
+    ev = Evaluator(model, variants, device=device, precision=precision, batch_size=batch_size,
+                   fanout=fanout)
     taus = ck.labels if chosen == "all" else chosen
+    # Everything that changes the per-batch sums; threshold and figures do not, so a finished
+    # run can be re-judged at another threshold without evaluating again.
     fingerprint = {
-        "arch": arch, "ckpts": str(Path(ckpts).resolve()), "files": {str(k): v.name for k, v in ck.files.items()},
-        "final": ck.final, "data": data, "split": split, "n": src.n, "granularity": granularity,
-        "units": patterns, "bn": bn, "reset": resets, "checkpoints": taus, "seeds": seed_list,
-        "device": device, "precision": precision, "batch_size": batch_size, "fanout": fanout,
+        "arch": arch, "ckpts": str(Path(ckpts).resolve()), "files": _file_ids(ck),
+        "final": ck.final, "data": data, "split": split, "max_samples": max_samples, "n": src.n,
+        "granularity": granularity, "units": patterns, "bn": bn, "reset": resets,
+        "checkpoints": taus, "seeds": seed_list, "variants": len(variants),
+        "device": str(ev.device), "precision": ev.precision, "batch_size": ev.batch_size,
+        "fanout": fanout, "max_fanout": ev.max_fanout,
     }
-    store = ResumeStore(path, fingerprint, len(variants), fresh=fresh)
-    try:
-        n_done, counts, complete = store.load()
-        ev = Evaluator(model, variants, device=device, precision=precision, batch_size=batch_size,
-                       fanout=fanout)
-        if not complete:
-            bar = _progress(progress, src.n, n_done, len(variants))
-            res = ev.run(src, start=n_done, counts=counts,
-                         on_progress=(lambda n: bar.update(n - bar.n)) if bar else None,
-                         on_checkpoint=store.save, checkpoint_every=5.0)
-            if bar:
-                bar.close()
-            store.save(res.counts, res.n, complete=True)
-            counts, n_done, engine = res.counts, res.n, {"plan": res.plan, "timings": res.timings,
-                                                         "num_classes": res.num_classes}
-            num_classes = res.num_classes
+    t_build = time.perf_counter() - t0
+    path = _out_dir(out, arch)
+    with ResumeStore(path, fingerprint, len(variants), fresh=fresh) as store:
+        prev = store.load()
+        if prev.complete:
+            counts, n_done = prev.counts, prev.n_done
+            engine = {**prev.info, "resumed_from": n_done, "evaluated": 0}
         else:
-            num_classes = _num_outputs(model, src)
-            engine = {"resumed_complete": True}
+            _remove_outputs(path)
+            counts, n_done, engine = _run_pass(ev, src, store, prev, progress, every)
+    t_pass = time.perf_counter() - t0 - t_build
+    return _write_outputs(
+        path, variants, counts, n_done, engine, unit_list, model, spec, ck, resets, chosen,
+        figures, t0, {"build": t_build, "pass": t_pass},
+        run={
+            "arch": arch, "ckpts": str(Path(ckpts).resolve()),
+            "checkpoints": {str(k): ck.files[k].name for k in ck.labels}, "final": ck.final,
+            "data": data, "split": split, "max_samples": max_samples, "n": n_done,
+            "num_classes": engine["num_classes"], "device": str(ev.device),
+            "precision": ev.precision, "batch_size": ev.batch_size, "granularity": granularity,
+            "units": [u.name for u in unit_list], "patterns": patterns, "bn": bn,
+            "reset": resets, "evaluated_checkpoints": taus, "seeds": seed_list,
+            "threshold": threshold, "variants": len(variants), "versions": _versions(),
+            "command": " ".join(sys.argv),
+            "manifest": {k: v for k, v in (ck.manifest or {}).items() if k != "checkpoints"},
+        })
+
+
+def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
+              every: float) -> tuple[torch.Tensor, int, dict]:
+    """The engine pass from where `prev` stopped, saving progress into `store` as it goes."""
+    bar = _progress(progress, src.n, prev.n_done, len(ev.variants))
+    try:
+        res = ev.run(src, start=prev.n_done, counts=prev.counts,
+                     on_progress=(lambda n: bar.update(n - bar.n)) if bar else None,
+                     on_checkpoint=store.save, checkpoint_every=every)
     finally:
-        store.close()
-    table = results_table(variants, counts, n_done, num_classes, threshold)
+        if bar:
+            bar.close()
+    engine = {"plan": res.plan, "timings": res.timings, "num_classes": res.num_classes,
+              "resumed_from": prev.n_done, "evaluated": res.n - prev.n_done,
+              "checkpoint_every": every}
+    store.finish(res.counts, res.n, engine)
+    return res.counts, res.n, engine
+
+
+def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int, engine: dict,
+                   unit_list: list, model: torch.nn.Module, spec: Any, ck: Any,
+                   resets: list[str], chosen: str | list[int], figures: bool, t0: float,
+                   timings: dict, run: dict) -> Analysis:
+    """results.csv, distances.csv, the figures, and run.json last: a run.json on disk means
+    every other output of that run is complete."""
+    from layerfast import report
+    from layerfast.distances import distances as unit_distances
+    from layerfast.metrics import results_table
+
+    t1 = time.perf_counter()
+    table = results_table(variants, counts, n_done, engine["num_classes"], run["threshold"])
     rr = [v for v in variants if v.kind == "rerandom"]
-    dist_taus: str | list[int] = chosen if "reinit" in resets else ()
+    dist_taus: str | list[int] | tuple = chosen if "reinit" in resets else ()
     if 0 not in ck.labels:
         dist_taus = ()
     dist = unit_distances(model, unit_list, ck, rerandom=rr, arch=spec, checkpoints=dist_taus)
-    run = {
-        "arch": arch, "ckpts": str(Path(ckpts).resolve()),
-        "checkpoints": {str(k): ck.files[k].name for k in ck.labels}, "final": ck.final,
-        "data": data, "split": split, "n": n_done, "num_classes": num_classes,
-        "device": str(ev.device), "precision": ev.precision, "batch_size": ev.batch_size,
-        "granularity": granularity, "units": [u.name for u in unit_list], "patterns": patterns,
-        "bn": bn, "reset": resets, "evaluated_checkpoints": taus, "seeds": seed_list,
-        "threshold": threshold, "variants": len(variants), "versions": _versions(),
-        "engine": engine, "seconds": round(time.perf_counter() - t0, 3),
-        "command": " ".join(sys.argv), "manifest": {k: v for k, v in (ck.manifest or {}).items()
-                                                   if k != "checkpoints"},
-    }
     report.write_csv(table, path / "results.csv")
     report.write_csv(dist, path / "distances.csv")
-    with report.atomic_path(path / "run.json") as tmp:
-        tmp.write_text(json.dumps(run, indent=2, default=str))
     result = Analysis(table, dist, run, path, unit_list)
     if figures:
         result.plot(kind="heatmap")
         if len(dist):
             result.plot(kind="distances")
+    timings = {k: round(v, 3) for k, v in timings.items()}
+    timings["outputs"] = round(time.perf_counter() - t1, 3)
+    timings["total"] = round(time.perf_counter() - t0, 3)
+    run.update(engine=engine, timings=timings, seconds=timings["total"])
+    with report.atomic_path(path / "run.json") as tmp:
+        tmp.write_text(json.dumps(run, indent=2, default=str))
     return result
 
 

@@ -6,60 +6,179 @@ float64 [V, 4] sums at that point; SQLite's journal makes each update all-or-not
 killed at any moment (SIGKILL included) leaves either the previous or the new state. A rerun
 with the same arguments continues from there: the same batches in the same order are added to
 the same sums, so the end result equals an uninterrupted run. A rerun with different arguments
-is refused unless `fresh=True`.
+is refused unless `fresh=True`, because adding sums of one configuration to another's would
+silently produce numbers that belong to neither.
+
+Two runs writing into one out dir at once would interleave their sums, so the store also holds
+an advisory lock (`flock` on `<out>/.layerfast.lock`) for as long as it is open; the kernel
+drops it when the process dies, so a killed run never leaves a stale lock behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 import torch
 
 from layerfast.errors import LayerfastError
 
+try:  # POSIX only; elsewhere runs are simply not protected against a concurrent writer
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
 FILENAME = "progress.sqlite"
+LOCKNAME = ".layerfast.lock"
+#: Bumped whenever the tables change, so an old store is refused instead of misread.
+SCHEMA = "2"
+
+
+@dataclass
+class Progress:
+    """What a previous run left behind: samples done, their sums, whether the pass finished,
+    and (once finished) the engine's summary of it, kept so a rerun can report it unchanged."""
+
+    n_done: int
+    counts: torch.Tensor | None
+    complete: bool
+    info: dict
 
 
 class ResumeStore:
+    """Progress of one analysis in one out dir; see the module docstring for the guarantees."""
+
     def __init__(self, out: Path, fingerprint: dict, num_variants: int, fresh: bool = False) -> None:
-        self.path = out / FILENAME
+        self.path = Path(out) / FILENAME
         self.fingerprint = json.dumps(fingerprint, sort_keys=True, default=str)
         self.V = num_variants
-        if fresh and self.path.exists():
-            self.path.unlink()
+        self._lock = _acquire_lock(Path(out))
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            self.db.execute("CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 0),"
-                            " n_done INTEGER, counts BLOB, complete INTEGER)")
-        except sqlite3.Error as exc:
-            raise LayerfastError(f"cannot write the resume store {self.path}: {exc}") from None
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
-        if row is None:
-            self.db.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (self.fingerprint,))
-        elif row[0] != self.fingerprint:
-            old, new = json.loads(row[0]), json.loads(self.fingerprint)
+            if fresh:
+                remove(Path(out))
+            self.db = self._open()
+            self._check_identity(out)
+        except BaseException:
+            self._release()
+            raise
+
+    # ---- setup -----------------------------------------------------------------------
+    def _open(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            db.execute("CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 0),"
+                       " n_done INTEGER, counts BLOB, complete INTEGER, info TEXT)")
+        except sqlite3.DatabaseError as exc:
+            raise LayerfastError(f"cannot use the resume store {self.path} ({exc}); pass --fresh "
+                                 "to start over there, or choose another --out") from None
+        return db
+
+    def _check_identity(self, out: Path) -> None:
+        rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        if not rows:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("INSERT INTO meta VALUES ('schema', ?), ('fingerprint', ?)",
+                            (SCHEMA, self.fingerprint))
+            self.db.execute("COMMIT")
+            return
+        if rows.get("schema") != SCHEMA:
+            self.close()
+            raise LayerfastError(f"{out} holds progress written by another layerfast version; "
+                                 "pass --fresh to start over there, or choose another --out")
+        if rows.get("fingerprint") != self.fingerprint:
+            old, new = json.loads(rows.get("fingerprint") or "{}"), json.loads(self.fingerprint)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            self.close()
             raise LayerfastError(
                 f"{out} holds a run with different arguments (differs in: {', '.join(diff)}); "
                 "pass --fresh to start over there, or choose another --out")
 
-    def load(self) -> tuple[int, torch.Tensor | None, bool]:
-        """(samples done, their sums or None, whether the pass finished)."""
-        row = self.db.execute("SELECT n_done, counts, complete FROM state WHERE id = 0").fetchone()
+    # ---- state -----------------------------------------------------------------------
+    def load(self) -> Progress:
+        """The saved progress; n_done 0 and no counts when nothing was saved yet."""
+        row = self.db.execute("SELECT n_done, counts, complete, info FROM state WHERE id = 0").fetchone()
         if row is None:
-            return 0, None, False
-        counts = torch.from_numpy(np.frombuffer(row[1], dtype=np.float64).copy().reshape(self.V, 4))
-        return int(row[0]), counts, bool(row[2])
+            return Progress(0, None, False, {})
+        flat = np.frombuffer(row[1], dtype=np.float64)
+        if flat.size != self.V * 4:
+            raise LayerfastError(f"{self.path} holds sums for {flat.size // 4} variants, not "
+                                 f"{self.V}; pass --fresh to start over there")
+        counts = torch.from_numpy(flat.copy().reshape(self.V, 4))
+        return Progress(int(row[0]), counts, bool(row[2]), json.loads(row[3] or "{}"))
 
-    def save(self, counts: torch.Tensor, n_done: int, complete: bool = False) -> None:
-        blob = counts.to(torch.float64).contiguous().numpy().tobytes()
-        self.db.execute("INSERT OR REPLACE INTO state VALUES (0, ?, ?, ?)", (n_done, blob, int(complete)))
+    def save(self, counts: torch.Tensor, n_done: int) -> None:
+        """Record the sums over the first `n_done` samples (the engine's `on_checkpoint`)."""
+        self._write(counts, n_done, False, {})
 
+    def finish(self, counts: torch.Tensor, n_done: int, info: dict) -> None:
+        """Mark the pass complete; `info` (plan, timings) is returned by later `load()`s."""
+        self._write(counts, n_done, True, info)
+
+    def _write(self, counts: torch.Tensor, n_done: int, complete: bool, info: dict) -> None:
+        blob = counts.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
+        try:
+            self.db.execute("INSERT OR REPLACE INTO state VALUES (0, ?, ?, ?, ?)",
+                            (int(n_done), blob, int(complete), json.dumps(info, default=str)))
+        except sqlite3.Error as exc:
+            raise LayerfastError(f"cannot write the resume store {self.path}: {exc}") from None
+
+    # ---- teardown --------------------------------------------------------------------
     def close(self) -> None:
-        self.db.close()
+        db = getattr(self, "db", None)
+        if db is not None:
+            db.close()
+            self.db = None  # type: ignore[assignment]
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor drops the flock
+            self._lock = None
+
+    def __enter__(self) -> ResumeStore:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def remove(out: Path) -> None:
+    """Delete a run's progress (the database and its WAL/SHM side files: a stale WAL would be
+    replayed into a new database of the same name)."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            (out / (FILENAME + suffix)).unlink()
+
+
+def _acquire_lock(out: Path):  # noqa: ANN202 - an open file object or None
+    if fcntl is None:
+        return None
+    try:
+        fh = open(out / LOCKNAME, "a+")  # noqa: SIM115 - held open for the store's lifetime
+    except OSError as exc:
+        raise LayerfastError(f"cannot write to the out dir {out}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        pid = fh.read().strip()
+        fh.close()
+        who = f" (pid {pid})" if pid.isdigit() else ""
+        raise LayerfastError(f"another layerfast run{who} is writing to {out}; wait for it to "
+                             "finish, or choose another --out") from None
+    with contextlib.suppress(OSError):
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+    return fh

@@ -1,0 +1,189 @@
+"""`layerfast.analyze()` end to end on `digits` (DESIGN.md §5): the outputs, their columns and
+the exact invariants a reader of results.csv relies on.
+
+One small FCN is trained once per module (a few seconds) and analysed once; the tests read that
+run. Exact equalities are exact on purpose: a reinit to the final τ *is* the baseline, and the
+full model at τ *is* the checkpoint the trainer evaluated, so any difference is a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import layerfast
+from layerfast.analysis import OUTPUTS, list_units
+from layerfast.errors import LayerfastError
+from layerfast.metrics import COLUMNS
+from layerfast.train import train
+
+SEEDS = 2
+UNITS = ["fc1", "fc2", "fc3", "fc4"]
+DIST_COLUMNS = ["unit", "checkpoint", "l2", "l2_rel", "linf"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("ckpts")
+    train("fcn3x256", "digits", 3, out, device="cpu", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(ckpts, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("analysis")
+    res = layerfast.analyze("fcn3x256", ckpts, data="digits", seeds=SEEDS, device="cpu",
+                            out=out, progress=False)
+    return res
+
+
+@pytest.fixture(scope="module")
+def manifest(ckpts) -> dict:
+    return json.loads((ckpts / "manifest.json").read_text())
+
+
+def _taus(manifest: dict) -> list[int]:
+    return [c["epoch"] for c in manifest["checkpoints"]]
+
+
+def test_writes_exactly_the_outputs(run) -> None:
+    for name in OUTPUTS:
+        assert (run.out / name).is_file(), name
+    visible = {p.name for p in run.out.iterdir() if not p.name.startswith(".")}
+    assert visible == set(OUTPUTS) | {"progress.sqlite"}
+
+
+def test_results_columns_and_rows(run, manifest) -> None:
+    header = (run.out / "results.csv").read_text().splitlines()[0]
+    assert header.split(",") == list(COLUMNS)
+    t = pd.read_csv(run.out / "results.csv", keep_default_na=False, na_values=[""])
+    assert list(t.columns) == list(COLUMNS) == list(run.table.columns)
+    taus = _taus(manifest)
+    kinds = t["kind"].value_counts().to_dict()
+    assert kinds == {"baseline": 1, "reinit": len(UNITS) * len(taus),
+                     "rerandom": len(UNITS) * SEEDS, "fullmodel": len(taus)}
+    assert len(t) == run.run["variants"]
+    # one row per variant: no (unit, kind, checkpoint, seed) twice
+    assert not t.duplicated(["unit", "kind", "checkpoint", "seed"]).any()
+    base = t.iloc[0]
+    assert base["kind"] == "baseline" and base["unit"] == "*"
+    assert base["delta_error"] == 0 and base["agreement"] == 1
+    assert math.isnan(base["checkpoint"]) and math.isnan(base["seed"])
+    assert (t["n"] == 360).all()
+    assert set(t.loc[t.kind == "fullmodel", "unit"]) == {"*"}
+    assert set(t.loc[t.kind == "reinit", "unit"]) == set(UNITS)
+    assert t.loc[t.kind == "rerandom", "checkpoint"].isna().all()
+    assert sorted(set(t.loc[t.kind == "rerandom", "seed"])) == list(range(1, SEEDS + 1))
+    assert t.loc[t.kind != "rerandom", "seed"].isna().all()
+
+
+def test_errors_intervals_and_verdicts(run) -> None:
+    t = run.table
+    assert ((t.error_lo <= t.error) & (t.error <= t.error_hi)).all()
+    assert ((t.error_lo >= 0) & (t.error_hi <= 1)).all()
+    assert np.allclose(t.delta_error, t.error - t.error.iloc[0], atol=1e-12)
+    judged = t.kind.isin(["reinit", "rerandom"])
+    expect = np.where(t.delta_error <= run.run["threshold"], "robust", "critical")
+    assert (t.loc[judged, "verdict"] == expect[judged.to_numpy()]).all()
+    assert (t.loc[~judged, "verdict"] == "").all()
+    assert set(t.loc[t.kind == "rerandom", "verdict"]) == {"critical"}  # chance-level on digits
+
+
+def test_reinit_to_final_is_the_baseline_bit_for_bit(run, manifest) -> None:
+    t, final = run.table, _taus(manifest)[-1]
+    base = t.iloc[0]
+    rows = t[(t.kind == "reinit") & (t.checkpoint == final)]
+    assert len(rows) == len(UNITS)
+    for _, r in rows.iterrows():
+        assert r.error == base.error and r.loss == base.loss and r.agreement == 1.0
+
+
+def test_fullmodel_reproduces_the_trainers_errors(run, manifest) -> None:
+    t = run.table.set_index(["kind", "checkpoint"])
+    for c in manifest["checkpoints"]:
+        err = t.loc[("fullmodel", c["epoch"]), "error"]
+        # Exact in counts: the same samples are counted wrong as when the trainer saved τ.
+        assert err == (c["test_n"] - c["test_correct"]) / c["test_n"]
+        # test_error itself is 1 - c/n, which may differ from (n - c)/n in the last ulp.
+        assert err == pytest.approx(c["test_error"], abs=1e-15)
+    assert t.loc[("fullmodel", _taus(manifest)[-1]), "error"] == run.table.error.iloc[0]
+
+
+def test_distances(run, manifest) -> None:
+    d = pd.read_csv(run.out / "distances.csv", dtype={"checkpoint": str})
+    assert list(d.columns) == DIST_COLUMNS == list(run.distances.columns)
+    taus = _taus(manifest)
+    for unit in UNITS:
+        rows = d[d.unit == unit]
+        assert list(rows.checkpoint) == [str(x) for x in taus] + [f"rerandom:{s}" for s in
+                                                                    range(1, SEEDS + 1)]
+        zero = rows[rows.checkpoint == "0"].iloc[0]
+        assert zero.l2 == 0 and zero.l2_rel == 0 and zero.linf == 0
+        assert (rows.l2 >= 0).all() and (rows.linf <= rows.l2 + 1e-12).all()
+        assert (rows[rows.checkpoint.str.startswith("rerandom")].l2 > 0).all()
+
+
+def test_run_json(run, ckpts, manifest) -> None:
+    r = json.loads((run.out / "run.json").read_text())
+    for key in ("arch", "checkpoints", "data", "n", "device", "precision", "granularity", "bn",
+                "threshold", "seeds", "versions", "timings", "engine"):
+        assert key in r, key
+    assert r["arch"] == "fcn3x256" and r["data"] == "digits" and r["n"] == 360
+    assert r["checkpoints"] == {str(c["epoch"]): c["file"] for c in manifest["checkpoints"]}
+    assert (r["device"], r["precision"], r["granularity"], r["bn"]) == ("cpu", "fp32", "layer",
+                                                                        "with-layer")
+    assert r["threshold"] == 0.05 and r["seeds"] == list(range(1, SEEDS + 1))
+    assert r["versions"]["layerfast"] == layerfast.__version__ and r["versions"]["torch"]
+    assert r["timings"]["total"] > 0
+    assert r["engine"]["resumed_from"] == 0 and r["engine"]["evaluated"] == 360
+    assert r["units"] == UNITS
+
+
+def test_python_api_plot_and_summary(run, tmp_path) -> None:
+    p = run.plot(tmp_path / "fig.png")
+    assert p.is_file() and p.stat().st_size > 1000
+    assert run.plot(tmp_path / "d.png", kind="distances").is_file()
+    with pytest.raises(LayerfastError, match="unknown plot kind"):
+        run.plot(tmp_path / "x.png", kind="pie")
+    text = run.summary()
+    assert "fc1" in text and "threshold" in text
+
+
+def test_threshold_rejudges_a_finished_run_without_evaluating(run, ckpts, monkeypatch) -> None:
+    """The threshold does not change the sums: rerunning a finished run at another threshold
+    reuses them (no engine pass) and only the verdicts move."""
+    from layerfast.engine import Evaluator
+
+    def no_pass(*a, **k):
+        raise AssertionError("a finished run was evaluated again")
+
+    monkeypatch.setattr(Evaluator, "run", no_pass)
+    before = (run.out / "results.csv").read_bytes()
+    res = layerfast.analyze("fcn3x256", ckpts, seeds=SEEDS, device="cpu", out=run.out,
+                            progress=False, figures=False, threshold=0.5)
+    t = res.table
+    judged = t.kind.isin(["reinit", "rerandom"])
+    assert (t.loc[judged, "verdict"] == np.where(t.delta_error <= 0.5, "robust", "critical")[
+        judged.to_numpy()]).all()
+    assert res.run["engine"]["evaluated"] == 0 and res.run["engine"]["resumed_from"] == 360
+    layerfast.analyze("fcn3x256", ckpts, seeds=SEEDS, device="cpu", out=run.out,
+                      progress=False, figures=False)  # back to 0.05
+    assert (run.out / "results.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize("granularity,count,first,last",
+                         [("block", 18, "stem", "fc"), ("stage", 6, "stem", "fc"),
+                          ("layer", 54, "conv1", "fc")])
+def test_list_units_resnet50(granularity, count, first, last) -> None:
+    units = list_units("resnet50", "synthetic:imagenet", granularity)
+    names = [u.name for u in units]
+    assert len(names) == count and names[0] == first and names[-1] == last
+    if granularity == "block":
+        depth = {1: 3, 2: 4, 3: 6, 4: 3}  # ResNet-50's blocks per stage
+        assert names[1:-1] == [f"layer{s}.{b}" for s, n in depth.items() for b in range(n)]
+    if granularity == "stage":
+        assert names[1:-1] == ["layer1", "layer2", "layer3", "layer4"]
