@@ -1,0 +1,48 @@
+"""Datasets: a `--data` spec -> `DataSource` -> sequential CPU batches -> `to_device`.
+
+```python
+src = open_data("fashion-mnist", split="test")
+for x, y in src.batches(512):            # uint8 [b,C,H,W], int64 [b]; last partial batch kept
+    x, y = to_device(x, y, src, "cuda", torch.bfloat16, channels_last=True)
+```
+Batches stay raw (uint8) on the host and are normalised on the device, once per batch, so the
+one data pass of the engine (DESIGN.md §7.1) moves the fewest bytes. Specs, splits and
+normalisation constants are documented in docs/data.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from layerfast.data.device import to_device
+from layerfast.data.source import DataSource
+from layerfast.data.spec import SPLITS, VALID_SPECS, open_data
+from layerfast.errors import LayerfastError
+
+__all__ = ["DataSource", "SPLITS", "VALID_SPECS", "convert", "ffcv_available", "open_data",
+           "to_device"]  # fmt: skip
+
+
+def convert(spec: str, to: str | Path, split: str = "test") -> Path:
+    """Write dataset `spec` (split `split`) to the FFCV file `to` (fields `image`, `label`).
+
+    Reading `to` back yields exactly the same batches as `spec`. The file appears atomically
+    (temp file + os.replace): an interrupted conversion leaves no half-written .beton."""
+    from layerfast.data.beton import check_target, require_ffcv
+    from layerfast.data.beton import convert as _convert
+
+    to = Path(to).expanduser()
+    require_ffcv()  # before opening: do not decode a whole dataset only to fail
+    check_target(to)
+    return _convert(open_data(spec, split), spec, split, to)
+
+
+def ffcv_available() -> bool:
+    """Whether FFCV imports (for `layerfast info`); leaves torch's thread count as it was."""
+    from layerfast.data.beton import require_ffcv
+
+    try:
+        require_ffcv()
+    except LayerfastError:
+        return False
+    return True

@@ -1,0 +1,318 @@
+"""`PATH.beton` (FFCV) reading, and `convert(spec, to)` writing one.
+
+Reading follows FFCV's ImageNet val pipeline: sequential order, `drop_last=False` (FFCV's
+Loader drops the last partial batch by default, which would silently skip samples), decode on
+the CPU, normalise later on the device. The file is validated against its own header before
+FFCV touches it: FFCV reads through memory maps in compiled code, where a truncated file would
+crash the process instead of raising.
+
+`convert` stores images as `NDArrayField(dtype, (C, H, W))`, not JPEG/RGBImageField: it
+round-trips bit for bit (grayscale included, no channel replication), decoding is a memcpy,
+and it is what the spec produced (imagefolder: after Resize 256 + CenterCrop 224). Betons lack
+user metadata, so normalisation and the class count go to a sidecar `PATH.beton.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from layerfast.data.source import IMAGENET_MEAN, IMAGENET_STD, DataSource, make_source
+from layerfast.errors import LayerfastError
+
+SIDECAR_FORMAT = "layerfast-beton-1"
+_TYPE_NAMES = {0: "float", 1: "int", 2: "rgb-image", 3: "bytes", 4: "ndarray", 5: "json",
+               6: "torch-tensor"}  # fmt: skip
+NO_FFCV = "reading and writing .beton files needs FFCV: pip install layerfast[ffcv]"
+
+
+def require_ffcv() -> None:
+    """Import FFCV or explain how to install it. Importing ffcv sets torch's thread count to 1
+    (ffcv/pipeline/compiler.py), which would slow every later CPU op: it is restored."""
+    threads = torch.get_num_threads()
+    try:
+        import ffcv  # noqa: F401
+    except ImportError as exc:
+        raise LayerfastError(f"{NO_FFCV} ({exc})") from None
+    finally:
+        _restore_threads(threads)
+
+
+def _restore_threads(threads: int) -> None:
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _open_reader(path: Path) -> Any:
+    """FFCV's Reader after checking every offset in the file lies inside the file."""
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
+
+    size = path.stat().st_size
+    bad = f"beton: {path} is not a valid FFCV .beton (corrupt or truncated)"
+    if size < HeaderType.itemsize:
+        raise LayerfastError(f"{bad}: only {size} bytes")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if int(header["version"]) != CURRENT_VERSION:
+        raise LayerfastError(f"{bad}: format version {int(header['version'])}, FFCV 1.0 writes "
+                             f"{CURRENT_VERSION}")  # fmt: skip
+    nf = int(header["num_fields"])
+    fields_end = HeaderType.itemsize + nf * FieldDescType.itemsize
+    if not 1 <= nf <= 64 or fields_end > size:
+        raise LayerfastError(f"{bad}: header claims {nf} fields")
+    descs = np.fromfile(path, dtype=FieldDescType, count=nf, offset=HeaderType.itemsize)
+    unknown = sorted({int(t) for t in descs["type_id"]} - set(_TYPE_NAMES))
+    if unknown:
+        raise LayerfastError(f"{bad}: unknown field type ids {unknown}")
+    try:
+        reader = Reader(str(path))
+    except Exception as exc:  # FFCV raises assorted errors on garbage
+        raise LayerfastError(f"{bad}: {type(exc).__name__}: {exc}") from exc
+    table_at = int(header["alloc_table_ptr"])
+    meta_end = fields_end + int(reader.num_samples) * reader.metadata_type.itemsize
+    if not meta_end <= table_at <= size or (size - table_at) % ALLOC_TABLE_TYPE.itemsize:
+        raise LayerfastError(f"{bad}: allocation table at byte {table_at} of {size}")
+    if len(reader.metadata) != reader.num_samples:
+        raise LayerfastError(f"{bad}: metadata for {len(reader.metadata)} of "
+                             f"{reader.num_samples} samples")  # fmt: skip
+    table = reader.alloc_table
+    if len(table) and (int((table["ptr"] + table["size"]).max()) > table_at
+                       or int(table["ptr"].min()) < meta_end):  # fmt: skip
+        raise LayerfastError(f"{bad}: sample data points outside the data region")
+    return reader
+
+
+def _field_index(reader: Any, name: str, path: Path) -> int:
+    if name not in reader.field_names:
+        raise LayerfastError(
+            f"beton: {path} has no field {name!r} (fields: {reader.field_names}); layerfast "
+            "reads fields 'image' and 'label'"
+        )
+    return reader.field_names.index(name)
+
+
+def _check_ptrs(reader: Any, ptrs: np.ndarray, min_size: int, path: Path) -> None:
+    table = np.sort(reader.alloc_table, order="ptr")
+    if len(table) == 0:
+        raise LayerfastError(f"beton: {path} is corrupt: it holds no image data")
+    pos = np.minimum(np.searchsorted(table["ptr"], ptrs), len(table) - 1)
+    if not (table["ptr"][pos] == ptrs).all() or int(table["size"][pos].min()) < min_size:
+        raise LayerfastError(f"beton: {path} is corrupt: image data of some samples is missing")
+
+
+class BetonReader:
+    def __init__(self, path: Path, names: list[str], image_type: int, image_shape: tuple[int, ...],
+                 labels: Tensor, crop: bool) -> None:  # fmt: skip
+        self.path, self.names, self.image_type = path, names, image_type
+        self.image_shape, self.y, self.crop = image_shape, labels, crop
+
+    def _pipelines(self, field_names: list[str]) -> dict[str, Any]:
+        from ffcv.fields.decoders import (
+            CenterCropRGBImageDecoder,
+            IntDecoder,
+            NDArrayDecoder,
+            SimpleRGBImageDecoder,
+        )
+        from ffcv.transforms import ToTensor
+
+        if self.image_type == 4:
+            image = [NDArrayDecoder(), ToTensor()]
+        elif self.crop:  # FFCV's ImageNet val decoder: centre crop 224/256, resize to 224
+            image = [CenterCropRGBImageDecoder((224, 224), ratio=224 / 256), ToTensor()]
+        else:
+            image = [SimpleRGBImageDecoder(), ToTensor()]
+        pipes: dict[str, Any] = {n: None for n in field_names}
+        pipes.update(image=image, label=[IntDecoder(), ToTensor()])
+        return pipes
+
+    def batches(self, batch_size: int, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
+        from ffcv.loader import Loader, OrderOption
+
+        names = self.names
+        threads = torch.get_num_threads()  # FFCV's Loader sets torch's to its worker count
+        loader = Loader(
+            str(self.path), batch_size=batch_size, num_workers=min(8, os.cpu_count() or 1),
+            order=OrderOption.SEQUENTIAL, drop_last=False, indices=np.arange(start, stop),
+            pipelines=self._pipelines(names), os_cache=True,
+        )  # fmt: skip
+        order = [n for n in names if n in ("image", "label")]
+        _restore_threads(threads)
+        for out in loader:
+            _restore_threads(threads)
+            x, y = out[order.index("image")], out[order.index("label")]
+            # FFCV recycles its output buffers a few batches later: hand out our own copy.
+            x = x.permute(0, 3, 1, 2) if self.image_type == 2 else x.reshape(-1, *self.image_shape)
+            yield (
+                x.clone(memory_format=torch.contiguous_format),
+                y.reshape(-1).to(torch.int64, copy=True),
+            )
+
+    def labels(self, stop: int) -> Tensor:
+        return self.y[:stop].clone()
+
+
+def _read_sidecar(path: Path, n: int) -> dict[str, Any] | None:
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+        assert meta["format"] == SIDECAR_FORMAT
+    except Exception as exc:
+        raise LayerfastError(f"beton: cannot read {side}: {exc}") from exc
+    if meta.get("n") != n or meta.get("bytes") != path.stat().st_size:
+        raise LayerfastError(
+            f"beton: {side} describes a different file than {path}; re-run layerfast convert"
+        )
+    return meta
+
+
+def open_beton(path: Path, split: str, max_samples: int | None) -> DataSource:
+    """Open a .beton (fields `image`, `label`). `split` is ignored: a beton holds one split."""
+    if not path.is_file():
+        raise LayerfastError(f"beton: file {path} does not exist")
+    require_ffcv()
+    reader = _open_reader(path)
+    n = int(reader.num_samples)
+    if n == 0:
+        raise LayerfastError(f"beton: {path} holds no samples: the dataset is empty")
+    ii, il = _field_index(reader, "image", path), _field_index(reader, "label", path)
+    itype, ltype = (int(t) for t in reader.field_descriptors["type_id"][[ii, il]])
+    if ltype != 1:
+        raise LayerfastError(f"beton: {path}: 'label' must be an IntField, is {_TYPE_NAMES[ltype]}")
+    meta = reader.metadata[f"f{ii}"]
+    labels = reader.metadata[f"f{il}"].astype(np.int64)
+    if labels.min() < 0:
+        raise LayerfastError(f"beton: {path}: labels must be >= 0, found {int(labels.min())}")
+    side = _read_sidecar(path, n)
+    crop = False
+    if itype == 4:
+        h = reader.handlers["image"]
+        shape = tuple(int(s) for s in h.shape)
+        if len(shape) == 2:
+            shape = (1, *shape)
+        if len(shape) != 3 or h.dtype not in (np.uint8, np.float32):
+            raise LayerfastError(f"beton: {path}: 'image' must be uint8 or float32 (C, H, W) or "
+                                 f"(H, W), is {h.dtype} {tuple(h.shape)}")  # fmt: skip
+        _check_ptrs(reader, meta, h.element_size, path)
+        scale: float = 255.0 if h.dtype == np.uint8 else 1.0
+        mean = std = None
+    elif itype == 2:
+        _check_ptrs(reader, meta["data_ptr"], 1, path)
+        hs, ws = meta["height"], meta["width"]
+        crop = bool(hs.min() != hs.max() or ws.min() != ws.max())
+        shape = (3, 224, 224) if crop else (3, int(hs[0]), int(ws[0]))
+        scale, mean, std = 255.0, IMAGENET_MEAN, IMAGENET_STD
+    else:
+        raise LayerfastError(f"beton: {path}: 'image' must be an NDArrayField or RGBImageField, "
+                             f"is {_TYPE_NAMES[itype]}")  # fmt: skip
+    num_classes = int(labels.max()) + 1
+    if side is not None:
+        scale, num_classes = float(side["scale"]), int(side["num_classes"])
+        mean, std = side["mean"], side["std"]
+        if labels.max() >= num_classes:
+            raise LayerfastError(f"beton: {path}: label {int(labels.max())} >= num_classes "
+                                 f"{num_classes} from {sidecar_path(path)}")  # fmt: skip
+    beton = BetonReader(
+        path, list(reader.field_names), itype, shape, torch.from_numpy(labels), crop
+    )
+    return make_source(
+        str(path), beton, total=n, num_classes=num_classes, shape=shape, mean=mean, std=std, scale=scale,
+        max_samples=max_samples,
+    )  # fmt: skip
+
+
+def check_target(to: Path) -> None:
+    if to.suffix != ".beton":
+        raise LayerfastError(f"convert: the output must end in .beton, got {to}")
+
+
+class _Staged:
+    """Random access for FFCV's writer workers over a memmap staged by the main process: the
+    workers then cannot fail (a failing worker makes FFCV's writer wait forever)."""
+
+    def __init__(self, xpath: str, shape: tuple[int, ...], dtype: str, y: np.ndarray) -> None:
+        self.xpath, self.shape, self.dtype, self.y = xpath, shape, dtype, y
+        self._x: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        if self._x is None:
+            self._x = np.memmap(self.xpath, dtype=self.dtype, mode="r", shape=self.shape)
+        return np.ascontiguousarray(self._x[i]), int(self.y[i])
+
+
+def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
+    """Write `source` to `to` (a .beton) plus its sidecar; nothing half-written on failure."""
+    require_ffcv()
+    from ffcv.fields import IntField, NDArrayField
+
+    from layerfast.data.ffcv_writer import SafeDatasetWriter
+
+    check_target(to)
+    to.parent.mkdir(parents=True, exist_ok=True)
+    tmp: list[str] = []
+    try:
+        fd, xpath = tempfile.mkstemp(prefix=f".{to.name}.", suffix=".stage", dir=to.parent)
+        os.close(fd)
+        tmp.append(xpath)
+        shape = (source.n, *source.shape)
+        dtype = "uint8"
+        ys = np.empty(source.n, dtype=np.int64)
+        x_map: np.memmap | None = None
+        i = 0
+        for x, y in source.batches(1024):
+            if x_map is None:
+                dtype = str(x.numpy().dtype)
+                x_map = np.memmap(xpath, dtype=dtype, mode="w+", shape=shape)
+            x_map[i : i + len(x)] = x.numpy()
+            ys[i : i + len(y)] = y.numpy()
+            i += len(x)
+        assert x_map is not None and i == source.n
+        x_map.flush()
+        del x_map
+        fd, bpath = tempfile.mkstemp(prefix=f".{to.name}.", suffix=".tmp", dir=to.parent)
+        os.close(fd)
+        tmp.append(bpath)
+        fields = {"image": NDArrayField(np.dtype(dtype), source.shape), "label": IntField()}
+        # FFCV gives each worker its own pages: small data gets one worker and 2 MiB pages
+        # (digits: 48 KiB of pixels would otherwise become a 16 MiB file).
+        sample_bytes = int(np.prod(source.shape)) * np.dtype(dtype).itemsize
+        big = source.n * sample_bytes > 256 << 20
+        page = max(1 << 21, 1 << (sample_bytes + 64).bit_length())
+        workers = min(4, os.cpu_count() or 1) if big else 1
+        writer = SafeDatasetWriter(bpath, fields, page_size=page, num_workers=workers)
+        writer.from_indexed_dataset(_Staged(xpath, shape, dtype, ys), chunksize=256)
+        meta = {"format": SIDECAR_FORMAT, "source": spec, "split": split, "name": source.name,
+                "n": source.n, "bytes": os.path.getsize(bpath), "num_classes": source.num_classes,
+                "shape": list(source.shape), "mean": source.mean, "std": source.std,
+                "scale": source.scale}  # fmt: skip
+        fd, spath = tempfile.mkstemp(prefix=f".{to.name}.", suffix=".json.tmp", dir=to.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f, indent=1)
+        tmp.append(spath)
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in (bpath, spath):  # mkstemp makes 0600 files; give the usual permissions
+            os.chmod(p, 0o666 & ~umask)
+        os.replace(spath, sidecar_path(to))
+        os.replace(bpath, to)
+    finally:
+        for p in tmp:
+            if os.path.exists(p):
+                os.unlink(p)
+    return to

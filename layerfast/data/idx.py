@@ -1,0 +1,96 @@
+"""`mnist:DIR` and `fashion-mnist[:DIR]`: LeCun's idx files, gzipped or not.
+
+The idx header states the array's shape, so a truncated download is caught exactly (size
+mismatch with the header) instead of surfacing as a reshape error or, worse, silently fewer
+samples.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layerfast.data.source import ArrayReader, DataSource, check_labels, make_source
+from layerfast.errors import LayerfastError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+}
+_UBYTE = 0x08
+
+
+def find_file(name: str, directory: Path, prefix: str, kind: str, ndim: int) -> Path:
+    """`{prefix}-{kind}-idx{ndim}-ubyte[.gz]`, also the `{kind}.idx` spelling some mirrors use."""
+    stems = [f"{prefix}-{kind}-idx{ndim}-ubyte", f"{prefix}-{kind}.idx{ndim}-ubyte"]
+    for stem in stems:
+        for suffix in ("", ".gz"):
+            p = directory / (stem + suffix)
+            if p.is_file():
+                return p
+    raise LayerfastError(
+        f"{name}: no {stems[0]} (or {stems[0]}.gz) in {directory}; expected the idx files "
+        "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+        "t10k-labels-idx1-ubyte (gzipped or not)"
+    )
+
+
+def read_idx(name: str, path: Path, ndim: int) -> np.ndarray:
+    """Parse one idx file (uint8 payload) and check its size against the header exactly."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise LayerfastError(f"{name}: cannot read {path}: corrupt or truncated ({exc})") from exc
+    if len(data) < 4:
+        raise LayerfastError(f"{name}: {path} is too short to be an idx file ({len(data)} bytes)")
+    zero, dtype, nd = struct.unpack(">HBB", data[:4])
+    if zero != 0 or nd != ndim:
+        raise LayerfastError(
+            f"{name}: {path} has a bad idx magic number 0x{data[:4].hex()} "
+            f"(expected 0x0000080{ndim}: uint8, {ndim}-D)"
+        )
+    if dtype != _UBYTE:
+        raise LayerfastError(
+            f"{name}: {path} holds idx type 0x{dtype:02x}; only uint8 is supported"
+        )
+    head = 4 + 4 * ndim
+    if len(data) < head:
+        raise LayerfastError(f"{name}: {path} is truncated inside its header")
+    dims = struct.unpack(f">{ndim}I", data[4:head])
+    expected = head + int(np.prod(dims, dtype=np.int64))
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "longer than its header says"
+        raise LayerfastError(
+            f"{name}: {path} is {what}: header says shape {dims} ({expected} bytes), "
+            f"file has {len(data)} bytes"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=head).reshape(dims)
+
+
+def open_idx(name: str, directory: Path, split: str, max_samples: int | None) -> DataSource:
+    if not directory.is_dir():
+        hint = " (apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
+        raise LayerfastError(f"{name}: directory {directory} does not exist{hint}")
+    prefix = "t10k" if split == "test" else "train"
+    x = read_idx(name, find_file(name, directory, prefix, "images", 3), 3)
+    y = read_idx(name, find_file(name, directory, prefix, "labels", 1), 1)
+    if len(x) != len(y):
+        raise LayerfastError(
+            f"{name}: {prefix} images and labels disagree: {len(x)} images, {len(y)} labels"
+        )
+    mean, std = NORMS[name]
+    return make_source(
+        name, ArrayReader(torch.from_numpy(x[:, None].copy()), check_labels(name, y, 10)),
+        total=len(y), num_classes=10, shape=(1, *x.shape[1:]), mean=mean, std=std,
+        scale=255.0, max_samples=max_samples,
+    )  # fmt: skip

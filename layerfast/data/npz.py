@@ -1,0 +1,77 @@
+"""`PATH.npz`: arrays `x` [N,...] and `y` [N], for data that fits no other spec.
+
+The file is loaded with `allow_pickle=False`, so object arrays (which would unpickle) are
+refused. uint8 `x` is scaled to [0,1] on the device; float `x` is fed exactly as stored (the
+user already normalised it), so no mean/std is applied to either.
+
+Splits: `x_test`/`y_test` and `x_train`/`y_train` are used for `--split test|train` when the
+file has them; otherwise `x`/`y` is the data whatever the split. An optional scalar
+`num_classes` fixes the class count when the labels present do not cover every class.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layerfast.data.source import ArrayReader, DataSource, check_labels, make_source, to_chw
+from layerfast.errors import LayerfastError
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise LayerfastError(f"npz: file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise LayerfastError(
+                f"npz: {path} holds object arrays, which would need unpickling; store plain "
+                "numeric arrays x and y"
+            ) from exc
+        raise LayerfastError(f"npz: cannot read {path}: {exc}") from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise LayerfastError(
+            f"npz: cannot read {path}: not a valid .npz or truncated ({exc})"
+        ) from exc
+
+
+def open_npz(path: Path, split: str, max_samples: int | None) -> DataSource:
+    name = path.name
+    arrays = _load(path)
+    kx, ky = (f"x_{split}", f"y_{split}") if f"x_{split}" in arrays else ("x", "y")
+    if kx not in arrays or ky not in arrays:
+        raise LayerfastError(
+            f"npz: {path} must hold arrays 'x' and 'y' (or '{kx}'/'{ky}'); it has "
+            f"{sorted(arrays) or 'none'}"
+        )
+    x, y = arrays[kx], arrays[ky]
+    if x.ndim < 1 or y.ndim != 1 or len(x) != len(y):
+        raise LayerfastError(
+            f"npz: {path}: '{kx}' has shape {x.shape} but '{ky}' has shape {y.shape}; "
+            "need the same number of samples N and y of shape [N]"
+        )
+    if "num_classes" in arrays:
+        num_classes = int(arrays["num_classes"])
+    else:
+        ys = [check_labels(name, arrays[k]) for k in arrays if k == "y" or k.startswith("y_")]
+        num_classes = max(int(t.max()) + 1 for t in ys if len(t)) if any(len(t) for t in ys) else 0
+    yt = check_labels(name, y, num_classes if num_classes > 0 else None)
+    if x.dtype == np.uint8:
+        scale = 255.0
+    elif x.dtype in (np.float32, np.float64, np.float16):
+        x, scale = x.astype(np.float32, copy=False), 1.0
+    else:
+        raise LayerfastError(
+            f"npz: {path}: '{kx}' has dtype {x.dtype}; use uint8 (scaled to [0,1]) or float32 "
+            "(fed as is)"
+        )
+    x = np.ascontiguousarray(to_chw(name, x))
+    return make_source(
+        name, ArrayReader(torch.from_numpy(x), yt), total=len(yt), num_classes=num_classes,
+        shape=tuple(x.shape[1:]), mean=None, std=None, scale=scale, max_samples=max_samples,
+    )  # fmt: skip

@@ -1,0 +1,86 @@
+"""Parse a `--data` spec and open it. The one place that knows every spec's spelling.
+
+Spec modules are imported lazily: `digits` must not pay for FFCV/numba, nor `mnist` for PIL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from layerfast.data.source import DataSource, check_max_samples
+from layerfast.errors import LayerfastError
+
+SPLITS = ("test", "train")
+VALID_SPECS = (
+    "digits",
+    "fashion-mnist[:DIR]",
+    "mnist:DIR",
+    "cifar10:DIR",
+    "imagefolder:DIR",
+    "PATH.beton",
+    "PATH.npz",
+    "synthetic:imagenet[:N]",
+    "synthetic:cifar[:N]",
+)
+
+
+def _unknown(spec: str, why: str) -> LayerfastError:
+    return LayerfastError(
+        f"unknown data spec {spec!r}: {why}; valid specs: {', '.join(VALID_SPECS)}"
+    )
+
+
+def _dir(name: str, arg: str, spec: str) -> Path:
+    if not arg:
+        raise _unknown(spec, f"{name} needs a directory, as {name}:DIR")
+    return Path(arg).expanduser()
+
+
+def open_data(spec: str, split: str = "test", max_samples: int | None = None) -> DataSource:
+    """Open dataset `spec` (see VALID_SPECS and docs/data.md) for `split` ('test' or 'train'),
+    keeping only the first `max_samples` samples when given."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise _unknown(str(spec), "empty")
+    if split not in SPLITS:
+        raise LayerfastError(f"split must be 'test' or 'train', got {split!r}")
+    check_max_samples(max_samples)
+    spec = spec.strip()
+    low = spec.lower()
+    if low.endswith(".beton"):
+        from layerfast.data.beton import open_beton
+
+        return open_beton(Path(spec).expanduser(), split, max_samples)
+    if low.endswith(".npz"):
+        from layerfast.data.npz import open_npz
+
+        return open_npz(Path(spec).expanduser(), split, max_samples)
+    name, _, arg = spec.partition(":")
+    name = name.lower()
+    if name == "digits":
+        if arg:
+            raise _unknown(spec, "digits takes no argument")
+        from layerfast.data.digits import open_digits
+
+        return open_digits(split, max_samples)
+    if name in ("mnist", "fashion-mnist"):
+        from layerfast.data.idx import FASHION_MNIST_DIR, open_idx
+
+        directory = FASHION_MNIST_DIR if name == "fashion-mnist" and not arg else None
+        return open_idx(name, directory or _dir(name, arg, spec), split, max_samples)
+    if name == "cifar10":
+        from layerfast.data.cifar import open_cifar10
+
+        return open_cifar10(_dir(name, arg, spec), split, max_samples)
+    if name == "imagefolder":
+        from layerfast.data.imagefolder import open_imagefolder
+
+        return open_imagefolder(_dir(name, arg, spec), split, max_samples)
+    if name == "synthetic":
+        from layerfast.data.synthetic import open_synthetic
+
+        return open_synthetic(arg, split, max_samples)
+    if Path(spec).expanduser().is_dir():
+        raise _unknown(
+            spec, "a bare directory; did you mean imagefolder:DIR, mnist:DIR or cifar10:DIR?"
+        )
+    raise _unknown(spec, f"no dataset named {name!r}")
