@@ -143,7 +143,7 @@ def _engine_logits(model, variants, x, y, bs, **kw):
     got: dict[int, list[torch.Tensor]] = {}
 
     def hook(rows, logits):
-        for r, lg in zip(rows, logits):
+        for r, lg in zip(rows, logits, strict=True):
             got.setdefault(r, []).append(lg)
 
     batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
@@ -293,3 +293,44 @@ def test_oom_backoff_keeps_results(monkeypatch):
     got = Evaluator(model, variants, device="cpu", batch_size=32).run([(x, y)]).counts
     assert torch.equal(got[:, [0, 1, 3]], clean[:, [0, 1, 3]])
     torch.testing.assert_close(got[:, 2], clean[:, 2], rtol=1e-6, atol=1e-4)
+
+
+# ---- the same checks on a CUDA GPU (skipped where none is visible) ------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cuda_fp32_matches_naive(name):
+    """fp32 on CUDA (TF32 off): counts equal the naive loop's on the GPU, ≤1 near-tie flip."""
+    model, variants, x, y, bs, _, _ = _case(name)
+    dev = torch.device("cuda")
+    batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    ref = naive_evaluate(model, variants, lambda: batches, device=dev)
+    model.cpu()
+    for fanout in (False, True):
+        res = Evaluator(model, variants, device=dev, precision="fp32", batch_size=bs,
+                        fanout=fanout).run(batches)
+        diff = (res.counts[:, [0, 1, 3]] - ref[:, [0, 1, 3]]).abs().max().item()
+        print(f"{name} cuda fanout={fanout}: max count diff {diff}, plan {res.plan}")
+        assert diff <= 1
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before)
+    assert next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["vggish", "skipnet", "resnet18"])
+def test_cuda_bf16_within_half_a_point(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    _perturb_bn(model)
+    x, _ = _data(4000, seed=7)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    variants = _variants(model, sources=1, only=_SUBSET.get(name))
+    batches = [(x[i:i + 1000], y[i:i + 1000]) for i in range(0, len(x), 1000)]
+    e32 = Evaluator(model, variants, device="cuda", precision="fp32").run(batches).error
+    e16 = Evaluator(model, variants, device="cuda", precision="bf16").run(batches).error
+    assert (e32 - e16).abs().max().item() <= 0.005 + 1e-12, (e32, e16)

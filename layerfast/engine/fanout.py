@@ -256,7 +256,7 @@ def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, 
         else:
             local = env
         if s.op == "output":
-            out = _map_refs(s.args, lambda r: local[r.index])[0]
+            out = _map_refs(s.args, lambda r, env_=local: env_[r.index])[0]
             return out if fan else expand(out, K)
         if s.op == "call_module" and s.target in stacks:
             (arg,) = s.args
