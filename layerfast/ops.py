@@ -13,8 +13,9 @@ Both mutate their arguments and return nothing. They are real torch ops: they wo
 `torch.inference_mode()`, bump the version counters of what they mutate, refuse to be
 differentiated, and have fake implementations (below) so `torch.compile` and FakeTensor can trace
 them. `swap_reference` and `score_reference` compute the same results with plain torch ops; the
-tests compare against them and the engine falls back to them on devices without a kernel
-(`has_kernel`).
+tests compare against them. On devices without a compiled kernel (`has_kernel` is False: MPS,
+XPU, or a build without CUDA), `swap_` still works through its device-generic kernel (copies
+through a temporary); `score_` does not, and callers use `score_reference` there.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def has_kernel(op: str, device: torch.device | str) -> bool:
-    """True when `torch.ops.layerfast.<op>` has a compiled kernel for `device`'s type
-    (e.g. `has_kernel("swap_", "cuda")` is False when the extension was built without CUDA)."""
+    """True when `torch.ops.layerfast.<op>` has a dedicated compiled kernel for `device`'s type
+    (e.g. `has_kernel("score_", "cuda")` is False when the extension was built without CUDA)."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
         f"layerfast::{op}", key

@@ -24,7 +24,10 @@ def make_inputs(V, B, C, dtype, device, seed=0, scale=3.0):
     labels = torch.randint(0, C, (B,), generator=g)
     # the baseline: variant 0's predictions, as the engine computes them
     ref_pred = logits[0].float().argmax(-1) if V else torch.randint(0, C, (B,), generator=g)
-    acc = torch.randn(V, 4, generator=g, dtype=torch.float64)  # scoring adds into what is there
+    # scoring adds into what is there: counts so far (integers, so any order of adding them is
+    # exact) and a loss sum
+    acc = torch.randint(0, 100, (V, 4), generator=g).double()
+    acc[:, 2] += torch.rand(V, generator=g, dtype=torch.float64)
     return [t.to(device) for t in (logits, labels, ref_pred, acc)]
 
 
@@ -304,3 +307,12 @@ def test_score_cuda_device_errors():
     logits, labels, ref_pred, acc = make_inputs(2, 6, 10, torch.float32, "cuda")
     with pytest.raises(RuntimeError, match=r"all tensors must be on one device.*labels on cpu"):
         ops.score_(logits, labels.cpu(), ref_pred, acc)
+
+
+def test_has_kernel():
+    assert ops.has_kernel("swap_", "cpu") and ops.has_kernel("score_", torch.device("cpu"))
+    cuda = torch._C._dispatch_has_kernel_for_dispatch_key("layerfast::score_", "CUDA")
+    assert ops.has_kernel("score_", "cuda") == cuda
+    assert not ops.has_kernel("score_", "meta")
+    with pytest.raises(RuntimeError, match="layerfast::nope_ does not exist"):
+        ops.has_kernel("nope_", "cpu")

@@ -1,0 +1,130 @@
+"""The compiled ops against the pure-torch way of doing the same thing (DESIGN.md §7: a compiled
+op earns its place by a benchmark).
+
+    pytest benchmarks/ --benchmark-enable                 # CPU, and CUDA where a GPU is visible
+    pytest benchmarks/ --benchmark-enable -m "not cuda"   # CPU only
+
+- swap_ vs three `torch._foreach_copy_` through a preallocated temporary list (the best torch
+  can do; it also needs a third copy of the weights in memory), on a ResNet-50-like list
+  (161 tensors, 25.6M float32 parameters) and on a small list (one unit: 20 small tensors).
+- score_ vs `score_reference` (argmax, gather, compare, logsumexp, sums in torch ops) for
+  V=32 variants, B=256 samples, C=1000 and C=10 classes.
+
+Each case runs a fixed, small number of rounds so the CPU suite takes about half a minute. CUDA
+rounds end with `torch.cuda.synchronize()`, so they measure the latency of one call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerfast import ops
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """The parameter shapes of torchvision's ResNet-50 (161 tensors, 25.6M parameters)."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for i in range(blocks):
+            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,)]
+            shapes += [(planes, planes, 3, 3), (planes,), (planes,)]
+            shapes += [(planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+            if i == 0:
+                shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
+            inplanes = planes * 4
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def small_shapes() -> list[tuple[int, ...]]:
+    """One unit's worth: 20 tensors of 64 to ~37K elements."""
+    return [(64 * (i + 1) ** 2,) if i % 2 else (64 * (i + 1),) for i in range(20)]
+
+
+LISTS = {"resnet50": resnet50_shapes, "small": small_shapes}
+
+
+def _runner(fn, device):
+    if device == "cuda":
+
+        def run():
+            fn()
+            torch.cuda.synchronize()
+
+        return run
+    return fn
+
+
+def _rounds(device: str, heavy: bool) -> int:
+    return 50 if device == "cuda" else (8 if heavy else 200)
+
+
+def _swap_lists(name: str, device: str):
+    g = torch.Generator().manual_seed(0)
+    shapes = LISTS[name]()
+    a = [torch.randn(s, generator=g).to(device) for s in shapes]
+    b = [torch.randn(s, generator=g).to(device) for s in shapes]
+    return a, b
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(LISTS))
+def test_swap_layerfast(benchmark, name, device):
+    a, b = _swap_lists(name, device)
+    benchmark.group = f"swap {name} {device}"
+    run = _runner(lambda: ops.swap_(a, b), device)
+    benchmark.pedantic(run, rounds=_rounds(device, name == "resnet50"), warmup_rounds=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(LISTS))
+def test_swap_foreach_copy(benchmark, name, device):
+    a, b = _swap_lists(name, device)
+    tmp = [torch.empty_like(t) for t in a]
+
+    def swap():
+        torch._foreach_copy_(tmp, a)
+        torch._foreach_copy_(a, b)
+        torch._foreach_copy_(b, tmp)
+
+    benchmark.group = f"swap {name} {device}"
+    run = _runner(swap, device)
+    benchmark.pedantic(run, rounds=_rounds(device, name == "resnet50"), warmup_rounds=1)
+
+
+def _score_inputs(C: int, device: str, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    V, B = 32, 256
+    logits = torch.randn(V, B, C, generator=g).to(device, dtype)
+    labels = torch.randint(0, C, (B,), generator=g).to(device)
+    ref_pred = logits[0].argmax(-1)
+    acc = torch.zeros(V, 4, dtype=torch.float64, device=device)
+    return logits, labels, ref_pred, acc
+
+
+SCORE_CASES = [
+    pytest.param(1000, torch.float32, id="C1000-fp32"),
+    pytest.param(10, torch.float32, id="C10-fp32"),
+    pytest.param(1000, torch.bfloat16, id="C1000-bf16"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("C", "dtype"), SCORE_CASES)
+def test_score_layerfast(benchmark, C, dtype, device):
+    logits, labels, ref_pred, acc = _score_inputs(C, device, dtype)
+    benchmark.group = f"score V=32 B=256 C={C} {str(dtype)[6:]} {device}"
+    run = _runner(lambda: ops.score_(logits, labels, ref_pred, acc), device)
+    benchmark.pedantic(run, rounds=_rounds(device, C >= 1000), warmup_rounds=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("C", "dtype"), SCORE_CASES)
+def test_score_torch_ops(benchmark, C, dtype, device):
+    logits, labels, ref_pred, acc = _score_inputs(C, device, dtype)
+    benchmark.group = f"score V=32 B=256 C={C} {str(dtype)[6:]} {device}"
+    run = _runner(lambda: ops.score_reference(logits, labels, ref_pred, acc), device)
+    benchmark.pedantic(run, rounds=_rounds(device, C >= 1000), warmup_rounds=1)
