@@ -24,9 +24,10 @@ TORCH_LIBRARY(layerfast, m) {
   // - Any dtype. Storage is not reallocated: data pointers stay, only the bytes move.
   // - Pairs that are dense with the same strides (contiguous, channels_last, ...) are swapped
   //   bytewise: CPU with std::swap_ranges (parallel over 128 KiB chunks), CUDA with ONE kernel
-  //   launch for the whole list (a few when it holds more than 1024 tensors, see
+  //   launch per 1024 pairs (per 96 where the driver is older than CUDA 12.1; see
   //   csrc/cuda/swap_kernel.cu). Other pairs (views with gaps, different layouts) fall back to
-  //   three copies through a temporary.
+  //   three copies through a temporary. Other devices (and the empty list) use the generic
+  //   kernel in csrc/swap_generic.cpp.
   // - A pair that is the same memory is a no-op; a pair whose memory partially overlaps is an
   //   error. Tensors of different pairs must not share memory (not checked).
   // - An empty list is a no-op.
