@@ -20,8 +20,13 @@ def _int_list(text: str) -> list[int]:
 
 
 def _seeds(text: str) -> int | list[int]:
-    """`--seeds 3` means seeds 1..3; `--seeds 1,7,9` names them."""
-    return int(text) if "," not in text else _int_list(text)
+    """`--seeds 3` means seeds 1..3; `--seeds 1,7,9` names them (a trailing comma names one)."""
+    if "," in text:
+        return _int_list(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count like 3 or seeds like 1,7,9; got {text!r}") from None
 
 
 def _common_eval(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,267 @@
+"""The `layerfast` command line (DESIGN.md §6): bad input everywhere gives one clear line on
+stderr starting `layerfast: error:`, exit status 2, no traceback, and no results presented as
+complete in --out; good input prints a progress bar on stderr and the summary on stdout.
+
+Most cases call `layerfast.cli.main` in-process (an uncaught exception would fail the test,
+which is stricter than grepping for "Traceback"); two run the real interpreter to cover what a
+user sees from a shell, including a user factory imported from the current directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from layerfast.cli import main
+from layerfast.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ckpts")
+    train("fcn3x256", "digits", 3, out, device="cpu", progress=False)
+    return out
+
+
+def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def shell(argv: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    # PYTHONPATH: import this checkout even where an editable install is stale or absent.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "layerfast", *map(str, argv)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_bad_input(rc: int, err: str, match: str, out: Path | None = None) -> str:
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("layerfast: error: "), err
+    assert re.search(match, lines[0]), lines[0]
+    if out is not None:
+        assert not (out / "results.csv").exists() and not (out / "run.json").exists()
+    return lines[0]
+
+
+# ---- bad inputs: each builds its case in tmp_path and returns (argv, expected message) --------
+def _copy(ckpts: Path, tmp: Path) -> Path:
+    return Path(shutil.copytree(ckpts, tmp / "ck"))
+
+
+def _missing(ck: Path, tmp: Path):
+    return ["--ckpts", tmp / "nope"], "does not exist"
+
+
+def _no_tau0(ck: Path, tmp: Path):
+    d = _copy(ck, tmp)
+    (d / "epoch_000.pt").unlink()
+    man = json.loads((d / "manifest.json").read_text())
+    man["checkpoints"] = [c for c in man["checkpoints"] if c["epoch"] != 0]
+    (d / "manifest.json").write_text(json.dumps(man))
+    return ["--ckpts", d, "--reset", "reinit"], "τ=0"
+
+
+def _truncated(ck: Path, tmp: Path):
+    d = _copy(ck, tmp)
+    f = d / "epoch_002.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return ["--ckpts", d], "epoch_002.pt.*(truncated|corrupt)"
+
+
+def _corrupt(ck: Path, tmp: Path):
+    d = _copy(ck, tmp)
+    (d / "epoch_002.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    return ["--ckpts", d], "epoch_002.pt"
+
+
+class _Evil:
+    """Unpickling this would create the marker file: proof that code ran."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _code_pickle(ck: Path, tmp: Path):
+    d = _copy(ck, tmp)
+    sd = torch.load(d / "epoch_002.pt", weights_only=True)
+    evil = _Evil()
+    evil.marker = str(tmp / "MARKER")
+    sd["extra"] = evil
+    torch.save(sd, d / "epoch_002.pt")
+    return ["--ckpts", d], "epoch_002.pt.*code"
+
+
+def _nan(ck: Path, tmp: Path):
+    d = _copy(ck, tmp)
+    sd = torch.load(d / "epoch_003.pt", weights_only=True)
+    sd["fc2.weight"][3, 4] = float("nan")
+    torch.save(sd, d / "epoch_003.pt")
+    return ["--ckpts", d], "NaN.*fc2.weight"
+
+
+def _npz(tmp: Path, name: str, n: int, label: int) -> Path:
+    path = tmp / name
+    np.savez(path, x=np.random.default_rng(0).random((n, 1, 8, 8), dtype=np.float32),
+             y=np.full(n, label, dtype=np.int64))
+    return path
+
+
+def _labels_12(ck: Path, tmp: Path):
+    return ["--ckpts", ck, "--data", _npz(tmp, "y12.npz", 20, 12)], "12"
+
+
+def _empty_data(ck: Path, tmp: Path):
+    return ["--ckpts", ck, "--data", _npz(tmp, "empty.npz", 0, 0)], "empty"
+
+
+def _corrupt_beton(ck: Path, tmp: Path):
+    (tmp / "x.beton").write_bytes(np.random.default_rng(1).bytes(4096))
+    return ["--ckpts", ck, "--data", tmp / "x.beton"], "beton|FFCV"
+
+
+def _out_under_file(ck: Path, tmp: Path):
+    (tmp / "plain").write_text("a regular file")
+    return ["--ckpts", ck, "--out", tmp / "plain" / "out"], "cannot write to the out dir"
+
+
+def _out_proc(ck: Path, tmp: Path):
+    return ["--ckpts", ck, "--out", "/proc/forbidden"], "cannot write to the out dir"
+
+
+CASES: dict[str, Callable] = {
+    "missing ckpt dir": _missing,
+    "no tau0 for reinit": _no_tau0,
+    "truncated checkpoint": _truncated,
+    "corrupt checkpoint": _corrupt,
+    "code-carrying pickle": _code_pickle,
+    "NaN weights": _nan,
+    "labels outside the classes": _labels_12,
+    "empty data": _empty_data,
+    "corrupt beton": _corrupt_beton,
+    "out dir under a file": _out_under_file,
+    "out dir in /proc": _out_proc,
+}
+
+
+# Opening a .beton imports FFCV (numba and friends): several seconds, so that case is `slow`.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if "beton" in c else c
+                                  for c in CASES])
+def test_bad_input(case: str, ckpts: Path, tmp_path: Path, capsys) -> None:
+    extra, match = CASES[case](ckpts, tmp_path)
+    out = tmp_path / "out"
+    argv = ["analyze", "--arch", "fcn3x256", "--quiet", "--out", out, *extra]
+    rc, _, err = cli(argv, capsys)
+    assert_bad_input(rc, err, match, out)
+    assert not (tmp_path / "MARKER").exists()
+
+
+def test_key_and_shape_mismatches_are_listed(ckpts: Path, tmp_path: Path, capsys) -> None:
+    rc, _, err = cli(["analyze", "--arch", "fcn2x100", "--ckpts", ckpts, "--out", tmp_path], capsys)
+    line = assert_bad_input(rc, err, "do not match", tmp_path)
+    for key in ("fc4.weight", "fc4.bias", "fc1.weight", "fc3.bias"):
+        assert key in line
+    assert "[256, 64]" in line and "[100, 64]" in line
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--arch", "no_such_arch"], "unknown arch"),
+    (["--seeds", "0"], "--seeds"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--threshold", "1.5"], "--threshold"),
+    (["--device", "tpu"], "--device"),
+    (["--reset", "reinit,sideways"], "--reset"),
+    (["--checkpoints", "0,7"], "label 7"),
+    (["--units", "nothing*"], "nothing"),
+])
+def test_bad_options(argv: list[str], match: str, ckpts: Path, tmp_path: Path, capsys) -> None:
+    base = {"--arch": "fcn3x256"}
+    base.update(dict(zip(argv[::2], argv[1::2], strict=True)))
+    flat = [x for kv in base.items() for x in kv]
+    rc, _, err = cli(["analyze", "--ckpts", ckpts, "--out", tmp_path / "o", *flat], capsys)
+    assert_bad_input(rc, err, match, tmp_path / "o")
+    assert not (tmp_path / "o").exists()  # rejected before the out dir was made
+
+
+@pytest.mark.parametrize("argv", [[], ["analyze", "--no-such-flag"], ["frobnicate"]])
+def test_usage_errors_exit_2(argv: list[str], capsys) -> None:
+    rc, _, err = cli(argv, capsys)
+    assert rc == 2 and "Traceback" not in err and "usage:" in err
+
+
+def test_factory_that_raises_from_a_shell(ckpts: Path, tmp_path: Path) -> None:
+    (tmp_path / "myfactory.py").write_text(
+        "def build(**kwargs):\n    raise RuntimeError('boom: factory misconfigured')\n")
+    p = shell(["analyze", "--arch", "myfactory:build", "--ckpts", ckpts, "--out", "out"], tmp_path)
+    assert_bad_input(p.returncode, p.stderr, "boom: factory misconfigured", tmp_path / "out")
+    p = shell([], tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "usage:" in p.stderr
+
+
+# ---- good input ------------------------------------------------------------------------------
+def test_analyze_prints_progress_on_stderr_and_summary(ckpts: Path, tmp_path: Path, capsys) -> None:
+    rc, out, err = cli(["analyze", "--arch", "fcn3x256", "--ckpts", ckpts, "--device", "cpu",
+                        "--out", tmp_path], capsys)
+    assert rc == 0, err
+    assert "variants" in err and "360/360" in err  # the tqdm bar
+    assert "360/360" not in out
+    assert re.search(r"^fc1\s", out, re.M) and re.search(r"^threshold: .*0\.05", out, re.M)
+    assert str(tmp_path) in out
+    # `layerfast report OUT` redraws the figures from the CSV files alone
+    for name in ("heatmap.png", "distances.png"):
+        (tmp_path / name).unlink()
+    rc, out, err = cli(["report", tmp_path], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "heatmap.png").stat().st_size > 1000
+    assert (tmp_path / "distances.png").stat().st_size > 1000
+    assert "heatmap.png" in out
+    rc, _, err = cli(["report", tmp_path / "nowhere"], capsys)
+    assert_bad_input(rc, err, "not a directory")
+
+
+@pytest.mark.parametrize("granularity,count", [("block", 18), ("stage", 6), ("layer", 54)])
+def test_list_units_resnet50(granularity: str, count: int, capsys) -> None:
+    rc, out, _ = cli(["analyze", "--list-units", "--arch", "resnet50", "--data",
+                      "synthetic:imagenet", "--granularity", granularity], capsys)
+    assert rc == 0
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith(f"{count} units")
+    names = [line.split()[0] for line in lines[:-1]]
+    assert len(names) == count and names[-1] == "fc"
+    if granularity == "block":
+        assert names[:3] == ["stem", "layer1.0", "layer1.1"] and names[-2] == "layer4.2"
+
+
+@pytest.mark.slow
+def test_demo_under_two_minutes(tmp_path: Path, capsys) -> None:
+    t0 = time.perf_counter()
+    rc, out, err = cli(["demo", "--out", tmp_path / "demo", "--quiet"], capsys)
+    elapsed = time.perf_counter() - t0
+    assert rc == 0, err
+    assert elapsed < 120, f"demo took {elapsed:.0f} s"
+    report = tmp_path / "demo" / "analysis"
+    assert str(report) in out and "heatmap.png" in out
+    for name in ("results.csv", "distances.csv", "run.json", "heatmap.png", "distances.png"):
+        assert (report / name).is_file()

@@ -1,0 +1,233 @@
+"""Resumability (DESIGN.md §5): a run killed at any moment and started again with the same
+arguments ends with the same results as an uninterrupted run, without redoing finished work.
+
+Design: the engine hands its float64 sums to `ResumeStore.save` every `checkpoint_every`
+seconds (0 here: every batch), one SQLite transaction each. A rerun loads them and continues
+from the saved sample count with the same batch boundaries, so the sums are added in the same
+order as in one uninterrupted pass and results.csv comes out byte for byte the same.
+
+The fast tests crash in-process (an exception right after the k-th save, which leaves the store
+exactly as a kill at that point would). The slow test is the real thing: `python -m layerfast
+analyze` in a subprocess, SIGKILLed several times at random moments after the store shows new
+progress, then run to the end and compared with an uninterrupted run in another directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import layerfast
+from layerfast.analysis import _checkpoint_every
+from layerfast.cli import main
+from layerfast.errors import LayerfastError
+from layerfast.store import FILENAME, ResumeStore
+from layerfast.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = {"data": "digits", "seeds": 1, "device": "cpu", "batch_size": 32, "progress": False,
+        "figures": False, "checkpoint_every": 0}
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ckpts")
+    train("fcn3x256", "digits", 3, out, device="cpu", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(ckpts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run: the reference every resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    return out
+
+
+def saved(out: Path) -> tuple[int, bool] | None:
+    """(samples done, complete) as the store holds them, or None before the first save."""
+    if not (out / FILENAME).exists():
+        return None
+    try:
+        con = sqlite3.connect(out / FILENAME, timeout=5)
+        try:
+            row = con.execute("SELECT n_done, complete FROM state WHERE id = 0").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return None if row is None else (int(row[0]), bool(row[1]))
+
+
+def crash_after(monkeypatch: pytest.MonkeyPatch, saves: int) -> None:
+    """Make the k-th progress save the last thing the run does (after it is committed)."""
+    real = ResumeStore.save
+    count = {"n": 0}
+
+    def save(self: ResumeStore, counts, n_done: int) -> None:
+        real(self, counts, n_done)
+        count["n"] += 1
+        if count["n"] == saves:
+            raise _Crash
+
+    monkeypatch.setattr(ResumeStore, "save", save)
+
+
+def same_outputs(a: Path, b: Path) -> None:
+    for name in ("results.csv", "distances.csv"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_crash_mid_pass_resumes_to_identical_results(ckpts, finished, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        crash_after(m, 4)
+        with pytest.raises(_Crash):
+            layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    assert saved(out) == (4 * 32, False)
+    assert not (out / "results.csv").exists() and not (out / "run.json").exists()
+    res = layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    assert res.run["engine"]["resumed_from"] == 128
+    assert res.run["engine"]["evaluated"] == 360 - 128
+    same_outputs(out, finished)
+    assert saved(out) == (360, True)
+
+
+def test_crash_twice_then_finish(ckpts, finished, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    for k, expect in ((2, 64), (5, 64 + 160)):
+        with monkeypatch.context() as m:
+            crash_after(m, k)
+            with pytest.raises(_Crash):
+                layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+        assert saved(out) == (expect, False)
+    res = layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    assert res.run["engine"]["resumed_from"] == 224
+    same_outputs(out, finished)
+
+
+def test_finished_run_is_not_evaluated_again(ckpts, finished, tmp_path, monkeypatch):
+    from layerfast.engine import Evaluator
+
+    out = Path(shutil.copytree(finished, tmp_path / "copy"))
+    (out / "results.csv").unlink()
+
+    def no_pass(*a, **k):
+        raise AssertionError("a finished run was evaluated again")
+
+    monkeypatch.setattr(Evaluator, "run", no_pass)
+    res = layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    assert res.run["engine"]["evaluated"] == 0
+    same_outputs(out, finished)
+
+
+def test_different_arguments_are_refused_unless_fresh(ckpts, finished, tmp_path, capsys,
+                                                      monkeypatch):
+    out = Path(shutil.copytree(finished, tmp_path / "copy"))
+    before = (out / "results.csv").read_bytes()
+    with pytest.raises(LayerfastError, match=r"different arguments \(differs in: seeds, variants\).*--fresh"):
+        layerfast.analyze("fcn3x256", ckpts, out=out, **{**ARGS, "seeds": 2})
+    rc = main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--out", str(out),
+               "--seeds", "2", "--batch-size", "32", "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("layerfast: error: ") and err.count("\n") == 1
+    assert "different arguments" in err and "--fresh" in err and "Traceback" not in err
+    assert (out / "results.csv").read_bytes() == before  # refused: nothing touched
+    # --fresh starts over; the old run's outputs vanish at once, not when the new pass ends
+    with monkeypatch.context() as m:
+        crash_after(m, 1)
+        with pytest.raises(_Crash):
+            layerfast.analyze("fcn3x256", ckpts, out=out, fresh=True, **{**ARGS, "seeds": 2})
+    assert not (out / "results.csv").exists() and not (out / "run.json").exists()
+    res = layerfast.analyze("fcn3x256", ckpts, out=out, **{**ARGS, "seeds": 2})
+    assert res.run["engine"]["resumed_from"] == 32 and res.run["seeds"] == [1, 2]
+
+
+def test_retrained_checkpoints_are_not_mixed_with_old_progress(ckpts, tmp_path, monkeypatch):
+    ck = Path(shutil.copytree(ckpts, tmp_path / "ck"))
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        crash_after(m, 1)
+        with pytest.raises(_Crash):
+            layerfast.analyze("fcn3x256", ck, out=out, **ARGS)
+    f = ck / "epoch_002.pt"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # "rewritten"
+    with pytest.raises(LayerfastError, match="differs in: files"):
+        layerfast.analyze("fcn3x256", ck, out=out, **ARGS)
+
+
+def test_a_second_concurrent_run_is_refused(ckpts, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with ResumeStore(out, {"held": True}, 1):
+        with pytest.raises(LayerfastError, match="another layerfast run"):
+            layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+
+
+def test_checkpoint_interval(monkeypatch):
+    monkeypatch.delenv("LAYERFAST_CHECKPOINT_EVERY", raising=False)
+    assert _checkpoint_every(None) == 5.0
+    assert _checkpoint_every(0.5) == 0.5
+    monkeypatch.setenv("LAYERFAST_CHECKPOINT_EVERY", "0")
+    assert _checkpoint_every(None) == 0.0
+    monkeypatch.setenv("LAYERFAST_CHECKPOINT_EVERY", "soon")
+    with pytest.raises(LayerfastError, match="LAYERFAST_CHECKPOINT_EVERY"):
+        _checkpoint_every(None)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments(ckpts, tmp_path):
+    """Kill the real command three times mid-pass, then let it finish: identical results.
+
+    Kill points are random sample counts: once the store shows at least that many samples
+    done, the process gets SIGKILL at once (wherever it is by then: inside a batch, a save, or
+    between them). Targets stay well before the end so the kill lands mid-pass even when the
+    pass runs fast; with 2 samples per batch and a save after each there are 180 saves."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LAYERFAST_CHECKPOINT_EVERY": "0"}
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "layerfast", "analyze", "--arch", "fcn3x256", "--ckpts",
+                str(ckpts), "--data", "digits", "--seeds", "2", "--device", "cpu",
+                "--batch-size", "2", "--quiet", "--out", str(out)]
+
+    ref = tmp_path / "ref"
+    done = subprocess.run(command(ref), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out, kills = tmp_path / "run", []
+    targets = sorted(random.Random(1902).sample(range(2, 200, 2), 3))
+    for target in targets:
+        proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            now = saved(out)
+            if now and now[0] >= target:
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.kill()
+        proc.wait()
+        now = saved(out)
+        assert now is not None and not now[1], f"the kill came after the pass ended: {now}"
+        assert not (out / "results.csv").exists() and not (out / "run.json").exists()
+        kills.append(now[0])
+    assert kills == sorted(kills) and kills[0] > 0, kills
+    proc = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["engine"]["resumed_from"] == kills[-1]  # finished work was not redone
+    assert run["engine"]["evaluated"] == 360 - kills[-1]
+    same_outputs(out, ref)
