@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -31,6 +32,33 @@ def _nvcc_version(cuda_home: str) -> str | None:
         return None
     m = re.search(r"release (\d+)\.(\d+)", out)
     return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def _toolkit_ok(home: str | None) -> bool:
+    return bool(home) and os.path.isfile(os.path.join(home, "bin", "nvcc")) and any(
+        glob.glob(os.path.join(home, d, "libcudart.so*")) for d in ("lib64", "lib")
+    )
+
+
+def _find_cuda_home() -> str | None:
+    """A CUDA toolkit directory (bin/nvcc and lib64/libcudart), or None.
+
+    torch's own guess takes the parent of the first `nvcc` on PATH; a wrapper such as
+    /usr/local/bin/nvcc then gives /usr/local, whose lib has no libcudart, and the link fails.
+    We check the candidates and export the first real toolkit as CUDA_HOME before
+    torch.utils.cpp_extension reads it."""
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        return env
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if _toolkit_ok(home):
+            return home
+    return None
 
 
 def _want_cuda(torch_cuda: str | None, cuda_home: str | None) -> bool:
@@ -61,14 +89,17 @@ def _check_versions(torch_cuda: str | None, cuda_home: str | None) -> None:
 
 
 def extensions():
+    found = _find_cuda_home()
+    if found and not os.environ.get("CUDA_HOME"):
+        os.environ["CUDA_HOME"] = found
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     torch_cuda = torch.version.cuda
-    cuda_home = os.environ.get("CUDA_HOME") or CUDA_HOME
+    cuda_home = found
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3"]  # torch adds -DPy_LIMITED_API for py_limited_api=True
     use_cuda = _want_cuda(torch_cuda, cuda_home)
     if use_cuda:
         _check_versions(torch_cuda, cuda_home)
