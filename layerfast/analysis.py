@@ -28,6 +28,8 @@ from layerfast.errors import LayerfastError
 RESETS = ("reinit", "rerandom", "fullmodel")
 #: What a finished run writes into its out dir (DESIGN.md §5); run.json is written last.
 OUTPUTS = ("results.csv", "distances.csv", "heatmap.png", "distances.png", "run.json")
+#: Parent of the default out dirs `<arch>-<time>`.
+DEFAULT_OUT = "layerfast-out"
 #: Default seconds between progress saves (see `_checkpoint_every`).
 CHECKPOINT_EVERY = 5.0
 
@@ -134,10 +136,16 @@ def _checkpoint_every(value: float | None) -> float:
     return float(value)
 
 
-def _out_dir(out: str | os.PathLike[str] | None, arch: str) -> Path:
+def _out_dir(out: str | os.PathLike[str] | None, arch: str, fingerprint: dict) -> Path:
+    """`out`, or by default `layerfast-out/<arch>-<time>` — unless an unfinished run with the
+    same arguments is already there: rerunning the same command must resume it, and a fresh
+    time stamp would start over instead."""
     if out is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = Path("layerfast-out") / f"{arch.replace(':', '_').replace('/', '_')}-{stamp}"
+        from layerfast.store import find_unfinished
+
+        prefix = f"{arch.replace(':', '_').replace('/', '_')}-"
+        found = find_unfinished(Path(DEFAULT_OUT), prefix, fingerprint)
+        out = found or Path(DEFAULT_OUT) / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
     path = Path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -261,7 +269,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
         "fanout": fanout, "max_fanout": ev.max_fanout,
     }
     t_build = time.perf_counter() - t0
-    path = _out_dir(out, arch)
+    path = _out_dir(out, arch, fingerprint)
     with ResumeStore(path, fingerprint, len(variants), fresh=fresh) as store:
         prev = store.load()
         if prev.complete:

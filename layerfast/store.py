@@ -152,6 +152,27 @@ class ResumeStore:
         self.close()
 
 
+def find_unfinished(parent: Path, prefix: str, fingerprint: dict) -> Path | None:
+    """The newest `parent/<prefix>*` dir holding an unfinished run with this fingerprint."""
+    want = json.dumps(fingerprint, sort_keys=True, default=str)
+    for d in sorted(parent.glob(f"{prefix}*"), reverse=True):
+        db = d / FILENAME
+        if not db.is_file():
+            continue
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+            try:
+                meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+                row = con.execute("SELECT complete FROM state WHERE id = 0").fetchone()
+            finally:
+                con.close()
+        except sqlite3.Error:
+            continue
+        if meta.get("schema") == SCHEMA and meta.get("fingerprint") == want and not (row and row[0]):
+            return d
+    return None
+
+
 def remove(out: Path) -> None:
     """Delete a run's progress (the database and its WAL/SHM side files: a stale WAL would be
     replayed into a new database of the same name)."""

@@ -156,6 +156,25 @@ def test_different_arguments_are_refused_unless_fresh(ckpts, finished, tmp_path,
     assert res.run["engine"]["resumed_from"] == 32 and res.run["seeds"] == [1, 2]
 
 
+def test_default_out_dir_resumes_the_unfinished_run(ckpts, finished, tmp_path, monkeypatch):
+    """Without --out each run gets layerfast-out/<arch>-<time>; the same command again must
+    find the unfinished one rather than start over under a new time stamp."""
+    monkeypatch.chdir(tmp_path)
+    args = {**ARGS, "out": None}
+    with monkeypatch.context() as m:
+        crash_after(m, 3)
+        with pytest.raises(_Crash):
+            layerfast.analyze("fcn3x256", ckpts, **args)
+    (first,) = (tmp_path / "layerfast-out").iterdir()
+    assert first.name.startswith("fcn3x256-") and saved(first) == (96, False)
+    res = layerfast.analyze("fcn3x256", ckpts, **args)
+    assert res.out.resolve() == first.resolve() and res.run["engine"]["resumed_from"] == 96
+    same_outputs(first, finished)
+    time.sleep(1.1)  # a finished run is not reused: the next one gets its own directory
+    again = layerfast.analyze("fcn3x256", ckpts, **args)
+    assert again.out.resolve() != first.resolve() and again.run["engine"]["resumed_from"] == 0
+
+
 def test_retrained_checkpoints_are_not_mixed_with_old_progress(ckpts, tmp_path, monkeypatch):
     ck = Path(shutil.copytree(ckpts, tmp_path / "ck"))
     out = tmp_path / "run"
