@@ -21,7 +21,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_collect_file(parent: pytest.Collector, file_path):
-    # benchmark modules are named bench_*.py (pyproject's pytest settings collect test_*.py only)
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # benchmark modules are named bench_*.py (pyproject's pytest settings collect test_*.py only);
+    # a file named on the command line is collected by pytest itself
+    if (
+        file_path.suffix == ".py"
+        and file_path.name.startswith("bench_")
+        and not parent.session.isinitpath(file_path)
+    ):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
