@@ -90,8 +90,6 @@ def _check_versions(torch_cuda: str | None, cuda_home: str | None) -> None:
 
 def extensions():
     found = _find_cuda_home()
-    if found and not os.environ.get("CUDA_HOME"):
-        os.environ["CUDA_HOME"] = found
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -99,7 +97,10 @@ def extensions():
     cuda_home = found
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3"]  # torch adds -DPy_LIMITED_API for py_limited_api=True
+    # torch adds -DPy_LIMITED_API for py_limited_api=True. OpenMP: at::parallel_for in the CPU
+    # kernels is inline ATen code that runs serially unless the extension itself has it.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     use_cuda = _want_cuda(torch_cuda, cuda_home)
     if use_cuda:
         _check_versions(torch_cuda, cuda_home)
@@ -112,15 +113,20 @@ def extensions():
                 "layerfast._C",
                 sources,
                 extra_compile_args={"cxx": cxx + ["-DLAYERFAST_WITH_CUDA"], "nvcc": nvcc},
+                extra_link_args=link,
                 py_limited_api=True,
             )
         ]
     return [
-        CppExtension("layerfast._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)
+        CppExtension("layerfast._C", sources, extra_compile_args={"cxx": cxx},
+                     extra_link_args=link, py_limited_api=True)
     ]
 
 
 def main() -> None:
+    found = _find_cuda_home()
+    if found and not os.environ.get("CUDA_HOME"):
+        os.environ["CUDA_HOME"] = found  # before cpp_extension reads it at import
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
