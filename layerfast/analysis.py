@@ -59,6 +59,7 @@ class Analysis:
         raise LayerfastError(f"unknown plot kind {kind!r}: heatmap or distances")
 
     def summary(self) -> str:
+        """The terminal table: one row per unit, the threshold stated (what the CLI prints)."""
         from layerfast import report
 
         return report.summary_table(self.table, self.distances, self.run["threshold"])
@@ -172,8 +173,11 @@ def _versions() -> dict:
 
 
 def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split: str = "test",
-          final: int | None = None, max_samples: int | None = None):
-    """The final model with its checkpoints and data, validated: (model, spec, ckdir, source)."""
+          final: int | None = None, max_samples: int | None = None) -> tuple[Any, Any, Any, Any]:
+    """The final model with its checkpoints and data, validated: (model, spec, ckdir, source).
+
+    Labels are checked against the model's outputs here, once, because the engine scores on
+    the device where an out-of-range label is a device assert, not a readable error."""
     from layerfast.checkpoints import CheckpointDir
     from layerfast.data import open_data
     from layerfast.models import build_model
@@ -347,7 +351,8 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     return result
 
 
-def _progress(enabled: bool, total: int, done: int, nvar: int):
+def _progress(enabled: bool, total: int, done: int, nvar: int) -> Any:
+    """A tqdm bar on stderr (stdout stays clean for the summary), starting at resumed samples."""
     if not enabled:
         return None
     from tqdm import tqdm

@@ -43,7 +43,11 @@ def parser() -> argparse.ArgumentParser:
         "fresh draws and measure test error, every variant in one data pass."))
     sub = ap.add_subparsers(dest="command", required=True)
 
-    a = sub.add_parser("analyze", help="reset every unit, evaluate all variants, write the report")
+    a = sub.add_parser("analyze", help="reset every unit, evaluate all variants, write the report",
+                       epilog="A killed run resumes when the same command runs again: progress "
+                       "is saved in OUT/progress.sqlite every $LAYERFAST_CHECKPOINT_EVERY seconds "
+                       "(default 5). A different command into the same --out is refused unless "
+                       "--fresh.")
     a.add_argument("--arch", required=True, help="registry name (fcn3x256, vgg11, resnet50, ...) or pkg.module:factory")
     a.add_argument("--ckpts", help="checkpoint directory (DESIGN.md §2)")
     a.add_argument("--data", default="digits", help="data spec (default: digits); see docs/data.md")

@@ -5,7 +5,11 @@ and write the report."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 from layerfast.analysis import Analysis, analyze
 from layerfast.train import train
@@ -14,13 +18,31 @@ EPOCHS = 30
 LR = 0.05
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the demo on one intra-op thread. Its matmuls are tiny (64→256→256→256→10, batch 128),
+    so a second thread gains nothing, and on a busy machine OpenMP's spin-waiting barriers make
+    two threads several times slower than one (measured: 6× on a loaded 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def demo(out: str | Path = "layerfast-demo", progress: bool = True) -> Analysis:
+    """Train, analyze and report into `out`. Reruns start over (`overwrite`, `fresh`): the demo
+    retrains, so progress from an earlier demo belongs to other weights and must not be resumed.
+    fp32 on the CPU so that every machine prints the same table as the README."""
     out = Path(out)
     ckpts = out / "checkpoints"
-    train("fcn3x256", "digits", EPOCHS, ckpts, lr=LR, seed=0, device="cpu", progress=progress,
-          overwrite=True)
-    res = analyze("fcn3x256", ckpts, data="digits", seeds=3, device="cpu", precision="fp32",
-                  out=out / "analysis", fresh=True, progress=progress)
+    with _one_thread():
+        train("fcn3x256", "digits", EPOCHS, ckpts, lr=LR, seed=0, device="cpu",
+              progress=progress, overwrite=True)
+        res = analyze("fcn3x256", ckpts, data="digits", seeds=3, device="cpu", precision="fp32",
+                      out=out / "analysis", fresh=True, progress=progress)
     print(res.summary())
-    print(f"\ndemo: checkpoints in {ckpts}/, results, heatmap.png and distances.png in {res.out}/")
+    print(f"\ndemo: report in {res.out}/ (results.csv, heatmap.png, distances.png, run.json); "
+          f"checkpoints in {ckpts}/")
     return res

@@ -23,6 +23,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import numpy as np
 import torch
@@ -181,7 +182,7 @@ def remove(out: Path) -> None:
             (out / (FILENAME + suffix)).unlink()
 
 
-def _acquire_lock(out: Path):  # noqa: ANN202 - an open file object or None
+def _acquire_lock(out: Path) -> IO[str] | None:
     if fcntl is None:
         return None
     try:

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import layerfast
 from layerfast.analysis import OUTPUTS, list_units
@@ -24,6 +25,16 @@ from layerfast.train import train
 SEEDS = 2
 UNITS = ["fc1", "fc2", "fc3", "fc4"]
 DIST_COLUMNS = ["unit", "checkpoint", "l2", "l2_rel", "linf"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: as fast for these tiny models, and several times faster than two
+    on a busy shared CPU (OpenMP barriers spin). Restored for other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import layerfast
 from layerfast.analysis import _checkpoint_every
@@ -40,6 +41,16 @@ ARGS = {"data": "digits", "seeds": 1, "device": "cpu", "batch_size": 32, "progre
 
 class _Crash(Exception):
     pass
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: as fast for these tiny models, and several times faster than two
+    on a busy shared CPU (OpenMP barriers spin). Restored for other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +225,11 @@ def test_sigkill_at_random_moments(ckpts, tmp_path):
     Kill points are random sample counts: once the store shows at least that many samples
     done, the process gets SIGKILL at once (wherever it is by then: inside a batch, a save, or
     between them). Targets stay well before the end so the kill lands mid-pass even when the
-    pass runs fast; with 2 samples per batch and a save after each there are 180 saves."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LAYERFAST_CHECKPOINT_EVERY": "0"}
+    pass runs fast; with 2 samples per batch and a save after each there are 180 saves. A
+    random pause of up to 20 ms before the kill lets it land anywhere: inside a batch, inside
+    a save's transaction, or between them."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LAYERFAST_CHECKPOINT_EVERY": "0",
+           "OMP_NUM_THREADS": "1"}
 
     def command(out: Path) -> list[str]:
         return [sys.executable, "-m", "layerfast", "analyze", "--arch", "fcn3x256", "--ckpts",
@@ -225,8 +239,8 @@ def test_sigkill_at_random_moments(ckpts, tmp_path):
     ref = tmp_path / "ref"
     done = subprocess.run(command(ref), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    out, kills = tmp_path / "run", []
-    targets = sorted(random.Random(1902).sample(range(2, 200, 2), 3))
+    out, kills, rng = tmp_path / "run", [], random.Random(1902)
+    targets = sorted(rng.sample(range(2, 200, 2), 3))
     for target in targets:
         proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -236,6 +250,7 @@ def test_sigkill_at_random_moments(ckpts, tmp_path):
             if now and now[0] >= target:
                 break
             time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.02))  # land anywhere: in a batch, in a save, between
         assert proc.poll() is None, "the run ended before it could be killed"
         proc.kill()
         proc.wait()
