@@ -264,7 +264,6 @@ def test_list_units_resnet50(granularity: str, count: int, capsys) -> None:
         assert names[:3] == ["stem", "layer1.0", "layer1.1"] and names[-2] == "layer4.2"
 
 
-@pytest.mark.slow
 def test_demo_under_two_minutes(tmp_path: Path, capsys) -> None:
     t0 = time.perf_counter()
     rc, out, err = cli(["demo", "--out", tmp_path / "demo", "--quiet"], capsys)
