@@ -113,7 +113,7 @@ def evaluate(model: nn.Module, source: Any, device: torch.device) -> dict[str, A
             correct += (logits.argmax(1) == y).sum()
             loss += F.cross_entropy(logits, y, reduction="sum").double()
     n, c = int(source.n), int(correct.item())
-    return {"test_error": 1.0 - c / n, "test_loss": float(loss.item()) / n,
+    return {"test_error": (n - c) / n, "test_loss": float(loss.item()) / n,
             "test_correct": c, "test_n": n}  # fmt: skip
 
 

@@ -87,7 +87,7 @@ def test_files_and_manifest_are_exactly_the_design_layout(run):
     entries = manifest["checkpoints"]
     assert [(e["epoch"], e["file"]) for e in entries] == list(enumerate(names))
     for e in entries:
-        assert e["test_n"] == 360 and e["test_error"] == 1 - e["test_correct"] / 360
+        assert e["test_n"] == 360 and e["test_error"] == (360 - e["test_correct"]) / 360
         assert math.isfinite(e["test_loss"])
     meta = {k: manifest[k] for k in ("arch", "data", "num_classes", "in_shape", "seed", "epochs",
                                      "lr", "momentum", "weight_decay", "batch_size", "schedule",
@@ -142,7 +142,7 @@ def test_recorded_errors_equal_a_fresh_evaluation_exactly(run):
     counts = naive_evaluate(model, states, batches)
     for e, row in zip(manifest["checkpoints"], counts, strict=True):
         assert int(row[0]) == e["test_correct"]
-        assert e["test_error"] == 1 - int(row[0]) / test.n
+        assert e["test_error"] == (test.n - int(row[0])) / test.n
         assert e["test_loss"] == pytest.approx(float(row[2]) / test.n, rel=1e-6)
 
 

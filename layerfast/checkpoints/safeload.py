@@ -119,11 +119,8 @@ def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
             "torch.load(path, weights_only=False) and torch.save just its state dict "
             "(or write it as .safetensors)."
         )
-    first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-    return LayerfastError(
-        f"{path}: cannot be read safely as a weights-only checkpoint ({first}); layerfast never "
-        "unpickles code. Re-save the state dict with torch.save or as .safetensors."
-    )
+    # No global asks for code: the pickle stream itself is broken (random bytes, truncation).
+    return _corrupt(path, exc)
 
 
 def _is_zip(path: Path) -> bool:

@@ -16,7 +16,10 @@ PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LayerfastError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LayerfastError("--device cuda was asked for, but torch sees no CUDA GPU here")
     return dev
