@@ -14,13 +14,11 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import layerfast
 from layerfast.analysis import OUTPUTS, list_units
 from layerfast.errors import LayerfastError
 from layerfast.metrics import COLUMNS
-from layerfast.train import train
 
 SEEDS = 2
 UNITS = ["fc1", "fc2", "fc3", "fc4"]
@@ -28,20 +26,8 @@ DIST_COLUMNS = ["unit", "checkpoint", "l2", "l2_rel", "linf"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: as fast for these tiny models, and several times faster than two
-    on a busy shared CPU (OpenMP barriers spin). Restored for other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("ckpts")
-    train("fcn3x256", "digits", 3, out, device="cpu", progress=False)
-    return out
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

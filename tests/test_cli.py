@@ -24,26 +24,13 @@ import pytest
 import torch
 
 from layerfast.cli import main
-from layerfast.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: as fast for these tiny models, and several times faster than two
-    on a busy shared CPU (OpenMP barriers spin). Restored for other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ckpts")
-    train("fcn3x256", "digits", 3, out, device="cpu", progress=False)
-    return out
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (see conftest.one_thread)."""
 
 
 def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
