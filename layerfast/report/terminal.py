@@ -65,8 +65,9 @@ def summary_table(
     error after rerandom as mean (sd over seeds, sample standard deviation; just the mean for
     one seed); the verdicts for both; every τ at which reinit is critical (the paper's point
     is that critical layers become robust after a few epochs); and, with `distances`, the
-    largest relative ℓ2 distance from θ^0 over τ. The baseline error with its Wilson interval
-    is the header line (it is the same for every unit), the threshold the footer line.
+    largest relative ℓ2 distance from θ^0 over τ. Each row also carries the baseline error, so
+    a row read alone (grep, a pasted line) says what it is compared with; the header line gives
+    the baseline's Wilson interval, the footer the threshold.
     """
     kinds = table["kind"].astype(str)
     base = table[kinds == "baseline"]
@@ -86,7 +87,8 @@ def summary_table(
             if tau_of(cp) is not None and pd.notna(rel):
                 max_rel[unit] = max(max_rel.get(unit, -math.inf), float(rel))
 
-    head = ["unit"]
+    base_cell = _pct(float(base.iloc[0]["error"])) if len(base) else "-"
+    head = ["unit", "baseline"]
     if tau0 is not None:
         head.append(f"reinit@{tau0}")
     if len(rr):
@@ -96,12 +98,12 @@ def summary_table(
         head.append("critical at tau")
     if distances is not None:
         head.append("max l2_rel")
-    right = {j for j, h in enumerate(head) if h.startswith(("reinit@", "rerandom", "max"))}
+    right = {j for j, h in enumerate(head) if h.startswith(("baseline", "reinit@", "rerandom", "max"))}
 
     lines: list[list[str]] = [head]
     pending: list[tuple[list[str], list[str]]] = []
     for unit in units:
-        row = [unit]
+        row = [unit, base_cell]
         verdicts = []
         ri = reinit[reinit["unit"].astype(str) == unit]
         if tau0 is not None:
@@ -144,7 +146,7 @@ def summary_table(
 
     if len(full) and tau0 is not None:
         at0 = full[full["checkpoint"] == tau0]
-        row = ["(all units)", _pct(float(at0["error"].mean())) if len(at0) else "-"]
+        row = ["(all units)", base_cell, _pct(float(at0["error"].mean())) if len(at0) else "-"]
         row += [""] * (len(head) - len(row))
         lines.append(row)
 
