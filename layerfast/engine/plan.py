@@ -68,15 +68,18 @@ def make_plan(prog: Program, keysets: list[set[str]], fanout: bool, max_fanout: 
 
 
 def memory_budget(device: torch.device, fraction: float) -> int:
-    """Bytes the fanned suffix may use: a fraction of free GPU memory, or of available RAM."""
+    """Bytes the fanned suffix may use: a fraction of the device's TOTAL memory (GPU memory, or
+    RAM capped at 8 GiB). Total, not free: the same machine then always picks the same K, so a
+    resumed run adds the same fanned logits as an uninterrupted one; a GPU that is busier than
+    planned is handled by the OOM back-off."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * fraction)
+        _, total = torch.cuda.mem_get_info(device)
+        return int(total * fraction)
     try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
-        avail = 4 << 30
-    return int(min(avail * fraction, 8 << 30))
+        total = 8 << 30
+    return int(min(total * fraction, 8 << 30))
 
 
 def choose_kmax(per_sample_bytes: float, batch: int, budget: int, cap: int) -> int:
