@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call on the GPU machine (H100/H200): build, every `cuda` test, the op and engine
+# benchmarks of issues 2 and 4, logs under $OUT, a short table last. Two phases so each fits the
+# 10-minute limit of one call:
+#   scripts/gpu_session.sh test    # build + cuda tests + op benchmarks      (~5 min)
+#   scripts/gpu_session.sh bench   # build + engine benchmarks vs naive       (~8 min)
+# The build is redone per call (a fresh machine each time); ~1 min with 16 jobs.
+set -uo pipefail
+phase=${1:-test}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+cd "$(dirname "$0")/.."
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1 \
+  || { tail -30 "$OUT/build.log"; exit 1; }
+python3 -m layerfast.info | tee "$OUT/info.txt"
+if [ "$phase" = test ]; then
+  python3 -m pytest -q -m cuda tests/ -p no:cacheprovider -rs 2>&1 | tee "$OUT/cuda-tests.log" | tail -15
+  python3 -m pytest -q tests/test_engine.py tests/test_ops_swap.py tests/test_ops_score.py -p no:cacheprovider 2>&1 \
+    | tee "$OUT/engine-ops-tests.log" | tail -3
+  python3 -m pytest benchmarks/bench_ops.py --benchmark-enable -m cuda -q -p no:cacheprovider \
+    --benchmark-columns=median,iqr --benchmark-sort=name 2>&1 | tee "$OUT/bench-ops.log" | tail -30
+else
+  run() { name=$1; shift; timeout 240 python3 -m layerfast bench --json "$@" > "$OUT/bench-$name.json" 2> "$OUT/bench-$name.err" \
+    || echo "$name failed: $(tail -3 "$OUT/bench-$name.err")"; }
+  run resnet50-block --arch resnet50 --data synthetic:imagenet:10000 --granularity block --checkpoints 5 --seeds 2 --naive-variants 4
+  run resnet50-layer --arch resnet50 --data synthetic:imagenet:10000 --granularity layer --checkpoints 5 --seeds 2 --naive-variants 4 --no-prefix-only
+  run vgg11 --arch vgg11 --data synthetic:cifar:10000 --naive-variants 8
+  run fcn --arch fcn3x256 --data synthetic:cifar:10000 --naive-variants 8
+  python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+print(f"{'case':16s} {'V':>4s} {'naive s':>9s} {'prefix s':>9s} {'layerfast s':>11s} {'x naive':>8s} {'x prefix':>8s}")
+for f in sorted(pathlib.Path(sys.argv[1]).glob("bench-*.json")):
+    try:
+        d = json.loads(f.read_text())
+    except ValueError:
+        continue
+    s = d["seconds"]
+    pre = s.get("prefix_only")
+    print(f"{f.stem[6:]:16s} {d['variants']:4d} {s['naive']:9.1f} {pre or float('nan'):9.2f} {s['layerfast']:11.2f} "
+          f"{s['naive'] / s['layerfast']:8.1f} {(pre / s['layerfast']) if pre else float('nan'):8.2f}")
+PY
+fi
