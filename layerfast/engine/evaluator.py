@@ -271,7 +271,7 @@ class Evaluator:
                 prefix = mod + "."
                 per = [{k[len(prefix):]: t for k, t in dev_ov[i].items() if k.startswith(prefix)}
                        for i in g.members[lo:hi]]
-                stacks[mod] = stack_module(prog.modules[mod], mod, per)
+                stacks[mod] = stack_module(prog.modules[mod], per)
             g.stacks[key] = stacks
         return g.stacks[key]
 

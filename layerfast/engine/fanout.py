@@ -94,6 +94,8 @@ def _step_is_batchwise(prog: Program, i: int, fanned: set[int]) -> bool:
             start_dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("start_dim", 0)
             return _dim_ok(start_dim)
         if s.target in ("view", "reshape"):
+            if len(s.args) < 2:
+                return False
             shape = s.args[1:] if len(s.args) > 2 or not isinstance(s.args[1], tuple | list) else s.args[1]
             first = shape[0] if shape else None
             if not isinstance(first, Ref):
@@ -152,7 +154,7 @@ def fan_plan(prog: Program, start: int, keys: set[str]) -> FanPlan | None:
 # ---- the per-chunk weight stacks -------------------------------------------------------
 
 
-def stack_module(m: nn.Module, name: str, per_variant: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     """Stack K weight sets of module `m` (`per_variant[k]`: key -> tensor override, relative to
     the module; missing keys fall back to the live tensor)."""
 
