@@ -261,6 +261,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
                              seeds=seed_list)
     ev = Evaluator(model, variants, device=device, precision=precision, batch_size=batch_size,
                    fanout=fanout)
+    ev.plan_batch(src)  # B is part of the fingerprint: the planner picks it before the pass
     taus = ck.labels if chosen == "all" else chosen
     # Everything that changes the per-batch sums; threshold and figures do not, so a finished
     # run can be re-judged at another threshold without evaluating again.

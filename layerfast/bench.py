@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
             _sync(device)
             timings[name] = time.perf_counter() - t
             out["precision"] = res.precision
-            out[f"{name}_plan"] = res.plan
+            out[f"{name}_plan"] = {**res.plan, "batch_size": ev.batch_size}
         k = min(args.naive_variants or V, V)
         idx = sorted({round(i * (V - 1) / max(k - 1, 1)) for i in range(k)})
         sub = [variants[i] for i in idx]

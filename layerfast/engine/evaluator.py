@@ -10,8 +10,9 @@ progress and checkpoints. The model leaves exactly as it came (values, device, l
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,16 @@ from torch import nn
 
 from layerfast.engine.fanout import run_fanned, stack_module
 from layerfast.engine.graph import Program, no_inplace_modules
-from layerfast.engine.plan import Group, Plan, choose_kmax, make_plan, memory_budget
+from layerfast.engine.plan import (
+    B_CPU,
+    B_MAX_CUDA,
+    Group,
+    Plan,
+    choose_batch,
+    choose_kmax,
+    make_plan,
+    memory_budget,
+)
 from layerfast.engine.precision import (
     channels_last,
     precision_context,
@@ -65,6 +75,14 @@ def _overrides_of(v: Any) -> Mapping[str, torch.Tensor]:
     raise TypeError(f"a variant must be a mapping of state keys to tensors or have .overrides(), got {type(v)}")
 
 
+def _keys_of(v: Any) -> Iterable[str]:
+    """The state keys a variant overrides, without loading its tensors when it can say so."""
+    keys = getattr(v, "keys", None)
+    if isinstance(keys, tuple) and keys:
+        return keys
+    return _overrides_of(v).keys()
+
+
 def _ops():
     from layerfast import ops
 
@@ -86,7 +104,10 @@ class Evaluator:
         self.variants = list(variants)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 1000)
+        # None: the planner picks B on the first `run`/`plan_batch` with a DataSource; until
+        # then, and for plain iterables (whose batches are already cut), this default stands.
+        self.batch_size = batch_size or (256 if self.device.type == "cuda" else B_CPU)
+        self._batch_fixed = batch_size is not None
         self.fanout = fanout
         self.max_fanout = max_fanout
         self.memory_fraction = memory_fraction
@@ -126,25 +147,68 @@ class Evaluator:
         `on_logits(variant_indices, logits[K, B, C])` sees every block of logits scored, in
         data order per variant (for tests and research code; it costs a host sync)."""
         self._hook = on_logits
+        self.plan_batch(data)
+        t0 = time.perf_counter()
+        with self._on_device() as cl:
+            return self._run(data, start, counts, on_progress, on_checkpoint, checkpoint_every,
+                             cl, t0)
+
+    @contextlib.contextmanager
+    def _on_device(self) -> Iterator[bool]:
+        """The model in eval mode on the device (channels_last where the precision wants it),
+        in-place activations off, inference mode; on exit everything as it came. Yields
+        whether channels_last is on."""
         model, dev = self.model, self.device
         was_training = model.training
         p0 = next(iter(model.parameters()), None)
         home = p0.device if p0 is not None else torch.device("cpu")
         cl = channels_last(self.precision, dev)
-        t0 = time.perf_counter()
         model.eval()
         model.to(dev)
         if cl:
             model.to(memory_format=torch.channels_last)
         try:
             with no_inplace_modules(model), torch.inference_mode():
-                return self._run(data, start, counts, on_progress, on_checkpoint, checkpoint_every,
-                                 cl, t0)
+                yield cl
         finally:
             if cl:
                 model.to(memory_format=torch.contiguous_format)
             model.to(home)
             model.train(was_training)
+
+    def plan_batch(self, data: Any) -> int:
+        """Choose B (samples per batch) for `data` unless the caller fixed it, and return it.
+
+        Measured, not guessed: one probe forward of two zero samples of the data's shape, at
+        the run's precision and layout, gives the bytes per sample of every kept cut and of the
+        largest activation; `plan.choose_batch` turns them into B (up to 4096 on a GPU, up to
+        1000 on the CPU). Deterministic for a model, data shape and machine (total, not free,
+        memory), so a resumed analysis repeats the same B. Idempotent; a plain iterable of
+        batches keeps its own batching."""
+        if self._batch_fixed or not (hasattr(data, "batches") and hasattr(data, "shape")):
+            return self.batch_size
+        self._batch_fixed = True
+        keysets = [set(_keys_of(v)) for v in self.variants]
+        with self._on_device() as cl:
+            prog = Program(self.model)
+            plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
+            x = torch.zeros((2, *data.shape), device=self.device)
+            if cl and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            cache: dict[int, torch.Tensor] = {}
+            try:
+                with precision_context(self.precision, self.device):
+                    prog.run(x, 0, keep=set(plan.cuts), saved=cache)
+            except Exception:  # noqa: BLE001 - the real pass reports the model's error properly
+                return self.batch_size
+        sizes = [t.numel() * t.element_size() / 2 for t in cache.values()
+                 if isinstance(t, torch.Tensor)]
+        peak = max(sizes + [x[0].numel() * x.element_size()])
+        k = max([min(len(g.members), self.max_fanout) for g in plan.groups if g.fan], default=1)
+        upper = B_MAX_CUDA if self.device.type == "cuda" else B_CPU
+        budget = memory_budget(self.device, self.memory_fraction)
+        self.batch_size = choose_batch(sum(sizes), peak, k, budget, upper)
+        return self.batch_size
 
     def _batches(self, data: Any, start: int, cl: bool) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         dev = self.device

@@ -82,6 +82,30 @@ def memory_budget(device: torch.device, fraction: float) -> int:
     return int(min(total * fraction, 8 << 30))
 
 
+B_MIN = 32  # below this, per-batch overheads dominate whatever the model
+B_MAX_CUDA = 4096  # the largest batch the planner picks on a GPU (see `choose_batch`)
+B_CPU = 1000  # CPU default and ceiling: throughput is flat beyond a few hundred samples there
+
+
+def choose_batch(kept: float, peak: float, k: int, budget: int, upper: int) -> int:
+    """B, samples per batch, when the caller did not fix it (DESIGN.md §7.3).
+
+    One batch holds, per sample, every kept cut activation (`kept` bytes) plus a fanned suffix of
+    K variants whose largest activation is `peak` bytes (×4: input, output and two temporaries
+    alive at once, as in `choose_kmax`). B is the largest of `upper`, then powers of two below
+    it, whose need B·(kept + 4·peak·k) fits `budget`; at least `B_MIN`. `k` is the largest fanned
+    group (capped), so every group then also fits whole: the planner prefers one batch that
+    carries every variant of a unit over a bigger batch that needs several chunks.
+    Why large B at all on a GPU: small models (an FCN, VGG at 32²) launch a few kernels per
+    variant and batch, so samples per launch, not FLOPs, set their speed.
+    """
+    need = max(kept + 4 * peak * max(k, 1), 1.0)
+    b = upper
+    while b > B_MIN and b * need > budget:
+        b = 1 << ((b - 1).bit_length() - 1)  # the next power of two below b
+    return max(B_MIN, min(b, upper))
+
+
 def choose_kmax(per_sample_bytes: float, batch: int, budget: int, cap: int) -> int:
     """K such that K·B samples of suffix activations fit the budget (at least 1)."""
     need = max(per_sample_bytes, 1.0) * batch
