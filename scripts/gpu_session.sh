@@ -4,6 +4,10 @@
 # 10-minute limit of one call:
 #   scripts/gpu_session.sh test    # build + cuda tests + op benchmarks      (~5 min)
 #   scripts/gpu_session.sh bench   # build + engine benchmarks vs naive       (~8 min)
+#   scripts/gpu_session.sh repro-a # issue 6: FCN 100 epochs + VGG-11 (padded F-MNIST), analyzed
+#   scripts/gpu_session.sh repro-b # issue 6: CIFAR ResNet-20 at block granularity, analyzed
+# Epochs per experiment: FCN_EPOCHS, VGG_EPOCHS, RESNET_EPOCHS (default 100, the paper's).
+# Smoke test of the script without a GPU: SKIP_BUILD=1 DEVICE=cpu MAX_SAMPLES=256 *_EPOCHS=1.
 # The build is redone per call (a fresh machine each time); ~1 min with 16 jobs.
 set -uo pipefail
 phase=${1:-test}
@@ -12,7 +16,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1 \
+[ -n "${SKIP_BUILD:-}" ] || python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1 \
   || { tail -30 "$OUT/build.log"; exit 1; }
 python3 -m layerfast.info | tee "$OUT/info.txt"
 if [ "$phase" = test ]; then
@@ -21,6 +25,28 @@ if [ "$phase" = test ]; then
     | tee "$OUT/engine-ops-tests.log" | tail -3
   python3 -m pytest benchmarks/bench_ops.py --benchmark-enable -m cuda -q -p no:cacheprovider \
     --benchmark-columns=median,iqr --benchmark-sort=name 2>&1 | tee "$OUT/bench-ops.log" | tail -30
+elif [ "$phase" = repro-a ] || [ "$phase" = repro-b ]; then
+  # Train with `layerfast train`, analyze in fp32 with `layerfast analyze`; everything the
+  # commands write (checkpoints excepted: they are large) comes back under $OUT/repro/.
+  dev=${DEVICE:-cuda}; cap=(); [ -n "${MAX_SAMPLES:-}" ] && cap=(--max-samples "$MAX_SAMPLES")
+  repro() { name=$1 arch=$2 epochs=$3 lr=$4; shift 4
+    ck=/tmp/ckpts/$name; res=$OUT/repro/$name; mkdir -p "$res"
+    echo "== $name: $arch, $epochs epochs, lr $lr"
+    timeout 400 python3 -m layerfast train --arch "$arch" --data fashion-mnist --epochs "$epochs" \
+      --lr "$lr" --device "$dev" "${cap[@]}" --out "$ck" --overwrite > "$res/train.log" 2>&1 \
+      || { echo "$name: train failed: $(tail -c 400 "$res/train.log")"; return; }
+    cp "$ck/manifest.json" "$res/"
+    timeout 150 python3 -m layerfast analyze --arch "$arch" --ckpts "$ck" --data fashion-mnist \
+      --seeds 3 --device "$dev" "${cap[@]}" --precision fp32 --out "$res/analysis" "$@" > "$res/summary.txt" \
+      2> "$res/analyze.err" || echo "$name: analyze failed: $(tail -3 "$res/analyze.err")"
+    rm -f "$res/analysis/progress.sqlite"; grep -o '"train_seconds": [0-9.]*' "$ck/manifest.json"; }
+  if [ "$phase" = repro-a ]; then
+    repro fcn100 fcn3x256 "${FCN_EPOCHS:-100}" 0.05
+    repro vgg11 vgg11 "${VGG_EPOCHS:-100}" 0.02
+  else
+    repro resnet20 resnet20 "${RESNET_EPOCHS:-100}" 0.1 --granularity block
+  fi
+  for f in "$OUT"/repro/*/summary.txt; do [ -f "$f" ] && { echo "== $f"; cat "$f"; }; done
 else
   run() { name=$1; shift; timeout 240 python3 -m layerfast bench --json "$@" > "$OUT/bench-$name.json" 2> "$OUT/bench-$name.err" \
     || echo "$name failed: $(tail -3 "$OUT/bench-$name.err")"; }
