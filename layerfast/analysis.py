@@ -230,7 +230,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
             batch_size: int | None = None, max_samples: int | None = None,
             out: str | os.PathLike[str] | None = None, final: int | None = None,
             fresh: bool = False, progress: bool = True, figures: bool = True,
-            fanout: bool = True, checkpoint_every: float | None = None) -> Analysis:
+            fanout: bool | None = None, checkpoint_every: float | None = None) -> Analysis:
     """Reset every unit of the final model to each checkpoint τ and to fresh draws, evaluate all
     variants in one data pass, and write results.csv, distances.csv, run.json and the figures.
 
@@ -271,7 +271,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
         "granularity": granularity, "units": patterns, "bn": bn, "reset": resets,
         "checkpoints": taus, "seeds": seed_list, "variants": len(variants),
         "device": str(ev.device), "precision": ev.precision, "batch_size": ev.batch_size,
-        "fanout": fanout, "max_fanout": ev.max_fanout,
+        "fanout": ev.fanout, "max_fanout": ev.max_fanout,
     }
     t_build = time.perf_counter() - t0
     path = _out_dir(out, arch, fingerprint)

@@ -62,7 +62,11 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--final", type=int, default=None, help="label of the final model (default: largest)")
     a.add_argument("--out", default=None, help="output dir (default layerfast-out/<arch>-<time>)")
     a.add_argument("--fresh", action="store_true", help="discard a previous run's progress in --out")
-    a.add_argument("--no-fanout", action="store_true", help="run each variant alone (bit-exact swap path)")
+    a.add_argument("--fanout", default="auto", choices=["auto", "on", "off"],
+                   help="run variants of one unit as one wide computation: auto = on for CUDA, off "
+                        "for the CPU (measured faster there); off = bit-exact swap path")
+    a.add_argument("--no-fanout", dest="fanout", action="store_const", const="off",
+                   help="same as --fanout off")
     a.add_argument("--list-units", action="store_true", help="print the units (and variants) and exit")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     _common_eval(a)
@@ -122,7 +126,8 @@ def _analyze(args: argparse.Namespace) -> int:
                   checkpoints=args.checkpoints, seeds=args.seeds, threshold=args.threshold,
                   device=args.device, precision=args.precision, batch_size=args.batch_size,
                   max_samples=args.max_samples, out=args.out, final=args.final, fresh=args.fresh,
-                  progress=not args.quiet, fanout=not args.no_fanout)
+                  progress=not args.quiet,
+                  fanout={"auto": None, "on": True, "off": False}[args.fanout])
     print(res.summary())
     print(f"\n{res.run['variants']} variants × {res.run['n']} samples in {res.run['seconds']:.1f} s "
           f"({res.run['device']}, {res.run['precision']}); results in {res.out}/")

@@ -261,3 +261,21 @@ def test_demo_under_two_minutes(tmp_path: Path, capsys) -> None:
     assert str(report) in out and "heatmap.png" in out
     for name in ("results.csv", "distances.csv", "run.json", "heatmap.png", "distances.png"):
         assert (report / name).is_file()
+
+
+@pytest.mark.parametrize("argv, want", [([], "auto"), (["--fanout", "on"], "on"),
+                                        (["--no-fanout"], "off"), (["--fanout", "off"], "off")])
+def test_fanout_flag(argv: list[str], want: str) -> None:
+    from layerfast.cli import parser
+
+    args = parser().parse_args(["analyze", "--arch", "fcn3x256", "--ckpts", "x", *argv])
+    assert args.fanout == want
+
+
+def test_fanout_on_is_recorded_in_run_json(ckpts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "on"
+    rc = main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--data", "digits",
+               "--reset", "reinit", "--device", "cpu", "--fanout", "on", "--quiet", "--out", str(out)])
+    assert rc == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["engine"]["plan"]["fanned_variants"] > 0, run["engine"]

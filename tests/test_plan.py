@@ -12,7 +12,7 @@ from torch import nn
 
 from layerfast.data import open_data, to_device
 from layerfast.engine import Evaluator, naive_evaluate
-from layerfast.engine.plan import B_CPU, B_MIN, choose_batch
+from layerfast.engine.plan import B_CPU, B_MIN, CPU_TENSOR_CAP, choose_batch
 
 
 def test_choose_batch_fits_the_budget_and_prefers_large():
@@ -81,3 +81,37 @@ def test_small_budget_shrinks_batch_and_keeps_results(fanout, monkeypatch):
     else:
         assert torch.equal(res.counts[:, 0], ref[:, 0])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cpu_tensor_cap_keeps_activations_cache_sized():
+    # ResNet-20-like at 28²: 16×28×28 fp32 = 50 kB per sample -> 128 samples (6.4 MB ≤ 8 MB)
+    assert choose_batch(5e5, 50176, 1, 4 << 30, B_CPU, CPU_TENSOR_CAP) == 128
+    assert choose_batch(5e5, 50176, 1, 4 << 30, B_CPU) == B_CPU  # no cap: memory allows 1000
+    assert choose_batch(3e3, 3136, 1, 4 << 30, B_CPU, CPU_TENSOR_CAP) == B_CPU  # the FCN
+
+
+def test_fanout_defaults_off_on_cpu_and_planned_batch_follows_the_cap():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    src = open_data("synthetic:cifar:64", split="test")  # 3×32×32
+    model[0] = nn.Conv2d(3, 16, 3, padding=1)
+    variants = [{"2.weight": torch.zeros(16, 16, 3, 3)}, {"6.bias": torch.ones(10)}]
+    ev = Evaluator(model, variants, device="cpu")
+    assert ev.fanout is False
+    assert Evaluator(model, variants, device="cpu", fanout=True).fanout is True
+    # 16×32×32 fp32 = 64 kB per sample: 8 MB allows 128
+    assert ev.plan_batch(src) == 128
+
+
+def test_analysis_fanout_on_matches_default_on_cpu(tmp_path, ckpts):
+    from layerfast import analyze
+
+    kw = dict(data="digits", seeds=2, device="cpu", precision="fp32", progress=False,
+              figures=False)
+    a = analyze("fcn3x256", ckpts, out=tmp_path / "a", **kw)
+    b = analyze("fcn3x256", ckpts, out=tmp_path / "b", fanout=True, **kw)
+    assert a.run["batch_size"] == b.run["batch_size"] == B_CPU
+    n = a.run["n"]
+    diff = ((a.table["error"] - b.table["error"]) * n).round().abs()
+    assert diff.max() <= 1, diff.max()

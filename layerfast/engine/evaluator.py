@@ -24,6 +24,7 @@ from layerfast.engine.graph import Program, no_inplace_modules
 from layerfast.engine.plan import (
     B_CPU,
     B_MAX_CUDA,
+    CPU_TENSOR_CAP,
     Group,
     Plan,
     choose_batch,
@@ -98,7 +99,7 @@ class Evaluator:
     """
 
     def __init__(self, model: nn.Module, variants: Sequence[Any], device: str | torch.device = "auto",
-                 precision: str = "auto", batch_size: int | None = None, fanout: bool = True,
+                 precision: str = "auto", batch_size: int | None = None, fanout: bool | None = None,
                  max_fanout: int = 32, memory_fraction: float = 0.5) -> None:
         self.model = model
         self.variants = list(variants)
@@ -108,7 +109,11 @@ class Evaluator:
         # then, and for plain iterables (whose batches are already cut), this default stands.
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else B_CPU)
         self._batch_fixed = batch_size is not None
-        self.fanout = fanout
+        # Fan-out is for the GPU (one wide kernel instead of K small ones). On 2 CPU cores it
+        # measured no faster than prefix sharing alone (FCN, ResNet-20, VGG-11: within the
+        # machine's run-to-run noise, BENCHMARKS.md), and the swap path is bit-exact, so None
+        # means "on for CUDA, off for the CPU".
+        self.fanout = (self.device.type == "cuda") if fanout is None else bool(fanout)
         self.max_fanout = max_fanout
         self.memory_fraction = memory_fraction
 
@@ -205,9 +210,10 @@ class Evaluator:
                  if isinstance(t, torch.Tensor)]
         peak = max(sizes + [x[0].numel() * x.element_size()])
         k = max([min(len(g.members), self.max_fanout) for g in plan.groups if g.fan], default=1)
-        upper = B_MAX_CUDA if self.device.type == "cuda" else B_CPU
+        cuda = self.device.type == "cuda"
         budget = memory_budget(self.device, self.memory_fraction)
-        self.batch_size = choose_batch(sum(sizes), peak, k, budget, upper)
+        self.batch_size = choose_batch(sum(sizes), peak, k, budget, B_MAX_CUDA if cuda else B_CPU,
+                                       None if cuda else CPU_TENSOR_CAP)
         return self.batch_size
 
     def _batches(self, data: Any, start: int, cl: bool) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
