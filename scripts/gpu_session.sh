@@ -7,6 +7,7 @@
 #   scripts/gpu_session.sh repro-a # issue 6: FCN 100 epochs + VGG-11 (padded F-MNIST), analyzed
 #   scripts/gpu_session.sh repro-b # issue 6: CIFAR ResNet-20 at block granularity, analyzed
 # Epochs per experiment: FCN_EPOCHS, VGG_EPOCHS, RESNET_EPOCHS (default 100, the paper's).
+# RESNET_ARCH=resnet18_cifar runs the wider CIFAR ResNet-18 in repro-b instead of ResNet-20.
 # Smoke test of the script without a GPU: SKIP_BUILD=1 DEVICE=cpu MAX_SAMPLES=256 *_EPOCHS=1.
 # The build is redone per call (a fresh machine each time); ~1 min with 16 jobs.
 set -uo pipefail
@@ -44,7 +45,7 @@ elif [ "$phase" = repro-a ] || [ "$phase" = repro-b ]; then
     repro fcn100 fcn3x256 "${FCN_EPOCHS:-100}" 0.05
     repro vgg11 vgg11 "${VGG_EPOCHS:-100}" 0.02
   else
-    repro resnet20 resnet20 "${RESNET_EPOCHS:-100}" 0.1 --granularity block
+    repro "${RESNET_ARCH:-resnet20}" "${RESNET_ARCH:-resnet20}" "${RESNET_EPOCHS:-100}" 0.1 --granularity block
   fi
   for f in "$OUT"/repro/*/summary.txt; do [ -f "$f" ] && { echo "== $f"; cat "$f"; }; done
 else
