@@ -184,3 +184,25 @@ def test_list_units_resnet50(granularity, count, first, last) -> None:
         assert names[1:-1] == [f"layer{s}.{b}" for s, n in depth.items() for b in range(n)]
     if granularity == "stage":
         assert names[1:-1] == ["layer1", "layer2", "layer3", "layer4"]
+
+
+@pytest.mark.cuda
+def test_cuda_analysis_matches_cpu(run, ckpts, manifest, tmp_path) -> None:
+    """The whole analysis on the GPU, fp32 (TF32 off): planned batch, fan-out on by default,
+    on-device scoring. Counts equal the CPU run's up to one near-tie flip per variant; the
+    exact invariants (reinit to final τ = baseline, bit for bit) hold on the GPU too."""
+    res = layerfast.analyze("fcn3x256", ckpts, data="digits", seeds=SEEDS, device="cuda",
+                            precision="fp32", out=tmp_path / "gpu", progress=False)
+    assert res.run["device"].startswith("cuda")
+    assert res.run["engine"]["plan"]["fanned_variants"] > 0, res.run["engine"]["plan"]
+    assert res.run["batch_size"] >= 32
+    cpu, gpu = run.table, res.table
+    assert list(cpu["unit"]) == list(gpu["unit"]) and list(cpu["kind"]) == list(gpu["kind"])
+    n = int(cpu["n"].iloc[0])
+    flips = ((cpu["error"] - gpu["error"]) * n).round().abs()
+    print(f"max flips per variant {flips.max()}, over {len(flips)} variants")
+    assert flips.max() <= 1
+    base = gpu[gpu["kind"] == "baseline"]["error"].iloc[0]
+    final = manifest["checkpoints"][-1]["epoch"]
+    last = gpu[(gpu["kind"] == "reinit") & (gpu["checkpoint"] == final)]
+    assert (last["error"] == base).all()
