@@ -279,3 +279,16 @@ def test_fanout_on_is_recorded_in_run_json(ckpts: Path, tmp_path: Path) -> None:
     assert rc == 0
     run = json.loads((out / "run.json").read_text())
     assert run["engine"]["plan"]["fanned_variants"] > 0, run["engine"]
+
+
+def test_bench_runs_both_modes_and_the_naive_loop_side_by_side(capsys) -> None:
+    assert main(["bench", "--device", "cpu", "--max-samples", "120", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["seconds"]) == {"layerfast", "fanout", "naive"}  # CPU: default is prefix only
+    assert out["layerfast_fanout"] is False and out["fanout_fanout"] is True
+    assert out["n"] == 120 and out["variants"] == 29 and not out["naive_scaled"]
+    assert out["layerfast_plan"]["batch_size"] == 1000
+    assert all(v > 0 for v in out["seconds"].values())
+    assert main(["bench", "--device", "cpu", "--max-samples", "120", "--naive-variants", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "(fan-out off, B=1000)" in text and "timed on 3 of 29 variants, scaled" in text
