@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--fresh", action="store_true", help="discard a previous run's progress in --out")
     a.add_argument("--fanout", default="auto", choices=["auto", "on", "off"],
                    help="run variants of one unit as one wide computation: auto = on for CUDA, off "
-                        "for the CPU (measured faster there); off = bit-exact swap path")
+                        "for the CPU (measured no faster there); off = the bit-exact swap path")
     a.add_argument("--no-fanout", dest="fanout", action="store_const", const="off",
                    help="same as --fanout off")
     a.add_argument("--list-units", action="store_true", help="print the units (and variants) and exit")
