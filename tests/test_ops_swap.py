@@ -247,18 +247,13 @@ def test_swap_compiles():
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
-    """The parameter shapes of torchvision's ResNet-50 (161 tensors, 25.6M parameters)."""
-    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
-    inplanes = 64
-    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for i in range(blocks):
-            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,)]
-            shapes += [(planes, planes, 3, 3), (planes,), (planes,)]
-            shapes += [(planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
-            if i == 0:
-                shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
-            inplanes = planes * 4
-    return shapes + [(1000, 2048), (1000,)]
+    """The parameter shapes of torchvision's ResNet-50 (161 tensors, 25.6M parameters), read
+    off the registry's torchvision-exact model built on the meta device (no memory, no init)."""
+    from layerfast.models.resnet import imagenet_resnet
+
+    with torch.device("meta"):
+        model = imagenet_resnet("resnet50", 1000, (3, 224, 224))
+    return [tuple(p.shape) for p in model.parameters()]
 
 
 def _cuda_kernels(fn) -> list[str]:
