@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,8 @@ from torch import nn
 from layerfast.checkpoints import CheckpointDir
 from layerfast.distances import COLUMNS, distances
 from layerfast.errors import LayerfastError
+from layerfast.units import Unit
 from layerfast.variants import make_variants
-
-try:
-    from layerfast.units import Unit
-except ImportError:  # units.py is written by another engineer; same structure
-
-    @dataclass(frozen=True)
-    class Unit:  # type: ignore[no-redef]
-        name: str
-        modules: tuple[str, ...]
-        keys: tuple[str, ...]
 
 
 class Net(nn.Module):

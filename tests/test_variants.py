@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,17 +10,8 @@ from torch import nn
 
 from layerfast.checkpoints import CheckpointDir
 from layerfast.errors import LayerfastError
+from layerfast.units import Unit
 from layerfast.variants import Variant, derive_seed, make_variants, rerandom_draw
-
-try:
-    from layerfast.units import Unit
-except ImportError:  # units.py is written by another engineer; same structure
-
-    @dataclass(frozen=True)
-    class Unit:  # type: ignore[no-redef]
-        name: str
-        modules: tuple[str, ...]
-        keys: tuple[str, ...]
 
 
 class Tiny(nn.Module):
