@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> dict:
     from layerfast.checkpoints import CheckpointDir
     from layerfast.data import open_data
     from layerfast.engine import Evaluator
+    from layerfast.engine.flops import floor_report
     from layerfast.engine.precision import resolve_device
     from layerfast.models import build_model
     from layerfast.units import make_units
@@ -122,6 +123,8 @@ def run(args: argparse.Namespace) -> dict:
             timings[name] = time.perf_counter() - t
             out["precision"] = res.precision
             out[f"{name}_plan"] = {**res.plan, "batch_size": ev.batch_size}
+            if name == "layerfast":
+                plan = ev.last_plan
         k = min(args.naive_variants or V, V)
         idx = sorted({round(i * (V - 1) / max(k - 1, 1)) for i in range(k)})
         sub = [variants[i] for i in idx]
@@ -132,6 +135,9 @@ def run(args: argparse.Namespace) -> dict:
         out["seconds"] = {k: round(v, 4) for k, v in timings.items()}
         out["variant_images_per_s"] = {k: V * n / v for k, v in timings.items()}
         out["speedup_vs_naive"] = {k: timings["naive"] / v for k, v in timings.items() if k != "naive"}
+        floor = floor_report(model, plan, tuple(src.shape), V, n, device, out["precision"])
+        out["floor"] = floor
+        out["times_floor"] = {k: v / floor["seconds_measured_rate"] for k, v in timings.items()}
     return out
 
 
@@ -154,4 +160,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"{name:14s} {secs:10.3f} {speed:15.0f} {ratio:8.1f}{how}")
     if scaled:
         print(f"naive{scaled}; naive = load weights, DataLoader pass, fp32, .item() per batch")
+    f = out["floor"]
+    g = f["gflop_per_sample"]
+    sheet = (f"; {f['seconds_datasheet_rate']:.3f} s at the datasheet's {f['rate_tflops_datasheet']:.0f}"
+             if f["rate_tflops_datasheet"] else "")
+    print(f"compute floor: {g['needed']:.3g} GFLOP/sample (forward {g['forward']:.3g} + suffixes "
+          f"{g['suffixes']:.3g}; naive computes {g['naive']:.3g}) = {f['seconds_measured_rate']:.3f} s "
+          f"at the measured {f['rate_tflops_measured']:.3g} TFLOP/s{sheet}; "
+          f"layerfast at {out['times_floor']['layerfast']:.1f}× the floor")
     return 0

@@ -68,7 +68,8 @@ else
   run fcn --arch fcn3x256 --data synthetic:cifar:10000 --naive-variants 8
   python3 - "$OUT" <<'PY'
 import json, pathlib, sys
-print(f"{'case':16s} {'V':>4s} {'naive s':>9s} {'prefix s':>9s} {'layerfast s':>11s} {'x naive':>8s} {'x prefix':>8s}")
+print(f"{'case':16s} {'V':>4s} {'naive s':>9s} {'prefix s':>9s} {'layerfast s':>11s} {'x naive':>8s} {'x prefix':>8s}"
+      f" {'floor s':>8s} {'/floor':>7s} {'B':>5s}")
 for f in sorted(pathlib.Path(sys.argv[1]).glob("bench-*.json")):
     try:
         d = json.loads(f.read_text())
@@ -77,6 +78,8 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("bench-*.json")):
     s = d["seconds"]
     pre = s.get("prefix_only")
     print(f"{f.stem[6:]:16s} {d['variants']:4d} {s['naive']:9.1f} {pre or float('nan'):9.2f} {s['layerfast']:11.2f} "
-          f"{s['naive'] / s['layerfast']:8.1f} {(pre / s['layerfast']) if pre else float('nan'):8.2f}")
+          f"{s['naive'] / s['layerfast']:8.1f} {(pre / s['layerfast']) if pre else float('nan'):8.2f}"
+          f" {d['floor']['seconds_measured_rate']:8.2f} {d['times_floor']['layerfast']:7.1f}"
+          f" {d['layerfast_plan']['batch_size']:5d}")
 PY
 fi

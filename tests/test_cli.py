@@ -289,6 +289,13 @@ def test_bench_runs_both_modes_and_the_naive_loop_side_by_side(capsys) -> None:
     assert out["n"] == 120 and out["variants"] == 29 and not out["naive_scaled"]
     assert out["layerfast_plan"]["batch_size"] == 1000
     assert all(v > 0 for v in out["seconds"].values())
+    # the compute floor: FCN 3×256 on 8×8 digits is 64·256 + 2·256·256 + 256·10 MACs a sample
+    g = out["floor"]["gflop_per_sample"]
+    assert g["forward"] * 1e9 == pytest.approx(2 * (64 * 256 + 2 * 256 * 256 + 256 * 10))
+    assert g["naive"] == pytest.approx(29 * g["forward"]) and g["forward"] < g["needed"] < g["naive"]
+    assert out["floor"]["seconds_measured_rate"] > 0 and out["floor"]["rate_tflops_datasheet"] is None
+    assert set(out["times_floor"]) == set(out["seconds"])
     assert main(["bench", "--device", "cpu", "--max-samples", "120", "--naive-variants", "3"]) == 0
     text = capsys.readouterr().out
     assert "(fan-out off, B=1000)" in text and "timed on 3 of 29 variants, scaled" in text
+    assert "compute floor:" in text and "× the floor" in text

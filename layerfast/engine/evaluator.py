@@ -243,6 +243,7 @@ class Evaluator:
         keysets = [set() if all(torch.equal(t, live[k]) for k, t in o.items()) else set(o)
                    for o in dev_ov]
         plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
+        self.last_plan = plan  # for the compute floor (engine.flops) and for inspection
         V = len(self.variants)
         acc = torch.zeros(V + 1, 4, dtype=torch.float64, device=self.device)  # row V: baseline
         if counts is not None:

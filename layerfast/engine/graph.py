@@ -212,11 +212,13 @@ class Program:
         raise RuntimeError(f"unexpected step {s.op}")
 
     def run(self, x: torch.Tensor, start: int = 0, keep: set[int] | None = None,
-            saved: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+            saved: dict[int, torch.Tensor] | None = None,
+            after_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """Run from cut `start` (whose carrier value is `x`) to the output.
 
         With `keep`, the carrier values at those cuts are stored into `saved` (cloned when the
-        graph mutates values in place, so the cache is never corrupted by later steps)."""
+        graph mutates values in place, so the cache is never corrupted by later steps).
+        `after_step(i)` is called once step i has run (the FLOP counter uses it)."""
         env: dict[int, Any] = {self.carrier[start] if start else 0: x}
         for s in self.steps[: start + 1]:
             if s.op == "get_attr":  # parameter reads are not state: re-read them
@@ -226,6 +228,8 @@ class Program:
             if s.op == "output":
                 return _map_refs(s.args, lambda r: env[r.index])[0]
             env[s.index] = self.eval_step(s, env)
+            if after_step is not None:
+                after_step(s.index)
             if keep is not None and s.index in keep and saved is not None:
                 v = env[self.carrier[s.index]]
                 saved[s.index] = v.clone() if self.has_inplace else v

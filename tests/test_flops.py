@@ -1,0 +1,106 @@
+"""The compute floor's FLOP accounting (engine.flops) against hand counts and against running
+each suffix under torch's own FLOP counter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from layerfast.engine import Evaluator
+from layerfast.engine.flops import cumulative_flops, datasheet_rate, measure_rate, pass_flops
+from layerfast.engine.graph import Program
+from layerfast.engine.plan import make_plan
+from layerfast.models import build_model
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                         nn.Linear(256, 10)).eval()
+
+
+def test_mlp_counts_equal_the_hand_count() -> None:
+    model = _mlp()
+    macs = {"1": 64 * 256, "3": 256 * 256, "5": 256 * 10}
+    keysets = [{"1.weight"}, {"1.weight"}, {"3.weight", "3.bias"}, {"5.bias"}, set()]
+    plan = make_plan(Program(model), keysets, fanout=False, max_fanout=32)
+    f = pass_flops(model, plan, (1, 8, 8), n_variants=len(keysets))
+    forward = 2 * sum(macs.values())
+    assert f.forward == forward
+    # two variants from the input, one from after layer 1, one only the head; the empty one is
+    # the baseline itself and costs nothing
+    assert f.suffixes == 2 * forward + 2 * (macs["3"] + macs["5"]) + 2 * macs["5"]
+    assert f.naive == 5 * forward and f.needed == f.forward + f.suffixes
+
+
+def test_every_cut_suffix_equals_torchs_count_of_running_it() -> None:
+    """For a real residual net, `forward - cum[c]` is what running the suffix from cut c costs."""
+    model, _ = build_model("resnet20", 10, (3, 32, 32))
+    model.eval()
+    prog = Program(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        cum = cumulative_flops(prog, x)
+        with FlopCounterMode(display=False) as fc:
+            model(x)
+        assert cum[-1] == fc.get_total_flops() > 0
+        assert all(a <= b for a, b in zip(cum, cum[1:], strict=False))
+        cache: dict[int, torch.Tensor] = {}
+        prog.run(x, 0, keep=set(prog.cuts), saved=cache)
+        assert len(prog.cuts) > 5
+        for c in prog.cuts[1:]:
+            with FlopCounterMode(display=False) as fc:
+                prog.run(cache[c], c)
+            assert fc.get_total_flops() == cum[-1] - cum[c], c
+
+
+def test_untraceable_model_counts_full_forwards() -> None:
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 1e9:  # data-dependent control flow: fx cannot trace this
+                x = x * 2
+            return self.b(self.a(x.flatten(1)).relu())
+
+    model = Untraceable()
+    prog = Program(model)
+    assert not prog.traced
+    plan = make_plan(prog, [{"b.weight"}, {"a.bias"}], fanout=False, max_fanout=32)
+    f = pass_flops(model, plan, (16,), n_variants=2)
+    assert f.forward == 2 * (16 * 32 + 32 * 4)
+    assert f.suffixes == 2 * f.forward  # no cut can be proven: each variant runs it all
+
+
+def test_evaluator_keeps_its_plan_and_the_floor_follows_it() -> None:
+    model = _mlp()
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    variants = [{"5.weight": torch.zeros(10, 256)}, {"1.weight": torch.zeros(256, 64)},
+                {"3.weight": final["3.weight"]}]  # equal to the live weights: the baseline
+    ev = Evaluator(model, variants, device="cpu", precision="fp32", batch_size=8)
+    ev.run([(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))])
+    assert ev.last_plan.same_as_baseline == [2]
+    f = pass_flops(model, ev.last_plan, (1, 8, 8), n_variants=3)
+    assert f.suffixes == f.forward + 2 * 256 * 10
+
+
+def test_rates() -> None:
+    rate = measure_rate(torch.device("cpu"), "fp32", seconds=0.05)
+    assert math.isfinite(rate) and 1e8 < rate < 1e14
+    assert datasheet_rate(torch.device("cpu"), "bf16") is None
+
+
+@pytest.mark.cuda
+def test_rates_cuda() -> None:
+    dev = torch.device("cuda")
+    rate = measure_rate(dev, "bf16", seconds=0.2)
+    sheet = datasheet_rate(dev, "bf16")
+    assert rate > 1e13
+    if sheet is not None:
+        assert rate < 1.05 * sheet
