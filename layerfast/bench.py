@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                   help="also profile the default mode on up to --profile-samples samples "
+                        "(torch.profiler) and write the op table, by self device time, to FILE")
+    p.add_argument("--profile-samples", type=int, default=2048)
 
 
 def _synthetic_ckpts(model: torch.nn.Module, n: int, where: Path) -> None:
@@ -78,6 +82,30 @@ def naive_pass(model, variants, src, device, batch_size: int) -> float:
             model.load_state_dict(saved, strict=False)
     _sync(device)
     return time.perf_counter() - t
+
+
+def profile_pass(ev, src, path: Path, rows: int = 40) -> dict:
+    """Run `ev` over `src` under torch.profiler (after one warm-up pass), write the op table
+    sorted by self time on the device (the CPU's when there is no GPU) to `path`, and return
+    the top ops with their share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ev.device.type == "cuda"
+    ev.run(src)  # warm-up: planning, cuDNN autotuning, allocator
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        ev.run(src)
+        _sync(ev.device)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    if cuda and events and not hasattr(events[0], attr):
+        attr = "self_cuda_time_total"
+    path.write_text(events.table(sort_by=attr, row_limit=rows))
+    total = sum(getattr(e, attr) for e in events) or 1
+    top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:15]
+    return {"file": str(path), "samples": src.n, "time": attr, "total_ms": total / 1e3,
+            "top": [{"op": e.key, "ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total,
+                     "calls": e.count} for e in top]}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -135,6 +163,11 @@ def run(args: argparse.Namespace) -> dict:
         out["seconds"] = {k: round(v, 4) for k, v in timings.items()}
         out["variant_images_per_s"] = {k: V * n / v for k, v in timings.items()}
         out["speedup_vs_naive"] = {k: timings["naive"] / v for k, v in timings.items() if k != "naive"}
+        if args.profile is not None:
+            sub_src = open_data(args.data, split="test", max_samples=min(n, args.profile_samples))
+            ev = Evaluator(model, variants, device=device, precision=args.precision,
+                           batch_size=args.batch_size)
+            out["profile"] = profile_pass(ev, sub_src, args.profile)
         floor = floor_report(model, plan, tuple(src.shape), V, n, device, out["precision"])
         out["floor"] = floor
         out["times_floor"] = {k: v / floor["seconds_measured_rate"] for k, v in timings.items()}
@@ -168,4 +201,10 @@ def main(args: argparse.Namespace) -> int:
           f"{g['suffixes']:.3g}; naive computes {g['naive']:.3g}) = {f['seconds_measured_rate']:.3f} s "
           f"at the measured {f['rate_tflops_measured']:.3g} TFLOP/s{sheet}; "
           f"layerfast at {out['times_floor']['layerfast']:.1f}× the floor")
+    if "profile" in out:
+        p = out["profile"]
+        print(f"profile of {p['samples']} samples ({p['time']}, total {p['total_ms']:.0f} ms; "
+              f"table in {p['file']}):")
+        for e in p["top"][:8]:
+            print(f"  {e['share']:6.1%} {e['ms']:9.1f} ms {e['calls']:7d}× {e['op'][:70]}")
     return 0

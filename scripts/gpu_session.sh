@@ -62,7 +62,8 @@ elif [ "$phase" = repro-a ] || [ "$phase" = repro-b ]; then
 else
   run() { name=$1; shift; timeout 240 python3 -m layerfast bench --json "$@" > "$OUT/bench-$name.json" 2> "$OUT/bench-$name.err" \
     || echo "$name failed: $(tail -3 "$OUT/bench-$name.err")"; }
-  run resnet50-block --arch resnet50 --data synthetic:imagenet:10000 --granularity block --checkpoints 5 --seeds 2 --naive-variants 4
+  run resnet50-block --arch resnet50 --data synthetic:imagenet:10000 --granularity block --checkpoints 5 --seeds 2 --naive-variants 4 \
+    --profile "$OUT/profile-resnet50-block.txt"
   run resnet50-layer --arch resnet50 --data synthetic:imagenet:10000 --granularity layer --checkpoints 5 --seeds 2 --naive-variants 4 --no-prefix-only
   run vgg11 --arch vgg11 --data synthetic:cifar:10000 --naive-variants 8
   run fcn --arch fcn3x256 --data synthetic:cifar:10000 --naive-variants 8
@@ -81,5 +82,7 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("bench-*.json")):
           f"{s['naive'] / s['layerfast']:8.1f} {(pre / s['layerfast']) if pre else float('nan'):8.2f}"
           f" {d['floor']['seconds_measured_rate']:8.2f} {d['times_floor']['layerfast']:7.1f}"
           f" {d['layerfast_plan']['batch_size']:5d}")
+    for e in d.get("profile", {}).get("top", [])[:10]:
+        print(f"    {e['share']:6.1%} {e['ms']:9.1f} ms {e['calls']:7d}x {e['op'][:60]}")
 PY
 fi

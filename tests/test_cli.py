@@ -299,3 +299,15 @@ def test_bench_runs_both_modes_and_the_naive_loop_side_by_side(capsys) -> None:
     text = capsys.readouterr().out
     assert "(fan-out off, B=1000)" in text and "timed on 3 of 29 variants, scaled" in text
     assert "compute floor:" in text and "× the floor" in text
+
+
+def test_bench_profile_writes_the_op_table(tmp_path: Path, capsys) -> None:
+    table = tmp_path / "profile.txt"
+    assert main(["bench", "--device", "cpu", "--max-samples", "200", "--no-prefix-only",
+                 "--naive-variants", "2", "--profile", str(table), "--profile-samples", "100",
+                 "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)["profile"]
+    assert p["samples"] == 100 and p["file"] == str(table)
+    ops = [e["op"] for e in p["top"]]
+    assert "aten::addmm" in ops and "layerfast::score_" in "".join(table.read_text())
+    assert 0 < sum(e["share"] for e in p["top"]) <= 1.0 + 1e-9
