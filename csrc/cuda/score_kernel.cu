@@ -1,12 +1,14 @@
 // CUDA kernel of layerfast::score_ (schema and definitions: csrc/layerfast.cpp).
 //
-// One launch, no host synchronisation. Block k scores kRowsPerBlock consecutive samples of one
-// variant v; each of its kWarps warps takes one row (v, b) at a time: lanes stride over the C
-// logits (pass 1: max with its first index, count of logits above the label's; warp butterfly
-// reduction), then sum exp(x - max) (pass 2, the row is now in L1/L2). Lane 0 keeps the warp's
-// per-variant sums, the block adds its warps' sums in shared memory and four threads atomicAdd
-// them (float64) into acc[v, :]. The counts are exact; the loss sum's last bits depend on the
-// order in which blocks finish.
+// Two launches, no host synchronisation, bitwise repeatable. Block k scores kRowsPerBlock
+// consecutive samples of one variant v; each of its kWarps warps takes one row (v, b) at a time:
+// lanes stride over the C logits (pass 1: max with its first index, count of logits above the
+// label's; warp butterfly reduction), then sum exp(x - max) (pass 2, the row is now in L1/L2).
+// Lane 0 keeps the warp's per-variant sums, the block adds its warps' sums in shared memory and
+// writes them (float64) to its own slot of a scratch buffer. A second, tiny kernel then adds
+// each variant's block sums in block order into acc[v, :]. Float atomics would have been one
+// launch, but the loss sum's last bits would then depend on the order in which blocks finish,
+// and two runs of the same analysis must write the same numbers.
 //
 // Labels outside [0, C) trip a device-side assert (CUDA_KERNEL_ASSERT; the CUDA context is lost
 // afterwards), so callers validate labels once per dataset; the kernel never reads out of bounds.
@@ -14,6 +16,7 @@
 #include <cstdint>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -52,8 +55,8 @@ __device__ __forceinline__ bool beats(float v1, int64_t i1, float v2, int64_t i2
 template <typename T>
 __global__ void __launch_bounds__(kThreads) score_kernel(
     const T* __restrict__ logits, const int64_t* __restrict__ labels, int64_t label_stride,
-    const int64_t* __restrict__ ref_pred, int64_t ref_stride, double* __restrict__ acc, int64_t B,
-    int64_t C, int64_t blocks_per_variant) {
+    const int64_t* __restrict__ ref_pred, int64_t ref_stride, double* __restrict__ partials,
+    int64_t B, int64_t C, int64_t blocks_per_variant) {
   const int64_t v = blockIdx.x / blocks_per_variant;
   const int64_t b0 = (blockIdx.x % blocks_per_variant) * kRowsPerBlock;
   const int64_t b1 = b0 + kRowsPerBlock < B ? b0 + kRowsPerBlock : B;
@@ -123,8 +126,27 @@ __global__ void __launch_bounds__(kThreads) score_kernel(
     for (int w = 0; w < kWarps; ++w) {
       total += partial[w][threadIdx.x];
     }
-    atomicAdd(acc + v * 4 + threadIdx.x, total);
+    partials[blockIdx.x * 4 + threadIdx.x] = total;
   }
+}
+
+// acc[v, j] += sum over k, in order, of partials[v * blocks_per_variant + k, j]: one thread per
+// (v, j), so the order of the additions is fixed.
+__global__ void sum_partials_kernel(
+    const double* __restrict__ partials, double* __restrict__ acc, int64_t V,
+    int64_t blocks_per_variant) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= V * 4) {
+    return;
+  }
+  const int64_t v = i / 4;
+  const int64_t j = i % 4;
+  const double* p = partials + v * blocks_per_variant * 4 + j;
+  double total = 0;
+  for (int64_t k = 0; k < blocks_per_variant; ++k) {
+    total += p[k * 4];
+  }
+  acc[i] += total;
 }
 
 template <typename T>
@@ -139,10 +161,17 @@ void launch(
   TORCH_CHECK(
       blocks <= INT32_MAX, "layerfast::score_: V * ceil(B / ", kRowsPerBlock,
       ") must fit in 2^31 - 1 blocks, got logits ", logits.sizes());
+  // From the caching allocator on the current stream: no synchronisation, reused across calls.
+  const at::Tensor partials = at::empty({blocks, 4}, acc.options());
   score_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       logits.const_data_ptr<T>(), labels.const_data_ptr<int64_t>(), labels.stride(0),
-      ref_pred.const_data_ptr<int64_t>(), ref_pred.stride(0), acc.mutable_data_ptr<double>(), B, C,
-      per_variant);
+      ref_pred.const_data_ptr<int64_t>(), ref_pred.stride(0), partials.mutable_data_ptr<double>(),
+      B, C, per_variant);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  constexpr int kSumThreads = 128;
+  const int64_t sum_blocks = (V * 4 + kSumThreads - 1) / kSumThreads;
+  sum_partials_kernel<<<static_cast<unsigned>(sum_blocks), kSumThreads, 0, stream>>>(
+      partials.const_data_ptr<double>(), acc.mutable_data_ptr<double>(), V, per_variant);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
