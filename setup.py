@@ -2,7 +2,8 @@
 
 The C++ kernels (csrc/*.cpp, csrc/cpu/*.cpp) are always built. The CUDA kernels
 (csrc/cuda/*.cu) are built when torch was built with CUDA and nvcc is found, or when
-FORCE_CUDA=1. A machine without a visible GPU gets a default TORCH_CUDA_ARCH_LIST.
+FORCE_CUDA=1; FORCE_CUDA=0 builds the C++ kernels only. A machine without a visible GPU gets a
+default TORCH_CUDA_ARCH_LIST.
 Build with `pip install --no-build-isolation -e .` so the extension compiles against the
 torch you already have.
 """
@@ -62,8 +63,11 @@ def _find_cuda_home() -> str | None:
 
 
 def _want_cuda(torch_cuda: str | None, cuda_home: str | None) -> bool:
-    if os.environ.get("FORCE_CUDA", "0") == "1":
-        return True
+    """FORCE_CUDA=1: always (and fail if it cannot); FORCE_CUDA=0: never (the C++ kernels
+    only, e.g. next to an nvcc that does not match torch); unset: when both are there."""
+    force = os.environ.get("FORCE_CUDA", "")
+    if force in ("0", "1"):
+        return force == "1"
     return bool(torch_cuda) and bool(cuda_home)
 
 
@@ -84,7 +88,7 @@ def _check_versions(torch_cuda: str | None, cuda_home: str | None) -> None:
         sys.exit(
             f"layerfast build: nvcc is CUDA {nvcc} ({cuda_home}) but torch was built with CUDA "
             f"{torch_cuda}. Install the torch build for CUDA {nvcc}, or point CUDA_HOME at a "
-            f"CUDA {torch_cuda} toolkit."
+            f"CUDA {torch_cuda} toolkit, or build the C++ kernels only with FORCE_CUDA=0."
         )
 
 

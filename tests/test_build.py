@@ -107,6 +107,19 @@ def test_check_versions_stops_on_mismatch_naming_both(setup_py, monkeypatch):
         setup_py._check_versions("13.0", "/opt/cuda-12.4")
     msg = str(e.value.code)
     assert "12.4" in msg and "13.0" in msg and "/opt/cuda-12.4" in msg
+    assert "FORCE_CUDA=0" in msg  # the way out for someone who only wants the CPU kernels
+
+
+@pytest.mark.parametrize(("force", "torch_cuda", "home", "want"), [
+    (None, "13.0", "/usr/local/cuda", True), (None, None, "/usr/local/cuda", False),
+    (None, "13.0", None, False), ("1", None, None, True), ("0", "13.0", "/usr/local/cuda", False),
+])
+def test_want_cuda_follows_force_cuda(setup_py, monkeypatch, force, torch_cuda, home, want):
+    if force is None:
+        monkeypatch.delenv("FORCE_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("FORCE_CUDA", force)
+    assert setup_py._want_cuda(torch_cuda, home) is want
 
 
 def test_check_versions_accepts_a_match(setup_py, monkeypatch):
