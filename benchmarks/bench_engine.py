@@ -30,7 +30,8 @@ def _bench(benchmark, *argv: str) -> dict:
     benchmark.pedantic(once, rounds=1, iterations=1)
     benchmark.extra_info.update({k: out[k] for k in ("variants", "n", "device", "precision",
                                                      "seconds", "variant_images_per_s",
-                                                     "speedup_vs_naive", "naive_scaled")})
+                                                     "speedup_vs_naive", "naive_scaled",
+                                                     "floor", "times_floor")})
     print(f"\n{argv}: {out['seconds']} speedup {out['speedup_vs_naive']}")
     return out
 
