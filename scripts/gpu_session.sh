@@ -6,8 +6,12 @@
 #   scripts/gpu_session.sh bench   # build + engine benchmarks vs naive       (~8 min)
 #   scripts/gpu_session.sh repro-a # issue 6: FCN 100 epochs + VGG-11 (padded F-MNIST), analyzed
 #   scripts/gpu_session.sh repro-b # issue 6: CIFAR ResNet-20 at block granularity, analyzed
+#   scripts/gpu_session.sh repro-c # issue 6: VGG-11 with BatchNorm, when plain VGG-11 stayed at
+#                                  # chance in repro-a and the call had no time left to follow up
 # Epochs per experiment: FCN_EPOCHS, VGG_EPOCHS, RESNET_EPOCHS (default 100, the paper's); VGG_LR.
-# TRAIN_TIMEOUT (s, default 300) caps each training run; what it reached is analyzed.
+# TRAIN_TIMEOUT (s, default 300) caps each training run; what it reached is analyzed. The repro
+# phases also keep the whole call under CALL_BUDGET (s, default 570, the device's limit is 600):
+# each training run gets at most what is left after reserving time for its analysis.
 # RESNET_ARCH=resnet18_cifar runs the wider CIFAR ResNet-18 in repro-b instead of ResNet-20.
 # Smoke test of the script without a GPU: SKIP_BUILD=1 DEVICE=cpu MAX_SAMPLES=256 *_EPOCHS=1.
 # The build is redone per call (a fresh machine each time); ~1 min with 16 jobs.
@@ -27,20 +31,25 @@ if [ "$phase" = test ]; then
     | tee "$OUT/engine-ops-tests.log" | tail -3
   python3 -m pytest benchmarks/bench_ops.py --benchmark-enable -m cuda -q -p no:cacheprovider \
     --benchmark-columns=median,iqr --benchmark-sort=name 2>&1 | tee "$OUT/bench-ops.log" | tail -30
-elif [ "$phase" = repro-a ] || [ "$phase" = repro-b ]; then
+elif [ "$phase" = repro-a ] || [ "$phase" = repro-b ] || [ "$phase" = repro-c ]; then
   # Train with `layerfast train`, analyze in fp32 with `layerfast analyze`; everything the
   # commands write (checkpoints excepted: they are large) comes back under $OUT/repro/.
   dev=${DEVICE:-cuda}; cap=(); [ -n "${MAX_SAMPLES:-}" ] && cap=(--max-samples "$MAX_SAMPLES")
+  t_end=$((SECONDS + ${CALL_BUDGET:-570}))
   repro() { name=$1 arch=$2 epochs=$3 lr=$4; shift 4
     ck=/tmp/ckpts/$name; res=$OUT/repro/$name; mkdir -p "$res"
-    echo "== $name: $arch, $epochs epochs, lr $lr"
+    local left=$((t_end - SECONDS - 100)) train_s=${TRAIN_TIMEOUT:-300}
+    if [ "$left" -lt 30 ]; then echo "== $name: skipped, only $((t_end - SECONDS)) s left in this call"; return; fi
+    [ "$left" -lt "$train_s" ] && train_s=$left
+    echo "== $name: $arch, $epochs epochs, lr $lr (training capped at ${train_s} s)"
     # A run cut by the timeout still leaves its checkpoints and manifest: analyze what exists.
-    timeout "${TRAIN_TIMEOUT:-300}" python3 -m layerfast train --arch "$arch" --data fashion-mnist \
+    timeout "$train_s" python3 -m layerfast train --arch "$arch" --data fashion-mnist \
       --epochs "$epochs" --lr "$lr" --device "$dev" "${cap[@]}" --out "$ck" --overwrite \
       > "$res/train.log" 2>&1 || echo "$name: train stopped early: $(tail -c 300 "$res/train.log")"
     [ -f "$ck/manifest.json" ] || return
     cp "$ck/manifest.json" "$res/"
-    timeout 150 python3 -m layerfast analyze --arch "$arch" --ckpts "$ck" --data fashion-mnist \
+    local an_s=$((t_end - SECONDS)); [ "$an_s" -gt 150 ] && an_s=150; [ "$an_s" -lt 20 ] && an_s=20
+    timeout "$an_s" python3 -m layerfast analyze --arch "$arch" --ckpts "$ck" --data fashion-mnist \
       --seeds 3 --device "$dev" "${cap[@]}" --precision fp32 --out "$res/analysis" "$@" > "$res/summary.txt" \
       2> "$res/analyze.err" || echo "$name: analyze failed: $(tail -3 "$res/analyze.err")"
     rm -f "$res/analysis/progress.sqlite"; grep -o '"train_seconds": [0-9.]*' "$ck/manifest.json"; }
@@ -55,6 +64,8 @@ elif [ "$phase" = repro-a ] || [ "$phase" = repro-b ]; then
       echo "vgg11 stayed at chance; running vgg11_bn"
       repro vgg11_bn vgg11_bn "${VGG_EPOCHS:-100}" 0.05
     fi
+  elif [ "$phase" = repro-c ]; then
+    repro vgg11_bn vgg11_bn "${VGG_EPOCHS:-100}" 0.05
   else
     repro "${RESNET_ARCH:-resnet20}" "${RESNET_ARCH:-resnet20}" "${RESNET_EPOCHS:-100}" 0.1 --granularity block
   fi
