@@ -1,0 +1,48 @@
+"""Compare several `layerfast analyze` outputs (e.g. one per training seed): per unit, the error
+after a reset to τ = 0 and the mean re-randomization error, each run a column, and how often
+each verdict came out. Used for the seed study in docs/reproduction.md.
+
+    python scripts/compare_runs.py runs/fcn100-analysis runs/fcn100-s1-analysis ...
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+
+def load(d: Path) -> pd.DataFrame:
+    t = pd.read_csv(d / "results.csv")
+    base = t.loc[t["kind"] == "baseline", "error"].iloc[0]
+    units = t[(t["unit"] != "*") & (t["kind"].isin(["reinit", "rerandom"]))]
+    r0 = units[(units["kind"] == "reinit") & (units["checkpoint"] == 0)].set_index("unit")
+    rr = units[units["kind"] == "rerandom"].groupby("unit", sort=False)["error"].mean()
+    return pd.DataFrame({"baseline": base, "reinit0": r0["error"], "delta0": r0["delta_error"],
+                         "verdict0": r0["verdict"], "rerandom": rr})
+
+
+def main(dirs: list[str]) -> int:
+    runs = {Path(d).name: load(Path(d)) for d in dirs}
+    units = list(next(iter(runs.values())).index)
+    names = list(runs)
+    print("reset to τ=0: error % (Δ vs baseline, points); * = critical")
+    print(f"{'unit':10s} " + " ".join(f"{n[:18]:>18s}" for n in names) + "   critical")
+    for u in units:
+        cells, crit = [], 0
+        for n in names:
+            r = runs[n].loc[u]
+            star = "*" if r["verdict0"] == "critical" else " "
+            crit += star == "*"
+            cells.append(f"{100 * r['reinit0']:6.1f} ({100 * r['delta0']:+5.1f}){star}")
+        print(f"{u:10s} " + " ".join(f"{c:>18s}" for c in cells) + f"   {crit}/{len(names)}")
+    print(f"{'baseline':10s} " + " ".join(f"{100 * runs[n]['baseline'].iloc[0]:18.2f}" for n in names))
+    print("re-randomized (mean of seeds), error %")
+    for u in units:
+        print(f"{u:10s} " + " ".join(f"{100 * runs[n].loc[u, 'rerandom']:18.1f}" for n in names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

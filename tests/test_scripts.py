@@ -1,0 +1,39 @@
+"""The helper scripts under scripts/ that docs/reproduction.md uses."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from layerfast.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compare_runs_tabulates_each_units_reset_to_init(ckpts: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "a"
+    assert main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--data", "digits",
+                 "--seeds", "2", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    capsys.readouterr()
+    other = tmp_path / "b"  # a second run: same numbers, another name
+    shutil.copytree(out, other)
+    assert _script("compare_runs").main([str(out), str(other)]) == 0
+    text = capsys.readouterr().out
+    t = pd.read_csv(out / "results.csv")
+    r0 = t[(t["kind"] == "reinit") & (t["checkpoint"] == 0) & (t["unit"] != "*")]
+    assert len(r0) == 4
+    for _, row in r0.iterrows():
+        line = next(ln for ln in text.splitlines() if ln.startswith(row["unit"] + " "))
+        assert f"{100 * row['error']:.1f}" in line
+        n = 2 if row["verdict"] == "critical" else 0
+        assert line.rstrip().endswith(f"{n}/2"), line
