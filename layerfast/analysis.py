@@ -230,7 +230,8 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
             batch_size: int | None = None, max_samples: int | None = None,
             out: str | os.PathLike[str] | None = None, final: int | None = None,
             fresh: bool = False, progress: bool = True, figures: bool = True,
-            fanout: bool | None = None, checkpoint_every: float | None = None) -> Analysis:
+            fanout: bool | None = None, checkpoint_every: float | None = None,
+            layout: str = "auto") -> Analysis:
     """Reset every unit of the final model to each checkpoint τ and to fresh draws, evaluate all
     variants in one data pass, and write results.csv, distances.csv, run.json and the figures.
 
@@ -260,7 +261,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
     variants = make_variants(model, unit_list, ck, spec, reset=resets, checkpoints=chosen,
                              seeds=seed_list)
     ev = Evaluator(model, variants, device=device, precision=precision, batch_size=batch_size,
-                   fanout=fanout)
+                   fanout=fanout, layout=layout)
     ev.plan_batch(src)  # B is part of the fingerprint: the planner picks it before the pass
     taus = ck.labels if chosen == "all" else chosen
     # Everything that changes the per-batch sums; threshold and figures do not, so a finished
@@ -271,7 +272,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
         "granularity": granularity, "units": patterns, "bn": bn, "reset": resets,
         "checkpoints": taus, "seeds": seed_list, "variants": len(variants),
         "device": str(ev.device), "precision": ev.precision, "batch_size": ev.batch_size,
-        "fanout": ev.fanout, "max_fanout": ev.max_fanout,
+        "fanout": ev.fanout, "max_fanout": ev.max_fanout, "channels_last": ev.channels_last,
     }
     t_build = time.perf_counter() - t0
     path = _out_dir(out, arch, fingerprint)
@@ -292,7 +293,8 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
             "checkpoints": {str(k): ck.files[k].name for k in ck.labels}, "final": ck.final,
             "data": data, "split": split, "max_samples": max_samples, "n": n_done,
             "num_classes": engine["num_classes"], "device": str(ev.device),
-            "precision": ev.precision, "batch_size": ev.batch_size, "granularity": granularity,
+            "precision": ev.precision, "channels_last": ev.channels_last,
+            "batch_size": ev.batch_size, "granularity": granularity,
             "units": [u.name for u in unit_list], "patterns": patterns, "bn": bn,
             "reset": resets, "evaluated_checkpoints": taus, "seeds": seed_list,
             "threshold": threshold, "variants": len(variants), "versions": _versions(),

@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time only the default mode, not the other fan-out setting beside it")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"])
+    p.add_argument("--layout", default="auto", choices=["auto", "contiguous", "channels_last"],
+                   help="layerfast's activation layout (see `layerfast analyze --help`)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -142,8 +144,9 @@ def run(args: argparse.Namespace) -> dict:
             if name != "layerfast" and args.no_prefix_only:
                 continue
             ev = Evaluator(model, variants, device=device, precision=args.precision,
-                           batch_size=args.batch_size, fanout=fan)
+                           batch_size=args.batch_size, fanout=fan, layout=args.layout)
             out[f"{name}_fanout"] = ev.fanout
+            out["channels_last"] = ev.channels_last
             _sync(device)
             t = time.perf_counter()
             res = ev.run(src)
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.profile is not None:
             sub_src = open_data(args.data, split="test", max_samples=min(n, args.profile_samples))
             ev = Evaluator(model, variants, device=device, precision=args.precision,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, layout=args.layout)
             out["profile"] = profile_pass(ev, sub_src, args.profile)
         floor = floor_report(model, plan, tuple(src.shape), V, n, device, out["precision"])
         out["floor"] = floor
@@ -182,7 +185,7 @@ def main(args: argparse.Namespace) -> int:
     scaled = (f" (timed on {out['naive_timed_variants']} of {out['variants']} variants, scaled)"
               if out["naive_scaled"] else "")
     print(f"{out['arch']} on {out['data']}: {out['variants']} variants × {out['n']} samples, "
-          f"{out['device']}, {out['precision']}")
+          f"{out['device']}, {out['precision']}{', channels_last' if out['channels_last'] else ''}")
     print(f"{'approach':14s} {'seconds':>10s} {'variant·img/s':>15s} {'× naive':>8s}")
     for name, secs in out["seconds"].items():
         speed = out["variant_images_per_s"][name]

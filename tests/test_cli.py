@@ -281,6 +281,25 @@ def test_fanout_on_is_recorded_in_run_json(ckpts: Path, tmp_path: Path) -> None:
     assert run["engine"]["plan"]["fanned_variants"] > 0, run["engine"]
 
 
+def test_layout_is_recorded_and_channels_last_matches_contiguous(ckpts: Path, tmp_path: Path) -> None:
+    runs = {}
+    for layout in ("auto", "channels_last"):
+        out = tmp_path / layout
+        rc = main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--data", "digits",
+                   "--reset", "reinit", "--device", "cpu", "--layout", layout, "--quiet",
+                   "--out", str(out)])
+        assert rc == 0
+        runs[layout] = (json.loads((out / "run.json").read_text()),
+                        (out / "results.csv").read_text())
+    assert runs["auto"][0]["channels_last"] is False  # the CPU default keeps the exact layout
+    assert runs["channels_last"][0]["channels_last"] is True
+    # an FCN has no conv: its layout changes nothing, results are identical
+    assert runs["auto"][1] == runs["channels_last"][1]
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--layout", "nhwc"])
+    assert e.value.code == 2
+
+
 def test_bench_runs_both_modes_and_the_naive_loop_side_by_side(capsys) -> None:
     assert main(["bench", "--device", "cpu", "--max-samples", "120", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -215,6 +215,49 @@ def test_state_bit_identical_after_run(name, fanout):
     assert [m.inplace for m in model.modules() if isinstance(m, nn.ReLU)] == relus
 
 
+@pytest.mark.parametrize("fanout", [False, True])
+@pytest.mark.parametrize("name", ["vggish", "skipnet", "resnet18"])
+def test_channels_last_on_cpu_matches_naive(name, fanout):
+    """--layout channels_last on the CPU (opt-in, ~2x for conv nets): counts as the naive loop's
+    up to one near-tie flip, like fan-out; the model comes back contiguous and unchanged."""
+    model, variants, x, y, bs, ref, counts = _case(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen: list[bool] = []
+
+    def look(m, a):
+        t = a[0]
+        if t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1:  # where the two layouts differ
+            seen.append(t.is_contiguous(memory_format=torch.channels_last))
+
+    hooks = [m.register_forward_pre_hook(look) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        res, logits = _engine_logits(model, variants, x, y, bs, fanout=fanout,
+                                     layout="channels_last")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and all(seen), f"{seen.count(False)} of {len(seen)} convs saw NCHW input"
+    dlogit = (logits - ref).abs().max().item()
+    print(f"{name} channels_last fanout={fanout}: max |Δlogit| = {dlogit:.3g}")
+    assert dlogit <= 1e-4 * max(ref.abs().max().item(), 1.0)
+    assert int((logits.argmax(-1) != ref.argmax(-1)).sum(-1).max()) <= 1
+    assert (res.counts[:, [0, 1, 3]] - counts[:, [0, 1, 3]]).abs().max() <= 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) and v.is_contiguous(), k
+
+
+def test_layout_resolution():
+    from layerfast.engine.precision import channels_last
+    from layerfast.errors import LayerfastError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not channels_last("fp32", cpu) and not channels_last("bf16", cpu)
+    assert channels_last("bf16", cuda) and channels_last("tf32", cuda) and not channels_last("fp32", cuda)
+    assert channels_last("fp32", cpu, "channels_last") and not channels_last("bf16", cuda, "contiguous")
+    with pytest.raises(LayerfastError, match="unknown layout"):
+        channels_last("fp32", cpu, "nhwc")
+
+
 def test_bf16_within_half_a_point_of_fp32():
     torch.manual_seed(0)
     model = VGGish()

@@ -100,7 +100,7 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, variants: Sequence[Any], device: str | torch.device = "auto",
                  precision: str = "auto", batch_size: int | None = None, fanout: bool | None = None,
-                 max_fanout: int = 32, memory_fraction: float = 0.5) -> None:
+                 max_fanout: int = 32, memory_fraction: float = 0.5, layout: str = "auto") -> None:
         self.model = model
         self.variants = list(variants)
         self.device = resolve_device(device)
@@ -116,6 +116,9 @@ class Evaluator:
         self.fanout = (self.device.type == "cuda") if fanout is None else bool(fanout)
         self.max_fanout = max_fanout
         self.memory_fraction = memory_fraction
+        # channels_last: auto = with bf16/tf32 on CUDA; "channels_last" also on the CPU, where
+        # it is ~2x faster for conv nets but no longer bit-identical to the naive loop.
+        self.channels_last = channels_last(self.precision, self.device, layout)
 
     # ---- setup -----------------------------------------------------------------------
     def _live(self) -> dict[str, torch.Tensor]:
@@ -167,7 +170,7 @@ class Evaluator:
         was_training = model.training
         p0 = next(iter(model.parameters()), None)
         home = p0.device if p0 is not None else torch.device("cpu")
-        cl = channels_last(self.precision, dev)
+        cl = self.channels_last
         model.eval()
         model.to(dev)
         if cl:
@@ -342,7 +345,7 @@ class Evaluator:
                 prefix = mod + "."
                 per = [{k[len(prefix):]: t for k, t in dev_ov[i].items() if k.startswith(prefix)}
                        for i in g.members[lo:hi]]
-                stacks[mod] = stack_module(prog.modules[mod], per)
+                stacks[mod] = stack_module(prog.modules[mod], per, self.channels_last)
             g.stacks[key] = stacks
         return g.stacks[key]
 

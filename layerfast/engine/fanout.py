@@ -154,9 +154,12 @@ def fan_plan(prog: Program, start: int, keys: set[str]) -> FanPlan | None:
 # ---- the per-chunk weight stacks -------------------------------------------------------
 
 
-def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]],
+                 channels_last: bool = False) -> dict[str, Any]:
     """Stack K weight sets of module `m` (`per_variant[k]`: key -> tensor override, relative to
-    the module; missing keys fall back to the live tensor)."""
+    the module; missing keys fall back to the live tensor). With `channels_last`, a 2-D conv's
+    stacked weight is also kept as one [K·out, in, kh, kw] channels_last tensor (`weight4`):
+    the conv then returns channels_last even when its input is ambiguous (one channel)."""
 
     def get(k: int, attr: str) -> torch.Tensor | None:
         live = getattr(m, attr)
@@ -176,23 +179,43 @@ def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]]) -> di
         return {"scale": torch.stack(scale), "shift": torch.stack(shift)}
     w = torch.stack([get(k, "weight") for k in range(K)])  # [K, out, ...]
     b = torch.stack([get(k, "bias") for k in range(K)]) if m.bias is not None else None
-    return {"weight": w, "bias": b}
+    st: dict[str, Any] = {"weight": w, "bias": b}
+    if channels_last and isinstance(m, nn.Conv2d):
+        w4 = w.reshape(-1, *w.shape[2:])
+        st["weight4"] = _empty(tuple(w4.shape), w4, torch.channels_last).copy_(w4)
+    return st
+
+
+def _fmt(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor laid out that way (and not trivially both), else contiguous.
+    Every copy the fan-out makes keeps it: a suffix that fell back to NCHW would run its convs
+    in the slow layout for bf16 tensor cores (and for oneDNN on the CPU)."""
+    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _empty(shape: tuple[int, ...], like: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
 def _unfold(y: torch.Tensor, K: int) -> torch.Tensor:
     """[B, K·C, *S] -> [K·B, C, *S]: variant-major batch (one copy, keeping channels_last)."""
     B, KC = y.shape[:2]
-    fmt = torch.channels_last if y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) \
-        and not y.is_contiguous() else torch.contiguous_format
     out = y.reshape(B, K, KC // K, *y.shape[2:]).transpose(0, 1).reshape(K * B, KC // K, *y.shape[2:])
-    return out.contiguous(memory_format=fmt)
+    return out.contiguous(memory_format=_fmt(y))
 
 
 def _fold(x: torch.Tensor, K: int) -> torch.Tensor:
-    """[K·B, C, *S] -> [B, K·C, *S], for a grouped conv over the K variants."""
+    """[K·B, C, *S] -> [B, K·C, *S], for a grouped conv over the K variants (one copy, keeping
+    channels_last)."""
     KB, C = x.shape[:2]
     B = KB // K
-    return x.reshape(K, B, C, *x.shape[2:]).transpose(0, 1).reshape(B, K * C, *x.shape[2:])
+    fmt = _fmt(x)
+    if fmt is torch.contiguous_format:
+        return x.reshape(K, B, C, *x.shape[2:]).transpose(0, 1).reshape(B, K * C, *x.shape[2:])
+    out = _empty((B, K * C, *x.shape[2:]), x, fmt)
+    out.view(B, K, C, *x.shape[2:]).copy_(x.view(K, B, C, *x.shape[2:]).transpose(0, 1))
+    return out
 
 
 def apply_fanned(m: nn.Module, st: dict[str, Any], x: torch.Tensor, fanned: bool, K: int) -> torch.Tensor:
@@ -211,7 +234,7 @@ def apply_fanned(m: nn.Module, st: dict[str, Any], x: torch.Tensor, fanned: bool
     if isinstance(m, nn.Conv1d | nn.Conv2d):
         conv = F.conv2d if isinstance(m, nn.Conv2d) else F.conv1d
         w, b = st["weight"], st["bias"]  # [K, out, in/g, ...]
-        wk = w.reshape(-1, *w.shape[2:])
+        wk = st.get("weight4", w.reshape(-1, *w.shape[2:]))
         bk = None if b is None else b.reshape(-1)
         if not fanned and m.groups == 1:
             y = conv(x, wk, bk, m.stride, m.padding, m.dilation, 1)
@@ -233,8 +256,13 @@ def apply_fanned(m: nn.Module, st: dict[str, Any], x: torch.Tensor, fanned: bool
 
 
 def expand(t: torch.Tensor, K: int) -> torch.Tensor:
-    """[B, ...] -> [K·B, ...]: the shared value repeated for each variant."""
-    return t.unsqueeze(0).expand(K, *t.shape).reshape(K * t.shape[0], *t.shape[1:])
+    """[B, ...] -> [K·B, ...]: the shared value repeated for each variant (in its layout)."""
+    fmt = _fmt(t)
+    if fmt is torch.contiguous_format:
+        return t.unsqueeze(0).expand(K, *t.shape).reshape(K * t.shape[0], *t.shape[1:])
+    out = _empty((K * t.shape[0], *t.shape[1:]), t, fmt)
+    out.view(K, *t.shape).copy_(t.unsqueeze(0).expand(K, *t.shape))
+    return out
 
 
 def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, dict], K: int) -> torch.Tensor:
