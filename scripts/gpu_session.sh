@@ -14,6 +14,9 @@
 # each training run gets at most what is left after reserving time for its analysis.
 # RESNET_ARCH=resnet18_cifar runs the wider CIFAR ResNet-18 in repro-b instead of ResNet-20.
 # Smoke test of the script without a GPU: SKIP_BUILD=1 DEVICE=cpu MAX_SAMPLES=256 *_EPOCHS=1.
+# The GPU machine has no Debian datasets and no network: before a repro call, stage the files
+# here and carry them (30 MB of the 64 MiB carry limit):
+#   mkdir -p .data && cp -r /usr/share/datasets/fashion-mnist .data/     # then run(carry=[".data"])
 # The build is redone per call (a fresh machine each time); ~1 min with 16 jobs.
 set -uo pipefail
 phase=${1:-test}
@@ -35,6 +38,11 @@ elif [ "$phase" = repro-a ] || [ "$phase" = repro-b ] || [ "$phase" = repro-c ];
   # Train with `layerfast train`, analyze in fp32 with `layerfast analyze`; everything the
   # commands write (checkpoints excepted: they are large) comes back under $OUT/repro/.
   dev=${DEVICE:-cuda}; cap=(); [ -n "${MAX_SAMPLES:-}" ] && cap=(--max-samples "$MAX_SAMPLES")
+  data=fashion-mnist
+  if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    [ -d .data/fashion-mnist ] || { echo "no Fashion-MNIST here: stage .data/fashion-mnist and carry .data (see the header)"; exit 2; }
+    data=fashion-mnist:.data/fashion-mnist
+  fi
   t_end=$((SECONDS + ${CALL_BUDGET:-570}))
   repro() { name=$1 arch=$2 epochs=$3 lr=$4; shift 4
     ck=/tmp/ckpts/$name; res=$OUT/repro/$name; mkdir -p "$res"
@@ -43,13 +51,13 @@ elif [ "$phase" = repro-a ] || [ "$phase" = repro-b ] || [ "$phase" = repro-c ];
     [ "$left" -lt "$train_s" ] && train_s=$left
     echo "== $name: $arch, $epochs epochs, lr $lr (training capped at ${train_s} s)"
     # A run cut by the timeout still leaves its checkpoints and manifest: analyze what exists.
-    timeout "$train_s" python3 -m layerfast train --arch "$arch" --data fashion-mnist \
+    timeout "$train_s" python3 -m layerfast train --arch "$arch" --data "$data" \
       --epochs "$epochs" --lr "$lr" --device "$dev" "${cap[@]}" --out "$ck" --overwrite \
       > "$res/train.log" 2>&1 || echo "$name: train stopped early: $(tail -c 300 "$res/train.log")"
     [ -f "$ck/manifest.json" ] || return
     cp "$ck/manifest.json" "$res/"
     local an_s=$((t_end - SECONDS)); [ "$an_s" -gt 150 ] && an_s=150; [ "$an_s" -lt 20 ] && an_s=20
-    timeout "$an_s" python3 -m layerfast analyze --arch "$arch" --ckpts "$ck" --data fashion-mnist \
+    timeout "$an_s" python3 -m layerfast analyze --arch "$arch" --ckpts "$ck" --data "$data" \
       --seeds 3 --device "$dev" "${cap[@]}" --precision fp32 --out "$res/analysis" "$@" > "$res/summary.txt" \
       2> "$res/analyze.err" || echo "$name: analyze failed: $(tail -3 "$res/analyze.err")"
     rm -f "$res/analysis/progress.sqlite"; grep -o '"train_seconds": [0-9.]*' "$ck/manifest.json"; }
