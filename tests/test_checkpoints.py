@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import layerfast.checkpoints.directory as directory
 import layerfast.checkpoints.safeload as safeload
 from layerfast.checkpoints import CheckpointDir, label_from_stem, write_manifest
 from layerfast.errors import LayerfastError
@@ -352,6 +353,21 @@ def test_open_file_cache_is_bounded(tmp_path: Path) -> None:
         assert_sd_equal(ck.tensors(tau, ["fc.bias"]), {"fc.bias": sd_at(tau)["fc.bias"]})
         assert len(ck._open_files) <= CheckpointDir.CACHE_SIZE
         assert sum(f.in_memory for f in ck._open_files.values()) <= 1
+
+
+def test_cycling_over_the_checkpoints_opens_each_file_once(tmp_path: Path, monkeypatch) -> None:
+    """Variants read unit after unit from every τ in turn: the paper's 8 checkpoints must not
+    thrash the LRU (each miss is a weights-only unpickle of the whole file's metadata)."""
+    for tau in range(8):
+        torch.save(sd_at(tau), tmp_path / f"e_{tau}.pt")
+    opened: list[str] = []
+    real = directory.open_file
+    monkeypatch.setattr(directory, "open_file", lambda p: opened.append(p.name) or real(p))
+    ck = CheckpointDir(tmp_path)
+    for name in ("conv.weight", "fc.weight", "fc.bias"):
+        for tau in ck.labels:
+            assert_sd_equal(ck.tensors(tau, [name]), {name: sd_at(tau)[name]})
+    assert sorted(opened) == sorted(f"e_{t}.pt" for t in range(8))
 
 
 def test_missing_tensor_request(tmp_path: Path) -> None:
