@@ -37,3 +37,23 @@ def test_compare_runs_tabulates_each_units_reset_to_init(ckpts: Path, tmp_path: 
         assert f"{100 * row['error']:.1f}" in line
         n = 2 if row["verdict"] == "critical" else 0
         assert line.rstrip().endswith(f"{n}/2"), line
+
+
+def test_gpu_session_script_parses_and_its_table_reads_bench_json(tmp_path: Path, capsys) -> None:
+    """The GPU session runs on a machine lent rarely: a typo there would cost its device time."""
+    import subprocess
+    import sys
+
+    script = ROOT / "scripts" / "gpu_session.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    table = text.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    assert main(["bench", "--device", "cpu", "--max-samples", "60", "--naive-variants", "2",
+                 "--profile", str(tmp_path / "p.txt"), "--profile-samples", "30", "--json"]) == 0
+    (tmp_path / "bench-fcn.json").write_text(capsys.readouterr().out)
+    (tmp_path / "bench-broken.json").write_text("")  # a case that failed: skipped, not fatal
+    out = subprocess.run([sys.executable, "-c", table, str(tmp_path)], check=True,
+                         capture_output=True, text=True).stdout
+    row = next(ln for ln in out.splitlines() if ln.startswith("fcn "))
+    assert len(row.split()) == 10 and row.split()[-1] == "1000", row  # B is the last column
+    assert "aten::addmm" in out  # the profile's top ops follow the row
