@@ -102,7 +102,10 @@ def profile_pass(ev, src, path: Path, rows: int = 40) -> dict:
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     if cuda and events and not hasattr(events[0], attr):
         attr = "self_cuda_time_total"
-    path.write_text(events.table(sort_by=attr, row_limit=rows))
+    try:
+        path.write_text(events.table(sort_by=attr, row_limit=rows))
+    except OSError as exc:
+        raise LayerfastError(f"--profile {path}: cannot write the table ({exc.strerror})") from None
     total = sum(getattr(e, attr) for e in events) or 1
     top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:15]
     return {"file": str(path), "samples": src.n, "time": attr, "total_ms": total / 1e3,
@@ -122,6 +125,8 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.checkpoints < 2:
         raise LayerfastError("--checkpoints needs at least 2 (τ0 and a final model)")
+    if args.profile is not None and not args.profile.parent.is_dir():
+        raise LayerfastError(f"--profile {args.profile}: the directory {args.profile.parent} does not exist")
     device = resolve_device(args.device)
     src = open_data(args.data, split="test", max_samples=args.max_samples)
     torch.manual_seed(0)

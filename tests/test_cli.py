@@ -330,3 +330,7 @@ def test_bench_profile_writes_the_op_table(tmp_path: Path, capsys) -> None:
     ops = [e["op"] for e in p["top"]]
     assert "aten::addmm" in ops and "layerfast::score_" in "".join(table.read_text())
     assert 0 < sum(e["share"] for e in p["top"]) <= 1.0 + 1e-9
+    # a profile path that cannot be written: one clear line, exit 2, before any timing runs
+    assert main(["bench", "--device", "cpu", "--profile", str(tmp_path / "nowhere" / "p.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "--profile" in err and "does not exist" in err and "Traceback" not in err
