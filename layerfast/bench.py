@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from layerfast.engine.precision import LAYOUTS
 from layerfast.errors import LayerfastError
 
 
@@ -35,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time only the default mode, not the other fan-out setting beside it")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"])
-    p.add_argument("--layout", default="auto", choices=["auto", "contiguous", "channels_last"],
+    p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="layerfast's activation layout (see `layerfast analyze --help`)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-samples", type=int, default=None)
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
             ev = Evaluator(model, variants, device=device, precision=args.precision,
                            batch_size=args.batch_size, layout=args.layout)
             out["profile"] = profile_pass(ev, sub_src, args.profile)
-        floor = floor_report(model, plan, tuple(src.shape), V, n, device, out["precision"])
+        floor = floor_report(model, plan, tuple(src.shape), n, device, out["precision"])
         out["floor"] = floor
         out["times_floor"] = {k: v / floor["seconds_measured_rate"] for k, v in timings.items()}
     return out

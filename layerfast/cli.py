@@ -38,6 +38,8 @@ def _common_eval(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from layerfast.engine.precision import LAYOUTS
+
     ap = argparse.ArgumentParser(prog="layerfast", description=(
         "Which layers of a trained network matter: reset each unit to earlier checkpoints or "
         "fresh draws and measure test error, every variant in one data pass."))
@@ -67,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
                         "for the CPU (measured no faster there); off = the bit-exact swap path")
     a.add_argument("--no-fanout", dest="fanout", action="store_const", const="off",
                    help="same as --fanout off")
-    a.add_argument("--layout", default="auto", choices=["auto", "contiguous", "channels_last"],
+    a.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="memory layout of conv activations: auto = channels_last with bf16/tf32 on "
                         "CUDA, else contiguous (bit-exact fp32); channels_last on the CPU ran conv "
                         "nets ~2x faster, logits then differ in the last bits")

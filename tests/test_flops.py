@@ -28,7 +28,7 @@ def test_mlp_counts_equal_the_hand_count() -> None:
     macs = {"1": 64 * 256, "3": 256 * 256, "5": 256 * 10}
     keysets = [{"1.weight"}, {"1.weight"}, {"3.weight", "3.bias"}, {"5.bias"}, set()]
     plan = make_plan(Program(model), keysets, fanout=False, max_fanout=32)
-    f = pass_flops(model, plan, (1, 8, 8), n_variants=len(keysets))
+    f = pass_flops(model, plan, (1, 8, 8))
     forward = 2 * sum(macs.values())
     assert f.forward == forward
     # two variants from the input, one from after layer 1, one only the head; the empty one is
@@ -73,7 +73,7 @@ def test_untraceable_model_counts_full_forwards() -> None:
     prog = Program(model)
     assert not prog.traced
     plan = make_plan(prog, [{"b.weight"}, {"a.bias"}], fanout=False, max_fanout=32)
-    f = pass_flops(model, plan, (16,), n_variants=2)
+    f = pass_flops(model, plan, (16,))
     assert f.forward == 2 * (16 * 32 + 32 * 4)
     assert f.suffixes == 2 * f.forward  # no cut can be proven: each variant runs it all
 
@@ -86,7 +86,7 @@ def test_evaluator_keeps_its_plan_and_the_floor_follows_it() -> None:
     ev = Evaluator(model, variants, device="cpu", precision="fp32", batch_size=8)
     ev.run([(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))])
     assert ev.last_plan.same_as_baseline == [2]
-    f = pass_flops(model, ev.last_plan, (1, 8, 8), n_variants=3)
+    f = pass_flops(model, ev.last_plan, (1, 8, 8))
     assert f.suffixes == f.forward + 2 * 256 * 10
 
 

@@ -62,7 +62,7 @@ def cumulative_flops(prog: Program, x: torch.Tensor) -> list[int]:
     return done
 
 
-def pass_flops(model: nn.Module, plan: Plan, sample_shape: Sequence[int], n_variants: int) -> PassFlops:
+def pass_flops(model: nn.Module, plan: Plan, sample_shape: Sequence[int]) -> PassFlops:
     """FLOPs per sample for `plan` (an `Evaluator`'s plan for `model`), counted on the CPU.
 
     The model is traced afresh; `Program` is deterministic, so its step indices are the plan's.
@@ -82,6 +82,7 @@ def pass_flops(model: nn.Module, plan: Plan, sample_shape: Sequence[int], n_vari
     forward = cum[-1] // 2
     suffixes = sum(len(g.members) * (cum[-1] - (cum[g.start] if g.start else 0)) // 2
                    for g in plan.groups)
+    n_variants = sum(len(g.members) for g in plan.groups) + len(plan.same_as_baseline)
     return PassFlops(forward, suffixes, forward * n_variants)
 
 
@@ -127,10 +128,10 @@ def measure_rate(device: torch.device, precision: str, seconds: float = 0.5) -> 
     return 2 * n**3 * reps / elapsed
 
 
-def floor_report(model: nn.Module, plan: Plan, sample_shape: Sequence[int], n_variants: int,
-                 n_samples: int, device: torch.device, precision: str) -> dict:
+def floor_report(model: nn.Module, plan: Plan, sample_shape: Sequence[int], n_samples: int,
+                 device: torch.device, precision: str) -> dict:
     """The floor for a pass of `n_samples`: FLOPs, measured and datasheet rates, seconds."""
-    f = pass_flops(model, plan, sample_shape, n_variants)
+    f = pass_flops(model, plan, sample_shape)
     measured = measure_rate(device, precision)
     sheet = datasheet_rate(device, precision)
     total = f.needed * n_samples
