@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerfast.engine.fanout import run_fanned, stack_module
+from layerfast.engine.fanrun import run_fanned, stack_module
 from layerfast.engine.graph import Program, no_inplace_modules
 from layerfast.engine.plan import (
     B_CPU,

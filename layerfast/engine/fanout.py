@@ -1,10 +1,12 @@
-"""Fan-out: K variants that start at the same cut run as one wide computation (DESIGN.md §7.3).
+"""Fan-out: which groups of K variants may run as one wide computation (DESIGN.md §7.3).
+
+`fan_plan` below is the proof; `fanrun.run_fanned` the execution.
 
 The K variants share the cached input. The first overridden conv/linear sees that shared input,
-so its K weight sets are applied as ONE wide conv/linear with K·C_out outputs; the result is laid
-out as a K·B batch (variant-major) and the rest of the suffix runs once on it. An overridden
-module whose input is already fanned applies its K weight sets as a grouped conv / batched
-matmul; an overridden eval-mode BatchNorm becomes a per-variant affine.
+so its K weight sets are applied as ONE wide conv/linear with K·C_out outputs; overridden modules
+further down apply theirs as a grouped conv / batched matmul / per-variant BatchNorm, and the rest
+of the suffix runs once for all K (conv outputs stay side by side on the channel dim while the
+steps are per-channel, then become a variant-major K·B batch: `fanrun.Fold`).
 
 This is only valid when every step downstream of the first overridden module treats samples
 independently. `fan_plan` proves that from the program (an allow-list of modules, functions and
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerfast.engine.graph import Program, Ref, _map_refs, refs_in
+from layerfast.engine.graph import Program, Ref
 
 _BATCHWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear,
@@ -66,10 +68,14 @@ def _step_is_batchwise(prog: Program, i: int, fanned: set[int]) -> bool:
         return True
     if s.op == "call_module":
         m = prog.modules[s.target]
+        if isinstance(m, nn.Flatten):
+            return _dim_ok(m.start_dim)
         if not isinstance(m, _BATCHWISE_MODULES):
             return False
         if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.padding_mode != "zeros":
             return False
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+            return False  # normalises with the batch's statistics: mixes the K variants' samples
         return not (isinstance(m, nn.Softmax | nn.LogSoftmax) and m.dim in (0, None))
     if s.op == "call_function":
         if s.target in (torch.flatten,):
@@ -149,151 +155,3 @@ def fan_plan(prog: Program, start: int, keys: set[str]) -> FanPlan | None:
             return None
     batch = _closure(prog, {prog.carrier[start] if start else 0}, -1)
     return FanPlan(start, mods, fanned, batch)
-
-
-# ---- the per-chunk weight stacks -------------------------------------------------------
-
-
-def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]],
-                 channels_last: bool = False) -> dict[str, Any]:
-    """Stack K weight sets of module `m` (`per_variant[k]`: key -> tensor override, relative to
-    the module; missing keys fall back to the live tensor). With `channels_last`, a 2-D conv's
-    stacked weight is also kept as one [K·out, in, kh, kw] channels_last tensor (`weight4`):
-    the conv then returns channels_last even when its input is ambiguous (one channel)."""
-
-    def get(k: int, attr: str) -> torch.Tensor | None:
-        live = getattr(m, attr)
-        return per_variant[k].get(attr, live) if live is not None else None
-
-    K = len(per_variant)
-    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-        scale, shift = [], []
-        for k in range(K):
-            w, b = get(k, "weight"), get(k, "bias")
-            rm, rv = get(k, "running_mean"), get(k, "running_var")
-            inv = torch.rsqrt(rv.float() + m.eps)
-            sc = inv * w.float() if w is not None else inv
-            sh = (b.float() if b is not None else 0) - rm.float() * sc
-            scale.append(sc)
-            shift.append(sh)
-        return {"scale": torch.stack(scale), "shift": torch.stack(shift)}
-    w = torch.stack([get(k, "weight") for k in range(K)])  # [K, out, ...]
-    b = torch.stack([get(k, "bias") for k in range(K)]) if m.bias is not None else None
-    st: dict[str, Any] = {"weight": w, "bias": b}
-    if channels_last and isinstance(m, nn.Conv2d):
-        w4 = w.reshape(-1, *w.shape[2:])
-        st["weight4"] = _empty(tuple(w4.shape), w4, torch.channels_last).copy_(w4)
-    return st
-
-
-def _fmt(t: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-D tensor laid out that way (and not trivially both), else contiguous.
-    Every copy the fan-out makes keeps it: a suffix that fell back to NCHW would run its convs
-    in the slow layout for bf16 tensor cores (and for oneDNN on the CPU)."""
-    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
-
-
-def _empty(shape: tuple[int, ...], like: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
-
-
-def _unfold(y: torch.Tensor, K: int) -> torch.Tensor:
-    """[B, K·C, *S] -> [K·B, C, *S]: variant-major batch (one copy, keeping channels_last)."""
-    B, KC = y.shape[:2]
-    out = y.reshape(B, K, KC // K, *y.shape[2:]).transpose(0, 1).reshape(K * B, KC // K, *y.shape[2:])
-    return out.contiguous(memory_format=_fmt(y))
-
-
-def _fold(x: torch.Tensor, K: int) -> torch.Tensor:
-    """[K·B, C, *S] -> [B, K·C, *S], for a grouped conv over the K variants (one copy, keeping
-    channels_last)."""
-    KB, C = x.shape[:2]
-    B = KB // K
-    fmt = _fmt(x)
-    if fmt is torch.contiguous_format:
-        return x.reshape(K, B, C, *x.shape[2:]).transpose(0, 1).reshape(B, K * C, *x.shape[2:])
-    out = _empty((B, K * C, *x.shape[2:]), x, fmt)
-    out.view(B, K, C, *x.shape[2:]).copy_(x.view(K, B, C, *x.shape[2:]).transpose(0, 1))
-    return out
-
-
-def apply_fanned(m: nn.Module, st: dict[str, Any], x: torch.Tensor, fanned: bool, K: int) -> torch.Tensor:
-    """Apply K weight sets of `m`: on a shared input [B, ...] (wide op) or a fanned one [K·B, ...]."""
-    if isinstance(m, nn.Linear):
-        w, b = st["weight"], st["bias"]  # [K, out, in], [K, out]
-        if not fanned:
-            y = F.linear(x, w.reshape(-1, w.shape[-1]), None if b is None else b.reshape(-1))
-            y = y.reshape(*x.shape[:-1], K, w.shape[1]).movedim(-2, 0)
-            return y.reshape(K * x.shape[0], *y.shape[2:])
-        B = x.shape[0] // K
-        xk = x.reshape(K, -1, x.shape[-1])
-        y = torch.bmm(xk, w.transpose(1, 2).to(xk.dtype)) if b is None else \
-            torch.baddbmm(b.unsqueeze(1).to(xk.dtype), xk, w.transpose(1, 2).to(xk.dtype))
-        return y.reshape(K * B, *x.shape[1:-1], w.shape[1])
-    if isinstance(m, nn.Conv1d | nn.Conv2d):
-        conv = F.conv2d if isinstance(m, nn.Conv2d) else F.conv1d
-        w, b = st["weight"], st["bias"]  # [K, out, in/g, ...]
-        wk = st.get("weight4", w.reshape(-1, *w.shape[2:]))
-        bk = None if b is None else b.reshape(-1)
-        if not fanned and m.groups == 1:
-            y = conv(x, wk, bk, m.stride, m.padding, m.dilation, 1)
-            return _unfold(y, K)
-        if not fanned:
-            x = expand(x, K)
-        y = conv(_fold(x, K), wk, bk, m.stride, m.padding, m.dilation, m.groups * K)
-        return _unfold(y, K)
-    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-        if not fanned:
-            x = expand(x, K)
-        B = x.shape[0] // K
-        view = (K, 1, -1) + (1,) * (x.dim() - 2)
-        sc = st["scale"].to(x.dtype).reshape(view)
-        sh = st["shift"].to(x.dtype).reshape(view)
-        y = x.reshape(K, B, *x.shape[1:]) * sc + sh
-        return y.reshape(K * B, *x.shape[1:])
-    raise TypeError(f"cannot fan out {type(m).__name__}")
-
-
-def expand(t: torch.Tensor, K: int) -> torch.Tensor:
-    """[B, ...] -> [K·B, ...]: the shared value repeated for each variant (in its layout)."""
-    fmt = _fmt(t)
-    if fmt is torch.contiguous_format:
-        return t.unsqueeze(0).expand(K, *t.shape).reshape(K * t.shape[0], *t.shape[1:])
-    out = _empty((K * t.shape[0], *t.shape[1:]), t, fmt)
-    out.view(K, *t.shape).copy_(t.unsqueeze(0).expand(K, *t.shape))
-    return out
-
-
-def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, dict], K: int) -> torch.Tensor:
-    """Run the suffix from `plan.start` on the shared input `x` for K variants at once.
-    Returns logits [K·B, C], variant-major."""
-    start = plan.start
-    env: dict[int, Any] = {prog.carrier[start] if start else 0: x}
-    for s in prog.steps[: start + 1]:
-        if s.op == "get_attr":
-            env[s.index] = prog.fetch(s.target)
-    frees = prog.frees
-    for s in prog.steps[start + 1:]:
-        fan = s.index in plan.fanned
-        if fan:
-            local: dict[int, Any] = {}
-            for r in set(refs_in(s.args) + refs_in(s.kwargs)):
-                v = env[r]
-                if r not in plan.fanned and r in plan.batch and isinstance(v, torch.Tensor):
-                    v = expand(v, K)
-                local[r] = v
-        else:
-            local = env
-        if s.op == "output":
-            out = _map_refs(s.args, lambda r, env_=local: env_[r.index])[0]
-            return out if fan else expand(out, K)
-        if s.op == "call_module" and s.target in stacks:
-            (arg,) = s.args
-            env[s.index] = apply_fanned(prog.modules[s.target], stacks[s.target], env[arg.index],
-                                        arg.index in plan.fanned, K)
-        else:
-            env[s.index] = prog.eval_step(s, local)
-        for r in frees[s.index]:
-            env.pop(r, None)
-    raise RuntimeError("program has no output")

@@ -106,7 +106,7 @@ class Program:
             self._from_children(model, owned)
         self._link()
         self.cuts, self.carrier = self._find_cuts()
-        self.has_inplace = any(self._is_inplace(s) for s in self.steps)
+        self.has_inplace = any(self.is_inplace(s) for s in self.steps)
 
     # ---- construction -----------------------------------------------------------------
     def _from_fx(self, gm: fx.GraphModule, owned: dict[str, list[str]]) -> None:
@@ -169,7 +169,7 @@ class Program:
                 carrier[s.index] = only
         return cuts, carrier
 
-    def _is_inplace(self, s: Step) -> bool:
+    def is_inplace(self, s: Step) -> bool:
         if s.op == "call_method":
             return isinstance(s.target, str) and s.target.endswith("_") and not s.target.startswith("_")
         if s.op == "call_function":

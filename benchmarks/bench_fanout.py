@@ -1,0 +1,76 @@
+"""The fan-out's glue: one fanned ResNet-50 Bottleneck unit, fold form vs unfolded after every
+conv (`pytest benchmarks/bench_fanout.py --benchmark-enable`).
+
+The unit is torchvision's `layer2.0` (256 -> 512 channels, stride 2, with its downsample) with
+K = 7 weight sets (5 checkpoints + 2 re-randomizations, as at block granularity), run from its
+shared input through a pooled head. Both ways do the same convolutions; they differ only in
+layout copies and elementwise passes, so the gap is the glue the fold form removes.
+CPU: fp32, 8 samples at 28² (the block's input at 56²/2 for a 112² image). CUDA: bf16,
+channels_last, 64 samples at 56² (ImageNet's shape at that block).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import Bottleneck
+
+from layerfast.engine.fanout import fan_plan
+from layerfast.engine.fanrun import run_fanned, stack_module
+from layerfast.engine.graph import Program, no_inplace_modules
+from layerfast.engine.precision import precision_context
+
+K = 7
+
+
+def _unit(device: str, cl: bool) -> tuple[Program, object, dict]:
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(256, 512, 1, stride=2, bias=False), nn.BatchNorm2d(512))
+    model = nn.Sequential(Bottleneck(256, 128, stride=2, downsample=down),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)).eval().to(device)
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    keys = {k for k in model.state_dict() if k.startswith("0.") and "num_batches" not in k}
+    prog = Program(model)
+    plan = fan_plan(prog, 0, keys)
+    assert plan is not None
+    sd = model.state_dict()
+    stacks = {}
+    for mod in plan.modules:
+        per = [{k[len(mod) + 1:]: sd[k] * (1 + 0.01 * i) for k in keys if k.startswith(mod + ".")}
+               for i in range(K)]
+        stacks[mod] = stack_module(prog.modules[mod], per, cl)
+    return prog, plan, stacks
+
+
+def _case(benchmark, device: str, fold: bool) -> None:
+    cuda = device == "cuda"
+    cl, precision = (True, "bf16") if cuda else (False, "fp32")
+    prog, plan, stacks = _unit(device, cl)
+    B, hw = (64, 56) if cuda else (8, 28)
+    x = torch.randn(B, 256, hw, hw, device=device)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def once() -> None:
+        with torch.inference_mode(), no_inplace_modules(prog.model), \
+                precision_context(precision, torch.device(device)):
+            run_fanned(prog, plan, x, stacks, K, fold=fold)
+        if cuda:
+            torch.cuda.synchronize()
+
+    once()
+    benchmark.extra_info.update({"device": device, "precision": precision, "K": K, "B": B, "hw": hw})
+    benchmark(once)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "unfolded"])
+def test_cpu_bottleneck(benchmark, fold):
+    _case(benchmark, "cpu", fold)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "unfolded"])
+def test_cuda_bottleneck(benchmark, fold):
+    _case(benchmark, "cuda", fold)

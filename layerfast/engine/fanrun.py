@@ -1,0 +1,350 @@
+"""Running a fanned group: K weight sets of a unit applied at once (DESIGN.md §7.3).
+
+`fanout.fan_plan` proves that a group may run fanned; this module runs it. The first
+overridden conv sees the shared input and applies its K weight sets as ONE wide conv with K·C
+output channels, [B, K·C, *S]. That layout — the *fold* form, `Fold` — is exactly what a grouped
+conv over the K variants reads and writes, and per-channel work (an eval BatchNorm with the K
+variants' statistics side by side, activations, pooling, a residual add) is the same on it as on
+each variant's own [B, C, *S]. So a unit's values stay folded from its first conv to its last
+op, and are laid out as a variant-major K·B batch (`Fold.batch`, one copy) only where a step
+needs a batch: a shared conv/linear downstream, a `flatten`, the output.
+
+Before (session 3) every fanned conv unfolded its output and every grouped conv folded its input
+back: a ResNet bottleneck paid five layout copies, plus a two-pass affine per BN and a copy of the
+shared identity for the residual add. Folded, it pays one copy, one-pass BNs, and a broadcast add.
+Where a step cannot run folded, the value is unfolded and the step runs on the K·B batch exactly
+as before, so the set of models that fan out is unchanged.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerfast.engine.fanout import FanPlan
+from layerfast.engine.graph import Program, Ref, Step, _map_refs, refs_in
+
+# Modules that act on each channel of each sample alone (eval mode), so fold form is safe.
+_PER_CHANNEL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity,
+    nn.ZeroPad2d, nn.ConstantPad2d, nn.Upsample,
+)
+_PER_CHANNEL_FUNCS = {
+    F.relu, torch.relu, torch.sigmoid, torch.tanh, F.gelu, F.silu, F.hardswish, F.leaky_relu,
+    F.relu6, F.elu, F.hardsigmoid, F.dropout, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d,
+}
+_PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+_BINARY_FUNCS = {operator.add, operator.sub, operator.mul, operator.iadd, operator.isub,
+                 operator.imul, torch.add, torch.sub, torch.mul}
+_BINARY_METHODS = {"add", "sub", "mul", "add_", "sub_", "mul_"}
+_INPLACE = {operator.iadd, operator.isub, operator.imul, "add_", "sub_", "mul_"}
+
+
+# ---- layouts -----------------------------------------------------------------------------
+
+
+def _fmt(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor laid out that way (and not trivially both), else contiguous.
+    Every copy the fan-out makes keeps it: a suffix that fell back to NCHW would run its convs
+    in the slow layout for bf16 tensor cores (and for oneDNN on the CPU)."""
+    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _empty(shape: tuple[int, ...], like: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+def _unfold(y: torch.Tensor, K: int) -> torch.Tensor:
+    """[B, K·C, *S] -> [K·B, C, *S]: variant-major batch, in ONE copy that keeps channels_last
+    (a reshape of the transposed view would copy to NCHW first, then again to channels_last)."""
+    B, KC = y.shape[:2]
+    C, S = KC // K, tuple(y.shape[2:])
+    out = _empty((K * B, C, *S), y, _fmt(y))
+    out.view(K, B, C, *S).copy_(y.view(B, K, C, *S).transpose(0, 1))
+    return out
+
+
+def _fold(x: torch.Tensor, K: int) -> torch.Tensor:
+    """[K·B, C, *S] -> [B, K·C, *S], for a grouped conv over the K variants (one copy, keeping
+    channels_last)."""
+    KB, C = x.shape[:2]
+    B, S = KB // K, tuple(x.shape[2:])
+    out = _empty((B, K * C, *S), x, _fmt(x))
+    out.view(B, K, C, *S).copy_(x.view(K, B, C, *S).transpose(0, 1))
+    return out
+
+
+def expand(t: torch.Tensor, K: int) -> torch.Tensor:
+    """[B, ...] -> [K·B, ...]: the shared value repeated for each variant (in its layout)."""
+    fmt = _fmt(t)
+    if fmt is torch.contiguous_format:
+        return t.unsqueeze(0).expand(K, *t.shape).reshape(K * t.shape[0], *t.shape[1:])
+    out = _empty((K * t.shape[0], *t.shape[1:]), t, fmt)
+    out.view(K, *t.shape).copy_(t.unsqueeze(0).expand(K, *t.shape))
+    return out
+
+
+class Fold:
+    """K variants' values side by side on the channel dim: `t` is [B, K·C, *S], variant k's
+    channels at [k·C, (k+1)·C). `batch()` is the same values as a K·B batch, made once."""
+
+    __slots__ = ("K", "_batch", "t")
+
+    def __init__(self, t: torch.Tensor, K: int) -> None:
+        self.t, self.K, self._batch = t, K, None
+
+    @property
+    def per_variant_shape(self) -> tuple[int, ...]:
+        return (self.t.shape[0], self.t.shape[1] // self.K, *self.t.shape[2:])
+
+    def batch(self) -> torch.Tensor:
+        if self._batch is None:
+            self._batch = _unfold(self.t, self.K)
+        return self._batch
+
+
+
+# ---- the per-chunk weight stacks -------------------------------------------------------
+
+
+def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]],
+                 channels_last: bool = False) -> dict[str, Any]:
+    """Stack K weight sets of module `m` (`per_variant[k]`: key -> tensor override, relative to
+    the module; missing keys fall back to the live tensor). With `channels_last`, a 2-D conv's
+    stacked weight is also kept as one [K·out, in, kh, kw] channels_last tensor (`weight4`):
+    the conv then returns channels_last even when its input is ambiguous (one channel)."""
+
+    def get(k: int, attr: str) -> torch.Tensor | None:
+        live = getattr(m, attr)
+        return per_variant[k].get(attr, live) if live is not None else None
+
+    K = len(per_variant)
+    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+        scale, shift = [], []
+        for k in range(K):
+            w, b = get(k, "weight"), get(k, "bias")
+            rm, rv = get(k, "running_mean"), get(k, "running_var")
+            inv = torch.rsqrt(rv.float() + m.eps)
+            sc = inv * w.float() if w is not None else inv
+            sh = (b.float() if b is not None else 0) - rm.float() * sc
+            scale.append(sc)
+            shift.append(sh)
+        # scale/shift: the per-variant affine on a K·B batch; the K·C stacks: one batch_norm
+        # call on the fold form, the same kernel (and arithmetic) as each variant's own BN.
+        st = {"scale": torch.stack(scale), "shift": torch.stack(shift)}
+        for attr in ("running_mean", "running_var", "weight", "bias"):
+            st[attr] = torch.cat([get(k, attr) for k in range(K)]) if getattr(m, attr) is not None else None
+        return st
+    w = torch.stack([get(k, "weight") for k in range(K)])  # [K, out, ...]
+    b = torch.stack([get(k, "bias") for k in range(K)]) if m.bias is not None else None
+    st: dict[str, Any] = {"weight": w, "bias": b}
+    if channels_last and isinstance(m, nn.Conv2d):
+        w4 = w.reshape(-1, *w.shape[2:])
+        st["weight4"] = _empty(tuple(w4.shape), w4, torch.channels_last).copy_(w4)
+    return st
+
+
+def _tiled_bn(m: nn.Module, K: int) -> dict[str, torch.Tensor | None]:
+    """A shared eval BatchNorm's tensors repeated K times, for its call on a fold-form input."""
+    return {a: (None if getattr(m, a) is None else getattr(m, a).repeat(K))
+            for a in ("running_mean", "running_var", "weight", "bias")}
+
+
+def _bn(x: torch.Tensor, st: dict[str, Any], eps: float) -> torch.Tensor:
+    return F.batch_norm(x, st["running_mean"], st["running_var"], st["weight"], st["bias"],
+                        False, 0.0, eps)
+
+
+# ---- one overridden module --------------------------------------------------------------
+
+
+def apply_fanned(m: nn.Module, st: dict[str, Any], x: torch.Tensor | Fold, fanned: bool, K: int
+                 ) -> torch.Tensor | Fold:
+    """Apply K weight sets of `m` to a shared input [B, ...] (`fanned` False), a K·B batch, or
+    a Fold. Convs return a Fold (wide conv on a shared input, grouped conv otherwise); an eval
+    BN keeps a Fold folded; everything else returns a K·B batch."""
+    if isinstance(m, nn.Conv1d | nn.Conv2d):
+        conv = F.conv2d if isinstance(m, nn.Conv2d) else F.conv1d
+        w, b = st["weight"], st["bias"]  # [K, out, in/g, ...]
+        wk = st.get("weight4", w.reshape(-1, *w.shape[2:]))
+        bk = None if b is None else b.reshape(-1)
+        if isinstance(x, Fold):
+            xf = x.t
+        elif not fanned and m.groups == 1:
+            return Fold(conv(x, wk, bk, m.stride, m.padding, m.dilation, 1), K)
+        else:
+            xf = _fold(x if fanned else expand(x, K), K)
+        return Fold(conv(xf, wk, bk, m.stride, m.padding, m.dilation, m.groups * K), K)
+    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and isinstance(x, Fold):
+        return Fold(_bn(x.t, st, m.eps), K)
+    if isinstance(x, Fold):
+        x, fanned = x.batch(), True
+    if isinstance(m, nn.Linear):
+        w, b = st["weight"], st["bias"]  # [K, out, in], [K, out]
+        if not fanned:
+            y = F.linear(x, w.reshape(-1, w.shape[-1]), None if b is None else b.reshape(-1))
+            y = y.reshape(*x.shape[:-1], K, w.shape[1]).movedim(-2, 0)
+            return y.reshape(K * x.shape[0], *y.shape[2:])
+        B = x.shape[0] // K
+        xk = x.reshape(K, -1, x.shape[-1])
+        y = torch.bmm(xk, w.transpose(1, 2).to(xk.dtype)) if b is None else \
+            torch.baddbmm(b.unsqueeze(1).to(xk.dtype), xk, w.transpose(1, 2).to(xk.dtype))
+        return y.reshape(K * B, *x.shape[1:-1], w.shape[1])
+    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+        if not fanned:
+            x = expand(x, K)
+        B = x.shape[0] // K
+        view = (K, 1, -1) + (1,) * (x.dim() - 2)
+        sc = st["scale"].to(x.dtype).reshape(view)
+        sh = st["shift"].to(x.dtype).reshape(view)
+        y = x.reshape(K, B, *x.shape[1:]) * sc + sh
+        return y.reshape(K * B, *x.shape[1:])
+    raise TypeError(f"cannot fan out {type(m).__name__}")
+
+
+# ---- shared steps on fold-form values ---------------------------------------------------
+
+_NO = object()  # "this step cannot run on the fold form"
+
+
+def _fold_step(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, K: int) -> Any:
+    """Run step `s` on fold-form values when that is provably the same per channel; else _NO.
+
+    An in-place step (relu_, +=) writes into the Fold's tensor, as eager mode writes into the
+    variant's. A Fold never has a batch form yet here (`run_fanned` retires a Fold the moment one
+    is made), so no copy can go stale."""
+    refs = set(refs_in(s.args) + refs_in(s.kwargs))
+    if not any(isinstance(env.get(r), Fold) for r in refs):
+        return _NO
+    first = s.args[0] if s.args else None
+    if s.op == "call_module":
+        m = prog.modules[s.target]
+        x = env[first.index] if isinstance(first, Ref) and len(s.args) == 1 and not s.kwargs else None
+        if not isinstance(x, Fold):
+            return _NO
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and not m.training and m.running_mean is not None:
+            return Fold(_bn(x.t, _tiled_bn(m, K), m.eps), K)
+        if isinstance(m, _PER_CHANNEL_MODULES) and not getattr(m, "return_indices", False):
+            y = m(x.t)
+            return x if y is x.t else Fold(y, K)
+        return _NO
+    unary = (s.op == "call_function" and s.target in _PER_CHANNEL_FUNCS) or \
+            (s.op == "call_method" and s.target in _PER_CHANNEL_METHODS)
+    if unary:
+        if len(refs) != 1 or not isinstance(first, Ref) or s.kwargs.get("return_indices"):
+            return _NO
+        x = env[first.index]
+        args = (x.t, *s.args[1:])
+        y = s.target(*args, **s.kwargs) if s.op == "call_function" else \
+            getattr(x.t, s.target)(*args[1:], **s.kwargs)
+        return x if y is x.t else Fold(y, K)  # in place (relu_, inplace=True) or not
+    binary = (s.op == "call_function" and s.target in _BINARY_FUNCS) or \
+             (s.op == "call_method" and s.target in _BINARY_METHODS)
+    if binary and len(s.args) == 2 and not s.kwargs:
+        return _binary(s, env, plan, K)
+    return _NO
+
+
+def _binary(s: Step, env: dict[int, Any], plan: FanPlan, K: int) -> Any:
+    """a ∘ b with a Fold on at least one side; the other a Fold of the same shape, a number, or
+    a shared per-sample tensor of a variant's shape (broadcast over K: no copy of it)."""
+    vals = [env[a.index] if isinstance(a, Ref) else a for a in s.args]
+    fold = next(v for v in vals if isinstance(v, Fold))
+    inplace = s.target in _INPLACE
+    if inplace and not isinstance(vals[0], Fold):
+        return _NO  # an in-place op into a shared value
+    pv = fold.per_variant_shape
+    if all(isinstance(v, Fold | int | float) for v in vals):
+        if any(isinstance(v, Fold) and v.t.shape != fold.t.shape for v in vals):
+            return _NO
+        ops = [v.t if isinstance(v, Fold) else v for v in vals]
+        broadcast = False
+    else:
+        for a, v in zip(s.args, vals, strict=True):
+            if not isinstance(v, Fold | torch.Tensor | int | float):
+                return _NO
+            if isinstance(v, torch.Tensor) and (not isinstance(a, Ref) or a.index in plan.fanned
+                                                or a.index not in plan.batch or tuple(v.shape) != pv):
+                return _NO
+            if isinstance(v, Fold) and v.t.shape != fold.t.shape:
+                return _NO
+        ops = [v.t.unflatten(1, (K, pv[1])) if isinstance(v, Fold)
+               else v.unsqueeze(1) if isinstance(v, torch.Tensor) else v for v in vals]
+        broadcast = True
+    y = s.target(*ops) if s.op == "call_function" else getattr(ops[0], s.target)(*ops[1:])
+    if inplace:
+        return vals[0]
+    return Fold(y.flatten(1, 2) if broadcast else y, K)
+
+
+# ---- the suffix -------------------------------------------------------------------------
+
+_FOLD_MODULES = (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)  # take a Fold as is
+
+
+def _retire(env: dict[int, Any], f: Fold) -> torch.Tensor:
+    """From now on the value of every step holding `f` is its K·B batch form. A Fold and its
+    batch form are never both live, so an in-place step on either (or on a view of the batch)
+    is seen by every later user, as in eager mode."""
+    b = f.batch()
+    for r, v in env.items():
+        if v is f:
+            env[r] = b
+    return b
+
+
+def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, dict], K: int,
+               fold: bool = True, trace: list[str] | None = None) -> torch.Tensor:
+    """Run the suffix from `plan.start` on the shared input `x` for K variants at once.
+    Returns logits [K·B, C], variant-major. `fold=False` unfolds after every conv (the
+    session-3 path, kept for tests and comparison); `trace` collects, per fanned step, how it
+    ran: "module" (an overridden module), "fold", or "batch" (on the K·B batch)."""
+    start = plan.start
+    env: dict[int, Any] = {prog.carrier[start] if start else 0: x}
+    for s in prog.steps[: start + 1]:
+        if s.op == "get_attr":
+            env[s.index] = prog.fetch(s.target)
+    frees = prog.frees
+    for s in prog.steps[start + 1:]:
+        if s.op == "output":
+            out = _map_refs(s.args, lambda r, env_=env: env_[r.index])[0]
+            if isinstance(out, Fold):
+                return out.batch()
+            return out if s.index in plan.fanned else expand(out, K)
+        if s.index not in plan.fanned:
+            y = prog.eval_step(s, env)
+        elif s.op == "call_module" and s.target in stacks:
+            (arg,) = s.args
+            m, v = prog.modules[s.target], env[arg.index]
+            if isinstance(v, Fold) and not (fold and isinstance(m, _FOLD_MODULES)):
+                v = _retire(env, v)
+            y = apply_fanned(m, stacks[s.target], v, arg.index in plan.fanned, K)
+            y = y if fold or not isinstance(y, Fold) else y.batch()
+            if trace is not None:
+                trace.append("module")
+        else:
+            y = _fold_step(prog, s, env, plan, K)
+            if y is _NO:
+                local: dict[int, Any] = {}
+                for r in set(refs_in(s.args) + refs_in(s.kwargs)):
+                    v = env[r]
+                    if isinstance(v, Fold):
+                        v = _retire(env, v)
+                    elif r not in plan.fanned and r in plan.batch and isinstance(v, torch.Tensor):
+                        v = expand(v, K)
+                    local[r] = v
+                y = prog.eval_step(s, local)
+            if trace is not None:
+                trace.append("fold" if isinstance(y, Fold) else "batch")
+        env[s.index] = y
+        for r in frees[s.index]:
+            env.pop(r, None)
+    raise RuntimeError("program has no output")
