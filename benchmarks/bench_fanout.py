@@ -1,5 +1,6 @@
-"""The fan-out's glue: one fanned ResNet-50 Bottleneck unit, fold form vs unfolded after every
-conv (`pytest benchmarks/bench_fanout.py --benchmark-enable`).
+"""The fan-out's glue: one fanned ResNet-50 Bottleneck unit three ways — fold form with
+BN [+ add] + ReLU fused into `layerfast::affine_relu` (the default), fold form with those as
+torch ops, and unfolded after every conv (`pytest benchmarks/bench_fanout.py --benchmark-enable`).
 
 The unit is torchvision's `layer2.0` (256 -> 512 channels, stride 2, with its downsample) with
 K = 7 weight sets (5 checkpoints + 2 re-randomizations, as at block granularity), run from its
@@ -44,7 +45,7 @@ def _unit(device: str, cl: bool) -> tuple[Program, object, dict]:
     return prog, plan, stacks
 
 
-def _case(benchmark, device: str, fold: bool) -> None:
+def _case(benchmark, device: str, mode: str) -> None:
     cuda = device == "cuda"
     cl, precision = (True, "bf16") if cuda else (False, "fp32")
     prog, plan, stacks = _unit(device, cl)
@@ -56,7 +57,7 @@ def _case(benchmark, device: str, fold: bool) -> None:
     def once() -> None:
         with torch.inference_mode(), no_inplace_modules(prog.model), \
                 precision_context(precision, torch.device(device)):
-            run_fanned(prog, plan, x, stacks, K, fold=fold)
+            run_fanned(prog, plan, x, stacks, K, fold=mode != "unfolded", fuse_ops=mode == "fused")
         if cuda:
             torch.cuda.synchronize()
 
@@ -65,12 +66,15 @@ def _case(benchmark, device: str, fold: bool) -> None:
     benchmark(once)
 
 
-@pytest.mark.parametrize("fold", [True, False], ids=["fold", "unfolded"])
-def test_cpu_bottleneck(benchmark, fold):
-    _case(benchmark, "cpu", fold)
+MODES = ["fused", "fold", "unfolded"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_bottleneck(benchmark, mode):
+    _case(benchmark, "cpu", mode)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("fold", [True, False], ids=["fold", "unfolded"])
-def test_cuda_bottleneck(benchmark, fold):
-    _case(benchmark, "cuda", fold)
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_bottleneck(benchmark, mode):
+    _case(benchmark, "cuda", mode)

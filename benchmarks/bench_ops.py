@@ -9,6 +9,10 @@ op earns its place by a benchmark).
   (161 tensors, 25.6M float32 parameters) and on a small list (one unit: 20 small tensors).
 - score_ vs `score_reference` (argmax, gather, compare, logsumexp, sums in torch ops) for
   V=32 variants, B=256 samples, C=1000 and C=10 classes.
+- affine_relu vs what the fan-out would otherwise run on the fold form: eval `F.batch_norm`,
+  `+ skip` (the shared skip broadcast over K, as fanrun does it) and `relu` — a ResNet block's
+  end with K=7 variants side by side, 64 channels each (CPU: 8 samples at 28², fp32; CUDA: 64
+  samples at 56², bf16, channels_last).
 
 Each case runs a fixed, small number of rounds so the CPU suite takes about half a minute. CUDA
 rounds end with `torch.cuda.synchronize()`, so they measure the latency of one call.
@@ -123,3 +127,40 @@ def test_score_torch_ops(benchmark, C, dtype, device):
     benchmark.group = f"score V=32 B=256 C={C} {str(dtype)[6:]} {device}"
     run = _runner(lambda: ops.score_reference(logits, labels, ref_pred, acc), device)
     benchmark.pedantic(run, rounds=_rounds(device, C >= 1000), warmup_rounds=1)
+
+
+def _affine_inputs(device: str):
+    K, C = 7, 64
+    B, hw, dtype, cl = (64, 56, torch.bfloat16, True) if device == "cuda" else (8, 28, torch.float32, False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, K * C, hw, hw, generator=g).to(device, dtype)
+    skip = torch.randn(B, C, hw, hw, generator=g).to(device, dtype)
+    if cl:
+        x, skip = (t.contiguous(memory_format=torch.channels_last) for t in (x, skip))
+    mean, var = torch.randn(K * C).to(device), (torch.rand(K * C) + 0.5).to(device)
+    w, b = torch.randn(K * C).to(device), torch.randn(K * C).to(device)
+    scale = w * torch.rsqrt(var + 1e-5)
+    return K, C, x, skip, (mean, var, w, b), (scale, b - mean * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_affine_relu_layerfast(benchmark, device):
+    K, C, x, skip, _, (scale, shift) = _affine_inputs(device)
+    benchmark.group = f"BN+add+ReLU K={K} C={C} {tuple(x.shape)} {str(x.dtype)[6:]} {device}"
+    run = _runner(lambda: ops.affine_relu(x, scale, shift, skip, True), device)
+    benchmark.pedantic(run, rounds=_rounds(device, False) // 4, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_affine_relu_torch_ops(benchmark, device):
+    K, C, x, skip, (mean, var, w, b), _ = _affine_inputs(device)
+    B, S = x.shape[0], x.shape[2:]
+
+    def torch_way():
+        y = torch.nn.functional.batch_norm(x, mean, var, w, b, False, 0.0, 1e-5)
+        y = (y.unflatten(1, (K, C)) + skip.unsqueeze(1)).flatten(1, 2)
+        return torch.relu(y)
+
+    benchmark.group = f"BN+add+ReLU K={K} C={C} {(B, K * C, *S)} {str(x.dtype)[6:]} {device}"
+    run = _runner(torch_way, device)
+    benchmark.pedantic(run, rounds=_rounds(device, False) // 4, warmup_rounds=1)

@@ -1,6 +1,9 @@
 // Autograd and ADInplaceOrView kernels of the layerfast ops (device independent).
 //
-// Neither op is differentiable, and both mutate their inputs and return nothing, a case torch's
+// affine_relu is functional: its Autograd kernel only refuses inputs that require grad while
+// grad mode is on (a result without history would silently drop their gradients).
+//
+// swap_ and score_ are not differentiable, and both mutate their inputs and return nothing, a case torch's
 // stock fallbacks get wrong for us: torch::autograd::autogradNotImplementedFallback skips the
 // ADInplaceOrView key for ops without in-place outputs, and its ADInplaceOrView twin bumps only
 // mutable outputs. So:
@@ -64,6 +67,27 @@ void score_autograd(
   score_op().redispatch(ks & c10::after_autograd_keyset, logits, labels, ref_pred, acc);
 }
 
+using AffineReluFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&, bool);
+
+at::Tensor affine_relu_autograd(
+    c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+    const std::optional<at::Tensor>& residual, bool relu) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("layerfast::affine_relu", "")
+                             .typed<AffineReluFn>();
+  if (c10::GradMode::is_enabled()) {
+    const bool grad = x.requires_grad() || scale.requires_grad() || shift.requires_grad() ||
+                      (residual.has_value() && residual->requires_grad());
+    TORCH_CHECK(
+        !grad,
+        "layerfast::affine_relu is not differentiable and an input requires grad; call it under "
+        "torch.no_grad() or torch.inference_mode()");
+  }
+  at::AutoDispatchBelowAutograd guard;
+  return op.redispatch(ks & c10::after_autograd_keyset, x, scale, shift, residual, relu);
+}
+
 void bump(const at::Tensor& t) {
   if (t.defined()) {
     t.unsafeGetTensorImpl()->bump_version();
@@ -98,6 +122,7 @@ void score_inplace_or_view(
 TORCH_LIBRARY_IMPL(layerfast, Autograd, m) {
   m.impl("swap_", &swap_autograd);
   m.impl("score_", &score_autograd);
+  m.impl("affine_relu", &affine_relu_autograd);
 }
 
 TORCH_LIBRARY_IMPL(layerfast, ADInplaceOrView, m) {

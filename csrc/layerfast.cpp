@@ -47,5 +47,18 @@ TORCH_LIBRARY(layerfast, m) {
   // - ref_pred: int64 [B], the baseline's predictions (torch.argmax of its logits).
   // - acc: float64 [V, 4], contiguous; all four tensors on one device.
   m.def("score_(Tensor logits, Tensor labels, Tensor ref_pred, Tensor(a!) acc) -> ()");
+
+  // affine_relu(x, scale, shift, residual, relu) -> out: an eval-mode BatchNorm (as a per-channel
+  // affine), an optional residual add and an optional ReLU in one pass, for the fan-out's fold form:
+  //   y[n, c, ...] = x[n, c, ...] * scale[c] + shift[c]  (+ residual[n, c % C_r, ...])
+  //   out = relu ? (y < 0 ? 0 : y) : y   (NaN stays NaN, as torch.relu)
+  // computed in float32 (the product and sum may contract to one FMA), rounded once to x's dtype.
+  // The residual's channel index c % C_r lets a shared skip [N, C_r, ...] be added to K variants
+  // side by side ([N, K·C_r, ...]) without copying it K times.
+  // - x: float32, float16 or bfloat16, [N, C, ...], contiguous or channels_last (4-D).
+  // - scale, shift: float32 [C], contiguous (for BN: w·rsqrt(var + eps), b - mean·scale).
+  // - residual: None, or x's dtype and memory layout, [N, C_r, ...] with C_r dividing C.
+  // - out: a new tensor with x's shape, dtype and strides. Not differentiable.
+  m.def("affine_relu(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
 }
 

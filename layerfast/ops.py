@@ -9,7 +9,10 @@ Two hot spots of the engine (DESIGN.md §7) are single ops with a CPU and a CUDA
   counts (correct@1, correct@5, cross-entropy sum, agreement with the baseline) on the device,
   without a host synchronisation.
 
-Both mutate their arguments and return nothing. They are real torch ops: they work under
+- `affine_relu(x, scale, shift, residual, relu)`: eval BatchNorm + residual add + ReLU in one
+  pass, for the fan-out's fold form (K variants side by side on the channel dim).
+
+`swap_` and `score_` mutate their arguments and return nothing. They are real torch ops: they work under
 `torch.inference_mode()`, bump the version counters of what they mutate, refuse to be
 differentiated, and have fake implementations (below) so `torch.compile` and FakeTensor can trace
 them. `swap_reference` and `score_reference` compute the same results with plain torch ops; the
@@ -27,7 +30,8 @@ from torch import Tensor
 
 from layerfast import _ext  # noqa: F401  (loads layerfast._C, which registers torch.ops.layerfast)
 
-__all__ = ["swap_", "score_", "swap_reference", "score_reference", "has_kernel"]
+__all__ = ["swap_", "score_", "affine_relu", "swap_reference", "score_reference",
+           "affine_relu_reference", "has_kernel"]
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -180,3 +184,75 @@ def _check_score_args(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Ten
 @torch.library.register_fake("layerfast::score_")
 def _score_fake(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Tensor) -> None:
     _check_score_args(logits, labels, ref_pred, acc)
+
+
+# ---- affine_relu -----------------------------------------------------------------------------
+
+
+def affine_relu(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None = None,
+                relu: bool = True) -> Tensor:
+    """`relu(x * scale[c] + shift[c] + residual[:, c % C_r])`, per channel c of dim 1, one pass.
+
+    Why it exists: in the fan-out's fold form ([B, K·C, *S], K variants side by side) a ResNet
+    block ends BN -> add -> ReLU. As torch ops that is three passes over the tensor (BatchNorm,
+    add, relu: 7 tensor reads/writes); this op reads x (and the residual) once and writes once.
+    The residual may have C_r = C / K channels: a skip shared by the K variants is then added to
+    each without being copied K times.
+
+    `x`: float32/float16/bfloat16 [N, C, ...], contiguous or channels_last; `scale`, `shift`:
+    float32 [C] (an eval BatchNorm is `scale = weight * rsqrt(running_var + eps)`,
+    `shift = bias - running_mean * scale`); `residual`: None or x's dtype and layout, shape
+    [N, C_r, ...] with C_r dividing C. Computed in float32 (the product and sum may fuse into an
+    FMA), NaN kept by the ReLU, rounded once to x's dtype; the result has x's layout.
+    """
+    return torch.ops.layerfast.affine_relu.default(x, scale, shift, residual, relu)
+
+
+def affine_relu_reference(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None = None,
+                          relu: bool = True) -> Tensor:
+    """`affine_relu` with plain torch ops (float32 math, one rounding at the end)."""
+    _check_affine_args(x, scale, shift, residual)
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    y = x.float() * scale.view(view) + shift.view(view)
+    if residual is not None:
+        k = x.shape[1] // residual.shape[1]
+        y = y + residual.float().repeat(1, k, *([1] * (x.dim() - 2)))
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype)
+
+
+def _check_affine_args(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None) -> None:
+    torch._check(x.dim() >= 2, lambda: f"layerfast::affine_relu: x must have shape [N, C, ...], "
+                 f"got {list(x.shape)}")
+    torch._check(x.dtype in _LOGIT_DTYPES, lambda: "layerfast::affine_relu: x must be float32, "
+                 f"float16 or bfloat16, got {x.dtype}")
+    C = x.shape[1]
+    for name, t in (("scale", scale), ("shift", shift), ("residual", residual)):
+        torch._check(
+            t is None or t.device == x.device,
+            lambda name=name, t=t: f"layerfast::affine_relu: {name} is on {t.device} but x is on "
+            f"{x.device}; all tensors must be on one device",
+        )
+    for name, t in (("scale", scale), ("shift", shift)):
+        torch._check(
+            t.dim() == 1 and t.shape[0] == C and t.dtype == torch.float32,
+            lambda name=name, t=t: f"layerfast::affine_relu: {name} must be float32 of shape [C] = "
+            f"[{C}], got {t.dtype} {list(t.shape)}",
+        )
+    if residual is not None:
+        r = residual
+        ok = (r.dim() == x.dim() and r.shape[0] == x.shape[0] and r.shape[1] >= 1
+              and C % r.shape[1] == 0 and tuple(r.shape[2:]) == tuple(x.shape[2:]))
+        torch._check(ok, lambda: "layerfast::affine_relu: residual must have shape [N, C_r, ...] "
+                     f"with x's N and spatial sizes and C_r dividing C (x is {list(x.shape)}), got "
+                     f"{list(r.shape)}")
+        torch._check(r.dtype == x.dtype, lambda: f"layerfast::affine_relu: residual must have "
+                     f"x's dtype {x.dtype}, got {r.dtype}")
+
+
+@torch.library.register_fake("layerfast::affine_relu")
+def _affine_relu_fake(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
+                      relu: bool) -> Tensor:
+    _check_affine_args(x, scale, shift, residual)
+    return torch.empty_like(x)

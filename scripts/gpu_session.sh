@@ -31,9 +31,10 @@ python3 -m layerfast.info | tee "$OUT/info.txt"
 if [ "$phase" = test ]; then
   # Time caps keep the call inside the device's 10 minutes even if something hangs.
   timeout 270 python3 -m pytest -q -m cuda tests/ -p no:cacheprovider -rs 2>&1 | tee "$OUT/cuda-tests.log" | tail -15
-  timeout 120 python3 -m pytest -q tests/test_engine.py tests/test_ops_swap.py tests/test_ops_score.py -p no:cacheprovider 2>&1 \
+  timeout 120 python3 -m pytest -q tests/test_engine.py tests/test_fanrun.py tests/test_ops_swap.py \
+    tests/test_ops_score.py tests/test_ops_affine_relu.py -p no:cacheprovider 2>&1 \
     | tee "$OUT/engine-ops-tests.log" | tail -3
-  timeout 90 python3 -m pytest benchmarks/bench_ops.py --benchmark-enable -m cuda -q -p no:cacheprovider \
+  timeout 120 python3 -m pytest benchmarks/bench_ops.py benchmarks/bench_fanout.py --benchmark-enable -m cuda -q -p no:cacheprovider \
     --benchmark-columns=median,iqr --benchmark-sort=name 2>&1 | tee "$OUT/bench-ops.log" | tail -30
 elif [ "$phase" = repro-a ] || [ "$phase" = repro-b ] || [ "$phase" = repro-c ]; then
   # Train with `layerfast train`, analyze in fp32 with `layerfast analyze`; everything the

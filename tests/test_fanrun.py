@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerfast.engine import Evaluator, fanrun, naive_evaluate
+from layerfast.engine import Evaluator, layout, naive_evaluate
 from layerfast.engine.fanout import fan_plan
-from layerfast.engine.fanrun import Fold, _fold, _unfold, expand, run_fanned, stack_module
+from layerfast.engine.fanrun import run_fanned, stack_module
 from layerfast.engine.graph import Program, no_inplace_modules
+from layerfast.engine.layout import Fold, expand, to_batch, to_fold
 
 
 def _resnet(arch: str, hw: int = 16) -> nn.Module:
@@ -70,19 +71,20 @@ def _setup(model: nn.Module, prefixes: tuple[str, ...], x: torch.Tensor, K: int,
     return prog, plan, inp, stacks, variants, x
 
 
-def _fanned(setup, K: int, fold: bool, trace: list[str] | None = None) -> torch.Tensor:
+def _fanned(setup, K: int, fold: bool, trace: list[str] | None = None, fuse: bool = True
+            ) -> torch.Tensor:
     prog, plan, inp, stacks, _, x = setup
     with torch.no_grad(), no_inplace_modules(prog.model):
-        out = run_fanned(prog, plan, inp.clone(), stacks, K, fold=fold, trace=trace)
+        out = run_fanned(prog, plan, inp.clone(), stacks, K, fold=fold, fuse_ops=fuse, trace=trace)
     return out.view(K, x.shape[0], -1)
 
 
 def _three_ways(model: nn.Module, prefixes: tuple[str, ...], x: torch.Tensor, K: int = 3,
-                cl: bool = False):
+                cl: bool = False, fuse: bool = True):
     """(folded logits, unfolded logits, per-variant logits, trace), each [K, B, C]."""
     setup = _setup(model, prefixes, x, K, cl)
     trace: list[str] = []
-    folded = _fanned(setup, K, True, trace)
+    folded = _fanned(setup, K, True, trace, fuse)
     unfolded = _fanned(setup, K, False)
     variants, x = setup[4], setup[5]
     ref = []
@@ -111,15 +113,16 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("cl", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fold_matches_per_variant(case, cl):
+def test_fold_matches_per_variant(case, cl, fuse):
     arch, prefixes = CASES[case]
     torch.manual_seed(0)
     model = _resnet(arch)
     _perturb(model)
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    folded, unfolded, ref, trace = _three_ways(model, prefixes, x, cl=cl)
+    folded, unfolded, ref, trace = _three_ways(model, prefixes, x, cl=cl, fuse=fuse)
     scale = ref.abs().max().item()
     d_ref = (folded - ref).abs().max().item()
     d_old = (folded - unfolded).abs().max().item()
@@ -127,7 +130,8 @@ def test_fold_matches_per_variant(case, cl):
           f"(logits up to {scale:.3g}); trace {trace}")
     assert d_ref <= 1e-4 * max(scale, 1.0)
     assert d_old <= 1e-4 * max(scale, 1.0)
-    assert "fold" in trace, "the fold form was never used"
+    assert "fold" in trace or "fused" in trace, "the fold form was never used"
+    assert ("fused" in trace) == fuse, "every case has a BN -> [add ->] ReLU chain to fuse"
     assert torch.equal(folded.argmax(-1), ref.argmax(-1)) or d_ref < 1e-5
 
 
@@ -135,7 +139,7 @@ def test_fold_keeps_channels_last_until_the_batch(monkeypatch):
     """Every Fold that reaches the K·B batch is still channels_last (BN, ReLU and the broadcast
     residual add kept the layout), so the convs after it stay in the fast layout."""
     seen: list[bool] = []
-    real = fanrun._unfold
+    real = layout.to_batch
 
     def spy(y, K):
         seen.append(y.dim() != 4 or y.is_contiguous(memory_format=torch.channels_last))
@@ -143,7 +147,7 @@ def test_fold_keeps_channels_last_until_the_batch(monkeypatch):
         assert out.is_contiguous(memory_format=torch.channels_last) or out.dim() != 4
         return out
 
-    monkeypatch.setattr(fanrun, "_unfold", spy)
+    monkeypatch.setattr(layout, "to_batch", spy)
     torch.manual_seed(0)
     model = _resnet("resnet18")
     x = torch.randn(4, 3, 16, 16)
@@ -165,14 +169,20 @@ def test_bottleneck_unfolds_once(monkeypatch):
             return real(y, K)
         return f
 
-    monkeypatch.setattr(fanrun, "_unfold", counting("unfold", fanrun._unfold))
-    monkeypatch.setattr(fanrun, "_fold", counting("fold", fanrun._fold))
+    monkeypatch.setattr(layout, "to_batch", counting("unfold", layout.to_batch))
+    monkeypatch.setattr(layout, "to_fold", counting("fold", layout.to_fold))
     trace: list[str] = []
-    _fanned(setup, 3, True, trace)
+    _fanned(setup, 3, True, trace, fuse=False)
     assert calls == {"unfold": 1}, (calls, trace)
     # 8 overridden modules; relu, relu, add, relu on the fold form; layer2.1 onwards on the batch
     assert trace[:12].count("module") == 8 and trace[:12].count("fold") == 4, trace
     assert set(trace[12:]) == {"batch"}, trace
+    # fused: bn1+relu, bn2+relu, downsample BN + add (of bn3) + relu are 3 affine_relu calls
+    calls.clear()
+    trace.clear()
+    _fanned(setup, 3, True, trace)
+    assert calls == {"unfold": 1}, (calls, trace)
+    assert trace[:12].count("module") == 5 and trace[:12].count("fused") == 7, trace
     calls.clear()
     _fanned(setup, 3, False)
     assert calls == {"unfold": 4, "fold": 2}, calls
@@ -181,11 +191,11 @@ def test_bottleneck_unfolds_once(monkeypatch):
 def test_layout_helpers_round_trip():
     for fmt in (torch.contiguous_format, torch.channels_last):
         y = torch.randn(5, 3 * 4, 6, 7).contiguous(memory_format=fmt)
-        b = _unfold(y, 3)
+        b = to_batch(y, 3)
         assert b.shape == (15, 4, 6, 7)
         assert torch.equal(b.view(3, 5, 4, 6, 7)[1], y[:, 4:8])
         assert b.is_contiguous(memory_format=fmt)
-        assert torch.equal(_fold(b, 3), y)
+        assert torch.equal(to_fold(b, 3), y)
         e = expand(y[:, :4], 3)
         assert torch.equal(e.view(3, 5, 4, 6, 7)[2], y[:, :4])
 

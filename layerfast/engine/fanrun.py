@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerfast.engine import fuse, layout
 from layerfast.engine.fanout import FanPlan
 from layerfast.engine.graph import Program, Ref, Step, _map_refs, refs_in
+from layerfast.engine.layout import Fold, empty_as, expand
 
 # Modules that act on each channel of each sample alone (eval mode), so fold form is safe.
 _PER_CHANNEL_MODULES: tuple[type[nn.Module], ...] = (
@@ -45,71 +47,6 @@ _BINARY_FUNCS = {operator.add, operator.sub, operator.mul, operator.iadd, operat
                  operator.imul, torch.add, torch.sub, torch.mul}
 _BINARY_METHODS = {"add", "sub", "mul", "add_", "sub_", "mul_"}
 _INPLACE = {operator.iadd, operator.isub, operator.imul, "add_", "sub_", "mul_"}
-
-
-# ---- layouts -----------------------------------------------------------------------------
-
-
-def _fmt(t: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-D tensor laid out that way (and not trivially both), else contiguous.
-    Every copy the fan-out makes keeps it: a suffix that fell back to NCHW would run its convs
-    in the slow layout for bf16 tensor cores (and for oneDNN on the CPU)."""
-    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
-
-
-def _empty(shape: tuple[int, ...], like: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
-
-
-def _unfold(y: torch.Tensor, K: int) -> torch.Tensor:
-    """[B, K·C, *S] -> [K·B, C, *S]: variant-major batch, in ONE copy that keeps channels_last
-    (a reshape of the transposed view would copy to NCHW first, then again to channels_last)."""
-    B, KC = y.shape[:2]
-    C, S = KC // K, tuple(y.shape[2:])
-    out = _empty((K * B, C, *S), y, _fmt(y))
-    out.view(K, B, C, *S).copy_(y.view(B, K, C, *S).transpose(0, 1))
-    return out
-
-
-def _fold(x: torch.Tensor, K: int) -> torch.Tensor:
-    """[K·B, C, *S] -> [B, K·C, *S], for a grouped conv over the K variants (one copy, keeping
-    channels_last)."""
-    KB, C = x.shape[:2]
-    B, S = KB // K, tuple(x.shape[2:])
-    out = _empty((B, K * C, *S), x, _fmt(x))
-    out.view(B, K, C, *S).copy_(x.view(K, B, C, *S).transpose(0, 1))
-    return out
-
-
-def expand(t: torch.Tensor, K: int) -> torch.Tensor:
-    """[B, ...] -> [K·B, ...]: the shared value repeated for each variant (in its layout)."""
-    fmt = _fmt(t)
-    if fmt is torch.contiguous_format:
-        return t.unsqueeze(0).expand(K, *t.shape).reshape(K * t.shape[0], *t.shape[1:])
-    out = _empty((K * t.shape[0], *t.shape[1:]), t, fmt)
-    out.view(K, *t.shape).copy_(t.unsqueeze(0).expand(K, *t.shape))
-    return out
-
-
-class Fold:
-    """K variants' values side by side on the channel dim: `t` is [B, K·C, *S], variant k's
-    channels at [k·C, (k+1)·C). `batch()` is the same values as a K·B batch, made once."""
-
-    __slots__ = ("K", "_batch", "t")
-
-    def __init__(self, t: torch.Tensor, K: int) -> None:
-        self.t, self.K, self._batch = t, K, None
-
-    @property
-    def per_variant_shape(self) -> tuple[int, ...]:
-        return (self.t.shape[0], self.t.shape[1] // self.K, *self.t.shape[2:])
-
-    def batch(self) -> torch.Tensor:
-        if self._batch is None:
-            self._batch = _unfold(self.t, self.K)
-        return self._batch
-
 
 
 # ---- the per-chunk weight stacks -------------------------------------------------------
@@ -148,7 +85,7 @@ def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]],
     st: dict[str, Any] = {"weight": w, "bias": b}
     if channels_last and isinstance(m, nn.Conv2d):
         w4 = w.reshape(-1, *w.shape[2:])
-        st["weight4"] = _empty(tuple(w4.shape), w4, torch.channels_last).copy_(w4)
+        st["weight4"] = empty_as(tuple(w4.shape), w4, torch.channels_last).copy_(w4)
     return st
 
 
@@ -181,7 +118,7 @@ def apply_fanned(m: nn.Module, st: dict[str, Any], x: torch.Tensor | Fold, fanne
         elif not fanned and m.groups == 1:
             return Fold(conv(x, wk, bk, m.stride, m.padding, m.dilation, 1), K)
         else:
-            xf = _fold(x if fanned else expand(x, K), K)
+            xf = layout.to_fold(x if fanned else expand(x, K), K)
         return Fold(conv(xf, wk, bk, m.stride, m.padding, m.dilation, m.groups * K), K)
     if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and isinstance(x, Fold):
         return Fold(_bn(x.t, st, m.eps), K)
@@ -301,17 +238,51 @@ def _retire(env: dict[int, Any], f: Fold) -> torch.Tensor:
     return b
 
 
+def _fusion(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, stacks: dict, K: int,
+            kernel) -> dict[int, Any] | None:
+    """If step `s` is a BatchNorm on a Fold whose chain ends in a ReLU: the fused values."""
+    if s.op != "call_module" or len(s.args) != 1 or not isinstance(s.args[0], Ref):
+        return None
+    m, x = prog.modules[s.target], env.get(s.args[0].index)
+    if not isinstance(x, Fold) or not isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+        return None
+    if s.target in stacks:
+        st = stacks[s.target]
+        scale, shift = st["scale"].reshape(-1), st["shift"].reshape(-1)
+    elif not m.training and m.running_mean is not None:
+        tiled = stacks.setdefault(_TILED, {})  # lives as long as the chunk's stacks
+        if (s.target, K) not in tiled:
+            tiled[(s.target, K)] = fuse.bn_affine(m, K)
+        scale, shift = tiled[(s.target, K)]
+    else:
+        return None
+    return fuse.try_fuse(prog, s, env, plan, x, scale, shift, kernel)
+
+
+_TILED = "<tiled BN affines>"  # a key of `stacks` no module name can take
+
+
 def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, dict], K: int,
-               fold: bool = True, trace: list[str] | None = None) -> torch.Tensor:
+               fold: bool = True, fuse_ops: bool = True, trace: list[str] | None = None
+               ) -> torch.Tensor:
     """Run the suffix from `plan.start` on the shared input `x` for K variants at once.
     Returns logits [K·B, C], variant-major. `fold=False` unfolds after every conv (the
-    session-3 path, kept for tests and comparison); `trace` collects, per fanned step, how it
-    ran: "module" (an overridden module), "fold", or "batch" (on the K·B batch)."""
+    session-3 path, kept for tests and comparison); `fuse_ops=False` runs BN -> add -> ReLU on
+    the fold form as separate torch ops instead of one `affine_relu`. `trace` collects, per
+    fanned step, how it ran: "module" (an overridden module), "fused", "fold", or "batch" (on
+    the K·B batch)."""
     start = plan.start
     env: dict[int, Any] = {prog.carrier[start] if start else 0: x}
     for s in prog.steps[: start + 1]:
         if s.op == "get_attr":
             env[s.index] = prog.fetch(s.target)
+    kernel = None
+    if fold and fuse_ops:
+        from layerfast import ops
+
+        kernel = ops.affine_relu if ops.has_kernel("affine_relu", x.device) else None
+    done: dict[int, Any] = {}  # values of steps a fusion already computed
+    covered: set[int] = set()  # every step a fusion ran (for `trace`)
     frees = prog.frees
     for s in prog.steps[start + 1:]:
         if s.op == "output":
@@ -319,8 +290,14 @@ def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, 
             if isinstance(out, Fold):
                 return out.batch()
             return out if s.index in plan.fanned else expand(out, K)
-        if s.index not in plan.fanned:
+        if s.index in done:
+            y = done.pop(s.index)
+        elif s.index not in plan.fanned:
             y = prog.eval_step(s, env)
+        elif kernel is not None and (fused := _fusion(prog, s, env, plan, stacks, K, kernel)):
+            covered.update(fused)
+            y = fused.pop(s.index)
+            done.update(fused)
         elif s.op == "call_module" and s.target in stacks:
             (arg,) = s.args
             m, v = prog.modules[s.target], env[arg.index]
@@ -328,8 +305,6 @@ def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, 
                 v = _retire(env, v)
             y = apply_fanned(m, stacks[s.target], v, arg.index in plan.fanned, K)
             y = y if fold or not isinstance(y, Fold) else y.batch()
-            if trace is not None:
-                trace.append("module")
         else:
             y = _fold_step(prog, s, env, plan, K)
             if y is _NO:
@@ -342,8 +317,10 @@ def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, 
                         v = expand(v, K)
                     local[r] = v
                 y = prog.eval_step(s, local)
-            if trace is not None:
-                trace.append("fold" if isinstance(y, Fold) else "batch")
+        if trace is not None and s.index in plan.fanned:
+            trace.append("fused" if s.index in covered
+                         else "module" if s.op == "call_module" and s.target in stacks
+                         else "fold" if isinstance(y, Fold) else "batch")
         env[s.index] = y
         for r in frees[s.index]:
             env.pop(r, None)
