@@ -2,9 +2,15 @@
 // (csrc/cpu/affine_relu_kernel.cpp, csrc/cuda/affine_relu_kernel.cu). Schema: csrc/layerfast.cpp.
 #pragma once
 
+#include <cstdint>
+
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 
 namespace layerfast::affine_relu {
+
+// Elements per CUDA thread and grid-stride step (csrc/cuda/affine_relu_kernel.cu).
+constexpr int kCudaVec = 4;
 
 // The two memory orders the kernels walk: channels-first ([N, C, S...] contiguous, one plane of
 // S elements per (n, c)) and channels_last (4-D [N, C, H, W] stored as [N, H, W, C]). A tensor
@@ -65,6 +71,68 @@ inline void check_args(
       "layerfast::affine_relu: residual must have x's memory layout (",
       cl ? "channels_last" : "contiguous", "), got strides ", r.strides(), " for shape ",
       r.sizes());
+}
+
+// The CUDA kernel's work for one thread and one grid-stride step: elements [i0, i0 + kVec) in
+// memory order (fewer at the end). The channel (and residual index) of the first element costs
+// one division; the rest are stepped incrementally. It lives here, host-and-device, so that the
+// CPU can run this exact code too (`layerfast::_affine_relu_cuda_logic`, a test-only op): the
+// index stepping is checked in CI although no GPU runs it there.
+//   channels-last: element i is channel i % C of pixel i / C; residual at pixel·Cr + c % Cr;
+//   channels-first: element i is at s = i % S of plane i / S = n·C + c; residual at
+//   (n·Cr + c % Cr)·S + s.
+template <typename T, bool kCL, bool kRes, bool kRelu, int kVec>
+C10_HOST_DEVICE inline void run_vec(
+    const T* __restrict__ x, const float* __restrict__ sc, const float* __restrict__ sh,
+    const T* __restrict__ r, T* __restrict__ out, int64_t i0, int64_t numel, int64_t C,
+    int64_t Cr, int64_t S) {
+  int64_t c, s = 0, n = 0, ri;
+  if constexpr (kCL) {
+    const int64_t q = i0 / C;
+    c = i0 - q * C;
+    ri = q * Cr + c % Cr;
+  } else {
+    const int64_t p = i0 / S;
+    s = i0 - p * S;
+    n = p / C;
+    c = p - n * C;
+    ri = (n * Cr + c % Cr) * S + s;
+  }
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    const int64_t i = i0 + j;
+    if (i >= numel) {
+      break;
+    }
+    float y = static_cast<float>(x[i]) * sc[c] + sh[c];
+    if constexpr (kRes) {
+      y += static_cast<float>(r[ri]);
+    }
+    if constexpr (kRelu) {
+      y = y < 0.f ? 0.f : y;
+    }
+    out[i] = static_cast<T>(y);
+    if constexpr (kCL) {  // step to element i + 1
+      ++c;
+      ++ri;
+      if (c == C) {
+        c = 0;  // next pixel: its residual run starts right after this one's
+      } else if (c % Cr == 0) {
+        ri -= Cr;  // the next run of Cr channels reads the same residual pixel again
+      }
+    } else {
+      ++s;
+      ++ri;
+      if (s == S) {
+        s = 0;
+        if (++c == C) {
+          c = 0;
+          ++n;
+        }
+        ri = (n * Cr + c % Cr) * S;
+      }
+    }
+  }
 }
 
 }  // namespace layerfast::affine_relu

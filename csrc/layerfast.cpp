@@ -60,5 +60,12 @@ TORCH_LIBRARY(layerfast, m) {
   // - residual: None, or x's dtype and memory layout, [N, C_r, ...] with C_r dividing C.
   // - out: a new tensor with x's shape, dtype and strides. Not differentiable.
   m.def("affine_relu(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
+
+  // _affine_relu_cuda_logic: affine_relu computed on the CPU by the CUDA kernel's own per-thread
+  // code (affine_relu::run_vec, csrc/affine_relu.h), one simulated thread-step after another.
+  // Test-only: it lets CI check the GPU kernel's index arithmetic without a GPU.
+  m.def(
+      "_affine_relu_cuda_logic(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu) "
+      "-> Tensor");
 }
 

@@ -214,8 +214,10 @@ def format_text(info: dict[str, Any]) -> str:
     if info["torch_cuda_arch_list"]:
         lines.append(f"torch built for {', '.join(info['torch_cuda_arch_list'])}")
     lines.append("ops             torch.ops.layerfast.*: dispatch keys with a kernel")
-    for name, keys in info["ops"].items() or [("(none registered)", [])]:
-        lines.append(f"  {name:<14}{', '.join(keys) or '-'}")
+    ops = info["ops"].items() or [("(none registered)", [])]
+    width = max(14, *(len(n) + 2 for n, _ in ops))
+    for name, keys in ops:
+        lines.append(f"  {name:<{width}}{', '.join(keys) or '-'}")
     if ffcv["available"]:
         note = f"  (note: {ffcv['note']})" if ffcv.get("note") else ""
         lines.append(f"FFCV            {ffcv['version'] or 'installed (version unknown)'}{note}")

@@ -251,6 +251,7 @@ def _check_affine_args(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor
                      f"x's dtype {x.dtype}, got {r.dtype}")
 
 
+@torch.library.register_fake("layerfast::_affine_relu_cuda_logic")
 @torch.library.register_fake("layerfast::affine_relu")
 def _affine_relu_fake(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
                       relu: bool) -> Tensor:

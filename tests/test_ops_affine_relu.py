@@ -194,3 +194,38 @@ def test_cuda_large_index_math():
         torch.testing.assert_close(ops.affine_relu(t, scale, shift, rr, True),
                                    ops.affine_relu_reference(t, scale, shift, rr, True),
                                    **_tol(torch.float32))
+
+
+# ---- the CUDA kernel's index arithmetic, run on the CPU ------------------------------------
+# `_affine_relu_cuda_logic` executes csrc/affine_relu.h's `run_vec` — the very function each CUDA
+# thread runs per grid-stride step — for every step, on the CPU. Shapes where runs of kVec = 4
+# elements cross planes, pixels, channel runs of the residual and the batch dim.
+AWKWARD = [
+    (3, 5, (3, 3), 5),  # S = 9: planes end mid-vector
+    (2, 6, (1, 7), 3),  # K = 2 over C_r = 3 channels
+    (2, 12, (5, 3), 2),  # C_r = 2: the residual run restarts inside every vector (CL)
+    (1, 7, (1, 1), 7),  # one pixel
+    (4, 9, (2, 2), 1),  # C_r = 1: one skip channel for all
+    (2, 3, (13,), 3),  # 3-D
+    (7, 5, (), 5),  # 2-D
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("shape", AWKWARD + SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}r{s[3]}")
+def test_cuda_logic_on_cpu_matches_reference(dtype, cl, relu, shape):
+    for res in (True, False):
+        N, C, S, Cr = shape
+        x, scale, shift, r = make(N, C, S, Cr if res else 0, dtype, "cpu", cl, seed=C + N)
+        got = torch.ops.layerfast._affine_relu_cuda_logic(x, scale, shift, r, relu)
+        want = ops.affine_relu_reference(x, scale, shift, r, relu)
+        torch.testing.assert_close(got, want, **_tol(dtype))
+
+
+def test_cuda_logic_opcheck():
+    x, scale, shift, r = make(3, 12, (4, 4), 4, torch.float32, "cpu", cl=True)
+    torch.library.opcheck(torch.ops.layerfast._affine_relu_cuda_logic.default,
+                          (x, scale, shift, r, True),
+                          test_utils=("test_schema", "test_faketensor"))

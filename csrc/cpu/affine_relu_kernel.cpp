@@ -130,10 +130,76 @@ at::Tensor affine_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const a
   return out;
 }
 
+template <typename T, bool kCL, bool kRes, bool kRelu>
+void emulate(const at::Tensor& x, const float* sc, const float* sh, const T* r, at::Tensor& out,
+             int64_t Cr) {
+  const int64_t numel = x.numel();
+  const int64_t C = x.size(1);
+  const int64_t S = numel / (x.size(0) * C);
+  constexpr int kVec = affine_relu::kCudaVec;
+  for (int64_t i0 = 0; i0 < numel; i0 += kVec) {  // every (thread, step) of any grid
+    affine_relu::run_vec<T, kCL, kRes, kRelu, kVec>(x.const_data_ptr<T>(), sc, sh, r,
+                                                   out.mutable_data_ptr<T>(), i0, numel, C, Cr, S);
+  }
+}
+
+template <typename T, bool kCL>
+void emulate_flags(const at::Tensor& x, const float* sc, const float* sh, const T* r,
+                   at::Tensor& out, int64_t Cr, bool relu) {
+  if (r != nullptr) {
+    relu ? emulate<T, kCL, true, true>(x, sc, sh, r, out, Cr)
+         : emulate<T, kCL, true, false>(x, sc, sh, r, out, Cr);
+  } else {
+    relu ? emulate<T, kCL, false, true>(x, sc, sh, r, out, Cr)
+         : emulate<T, kCL, false, false>(x, sc, sh, r, out, Cr);
+  }
+}
+
+template <typename T>
+void emulate_dispatch(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                      const std::optional<at::Tensor>& residual, bool relu, at::Tensor& out) {
+  const float* sc = scale.const_data_ptr<float>();
+  const float* sh = shift.const_data_ptr<float>();
+  const T* r = residual.has_value() ? residual->const_data_ptr<T>() : nullptr;
+  const int64_t Cr = residual.has_value() ? residual->size(1) : 1;
+  if (affine_relu::channels_last(x)) {
+    emulate_flags<T, true>(x, sc, sh, r, out, Cr, relu);
+  } else {
+    emulate_flags<T, false>(x, sc, sh, r, out, Cr, relu);
+  }
+}
+
+at::Tensor affine_relu_cuda_logic_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                      const at::Tensor& shift,
+                                      const std::optional<at::Tensor>& residual, bool relu) {
+  affine_relu::check_args(x, scale, shift, residual);
+  TORCH_CHECK(x.is_cpu(), "layerfast::_affine_relu_cuda_logic: runs on the CPU, got x on ",
+              x.device());
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) {
+    return out;
+  }
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      emulate_dispatch<float>(x, scale, shift, residual, relu, out);
+      break;
+    case at::kHalf:
+      emulate_dispatch<c10::Half>(x, scale, shift, residual, relu, out);
+      break;
+    case at::kBFloat16:
+      emulate_dispatch<c10::BFloat16>(x, scale, shift, residual, relu, out);
+      break;
+    default:
+      TORCH_CHECK(false, "layerfast::_affine_relu_cuda_logic: unsupported dtype ", x.scalar_type());
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(layerfast, CPU, m) {
   m.impl("affine_relu", &affine_relu_cpu);
+  m.impl("_affine_relu_cuda_logic", &affine_relu_cuda_logic_cpu);
 }
 
 }  // namespace layerfast

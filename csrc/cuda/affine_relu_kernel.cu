@@ -2,7 +2,8 @@
 //
 // One launch, one pass: each thread takes kVec consecutive elements (in memory order) per
 // grid-stride step, finds the channel (and residual index) of the first with one division and
-// steps the rest incrementally, so the integer divisions are amortised over kVec elements.
+// steps the rest incrementally (affine_relu::run_vec in csrc/affine_relu.h, which the CPU also
+// runs in the tests), so the integer divisions are amortised over kVec elements.
 // Arithmetic in float32 (x * scale + shift may contract to an FMA), ReLU keeps NaN, one rounding
 // to x's dtype. On the current stream, with a launch check; no host synchronisation.
 #include <algorithm>
@@ -23,7 +24,7 @@ namespace layerfast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kVec = 4;
+constexpr int kVec = affine_relu::kCudaVec;
 constexpr int64_t kMaxBlocks = int64_t{1} << 16;
 
 template <typename T, bool kCL, bool kRes, bool kRelu>
@@ -34,57 +35,7 @@ __global__ void __launch_bounds__(kThreads) affine_relu_kernel(
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads * kVec;
   for (int64_t i0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec;
        i0 < numel; i0 += step) {
-    // Channels-last: element i is channel i % C of pixel i / C; residual at pixel·Cr + c % Cr.
-    // Channels-first: element i is at s = i % S of plane i / S = n·C + c; residual at
-    // (n·Cr + c % Cr)·S + s.
-    int64_t c, s = 0, n = 0, ri;
-    if constexpr (kCL) {
-      const int64_t q = i0 / C;
-      c = i0 - q * C;
-      ri = q * Cr + c % Cr;
-    } else {
-      const int64_t p = i0 / S;
-      s = i0 - p * S;
-      n = p / C;
-      c = p - n * C;
-      ri = (n * Cr + c % Cr) * S + s;
-    }
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const int64_t i = i0 + j;
-      if (i >= numel) {
-        break;
-      }
-      float y = static_cast<float>(x[i]) * sc[c] + sh[c];
-      if constexpr (kRes) {
-        y += static_cast<float>(r[ri]);
-      }
-      if constexpr (kRelu) {
-        y = y < 0.f ? 0.f : y;
-      }
-      out[i] = static_cast<T>(y);
-      // advance to element i + 1
-      if constexpr (kCL) {
-        ++c;
-        ++ri;
-        if (c == C) {
-          c = 0;  // next pixel: its residual run starts right after this one's
-        } else if (c % Cr == 0) {
-          ri -= Cr;  // next run of Cr channels reads the same residual pixel again
-        }
-      } else {
-        ++s;
-        ++ri;
-        if (s == S) {
-          s = 0;
-          if (++c == C) {
-            c = 0;
-            ++n;
-          }
-          ri = (n * Cr + c % Cr) * S;
-        }
-      }
-    }
+    affine_relu::run_vec<T, kCL, kRes, kRelu, kVec>(x, sc, sh, r, out, i0, numel, C, Cr, S);
   }
 }
 
