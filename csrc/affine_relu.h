@@ -3,9 +3,13 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
+#include <type_traits>
 
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 namespace layerfast::affine_relu {
 
@@ -73,6 +77,75 @@ inline void check_args(
       r.sizes());
 }
 
+// One call's typed pointers and sizes: x and out are [N, C, S...] (S = the product of the
+// spatial sizes), the residual [N, Cr, S...] or null.
+template <typename T>
+struct View {
+  const T* x;
+  const float* sc;
+  const float* sh;
+  const T* r;
+  T* out;
+  int64_t numel, N, C, Cr, S;
+};
+
+template <typename T>
+View<T> view_of(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                const std::optional<at::Tensor>& residual, at::Tensor& out) {
+  const int64_t N = x.size(0);
+  const int64_t C = x.size(1);
+  return {x.const_data_ptr<T>(),
+          scale.const_data_ptr<float>(),
+          shift.const_data_ptr<float>(),
+          residual.has_value() ? residual->const_data_ptr<T>() : nullptr,
+          out.mutable_data_ptr<T>(),
+          x.numel(),
+          N,
+          C,
+          residual.has_value() ? residual->size(1) : 1,
+          N * C == 0 ? 0 : x.numel() / (N * C)};
+}
+
+// Calls f(T{}, cl, res, relu) with x's element type T and the three flags as
+// std::bool_constant, so each kernel is compiled per combination with its branches resolved.
+template <typename F>
+void dispatch(const at::Tensor& x, bool res, bool relu, const char* op, F&& f) {
+  const bool cl = channels_last(x);
+  auto typed = [&](auto t) {
+    auto third = [&](auto a, auto b) {
+      relu ? f(t, a, b, std::true_type{}) : f(t, a, b, std::false_type{});
+    };
+    auto second = [&](auto a) { res ? third(a, std::true_type{}) : third(a, std::false_type{}); };
+    cl ? second(std::true_type{}) : second(std::false_type{});
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      typed(float{});
+      break;
+    case at::kHalf:
+      typed(c10::Half{});
+      break;
+    case at::kBFloat16:
+      typed(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", x.scalar_type());
+  }
+}
+
+// One element: x·a + b (+ r), then ReLU keeping NaN — the arithmetic every kernel shares.
+template <bool kRes, bool kRelu>
+C10_HOST_DEVICE inline float value(float x, float a, float b, float r) {
+  float y = x * a + b;
+  if constexpr (kRes) {
+    y += r;
+  }
+  if constexpr (kRelu) {
+    y = y < 0.f ? 0.f : y;
+  }
+  return y;
+}
+
 // The CUDA kernel's work for one thread and one grid-stride step: elements [i0, i0 + kVec) in
 // memory order (fewer at the end). The channel (and residual index) of the first element costs
 // one division; the rest are stepped incrementally. It lives here, host-and-device, so that the
@@ -104,13 +177,8 @@ C10_HOST_DEVICE inline void run_vec(
     if (i >= numel) {
       break;
     }
-    float y = static_cast<float>(x[i]) * sc[c] + sh[c];
-    if constexpr (kRes) {
-      y += static_cast<float>(r[ri]);
-    }
-    if constexpr (kRelu) {
-      y = y < 0.f ? 0.f : y;
-    }
+    const float y = value<kRes, kRelu>(static_cast<float>(x[i]), sc[c], sh[c],
+                                       kRes ? static_cast<float>(r[ri]) : 0.f);
     out[i] = static_cast<T>(y);
     if constexpr (kCL) {  // step to element i + 1
       ++c;

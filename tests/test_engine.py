@@ -82,14 +82,15 @@ MODELS = {"fcn": fcn, "vggish": VGGish, "skipnet": SkipNet, "untraceable": Untra
           "resnet18": resnet18_small}
 
 
-def _perturb_bn(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(3)
+def _perturb_bn(model: nn.Module, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 # ResNet-18's convs are weight-bound even at 8×8: test a representative subset of its layers

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_engine import _perturb_bn as _perturb
 from torch import nn
 
 from layerfast.engine import Evaluator, layout, naive_evaluate
@@ -26,17 +27,6 @@ def _resnet(arch: str, hw: int = 16) -> nn.Module:
 
     model, _ = build_model(arch, 10, (3, hw, hw))
     return model
-
-
-def _perturb(model: nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 def _draws(model: nn.Module, prefixes: tuple[str, ...], K: int, seed: int = 0) -> list[dict]:

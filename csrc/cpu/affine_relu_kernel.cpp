@@ -1,4 +1,5 @@
-// CPU kernel of layerfast::affine_relu (schema and definition: csrc/layerfast.cpp).
+// CPU kernel of layerfast::affine_relu (schema and definition: csrc/layerfast.cpp), and the
+// test-only op _affine_relu_cuda_logic (the CUDA kernel's per-thread code, run on the CPU).
 //
 // One pass: each element is read once (plus its residual) and written once. Channels-first
 // tensors are cut into (n, c) planes, channels_last ones into pixels; either way the inner loop
@@ -11,8 +12,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include "../affine_relu.h"
@@ -20,90 +19,50 @@
 namespace layerfast {
 namespace {
 
+using affine_relu::View;
+
 constexpr int64_t kGrainElems = 32768;
 
-template <typename T, bool kRes, bool kRelu>
-inline void run_span(const T* x, float a, float b, const T* r, T* out, int64_t n) {
+// n elements; kPerChannel: element i has channel i (a pixel's run), else all share channel 0
+// (a plane).
+template <typename T, bool kRes, bool kRelu, bool kPerChannel>
+inline void span(const T* x, const float* a, const float* b, const T* r, T* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    float y = static_cast<float>(x[i]) * a + b;
-    if constexpr (kRes) {
-      y += static_cast<float>(r[i]);
-    }
-    if constexpr (kRelu) {
-      y = y < 0.f ? 0.f : y;
-    }
+    const int64_t c = kPerChannel ? i : 0;
+    const float y = affine_relu::value<kRes, kRelu>(static_cast<float>(x[i]), a[c], b[c],
+                                                    kRes ? static_cast<float>(r[i]) : 0.f);
     out[i] = static_cast<T>(y);
   }
 }
 
-// Channels-first: plane p = n·C + c holds S elements; its residual plane is n·Cr + c % Cr.
+// Channels-first: plane p = n·C + c holds S elements (one scale/shift); its residual plane is
+// n·Cr + c % Cr.
 template <typename T, bool kRes, bool kRelu>
-void planes(const T* x, const float* sc, const float* sh, const T* r, T* out, int64_t N,
-            int64_t C, int64_t Cr, int64_t S) {
-  at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(S, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t p = begin; p < end; ++p) {
-                       const int64_t c = p % C;
-                       const T* rp = kRes ? r + ((p / C) * Cr + c % Cr) * S : nullptr;
-                       run_span<T, kRes, kRelu>(x + p * S, sc[c], sh[c], rp, out + p * S, S);
-                     }
-                   });
+void planes(const View<T>& v) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(v.S, 1));
+  at::parallel_for(0, v.N * v.C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p % v.C;
+      const T* rp = kRes ? v.r + ((p / v.C) * v.Cr + c % v.Cr) * v.S : nullptr;
+      span<T, kRes, kRelu, false>(v.x + p * v.S, v.sc + c, v.sh + c, rp, v.out + p * v.S, v.S);
+    }
+  });
 }
 
 // Channels-last: pixel q holds C channels, its residual pixel Cr; channel c reads residual
 // channel c % Cr, i.e. the C channels are C / Cr runs of Cr.
 template <typename T, bool kRes, bool kRelu>
-void pixels(const T* x, const float* sc, const float* sh, const T* r, T* out, int64_t P,
-            int64_t C, int64_t Cr) {
-  at::parallel_for(0, P, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(C, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t q = begin; q < end; ++q) {
-                       const T* xq = x + q * C;
-                       T* oq = out + q * C;
-                       const T* rq = kRes ? r + q * Cr : nullptr;
-                       for (int64_t c0 = 0; c0 < C; c0 += Cr) {
-                         for (int64_t j = 0; j < Cr; ++j) {
-                           float y = static_cast<float>(xq[c0 + j]) * sc[c0 + j] + sh[c0 + j];
-                           if constexpr (kRes) {
-                             y += static_cast<float>(rq[j]);
-                           }
-                           if constexpr (kRelu) {
-                             y = y < 0.f ? 0.f : y;
-                           }
-                           oq[c0 + j] = static_cast<T>(y);
-                         }
-                       }
-                     }
-                   });
-}
-
-template <typename T, bool kRes, bool kRelu>
-void run(const at::Tensor& x, const float* sc, const float* sh, const T* r, at::Tensor& out,
-         int64_t Cr) {
-  const int64_t N = x.size(0);
-  const int64_t C = x.size(1);
-  const int64_t S = N * C == 0 ? 0 : x.numel() / (N * C);
-  const T* xp = x.const_data_ptr<T>();
-  T* op = out.mutable_data_ptr<T>();
-  if (affine_relu::channels_last(x)) {
-    pixels<T, kRes, kRelu>(xp, sc, sh, r, op, N * S, C, Cr);
-  } else {
-    planes<T, kRes, kRelu>(xp, sc, sh, r, op, N, C, Cr, S);
-  }
-}
-
-template <typename T>
-void dispatch(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-              const std::optional<at::Tensor>& residual, bool relu, at::Tensor& out) {
-  const float* sc = scale.const_data_ptr<float>();
-  const float* sh = shift.const_data_ptr<float>();
-  const T* r = residual.has_value() ? residual->const_data_ptr<T>() : nullptr;
-  const int64_t Cr = residual.has_value() ? residual->size(1) : 1;
-  if (r != nullptr) {
-    relu ? run<T, true, true>(x, sc, sh, r, out, Cr) : run<T, true, false>(x, sc, sh, r, out, Cr);
-  } else {
-    relu ? run<T, false, true>(x, sc, sh, r, out, Cr) : run<T, false, false>(x, sc, sh, r, out, Cr);
-  }
+void pixels(const View<T>& v) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(v.C, 1));
+  at::parallel_for(0, v.N * v.S, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      for (int64_t c0 = 0; c0 < v.C; c0 += v.Cr) {
+        const int64_t at = q * v.C + c0;
+        span<T, kRes, kRelu, true>(v.x + at, v.sc + c0, v.sh + c0, kRes ? v.r + q * v.Cr : nullptr,
+                                   v.out + at, v.Cr);
+      }
+    }
+  });
 }
 
 at::Tensor affine_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
@@ -114,61 +73,21 @@ at::Tensor affine_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const a
   if (x.numel() == 0) {
     return out;
   }
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      dispatch<float>(x, scale, shift, residual, relu, out);
-      break;
-    case at::kHalf:
-      dispatch<c10::Half>(x, scale, shift, residual, relu, out);
-      break;
-    case at::kBFloat16:
-      dispatch<c10::BFloat16>(x, scale, shift, residual, relu, out);
-      break;
-    default:
-      TORCH_CHECK(false, "layerfast::affine_relu: unsupported dtype ", x.scalar_type());
-  }
+  affine_relu::dispatch(
+      x, residual.has_value(), relu, "layerfast::affine_relu",
+      [&](auto t, auto cl, auto res, auto rl) {
+        using T = decltype(t);
+        const auto v = affine_relu::view_of<T>(x, scale, shift, residual, out);
+        if constexpr (decltype(cl)::value) {
+          pixels<T, decltype(res)::value, decltype(rl)::value>(v);
+        } else {
+          planes<T, decltype(res)::value, decltype(rl)::value>(v);
+        }
+      });
   return out;
 }
 
-template <typename T, bool kCL, bool kRes, bool kRelu>
-void emulate(const at::Tensor& x, const float* sc, const float* sh, const T* r, at::Tensor& out,
-             int64_t Cr) {
-  const int64_t numel = x.numel();
-  const int64_t C = x.size(1);
-  const int64_t S = numel / (x.size(0) * C);
-  constexpr int kVec = affine_relu::kCudaVec;
-  for (int64_t i0 = 0; i0 < numel; i0 += kVec) {  // every (thread, step) of any grid
-    affine_relu::run_vec<T, kCL, kRes, kRelu, kVec>(x.const_data_ptr<T>(), sc, sh, r,
-                                                   out.mutable_data_ptr<T>(), i0, numel, C, Cr, S);
-  }
-}
-
-template <typename T, bool kCL>
-void emulate_flags(const at::Tensor& x, const float* sc, const float* sh, const T* r,
-                   at::Tensor& out, int64_t Cr, bool relu) {
-  if (r != nullptr) {
-    relu ? emulate<T, kCL, true, true>(x, sc, sh, r, out, Cr)
-         : emulate<T, kCL, true, false>(x, sc, sh, r, out, Cr);
-  } else {
-    relu ? emulate<T, kCL, false, true>(x, sc, sh, r, out, Cr)
-         : emulate<T, kCL, false, false>(x, sc, sh, r, out, Cr);
-  }
-}
-
-template <typename T>
-void emulate_dispatch(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                      const std::optional<at::Tensor>& residual, bool relu, at::Tensor& out) {
-  const float* sc = scale.const_data_ptr<float>();
-  const float* sh = shift.const_data_ptr<float>();
-  const T* r = residual.has_value() ? residual->const_data_ptr<T>() : nullptr;
-  const int64_t Cr = residual.has_value() ? residual->size(1) : 1;
-  if (affine_relu::channels_last(x)) {
-    emulate_flags<T, true>(x, sc, sh, r, out, Cr, relu);
-  } else {
-    emulate_flags<T, false>(x, sc, sh, r, out, Cr, relu);
-  }
-}
-
+// Every (thread, grid-stride step) of the CUDA kernel, one after another.
 at::Tensor affine_relu_cuda_logic_cpu(const at::Tensor& x, const at::Tensor& scale,
                                       const at::Tensor& shift,
                                       const std::optional<at::Tensor>& residual, bool relu) {
@@ -179,19 +98,17 @@ at::Tensor affine_relu_cuda_logic_cpu(const at::Tensor& x, const at::Tensor& sca
   if (x.numel() == 0) {
     return out;
   }
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      emulate_dispatch<float>(x, scale, shift, residual, relu, out);
-      break;
-    case at::kHalf:
-      emulate_dispatch<c10::Half>(x, scale, shift, residual, relu, out);
-      break;
-    case at::kBFloat16:
-      emulate_dispatch<c10::BFloat16>(x, scale, shift, residual, relu, out);
-      break;
-    default:
-      TORCH_CHECK(false, "layerfast::_affine_relu_cuda_logic: unsupported dtype ", x.scalar_type());
-  }
+  affine_relu::dispatch(
+      x, residual.has_value(), relu, "layerfast::_affine_relu_cuda_logic",
+      [&](auto t, auto cl, auto res, auto rl) {
+        using T = decltype(t);
+        const auto v = affine_relu::view_of<T>(x, scale, shift, residual, out);
+        constexpr int kVec = affine_relu::kCudaVec;
+        for (int64_t i0 = 0; i0 < v.numel; i0 += kVec) {
+          affine_relu::run_vec<T, decltype(cl)::value, decltype(res)::value, decltype(rl)::value,
+                               kVec>(v.x, v.sc, v.sh, v.r, v.out, i0, v.numel, v.C, v.Cr, v.S);
+        }
+      });
   return out;
 }
 

@@ -14,8 +14,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include "../affine_relu.h"
@@ -40,43 +38,12 @@ __global__ void __launch_bounds__(kThreads) affine_relu_kernel(
 }
 
 template <typename T, bool kCL, bool kRes, bool kRelu>
-void launch(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const T* r,
-            at::Tensor& out, int64_t Cr) {
-  const int64_t numel = x.numel();
-  const int64_t N = x.size(0);
-  const int64_t C = x.size(1);
-  const int64_t S = numel / (N * C);
+void launch(const affine_relu::View<T>& v, cudaStream_t stream) {
   const int64_t per_block = int64_t{kThreads} * kVec;
-  const int64_t blocks = std::min<int64_t>((numel + per_block - 1) / per_block, kMaxBlocks);
-  auto stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+  const int64_t blocks = std::min<int64_t>((v.numel + per_block - 1) / per_block, kMaxBlocks);
   affine_relu_kernel<T, kCL, kRes, kRelu><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      x.const_data_ptr<T>(), scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), r,
-      out.mutable_data_ptr<T>(), numel, C, Cr, S);
+      v.x, v.sc, v.sh, v.r, v.out, v.numel, v.C, v.Cr, v.S);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T, bool kCL>
-void by_flags(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-              const std::optional<at::Tensor>& residual, bool relu, at::Tensor& out) {
-  const T* r = residual.has_value() ? residual->const_data_ptr<T>() : nullptr;
-  const int64_t Cr = residual.has_value() ? residual->size(1) : 1;
-  if (r != nullptr) {
-    relu ? launch<T, kCL, true, true>(x, scale, shift, r, out, Cr)
-         : launch<T, kCL, true, false>(x, scale, shift, r, out, Cr);
-  } else {
-    relu ? launch<T, kCL, false, true>(x, scale, shift, r, out, Cr)
-         : launch<T, kCL, false, false>(x, scale, shift, r, out, Cr);
-  }
-}
-
-template <typename T>
-void by_layout(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-               const std::optional<at::Tensor>& residual, bool relu, at::Tensor& out) {
-  if (affine_relu::channels_last(x)) {
-    by_flags<T, true>(x, scale, shift, residual, relu, out);
-  } else {
-    by_flags<T, false>(x, scale, shift, residual, relu, out);
-  }
 }
 
 at::Tensor affine_relu_cuda(const at::Tensor& x, const at::Tensor& scale,
@@ -89,19 +56,14 @@ at::Tensor affine_relu_cuda(const at::Tensor& x, const at::Tensor& scale,
   if (x.numel() == 0) {
     return out;
   }
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      by_layout<float>(x, scale, shift, residual, relu, out);
-      break;
-    case at::kHalf:
-      by_layout<c10::Half>(x, scale, shift, residual, relu, out);
-      break;
-    case at::kBFloat16:
-      by_layout<c10::BFloat16>(x, scale, shift, residual, relu, out);
-      break;
-    default:
-      TORCH_CHECK(false, "layerfast::affine_relu: unsupported dtype ", x.scalar_type());
-  }
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+  affine_relu::dispatch(
+      x, residual.has_value(), relu, "layerfast::affine_relu",
+      [&](auto t, auto cl, auto res, auto rl) {
+        using T = decltype(t);
+        launch<T, decltype(cl)::value, decltype(res)::value, decltype(rl)::value>(
+            affine_relu::view_of<T>(x, scale, shift, residual, out), stream);
+      });
   return out;
 }
 
