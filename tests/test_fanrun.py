@@ -256,11 +256,13 @@ def test_batchnorm_with_batch_statistics_is_not_fanned():
     assert fan_plan(prog, 0, {"0.weight", "0.bias"}) is None
 
 
-def test_evaluator_with_fold_equals_naive_on_resnet_blocks():
-    """End to end: block variants of ResNet-18 through the Evaluator, fanned, equal the naive
-    loop's counts (at most one flip on a near-tie)."""
+@pytest.mark.parametrize(("arch", "layout"), [("resnet18", "contiguous"),
+                                              ("resnet50", "channels_last")])
+def test_evaluator_with_fold_equals_naive_on_resnet_blocks(arch, layout):
+    """End to end: block variants of a ResNet through the Evaluator, fanned (fold form, fused
+    BN -> add -> ReLU), equal the naive loop's counts (at most one flip on a near-tie)."""
     torch.manual_seed(0)
-    model = _resnet("resnet18", 8)
+    model = _resnet(arch, 8)
     _perturb(model)
     variants = []
     for i, p in enumerate(("layer1.0.", "layer2.0.", "layer4.1.")):
@@ -269,8 +271,39 @@ def test_evaluator_with_fold_equals_naive_on_resnet_blocks():
     x, y = torch.randn(70, 3, 8, 8, generator=g), torch.randint(0, 10, (70,), generator=g)
     batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 70, 32)]
     res = Evaluator(model, variants, device="cpu", precision="fp32", fanout=True,
-                    batch_size=32).run(batches)
+                    batch_size=32, layout=layout).run(batches)
     assert res.plan["fanned_variants"] == len(variants)
     naive = naive_evaluate(model, variants, lambda: batches)
     assert (res.counts[:, [0, 1, 3]] - naive[:, [0, 1, 3]]).abs().max() <= 1
     torch.testing.assert_close(res.counts[:, 2], naive[:, 2], rtol=1e-4, atol=1e-3)
+
+
+def test_evaluator_fold_bf16_agrees_with_fp32():
+    """bf16 (autocast) through the fold form and affine_relu: every prediction whose fp32 top-2
+    margin is clear of bf16's rounding (> 5% of the logits' spread) is the same in bf16, and the
+    error differs by at most 0.5 points (the issue's bound) overall."""
+    torch.manual_seed(0)
+    model = _resnet("resnet18", 8)
+    _perturb(model)
+    variants = []
+    for i, p in enumerate(("layer1.0.", "layer3.0.")):
+        variants += _draws(model, (p,), 2, seed=i)
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(400, 3, 8, 8, generator=g), torch.randint(0, 10, (400,), generator=g)
+    batches = [(x[i:i + 200], y[i:i + 200]) for i in range(0, len(x), 200)]
+    logits = {}
+    for prec in ("fp32", "bf16"):
+        got: dict[int, list[torch.Tensor]] = {}
+        res = Evaluator(model, variants, device="cpu", precision=prec, fanout=True).run(
+            batches, on_logits=lambda rows, lg, got=got: [got.setdefault(r, []).append(t)
+                                                         for r, t in zip(rows, lg, strict=True)])
+        assert res.plan["fanned_variants"] == len(variants)
+        logits[prec] = torch.stack([torch.cat(got[i]) for i in range(len(variants))])
+    l32, l16 = logits["fp32"], logits["bf16"].float()
+    top2 = l32.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.05 * l32.std()
+    assert clear.float().mean() > 0.8, "the test needs mostly clear predictions to mean anything"
+    assert torch.equal(l32.argmax(-1)[clear], l16.argmax(-1)[clear])
+    e32 = (l32.argmax(-1) != y).float().mean(-1)
+    e16 = (l16.argmax(-1) != y).float().mean(-1)
+    assert (e32 - e16).abs().max().item() <= 0.005 + 1e-12, (e32, e16)
