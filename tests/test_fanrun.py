@@ -307,3 +307,17 @@ def test_evaluator_fold_bf16_agrees_with_fp32():
     e32 = (l32.argmax(-1) != y).float().mean(-1)
     e16 = (l16.argmax(-1) != y).float().mean(-1)
     assert (e32 - e16).abs().max().item() <= 0.005 + 1e-12, (e32, e16)
+
+
+def test_channels_last_conv_stack_is_one_copy():
+    """In channels_last a conv's K weight sets are kept once, already in the layout the conv
+    reads ([K·out, in, kh, kw]), not also as a [K, out, ...] stack."""
+    conv = nn.Conv2d(3, 4, 3)
+    per = [{"weight": torch.randn(4, 3, 3, 3)}, {}, {"weight": torch.randn(4, 3, 3, 3)}]
+    st = stack_module(conv, per, channels_last=True)
+    assert set(st) == {"weight4", "bias"}
+    w4 = st["weight4"]
+    assert w4.shape == (12, 3, 3, 3) and w4.is_contiguous(memory_format=torch.channels_last)
+    want = torch.cat([per[0]["weight"], conv.weight.detach(), per[2]["weight"]])
+    assert torch.equal(w4, want)
+    assert torch.equal(st["bias"], conv.bias.detach().repeat(3).view(3, 4))

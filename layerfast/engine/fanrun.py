@@ -56,7 +56,7 @@ def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]],
                  channels_last: bool = False) -> dict[str, Any]:
     """Stack K weight sets of module `m` (`per_variant[k]`: key -> tensor override, relative to
     the module; missing keys fall back to the live tensor). With `channels_last`, a 2-D conv's
-    stacked weight is also kept as one [K·out, in, kh, kw] channels_last tensor (`weight4`):
+    stacked weight is kept only as one [K·out, in, kh, kw] channels_last tensor (`weight4`):
     the conv then returns channels_last even when its input is ambiguous (one channel)."""
 
     def get(k: int, attr: str) -> torch.Tensor | None:
@@ -80,12 +80,16 @@ def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]],
         for attr in ("running_mean", "running_var", "weight", "bias"):
             st[attr] = torch.cat([get(k, attr) for k in range(K)]) if getattr(m, attr) is not None else None
         return st
-    w = torch.stack([get(k, "weight") for k in range(K)])  # [K, out, ...]
     b = torch.stack([get(k, "bias") for k in range(K)]) if m.bias is not None else None
-    st: dict[str, Any] = {"weight": w, "bias": b}
     if channels_last and isinstance(m, nn.Conv2d):
-        w4 = w.reshape(-1, *w.shape[2:])
-        st["weight4"] = empty_as(tuple(w4.shape), w4, torch.channels_last).copy_(w4)
+        # ONE copy, straight into the [K·out, in, kh, kw] channels_last layout the conv reads
+        # (keeping the [K, out, ...] stack beside it would double a chunk's weight memory).
+        w0 = m.weight
+        w4 = empty_as((K * w0.shape[0], *w0.shape[1:]), w0, torch.channels_last)
+        for k in range(K):
+            w4[k * w0.shape[0]:(k + 1) * w0.shape[0]].copy_(get(k, "weight"))
+        return {"weight4": w4, "bias": b}
+    st: dict[str, Any] = {"weight": torch.stack([get(k, "weight") for k in range(K)]), "bias": b}
     return st
 
 
@@ -110,8 +114,8 @@ def apply_fanned(m: nn.Module, st: dict[str, Any], x: torch.Tensor | Fold, fanne
     BN keeps a Fold folded; everything else returns a K·B batch."""
     if isinstance(m, nn.Conv1d | nn.Conv2d):
         conv = F.conv2d if isinstance(m, nn.Conv2d) else F.conv1d
-        w, b = st["weight"], st["bias"]  # [K, out, in/g, ...]
-        wk = st.get("weight4", w.reshape(-1, *w.shape[2:]))
+        b = st["bias"]  # [K, out]
+        wk = st["weight4"] if "weight4" in st else st["weight"].reshape(-1, *st["weight"].shape[2:])
         bk = None if b is None else b.reshape(-1)
         if isinstance(x, Fold):
             xf = x.t
