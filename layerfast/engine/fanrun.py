@@ -10,10 +10,12 @@ op, and are laid out as a variant-major K·B batch (`Fold.batch`, one copy) only
 needs a batch: a shared conv/linear downstream, a `flatten`, the output.
 
 Before (session 3) every fanned conv unfolded its output and every grouped conv folded its input
-back: a ResNet bottleneck paid five layout copies, plus a two-pass affine per BN and a copy of the
-shared identity for the residual add. Folded, it pays one copy, one-pass BNs, and a broadcast add.
-Where a step cannot run folded, the value is unfolded and the step runs on the K·B batch exactly
-as before, so the set of models that fan out is unchanged.
+back: a ResNet Bottleneck paid six layout copies, plus a two-pass affine per BN and a copy of the
+shared identity for the residual add. Folded, it pays one copy, and each BN -> [add ->] ReLU chain
+is one `layerfast::affine_relu` pass (`fuse.py`; `batch_norm` and torch ops where that kernel
+is missing or the chain is not provably local). Where a step cannot run folded, the value is
+unfolded and the step runs on the K·B batch exactly as before, so the set of models that fan out
+is unchanged.
 """
 
 from __future__ import annotations
