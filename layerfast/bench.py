@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from layerfast.engine.fanrun import GLUE_MODES
 from layerfast.engine.precision import LAYOUTS
 from layerfast.errors import LayerfastError
 
@@ -38,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"])
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="layerfast's activation layout (see `layerfast analyze --help`)")
+    p.add_argument("--glue", default="fused", choices=GLUE_MODES,
+                   help="how fanned groups move their values: fold form with BN+add+ReLU fused "
+                        "(default), fold form with torch ops, or unfolded after every conv")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -141,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
                                  seeds=range(1, args.seeds + 1))
         V, n = len(variants), src.n
         out: dict = {"arch": args.arch, "data": args.data, "n": n, "variants": V,
-                     "units": len(units), "device": str(device)}
+                     "units": len(units), "device": str(device), "glue": args.glue}
         timings = {}
         # "layerfast" is the default mode (fan-out on CUDA, prefix sharing alone on the CPU);
         # the other setting is timed beside it: "prefix_only" on CUDA, "fanout" on the CPU.
@@ -150,7 +154,8 @@ def run(args: argparse.Namespace) -> dict:
             if name != "layerfast" and args.no_prefix_only:
                 continue
             ev = Evaluator(model, variants, device=device, precision=args.precision,
-                           batch_size=args.batch_size, fanout=fan, layout=args.layout)
+                           batch_size=args.batch_size, fanout=fan, layout=args.layout,
+                           glue=args.glue)
             out[f"{name}_fanout"] = ev.fanout
             out["channels_last"] = ev.channels_last
             _sync(device)
@@ -175,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.profile is not None:
             sub_src = open_data(args.data, split="test", max_samples=min(n, args.profile_samples))
             ev = Evaluator(model, variants, device=device, precision=args.precision,
-                           batch_size=args.batch_size, layout=args.layout)
+                           batch_size=args.batch_size, layout=args.layout, glue=args.glue)
             out["profile"] = profile_pass(ev, sub_src, args.profile)
         floor = floor_report(model, plan, tuple(src.shape), n, device, out["precision"])
         out["floor"] = floor

@@ -93,6 +93,9 @@ else
   run vgg11 --arch vgg11 --data synthetic:cifar:10000 --naive-variants 8
   run fcn --arch fcn3x256 --data synthetic:cifar:10000 --naive-variants 8
   run resnet50-layer --arch resnet50 --data synthetic:imagenet:10000 --granularity layer --checkpoints 5 --seeds 2 --naive-variants 4 --no-prefix-only
+  # what the fold form and affine_relu buy on this GPU: the headline again with the session-3 glue
+  run resnet50-block-unfolded --arch resnet50 --data synthetic:imagenet:10000 --granularity block --checkpoints 5 --seeds 2 \
+    --naive-variants 4 --no-prefix-only --glue unfolded
   python3 - "$OUT" <<'PY'
 import json, pathlib, sys
 print(f"{'case':16s} {'V':>4s} {'naive s':>9s} {'prefix s':>9s} {'layerfast s':>11s} {'x naive':>8s} {'x prefix':>8s}"

@@ -306,7 +306,7 @@ def test_bench_runs_both_modes_and_the_naive_loop_side_by_side(capsys) -> None:
     assert set(out["seconds"]) == {"layerfast", "fanout", "naive"}  # CPU: default is prefix only
     assert out["layerfast_fanout"] is False and out["fanout_fanout"] is True
     assert out["n"] == 120 and out["variants"] == 29 and not out["naive_scaled"]
-    assert out["layerfast_plan"]["batch_size"] == 1000
+    assert out["layerfast_plan"]["batch_size"] == 1000 and out["glue"] == "fused"
     assert all(v > 0 for v in out["seconds"].values())
     # the compute floor: FCN 3×256 on 8×8 digits is 64·256 + 2·256·256 + 256·10 MACs a sample
     g = out["floor"]["gflop_per_sample"]
@@ -318,6 +318,12 @@ def test_bench_runs_both_modes_and_the_naive_loop_side_by_side(capsys) -> None:
     text = capsys.readouterr().out
     assert "(fan-out off, B=1000)" in text and "timed on 3 of 29 variants, scaled" in text
     assert "compute floor:" in text and "× the floor" in text
+    assert main(["bench", "--device", "cpu", "--max-samples", "60", "--glue", "unfolded", "--json",
+                 "--naive-variants", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["glue"] == "unfolded"
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--glue", "fast"])
+    assert e.value.code == 2
 
 
 def test_bench_profile_writes_the_op_table(tmp_path: Path, capsys) -> None:

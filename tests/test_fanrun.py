@@ -256,9 +256,10 @@ def test_batchnorm_with_batch_statistics_is_not_fanned():
     assert fan_plan(prog, 0, {"0.weight", "0.bias"}) is None
 
 
-@pytest.mark.parametrize(("arch", "layout"), [("resnet18", "contiguous"),
-                                              ("resnet50", "channels_last")])
-def test_evaluator_with_fold_equals_naive_on_resnet_blocks(arch, layout):
+@pytest.mark.parametrize(("arch", "layout", "glue"), [
+    ("resnet18", "contiguous", "fused"), ("resnet18", "contiguous", "fold"),
+    ("resnet18", "contiguous", "unfolded"), ("resnet50", "channels_last", "fused")])
+def test_evaluator_with_fold_equals_naive_on_resnet_blocks(arch, layout, glue):
     """End to end: block variants of a ResNet through the Evaluator, fanned (fold form, fused
     BN -> add -> ReLU), equal the naive loop's counts (at most one flip on a near-tie)."""
     torch.manual_seed(0)
@@ -271,7 +272,7 @@ def test_evaluator_with_fold_equals_naive_on_resnet_blocks(arch, layout):
     x, y = torch.randn(70, 3, 8, 8, generator=g), torch.randint(0, 10, (70,), generator=g)
     batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 70, 32)]
     res = Evaluator(model, variants, device="cpu", precision="fp32", fanout=True,
-                    batch_size=32, layout=layout).run(batches)
+                    batch_size=32, layout=layout, glue=glue).run(batches)
     assert res.plan["fanned_variants"] == len(variants)
     naive = naive_evaluate(model, variants, lambda: batches)
     assert (res.counts[:, [0, 1, 3]] - naive[:, [0, 1, 3]]).abs().max() <= 1
@@ -321,3 +322,10 @@ def test_channels_last_conv_stack_is_one_copy():
     want = torch.cat([per[0]["weight"], conv.weight.detach(), per[2]["weight"]])
     assert torch.equal(w4, want)
     assert torch.equal(st["bias"], conv.bias.detach().repeat(3).view(3, 4))
+
+
+def test_evaluator_rejects_unknown_glue():
+    from layerfast.errors import LayerfastError
+
+    with pytest.raises(LayerfastError, match="glue must be one of fused, fold, unfolded"):
+        Evaluator(nn.Linear(2, 2), [], device="cpu", glue="fast")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerfast.engine.fanrun import run_fanned, stack_module
+from layerfast.engine.fanrun import GLUE_MODES, run_fanned, stack_module
 from layerfast.engine.graph import Program, no_inplace_modules
 from layerfast.engine.plan import (
     B_CPU,
@@ -100,7 +100,8 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, variants: Sequence[Any], device: str | torch.device = "auto",
                  precision: str = "auto", batch_size: int | None = None, fanout: bool | None = None,
-                 max_fanout: int = 32, memory_fraction: float = 0.5, layout: str = "auto") -> None:
+                 max_fanout: int = 32, memory_fraction: float = 0.5, layout: str = "auto",
+                 glue: str = "fused") -> None:
         self.model = model
         self.variants = list(variants)
         self.device = resolve_device(device)
@@ -115,6 +116,13 @@ class Evaluator:
         # means "on for CUDA, off for the CPU".
         self.fanout = (self.device.type == "cuda") if fanout is None else bool(fanout)
         self.max_fanout = max_fanout
+        # How a fanned group's values move (engine/fanrun.py): "fused" (fold form, BN -> [add ->]
+        # ReLU as one affine_relu), "fold" (fold form, torch ops), "unfolded" (a K·B batch after
+        # every conv). Same results to rounding; kept selectable to measure what each step buys
+        # on a new machine (`layerfast bench --glue`) and as an escape hatch.
+        if glue not in GLUE_MODES:
+            raise LayerfastError(f"glue must be one of {', '.join(GLUE_MODES)}, got {glue!r}")
+        self.glue = glue
         self.memory_fraction = memory_fraction
         # channels_last: auto = with bf16/tf32 on CUDA; "channels_last" also on the CPU, where
         # it is ~2x faster for conv nets but no longer bit-identical to the naive loop.
@@ -373,7 +381,8 @@ class Evaluator:
         stacks = self._stacks(prog, g, lo, hi, dev_ov, live)
         x = inp.clone() if prog.has_inplace else inp
         try:
-            logits = run_fanned(prog, g.fan, x, stacks, K)
+            logits = run_fanned(prog, g.fan, x, stacks, K, fold=self.glue != "unfolded",
+                                fuse_ops=self.glue == "fused")
         except _OOM:
             raise
         except Exception:  # noqa: BLE001 - the proof missed something: fall back, stay correct

@@ -50,6 +50,10 @@ _BINARY_FUNCS = {operator.add, operator.sub, operator.mul, operator.iadd, operat
 _BINARY_METHODS = {"add", "sub", "mul", "add_", "sub_", "mul_"}
 _INPLACE = {operator.iadd, operator.isub, operator.imul, "add_", "sub_", "mul_"}
 
+# How a fanned group's values move: fold form with BN -> [add ->] ReLU fused (the default), fold
+# form with torch ops, or a K·B batch after every conv (the session-3 path).
+GLUE_MODES = ("fused", "fold", "unfolded")
+
 
 # ---- the per-chunk weight stacks -------------------------------------------------------
 
