@@ -71,15 +71,9 @@ def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]],
 
     K = len(per_variant)
     if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-        scale, shift = [], []
-        for k in range(K):
-            w, b = get(k, "weight"), get(k, "bias")
-            rm, rv = get(k, "running_mean"), get(k, "running_var")
-            inv = torch.rsqrt(rv.float() + m.eps)
-            sc = inv * w.float() if w is not None else inv
-            sh = (b.float() if b is not None else 0) - rm.float() * sc
-            scale.append(sc)
-            shift.append(sh)
+        pairs = [fuse.bn_scale_shift(get(k, "weight"), get(k, "bias"), get(k, "running_mean"),
+                                     get(k, "running_var"), m.eps) for k in range(K)]
+        scale, shift = [p[0] for p in pairs], [p[1] for p in pairs]
         # scale/shift: the per-variant affine on a K·B batch; the K·C stacks: one batch_norm
         # call on the fold form, the same kernel (and arithmetic) as each variant's own BN.
         st = {"scale": torch.stack(scale), "shift": torch.stack(shift)}
@@ -162,7 +156,8 @@ def apply_fanned(m: nn.Module, st: dict[str, Any], x: torch.Tensor | Fold, fanne
 _NO = object()  # "this step cannot run on the fold form"
 
 
-def _fold_step(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, K: int) -> Any:
+def _fold_step(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, K: int,
+               stacks: dict) -> Any:
     """Run step `s` on fold-form values when that is provably the same per channel; else _NO.
 
     An in-place step (relu_, +=) writes into the Fold's tensor, as eager mode writes into the
@@ -178,7 +173,7 @@ def _fold_step(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, K: in
         if not isinstance(x, Fold):
             return _NO
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and not m.training and m.running_mean is not None:
-            return Fold(_bn(x.t, _tiled_bn(m, K), m.eps), K)
+            return Fold(_bn(x.t, _tiled(stacks, s.target, K, _tiled_bn, m), m.eps), K)
         if isinstance(m, _PER_CHANNEL_MODULES) and not getattr(m, "return_indices", False):
             y = m(x.t)
             return x if y is x.t else Fold(y, K)
@@ -260,16 +255,23 @@ def _fusion(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, stacks: 
         st = stacks[s.target]
         scale, shift = st["scale"].reshape(-1), st["shift"].reshape(-1)
     elif not m.training and m.running_mean is not None:
-        tiled = stacks.setdefault(_TILED, {})  # lives as long as the chunk's stacks
-        if (s.target, K) not in tiled:
-            tiled[(s.target, K)] = fuse.bn_affine(m, K)
-        scale, shift = tiled[(s.target, K)]
+        scale, shift = _tiled(stacks, s.target, K, fuse.bn_affine, m)
     else:
         return None
     return fuse.try_fuse(prog, s, env, plan, x, scale, shift, kernel)
 
 
-_TILED = "<tiled BN affines>"  # a key of `stacks` no module name can take
+_TILED = "<tiled BNs>"  # a key of `stacks` no module name can take
+
+
+def _tiled(stacks: dict, name: str, K: int, make, m: nn.Module) -> Any:
+    """`make(m, K)` for a shared BN, made once per chunk: `stacks` lives as long as the chunk's
+    weight stacks (all batches of the pass), so these small tensors are not rebuilt per batch."""
+    cache = stacks.setdefault(_TILED, {})
+    key = (make.__name__, name, K)
+    if key not in cache:
+        cache[key] = make(m, K)
+    return cache[key]
 
 
 def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, dict], K: int,
@@ -316,7 +318,7 @@ def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, 
             y = apply_fanned(m, stacks[s.target], v, arg.index in plan.fanned, K)
             y = y if fold or not isinstance(y, Fold) else y.batch()
         else:
-            y = _fold_step(prog, s, env, plan, K)
+            y = _fold_step(prog, s, env, plan, K, stacks)
             if y is _NO:
                 local: dict[int, Any] = {}
                 for r in set(refs_in(s.args) + refs_in(s.kwargs)):

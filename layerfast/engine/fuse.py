@@ -57,11 +57,18 @@ def _inplace(u: Step) -> bool:
     return u.target is operator.iadd or u.target == "add_"
 
 
+def bn_scale_shift(weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
+                   var: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval BatchNorm as a float32 per-channel affine: y = x·scale + shift."""
+    inv = torch.rsqrt(var.float() + eps)
+    scale = inv * weight.float() if weight is not None else inv
+    shift = (bias.float() if bias is not None else 0) - mean.float() * scale
+    return scale, shift
+
+
 def bn_affine(m: nn.Module, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A shared eval BatchNorm as float32 (scale, shift) [K·C], tiled for the K variants."""
-    inv = torch.rsqrt(m.running_var.float() + m.eps)
-    scale = inv * m.weight.float() if m.weight is not None else inv
-    shift = (m.bias.float() if m.bias is not None else 0) - m.running_mean.float() * scale
+    """A shared eval BatchNorm's (scale, shift), tiled for K variants side by side: [K·C]."""
+    scale, shift = bn_scale_shift(m.weight, m.bias, m.running_mean, m.running_var, m.eps)
     return scale.repeat(K), shift.repeat(K)
 
 
