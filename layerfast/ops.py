@@ -1,6 +1,6 @@
 """The compiled ops of layerfast (`torch.ops.layerfast.*`) and their pure-torch references.
 
-Two hot spots of the engine (DESIGN.md §7) are single ops with a CPU and a CUDA kernel
+Three hot spots of the engine (DESIGN.md §7) are single ops with a CPU and a CUDA kernel
 (csrc/cpu/<op>_kernel.cpp, csrc/cuda/<op>_kernel.cu; schemas in csrc/layerfast.cpp):
 
 - `swap_(a, b)`: exchange the contents of many tensor pairs in place (a variant's weights in,
@@ -10,7 +10,10 @@ Two hot spots of the engine (DESIGN.md §7) are single ops with a CPU and a CUDA
   without a host synchronisation.
 
 - `affine_relu(x, scale, shift, residual, relu)`: eval BatchNorm + residual add + ReLU in one
-  pass, for the fan-out's fold form (K variants side by side on the channel dim).
+  pass, for the fan-out's fold form (K variants side by side on the channel dim). Functional:
+  it returns a new tensor, refuses inputs that require grad, and `affine_relu_reference` is its
+  torch twin. (`torch.ops.layerfast._affine_relu_cuda_logic` is test-only: the CUDA kernel's
+  per-thread code run on the CPU.)
 
 `swap_` and `score_` mutate their arguments and return nothing. They are real torch ops: they work under
 `torch.inference_mode()`, bump the version counters of what they mutate, refuse to be
