@@ -202,8 +202,10 @@ def main(args: argparse.Namespace) -> int:
         speed = out["variant_images_per_s"][name]
         ratio = out["speedup_vs_naive"].get(name, 1.0)
         plan = out.get(f"{name}_plan")
-        how = (f"  (fan-out {'on' if out[f'{name}_fanout'] else 'off'}, B={plan['batch_size']})"
-               if plan else "")
+        how = ""
+        if plan:
+            fan = f"on, glue {out['glue']}" if out[f"{name}_fanout"] else "off"
+            how = f"  (fan-out {fan}, B={plan['batch_size']})"
         print(f"{name:14s} {secs:10.3f} {speed:15.0f} {ratio:8.1f}{how}")
     if scaled:
         print(f"naive{scaled}; naive = load weights, DataLoader pass, fp32, .item() per batch")

@@ -317,6 +317,7 @@ def test_bench_runs_both_modes_and_the_naive_loop_side_by_side(capsys) -> None:
     assert main(["bench", "--device", "cpu", "--max-samples", "120", "--naive-variants", "3"]) == 0
     text = capsys.readouterr().out
     assert "(fan-out off, B=1000)" in text and "timed on 3 of 29 variants, scaled" in text
+    assert "(fan-out on, glue fused, B=" in text
     assert "compute floor:" in text and "× the floor" in text
     assert main(["bench", "--device", "cpu", "--max-samples", "60", "--glue", "unfolded", "--json",
                  "--naive-variants", "2"]) == 0
