@@ -23,7 +23,7 @@ from torch import nn
 
 from layerfast.engine.fanout import FanPlan
 from layerfast.engine.graph import Program, Ref, Step
-from layerfast.engine.layout import Fold, same_layout
+from layerfast.engine.layout import Fold, fmt_of, same_layout
 
 _RELU_FUNCS = {F.relu, torch.relu}
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
@@ -41,8 +41,7 @@ def is_relu_of(prog: Program, u: Step, i: int) -> bool:
     if u.op == "call_module":
         return type(prog.modules[u.target]) is nn.ReLU and len(u.args) == 1 and not u.kwargs
     if u.op == "call_function" and u.target in _RELU_FUNCS:
-        extra_ok = all(isinstance(a, bool) for a in u.args[1:]) and set(u.kwargs) <= {"inplace"}
-        return extra_ok
+        return all(isinstance(a, bool) for a in u.args[1:]) and set(u.kwargs) <= {"inplace"}
     return u.op == "call_method" and u.target in ("relu", "relu_") and len(u.args) == 1 and not u.kwargs
 
 
@@ -77,7 +76,7 @@ def try_fuse(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, x: Fold
     """BN step `s` (per-channel `scale`, `shift` [K·C]) on Fold `x`: when its chain ends in a
     ReLU, run it as one `affine_relu` and return the values of the steps it covers (the BN and
     the add get None: nothing else reads them); else None."""
-    if x.t.dtype not in _KERNEL_DTYPES or not same_layout(x.t, x.t):
+    if x.t.dtype not in _KERNEL_DTYPES or not x.t.is_contiguous(memory_format=fmt_of(x.t)):
         return None
     users = prog.steps[s.index].users
     if len(users) != 1:
