@@ -24,6 +24,9 @@ from layerfast.engine.fanrun import GLUE_MODES
 from layerfast.engine.precision import LAYOUTS
 from layerfast.errors import LayerfastError
 
+#: The engine's timings in the order a pass runs them (EvalResult.timings).
+PHASES = ("setup", "data", "baseline", "fanned", "swapped", "total")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="fcn3x256")
@@ -165,6 +168,7 @@ def run(args: argparse.Namespace) -> dict:
             timings[name] = time.perf_counter() - t
             out["precision"] = res.precision
             out[f"{name}_plan"] = {**res.plan, "batch_size": ev.batch_size}
+            out[f"{name}_phases"] = {k: round(v, 4) for k, v in res.timings.items()}
             if name == "layerfast":
                 plan = ev.last_plan
         k = min(args.naive_variants or V, V)
@@ -207,6 +211,10 @@ def main(args: argparse.Namespace) -> int:
             fan = f"on, glue {out['glue']}" if out[f"{name}_fanout"] else "off"
             how = f"  (fan-out {fan}, B={plan['batch_size']})"
         print(f"{name:14s} {secs:10.3f} {speed:15.0f} {ratio:8.1f}{how}")
+    ph = out["layerfast_phases"]
+    clock = "CUDA-event" if out["device"].startswith("cuda") else "wall"
+    print("layerfast's time: " + ", ".join(f"{k} {ph[k]:.3f}" for k in PHASES if k in ph)
+          + f" s (setup and total wall time, the phases {clock} time)")
     if scaled:
         print(f"naive{scaled}; naive = load weights, DataLoader pass, fp32, .item() per batch")
     f = out["floor"]

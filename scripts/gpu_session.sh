@@ -111,6 +111,9 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("bench-*.json")):
           f"{s['naive'] / s['layerfast']:8.1f} {(pre / s['layerfast']) if pre else float('nan'):8.2f}"
           f" {d['floor']['seconds_measured_rate']:8.2f} {d['times_floor']['layerfast']:7.1f}"
           f" {d['layerfast_plan']['batch_size']:5d}")
+    ph = d.get("layerfast_phases", {})
+    print("    phases (s): " + ", ".join(f"{k} {ph[k]:.2f}" for k in
+          ("setup", "data", "baseline", "fanned", "swapped", "total") if k in ph))
     for e in d.get("profile", {}).get("top", [])[:10]:
         print(f"    {e['share']:6.1%} {e['ms']:9.1f} ms {e['calls']:7d}x {e['op'][:60]}")
 PY

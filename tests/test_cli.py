@@ -314,11 +314,18 @@ def test_bench_runs_both_modes_and_the_naive_loop_side_by_side(capsys) -> None:
     assert g["naive"] == pytest.approx(29 * g["forward"]) and g["forward"] < g["needed"] < g["naive"]
     assert out["floor"]["seconds_measured_rate"] > 0 and out["floor"]["rate_tflops_datasheet"] is None
     assert set(out["times_floor"]) == set(out["seconds"])
+    # where layerfast's time went: the phases lie within the total, which is the timed run
+    ph = out["layerfast_phases"]
+    assert set(ph) == {"setup", "data", "baseline", "fanned", "swapped", "total"}
+    assert ph["fanned"] == 0 < ph["swapped"] and out["fanout_phases"]["fanned"] > 0
+    assert sum(v for k, v in ph.items() if k != "total") <= ph["total"] + 1e-3
+    assert ph["total"] <= out["seconds"]["layerfast"] + 1e-3
     assert main(["bench", "--device", "cpu", "--max-samples", "120", "--naive-variants", "3"]) == 0
     text = capsys.readouterr().out
     assert "(fan-out off, B=1000)" in text and "timed on 3 of 29 variants, scaled" in text
     assert "(fan-out on, glue fused, B=" in text
     assert "compute floor:" in text and "× the floor" in text
+    assert "layerfast's time: setup " in text and "(setup and total wall time, the phases wall" in text
     assert main(["bench", "--device", "cpu", "--max-samples", "60", "--glue", "unfolded", "--json",
                  "--naive-variants", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["glue"] == "unfolded"

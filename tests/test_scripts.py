@@ -57,3 +57,4 @@ def test_gpu_session_script_parses_and_its_table_reads_bench_json(tmp_path: Path
     row = next(ln for ln in out.splitlines() if ln.startswith("fcn "))
     assert len(row.split()) == 10 and row.split()[-1] == "1000", row  # B is the last column
     assert "aten::addmm" in out  # the profile's top ops follow the row
+    assert "phases (s): setup " in out and " swapped " in out

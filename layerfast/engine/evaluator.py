@@ -21,6 +21,7 @@ from torch import nn
 
 from layerfast.engine.fanrun import GLUE_MODES, run_fanned, stack_module
 from layerfast.engine.graph import Program, no_inplace_modules
+from layerfast.engine.phases import PhaseClock
 from layerfast.engine.plan import (
     B_CPU,
     B_MAX_CUDA,
@@ -53,6 +54,8 @@ class EvalResult:
     precision: str
     num_classes: int
     plan: dict = field(default_factory=dict)
+    #: seconds: setup and total are wall time; the phases (data, baseline, fanned, swapped) are
+    #: wall time on the CPU and CUDA-event time on a GPU (engine.phases explains why)
     timings: dict = field(default_factory=dict)
 
     @property
@@ -255,42 +258,23 @@ class Evaluator:
                    for o in dev_ov]
         plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
         self.last_plan = plan  # for the compute floor (engine.flops) and for inspection
+        self._groups_sized = False
         V = len(self.variants)
         acc = torch.zeros(V + 1, 4, dtype=torch.float64, device=self.device)  # row V: baseline
         if counts is not None:
             acc[:V] = counts.to(self.device)
-        timings = {"setup": time.perf_counter() - t0, "baseline": 0.0, "fanned": 0.0, "swapped": 0.0}
+        setup = time.perf_counter() - t0
+        clock = PhaseClock(self.device)
         n, last_ck, C = start, time.perf_counter(), 0
-        planned = False
-        for x, y in self._batches(data, start, cl):
+        batches = iter(self._batches(data, start, cl))
+        while True:
+            with clock("data"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            x, y = batch
             with precision_context(self.precision, self.device):
-                tb = time.perf_counter()
-                cache: dict[int, torch.Tensor] = {}
-                logits0 = prog.run(x, 0, keep=set(plan.cuts), saved=cache)
-                if not isinstance(logits0, torch.Tensor) or logits0.dim() != 2:
-                    raise LayerfastError("the model must return logits shaped [batch, classes]")
-                C = logits0.shape[1]
-                _check_labels(y, C)
-                ref = logits0.argmax(1)
-                self._score(ops, logits0.unsqueeze(0), y, ref, acc[V:V + 1])
-                for i in plan.same_as_baseline:
-                    self._score(ops, logits0.unsqueeze(0), y, ref, acc[i:i + 1], [i])
-                timings["baseline"] += time.perf_counter() - tb
-                if not planned:
-                    self._size_groups(plan, prog, x, cache)
-                    planned = True
-                for g in plan.groups:
-                    tg = time.perf_counter()
-                    inp = x if g.start == 0 else cache[g.start]
-                    if g.fan is not None:
-                        self._run_fanned_group(ops, prog, g, inp, y, ref, acc, dev_ov, live)
-                        timings["fanned"] += time.perf_counter() - tg
-                    else:
-                        for i in g.members:
-                            self._run_swapped(ops, prog, g.start, inp, y, ref, acc[i:i + 1],
-                                              dev_ov[i], live, rows=[i])
-                        timings["swapped"] += time.perf_counter() - tg
-                del cache
+                C = self._pass_batch(ops, prog, plan, x, y, acc, dev_ov, live, clock)
             n += int(y.shape[0])
             if on_progress is not None:
                 on_progress(n)
@@ -302,10 +286,42 @@ class Evaluator:
         out = acc[:V].cpu()
         if on_checkpoint is not None:
             on_checkpoint(out, n)
-        timings["total"] = time.perf_counter() - t0
+        timings = {"setup": setup, "data": 0.0, "baseline": 0.0, "fanned": 0.0, "swapped": 0.0,
+                   **clock.totals(), "total": time.perf_counter() - t0}
         return EvalResult(out, n, str(self.device), self.precision, C, plan.summary(), timings)
 
     # ---- pieces ----------------------------------------------------------------------
+    def _pass_batch(self, ops, prog: Program, plan: Plan, x: torch.Tensor, y: torch.Tensor,
+                    acc: torch.Tensor, dev_ov, live, clock: PhaseClock) -> int:
+        """One batch through the baseline (keeping the cuts) and every group's suffix; returns
+        the number of classes."""
+        V = len(self.variants)
+        with clock("baseline"):
+            cache: dict[int, torch.Tensor] = {}
+            logits0 = prog.run(x, 0, keep=set(plan.cuts), saved=cache)
+            if not isinstance(logits0, torch.Tensor) or logits0.dim() != 2:
+                raise LayerfastError("the model must return logits shaped [batch, classes]")
+            C = logits0.shape[1]
+            _check_labels(y, C)
+            ref = logits0.argmax(1)
+            self._score(ops, logits0.unsqueeze(0), y, ref, acc[V:V + 1])
+            for i in plan.same_as_baseline:
+                self._score(ops, logits0.unsqueeze(0), y, ref, acc[i:i + 1], [i])
+        if not self._groups_sized:
+            self._size_groups(plan, prog, x, cache)
+            self._groups_sized = True
+        for g in plan.groups:
+            inp = x if g.start == 0 else cache[g.start]
+            if g.fan is not None:
+                with clock("fanned"):
+                    self._run_fanned_group(ops, prog, g, inp, y, ref, acc, dev_ov, live)
+            else:
+                with clock("swapped"):
+                    for i in g.members:
+                        self._run_swapped(ops, prog, g.start, inp, y, ref, acc[i:i + 1],
+                                          dev_ov[i], live, rows=[i])
+        return C
+
     def _score(self, ops, logits: torch.Tensor, y: torch.Tensor, ref: torch.Tensor,
                acc_rows: torch.Tensor, rows: list[int] | None = None) -> None:
         ops.score_(logits.contiguous(), y, ref, acc_rows)
