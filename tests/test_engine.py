@@ -327,16 +327,47 @@ def test_oom_backoff_keeps_results(monkeypatch):
     real = ev.run_fanned
     calls = {"n": 0}
 
-    def flaky(prog, plan, inp, stacks, K):
+    def flaky(prog, plan, inp, stacks, K, **kw):
         calls["n"] += 1
         if K > 1 and calls["n"] % 2 == 1:
+            calls["oom"] = calls.get("oom", 0) + 1
             raise torch.OutOfMemoryError("simulated")
-        return real(prog, plan, inp, stacks, K)
+        calls["ran"] = calls.get("ran", 0) + K
+        return real(prog, plan, inp, stacks, K, **kw)
 
     monkeypatch.setattr(ev, "run_fanned", flaky)
-    got = Evaluator(model, variants, device="cpu", batch_size=32).run([(x, y)]).counts
+    e = Evaluator(model, variants, device="cpu", batch_size=32, fanout=True)
+    got = e.run([(x, y)]).counts
+    # it backed off and stayed fanned (no group fell back to the swap path)
+    fanned = sum(len(g.members) for g in e.last_plan.groups if g.fan is not None)
+    assert calls.get("oom", 0) >= 1 and fanned > 0
+    assert calls["ran"] == fanned  # every fanned variant scored exactly once (one batch)
     assert torch.equal(got[:, [0, 1, 3]], clean[:, [0, 1, 3]])
     torch.testing.assert_close(got[:, 2], clean[:, 2], rtol=1e-6, atol=1e-4)
+
+
+def test_variants_that_do_not_fit_on_the_device_are_one_clear_error(monkeypatch):
+    """Staging every variant's tensors is what lets one data pass serve them all; when they do
+    not fit, say so and how much, not a traceback from deep inside the copy."""
+    from layerfast.errors import LayerfastError
+
+    model = fcn()
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    variants = [{"1.weight": model[1].weight.detach() + i} for i in range(5)]
+    real, calls = torch.empty_like, {"n": 0}
+
+    def scarce(t, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise torch.OutOfMemoryError("simulated")
+        return real(t, *a, **kw)
+
+    monkeypatch.setattr(torch, "empty_like", scarce)
+    need = 5 * model[1].weight.numel() * 4 / 2**30
+    with pytest.raises(LayerfastError, match=rf"\({need:.2f} GiB\) do not fit on cpu.*variant 3 of 5"):
+        Evaluator(model, variants, device="cpu").run([_data(4)])
+    monkeypatch.undo()
+    assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())
 
 
 # ---- the same checks on a CUDA GPU (skipped where none is visible) ------------------------

@@ -149,7 +149,18 @@ class Evaluator:
             if bad or shapes:
                 raise LayerfastError(f"variant {i} does not fit the model: unknown keys {bad[:10]}; "
                                      f"shape mismatches {shapes[:10]}")
-            out.append({k: torch.empty_like(live[k]).copy_(t) for k, t in ov.items()})
+            try:
+                out.append({k: torch.empty_like(live[k]).copy_(t) for k, t in ov.items()})
+            except _OOM:
+                # Every variant's tensors stay on the device for the whole pass (one data pass).
+                need = sum(live[k].numel() * live[k].element_size()
+                           for v in self.variants for k in _keys_of(v) if k in live)
+                out.clear()
+                raise LayerfastError(
+                    f"the variants' tensors ({need / 2**30:.2f} GiB) do not fit on {self.device} "
+                    f"beside the model: memory ran out at variant {i} of {len(self.variants)}; "
+                    "analyze fewer at once (--units, --checkpoints, --seeds) or use a device "
+                    "with more memory") from None
         return out
 
     # ---- the pass --------------------------------------------------------------------
