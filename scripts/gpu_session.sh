@@ -111,6 +111,8 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("bench-*.json")):
           f"{s['naive'] / s['layerfast']:8.1f} {(pre / s['layerfast']) if pre else float('nan'):8.2f}"
           f" {d['floor']['seconds_measured_rate']:8.2f} {d['times_floor']['layerfast']:7.1f}"
           f" {d['layerfast_plan']['batch_size']:5d}")
+    for k, why in d["layerfast_plan"].get("fanout_fallbacks", {}).items():
+        print(f"    FAN-OUT FELL BACK at step {k}: {why}")
     ph = d.get("layerfast_phases", {})
     print("    phases (s): " + ", ".join(f"{k} {ph[k]:.2f}" for k in
           ("setup", "data", "baseline", "fanned", "swapped", "total") if k in ph))

@@ -192,6 +192,7 @@ def test_fanned_path_matches_naive(name):
     flips = (logits.argmax(-1) != ref.argmax(-1)).sum(-1)
     assert int(flips.max()) <= 1, f"{int(flips.max())} predictions flipped"
     assert (res.counts[:, [0, 1, 3]] - counts[:, [0, 1, 3]]).abs().max() <= 1
+    assert res.plan["fanout_fallbacks"] == {}  # no fanned run raised and fell back
     if name != "untraceable":
         assert res.plan["fanned_variants"] > 0, "fan-out should apply to this model"
 
@@ -344,6 +345,28 @@ def test_oom_backoff_keeps_results(monkeypatch):
     assert calls["ran"] == fanned  # every fanned variant scored exactly once (one batch)
     assert torch.equal(got[:, [0, 1, 3]], clean[:, [0, 1, 3]])
     torch.testing.assert_close(got[:, 2], clean[:, 2], rtol=1e-6, atol=1e-4)
+    assert e.last_plan.summary()["fanout_fallbacks"] == {}
+
+
+def test_a_fanned_run_that_raises_falls_back_and_says_why(monkeypatch):
+    """Any error in a fanned run other than out-of-memory sends the rest of the group to the
+    swap path: results stay exact, and the plan records why (speed was lost there)."""
+    import layerfast.engine.evaluator as ev
+
+    model = VGGish()
+    variants = _variants(model)
+    x, y = _data(64)
+    clean = Evaluator(model, variants, device="cpu", fanout=False).run([(x, y)]).counts
+
+    def broken(*a, **kw):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(ev, "run_fanned", broken)
+    res = Evaluator(model, variants, device="cpu", fanout=True).run([(x, y)])
+    assert torch.equal(res.counts[:, [0, 1, 3]], clean[:, [0, 1, 3]])
+    falls = res.plan["fanout_fallbacks"]
+    assert falls and all(r == "RuntimeError: simulated kernel failure" for r in falls.values())
+    assert res.plan["fanned_variants"] == 0
 
 
 def test_variants_that_do_not_fit_on_the_device_are_one_clear_error(monkeypatch):
@@ -390,6 +413,7 @@ def test_cuda_fp32_matches_naive(name):
         diff = (res.counts[:, [0, 1, 3]] - ref[:, [0, 1, 3]]).abs().max().item()
         print(f"{name} cuda fanout={fanout}: max count diff {diff}, plan {res.plan}")
         assert diff <= 1
+        assert res.plan["fanout_fallbacks"] == {}  # e.g. a cuDNN error would hide here
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k].cpu()) for k in before)
     assert next(model.parameters()).device.type == "cpu"
@@ -407,5 +431,7 @@ def test_cuda_bf16_within_half_a_point(name):
     variants = _variants(model, sources=1, only=_SUBSET.get(name))
     batches = [(x[i:i + 1000], y[i:i + 1000]) for i in range(0, len(x), 1000)]
     e32 = Evaluator(model, variants, device="cuda", precision="fp32").run(batches).error
-    e16 = Evaluator(model, variants, device="cuda", precision="bf16").run(batches).error
+    r16 = Evaluator(model, variants, device="cuda", precision="bf16").run(batches)
+    assert r16.plan["fanout_fallbacks"] == {} and r16.plan["fanned_variants"] > 0, r16.plan
+    e16 = r16.error
     assert (e32 - e16).abs().max().item() <= 0.005 + 1e-12, (e32, e16)

@@ -412,8 +412,9 @@ class Evaluator:
                                 fuse_ops=self.glue == "fused")
         except _OOM:
             raise
-        except Exception:  # noqa: BLE001 - the proof missed something: fall back, stay correct
+        except Exception as exc:  # noqa: BLE001 - the proof missed something: fall back, stay correct
             g.fan = None
+            g.fallback = f"{type(exc).__name__}: {exc}"[:300]
             for i in g.members[lo:]:
                 self._run_swapped(ops, prog, g.start, inp, y, ref, acc[i:i + 1], dev_ov[i], live,
                                   rows=[i])

@@ -22,6 +22,7 @@ class Group:
     fan: FanPlan | None  # None: each member runs alone, weights swapped in place
     kmax: int = 1  # variants per fanned chunk (set by the memory planner, lowered on OOM)
     stacks: dict[tuple[int, int], dict] = field(default_factory=dict)  # chunk -> weight stacks
+    fallback: str | None = None  # why a fanned run failed and the group went to the swap path
 
 
 @dataclass
@@ -40,6 +41,9 @@ class Plan:
             "swapped_variants": swapped,
             "baseline_equal_variants": len(self.same_as_baseline),
             "kmax": {str(g.start): g.kmax for g in self.groups if g.fan is not None},
+            # a fanned run that raised (not out of memory): results stay right, speed is lost,
+            # and the proof in engine.fanout missed something worth reporting
+            "fanout_fallbacks": {str(g.start): g.fallback for g in self.groups if g.fallback},
         }
 
 
