@@ -65,16 +65,24 @@ void pixels(const View<T>& v) {
   });
 }
 
+// The checks both CPU entry points share; returns the (uninitialised) output in x's exact
+// strides (empty_like's preserve_format keeps a dense x's layout).
+at::Tensor checked_output(const char* op, const at::Tensor& x, const at::Tensor& scale,
+                          const at::Tensor& shift, const std::optional<at::Tensor>& residual) {
+  affine_relu::check_args(x, scale, shift, residual);
+  TORCH_CHECK(x.is_cpu(), op, ": the CPU kernel got x on ", x.device());
+  return at::empty_like(x);
+}
+
 at::Tensor affine_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                            const std::optional<at::Tensor>& residual, bool relu) {
-  affine_relu::check_args(x, scale, shift, residual);
-  TORCH_CHECK(x.is_cpu(), "layerfast::affine_relu: the CPU kernel got x on ", x.device());
-  at::Tensor out = at::empty_like(x);  // preserve_format: x's exact strides (dense)
+  constexpr const char* kOp = "layerfast::affine_relu";
+  at::Tensor out = checked_output(kOp, x, scale, shift, residual);
   if (x.numel() == 0) {
     return out;
   }
   affine_relu::dispatch(
-      x, residual.has_value(), relu, "layerfast::affine_relu",
+      x, residual.has_value(), relu, kOp,
       [&](auto t, auto cl, auto res, auto rl) {
         using T = decltype(t);
         const auto v = affine_relu::view_of<T>(x, scale, shift, residual, out);
@@ -91,15 +99,13 @@ at::Tensor affine_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const a
 at::Tensor affine_relu_cuda_logic_cpu(const at::Tensor& x, const at::Tensor& scale,
                                       const at::Tensor& shift,
                                       const std::optional<at::Tensor>& residual, bool relu) {
-  affine_relu::check_args(x, scale, shift, residual);
-  TORCH_CHECK(x.is_cpu(), "layerfast::_affine_relu_cuda_logic: runs on the CPU, got x on ",
-              x.device());
-  at::Tensor out = at::empty_like(x);
+  constexpr const char* kOp = "layerfast::_affine_relu_cuda_logic";
+  at::Tensor out = checked_output(kOp, x, scale, shift, residual);
   if (x.numel() == 0) {
     return out;
   }
   affine_relu::dispatch(
-      x, residual.has_value(), relu, "layerfast::_affine_relu_cuda_logic",
+      x, residual.has_value(), relu, kOp,
       [&](auto t, auto cl, auto res, auto rl) {
         using T = decltype(t);
         const auto v = affine_relu::view_of<T>(x, scale, shift, residual, out);
