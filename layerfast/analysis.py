@@ -273,6 +273,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
         "checkpoints": taus, "seeds": seed_list, "variants": len(variants),
         "device": str(ev.device), "precision": ev.precision, "batch_size": ev.batch_size,
         "fanout": ev.fanout, "max_fanout": ev.max_fanout, "channels_last": ev.channels_last,
+        "passes": len(ev.passes()),  # progress counts samples over the passes
     }
     t_build = time.perf_counter() - t0
     path = _out_dir(out, arch, fingerprint)
@@ -306,7 +307,9 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
 def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
               every: float) -> tuple[torch.Tensor, int, dict]:
     """The engine pass from where `prev` stopped, saving progress into `store` as it goes."""
-    bar = _progress(progress, src.n, prev.n_done, len(ev.variants))
+    passes = len(ev.passes())
+    bar = _progress(progress, src.n * passes, prev.n_done, len(ev.variants),
+                    f" in {passes} passes" if passes > 1 else "")
     try:
         res = ev.run(src, start=prev.n_done, counts=prev.counts,
                      on_progress=(lambda n: bar.update(n - bar.n)) if bar else None,
@@ -315,7 +318,7 @@ def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
         if bar:
             bar.close()
     engine = {"plan": res.plan, "timings": res.timings, "num_classes": res.num_classes,
-              "resumed_from": prev.n_done, "evaluated": res.n - prev.n_done,
+              "resumed_from": prev.n_done, "evaluated": res.n * passes - prev.n_done,
               "checkpoint_every": every}
     store.finish(res.counts, res.n, engine)
     return res.counts, res.n, engine
@@ -354,13 +357,14 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     return result
 
 
-def _progress(enabled: bool, total: int, done: int, nvar: int) -> Any:
-    """A tqdm bar on stderr (stdout stays clean for the summary), starting at resumed samples."""
+def _progress(enabled: bool, total: int, done: int, nvar: int, how: str = "") -> Any:
+    """A tqdm bar on stderr (stdout stays clean for the summary), starting at resumed samples
+    (samples over all passes when the variants take several)."""
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, unit="img", desc=f"{nvar} variants", file=sys.stderr,
+    return tqdm(total=total, initial=done, unit="img", desc=f"{nvar} variants{how}", file=sys.stderr,
                 dynamic_ncols=True, leave=False)
 
 

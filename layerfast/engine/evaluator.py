@@ -11,6 +11,7 @@ progress and checkpoints. The model leaves exactly as it came (values, device, l
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from layerfast.engine.plan import (
     choose_kmax,
     make_plan,
     memory_budget,
+    split_passes,
+    stage_limit,
 )
 from layerfast.engine.precision import (
     channels_last,
@@ -104,7 +107,7 @@ class Evaluator:
     def __init__(self, model: nn.Module, variants: Sequence[Any], device: str | torch.device = "auto",
                  precision: str = "auto", batch_size: int | None = None, fanout: bool | None = None,
                  max_fanout: int = 32, memory_fraction: float = 0.5, layout: str = "auto",
-                 glue: str = "fused") -> None:
+                 glue: str = "fused", stage_bytes: int | None = None) -> None:
         self.model = model
         self.variants = list(variants)
         self.device = resolve_device(device)
@@ -130,6 +133,13 @@ class Evaluator:
         # channels_last: auto = with bf16/tf32 on CUDA; "channels_last" also on the CPU, where
         # it is ~2x faster for conv nets but no longer bit-identical to the naive loop.
         self.channels_last = channels_last(self.precision, self.device, layout)
+        self.layout = layout
+        self._layout_checked = not self.channels_last
+        # Bytes of variant tensors staged at once (None: plan.stage_limit, a multiple of the
+        # model's size); more variants than that are evaluated in several passes over the data.
+        self.stage_bytes = stage_bytes
+        self._passes: list[list[int]] | None = None
+        self._pass_idx: list[int] = list(range(len(self.variants)))
 
     # ---- setup -----------------------------------------------------------------------
     def _live(self) -> dict[str, torch.Tensor]:
@@ -141,8 +151,8 @@ class Evaluator:
         """Each variant's tensors on the device, in the live tensors' dtype and layout, so that
         `swap_` exchanges them byte for byte."""
         out = []
-        for i, v in enumerate(self.variants):
-            ov = _overrides_of(v)
+        for i in self._pass_idx:
+            ov = _overrides_of(self.variants[i])
             bad = [k for k in ov if k not in live]
             shapes = [f"{k}: {tuple(t.shape)} vs model {tuple(live[k].shape)}"
                       for k, t in ov.items() if k in live and t.shape != live[k].shape]
@@ -153,14 +163,15 @@ class Evaluator:
                 out.append({k: torch.empty_like(live[k]).copy_(t) for k, t in ov.items()})
             except _OOM:
                 # Every variant's tensors stay on the device for the whole pass (one data pass).
-                need = sum(live[k].numel() * live[k].element_size()
-                           for v in self.variants for k in _keys_of(v) if k in live)
+                need = sum(live[k].numel() * live[k].element_size() for j in self._pass_idx
+                           for k in _keys_of(self.variants[j]) if k in live)
                 out.clear()
                 raise LayerfastError(
                     f"the variants' tensors ({need / 2**30:.2f} GiB) do not fit on {self.device} "
                     f"beside the model: memory ran out at variant {i} of {len(self.variants)}; "
-                    "analyze fewer at once (--units, --checkpoints, --seeds) or use a device "
-                    "with more memory") from None
+                    "analyze fewer at once (--units, --checkpoints, --seeds), use a device "
+                    "with more memory, or stage less per pass (Evaluator(stage_bytes=...))"
+                    ) from None
         return out
 
     # ---- the pass --------------------------------------------------------------------
@@ -178,33 +189,99 @@ class Evaluator:
         data order per variant (for tests and research code; it costs a host sync)."""
         self._hook = on_logits
         self.plan_batch(data)
-        t0 = time.perf_counter()
-        with self._on_device() as cl:
-            return self._run(data, start, counts, on_progress, on_checkpoint, checkpoint_every,
-                             cl, t0)
+        if not self._layout_checked:
+            if hasattr(data, "batches") and hasattr(data, "shape"):
+                self.settle_layout(torch.zeros((2, *data.shape)))
+            else:  # a plain iterable: probe with its first batch
+                data, first = _peek(data)
+                if first is not None:
+                    self.settle_layout(first[0][:2])
+        passes = self.passes()
+        P, V, t_all = len(passes), len(self.variants), time.perf_counter()
+        source = hasattr(data, "batches") and hasattr(data, "n")
+        N: int | None = int(data.n) if source else None
+        if P > 1 and not source and iter(data) is data:
+            raise LayerfastError(
+                f"these {V} variants are evaluated in {P} passes over the data (their tensors "
+                "exceed what one pass stages), and a one-shot iterator can be read only once: "
+                "pass a list of batches or a DataSource")
+        if P > 1 and start and not source:
+            raise LayerfastError("resuming needs a DataSource, not a plain iterable of batches")
+        total = (torch.zeros(V, 4, dtype=torch.float64) if counts is None
+                 else counts.detach().to("cpu", torch.float64).clone())
+        # `start` counts samples over the passes, pass-major: pass p, sample s is p·N + s.
+        p0, s0 = divmod(start, N) if P > 1 and N else (0, start)
+        results: list[EvalResult] = []
+        plans: list[Plan] = []
+        for p in range(p0, P):
+            idx = self._pass_idx = passes[p]
+            base = p * N if N else (p * results[0].n if results else 0)
+
+            def saved(c: torch.Tensor, n: int, idx: list[int] = idx, base: int = base) -> None:
+                total[idx] = c
+                on_checkpoint(total.clone(), base + n)
+
+            def progress(n: int, base: int = base) -> None:
+                on_progress(base + n)
+
+            t0 = time.perf_counter()
+            with self._on_device() as cl:
+                res = self._run(data, s0 if p == p0 else 0, total[idx],
+                                progress if on_progress is not None else None,
+                                saved if on_checkpoint is not None else None,
+                                checkpoint_every, cl, t0)
+            total[idx] = res.counts
+            results.append(res)
+            plans.append(self.last_plan.remapped(idx))
+        if not results:
+            raise LayerfastError(f"nothing left to evaluate: start={start} is past the last pass")
+        self._pass_idx = list(range(V))
+        self.last_plan = Plan.merged(plans)
+        timings = {k: sum(r.timings.get(k, 0.0) for r in results) for k in results[-1].timings}
+        timings["total"] = time.perf_counter() - t_all
+        last = results[-1]
+        return EvalResult(total, last.n, last.device, last.precision, last.num_classes,
+                          {**self.last_plan.summary(), "passes": P}, timings)
+
+    def passes(self) -> list[list[int]]:
+        """The variants' indices in passes over the data (`plan.split_passes`): one pass unless
+        staging every variant's tensors at once would exceed the stage limit."""
+        if self._passes is None:
+            size = {k: t.numel() * t.element_size() for k, t in self._live().items()}
+            limit = self.stage_bytes or stage_limit(sum(size.values()))
+            keysets = [frozenset(_keys_of(v)) for v in self.variants]
+            self._passes = split_passes(keysets, [sum(size.get(k, 0) for k in ks) for ks in keysets],
+                                        limit)
+        return self._passes
 
     @contextlib.contextmanager
     def _on_device(self) -> Iterator[bool]:
         """The model in eval mode on the device (channels_last where the precision wants it),
-        in-place activations off, inference mode; on exit everything as it came. Yields
-        whether channels_last is on."""
+        in-place activations off, inference mode; on exit everything exactly as it came: each
+        parameter's and buffer's own tensor object (so its device, layout and any outside
+        reference are untouched — moving back would make new tensors, and a model already in
+        channels_last would come back contiguous), and each module's own training flag (a
+        train-mode model may hold frozen eval-mode BNs). Yields whether channels_last is on."""
         model, dev = self.model, self.device
-        was_training = model.training
-        p0 = next(iter(model.parameters()), None)
-        home = p0.device if p0 is not None else torch.device("cpu")
+        modes = [(m, m.training) for m in model.modules()]
+        params = [(p, p.data, p.grad) for p in model.parameters()]
+        buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()
+                   if b is not None]
         cl = self.channels_last
         model.eval()
-        model.to(dev)
-        if cl:
-            model.to(memory_format=torch.channels_last)
         try:
+            model.to(dev)
+            if cl:
+                model.to(memory_format=torch.channels_last)
             with no_inplace_modules(model), torch.inference_mode():
                 yield cl
         finally:
-            if cl:
-                model.to(memory_format=torch.contiguous_format)
-            model.to(home)
-            model.train(was_training)
+            for p, data, grad in params:
+                p.data, p.grad = data, grad
+            for m, name, b in buffers:
+                m._buffers[name] = b
+            for m, mode in modes:
+                m.training = mode
 
     def plan_batch(self, data: Any) -> int:
         """Choose B (samples per batch) for `data` unless the caller fixed it, and return it.
@@ -218,6 +295,7 @@ class Evaluator:
         if self._batch_fixed or not (hasattr(data, "batches") and hasattr(data, "shape")):
             return self.batch_size
         self._batch_fixed = True
+        self.settle_layout(torch.zeros((2, *data.shape)))
         keysets = [set(_keys_of(v)) for v in self.variants]
         with self._on_device() as cl:
             prog = Program(self.model)
@@ -240,6 +318,39 @@ class Evaluator:
         self.batch_size = choose_batch(sum(sizes), peak, k, budget, B_MAX_CUDA if cuda else B_CPU,
                                        None if cuda else CPU_TENSOR_CAP)
         return self.batch_size
+
+    def settle_layout(self, x: torch.Tensor) -> bool:
+        """With channels_last on, check that the model runs in it (a forward doing
+        `x.view(B, -1)` on a conv map cannot) on a probe batch `x`; if only the contiguous layout
+        works, use that when the layout was `auto`, and say so clearly when it was asked for.
+        Returns whether channels_last stays on. Idempotent."""
+        if self._layout_checked:
+            return self.channels_last
+        self._layout_checked = True
+
+        def works() -> str | None:
+            with self._on_device() as cl:
+                xd = x.to(self.device, torch.float32)
+                if cl and xd.dim() == 4:
+                    xd = xd.contiguous(memory_format=torch.channels_last)
+                try:
+                    with precision_context(self.precision, self.device):
+                        Program(self.model).run(xd, 0)
+                except Exception as exc:  # noqa: BLE001 - only the comparison matters here
+                    return f"{type(exc).__name__}: {exc}"
+            return None
+
+        err = works()
+        if err is None:
+            return True
+        self.channels_last = False
+        if works() is not None:
+            self.channels_last = True  # fails either way: the pass reports the model's error
+            return True
+        if self.layout == "channels_last":
+            raise LayerfastError("this model does not run with channels_last activations ("
+                                 f"{err.splitlines()[0][:200]}); use the contiguous layout")
+        return False
 
     def _batches(self, data: Any, start: int, cl: bool) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         dev = self.device
@@ -270,7 +381,7 @@ class Evaluator:
         plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
         self.last_plan = plan  # for the compute floor (engine.flops) and for inspection
         self._groups_sized = False
-        V = len(self.variants)
+        V = len(self._pass_idx)
         acc = torch.zeros(V + 1, 4, dtype=torch.float64, device=self.device)  # row V: baseline
         if counts is not None:
             acc[:V] = counts.to(self.device)
@@ -299,6 +410,8 @@ class Evaluator:
             on_checkpoint(out, n)
         timings = {"setup": setup, "data": 0.0, "baseline": 0.0, "fanned": 0.0, "swapped": 0.0,
                    **clock.totals(), "total": time.perf_counter() - t0}
+        for g in plan.groups:
+            g.stacks.clear()  # the K-stacked weights: device memory, not needed past the pass
         return EvalResult(out, n, str(self.device), self.precision, C, plan.summary(), timings)
 
     # ---- pieces ----------------------------------------------------------------------
@@ -306,7 +419,7 @@ class Evaluator:
                     acc: torch.Tensor, dev_ov, live, clock: PhaseClock) -> int:
         """One batch through the baseline (keeping the cuts) and every group's suffix; returns
         the number of classes."""
-        V = len(self.variants)
+        V = len(self._pass_idx)
         with clock("baseline"):
             cache: dict[int, torch.Tensor] = {}
             logits0 = prog.run(x, 0, keep=set(plan.cuts), saved=cache)
@@ -337,7 +450,7 @@ class Evaluator:
                acc_rows: torch.Tensor, rows: list[int] | None = None) -> None:
         ops.score_(logits.contiguous(), y, ref, acc_rows)
         if self._hook is not None and rows is not None:
-            self._hook(rows, logits.float().cpu())
+            self._hook([self._pass_idx[r] for r in rows], logits.float().cpu())
 
     def _size_groups(self, plan: Plan, prog: Program, x: torch.Tensor, cache: dict) -> None:
         """Pick K per fanned group from the activation size of one sample."""
@@ -362,14 +475,16 @@ class Evaluator:
         try:
             logits = prog.run(part, start)
         except _OOM:
-            ops.swap_(a, b)
             if hi - lo <= 1:
                 raise
+            logits = None
+        finally:  # whatever the forward raised (a user's check, Ctrl-C), the weights go back
+            ops.swap_(a, b)
+        if logits is None:
             mid = (lo + hi) // 2  # back off: half the batch at a time, same sums
             self._run_swapped(ops, prog, start, inp, y, ref, acc_rows, ov, live, lo, mid, rows)
             self._run_swapped(ops, prog, start, inp, y, ref, acc_rows, ov, live, mid, hi, rows)
             return
-        ops.swap_(a, b)
         self._score(ops, logits.unsqueeze(0), y[lo:hi], ref[lo:hi], acc_rows, rows)
 
     def _stacks(self, prog: Program, g: Group, lo: int, hi: int, dev_ov, live) -> dict:
@@ -429,6 +544,15 @@ class Evaluator:
             self._score(ops, logits, y, ref, part, rows)
             acc.index_add_(0, torch.tensor(rows, device=acc.device), part)
         return True
+
+
+def _peek(data: Any) -> tuple[Any, Any]:
+    """(data, its first item or None) without losing that item from a one-shot iterator."""
+    it = iter(data)
+    first = next(it, None)
+    if it is data and first is not None:  # an iterator: put the first item back in front
+        return itertools.chain([first], it), first
+    return data, first
 
 
 def _check_labels(y: torch.Tensor, num_classes: int) -> None:

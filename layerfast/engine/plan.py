@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -45,6 +45,20 @@ class Plan:
             # and the proof in engine.fanout missed something worth reporting
             "fanout_fallbacks": {str(g.start): g.fallback for g in self.groups if g.fallback},
         }
+
+
+    def remapped(self, idx: list[int]) -> Plan:
+        """This plan with variant i renamed idx[i] (a pass's plan in the whole run's indices);
+        without the weight stacks, which belong to the pass."""
+        return Plan([replace(g, members=[idx[i] for i in g.members], stacks={}) for g in self.groups],
+                    [idx[i] for i in self.same_as_baseline], list(self.cuts))
+
+    @staticmethod
+    def merged(plans: list[Plan]) -> Plan:
+        """The plans of several passes as one (groups and baseline-equal variants of all)."""
+        return Plan([g for p in plans for g in p.groups],
+                    sorted(i for p in plans for i in p.same_as_baseline),
+                    sorted({c for p in plans for c in p.cuts}))
 
 
 def make_plan(prog: Program, keysets: list[set[str]], fanout: bool, max_fanout: int) -> Plan:
@@ -123,3 +137,43 @@ def choose_kmax(per_sample_bytes: float, batch: int, budget: int, cap: int) -> i
     """K such that K·B samples of suffix activations fit the budget (at least 1)."""
     need = max(per_sample_bytes, 1.0) * batch
     return int(max(1, min(cap, budget // need)))
+
+
+# ---- passes: how many variants are staged at once ---------------------------------------
+
+STAGE_MODEL_MULTIPLE = 8  # staged variant tensors per pass: at most this many model sizes...
+STAGE_MIN_BYTES = 1 << 30  # ...or this many bytes, whichever is larger
+
+
+def stage_limit(model_bytes: int) -> int:
+    """Bytes of variant tensors one pass may stage. Every variant's tensors stay staged for its
+    whole pass (that is what lets one data pass serve them all), so the limit keeps memory
+    bounded by the model's size times a constant, not by the number of checkpoints (DESIGN §2).
+    A per-unit study stages (checkpoints + seeds) model sizes: ResNet-50's 126 block variants
+    are 0.7 GB, one pass; a 100-checkpoint study becomes several passes over the data."""
+    return max(STAGE_MODEL_MULTIPLE * model_bytes, STAGE_MIN_BYTES)
+
+
+def split_passes(keysets: list[frozenset[str]], sizes: list[int], limit: int) -> list[list[int]]:
+    """Variant indices, in passes whose staged bytes (`sizes`) stay within `limit` (a variant
+    larger than the limit gets a pass of its own). Variants overriding the same keys stay
+    together where they fit, so a unit's variants still fan out as one group; within a pass
+    indices ascend. One pass holding every variant when all fit."""
+    if sum(sizes) <= limit:
+        return [list(range(len(sizes)))]
+    by_keys: dict[frozenset[str], list[int]] = defaultdict(list)
+    for i, keys in enumerate(keysets):
+        by_keys[keys].append(i)
+    passes: list[list[int]] = []
+    cur: list[int] = []
+    used = 0
+    for members in by_keys.values():
+        for i in members:
+            if cur and used + sizes[i] > limit:
+                passes.append(sorted(cur))
+                cur, used = [], 0
+            cur.append(i)
+            used += sizes[i]
+    if cur:
+        passes.append(sorted(cur))
+    return passes
