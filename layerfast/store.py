@@ -99,9 +99,8 @@ class ResumeStore:
             old, new = json.loads(rows.get("fingerprint") or "{}"), json.loads(self.fingerprint)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             self.close()
-            raise LayerfastError(
-                f"{out} holds a run with different arguments (differs in: {', '.join(diff)}); "
-                "pass --fresh to start over there, or choose another --out")
+            raise LayerfastError(f"{out} holds {_what_differs(diff)}; pass --fresh to start "
+                                 "over there, or choose another --out")
 
     # ---- state -----------------------------------------------------------------------
     def load(self) -> Progress:
@@ -151,6 +150,32 @@ class ResumeStore:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+#: Fingerprint keys the engine derives from the machine and the code, not from the arguments.
+_PLAN_KEYS = frozenset({"device", "precision", "batch_size", "fanout", "max_fanout",
+                        "channels_last", "passes"})
+#: Keys that change when the files on disk change under the same arguments.
+_INPUT_KEYS = frozenset({"files", "n"})
+
+
+def _what_differs(diff: list[str]) -> str:
+    """Why a stored run is not this one, in the user's terms: the same command can differ in
+    its inputs (checkpoint files rewritten) or in the engine's plan (another machine, memory
+    size or layerfast version), which are not "different arguments"."""
+    args = [k for k in diff if k not in _PLAN_KEYS | _INPUT_KEYS]
+    parts = []
+    if args:
+        parts.append(f"a run with different arguments (differs in: {', '.join(args)})")
+    if "files" in diff:
+        parts.append("a run over checkpoint files that have changed since")
+    elif "n" in diff:
+        parts.append("a run over data with another number of samples")
+    plan = [k for k in diff if k in _PLAN_KEYS]
+    if plan:
+        parts.append("a run the engine planned differently (differs in: "
+                     f"{', '.join(plan)}: another machine, memory size or layerfast version)")
+    return "; and ".join(parts) if parts else "another run"
 
 
 def find_unfinished(parent: Path, prefix: str, fingerprint: dict) -> Path | None:

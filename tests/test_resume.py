@@ -181,8 +181,21 @@ def test_retrained_checkpoints_are_not_mixed_with_old_progress(ckpts, tmp_path, 
             layerfast.analyze("fcn3x256", ck, out=out, **ARGS)
     f = ck / "epoch_002.pt"
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # "rewritten"
-    with pytest.raises(LayerfastError, match="differs in: files"):
+    with pytest.raises(LayerfastError, match="holds a run over checkpoint files that have "
+                       "changed since; pass --fresh"):
         layerfast.analyze("fcn3x256", ck, out=out, **ARGS)
+
+
+def test_a_refusal_says_what_differs_in_the_users_terms():
+    """The same command can differ from a stored run in its inputs or in the engine's plan (a
+    new layerfast version, another GPU); calling that "different arguments" misleads."""
+    from layerfast.store import _what_differs
+
+    assert _what_differs(["passes"]) == ("a run the engine planned differently (differs in: "
+                                        "passes: another machine, memory size or layerfast version)")
+    both = _what_differs(["batch_size", "files", "seeds"])
+    assert both.startswith("a run with different arguments (differs in: seeds); and a run over "
+                           "checkpoint files") and "(differs in: batch_size:" in both
 
 
 def test_a_second_concurrent_run_is_refused(ckpts, tmp_path):
