@@ -141,6 +141,11 @@ def _out_dir(out: str | os.PathLike[str] | None, arch: str, fingerprint: dict) -
     """`out`, or by default `layerfast-out/<arch>-<time>` — unless an unfinished run with the
     same arguments is already there: rerunning the same command must resume it, and a fresh
     time stamp would start over instead."""
+    if out is not None and not str(out).strip():
+        # Path("") is the current directory: the outputs, the lock and the store would land
+        # among the user's own files
+        raise LayerfastError("--out is empty: name a directory, or leave --out out for "
+                             f"{DEFAULT_OUT}/<arch>-<time>")
     if out is None:
         from layerfast.store import find_unfinished
 

@@ -264,3 +264,10 @@ def test_sigkill_at_random_moments(ckpts, tmp_path):
     assert run["engine"]["resumed_from"] == kills[-1]  # finished work was not redone
     assert run["engine"]["evaluated"] == 360 - kills[-1]
     same_outputs(out, ref)
+
+
+def test_an_empty_out_is_refused_not_the_current_directory(ckpts, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--out", "",
+                 "--max-samples", "40", "--device", "cpu", "--quiet"]) == 2
+    assert "--out is empty" in capsys.readouterr().err and not any(tmp_path.iterdir())
