@@ -25,7 +25,8 @@ with state, GroupNorm, LayerNorm, RMSNorm)
   addition, a concatenation, the input: pre-activation nets, transformers) would never be
   reset at layer granularity, so there it becomes a unit of its own rather than being
   silently skipped.
-- `keep`: normalization layers are never reset (never in `keys`).
+- `keep`: normalization layers are never reset: never in `keys`, and `fullmodel` leaves them
+  at the final model too (the policy travels with each `Unit` for that).
 - `separate`: every normalization layer that `with-layer` would reset is a unit of its own
   (named by its module), listed right after the unit it was taken from.
 
@@ -75,11 +76,16 @@ class Unit:
     modules: qualified names of the modules reset together, in `named_modules()` order within
              each selection (`""` for the model itself when it owns parameters directly).
     keys:    the state-dict keys those modules contribute (see the module docstring).
+    bn:      the BN policy of `make_units` (`with-layer`, `keep`, `separate`).
     """
 
     name: str
     modules: tuple[str, ...]
     keys: tuple[str, ...]
+    #: The BN policy the unit was made under. Carried with the unit because it decides more than
+    #: the unit's own keys: under `keep`, `fullmodel` must leave every normalization layer at the
+    #: final model too (DESIGN.md §3), and `make_variants` only sees the units.
+    bn: str = "with-layer"
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -327,7 +333,7 @@ def make_units(
     def emit(name: str, members: list[str]) -> None:
         members = sorted(set(members), key=order.__getitem__)
         keys = [k for m in members for k in _keys(m, owners[m], sd_keys)]
-        units.append(Unit(name, tuple(members), tuple(keys)))
+        units.append(Unit(name, tuple(members), tuple(keys), bn))
 
     for name, chosen in selections:
         if not chosen:  # an arch's block list naming a module this model lacks

@@ -12,7 +12,10 @@ Kinds and their order in `make_variants` (results are reported in this order):
 2. per unit, in the order given: `reinit` to each chosen τ (τ = final is legal and equals the
    baseline bit for bit), then `rerandom` for each seed;
 3. `fullmodel` per chosen τ: unit `*`, every state-dict key (all parameters and buffers, BN
-   statistics included; `num_batches_tracked` excepted) := τ, the paper's reference row;
+   statistics included; `num_batches_tracked` excepted) := τ, the paper's reference row —
+   except under `--bn keep`, where normalization layers (parameters and running statistics)
+   stay at the final model, as they do in every other variant of that policy (DESIGN.md §3);
+   so under `keep`, `fullmodel @τ` is not checkpoint τ's own test error;
 4. `joint`: several units := τ together; an entry is a list of unit names (one variant per
    chosen τ) or `(names, τ)` (one variant); its unit is the names joined by `+`;
 5. `interp` `(unit, τ, α, σ)`: θ = (1−α)·θ^τ + α·θ^final + σ·N(0, 1) on the unit's keys, with
@@ -48,6 +51,7 @@ from torch import nn
 from layerfast.checkpoints import CheckpointDir
 from layerfast.checkpoints.keymap import is_tolerated_missing
 from layerfast.errors import LayerfastError
+from layerfast.models.init import NORM_TYPES
 
 __all__ = ["Variant", "make_variants", "rerandom_draw", "derive_seed"]
 
@@ -56,7 +60,8 @@ _MAX_REDRAWS = 8
 
 
 class UnitLike(Protocol):
-    """`layerfast.units.Unit`: name, module names, state-dict keys."""
+    """`layerfast.units.Unit`: name, module names, state-dict keys (and optionally `bn`, the BN
+    policy the units were made under; absent means `with-layer`)."""
 
     @property
     def name(self) -> str: ...
@@ -242,6 +247,31 @@ def _chosen(ckpts: CheckpointDir, checkpoints: str | Iterable[int]) -> list[int]
     return chosen
 
 
+def _bn_policy(units: Sequence[UnitLike]) -> str:
+    """The BN policy the units were made under (`Unit.bn`; `with-layer` for unit objects that
+    do not say). One analysis has one policy: units made under different ones are refused, since
+    `fullmodel` could not honour both."""
+    policies = {getattr(u, "bn", "with-layer") for u in units}
+    if len(policies) > 1:
+        raise LayerfastError(
+            f"units made under different BN policies ({', '.join(sorted(policies))}): make them "
+            "with one make_units(bn=...) call."
+        )
+    return policies.pop() if policies else "with-layer"
+
+
+def _norm_keys(model: nn.Module) -> set[str]:
+    """State-dict keys owned by normalization layers (parameters and buffers): what `--bn keep`
+    leaves at the final model in `fullmodel`."""
+    out: set[str] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, NORM_TYPES):
+            prefix = f"{name}." if name else ""
+            own = list(m._parameters.items()) + list(m._buffers.items())
+            out |= {prefix + n for n, t in own if t is not None}
+    return out
+
+
 def _unit_map(units: Sequence[UnitLike]) -> dict[str, UnitLike]:
     out: dict[str, UnitLike] = {}
     for u in units:
@@ -318,7 +348,8 @@ def make_variants(
         if "rerandom" in reset:
             out += [Variant(u.name, "rerandom", None, s, keys=k, _load=drawn(u, s)) for s in seeds]
     if "fullmodel" in reset:
-        every = tuple(k for k in ref.meta if not is_tolerated_missing(k))
+        kept = _norm_keys(model) if _bn_policy(units) == "keep" else set()
+        every = tuple(k for k in ref.meta if not is_tolerated_missing(k) and k not in kept)
         for tau in chosen:
             out.append(
                 Variant("*", "fullmodel", tau, None, keys=every, _load=from_ckpt(tau, every))

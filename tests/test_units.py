@@ -113,7 +113,7 @@ def test_resnet_layer_units_carry_their_bn() -> None:
 def test_keep_and_separate_layer_units() -> None:
     model, spec = _model("resnet18")
     kept = make_units(model, bn="keep", arch=spec)
-    assert _by_name(kept)["conv1"] == Unit("conv1", ("conv1",), ("conv1.weight",))
+    assert _by_name(kept)["conv1"] == Unit("conv1", ("conv1",), ("conv1.weight",), bn="keep")
     sep = make_units(model, bn="separate", arch=spec)
     assert _names(sep)[:4] == ["conv1", "bn1", "layer1.0.conv1", "layer1.0.bn1"]
     assert _by_name(sep)["bn1"].keys == ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var")  # fmt: skip

@@ -114,6 +114,41 @@ def test_fullmodel_is_whole_model_at_tau(tmp_path: Path) -> None:
         assert torch.equal(got[k], want[k]), k
 
 
+def test_fullmodel_under_bn_keep_leaves_norm_layers_at_final(tmp_path: Path) -> None:
+    """DESIGN §3: under `--bn keep` normalization layers stay at the final model, in the
+    fullmodel row too (parameters and running statistics); every other key is τ."""
+    model = write_run(tmp_path)
+    kept = [Unit("conv", ("conv",), ("conv.weight", "conv.bias"), bn="keep"),
+            Unit("fc", ("fc",), ("fc.weight", "fc.bias"), bn="keep")]
+    vs = make_variants(model, kept, CheckpointDir(tmp_path), reset=("fullmodel",), checkpoints=[1])
+    (v,) = [v for v in vs if v.kind == "fullmodel"]
+    assert set(v.keys) == {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}
+    got = v.overrides()
+    for k in v.keys:
+        assert torch.equal(got[k], sd_at(1)[k]), k
+
+
+def test_bn_policy_travels_from_make_units_to_fullmodel(tmp_path: Path) -> None:
+    from layerfast.units import make_units
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 3))
+    for tau in (0, 1):
+        torch.save(net.state_dict(), tmp_path / f"epoch_{tau}.pt")
+    ck = CheckpointDir(tmp_path)
+    norm = {"1.weight", "1.bias", "1.running_mean", "1.running_var"}
+    for bn, has_norm in (("keep", False), ("with-layer", True), ("separate", True)):
+        units = make_units(net, bn=bn)
+        assert {u.bn for u in units} == {bn}
+        vs = make_variants(net, units, ck, reset="fullmodel", checkpoints=[0])
+        (v,) = [v for v in vs if v.kind == "fullmodel"]
+        assert norm <= set(v.keys) if has_norm else not norm & set(v.keys), (bn, v.keys)
+        assert {"0.weight", "0.bias", "3.weight", "3.bias"} <= set(v.keys)
+    mixed = [*make_units(net, bn="keep"), Unit("x", ("1",), ("1.weight",))]
+    with pytest.raises(LayerfastError, match="different BN policies"):
+        make_variants(net, mixed, ck, reset="fullmodel")
+
+
 def test_overrides_take_model_dtype(tmp_path: Path) -> None:
     for tau in (0, 2):
         torch.save({k: v.half() for k, v in sd_at(tau).items()}, tmp_path / f"e_{tau}.pt")
