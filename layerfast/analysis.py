@@ -336,16 +336,13 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     """results.csv, distances.csv, the figures, and run.json last: a run.json on disk means
     every other output of that run is complete."""
     from layerfast import report
-    from layerfast.distances import distances as unit_distances
     from layerfast.metrics import results_table
 
     t1 = time.perf_counter()
     table = results_table(variants, counts, n_done, engine["num_classes"], run["threshold"])
-    rr = [v for v in variants if v.kind == "rerandom"]
-    dist_taus: str | list[int] | tuple = chosen if "reinit" in resets else ()
-    if 0 not in ck.labels:
-        dist_taus = ()
-    dist = unit_distances(model, unit_list, ck, rerandom=rr, arch=spec, checkpoints=dist_taus)
+    dist, why_none = _distance_rows(variants, unit_list, model, spec, ck, chosen)
+    if why_none:
+        run["distances_note"] = why_none  # why distances.csv holds only its header, no figure
     report.write_csv(table, path / "results.csv")
     report.write_csv(dist, path / "distances.csv")
     result = Analysis(table, dist, run, path, unit_list)
@@ -360,6 +357,27 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     with report.atomic_path(path / "run.json") as tmp:
         tmp.write_text(json.dumps(run, indent=2, default=str))
     return result
+
+
+def _distance_rows(variants: list, unit_list: list, model: torch.nn.Module, spec: Any, ck: Any,
+                   chosen: str | list[int]) -> tuple[pd.DataFrame, str | None]:
+    """distances.csv's rows, and why there are none when there are none.
+
+    DESIGN §5 defines distances per unit per τ, whatever `--reset` asks to evaluate, so the τ
+    rows are those of the evaluated checkpoints (`--checkpoints`, default all) for every reset
+    kind, reinit or not; rerandom rows come with the rerandom variants. All of it is measured
+    from θ⁰, so a directory without τ = 0 gives no rows, and the returned reason says so."""
+    from layerfast.distances import COLUMNS
+    from layerfast.distances import distances as unit_distances
+
+    if 0 not in ck.labels:
+        found = ", ".join(map(str, ck.labels))
+        return pd.DataFrame(columns=COLUMNS), (
+            f"no distances: they are measured from the initialization (τ=0), and the checkpoint "
+            f"directory has only τ = {found}")
+    rr = [v for v in variants if v.kind == "rerandom"]
+    dist = unit_distances(model, unit_list, ck, rerandom=rr, arch=spec, checkpoints=chosen)
+    return dist, None
 
 
 def _progress(enabled: bool, total: int, done: int, nvar: int, how: str = "") -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -122,6 +123,38 @@ def test_distances(run, manifest) -> None:
         assert zero.l2 == 0 and zero.l2_rel == 0 and zero.linf == 0
         assert (rows.l2 >= 0).all() and (rows.linf <= rows.l2 + 1e-12).all()
         assert (rows[rows.checkpoint.str.startswith("rerandom")].l2 > 0).all()
+
+
+@pytest.mark.parametrize("reset", ["rerandom", "fullmodel", "rerandom,fullmodel"])
+def test_distances_do_not_depend_on_reinit(reset, ckpts, manifest, tmp_path) -> None:
+    """DESIGN §5: distances per unit per τ whatever `--reset` evaluates (τ rows for the
+    evaluated checkpoints), rerandom rows only with rerandom; distances.png with them."""
+    res = layerfast.analyze("fcn3x256", ckpts, reset=reset, device="cpu", out=tmp_path,
+                            progress=False, max_samples=50)
+    d = pd.read_csv(tmp_path / "distances.csv", dtype={"checkpoint": str})
+    rr = ["rerandom:1"] if "rerandom" in reset else []
+    for unit in UNITS:
+        assert list(d[d.unit == unit].checkpoint) == [str(t) for t in _taus(manifest)] + rr
+    assert (tmp_path / "distances.png").is_file() and "distances_note" not in res.run
+    some = layerfast.analyze("fcn3x256", ckpts, reset=reset, checkpoints="0,2", device="cpu",
+                             out=tmp_path / "some", progress=False, max_samples=50,
+                             figures=False)
+    assert set(some.distances.checkpoint.astype(str)) == {"0", "2", *rr}
+
+
+def test_no_distances_without_tau0_says_why(ckpts, tmp_path) -> None:
+    import shutil
+
+    d = Path(shutil.copytree(ckpts, tmp_path / "ck"))
+    (d / "epoch_000.pt").unlink()
+    man = json.loads((d / "manifest.json").read_text())
+    man["checkpoints"] = [c for c in man["checkpoints"] if c["epoch"] != 0]
+    (d / "manifest.json").write_text(json.dumps(man))
+    res = layerfast.analyze("fcn3x256", d, reset="rerandom", device="cpu", out=tmp_path / "o",
+                            progress=False, max_samples=50)
+    assert res.distances.empty and not (tmp_path / "o" / "distances.png").exists()
+    note = json.loads((tmp_path / "o" / "run.json").read_text())["distances_note"]
+    assert "τ=0" in note
 
 
 def test_run_json(run, ckpts, manifest) -> None:
