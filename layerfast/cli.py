@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from layerfast.errors import LayerfastError
 
@@ -29,6 +30,36 @@ def _seeds(text: str) -> int | list[int]:
         raise argparse.ArgumentTypeError(f"expected a count like 3 or seeds like 1,7,9; got {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with DESIGN §6's usage errors: one line on stderr, exit status 2.
+
+    argparse's own `error()` prints the whole usage block (a dozen lines for `analyze`) before
+    the message; here the message is the line, and it points at `--help` for the usage.
+    Subparsers are made with this class too (argparse passes the parent's class on), so each
+    names its own command: `layerfast analyze: error: ... (see layerfast analyze --help)`.
+    """
+
+    #: command name -> its subparser, so unknown arguments are blamed on the command given.
+    commands: dict[str, argparse.ArgumentParser]
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())  # argparse messages are one line; make sure of it
+        commands = getattr(self, "commands", None)
+        if commands and "required" in line and "COMMAND" in line:  # bare `layerfast`
+            line = f"a command is required: {', '.join(commands)}"
+        self.exit(2, f"{self.prog}: error: {line} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        # Unknown flags surface here, at the top level, so argparse would report them with
+        # `layerfast`'s usage; blame the subcommand whose flags they were meant for.
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            owner = getattr(self, "commands", {}).get(getattr(ns, "command", None), self)
+            owner.error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+
+
 def _common_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
@@ -40,10 +71,11 @@ def _common_eval(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     from layerfast.engine.precision import LAYOUTS
 
-    ap = argparse.ArgumentParser(prog="layerfast", description=(
+    ap = _Parser(prog="layerfast", description=(
         "Which layers of a trained network matter: reset each unit to earlier checkpoints or "
         "fresh draws and measure test error, every variant in one data pass."))
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                            title="commands")
 
     a = sub.add_parser("analyze", help="reset every unit, evaluate all variants, write the report",
                        epilog="A killed run resumes when the same command runs again: progress "
@@ -113,6 +145,7 @@ def parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions, build flags, kernels, FFCV")
     i.add_argument("--json", action="store_true")
+    ap.commands = dict(sub.choices)
     return ap
 
 

@@ -202,10 +202,34 @@ def test_bad_options(argv: list[str], match: str, ckpts: Path, tmp_path: Path, c
     assert not (tmp_path / "o").exists()  # rejected before the out dir was made
 
 
-@pytest.mark.parametrize("argv", [[], ["analyze", "--no-such-flag"], ["frobnicate"]])
-def test_usage_errors_exit_2(argv: list[str], capsys) -> None:
-    rc, _, err = cli(argv, capsys)
-    assert rc == 2 and "Traceback" not in err and "usage:" in err
+@pytest.mark.parametrize("argv,prog,match", [
+    ([], "layerfast", "a command is required: analyze, train"),
+    (["frobnicate"], "layerfast", "invalid choice: 'frobnicate'"),
+    (["analyze"], "layerfast analyze", "required: --arch"),
+    (["analyze", "--arch", "fcn3x256", "--no-such-flag"], "layerfast analyze",
+     "unrecognized arguments: --no-such-flag"),
+    (["analyze", "--arch", "fcn3x256", "--split", "val"], "layerfast analyze",
+     "--split: invalid choice: 'val'"),
+    (["analyze", "--arch", "fcn3x256", "--threshold", "abc"], "layerfast analyze",
+     "--threshold: invalid float value"),
+    (["analyze", "--arch", "fcn3x256", "--seeds", "x"], "layerfast analyze", "--seeds: expected"),
+    (["train", "--arch", "fcn3x256", "--out", "x"], "layerfast train", "required: --epochs"),
+    (["info", "--bogus"], "layerfast info", "unrecognized arguments: --bogus"),
+])
+def test_usage_errors_are_one_line(argv: list[str], prog: str, match: str, capsys) -> None:
+    """DESIGN §6: a usage error is exit 2 with one clear line on stderr (argparse's usage block
+    would be a dozen), naming the command and where its usage is."""
+    rc, out, err = cli(argv, capsys)
+    assert rc == 2 and out == "", err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: ") and lines[0].endswith(f"(see {prog} --help)")
+    assert match in lines[0] and "usage:" not in err
+
+
+def test_help_still_shows_the_usage(capsys) -> None:
+    rc, out, _ = cli(["analyze", "--help"], capsys)
+    assert rc == 0 and out.startswith("usage: layerfast analyze") and "--checkpoints" in out
 
 
 def test_factory_that_raises_from_a_shell(ckpts: Path, tmp_path: Path) -> None:
@@ -214,7 +238,9 @@ def test_factory_that_raises_from_a_shell(ckpts: Path, tmp_path: Path) -> None:
     p = shell(["analyze", "--arch", "myfactory:build", "--ckpts", ckpts, "--out", "out"], tmp_path)
     assert_bad_input(p.returncode, p.stderr, "boom: factory misconfigured", tmp_path / "out")
     p = shell([], tmp_path)
-    assert p.returncode == 2 and "Traceback" not in p.stderr and "usage:" in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == ("layerfast: error: a command is required: analyze, train, demo, "
+                                "bench, convert, report, info (see layerfast --help)")
 
 
 # ---- good input ------------------------------------------------------------------------------
