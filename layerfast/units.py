@@ -65,7 +65,7 @@ BN_POLICIES = ("with-layer", "keep", "separate")
 FEEDER_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 ROOT = "(root)"  # unit name for parameters registered directly on the model itself
 
-__all__ = ["BN_POLICIES", "GRANULARITIES", "Unit", "bn_feeders", "make_units"]
+__all__ = ["BN_POLICIES", "GRANULARITIES", "Unit", "bn_feeders", "make_units", "split_patterns"]
 
 
 @dataclass(frozen=True)
@@ -206,6 +206,25 @@ def _children_groups(model: nn.Module, owners: dict[str, nn.Module]) -> list[tup
     return groups
 
 
+def split_patterns(text: str) -> list[str]:
+    """Split `--units`-style text at commas outside brackets, stripped, empties dropped.
+
+    A plain `split(",")` would cut `re:x{1,2}` or the glob class `[a,b]` in two."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}" and depth:
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
 def _matcher(pattern: str):
     if pattern.startswith("re:"):
         try:
@@ -227,8 +246,12 @@ def _pattern_selections(
         chosen = [o for o in owners if _matches_self_or_ancestor(o, match)]
         if not chosen:
             examples = ", ".join(list(owners)[:6]) + (", ..." if len(owners) > 6 else "")
+            # A regex without `re:` is read as a glob and quietly matches nothing: say so.
+            hint = "" if pattern.startswith("re:") else (
+                f"; it is read as a glob (*, ?, [...]), for a regex write 're:{pattern}'"
+            )
             raise LayerfastError(
-                f"unit pattern {pattern!r} matches no module that owns parameters "
+                f"unit pattern {pattern!r} matches no module that owns parameters{hint} "
                 f"(module names look like: {examples})"
             )
         selections.append((pattern, chosen))
@@ -291,7 +314,7 @@ def make_units(
     if bn not in BN_POLICIES:
         raise LayerfastError(f"unknown BN policy {bn!r}; choose one of {', '.join(BN_POLICIES)}")
     if isinstance(patterns, str):
-        patterns = patterns.split(",")
+        patterns = split_patterns(patterns)
     if patterns is not None and granularity != "layer":
         raise LayerfastError(
             f"custom units (--units) replace the granularity; drop --granularity {granularity}"

@@ -11,7 +11,14 @@ from torch import nn
 
 from layerfast.errors import LayerfastError
 from layerfast.models import ARCHS, build_model
-from layerfast.units import BN_POLICIES, GRANULARITIES, Unit, bn_feeders, make_units
+from layerfast.units import (
+    BN_POLICIES,
+    GRANULARITIES,
+    Unit,
+    bn_feeders,
+    make_units,
+    split_patterns,
+)
 
 
 @functools.cache
@@ -307,6 +314,29 @@ def test_bad_patterns(patterns: list[str], fragment: str) -> None:
     with pytest.raises(LayerfastError) as exc:
         make_units(model, patterns=patterns)
     assert fragment in str(exc.value)
+
+
+@pytest.mark.parametrize("pattern", ["fc(1|2)", "^layer1$", "layer9.*"])
+def test_unmatched_glob_says_regexes_need_re_prefix(pattern: str) -> None:
+    """A regex typed without `re:` is read as a glob and matches nothing; the error says how to
+    write a regex, and still shows what module names look like."""
+    model, _ = _model("resnet18")
+    with pytest.raises(LayerfastError) as exc:
+        make_units(model, patterns=[pattern])
+    msg = str(exc.value)
+    assert f"for a regex write 're:{pattern}'" in msg and "conv1, bn1, layer1.0.conv1" in msg
+    with pytest.raises(LayerfastError) as exc:
+        make_units(model, patterns=["re:^nope$"])
+    assert "for a regex" not in str(exc.value)  # it already is one
+
+
+def test_commas_inside_brackets_do_not_split_patterns() -> None:
+    model, spec = _model("resnet18")
+    assert split_patterns(" re:^layer[12]\\.0\\.conv{1,2}$ , fc,,[cf][oc]*") == [
+        "re:^layer[12]\\.0\\.conv{1,2}$", "fc", "[cf][oc]*"]
+    units = make_units(model, patterns="re:^layer1\\.0\\.conv[1,2]$,fc", arch=spec)
+    assert _names(units) == ["re:^layer1\\.0\\.conv[1,2]$", "fc"]
+    assert units[0].modules == ("layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2", "layer1.0.bn2")
 
 
 # --------------------------------------------------------------------------- validation
