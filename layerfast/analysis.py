@@ -66,6 +66,8 @@ class Analysis:
 
 
 def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:
+    """'all', or the labels in the order given without repeats: `0,0,4` asks for what `0,4`
+    asks for, so run.json and the resume fingerprint must not tell them apart."""
     if isinstance(checkpoints, str):
         if checkpoints.strip() == "all":
             return "all"
@@ -75,20 +77,26 @@ def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:
             labels = []
         if not labels:
             raise LayerfastError(f"--checkpoints takes 'all' or labels like 0,1,10; got {checkpoints!r}")
-        return labels
-    return [int(c) for c in checkpoints]
+        return list(dict.fromkeys(labels))
+    return list(dict.fromkeys(int(c) for c in checkpoints))
 
 
 def _parse_list(value: str | Sequence[str] | None) -> list[str]:
+    """A comma-separated option (`--reset`, `--units`) as a list without repeats, in order:
+    repeats change nothing evaluated, so they must not change run.json or the resume
+    fingerprint either. Commas inside brackets stay (`re:x{1,2}`, `[a,b]*`: see
+    `units.split_patterns`)."""
+    from layerfast.units import split_patterns
+
     if value is None:
         return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return list(value)
+    items = split_patterns(value) if isinstance(value, str) else [str(v).strip() for v in value]
+    return list(dict.fromkeys(v for v in items if v))
 
 
 def _seed_list(seeds: int | Iterable[int]) -> list[int]:
-    """`seeds=n` means seeds 1..n (the CLI's `--seeds 3`); an iterable names them."""
+    """`seeds=n` means seeds 1..n (the CLI's `--seeds 3`); an iterable names them, repeats
+    dropped (seed 1 twice is one draw, evaluated once)."""
     if isinstance(seeds, bool):
         raise LayerfastError(f"--seeds takes a count n >= 1 or a list of seeds; got {seeds!r}")
     if isinstance(seeds, int):
@@ -96,9 +104,9 @@ def _seed_list(seeds: int | Iterable[int]) -> list[int]:
             raise LayerfastError(f"--seeds takes a count n >= 1 (seeds 1..n) or a list of "
                                  f"seeds like 1,7,9; got {seeds}")
         return list(range(1, seeds + 1))
-    out = [int(s) for s in seeds]
-    if not out or len(set(out)) != len(out):
-        raise LayerfastError(f"--seeds needs at least one seed and no repeats; got {out}")
+    out = list(dict.fromkeys(int(s) for s in seeds))  # a repeated seed is the same draw
+    if not out:
+        raise LayerfastError("--seeds needs at least one seed; got none")
     return out
 
 

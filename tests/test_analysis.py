@@ -157,6 +157,27 @@ def test_no_distances_without_tau0_says_why(ckpts, tmp_path) -> None:
     assert "τ=0" in note
 
 
+def test_repeated_option_values_are_dropped(ckpts, tmp_path) -> None:
+    """`--checkpoints 0,0,2`, `--reset reinit,reinit` and seeds 1,1 ask for what 0,2 / reinit /
+    1 ask for: run.json lists each once and the same out dir resumes instead of refusing."""
+    from layerfast.analysis import _parse_checkpoints, _parse_list, _seed_list
+
+    assert _parse_checkpoints("0,0,4, 0") == [0, 4] and _parse_checkpoints([3, 3, 1]) == [3, 1]
+    assert _parse_list("reinit, reinit,fullmodel") == ["reinit", "fullmodel"]
+    assert _parse_list(["fc1", "fc1"]) == ["fc1"] and _seed_list([2, 1, 2]) == [2, 1]
+    kw = dict(device="cpu", out=tmp_path, progress=False, max_samples=50, figures=False)
+    first = layerfast.analyze("fcn3x256", ckpts, checkpoints="0,2", reset="reinit,rerandom",
+                              seeds=[1], **kw)
+    again = layerfast.analyze("fcn3x256", ckpts, checkpoints="0,0,2",
+                              reset="reinit,reinit,rerandom", seeds=[1, 1], **kw)
+    assert again.run["engine"]["evaluated"] == 0  # resumed: the same arguments
+    for res in (first, again):
+        assert res.run["evaluated_checkpoints"] == [0, 2] and res.run["reset"] == ["reinit",
+                                                                                   "rerandom"]
+        assert res.run["seeds"] == [1]
+    pd.testing.assert_frame_equal(first.table, again.table)
+
+
 def test_run_json(run, ckpts, manifest) -> None:
     r = json.loads((run.out / "run.json").read_text())
     for key in ("arch", "checkpoints", "data", "n", "device", "precision", "granularity", "bn",
