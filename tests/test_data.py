@@ -68,7 +68,8 @@ def collect(src: DataSource, bs: int, start: int = 0):
     return torch.cat(xs), torch.cat(ys)
 
 
-@pytest.fixture(params=["idx", "idx-gz", "cifar", "npz-u8", "npz-f32", "npz-hwc", "npz-hw"])
+@pytest.fixture(params=["idx", "idx-gz", "cifar", "npz-u8", "npz-f32", "npz-hwc", "npz-hw",
+                        "npz-flat", "npz-1d"])
 def case(request, tmp_path):
     """(spec, expected x [N,C,H,W], expected y) for one file-backed spec."""
     kind = request.param
@@ -88,6 +89,12 @@ def case(request, tmp_path):
     elif kind == "npz-hw":
         x = RNG.integers(0, 256, (29, 1, 6, 5), dtype=np.uint8)
         stored = x[:, 0]
+    elif kind == "npz-flat":  # [N,D] feature vectors: one channel, a 1×D row
+        x = RNG.integers(0, 256, (29, 1, 1, 7), dtype=np.uint8)
+        stored = x[:, 0, 0]
+    elif kind == "npz-1d":  # [N]: one feature
+        x = RNG.standard_normal((29, 1, 1, 1)).astype(np.float32)
+        stored = x[:, 0, 0, 0]
     else:
         x = stored = RNG.integers(0, 256, (29, 1, 6, 5), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", x=stored, y=y)
@@ -251,7 +258,7 @@ def _npz(tmp_path, **arrays) -> str:
         ({"x": np.zeros((3, 2, 2), np.uint8), "y": [0.5, 1, 2]}, "labels must be integers"),
         ({"x": np.zeros((0, 2, 2), np.uint8), "y": np.zeros(0, np.int64)}, "empty"),
         ({"x": np.zeros((2, 2, 2), np.int32), "y": [0, 1]}, "dtype int32"),
-        ({"x": np.zeros((2, 5), np.uint8), "y": [0, 1]}, r"must be \[N,H,W\]"),
+        ({"x": np.zeros((2, 1, 2, 2, 2), np.uint8), "y": [0, 1]}, r"\[N,D\], \[N,H,W\]"),
         ({"x": np.zeros((2, 2, 2), np.uint8), "y": [0, 3], "num_classes": 2}, "out of range"),
         ({"x": np.array([None, 1], dtype=object), "y": [0, 1]}, "object arrays"),
     ],
@@ -347,6 +354,25 @@ def test_to_device_matches_reference(dtype, channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert xd.is_contiguous(memory_format=fmt)
     assert torch.equal(x, x0)  # input untouched
+
+
+def test_flat_npz_analysis_equals_the_image_analysis(ckpts, tmp_path):
+    """DESIGN §4's `x` [N,...] includes flat vectors: digits' test images, normalised and stored
+    as float32 [360, 64], give an FCN analysis with the same errors as `--data digits`."""
+    import layerfast
+
+    digits = open_data("digits")
+    xs = torch.cat([to_device(x, y, digits, "cpu")[0] for x, y in digits.batches(128)])
+    np.savez(tmp_path / "flat.npz", x=xs.reshape(len(xs), 64).numpy(), y=digits.labels().numpy())
+    flat = open_data(str(tmp_path / "flat.npz"))
+    assert (flat.shape, flat.n, flat.scale, flat.mean) == ((1, 1, 64), 360, 1.0, None)
+    kw = dict(device="cpu", progress=False, figures=False, seeds=1)
+    a = layerfast.analyze("fcn3x256", ckpts, data="digits", out=tmp_path / "a", **kw).table
+    b = layerfast.analyze("fcn3x256", ckpts, data=str(tmp_path / "flat.npz"), out=tmp_path / "b",
+                          **kw).table
+    assert len(a) == len(b) > 10
+    assert a["error"].tolist() == b["error"].tolist()
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
 
 
 def test_to_device_without_mean(tmp_path):

@@ -181,10 +181,22 @@ def check_labels(name: str, y: Tensor | np.ndarray, num_classes: int | None = No
 
 
 def to_chw(name: str, x: np.ndarray) -> np.ndarray:
-    """[N,H,W] -> [N,1,H,W]; [N,H,W,C] (C in 1,3 and dim 1 not) -> [N,C,H,W]; NCHW kept.
+    """`x` [N,...] as [N,C,H,W], the one sample layout the models and the engine take.
 
-    4-D arrays are NCHW unless the last axis looks like channels and the second does not:
-    [N,32,32,3] is HWC, [N,3,32,32] and [N,1,28,28] are CHW."""
+    - [N,D] (flat feature vectors) -> [N,1,1,D]: one channel, a 1×D row. An FCN (or any model
+      that flattens) sees the D values in their order; a conv net sees a 1-D signal with D
+      positions, not D channels of a single pixel (where a 3×3 kernel would use only its
+      centre tap). [N] is [N,1]: one feature.
+    - [N,H,W] -> [N,1,H,W] (one channel: a grayscale image, whatever H and W).
+    - [N,H,W,C] (C in 1,3 and dim 1 not) -> [N,C,H,W]; [N,C,H,W] is kept. 4-D arrays are NCHW
+      unless the last axis looks like channels and the second does not: [N,32,32,3] is HWC,
+      [N,3,32,32] and [N,1,28,28] are CHW.
+    - More than 4 dims is refused: no one layout would be right for every model.
+    """
+    if x.ndim == 1:
+        return x[:, None, None, None]
+    if x.ndim == 2:
+        return x[:, None, None, :]
     if x.ndim == 3:
         return x[:, None]
     if x.ndim == 4:
@@ -192,5 +204,6 @@ def to_chw(name: str, x: np.ndarray) -> np.ndarray:
             return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
         return x
     raise LayerfastError(
-        f"{name}: x must be [N,H,W], [N,C,H,W] or [N,H,W,C], got shape {tuple(x.shape)}"
+        f"{name}: x must be [N], [N,D], [N,H,W], [N,C,H,W] or [N,H,W,C], got shape "
+        f"{tuple(x.shape)}; reshape it to one of these"
     )
