@@ -94,6 +94,11 @@ def _parse_list(value: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(v for v in items if v))
 
 
+#: More re-randomizations per unit than any study needs: the bound keeps a typo such as
+#: `--seeds 10000000` a clear error instead of a variant list that exhausts memory.
+MAX_SEEDS = 1000
+
+
 def _seed_list(seeds: int | Iterable[int]) -> list[int]:
     """`seeds=n` means seeds 1..n (the CLI's `--seeds 3`); an iterable names them, repeats
     dropped (seed 1 twice is one draw, evaluated once)."""
@@ -103,11 +108,18 @@ def _seed_list(seeds: int | Iterable[int]) -> list[int]:
         if seeds < 1:
             raise LayerfastError(f"--seeds takes a count n >= 1 (seeds 1..n) or a list of "
                                  f"seeds like 1,7,9; got {seeds}")
-        return list(range(1, seeds + 1))
-    out = list(dict.fromkeys(int(s) for s in seeds))  # a repeated seed is the same draw
+        out = range(1, min(seeds, MAX_SEEDS + 1) + 1)
+    else:
+        out = list(dict.fromkeys(int(s) for s in seeds))  # a repeated seed is the same draw
     if not out:
         raise LayerfastError("--seeds needs at least one seed; got none")
-    return out
+    if len(out) > MAX_SEEDS:  # checked before a list of millions of variants is built
+        raise LayerfastError(f"--seeds asks for more than {MAX_SEEDS} re-randomizations per unit; "
+                             "each one is a variant of every unit: ask for fewer")
+    bad = [s for s in out if not 0 <= s < 2**63]
+    if bad:
+        raise LayerfastError(f"seeds must lie in [0, 2^63); got {bad[0]}")
+    return list(out)
 
 
 def _check_options(threshold: float, batch_size: int | None, device: Any) -> None:

@@ -271,3 +271,16 @@ def test_an_empty_out_is_refused_not_the_current_directory(ckpts, tmp_path, monk
     assert main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--out", "",
                  "--max-samples", "40", "--device", "cpu", "--quiet"]) == 2
     assert "--out is empty" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("seeds, msg", [("10000000", "more than 1000 re-randomizations"),
+                                        ("99999999999999999999,1", r"\[0, 2\^63\)"),
+                                        ("-1,2", r"\[0, 2\^63\)")])
+def test_seeds_out_of_range_are_refused_before_anything_runs(ckpts, tmp_path, capsys, seeds, msg):
+    import re
+
+    out = tmp_path / "o"
+    assert main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), f"--seeds={seeds}",
+                 "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(msg, err) and err.count("\n") == 1 and not out.exists()
