@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 import layerfast
 from layerfast.checkpoints import MANIFEST, SUFFIXES, write_manifest
+from layerfast.checkpoints.discover import new_file_mode
 from layerfast.data import open_data, to_device
 from layerfast.engine.precision import precision_context, resolve_device
 from layerfast.errors import LayerfastError
@@ -126,36 +127,95 @@ def _atomic_save(obj: Any, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 -> what open() would have given
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Create `out`; refuse one that already holds checkpoints or a manifest unless `overwrite`,
-    which deletes the manifest and the `epoch_NNN.pt` files (other files are left alone; the new
-    manifest lists exactly the new files, so discovery ignores them)."""
+def _old_checkpoints(out: Path) -> list[str]:
+    """Names in `out` that would make it look like (or clash with) a checkpoint directory."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir()
+                  if p.is_file() and (p.name == MANIFEST or p.suffix.lower() in SUFFIXES))  # fmt: skip
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an unusable `out` without touching the disk, so that bad input found later still
+    leaves nothing behind: a file in the way, or old checkpoints and no `overwrite`."""
     if out.exists() and not out.is_dir():
         raise LayerfastError(f"--out {out}: exists and is not a directory")
+    old = _old_checkpoints(out)
+    if old and not overwrite:
+        shown = ", ".join(old[:5]) + (", ..." if len(old) > 5 else "")
+        raise LayerfastError(
+            f"--out {out} already holds checkpoints ({shown}); choose another directory, or "
+            "replace them with overwrite=True (--overwrite on the command line)"
+        )
+
+
+def _prepare_out(out: Path, overwrite: bool) -> list[Path]:
+    """Create `out` (after `_check_out`, once every input is validated) and, with `overwrite`,
+    delete the manifest and the `epoch_NNN.pt` files of an old run (other files are left alone;
+    the new manifest lists exactly the new files, so discovery ignores them).
+
+    Returns the directories it created, innermost first, so a run that fails before writing
+    anything can remove them again."""
+    _check_out(out, overwrite)
+    created: list[Path] = []
+    p = out
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LayerfastError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
-    old = sorted(p.name for p in out.iterdir()
-                 if p.is_file() and (p.name == MANIFEST or p.suffix.lower() in SUFFIXES))  # fmt: skip
-    if old and not overwrite:
-        shown = ", ".join(old[:5]) + (", ..." if len(old) > 5 else "")
-        raise LayerfastError(
-            f"--out {out} already holds checkpoints ({shown}); choose another directory "
-            "or pass overwrite=True (--overwrite) to replace them"
-        )
-    for name in old:
+    for name in _old_checkpoints(out):
         if name == MANIFEST or _FILE_RE.match(name):
             (out / name).unlink()
     if not os.access(out, os.W_OK):
+        _remove_created([], created)
         raise LayerfastError(f"--out {out}: the directory is not writable")
+    return created
+
+
+def _remove_created(files: Sequence[Path], dirs: Sequence[Path]) -> None:
+    """Undo a run that failed before its first manifest: its files, then the directories it
+    created (innermost first, only while empty: nothing of the user's is ever removed)."""
+    for f in files:
+        with contextlib.suppress(OSError):
+            f.unlink()
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _check_seed(seed: object) -> None:
+    """torch seeds take 64 bits; the manifest and the analysis store seeds as int64. A larger
+    value used to fail inside `manual_seed` with a traceback, after `out` was created."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+        raise LayerfastError(f"seed must be an integer in -2**63..2**63-1, got {seed!r}")
+
+
+def _check_finite_inputs(data: str, x: torch.Tensor) -> None:
+    """NaN/Inf training inputs make the loss NaN, which would be reported as a diverged
+    learning rate; blame the data instead (uint8 data is finite by construction)."""
+    if not x.is_floating_point():
+        return
+    finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = torch.nonzero(~finite).flatten().tolist()
+    shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+    raise LayerfastError(
+        f"{data}: the training inputs hold NaN or Inf in {len(bad)} of {len(x)} samples "
+        f"(sample {shown}); training on them would only diverge. Fix or drop those samples."
+    )
 
 
 def _gather(source: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +266,9 @@ def train(
     for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise LayerfastError(f"{name} must be a finite number >= 0, got {v!r}")
+    _check_seed(seed)
+    out = Path(out)
+    _check_out(out, overwrite)
     dev = resolve_device(device)
     train_src = open_data(data, split="train", max_samples=max_samples)
     test_src = open_data(data, split="test")
@@ -214,8 +277,6 @@ def train(
             f"{data}: train and test splits disagree (classes {train_src.num_classes} vs "
             f"{test_src.num_classes}, shape {train_src.shape} vs {test_src.shape})"
         )
-    out = Path(out)
-    _prepare_out(out, overwrite)
 
     # The caller's RNG state is restored afterwards: training reseeds, the caller should not see it.
     cuda_ids = []
@@ -226,7 +287,15 @@ def train(
         torch.manual_seed(seed)  # θ⁰ depends on the seed only: built on the CPU, then moved
         model, _ = build_model(arch, train_src.num_classes, train_src.shape)
         model.to(dev)
-        x_all, y_all = _gather(train_src, dev)
+        x_all, y_all = _gather(train_src, dev)  # decodes every image: broken files show here
+        _check_finite_inputs(data, x_all)
+        # Only now, with every input validated, is anything written.
+        created = _prepare_out(out, overwrite)
+        # Until the first manifest exists, a failure (an undecodable test image, Ctrl-C) must
+        # leave `out` as it was: `pending` is what to undo, emptied once a manifest lists it.
+        # Both lists are empty by the time the run succeeds, so this undoes nothing then.
+        pending: list[Path] = []
+        stack.callback(_remove_created, pending, created)
         shuffle = torch.Generator().manual_seed(seed)
         opt = torch.optim.SGD(
             model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
@@ -251,11 +320,15 @@ def train(
         def save(epoch: int, train_loss: float | None) -> None:
             name = f"epoch_{epoch:03d}.pt"
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if not entries:
+                pending.append(out / name)
             _atomic_save(state, out / name)
             res = evaluate(model, test_src, dev)
             model.train()
             entries.append({"epoch": epoch, "file": name, **res, "train_loss": train_loss})
             write_manifest(out, entries, **meta)
+            pending.clear()  # listed by a manifest: a readable (if incomplete) run from now on
+            created.clear()
             post["test_err"] = f"{res['test_error']:.4f}"
             bar.set_postfix(post, refresh=False)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from layerfast.checkpoints.discover import discover
+from layerfast.checkpoints.discover import MANIFEST, discover
 from layerfast.checkpoints.keymap import is_tolerated_missing, normalise, resolve
 from layerfast.checkpoints.safeload import OpenedFile, open_file
 from layerfast.errors import LayerfastError
@@ -59,6 +59,14 @@ class CheckpointDir:
         self.manifest: dict[str, Any] | None
         self.files, self.manifest = discover(self.path)
         self.labels: list[int] = sorted(self.files)
+        #: Whether the caller named the final model (`final=`/`--final`) rather than taking the
+        #: largest τ: only then may the final model be the initialization (see `validate`).
+        self.final_explicit: bool = final is not None
+        #: Why this directory's training run did not finish, or None: `layerfast train` writes
+        #: `"complete": false` into the manifest until its last epoch, so a run that was
+        #: interrupted or diverged says so. Such a directory is still analysable (analysing a
+        #: cut-short run can be intended); callers should warn with this text.
+        self.incomplete: str | None = _incomplete_reason(self.manifest, self.labels)
         if final is None:
             self.final: int = self.labels[-1]
         else:
@@ -164,12 +172,21 @@ class CheckpointDir:
         Every missing key, unexpected key and shape mismatch of every checkpoint is listed in
         ONE LayerfastError (lists truncated after 20 per file; files with identical problems
         grouped), so a wrong --arch is diagnosed in one go. A missing `num_batches_tracked` is
-        tolerated (eval never reads it). With `check_finite`, every floating tensor is checked
+        tolerated (eval never reads it). A floating model tensor fed from a non-floating one
+        (int, bool, complex) is a dtype mismatch: load_state_dict would cast it silently and the
+        weights would be wrong; floating -> floating (float16/bfloat16/float64 -> float32) is a
+        harmless cast and non-floating model buffers (`num_batches_tracked`) take any dtype. With `check_finite`, every floating tensor is checked
         for NaN/Inf, one tensor at a time straight from the file mapping; a file that passed
         is not checked again. The reference's key set is remembered: it decides how each
         file's keys are resolved from now on (see `keymap.resolve`).
+        Whether there is a trained model at all is `check_trained`'s question, not this one's.
         """
         ref_shapes = {k: tuple(v.shape) for k, v in reference.items()}
+        ref_float = {
+            k: str(v.dtype).removeprefix("torch.")
+            for k, v in reference.items()
+            if isinstance(getattr(v, "dtype", None), torch.dtype) and v.dtype.is_floating_point
+        }
         with self._lock:
             ref = frozenset(ref_shapes)
             if ref != self._reference:
@@ -190,6 +207,13 @@ class CheckpointDir:
                 for k, s in ref_shapes.items()
                 if k in km and tuple(shapes[k]) != tuple(s)
             ]
+            f = self._open(label)
+            dtypes = {k: f.dtype_name(km[k]) for k in ref_float if k in km}
+            bad_dtype = [
+                f"{k} {d} in the checkpoint vs {ref_float[k]} in the model"
+                for k, d in dtypes.items()
+                if not d.startswith(_FLOATING_NAMES)
+            ]
             parts = []
             if missing:
                 parts.append(_listing(missing, "missing keys"))
@@ -197,6 +221,9 @@ class CheckpointDir:
                 parts.append(_listing(unexpected, "unexpected keys"))
             if bad_shape:
                 parts.append(_listing(bad_shape, "shape mismatches"))
+            if bad_dtype:
+                why = "dtype mismatches (a floating tensor in the model needs a floating one)"
+                parts.append(_listing(bad_dtype, why))
             if parts:
                 problems.setdefault("; ".join(parts), []).append(self.files[label].name)
         if problems:
@@ -206,6 +233,24 @@ class CheckpointDir:
             )
         if check_finite:
             self._check_finite(todo, ref_shapes)
+
+    def check_trained(self) -> None:
+        """LayerfastError when the final model is τ=0 only because nothing later exists.
+
+        A directory holding only τ=0 (typically a `layerfast train` run that diverged in its
+        first epoch) would otherwise be analysed as if it were trained, and every unit would
+        look robust. Asking for it explicitly (`final=0`) is allowed: analysing the
+        initialization on purpose is a legitimate, if unusual, experiment. A separate call
+        rather than part of `__init__`/`validate`, because reading or validating a lone τ=0
+        file (tests, tools, `layerfast train` itself) is fine; an analysis calls it.
+        """
+        if self.final == 0 and not self.final_explicit:
+            why = f" ({self.incomplete})" if self.incomplete else ""
+            raise LayerfastError(
+                f"{self.path} holds only the initialization (τ=0){why}: there is no trained "
+                "model to analyse. To analyse the initialization on purpose, name it as the "
+                "final model (final=0; --final 0 on the command line)."
+            )
 
     def _check_finite(self, labels: Sequence[int], ref: Mapping[str, Any]) -> None:
         bad: list[str] = []
@@ -223,6 +268,23 @@ class CheckpointDir:
             raise LayerfastError(
                 "checkpoints hold NaN or Inf weights: " + " | ".join(bad) + " (a diverged run?)"
             )
+
+
+#: Stored dtypes (torch's names) that may feed a floating model tensor: a float cast is harmless.
+_FLOATING_NAMES: tuple[str, ...] = ("float", "bfloat")
+
+
+def _incomplete_reason(manifest: Mapping[str, Any] | None, labels: Sequence[int]) -> str | None:
+    """A one-line reason when the manifest says its training run did not finish, else None."""
+    if not manifest or manifest.get("complete", True) is not False:
+        return None
+    epochs = manifest.get("epochs")
+    upto = f"checkpoints up to epoch {labels[-1]}" if labels else "no checkpoints"
+    of = f" of {epochs}" if isinstance(epochs, int) and not isinstance(epochs, bool) else ""
+    return (
+        f"its {MANIFEST} says the training run did not finish ({upto}{of}): it was "
+        "interrupted or diverged"
+    )
 
 
 def _files(names: list[str]) -> str:

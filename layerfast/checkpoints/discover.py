@@ -20,7 +20,22 @@ from layerfast.errors import LayerfastError
 
 SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".ckpt", ".safetensors")
 MANIFEST = "manifest.json"
+#: Labels are stored as int64 downstream (results tables, the resume store), so a label must be
+#: below 2**63; a larger one would pass discovery and only fail after the whole evaluation.
+MAX_LABEL = 2**63 - 1
 _INT_RE = re.compile(r"\d+")
+
+
+def new_file_mode() -> int:
+    """The mode a plainly created file gets here: 0o666 minus the process umask (0o644 usually).
+
+    `tempfile.mkstemp` creates 0600 files, which atomic writers then rename into place; results
+    and checkpoints are meant to be shared like any file `open()` creates. The umask can only be
+    read by setting it, so it is set and restored at once.
+    """
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def is_checkpoint_file(path: Path) -> bool:
@@ -78,6 +93,7 @@ def discover(directory: str | os.PathLike[str]) -> tuple[dict[int, Path], dict[s
 def _from_manifest(root: Path, manifest: Mapping[str, Any]) -> dict[int, Path]:
     where = root / MANIFEST
     files: dict[int, Path] = {}
+    seen: dict[tuple[int, int], tuple[int, str]] = {}
     for i, entry in enumerate(manifest["checkpoints"]):
         if not isinstance(entry, Mapping):
             raise LayerfastError(f"{where}: checkpoints[{i}] is not an object.")
@@ -86,38 +102,88 @@ def _from_manifest(root: Path, manifest: Mapping[str, Any]) -> dict[int, Path]:
             raise LayerfastError(
                 f'{where}: checkpoints[{i}] needs a non-negative integer "epoch", got {epoch!r}.'
             )
+        if epoch > MAX_LABEL:
+            raise LayerfastError(
+                f'{where}: checkpoints[{i}] has "epoch" {epoch}, out of range: epochs must be '
+                "below 2**63."
+            )
         if not isinstance(name, str) or not name or Path(name).name != name:
             raise LayerfastError(
                 f'{where}: checkpoints[{i}] needs a "file" name inside the directory, got {name!r}.'
             )
         path = root / name
-        if not path.is_file():
+        if _is_broken_link(path):
+            raise LayerfastError(
+                f"{where} lists {name} (epoch {epoch}), which is a broken link "
+                f"(to {os.readlink(path)})."
+            )
+        if not path.exists():
             raise LayerfastError(f"{where} lists {name} (epoch {epoch}), which does not exist.")
+        if not path.is_file():
+            raise LayerfastError(
+                f"{where} lists {name} (epoch {epoch}), which is not a regular file."
+            )
         if path.suffix.lower() not in SUFFIXES:
             raise LayerfastError(f"{where}: {name} is not a {'/'.join(SUFFIXES)} file.")
         if epoch in files:
             raise LayerfastError(
                 f"{where}: epoch {epoch} is listed twice ({files[epoch].name} and {name})."
             )
+        _refuse_same_file(where, seen, epoch, path)
         files[epoch] = path
     return files
 
 
+def _is_broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
+def _refuse_same_file(
+    where: Path, seen: dict[tuple[int, int], tuple[int, str]], label: int, path: Path
+) -> None:
+    """One file under two labels would make "reinit@τ1" silently mean τ2: refuse it. Compared by
+    (device, inode), so a symlink to another listed file counts too; `seen` collects them."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        other_label, other = seen[key]
+        same = path.name if other == path.name else f"{other} and {path.name}"
+        raise LayerfastError(
+            f"{where}: {same} is the same file under two epochs ({other_label} and {label}); "
+            "each epoch needs its own checkpoint file."
+        )
+    seen[key] = (label, path.name)
+
+
 def _from_names(root: Path) -> dict[int, Path]:
     files: dict[int, Path] = {}
+    seen: dict[tuple[int, int], tuple[int, str]] = {}
     unlabeled: list[str] = []
     for path in sorted(root.iterdir()):
+        if (_is_broken_link(path) and not path.name.startswith(".")
+                and path.suffix.lower() in SUFFIXES):  # fmt: skip
+            # skipping it would silently make an earlier τ the final model
+            raise LayerfastError(
+                f"{root}: {path.name} is a broken link (to {os.readlink(path)}); restore its "
+                "target or remove the link."
+            )
         if not is_checkpoint_file(path):
             continue
         label = label_from_stem(path.stem)
         if label is None:
             unlabeled.append(path.name)
             continue
+        if label > MAX_LABEL:
+            raise LayerfastError(
+                f"{root}: {path.name} has label {label} (the last integer of the file name), out "
+                f"of range: labels must be below 2**63. Rename it or write a {MANIFEST}."
+            )
         if label in files:
             raise LayerfastError(
                 f"{root}: {files[label].name} and {path.name} both have label {label} (the last "
                 f"integer of the file name). Rename one or write a {MANIFEST}."
             )
+        _refuse_same_file(root, seen, label, path)
         files[label] = path
     if unlabeled:
         raise LayerfastError(
@@ -152,8 +218,8 @@ def write_manifest(
     epochs: set[int] = set()
     for e in entries:
         epoch, name = e.get("epoch"), e.get("file")
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"write_manifest: entry {e!r} needs a non-negative int 'epoch'")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_LABEL:
+            raise ValueError(f"write_manifest: entry {e!r} needs an int 'epoch' in 0..2**63-1")
         if not isinstance(name, str) or Path(name).name != name or not name:
             raise ValueError(f"write_manifest: entry {e!r} needs a plain file name 'file'")
         if epoch in epochs:
@@ -167,7 +233,7 @@ def write_manifest(
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is meant to be shared
+        os.chmod(tmp, new_file_mode())  # mkstemp creates 0600; a manifest is meant to be shared
         os.replace(tmp, root / MANIFEST)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ Why this way:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pathlib
 import pickle
 import pickletools
@@ -143,6 +144,11 @@ class OpenedFile:
     def is_floating(self, raw_key: str) -> bool:
         raise NotImplementedError
 
+    def dtype_name(self, raw_key: str) -> str:
+        """The stored dtype as torch spells it without `torch.` ("float32", "int64", "bool"),
+        from metadata only: validation compares it with the model's without reading data."""
+        raise NotImplementedError
+
     def get(self, raw_key: str) -> torch.Tensor:
         """A fresh CPU tensor (never a view of the cache or the file mapping)."""
         raise NotImplementedError
@@ -171,6 +177,9 @@ class TorchFile(OpenedFile):
         except Exception as exc:  # truncated zip, EOF, garbage: name the file, hide internals
             raise _corrupt(path, exc) from None
         self._sd = find_state_dict(obj, str(path))
+
+    def dtype_name(self, raw_key: str) -> str:
+        return str(self._sd[raw_key].dtype).removeprefix("torch.")
 
     def keys(self) -> list[str]:
         return list(self._sd)
@@ -206,11 +215,16 @@ class SafetensorsFile(OpenedFile):
         if not self._keys:
             raise LayerfastError(f"{path}: the safetensors file holds no tensors.")
         self._meta: dict[str, tuple[tuple[int, ...], bool]] = {}
+        self._dtypes: dict[str, str] = {}
         for k in self._keys:
             sl = self._f.get_slice(k)
             dtype = sl.get_dtype()
             floating = dtype.startswith(("F", "BF", "C"))  # F32, F8_E4M3, BF16, C64, ...
             self._meta[k] = (tuple(sl.get_shape()), floating)
+            self._dtypes[k] = _SAFETENSORS_DTYPES.get(dtype, dtype.lower())
+
+    def dtype_name(self, raw_key: str) -> str:
+        return self._dtypes[raw_key]
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -228,7 +242,30 @@ class SafetensorsFile(OpenedFile):
             raise _corrupt(self.path, exc) from None
 
 
+#: safetensors' dtype codes -> torch's names, so messages spell dtypes one way.
+_SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+    "C128": "complex128", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
+
+_PICKLE_PROTO = b"\x80"  # a legacy torch.save file is a pickle of protocol >= 2: opcode PROTO
+
+
 def _corrupt(path: Path, exc: Exception) -> LayerfastError:
+    head = b""
+    if path.suffix.lower() != ".safetensors":
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as f:
+                head = f.read(8)
+        if head and head[:4] != _ZIP_MAGIC and head[:1] != _PICKLE_PROTO:
+            # torch's own error here is a bare KeyError number (the first byte read as a
+            # pickle opcode): say what the file is not instead.
+            return LayerfastError(
+                f"{path}: not a torch checkpoint: the file is neither a zip archive (what "
+                f"torch.save writes) nor a legacy torch pickle (it starts with {head!r})."
+            )
     text = str(exc).strip()
     detail = text.splitlines()[0].split(". ")[0][:200] if text else type(exc).__name__
     return LayerfastError(

@@ -1,0 +1,299 @@
+"""Bad input found by the error-handling audit (auditB, findings F1-F18): each case is refused
+with one clear LayerfastError (exit 2 from the CLI), never a traceback, a silent cast or a
+half-written directory. One test per finding, named after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import layerfast.train as train_mod
+from layerfast.checkpoints import CheckpointDir, write_manifest
+from layerfast.cli import main
+from layerfast.data import open_data
+from layerfast.errors import LayerfastError
+from layerfast.train import train
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.bn = nn.BatchNorm2d(2)
+        self.fc = nn.Linear(8, 3)
+
+
+def sd_at(tau: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(100 + tau)
+    return {k: v.clone() for k, v in Tiny().state_dict().items()}
+
+
+@pytest.fixture
+def umask002():
+    """Run with umask 002 (group-writable files), restoring the caller's afterwards: a mode
+    that differs from both mkstemp's 0600 and a hard-coded 0644."""
+    old = os.umask(0o002)
+    yield
+    os.umask(old)
+
+
+# ------------------------------------------------------------------ F1: labels below 2**63
+
+
+def test_f1_a_label_of_2_63_or_more_is_refused_at_discovery(tmp_path: Path) -> None:
+    torch.save(sd_at(0), tmp_path / "epoch_000.pt")
+    torch.save(sd_at(1), tmp_path / f"epoch_{2**63 - 1}.pt")
+    assert CheckpointDir(tmp_path).final == 2**63 - 1  # the largest int64 is fine
+    torch.save(sd_at(1), tmp_path / "epoch_99999999999999999999999.pt")
+    with pytest.raises(LayerfastError, match=r"epoch_9+\.pt has label 9+ .*below 2\*\*63"):
+        CheckpointDir(tmp_path)
+
+
+def test_f1_a_manifest_epoch_of_2_63_or_more_is_refused(tmp_path: Path) -> None:
+    torch.save(sd_at(0), tmp_path / "a.pt")
+    torch.save(sd_at(1), tmp_path / "b.pt")
+    entries = [{"epoch": 0, "file": "a.pt"}, {"epoch": 10**30, "file": "b.pt"}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"checkpoints": entries}))
+    with pytest.raises(LayerfastError, match=r"checkpoints\[1\] has \"epoch\" 10+, out of range"):
+        CheckpointDir(tmp_path)
+    with pytest.raises(ValueError, match="2\\*\\*63"):
+        write_manifest(tmp_path, entries)
+
+
+# ------------------------------------------------------- F7: floating weights from int data
+
+
+@pytest.mark.parametrize(
+    ("suffix", "dtype", "name"),
+    [(".pt", torch.int64, "int64"), (".safetensors", torch.int8, "int8"),
+     (".pt", torch.bool, "bool"), (".safetensors", torch.complex64, "complex64")],
+)  # fmt: skip
+def test_f7_a_floating_weight_from_a_non_floating_tensor_is_a_dtype_mismatch(
+    tmp_path: Path, suffix: str, dtype: torch.dtype, name: str
+) -> None:
+    sd = sd_at(3)
+    sd["fc.weight"] = torch.zeros(3, 8, dtype=dtype)
+    sd["conv.bias"] = torch.zeros(2, dtype=dtype)
+    path = tmp_path / f"epoch_3{suffix}"
+    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save(sd, path)
+    torch.save(sd_at(0), tmp_path / "epoch_0.pt")
+    ck = CheckpointDir(tmp_path)
+    with pytest.raises(LayerfastError) as err:
+        ck.validate(Tiny().state_dict())
+    msg = str(err.value)
+    assert f"epoch_3{suffix}: dtype mismatches" in msg and "(2)" in msg
+    assert f"fc.weight {name} in the checkpoint vs float32 in the model" in msg
+    assert f"conv.bias {name} in the checkpoint vs float32" in msg
+    assert "epoch_0.pt" not in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_f7_float_casts_and_integer_buffers_still_load(tmp_path: Path, dtype) -> None:
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd_at(3).items()}
+    assert sd["bn.num_batches_tracked"].dtype == torch.int64  # an int buffer, kept as is
+    save_file(sd, str(tmp_path / "epoch_3.safetensors"))
+    sd["bn.num_batches_tracked"] = sd["bn.num_batches_tracked"].double()  # float into int: ok
+    torch.save(sd, tmp_path / "epoch_0.pt")
+    ck = CheckpointDir(tmp_path)
+    ck.validate(Tiny().state_dict())
+    model = Tiny()
+    model.load_state_dict(ck.tensors(3))
+    assert torch.equal(model.fc.weight, sd["fc.weight"].float())
+
+
+# ------------------------------------------------ F8: unfinished runs, nothing trained
+
+
+def test_f8_an_incomplete_manifest_is_exposed_with_a_reason(tmp_path: Path) -> None:
+    for t in (0, 1, 3):
+        torch.save(sd_at(t), tmp_path / f"epoch_{t:03d}.pt")
+    entries = [{"epoch": t, "file": f"epoch_{t:03d}.pt"} for t in (0, 1, 3)]
+    write_manifest(tmp_path, entries, epochs=10, complete=False)
+    why = CheckpointDir(tmp_path).incomplete
+    assert why is not None
+    assert "did not finish" in why and "up to epoch 3 of 10" in why and "interrupted" in why
+    write_manifest(tmp_path, entries, epochs=10, complete=True)
+    assert CheckpointDir(tmp_path).incomplete is None
+    (tmp_path / "manifest.json").unlink()
+    assert CheckpointDir(tmp_path).incomplete is None  # no manifest: nothing is known
+
+
+def test_f8_a_directory_holding_only_tau0_is_refused_unless_asked_for(tmp_path: Path) -> None:
+    torch.save(sd_at(0), tmp_path / "epoch_000.pt")
+    write_manifest(tmp_path, [{"epoch": 0, "file": "epoch_000.pt"}], epochs=2, complete=False)
+    ck = CheckpointDir(tmp_path)
+    ck.validate(Tiny().state_dict())  # the file itself is fine ...
+    with pytest.raises(LayerfastError) as err:
+        ck.check_trained()  # ... but there is no trained model
+    msg = str(err.value)
+    assert "holds only the initialization (τ=0)" in msg and "did not finish" in msg
+    assert "final=0" in msg and "--final 0" in msg
+    CheckpointDir(tmp_path, final=0).check_trained()  # asked for on purpose
+    torch.save(sd_at(2), tmp_path / "epoch_002.pt")
+    (tmp_path / "manifest.json").unlink()
+    CheckpointDir(tmp_path).check_trained()
+
+
+# --------------------------------------------------------------- F16: messages say what
+
+
+def test_f16_a_text_file_is_not_a_torch_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "epoch_3.pt").write_text("not a checkpoint at all\n")
+    with pytest.raises(LayerfastError) as err:
+        CheckpointDir(tmp_path).tensors(3)
+    msg = str(err.value)
+    assert "epoch_3.pt: not a torch checkpoint" in msg
+    assert "neither a zip archive" in msg and "legacy torch pickle" in msg
+    assert "(101)" not in msg
+
+
+def test_f16_a_truncated_torch_file_is_still_called_truncated(tmp_path: Path) -> None:
+    torch.save(sd_at(0), tmp_path / "e_0.pt", _use_new_zipfile_serialization=False)
+    data = (tmp_path / "e_0.pt").read_bytes()
+    (tmp_path / "e_0.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LayerfastError, match="truncated or corrupt"):
+        CheckpointDir(tmp_path).tensors(0)
+
+
+def test_f16_a_manifest_entry_naming_a_directory_is_not_a_regular_file(tmp_path: Path) -> None:
+    torch.save(sd_at(0), tmp_path / "a.pt")
+    (tmp_path / "sub.pt").mkdir()
+    entries = [{"epoch": 0, "file": "a.pt"}, {"epoch": 1, "file": "sub.pt"}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"checkpoints": entries}))
+    with pytest.raises(LayerfastError, match=r"lists sub.pt \(epoch 1\), which is not a regular"):
+        CheckpointDir(tmp_path)
+
+
+def test_f16_train_names_the_option_and_the_flag_neutrally(tmp_path: Path) -> None:
+    (tmp_path / "epoch_000.pt").write_bytes(b"precious")
+    with pytest.raises(LayerfastError) as err:
+        train("fcn3x256", "digits", 1, tmp_path, max_samples=64, progress=False)
+    assert "overwrite=True (--overwrite on the command line)" in str(err.value)
+
+
+# ----------------------------------------------------- F17: broken links, one file twice
+
+
+def test_f17_a_broken_link_with_a_checkpoint_suffix_is_an_error(tmp_path: Path) -> None:
+    torch.save(sd_at(0), tmp_path / "epoch_000.pt")
+    torch.save(sd_at(3), tmp_path / "epoch_003.pt")
+    (tmp_path / "epoch_005.pt").symlink_to(tmp_path / "gone.pt")
+    (tmp_path / "notes.txt").symlink_to(tmp_path / "gone.txt")  # not a checkpoint: ignored
+    with pytest.raises(LayerfastError, match=r"epoch_005\.pt is a broken link \(to .*gone\.pt\)"):
+        CheckpointDir(tmp_path)
+    (tmp_path / "epoch_005.pt").unlink()
+    assert CheckpointDir(tmp_path).final == 3
+    entries = [{"epoch": 0, "file": "epoch_000.pt"}, {"epoch": 5, "file": "dead.pt"}]
+    (tmp_path / "dead.pt").symlink_to(tmp_path / "gone.pt")
+    (tmp_path / "manifest.json").write_text(json.dumps({"checkpoints": entries}))
+    with pytest.raises(LayerfastError, match=r"lists dead\.pt \(epoch 5\), which is a broken link"):
+        CheckpointDir(tmp_path)
+
+
+def test_f17_one_file_under_two_epochs_is_refused(tmp_path: Path) -> None:
+    torch.save(sd_at(0), tmp_path / "epoch_000.pt")
+    torch.save(sd_at(3), tmp_path / "epoch_003.pt")
+    entries = [{"epoch": 0, "file": "epoch_000.pt"}, {"epoch": 1, "file": "epoch_003.pt"},
+               {"epoch": 3, "file": "epoch_003.pt"}]  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps({"checkpoints": entries}))
+    with pytest.raises(LayerfastError, match=r"epoch_003\.pt is the same file under two epochs"):
+        CheckpointDir(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "epoch_001.pt").symlink_to("epoch_003.pt")  # the same file by another name
+    with pytest.raises(LayerfastError, match=r"epoch_001\.pt and epoch_003\.pt is the same file"):
+        CheckpointDir(tmp_path)
+
+
+# ---------------------------------------------------------- F18: files get the usual mode
+
+
+def test_f18_manifest_and_checkpoints_honour_the_umask(tmp_path: Path, umask002) -> None:
+    torch.save(sd_at(0), tmp_path / "a.pt")
+    write_manifest(tmp_path, [{"epoch": 0, "file": "a.pt"}])
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o664
+    train_mod._atomic_save({"w": torch.zeros(1)}, tmp_path / "epoch_000.pt")
+    assert (tmp_path / "epoch_000.pt").stat().st_mode & 0o777 == 0o664
+
+
+# ------------------------------------------------- F4, F11, F13: train writes nothing first
+
+
+def _train(out: Path, **kw) -> dict:
+    args = {"arch": "fcn3x256", "data": "digits", "epochs": 1, "max_samples": 64,
+            "progress": False, **kw}  # fmt: skip
+    return train(out=out, **args)
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 99999999999999999999, 1.5, True])
+def test_f4_a_seed_outside_int64_is_refused_before_out_exists(tmp_path: Path, seed) -> None:
+    with pytest.raises(LayerfastError, match=r"seed must be an integer in -2\*\*63\.\.2\*\*63-1"):
+        _train(tmp_path / "o", seed=seed)
+    assert not (tmp_path / "o").exists()
+
+
+def test_f4_extreme_int64_seeds_train(tmp_path: Path) -> None:
+    assert _train(tmp_path / "hi", seed=2**63 - 1)["seed"] == 2**63 - 1
+    assert _train(tmp_path / "lo", seed=-(2**63))["complete"] is True
+
+
+def test_f13_an_unknown_arch_leaves_no_out_dir(tmp_path: Path) -> None:
+    with pytest.raises(LayerfastError, match="unknown arch 'nope'"):
+        _train(tmp_path / "a" / "b" / "o", arch="nope")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_f13_undecodable_images_leave_no_out_dir(tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(data / c / f"{i}.png")
+    (data / "a" / "zbroken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(LayerfastError, match="cannot decode"):
+        _train(tmp_path / "o", data=f"imagefolder:{data}", max_samples=None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_f13_a_failure_before_the_first_manifest_undoes_everything(tmp_path: Path, monkeypatch):
+    def broken_eval(*a, **k):  # e.g. a test image that does not decode
+        raise LayerfastError("cannot decode test image")
+
+    monkeypatch.setattr(train_mod, "evaluate", broken_eval)
+    with pytest.raises(LayerfastError, match="cannot decode test image"):
+        _train(tmp_path / "new" / "o")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(LayerfastError, match="cannot decode test image"):
+        _train(tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_f11_nan_training_data_is_blamed_not_the_learning_rate(tmp_path: Path) -> None:
+    from layerfast.data import DataSource
+
+    x = torch.rand(40, 1, 8, 8)
+    x[5, 0, 2, 2] = float("nan")
+    src = DataSource.from_arrays("nanx", x, torch.arange(40) % 4, num_classes=4)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(train_mod, "open_data", lambda *a, **k: src)
+    try:
+        with pytest.raises(LayerfastError) as err:
+            _train(tmp_path / "o", data="nanx", max_samples=None)
+    finally:
+        monkey.undo()
+    msg = str(err.value)
+    assert "training inputs hold NaN or Inf in 1 of 40 samples (sample 5)" in msg
+    assert "lr" not in msg
+    assert not (tmp_path / "o").exists()
