@@ -224,6 +224,65 @@ def test_f18_manifest_and_checkpoints_honour_the_umask(tmp_path: Path, umask002)
     assert (tmp_path / "epoch_000.pt").stat().st_mode & 0o777 == 0o664
 
 
+# --------------------------------------------------------------------- F2, F10, F11: data
+
+
+def test_f2_a_huge_synthetic_sample_count_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(LayerfastError, match="sample count 99999999999999999999 is too large"):
+        open_data("synthetic:cifar:99999999999999999999")
+    with pytest.raises(LayerfastError, match="must be positive, got 0"):
+        open_data("synthetic:cifar:0")
+    # under the limit, a capped run draws only the labels it reads, and the same ones
+    big = open_data("synthetic:cifar:1000000000", max_samples=70)
+    small = open_data("synthetic:cifar:70")
+    assert big.n == 70 and torch.equal(big.labels(), small.labels())
+    (xb, yb), (xs, ys) = next(big.batches(70)), next(small.batches(70))
+    assert torch.equal(xb, xs) and torch.equal(yb, ys)
+
+
+def test_f10_an_idx_header_far_beyond_the_file_is_truncated(tmp_path: Path) -> None:
+    for prefix, kind, nd in (("t10k", "images", 3), ("t10k", "labels", 1)):
+        head = struct.pack(">HBB", 0, 8, nd) + struct.pack(f">{nd}I", *([2**31] * nd))
+        (tmp_path / f"{prefix}-{kind}-idx{nd}-ubyte").write_bytes(head + bytes(100))
+    with pytest.raises(LayerfastError) as err:
+        open_data(f"mnist:{tmp_path}")
+    msg = str(err.value)
+    assert "is truncated: header says shape (2147483648, 2147483648, 2147483648)" in msg
+    assert f"({16 + 2**93} bytes)" in msg and "longer" not in msg
+
+
+def test_f11_npz_inputs_must_be_finite(tmp_path: Path) -> None:
+    x = np.zeros((10, 1, 8, 8), np.float32)
+    x[3, 0, 1, 1] = np.nan
+    x[7, 0, 0, 0] = np.inf
+    np.savez(tmp_path / "nan.npz", x=x, y=np.zeros(10, np.int64))
+    with pytest.raises(
+        LayerfastError, match=r"'x' holds NaN or Inf .* in 2 of 10 samples \(sample 3, 7\)"
+    ):
+        open_data(str(tmp_path / "nan.npz"))
+    big = np.zeros((4, 1, 8, 8), np.float64)
+    big[1, 0, 0, 0] = 1e300  # finite in float64, Inf as the float32 that is fed
+    np.savez(tmp_path / "big.npz", x=big, y=np.zeros(4, np.int64))
+    with pytest.raises(LayerfastError, match=r"in 1 of 4 samples \(sample 1\)"):
+        open_data(str(tmp_path / "big.npz"))
+
+
+def test_f9_f3_npz_that_is_not_a_zip_or_has_a_bad_num_classes(tmp_path: Path) -> None:
+    (tmp_path / "t.npz").write_text("not a zip")
+    with pytest.raises(LayerfastError, match=r"t\.npz is not a \.npz file \(not a zip archive\)"):
+        open_data(str(tmp_path / "t.npz"))
+    np.save(tmp_path / "a.npy", np.zeros(3))
+    (tmp_path / "a.npy").rename(tmp_path / "a.npz")
+    with pytest.raises(LayerfastError, match=r"a single \.npy array"):
+        open_data(str(tmp_path / "a.npz"))
+    x, y = np.zeros((10, 1, 8, 8), "f4"), np.zeros(10, "i8")
+    np.savez(tmp_path / "n.npz", x=x, y=y, num_classes=np.array([1, 2]))
+    with pytest.raises(LayerfastError, match="'num_classes' must be one integer.*shape \\(2,\\)"):
+        open_data(str(tmp_path / "n.npz"))
+    np.savez(tmp_path / "ok.npz", x=x, y=y, num_classes=np.array([4]))
+    assert open_data(str(tmp_path / "ok.npz")).num_classes == 4
+
+
 # ------------------------------------------------- F4, F11, F13: train writes nothing first
 
 

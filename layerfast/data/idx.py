@@ -8,6 +8,7 @@ samples.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -67,7 +68,7 @@ def read_idx(name: str, path: Path, ndim: int) -> np.ndarray:
     if len(data) < head:
         raise LayerfastError(f"{name}: {path} is truncated inside its header")
     dims = struct.unpack(f">{ndim}I", data[4:head])
-    expected = head + int(np.prod(dims, dtype=np.int64))
+    expected = head + math.prod(dims)  # Python ints: a wild header must not wrap around int64
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "longer than its header says"
         raise LayerfastError(

@@ -20,10 +20,25 @@ import torch
 from layerfast.data.source import ArrayReader, DataSource, check_labels, make_source, to_chw
 from layerfast.errors import LayerfastError
 
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip
+
 
 def _load(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise LayerfastError(f"npz: file {path} does not exist")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except OSError as exc:
+        raise LayerfastError(f"npz: cannot read {path}: {exc.strerror or exc}") from exc
+    if head[:4] not in _ZIP_MAGICS:
+        # np.load falls back to unpickling anything that is not zip/npy, so without this a text
+        # file would be reported as "holds object arrays"
+        what = "a single .npy array" if head == b"\x93NUMPY" else "not a zip archive"
+        raise LayerfastError(
+            f"npz: {path} is not a .npz file ({what}); write one with numpy.savez(path, x=..., "
+            "y=...)"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
@@ -56,7 +71,13 @@ def open_npz(path: Path, split: str, max_samples: int | None) -> DataSource:
             "need the same number of samples N and y of shape [N]"
         )
     if "num_classes" in arrays:
-        num_classes = int(arrays["num_classes"])
+        nc = arrays["num_classes"]
+        if nc.size != 1 or nc.dtype == np.bool_ or not np.issubdtype(nc.dtype, np.integer):
+            raise LayerfastError(
+                f"npz: {path}: 'num_classes' must be one integer, got dtype {nc.dtype} and "
+                f"shape {nc.shape}"
+            )
+        num_classes = int(nc.reshape(()))
     else:
         ys = [check_labels(name, arrays[k]) for k in arrays if k == "y" or k.startswith("y_")]
         num_classes = max(int(t.max()) + 1 for t in ys if len(t)) if any(len(t) for t in ys) else 0
@@ -64,7 +85,9 @@ def open_npz(path: Path, split: str, max_samples: int | None) -> DataSource:
     if x.dtype == np.uint8:
         scale = 255.0
     elif x.dtype in (np.float32, np.float64, np.float16):
-        x, scale = x.astype(np.float32, copy=False), 1.0
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range -> Inf, refused next
+            x, scale = x.astype(np.float32, copy=False), 1.0
+        _check_finite(path, kx, x)
     else:
         raise LayerfastError(
             f"npz: {path}: '{kx}' has dtype {x.dtype}; use uint8 (scaled to [0,1]) or float32 "
@@ -75,3 +98,19 @@ def open_npz(path: Path, split: str, max_samples: int | None) -> DataSource:
         name, ArrayReader(torch.from_numpy(x), yt), total=len(yt), num_classes=num_classes,
         shape=tuple(x.shape[1:]), mean=None, std=None, scale=scale, max_samples=max_samples,
     )  # fmt: skip
+
+
+def _check_finite(path: Path, key: str, x: np.ndarray) -> None:
+    """Refuse NaN/Inf inputs (checked after the float32 cast, where a too-large float64 becomes
+    Inf): they make every prediction NaN, which an analysis would report as plain errors and
+    training as a diverged learning rate, both pointing away from the data."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return
+    bad = ~finite.reshape(len(x), -1).all(axis=1)
+    samples = np.flatnonzero(bad)
+    shown = ", ".join(map(str, samples[:5])) + (", ..." if len(samples) > 5 else "")
+    raise LayerfastError(
+        f"npz: {path}: '{key}' holds NaN or Inf values (as float32) in {len(samples)} of "
+        f"{len(x)} samples (sample {shown}); inputs must be finite"
+    )
