@@ -121,6 +121,33 @@ def profile_pass(ev, src, path: Path, rows: int = 40) -> dict:
                      "calls": e.count} for e in top]}
 
 
+#: Upper bound of --checkpoints: each is a file of the model's size in a temp dir.
+MAX_CHECKPOINTS = 1000
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad numbers before anything is built, with the flag's name, as `analyze` does:
+    otherwise --batch-size 0 silently meant "auto", --seeds 0 silently meant no re-randomization
+    and a negative --naive-variants ended in a ZeroDivisionError after the timed passes."""
+
+    def positive(flag: str, value: object, what: str = "a positive integer") -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LayerfastError(f"{flag} must be {what}; got {value!r}")
+
+    if isinstance(args.checkpoints, bool) or not isinstance(args.checkpoints, int) \
+            or not 2 <= args.checkpoints <= MAX_CHECKPOINTS:  # fmt: skip
+        raise LayerfastError(
+            f"--checkpoints needs at least 2 (τ0 and a final model) and at most "
+            f"{MAX_CHECKPOINTS}; got {args.checkpoints!r}"
+        )
+    positive("--seeds", args.seeds, "a count n >= 1 (re-randomizations per unit)")
+    if args.naive_variants is not None:
+        positive("--naive-variants", args.naive_variants, "a positive number of variants")
+    if args.batch_size is not None:
+        positive("--batch-size", args.batch_size)
+    positive("--profile-samples", args.profile_samples)
+
+
 def run(args: argparse.Namespace) -> dict:
     from layerfast.checkpoints import CheckpointDir
     from layerfast.data import open_data
@@ -131,8 +158,7 @@ def run(args: argparse.Namespace) -> dict:
     from layerfast.units import make_units
     from layerfast.variants import make_variants
 
-    if args.checkpoints < 2:
-        raise LayerfastError("--checkpoints needs at least 2 (τ0 and a final model)")
+    check_args(args)
     if args.profile is not None and not args.profile.parent.is_dir():
         raise LayerfastError(f"--profile {args.profile}: the directory {args.profile.parent} does not exist")
     device = resolve_device(args.device)
@@ -171,7 +197,7 @@ def run(args: argparse.Namespace) -> dict:
             out[f"{name}_phases"] = {k: round(v, 4) for k, v in res.timings.items()}
             if name == "layerfast":
                 plan = ev.last_plan
-        k = min(args.naive_variants or V, V)
+        k = min(args.naive_variants or V, V)  # None: all of them
         idx = sorted({round(i * (V - 1) / max(k - 1, 1)) for i in range(k)})
         sub = [variants[i] for i in idx]
         t_naive = naive_pass(model, sub, src, device, args.batch_size or 256)

@@ -356,3 +356,25 @@ def test_f11_nan_training_data_is_blamed_not_the_learning_rate(tmp_path: Path) -
     assert "training inputs hold NaN or Inf in 1 of 40 samples (sample 5)" in msg
     assert "lr" not in msg
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------- F5, F14: bench's numbers
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [(["--naive-variants=-5"], "--naive-variants must be a positive number"),
+     (["--naive-variants", "0"], "--naive-variants must be a positive number"),
+     (["--batch-size", "0"], "--batch-size must be a positive integer; got 0"),
+     (["--batch-size=-3"], "--batch-size must be a positive integer; got -3"),
+     (["--seeds", "0"], "--seeds must be a count n >= 1"),
+     (["--seeds=-1"], "--seeds must be a count n >= 1"),
+     (["--checkpoints", "1"], "--checkpoints needs at least 2"),
+     (["--checkpoints", "99999999999999999999"], "and at most 1000"),
+     (["--profile-samples", "0"], "--profile-samples must be a positive integer")],
+)  # fmt: skip
+def test_f5_f14_bench_refuses_what_analyze_refuses(argv, needle, capsys) -> None:
+    rc = main(["bench", "--device", "cpu", "--max-samples", "50", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("layerfast: error: ") and needle in err and err.count("\n") == 1
