@@ -213,6 +213,7 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
     num_classes = int(man.get("num_classes", src.num_classes))
     model, spec = build_model(arch, num_classes, tuple(src.shape))
     ck.validate(model.state_dict())
+    ck.check_trained()  # a dir holding only τ=0 (a diverged first epoch) has no trained model
     model.load_state_dict(ck.tensors(ck.final), strict=False)
     labels = src.labels()
     if labels.numel() == 0:
@@ -282,6 +283,9 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
     patterns = _parse_list(units) or None
 
     model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples)
+    if ck.incomplete:  # analysing a cut-short run can be the point; it must not be silent
+        print(f"layerfast: warning: {ck.path}: {ck.incomplete}; analysing the checkpoints it has",
+              file=sys.stderr)
     unit_list = make_units(model, granularity=granularity, patterns=patterns, bn=bn, arch=spec)
     variants = make_variants(model, unit_list, ck, spec, reset=resets, checkpoints=chosen,
                              seeds=seed_list)
@@ -326,6 +330,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
             "threshold": threshold, "variants": len(variants), "versions": _versions(),
             "command": " ".join(sys.argv),
             "manifest": {k: v for k, v in (ck.manifest or {}).items() if k != "checkpoints"},
+            "incomplete": ck.incomplete,
         })
 
 

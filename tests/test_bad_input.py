@@ -378,3 +378,44 @@ def test_f5_f14_bench_refuses_what_analyze_refuses(argv, needle, capsys) -> None
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("layerfast: error: ") and needle in err and err.count("\n") == 1
+
+
+# ------------------------------------------- wiring in analyze: F8 warning, F18 results, F11
+
+
+def test_analyze_warns_about_an_unfinished_run_and_refuses_an_untrained_one(
+        ckpts: Path, tmp_path: Path, capsys, umask002) -> None:
+    import shutil
+
+    import layerfast
+
+    ck = Path(shutil.copytree(ckpts, tmp_path / "ck"))
+    man = json.loads((ck / "manifest.json").read_text())
+    man["complete"], man["epochs"] = False, 10
+    (ck / "manifest.json").write_text(json.dumps(man))
+    res = layerfast.analyze("fcn3x256", ck, data="digits", max_samples=40, device="cpu",
+                            out=tmp_path / "o", progress=False, figures=False)
+    err = capsys.readouterr().err
+    assert err.startswith("layerfast: warning: ") and "did not finish" in err
+    assert "did not finish" in res.run["incomplete"]
+    for name in ("results.csv", "distances.csv", "run.json"):  # shared like any new file
+        assert (tmp_path / "o" / name).stat().st_mode & 0o777 == 0o664, name
+    for f in ck.glob("epoch_*.pt"):
+        if f.name != "epoch_000.pt":
+            f.unlink()
+    man["checkpoints"] = [c for c in man["checkpoints"] if c["epoch"] == 0]
+    (ck / "manifest.json").write_text(json.dumps(man))
+    assert main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ck), "--out", str(tmp_path / "p"),
+                 "--device", "cpu", "--quiet"]) == 2
+    assert "holds only the initialization" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def test_in_memory_arrays_must_be_finite() -> None:
+    from layerfast.data.source import DataSource
+
+    x = torch.zeros(6, 1, 4, 4)
+    x[4, 0, 0, 0] = float("nan")
+    with pytest.raises(LayerfastError, match=r"arr: x holds NaN or Inf values \(samples \[4\]"):
+        DataSource.from_arrays("arr", x, torch.zeros(6, dtype=torch.long))
+    DataSource.from_arrays("arr", torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.zeros(6, dtype=torch.long))

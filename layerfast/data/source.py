@@ -112,6 +112,9 @@ class DataSource:
             raise LayerfastError(
                 f"{name}: x has {xt.shape[0]} samples but y has {yt.shape[0]} labels"
             )
+        if xt.is_floating_point() and not bool(torch.isfinite(xt).all()):
+            bad = (~torch.isfinite(xt.reshape(len(xt), -1))).any(1).nonzero().flatten()[:5].tolist()
+            raise LayerfastError(f"{name}: x holds NaN or Inf values (samples {bad}...)")
         k = num_classes if num_classes is not None else int(yt.max()) + 1 if len(yt) else 0
         return make_source(
             name, ArrayReader(xt, yt), total=len(yt), num_classes=k,

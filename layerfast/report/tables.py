@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from layerfast.checkpoints.discover import new_file_mode
 from layerfast.errors import LayerfastError
 from layerfast.metrics import COLUMNS
 
@@ -50,6 +51,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(
             dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix or ".tmp"
         )
+        os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; results are for sharing (umask)
         os.close(fd)
     except OSError as exc:
         raise LayerfastError(f"cannot write {target}: {exc.strerror or exc}") from exc
