@@ -10,12 +10,24 @@ then runs a full forward, which is slower but still correct.
 
 Execution walks the nodes with a small interpreter (`Program.run`). It calls the very same
 modules and functions with the same arguments as the model's own forward, so a suffix started
-from a cached activation is bit-identical to the full forward in fp32.
+from a cached activation is bit-identical to the full forward in fp32. Two things plain fx
+tracing or evaluation would lose are kept, so that this holds with aliases too:
+- `x += y` is recorded as the in-place `operator.iadd` (fx's Proxy has no `__iadd__`, so plain
+  fx records an out-of-place add, and a name aliasing x — `z = x` — would miss the update);
+- an `inplace=True` module whose input is read again afterwards (or may alias a value that is)
+  runs in place even while `no_inplace_modules` has switched its flag off.
+
+Tied state (one Parameter or buffer held by two modules, `b.weight = a.weight`) is known by its
+canonical key, the name `named_parameters()` / `named_buffers()` give it (their de-duplication
+keeps the first); every module holding it reads that key, and `Program.canonical_key` maps the
+state dict's other names for it (`b.weight`) to that key.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -71,51 +84,193 @@ def refs_in(obj: Any) -> list[int]:
     return found
 
 
-def _state_keys(model: nn.Module) -> dict[str, list[str]]:
-    """module name -> state keys owned by it (recursively), for params and buffers."""
-    by_module: dict[str, list[str]] = {}
-    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-    for mod_name, _ in model.named_modules():
-        prefix = mod_name + "." if mod_name else ""
-        by_module[mod_name] = [n for n in names if n.startswith(prefix)]
-    return by_module
+def canonical_keys(model: nn.Module) -> dict[str, str]:
+    """Every state-dict name of a parameter or buffer -> its canonical key (the first name the
+    de-duplicating `named_parameters()` / `named_buffers()` give the same tensor). Tied weights
+    (`b.weight = a.weight`) have several names and one key; `load_state_dict` accepts any of
+    them and writes the one tensor."""
+    out: dict[str, str] = {}
+    first: dict[int, str] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + \
+        list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if t is None:
+            continue
+        out[name] = first.setdefault(id(t), name)
+    return out
 
 
-_INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+def _state_keys(model: nn.Module, canon: dict[str, str]) -> dict[str, list[str]]:
+    """module name -> canonical state keys held by it (recursively), params and buffers. A tied
+    tensor counts for EVERY module holding it (de-duplicated names would credit only the first,
+    and a variant could then start after a module that already read the shared weight)."""
+    by_module: dict[str, set[str]] = {n: set() for n, _ in model.named_modules(remove_duplicate=False)}
+    for name, key in canon.items():
+        parts = name.split(".")
+        for depth in range(len(parts)):
+            mod = ".".join(parts[:depth])
+            if mod in by_module:
+                by_module[mod].add(key)
+    return {m: sorted(ks) for m, ks in by_module.items()}
+
+
+# ---- what the tracer must not lose: augmented assignment is in place -----------------------
+
+_AUG_OPS: dict[str, Callable[[Any, Any], Any]] = {
+    "__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
+    "__itruediv__": operator.itruediv, "__ifloordiv__": operator.ifloordiv,
+    "__imod__": operator.imod, "__ipow__": operator.ipow, "__imatmul__": operator.imatmul,
+    "__iand__": operator.iand, "__ior__": operator.ior, "__ixor__": operator.ixor,
+    "__ilshift__": operator.ilshift, "__irshift__": operator.irshift,
+}
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
+                 operator.imul: operator.mul, operator.itruediv: operator.truediv}
+
+
+class _AugProxy(fx.Proxy):
+    """A Proxy on which `x += y` records `operator.iadd(x, y)`. Plain fx.Proxy has no in-place
+    dunders, so Python falls back to `x = x + y`: a new value, while eager mode writes into x's
+    tensor, which every alias of x (`z = x`) sees. `x[i] = v` is recorded too."""
+
+
+def _aug(fn: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
+    def impl(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", fn, (self, other), {})
+    return impl
+
+
+for _name, _fn in _AUG_OPS.items():
+    setattr(_AugProxy, _name, _aug(_fn))
+
+
+def _setitem(self: fx.Proxy, key: Any, value: Any) -> None:
+    """`x[idx] = v` (plain fx cannot trace it): recorded as the in-place `operator.setitem`."""
+    self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+_AugProxy.__setitem__ = _setitem  # type: ignore[method-assign]
+
+
+class _Tracer(fx.Tracer):
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AugProxy(node, self)
+
+
+def trace(model: nn.Module) -> fx.Graph:
+    """`torch.fx.symbolic_trace`'s graph, with augmented assignments recorded in place."""
+    return _Tracer().trace(model)
+
+
+# ---- in-place steps and fresh values ----------------------------------------------------------
+
+_INPLACE_FUNCS = set(_AUG_OPS.values()) | {operator.setitem}
+
+# Modules whose output is always a new tensor (never their input or a view of it).
+_FRESH_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.modules.batchnorm._NormBase,
+    nn.GroupNorm, nn.LayerNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.Embedding,
+    nn.Sigmoid, nn.Tanh, nn.GELU, nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.PReLU, nn.Softsign,
+    nn.Tanhshrink, nn.Upsample,
+    # these have an `inplace` flag: fresh only while it is off (checked at the step)
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Threshold, nn.RReLU,
+)
+_FRESH_FUNCS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
+    operator.pow, operator.matmul, operator.neg, torch.add, torch.sub, torch.mul, torch.div,
+    torch.cat, torch.concat, torch.stack, torch.relu, torch.sigmoid, torch.tanh, torch.exp,
+    torch.matmul, torch.bmm, torch.softmax, torch.log_softmax, F.conv1d, F.conv2d, F.conv3d,
+    F.linear, F.batch_norm, F.layer_norm, F.group_norm, F.gelu, F.softmax, F.log_softmax,
+    F.adaptive_avg_pool2d, F.avg_pool2d, F.interpolate,
+    # with an `inplace` argument: fresh only when it is False (checked at the step)
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.silu, F.hardswish, F.hardsigmoid, F.hardtanh,
+}
+_FRESH_METHODS = {
+    "add", "sub", "mul", "div", "matmul", "pow", "exp", "relu", "sigmoid", "tanh", "softmax",
+    "log_softmax", "clone", "mean", "sum", "amax", "amin", "abs", "neg", "sqrt", "rsqrt",
+}
+
+
+def _inplace_arg(fn: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a call passes `inplace=True`, by keyword or by position (`F.relu(x, True)`)."""
+    if "inplace" in kwargs:
+        return bool(kwargs["inplace"])
+    if not args[1:]:
+        return False
+    try:
+        bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return bool(bound.arguments.get("inplace", False))
+
+
+# Modules `no_inplace_modules` has switched to out-of-place right now: Program must know that
+# their `inplace` flag is False only for the duration.
+_FLIPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+# Producers whose value may hold several tensors (a tuple, a torch.Size), never a cut's carrier.
+_TUPLE_FUNCS = {
+    torch.chunk, torch.split, torch.unbind, torch.tensor_split, torch.hsplit, torch.vsplit,
+    torch.dsplit, torch.sort, torch.topk, torch.max, torch.min, torch.aminmax, torch.kthvalue,
+    torch.mode, torch.median, torch.std_mean, torch.var_mean, torch.unique, torch.frexp,
+    torch.meshgrid, torch.broadcast_tensors, getattr, len, F.max_pool2d_with_indices,
+}
+_TUPLE_METHODS = {
+    "chunk", "split", "split_with_sizes", "unbind", "tensor_split", "hsplit", "vsplit", "dsplit",
+    "sort", "topk", "max", "min", "aminmax", "kthvalue", "mode", "median", "unique", "frexp",
+    "size", "tolist", "dim", "numel", "item",
+}
 
 
 class Program:
     """A model flattened into steps, with its provably safe cut points.
 
     `cuts` holds step indices c such that the value of step `carrier[c]` is the only state
-    flowing from steps <= c to steps > c. Index 0 (the input) is always a cut.
+    flowing from steps <= c to steps > c, and is one tensor. Index 0 (the input) is always a cut.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.traced = False
         self.steps: list[Step] = []
-        self.modules = dict(model.named_modules())
-        owned = _state_keys(model)
+        self.modules = dict(model.named_modules(remove_duplicate=False))
+        self.canonical = canonical_keys(model)
+        self.aliases: dict[str, list[str]] = {}  # canonical key -> all its state-dict names
+        for name, key in self.canonical.items():
+            self.aliases.setdefault(key, []).append(name)
+        owned = _state_keys(model, self.canonical)
         try:
-            gm = fx.symbolic_trace(model)
-            self._from_fx(gm, owned)
+            graph = trace(model)
+            self._from_fx(graph, owned)
             self.traced = True
         except Exception as exc:  # noqa: BLE001 - any trace failure means "no graph"
             self.trace_error = f"{type(exc).__name__}: {exc}"
+            self.steps = []
             self._from_children(model, owned)
         self._link()
         self.cuts, self.carrier = self._find_cuts()
-        self.has_inplace = any(self.is_inplace(s) for s in self.steps)
+        self._settle_inplace(set(self.carrier.values()) | {0})
+        # Cached carriers need a private copy when some step may write into one (or into a
+        # value that may alias one): a write into a fresh value only its writer reads is unseen.
+        self.has_inplace = any(self.is_inplace(s) and not self._harmless(s) for s in self.steps)
+
+    def canonical_key(self, key: str) -> str:
+        """The canonical key for any state-dict name (`b.weight` of a weight tied to
+        `a.weight` -> `a.weight`); an unknown name comes back unchanged."""
+        return self.canonical.get(key, key)
+
+    def tied(self, key: str) -> bool:
+        """Whether the tensor behind `key` is held under more than one name."""
+        return len(self.aliases.get(self.canonical_key(key), ())) > 1
 
     # ---- construction -----------------------------------------------------------------
-    def _from_fx(self, gm: fx.GraphModule, owned: dict[str, list[str]]) -> None:
-        nodes = list(gm.graph.nodes)
+    def _from_fx(self, graph: fx.Graph, owned: dict[str, list[str]]) -> None:
+        nodes = list(graph.nodes)
         placeholders = [n for n in nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             raise ValueError("layerfast evaluates models with exactly one input")
         index = {n: i for i, n in enumerate(nodes)}
-        param_keys = set(dict(self.model.named_parameters())) | set(dict(self.model.named_buffers()))
 
         def conv(a: Any) -> Any:
             return fx.node.map_arg(a, lambda n: Ref(index[n]))
@@ -127,8 +282,8 @@ class Program:
             keys: frozenset[str] = frozenset()
             if n.op == "call_module":
                 keys = frozenset(owned.get(n.target, ()))
-            elif n.op == "get_attr" and n.target in param_keys:
-                keys = frozenset([n.target])
+            elif n.op == "get_attr" and n.target in self.canonical:
+                keys = frozenset([self.canonical[n.target]])
             args = conv(n.args)
             kwargs = conv(n.kwargs)
             self.steps.append(Step(i, n.op, n.target, tuple(args), dict(kwargs), keys))
@@ -136,7 +291,11 @@ class Program:
     def _from_children(self, model: nn.Module, owned: dict[str, list[str]]) -> None:
         self.steps.append(Step(0, "input", None, (), {}))
         if isinstance(model, nn.Sequential):
-            for name, _ in model.named_children():
+            # `_modules`, not `named_children()`: that one skips a module registered twice
+            # (Sequential(a, relu, a)), and the program would call it once.
+            for name, child in model._modules.items():
+                if child is None:
+                    continue
                 i = len(self.steps)
                 self.steps.append(Step(i, "call_module", name, (Ref(i - 1),), {},
                                        frozenset(owned.get(name, ()))))
@@ -148,13 +307,16 @@ class Program:
         for s in self.steps:
             for r in set(refs_in(s.args) + refs_in(s.kwargs)):
                 self.steps[r].users.append(s.index)
+        for s in self.steps:
+            s.users.sort()
         self.first_use: dict[str, int] = {}
         for s in self.steps:
             for k in s.keys:
                 self.first_use.setdefault(k, s.index)
 
     def _find_cuts(self) -> tuple[list[int], dict[int, int]]:
-        """Sweep once, tracking values still needed later; a cut is where exactly one is."""
+        """Sweep once, tracking values still needed later; a cut is where exactly one is, and
+        it is a tensor (a tuple from `chunk`/`split` cannot be cached and sized like one)."""
         last_use = {s.index: max(s.users) if s.users else -1 for s in self.steps}
         live: set[int] = set()
         cuts: list[int] = []
@@ -165,21 +327,127 @@ class Program:
             live = {j for j in live if last_use[j] > s.index}
             if len(live) == 1:
                 (only,) = live
-                cuts.append(s.index)
-                carrier[s.index] = only
+                if self._tensor_valued(only):
+                    cuts.append(s.index)
+                    carrier[s.index] = only
         return cuts, carrier
 
+    def _tensor_valued(self, i: int) -> bool:
+        """False where step i's value may be a tuple or another non-tensor: a producer known to
+        return several values, or a user that indexes it like a sequence (fx unpacks a tuple
+        with `getitem(v, 0)`, `getitem(v, 1)`, ...) or passes it whole as cat/stack's list."""
+        s = self.steps[i]
+        if s.op == "input":
+            return True
+        if s.op == "call_function" and s.target in _TUPLE_FUNCS:
+            return False
+        if s.op == "call_method" and s.target in _TUPLE_METHODS:
+            return False
+        if s.op == "call_module":
+            m = self.modules[s.target]
+            if isinstance(m, nn.RNNBase | nn.MultiheadAttention) or getattr(m, "return_indices", False):
+                return False
+        for u in self.steps[i].users:
+            us = self.steps[u]
+            first = us.args[0] if us.args else None
+            if not (isinstance(first, Ref) and first.index == i):
+                continue
+            if us.op == "call_function" and us.target is operator.getitem and \
+                    not isinstance(us.args[1], tuple):
+                return False  # v[0], v[1:]: a tuple's items (a tensor's would mix the batch)
+            if us.op == "call_function" and us.target in (torch.cat, torch.concat, torch.stack):
+                return False
+        return True
+
+    # ---- in-place analysis --------------------------------------------------------------
+    def _settle_inplace(self, carriers: set[int]) -> None:
+        """Decide, step by step, which values are fresh (a new tensor, or an alias only of
+        values no other step reads) and which may alias a cut's carrier (the cached tensor).
+        `keep_inplace`: steps of `inplace=True` modules that must run in place even while
+        `no_inplace_modules` has their flag off, because their input is read again afterwards
+        (or may alias a value that is): eager mode writes into it, and later readers see that."""
+        self.keep_inplace: set[int] = set()
+        self._fresh: set[int] = set()
+        self._near_cache: set[int] = set(carriers)  # values that may alias a cached carrier
+        for s in self.steps:
+            if s.op == "call_module" and _has_inplace_flag(self.modules[s.target]):
+                first = s.args[0] if s.args else None
+                if not (isinstance(first, Ref) and self.private(first.index, s.index)):
+                    self.keep_inplace.add(s.index)
+            kind = self._freshness(s)
+            if kind is not None:
+                self._fresh.add(s.index)
+            if kind == "alias" and any(r in self._near_cache
+                                       for r in refs_in(s.args) + refs_in(s.kwargs)):
+                self._near_cache.add(s.index)
+
+    def _freshness(self, s: Step) -> str | None:
+        """"new" (a new tensor), "alias" (may alias only values that step s alone reads), or
+        None (may alias a value another step reads: the input, a parameter, a shared value)."""
+        if self.is_inplace(s):
+            # writing into a private value returns that value (`out += identity`)
+            v = self.mutated(s)
+            ok = (s.op != "call_function" or s.target is not operator.setitem) and \
+                isinstance(v, Ref) and self.private(v.index, s.index)
+            return "alias" if ok else None
+        if s.op == "call_module":
+            m = self.modules[s.target]
+            ok = isinstance(m, _FRESH_MODULES) and not getattr(m, "return_indices", False)
+            return "new" if ok else None
+        if (s.op == "call_function" and s.target in _FRESH_FUNCS) or \
+                (s.op == "call_method" and s.target in _FRESH_METHODS):
+            return "new"
+        # Any other function of private values only (a view; `stochastic_depth` in eval,
+        # which returns its input): whatever it returns aliases nothing another step reads.
+        refs = refs_in(s.args) + refs_in(s.kwargs)
+        if s.op in ("call_function", "call_method") and refs and \
+                all(self.private(r, s.index) for r in refs):
+            return "alias"
+        return None
+
+    def private(self, v: int, s: int) -> bool:
+        """Value v is read by step s alone and aliases no value another step reads (it is not
+        the input, a parameter, or a view of a shared value): a write into it at s changes
+        nothing any other step sees."""
+        return v in self._fresh and self.steps[v].users == [s]
+
+    def mutated(self, s: Step) -> Any:
+        """The argument an in-place step writes into (a Ref, or None when unknown)."""
+        if "out" in s.kwargs:
+            return s.kwargs["out"]
+        return s.args[0] if s.args else None
+
+    def _harmless(self, s: Step) -> bool:
+        """An in-place step that writes into a private value that cannot alias a cut's
+        carrier: no cached activation can be changed by it."""
+        v = self.mutated(s)
+        return isinstance(v, Ref) and v.index not in self._near_cache and \
+            self.private(v.index, s.index)
+
     def is_inplace(self, s: Step) -> bool:
+        """Whether step `s` may write into an existing tensor (one of its arguments)."""
         if s.op == "call_method":
-            return isinstance(s.target, str) and s.target.endswith("_") and not s.target.startswith("_")
+            return (isinstance(s.target, str) and s.target.endswith("_") and not s.target.startswith("_")) \
+                or "out" in s.kwargs
         if s.op == "call_function":
-            return s.target in _INPLACE_FUNCS or bool(s.kwargs.get("inplace", False))
+            if s.target in _INPLACE_FUNCS or "out" in s.kwargs:
+                return True
+            name = getattr(s.target, "__name__", "")
+            # torch.sigmoid_, torch.exp_, F.relu_, torch.Tensor.add_, ...
+            if isinstance(name, str) and name.endswith("_") and not name.startswith("_"):
+                return True
+            return _inplace_arg(s.target, s.args, s.kwargs)
+        if s.op == "call_module":
+            m = self.modules[s.target]
+            return s.index in getattr(self, "keep_inplace", ()) or getattr(m, "inplace", False) is True
         return False
 
     # ---- queries ---------------------------------------------------------------------
     def start_cut(self, keys: set[str] | frozenset[str]) -> int | None:
         """The latest cut before the first step that reads any of `keys`; None if no step
-        reads them (the variant's output equals the baseline's)."""
+        reads them (the variant's output equals the baseline's). Keys may be any state-dict
+        name of a tied tensor."""
+        keys = {self.canonical_key(k) for k in keys}
         first = min((self.first_use[k] for k in keys if k in self.first_use), default=None)
         if first is None:
             return None
@@ -193,16 +461,29 @@ class Program:
 
     # ---- execution -------------------------------------------------------------------
     def fetch(self, target: str) -> Any:
+        """A parameter, buffer or attribute by its dotted name."""
         obj: Any = self.model
         for part in target.split("."):
             obj = getattr(obj, part)
         return obj
 
+    def call_module(self, s: Step, *args: Any, **kwargs: Any) -> Any:
+        """Call step s's module; one in `keep_inplace` with its `inplace` flag on for the call,
+        as in eager mode (its input is read again later and must see the write)."""
+        m = self.modules[s.target]
+        if s.index not in self.keep_inplace or m.inplace is True:
+            return m(*args, **kwargs)
+        m.inplace = True
+        try:
+            return m(*args, **kwargs)
+        finally:
+            m.inplace = False
+
     def eval_step(self, s: Step, env: Mapping[int, Any]) -> Any:
         args = _map_refs(s.args, lambda r: env[r.index])
         kwargs = _map_refs(s.kwargs, lambda r: env[r.index])
         if s.op == "call_module":
-            return self.modules[s.target](*args, **kwargs)
+            return self.call_module(s, *args, **kwargs)
         if s.op == "call_function":
             return s.target(*args, **kwargs)
         if s.op == "call_method":
@@ -249,15 +530,23 @@ class Program:
         return self._frees
 
 
+def _has_inplace_flag(m: nn.Module) -> bool:
+    return getattr(m, "inplace", False) is True or m in _FLIPPED
+
+
 @contextmanager
 def no_inplace_modules(model: nn.Module) -> Iterator[None]:
     """Turn off `inplace=True` on modules (ReLU and friends) for the duration: an in-place
-    activation right after a cut would overwrite the cached activation. Values are identical."""
+    activation right after a cut would overwrite the cached activation. Values are identical
+    where nobody reads the input again; a `Program` built meanwhile knows which modules these
+    are (`_FLIPPED`) and runs the others in place (`Program.keep_inplace`), as eager mode does."""
     flipped = [m for m in model.modules() if getattr(m, "inplace", False) is True]
     for m in flipped:
         m.inplace = False
+        _FLIPPED.add(m)
     try:
         yield
     finally:
         for m in flipped:
             m.inplace = True
+            _FLIPPED.discard(m)
