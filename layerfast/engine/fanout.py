@@ -12,17 +12,29 @@ This is only valid when every step downstream of the first overridden module tre
 independently. `fan_plan` proves that from the program (an allow-list of modules, functions and
 methods, with their dimension arguments checked); anything it cannot prove sends the group to
 the swap path, which is always correct. A runtime error in the fanned run does the same.
+
+The fanned run computes an overridden module from its stacked tensors (and runs BatchNorms and
+activations on the fold form) without calling the module, so it also refuses: modules with
+parametrizations (their state keys are not the `weight` it stacks), forward hooks or pre-hooks
+(old-style `weight_norm` / `spectral_norm` are pre-hooks) on any module it would run, global
+forward hooks, a tied overridden tensor (held by two modules under two names), and an in-place
+write into a value shared by the K variants that another step reads.
+A negative dim (`softmax(dim=-1)`) is per-sample or not depending on the value's rank, known
+only when it runs: `FanPlan.dims` lists them and `fanrun` raises `NotPerSample` (so the group
+takes the swap path) where one resolves to the batch dim.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
+from torch.nn.utils import parametrize
 
 from layerfast.engine.graph import Program, Ref
 
@@ -48,6 +60,12 @@ _ELEMENTWISE_METHODS = {
 _FANNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+def _stock(m: nn.Module) -> bool:
+    """A fannable module whose forward is torch's own: `apply_fanned` reimplements exactly that
+    (a subclass with its own forward computes something else)."""
+    return any(isinstance(m, t) and type(m).forward is t.forward for t in _FANNABLE)
+
+
 @dataclass
 class FanPlan:
     """How a group of variants starting at `start` runs fanned."""
@@ -56,34 +74,66 @@ class FanPlan:
     modules: list[str]  # overridden modules, all applied through call_module steps
     fanned: set[int]  # steps whose values are K·B (variant-major)
     batch: set[int]  # steps carrying per-sample values (expandable to K·B)
+    # step -> its negative dim argument: per-sample only if it does not resolve to dim 0 for
+    # the rank of the step's first tensor argument, which `fanrun` checks when it runs
+    dims: dict[int, int] = field(default_factory=dict)
 
 
-def _dim_ok(d: Any) -> bool:
-    return isinstance(d, int) and d != 0
+class NotPerSample(RuntimeError):
+    """A fanned step's dim resolved to the batch dim at run time: the group must not fan."""
 
 
-def _step_is_batchwise(prog: Program, i: int, fanned: set[int]) -> bool:
+def resolves_to_batch(d: int, ndim: int) -> bool:
+    """Whether dim `d` of a rank-`ndim` value is dim 0 (`-2` of a [B, C] value is)."""
+    return d == 0 or (d < 0 and d + max(ndim, 1) == 0)
+
+
+def _dim_ok(d: Any, i: int, dims: dict[int, int]) -> bool:
+    """A dim argument of step i that is never the batch dim: a positive int, or a negative one
+    (then recorded in `dims`, to check against the value's rank when it runs)."""
+    if not isinstance(d, int) or isinstance(d, bool) or d == 0:
+        return False
+    if d < 0:
+        dims[i] = d
+    return True
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Forward hooks / pre-hooks (a fanned run does not call the module, so they would not
+    run) or parametrizations (the module's weight is computed from other tensors)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks) or parametrize.is_parametrized(m)
+
+
+def _global_hooks() -> bool:
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
+def _step_is_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, int]) -> bool:
     s = prog.steps[i]
     if s.op == "output":
         return True
     if s.op == "call_module":
         m = prog.modules[s.target]
+        if _has_hooks(m):
+            return False
         if isinstance(m, nn.Flatten):
-            return _dim_ok(m.start_dim)
+            return _dim_ok(m.start_dim, i, dims)
         if not isinstance(m, _BATCHWISE_MODULES):
             return False
         if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.padding_mode != "zeros":
             return False
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
             return False  # normalises with the batch's statistics: mixes the K variants' samples
-        return not (isinstance(m, nn.Softmax | nn.LogSoftmax) and m.dim in (0, None))
+        if isinstance(m, nn.Softmax | nn.LogSoftmax):
+            return _dim_ok(m.dim, i, dims)
+        return True
     if s.op == "call_function":
         if s.target in (torch.flatten,):
             start_dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("start_dim", 0)
-            return _dim_ok(start_dim)
+            return _dim_ok(start_dim, i, dims)
         if s.target in (torch.cat, torch.concat):
             dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim", 0)
-            return _dim_ok(dim)
+            return _dim_ok(dim, i, dims)
         if s.target is operator.getitem:
             idx = s.args[1]
             if isinstance(s.args[0], Ref) and prog.steps[s.args[0].index].target == "size":
@@ -93,12 +143,12 @@ def _step_is_batchwise(prog: Program, i: int, fanned: set[int]) -> bool:
             return False
         if s.target in (F.softmax, F.log_softmax):
             dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
-            return _dim_ok(dim)
+            return _dim_ok(dim, i, dims)
         return s.target in _ELEMENTWISE_FUNCS
     if s.op == "call_method":
         if s.target == "flatten":
             start_dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("start_dim", 0)
-            return _dim_ok(start_dim)
+            return _dim_ok(start_dim, i, dims)
         if s.target in ("view", "reshape"):
             if len(s.args) < 2:
                 return False
@@ -112,7 +162,7 @@ def _step_is_batchwise(prog: Program, i: int, fanned: set[int]) -> bool:
                     and src.args[0].index in fanned)
         if s.target in ("softmax", "log_softmax"):
             dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
-            return _dim_ok(dim)
+            return _dim_ok(dim, i, dims)
         return s.target in _ELEMENTWISE_METHODS
     return s.op == "get_attr"
 
@@ -131,16 +181,19 @@ def _closure(prog: Program, seeds: set[int], after: int) -> set[int]:
 
 def fan_plan(prog: Program, start: int, keys: set[str]) -> FanPlan | None:
     """Prove that variants overriding `keys` and starting at cut `start` may run fanned."""
-    if not prog.traced:
+    if not prog.traced or _global_hooks():
         return None
+    keys = {prog.canonical_key(k) for k in keys}
+    if any(prog.tied(k) for k in keys):
+        return None  # stacks are per module; the other holder would run with the live tensor
     owner: dict[str, str] = {}
     for s in prog.steps[start + 1:]:
         if s.op == "get_attr" and s.keys & keys:
             return None  # weights read functionally: cannot be fanned
         if s.op == "call_module" and s.keys & keys:
-            if not isinstance(prog.modules[s.target], _FANNABLE):
-                return None
             m = prog.modules[s.target]
+            if not _stock(m) or _has_hooks(m):
+                return None
             if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and m.running_mean is None:
                 return None
             for k in s.keys:
@@ -150,8 +203,22 @@ def fan_plan(prog: Program, start: int, keys: set[str]) -> FanPlan | None:
     mods = sorted(set(owner.values()))
     seeds = {s.index for s in prog.steps if s.op == "call_module" and s.target in mods and s.index > start}
     fanned = _closure(prog, seeds, start)
+    dims: dict[int, int] = {}
     for i in sorted(fanned):
-        if not _step_is_batchwise(prog, i, fanned):
+        if not _step_is_batchwise(prog, i, fanned, dims) or not _writes_ok(prog, i, fanned):
             return None
     batch = _closure(prog, {prog.carrier[start] if start else 0}, -1)
-    return FanPlan(start, mods, fanned, batch)
+    return FanPlan(start, mods, fanned, batch, dims)
+
+
+def _writes_ok(prog: Program, i: int, fanned: set[int]) -> bool:
+    """An in-place fanned step may write into a fanned value (each variant's own), or into a
+    shared one that nobody else reads; not into a shared value other steps read, which in
+    eager mode becomes each variant's own (`z = x; x += conv(x); ... z`)."""
+    s = prog.steps[i]
+    if not prog.is_inplace(s):
+        return True
+    v = prog.mutated(s)
+    if not isinstance(v, Ref):
+        return False
+    return v.index in fanned or prog.private(v.index, i)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerfast.engine import fuse, layout
-from layerfast.engine.fanout import FanPlan
+from layerfast.engine.fanout import FanPlan, NotPerSample, resolves_to_batch
 from layerfast.engine.graph import Program, Ref, Step, _map_refs, refs_in
 from layerfast.engine.layout import Fold, empty_as, expand
 
@@ -175,7 +175,7 @@ def _fold_step(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, K: in
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and not m.training and m.running_mean is not None:
             return Fold(_bn(x.t, _tiled(stacks, s.target, K, _tiled_bn, m), m.eps), K)
         if isinstance(m, _PER_CHANNEL_MODULES) and not getattr(m, "return_indices", False):
-            y = m(x.t)
+            y = prog.call_module(s, x.t)  # in place where eager mode is (Program.keep_inplace)
             return x if y is x.t else Fold(y, K)
         return _NO
     unary = (s.op == "call_function" and s.target in _PER_CHANNEL_FUNCS) or \
@@ -274,6 +274,18 @@ def _tiled(stacks: dict, name: str, K: int, make, m: nn.Module) -> Any:
     return cache[key]
 
 
+def _check_dim(s: Step, d: int, env: dict[int, Any]) -> None:
+    """Step s's negative dim `d`, against the rank of its first tensor argument (a Fold has the
+    rank of each variant's value): raise `NotPerSample` where it is the batch dim, so the group
+    runs on the swap path instead (`F.log_softmax(x, dim=-2)` on [B, C] logits)."""
+    refs = refs_in(s.args) + refs_in(s.kwargs)
+    v = env.get(refs[0]) if refs else None
+    t = v.t if isinstance(v, Fold) else v
+    if not isinstance(t, torch.Tensor) or resolves_to_batch(d, t.dim()):
+        raise NotPerSample(f"step {s.index} ({s.target}): dim {d} is the batch dim of a "
+                           f"rank-{t.dim() if isinstance(t, torch.Tensor) else '?'} value")
+
+
 def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, dict], K: int,
                fold: bool = True, fuse_ops: bool = True, trace: list[str] | None = None
                ) -> torch.Tensor:
@@ -302,6 +314,8 @@ def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, 
             if isinstance(out, Fold):
                 return out.batch()
             return out if s.index in plan.fanned else expand(out, K)
+        if s.index in plan.dims:
+            _check_dim(s, plan.dims[s.index], env)
         if s.index in done:
             y = done.pop(s.index)
         elif s.index not in plan.fanned:
