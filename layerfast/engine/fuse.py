@@ -8,8 +8,11 @@ block's own input inside a fanned stage) or the shared per-sample tensor (the un
 which the op adds to all K variants without copying it.
 
 Fusion is a local, proven rewrite: the BN's value has exactly one user, the ReLU (or the add,
-whose value has exactly one user, the ReLU); an in-place add must write into the BN's value
-(nobody else sees it); dtypes and layouts match. Anything else runs unfused.
+whose value has exactly one user, the ReLU); an in-place add must write into a value nobody
+else reads (the BN's, or a private skip: `out += identity` with `out` the other branch); dtypes
+and layouts match. The fused op runs at the BN step and reads the skip there, so no step between
+the BN and the ReLU may write in place (`skip.relu_()` after the BN would be missed). Anything
+else runs unfused.
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ def _inplace(u: Step) -> bool:
     return u.target is operator.iadd or u.target == "add_"
 
 
+def _writes_between(prog: Program, lo: int, hi: int, allowed: tuple[int, ...]) -> bool:
+    """Whether a step strictly between lo and hi (other than `allowed`) may write in place:
+    the fused op reads the add's other operand at step lo, eager mode at the add."""
+    return any(prog.is_inplace(prog.steps[j]) for j in range(lo + 1, hi) if j not in allowed)
+
+
 def bn_scale_shift(weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
                    var: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """An eval BatchNorm as a float32 per-channel affine: y = x·scale + shift."""
@@ -87,8 +96,11 @@ def try_fuse(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, x: Fold
     if not _is_add(u) or len(u.users) != 1:
         return None
     mine = [isinstance(a, Ref) and a.index == s.index for a in u.args]
-    if mine == [True, True] or (_inplace(u) and not mine[0]):
+    if mine == [True, True]:
         return None
+    if _inplace(u) and not mine[0] and not (isinstance(u.args[0], Ref)
+                                            and prog.private(u.args[0].index, u.index)):
+        return None  # += into a skip that someone else reads: it must really change
     other = u.args[1] if mine[0] else u.args[0]
     if not isinstance(other, Ref) or other.index not in env:
         return None  # a number, or a value not computed yet (the other branch fuses instead)
@@ -103,7 +115,7 @@ def try_fuse(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, x: Fold
     if res.dtype != x.t.dtype or not same_layout(x.t, res):
         return None
     u2 = prog.steps[u.users[0]]
-    if not is_relu_of(prog, u2, u.index):
+    if not is_relu_of(prog, u2, u.index) or _writes_between(prog, s.index, u2.index, (u.index,)):
         return None
     out = affine_relu(x.t, scale, shift, res, True)
     return {s.index: None, u.index: None, u2.index: Fold(out, x.K)}
