@@ -244,8 +244,9 @@ def test_tuple_values_are_not_cut_carriers(method):
 
 
 class IaddAlias(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, sub: bool = False) -> None:
         super().__init__()
+        self.sub = sub
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         self.f = nn.Conv2d(8, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
@@ -255,7 +256,10 @@ class IaddAlias(nn.Module):
     def forward(self, x):
         x = self.stem(x)
         z = x  # an alias: eager mode's `x +=` below changes z too
-        x += self.bn(self.f(x))
+        if self.sub:
+            x -= self.bn(self.f(x))
+        else:
+            x += self.bn(self.f(x))
         x = F.relu(x) + z
         x = x + self.g(x)
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
@@ -267,10 +271,11 @@ def test_augmented_assignment_is_traced_in_place():
     assert prog.has_inplace  # it writes into a value that is read again
 
 
+@pytest.mark.parametrize("sub", [False, True], ids=["+=", "-="])
 @pytest.mark.parametrize("fanout", [False, True], ids=["swap", "fanout"])
-def test_augmented_assignment_on_an_alias_equals_eager(fanout):
+def test_augmented_assignment_on_an_alias_equals_eager(fanout, sub):
     torch.manual_seed(0)
-    model = IaddAlias().eval()
+    model = IaddAlias(sub).eval()
     variants = _draws(model, ["f.bias"], 2) + _draws(model, ["f.weight"], 2, scale=0.2) + \
         _draws(model, ["g.weight"], 2, scale=0.2)
     _check(model, variants, (3, 8, 8), exact=not fanout, fanout=fanout)

@@ -49,7 +49,7 @@ _BATCHWISE_MODULES: tuple[type[nn.Module], ...] = (
 )
 _ELEMENTWISE_FUNCS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd,
-    operator.imul, torch.add, torch.sub, torch.mul, torch.relu, torch.sigmoid, torch.tanh,
+    operator.imul, operator.isub, operator.itruediv, torch.add, torch.sub, torch.mul, torch.relu, torch.sigmoid, torch.tanh,
     F.relu, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.dropout, F.adaptive_avg_pool2d,
     F.avg_pool2d, F.max_pool2d, torch.nn.functional.softmax, torch.nn.functional.log_softmax,
 }

@@ -251,6 +251,7 @@ class Program:
         self._link()
         self.cuts, self.carrier = self._find_cuts()
         self._settle_inplace(set(self.carrier.values()) | {0})
+        self._inplace = frozenset(s.index for s in self.steps if self._writes_in_place(s))
         # Cached carriers need a private copy when some step may write into one (or into a
         # value that may alias one): a write into a fresh value only its writer reads is unseen.
         self.has_inplace = any(self.is_inplace(s) and not self._harmless(s) for s in self.steps)
@@ -425,7 +426,14 @@ class Program:
             self.private(v.index, s.index)
 
     def is_inplace(self, s: Step) -> bool:
-        """Whether step `s` may write into an existing tensor (one of its arguments)."""
+        """Whether step `s` may write into an existing tensor (one of its arguments). Settled
+        once the program is built (the fused glue asks per batch)."""
+        memo = getattr(self, "_inplace", None)
+        if memo is not None:
+            return s.index in memo
+        return self._writes_in_place(s)
+
+    def _writes_in_place(self, s: Step) -> bool:
         if s.op == "call_method":
             return (isinstance(s.target, str) and s.target.endswith("_") and not s.target.startswith("_")) \
                 or "out" in s.kwargs
