@@ -20,6 +20,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from layerfast.engine import Evaluator
 from layerfast.engine.fanout import fan_plan
 from layerfast.engine.graph import Program, no_inplace_modules
+from layerfast.errors import LayerfastError
 
 N, BS = 21, 8  # a partial last batch
 
@@ -127,12 +128,16 @@ def test_tied_weight_keys_are_canonical_and_never_fanned():
     assert fan_plan(prog, prog.start_cut({"a.weight"}), {"a.weight"}) is None
 
 
-@pytest.mark.xfail(strict=False, reason="needs Evaluator to map keys with Program.canonical_key")
 def test_tied_weight_alias_key_is_accepted():
     torch.manual_seed(0)
     model = Tied(True).eval()
     variants = [{"b.weight": v["a.weight"]} for v in _draws(model, ["a.weight"], 2)]
     _check(model, variants, (12,), exact=True, fanout=False)
+    both = [{"a.weight": v["a.weight"], "b.weight": v["a.weight"]} for v in _draws(model, ["a.weight"], 2)]
+    _check(model, both, (12,), exact=True, fanout=True)
+    clash = {"a.weight": both[0]["a.weight"], "b.weight": both[1]["a.weight"]}
+    with pytest.raises(LayerfastError, match="tied tensor a.weight two different values"):
+        Evaluator(model, [clash], device="cpu").run([(torch.randn(4, 12), torch.zeros(4, dtype=torch.long))])
 
 
 # ---- 2. fused BN -> add -> ReLU with an in-place write between --------------------------------

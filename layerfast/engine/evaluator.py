@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from layerfast.engine.fanrun import GLUE_MODES, run_fanned, stack_module
-from layerfast.engine.graph import Program, no_inplace_modules
+from layerfast.engine.graph import Program, canonical_keys, no_inplace_modules
 from layerfast.engine.phases import PhaseClock
 from layerfast.engine.plan import (
     B_CPU,
@@ -151,8 +151,9 @@ class Evaluator:
         """Each variant's tensors on the device, in the live tensors' dtype and layout, so that
         `swap_` exchanges them byte for byte."""
         out = []
+        canon = canonical_keys(self.model)
         for i in self._pass_idx:
-            ov = _overrides_of(self.variants[i])
+            ov = _canonical(_overrides_of(self.variants[i]), canon, i)
             bad = [k for k in ov if k not in live]
             shapes = [f"{k}: {tuple(t.shape)} vs model {tuple(live[k].shape)}"
                       for k, t in ov.items() if k in live and t.shape != live[k].shape]
@@ -249,7 +250,8 @@ class Evaluator:
         if self._passes is None:
             size = {k: t.numel() * t.element_size() for k, t in self._live().items()}
             limit = self.stage_bytes or stage_limit(sum(size.values()))
-            keysets = [frozenset(_keys_of(v)) for v in self.variants]
+            canon = canonical_keys(self.model)
+            keysets = [frozenset(canon.get(k, k) for k in _keys_of(v)) for v in self.variants]
             self._passes = split_passes(keysets, [sum(size.get(k, 0) for k in ks) for ks in keysets],
                                         limit)
         return self._passes
@@ -544,6 +546,21 @@ class Evaluator:
             self._score(ops, logits, y, ref, part, rows)
             acc.index_add_(0, torch.tensor(rows, device=acc.device), part)
         return True
+
+
+def _canonical(ov: Mapping[str, torch.Tensor], canon: dict[str, str], i: int
+               ) -> dict[str, torch.Tensor]:
+    """A variant's overrides under the canonical key of each tensor: a tied weight has several
+    state-dict names (`load_state_dict` accepts any) and one live tensor. Two names of one
+    tensor with different values cannot both hold."""
+    out: dict[str, torch.Tensor] = {}
+    for k, t in ov.items():
+        c = canon.get(k, k)
+        if c in out and not torch.equal(out[c], t):
+            raise LayerfastError(f"variant {i} gives the tied tensor {c} two different values "
+                                 f"(under {k} and another name)")
+        out[c] = t
+    return out
 
 
 def _peek(data: Any) -> tuple[Any, Any]:
