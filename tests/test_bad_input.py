@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 import layerfast.train as train_mod
 from layerfast.checkpoints import CheckpointDir, write_manifest
@@ -22,19 +21,7 @@ from layerfast.cli import main
 from layerfast.data import open_data
 from layerfast.errors import LayerfastError
 from layerfast.train import train
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3)
-        self.bn = nn.BatchNorm2d(2)
-        self.fc = nn.Linear(8, 3)
-
-
-def sd_at(tau: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(100 + tau)
-    return {k: v.clone() for k, v in Tiny().state_dict().items()}
+from tests.test_checkpoints import Tiny, sd_at
 
 
 @pytest.fixture
