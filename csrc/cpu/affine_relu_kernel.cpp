@@ -8,6 +8,7 @@
 // NaN kept (y < 0 ? 0 : y), rounded once to x's dtype.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -65,57 +66,53 @@ void pixels(const View<T>& v) {
   });
 }
 
-// The checks both CPU entry points share; returns the (uninitialised) output in x's exact
-// strides (empty_like's preserve_format keeps a dense x's layout).
-at::Tensor checked_output(const char* op, const at::Tensor& x, const at::Tensor& scale,
-                          const at::Tensor& shift, const std::optional<at::Tensor>& residual) {
+// What both CPU entry points share: the checks, the output in x's exact strides (empty_like's
+// preserve_format keeps a dense x's layout), the dtype/layout/residual/relu dispatch and the
+// View. `body(v, cl, res, rl)` does the arithmetic; cl/res/rl are std::integral_constants.
+template <typename Body>
+at::Tensor run_cpu(const char* op, const at::Tensor& x, const at::Tensor& scale,
+                   const at::Tensor& shift, const std::optional<at::Tensor>& residual, bool relu,
+                   const Body& body) {
   affine_relu::check_args(x, scale, shift, residual);
   TORCH_CHECK(x.is_cpu(), op, ": the CPU kernel got x on ", x.device());
-  return at::empty_like(x);
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) {
+    return out;
+  }
+  affine_relu::dispatch(x, residual.has_value(), relu, op, [&](auto t, auto cl, auto res, auto rl) {
+    using T = decltype(t);
+    body(affine_relu::view_of<T>(x, scale, shift, residual, out), cl, res, rl);
+  });
+  return out;
 }
 
 at::Tensor affine_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                            const std::optional<at::Tensor>& residual, bool relu) {
-  constexpr const char* kOp = "layerfast::affine_relu";
-  at::Tensor out = checked_output(kOp, x, scale, shift, residual);
-  if (x.numel() == 0) {
-    return out;
-  }
-  affine_relu::dispatch(
-      x, residual.has_value(), relu, kOp,
-      [&](auto t, auto cl, auto res, auto rl) {
-        using T = decltype(t);
-        const auto v = affine_relu::view_of<T>(x, scale, shift, residual, out);
-        if constexpr (decltype(cl)::value) {
-          pixels<T, decltype(res)::value, decltype(rl)::value>(v);
-        } else {
-          planes<T, decltype(res)::value, decltype(rl)::value>(v);
-        }
-      });
-  return out;
+  return run_cpu("layerfast::affine_relu", x, scale, shift, residual, relu,
+                 [](const auto& v, auto cl, auto res, auto rl) {
+                   using T = std::remove_cv_t<std::remove_pointer_t<decltype(v.out)>>;
+                   if constexpr (decltype(cl)::value) {
+                     pixels<T, decltype(res)::value, decltype(rl)::value>(v);
+                   } else {
+                     planes<T, decltype(res)::value, decltype(rl)::value>(v);
+                   }
+                 });
 }
 
 // Every (thread, grid-stride step) of the CUDA kernel, one after another.
 at::Tensor affine_relu_cuda_logic_cpu(const at::Tensor& x, const at::Tensor& scale,
                                       const at::Tensor& shift,
                                       const std::optional<at::Tensor>& residual, bool relu) {
-  constexpr const char* kOp = "layerfast::_affine_relu_cuda_logic";
-  at::Tensor out = checked_output(kOp, x, scale, shift, residual);
-  if (x.numel() == 0) {
-    return out;
-  }
-  affine_relu::dispatch(
-      x, residual.has_value(), relu, kOp,
-      [&](auto t, auto cl, auto res, auto rl) {
-        using T = decltype(t);
-        const auto v = affine_relu::view_of<T>(x, scale, shift, residual, out);
-        constexpr int kVec = affine_relu::kCudaVec;
-        for (int64_t i0 = 0; i0 < v.numel; i0 += kVec) {
-          affine_relu::run_vec<T, decltype(cl)::value, decltype(res)::value, decltype(rl)::value,
-                               kVec>(v.x, v.sc, v.sh, v.r, v.out, i0, v.numel, v.C, v.Cr, v.S);
-        }
-      });
-  return out;
+  return run_cpu("layerfast::_affine_relu_cuda_logic", x, scale, shift, residual, relu,
+                 [](const auto& v, auto cl, auto res, auto rl) {
+                   using T = std::remove_cv_t<std::remove_pointer_t<decltype(v.out)>>;
+                   constexpr int kVec = affine_relu::kCudaVec;
+                   for (int64_t i0 = 0; i0 < v.numel; i0 += kVec) {
+                     affine_relu::run_vec<T, decltype(cl)::value, decltype(res)::value,
+                                          decltype(rl)::value, kVec>(
+                         v.x, v.sc, v.sh, v.r, v.out, i0, v.numel, v.C, v.Cr, v.S);
+                   }
+                 });
 }
 
 }  // namespace
