@@ -45,6 +45,7 @@ import layerfast
 from layerfast.checkpoints import MANIFEST, SUFFIXES, write_manifest
 from layerfast.checkpoints.discover import new_file_mode
 from layerfast.data import open_data, to_device
+from layerfast.data.source import check_finite
 from layerfast.engine.precision import precision_context, resolve_device
 from layerfast.errors import LayerfastError
 from layerfast.models import build_model
@@ -202,22 +203,6 @@ def _check_seed(seed: object) -> None:
         raise LayerfastError(f"seed must be an integer in -2**63..2**63-1, got {seed!r}")
 
 
-def _check_finite_inputs(data: str, x: torch.Tensor) -> None:
-    """NaN/Inf training inputs make the loss NaN, which would be reported as a diverged
-    learning rate; blame the data instead (uint8 data is finite by construction)."""
-    if not x.is_floating_point():
-        return
-    finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
-    if bool(finite.all()):
-        return
-    bad = torch.nonzero(~finite).flatten().tolist()
-    shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-    raise LayerfastError(
-        f"{data}: the training inputs hold NaN or Inf in {len(bad)} of {len(x)} samples "
-        f"(sample {shown}); training on them would only diverge. Fix or drop those samples."
-    )
-
-
 def _gather(source: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split as raw (x, y) tensors, staged where per-batch indexing is cheapest."""
     xs, ys = zip(*source.batches(4096), strict=True)
@@ -288,7 +273,9 @@ def train(
         model, _ = build_model(arch, train_src.num_classes, train_src.shape)
         model.to(dev)
         x_all, y_all = _gather(train_src, dev)  # decodes every image: broken files show here
-        _check_finite_inputs(data, x_all)
+        # NaN/Inf inputs would show as a NaN loss, blamed on the learning rate: blame the data
+        check_finite(f"{data}: the training inputs", x_all,
+                     "training on them would only diverge. Fix or drop those samples.")
         # Only now, with every input validated, is anything written.
         created = _prepare_out(out, overwrite)
         # Until the first manifest exists, a failure (an undecodable test image, Ctrl-C) must

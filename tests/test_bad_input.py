@@ -244,13 +244,13 @@ def test_f11_npz_inputs_must_be_finite(tmp_path: Path) -> None:
     x[7, 0, 0, 0] = np.inf
     np.savez(tmp_path / "nan.npz", x=x, y=np.zeros(10, np.int64))
     with pytest.raises(
-        LayerfastError, match=r"'x' holds NaN or Inf .* in 2 of 10 samples \(sample 3, 7\)"
+        LayerfastError, match=r"'x' \(as float32\): NaN or Inf values in 2 of 10 samples \(sample 3, 7\); inputs must"
     ):
         open_data(str(tmp_path / "nan.npz"))
     big = np.zeros((4, 1, 8, 8), np.float64)
     big[1, 0, 0, 0] = 1e300  # finite in float64, Inf as the float32 that is fed
     np.savez(tmp_path / "big.npz", x=big, y=np.zeros(4, np.int64))
-    with pytest.raises(LayerfastError, match=r"in 1 of 4 samples \(sample 1\)"):
+    with pytest.raises(LayerfastError, match=r"NaN or Inf values in 1 of 4 samples \(sample 1\)"):
         open_data(str(tmp_path / "big.npz"))
 
 
@@ -341,7 +341,7 @@ def test_f11_nan_training_data_is_blamed_not_the_learning_rate(tmp_path: Path) -
     finally:
         monkey.undo()
     msg = str(err.value)
-    assert "training inputs hold NaN or Inf in 1 of 40 samples (sample 5)" in msg
+    assert "the training inputs: NaN or Inf values in 1 of 40 samples (sample 5)" in msg
     assert "lr" not in msg
     assert not (tmp_path / "o").exists()
 
@@ -404,6 +404,6 @@ def test_in_memory_arrays_must_be_finite() -> None:
 
     x = torch.zeros(6, 1, 4, 4)
     x[4, 0, 0, 0] = float("nan")
-    with pytest.raises(LayerfastError, match=r"arr: x holds NaN or Inf values \(samples \[4\]"):
+    with pytest.raises(LayerfastError, match=r"arr: x: NaN or Inf values in 1 of 6 samples \(sample 4\)"):
         DataSource.from_arrays("arr", x, torch.zeros(6, dtype=torch.long))
     DataSource.from_arrays("arr", torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.zeros(6, dtype=torch.long))

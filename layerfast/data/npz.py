@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerfast.data.source import ArrayReader, DataSource, check_labels, make_source, to_chw
+from layerfast.data.source import (
+    ArrayReader,
+    DataSource,
+    check_finite,
+    check_labels,
+    make_source,
+    to_chw,
+)
 from layerfast.errors import LayerfastError
 
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip
@@ -87,7 +94,8 @@ def open_npz(path: Path, split: str, max_samples: int | None) -> DataSource:
     elif x.dtype in (np.float32, np.float64, np.float16):
         with np.errstate(over="ignore"):  # a float64 beyond float32's range -> Inf, refused next
             x, scale = x.astype(np.float32, copy=False), 1.0
-        _check_finite(path, kx, x)
+        # after the float32 cast, where a too-large float64 became Inf
+        check_finite(f"npz: {path}: '{kx}' (as float32)", torch.from_numpy(x))
     else:
         raise LayerfastError(
             f"npz: {path}: '{kx}' has dtype {x.dtype}; use uint8 (scaled to [0,1]) or float32 "
@@ -98,19 +106,3 @@ def open_npz(path: Path, split: str, max_samples: int | None) -> DataSource:
         name, ArrayReader(torch.from_numpy(x), yt), total=len(yt), num_classes=num_classes,
         shape=tuple(x.shape[1:]), mean=None, std=None, scale=scale, max_samples=max_samples,
     )  # fmt: skip
-
-
-def _check_finite(path: Path, key: str, x: np.ndarray) -> None:
-    """Refuse NaN/Inf inputs (checked after the float32 cast, where a too-large float64 becomes
-    Inf): they make every prediction NaN, which an analysis would report as plain errors and
-    training as a diverged learning rate, both pointing away from the data."""
-    finite = np.isfinite(x)
-    if finite.all():
-        return
-    bad = ~finite.reshape(len(x), -1).all(axis=1)
-    samples = np.flatnonzero(bad)
-    shown = ", ".join(map(str, samples[:5])) + (", ..." if len(samples) > 5 else "")
-    raise LayerfastError(
-        f"npz: {path}: '{key}' holds NaN or Inf values (as float32) in {len(samples)} of "
-        f"{len(x)} samples (sample {shown}); inputs must be finite"
-    )

@@ -112,14 +112,27 @@ class DataSource:
             raise LayerfastError(
                 f"{name}: x has {xt.shape[0]} samples but y has {yt.shape[0]} labels"
             )
-        if xt.is_floating_point() and not bool(torch.isfinite(xt).all()):
-            bad = (~torch.isfinite(xt.reshape(len(xt), -1))).any(1).nonzero().flatten()[:5].tolist()
-            raise LayerfastError(f"{name}: x holds NaN or Inf values (samples {bad}...)")
+        check_finite(f"{name}: x", xt)
         k = num_classes if num_classes is not None else int(yt.max()) + 1 if len(yt) else 0
         return make_source(
             name, ArrayReader(xt, yt), total=len(yt), num_classes=k,
             shape=tuple(xt.shape[1:]), mean=mean, std=std, scale=scale, max_samples=max_samples,
         )  # fmt: skip
+
+
+def check_finite(what: str, x: Tensor, hint: str = "inputs must be finite") -> None:
+    """Refuse NaN/Inf inputs, naming the samples: they make every prediction NaN, which an
+    analysis would report as plain errors and training as a diverged learning rate, both
+    pointing away from the data. Integer inputs are finite by construction."""
+    if not x.is_floating_point():
+        return
+    finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = torch.nonzero(~finite).flatten().tolist()
+    shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+    raise LayerfastError(f"{what}: NaN or Inf values in {len(bad)} of {len(x)} samples "
+                         f"(sample {shown}); {hint}")
 
 
 def check_max_samples(max_samples: int | None) -> None:
