@@ -164,8 +164,8 @@ class Evaluator:
                 out.append({k: torch.empty_like(live[k]).copy_(t) for k, t in ov.items()})
             except _OOM:
                 # Every variant's tensors stay on the device for the whole pass (one data pass).
-                need = sum(live[k].numel() * live[k].element_size() for j in self._pass_idx
-                           for k in _keys_of(self.variants[j]) if k in live)
+                keys = (canon.get(k, k) for j in self._pass_idx for k in _keys_of(self.variants[j]))
+                need = sum(live[k].numel() * live[k].element_size() for k in keys if k in live)
                 out.clear()
                 raise LayerfastError(
                     f"the variants' tensors ({need / 2**30:.2f} GiB) do not fit on {self.device} "
