@@ -124,7 +124,7 @@ def check_finite(what: str, x: Tensor, hint: str = "inputs must be finite") -> N
     """Refuse NaN/Inf inputs, naming the samples: they make every prediction NaN, which an
     analysis would report as plain errors and training as a diverged learning rate, both
     pointing away from the data. Integer inputs are finite by construction."""
-    if not x.is_floating_point():
+    if not x.is_floating_point() or x.numel() == 0:  # no samples: the caller says "empty"
         return
     finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
     if bool(finite.all()):
