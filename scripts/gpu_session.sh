@@ -1,122 +1,150 @@
 #!/usr/bin/env bash
-# One device call on the GPU machine (H100/H200): build, every `cuda` test, the op and engine
-# benchmarks of issues 2 and 4, logs under $OUT, a short table last. Two phases so each fits the
-# 10-minute limit of one call:
-#   scripts/gpu_session.sh test    # build + cuda tests + op benchmarks      (~5 min)
-#   scripts/gpu_session.sh bench   # build + engine benchmarks vs naive       (~8 min)
-#   scripts/gpu_session.sh repro-a # issue 6: FCN 100 epochs + VGG-11 (padded F-MNIST), analyzed
-#   scripts/gpu_session.sh repro-b # issue 6: CIFAR ResNet-20 at block granularity, analyzed
-#   scripts/gpu_session.sh repro-c # issue 6: VGG-11 with BatchNorm, when plain VGG-11 stayed at
-#                                  # chance in repro-a and the call had no time left to follow up
-# Epochs per experiment: FCN_EPOCHS, VGG_EPOCHS, RESNET_EPOCHS (default 100, the paper's); VGG_LR.
-# TRAIN_TIMEOUT (s, default 300) caps each training run; what it reached is analyzed. The repro
-# phases also keep the whole call under CALL_BUDGET (s, default 570, the device's limit is 600):
-# each training run gets at most what is left after reserving time for its analysis.
-# RESNET_ARCH=resnet18_cifar runs the wider CIFAR ResNet-18 in repro-b instead of ResNet-20.
-# Smoke test of the script without a GPU: SKIP_BUILD=1 DEVICE=cpu MAX_SAMPLES=256 *_EPOCHS=1.
-# The GPU machine has no Debian datasets and no network: before a repro call, stage the files
-# here and carry them (30 MB of the 64 MiB carry limit):
-#   mkdir -p .data && cp -r /usr/share/datasets/fashion-mnist .data/     # then run(carry=[".data"])
-# The build is redone per call (a fresh machine each time); ~1 min with 16 jobs.
+# The GPU session, on the device machine (H100/H200). A task that is lent one gets 15 minutes of
+# device time, machine start and idle included, and one call may run 10 minutes, so the default
+# phase `all` is the whole session in ONE call that ends by itself after CALL_BUDGET s (540):
+#
+#   mkdir -p .data && cp -r /usr/share/datasets/fashion-mnist .data/    # here, once (git-ignored)
+#   run(command="bash scripts/gpu_session.sh all", carry=[".data"], timeout_s=600); give_back()
+#
+# `all` does, in the order the open issues need them, each step capped by the time left:
+#   1. build the extension (~1 min with 16 jobs) and `layerfast info`              issue 2
+#   2. every `cuda` test (-m cuda); SIGINT at its cap, so pytest still prints its counts   2, 4
+#   3. the op benchmarks (swap_, score_, affine_relu, fan-out) against torch        issues 2, 4
+#   4. the ResNet-50 block headline: naive, prefix sharing, layerfast, the floor    issue 4
+#   5. FCN 3x256 on Fashion-MNIST, 100 epochs, trained and analyzed (paper Fig. 1)  issue 6
+#   6. with what is left: the VGG-11, FCN and ResNet-50-layer engine benches        issue 4
+# Follow-ups, one call each, when device time remains (the same steps, larger budgets):
+#   test     1-3, plus the engine/op test files on the CPU under the device's torch
+#   bench    1 and every engine bench (the --glue unfolded headline too)
+#   repro-a  1 and issue 6: FCN 100 epochs + VGG-11 (padded Fashion-MNIST), analyzed
+#   repro-b  1 and issue 6: CIFAR ResNet-20 at block granularity, analyzed
+#   repro-c  1 and issue 6: VGG-11 with BatchNorm (when plain VGG-11 stayed at chance)
+# Only 8 files come back from $OUT: every log goes into $OUT/logs.tgz (checkpoints excepted), the
+# summary into $OUT/summary.txt, which is also printed last (the call's output keeps 12,000 chars).
+# Knobs: CALL_BUDGET (s), FCN_EPOCHS, VGG_EPOCHS, RESNET_EPOCHS (100, the paper's), VGG_LR,
+# TRAIN_TIMEOUT (s, default 300), RESNET_ARCH=resnet18_cifar for the wider CIFAR ResNet-18.
+# Smoke test without a GPU: SKIP_BUILD=1 DEVICE=cpu MAX_SAMPLES=256 *_EPOCHS=1 (tests do this).
 set -uo pipefail
-phase=${1:-test}
+phase=${1:-all}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+LOG=$(mktemp -d "${TMPDIR:-/tmp}/gpu-logs.XXXXXX")
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 cd "$(dirname "$0")/.."
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-[ -n "${SKIP_BUILD:-}" ] || python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1 \
-  || { tail -30 "$OUT/build.log"; exit 1; }
-python3 -m layerfast.info | tee "$OUT/info.txt"
-if [ "$phase" = test ]; then
-  # Time caps keep the call inside the device's 10 minutes even if something hangs.
-  timeout 270 python3 -m pytest -q -m cuda tests/ -p no:cacheprovider -rs 2>&1 | tee "$OUT/cuda-tests.log" | tail -15
-  timeout 120 python3 -m pytest -q tests/test_engine.py tests/test_fanrun.py tests/test_ops_swap.py \
-    tests/test_ops_score.py tests/test_ops_affine_relu.py -p no:cacheprovider 2>&1 \
-    | tee "$OUT/engine-ops-tests.log" | tail -3
-  timeout 120 python3 -m pytest benchmarks/bench_ops.py benchmarks/bench_fanout.py --benchmark-enable -m cuda -q -p no:cacheprovider \
-    --benchmark-columns=median,iqr --benchmark-sort=name 2>&1 | tee "$OUT/bench-ops.log" | tail -30
-elif [ "$phase" = repro-a ] || [ "$phase" = repro-b ] || [ "$phase" = repro-c ]; then
-  # Train with `layerfast train`, analyze in fp32 with `layerfast analyze`; everything the
-  # commands write (checkpoints excepted: they are large) comes back under $OUT/repro/.
-  dev=${DEVICE:-cuda}; cap=(); [ -n "${MAX_SAMPLES:-}" ] && cap=(--max-samples "$MAX_SAMPLES")
-  data=fashion-mnist
-  if [ ! -d /usr/share/datasets/fashion-mnist ]; then
-    [ -d .data/fashion-mnist ] || { echo "no Fashion-MNIST here: stage .data/fashion-mnist and carry .data (see the header)"; exit 2; }
-    data=fashion-mnist:.data/fashion-mnist
+t_end=$((SECONDS + ${CALL_BUDGET:-540}))
+dev=${DEVICE:-cuda}
+
+exec 3>&1  # the console, for step's one-line reports while a step's own output goes to a file
+
+# step NAME CAP CMD...: run CMD for at most CAP s, and never into the last RESERVE s (default 25)
+# of the budget, under `timeout -s INT` (pytest and layerfast print what they have on SIGINT);
+# say how long it took and how it ended, on the console and in steps.txt.
+step() { local name=$1 s=$2 t0=$SECONDS rc l=$((t_end - SECONDS - ${RESERVE:-25})); shift 2
+  [ "$l" -lt "$s" ] && s=$l
+  if [ "$s" -lt 20 ]; then echo "$name: skipped, $((t_end - SECONDS)) s left" | tee -a "$LOG/steps.txt" >&3; return 1; fi
+  timeout -s INT -k 20 "$s" "$@"; rc=$?
+  echo "$name: $((SECONDS - t0)) s of $s, exit $rc$([ $rc -eq 124 ] && echo ' (timed out)')" \
+    | tee -a "$LOG/steps.txt" >&3
+  return $rc; }
+
+summary() {
+  { echo "== $phase on $(head -2 "$LOG/gpu.txt" 2>/dev/null | tail -1), $(date -u +%F)"
+    cat "$LOG/steps.txt" 2>/dev/null
+    for f in "$LOG"/*tests.log; do [ -f "$f" ] && echo "$(basename "$f"): $(grep -E '^=+ .* in [0-9.]+s' "$f" | tail -1)"; done
+    grep -E '^(FAILED|ERROR) ' "$LOG"/*tests.log 2>/dev/null | head -20
+    [ -f "$LOG/bench-ops.log" ] && grep -E '^(Name|test_|-- )' "$LOG/bench-ops.log" | head -40
+    python3 scripts/bench_table.py "$LOG"
+    for f in "$LOG"/repro/*/summary.txt; do [ -f "$f" ] && { echo "== ${f#"$LOG"/}"; cat "$f"; }; done
+  } > "$OUT/summary.txt" 2>&1
+  tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
+  echo; echo "################ summary"; cat "$OUT/summary.txt"; }
+trap summary EXIT
+
+build() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOG/gpu.txt" 2>&1 \
+    || printf 'gpu\nnone (nvidia-smi failed)\n' > "$LOG/gpu.txt"
+  cat "$LOG/gpu.txt"
+  if [ -z "${SKIP_BUILD:-}" ]; then
+    step build 240 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$LOG/build.log" 2>&1 \
+      || { tail -30 "$LOG/build.log"; exit 1; }
   fi
-  t_end=$((SECONDS + ${CALL_BUDGET:-570}))
-  repro() { name=$1 arch=$2 epochs=$3 lr=$4; shift 4
-    ck=/tmp/ckpts/$name; res=$OUT/repro/$name; mkdir -p "$res"
-    local left=$((t_end - SECONDS - 100)) train_s=${TRAIN_TIMEOUT:-300}
-    if [ "$left" -lt 30 ]; then echo "== $name: skipped, only $((t_end - SECONDS)) s left in this call"; return; fi
-    [ "$left" -lt "$train_s" ] && train_s=$left
-    echo "== $name: $arch, $epochs epochs, lr $lr (training capped at ${train_s} s)"
-    # A run cut by the timeout still leaves its checkpoints and manifest: analyze what exists.
-    timeout "$train_s" python3 -m layerfast train --arch "$arch" --data "$data" \
-      --epochs "$epochs" --lr "$lr" --device "$dev" "${cap[@]}" --out "$ck" --overwrite \
-      > "$res/train.log" 2>&1 || echo "$name: train stopped early: $(tail -c 300 "$res/train.log")"
-    [ -f "$ck/manifest.json" ] || return
-    cp "$ck/manifest.json" "$res/"
-    local an_s=$((t_end - SECONDS)); [ "$an_s" -gt 150 ] && an_s=150; [ "$an_s" -lt 20 ] && an_s=20
-    timeout "$an_s" python3 -m layerfast analyze --arch "$arch" --ckpts "$ck" --data "$data" \
-      --seeds 3 --device "$dev" "${cap[@]}" --precision fp32 --out "$res/analysis" "$@" > "$res/summary.txt" \
-      2> "$res/analyze.err" || echo "$name: analyze failed: $(tail -3 "$res/analyze.err")"
-    rm -f "$res/analysis/progress.sqlite"; grep -o '"train_seconds": [0-9.]*' "$ck/manifest.json"; }
-  if [ "$phase" = repro-a ]; then
+  python3 -m layerfast.info > "$LOG/info.txt" 2>&1; cat "$LOG/info.txt"; }
+
+cuda_tests() { step cuda-tests "$1" python3 -m pytest -v -m cuda tests/ -p no:cacheprovider -rs > "$LOG/cuda-tests.log" 2>&1
+  tail -3 "$LOG/cuda-tests.log"; }
+
+ops_bench() { step ops-bench "$1" python3 -m pytest benchmarks/bench_ops.py benchmarks/bench_fanout.py --benchmark-enable \
+    -m cuda -q -p no:cacheprovider --benchmark-columns=median,iqr --benchmark-sort=name \
+    --benchmark-json "$LOG/ops-benchmark.json" > "$LOG/bench-ops.log" 2>&1; }
+
+# engine NAME CAP ARGS...: one `layerfast bench --json` case (naive loop and layerfast, same run).
+engine() { local name=$1 c=$2; shift 2
+  step "bench-$name" "$c" python3 -m layerfast bench --json --device "$dev" "${maxs[@]}" "$@" \
+    > "$LOG/bench-$name.json" 2> "$LOG/bench-$name.err" || tail -3 "$LOG/bench-$name.err"; }
+headline=(--arch resnet50 --data synthetic:imagenet:10000 --granularity block --checkpoints 5 --seeds 2 --naive-variants 4)
+other_benches() {
+  engine vgg11 "$1" --arch vgg11 --data synthetic:cifar:10000 --naive-variants 8
+  engine fcn "$1" --arch fcn3x256 --data synthetic:cifar:10000 --naive-variants 8
+  engine resnet50-layer "$1" "${headline[@]/block/layer}" --no-prefix-only; }
+
+# repro NAME ARCH EPOCHS LR [ANALYZE ARGS...]: issue 6, `layerfast train` then `layerfast analyze`
+# in fp32; what they write (checkpoints excepted: large) lands in the logs under repro/NAME.
+repro() { local name=$1 arch=$2 epochs=$3 lr=$4; shift 4
+  local ck=/tmp/ckpts/$name res=$LOG/repro/$name
+  mkdir -p "$res"
+  # A run cut by its timeout still leaves checkpoints and a manifest: analyze what exists.
+  RESERVE=100 step "train-$name" "${TRAIN_TIMEOUT:-300}" python3 -m layerfast train --arch "$arch" --data "$data" \
+    --epochs "$epochs" --lr "$lr" --device "$dev" "${maxs[@]}" --out "$ck" --overwrite > "$res/train.log" 2>&1
+  [ -f "$ck/manifest.json" ] || return 0
+  cp "$ck/manifest.json" "$res/"
+  RESERVE=5 step "analyze-$name" 150 python3 -m layerfast analyze --arch "$arch" --ckpts "$ck" --data "$data" --seeds 3 \
+    --device "$dev" "${maxs[@]}" --precision fp32 --out "$res/analysis" "$@" > "$res/summary.txt" 2> "$res/analyze.err" \
+    || tail -3 "$res/analyze.err"
+  rm -f "$res/analysis/progress.sqlite"; }
+
+maxs=(); [ -n "${MAX_SAMPLES:-}" ] && maxs=(--max-samples "$MAX_SAMPLES")
+data=fashion-mnist
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -d .data/fashion-mnist ]; then
+  data=fashion-mnist:.data/fashion-mnist
+fi
+need_data() { [ "$data" != fashion-mnist ] || [ -d /usr/share/datasets/fashion-mnist ] \
+  || { echo "no Fashion-MNIST here: stage .data/fashion-mnist and carry .data (see the header)"; return 1; }; }
+
+build
+case $phase in
+  all)
+    cuda_tests 200
+    ops_bench 90
+    engine resnet50-block 200 "${headline[@]}" --profile "$LOG/profile-resnet50-block.txt"
+    if need_data; then repro fcn100 fcn3x256 "${FCN_EPOCHS:-100}" 0.05; fi
+    other_benches 90 ;;
+  test)
+    cuda_tests 300
+    step cpu-tests 120 python3 -m pytest -q tests/test_engine.py tests/test_fanrun.py tests/test_ops_swap.py \
+      tests/test_ops_score.py tests/test_ops_affine_relu.py -p no:cacheprovider > "$LOG/cpu-tests.log" 2>&1
+    ops_bench 120 ;;
+  bench)
+    engine resnet50-block 240 "${headline[@]}" --profile "$LOG/profile-resnet50-block.txt"
+    other_benches 240
+    # what the fold form and affine_relu buy on this GPU: the headline with the session-3 glue
+    engine resnet50-block-unfolded 240 "${headline[@]}" --no-prefix-only --glue unfolded ;;
+  repro-a)
+    need_data || exit 2
     repro fcn100 fcn3x256 "${FCN_EPOCHS:-100}" 0.05
     # Plain VGG-11 on 1-channel input starts with logits of std ~4e-4 (kaiming fan_out init
     # shrinks the signal) and sat at loss ln 10 for 100 steps at lr 0.02 on the CPU; if it never
     # leaves chance, the BN form runs too so the session still brings back a VGG-11 study.
     repro vgg11 vgg11 "${VGG_EPOCHS:-100}" "${VGG_LR:-0.05}"
     if python3 -c "import json,sys; m=json.load(open(sys.argv[1])); sys.exit(m['checkpoints'][-1]['test_error'] < 0.85)" \
-        "$OUT/repro/vgg11/manifest.json" 2>/dev/null; then
+        "$LOG/repro/vgg11/manifest.json" 2>/dev/null; then
       echo "vgg11 stayed at chance; running vgg11_bn"
       repro vgg11_bn vgg11_bn "${VGG_EPOCHS:-100}" 0.05
-    fi
-  elif [ "$phase" = repro-c ]; then
-    repro vgg11_bn vgg11_bn "${VGG_EPOCHS:-100}" 0.05
-  else
-    repro "${RESNET_ARCH:-resnet20}" "${RESNET_ARCH:-resnet20}" "${RESNET_EPOCHS:-100}" 0.1 --granularity block
-  fi
-  for f in "$OUT"/repro/*/summary.txt; do [ -f "$f" ] && { echo "== $f"; cat "$f"; }; done
-else
-  # Headline first; each case gets at most 240 s and what is left of CALL_BUDGET, so the table
-  # always prints before the device's 10-minute limit.
-  t_end=$((SECONDS + ${CALL_BUDGET:-570}))
-  run() { name=$1; shift; local s=$((t_end - SECONDS - 15)); [ "$s" -gt 240 ] && s=240
-    if [ "$s" -lt 30 ]; then echo "$name: skipped, no time left in this call"; return; fi
-    timeout "$s" python3 -m layerfast bench --json "$@" > "$OUT/bench-$name.json" 2> "$OUT/bench-$name.err" \
-      || echo "$name failed or timed out ($s s): $(tail -3 "$OUT/bench-$name.err")"; }
-  run resnet50-block --arch resnet50 --data synthetic:imagenet:10000 --granularity block --checkpoints 5 --seeds 2 --naive-variants 4 \
-    --profile "$OUT/profile-resnet50-block.txt"
-  run vgg11 --arch vgg11 --data synthetic:cifar:10000 --naive-variants 8
-  run fcn --arch fcn3x256 --data synthetic:cifar:10000 --naive-variants 8
-  run resnet50-layer --arch resnet50 --data synthetic:imagenet:10000 --granularity layer --checkpoints 5 --seeds 2 --naive-variants 4 --no-prefix-only
-  # what the fold form and affine_relu buy on this GPU: the headline again with the session-3 glue
-  run resnet50-block-unfolded --arch resnet50 --data synthetic:imagenet:10000 --granularity block --checkpoints 5 --seeds 2 \
-    --naive-variants 4 --no-prefix-only --glue unfolded
-  python3 - "$OUT" <<'PY'
-import json, pathlib, sys
-print(f"{'case':16s} {'V':>4s} {'naive s':>9s} {'prefix s':>9s} {'layerfast s':>11s} {'x naive':>8s} {'x prefix':>8s}"
-      f" {'floor s':>8s} {'/floor':>7s} {'B':>5s}")
-for f in sorted(pathlib.Path(sys.argv[1]).glob("bench-*.json")):
-    try:
-        d = json.loads(f.read_text())
-    except ValueError:
-        continue
-    s = d["seconds"]
-    pre = s.get("prefix_only")
-    print(f"{f.stem[6:]:16s} {d['variants']:4d} {s['naive']:9.1f} {pre or float('nan'):9.2f} {s['layerfast']:11.2f} "
-          f"{s['naive'] / s['layerfast']:8.1f} {(pre / s['layerfast']) if pre else float('nan'):8.2f}"
-          f" {d['floor']['seconds_measured_rate']:8.2f} {d['times_floor']['layerfast']:7.1f}"
-          f" {d['layerfast_plan']['batch_size']:5d}")
-    for k, why in d["layerfast_plan"].get("fanout_fallbacks", {}).items():
-        print(f"    FAN-OUT FELL BACK at step {k}: {why}")
-    ph = d.get("layerfast_phases", {})
-    print("    phases (s): " + ", ".join(f"{k} {ph[k]:.2f}" for k in
-          ("setup", "data", "baseline", "fanned", "swapped", "total") if k in ph))
-    for e in d.get("profile", {}).get("top", [])[:10]:
-        print(f"    {e['share']:6.1%} {e['ms']:9.1f} ms {e['calls']:7d}x {e['op'][:60]}")
-PY
-fi
+    fi ;;
+  repro-b)
+    need_data || exit 2
+    repro "${RESNET_ARCH:-resnet20}" "${RESNET_ARCH:-resnet20}" "${RESNET_EPOCHS:-100}" 0.1 --granularity block ;;
+  repro-c)
+    need_data || exit 2
+    repro vgg11_bn vgg11_bn "${VGG_EPOCHS:-100}" 0.05 ;;
+  *) echo "unknown phase '$phase' (all, test, bench, repro-a, repro-b, repro-c)"; exit 2 ;;
+esac

@@ -46,15 +46,15 @@ def test_gpu_session_script_parses_and_its_table_reads_bench_json(tmp_path: Path
 
     script = ROOT / "scripts" / "gpu_session.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    text = script.read_text()
-    table = text.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
     assert main(["bench", "--device", "cpu", "--max-samples", "60", "--naive-variants", "2",
                  "--profile", str(tmp_path / "p.txt"), "--profile-samples", "30", "--json"]) == 0
     (tmp_path / "bench-fcn.json").write_text(capsys.readouterr().out)
     (tmp_path / "bench-broken.json").write_text("")  # a case that failed: skipped, not fatal
-    out = subprocess.run([sys.executable, "-c", table, str(tmp_path)], check=True,
-                         capture_output=True, text=True).stdout
+    (tmp_path / "bench-partial.json").write_text('{"seconds": {}}')  # cut off mid-way: skipped
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_table.py"), str(tmp_path)],
+                         check=True, capture_output=True, text=True).stdout
     row = next(ln for ln in out.splitlines() if ln.startswith("fcn "))
     assert len(row.split()) == 10 and row.split()[-1] == "1000", row  # B is the last column
     assert "aten::addmm" in out  # the profile's top ops follow the row
     assert "phases (s): setup " in out and " swapped " in out
+    assert "partial" not in out and "broken" not in out

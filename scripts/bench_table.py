@@ -1,0 +1,52 @@
+"""The short table a GPU session prints last: one row per `layerfast bench --json` file.
+
+`python3 scripts/bench_table.py DIR` reads DIR/bench-*.json (written by scripts/gpu_session.sh).
+A case that failed or timed out leaves an empty or partial file: it is skipped, not fatal, so
+the table of the cases that did finish still prints before the device call's time runs out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+PHASES = ("setup", "data", "baseline", "fanned", "swapped", "total")
+
+
+def rows(d: dict, name: str) -> list[str]:
+    """The lines for one bench result: the figures, fan-out fallbacks, phases, profile top."""
+    s = d["seconds"]
+    pre = s.get("prefix_only")
+    nan = math.nan
+    out = [f"{name:16s} {d['variants']:4d} {s['naive']:9.1f} {pre or nan:9.2f} {s['layerfast']:11.2f} "
+           f"{s['naive'] / s['layerfast']:8.1f} {(pre / s['layerfast']) if pre else nan:8.2f}"
+           f" {d['floor']['seconds_measured_rate']:8.2f} {d['times_floor']['layerfast']:7.1f}"
+           f" {d['layerfast_plan']['batch_size']:5d}"]
+    for k, why in d["layerfast_plan"].get("fanout_fallbacks", {}).items():
+        out.append(f"    FAN-OUT FELL BACK at step {k}: {why}")
+    ph = d.get("layerfast_phases", {})
+    out.append("    phases (s): " + ", ".join(f"{k} {ph[k]:.2f}" for k in PHASES if k in ph))
+    for e in d.get("profile", {}).get("top", [])[:10]:
+        out.append(f"    {e['share']:6.1%} {e['ms']:9.1f} ms {e['calls']:7d}x {e['op'][:60]}")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: bench_table.py DIR", file=sys.stderr)
+        return 2
+    print(f"{'case':16s} {'V':>4s} {'naive s':>9s} {'prefix s':>9s} {'layerfast s':>11s} "
+          f"{'x naive':>8s} {'x prefix':>8s} {'floor s':>8s} {'/floor':>7s} {'B':>5s}")
+    for f in sorted(Path(argv[0]).glob("bench-*.json")):
+        try:
+            lines = rows(json.loads(f.read_text()), f.stem[len("bench-"):])
+        except (ValueError, KeyError, TypeError):
+            continue
+        print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
