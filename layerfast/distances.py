@@ -8,7 +8,9 @@ to the weights', so they would swamp the distances of a conv+BN unit):
     l2_rel = ‖θ^τ − θ^0‖₂ / ‖θ^0‖₂   (NaN when ‖θ^0‖₂ = 0, e.g. a zero-initialized unit)
     linf   = ‖θ^τ − θ^0‖∞
 
-all accumulated in float64 whatever the checkpoint dtype. Rows with checkpoint
+all accumulated in float64 whatever the checkpoint dtype; a non-finite difference shows as
+NaN/inf in every column (never as linf = 0). A parameter shared by several modules of one unit
+(tied weights) counts once. Rows with checkpoint
 `rerandom:<seed>` compare a fresh draw (exactly the one the rerandom variant uses) with θ^0.
 
 Without τ = 0 nothing here is defined: asking for τ rows is then a LayerfastError, asking for
@@ -45,7 +47,9 @@ def _row(
         d = a - b
         if d.numel():
             sq += float((d * d).sum())
-            linf = max(linf, float(d.abs().max()))
+            m = float(d.abs().max())
+            # NaN must win (a diverged checkpoint did not "stay put"): max(0.0, nan) is 0.0
+            linf = m if math.isnan(m) or m > linf else linf
             sq0 += float((b * b).sum())
     l2, n0 = math.sqrt(sq), math.sqrt(sq0)
     return {
@@ -98,7 +102,9 @@ def distances(
         labels=sorted({0, *taus}),
         check_finite=False,
     )
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    # name -> parameter, every name of a tied (shared) parameter included: a unit holding two
+    # names of one tensor (a joint unit of tied layers) must count that tensor once.
+    params = dict(model.named_parameters(remove_duplicate=False))
 
     draws: dict[str, list[tuple[str, Variant | int]]] = {u.name: [] for u in units}
     for r in wanted:
@@ -114,7 +120,11 @@ def distances(
 
     rows = []
     for u in units:
-        pkeys = [k for k in u.keys if k in params]
+        first: dict[int, str] = {}  # id(parameter) -> its first name in the unit
+        for k in u.keys:
+            if k in params:
+                first.setdefault(id(params[k]), k)
+        pkeys = list(first.values())
         theta0_all = ckpts.tensors(0, u.keys)
         theta0 = {k: theta0_all[k] for k in pkeys}
         for t in taus:

@@ -100,3 +100,34 @@ def test_zero_init_unit_has_nan_relative_distance(tmp_path: Path) -> None:
     torch.save(state([0.0, 1.0], 0.0, bn_w=0.0), tmp_path / "e_1.pt")
     row = distances(Net(), [FC], CheckpointDir(tmp_path)).iloc[1]
     assert row.l2 == 1.0 and math.isnan(row.l2_rel)
+
+
+def test_a_nan_difference_is_nan_in_linf_too_not_zero(tmp_path: Path) -> None:
+    # max(0.0, nan) is 0.0 in Python: a diverged (NaN) checkpoint used to read linf = 0 ("did
+    # not move") next to l2 = NaN; the NaN in fc.weight must survive the later, finite tensors.
+    torch.save(state([1.0, 2.0], 2.0), tmp_path / "e_0.pt")
+    torch.save(state([float("nan"), 2.0], 5.0), tmp_path / "e_1.pt")
+    row = distances(Net(), [FC], CheckpointDir(tmp_path), checkpoints=[1]).iloc[0]
+    assert math.isnan(row.l2) and math.isnan(row.l2_rel) and math.isnan(row.linf)
+
+
+class TiedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(2, 2, bias=False)
+        self.dec = nn.Linear(2, 2, bias=False)
+        self.dec.weight = self.enc.weight  # tied: one tensor under two state-dict names
+
+
+def test_a_tied_parameter_counts_once_in_a_joint_unit(tmp_path: Path) -> None:
+    w0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    torch.save({"enc.weight": w0, "dec.weight": w0}, tmp_path / "e_0.pt")
+    torch.save({"enc.weight": w0 + 1, "dec.weight": w0 + 1}, tmp_path / "e_1.pt")
+    joint = Unit("enc+dec", ("enc", "dec"), ("enc.weight", "dec.weight"))
+    alone = Unit("enc", ("enc",), ("enc.weight",))
+    df = distances(TiedNet(), [joint, alone], CheckpointDir(tmp_path), checkpoints=[1])
+    # Δ is all ones (4 entries): ‖Δ‖ = 2 and ‖θ⁰‖ = √2, whichever names the unit reaches it by
+    # (counted twice, the joint unit read 2·√2)
+    assert list(df.l2) == [2.0, 2.0]
+    assert list(df.l2_rel) == pytest.approx([2 / math.sqrt(2)] * 2)
+    assert list(df.linf) == [1.0, 1.0]
