@@ -307,11 +307,23 @@ def train(
         def save(epoch: int, train_loss: float | None) -> None:
             name = f"epoch_{epoch:03d}.pt"
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            res = evaluate(model, test_src, dev)
+            model.train()
+            # A finite training loss does not prove a usable model: the last steps of an epoch
+            # can still blow the weights up (lr too high), leaving inf/NaN weights or logits that
+            # overflow (test loss NaN). Such a checkpoint is not written, and the run stops the
+            # way a NaN training loss stops it, instead of ending "complete" with a broken model.
+            broken = [k for k, v in state.items()
+                      if v.is_floating_point() and not bool(torch.isfinite(v).all())]  # fmt: skip
+            if broken or not math.isfinite(res["test_loss"]):
+                why = (f"non-finite weights in {', '.join(broken[:3])}" if broken
+                       else f"test loss {res['test_loss']}: its outputs overflow")  # fmt: skip
+                if not epoch:
+                    raise LayerfastError(f"the initial model of {arch} is not finite ({why})")
+                raise LayerfastError(f"training diverged at epoch {epoch} ({why}); lower lr={lr}")
             if not entries:
                 pending.append(out / name)
             _atomic_save(state, out / name)
-            res = evaluate(model, test_src, dev)
-            model.train()
             entries.append({"epoch": epoch, "file": name, **res, "train_loss": train_loss})
             write_manifest(out, entries, **meta)
             pending.clear()  # listed by a manifest: a readable (if incomplete) run from now on

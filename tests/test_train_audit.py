@@ -1,0 +1,34 @@
+"""`layerfast.train`, audited: divergence that a finite training loss hides, the caller's RNG on
+other devices, and the math mode training runs in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from layerfast.checkpoints import CheckpointDir
+from layerfast.errors import LayerfastError
+from layerfast.train import train
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _tiny(out: Path, **kw) -> dict:
+    args = {"arch": "fcn3x256", "data": "digits", "epochs": 1, "max_samples": 200,
+            "progress": False, **kw}  # fmt: skip
+    return train(out=out, **args)
+
+
+def test_a_blown_up_model_with_a_finite_training_loss_is_a_divergence(tmp_path):
+    # lr=1e6: the epoch's mean training loss is ~4e18, finite, but the weights end near 1e19
+    # and the logits overflow (test loss NaN). That run used to end "complete" at chance error,
+    # with `"test_loss": NaN` (not JSON) in the manifest, and analyse as "every unit robust".
+    with pytest.raises(LayerfastError, match="diverged at epoch 1"):
+        _tiny(tmp_path, lr=1e6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_000.pt", "manifest.json"]
+    text = (tmp_path / "manifest.json").read_text()
+    assert "NaN" not in text and json.loads(text)["complete"] is False
+    assert CheckpointDir(tmp_path).labels == [0]
