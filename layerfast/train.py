@@ -12,9 +12,10 @@ thin loop: plain SGD with momentum, cross-entropy, no augmentation, fp32. What i
   fp32 (TF32 off), on the *whole* test split in its stored order, top-1 = first maximal logit,
   counted on the device: the same definition as `layerfast.engine`, so the analysis's
   `fullmodel@τ` row reproduces `test_error` exactly.
-* **Reproducible.** `torch.manual_seed(seed)` right before building the model (θ⁰ depends only
-  on arch, data shape and seed, on any device: the model is built on the CPU), and a separate
-  seeded CPU generator for the per-epoch shuffle (same order on CPU and CUDA).
+* **Reproducible.** The CPU generator (and the training GPU's) seeded right before building the
+  model (θ⁰ depends only on arch, data shape and seed, on any device: the model is built on the
+  CPU), and a separate seeded CPU generator for the per-epoch shuffle (same order on CPU and
+  CUDA). No other generator is touched, and these are restored afterwards.
 
 The training split is gathered into memory once (uint8 stays uint8) and indexed by a fresh
 permutation each epoch; `DataSource.batches` is sequential by contract, and MNIST / digits /
@@ -269,7 +270,13 @@ def train(
         cuda_ids = [dev.index if dev.index is not None else torch.cuda.current_device()]
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(cuda_ids))
-        torch.manual_seed(seed)  # θ⁰ depends on the seed only: built on the CPU, then moved
+        # θ⁰ depends on the seed only: built on the CPU, then moved. Only the generators that
+        # fork_rng restores are seeded: torch.manual_seed would also reseed every other CUDA
+        # device (all of them for a CPU run), which the caller would then see.
+        torch.random.default_generator.manual_seed(seed)
+        for i in cuda_ids:  # dropout & co. on the training GPU
+            with torch.cuda.device(i):
+                torch.cuda.manual_seed(seed)
         model, _ = build_model(arch, train_src.num_classes, train_src.shape)
         model.to(dev)
         x_all, y_all = _gather(train_src, dev)  # decodes every image: broken files show here

@@ -32,3 +32,34 @@ def test_a_blown_up_model_with_a_finite_training_loss_is_a_divergence(tmp_path):
     text = (tmp_path / "manifest.json").read_text()
     assert "NaN" not in text and json.loads(text)["complete"] is False
     assert CheckpointDir(tmp_path).labels == [0]
+
+
+def test_a_cpu_run_leaves_the_cuda_generators_alone(tmp_path, monkeypatch):
+    # torch.manual_seed also reseeds every CUDA device (queued when CUDA is not initialised
+    # yet); a CPU run's fork_rng restores only the CPU generator, so the caller's CUDA streams
+    # changed. Observable without a GPU: no CUDA seeding at all for a CPU run.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(s))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: calls.append(s))
+    _tiny(tmp_path, device="cpu", seed=7)
+    assert calls == []
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_a_cpu_run_leaves_the_callers_cuda_rng_alone(tmp_path):
+    torch.cuda.manual_seed_all(123)
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed_all(123)
+    _tiny(tmp_path, device="cpu")
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
+
+
+def test_same_seed_same_theta0_as_torch_manual_seed(tmp_path):
+    from layerfast.models import build_model
+
+    _tiny(tmp_path, seed=11)
+    torch.manual_seed(11)
+    model, _ = build_model("fcn3x256", 10, (1, 8, 8))
+    saved = torch.load(tmp_path / "epoch_000.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
