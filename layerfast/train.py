@@ -338,6 +338,10 @@ def train(
             post["test_err"] = f"{res['test_error']:.4f}"
             bar.set_postfix(post, refresh=False)
 
+        # fp32 as documented, whatever the caller's global flags say: on CUDA, convolutions
+        # otherwise run in TF32 (cuDNN's default) and matmuls in TF32 after a
+        # torch.set_float32_matmul_precision("high") elsewhere in the process.
+        stack.enter_context(precision_context("fp32", dev))
         t0 = time.perf_counter()
         model.train()
         save(0, None)  # τ=0 is always in the schedule: the model before any step

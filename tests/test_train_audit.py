@@ -4,6 +4,7 @@ other devices, and the math mode training runs in."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,46 @@ def test_same_seed_same_theta0_as_torch_manual_seed(tmp_path):
     model, _ = build_model("fcn3x256", 10, (1, 8, 8))
     saved = torch.load(tmp_path / "epoch_000.pt", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+PROBE = """
+import torch
+from torch import nn
+
+seen = []
+
+
+class Probe(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        if self.training:
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return self.fc(x.flatten(1))
+
+
+def make():
+    return Probe()
+"""
+
+
+def test_training_runs_in_fp32_whatever_the_callers_tf32_flags(tmp_path, monkeypatch):
+    # The module promises fp32 training; it used to inherit the caller's flags (cuDNN allows
+    # TF32 by default, so CUDA conv nets trained in TF32, and a set_float32_matmul_precision
+    # ("high") elsewhere changed the checkpoints). The flags are plain globals: checkable on a CPU.
+    (tmp_path / "lf_audit_probe.py").write_text(PROBE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import lf_audit_probe
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        _tiny(tmp_path / "out", arch="lf_audit_probe:make")
+        # and the caller's flags are back afterwards
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        sys.modules.pop("lf_audit_probe", None)
+    assert lf_audit_probe.seen and set(lf_audit_probe.seen) == {(False, False)}
