@@ -9,10 +9,12 @@ directory (same filesystem, so the rename is atomic) and moved over the target w
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -96,53 +98,161 @@ def tau_of(label: object) -> int | None:
         ) from exc
 
 
-def _read(path: Path, what: str, columns: tuple[str, ...], dtype: dict[str, type]) -> pd.DataFrame:
+def _read(path: Path, what: str, columns: tuple[str, ...], text: tuple[str, ...]) -> pd.DataFrame:
+    """The CSV with every column as text ("" -> NaN): values are parsed and checked per column
+    by the callers, so that a bad cell gives one message naming its column and row."""
     if not path.is_file():
         raise LayerfastError(f"{path} not found: {what}")
     try:
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dtype)
+        df = pd.read_csv(
+            path, keep_default_na=False, na_values=[""], dtype={c: str for c in columns}
+        )
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise LayerfastError(f"cannot read {path}: {exc}") from exc
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise LayerfastError(f"{path} is missing column(s) {', '.join(missing)}")
+    df = df[list(columns)].copy()
+    for col in text:
+        df[col] = pd.Series([str(v) if isinstance(v, str) else "" for v in df[col]],
+                            index=df.index, dtype=object)
     return df
+
+
+def _bad(path: Path, col: str, rows: Any, values: pd.Series, why: str) -> LayerfastError:
+    i = int(np.flatnonzero(np.asarray(rows))[0])
+    cell = values.iloc[i]
+    shown = "empty" if not isinstance(cell, str) or cell == "" else repr(cell)
+    return LayerfastError(f"{path}: column '{col}', row {i + 1}: {shown} is not {why}")
+
+
+def _numbers(path: Path, df: pd.DataFrame, col: str) -> np.ndarray:
+    """Column `col` as float64 (empty -> NaN); any cell that is not a number is an error."""
+    raw = df[col]
+    values = pd.to_numeric(raw, errors="coerce").astype(np.float64).to_numpy()
+    bad = np.isnan(values) & raw.notna().to_numpy() & (raw.astype(str).str.lower() != "nan")
+    if bad.any():
+        raise _bad(path, col, bad, raw, "a number")
+    return values
+
+
+def _ints(path: Path, df: pd.DataFrame, col: str) -> list[int | None]:
+    """Column `col` as Python ints (empty -> None), parsed from the text itself: through a
+    float64, a seed above 2**53 (seeds go up to 2**63) would come back as another seed."""
+    raw = df[col]
+    out: list[int | None] = []
+    for i, cell in enumerate(raw):
+        if not isinstance(cell, str):
+            out.append(None)
+            continue
+        try:
+            v = int(cell)
+        except ValueError:
+            try:
+                f = float(cell)
+            except ValueError:
+                f = math.nan
+            v = int(f) if math.isfinite(f) and f.is_integer() else None
+        if v is None or not -(2**63) <= v < 2**63:
+            rows = np.zeros(len(raw), dtype=bool)
+            rows[i] = True
+            raise _bad(path, col, rows, raw, "a whole number")
+        out.append(v)
+    return out
+
+
+def _checked(
+    path: Path, df: pd.DataFrame, col: str, values: np.ndarray, bad: np.ndarray, why: str
+) -> np.ndarray:
+    if bad.any():
+        raise _bad(path, col, bad, df[col], why)
+    return values
 
 
 def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a `results.csv` back into the dtypes `metrics.results_table` produces.
 
     checkpoint/seed become nullable Int64 and an empty verdict becomes "" (not NaN), so a
-    table read from disk compares equal to the one that was written.
+    table read from disk compares equal to the one that was written. Since the file may come
+    from elsewhere (`layerfast report OUT`), every cell is checked against what results_table
+    can write, and the first bad one is a LayerfastError naming its column and row (counted
+    from 1 below the header): unit and kind non-empty; n a whole number >= 0; checkpoint and
+    seed whole numbers or empty (checkpoint required for reinit and fullmodel rows); error,
+    its interval, top5_error and agreement in [0, 1], delta_error in [-1, 1], and error,
+    its interval, agreement and delta_error present wherever n > 0; loss any number (a
+    re-randomized unit can overflow it to inf).
     """
     p = Path(path)
-    df = _read(p, "expected the results of a layerfast run (results.csv)", COLUMNS, {"unit": str})
-    try:
-        for col in ("checkpoint", "seed"):
-            df[col] = pd.to_numeric(df[col]).astype("Int64")
-        for col in _FLOATS:
-            df[col] = pd.to_numeric(df[col]).astype(np.float64)
-        df["n"] = pd.to_numeric(df["n"]).astype(np.int64)
-    except (ValueError, TypeError) as exc:
-        raise LayerfastError(f"{p} has a malformed numeric column: {exc}") from exc
+    df = _read(
+        p,
+        "expected the results of a layerfast run (results.csv)",
+        COLUMNS,
+        ("unit", "kind", "verdict"),
+    )
+    for col in ("unit", "kind"):
+        _checked(p, df, col, df[col], (df[col] == "").to_numpy(), "a name")
+    n_list = _ints(p, df, "n")
+    n = np.array([-1 if v is None else v for v in n_list], dtype=np.int64)
+    _checked(p, df, "n", n, n < 0, "a whole number >= 0")
+    samples = n > 0
+    out: dict[str, Any] = {}
+    for col in ("checkpoint", "seed"):
+        ints = _ints(p, df, col)
+        out[col] = pd.array([pd.NA if v is None else v for v in ints], dtype="Int64")
+    needs_tau = df["kind"].isin(["reinit", "fullmodel"]).to_numpy() & out["checkpoint"].isna()
+    _checked(p, df, "checkpoint", None, np.asarray(needs_tau, dtype=bool),
+             "a checkpoint τ (reinit/fullmodel rows need one)")
+    ranges = {
+        "error": (0.0, 1.0, True),
+        "error_lo": (0.0, 1.0, True),
+        "error_hi": (0.0, 1.0, True),
+        "top5_error": (0.0, 1.0, False),
+        "agreement": (0.0, 1.0, True),
+        "delta_error": (-1.0, 1.0, True),
+    }
+    for col in _FLOATS:
+        v = _numbers(p, df, col)
+        if col in ranges:
+            lo, hi, required = ranges[col]
+            empty = np.isnan(v)
+            wrong = ~empty & ~((v >= lo) & (v <= hi))
+            if required:
+                wrong |= empty & samples
+            why = f"in [{lo:g}, {hi:g}]" + (" (required where n > 0)" if required else "")
+            _checked(p, df, col, v, wrong, why)
+        out[col] = v
+    out["n"] = n
     for col in ("unit", "kind", "verdict"):
-        df[col] = df[col].fillna("").astype(str).astype(object)
-    return df[list(COLUMNS)]
+        out[col] = df[col]
+    return pd.DataFrame({c: out[c] for c in COLUMNS}, index=df.index)[list(COLUMNS)]
 
 
 def read_distances(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a `distances.csv`; `checkpoint` stays text-or-int ("0", "rerandom:1" -> 0, "rerandom:1")."""
+    """Read a `distances.csv`; `checkpoint` stays text-or-int ("0", "rerandom:1" -> 0, "rerandom:1").
+
+    Like `read_results`, a bad cell is one LayerfastError naming its column and row: unit
+    non-empty, checkpoint a τ or `rerandom:<seed>`, distances numbers >= 0 or empty (l2_rel is
+    NaN for a zero-initialized unit, see layerfast.distances).
+    """
     p = Path(path)
     df = _read(
         p,
         "expected per-unit weight distances (distances.csv)",
         DISTANCE_COLUMNS,
-        {"unit": str, "checkpoint": str},
+        ("unit", "checkpoint"),
     )
-    df["checkpoint"] = [
-        int(v) if isinstance(v, str) and v.lstrip("-").isdigit() else v for v in df["checkpoint"]
-    ]
+    _checked(p, df, "unit", None, (df["unit"] == "").to_numpy(), "a name")
+    checkpoints: list[object] = []
+    for v in df["checkpoint"]:
+        if v.lstrip("-").isdigit():
+            checkpoints.append(int(v))
+        else:
+            checkpoints.append(v)
+    taus_ok = np.array([isinstance(v, int) or v.startswith("rerandom") for v in checkpoints],
+                       dtype=bool)
+    _checked(p, df, "checkpoint", None, ~taus_ok, "a τ label or 'rerandom:<seed>'")
+    out: dict[str, object] = {"unit": df["unit"], "checkpoint": checkpoints}
     for col in ("l2", "l2_rel", "linf"):
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype(np.float64)
-    df["unit"] = df["unit"].astype(str).astype(object)
-    return df[list(DISTANCE_COLUMNS)]
+        v = _numbers(p, df, col)
+        out[col] = _checked(p, df, col, v, v < 0, "a distance (>= 0)")
+    return pd.DataFrame(out, index=df.index)[list(DISTANCE_COLUMNS)]
