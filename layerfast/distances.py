@@ -22,6 +22,7 @@ Memory: the tensors of one unit at two checkpoints at a time.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -61,6 +62,13 @@ def _row(
     }
 
 
+def _integer(v: Any, what: str) -> int:
+    """`v` as an int, refusing what int() would silently truncate (1.7 -> τ=1) or crash on."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise LayerfastError(f"distances: a {what} must be an integer, got {v!r}.")
+    return int(v)
+
+
 def distances(
     model: nn.Module,
     units: Sequence[UnitLike],
@@ -84,7 +92,7 @@ def distances(
             raise LayerfastError(f"checkpoints must be 'all' or labels, not {checkpoints!r}.")
         taus = list(ckpts.labels) if ckpts is not None else None
     else:
-        taus = list(dict.fromkeys(int(t) for t in checkpoints))
+        taus = list(dict.fromkeys(_integer(t, "checkpoint label") for t in checkpoints))
     if not has_tau0:
         if taus:  # None ("all" without a directory) or a non-empty list
             found = ", ".join(map(str, ckpts.labels)) if ckpts is not None else "no directory"
@@ -115,8 +123,9 @@ def distances(
                 raise LayerfastError(f"distances: variant {r.label!r} is for no known unit.")
             draws[r.unit].append((f"rerandom:{r.seed}", r))
         else:
+            seed = _integer(r, "rerandom seed")
             for u in units:
-                draws[u.name].append((f"rerandom:{int(r)}", int(r)))
+                draws[u.name].append((f"rerandom:{seed}", seed))
 
     rows = []
     for u in units:

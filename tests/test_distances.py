@@ -131,3 +131,15 @@ def test_a_tied_parameter_counts_once_in_a_joint_unit(tmp_path: Path) -> None:
     assert list(df.l2) == [2.0, 2.0]
     assert list(df.l2_rel) == pytest.approx([2 / math.sqrt(2)] * 2)
     assert list(df.linf) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "kw", [{"checkpoints": [1.7]}, {"checkpoints": ["x"]}, {"checkpoints": [True]},
+           {"checkpoints": (), "rerandom": [2.5]}],
+)  # fmt: skip
+def test_non_integer_labels_and_seeds_are_refused_not_truncated(tmp_path: Path, kw) -> None:
+    # int(1.7) used to give the τ=1 row under label 1 (and seed 2.5 the draw of seed 2)
+    torch.save(state([1.0, 2.0], 2.0), tmp_path / "e_0.pt")
+    torch.save(state([1.0, 4.0], 2.0), tmp_path / "e_1.pt")
+    with pytest.raises(LayerfastError, match="must be an integer"):
+        distances(Net(), [FC], CheckpointDir(tmp_path), **kw)
