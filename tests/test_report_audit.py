@@ -17,7 +17,7 @@ import pytest
 
 from layerfast.errors import LayerfastError
 from layerfast.metrics import COLUMNS, results_table
-from layerfast.report import read_distances, read_results, write_csv
+from layerfast.report import read_distances, read_results, redraw, write_csv
 
 HEADER = ",".join(COLUMNS)
 DIST_HEADER = "unit,checkpoint,l2,l2_rel,linf"
@@ -55,6 +55,18 @@ def write_rows(path: Path, rows: list[str], header: str = HEADER) -> Path:
 
 GOOD_BASE = "*,baseline,,,0.05,0.02,0.11,0.01,0.2,1.0,100,0.0,"
 GOOD_REINIT = "fc1,reinit,0,,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical"
+
+
+# ----------------------------------------------------------------------------- redraw
+
+
+def test_redraw_run_without_tau0_has_header_only_distances(tmp_path: Path) -> None:
+    """A checkpoint dir without τ = 0 writes a header-only distances.csv and no distances.png
+    (docs/decisions.md); `layerfast report` on that run must redraw the heatmap, not fail."""
+    write_csv(small_table(), tmp_path / "results.csv")
+    (tmp_path / "distances.csv").write_text(DIST_HEADER + "\n")
+    assert redraw(tmp_path) == [tmp_path / "heatmap.png"]
+    assert not (tmp_path / "distances.png").exists()
 
 
 # ----------------------------------------------------------------------------- read_results

@@ -31,11 +31,14 @@ __all__ = [
 
 
 def redraw(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Rewrite `heatmap.png` (and `distances.png` if `distances.csv` exists) in `out_dir`.
+    """Rewrite `heatmap.png` (and `distances.png` if `distances.csv` has rows) in `out_dir`.
 
     Reads only `results.csv` / `distances.csv`, so it works on a run made elsewhere. Returns
     the paths written. A missing out dir or results.csv is a LayerfastError, since it is what a
-    user gets by pointing `layerfast report` at the wrong directory.
+    user gets by pointing `layerfast report` at the wrong directory. A header-only
+    distances.csv is what a run without τ = 0 writes (nothing to measure from, no
+    distances.png; docs/decisions.md), so it is skipped, as `analyze` skips it. Both CSV files
+    are read and checked before anything is written, so bad input leaves the figures as they were.
     """
     out = Path(out_dir)
     if not out.is_dir():
@@ -46,8 +49,10 @@ def redraw(out_dir: str | os.PathLike[str]) -> list[Path]:
             f"{results} not found: {out} does not look like a finished layerfast run "
             "(expected results.csv from `layerfast analyze --out DIR`)"
         )
-    written = [heatmap(read_results(results), out / "heatmap.png")]
-    dist = out / "distances.csv"
-    if dist.is_file():
-        written.append(distance_plot(read_distances(dist), out / "distances.png"))
+    table = read_results(results)
+    dist_path = out / "distances.csv"
+    dist = read_distances(dist_path) if dist_path.is_file() else None
+    written = [heatmap(table, out / "heatmap.png")]
+    if dist is not None and len(dist):
+        written.append(distance_plot(dist, out / "distances.png"))
     return written
