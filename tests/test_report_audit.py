@@ -17,7 +17,7 @@ import pytest
 
 from layerfast.errors import LayerfastError
 from layerfast.metrics import COLUMNS, results_table
-from layerfast.report import read_distances, read_results, redraw, write_csv
+from layerfast.report import read_distances, read_results, redraw, summary_table, write_csv
 
 HEADER = ",".join(COLUMNS)
 DIST_HEADER = "unit,checkpoint,l2,l2_rel,linf"
@@ -156,6 +156,17 @@ def test_read_distances_keeps_nan_l2_rel_of_a_zero_initialized_unit(tmp_path: Pa
     path = write_rows(tmp_path / "distances.csv", ["fc1,0,0,,0", "fc1,1,1.0,,0.01"], DIST_HEADER)
     back = read_distances(path)
     assert back["l2_rel"].isna().all() and back["l2"].tolist() == [0.0, 1.0]
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def test_summary_does_not_call_a_unit_critical_without_samples() -> None:
+    """With n = 0, delta_error is NaN and results.csv's verdict is empty: the summary must not
+    print "critical" for it (NaN <= threshold is False)."""
+    text = summary_table(small_table(n=0))
+    rows = [line for line in text.splitlines() if line.startswith("fc")]
+    assert len(rows) == 2 and not any("critical" in r or "robust" in r for r in rows), text
 
 
 def test_read_results_keeps_seeds_above_2_to_the_53(tmp_path: Path) -> None:

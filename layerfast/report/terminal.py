@@ -24,6 +24,9 @@ def _pct(v: float) -> str:
 
 
 def _verdict(delta: float, threshold: float) -> str:
+    """As metrics.results_table: no verdict ("") where delta_error is NaN (no samples)."""
+    if not math.isfinite(delta):
+        return ""
     return "robust" if delta <= threshold + 1e-12 else "critical"
 
 
@@ -110,9 +113,8 @@ def summary_table(
             at0 = ri[ri["checkpoint"] == tau0]
             if len(at0):
                 row.append(_pct(float(at0["error"].mean())))
-                verdicts.append(
-                    f"reinit@{tau0}: {_verdict(float(at0['delta_error'].mean()), threshold)}"
-                )
+                v = _verdict(float(at0["delta_error"].mean()), threshold)
+                verdicts.append(f"reinit@{tau0}: {v or '-'}")
             else:
                 row.append("-")
         if len(rr):
@@ -125,11 +127,15 @@ def summary_table(
                 if len(errs) > 1:
                     cell += f" ({100 * float(errs.std(ddof=1)):.2f})"
                 row.append(cell)
-                crit = sum(_verdict(float(d), threshold) == "critical" for d in r["delta_error"])
-                if crit in (0, len(r)):
+                judged = [_verdict(float(d), threshold) for d in r["delta_error"]]
+                judged = [v for v in judged if v]
+                crit = judged.count("critical")
+                if not judged:
+                    verdicts.append("rerandom: -")
+                elif crit in (0, len(judged)):
                     verdicts.append(f"rerandom: {'critical' if crit else 'robust'}")
                 else:
-                    verdicts.append(f"rerandom: mixed ({crit}/{len(r)} critical)")
+                    verdicts.append(f"rerandom: mixed ({crit}/{len(judged)} critical)")
         row.append("")  # filled in below, once the verdict parts' widths are known
         pending.append((row, verdicts))
         if taus:
@@ -138,7 +144,8 @@ def summary_table(
                 for t, d in zip(ri["checkpoint"], ri["delta_error"], strict=True)
                 if _verdict(float(d), threshold) == "critical"
             )
-            row.append(_ranges(crit_taus, taus) if len(ri) else "-")
+            judged = ri["delta_error"].notna().any()
+            row.append(_ranges(crit_taus, taus) if judged else "-")
         if distances is not None:
             rel = max_rel.get(unit)
             row.append("-" if rel is None else (f"{rel:.4f}" if rel >= 1e-3 else f"{rel:.2e}"))
