@@ -175,13 +175,24 @@ def _prepare_out(out: Path, overwrite: bool) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LayerfastError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
-    for name in _old_checkpoints(out):
-        if name == MANIFEST or _FILE_RE.match(name):
-            (out / name).unlink()
-    if not os.access(out, os.W_OK):
+    if not os.access(out, os.W_OK):  # before deleting anything of an old run
         _remove_created([], created)
         raise LayerfastError(f"--out {out}: the directory is not writable")
+    for name in _old_checkpoints(out):
+        if name == MANIFEST or _FILE_RE.match(name):
+            try:
+                (out / name).unlink()
+            except OSError as exc:
+                raise LayerfastError(
+                    f"--out {out}: cannot remove the old {name} ({exc.strerror or exc})"
+                ) from None
     return created
+
+
+def _write_error(out: Path, name: str, exc: OSError) -> LayerfastError:
+    """A failed write (disk full, quota, permissions changed under the run) as one line: the
+    atomic writes have already removed their temporary file, so `out` holds whole files only."""
+    return LayerfastError(f"--out {out}: cannot write {name} ({exc.strerror or exc})")
 
 
 def _remove_created(files: Sequence[Path], dirs: Sequence[Path]) -> None:
@@ -330,9 +341,15 @@ def train(
                 raise LayerfastError(f"training diverged at epoch {epoch} ({why}); lower lr={lr}")
             if not entries:
                 pending.append(out / name)
-            _atomic_save(state, out / name)
+            try:
+                _atomic_save(state, out / name)
+            except OSError as exc:
+                raise _write_error(out, name, exc) from None
             entries.append({"epoch": epoch, "file": name, **res, "train_loss": train_loss})
-            write_manifest(out, entries, **meta)
+            try:
+                write_manifest(out, entries, **meta)
+            except OSError as exc:
+                raise _write_error(out, MANIFEST, exc) from None
             pending.clear()  # listed by a manifest: a readable (if incomplete) run from now on
             created.clear()
             post["test_err"] = f"{res['test_error']:.4f}"
@@ -371,5 +388,8 @@ def train(
             if epoch + 1 in taus:
                 save(epoch + 1, train_loss)
     meta.update(complete=True, train_seconds=round(time.perf_counter() - t0, 3))
-    write_manifest(out, entries, **meta)
+    try:
+        write_manifest(out, entries, **meta)
+    except OSError as exc:
+        raise _write_error(out, MANIFEST, exc) from None
     return {"checkpoints": entries, **meta}

@@ -107,3 +107,46 @@ def test_training_runs_in_fp32_whatever_the_callers_tf32_flags(tmp_path, monkeyp
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
         sys.modules.pop("lf_audit_probe", None)
     assert lf_audit_probe.seen and set(lf_audit_probe.seen) == {(False, False)}
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_whole_files(tmp_path, monkeypatch, capsys):
+    # An OSError from a write (ENOSPC, quota) used to escape as a traceback (exit 1).
+    import errno
+
+    from layerfast.cli import main
+
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):  # the third checkpoint finds the disk full
+        calls.append(1)
+        if len(calls) == 3:
+            f.write(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "o"
+    rc = main(["train", "--arch", "fcn3x256", "--epochs", "2", "--max-samples", "64",
+               "--out", str(out), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "cannot write epoch_002.pt (No space left on device)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["epoch_000.pt", "epoch_001.pt", "manifest.json"]
+    assert CheckpointDir(out).labels == [0, 1] and CheckpointDir(out).manifest["complete"] is False
+
+
+def test_a_failed_manifest_write_is_a_layerfast_error(tmp_path, monkeypatch):
+    import layerfast.train as lt
+
+    real, calls = lt.write_manifest, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise PermissionError(13, "Permission denied")
+        return real(*a, **k)
+
+    monkeypatch.setattr(lt, "write_manifest", flaky)
+    with pytest.raises(LayerfastError, match=r"cannot write manifest.json \(Permission denied\)"):
+        _tiny(tmp_path)
+    assert CheckpointDir(tmp_path).labels == [0]  # the last good manifest still stands
