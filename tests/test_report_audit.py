@@ -178,3 +178,38 @@ def test_read_results_keeps_seeds_above_2_to_the_53(tmp_path: Path) -> None:
     back = read_results(write_csv(table, tmp_path / "results.csv"))
     assert int(back["seed"].iloc[1]) == seed
     pd.testing.assert_frame_equal(back, table)
+
+
+# ----------------------------------------------------------------------------- a unit named "*"
+
+
+def star_unit_table() -> pd.DataFrame:
+    """`--units '*'` (one pattern selecting every module) makes one unit named "*", the same
+    name baseline and fullmodel rows carry; its reinit/rerandom rows are still a unit's."""
+    variants = [
+        FakeVariant("*", "baseline"),
+        FakeVariant("*", "reinit", 0),
+        FakeVariant("*", "reinit", 30),
+        FakeVariant("*", "rerandom", None, 1),
+    ]
+    counts = np.array([[95, 99, 5, 95], [10, 40, 50, 12], [95, 99, 5, 95], [12, 40, 50, 12]])
+    return results_table(variants, counts, 100, 10)
+
+
+def test_heatmap_and_summary_show_a_unit_named_star(tmp_path: Path) -> None:
+    from layerfast.report import heatmap
+    from layerfast.report.figures import distance_grid, error_grid
+
+    table = star_unit_table()
+    rows, cols, grid = error_grid(table)  # was KeyError: '*' (a traceback from `analyze`)
+    assert rows == ["*"] and cols == ["ReRnd", "0", "30"]
+    np.testing.assert_allclose(grid, [[0.88, 0.90, 0.05]])
+    heatmap(table, tmp_path / "heatmap.png")
+    lines = summary_table(table).splitlines()
+    assert any(line.startswith("*") and "90.00%" in line for line in lines), lines
+    dist = pd.DataFrame(
+        [("*", 0, 0.0, 0.0, 0.0), ("*", 30, 2.0, 0.5, 0.1)],
+        columns=["unit", "checkpoint", "l2", "l2_rel", "linf"],
+    )
+    units, _, dgrid = distance_grid(dist, "l2_rel")
+    assert units == ["*"] and dgrid.tolist() == [[0.0, 0.5]]

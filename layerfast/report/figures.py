@@ -106,7 +106,7 @@ def distance_grid(distances: pd.DataFrame, column: str) -> tuple[list[str], list
     sums = np.zeros((len(units), len(cols)))
     counts = np.zeros((len(units), len(cols)))
     for unit, t, value in zip(distances["unit"].astype(str), tau, distances[column], strict=True):
-        if unit == "*" or pd.isna(value):
+        if pd.isna(value):
             continue
         i, j = row_of[unit], col_of[RERANDOM_COLUMN if t is None else str(t)]
         sums[i, j] += float(value)

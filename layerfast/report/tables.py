@@ -82,8 +82,12 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
 
 
 def unit_order(units: Iterable[str]) -> list[str]:
-    """Units in order of first appearance: the engine emits variants in model order."""
-    return list(dict.fromkeys(u for u in units if u != "*"))
+    """Units in order of first appearance: the engine emits variants in model order.
+
+    Callers pass the unit column of reinit/rerandom (or distances) rows only. "*" is kept: it
+    marks baseline and fullmodel rows, but `--units '*'` also names a real unit so.
+    """
+    return list(dict.fromkeys(units))
 
 
 def tau_of(label: object) -> int | None:
