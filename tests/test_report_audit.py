@@ -213,3 +213,24 @@ def test_heatmap_and_summary_show_a_unit_named_star(tmp_path: Path) -> None:
     )
     units, _, dgrid = distance_grid(dist, "l2_rel")
     assert units == ["*"] and dgrid.tolist() == [[0.0, 0.5]]
+
+
+# ----------------------------------------------------------------------------- summary, fullmodel
+
+
+def test_summary_shows_the_fullmodel_row_without_reinit_rows() -> None:
+    """`--reset rerandom,fullmodel` (or fullmodel alone) is a valid run: its full-model
+    reference row used to vanish from the terminal summary, which keyed τ0 on reinit rows."""
+    variants = [
+        FakeVariant("*", "baseline"),
+        FakeVariant("fc1", "rerandom", None, 1),
+        FakeVariant("*", "fullmodel", 0),
+        FakeVariant("*", "fullmodel", 5),
+    ]
+    counts = np.array([[90, 95, 5, 90], [12, 40, 50, 12], [10, 40, 50, 12], [80, 90, 9, 80]])
+    table = results_table(variants, counts, 100, 10)
+    for t in (table, table[table["kind"] != "rerandom"]):
+        text = summary_table(t)
+        full = [line for line in text.splitlines() if line.startswith("(all units) ")]
+        assert len(full) == 1 and "90.00%" in full[0], text
+        assert "every unit reset to tau=0" in text

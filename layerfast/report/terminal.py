@@ -79,7 +79,10 @@ def summary_table(
     full = table[(kinds == "fullmodel") & table["checkpoint"].notna()]
     units = unit_order(table.loc[kinds.isin(["reinit", "rerandom"]), "unit"].astype(str))
     taus = sorted({int(t) for t in reinit["checkpoint"]})
-    tau0 = taus[0] if taus else None
+    # τ0 of the reinit column and of the "(all units)" reference row: from the fullmodel rows
+    # when there are no reinit rows (--reset fullmodel[,rerandom]), whose only τ results they are.
+    full_taus = sorted({int(t) for t in full["checkpoint"]})
+    tau0 = taus[0] if taus else (full_taus[0] if full_taus else None)
     seeds = sorted({int(s) for s in rr["seed"].dropna()})
 
     max_rel: dict[str, float] = {}
