@@ -234,3 +234,25 @@ def test_summary_shows_the_fullmodel_row_without_reinit_rows() -> None:
         full = [line for line in text.splitlines() if line.startswith("(all units) ")]
         assert len(full) == 1 and "90.00%" in full[0], text
         assert "every unit reset to tau=0" in text
+
+
+def test_log_scale_distance_plot_draws_zero_at_the_lowest_colour_not_as_missing() -> None:
+    """θ^0 against itself is exactly 0: on a log colour scale (values over > 2 decades) it must
+    not share the grey of a missing cell (past 60 rows there are no numbers to tell them apart)."""
+    from matplotlib.figure import Figure
+
+    from layerfast.report import figures
+
+    grid = np.array([[0.0, 1e-3, 1.0], [0.0, np.nan, 2.0]])
+    norm, is_log = figures._norm_for(grid)
+    assert is_log
+    rows, cols = ["fc1", "fc2"], ["0", "1", "2"]
+    geo = figures._Geometry(rows, cols, annot_chars=6, n_panels=1)
+    ax = Figure().subplots()
+    im = figures._draw_grid(ax, grid, rows, cols, norm, figures._two_sig, geo, ylabels=True)
+    drawn = im.get_array()
+    assert not drawn.mask[0, 0] and not drawn.mask[1, 0]  # the zeros are drawn...
+    assert drawn.mask[1, 1]  # ...while the NaN stays a missing (grey) cell
+    assert np.allclose(im.to_rgba(drawn)[0, 0], im.cmap(0.0))  # at the scale's lowest colour
+    texts = [t.get_text() for t in ax.texts]
+    assert texts.count("0") == 2 and str(norm.vmin) not in texts  # annotated with the true 0

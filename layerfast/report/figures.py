@@ -244,9 +244,13 @@ def _draw_grid(
     ylabels: bool,
 ) -> object:
     cmap = _cmap()
-    masked = np.ma.masked_invalid(grid)
     if isinstance(norm, LogNorm):
-        masked = np.ma.masked_where(~(grid > 0), grid)
+        # A distance of exactly 0 (θ^0 against itself) has no place on a log scale; drawn at the
+        # scale's lowest colour, not the grey of a missing cell (its annotation still says 0).
+        shown = np.where(np.isfinite(grid) & (grid <= 0), norm.vmin, grid)
+    else:
+        shown = grid
+    masked = np.ma.masked_invalid(shown)
     im = ax.imshow(masked, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
     ax.set_xticks(
         range(len(cols)),
