@@ -263,6 +263,8 @@ def train(
     for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise LayerfastError(f"{name} must be a finite number >= 0, got {v!r}")
+    if momentum >= 1:  # the velocity would never decay: the run diverges, blamed on the lr
+        raise LayerfastError(f"momentum must be below 1 (0.9 is usual), got {momentum!r}")
     _check_seed(seed)
     out = Path(out)
     _check_out(out, overwrite)

@@ -217,6 +217,14 @@ def test_bad_arguments_are_layerfast_errors(tmp_path, kw):
         train(**{**args, **kw})
 
 
+@pytest.mark.parametrize("momentum", [1.0, 1.5])
+def test_momentum_of_one_or_more_is_refused_up_front_not_blamed_on_the_lr(tmp_path, momentum):
+    out = tmp_path / "o"
+    with pytest.raises(LayerfastError, match="momentum must be below 1"):
+        train(arch=ARCH, data=DATA, epochs=1, out=out, progress=False, momentum=momentum)
+    assert not out.exists()
+
+
 def test_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(LayerfastError, match="not a directory"):
