@@ -31,6 +31,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -46,7 +47,7 @@ import layerfast
 from layerfast.checkpoints import MANIFEST, SUFFIXES, write_manifest
 from layerfast.checkpoints.discover import new_file_mode
 from layerfast.data import open_data, to_device
-from layerfast.data.source import check_finite
+from layerfast.data.source import DataSource, check_finite
 from layerfast.engine.precision import precision_context, resolve_device
 from layerfast.errors import LayerfastError
 from layerfast.models import build_model
@@ -208,6 +209,20 @@ def _remove_created(files: Sequence[Path], dirs: Sequence[Path]) -> None:
             break
 
 
+def _warn_if_one_split(data: str, train_src: DataSource, test_src: DataSource) -> None:
+    """A one-split source (an .npz without x_train/x_test, a .beton) serves the same samples as
+    'train' and 'test'; the 'test' errors recorded in the manifest are then training errors, and
+    the analysis of the run measures memorisation. Allowed (it is the user's data), but said."""
+    k = min(64, train_src.n, test_src.n)
+    if k == 0:
+        return
+    (xa, ya), (xb, yb) = (next(iter(s.batches(k))) for s in (train_src, test_src))
+    if torch.equal(ya, yb) and xa.shape == xb.shape and torch.equal(xa, xb):
+        print(f"layerfast: warning: {data}: its train and test splits begin with the same {k} "
+              "samples (a one-split file?); the test errors recorded will be training errors",
+              file=sys.stderr)
+
+
 def _check_seed(seed: object) -> None:
     """torch seeds take 64 bits; the manifest and the analysis store seeds as int64. A larger
     value used to fail inside `manual_seed` with a traceback, after `out` was created."""
@@ -276,6 +291,7 @@ def train(
             f"{data}: train and test splits disagree (classes {train_src.num_classes} vs "
             f"{test_src.num_classes}, shape {train_src.shape} vs {test_src.shape})"
         )
+    _warn_if_one_split(data, train_src, test_src)
 
     # The caller's RNG state is restored afterwards: training reseeds, the caller should not see it.
     cuda_ids = []

@@ -296,3 +296,23 @@ def test_fashion_mnist_learns_and_records_errors_on_the_full_test_split(tmp_path
     first, last = m["checkpoints"]
     assert m["in_shape"] == [1, 28, 28] and last["test_n"] == 10000
     assert first["test_error"] > 0.8 and last["test_error"] < 0.25
+
+
+@pytest.mark.parametrize("splits", [False, True])
+def test_a_one_split_file_is_trained_on_with_a_warning(tmp_path, capsys, splits):
+    """An .npz with only x/y serves the same samples as train and test: the manifest's 'test'
+    errors would be training errors. The run goes on (it is the user's data) but says so."""
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    x, y = g.integers(0, 256, (48, 8, 8), dtype=np.uint8), np.arange(48) % 3
+    path = tmp_path / "d.npz"
+    if splits:
+        np.savez(path, x_train=x, y_train=y, x_test=x[::-1].copy(), y_test=y[::-1].copy())
+    else:
+        np.savez(path, x=x, y=y)
+    capsys.readouterr()
+    train(arch=ARCH, data=str(path), epochs=1, out=tmp_path / "o", progress=False)
+    err = capsys.readouterr().err
+    assert ("train and test splits begin with the same 48 samples" in err) is (not splits), err
+    assert (tmp_path / "o" / "manifest.json").exists()
