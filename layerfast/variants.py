@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from layerfast.checkpoints import CheckpointDir
-from layerfast.checkpoints.keymap import is_tolerated_missing
+from layerfast.checkpoints.keymap import canonical_keys, is_tolerated_missing
 from layerfast.errors import LayerfastError
 from layerfast.models.init import NORM_TYPES
 
@@ -206,6 +206,14 @@ def rerandom_draw(
             f"unit {unit.name!r}: cannot re-randomize {', '.join(missing[:5])}: not owned "
             "directly by any of the unit's modules."
         )
+    # A tied tensor (`dec.weight = enc.weight`) is one tensor: when the unit holds several of its
+    # names, each module drew its own value for it; the draw under the canonical name (the
+    # first `named_parameters()` gives) stands for all of them, as the tensor can hold only one.
+    canon = canonical_keys(model)
+    for k in unit.keys:
+        c = canon.get(k, k)
+        if c != k and c in out:
+            out[k] = out[c]
     return {k: out[k].contiguous() for k in unit.keys}
 
 

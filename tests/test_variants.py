@@ -330,3 +330,60 @@ def test_interp_formula(tmp_path: Path) -> None:
     )
     assert_same(ends[1].overrides(), {k: sd_at(1)[k] for k in FC.keys})
     assert_same(ends[2].overrides(), {k: sd_at(5)[k] for k in FC.keys})
+
+
+class TiedPair(nn.Module):
+    """`dec.weight = enc.weight`: one tensor under two state-dict names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(6, 6)
+        self.dec = nn.Linear(6, 6)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(torch.relu(self.enc(x.flatten(1))))
+
+
+def test_rerandom_of_a_unit_holding_both_names_of_a_tied_tensor_draws_it_once() -> None:
+    """Each module drew its own value for the shared tensor, and the engine then refused the
+    variant ('gives the tied tensor enc.weight two different values'): a joint unit over tied
+    modules could not be re-randomized at all. The canonical name's draw stands for both."""
+    from layerfast.units import make_units
+
+    model = TiedPair()
+    (unit,) = make_units(model, patterns="re:enc|dec")
+    assert {"enc.weight", "dec.weight"} <= set(unit.keys)
+    draw = rerandom_draw(model, unit, seed=3)
+    assert torch.equal(draw["enc.weight"], draw["dec.weight"])
+    alone = rerandom_draw(model, Unit("enc", ("enc",), ("enc.weight", "enc.bias")), seed=3)
+    # the biases are each module's own, and enc's draw of the shared weight is the one kept
+    assert not torch.equal(draw["enc.bias"], draw["dec.bias"])
+    assert torch.equal(draw["enc.weight"], rerandom_draw(model, unit, seed=3)["dec.weight"])
+    assert alone["enc.weight"].shape == draw["enc.weight"].shape
+
+
+def test_analyze_re_randomizes_a_joint_unit_of_tied_modules(tmp_path: Path, monkeypatch) -> None:
+    import numpy as np
+
+    from layerfast.analysis import analyze
+
+    (tmp_path / "tiedpair_mod.py").write_text(
+        "from tests.test_variants import TiedPair\n"
+        "def make(num_classes, in_shape):\n    return TiedPair()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=g.standard_normal((40, 6)).astype(np.float32), y=np.arange(40) % 6)
+    model = TiedPair()
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save(model.state_dict(), ck / "epoch_0.pt")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    torch.save(model.state_dict(), ck / "epoch_1.pt")
+    res = analyze("tiedpair_mod:make", ck, data=str(tmp_path / "d.npz"), units="re:enc|dec",
+                  seeds=2, out=tmp_path / "out", device="cpu", progress=False, figures=False)
+    t = res.table
+    assert len(t[t["kind"] == "rerandom"]) == 2

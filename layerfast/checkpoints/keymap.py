@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from layerfast.errors import LayerfastError
 
@@ -149,3 +150,19 @@ def resolve(raw_keys: Iterable[str], reference: set[str], where: str) -> dict[st
         if cand and _matches(cand, reference):
             return cand
     return max(candidates, key=lambda c: len(set(c) & reference))
+
+
+def canonical_keys(model: nn.Module) -> dict[str, str]:
+    """Every state-dict name of a parameter or buffer -> its canonical key (the first name the
+    de-duplicating `named_parameters()` / `named_buffers()` give the same tensor). Tied weights
+    (`b.weight = a.weight`) have several names and one key; `load_state_dict` accepts any of
+    them and writes the one tensor."""
+    out: dict[str, str] = {}
+    first: dict[int, str] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + \
+        list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if t is None:
+            continue
+        out[name] = first.setdefault(id(t), name)
+    return out

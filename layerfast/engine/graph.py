@@ -38,6 +38,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from layerfast.checkpoints.keymap import canonical_keys
+
 
 @dataclass
 class Step:
@@ -82,22 +84,6 @@ def refs_in(obj: Any) -> list[int]:
     found: list[int] = []
     _map_refs(obj, lambda r: found.append(r.index))
     return found
-
-
-def canonical_keys(model: nn.Module) -> dict[str, str]:
-    """Every state-dict name of a parameter or buffer -> its canonical key (the first name the
-    de-duplicating `named_parameters()` / `named_buffers()` give the same tensor). Tied weights
-    (`b.weight = a.weight`) have several names and one key; `load_state_dict` accepts any of
-    them and writes the one tensor."""
-    out: dict[str, str] = {}
-    first: dict[int, str] = {}
-    named = list(model.named_parameters(remove_duplicate=False)) + \
-        list(model.named_buffers(remove_duplicate=False))
-    for name, t in named:
-        if t is None:
-            continue
-        out[name] = first.setdefault(id(t), name)
-    return out
 
 
 def _state_keys(model: nn.Module, canon: dict[str, str]) -> dict[str, list[str]]:
