@@ -79,12 +79,19 @@ class ResumeStore:
             db.execute("CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 0),"
                        " n_done INTEGER, counts BLOB, complete INTEGER, info TEXT)")
         except sqlite3.DatabaseError as exc:
-            raise LayerfastError(f"cannot use the resume store {self.path} ({exc}); pass --fresh "
-                                 "to start over there, or choose another --out") from None
+            raise self._unusable(exc) from None
         return db
 
+    def _unusable(self, exc: sqlite3.Error) -> LayerfastError:
+        return LayerfastError(f"cannot use the resume store {self.path} ({exc}); pass --fresh "
+                              "to start over there, or choose another --out")
+
     def _check_identity(self, out: Path) -> None:
-        rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        try:  # a file of that name that is not our store (other tables, damaged pages)
+            rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.Error as exc:
+            self.close()
+            raise self._unusable(exc) from None
         if not rows:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("INSERT INTO meta VALUES ('schema', ?), ('fingerprint', ?)",
@@ -105,7 +112,11 @@ class ResumeStore:
     # ---- state -----------------------------------------------------------------------
     def load(self) -> Progress:
         """The saved progress; n_done 0 and no counts when nothing was saved yet."""
-        row = self.db.execute("SELECT n_done, counts, complete, info FROM state WHERE id = 0").fetchone()
+        try:
+            row = self.db.execute("SELECT n_done, counts, complete, info FROM state WHERE id = 0"
+                                  ).fetchone()
+        except sqlite3.Error as exc:
+            raise self._unusable(exc) from None
         if row is None:
             return Progress(0, None, False, {})
         flat = np.frombuffer(row[1], dtype=np.float64)
@@ -156,7 +167,14 @@ class ResumeStore:
 _PLAN_KEYS = frozenset({"device", "precision", "batch_size", "fanout", "max_fanout",
                         "channels_last", "passes"})
 #: Keys that change when the files on disk change under the same arguments.
-_INPUT_KEYS = frozenset({"files", "n"})
+_INPUT_KEYS = frozenset({"files", "data_files", "n"})
+#: Plan keys an option can also set: the same command on another machine or version changes
+#: them, but so does the user's own `--batch-size 64`, and the refusal must not blame the machine.
+_PLAN_OPTIONS = {"batch_size": "--batch-size", "device": "--device", "precision": "--precision",
+                 "fanout": "--fanout", "channels_last": "--layout"}
+#: Written last by a finished run (analysis.OUTPUTS): a store marked complete without it was
+#: killed while writing its outputs, so the run is not finished yet.
+_DONE_MARKER = "run.json"
 
 
 def _what_differs(diff: list[str]) -> str:
@@ -169,17 +187,24 @@ def _what_differs(diff: list[str]) -> str:
         parts.append(f"a run with different arguments (differs in: {', '.join(args)})")
     if "files" in diff:
         parts.append("a run over checkpoint files that have changed since")
-    elif "n" in diff:
+    if "data_files" in diff:  # the key analysis keeps the data's files under
+        parts.append("a run over data files that have changed since")
+    elif "n" in diff and "files" not in diff:
         parts.append("a run over data with another number of samples")
     plan = [k for k in diff if k in _PLAN_KEYS]
     if plan:
-        parts.append("a run the engine planned differently (differs in: "
-                     f"{', '.join(plan)}: another machine, memory size or layerfast version)")
+        flags = list(dict.fromkeys(_PLAN_OPTIONS[k] for k in plan if k in _PLAN_OPTIONS))
+        why = "another machine, memory size or layerfast version"
+        if flags:
+            why = f"another {' or '.join(flags)}, or {why}"
+        parts.append(f"a run the engine planned differently (differs in: {', '.join(plan)}: {why})")
     return "; and ".join(parts) if parts else "another run"
 
 
 def find_unfinished(parent: Path, prefix: str, fingerprint: dict) -> Path | None:
-    """The newest `parent/<prefix>*` dir holding an unfinished run with this fingerprint."""
+    """The newest `parent/<prefix>*` dir holding an unfinished run with this fingerprint: its
+    pass not complete, or complete but its outputs not all written (no run.json: killed while
+    writing them), which a rerun finishes without evaluating again."""
     want = json.dumps(fingerprint, sort_keys=True, default=str)
     for d in sorted(parent.glob(f"{prefix}*"), reverse=True):
         db = d / FILENAME
@@ -194,7 +219,8 @@ def find_unfinished(parent: Path, prefix: str, fingerprint: dict) -> Path | None
                 con.close()
         except sqlite3.Error:
             continue
-        if meta.get("schema") == SCHEMA and meta.get("fingerprint") == want and not (row and row[0]):
+        finished = bool(row and row[0]) and (d / _DONE_MARKER).is_file()
+        if meta.get("schema") == SCHEMA and meta.get("fingerprint") == want and not finished:
             return d
     return None
 
