@@ -11,15 +11,19 @@ silently produce numbers that belong to neither.
 
 Two runs writing into one out dir at once would interleave their sums, so the store also holds
 an advisory lock (`flock` on `<out>/.layerfast.lock`) for as long as it is open; the kernel
-drops it when the process dies, so a killed run never leaves a stale lock behind.
+drops it when the process dies, so a killed run never leaves a stale lock behind. Only a lock
+held elsewhere refuses a run: on a file system without locks (NFS without lockd) it goes on
+unprotected, with a warning, as on a platform without `fcntl`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sqlite3
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -242,7 +246,14 @@ def _acquire_lock(out: Path) -> IO[str] | None:
         raise LayerfastError(f"cannot write to the out dir {out}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            # no locks on this file system (NFS without lockd, some FUSE mounts): that is not
+            # "another run", which would refuse every run there for good; go on unprotected
+            fh.close()
+            print(f"layerfast: warning: cannot lock {out} ({exc.strerror or exc}); a second run "
+                  "writing there at the same time would not be noticed", file=sys.stderr)
+            return None
         fh.seek(0)
         pid = fh.read().strip()
         fh.close()

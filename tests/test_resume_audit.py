@@ -239,3 +239,23 @@ def test_a_foreign_or_damaged_store_is_a_clear_error_and_fresh_recovers(ckpts, t
     err = capsys.readouterr().err
     assert "cannot use the resume store" in err and "--fresh" in err and err.count("\n") == 1
     assert main([*argv, "--fresh"]) == 0
+
+
+def test_a_file_system_without_locks_is_not_another_run(ckpts, tmp_path, monkeypatch, capsys):
+    """flock failing with ENOLCK (NFS without lockd) or EOPNOTSUPP is no sign of a second run;
+    reporting one would refuse every run in that out dir for good. The run goes on, warned."""
+    import errno
+
+    import layerfast.store as store
+
+    def flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(store.fcntl, "flock", flock)
+    res = layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "run", **{**ARGS, "max_samples": 40})
+    assert res.run["n"] == 40
+    assert "cannot lock" in capsys.readouterr().err
+    held = OSError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+    monkeypatch.setattr(store.fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(held))
+    with pytest.raises(LayerfastError, match="another layerfast run"):
+        layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "run", **{**ARGS, "max_samples": 40})
