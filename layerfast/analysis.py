@@ -10,6 +10,7 @@ complete, so a failed or killed run never leaves results that look finished.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -248,6 +249,23 @@ def _file_ids(ck: Any) -> dict[str, list]:
     return ids
 
 
+def _data_ids(spec: str) -> list[str] | None:
+    """The files the data spec reads (path, size, mtime of each, hashed): data rewritten between
+    an interrupted run and its rerun, with the same sample count, must not be resumed over."""
+    from layerfast.data.spec import data_paths
+
+    paths = data_paths(spec)
+    if not paths:
+        return None
+    h = hashlib.sha256()
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return [str(p) for p in paths] + [h.hexdigest()]
+
+
 def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split: str = "test",
             granularity: str = "layer", units: str | Sequence[str] | None = None,
             bn: str = "with-layer", reset: str | Sequence[str] = RESETS,
@@ -297,7 +315,8 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
     # run can be re-judged at another threshold without evaluating again.
     fingerprint = {
         "arch": arch, "ckpts": str(Path(ckpts).resolve()), "files": _file_ids(ck),
-        "final": ck.final, "data": data, "split": split, "max_samples": max_samples, "n": src.n,
+        "final": ck.final, "data": data, "data_files": _data_ids(data), "split": split,
+        "max_samples": max_samples, "n": src.n,
         "granularity": granularity, "units": patterns, "bn": bn, "reset": resets,
         "checkpoints": taus, "seeds": seed_list, "variants": len(variants),
         "device": str(ev.device), "precision": ev.precision, "batch_size": ev.batch_size,
@@ -314,24 +333,26 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
         else:
             _remove_outputs(path)
             counts, n_done, engine = _run_pass(ev, src, store, prev, progress, every)
-    t_pass = time.perf_counter() - t0 - t_build
-    return _write_outputs(
-        path, variants, counts, n_done, engine, unit_list, model, spec, ck, resets, chosen,
-        figures, t0, {"build": t_build, "pass": t_pass},
-        run={
-            "arch": arch, "ckpts": str(Path(ckpts).resolve()),
-            "checkpoints": {str(k): ck.files[k].name for k in ck.labels}, "final": ck.final,
-            "data": data, "split": split, "max_samples": max_samples, "n": n_done,
-            "num_classes": engine["num_classes"], "device": str(ev.device),
-            "precision": ev.precision, "channels_last": ev.channels_last,
-            "batch_size": ev.batch_size, "granularity": granularity,
-            "units": [u.name for u in unit_list], "patterns": patterns, "bn": bn,
-            "reset": resets, "evaluated_checkpoints": taus, "seeds": seed_list,
-            "threshold": threshold, "variants": len(variants), "versions": _versions(),
-            "command": " ".join(sys.argv),
-            "manifest": {k: v for k, v in (ck.manifest or {}).items() if k != "checkpoints"},
-            "incomplete": ck.incomplete,
-        })
+        # Still holding the out dir's lock: a second run (--fresh) must not delete what this one
+        # is writing, nor leave run.json beside another run's results.csv.
+        t_pass = time.perf_counter() - t0 - t_build
+        return _write_outputs(
+            path, variants, counts, n_done, engine, unit_list, model, spec, ck, resets, chosen,
+            figures, t0, {"build": t_build, "pass": t_pass},
+            run={
+                "arch": arch, "ckpts": str(Path(ckpts).resolve()),
+                "checkpoints": {str(k): ck.files[k].name for k in ck.labels}, "final": ck.final,
+                "data": data, "split": split, "max_samples": max_samples, "n": n_done,
+                "num_classes": engine["num_classes"], "device": str(ev.device),
+                "precision": ev.precision, "channels_last": ev.channels_last,
+                "batch_size": ev.batch_size, "granularity": granularity,
+                "units": [u.name for u in unit_list], "patterns": patterns, "bn": bn,
+                "reset": resets, "evaluated_checkpoints": taus, "seeds": seed_list,
+                "threshold": threshold, "variants": len(variants), "versions": _versions(),
+                "command": " ".join(sys.argv),
+                "manifest": {k: v for k, v in (ck.manifest or {}).items() if k != "checkpoints"},
+                "incomplete": ck.incomplete,
+            })
 
 
 def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,

@@ -465,3 +465,16 @@ def test_imagefolder_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(LayerfastError, match="imagefolder needs pillow: pip install pillow"):
         open_data(f"imagefolder:{tmp_path / 'flat'}")
+
+
+def test_data_paths_names_what_each_spec_reads(tmp_path, monkeypatch) -> None:
+    """The resume fingerprint hashes these: every spec that reads user files must name them."""
+    from layerfast.data.idx import FASHION_MNIST_DIR
+    from layerfast.data.spec import data_paths
+
+    monkeypatch.chdir(tmp_path)
+    assert data_paths("digits") == [] and data_paths("synthetic:cifar:64") == []
+    assert data_paths(" d.NPZ ") == [tmp_path / "d.NPZ"] and data_paths("x.beton") == [tmp_path / "x.beton"]
+    assert data_paths("fashion-mnist") == [Path(FASHION_MNIST_DIR).resolve()]
+    for name in ("mnist", "fashion-mnist", "cifar10", "imagefolder"):
+        assert data_paths(f"{name}:sub/dir") == [tmp_path / "sub" / "dir"]

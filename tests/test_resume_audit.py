@@ -11,8 +11,10 @@
 - A plan key set by an option (`--batch-size`) is described as that option, not as a machine.
 - A progress.sqlite that is not a layerfast store is the one-line "pass --fresh" error.
 
-The xfail(strict) tests are defects outside store.py (analysis.py, engine/evaluator.py); each
-reason names what is wrong, and they turn into failures (XPASS) once it is fixed.
+And in analysis.py / engine/evaluator.py: a run killed between its last progress save and
+`finish` resumes with nothing left to read (one pass: the class count must still be known;
+several passes: it must not be "past the last pass"); data rewritten between the runs with the
+same sample count is detected; the out dir stays locked while the outputs are written.
 """
 
 from __future__ import annotations
@@ -64,8 +66,6 @@ def crash_in_finish(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ResumeStore, "finish", finish)
 
 
-@pytest.mark.xfail(strict=True, reason="analysis/evaluator: resuming at n_done == N runs no "
-                   "batch, so num_classes comes back 0 and top5_error is left empty")
 def test_killed_between_the_last_save_and_finish_one_pass(ckpts, reference, tmp_path,
                                                           monkeypatch):
     out = tmp_path / "run"
@@ -79,8 +79,6 @@ def test_killed_between_the_last_save_and_finish_one_pass(ckpts, reference, tmp_
     same_outputs(out, reference)
 
 
-@pytest.mark.xfail(strict=True, reason="evaluator: start == passes * N is 'past the last pass' "
-                   "and raises, so the run can never be finished without --fresh")
 def test_killed_between_the_last_save_and_finish_several_passes(ckpts, reference, tmp_path,
                                                                 monkeypatch):
     import layerfast.engine.evaluator as evm
@@ -123,8 +121,6 @@ def test_default_out_dir_finishes_a_run_killed_while_writing_outputs(ckpts, refe
     assert len(list((tmp_path / "layerfast-out").iterdir())) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="analysis: the fingerprint identifies the data by its "
-                   "spec string and sample count only; rewritten samples are resumed over")
 def test_data_rewritten_between_runs_is_detected(ckpts, tmp_path, monkeypatch):
     from layerfast.data import open_data
 
@@ -152,8 +148,6 @@ def test_data_rewritten_between_runs_is_detected(ckpts, tmp_path, monkeypatch):
         layerfast.analyze("fcn3x256", ckpts, out=out, **args)
 
 
-@pytest.mark.xfail(strict=True, reason="analysis: the store (and its lock) is closed before "
-                   "_write_outputs, so a second run can remove or rewrite outputs being written")
 def test_the_out_dir_stays_locked_while_outputs_are_written(ckpts, tmp_path, monkeypatch):
     from layerfast import report
     from layerfast.store import _acquire_lock

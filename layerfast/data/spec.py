@@ -36,6 +36,24 @@ def _dir(name: str, arg: str, spec: str) -> Path:
     return Path(arg).expanduser()
 
 
+def data_paths(spec: str) -> list[Path]:
+    """The file or directory a spec reads, resolved ([] for `digits` and `synthetic:...`, which
+    read nothing the user can change). For the resume fingerprint: data rewritten between an
+    interrupted run and its rerun must not be resumed over."""
+    spec = spec.strip()
+    if spec.lower().endswith((".beton", ".npz")):
+        return [Path(spec).expanduser().resolve()]
+    name, _, arg = spec.partition(":")
+    name = name.lower()
+    if name == "fashion-mnist" and not arg:
+        from layerfast.data.idx import FASHION_MNIST_DIR
+
+        return [Path(FASHION_MNIST_DIR).resolve()]
+    if name in ("mnist", "fashion-mnist", "cifar10", "imagefolder") and arg:
+        return [Path(arg).expanduser().resolve()]
+    return []
+
+
 def open_data(spec: str, split: str = "test", max_samples: int | None = None) -> DataSource:
     """Open dataset `spec` (see VALID_SPECS and docs/data.md) for `split` ('test' or 'train'),
     keeping only the first `max_samples` samples when given."""

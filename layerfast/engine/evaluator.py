@@ -212,6 +212,8 @@ class Evaluator:
                  else counts.detach().to("cpu", torch.float64).clone())
         # `start` counts samples over the passes, pass-major: pass p, sample s is p·N + s.
         p0, s0 = divmod(start, N) if P > 1 and N else (0, start)
+        if P > 1 and N and p0 == P and s0 == 0:
+            p0, s0 = P - 1, N  # every pass done but not yet marked finished: end the last one
         results: list[EvalResult] = []
         plans: list[Plan] = []
         for p in range(p0, P):
@@ -407,6 +409,8 @@ class Evaluator:
                 last_ck = time.perf_counter()
         if n == 0:
             raise LayerfastError("the data is empty: no samples to evaluate")
+        if C == 0 and hasattr(data, "shape"):
+            C = self._num_classes(prog, data.shape, cl)  # resumed at the end: no batch ran
         out = acc[:V].cpu()
         if on_checkpoint is not None:
             on_checkpoint(out, n)
@@ -417,6 +421,15 @@ class Evaluator:
         return EvalResult(out, n, str(self.device), self.precision, C, plan.summary(), timings)
 
     # ---- pieces ----------------------------------------------------------------------
+    def _num_classes(self, prog: Program, shape: tuple[int, ...], cl: bool) -> int:
+        """The logits' width from one zero sample: a pass resumed at its very end sees no batch
+        to tell it (and top-5 needs it)."""
+        x = torch.zeros((1, *shape), device=self.device)
+        if cl and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), precision_context(self.precision, self.device):
+            return int(prog.run(x, 0).shape[1])
+
     def _pass_batch(self, ops, prog: Program, plan: Plan, x: torch.Tensor, y: torch.Tensor,
                     acc: torch.Tensor, dev_ov, live, clock: PhaseClock) -> int:
         """One batch through the baseline (keeping the cuts) and every group's suffix; returns
