@@ -5,7 +5,10 @@ A unit is what one variant resets: a layer, a residual block, a stage, or a cust
 Granularity
 - `layer` (default): one unit per module that directly owns parameters and is not a
   normalization layer (Conv*, Linear, Embedding, ...), in `named_modules()` order, named by its
-  qualified module name (`features.0`, `layer1.0.conv2`, `fc`).
+  qualified module name (`features.0`, `layer1.0.conv2`, `fc`). Parameters registered on the
+  model itself form the unit `(root)`. A parametrized module (`torch.nn.utils.parametrizations`
+  `weight_norm`, `spectral_norm`, ...) owns its `parametrizations` container's state, so its
+  unit resets its weight (`conv.parametrizations.weight.original*`).
 - `block` / `stage`: the registered architecture's own list (`ArchSpec.blocks/stages`: unit
   name -> module-name prefixes; torchvision ResNets give `stem`, `layer1.0`.., `fc` and `stem`,
   `layer1`.., `fc`). Without one (user models, the FCN), each top-level child that owns
@@ -13,18 +16,26 @@ Granularity
 - `patterns` (`--units P,...`): each pattern is a glob (`fnmatch`, case-sensitive) or, prefixed
   `re:`, a regex (`re.search`) over qualified module names. It selects a module when it matches
   the module's name or the name of one of its ancestors, so `layer1.0` selects the whole block
-  and `layer1.*` the whole stage. Everything one pattern selects is one unit named by the
-  pattern: this is how joint resets are asked for. A pattern selecting nothing is an error.
+  and `layer1.*` the whole stage. A module registered under two names (`self.b = self.a`) is
+  selected by either; the model's own parameters by `(root)`. Everything one pattern selects is
+  one unit named by the pattern: this is how joint resets are asked for; patterns may overlap
+  (their units then share keys). A pattern selecting nothing is an error.
   Patterns replace the granularity (combining them with block/stage is an error).
 
 BatchNorm policy (`bn`), for normalization layers (BatchNorm*, SyncBatchNorm, InstanceNorm*
 with state, GroupNorm, LayerNorm, RMSNorm)
 - `with-layer` (default): a normalization layer fed directly by a conv/linear of a unit is
   reset with that unit, parameters AND running statistics. A normalization layer a block,
-  stage or pattern selects itself is in the unit too. One fed by no conv/linear (after an
+  stage or pattern selects itself is in the unit too, except (block/stage) one fed directly by
+  a conv/linear of another block or stage, which goes with its feeder as at layer granularity
+  (a pre-activation ResNet's `layer1.0.bn1`, fed by the stem conv, is reset with the stem;
+  top-level children `conv, bn` give one unit, not two). One fed by no conv/linear (after an
   addition, a concatenation, the input: pre-activation nets, transformers) would never be
   reset at layer granularity, so there it becomes a unit of its own rather than being
-  silently skipped.
+  silently skipped. A normalization module called on two paths and fed directly by a
+  conv/linear on each (`bn(a(x)) + bn(b(x))`) is reset with each of them: its keys are in both
+  units, the one case where units of a granularity share keys (tied weights aside, whose
+  several names each stay with their own module).
 - `keep`: normalization layers are never reset: never in `keys`, and `fullmodel` leaves them
   at the final model too (the policy travels with each `Unit` for that).
 - `separate`: every normalization layer that `with-layer` would reset is a unit of its own
@@ -41,7 +52,9 @@ parent), provided its feature count equals that conv's out_channels or linear's
 out_features.
 
 `keys` are state-dict keys: every parameter of the unit's modules, plus running_mean and
-running_var of its normalization layers, never num_batches_tracked (eval ignores it).
+running_var of its normalization layers, plus the parameters and buffers under a parametrized
+module's `parametrizations` (spectral_norm's `_u`/`_v` decide the weight in eval too), never
+num_batches_tracked (eval ignores it) nor other buffers.
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ from dataclasses import dataclass
 
 import torch.fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from layerfast.errors import LayerfastError
 from layerfast.models import ArchSpec
@@ -93,15 +107,47 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def _has_state(module: nn.Module) -> bool:
-    """Owns parameters directly, or is a normalization layer with running statistics."""
+    """Owns parameters directly (a parametrized tensor's `original*` included), or is a
+    normalization layer with running statistics."""
     if any(p is not None for p in module._parameters.values()):
+        return True
+    if parametrize.is_parametrized(module):
         return True
     return is_norm(module) and getattr(module, "running_mean", None) is not None
 
 
 def _owners(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules holding state a unit can reset, in `named_modules()` order."""
-    return {name: m for name, m in model.named_modules() if _has_state(m)}
+    """Modules holding state a unit can reset, in `named_modules()` order.
+
+    A parametrized module (`torch.nn.utils.parametrizations.weight_norm`, `spectral_norm`, ...)
+    owns what its `parametrizations` container holds: its weight lives there as
+    `<name>.parametrizations.weight.original*`, so that container is no owner of its own."""
+    owners: dict[str, nn.Module] = {}
+    inside: list[str] = []  # "<parametrized>.parametrizations" prefixes
+    for name, m in model.named_modules():
+        if any(name == p or name.startswith(p + ".") for p in inside):
+            continue
+        if parametrize.is_parametrized(m):
+            inside.append(f"{name}.parametrizations" if name else "parametrizations")
+        if _has_state(m):
+            owners[name] = m
+    return owners
+
+
+def _aliases(model: nn.Module, owners: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """Owner name -> every name it is reachable by, for pattern matching.
+
+    `named_modules()` lists a module registered twice (`self.b = self.a`) once, under its first
+    name; a pattern may use either. The model itself is also called `(root)`, its unit name."""
+    canonical = {id(m): name for name, m in owners.items()}
+    names: dict[str, list[str]] = {name: [name] for name in owners}
+    for name, m in model.named_modules(remove_duplicate=False):
+        first = canonical.get(id(m))
+        if first is not None and name not in names[first]:
+            names[first].append(name)
+    if "" in names:
+        names[""].append(ROOT)
+    return names
 
 
 # --------------------------------------------------------------------------- BN pairing
@@ -116,13 +162,14 @@ class _LeafTracer(torch.fx.Tracer):
         )
 
 
-def _traced_feeders(model: nn.Module) -> dict[str, str]:
-    """Pairs from the fx graph; raises when the model cannot be traced."""
+def _traced_feeders(model: nn.Module) -> dict[str, list[str]]:
+    """Pairs from the fx graph, every feeder of a norm called more than once, in graph order;
+    raises when the model cannot be traced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = _LeafTracer().trace(model)
     modules = dict(model.named_modules())
-    feeders: dict[str, str] = {}
+    feeders: dict[str, list[str]] = {}
     for node in graph.nodes:
         if node.op != "call_module" or not is_norm(modules.get(str(node.target), nn.Identity())):
             continue
@@ -132,7 +179,9 @@ def _traced_feeders(model: nn.Module) -> dict[str, str]:
             and src.op == "call_module"
             and isinstance(modules.get(str(src.target)), FEEDER_TYPES)
         ):
-            feeders.setdefault(str(node.target), str(src.target))
+            fed = feeders.setdefault(str(node.target), [])
+            if str(src.target) not in fed:
+                fed.append(str(src.target))
     return feeders
 
 
@@ -153,9 +202,9 @@ def _norm_features(m: nn.Module) -> int | None:
     return int(shape[-1]) if shape else None
 
 
-def _fallback_feeders(model: nn.Module) -> dict[str, str]:
+def _fallback_feeders(model: nn.Module) -> dict[str, list[str]]:
     """The untraceable-model rule: consecutive siblings, matching feature counts."""
-    feeders: dict[str, str] = {}
+    feeders: dict[str, list[str]] = {}
     for parent_name, parent in model.named_modules():
         prev_name, prev = None, None
         for child_name, child in parent.named_children():
@@ -166,21 +215,27 @@ def _fallback_feeders(model: nn.Module) -> dict[str, str]:
                 and _out_features(prev) is not None
                 and _out_features(prev) == _norm_features(child)
             ):
-                feeders[name] = str(prev_name)
+                feeders[name] = [str(prev_name)]
             prev_name, prev = name, child
     return feeders
+
+
+def _all_feeders(model: nn.Module) -> dict[str, list[str]]:
+    try:
+        return _traced_feeders(model)
+    except Exception:  # untraceable: any error fx raises means "use the documented rule"
+        return _fallback_feeders(model)
 
 
 def bn_feeders(model: nn.Module) -> dict[str, str]:
     """Normalization module name -> the conv/linear module that feeds it directly.
 
     From the torch.fx graph when the model traces, else from the fallback rule (module
-    docstring). Normalization layers fed by anything else are absent.
+    docstring). Normalization layers fed by anything else are absent. A norm fed by several
+    (one module called on two paths) maps to the first in the graph; `make_units` resets it
+    with each of them.
     """
-    try:
-        return _traced_feeders(model)
-    except Exception:  # untraceable: any error fx raises means "use the documented rule"
-        return _fallback_feeders(model)
+    return {norm: fed[0] for norm, fed in _all_feeders(model).items()}
 
 
 # --------------------------------------------------------------------------- selections
@@ -236,15 +291,30 @@ def _matcher(pattern: str):
 
 
 def _pattern_selections(
-    owners: dict[str, nn.Module], patterns: Sequence[str]
+    model: nn.Module, owners: dict[str, nn.Module], patterns: Sequence[str]
 ) -> list[tuple[str, list[str]]]:
+    aliases = _aliases(model, owners)
     selections: list[tuple[str, list[str]]] = []
     for pattern in dict.fromkeys(p.strip() for p in patterns):  # de-duplicated, in order
         if not pattern or pattern == "re:":
             raise LayerfastError("empty unit pattern in --units")
         match = _matcher(pattern)
-        chosen = [o for o in owners if _matches_self_or_ancestor(o, match)]
+        chosen = [o for o in owners if any(_matches_self_or_ancestor(a, match) for a in aliases[o])]
         if not chosen:
+            named = [n for n, _ in model.named_modules(remove_duplicate=False) if n and match(n)]
+            parts = {_parametrized_owner(n, owners) for n in named} - {None}
+            if parts:
+                shown = ", ".join(sorted(p or ROOT for p in parts))
+                raise LayerfastError(
+                    f"unit pattern {pattern!r} selects only the parametrizations of {shown}, "
+                    "which are reset with their layer: select the layer"
+                )
+            if named:
+                shown = ", ".join(named[:4]) + (", ..." if len(named) > 4 else "")
+                raise LayerfastError(
+                    f"unit pattern {pattern!r} selects only modules that own no parameters "
+                    f"({shown}): nothing to reset"
+                )
             examples = ", ".join(list(owners)[:6]) + (", ..." if len(owners) > 6 else "")
             # A regex without `re:` is read as a glob and quietly matches nothing: say so.
             hint = "" if pattern.startswith("re:") else (
@@ -258,13 +328,24 @@ def _pattern_selections(
     return selections
 
 
+def _parametrized_owner(name: str, owners: dict[str, nn.Module]) -> str | None:
+    """`a.parametrizations.weight.0` -> `a` when `a` is a parametrized owner, else None."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part == "parametrizations":
+            owner = ".".join(parts[:i])
+            if owner in owners and parametrize.is_parametrized(owners[owner]):
+                return owner
+    return None
+
+
 def _matches_self_or_ancestor(name: str, match) -> bool:
     parts = name.split(".")
     return any(match(".".join(parts[:i])) for i in range(1, len(parts) + 1))
 
 
 def _home_fed_norms(
-    selections: list[tuple[str, list[str]]], feeders: dict[str, str]
+    selections: list[tuple[str, list[str]]], feeders: dict[str, list[str]]
 ) -> list[tuple[str, list[str]]]:
     """A fed norm belongs to the block/stage holding its feeder, not to a second one.
 
@@ -276,7 +357,7 @@ def _home_fed_norms(
         for o in chosen:
             home.setdefault(o, i)
     return [
-        (name, [o for o in chosen if o not in feeders or home.get(feeders[o], i) == i])
+        (name, [o for o in chosen if o not in feeders or any(home.get(f, i) == i for f in feeders[o])])
         for i, (name, chosen) in enumerate(selections)
     ]
 
@@ -290,6 +371,12 @@ def _keys(name: str, module: nn.Module, sd_keys: set[str]) -> list[str]:
         local += [
             n for n in ("running_mean", "running_var") if getattr(module, n, None) is not None
         ]
+    if parametrize.is_parametrized(module):
+        # the parametrized tensors' originals, and the parametrizations' own state (the power
+        # iteration vectors of spectral_norm, which decide the weight in eval too)
+        held = module.parametrizations
+        local += [f"parametrizations.{n}" for n, _ in held.named_parameters()]
+        local += [f"parametrizations.{n}" for n, _ in held.named_buffers()]
     full = [f"{name}.{n}" if name else n for n in local]
     return [k for k in full if k in sd_keys]
 
@@ -325,14 +412,15 @@ def make_units(
     owners = _owners(model)
     if not owners:
         raise LayerfastError("the model has no parameters: nothing to reset")
-    feeders = {} if bn == "keep" else bn_feeders(model)
+    feeders = {} if bn == "keep" else _all_feeders(model)
     fed_by: dict[str, list[str]] = {}
-    for norm, src in feeders.items():
+    for norm, srcs in feeders.items():
         if norm in owners:
-            fed_by.setdefault(src, []).append(norm)
+            for src in srcs:
+                fed_by.setdefault(src, []).append(norm)
 
     if patterns is not None:
-        selections = _pattern_selections(owners, list(patterns))
+        selections = _pattern_selections(model, owners, list(patterns))
     elif granularity == "layer":
         # Non-norm owners, plus (with-layer/separate) each norm no conv/linear feeds.
         lone = bn != "keep"
