@@ -198,3 +198,24 @@ def test_writer_worker_failure_raises(tmp_path):
     w = SafeDatasetWriter(str(tmp_path / "b.beton"), {"label": IntField()}, num_workers=2)
     with pytest.raises(LayerfastError, match="writer process failed"):
         w.from_indexed_dataset(Broken())
+
+
+def test_imagefolder_roundtrip(tmp_path):
+    """`convert imagefolder:DIR` stores the 224×224 eval crops: reading the beton gives the
+    spec's pixels, labels and ImageNet normalisation, grayscale and RGBA sources included."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    for i, (cls, mode, size) in enumerate([("b", "L", (300, 260)), ("a", "RGBA", (260, 300)),
+                                           ("a", "RGB", (256, 256)), ("c", "P", (70, 40))]):  # fmt: skip
+        (tmp_path / "imgs" / "val" / cls).mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(arr).convert(mode).save(tmp_path / "imgs" / "val" / cls / f"{i}.png")
+    spec = f"imagefolder:{tmp_path / 'imgs'}"
+    to = convert(spec, tmp_path / "if.beton")
+    src, ref = open_data(str(to)), open_data(spec)
+    same(src, ref)
+    X, Y = collect(src, 3)
+    X0, Y0 = collect(ref, 4)
+    assert X.shape == (4, 3, 224, 224) and torch.equal(X, X0) and Y.tolist() == Y0.tolist()
+    assert Y.tolist() == [0, 0, 1, 2]

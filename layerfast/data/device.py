@@ -18,17 +18,21 @@ from layerfast.errors import LayerfastError
 _consts: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
-def _constants(source: DataSource, device: torch.device) -> tuple[Tensor, Tensor] | None:
-    """Per-channel (multiplier, offset) as float32 [C,1,1] on `device`, cached: building them
-    every batch would be a tiny synchronous host->device copy per batch."""
+def _constants(
+    source: DataSource, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor] | None:
+    """Per-channel (multiplier, offset) as [C,1,1] on `device`, cached: building them every
+    batch would be a tiny synchronous host->device copy per batch. float32, or float64 when
+    float64 output is asked for (float32 constants would round it to float32 accuracy)."""
     if source.mean is None or source.std is None:
         return None
-    key = (source.mean, source.std, source.scale, str(device))
+    cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    key = (source.mean, source.std, source.scale, str(device), cdtype)
     if key not in _consts:
         mean = torch.tensor(source.mean, dtype=torch.float64)
         std = torch.tensor(source.std, dtype=torch.float64)
-        mul = (1.0 / (source.scale * std)).to(torch.float32).view(-1, 1, 1)
-        add = (-mean / std).to(torch.float32).view(-1, 1, 1)
+        mul = (1.0 / (source.scale * std)).to(cdtype).view(-1, 1, 1)
+        add = (-mean / std).to(cdtype).view(-1, 1, 1)
         _consts[key] = (mul.to(device), add.to(device))
     return _consts[key]
 
@@ -58,9 +62,11 @@ def to_device(
     yd = y.to(device, dtype=torch.int64, non_blocking=cuda)
     fmt = torch.channels_last if channels_last and xd.dim() == 4 else torch.contiguous_format
     out = torch.empty(xd.shape, dtype=dtype, device=device, memory_format=fmt)
-    consts = _constants(source, device)
+    consts = _constants(source, device, dtype)
     if consts is not None:
         torch.addcmul(consts[1], xd, consts[0], out=out)
+    elif source.scale != 1.0 and dtype == torch.float64:  # a Python scalar computes in float32
+        out.copy_(xd).div_(source.scale)
     elif source.scale != 1.0:
         torch.mul(xd, 1.0 / source.scale, out=out)
     else:
