@@ -182,6 +182,15 @@ def rerandom_draw(
             ) from None
         prefix = f"{mod_name}." if mod_name else ""
         where = f"module {mod_name or '(root)'} of unit {unit.name!r}"
+        if getattr(live, "parametrizations", None) is not None:
+            # reset_parameters() would write into the computed `weight` (lost), and a fresh
+            # draw has to pass through each parametrization's right_inverse (and spectral
+            # norm's power iteration): not done, so said up front rather than drawn wrong.
+            raise LayerfastError(
+                f"cannot re-randomize {where}: its {', '.join(live.parametrizations)} is "
+                "parametrized (weight_norm, spectral_norm, ...); reset it with "
+                "--reset reinit,fullmodel, or remove the parametrization"
+            )
         base = derive_seed("layerfast-rerandom", seed, unit.name, mod_name)
         for attempt in range(_MAX_REDRAWS):
             m = _cpu_copy(live)

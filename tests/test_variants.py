@@ -387,3 +387,19 @@ def test_analyze_re_randomizes_a_joint_unit_of_tied_modules(tmp_path: Path, monk
                   seeds=2, out=tmp_path / "out", device="cpu", progress=False, figures=False)
     t = res.table
     assert len(t[t["kind"] == "rerandom"]) == 2
+
+
+def test_rerandom_of_a_parametrized_layer_is_refused_with_what_to_do() -> None:
+    """weight_norm keeps the weight as parametrizations.weight.original0/1: reset_parameters()
+    would write into the computed weight and be lost. Refused in the user's terms, not as
+    'original0 not owned by any of the unit's modules'."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from layerfast.units import make_units
+
+    model = nn.Sequential(weight_norm(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 2))
+    unit = next(u for u in make_units(model) if u.name == "0")
+    with pytest.raises(LayerfastError, match=r"module 0 of unit '0': its weight is parametrized"
+                                             r".*--reset reinit,fullmodel"):
+        rerandom_draw(model, unit, seed=1)
+    assert rerandom_draw(model, next(u for u in make_units(model) if u.name == "2"), seed=1)
