@@ -56,7 +56,8 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, UTF-8, or an
+        # integer of more than 4300 digits; RecursionError: arrays nested too deep
         raise LayerfastError(f"{path}: cannot parse the manifest ({exc}).") from None
     if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
         raise LayerfastError(

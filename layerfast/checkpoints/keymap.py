@@ -19,7 +19,9 @@ Rules:
    model whose own root really is called `module`); the normalised keys with a first component
    that *every* key shares stripped (Lightning's `model.`); the keys under the one first
    component whose subtree alone matches (a LightningModule that also owns, say, a loss module
-   with parameters; two matching subtrees, e.g. teacher and student, is an error). "Matches"
+   with parameters; two matching subtrees, e.g. teacher and student, is an error, and so is a
+   matching subtree next to a full copy of the model's keys at the top level, e.g. a state
+   dict with an `ema.` copy added). "Matches"
    tolerates missing `num_batches_tracked` buffers. Without an exact match, the candidate with
    the largest overlap is used so that validation lists meaningful mismatches.
 """
@@ -121,7 +123,13 @@ def resolve(raw_keys: Iterable[str], reference: set[str], where: str) -> dict[st
     """Rule 3: reference-space key -> raw key for one file."""
     raw = list(raw_keys)
     base = normalise(raw)
+    if base and _matches(base, reference):
+        return base
     candidates: list[dict[str, str]] = [base, {k: k for k in raw}]
+    # the model's keys at the top level plus another copy under a prefix (`ema.`): that copy
+    # is the lone matching subtree, but the top level matches too, so which one is meant?
+    top = {k: v for k, v in base.items() if k in reference}
+    top_matches = bool(top) and _matches(top, reference)
 
     firsts = {k.split(".", 1)[0] for k in base}
     if len(firsts) == 1 and all("." in k for k in base):
@@ -138,8 +146,10 @@ def resolve(raw_keys: Iterable[str], reference: set[str], where: str) -> dict[st
             cand = {new: base[f"{p}.{tail}"] for new, tail in stripped.items()}
             if cand and _matches(cand, reference):
                 subtree_hits.append((p, cand))
-        if len(subtree_hits) > 1:
-            names = ", ".join(repr(p + ".") for p, _ in subtree_hits)
+        if len(subtree_hits) > 1 or (subtree_hits and top_matches):
+            names = ", ".join(
+                ["the top level"] * top_matches + [repr(p + ".") for p, _ in subtree_hits]
+            )
             raise LayerfastError(
                 f"{where}: several parts of the checkpoint match the model ({names}); "
                 "save the one you mean as its own state dict."

@@ -13,6 +13,11 @@ Why this way:
   Legacy (non-zip, `_use_new_zipfile_serialization=False`) files cannot be mapped and are read
   whole; the directory keeps at most one of those in memory.
 * safetensors files are opened with `safe_open`, which reads only the header up front.
+* A zip archive with compressed records is refused before torch sees it: torch.save never
+  compresses, and torch inflates a compressed record whole in memory, so a 10 MB zip bomb
+  would cost tens of GB (and a compressed storage cannot be memory-mapped anyway).
+* Every tensor of the state dict must be dense CPU data: a pickle can also rebuild meta
+  tensors (no data at all), sparse or nested ones, which no later step can read.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ import pickle
 import pickletools
 import re
 import warnings
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -79,21 +87,54 @@ def _asks_for_code(name: str, allowed: set[str]) -> bool:
     return name not in allowed and not name.startswith("torch.")
 
 
-def _globals_in_pickle(data: bytes) -> list[str]:
-    """Globals a raw pickle asks for, read from its opcodes (pickletools never executes)."""
+def _scan_pickles(stream: IO[bytes]) -> tuple[list[str], int | None]:
+    """Globals a pickle stream asks for, read from its opcodes (pickletools never executes),
+    and the protocol of its first pickle. A legacy torch file is several pickles in a row
+    (magic number, protocol, system info, the object) followed by raw storage bytes; they are
+    read one after the other until one ends in garbage."""
     found: list[str] = []
-    strings: list[str] = []
-    try:
-        for op, arg, _ in pickletools.genops(data):
-            if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                found.append(arg.replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-            elif isinstance(arg, str):
-                strings.append(arg)
-    except Exception:  # truncated or not a pickle: report what was seen so far
-        pass
-    return found
+    protocol: int | None = None
+    for _ in range(8):
+        strings: list[str] = []
+        memo: dict[object, str | None] = {}
+        last: str | None = None
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                name = op.name
+                if name == "PROTO" and protocol is None:
+                    protocol = int(arg)
+                if name in ("GLOBAL", "INST") and isinstance(arg, str):
+                    found.append(arg.replace(" ", "."))
+                elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = last
+                    continue
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = last
+                    continue
+                elif name in ("GET", "BINGET", "LONG_BINGET"):  # a memoised module name
+                    got = memo.get(arg)
+                    if got is not None:
+                        strings.append(got)
+                    last = got
+                    continue
+                elif isinstance(arg, str):
+                    strings.append(arg)
+                last = arg if isinstance(arg, str) else None
+        except Exception:  # truncated, not a pickle, or the raw bytes after the last pickle
+            break
+    return found, protocol
+
+
+def _zip_pickle(path: Path) -> Iterator[IO[bytes]]:
+    """The `data.pkl` record of a torch zip archive, as a stream (stored, so bounded by the
+    file's size: compressed archives were refused before loading)."""
+    with zipfile.ZipFile(path) as z:
+        names = [n for n in z.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
+        if names:
+            with z.open(names[0]) as f:
+                yield f
 
 
 def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
@@ -102,11 +143,15 @@ def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
     m = _GLOBAL_RE.search(str(exc))
     if m:  # torch names builtins without their module ("getattr")
         names.append(m.group(1) if "." in m.group(1) else f"builtins.{m.group(1)}")
+    protocol: int | None = None
     try:
         if _is_zip(path):
-            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            found: list[str] = []
+            for stream in _zip_pickle(path):
+                found, protocol = _scan_pickles(stream)
         else:
-            found = _globals_in_pickle(path.read_bytes())
+            with open(path, "rb") as f:
+                found, protocol = _scan_pickles(f)
         allowed = _allowed_names()
         names += [g for g in found if _asks_for_code(g, allowed)]
     except Exception:
@@ -120,8 +165,89 @@ def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
             "torch.load(path, weights_only=False) and torch.save just its state dict "
             "(or write it as .safetensors)."
         )
+    if "Unsupported operand" in str(exc) and protocol is not None and protocol > 3:
+        # torch.save(..., pickle_protocol=4): intact, but torch's weights-only unpickler only
+        # knows the opcodes of protocols 2 and 3; "truncated or corrupt" would send the user
+        # looking for a broken download
+        return LayerfastError(
+            f"{path}: cannot load: the file was saved with pickle protocol {protocol}, which "
+            "torch's weights-only loader cannot read (it reads protocols 2 and 3). If you "
+            "trust the file, load it once with torch.load(path, weights_only=False) and "
+            "torch.save it again with the default protocol (or write it as .safetensors)."
+        )
     # No global asks for code: the pickle stream itself is broken (random bytes, truncation).
     return _corrupt(path, exc)
+
+
+def _refuse_compressed(path: Path) -> None:
+    """Refuse a zip archive whose records are compressed (or claim to inflate beyond the
+    file), before torch inflates them in memory. An archive the zipfile module cannot read is
+    left to torch, whose message says truncated or corrupt."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except Exception:
+        return
+    size = path.stat().st_size
+    packed = [
+        i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED or i.file_size > size
+    ]
+    if packed:
+        shown = ", ".join(packed[:3]) + (f" and {len(packed) - 3} more" if len(packed) > 3 else "")
+        raise LayerfastError(
+            f"{path}: refused: the archive's records are compressed ({shown}). torch.save "
+            "never compresses them, and torch would inflate each one whole in memory (a small "
+            "file could need any amount). Save the state dict again with torch.save (or unzip "
+            "it and zip it again without compression, zip -0)."
+        )
+
+
+#: Allow-listed by torch, but `bytearray(n)` allocates and zeroes n bytes: a 1 KB pickle could
+#: ask for any amount of memory. Training scripts do not save bytearrays next to weights.
+_ALLOCATING_GLOBALS = frozenset({"builtins.bytearray", "__builtin__.bytearray"})
+
+
+def _refuse_allocating(path: Path, zipped: bool) -> None:
+    """Refuse a pickle that names a global able to allocate memory of a size it chooses, before
+    torch runs it (opcodes only: a state dict's pickle is small, so this is cheap)."""
+    found: list[str] = []
+    try:
+        if zipped:
+            for stream in _zip_pickle(path):
+                found = _scan_pickles(stream)[0]
+        else:
+            with open(path, "rb") as f:
+                found = _scan_pickles(f)[0]
+    except Exception:  # unreadable archive: torch.load will say what is wrong with it
+        return
+    bad = sorted(set(found) & _ALLOCATING_GLOBALS)
+    if bad:
+        raise LayerfastError(
+            f"{path}: refused: the pickle calls {bad[0]}, which allocates whatever size the "
+            "file asks for (a tiny file can exhaust memory), and a state dict never needs it. "
+            "If you trust the file, load it once with torch.load(path, weights_only=False) and "
+            "torch.save just its state dict (or write it as .safetensors)."
+        )
+
+
+def _not_dense(t: torch.Tensor) -> str | None:
+    """Why a loaded tensor is not dense CPU data, or None."""
+    if t.device.type == "meta":
+        return "a meta tensor, no data"
+    if t.is_nested:
+        return "a nested tensor"
+    if t.layout != torch.strided:
+        return f"a {str(t.layout).removeprefix('torch.')} tensor"
+    if t.device.type != "cpu":
+        return f"on device {t.device}"
+    return None
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    try:
+        return bool(torch.isfinite(t).all())
+    except (NotImplementedError, RuntimeError):  # float8 has no isfinite kernel
+        return bool(torch.isfinite(t.to(torch.float32)).all())
 
 
 def _is_zip(path: Path) -> bool:
@@ -155,7 +281,7 @@ class OpenedFile:
 
     def all_finite(self, raw_key: str) -> bool:
         """No NaN/Inf in the tensor (reads it, keeps nothing)."""
-        return bool(torch.isfinite(self.get(raw_key)).all())
+        return _all_finite(self.get(raw_key))
 
 
 class TorchFile(OpenedFile):
@@ -164,6 +290,9 @@ class TorchFile(OpenedFile):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.in_memory = not _is_zip(path)
+        if not self.in_memory:
+            _refuse_compressed(path)
+        _refuse_allocating(path, zipped=not self.in_memory)
         try:
             with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -177,6 +306,14 @@ class TorchFile(OpenedFile):
         except Exception as exc:  # truncated zip, EOF, garbage: name the file, hide internals
             raise _corrupt(path, exc) from None
         self._sd = find_state_dict(obj, str(path))
+        odd = [(k, why) for k, t in self._sd.items() if (why := _not_dense(t)) is not None]
+        if odd:
+            shown = "; ".join(f"{k}: {why}" for k, why in odd[:5])
+            more = f"; and {len(odd) - 5} more" if len(odd) > 5 else ""
+            raise LayerfastError(
+                f"{path}: refused: tensors that are not dense CPU data ({shown}{more}). "
+                "layerfast reads dense weights only: save real values (tensor.to_dense())."
+            )
 
     def dtype_name(self, raw_key: str) -> str:
         return str(self._sd[raw_key].dtype).removeprefix("torch.")
@@ -198,7 +335,7 @@ class TorchFile(OpenedFile):
             raise _corrupt(self.path, exc) from None
 
     def all_finite(self, raw_key: str) -> bool:
-        return bool(torch.isfinite(self._sd[raw_key]).all())  # straight from the mapping
+        return _all_finite(self._sd[raw_key])  # straight from the mapping
 
 
 class SafetensorsFile(OpenedFile):
@@ -279,6 +416,13 @@ def open_file(path: Path) -> OpenedFile:
         raise LayerfastError(f"{path}: checkpoint file not found.")
     if path.stat().st_size == 0:
         raise LayerfastError(f"{path}: cannot read the checkpoint: the file is empty.")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:  # permissions, I/O errors: not "truncated or corrupt"
+        raise LayerfastError(
+            f"{path}: cannot read the checkpoint: {exc.strerror or exc}."
+        ) from None
     if path.suffix.lower() == ".safetensors":
         return SafetensorsFile(path)
     return TorchFile(path)
