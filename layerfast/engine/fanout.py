@@ -146,6 +146,8 @@ def _step_is_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, 
             return _dim_ok(dim, i, dims)
         return s.target in _ELEMENTWISE_FUNCS
     if s.op == "call_method":
+        if s.target == "size":
+            return _size_ok(prog, s, i, fanned, dims)
         if s.target == "flatten":
             start_dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("start_dim", 0)
             return _dim_ok(start_dim, i, dims)
@@ -165,6 +167,35 @@ def _step_is_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, 
             return _dim_ok(dim, i, dims)
         return s.target in _ELEMENTWISE_METHODS
     return s.op == "get_attr"
+
+
+def _size_ok(prog: Program, s, i: int, fanned: set[int], dims: dict[int, int]) -> bool:
+    """`v.size(...)` of a fanned value. Its batch entry is K·B where the model saw B, so it may
+    only set the batch entry of a view/reshape (which `_step_is_batchwise` checks); read any
+    other way (`y * (16 / h.size(0))`) it would silently scale the fanned result by 1/K. Other
+    dims are per-sample (a negative one is checked against the rank when it runs)."""
+    d = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
+    users = [prog.steps[u] for u in s.users]
+    if d is None:  # v.size(): only its non-batch items may be read
+        return all(u.op == "call_function" and u.target is operator.getitem
+                   and isinstance(u.args[1], int) and not isinstance(u.args[1], bool)
+                   and u.args[1] > 0 for u in users)
+    if d != 0:
+        return _dim_ok(d, i, dims)
+    def first_only(u) -> bool:  # this size(0) is the view's batch entry and nothing else
+        shape = _view_shape(u)
+        at = [j for j, a in enumerate(shape) if isinstance(a, Ref) and a.index == i]
+        return at == [0] and not any(isinstance(a, Ref) and a.index == i for a in u.args[:1])
+
+    return all(u.op == "call_method" and u.target in ("view", "reshape") and first_only(u)
+               for u in users)
+
+
+def _view_shape(s) -> tuple:
+    """The shape arguments of a `view`/`reshape` step, whether passed as *args or one tuple."""
+    if len(s.args) < 2:
+        return ()
+    return tuple(s.args[1:] if len(s.args) > 2 or not isinstance(s.args[1], tuple | list) else s.args[1])
 
 
 def _closure(prog: Program, seeds: set[int], after: int) -> set[int]:
