@@ -4,7 +4,8 @@ model families those did not cover — depthwise/grouped convs with SE blocks an
 concat, EfficientNet's StochasticDepth and SiLU, a small ViT (class token on the root,
 MultiheadAttention, LayerNorm), nn.Embedding on integer inputs derived from x, GRU/LSTM heads,
 GroupNorm/InstanceNorm with running stats, a buffer used arithmetically, interpolate + einsum,
-pool-then-flatten vs mean, and tuple/dict outputs.
+pool-then-flatten vs mean, a module called twice, a BatchNorm on the input, Conv1d/BatchNorm1d,
+the batch size read arithmetically, and tuple/dict outputs.
 
 Each case runs the Evaluator with fan-out off and on, with `stage_bytes` small enough to force
 several passes, a batch size that does not divide N, and variant kinds: random draws of one
@@ -154,6 +155,52 @@ class SizeScaled(nn.Module):
         return self.fc(h.view(h.size(0), -1)) * (16.0 / h.size(self.dim))
 
 
+class Siamese(nn.Module):
+    """One overridden conv+BN called twice (on x and on a flipped x), the two paths added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.c(x))) + F.relu(self.bn(self.c(x.flip(3))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+class InputBN(nn.Module):
+    """A BatchNorm straight on the input: its overrides start at cut 0, before any conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(3)
+        self.c = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.c(self.bn0(x))), 1).flatten(1))
+
+
+class TextCNN(nn.Module):
+    """Conv1d/BatchNorm1d on fold form (one grouped), a residual, Linear -> BatchNorm1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 8, 5, padding=2)
+        self.bn1 = nn.BatchNorm1d(8)
+        self.c2 = nn.Conv1d(8, 8, 3, padding=1, groups=2)
+        self.bn2 = nn.BatchNorm1d(8)
+        self.l1 = nn.Linear(8, 16, bias=False)
+        self.bnl = nn.BatchNorm1d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.c1(x.flatten(2))))
+        h = F.relu(self.bn2(self.c2(h))) + h
+        return self.fc(F.relu(self.bnl(self.l1(h.amax(2))), inplace=True))
+
+
 class TupleOut(nn.Module):
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -229,6 +276,12 @@ def _build(name: str):
         return SizeScaled(), ["c", "fc"], [], ["c", "fc"]
     if name == "size_scaled_dim1":
         return SizeScaled(1), ["c", "fc"], [], ["c", "fc"]
+    if name == "siamese":
+        return Siamese(), ["c", "bn", "fc"], ["bn"], ["c", "bn"]
+    if name == "input_bn":
+        return InputBN(), ["bn0", "c", "fc"], ["bn0"], ["bn0", "fc"]
+    if name == "conv1d_bn1d":
+        return TextCNN(), ["c1", "bn1", "c2", "l1", "bnl", "fc"], ["bn2", "bnl"], ["c1", "c2"]
     raise KeyError(name)
 
 
@@ -342,7 +395,8 @@ def _fuzz(name: str, fanned_at_least: int = 0) -> None:
 CASES = {"densenet": 10, "squeezenet": 10, "vit": 2, "embedding": 2, "gru": 2, "lstm": 2,
         "norms": 10, "buffer_arith": 2, "interp_einsum": 2, "pool_flatten": 10, "mean": 2,
         "size_scaled": 0, "size_scaled_dim1": 4, "shufflenet_v2": 2, "efficientnet": 2,
-        "mobilenet_v2": 10, "mobilenet_v3_small": 10}
+        "mobilenet_v2": 10, "mobilenet_v3_small": 10, "siamese": 10, "input_bn": 10,
+        "conv1d_bn1d": 8}
 
 
 @pytest.mark.parametrize("name", list(CASES))
