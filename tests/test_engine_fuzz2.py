@@ -440,3 +440,47 @@ def test_tuple_or_dict_output_is_one_clear_error(kind):
         with pytest.raises(LayerfastError, match=r"logits shaped \[batch, classes\]"):
             Evaluator(model, variants, device="cpu", batch_size=BS, fanout=fanout).run(_batches(x, y))
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class ChannelPool(nn.Module):
+    """A 3-D max pool on a conv's 4-D output reads it as one unbatched [C, D=channels, H, W]
+    sample and pools across channels: on the fold form [B, K·C, H, W] across variants too."""
+
+    def __init__(self, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = nn.MaxPool3d((kernel, 1, 1), stride=(stride, 1, 1))
+        self.fc = nn.LazyLinear(10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.c(x)), 1))
+
+
+@pytest.mark.parametrize("kernel,stride", [(2, 2), (3, 3), (3, 1)])
+def test_pooling_of_another_rank_is_not_run_on_the_fold_form(kernel, stride, monkeypatch):
+    from layerfast.engine import fanrun
+
+    folded: list[tuple[int, ...]] = []  # input shapes of the pool steps run on the fold form
+    fold_step = fanrun._fold_step
+
+    def spy(prog, s, env, plan, K, stacks):
+        out = fold_step(prog, s, env, plan, K, stacks)
+        if s.target == "pool" and out is not fanrun._NO:
+            folded.append(tuple(env[s.args[0].index].t.shape))
+        return out
+
+    monkeypatch.setattr(fanrun, "_fold_step", spy)
+    model = ChannelPool(kernel, stride)
+    model(torch.zeros(1, *SHAPE))  # materialise the lazy head
+    keys = ["c.weight", "c.bias"]
+    variants = _variants(model, ["c"], [], None, K=3)
+    assert all(set(v) == set(keys) for v in variants)
+    x, y = _data()
+    ref = _naive(model, variants, x)
+    res, got = _engine(model, variants, x, y, fanout=True)
+    assert res.plan["fanned_variants"] == 3
+    # never on the fold form [B, 6·K, H, W], where a window straddling two variants would mix
+    # them (until now only the shape mismatch that follows caught that)
+    assert folded == []
+    assert torch.equal(got, ref) or (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (got.argmax(-1) != ref.argmax(-1)).sum() <= 1

@@ -45,6 +45,16 @@ _PER_CHANNEL_FUNCS = {
     F.relu6, F.elu, F.hardsigmoid, F.dropout, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d,
 }
 _PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+# Pooling and padding act per channel only on input of their own rank, [B, C, *spatial]: on a
+# 4-D value a MaxPool3d (or on a Conv1d's 3-D output a 2-D pool or pad) reads it as one
+# unbatched sample and pools across channels, which on the fold form means across variants.
+_SPATIAL_RANK: dict[Any, int] = {
+    nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.AdaptiveAvgPool1d: 1,
+    nn.MaxPool2d: 2, nn.AvgPool2d: 2, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveMaxPool2d: 2,
+    nn.ZeroPad2d: 2, nn.ConstantPad2d: 2, nn.Dropout2d: 2,
+    nn.MaxPool3d: 3, nn.AvgPool3d: 3, nn.AdaptiveAvgPool3d: 3,
+    F.adaptive_avg_pool2d: 2, F.avg_pool2d: 2, F.max_pool2d: 2,
+}
 _BINARY_FUNCS = {operator.add, operator.sub, operator.mul, operator.iadd, operator.isub,
                  operator.imul, torch.add, torch.sub, torch.mul}
 _BINARY_METHODS = {"add", "sub", "mul", "add_", "sub_", "mul_"}
@@ -174,6 +184,8 @@ def _fold_step(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, K: in
             return _NO
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and not m.training and m.running_mean is not None:
             return Fold(_bn(x.t, _tiled(stacks, s.target, K, _tiled_bn, m), m.eps), K)
+        if _SPATIAL_RANK.get(type(m), x.t.dim() - 2) != x.t.dim() - 2:
+            return _NO
         if isinstance(m, _PER_CHANNEL_MODULES) and not getattr(m, "return_indices", False):
             y = prog.call_module(s, x.t)  # in place where eager mode is (Program.keep_inplace)
             return x if y is x.t else Fold(y, K)
@@ -184,6 +196,8 @@ def _fold_step(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, K: in
         if len(refs) != 1 or not isinstance(first, Ref) or s.kwargs.get("return_indices"):
             return _NO
         x = env[first.index]
+        if _SPATIAL_RANK.get(s.target, x.t.dim() - 2) != x.t.dim() - 2:
+            return _NO
         args = (x.t, *s.args[1:])
         y = s.target(*args, **s.kwargs) if s.op == "call_function" else \
             getattr(x.t, s.target)(*args[1:], **s.kwargs)
