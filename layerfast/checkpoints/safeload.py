@@ -137,6 +137,11 @@ def _zip_pickle(path: Path) -> Iterator[IO[bytes]]:
                 yield f
 
 
+#: What a refused but harmless-to-its-owner file can do about it (every refusal ends this way).
+_IF_TRUSTED = ("If you trust the file, load it once with torch.load(path, weights_only=False) "
+               "and torch.save")
+
+
 def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
     """The message for a checkpoint that torch's weights-only unpickler refused."""
     names: list[str] = []
@@ -161,8 +166,7 @@ def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         return LayerfastError(
             f"{path}: refused: loading this file would run code (it asks for {shown}), and "
-            "layerfast never unpickles code. If you trust the file, load it once with "
-            "torch.load(path, weights_only=False) and torch.save just its state dict "
+            f"layerfast never unpickles code. {_IF_TRUSTED} just its state dict "
             "(or write it as .safetensors)."
         )
     if "Unsupported operand" in str(exc) and protocol is not None and protocol > 3:
@@ -171,9 +175,8 @@ def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
         # looking for a broken download
         return LayerfastError(
             f"{path}: cannot load: the file was saved with pickle protocol {protocol}, which "
-            "torch's weights-only loader cannot read (it reads protocols 2 and 3). If you "
-            "trust the file, load it once with torch.load(path, weights_only=False) and "
-            "torch.save it again with the default protocol (or write it as .safetensors)."
+            f"torch's weights-only loader cannot read (it reads protocols 2 and 3). {_IF_TRUSTED} "
+            "it again with the default protocol (or write it as .safetensors)."
         )
     # No global asks for code: the pickle stream itself is broken (random bytes, truncation).
     return _corrupt(path, exc)
@@ -225,8 +228,7 @@ def _refuse_allocating(path: Path, zipped: bool) -> None:
         raise LayerfastError(
             f"{path}: refused: the pickle calls {bad[0]}, which allocates whatever size the "
             "file asks for (a tiny file can exhaust memory), and a state dict never needs it. "
-            "If you trust the file, load it once with torch.load(path, weights_only=False) and "
-            "torch.save just its state dict (or write it as .safetensors)."
+            f"{_IF_TRUSTED} just its state dict (or write it as .safetensors)."
         )
 
 
