@@ -34,7 +34,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,10 +190,14 @@ def _prepare_out(out: Path, overwrite: bool) -> list[Path]:
     return created
 
 
-def _write_error(out: Path, name: str, exc: OSError) -> LayerfastError:
+@contextlib.contextmanager
+def _writing(out: Path, name: str) -> Iterator[None]:
     """A failed write (disk full, quota, permissions changed under the run) as one line: the
     atomic writes have already removed their temporary file, so `out` holds whole files only."""
-    return LayerfastError(f"--out {out}: cannot write {name} ({exc.strerror or exc})")
+    try:
+        yield
+    except OSError as exc:
+        raise LayerfastError(f"--out {out}: cannot write {name} ({exc.strerror or exc})") from None
 
 
 def _remove_created(files: Sequence[Path], dirs: Sequence[Path]) -> None:
@@ -359,15 +363,11 @@ def train(
                 raise LayerfastError(f"training diverged at epoch {epoch} ({why}); lower lr={lr}")
             if not entries:
                 pending.append(out / name)
-            try:
+            with _writing(out, name):
                 _atomic_save(state, out / name)
-            except OSError as exc:
-                raise _write_error(out, name, exc) from None
             entries.append({"epoch": epoch, "file": name, **res, "train_loss": train_loss})
-            try:
+            with _writing(out, MANIFEST):
                 write_manifest(out, entries, **meta)
-            except OSError as exc:
-                raise _write_error(out, MANIFEST, exc) from None
             pending.clear()  # listed by a manifest: a readable (if incomplete) run from now on
             created.clear()
             post["test_err"] = f"{res['test_error']:.4f}"
@@ -406,8 +406,6 @@ def train(
             if epoch + 1 in taus:
                 save(epoch + 1, train_loss)
     meta.update(complete=True, train_seconds=round(time.perf_counter() - t0, 3))
-    try:
+    with _writing(out, MANIFEST):
         write_manifest(out, entries, **meta)
-    except OSError as exc:
-        raise _write_error(out, MANIFEST, exc) from None
     return {"checkpoints": entries, **meta}
