@@ -172,7 +172,7 @@ def _out_dir(out: str | os.PathLike[str] | None, arch: str, fingerprint: dict) -
 
         prefix = f"{arch.replace(':', '_').replace('/', '_')}-"
         found = find_unfinished(Path(DEFAULT_OUT), prefix, fingerprint)
-        out = found or Path(DEFAULT_OUT) / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
+        out = found or _fresh_dir(Path(DEFAULT_OUT), f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}")
     path = Path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -182,6 +182,26 @@ def _out_dir(out: str | os.PathLike[str] | None, arch: str, fingerprint: dict) -
     except OSError as exc:
         raise LayerfastError(f"cannot write to the out dir {path}: {exc.strerror or exc}") from None
     return path
+
+
+def _fresh_dir(parent: Path, stem: str) -> Path:
+    """`parent/stem`, or `stem-2`, `stem-3`, ... when taken: two runs started in the same second
+    (a shell loop over archs' seeds, say) must not share a directory, where the second would
+    delete the first's finished results. `mkdir` without exist_ok claims the name atomically."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LayerfastError(f"cannot write to the out dir {parent}: {exc.strerror or exc}") from None
+    for i in range(1, 1000):
+        path = parent / (stem if i == 1 else f"{stem}-{i}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise LayerfastError(f"cannot write to the out dir {path}: {exc.strerror or exc}") from None
+        return path
+    raise LayerfastError(f"{parent}: 999 directories named {stem}*: name one with --out")
 
 
 def _remove_outputs(path: Path) -> None:

@@ -172,6 +172,23 @@ def test_default_out_dir_resumes_the_unfinished_run(ckpts, finished, tmp_path, m
     assert again.out.resolve() != first.resolve() and again.run["engine"]["resumed_from"] == 0
 
 
+def test_default_out_dirs_started_in_the_same_second_do_not_share(ckpts, finished, tmp_path,
+                                                                  monkeypatch):
+    """Two different runs stamped with the same second (a shell loop, a fast run) each get their
+    own directory: sharing one, the second used to delete the first's finished results."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261206-000000")
+    one = layerfast.analyze("fcn3x256", ckpts, **{**ARGS, "out": None})
+    two = layerfast.analyze("fcn3x256", ckpts, **{**ARGS, "out": None, "threshold": 0.1,
+                                                   "checkpoints": [0, 3]})
+    three = layerfast.analyze("fcn3x256", ckpts, **{**ARGS, "out": None})
+    names = [r.out.name for r in (one, two, three)]
+    assert names == ["fcn3x256-20261206-000000", "fcn3x256-20261206-000000-2",
+                     "fcn3x256-20261206-000000-3"]
+    same_outputs(one.out, finished)  # untouched by the later runs
+    assert (two.out / "run.json").is_file() and (three.out / "run.json").is_file()
+
+
 def test_retrained_checkpoints_are_not_mixed_with_old_progress(ckpts, tmp_path, monkeypatch):
     ck = Path(shutil.copytree(ckpts, tmp_path / "ck"))
     out = tmp_path / "run"
