@@ -112,6 +112,35 @@ def test_foreign_rgb_beton(tmp_path):
     assert Y.tolist() == [i % 4 for i in range(11)]
 
 
+@pytest.mark.parametrize("stored", [(6, 5, 3), (6, 5, 1), (3, 6, 5), (1, 6, 5), (6, 5)])
+def test_foreign_ndarray_beton_hwc_or_chw(tmp_path, stored):
+    """NDArrayField images from other tools (FFCV's CIFAR recipe stores HWC arrays): HWC is
+    recognised by the npz rule (last axis 1 or 3, first not) and transposed; CHW is kept."""
+    from ffcv.fields import IntField, NDArrayField
+
+    imgs = np.random.default_rng(2).integers(0, 256, (7, *stored), dtype=np.uint8)
+
+    class DS:
+        def __len__(self):
+            return 7
+
+        def __getitem__(self, i):
+            return imgs[i], i % 3
+
+    path = tmp_path / "nd.beton"
+    fields = {"image": NDArrayField(np.dtype("uint8"), stored), "label": IntField()}
+    SafeDatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(DS())
+    src = open_data(str(path))
+    want = torch.from_numpy(imgs)
+    if len(stored) == 2:
+        want = want[:, None]
+    elif stored[2] in (1, 3) and stored[0] not in (1, 3):
+        want = want.permute(0, 3, 1, 2)
+    assert src.shape == tuple(want.shape[1:]) and src.scale == 255.0
+    X, Y = collect(src, 3)
+    assert torch.equal(X, want) and Y.tolist() == [i % 3 for i in range(7)]
+
+
 @pytest.mark.parametrize("cut", ["garbage", "tiny", "half", "1", "24", "header"])
 def test_corrupt_beton(tmp_path, cut):
     good = convert("digits", tmp_path / "good.beton").read_bytes()

@@ -114,9 +114,9 @@ def _check_ptrs(reader: Any, ptrs: np.ndarray, min_size: int, path: Path) -> Non
 
 class BetonReader:
     def __init__(self, path: Path, names: list[str], image_type: int, image_shape: tuple[int, ...],
-                 labels: Tensor, crop: bool) -> None:  # fmt: skip
+                 labels: Tensor, crop: bool, hwc: bool = False) -> None:  # fmt: skip
         self.path, self.names, self.image_type = path, names, image_type
-        self.image_shape, self.y, self.crop = image_shape, labels, crop
+        self.image_shape, self.y, self.crop, self.hwc = image_shape, labels, crop, hwc
 
     def _pipelines(self, field_names: list[str]) -> dict[str, Any]:
         from ffcv.fields.decoders import (
@@ -153,7 +153,11 @@ class BetonReader:
             _restore_threads(threads)
             x, y = out[order.index("image")], out[order.index("label")]
             # FFCV recycles its output buffers a few batches later: hand out our own copy.
-            x = x.permute(0, 3, 1, 2) if self.image_type == 2 else x.reshape(-1, *self.image_shape)
+            if self.image_type == 2 or self.hwc:  # HWC -> CHW
+                c, h, w = self.image_shape
+                x = x.reshape(-1, h, w, c).permute(0, 3, 1, 2)
+            else:
+                x = x.reshape(-1, *self.image_shape)
             yield (
                 x.clone(memory_format=torch.contiguous_format),
                 y.reshape(-1).to(torch.int64, copy=True),
@@ -197,15 +201,20 @@ def open_beton(path: Path, split: str, max_samples: int | None) -> DataSource:
     if labels.min() < 0:
         raise LayerfastError(f"beton: {path}: labels must be >= 0, found {int(labels.min())}")
     side = _read_sidecar(path, n)
-    crop = False
+    crop = hwc = False
     if itype == 4:
         h = reader.handlers["image"]
         shape = tuple(int(s) for s in h.shape)
         if len(shape) == 2:
             shape = (1, *shape)
         if len(shape) != 3 or h.dtype not in (np.uint8, np.float32):
-            raise LayerfastError(f"beton: {path}: 'image' must be uint8 or float32 (C, H, W) or "
-                                 f"(H, W), is {h.dtype} {tuple(h.shape)}")  # fmt: skip
+            raise LayerfastError(f"beton: {path}: 'image' must be uint8 or float32 (C, H, W), "
+                                 f"(H, W, C) or (H, W), is {h.dtype} {tuple(h.shape)}")  # fmt: skip
+        # (H, W, C) as written by other tools (FFCV's CIFAR recipes store HWC arrays): the
+        # same rule as for npz x — last axis 1 or 3 and the first not. `convert` writes CHW.
+        hwc = side is None and shape[2] in (1, 3) and shape[0] not in (1, 3)
+        if hwc:
+            shape = (shape[2], shape[0], shape[1])
         _check_ptrs(reader, meta, h.element_size, path)
         scale: float = 255.0 if h.dtype == np.uint8 else 1.0
         mean = std = None
@@ -226,7 +235,7 @@ def open_beton(path: Path, split: str, max_samples: int | None) -> DataSource:
             raise LayerfastError(f"beton: {path}: label {int(labels.max())} >= num_classes "
                                  f"{num_classes} from {sidecar_path(path)}")  # fmt: skip
     beton = BetonReader(
-        path, list(reader.field_names), itype, shape, torch.from_numpy(labels), crop
+        path, list(reader.field_names), itype, shape, torch.from_numpy(labels), crop, hwc
     )
     return make_source(
         str(path), beton, total=n, num_classes=num_classes, shape=shape, mean=mean, std=std, scale=scale,
