@@ -303,6 +303,16 @@ def test_swap_cuda_device_errors():
         ops.swap_([c], [g])
     with pytest.raises(RuntimeError, match=r"all tensors must be on one CUDA device.*a\[1\] is on cpu"):
         ops.swap_([g, c], [g.clone(), c.clone()])
+    # a CPU tensor first: the same message (not CUDAGuard's "non-CUDA DeviceType")
+    with pytest.raises(RuntimeError, match=r"device; a\[1\] is on cuda:0 but a\[0\] is on cpu"):
+        ops.swap_([c, g], [c.clone(), g.clone()])
+    # a failing call swaps nothing, not even the pairs before the bad one (here a copy-fallback
+    # pair: transposed vs contiguous layouts)
+    x, y = torch.randn(4, 6, device="cuda"), torch.randn(6, 4, device="cuda").t()
+    x0, y0 = x.clone(), y.clone()
+    with pytest.raises(RuntimeError, match=r"a\[1\] is on cpu"):
+        ops.swap_([x, c], [y, c.clone()])
+    assert torch.equal(x, x0) and torch.equal(y, y0)
 
 
 @pytest.mark.cuda

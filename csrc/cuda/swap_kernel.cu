@@ -176,16 +176,29 @@ void swap_cuda(at::TensorList a, at::TensorList b) {
   if (a.empty()) {
     return;
   }
-  const c10::Device device = a[0].device();
+  // Every device is checked before anything is swapped, so a failing call changes nothing (the
+  // copy fallback below would otherwise already have swapped the pairs before a bad one). The
+  // reference device is the first CUDA tensor's: a list that starts with a CPU tensor gets this
+  // message rather than CUDAGuard's complaint about a non-CUDA device.
+  size_t first = 0;
+  while (first < a.size() && !a[first].is_cuda()) {
+    ++first;
+  }
+  TORCH_CHECK(
+      first < a.size(), "layerfast::swap_: the CUDA kernel got no CUDA tensor; a[0] is on ",
+      a[0].device());
+  const c10::Device device = a[first].device();
+  for (size_t i = 0; i < a.size(); ++i) {
+    TORCH_CHECK(
+        a[i].device() == device, "layerfast::swap_: all tensors must be on one CUDA device; a[",
+        first, "] is on ", device, " but a[", i, "] is on ", a[i].device());
+  }
   const c10::cuda::CUDAGuard guard(device);
   std::vector<Pair> pairs;
   pairs.reserve(a.size());
   for (size_t i = 0; i < a.size(); ++i) {
     const at::Tensor& x = a[i];
     const at::Tensor& y = b[i];
-    TORCH_CHECK(
-        x.is_cuda() && x.device() == device, "layerfast::swap_: all tensors must be on one CUDA ",
-        "device; a[0] is on ", device, " but a[", i, "] is on ", x.device());
     if (x.numel() == 0 || swap::same_memory(x, y)) {
       continue;
     }
