@@ -126,7 +126,8 @@ __global__ void __launch_bounds__(kThreads) score_kernel(
     for (int w = 0; w < kWarps; ++w) {
       total += partial[w][threadIdx.x];
     }
-    partials[blockIdx.x * 4 + threadIdx.x] = total;
+    // 64-bit: in unsigned int, blockIdx.x * 4 wraps from block 2^30 on (2^31 - 1 are allowed)
+    partials[static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x] = total;
   }
 }
 
