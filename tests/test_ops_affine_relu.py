@@ -186,6 +186,23 @@ def test_cuda_one_launch_no_sync():
 
 
 @pytest.mark.cuda
+def test_cuda_runs_on_the_current_stream():
+    x, scale, shift, r = make(4, 32, (8, 8), 8, torch.float32, "cuda", seed=6)
+    x2 = torch.randn_like(x)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        # s is kept busy, then x is overwritten on s: a kernel launched on any other stream
+        # (e.g. the default one) would read the old x
+        torch.cuda._sleep(100_000_000)
+        x.copy_(x2)
+        got = ops.affine_relu(x, scale, shift, r, True)
+    s.synchronize()
+    torch.testing.assert_close(got, ops.affine_relu_reference(x2, scale, shift, r, True),
+                               **_tol(torch.float32))
+
+
+@pytest.mark.cuda
 def test_cuda_large_index_math():
     """More elements than one grid-stride pass and planes that straddle thread boundaries."""
     x, scale, shift, r = make(3, 1000, (37, 41), 250, torch.float32, "cuda", seed=5)

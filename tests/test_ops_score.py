@@ -320,6 +320,23 @@ def test_score_cuda_matches_cpu():
 
 
 @pytest.mark.cuda
+def test_score_cuda_runs_on_the_current_stream():
+    logits, labels, ref_pred, acc = make_inputs(4, 100, 50, torch.float32, "cuda", seed=11)
+    want = torch.zeros_like(acc)
+    ops.score_reference(logits, labels, ref_pred, want)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        # s is kept busy, then acc is zeroed on s: a score_ launched on any other stream (e.g.
+        # the default one) would add into the old acc first and the zeroing would erase it
+        torch.cuda._sleep(100_000_000)
+        acc.zero_()
+        ops.score_(logits, labels, ref_pred, acc)
+    s.synchronize()
+    assert_acc_close(acc, want, 100)
+
+
+@pytest.mark.cuda
 def test_score_cuda_device_errors():
     logits, labels, ref_pred, acc = make_inputs(2, 6, 10, torch.float32, "cuda")
     with pytest.raises(RuntimeError, match=r"all tensors must be on one device.*labels on cpu"):

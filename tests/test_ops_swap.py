@@ -318,15 +318,20 @@ def test_swap_cuda_device_errors():
 @pytest.mark.cuda
 def test_swap_cuda_no_host_sync_and_current_stream():
     a, b = make_lists([((1000,), torch.float32), ((33,), torch.uint8)], "cuda")
-    a0, b0 = clones(a), clones(b)
+    b0 = clones(b)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.cuda.stream(s):
+            # s is kept busy, then a is overwritten on s: a swap launched on any other stream
+            # (e.g. the default one) would run first and b would not get the new values
+            torch.cuda._sleep(100_000_000)
+            a[0].fill_(7.0)
+            a[1].fill_(3)
             ops.swap_(a, b)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     s.synchronize()
     assert_bits_equal(a, b0)
-    assert_bits_equal(b, a0)
+    assert (b[0] == 7).all() and (b[1] == 3).all()
