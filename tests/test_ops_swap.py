@@ -125,8 +125,14 @@ def _layout_pairs(device, seed):
     s_a, s_b = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g)
     c_a = torch.randn(5, 3, dtype=torch.complex64, generator=g)
     c_b = torch.randn(5, 3, dtype=torch.complex64, generator=g)
-    t = [t.to(device) for t in (x, y, u, w, bytes_a, bytes_b, f_a, f_b, s_a, s_b, c_a, c_b)]
-    x, y, u, w, bytes_a, bytes_b, f_a, f_b, s_a, s_b, c_a, c_b = t
+    w_a = torch.randint(0, 256, (70010,), generator=g, dtype=torch.uint8)
+    w_b = torch.randint(0, 256, (70010,), generator=g, dtype=torch.uint8)
+    h_a, h_b = torch.randn(20002, generator=g), torch.randn(20002, generator=g)
+    t = [
+        t.to(device)
+        for t in (x, y, u, w, bytes_a, bytes_b, f_a, f_b, s_a, s_b, c_a, c_b, w_a, w_b, h_a, h_b)
+    ]
+    x, y, u, w, bytes_a, bytes_b, f_a, f_b, s_a, s_b, c_a, c_b, w_a, w_b, h_a, h_b = t
     cl = torch.channels_last
     return [
         (x.t(), y.t()),  # transposed, same strides: bytewise
@@ -135,10 +141,14 @@ def _layout_pairs(device, seed):
         (u.clone(), w.contiguous(memory_format=cl)),  # contiguous vs channels_last
         (bytes_a[1:4000], bytes_b[3:4002]),  # misaligned starts, different offsets
         (bytes_a[5:4005], bytes_b[21:4021]),  # same offset modulo 16, not aligned
-        (f_a[1:70001], f_b[1:70001]),  # 4-byte aligned only, crosses a 64 KiB chunk
+        (f_a[1:70001], f_b[1:70001]),  # same offset modulo 16 (4 B), crosses a 64 KiB chunk
+        # same offset modulo 4 but not 16 (CUDA: 4-byte units): a 3-byte head, a 64 KiB chunk
+        # boundary; then 4-byte aligned starts 4 and 8 bytes in, over 80000 bytes
+        (w_a[5:70005], w_b[9:70009]),
+        (h_a[1:20001], h_b[2:20002]),
         (s_a[:, ::2], s_b[:, 1::2]),  # gaps: fallback, the other columns must stay
         (c_a.t(), c_b.t()),  # complex, transposed
-    ], [x, y, u, w, bytes_a, bytes_b, f_a, f_b, s_a, s_b, c_a, c_b]
+    ], [x, y, u, w, bytes_a, bytes_b, f_a, f_b, s_a, s_b, c_a, c_b, w_a, w_b, h_a, h_b]
 
 
 @pytest.mark.parametrize("device", DEVICES)
