@@ -215,7 +215,7 @@ class TupleOut(nn.Module):
 
 def _build(name: str):
     """(model, units drawn at random, BNs whose running stats alone are drawn, joint pair)."""
-    import torchvision.models as tvm
+    tvm = pytest.importorskip("torchvision.models")
     from torchvision.models.densenet import DenseNet
     from torchvision.models.efficientnet import EfficientNet, MBConvConfig
     from torchvision.models.shufflenetv2 import ShuffleNetV2
