@@ -103,6 +103,13 @@ def _swap_fake(a: list[Tensor], b: list[Tensor]) -> None:
             lambda i=i, x=x, y=y: f"layerfast::swap_: a[{i}] has shape {list(x.shape)} but b[{i}] "
             f"has shape {list(y.shape)}; each pair must have the same shape",
         )
+        # One device for the whole call, as the CPU and CUDA kernels require: a list mixing CPU
+        # and meta pairs is dispatched here (Meta wins) and would leave the CPU pairs unswapped.
+        torch._check(
+            x.device == a[0].device,
+            lambda i=i, x=x: f"layerfast::swap_: a[{i}] is on {x.device} but a[0] is on "
+            f"{a[0].device}; all tensors of one call must be on the same device",
+        )
 
 
 # ---- score_ ----------------------------------------------------------------------------------

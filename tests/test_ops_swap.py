@@ -214,6 +214,12 @@ def test_swap_device_mismatch_error():
     # 'meta' stands in for a second device on CPU-only machines (see the cuda tests below)
     with pytest.raises(RuntimeError, match=r"a\[0\] is torch.float32 on cpu but b\[0\] is torch.float32 on meta"):
         ops.swap_([torch.zeros(3)], [torch.zeros(3, device="meta")])
+    # pairs on different devices: dispatched to the meta kernel, which used to do nothing
+    x, y = torch.zeros(3), torch.ones(3)
+    m = torch.zeros(3, device="meta")
+    with pytest.raises(RuntimeError, match=r"a\[1\] is on meta but a\[0\] is on cpu"):
+        ops.swap_([x, m], [y, m.clone()])
+    assert x.eq(0).all() and y.eq(1).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
