@@ -35,12 +35,6 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NOT_RUN = re.compile(r"^<!--\s*not-run:\s*(\S.*?)\s*-->$")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
-#: Blocks outside this test's part of the tree (README.md) that cannot carry their own
-#: `<!-- not-run -->` line yet, keyed by page and first code line: (reason).
-NOT_RUN_HERE = {
-    ("README.md", "import layerfast"): "needs ImageNet checkpoints in ckpts/ and a CUDA GPU",
-}
-
 #: Code run before a page's blocks, defining the names its sketches use (the page says so).
 PRELUDES = {
     "internals.md": """
@@ -405,7 +399,6 @@ def test_python_blocks_run(doc: Path, blocks: list, tmp_path: Path) -> None:
     rel = doc.relative_to(ROOT).as_posix()
     problems, run = [], []
     for line, code, why in blocks:
-        why = why or NOT_RUN_HERE.get((rel, code.strip().splitlines()[0]))
         problems += static_check(code, f"{rel}:{line}")
         if why is None:
             run.append(f"# {rel}:{line}\n{code}")
