@@ -7,6 +7,7 @@ each verdict came out. Used for the seed study in docs/reproduction.md.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -23,7 +24,15 @@ def load(d: Path) -> pd.DataFrame:
                          "verdict0": r0["verdict"], "rerandom": rr})
 
 
-def main(dirs: list[str]) -> int:
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", metavar="OUT", help="a `layerfast analyze --out` dir")
+    dirs = p.parse_args(argv).runs
+    missing = [d for d in dirs if not (Path(d) / "results.csv").is_file()]
+    if missing:
+        print(f"compare_runs: no results.csv in {missing[0]} (a finished analyze --out dir?)",
+              file=sys.stderr)
+        return 2
     runs = {Path(d).name: load(Path(d)) for d in dirs}
     units = list(next(iter(runs.values())).index)
     names = list(runs)

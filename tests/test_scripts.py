@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from layerfast.cli import main
 
@@ -58,3 +59,16 @@ def test_gpu_session_script_parses_and_its_table_reads_bench_json(tmp_path: Path
     assert "aten::addmm" in out  # the profile's top ops follow the row
     assert "phases (s): setup " in out and " swapped " in out
     assert "partial" not in out and "broken" not in out
+
+
+def test_compare_runs_usage(tmp_path: Path, capsys) -> None:
+    """--help prints a usage line (it used to be read as a run dir and crash); a dir without
+    results.csv is one line and exit status 2."""
+    mod = _script("compare_runs")
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--help"])
+    assert exc.value.code == 0 and "usage:" in capsys.readouterr().out
+    assert mod.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"compare_runs: no results.csv in {tmp_path} (a finished analyze --out dir?)"
+    )
