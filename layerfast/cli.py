@@ -27,7 +27,9 @@ def _seeds(text: str) -> int | list[int]:
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count like 3 or seeds like 1,7,9; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a count like 3 or seeds like 1,7,9; got {text!r}"
+        ) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,8 +51,11 @@ class _Parser(argparse.ArgumentParser):
             line = f"a command is required: {', '.join(commands)}"
         self.exit(2, f"{self.prog}: error: {line} (see {self.prog} --help)\n")
 
-    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
-                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+    def parse_args(
+        self,
+        args: Sequence[str] | None = None,  # type: ignore[override]
+        namespace: argparse.Namespace | None = None,
+    ) -> argparse.Namespace:
         # Unknown flags surface here, at the top level, so argparse would report them with
         # `layerfast`'s usage; blame the subcommand whose flags they were meant for.
         ns, extra = self.parse_known_args(args, namespace)
@@ -62,50 +67,89 @@ class _Parser(argparse.ArgumentParser):
 
 def _common_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
-                   help="auto = bf16 + channels_last on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "tf32", "bf16"],
+        help="auto = bf16 + channels_last on CUDA, fp32 on CPU",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch")
-    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument(
+        "--max-samples", type=int, default=None, help="evaluate only the first N samples"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     from layerfast.engine.precision import LAYOUTS
 
-    ap = _Parser(prog="layerfast", description=(
-        "Which layers of a trained network matter: reset each unit to earlier checkpoints or "
-        "fresh draws and measure test error, every variant in one data pass."))
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                            title="commands")
+    ap = _Parser(
+        prog="layerfast",
+        description=(
+            "Which layers of a trained network matter: reset each unit to earlier checkpoints or "
+            "fresh draws and measure test error, every variant in one data pass."
+        ),
+    )
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
-    a = sub.add_parser("analyze", help="reset every unit, evaluate all variants, write the report",
-                       epilog="A killed run resumes when the same command runs again: progress "
-                       "is saved in OUT/progress.sqlite every $LAYERFAST_CHECKPOINT_EVERY seconds "
-                       "(default 5). A different command into the same --out is refused unless "
-                       "--fresh.")
-    a.add_argument("--arch", required=True, help="registry name (fcn3x256, vgg11, resnet50, ...) or pkg.module:factory")
+    a = sub.add_parser(
+        "analyze",
+        help="reset every unit, evaluate all variants, write the report",
+        epilog="A killed run resumes when the same command runs again: progress "
+        "is saved in OUT/progress.sqlite every $LAYERFAST_CHECKPOINT_EVERY seconds "
+        "(default 5). A different command into the same --out is refused unless "
+        "--fresh.",
+    )
+    a.add_argument(
+        "--arch",
+        required=True,
+        help="registry name (fcn3x256, vgg11, resnet50, ...) or pkg.module:factory",
+    )
     a.add_argument("--ckpts", help="checkpoint directory (DESIGN.md §2)")
     a.add_argument("--data", default="digits", help="data spec (default: digits); see docs/data.md")
     a.add_argument("--split", default="test", choices=["test", "train"])
     a.add_argument("--granularity", default="layer", choices=["layer", "block", "stage"])
-    a.add_argument("--units", default=None, help="custom units: glob or re:regex patterns, comma-separated")
+    a.add_argument(
+        "--units", default=None, help="custom units: glob or re:regex patterns, comma-separated"
+    )
     a.add_argument("--bn", default="with-layer", choices=["with-layer", "keep", "separate"])
-    a.add_argument("--reset", default="reinit,rerandom,fullmodel", help="kinds: reinit,rerandom,fullmodel")
+    a.add_argument(
+        "--reset", default="reinit,rerandom,fullmodel", help="kinds: reinit,rerandom,fullmodel"
+    )
     a.add_argument("--checkpoints", default="all", help="τ labels to reset to: all or e.g. 0,1,10")
-    a.add_argument("--seeds", type=_seeds, default=1, help="re-randomization seeds: a count n (1..n) or a list")
-    a.add_argument("--threshold", type=float, default=0.05, help="robust ⇔ Δerror ≤ threshold (default 0.05)")
-    a.add_argument("--final", type=int, default=None, help="label of the final model (default: largest)")
+    a.add_argument(
+        "--seeds", type=_seeds, default=1, help="re-randomization seeds: a count n (1..n) or a list"
+    )
+    a.add_argument(
+        "--threshold", type=float, default=0.05, help="robust ⇔ Δerror ≤ threshold (default 0.05)"
+    )
+    a.add_argument(
+        "--final", type=int, default=None, help="label of the final model (default: largest)"
+    )
     a.add_argument("--out", default=None, help="output dir (default layerfast-out/<arch>-<time>)")
-    a.add_argument("--fresh", action="store_true", help="discard a previous run's progress in --out")
-    a.add_argument("--fanout", default="auto", choices=["auto", "on", "off"],
-                   help="run variants of one unit as one wide computation: auto = on for CUDA, off "
-                        "for the CPU (measured no faster there); off = the bit-exact swap path")
-    a.add_argument("--no-fanout", dest="fanout", action="store_const", const="off",
-                   help="same as --fanout off")
-    a.add_argument("--layout", default="auto", choices=LAYOUTS,
-                   help="memory layout of conv activations: auto = channels_last with bf16/tf32 on "
-                        "CUDA, else contiguous (bit-exact fp32); channels_last on the CPU ran conv "
-                        "nets ~2x faster, logits then differ in the last bits")
-    a.add_argument("--list-units", action="store_true", help="print the units (and variants) and exit")
+    a.add_argument(
+        "--fresh", action="store_true", help="discard a previous run's progress in --out"
+    )
+    a.add_argument(
+        "--fanout",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="run variants of one unit as one wide computation: auto = on for CUDA, off "
+        "for the CPU (measured no faster there); off = the bit-exact swap path",
+    )
+    a.add_argument(
+        "--no-fanout", dest="fanout", action="store_const", const="off", help="same as --fanout off"
+    )
+    a.add_argument(
+        "--layout",
+        default="auto",
+        choices=LAYOUTS,
+        help="memory layout of conv activations: auto = channels_last with bf16/tf32 on "
+        "CUDA, else contiguous (bit-exact fp32); channels_last on the CPU ran conv "
+        "nets ~2x faster, logits then differ in the last bits",
+    )
+    a.add_argument(
+        "--list-units", action="store_true", help="print the units (and variants) and exit"
+    )
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     _common_eval(a)
 
@@ -113,7 +157,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", required=True)
     t.add_argument("--data", default="digits")
     t.add_argument("--epochs", type=int, required=True)
-    t.add_argument("--checkpoints", type=_int_list, default=None, help="default: 0,1,2,3,8,40,90,100 scaled")
+    t.add_argument(
+        "--checkpoints", type=_int_list, default=None, help="default: 0,1,2,3,8,40,90,100 scaled"
+    )
     t.add_argument("--out", required=True)
     t.add_argument("--lr", type=float, default=0.1)
     t.add_argument("--momentum", type=float, default=0.9)
@@ -126,7 +172,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--quiet", action="store_true")
 
-    d = sub.add_parser("demo", help="zero-setup: train fcn3x256 on digits, analyze, write the report")
+    d = sub.add_parser(
+        "demo", help="zero-setup: train fcn3x256 on digits, analyze, write the report"
+    )
     d.add_argument("--out", default="layerfast-demo")
     d.add_argument("--quiet", action="store_true")
 
@@ -160,29 +208,58 @@ def _analyze(args: argparse.Namespace) -> int:
         return 0
     if not args.ckpts:
         raise LayerfastError("analyze needs --ckpts DIR (or --list-units for a dry run)")
-    res = analyze(args.arch, args.ckpts, data=args.data, split=args.split,
-                  granularity=args.granularity, units=args.units, bn=args.bn, reset=args.reset,
-                  checkpoints=args.checkpoints, seeds=args.seeds, threshold=args.threshold,
-                  device=args.device, precision=args.precision, batch_size=args.batch_size,
-                  max_samples=args.max_samples, out=args.out, final=args.final, fresh=args.fresh,
-                  progress=not args.quiet,
-                  fanout={"auto": None, "on": True, "off": False}[args.fanout],
-                  layout=args.layout)
+    res = analyze(
+        args.arch,
+        args.ckpts,
+        data=args.data,
+        split=args.split,
+        granularity=args.granularity,
+        units=args.units,
+        bn=args.bn,
+        reset=args.reset,
+        checkpoints=args.checkpoints,
+        seeds=args.seeds,
+        threshold=args.threshold,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        out=args.out,
+        final=args.final,
+        fresh=args.fresh,
+        progress=not args.quiet,
+        fanout={"auto": None, "on": True, "off": False}[args.fanout],
+        layout=args.layout,
+    )
     print(res.summary())
-    print(f"\n{res.run['variants']} variants × {res.run['n']} samples in {res.run['seconds']:.1f} s "
-          f"({res.run['device']}, {res.run['precision']}"
-          f"{', channels_last' if res.run['channels_last'] else ''}); results in {res.out}/")
+    print(
+        f"\n{res.run['variants']} variants × {res.run['n']} samples in {res.run['seconds']:.1f} s "
+        f"({res.run['device']}, {res.run['precision']}"
+        f"{', channels_last' if res.run['channels_last'] else ''}); results in {res.out}/"
+    )
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from layerfast.train import train
 
-    man = train(args.arch, args.data, args.epochs, args.out, checkpoints=args.checkpoints,
-                batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                weight_decay=args.weight_decay, seed=args.seed, device=args.device,
-                schedule=args.schedule, progress=not args.quiet, max_samples=args.max_samples,
-                overwrite=args.overwrite)
+    man = train(
+        args.arch,
+        args.data,
+        args.epochs,
+        args.out,
+        checkpoints=args.checkpoints,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        device=args.device,
+        schedule=args.schedule,
+        progress=not args.quiet,
+        max_samples=args.max_samples,
+        overwrite=args.overwrite,
+    )
     for c in man["checkpoints"]:
         print(f"epoch {c['epoch']:4d}  test error {c['test_error']:.4f}  {c['file']}")
     print(f"checkpoints and manifest.json in {args.out}/")
@@ -224,8 +301,15 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
-COMMANDS = {"analyze": _analyze, "train": _train, "demo": _demo, "convert": _convert,
-            "report": _report, "info": _info, "bench": _bench}
+COMMANDS = {
+    "analyze": _analyze,
+    "train": _train,
+    "demo": _demo,
+    "convert": _convert,
+    "report": _report,
+    "info": _info,
+    "bench": _bench,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,8 +45,14 @@ def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 def shell(argv: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     # PYTHONPATH: import this checkout even where an editable install is stale or absent.
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "layerfast", *map(str, argv)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "layerfast", *map(str, argv)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_bad_input(rc: int, err: str, match: str, out: Path | None = None) -> str:
@@ -121,8 +127,11 @@ def _nan(ck: Path, tmp: Path):
 
 def _npz(tmp: Path, name: str, n: int, label: int) -> Path:
     path = tmp / name
-    np.savez(path, x=np.random.default_rng(0).random((n, 1, 8, 8), dtype=np.float32),
-             y=np.full(n, label, dtype=np.int64))
+    np.savez(
+        path,
+        x=np.random.default_rng(0).random((n, 1, 8, 8), dtype=np.float32),
+        y=np.full(n, label, dtype=np.int64),
+    )
     return path
 
 
@@ -164,8 +173,9 @@ CASES: dict[str, Callable] = {
 
 
 # Opening a .beton imports FFCV (numba and friends): several seconds, so that case is `slow`.
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if "beton" in c else c
-                                  for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if "beton" in c else c for c in CASES]
+)
 def test_bad_input(case: str, ckpts: Path, tmp_path: Path, capsys) -> None:
     extra, match = CASES[case](ckpts, tmp_path)
     out = tmp_path / "out"
@@ -183,16 +193,19 @@ def test_key_and_shape_mismatches_are_listed(ckpts: Path, tmp_path: Path, capsys
     assert "[256, 64]" in line and "[100, 64]" in line
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--arch", "no_such_arch"], "unknown arch"),
-    (["--seeds", "0"], "--seeds"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--threshold", "1.5"], "--threshold"),
-    (["--device", "tpu"], "--device"),
-    (["--reset", "reinit,sideways"], "--reset"),
-    (["--checkpoints", "0,7"], "label 7"),
-    (["--units", "nothing*"], "nothing"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--arch", "no_such_arch"], "unknown arch"),
+        (["--seeds", "0"], "--seeds"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--threshold", "1.5"], "--threshold"),
+        (["--device", "tpu"], "--device"),
+        (["--reset", "reinit,sideways"], "--reset"),
+        (["--checkpoints", "0,7"], "label 7"),
+        (["--units", "nothing*"], "nothing"),
+    ],
+)
 def test_bad_options(argv: list[str], match: str, ckpts: Path, tmp_path: Path, capsys) -> None:
     base = {"--arch": "fcn3x256"}
     base.update(dict(zip(argv[::2], argv[1::2], strict=True)))
@@ -202,20 +215,36 @@ def test_bad_options(argv: list[str], match: str, ckpts: Path, tmp_path: Path, c
     assert not (tmp_path / "o").exists()  # rejected before the out dir was made
 
 
-@pytest.mark.parametrize("argv,prog,match", [
-    ([], "layerfast", "a command is required: analyze, train"),
-    (["frobnicate"], "layerfast", "invalid choice: 'frobnicate'"),
-    (["analyze"], "layerfast analyze", "required: --arch"),
-    (["analyze", "--arch", "fcn3x256", "--no-such-flag"], "layerfast analyze",
-     "unrecognized arguments: --no-such-flag"),
-    (["analyze", "--arch", "fcn3x256", "--split", "val"], "layerfast analyze",
-     "--split: invalid choice: 'val'"),
-    (["analyze", "--arch", "fcn3x256", "--threshold", "abc"], "layerfast analyze",
-     "--threshold: invalid float value"),
-    (["analyze", "--arch", "fcn3x256", "--seeds", "x"], "layerfast analyze", "--seeds: expected"),
-    (["train", "--arch", "fcn3x256", "--out", "x"], "layerfast train", "required: --epochs"),
-    (["info", "--bogus"], "layerfast info", "unrecognized arguments: --bogus"),
-])
+@pytest.mark.parametrize(
+    "argv,prog,match",
+    [
+        ([], "layerfast", "a command is required: analyze, train"),
+        (["frobnicate"], "layerfast", "invalid choice: 'frobnicate'"),
+        (["analyze"], "layerfast analyze", "required: --arch"),
+        (
+            ["analyze", "--arch", "fcn3x256", "--no-such-flag"],
+            "layerfast analyze",
+            "unrecognized arguments: --no-such-flag",
+        ),
+        (
+            ["analyze", "--arch", "fcn3x256", "--split", "val"],
+            "layerfast analyze",
+            "--split: invalid choice: 'val'",
+        ),
+        (
+            ["analyze", "--arch", "fcn3x256", "--threshold", "abc"],
+            "layerfast analyze",
+            "--threshold: invalid float value",
+        ),
+        (
+            ["analyze", "--arch", "fcn3x256", "--seeds", "x"],
+            "layerfast analyze",
+            "--seeds: expected",
+        ),
+        (["train", "--arch", "fcn3x256", "--out", "x"], "layerfast train", "required: --epochs"),
+        (["info", "--bogus"], "layerfast info", "unrecognized arguments: --bogus"),
+    ],
+)
 def test_usage_errors_are_one_line(argv: list[str], prog: str, match: str, capsys) -> None:
     """DESIGN §6: a usage error is exit 2 with one clear line on stderr (argparse's usage block
     would be a dozen), naming the command and where its usage is."""
@@ -234,19 +263,24 @@ def test_help_still_shows_the_usage(capsys) -> None:
 
 def test_factory_that_raises_from_a_shell(ckpts: Path, tmp_path: Path) -> None:
     (tmp_path / "myfactory.py").write_text(
-        "def build(**kwargs):\n    raise RuntimeError('boom: factory misconfigured')\n")
+        "def build(**kwargs):\n    raise RuntimeError('boom: factory misconfigured')\n"
+    )
     p = shell(["analyze", "--arch", "myfactory:build", "--ckpts", ckpts, "--out", "out"], tmp_path)
     assert_bad_input(p.returncode, p.stderr, "boom: factory misconfigured", tmp_path / "out")
     p = shell([], tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert p.stderr.strip() == ("layerfast: error: a command is required: analyze, train, demo, "
-                                "bench, convert, report, info (see layerfast --help)")
+    assert p.stderr.strip() == (
+        "layerfast: error: a command is required: analyze, train, demo, "
+        "bench, convert, report, info (see layerfast --help)"
+    )
 
 
 # ---- good input ------------------------------------------------------------------------------
 def test_analyze_prints_progress_on_stderr_and_summary(ckpts: Path, tmp_path: Path, capsys) -> None:
-    rc, out, err = cli(["analyze", "--arch", "fcn3x256", "--ckpts", ckpts, "--device", "cpu",
-                        "--out", tmp_path], capsys)
+    rc, out, err = cli(
+        ["analyze", "--arch", "fcn3x256", "--ckpts", ckpts, "--device", "cpu", "--out", tmp_path],
+        capsys,
+    )
     assert rc == 0, err
     assert re.search(r"\d+ variants: .*/360 ", err)  # the tqdm bar (may close before 360/360)
     assert "/360 " not in out
@@ -266,8 +300,19 @@ def test_analyze_prints_progress_on_stderr_and_summary(ckpts: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("granularity,count", [("block", 18), ("stage", 6), ("layer", 54)])
 def test_list_units_resnet50(granularity: str, count: int, capsys) -> None:
-    rc, out, _ = cli(["analyze", "--list-units", "--arch", "resnet50", "--data",
-                      "synthetic:imagenet", "--granularity", granularity], capsys)
+    rc, out, _ = cli(
+        [
+            "analyze",
+            "--list-units",
+            "--arch",
+            "resnet50",
+            "--data",
+            "synthetic:imagenet",
+            "--granularity",
+            granularity,
+        ],
+        capsys,
+    )
     assert rc == 0
     lines = out.strip().splitlines()
     assert lines[-1].startswith(f"{count} units")
@@ -289,8 +334,15 @@ def test_demo_under_two_minutes(tmp_path: Path, capsys) -> None:
         assert (report / name).is_file()
 
 
-@pytest.mark.parametrize("argv, want", [([], "auto"), (["--fanout", "on"], "on"),
-                                        (["--no-fanout"], "off"), (["--fanout", "off"], "off")])
+@pytest.mark.parametrize(
+    "argv, want",
+    [
+        ([], "auto"),
+        (["--fanout", "on"], "on"),
+        (["--no-fanout"], "off"),
+        (["--fanout", "off"], "off"),
+    ],
+)
 def test_fanout_flag(argv: list[str], want: str) -> None:
     from layerfast.cli import parser
 
@@ -300,23 +352,62 @@ def test_fanout_flag(argv: list[str], want: str) -> None:
 
 def test_fanout_on_is_recorded_in_run_json(ckpts: Path, tmp_path: Path) -> None:
     out = tmp_path / "on"
-    rc = main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--data", "digits",
-               "--reset", "reinit", "--device", "cpu", "--fanout", "on", "--quiet", "--out", str(out)])
+    rc = main(
+        [
+            "analyze",
+            "--arch",
+            "fcn3x256",
+            "--ckpts",
+            str(ckpts),
+            "--data",
+            "digits",
+            "--reset",
+            "reinit",
+            "--device",
+            "cpu",
+            "--fanout",
+            "on",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     run = json.loads((out / "run.json").read_text())
     assert run["engine"]["plan"]["fanned_variants"] > 0, run["engine"]
 
 
-def test_layout_is_recorded_and_channels_last_matches_contiguous(ckpts: Path, tmp_path: Path) -> None:
+def test_layout_is_recorded_and_channels_last_matches_contiguous(
+    ckpts: Path, tmp_path: Path
+) -> None:
     runs = {}
     for layout in ("auto", "channels_last"):
         out = tmp_path / layout
-        rc = main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--data", "digits",
-                   "--reset", "reinit", "--device", "cpu", "--layout", layout, "--quiet",
-                   "--out", str(out)])
+        rc = main(
+            [
+                "analyze",
+                "--arch",
+                "fcn3x256",
+                "--ckpts",
+                str(ckpts),
+                "--data",
+                "digits",
+                "--reset",
+                "reinit",
+                "--device",
+                "cpu",
+                "--layout",
+                layout,
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
         assert rc == 0
-        runs[layout] = (json.loads((out / "run.json").read_text()),
-                        (out / "results.csv").read_text())
+        runs[layout] = (
+            json.loads((out / "run.json").read_text()),
+            (out / "results.csv").read_text(),
+        )
     assert runs["auto"][0]["channels_last"] is False  # the CPU default keeps the exact layout
     assert runs["channels_last"][0]["channels_last"] is True
     # an FCN has no conv: its layout changes nothing, results are identical
@@ -337,8 +428,12 @@ def test_bench_runs_both_modes_and_the_naive_loop_side_by_side(capsys) -> None:
     # the compute floor: FCN 3×256 on 8×8 digits is 64·256 + 2·256·256 + 256·10 MACs a sample
     g = out["floor"]["gflop_per_sample"]
     assert g["forward"] * 1e9 == pytest.approx(2 * (64 * 256 + 2 * 256 * 256 + 256 * 10))
-    assert g["naive"] == pytest.approx(29 * g["forward"]) and g["forward"] < g["needed"] < g["naive"]
-    assert out["floor"]["seconds_measured_rate"] > 0 and out["floor"]["rate_tflops_datasheet"] is None
+    assert (
+        g["naive"] == pytest.approx(29 * g["forward"]) and g["forward"] < g["needed"] < g["naive"]
+    )
+    assert (
+        out["floor"]["seconds_measured_rate"] > 0 and out["floor"]["rate_tflops_datasheet"] is None
+    )
     assert set(out["times_floor"]) == set(out["seconds"])
     # where layerfast's time went: the phases lie within the total, which is the timed run
     ph = out["layerfast_phases"]
@@ -351,9 +446,26 @@ def test_bench_runs_both_modes_and_the_naive_loop_side_by_side(capsys) -> None:
     assert "(fan-out off, B=1000)" in text and "timed on 3 of 29 variants, scaled" in text
     assert "(fan-out on, glue fused, B=" in text
     assert "compute floor:" in text and "× the floor" in text
-    assert "layerfast's time: setup " in text and "(setup and total wall time, the phases wall" in text
-    assert main(["bench", "--device", "cpu", "--max-samples", "60", "--glue", "unfolded", "--json",
-                 "--naive-variants", "2"]) == 0
+    assert (
+        "layerfast's time: setup " in text and "(setup and total wall time, the phases wall" in text
+    )
+    assert (
+        main(
+            [
+                "bench",
+                "--device",
+                "cpu",
+                "--max-samples",
+                "60",
+                "--glue",
+                "unfolded",
+                "--json",
+                "--naive-variants",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["glue"] == "unfolded"
     with pytest.raises(SystemExit) as e:
         main(["bench", "--glue", "fast"])
@@ -362,9 +474,26 @@ def test_bench_runs_both_modes_and_the_naive_loop_side_by_side(capsys) -> None:
 
 def test_bench_profile_writes_the_op_table(tmp_path: Path, capsys) -> None:
     table = tmp_path / "profile.txt"
-    assert main(["bench", "--device", "cpu", "--max-samples", "200", "--no-prefix-only",
-                 "--naive-variants", "2", "--profile", str(table), "--profile-samples", "100",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--device",
+                "cpu",
+                "--max-samples",
+                "200",
+                "--no-prefix-only",
+                "--naive-variants",
+                "2",
+                "--profile",
+                str(table),
+                "--profile-samples",
+                "100",
+                "--json",
+            ]
+        )
+        == 0
+    )
     p = json.loads(capsys.readouterr().out)["profile"]
     assert p["samples"] == 100 and p["file"] == str(table)
     ops = [e["op"] for e in p["top"]]

@@ -118,8 +118,10 @@ def test_fullmodel_under_bn_keep_leaves_norm_layers_at_final(tmp_path: Path) -> 
     """DESIGN §3: under `--bn keep` normalization layers stay at the final model, in the
     fullmodel row too (parameters and running statistics); every other key is τ."""
     model = write_run(tmp_path)
-    kept = [Unit("conv", ("conv",), ("conv.weight", "conv.bias"), bn="keep"),
-            Unit("fc", ("fc",), ("fc.weight", "fc.bias"), bn="keep")]
+    kept = [
+        Unit("conv", ("conv",), ("conv.weight", "conv.bias"), bn="keep"),
+        Unit("fc", ("fc",), ("fc.weight", "fc.bias"), bn="keep"),
+    ]
     vs = make_variants(model, kept, CheckpointDir(tmp_path), reset=("fullmodel",), checkpoints=[1])
     (v,) = [v for v in vs if v.kind == "fullmodel"]
     assert set(v.keys) == {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}
@@ -370,11 +372,14 @@ def test_analyze_re_randomizes_a_joint_unit_of_tied_modules(tmp_path: Path, monk
 
     (tmp_path / "tiedpair_mod.py").write_text(
         "from tests.test_variants import TiedPair\n"
-        "def make(num_classes, in_shape):\n    return TiedPair()\n")
+        "def make(num_classes, in_shape):\n    return TiedPair()\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     g = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x=g.standard_normal((40, 6)).astype(np.float32), y=np.arange(40) % 6)
+    np.savez(
+        tmp_path / "d.npz", x=g.standard_normal((40, 6)).astype(np.float32), y=np.arange(40) % 6
+    )
     model = TiedPair()
     ck = tmp_path / "ck"
     ck.mkdir()
@@ -383,8 +388,17 @@ def test_analyze_re_randomizes_a_joint_unit_of_tied_modules(tmp_path: Path, monk
         for p in model.parameters():
             p.add_(0.5)
     torch.save(model.state_dict(), ck / "epoch_1.pt")
-    res = analyze("tiedpair_mod:make", ck, data=str(tmp_path / "d.npz"), units="re:enc|dec",
-                  seeds=2, out=tmp_path / "out", device="cpu", progress=False, figures=False)
+    res = analyze(
+        "tiedpair_mod:make",
+        ck,
+        data=str(tmp_path / "d.npz"),
+        units="re:enc|dec",
+        seeds=2,
+        out=tmp_path / "out",
+        device="cpu",
+        progress=False,
+        figures=False,
+    )
     t = res.table
     assert len(t[t["kind"] == "rerandom"]) == 2
 
@@ -399,7 +413,10 @@ def test_rerandom_of_a_parametrized_layer_is_refused_with_what_to_do() -> None:
 
     model = nn.Sequential(weight_norm(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 2))
     unit = next(u for u in make_units(model) if u.name == "0")
-    with pytest.raises(LayerfastError, match=r"module 0 of unit '0': its weight is parametrized"
-                                             r".*--reset reinit,fullmodel"):
+    with pytest.raises(
+        LayerfastError,
+        match=r"module 0 of unit '0': its weight is parametrized"
+        r".*--reset reinit,fullmodel",
+    ):
         rerandom_draw(model, unit, seed=1)
     assert rerandom_draw(model, next(u for u in make_units(model) if u.name == "2"), seed=1)
