@@ -79,7 +79,9 @@ def _overrides_of(v: Any) -> Mapping[str, torch.Tensor]:
         return v
     if hasattr(v, "overrides"):
         return v.overrides()
-    raise TypeError(f"a variant must be a mapping of state keys to tensors or have .overrides(), got {type(v)}")
+    raise TypeError(
+        f"a variant must be a mapping of state keys to tensors or have .overrides(), got {type(v)}"
+    )
 
 
 def _keys_of(v: Any) -> Iterable[str]:
@@ -104,10 +106,20 @@ class Evaluator:
     is measured against its predictions.
     """
 
-    def __init__(self, model: nn.Module, variants: Sequence[Any], device: str | torch.device = "auto",
-                 precision: str = "auto", batch_size: int | None = None, fanout: bool | None = None,
-                 max_fanout: int = 32, memory_fraction: float = 0.5, layout: str = "auto",
-                 glue: str = "fused", stage_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        variants: Sequence[Any],
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        batch_size: int | None = None,
+        fanout: bool | None = None,
+        max_fanout: int = 32,
+        memory_fraction: float = 0.5,
+        layout: str = "auto",
+        glue: str = "fused",
+        stage_bytes: int | None = None,
+    ) -> None:
         self.model = model
         self.variants = list(variants)
         self.device = resolve_device(device)
@@ -155,11 +167,16 @@ class Evaluator:
         for i in self._pass_idx:
             ov = _canonical(_overrides_of(self.variants[i]), canon, i)
             bad = [k for k in ov if k not in live]
-            shapes = [f"{k}: {tuple(t.shape)} vs model {tuple(live[k].shape)}"
-                      for k, t in ov.items() if k in live and t.shape != live[k].shape]
+            shapes = [
+                f"{k}: {tuple(t.shape)} vs model {tuple(live[k].shape)}"
+                for k, t in ov.items()
+                if k in live and t.shape != live[k].shape
+            ]
             if bad or shapes:
-                raise LayerfastError(f"variant {i} does not fit the model: unknown keys {bad[:10]}; "
-                                     f"shape mismatches {shapes[:10]}")
+                raise LayerfastError(
+                    f"variant {i} does not fit the model: unknown keys {bad[:10]}; "
+                    f"shape mismatches {shapes[:10]}"
+                )
             try:
                 out.append({k: torch.empty_like(live[k]).copy_(t) for k, t in ov.items()})
             except _OOM:
@@ -172,15 +189,20 @@ class Evaluator:
                     f"beside the model: memory ran out at variant {i} of {len(self.variants)}; "
                     "analyze fewer at once (--units, --checkpoints, --seeds), use a device "
                     "with more memory, or stage less per pass (Evaluator(stage_bytes=...))"
-                    ) from None
+                ) from None
         return out
 
     # ---- the pass --------------------------------------------------------------------
-    def run(self, data: Any, start: int = 0, counts: torch.Tensor | None = None,
-            on_progress: Callable[[int], None] | None = None,
-            on_checkpoint: Callable[[torch.Tensor, int], None] | None = None,
-            checkpoint_every: float = 30.0,
-            on_logits: Callable[[list[int], torch.Tensor], None] | None = None) -> EvalResult:
+    def run(
+        self,
+        data: Any,
+        start: int = 0,
+        counts: torch.Tensor | None = None,
+        on_progress: Callable[[int], None] | None = None,
+        on_checkpoint: Callable[[torch.Tensor, int], None] | None = None,
+        checkpoint_every: float = 30.0,
+        on_logits: Callable[[list[int], torch.Tensor], None] | None = None,
+    ) -> EvalResult:
         """One pass over `data`: a `layerfast.data.DataSource`, or an iterable of (x, y).
 
         `start`/`counts` resume a pass: skip the first `start` samples (DataSource only) and
@@ -205,11 +227,15 @@ class Evaluator:
             raise LayerfastError(
                 f"these {V} variants are evaluated in {P} passes over the data (their tensors "
                 "exceed what one pass stages), and a one-shot iterator can be read only once: "
-                "pass a list of batches or a DataSource")
+                "pass a list of batches or a DataSource"
+            )
         if P > 1 and start and not source:
             raise LayerfastError("resuming needs a DataSource, not a plain iterable of batches")
-        total = (torch.zeros(V, 4, dtype=torch.float64) if counts is None
-                 else counts.detach().to("cpu", torch.float64).clone())
+        total = (
+            torch.zeros(V, 4, dtype=torch.float64)
+            if counts is None
+            else counts.detach().to("cpu", torch.float64).clone()
+        )
         # `start` counts samples over the passes, pass-major: pass p, sample s is p·N + s.
         p0, s0 = divmod(start, N) if P > 1 and N else (0, start)
         if P > 1 and N and p0 == P and s0 == 0:
@@ -229,10 +255,16 @@ class Evaluator:
 
             t0 = time.perf_counter()
             with self._on_device() as cl:
-                res = self._run(data, s0 if p == p0 else 0, total[idx],
-                                progress if on_progress is not None else None,
-                                saved if on_checkpoint is not None else None,
-                                checkpoint_every, cl, t0)
+                res = self._run(
+                    data,
+                    s0 if p == p0 else 0,
+                    total[idx],
+                    progress if on_progress is not None else None,
+                    saved if on_checkpoint is not None else None,
+                    checkpoint_every,
+                    cl,
+                    t0,
+                )
             total[idx] = res.counts
             results.append(res)
             plans.append(self.last_plan.remapped(idx))
@@ -243,8 +275,15 @@ class Evaluator:
         timings = {k: sum(r.timings.get(k, 0.0) for r in results) for k in results[-1].timings}
         timings["total"] = time.perf_counter() - t_all
         last = results[-1]
-        return EvalResult(total, last.n, last.device, last.precision, last.num_classes,
-                          {**self.last_plan.summary(), "passes": P}, timings)
+        return EvalResult(
+            total,
+            last.n,
+            last.device,
+            last.precision,
+            last.num_classes,
+            {**self.last_plan.summary(), "passes": P},
+            timings,
+        )
 
     def passes(self) -> list[list[int]]:
         """The variants' indices in passes over the data (`plan.split_passes`): one pass unless
@@ -254,8 +293,9 @@ class Evaluator:
             limit = self.stage_bytes or stage_limit(sum(size.values()))
             canon = canonical_keys(self.model)
             keysets = [frozenset(canon.get(k, k) for k in _keys_of(v)) for v in self.variants]
-            self._passes = split_passes(keysets, [sum(size.get(k, 0) for k in ks) for ks in keysets],
-                                        limit)
+            self._passes = split_passes(
+                keysets, [sum(size.get(k, 0) for k in ks) for ks in keysets], limit
+            )
         return self._passes
 
     @contextlib.contextmanager
@@ -269,8 +309,9 @@ class Evaluator:
         model, dev = self.model, self.device
         modes = [(m, m.training) for m in model.modules()]
         params = [(p, p.data, p.grad) for p in model.parameters()]
-        buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()
-                   if b is not None]
+        buffers = [
+            (m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None
+        ]
         cl = self.channels_last
         model.eval()
         try:
@@ -313,14 +354,21 @@ class Evaluator:
                     prog.run(x, 0, keep=set(plan.cuts), saved=cache)
             except Exception:  # noqa: BLE001 - the real pass reports the model's error properly
                 return self.batch_size
-        sizes = [t.numel() * t.element_size() / 2 for t in cache.values()
-                 if isinstance(t, torch.Tensor)]
+        sizes = [
+            t.numel() * t.element_size() / 2 for t in cache.values() if isinstance(t, torch.Tensor)
+        ]
         peak = max(sizes + [x[0].numel() * x.element_size()])
         k = max([min(len(g.members), self.max_fanout) for g in plan.groups if g.fan], default=1)
         cuda = self.device.type == "cuda"
         budget = memory_budget(self.device, self.memory_fraction)
-        self.batch_size = choose_batch(sum(sizes), peak, k, budget, B_MAX_CUDA if cuda else B_CPU,
-                                       None if cuda else CPU_TENSOR_CAP)
+        self.batch_size = choose_batch(
+            sum(sizes),
+            peak,
+            k,
+            budget,
+            B_MAX_CUDA if cuda else B_CPU,
+            None if cuda else CPU_TENSOR_CAP,
+        )
         return self.batch_size
 
     def settle_layout(self, x: torch.Tensor) -> bool:
@@ -352,11 +400,15 @@ class Evaluator:
             self.channels_last = True  # fails either way: the pass reports the model's error
             return True
         if self.layout == "channels_last":
-            raise LayerfastError("this model does not run with channels_last activations ("
-                                 f"{err.splitlines()[0][:200]}); use the contiguous layout")
+            raise LayerfastError(
+                "this model does not run with channels_last activations ("
+                f"{err.splitlines()[0][:200]}); use the contiguous layout"
+            )
         return False
 
-    def _batches(self, data: Any, start: int, cl: bool) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(
+        self, data: Any, start: int, cl: bool
+    ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         dev = self.device
         dtype = torch.float32
         if hasattr(data, "batches") and hasattr(data, "shape"):
@@ -380,8 +432,9 @@ class Evaluator:
         dev_ov = self._device_overrides(live)
         # A variant whose tensors equal the live ones (e.g. reinit to the final τ) IS the
         # baseline: score it from the baseline's logits, bit for bit, at no cost.
-        keysets = [set() if all(torch.equal(t, live[k]) for k, t in o.items()) else set(o)
-                   for o in dev_ov]
+        keysets = [
+            set() if all(torch.equal(t, live[k]) for k, t in o.items()) else set(o) for o in dev_ov
+        ]
         plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
         self.last_plan = plan  # for the compute floor (engine.flops) and for inspection
         self._groups_sized = False
@@ -414,8 +467,15 @@ class Evaluator:
         out = acc[:V].cpu()
         if on_checkpoint is not None:
             on_checkpoint(out, n)
-        timings = {"setup": setup, "data": 0.0, "baseline": 0.0, "fanned": 0.0, "swapped": 0.0,
-                   **clock.totals(), "total": time.perf_counter() - t0}
+        timings = {
+            "setup": setup,
+            "data": 0.0,
+            "baseline": 0.0,
+            "fanned": 0.0,
+            "swapped": 0.0,
+            **clock.totals(),
+            "total": time.perf_counter() - t0,
+        }
         for g in plan.groups:
             g.stacks.clear()  # the K-stacked weights: device memory, not needed past the pass
         return EvalResult(out, n, str(self.device), self.precision, C, plan.summary(), timings)
@@ -430,8 +490,18 @@ class Evaluator:
         with torch.inference_mode(), precision_context(self.precision, self.device):
             return int(prog.run(x, 0).shape[1])
 
-    def _pass_batch(self, ops, prog: Program, plan: Plan, x: torch.Tensor, y: torch.Tensor,
-                    acc: torch.Tensor, dev_ov, live, clock: PhaseClock) -> int:
+    def _pass_batch(
+        self,
+        ops,
+        prog: Program,
+        plan: Plan,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        acc: torch.Tensor,
+        dev_ov,
+        live,
+        clock: PhaseClock,
+    ) -> int:
         """One batch through the baseline (keeping the cuts) and every group's suffix; returns
         the number of classes."""
         V = len(self._pass_idx)
@@ -443,9 +513,9 @@ class Evaluator:
             C = logits0.shape[1]
             _check_labels(y, C)
             ref = logits0.argmax(1)
-            self._score(ops, logits0.unsqueeze(0), y, ref, acc[V:V + 1])
+            self._score(ops, logits0.unsqueeze(0), y, ref, acc[V : V + 1])
             for i in plan.same_as_baseline:
-                self._score(ops, logits0.unsqueeze(0), y, ref, acc[i:i + 1], [i])
+                self._score(ops, logits0.unsqueeze(0), y, ref, acc[i : i + 1], [i])
         if not self._groups_sized:
             self._size_groups(plan, prog, x, cache)
             self._groups_sized = True
@@ -457,29 +527,59 @@ class Evaluator:
             else:
                 with clock("swapped"):
                     for i in g.members:
-                        self._run_swapped(ops, prog, g.start, inp, y, ref, acc[i:i + 1],
-                                          dev_ov[i], live, rows=[i])
+                        self._run_swapped(
+                            ops,
+                            prog,
+                            g.start,
+                            inp,
+                            y,
+                            ref,
+                            acc[i : i + 1],
+                            dev_ov[i],
+                            live,
+                            rows=[i],
+                        )
         return C
 
-    def _score(self, ops, logits: torch.Tensor, y: torch.Tensor, ref: torch.Tensor,
-               acc_rows: torch.Tensor, rows: list[int] | None = None) -> None:
+    def _score(
+        self,
+        ops,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        ref: torch.Tensor,
+        acc_rows: torch.Tensor,
+        rows: list[int] | None = None,
+    ) -> None:
         ops.score_(logits.contiguous(), y, ref, acc_rows)
         if self._hook is not None and rows is not None:
             self._hook([self._pass_idx[r] for r in rows], logits.float().cpu())
 
     def _size_groups(self, plan: Plan, prog: Program, x: torch.Tensor, cache: dict) -> None:
         """Pick K per fanned group from the activation size of one sample."""
-        per_sample = max([t.numel() * t.element_size() for t in cache.values()] +
-                         [x.numel() * x.element_size()]) / max(x.shape[0], 1)
+        per_sample = max(
+            [t.numel() * t.element_size() for t in cache.values()] + [x.numel() * x.element_size()]
+        ) / max(x.shape[0], 1)
         budget = memory_budget(self.device, self.memory_fraction)
         k = choose_kmax(4 * per_sample, x.shape[0], budget, self.max_fanout)
         for g in plan.groups:
             if g.fan is not None:
                 g.kmax = min(g.kmax, k)
 
-    def _run_swapped(self, ops, prog: Program, start: int, inp: torch.Tensor, y, ref, acc_rows,
-                     ov: dict[str, torch.Tensor], live: dict[str, torch.Tensor],
-                     lo: int = 0, hi: int | None = None, rows: list[int] | None = None) -> None:
+    def _run_swapped(
+        self,
+        ops,
+        prog: Program,
+        start: int,
+        inp: torch.Tensor,
+        y,
+        ref,
+        acc_rows,
+        ov: dict[str, torch.Tensor],
+        live: dict[str, torch.Tensor],
+        lo: int = 0,
+        hi: int | None = None,
+        rows: list[int] | None = None,
+    ) -> None:
         keys = list(ov)
         a, b = [live[k] for k in keys], [ov[k] for k in keys]
         hi = inp.shape[0] if hi is None else hi
@@ -508,8 +608,10 @@ class Evaluator:
             stacks = {}
             for mod in g.fan.modules:
                 prefix = mod + "."
-                per = [{k[len(prefix):]: t for k, t in dev_ov[i].items() if k.startswith(prefix)}
-                       for i in g.members[lo:hi]]
+                per = [
+                    {k[len(prefix) :]: t for k, t in dev_ov[i].items() if k.startswith(prefix)}
+                    for i in g.members[lo:hi]
+                ]
                 stacks[mod] = stack_module(prog.modules[mod], per, self.channels_last)
             g.stacks[key] = stacks
         return g.stacks[key]
@@ -538,22 +640,30 @@ class Evaluator:
         stacks = self._stacks(prog, g, lo, hi, dev_ov, live)
         x = inp.clone() if prog.has_inplace else inp
         try:
-            logits = run_fanned(prog, g.fan, x, stacks, K, fold=self.glue != "unfolded",
-                                fuse_ops=self.glue == "fused")
+            logits = run_fanned(
+                prog,
+                g.fan,
+                x,
+                stacks,
+                K,
+                fold=self.glue != "unfolded",
+                fuse_ops=self.glue == "fused",
+            )
         except _OOM:
             raise
         except Exception as exc:  # noqa: BLE001 - the proof missed something: fall back, stay correct
             g.fan = None
             g.fallback = f"{type(exc).__name__}: {exc}"[:300]
             for i in g.members[lo:]:
-                self._run_swapped(ops, prog, g.start, inp, y, ref, acc[i:i + 1], dev_ov[i], live,
-                                  rows=[i])
+                self._run_swapped(
+                    ops, prog, g.start, inp, y, ref, acc[i : i + 1], dev_ov[i], live, rows=[i]
+                )
             return False
         B = inp.shape[0]
         logits = logits.reshape(K, B, -1)
         rows = g.members[lo:hi]
         if rows == list(range(rows[0], rows[0] + K)):
-            self._score(ops, logits, y, ref, acc[rows[0]:rows[0] + K], rows)
+            self._score(ops, logits, y, ref, acc[rows[0] : rows[0] + K], rows)
         else:
             part = torch.zeros(K, 4, dtype=acc.dtype, device=acc.device)
             self._score(ops, logits, y, ref, part, rows)
@@ -561,8 +671,9 @@ class Evaluator:
         return True
 
 
-def _canonical(ov: Mapping[str, torch.Tensor], canon: dict[str, str], i: int
-               ) -> dict[str, torch.Tensor]:
+def _canonical(
+    ov: Mapping[str, torch.Tensor], canon: dict[str, str], i: int
+) -> dict[str, torch.Tensor]:
     """A variant's overrides under the canonical key of each tensor: a tied weight has several
     state-dict names (`load_state_dict` accepts any) and one live tensor. Two names of one
     tensor with different values cannot both hold."""
@@ -570,8 +681,10 @@ def _canonical(ov: Mapping[str, torch.Tensor], canon: dict[str, str], i: int
     for k, t in ov.items():
         c = canon.get(k, k)
         if c in out and not torch.equal(out[c], t):
-            raise LayerfastError(f"variant {i} gives the tied tensor {c} two different values "
-                                 f"(under {k} and another name)")
+            raise LayerfastError(
+                f"variant {i} gives the tied tensor {c} two different values "
+                f"(under {k} and another name)"
+            )
         out[c] = t
     return out
 
@@ -587,5 +700,7 @@ def _peek(data: Any) -> tuple[Any, Any]:
 
 def _check_labels(y: torch.Tensor, num_classes: int) -> None:
     if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise LayerfastError(f"labels must lie in [0, {num_classes}) for a model with "
-                             f"{num_classes} outputs; found {int(y.min())}..{int(y.max())}")
+        raise LayerfastError(
+            f"labels must lie in [0, {num_classes}) for a model with "
+            f"{num_classes} outputs; found {int(y.min())}..{int(y.max())}"
+        )

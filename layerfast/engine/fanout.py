@@ -39,23 +39,95 @@ from torch.nn.utils import parametrize
 from layerfast.engine.graph import Program, Ref
 
 _BATCHWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU,
-    nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
-    nn.Dropout, nn.Dropout2d, nn.Identity, nn.ZeroPad2d, nn.ConstantPad2d, nn.Upsample,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool2d,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+    nn.Upsample,
 )
 _ELEMENTWISE_FUNCS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd,
-    operator.imul, operator.isub, operator.itruediv, torch.add, torch.sub, torch.mul, torch.relu, torch.sigmoid, torch.tanh,
-    F.relu, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.dropout, F.adaptive_avg_pool2d,
-    F.avg_pool2d, F.max_pool2d, torch.nn.functional.softmax, torch.nn.functional.log_softmax,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.neg,
+    operator.iadd,
+    operator.imul,
+    operator.isub,
+    operator.itruediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    F.relu,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.leaky_relu,
+    F.dropout,
+    F.adaptive_avg_pool2d,
+    F.avg_pool2d,
+    F.max_pool2d,
+    torch.nn.functional.softmax,
+    torch.nn.functional.log_softmax,
 }
 _ELEMENTWISE_METHODS = {
-    "relu", "sigmoid", "tanh", "add", "mul", "sub", "div", "contiguous", "float", "to",
-    "size", "clone", "softmax", "log_softmax", "add_", "relu_", "mul_",
+    "relu",
+    "sigmoid",
+    "tanh",
+    "add",
+    "mul",
+    "sub",
+    "div",
+    "contiguous",
+    "float",
+    "to",
+    "size",
+    "clone",
+    "softmax",
+    "log_softmax",
+    "add_",
+    "relu_",
+    "mul_",
 }
 _FANNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -122,7 +194,9 @@ def _step_is_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, 
             return False
         if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.padding_mode != "zeros":
             return False
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+            m.training or m.running_mean is None
+        ):
             return False  # normalises with the batch's statistics: mixes the K variants' samples
         if isinstance(m, nn.Softmax | nn.LogSoftmax):
             return _dim_ok(m.dim, i, dims)
@@ -154,14 +228,23 @@ def _step_is_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, 
         if s.target in ("view", "reshape"):
             if len(s.args) < 2:
                 return False
-            shape = s.args[1:] if len(s.args) > 2 or not isinstance(s.args[1], tuple | list) else s.args[1]
+            shape = (
+                s.args[1:]
+                if len(s.args) > 2 or not isinstance(s.args[1], tuple | list)
+                else s.args[1]
+            )
             first = shape[0] if shape else None
             if not isinstance(first, Ref):
                 return False
             src = prog.steps[first.index]
-            return (src.op == "call_method" and src.target == "size" and len(src.args) > 1
-                    and src.args[1] == 0 and isinstance(src.args[0], Ref)
-                    and src.args[0].index in fanned)
+            return (
+                src.op == "call_method"
+                and src.target == "size"
+                and len(src.args) > 1
+                and src.args[1] == 0
+                and isinstance(src.args[0], Ref)
+                and src.args[0].index in fanned
+            )
         if s.target in ("softmax", "log_softmax"):
             dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
             return _dim_ok(dim, i, dims)
@@ -177,25 +260,34 @@ def _size_ok(prog: Program, s, i: int, fanned: set[int], dims: dict[int, int]) -
     d = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
     users = [prog.steps[u] for u in s.users]
     if d is None:  # v.size(): only its non-batch items may be read
-        return all(u.op == "call_function" and u.target is operator.getitem
-                   and isinstance(u.args[1], int) and not isinstance(u.args[1], bool)
-                   and u.args[1] > 0 for u in users)
+        return all(
+            u.op == "call_function"
+            and u.target is operator.getitem
+            and isinstance(u.args[1], int)
+            and not isinstance(u.args[1], bool)
+            and u.args[1] > 0
+            for u in users
+        )
     if d != 0:
         return _dim_ok(d, i, dims)
+
     def first_only(u) -> bool:  # this size(0) is the view's batch entry and nothing else
         shape = _view_shape(u)
         at = [j for j, a in enumerate(shape) if isinstance(a, Ref) and a.index == i]
         return at == [0] and not any(isinstance(a, Ref) and a.index == i for a in u.args[:1])
 
-    return all(u.op == "call_method" and u.target in ("view", "reshape") and first_only(u)
-               for u in users)
+    return all(
+        u.op == "call_method" and u.target in ("view", "reshape") and first_only(u) for u in users
+    )
 
 
 def _view_shape(s) -> tuple:
     """The shape arguments of a `view`/`reshape` step, whether passed as *args or one tuple."""
     if len(s.args) < 2:
         return ()
-    return tuple(s.args[1:] if len(s.args) > 2 or not isinstance(s.args[1], tuple | list) else s.args[1])
+    return tuple(
+        s.args[1:] if len(s.args) > 2 or not isinstance(s.args[1], tuple | list) else s.args[1]
+    )
 
 
 def _closure(prog: Program, seeds: set[int], after: int) -> set[int]:
@@ -218,7 +310,7 @@ def fan_plan(prog: Program, start: int, keys: set[str]) -> FanPlan | None:
     if any(prog.tied(k) for k in keys):
         return None  # stacks are per module; the other holder would run with the live tensor
     owner: dict[str, str] = {}
-    for s in prog.steps[start + 1:]:
+    for s in prog.steps[start + 1 :]:
         if s.op == "get_attr" and s.keys & keys:
             return None  # weights read functionally: cannot be fanned
         if s.op == "call_module" and s.keys & keys:
@@ -232,7 +324,11 @@ def fan_plan(prog: Program, start: int, keys: set[str]) -> FanPlan | None:
     if not keys <= set(owner):
         return None
     mods = sorted(set(owner.values()))
-    seeds = {s.index for s in prog.steps if s.op == "call_module" and s.target in mods and s.index > start}
+    seeds = {
+        s.index
+        for s in prog.steps
+        if s.op == "call_module" and s.target in mods and s.index > start
+    }
     fanned = _closure(prog, seeds, start)
     dims: dict[int, int] = {}
     for i in sorted(fanned):

@@ -34,29 +34,85 @@ from layerfast.engine.layout import Fold, empty_as, expand
 
 # Modules that act on each channel of each sample alone (eval mode), so fold form is safe.
 _PER_CHANNEL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity,
-    nn.ZeroPad2d, nn.ConstantPad2d, nn.Upsample,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool2d,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+    nn.Upsample,
 )
 _PER_CHANNEL_FUNCS = {
-    F.relu, torch.relu, torch.sigmoid, torch.tanh, F.gelu, F.silu, F.hardswish, F.leaky_relu,
-    F.relu6, F.elu, F.hardsigmoid, F.dropout, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d,
+    F.relu,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.leaky_relu,
+    F.relu6,
+    F.elu,
+    F.hardsigmoid,
+    F.dropout,
+    F.adaptive_avg_pool2d,
+    F.avg_pool2d,
+    F.max_pool2d,
 }
 _PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
 # Pooling and padding act per channel only on input of their own rank, [B, C, *spatial]: on a
 # 4-D value a MaxPool3d (or on a Conv1d's 3-D output a 2-D pool or pad) reads it as one
 # unbatched sample and pools across channels, which on the fold form means across variants.
 _SPATIAL_RANK: dict[Any, int] = {
-    nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.AdaptiveAvgPool1d: 1,
-    nn.MaxPool2d: 2, nn.AvgPool2d: 2, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveMaxPool2d: 2,
-    nn.ZeroPad2d: 2, nn.ConstantPad2d: 2, nn.Dropout2d: 2,
-    nn.MaxPool3d: 3, nn.AvgPool3d: 3, nn.AdaptiveAvgPool3d: 3,
-    F.adaptive_avg_pool2d: 2, F.avg_pool2d: 2, F.max_pool2d: 2,
+    nn.MaxPool1d: 1,
+    nn.AvgPool1d: 1,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.AvgPool2d: 2,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.ZeroPad2d: 2,
+    nn.ConstantPad2d: 2,
+    nn.Dropout2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool3d: 3,
+    F.adaptive_avg_pool2d: 2,
+    F.avg_pool2d: 2,
+    F.max_pool2d: 2,
 }
-_BINARY_FUNCS = {operator.add, operator.sub, operator.mul, operator.iadd, operator.isub,
-                 operator.imul, torch.add, torch.sub, torch.mul}
+_BINARY_FUNCS = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    torch.add,
+    torch.sub,
+    torch.mul,
+}
 _BINARY_METHODS = {"add", "sub", "mul", "add_", "sub_", "mul_"}
 _INPLACE = {operator.iadd, operator.isub, operator.imul, "add_", "sub_", "mul_"}
 
@@ -68,8 +124,9 @@ GLUE_MODES = ("fused", "fold", "unfolded")
 # ---- the per-chunk weight stacks -------------------------------------------------------
 
 
-def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]],
-                 channels_last: bool = False) -> dict[str, Any]:
+def stack_module(
+    m: nn.Module, per_variant: list[dict[str, torch.Tensor]], channels_last: bool = False
+) -> dict[str, Any]:
     """Stack K weight sets of module `m` (`per_variant[k]`: key -> tensor override, relative to
     the module; missing keys fall back to the live tensor). With `channels_last`, a 2-D conv's
     stacked weight is kept only as one [K·out, in, kh, kw] channels_last tensor (`weight4`):
@@ -81,14 +138,26 @@ def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]],
 
     K = len(per_variant)
     if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-        pairs = [fuse.bn_scale_shift(get(k, "weight"), get(k, "bias"), get(k, "running_mean"),
-                                     get(k, "running_var"), m.eps) for k in range(K)]
+        pairs = [
+            fuse.bn_scale_shift(
+                get(k, "weight"),
+                get(k, "bias"),
+                get(k, "running_mean"),
+                get(k, "running_var"),
+                m.eps,
+            )
+            for k in range(K)
+        ]
         scale, shift = [p[0] for p in pairs], [p[1] for p in pairs]
         # scale/shift: the per-variant affine on a K·B batch; the K·C stacks: one batch_norm
         # call on the fold form, the same kernel (and arithmetic) as each variant's own BN.
         st = {"scale": torch.stack(scale), "shift": torch.stack(shift)}
         for attr in ("running_mean", "running_var", "weight", "bias"):
-            st[attr] = torch.cat([get(k, attr) for k in range(K)]) if getattr(m, attr) is not None else None
+            st[attr] = (
+                torch.cat([get(k, attr) for k in range(K)])
+                if getattr(m, attr) is not None
+                else None
+            )
         return st
     b = torch.stack([get(k, "bias") for k in range(K)]) if m.bias is not None else None
     if channels_last and isinstance(m, nn.Conv2d):
@@ -97,7 +166,7 @@ def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]],
         w0 = m.weight
         w4 = empty_as((K * w0.shape[0], *w0.shape[1:]), w0, torch.channels_last)
         for k in range(K):
-            w4[k * w0.shape[0]:(k + 1) * w0.shape[0]].copy_(get(k, "weight"))
+            w4[k * w0.shape[0] : (k + 1) * w0.shape[0]].copy_(get(k, "weight"))
         return {"weight4": w4, "bias": b}
     st: dict[str, Any] = {"weight": torch.stack([get(k, "weight") for k in range(K)]), "bias": b}
     return st
@@ -105,20 +174,24 @@ def stack_module(m: nn.Module, per_variant: list[dict[str, torch.Tensor]],
 
 def _tiled_bn(m: nn.Module, K: int) -> dict[str, torch.Tensor | None]:
     """A shared eval BatchNorm's tensors repeated K times, for its call on a fold-form input."""
-    return {a: (None if getattr(m, a) is None else getattr(m, a).repeat(K))
-            for a in ("running_mean", "running_var", "weight", "bias")}
+    return {
+        a: (None if getattr(m, a) is None else getattr(m, a).repeat(K))
+        for a in ("running_mean", "running_var", "weight", "bias")
+    }
 
 
 def _bn(x: torch.Tensor, st: dict[str, Any], eps: float) -> torch.Tensor:
-    return F.batch_norm(x, st["running_mean"], st["running_var"], st["weight"], st["bias"],
-                        False, 0.0, eps)
+    return F.batch_norm(
+        x, st["running_mean"], st["running_var"], st["weight"], st["bias"], False, 0.0, eps
+    )
 
 
 # ---- one overridden module --------------------------------------------------------------
 
 
-def apply_fanned(m: nn.Module, st: dict[str, Any], x: torch.Tensor | Fold, fanned: bool, K: int
-                 ) -> torch.Tensor | Fold:
+def apply_fanned(
+    m: nn.Module, st: dict[str, Any], x: torch.Tensor | Fold, fanned: bool, K: int
+) -> torch.Tensor | Fold:
     """Apply K weight sets of `m` to a shared input [B, ...] (`fanned` False), a K·B batch, or
     a Fold. Convs return a Fold (wide conv on a shared input, grouped conv otherwise); an eval
     BN keeps a Fold folded; everything else returns a K·B batch."""
@@ -146,8 +219,11 @@ def apply_fanned(m: nn.Module, st: dict[str, Any], x: torch.Tensor | Fold, fanne
             return y.reshape(K * x.shape[0], *y.shape[2:])
         B = x.shape[0] // K
         xk = x.reshape(K, -1, x.shape[-1])
-        y = torch.bmm(xk, w.transpose(1, 2).to(xk.dtype)) if b is None else \
-            torch.baddbmm(b.unsqueeze(1).to(xk.dtype), xk, w.transpose(1, 2).to(xk.dtype))
+        y = (
+            torch.bmm(xk, w.transpose(1, 2).to(xk.dtype))
+            if b is None
+            else torch.baddbmm(b.unsqueeze(1).to(xk.dtype), xk, w.transpose(1, 2).to(xk.dtype))
+        )
         return y.reshape(K * B, *x.shape[1:-1], w.shape[1])
     if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
         if not fanned:
@@ -166,8 +242,9 @@ def apply_fanned(m: nn.Module, st: dict[str, Any], x: torch.Tensor | Fold, fanne
 _NO = object()  # "this step cannot run on the fold form"
 
 
-def _fold_step(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, K: int,
-               stacks: dict) -> Any:
+def _fold_step(
+    prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, K: int, stacks: dict
+) -> Any:
     """Run step `s` on fold-form values when that is provably the same per channel; else _NO.
 
     An in-place step (relu_, +=) writes into the Fold's tensor, as eager mode writes into the
@@ -179,10 +256,18 @@ def _fold_step(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, K: in
     first = s.args[0] if s.args else None
     if s.op == "call_module":
         m = prog.modules[s.target]
-        x = env[first.index] if isinstance(first, Ref) and len(s.args) == 1 and not s.kwargs else None
+        x = (
+            env[first.index]
+            if isinstance(first, Ref) and len(s.args) == 1 and not s.kwargs
+            else None
+        )
         if not isinstance(x, Fold):
             return _NO
-        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and not m.training and m.running_mean is not None:
+        if (
+            isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)
+            and not m.training
+            and m.running_mean is not None
+        ):
             return Fold(_bn(x.t, _tiled(stacks, s.target, K, _tiled_bn, m), m.eps), K)
         if _SPATIAL_RANK.get(type(m), x.t.dim() - 2) != x.t.dim() - 2:
             return _NO
@@ -190,8 +275,9 @@ def _fold_step(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, K: in
             y = prog.call_module(s, x.t)  # in place where eager mode is (Program.keep_inplace)
             return x if y is x.t else Fold(y, K)
         return _NO
-    unary = (s.op == "call_function" and s.target in _PER_CHANNEL_FUNCS) or \
-            (s.op == "call_method" and s.target in _PER_CHANNEL_METHODS)
+    unary = (s.op == "call_function" and s.target in _PER_CHANNEL_FUNCS) or (
+        s.op == "call_method" and s.target in _PER_CHANNEL_METHODS
+    )
     if unary:
         if len(refs) != 1 or not isinstance(first, Ref) or s.kwargs.get("return_indices"):
             return _NO
@@ -199,11 +285,15 @@ def _fold_step(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, K: in
         if _SPATIAL_RANK.get(s.target, x.t.dim() - 2) != x.t.dim() - 2:
             return _NO
         args = (x.t, *s.args[1:])
-        y = s.target(*args, **s.kwargs) if s.op == "call_function" else \
-            getattr(x.t, s.target)(*args[1:], **s.kwargs)
+        y = (
+            s.target(*args, **s.kwargs)
+            if s.op == "call_function"
+            else getattr(x.t, s.target)(*args[1:], **s.kwargs)
+        )
         return x if y is x.t else Fold(y, K)  # in place (relu_, inplace=True) or not
-    binary = (s.op == "call_function" and s.target in _BINARY_FUNCS) or \
-             (s.op == "call_method" and s.target in _BINARY_METHODS)
+    binary = (s.op == "call_function" and s.target in _BINARY_FUNCS) or (
+        s.op == "call_method" and s.target in _BINARY_METHODS
+    )
     if binary and len(s.args) == 2 and not s.kwargs:
         return _binary(s, env, plan, K)
     return _NO
@@ -227,13 +317,23 @@ def _binary(s: Step, env: dict[int, Any], plan: FanPlan, K: int) -> Any:
         for a, v in zip(s.args, vals, strict=True):
             if not isinstance(v, Fold | torch.Tensor | int | float):
                 return _NO
-            if isinstance(v, torch.Tensor) and (not isinstance(a, Ref) or a.index in plan.fanned
-                                                or a.index not in plan.batch or tuple(v.shape) != pv):
+            if isinstance(v, torch.Tensor) and (
+                not isinstance(a, Ref)
+                or a.index in plan.fanned
+                or a.index not in plan.batch
+                or tuple(v.shape) != pv
+            ):
                 return _NO
             if isinstance(v, Fold) and v.t.shape != fold.t.shape:
                 return _NO
-        ops = [v.t.unflatten(1, (K, pv[1])) if isinstance(v, Fold)
-               else v.unsqueeze(1) if isinstance(v, torch.Tensor) else v for v in vals]
+        ops = [
+            v.t.unflatten(1, (K, pv[1]))
+            if isinstance(v, Fold)
+            else v.unsqueeze(1)
+            if isinstance(v, torch.Tensor)
+            else v
+            for v in vals
+        ]
         broadcast = True
     y = s.target(*ops) if s.op == "call_function" else getattr(ops[0], s.target)(*ops[1:])
     if inplace:
@@ -257,8 +357,9 @@ def _retire(env: dict[int, Any], f: Fold) -> torch.Tensor:
     return b
 
 
-def _fusion(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, stacks: dict, K: int,
-            kernel) -> dict[int, Any] | None:
+def _fusion(
+    prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, stacks: dict, K: int, kernel
+) -> dict[int, Any] | None:
     """If step `s` is a BatchNorm on a Fold whose chain ends in a ReLU: the fused values."""
     if s.op != "call_module" or len(s.args) != 1 or not isinstance(s.args[0], Ref):
         return None
@@ -296,13 +397,22 @@ def _check_dim(s: Step, d: int, env: dict[int, Any]) -> None:
     v = env.get(refs[0]) if refs else None
     t = v.t if isinstance(v, Fold) else v
     if not isinstance(t, torch.Tensor) or resolves_to_batch(d, t.dim()):
-        raise NotPerSample(f"step {s.index} ({s.target}): dim {d} is the batch dim of a "
-                           f"rank-{t.dim() if isinstance(t, torch.Tensor) else '?'} value")
+        raise NotPerSample(
+            f"step {s.index} ({s.target}): dim {d} is the batch dim of a "
+            f"rank-{t.dim() if isinstance(t, torch.Tensor) else '?'} value"
+        )
 
 
-def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, dict], K: int,
-               fold: bool = True, fuse_ops: bool = True, trace: list[str] | None = None
-               ) -> torch.Tensor:
+def run_fanned(
+    prog: Program,
+    plan: FanPlan,
+    x: torch.Tensor,
+    stacks: dict[str, dict],
+    K: int,
+    fold: bool = True,
+    fuse_ops: bool = True,
+    trace: list[str] | None = None,
+) -> torch.Tensor:
     """Run the suffix from `plan.start` on the shared input `x` for K variants at once.
     Returns logits [K·B, C], variant-major. `fold=False` unfolds after every conv (the
     session-3 path, kept for tests and comparison); `fuse_ops=False` runs BN -> add -> ReLU on
@@ -322,7 +432,7 @@ def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, 
     done: dict[int, Any] = {}  # values of steps a fusion already computed
     covered: set[int] = set()  # every step a fusion ran (for `trace`)
     frees = prog.frees
-    for s in prog.steps[start + 1:]:
+    for s in prog.steps[start + 1 :]:
         if s.op == "output":
             out = _map_refs(s.args, lambda r, env_=env: env_[r.index])[0]
             if isinstance(out, Fold):
@@ -358,9 +468,15 @@ def run_fanned(prog: Program, plan: FanPlan, x: torch.Tensor, stacks: dict[str, 
                     local[r] = v
                 y = prog.eval_step(s, local)
         if trace is not None and s.index in plan.fanned:
-            trace.append("fused" if s.index in covered
-                         else "module" if s.op == "call_module" and s.target in stacks
-                         else "fold" if isinstance(y, Fold) else "batch")
+            trace.append(
+                "fused"
+                if s.index in covered
+                else "module"
+                if s.op == "call_module" and s.target in stacks
+                else "fold"
+                if isinstance(y, Fold)
+                else "batch"
+            )
         env[s.index] = y
         for r in frees[s.index]:
             env.pop(r, None)

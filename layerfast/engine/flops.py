@@ -80,8 +80,9 @@ def pass_flops(model: nn.Module, plan: Plan, sample_shape: Sequence[int]) -> Pas
     finally:
         model.train(was_training)
     forward = cum[-1] // 2
-    suffixes = sum(len(g.members) * (cum[-1] - (cum[g.start] if g.start else 0)) // 2
-                   for g in plan.groups)
+    suffixes = sum(
+        len(g.members) * (cum[-1] - (cum[g.start] if g.start else 0)) // 2 for g in plan.groups
+    )
     n_variants = sum(len(g.members) for g in plan.groups) + len(plan.same_as_baseline)
     return PassFlops(forward, suffixes, forward * n_variants)
 
@@ -128,21 +129,31 @@ def measure_rate(device: torch.device, precision: str, seconds: float = 0.5) -> 
     return 2 * n**3 * reps / elapsed
 
 
-def floor_report(model: nn.Module, plan: Plan, sample_shape: Sequence[int], n_samples: int,
-                 device: torch.device, precision: str) -> dict:
+def floor_report(
+    model: nn.Module,
+    plan: Plan,
+    sample_shape: Sequence[int],
+    n_samples: int,
+    device: torch.device,
+    precision: str,
+) -> dict:
     """The floor for a pass of `n_samples`: FLOPs, measured and datasheet rates, seconds."""
     f = pass_flops(model, plan, sample_shape)
     measured = measure_rate(device, precision)
     sheet = datasheet_rate(device, precision)
     total = f.needed * n_samples
     return {
-        "gflop_per_sample": {"forward": f.forward / 1e9, "suffixes": f.suffixes / 1e9,
-                             "needed": f.needed / 1e9, "naive": f.naive / 1e9},
+        "gflop_per_sample": {
+            "forward": f.forward / 1e9,
+            "suffixes": f.suffixes / 1e9,
+            "needed": f.needed / 1e9,
+            "naive": f.naive / 1e9,
+        },
         "tflop": total / 1e12,
         "rate_tflops_measured": measured / 1e12,
         "rate_tflops_datasheet": sheet / 1e12 if sheet else None,
         "seconds_measured_rate": total / measured,
         "seconds_datasheet_rate": total / sheet if sheet else None,
         "what": "matrix FLOPs of the baseline forward plus each variant's suffix, "
-                "at a large GEMM's rate in the pass's precision (measured here; datasheet for known GPUs)",
+        "at a large GEMM's rate in the pass's precision (measured here; datasheet for known GPUs)",
     }

@@ -45,14 +45,20 @@ def is_relu_of(prog: Program, u: Step, i: int) -> bool:
         return type(prog.modules[u.target]) is nn.ReLU and len(u.args) == 1 and not u.kwargs
     if u.op == "call_function" and u.target in _RELU_FUNCS:
         return all(isinstance(a, bool) for a in u.args[1:]) and set(u.kwargs) <= {"inplace"}
-    return u.op == "call_method" and u.target in ("relu", "relu_") and len(u.args) == 1 and not u.kwargs
+    return (
+        u.op == "call_method"
+        and u.target in ("relu", "relu_")
+        and len(u.args) == 1
+        and not u.kwargs
+    )
 
 
 def _is_add(u: Step) -> bool:
     if len(u.args) != 2 or u.kwargs:
         return False
-    return (u.op == "call_function" and u.target in _ADD_FUNCS) or \
-        (u.op == "call_method" and u.target in ("add", "add_"))
+    return (u.op == "call_function" and u.target in _ADD_FUNCS) or (
+        u.op == "call_method" and u.target in ("add", "add_")
+    )
 
 
 def _inplace(u: Step) -> bool:
@@ -65,8 +71,13 @@ def _writes_between(prog: Program, lo: int, hi: int, allowed: tuple[int, ...]) -
     return any(prog.is_inplace(prog.steps[j]) for j in range(lo + 1, hi) if j not in allowed)
 
 
-def bn_scale_shift(weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
-                   var: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_scale_shift(
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """An eval BatchNorm as a float32 per-channel affine: y = x·scale + shift."""
     inv = torch.rsqrt(var.float() + eps)
     scale = inv * weight.float() if weight is not None else inv
@@ -80,8 +91,16 @@ def bn_affine(m: nn.Module, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.repeat(K), shift.repeat(K)
 
 
-def try_fuse(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, x: Fold,
-             scale: torch.Tensor, shift: torch.Tensor, affine_relu) -> dict[int, Any] | None:
+def try_fuse(
+    prog: Program,
+    s: Step,
+    env: dict[int, Any],
+    plan: FanPlan,
+    x: Fold,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    affine_relu,
+) -> dict[int, Any] | None:
     """BN step `s` (per-channel `scale`, `shift` [K·C]) on Fold `x`: when its chain ends in a
     ReLU, run it as one `affine_relu` and return the values of the steps it covers (the BN and
     the add get None: nothing else reads them); else None."""
@@ -98,8 +117,11 @@ def try_fuse(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, x: Fold
     mine = [isinstance(a, Ref) and a.index == s.index for a in u.args]
     if mine == [True, True]:
         return None
-    if _inplace(u) and not mine[0] and not (isinstance(u.args[0], Ref)
-                                            and prog.private(u.args[0].index, u.index)):
+    if (
+        _inplace(u)
+        and not mine[0]
+        and not (isinstance(u.args[0], Ref) and prog.private(u.args[0].index, u.index))
+    ):
         return None  # += into a skip that someone else reads: it must really change
     other = u.args[1] if mine[0] else u.args[0]
     if not isinstance(other, Ref) or other.index not in env:
@@ -107,8 +129,12 @@ def try_fuse(prog: Program, s: Step, env: dict[int, Any], plan: FanPlan, x: Fold
     o = env[other.index]
     if isinstance(o, Fold) and o.K == x.K and o.t.shape == x.t.shape:
         res = o.t
-    elif (isinstance(o, torch.Tensor) and other.index not in plan.fanned
-          and other.index in plan.batch and tuple(o.shape) == x.per_variant_shape):
+    elif (
+        isinstance(o, torch.Tensor)
+        and other.index not in plan.fanned
+        and other.index in plan.batch
+        and tuple(o.shape) == x.per_variant_shape
+    ):
         res = o
     else:
         return None

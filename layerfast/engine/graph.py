@@ -90,7 +90,9 @@ def _state_keys(model: nn.Module, canon: dict[str, str]) -> dict[str, list[str]]
     """module name -> canonical state keys held by it (recursively), params and buffers. A tied
     tensor counts for EVERY module holding it (de-duplicated names would credit only the first,
     and a variant could then start after a module that already read the shared weight)."""
-    by_module: dict[str, set[str]] = {n: set() for n, _ in model.named_modules(remove_duplicate=False)}
+    by_module: dict[str, set[str]] = {
+        n: set() for n, _ in model.named_modules(remove_duplicate=False)
+    }
     for name, key in canon.items():
         parts = name.split(".")
         for depth in range(len(parts)):
@@ -103,14 +105,26 @@ def _state_keys(model: nn.Module, canon: dict[str, str]) -> dict[str, list[str]]
 # ---- what the tracer must not lose: augmented assignment is in place -----------------------
 
 _AUG_OPS: dict[str, Callable[[Any, Any], Any]] = {
-    "__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
-    "__itruediv__": operator.itruediv, "__ifloordiv__": operator.ifloordiv,
-    "__imod__": operator.imod, "__ipow__": operator.ipow, "__imatmul__": operator.imatmul,
-    "__iand__": operator.iand, "__ior__": operator.ior, "__ixor__": operator.ixor,
-    "__ilshift__": operator.ilshift, "__irshift__": operator.irshift,
+    "__iadd__": operator.iadd,
+    "__isub__": operator.isub,
+    "__imul__": operator.imul,
+    "__itruediv__": operator.itruediv,
+    "__ifloordiv__": operator.ifloordiv,
+    "__imod__": operator.imod,
+    "__ipow__": operator.ipow,
+    "__imatmul__": operator.imatmul,
+    "__iand__": operator.iand,
+    "__ior__": operator.ior,
+    "__ixor__": operator.ixor,
+    "__ilshift__": operator.ilshift,
+    "__irshift__": operator.irshift,
 }
-_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
-                 operator.imul: operator.mul, operator.itruediv: operator.truediv}
+_OUT_OF_PLACE = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
 
 
 class _AugProxy(fx.Proxy):
@@ -122,6 +136,7 @@ class _AugProxy(fx.Proxy):
 def _aug(fn: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
     def impl(self: fx.Proxy, other: Any) -> fx.Proxy:
         return self.tracer.create_proxy("call_function", fn, (self, other), {})
+
     return impl
 
 
@@ -153,28 +168,112 @@ _INPLACE_FUNCS = set(_AUG_OPS.values()) | {operator.setitem}
 
 # Modules whose output is always a new tensor (never their input or a view of it).
 _FRESH_MODULES: tuple[type[nn.Module], ...] = (
-    nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.modules.batchnorm._NormBase,
-    nn.GroupNorm, nn.LayerNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.Embedding,
-    nn.Sigmoid, nn.Tanh, nn.GELU, nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.PReLU, nn.Softsign,
-    nn.Tanhshrink, nn.Upsample,
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.Bilinear,
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Embedding,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.GELU,
+    nn.Softplus,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.PReLU,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Upsample,
     # these have an `inplace` flag: fresh only while it is off (checked at the step)
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Threshold, nn.RReLU,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Threshold,
+    nn.RReLU,
 )
 _FRESH_FUNCS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
-    operator.pow, operator.matmul, operator.neg, torch.add, torch.sub, torch.mul, torch.div,
-    torch.cat, torch.concat, torch.stack, torch.relu, torch.sigmoid, torch.tanh, torch.exp,
-    torch.matmul, torch.bmm, torch.softmax, torch.log_softmax, F.conv1d, F.conv2d, F.conv3d,
-    F.linear, F.batch_norm, F.layer_norm, F.group_norm, F.gelu, F.softmax, F.log_softmax,
-    F.adaptive_avg_pool2d, F.avg_pool2d, F.interpolate,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.floordiv,
+    operator.mod,
+    operator.pow,
+    operator.matmul,
+    operator.neg,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.cat,
+    torch.concat,
+    torch.stack,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.exp,
+    torch.matmul,
+    torch.bmm,
+    torch.softmax,
+    torch.log_softmax,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.linear,
+    F.batch_norm,
+    F.layer_norm,
+    F.group_norm,
+    F.gelu,
+    F.softmax,
+    F.log_softmax,
+    F.adaptive_avg_pool2d,
+    F.avg_pool2d,
+    F.interpolate,
     # with an `inplace` argument: fresh only when it is False (checked at the step)
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.silu, F.hardswish, F.hardsigmoid, F.hardtanh,
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.silu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
 }
 _FRESH_METHODS = {
-    "add", "sub", "mul", "div", "matmul", "pow", "exp", "relu", "sigmoid", "tanh", "softmax",
-    "log_softmax", "clone", "mean", "sum", "amax", "amin", "abs", "neg", "sqrt", "rsqrt",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "matmul",
+    "pow",
+    "exp",
+    "relu",
+    "sigmoid",
+    "tanh",
+    "softmax",
+    "log_softmax",
+    "clone",
+    "mean",
+    "sum",
+    "amax",
+    "amin",
+    "abs",
+    "neg",
+    "sqrt",
+    "rsqrt",
 }
 
 
@@ -197,15 +296,55 @@ _FLIPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 # Producers whose value may hold several tensors (a tuple, a torch.Size), never a cut's carrier.
 _TUPLE_FUNCS = {
-    torch.chunk, torch.split, torch.unbind, torch.tensor_split, torch.hsplit, torch.vsplit,
-    torch.dsplit, torch.sort, torch.topk, torch.max, torch.min, torch.aminmax, torch.kthvalue,
-    torch.mode, torch.median, torch.std_mean, torch.var_mean, torch.unique, torch.frexp,
-    torch.meshgrid, torch.broadcast_tensors, getattr, len, F.max_pool2d_with_indices,
+    torch.chunk,
+    torch.split,
+    torch.unbind,
+    torch.tensor_split,
+    torch.hsplit,
+    torch.vsplit,
+    torch.dsplit,
+    torch.sort,
+    torch.topk,
+    torch.max,
+    torch.min,
+    torch.aminmax,
+    torch.kthvalue,
+    torch.mode,
+    torch.median,
+    torch.std_mean,
+    torch.var_mean,
+    torch.unique,
+    torch.frexp,
+    torch.meshgrid,
+    torch.broadcast_tensors,
+    getattr,
+    len,
+    F.max_pool2d_with_indices,
 }
 _TUPLE_METHODS = {
-    "chunk", "split", "split_with_sizes", "unbind", "tensor_split", "hsplit", "vsplit", "dsplit",
-    "sort", "topk", "max", "min", "aminmax", "kthvalue", "mode", "median", "unique", "frexp",
-    "size", "tolist", "dim", "numel", "item",
+    "chunk",
+    "split",
+    "split_with_sizes",
+    "unbind",
+    "tensor_split",
+    "hsplit",
+    "vsplit",
+    "dsplit",
+    "sort",
+    "topk",
+    "max",
+    "min",
+    "aminmax",
+    "kthvalue",
+    "mode",
+    "median",
+    "unique",
+    "frexp",
+    "size",
+    "tolist",
+    "dim",
+    "numel",
+    "item",
 }
 
 
@@ -284,11 +423,14 @@ class Program:
                 if child is None:
                     continue
                 i = len(self.steps)
-                self.steps.append(Step(i, "call_module", name, (Ref(i - 1),), {},
-                                       frozenset(owned.get(name, ()))))
+                self.steps.append(
+                    Step(i, "call_module", name, (Ref(i - 1),), {}, frozenset(owned.get(name, ())))
+                )
         else:
             self.steps.append(Step(1, "call_module", "", (Ref(0),), {}, frozenset(owned[""])))
-        self.steps.append(Step(len(self.steps), "output", "output", (Ref(len(self.steps) - 1),), {}))
+        self.steps.append(
+            Step(len(self.steps), "output", "output", (Ref(len(self.steps) - 1),), {})
+        )
 
     def _link(self) -> None:
         for s in self.steps:
@@ -332,15 +474,20 @@ class Program:
             return False
         if s.op == "call_module":
             m = self.modules[s.target]
-            if isinstance(m, nn.RNNBase | nn.MultiheadAttention) or getattr(m, "return_indices", False):
+            if isinstance(m, nn.RNNBase | nn.MultiheadAttention) or getattr(
+                m, "return_indices", False
+            ):
                 return False
         for u in self.steps[i].users:
             us = self.steps[u]
             first = us.args[0] if us.args else None
             if not (isinstance(first, Ref) and first.index == i):
                 continue
-            if us.op == "call_function" and us.target is operator.getitem and \
-                    not isinstance(us.args[1], tuple):
+            if (
+                us.op == "call_function"
+                and us.target is operator.getitem
+                and not isinstance(us.args[1], tuple)
+            ):
                 return False  # v[0], v[1:]: a tuple's items (a tensor's would mix the batch)
             if us.op == "call_function" and us.target in (torch.cat, torch.concat, torch.stack):
                 return False
@@ -364,31 +511,39 @@ class Program:
             kind = self._freshness(s)
             if kind is not None:
                 self._fresh.add(s.index)
-            if kind == "alias" and any(r in self._near_cache
-                                       for r in refs_in(s.args) + refs_in(s.kwargs)):
+            if kind == "alias" and any(
+                r in self._near_cache for r in refs_in(s.args) + refs_in(s.kwargs)
+            ):
                 self._near_cache.add(s.index)
 
     def _freshness(self, s: Step) -> str | None:
-        """"new" (a new tensor), "alias" (may alias only values that step s alone reads), or
+        """ "new" (a new tensor), "alias" (may alias only values that step s alone reads), or
         None (may alias a value another step reads: the input, a parameter, a shared value)."""
         if self.is_inplace(s):
             # writing into a private value returns that value (`out += identity`)
             v = self.mutated(s)
-            ok = (s.op != "call_function" or s.target is not operator.setitem) and \
-                isinstance(v, Ref) and self.private(v.index, s.index)
+            ok = (
+                (s.op != "call_function" or s.target is not operator.setitem)
+                and isinstance(v, Ref)
+                and self.private(v.index, s.index)
+            )
             return "alias" if ok else None
         if s.op == "call_module":
             m = self.modules[s.target]
             ok = isinstance(m, _FRESH_MODULES) and not getattr(m, "return_indices", False)
             return "new" if ok else None
-        if (s.op == "call_function" and s.target in _FRESH_FUNCS) or \
-                (s.op == "call_method" and s.target in _FRESH_METHODS):
+        if (s.op == "call_function" and s.target in _FRESH_FUNCS) or (
+            s.op == "call_method" and s.target in _FRESH_METHODS
+        ):
             return "new"
         # Any other function of private values only (a view; `stochastic_depth` in eval,
         # which returns its input): whatever it returns aliases nothing another step reads.
         refs = refs_in(s.args) + refs_in(s.kwargs)
-        if s.op in ("call_function", "call_method") and refs and \
-                all(self.private(r, s.index) for r in refs):
+        if (
+            s.op in ("call_function", "call_method")
+            and refs
+            and all(self.private(r, s.index) for r in refs)
+        ):
             return "alias"
         return None
 
@@ -408,8 +563,11 @@ class Program:
         """An in-place step that writes into a private value that cannot alias a cut's
         carrier: no cached activation can be changed by it."""
         v = self.mutated(s)
-        return isinstance(v, Ref) and v.index not in self._near_cache and \
-            self.private(v.index, s.index)
+        return (
+            isinstance(v, Ref)
+            and v.index not in self._near_cache
+            and self.private(v.index, s.index)
+        )
 
     def is_inplace(self, s: Step) -> bool:
         """Whether step `s` may write into an existing tensor (one of its arguments). Settled
@@ -421,8 +579,11 @@ class Program:
 
     def _writes_in_place(self, s: Step) -> bool:
         if s.op == "call_method":
-            return (isinstance(s.target, str) and s.target.endswith("_") and not s.target.startswith("_")) \
-                or "out" in s.kwargs
+            return (
+                isinstance(s.target, str)
+                and s.target.endswith("_")
+                and not s.target.startswith("_")
+            ) or "out" in s.kwargs
         if s.op == "call_function":
             if s.target in _INPLACE_FUNCS or "out" in s.kwargs:
                 return True
@@ -433,7 +594,9 @@ class Program:
             return _inplace_arg(s.target, s.args, s.kwargs)
         if s.op == "call_module":
             m = self.modules[s.target]
-            return s.index in getattr(self, "keep_inplace", ()) or getattr(m, "inplace", False) is True
+            return (
+                s.index in getattr(self, "keep_inplace", ()) or getattr(m, "inplace", False) is True
+            )
         return False
 
     # ---- queries ---------------------------------------------------------------------
@@ -486,9 +649,14 @@ class Program:
             return self.fetch(s.target)
         raise RuntimeError(f"unexpected step {s.op}")
 
-    def run(self, x: torch.Tensor, start: int = 0, keep: set[int] | None = None,
-            saved: dict[int, torch.Tensor] | None = None,
-            after_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    def run(
+        self,
+        x: torch.Tensor,
+        start: int = 0,
+        keep: set[int] | None = None,
+        saved: dict[int, torch.Tensor] | None = None,
+        after_step: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         """Run from cut `start` (whose carrier value is `x`) to the output.
 
         With `keep`, the carrier values at those cuts are stored into `saved` (cloned when the
@@ -499,7 +667,7 @@ class Program:
             if s.op == "get_attr":  # parameter reads are not state: re-read them
                 env[s.index] = self.fetch(s.target)
         frees = self.frees
-        for s in self.steps[start + 1:]:
+        for s in self.steps[start + 1 :]:
             if s.op == "output":
                 return _map_refs(s.args, lambda r: env[r.index])[0]
             env[s.index] = self.eval_step(s, env)

@@ -13,7 +13,11 @@ import torch
 
 def fmt_of(t: torch.Tensor) -> torch.memory_format:
     """channels_last for a 4-D tensor laid out that way (and not trivially both), else contiguous."""
-    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    cl = (
+        t.dim() == 4
+        and t.is_contiguous(memory_format=torch.channels_last)
+        and not t.is_contiguous()
+    )
     return torch.channels_last if cl else torch.contiguous_format
 
 
@@ -74,4 +78,6 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Both dense in the same memory order (what `layerfast::affine_relu` needs of x and its
     residual)."""
     fa = fmt_of(a)
-    return fa is fmt_of(b) and a.is_contiguous(memory_format=fa) and b.is_contiguous(memory_format=fa)
+    return (
+        fa is fmt_of(b) and a.is_contiguous(memory_format=fa) and b.is_contiguous(memory_format=fa)
+    )

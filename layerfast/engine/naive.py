@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def naive_evaluate(model: nn.Module, variants: Sequence[Any],
-                   batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-                   device: str | torch.device = "cpu") -> torch.Tensor:
+def naive_evaluate(
+    model: nn.Module,
+    variants: Sequence[Any],
+    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
     """Return float64 [V, 4] sums (correct@1, correct@5, cross-entropy, agreement with the
     final model's predictions), exactly as `Evaluator` defines them.
 

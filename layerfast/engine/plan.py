@@ -46,19 +46,23 @@ class Plan:
             "fanout_fallbacks": {str(g.start): g.fallback for g in self.groups if g.fallback},
         }
 
-
     def remapped(self, idx: list[int]) -> Plan:
         """This plan with variant i renamed idx[i] (a pass's plan in the whole run's indices);
         without the weight stacks, which belong to the pass."""
-        return Plan([replace(g, members=[idx[i] for i in g.members], stacks={}) for g in self.groups],
-                    [idx[i] for i in self.same_as_baseline], list(self.cuts))
+        return Plan(
+            [replace(g, members=[idx[i] for i in g.members], stacks={}) for g in self.groups],
+            [idx[i] for i in self.same_as_baseline],
+            list(self.cuts),
+        )
 
     @staticmethod
     def merged(plans: list[Plan]) -> Plan:
         """The plans of several passes as one (groups and baseline-equal variants of all)."""
-        return Plan([g for p in plans for g in p.groups],
-                    sorted(i for p in plans for i in p.same_as_baseline),
-                    sorted({c for p in plans for c in p.cuts}))
+        return Plan(
+            [g for p in plans for g in p.groups],
+            sorted(i for p in plans for i in p.same_as_baseline),
+            sorted({c for p in plans for c in p.cuts}),
+        )
 
 
 def make_plan(prog: Program, keysets: list[set[str]], fanout: bool, max_fanout: int) -> Plan:
@@ -69,8 +73,11 @@ def make_plan(prog: Program, keysets: list[set[str]], fanout: bool, max_fanout: 
         if start is None:
             same.append(i)
             continue
-        mods = frozenset(prog.steps[j].target for j in range(start + 1, len(prog.steps))
-                         if prog.steps[j].keys & keys)
+        mods = frozenset(
+            prog.steps[j].target
+            for j in range(start + 1, len(prog.steps))
+            if prog.steps[j].keys & keys
+        )
         by_key[(start, mods)].append(i)
     stateful = {s.target for s in prog.steps if s.op == "call_module" and s.keys}
     groups: list[Group] = []
@@ -106,8 +113,9 @@ B_CPU = 1000  # CPU default and ceiling
 CPU_TENSOR_CAP = 8 << 20  # CPU: bytes of the largest activation of one batch (see choose_batch)
 
 
-def choose_batch(kept: float, peak: float, k: int, budget: int, upper: int,
-                 tensor_cap: float | None = None) -> int:
+def choose_batch(
+    kept: float, peak: float, k: int, budget: int, upper: int, tensor_cap: float | None = None
+) -> int:
     """B, samples per batch, when the caller did not fix it (DESIGN.md §7.3).
 
     One batch holds, per sample, every kept cut activation (`kept` bytes) plus a fanned suffix of

@@ -28,7 +28,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` is bf16 on CUDA (with channels_last) and fp32 elsewhere."""
     if precision not in PRECISIONS:
-        raise LayerfastError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise LayerfastError(
+            f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+        )
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
@@ -41,8 +43,9 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
     tf32 = precision in ("tf32", "bf16")
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else nullcontext())
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    )
     try:
         with autocast:
             yield
