@@ -6,6 +6,7 @@ Exit status: 0 done; 2 bad input or usage (one line on stderr, no traceback); 1 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -39,10 +40,32 @@ class _Parser(argparse.ArgumentParser):
     the message; here the message is the line, and it points at `--help` for the usage.
     Subparsers are made with this class too (argparse passes the parent's class on), so each
     names its own command: `layerfast analyze: error: ... (see layerfast analyze --help)`.
+
+    Flags are spelt in full (`allow_abbrev=False`): argparse's prefix matching read
+    `analyze --seed 7` (`train`'s spelling) as `--seeds 7`, seeds 1..7, without a word. An
+    unknown flag's error names the flag probably meant instead.
     """
 
     #: command name -> its subparser, so unknown arguments are blamed on the command given.
     commands: dict[str, argparse.ArgumentParser]
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def _suggest(self, extra: Sequence[str]) -> str:
+        """` (did you mean --seeds?)` for the first unknown flag that is a prefix or a near miss
+        of one of this parser's flags; empty when none is."""
+        flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        for arg in extra:
+            flag = arg.split("=", 1)[0]
+            if not flag.startswith("--"):
+                continue
+            near = [f for f in flags if f.startswith(flag)]
+            near = near or difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
+            if near:
+                return f" (did you mean {near[0]}?)"
+        return ""
 
     def error(self, message: str) -> NoReturn:
         line = " ".join(message.split())  # argparse messages are one line; make sure of it
@@ -61,7 +84,8 @@ class _Parser(argparse.ArgumentParser):
         ns, extra = self.parse_known_args(args, namespace)
         if extra:
             owner = getattr(self, "commands", {}).get(getattr(ns, "command", None), self)
-            owner.error(f"unrecognized arguments: {' '.join(extra)}")
+            hint = owner._suggest(extra) if isinstance(owner, _Parser) else ""
+            owner.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
         return ns
 
 

@@ -1,0 +1,72 @@
+"""Audit of the `layerfast` command line (DESIGN.md §6): flags a researcher gets wrong are exit
+status 2 with one clear line on stderr and nothing written, and the CLI holds no logic the
+Python API lacks.
+
+Each test here failed before the fix its docstring names (or pins, as `xfail(strict=True)`, a
+defect whose fix lies outside the CLI: the marker goes when the fix lands).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from layerfast.cli import main, parser
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (see conftest.one_thread)."""
+
+
+def cli(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line(rc: int, err: str, match: str) -> str:
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert re.search(match, lines[0]), lines[0]
+    return lines[0]
+
+
+# ---- abbreviated flags ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, meant",
+    [
+        (["analyze", "--arch", "fcn3x256", "--seed", "7"], "--seeds"),
+        (["analyze", "--arch", "fcn3x256", "--thresh", "0.1"], "--threshold"),
+        (["analyze", "--arch", "fcn3x256", "--check", "0,1"], "--checkpoints"),
+        (["analyze", "--arch", "fcn3x256", "--gran", "block"], "--granularity"),
+        (["train", "--arch", "fcn3x256", "--epochs", "1", "--out", "x", "--check", "0"],
+         "--checkpoints"),
+        (["bench", "--seed", "3"], "--seeds"),
+    ],
+)  # fmt: skip
+def test_an_abbreviated_flag_is_refused_and_the_full_one_suggested(
+    argv: list[str], meant: str, capsys
+) -> None:
+    """argparse's prefix matching took `analyze --seed 7` (the spelling of `train --seed`) as
+    `--seeds 7`, i.e. seeds 1..7: seven re-randomizations per unit instead of seed 7, with no
+    word said. Likewise `--thresh`, `--check`. A flag is now spelt in full; the error names the
+    flag that was probably meant."""
+    with pytest.raises(SystemExit) as exc:  # parsing alone: before the fix the command ran
+        parser().parse_args(argv)
+    out, err = capsys.readouterr()
+    line = one_line(exc.value.code, err, "unrecognized arguments: " + re.escape(argv[-2]))
+    assert f"did you mean {meant}?" in line and out == ""
+
+
+def test_full_flags_and_equals_forms_still_parse() -> None:
+    args = parser().parse_args(
+        ["analyze", "--arch", "fcn3x256", "--seeds=1,7", "--threshold", "0.1", "--no-fanout"]
+    )
+    assert args.seeds == [1, 7] and args.threshold == 0.1 and args.fanout == "off"
