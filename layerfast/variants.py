@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -386,8 +387,10 @@ def make_variants(
         if unit_name not in by_name:
             raise LayerfastError(f"interp: no unit named {unit_name!r}.")
         ckpts.check_label(int(tau))
-        if not sigma >= 0:
-            raise LayerfastError(f"interp: sigma must be >= 0, got {sigma}.")
+        if not math.isfinite(float(alpha)):
+            raise LayerfastError(f"interp: alpha must be a finite number, got {alpha}.")
+        if not (math.isfinite(float(sigma)) and sigma >= 0):
+            raise LayerfastError(f"interp: sigma must be a finite number >= 0, got {sigma}.")
         u = by_name[unit_name]
         for s in seeds if sigma > 0 else [None]:
             out.append(

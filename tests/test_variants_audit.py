@@ -1,0 +1,62 @@
+"""Audit of the variants (DESIGN.md §3) against what they claim, and of the engine's results for
+each kind against a naive loop written here from the contract alone: load the final model, set
+the unit's tensors, one full forward over the data, count. fp32 results are equal exactly
+(error, top-5, agreement), the loss to rounding.
+
+The expectations are built independently of `layerfast.units` / `layerfast.variants` wherever
+the contract fixes them: which keys a unit resets under each BN policy, what τ holds, the
+re-randomization's documented seed derivation, the interpolation formula.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from layerfast.checkpoints import CheckpointDir
+from layerfast.errors import LayerfastError
+from layerfast.units import Unit
+from layerfast.variants import make_variants
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (see conftest.one_thread)."""
+
+
+def _tiny_run(path: Path, labels=(0, 1, 2)) -> nn.Module:
+    """Linear -> BatchNorm1d -> Linear saved at each τ with different weights, running statistics
+    and num_batches_tracked; returns the final model."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    for tau in labels:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net[1].running_mean.normal_()
+            net[1].running_var.uniform_(0.5, 2.0)
+            net[1].num_batches_tracked.fill_(10 * tau + 3)
+        torch.save(net.state_dict(), path / f"epoch_{tau}.pt")
+    return net
+
+
+BN_UNIT = Unit(
+    "bn", ("1",), ("1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked")
+)
+
+
+# ---- interp ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "alpha, sigma", [(math.nan, 0.0), (math.inf, 0.0), (-math.inf, 0.0), (0.5, math.inf)]
+)
+def test_interp_refuses_non_finite_alpha_and_sigma(alpha, sigma, tmp_path: Path) -> None:
+    """α = NaN (or ±inf) and σ = inf were accepted: the variant's weights were NaN/inf and the
+    engine reported their (chance-level) error as a result of the interpolation."""
+    net = _tiny_run(tmp_path)
+    fc = Unit("0", ("0",), ("0.weight", "0.bias"))
+    with pytest.raises(LayerfastError, match="interp: (alpha|sigma) must be a finite number"):
+        make_variants(net, [fc], CheckpointDir(tmp_path), reset=(), interp=[("0", 0, alpha, sigma)])
