@@ -22,6 +22,8 @@ Kinds and their order in `make_variants` (results are reported in this order):
    θ^final the final checkpoint and the noise on floating *parameters* only (never on BN
    statistics, which noise could make negative); σ > 0 gives one variant per seed, drawn from
    a generator seeded by a hash of (seed, unit, τ, α, σ); computed in float64, then cast.
+   Integer and bool tensors of the unit (`num_batches_tracked`, index buffers) cannot be
+   interpolated and stay at the final model; α and σ must be finite.
 
 Re-randomization (`rerandom_draw`): each module of the unit is deep-copied alone to the CPU and
 re-drawn there under `torch.random.fork_rng`, the CPU generator seeded with a 63-bit SHA-256
@@ -446,8 +448,8 @@ def _interp(
             )
         out = {}
         for k in keys:
-            if not a[k].is_floating_point():
-                out[k] = a[k]
+            if not a[k].is_floating_point():  # an integer/bool buffer has no line between two
+                out[k] = f[k]  # values: it stays at the final model (α = 1 is the final model)
                 continue
             t = (1.0 - alpha) * a[k].double() + alpha * f[k].double()
             if gen is not None and k in ref.params:

@@ -60,3 +60,20 @@ def test_interp_refuses_non_finite_alpha_and_sigma(alpha, sigma, tmp_path: Path)
     fc = Unit("0", ("0",), ("0.weight", "0.bias"))
     with pytest.raises(LayerfastError, match="interp: (alpha|sigma) must be a finite number"):
         make_variants(net, [fc], CheckpointDir(tmp_path), reset=(), interp=[("0", 0, alpha, sigma)])
+
+
+def test_interp_leaves_integer_buffers_at_the_final_model(tmp_path: Path) -> None:
+    """An integer or bool buffer in the unit (num_batches_tracked, a user's index buffer) cannot
+    be interpolated; it took θ^τ's value, so even α = 1 did not give back the final model.
+    It stays at the final model, whatever α and σ."""
+    net = _tiny_run(tmp_path)
+    final = net.state_dict()
+    ck = CheckpointDir(tmp_path)
+    for alpha, sigma in ((1.0, 0.0), (0.0, 0.0), (0.5, 0.3)):
+        vs = make_variants(net, [BN_UNIT], ck, reset=(), interp=[("bn", 0, alpha, sigma)])
+        got = vs[1].overrides()
+        assert got["1.num_batches_tracked"].dtype == torch.int64
+        assert torch.equal(got["1.num_batches_tracked"], final["1.num_batches_tracked"]), alpha
+        if alpha == 1.0:  # the end point is the final model, key for key
+            for k, t in got.items():
+                assert torch.equal(t, final[k]), k
