@@ -239,6 +239,8 @@ class _Ref:
         sd = model.state_dict()
         self.meta = {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
         self.params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        #: every name of a tensor -> its canonical name (tied weights have several names)
+        self.canon = canonical_keys(model)
 
     def meta_state(self) -> dict[str, torch.Tensor]:
         """Shape-only stand-ins for `CheckpointDir.validate` (holds no model memory)."""
@@ -446,14 +448,19 @@ def _interp(
             gen = torch.Generator().manual_seed(
                 derive_seed("layerfast-interp", seed, u.name, tau, alpha, sigma)
             )
-        out = {}
+        out: dict[str, torch.Tensor] = {}
+        noise: dict[str, torch.Tensor] = {}
         for k in keys:
             if not a[k].is_floating_point():  # an integer/bool buffer has no line between two
                 out[k] = f[k]  # values: it stays at the final model (α = 1 is the final model)
                 continue
             t = (1.0 - alpha) * a[k].double() + alpha * f[k].double()
             if gen is not None and k in ref.params:
-                t = t + sigma * torch.randn(t.shape, generator=gen, dtype=torch.float64)
+                # a tied tensor is one tensor: one draw of noise for all its names in the unit
+                c = ref.canon.get(k, k)
+                if c not in noise:
+                    noise[c] = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+                t = t + sigma * noise[c]
             out[k] = t
         return ref.conform(out, f"interp {u.name}")
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from layerfast.checkpoints import CheckpointDir
 from layerfast.errors import LayerfastError
-from layerfast.units import Unit
+from layerfast.units import Unit, make_units
 from layerfast.variants import make_variants
 
 
@@ -77,3 +77,42 @@ def test_interp_leaves_integer_buffers_at_the_final_model(tmp_path: Path) -> Non
         if alpha == 1.0:  # the end point is the final model, key for key
             for k, t in got.items():
                 assert torch.equal(t, final[k]), k
+
+
+class TiedPair(nn.Module):
+    """`dec.weight = enc.weight`: one tensor under two state-dict names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(6, 6)
+        self.dec = nn.Linear(6, 6)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(torch.relu(self.enc(x.flatten(1))))
+
+
+def test_interp_noise_on_a_tied_tensor_is_one_draw(tmp_path: Path) -> None:
+    """A unit holding both names of a tied tensor got independent noise under each name, and the
+    engine then refused the variant ('gives the tied tensor enc.weight two different values'):
+    the same defect re-randomization had. The noise is drawn once, under the canonical name."""
+    from layerfast.engine import Evaluator
+
+    torch.manual_seed(0)
+    model = TiedPair()
+    torch.save(model.state_dict(), tmp_path / "e_0.pt")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    torch.save(model.state_dict(), tmp_path / "e_1.pt")
+    (unit,) = make_units(model, patterns="re:enc|dec")
+    ck = CheckpointDir(tmp_path)
+    vs = make_variants(model, [unit], ck, reset=(), seeds=(1,), interp=[(unit.name, 0, 0.5, 0.1)])
+    got = vs[1].overrides()
+    assert torch.equal(got["enc.weight"], got["dec.weight"])
+    plain = make_variants(model, [unit], ck, reset=(), interp=[(unit.name, 0, 0.5, 0.0)])
+    assert not torch.equal(got["enc.weight"], plain[1].overrides()["enc.weight"])  # noisy
+    x = torch.randn(16, 6)
+    y = torch.arange(16) % 6
+    res = Evaluator(model, vs, device="cpu", precision="fp32").run([(x, y)])
+    assert res.n == 16
