@@ -325,6 +325,8 @@ def make_variants(
     if bad:
         raise LayerfastError(f"unknown reset kind {bad[0]!r}: choose from {', '.join(RESETS)}.")
     seeds = [int(s) for s in seeds]
+    if "rerandom" in reset and not seeds:  # else no rerandom variant, without a word
+        raise LayerfastError("rerandom needs at least one seed; seeds is empty.")
     ref = _Ref(model)
     by_name = _unit_map(units)
     needs_ckpts = [r for r in reset if r != "rerandom"] + (["joint"] if joint else [])
@@ -347,6 +349,12 @@ def make_variants(
                 "the labels you want, or --reset rerandom."
             )
         chosen = _chosen(ckpts, checkpoints)
+        empty = [r for r in reset if r in ("reinit", "fullmodel")]
+        if not chosen and empty:  # else a results table of the baseline alone, as if done
+            raise LayerfastError(
+                f"{empty[0]}: no checkpoints to reset to (the list of checkpoints is empty); "
+                "name labels such as 0,1,10, or 'all'."
+            )
     has_tau0 = ckpts is not None and 0 in ckpts.labels
 
     def from_ckpt(label: int, keys: tuple[str, ...]) -> Callable[[], dict[str, torch.Tensor]]:
@@ -381,6 +389,11 @@ def make_variants(
         missing = [n for n in names if n not in by_name]
         if missing:
             raise LayerfastError(f"joint reset: no unit named {missing[0]!r}.")
+        if not taus:
+            raise LayerfastError(
+                f"joint reset {'+'.join(names)}: no checkpoints to reset to (the list of "
+                "checkpoints is empty); name labels such as 0,1,10, or 'all'."
+            )
         keys = tuple(dict.fromkeys(k for n in names for k in by_name[n].keys))
         for tau in taus:
             out.append(
@@ -395,6 +408,10 @@ def make_variants(
             raise LayerfastError(f"interp: alpha must be a finite number, got {alpha}.")
         if not (math.isfinite(float(sigma)) and sigma >= 0):
             raise LayerfastError(f"interp: sigma must be a finite number >= 0, got {sigma}.")
+        if sigma > 0 and not seeds:
+            raise LayerfastError(
+                f"interp {unit_name} with sigma > 0 needs at least one seed; seeds is empty."
+            )
         u = by_name[unit_name]
         for s in seeds if sigma > 0 else [None]:
             out.append(

@@ -116,3 +116,40 @@ def test_interp_noise_on_a_tied_tensor_is_one_draw(tmp_path: Path) -> None:
     y = torch.arange(16) % 6
     res = Evaluator(model, vs, device="cpu", precision="fp32").run([(x, y)])
     assert res.n == 16
+
+
+# ---- nothing to evaluate -----------------------------------------------------------------------
+def test_reinit_with_no_checkpoints_chosen_is_an_error(tmp_path: Path) -> None:
+    """`checkpoints=[]` with reinit/fullmodel asked for built no reinit or fullmodel variant, and
+    `analyze(checkpoints=[])` wrote a results table holding the baseline alone, as if the run
+    had succeeded (the CLI refuses `--checkpoints ''`)."""
+    net = _tiny_run(tmp_path)
+    ck = CheckpointDir(tmp_path)
+    fc = Unit("0", ("0",), ("0.weight", "0.bias"))
+    for reset in (("reinit",), ("fullmodel",), ("reinit", "rerandom")):
+        with pytest.raises(LayerfastError, match="no checkpoints to reset to"):
+            make_variants(net, [fc], ck, reset=reset, checkpoints=[])
+    with pytest.raises(LayerfastError, match="no checkpoints to reset to"):
+        make_variants(net, [fc], ck, reset=(), checkpoints=[], joint=[["0"]])
+    assert len(make_variants(net, [fc], ck, reset=("rerandom",), checkpoints=[])) == 2
+
+
+def test_rerandom_with_no_seeds_is_an_error(tmp_path: Path) -> None:
+    """`seeds=()` with rerandom asked for built no rerandom variant, silently."""
+    net = _tiny_run(tmp_path)
+    fc = Unit("0", ("0",), ("0.weight", "0.bias"))
+    with pytest.raises(LayerfastError, match="rerandom needs at least one seed"):
+        make_variants(net, [fc], None, reset=("rerandom",), seeds=())
+    with pytest.raises(LayerfastError, match="interp 0 with sigma > 0 needs at least one seed"):
+        make_variants(
+            net, [fc], CheckpointDir(tmp_path), reset=(), seeds=(), interp=[("0", 0, 0.5, 0.1)]
+        )
+
+
+def test_analyze_with_an_empty_checkpoint_list_is_an_error(ckpts: Path, tmp_path: Path) -> None:
+    from layerfast.analysis import analyze
+
+    with pytest.raises(LayerfastError, match="no checkpoints to reset to"):
+        analyze("fcn3x256", ckpts, reset="reinit", checkpoints=[], device="cpu",
+                out=tmp_path / "o", progress=False, figures=False)  # fmt: skip
+    assert not (tmp_path / "o").exists()
