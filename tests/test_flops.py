@@ -8,13 +8,15 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from layerfast.engine import Evaluator
 from layerfast.engine.flops import cumulative_flops, datasheet_rate, measure_rate, pass_flops
 from layerfast.engine.graph import Program
 from layerfast.engine.plan import make_plan
 from layerfast.models import build_model
+from layerfast.units import make_units
 
 
 def _mlp() -> nn.Module:
@@ -28,7 +30,7 @@ def test_mlp_counts_equal_the_hand_count() -> None:
     macs = {"1": 64 * 256, "3": 256 * 256, "5": 256 * 10}
     keysets = [{"1.weight"}, {"1.weight"}, {"3.weight", "3.bias"}, {"5.bias"}, set()]
     plan = make_plan(Program(model), keysets, fanout=False, max_fanout=32)
-    f = pass_flops(model, plan, (1, 8, 8))
+    f = pass_flops(model, plan, (1, 8, 8), keysets)
     forward = 2 * sum(macs.values())
     assert f.forward == forward
     # two variants from the input, one from after layer 1, one only the head; the empty one is
@@ -73,7 +75,7 @@ def test_untraceable_model_counts_full_forwards() -> None:
     prog = Program(model)
     assert not prog.traced
     plan = make_plan(prog, [{"b.weight"}, {"a.bias"}], fanout=False, max_fanout=32)
-    f = pass_flops(model, plan, (16,))
+    f = pass_flops(model, plan, (16,), [{"b.weight"}, {"a.bias"}])
     assert f.forward == 2 * (16 * 32 + 32 * 4)
     assert f.suffixes == 2 * f.forward  # no cut can be proven: each variant runs it all
 
@@ -86,8 +88,87 @@ def test_evaluator_keeps_its_plan_and_the_floor_follows_it() -> None:
     ev = Evaluator(model, variants, device="cpu", precision="fp32", batch_size=8)
     ev.run([(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))])
     assert ev.last_plan.same_as_baseline == [2]
-    f = pass_flops(model, ev.last_plan, (1, 8, 8))
+    f = pass_flops(model, ev.last_plan, (1, 8, 8), [set(v) for v in variants])
     assert f.suffixes == f.forward + 2 * 256 * 10
+
+
+class _Block(nn.Module):
+    """stem -> (a -> relu -> b) + down -> relu -> head: a residual unit with its own skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 32), nn.Linear(32, 24)
+        self.down, self.head = nn.Linear(16, 24), nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x).relu()
+        return self.head((self.b(self.a(h).relu()) + self.down(h)).relu())
+
+
+def test_floor_counts_only_the_steps_that_depend_on_the_change() -> None:
+    """A variant of `b` starts at the block's input, but `a` and `down` compute the baseline's
+    own values for it: the floor (a lower bound) counts b and head, `suffixes_from_cut` all."""
+    torch.manual_seed(0)
+    model = _Block().eval()
+    m = {"stem": 8 * 16, "a": 16 * 32, "b": 32 * 24, "down": 16 * 24, "head": 24 * 4}
+    keysets = [{"b.weight"}, {"a.weight", "a.bias"}, {"down.bias"}, {"head.weight"}]
+    plan = make_plan(Program(model), keysets, fanout=False, max_fanout=32)
+    assert sorted(len(g.members) for g in plan.groups) == [1, 1, 1, 1]
+    f = pass_flops(model, plan, (8,), keysets)
+    assert f.forward == 2 * sum(m.values())
+    cones = (m["b"] + m["head"]) + (m["a"] + m["b"] + m["head"]) + (m["down"] + m["head"]) + m["head"]
+    assert f.suffixes == 2 * cones
+    assert f.suffixes_from_cut == 2 * (3 * (m["a"] + m["b"] + m["down"] + m["head"]) + m["head"])
+
+
+class _Flops(TorchDispatchMode):
+    """torch's FLOP formulas without FlopCounterMode's global module hooks: with those
+    registered the engine refuses to fan out (it cannot see what a hook would do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if packet not in flop_registry and func is not torch.ops.prim.device.default:
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if packet in flop_registry:
+            self.total += flop_registry[packet](*args, **kwargs, out_val=out)
+        return out
+
+
+def test_floor_is_never_above_what_the_engine_runs() -> None:
+    """Counted under torch's FLOP formulas, the engine's pass (baseline + suffixes) computes
+    exactly forward + suffixes_from_cut on the swap path, and with fan-out, which runs the steps
+    a group shares once, no less than the floor. (The floor used to be the swap path's count,
+    above what the fan-out runs at layer granularity: not a floor.)"""
+    torch.manual_seed(0)
+    model, spec = build_model("resnet20", 10, (3, 16, 16))
+    model.eval()
+    sd = model.state_dict()
+    units = make_units(model, granularity="layer", arch=spec)
+    variants = [{k: sd[k] * (1 + 0.01 * j) for k in u.keys if sd[k].is_floating_point()}
+                for u in units for j in (1, 2, 3)]
+    keysets = [set(v) for v in variants]
+    n = 4
+    batch = [(torch.randn(n, 3, 16, 16), torch.randint(0, 10, (n,)))]
+    for fan in (False, True):
+        ev = Evaluator(model, variants, device="cpu", precision="fp32", batch_size=n, fanout=fan)
+        with _Flops() as counter:
+            res = ev.run(batch)
+        f = pass_flops(model, ev.last_plan, (3, 16, 16), keysets)
+        assert f.suffixes < f.suffixes_from_cut  # layer units inside blocks: cones are smaller
+        if fan:
+            assert res.plan["fanned_variants"] > 0 and not res.plan["fanout_fallbacks"]
+            assert f.needed * n <= counter.total < (f.forward + f.suffixes_from_cut) * n
+        else:
+            assert counter.total == (f.forward + f.suffixes_from_cut) * n
 
 
 def test_rates() -> None:

@@ -1,26 +1,33 @@
 """The compute floor (issue 4): the matrix FLOPs a pass cannot avoid, and the time they take.
 
-A pass must run the baseline once per sample and, for every variant, the suffix from the cut it
-starts at; a variant equal to the baseline costs nothing. Anything above that — glue, memory
-traffic, launches, idle time — is overhead, so `seconds(flops) / rate` is a floor no
-implementation of the same plan can beat. We count FLOPs with `torch.utils.flop_counter`
-(matmul, convolution and attention, 2 FLOPs per multiply-add) step by step along the engine's
-own `Program`, so the suffix of each cut is exactly what the engine runs. The rate is measured
-in the same run (a large GEMM at the pass's precision) and, for known GPUs, also taken from the
-datasheet; BENCHMARKS.md reports both.
+A pass must run the baseline once per sample and, for every variant, every step whose value
+depends on one of the variant's changed tensors (its *cone*: the steps reading them and all
+steps downstream of those); a variant equal to the baseline costs nothing. Steps of a suffix
+outside the cone compute the baseline's own values: the fan-out computes them once for a whole
+group, and a conv left alone inside a unit (a downsample, a block's first conv when only its
+second changed) need not be run again at all. Anything above the cone — glue, memory traffic,
+launches, idle time, recomputed baseline values — is overhead, so `seconds(flops) / rate` is a
+floor no implementation can beat. `suffixes_from_cut` is what running each variant's suffix
+whole from its start cut costs (the swap path's work, never less than the cone).
+
+We count FLOPs with `torch.utils.flop_counter` (matmul, convolution and attention, 2 FLOPs per
+multiply-add; BatchNorm, activations, pooling, additions and copies count 0) step by step along
+the engine's own `Program`, so cuts and cones are the engine's. The rate is measured in the same
+run (a large GEMM at the pass's precision) and, for known GPUs, also taken from the datasheet;
+BENCHMARKS.md reports both.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from layerfast.engine.graph import Program, no_inplace_modules
+from layerfast.engine.graph import Program, Ref, no_inplace_modules, refs_in
 from layerfast.engine.plan import Plan
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets, by precision.
@@ -38,8 +45,9 @@ class PassFlops:
     """FLOPs per sample of one pass over all variants, and of the naive loop's."""
 
     forward: int  # one full forward (the baseline)
-    suffixes: int  # the variants' suffixes, summed
+    suffixes: int  # the variants' cones (the steps that depend on a changed tensor), summed
     naive: int  # one full forward per variant (what the naive loop computes)
+    suffixes_from_cut: int = 0  # each variant's whole suffix from its start cut, summed
 
     @property
     def needed(self) -> int:
@@ -62,10 +70,27 @@ def cumulative_flops(prog: Program, x: torch.Tensor) -> list[int]:
     return done
 
 
-def pass_flops(model: nn.Module, plan: Plan, sample_shape: Sequence[int]) -> PassFlops:
+def cone(prog: Program, keys: Iterable[str]) -> set[int]:
+    """Indices of the steps whose value depends on any of `keys`: the steps that read one, and
+    every step that reads a value computed from one (or a value written in place from one)."""
+    keys = {prog.canonical_key(k) for k in keys}
+    tainted: set[int] = set()
+    for s in prog.steps:
+        if s.keys & keys or any(r in tainted for r in refs_in(s.args) + refs_in(s.kwargs)):
+            tainted.add(s.index)
+            target = prog.mutated(s) if prog.is_inplace(s) else None
+            if isinstance(target, Ref):  # `x += f(changed)`: later readers of x see the change
+                tainted.add(target.index)
+    return {i for i in tainted if prog.steps[i].op not in ("input", "output")}
+
+
+def pass_flops(
+    model: nn.Module, plan: Plan, sample_shape: Sequence[int], keysets: Sequence[Iterable[str]]
+) -> PassFlops:
     """FLOPs per sample for `plan` (an `Evaluator`'s plan for `model`), counted on the CPU.
 
-    The model is traced afresh; `Program` is deterministic, so its step indices are the plan's.
+    `keysets[i]`: the state keys variant i overrides (i as in the plan's members). The model is
+    traced afresh; `Program` is deterministic, so its step indices are the plan's.
     """
     was_training = model.training
     p0 = next(iter(model.parameters()), None)
@@ -79,12 +104,23 @@ def pass_flops(model: nn.Module, plan: Plan, sample_shape: Sequence[int]) -> Pas
             cum = cumulative_flops(prog, x)
     finally:
         model.train(was_training)
+    per_step = [cum[0]] + [b - a for a, b in zip(cum, cum[1:], strict=False)]
+    cones: dict[frozenset[str], int] = {}
+
+    def cone_flops(i: int) -> int:
+        keys = frozenset(keysets[i])
+        if keys not in cones:
+            cones[keys] = sum(per_step[j] for j in cone(prog, keys))
+        return cones[keys]
+
+    # x is a batch of 2: halve every count for FLOPs per sample
     forward = cum[-1] // 2
-    suffixes = sum(
-        len(g.members) * (cum[-1] - (cum[g.start] if g.start else 0)) // 2 for g in plan.groups
+    suffixes = sum(cone_flops(i) for g in plan.groups for i in g.members) // 2
+    from_cut = (
+        sum(len(g.members) * (cum[-1] - (cum[g.start] if g.start else 0)) for g in plan.groups) // 2
     )
     n_variants = sum(len(g.members) for g in plan.groups) + len(plan.same_as_baseline)
-    return PassFlops(forward, suffixes, forward * n_variants)
+    return PassFlops(forward, suffixes, forward * n_variants, from_cut)
 
 
 def datasheet_rate(device: torch.device, precision: str) -> float | None:
@@ -136,9 +172,12 @@ def floor_report(
     n_samples: int,
     device: torch.device,
     precision: str,
+    *,
+    keysets: Sequence[Iterable[str]],
 ) -> dict:
-    """The floor for a pass of `n_samples`: FLOPs, measured and datasheet rates, seconds."""
-    f = pass_flops(model, plan, sample_shape)
+    """The floor for a pass of `n_samples`: FLOPs, measured and datasheet rates, seconds.
+    `keysets`: each variant's overridden state keys, in the plan's variant order."""
+    f = pass_flops(model, plan, sample_shape, keysets)
     measured = measure_rate(device, precision)
     sheet = datasheet_rate(device, precision)
     total = f.needed * n_samples
@@ -148,12 +187,14 @@ def floor_report(
             "suffixes": f.suffixes / 1e9,
             "needed": f.needed / 1e9,
             "naive": f.naive / 1e9,
+            "suffixes_from_cut": f.suffixes_from_cut / 1e9,
         },
         "tflop": total / 1e12,
         "rate_tflops_measured": measured / 1e12,
         "rate_tflops_datasheet": sheet / 1e12 if sheet else None,
         "seconds_measured_rate": total / measured,
         "seconds_datasheet_rate": total / sheet if sheet else None,
-        "what": "matrix FLOPs of the baseline forward plus each variant's suffix, "
-        "at a large GEMM's rate in the pass's precision (measured here; datasheet for known GPUs)",
+        "what": "matrix FLOPs (conv, matmul, attention; 2 per multiply-add) of the baseline "
+        "forward plus, for each variant, the steps that depend on its changed tensors, at a "
+        "large GEMM's rate in the pass's precision (measured here; datasheet for known GPUs)",
     }
