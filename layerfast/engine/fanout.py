@@ -212,8 +212,10 @@ def _step_is_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, 
             idx = s.args[1]
             if isinstance(s.args[0], Ref) and prog.steps[s.args[0].index].target == "size":
                 return True
-            if isinstance(idx, tuple) and idx and (idx[0] == slice(None) or idx[0] is Ellipsis):
+            if isinstance(idx, tuple) and idx and idx[0] == slice(None):
                 return True
+            if isinstance(idx, tuple) and idx and idx[0] is Ellipsis:
+                return _ellipsis_ok(idx[1:], i, dims)
             return False
         if s.target in (F.softmax, F.log_softmax):
             dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
@@ -250,6 +252,23 @@ def _step_is_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, 
             return _dim_ok(dim, i, dims)
         return s.target in _ELEMENTWISE_METHODS
     return s.op == "get_attr"
+
+
+def _ellipsis_ok(rest: tuple, i: int, dims: dict[int, int]) -> bool:
+    """`v[..., *rest]`: the Ellipsis covers rank - n dims, n the entries of `rest` that index a
+    dim; where it covers none (`h[..., 0]` on a 1-D [B] value) the first of them is the batch
+    dim. So the first indexed dim is dim -n, checked against the rank when it runs (`dims`).
+    Only ints, slices and None: a tensor or bool index covers a number of dims unknown here."""
+    plain = all(
+        e is None or isinstance(e, slice) or (isinstance(e, int) and not isinstance(e, bool))
+        for e in rest
+    )
+    if not plain:
+        return False
+    n = sum(e is not None for e in rest)
+    if n:
+        dims[i] = -n
+    return True
 
 
 def _size_ok(prog: Program, s, i: int, fanned: set[int], dims: dict[int, int]) -> bool:

@@ -1,0 +1,135 @@
+"""Bring-your-own-architecture audit: models the registry does not know, through `--arch
+package.module:factory`, `layerfast.analyze` and `layerfast.Evaluator`, against a naive loop
+written here (load the final model, set the unit's tensors, full forward, count).
+
+Each defect this audit found has a test below that failed before its fix; the broad sweep
+(`test_custom_arch_matches_naive`) pins the architectures that already agreed: a Transformer
+classifier (Embedding, positional Parameter on the root, TransformerEncoderLayer), a ViT-style
+patch conv with a class token and MultiheadAttention, a conv net with GroupNorm, InstanceNorm,
+LayerNorm, depthwise convs, squeeze-excite, DenseNet and U-Net concatenations, a functional
+model (F.linear on root parameters, view(size(0), -1), in-place ReLU and +=), weight tying,
+a module called twice, ModuleDict/ModuleList iteration, a tabular MLP, LSTM/GRU, and a model
+with data-dependent control flow (not traceable: one opaque step).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerfast.engine import Evaluator
+from layerfast.engine.fanout import fan_plan
+from layerfast.engine.graph import Program
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny models: one intra-op thread is as fast and does not fight the other tests."""
+
+
+# ---- the naive loop ------------------------------------------------------------------------
+
+
+def naive(model: nn.Module, variants: list[dict], batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts [V, 4] (correct@1, correct@5, summed CE, agreement) and logits [V, N, C] of the
+    loop a user would write: a fresh copy of the final model per variant, its tensors set with
+    load_state_dict(strict=False), every batch a fresh copy of the data (a forward may write
+    into its input), full forward."""
+    base = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        ref = [base(x.clone()).argmax(1) for x, _ in batches]
+    counts = torch.zeros(len(variants), 4, dtype=torch.float64)
+    logits = []
+    for i, ov in enumerate(variants):
+        m = copy.deepcopy(model).eval()
+        m.load_state_dict(ov, strict=False)
+        out = []
+        with torch.no_grad():
+            for j, (x, y) in enumerate(batches):
+                lg = m(x.clone()).float()
+                out.append(lg)
+                p = lg.argmax(1)
+                top5 = (lg > lg.gather(1, y[:, None])).sum(1) < 5 if lg.shape[1] >= 5 else p == y
+                counts[i, 0] += (p == y).sum().item()
+                counts[i, 1] += top5.sum().item()
+                counts[i, 2] += F.cross_entropy(lg, y, reduction="sum").double().item()
+                counts[i, 3] += (p == ref[j]).sum().item()
+        logits.append(torch.cat(out))
+    return counts, torch.stack(logits)
+
+
+def engine(model: nn.Module, variants: list[dict], batches, **kw):
+    """The Evaluator's counts and the logits it scored, per variant in data order."""
+    got: dict[int, list[torch.Tensor]] = {}
+
+    def hook(rows, lg):
+        for r, v in zip(rows, lg, strict=True):
+            got.setdefault(r, []).append(v)
+
+    kw = {
+        "device": "cpu",
+        "precision": "fp32",
+        "layout": "contiguous",
+        "batch_size": int(batches[0][0].shape[0]),
+        **kw,
+    }
+    res = Evaluator(model, variants, **kw).run(batches, on_logits=hook)
+    return res, torch.stack([torch.cat(got[i]) for i in range(len(variants))])
+
+
+def assert_matches(model, variants, batches, fanout: bool, what: str = "") -> dict:
+    """fp32: swap path bit for bit; fanned to rounding (counts equal, loss ~1e-6 relative)."""
+    ref, ref_logits = naive(model, variants, batches)
+    res, got = engine(model, variants, batches, fanout=fanout)
+    what = f"{what} fanout={fanout} plan={res.plan}"
+    dl = (got - ref_logits).abs().max().item()
+    if fanout:
+        assert dl <= 1e-5 * max(ref_logits.abs().max().item(), 1.0), f"{what}: max |dlogit| {dl}"
+    else:
+        assert dl == 0, f"{what}: max |dlogit| {dl}"
+    assert torch.equal(res.counts[:, [0, 1, 3]], ref[:, [0, 1, 3]]), what
+    torch.testing.assert_close(res.counts[:, 2], ref[:, 2], rtol=1e-6, atol=1e-5)
+    return res.plan
+
+
+def _data(n: int, shape: tuple[int, ...], classes: int, bs: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return [(x[i : i + bs], y[i : i + bs]) for i in range(0, n, bs)]
+
+
+# ---- defect: an Ellipsis index that reaches the batch dim of a fanned value -------------------
+
+
+class EllipsisPick(nn.Module):
+    """`h1[..., 0]` on a 1-D value [B] is sample 0's value: the Ellipsis covers no dim. On a
+    fanned K·B value it picked variant 0's sample 0 for every variant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Linear(6, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.c(x.flatten(1))
+        return self.fc(h) + h[:, 0][..., 0] + h[..., 1:2]
+
+
+def test_ellipsis_index_reaching_the_batch_dim_is_not_fanned():
+    torch.manual_seed(0)
+    model = EllipsisPick()
+    variants = [{"c.weight": torch.randn(4, 6) * 3, "c.bias": torch.randn(4) * 3} for _ in range(3)]
+    batches = _data(20, (1, 1, 6), 3, 8)
+    for fanout in (False, True):
+        plan = assert_matches(model, variants, batches, fanout, "ellipsis")
+    # refused when it runs (the value's rank is known only then): the swap path, not a wrong sum
+    assert plan["fanned_variants"] == 0 and plan["fanout_fallbacks"], plan
+    # h[..., 1:2] on a [B, 4] value alone is per-sample and still fans
+    prog = Program(model)
+    keys = {"c.weight", "c.bias"}
+    assert fan_plan(prog, prog.start_cut(keys), keys) is not None
