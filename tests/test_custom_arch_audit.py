@@ -133,3 +133,38 @@ def test_ellipsis_index_reaching_the_batch_dim_is_not_fanned():
     prog = Program(model)
     keys = {"c.weight", "c.bias"}
     assert fan_plan(prog, prog.start_cut(keys), keys) is not None
+
+
+# ---- defect: the baseline's forward wrote into the batch the variants then read -------------
+
+
+class NormalizeInPlace(nn.Module):
+    """Normalizes its input in place, as some research code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(0.5))
+        self.l1 = nn.Linear(12, 8)
+        self.l2 = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x.sub_(self.mean).mul_(2.0)
+        return self.l2(torch.relu(self.l1(x.flatten(1))))
+
+
+def test_a_forward_writing_into_its_input_does_not_change_the_batch():
+    """Variants that start at the input (here: the buffer `mean`, read by the first step) ran on
+    the batch the baseline had already normalized, so they normalized it twice."""
+    torch.manual_seed(0)
+    model = NormalizeInPlace()
+    variants = [
+        {"mean": torch.tensor(0.1)},
+        {"l1.weight": torch.randn(8, 12)},
+        {"mean": torch.tensor(0.2), "l1.bias": torch.randn(8)},
+    ]
+    batches = _data(16, (1, 1, 12), 5, 8)
+    before = [x.clone() for x, _ in batches]
+    for fanout in (False, True):
+        assert_matches(model, variants, batches, fanout, "normalize in place")
+    # and the caller's batches are not written into
+    assert all(torch.equal(a, x) for a, (x, _) in zip(before, batches, strict=True))

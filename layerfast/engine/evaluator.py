@@ -507,7 +507,10 @@ class Evaluator:
         V = len(self._pass_idx)
         with clock("baseline"):
             cache: dict[int, torch.Tensor] = {}
-            logits0 = prog.run(x, 0, keep=set(plan.cuts), saved=cache)
+            # A forward that writes into its input (`x.sub_(mean)`) must not change the batch
+            # the variants starting at the input then read (nor the caller's tensors).
+            x0 = x.clone() if prog.has_inplace else x
+            logits0 = prog.run(x0, 0, keep=set(plan.cuts), saved=cache)
             if not isinstance(logits0, torch.Tensor) or logits0.dim() != 2:
                 raise LayerfastError("the model must return logits shaped [batch, classes]")
             C = logits0.shape[1]
