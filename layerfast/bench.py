@@ -3,7 +3,8 @@
 "Naive" is how public reproductions work: for each variant, load its weights from the checkpoint
 file into the model, make a DataLoader pass over the test set (normalising on the host), fp32,
 and read the counts back with `.item()` every batch. It may be timed on a subset of the variants
-(`--naive-variants`) and scaled to all of them; the output says so. Also timed: layerfast with
+(`--naive-variants`; a sample spread over the kinds and units, `naive_sample`) and scaled to all
+of them; the output says so and names the variants timed. Also timed: layerfast with
 fan-out off (prefix sharing only, each variant's suffix alone).
 
 Checkpoints are synthetic (the initialization plus growing noise, saved to a temp dir): timing
@@ -61,6 +62,36 @@ def _synthetic_ckpts(model: torch.nn.Module, n: int, where: Path) -> None:
         sd = {k: (v + 0.02 * tau * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v
               for k, v in init.items()}
         torch.save(sd, where / f"epoch_{tau:03d}.pt")
+
+
+def naive_sample(variants, k: int) -> list[int]:
+    """Indices of `k` of `variants` to time the naive loop on, a fair sample of all of them.
+
+    What a variant costs the naive loop besides its data pass depends on its kind (reinit reads
+    the unit's tensors from a checkpoint file, rerandom draws them, the baseline loads nothing)
+    and on its unit's size, so the k are split over the kinds in proportion to their counts
+    (largest remainders) and, within a kind, spread evenly from its first unit to its last.
+    Evenly spaced indices over the whole list could alias with the per-unit pattern: ResNet-50
+    at block granularity (127 variants, 7 per unit) with k = 4 timed the baseline and three
+    `rerandom seed 2` variants, never a checkpoint read."""
+    V = len(variants)
+    if k >= V:
+        return list(range(V))
+    by_kind: dict[str, list[int]] = {}
+    for i, v in enumerate(variants):
+        by_kind.setdefault(str(getattr(v, "kind", "")), []).append(i)
+    quota = {kind: k * len(idx) / V for kind, idx in by_kind.items()}
+    take = {kind: int(q) for kind, q in quota.items()}
+    for kind in sorted(quota, key=lambda c: take[c] - quota[c])[: k - sum(take.values())]:
+        take[kind] += 1
+    out: list[int] = []
+    for kind, idx in by_kind.items():
+        m = take[kind]
+        if m == 1:
+            out.append(idx[(len(idx) - 1) // 2])
+        elif m > 1:
+            out += [idx[round(j * (len(idx) - 1) / (m - 1))] for j in range(m)]
+    return sorted(out)
 
 
 def _variant_keys(v) -> tuple[str, ...]:
@@ -205,9 +236,9 @@ def run(args: argparse.Namespace) -> dict:
             out[f"{name}_phases"] = {k: round(v, 4) for k, v in res.timings.items()}
             if name == "layerfast":
                 plan = ev.last_plan
-        k = min(args.naive_variants or V, V)  # None: all of them
-        idx = sorted({round(i * (V - 1) / max(k - 1, 1)) for i in range(k)})
+        idx = naive_sample(variants, min(args.naive_variants or V, V))  # None: all of them
         sub = [variants[i] for i in idx]
+        out["naive_timed"] = [getattr(variants[i], "label", str(i)) for i in idx]
         t_naive = naive_pass(model, sub, src, device, args.batch_size or 256)
         timings["naive"] = t_naive * V / len(sub)
         out["naive_timed_variants"] = len(sub)

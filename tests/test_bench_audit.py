@@ -1,0 +1,69 @@
+"""Audit of `layerfast bench` (layerfast/bench.py): is the comparison with the naive loop fair,
+and does the output say what was measured? No test here depends on how long anything took."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+import layerfast.bench as bench
+import layerfast.engine.flops as flops
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    return p.parse_args(["--device", "cpu", "--data", "digits", "--max-samples", "32", *argv])
+
+
+@pytest.fixture
+def quick(monkeypatch):
+    """`bench.run` without the half-second GEMM that measures the rate (any rate will do)."""
+    monkeypatch.setattr(flops, "measure_rate", lambda device, precision, seconds=0.5: 1e10)
+
+
+def test_naive_loop_is_timed_on_a_fair_sample(monkeypatch, quick) -> None:
+    """3 units × (5 reinit + 2 rerandom) + baseline = 22 variants, 4 timed: evenly spaced
+    indices (0, 7, 14, 21) hit the same slot of every unit's 7, so the naive loop was timed on
+    the baseline and three `rerandom seed 2` variants, never one read from a checkpoint file
+    (ResNet-50 block granularity, 127 variants and 4 timed, is the same). The sample must hold
+    both kinds and reach the first and the last unit, and the output must name it."""
+    timed: list = []
+
+    def fake_naive(model, variants, src, device, batch_size):
+        timed.extend(variants)
+        return 1.0
+
+    monkeypatch.setattr(bench, "naive_pass", fake_naive)
+    out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "4", "--no-prefix-only"))
+    assert out["variants"] == 22 and out["units"] == 3
+    assert len(timed) == 4 and out["naive_timed_variants"] == 4 and out["naive_scaled"]
+    kinds = {v.kind for v in timed}
+    assert {"reinit", "rerandom"} <= kinds
+    units = [v.unit for v in timed if v.unit != "*"]
+    assert units[0] == "fc1" and units[-1] == "fc3"
+    assert out["naive_timed"] == [v.label for v in timed]
+    assert out["seconds"]["naive"] == pytest.approx(22 / 4)
+
+
+def test_naive_sample_spreads_over_kinds_and_units() -> None:
+    from types import SimpleNamespace as V
+
+    def variants(units: int) -> list:
+        per = ["reinit"] * 5 + ["rerandom"] * 2
+        return [V(kind="baseline", unit="*")] + [
+            V(kind=k, unit=u) for u in range(units) for k in per
+        ]
+
+    for units, k in [(18, 4), (54, 4), (3, 4), (4, 8), (11, 8), (18, 2), (18, 3)]:
+        vs = variants(units)
+        idx = bench.naive_sample(vs, k)
+        assert len(idx) == len(set(idx)) == k and idx == sorted(idx)
+        picked = [vs[i] for i in idx]
+        assert {"reinit", "rerandom"} <= {v.kind for v in picked}, (units, k)
+        if k >= 3:
+            assert picked[0].unit == 0 and max(v.unit for v in picked) == units - 1, (units, k)
+    vs = variants(3)
+    assert bench.naive_sample(vs, len(vs)) == list(range(len(vs)))
+    assert len(bench.naive_sample(vs, 1)) == 1
