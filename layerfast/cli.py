@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -81,12 +82,32 @@ class _Parser(argparse.ArgumentParser):
     ) -> argparse.Namespace:
         # Unknown flags surface here, at the top level, so argparse would report them with
         # `layerfast`'s usage; blame the subcommand whose flags they were meant for.
-        ns, extra = self.parse_known_args(args, namespace)
+        argv = _join_negative_lists(sys.argv[1:] if args is None else list(args))
+        ns, extra = self.parse_known_args(argv, namespace)
         if extra:
             owner = getattr(self, "commands", {}).get(getattr(ns, "command", None), self)
             hint = owner._suggest(extra) if isinstance(owner, _Parser) else ""
             owner.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
         return ns
+
+
+#: A comma-separated list starting with a negative number (`-1,2`): argparse takes it for a flag
+#: (only `-1` alone looks like a number to it) and reports "expected one argument".
+_NEGATIVE_LIST = re.compile(r"-\d+(\s*,\s*-?\d*)+")
+
+
+def _join_negative_lists(argv: list[str]) -> list[str]:
+    """`--seeds -1,2` -> `--seeds=-1,2`, so the value reaches the check that says what is wrong
+    with it instead of argparse's 'expected one argument'."""
+    out: list[str] = []
+    for tok in argv:
+        prev = out[-1] if out else ""
+        if _NEGATIVE_LIST.fullmatch(tok) and prev.startswith("--") and prev != "--":
+            if "=" not in prev:
+                out[-1] = f"{prev}={tok}"
+                continue
+        out.append(tok)
+    return out
 
 
 def _common_eval(p: argparse.ArgumentParser) -> None:

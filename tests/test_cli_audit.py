@@ -9,6 +9,7 @@ defect whose fix lies outside the CLI: the marker goes when the fix lands).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,25 @@ def test_full_flags_and_equals_forms_still_parse() -> None:
         ["analyze", "--arch", "fcn3x256", "--seeds=1,7", "--threshold", "0.1", "--no-fanout"]
     )
     assert args.seeds == [1, 7] and args.threshold == 0.1 and args.fanout == "off"
+
+
+# ---- values that look like flags -----------------------------------------------------------
+@pytest.mark.parametrize(
+    "flag, value, match",
+    [
+        ("--seeds", "-1,2", r"seeds must lie in \[0, 2\^63\); got -1"),
+        ("--checkpoints", "-1,0", "no checkpoint with label -1"),
+        ("--checkpoints", "-2", "no checkpoint with label -2"),
+    ],
+)
+def test_a_negative_list_is_judged_as_a_value(
+    flag: str, value: str, match: str, ckpts: Path, tmp_path: Path, capsys
+) -> None:
+    """argparse reads `-1,2` as a flag (only `-1` looks like a negative number to it), so
+    `--seeds -1,2` said 'argument --seeds: expected one argument': the user gave one. The value
+    now reaches the check that explains what is wrong with it."""
+    out = tmp_path / "o"
+    rc, _, err = cli(["analyze", "--arch", "fcn3x256", "--ckpts", ckpts, "--out", out,
+                      flag, value], capsys)  # fmt: skip
+    one_line(rc, err, match)
+    assert not out.exists()
