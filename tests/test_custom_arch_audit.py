@@ -168,3 +168,35 @@ def test_a_forward_writing_into_its_input_does_not_change_the_batch():
         assert_matches(model, variants, batches, fanout, "normalize in place")
     # and the caller's batches are not written into
     assert all(torch.equal(a, x) for a, (x, _) in zip(before, batches, strict=True))
+
+
+# ---- defect: an untraceable model ran its in-place modules out of place ------------------------
+
+
+class UntracedInPlace(nn.Module):
+    """Data-dependent control flow (fx cannot trace it: one opaque step), and an in-place ReLU
+    whose input is read again: eager mode adds relu(h) to relu(h), not to h."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(12, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.l2 = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.l1(x.flatten(1))
+        if h.sum() > -1e9:  # data-dependent
+            x.mul_(2.0)  # and a write into the input
+        y = self.act(h)
+        return self.l2(h + y)
+
+
+def test_untraceable_model_runs_its_in_place_modules_as_eager_mode_does():
+    torch.manual_seed(0)
+    model = UntracedInPlace()
+    assert not Program(model).traced
+    variants = [{"l2.weight": torch.randn(5, 8)}, {"l1.weight": torch.randn(8, 12)}]
+    batches = _data(16, (1, 1, 12), 5, 8)
+    for fanout in (False, True):
+        assert_matches(model, variants, batches, fanout, "untraced in place")
+    assert model.act.inplace is True  # handed back as it came

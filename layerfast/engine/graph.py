@@ -379,7 +379,21 @@ class Program:
         self._inplace = frozenset(s.index for s in self.steps if self._writes_in_place(s))
         # Cached carriers need a private copy when some step may write into one (or into a
         # value that may alias one): a write into a fresh value only its writer reads is unseen.
-        self.has_inplace = any(self.is_inplace(s) and not self._harmless(s) for s in self.steps)
+        # Untraced, a step is a whole forward whose writes nobody can see from here.
+        self.has_inplace = not self.traced or any(
+            self.is_inplace(s) and not self._harmless(s) for s in self.steps
+        )
+        # Untraced, a step's module runs its own forward: the in-place modules inside it run in
+        # place as in eager mode (`x = act(h); h + x` reads the write), `no_inplace_modules`
+        # notwithstanding; they cannot overwrite a cached cut, which only steps see.
+        self._inner_flipped: dict[int, list[nn.Module]] = {}
+        if not self.traced:
+            for s in self.steps:
+                if s.op == "call_module":
+                    m = self.modules[s.target]
+                    inner = [c for c in m.modules() if c is not m and c in _FLIPPED]
+                    if inner:
+                        self._inner_flipped[s.index] = inner
 
     def canonical_key(self, key: str) -> str:
         """The canonical key for any state-dict name (`b.weight` of a weight tied to
@@ -626,15 +640,17 @@ class Program:
 
     def call_module(self, s: Step, *args: Any, **kwargs: Any) -> Any:
         """Call step s's module; one in `keep_inplace` with its `inplace` flag on for the call,
-        as in eager mode (its input is read again later and must see the write)."""
+        as in eager mode (its input is read again later and must see the write); untraced, the
+        in-place modules inside it too (`_inner_flipped`)."""
         m = self.modules[s.target]
+        inner = self._inner_flipped.get(s.index)
+        if inner:
+            with _inplace_on(inner):
+                return m(*args, **kwargs)
         if s.index not in self.keep_inplace or m.inplace is True:
             return m(*args, **kwargs)
-        m.inplace = True
-        try:
+        with _inplace_on([m]):
             return m(*args, **kwargs)
-        finally:
-            m.inplace = False
 
     def eval_step(self, s: Step, env: Mapping[int, Any]) -> Any:
         args = _map_refs(s.args, lambda r: env[r.index])
@@ -694,6 +710,26 @@ class Program:
 
 def _has_inplace_flag(m: nn.Module) -> bool:
     return getattr(m, "inplace", False) is True or m in _FLIPPED
+
+
+@contextmanager
+def _inplace_on(modules: list[nn.Module]) -> Iterator[None]:
+    """`inplace=True` on these modules (switched off by `no_inplace_modules`) for a call."""
+    for m in modules:
+        m.inplace = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.inplace = False
+
+
+@contextmanager
+def eager_inplace(model: nn.Module) -> Iterator[None]:
+    """The model's in-place modules as they came (on) for the duration, inside
+    `no_inplace_modules`: to run its own forward exactly as eager mode does."""
+    with _inplace_on([m for m in model.modules() if m in _FLIPPED]):
+        yield
 
 
 @contextmanager
