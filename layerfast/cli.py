@@ -193,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
         "nets ~2x faster, logits then differ in the last bits",
     )
     a.add_argument(
-        "--list-units", action="store_true", help="print the units (and variants) and exit"
+        "--list-units", action="store_true", help="print the units and exit (no --ckpts needed)"
     )
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     _common_eval(a)
@@ -249,7 +249,8 @@ def _analyze(args: argparse.Namespace) -> int:
         units = list_units(args.arch, args.data, args.granularity, args.units, args.bn)
         for u in units:
             print(f"{u.name:32s} {len(u.modules):3d} modules  {len(u.keys):3d} tensors")
-        print(f"{len(units)} units ({args.granularity} granularity, --bn {args.bn})")
+        what = f"custom: --units {args.units}" if args.units else f"{args.granularity} granularity"
+        print(f"{len(units)} units ({what}, --bn {args.bn})")
         return 0
     if not args.ckpts:
         raise LayerfastError("analyze needs --ckpts DIR (or --list-units for a dry run)")

@@ -93,3 +93,18 @@ def test_a_negative_list_is_judged_as_a_value(
                       flag, value], capsys)  # fmt: skip
     one_line(rc, err, match)
     assert not out.exists()
+
+
+# ---- --list-units ----------------------------------------------------------------------------
+def test_list_units_says_what_the_units_are(capsys) -> None:
+    """With --units, the summary line said '(layer granularity, ...)': the units were the
+    patterns', not the layers'; and --help promised variants the listing never printed."""
+    rc, out, _ = cli(["analyze", "--arch", "fcn3x256", "--list-units", "--units", "fc[12]"], capsys)
+    assert rc == 0
+    *rows, last = out.strip().splitlines()
+    assert [r.split()[0] for r in rows] == ["fc[12]"]
+    assert last == "1 units (custom: --units fc[12], --bn with-layer)"
+    rc, out, _ = cli(["analyze", "--arch", "fcn3x256", "--list-units", "--bn", "keep"], capsys)
+    assert out.strip().splitlines()[-1] == "4 units (layer granularity, --bn keep)"
+    rc, out, _ = cli(["analyze", "--help"], capsys)
+    assert "(and variants)" not in out
