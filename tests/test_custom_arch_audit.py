@@ -200,3 +200,28 @@ def test_untraceable_model_runs_its_in_place_modules_as_eager_mode_does():
     for fanout in (False, True):
         assert_matches(model, variants, batches, fanout, "untraced in place")
     assert model.act.inplace is True  # handed back as it came
+
+
+# ---- defect: an untraceable nn.Sequential subclass was run as its children in order ------------
+
+
+class SequentialWithForward(nn.Sequential):
+    """An nn.Sequential whose own forward is not its children in order (and not traceable)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        h = self[0](x)
+        if h.mean() > -1e9:  # data-dependent
+            h = -h
+        return self[2](self[1](h))
+
+
+def test_untraceable_sequential_subclass_runs_its_own_forward():
+    torch.manual_seed(0)
+    model = SequentialWithForward()
+    variants = [{"2.weight": torch.randn(5, 8)}, {"0.weight": torch.randn(8, 12)}]
+    batches = _data(16, (12,), 5, 8)
+    for fanout in (False, True):
+        assert_matches(model, variants, batches, fanout, "sequential subclass")

@@ -430,7 +430,8 @@ class Program:
 
     def _from_children(self, model: nn.Module, owned: dict[str, list[str]]) -> None:
         self.steps.append(Step(0, "input", None, (), {}))
-        if isinstance(model, nn.Sequential):
+        # A subclass with a forward of its own is not its children in order.
+        if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
             # `_modules`, not `named_children()`: that one skips a module registered twice
             # (Sequential(a, relu, a)), and the program would call it once.
             for name, child in model._modules.items():
