@@ -225,14 +225,18 @@ def run(args: argparse.Namespace) -> dict:
                            batch_size=args.batch_size, fanout=fan, layout=args.layout,
                            glue=args.glue)
             out[f"{name}_fanout"] = ev.fanout
-            out["channels_last"] = ev.channels_last
             _sync(device)
             t = time.perf_counter()
             res = ev.run(src)
             _sync(device)
             timings[name] = time.perf_counter() - t
             out["precision"] = res.precision
-            out[f"{name}_plan"] = {**res.plan, "batch_size": ev.batch_size}
+            # the layout the pass ran in: `run` may have turned channels_last off (a model that
+            # cannot run in it, layout auto), so it is read after the pass, not before
+            out[f"{name}_plan"] = {**res.plan, "batch_size": ev.batch_size,
+                                   "channels_last": ev.channels_last}
+            if name == "layerfast":
+                out["channels_last"] = ev.channels_last
             out[f"{name}_phases"] = {k: round(v, 4) for k, v in res.timings.items()}
             if name == "layerfast":
                 plan = ev.last_plan

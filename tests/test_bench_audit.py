@@ -67,3 +67,23 @@ def test_naive_sample_spreads_over_kinds_and_units() -> None:
     vs = variants(3)
     assert bench.naive_sample(vs, len(vs)) == list(range(len(vs)))
     assert len(bench.naive_sample(vs, 1)) == 1
+
+
+def test_channels_last_is_reported_as_the_pass_ran(monkeypatch, quick) -> None:
+    """`Evaluator.run` turns channels_last off when the model cannot run in it (layout auto:
+    on CUDA with bf16). bench recorded `ev.channels_last` before the pass, so the output said
+    channels_last for a pass that ran contiguous. Simulated on the CPU: the layout rule says
+    channels_last, the probe says the model cannot."""
+    import layerfast.engine.evaluator as evaluator
+
+    def settle(self, x):
+        self._layout_checked = True
+        self.channels_last = False
+        return False
+
+    monkeypatch.setattr(evaluator, "channels_last", lambda *a, **k: True)
+    monkeypatch.setattr(evaluator.Evaluator, "settle_layout", settle)
+    out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "2"))
+    assert out["channels_last"] is False
+    assert out["layerfast_plan"]["channels_last"] is False
+    assert out["fanout_plan"]["channels_last"] is False
