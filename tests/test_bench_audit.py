@@ -87,3 +87,16 @@ def test_channels_last_is_reported_as_the_pass_ran(monkeypatch, quick) -> None:
     assert out["channels_last"] is False
     assert out["layerfast_plan"]["channels_last"] is False
     assert out["fanout_plan"]["channels_last"] is False
+
+
+def test_the_timed_seconds_are_the_phases_plus_the_probes(quick) -> None:
+    """The pass's clock (`timings["total"]`) starts after `Evaluator.run` has planned B and
+    checked the layout (a trace, the plan, probe forwards), which the timed seconds include:
+    the phases never added up to the row's seconds, and nothing said where the rest went."""
+    out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "2"))
+    for mode in ("layerfast", "fanout"):
+        ph, probes = out[f"{mode}_phases"], out[f"{mode}_probes"]
+        assert probes >= 0
+        assert ph["total"] + probes == pytest.approx(out["seconds"][mode], abs=3e-4)
+        parts = sum(v for k, v in ph.items() if k != "total")
+        assert parts <= ph["total"] + 1e-3
