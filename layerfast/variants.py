@@ -44,6 +44,7 @@ import copy
 import hashlib
 import json
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -437,7 +438,17 @@ def _joint_entry(
     entry: Sequence[str] | tuple[Sequence[str], int], chosen: list[int], ckpts: CheckpointDir | None
 ) -> tuple[list[str], list[int]]:
     assert ckpts is not None
-    if len(entry) == 2 and not isinstance(entry[0], str) and isinstance(entry[1], int):
+    if isinstance(entry, str):  # iterating it would read unit names character by character
+        raise LayerfastError(
+            "joint reset: an entry is a list of unit names, or (names, τ), not the string "
+            f"{entry!r}; write {entry.split('+')!r}."
+        )
+    tau_given = (
+        len(entry) == 2
+        and isinstance(entry[1], numbers.Integral)
+        and not isinstance(entry[1], bool)
+    )
+    if tau_given and not isinstance(entry[0], str):
         names, tau = list(entry[0]), int(entry[1])  # type: ignore[arg-type]
         ckpts.check_label(tau)
         return names, [tau]

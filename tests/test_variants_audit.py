@@ -499,3 +499,20 @@ def test_interp_equals_the_formula_and_the_naive_loop(bn_run) -> None:
         c = res.counts[i]
         assert (res.n - c[0].item()) / res.n == err and (res.n - c[1].item()) / res.n == top5
         assert c[3].item() / res.n == agree and c[2].item() / res.n == pytest.approx(loss, rel=1e-6)
+
+
+def test_joint_entries_are_read_as_written(tmp_path: Path) -> None:
+    """A joint entry given as one string (`"0+2"`, the name the results give the unit) was read
+    character by character ('no unit named '+''), and `(names, numpy.int64(1))` as a list of
+    names ('no unit named "['0', '2']"'). The string is refused saying what to write; any
+    integer τ is a τ."""
+    import numpy as np
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    for tau in (0, 1):
+        torch.save(net.state_dict(), tmp_path / f"e_{tau}.pt")
+    units, ck = make_units(net), CheckpointDir(tmp_path)
+    with pytest.raises(LayerfastError, match=r"a list of unit names.*not the string '0\+2'"):
+        make_variants(net, units, ck, reset=(), joint=["0+2"])
+    vs = make_variants(net, units, ck, reset=(), joint=[(["0", "2"], np.int64(1))])
+    assert [v.label for v in vs[1:]] == ["joint 0+2 @1"]
