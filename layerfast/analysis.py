@@ -100,11 +100,22 @@ def _parse_list(value: str | Sequence[str] | None) -> list[str]:
 MAX_SEEDS = 1000
 
 
-def _seed_list(seeds: int | Iterable[int]) -> list[int]:
+def _seed_list(seeds: int | str | Iterable[int]) -> list[int]:
     """`seeds=n` means seeds 1..n (the CLI's `--seeds 3`); an iterable names them, repeats
-    dropped (seed 1 twice is one draw, evaluated once)."""
+    dropped (seed 1 twice is one draw, evaluated once). A string reads as the CLI reads it:
+    "3" is a count, "1,7,9" names seeds (a str must not be iterated character by character)."""
     if isinstance(seeds, bool):
         raise LayerfastError(f"--seeds takes a count n >= 1 or a list of seeds; got {seeds!r}")
+    if isinstance(seeds, str):
+        text = seeds
+        try:
+            if "," in text:
+                seeds = [int(s) for s in text.split(",") if s.strip()]
+            else:
+                seeds = int(text)
+        except ValueError:
+            raise LayerfastError(f"--seeds takes a count like 3 or seeds like 1,7,9; got "
+                                 f"{text!r}") from None
     if isinstance(seeds, int):
         if seeds < 1:
             raise LayerfastError(f"--seeds takes a count n >= 1 (seeds 1..n) or a list of "
@@ -310,7 +321,9 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
     from layerfast.variants import make_variants
 
     t0 = time.perf_counter()
-    resets = _parse_list(reset) or list(RESETS)
+    resets = list(RESETS) if reset is None else _parse_list(reset)
+    if not resets:  # `--reset ''` must not mean "every kind"
+        raise LayerfastError(f"--reset names no kind: choose from {', '.join(RESETS)}")
     bad = [r for r in resets if r not in RESETS]
     if bad:
         raise LayerfastError(f"unknown --reset {bad[0]!r}: choose from {', '.join(RESETS)}")

@@ -2,8 +2,7 @@
 status 2 with one clear line on stderr and nothing written, and the CLI holds no logic the
 Python API lacks.
 
-Each test here failed before the fix its docstring names (or pins, as `xfail(strict=True)`, a
-defect whose fix lies outside the CLI: the marker goes when the fix lands).
+Each test here failed before the fix its docstring names.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from layerfast.cli import main, parser
+from layerfast.errors import LayerfastError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -110,8 +110,7 @@ def test_list_units_says_what_the_units_are(capsys) -> None:
     assert "(and variants)" not in out
 
 
-# ---- defects outside the CLI (analysis.py, train.py): pinned until fixed there ----------------
-@pytest.mark.xfail(strict=True, reason="analysis._seed_list does not parse a string of seeds")
+# ---- defects that were outside the CLI (analysis.py, train.py) ----------------------------
 def test_the_api_reads_seeds_as_the_cli_does(ckpts: Path, tmp_path: Path) -> None:
     """DESIGN §5: analyze() takes the same options as the CLI. `--seeds 3` is seeds 1..3 and
     `--seeds 1,7,9` names them; `analyze(seeds="3")` ran seed 3 alone (a str is iterated),
@@ -122,9 +121,10 @@ def test_the_api_reads_seeds_as_the_cli_does(ckpts: Path, tmp_path: Path) -> Non
         res = analyze("fcn3x256", ckpts, reset="rerandom", seeds=text, device="cpu",
                       out=tmp_path / text, progress=False, figures=False)  # fmt: skip
         assert res.run["seeds"] == want
+    with pytest.raises(LayerfastError, match="--seeds takes a count like 3 or seeds like 1,7,9"):
+        analyze("fcn3x256", ckpts, seeds="1,x", out=tmp_path / "x")
 
 
-@pytest.mark.xfail(strict=True, reason="analysis.analyze reads an empty reset as the default")
 def test_an_empty_reset_is_bad_input(ckpts: Path, tmp_path: Path, capsys) -> None:
     """`--reset ''` (and `analyze(reset=[])`) ran every kind, as if --reset had been left out."""
     out = tmp_path / "o"
@@ -134,7 +134,6 @@ def test_an_empty_reset_is_bad_input(ckpts: Path, tmp_path: Path, capsys) -> Non
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="train.train accepts out='' (the current directory)")
 def test_train_with_an_empty_out_is_bad_input(tmp_path: Path, monkeypatch, capsys) -> None:
     """`layerfast train --out ''` wrote epoch_*.pt and manifest.json among the files of the
     current directory and said 'checkpoints and manifest.json in /' (analyze refuses
@@ -142,5 +141,13 @@ def test_train_with_an_empty_out_is_bad_input(tmp_path: Path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     rc, _, err = cli(["train", "--arch", "fcn3x256", "--epochs", "1", "--out", "", "--quiet",
                       "--max-samples", "64"], capsys)  # fmt: skip
+    one_line(rc, err, "--out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_with_an_empty_out_is_bad_input(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`layerfast demo --out ''` put checkpoints/ and analysis/ into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli(["demo", "--out", ""], capsys)
     one_line(rc, err, "--out")
     assert list(tmp_path.iterdir()) == []
