@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from layerfast.analysis import Analysis, analyze
+from layerfast.errors import LayerfastError
 from layerfast.train import train
 
 EPOCHS = 30
@@ -35,6 +36,8 @@ def demo(out: str | Path = "layerfast-demo", progress: bool = True) -> Analysis:
     """Train, analyze and report into `out`. Reruns start over (`overwrite`, `fresh`): the demo
     retrains, so progress from an earlier demo belongs to other weights and must not be resumed.
     fp32 on the CPU so that every machine prints the same table as the README."""
+    if not str(out).strip():  # Path("") would put checkpoints/ and analysis/ in the cwd
+        raise LayerfastError("--out is empty: name a directory for the demo's files")
     out = Path(out)
     ckpts = out / "checkpoints"
     with _one_thread():

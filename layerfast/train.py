@@ -285,6 +285,8 @@ def train(
     if momentum >= 1:  # the velocity would never decay: the run diverges, blamed on the lr
         raise LayerfastError(f"momentum must be below 1 (0.9 is usual), got {momentum!r}")
     _check_seed(seed)
+    if not str(out).strip():  # Path("") is the current directory: checkpoints among its files
+        raise LayerfastError("--out is empty: name the directory for the checkpoints")
     out = Path(out)
     _check_out(out, overwrite)
     dev = resolve_device(device)
