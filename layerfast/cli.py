@@ -190,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
         choices=LAYOUTS,
         help="memory layout of conv activations: auto = channels_last with bf16/tf32 on "
         "CUDA, else contiguous (bit-exact fp32); channels_last on the CPU ran conv "
-        "nets ~2x faster, logits then differ in the last bits",
+        "nets ~1.6x faster (docs/engine.md), logits then differ in the last bits",
     )
     a.add_argument(
         "--list-units", action="store_true", help="print the units and exit (no --ckpts needed)"
