@@ -301,7 +301,7 @@ def test_spec_errors(spec, message):
 def test_argument_errors(tmp_path):
     with pytest.raises(LayerfastError, match="split must be 'test' or 'train'"):
         open_data("digits", split="val")
-    with pytest.raises(LayerfastError, match="max_samples must be a positive integer"):
+    with pytest.raises(LayerfastError, match="--max-samples must be a positive integer, got 0"):
         open_data("digits", max_samples=0)
     with pytest.raises(LayerfastError, match="bare directory; did you mean imagefolder"):
         open_data(str(tmp_path))

@@ -137,7 +137,7 @@ def check_finite(what: str, x: Tensor, hint: str = "inputs must be finite") -> N
 
 def check_max_samples(max_samples: int | None) -> None:
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
-        raise LayerfastError(f"--max-samples (max_samples) must be a positive integer, got {max_samples!r}")
+        raise LayerfastError(f"--max-samples must be a positive integer, got {max_samples!r}")
 
 
 def make_source(
