@@ -177,6 +177,16 @@ def test_rates() -> None:
     assert datasheet_rate(torch.device("cpu"), "bf16") is None
 
 
+def test_measured_rate_is_the_best_chunk_not_the_mean() -> None:
+    """On a shared machine a chunk slowed by another process says nothing about the matrix
+    unit; the mean over all chunks made the rate too low and the floor too high (layerfast
+    looked closer to it). A fake clock: chunks of 5 GEMMs take 1.0 s, 0.1 s, 1.0 s."""
+    ticks = iter([0.0, 0.0, 1.0, 1.0, 1.1, 1.1, 2.1])
+    rate = measure_rate(torch.device("cpu"), "fp32", seconds=2.0, clock=lambda: next(ticks))
+    assert rate == pytest.approx(2 * 1024**3 * 5 / 0.1)
+    assert next(ticks, None) is None  # it stopped once `seconds` had passed
+
+
 @pytest.mark.cuda
 def test_rates_cuda() -> None:
     dev = torch.device("cuda")

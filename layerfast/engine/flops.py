@@ -19,8 +19,9 @@ BENCHMARKS.md reports both.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -134,9 +135,18 @@ def datasheet_rate(device: torch.device, precision: str) -> float | None:
     return None
 
 
-def measure_rate(device: torch.device, precision: str, seconds: float = 0.5) -> float:
+def measure_rate(
+    device: torch.device,
+    precision: str,
+    seconds: float = 0.5,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """FLOP/s of a large square GEMM at the pass's precision on `device`: the best a matrix
-    unit here does in practice (bf16 on CUDA; tf32 as `torch.backends` allows; else fp32)."""
+    unit here does in practice (bf16 on CUDA; tf32 as `torch.backends` allows; else fp32).
+
+    Timed in chunks of 5 GEMMs for `seconds`; the rate is the best chunk's, not the mean: on a
+    shared machine a chunk that another process slowed down says nothing about what the unit
+    can do, and a rate too low makes the floor too high (layerfast would look closer to it)."""
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if precision == "bf16" and cuda else torch.float32
     n = 8192 if cuda else 1024
@@ -145,24 +155,26 @@ def measure_rate(device: torch.device, precision: str, seconds: float = 0.5) -> 
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    chunk = 5
     try:
         for _ in range(3):
             a @ b
         if cuda:
             torch.cuda.synchronize(device)
-        reps, t0 = 0, time.perf_counter()
+        best, start = math.inf, clock()
         while True:
-            for _ in range(5):
+            t0 = clock()
+            for _ in range(chunk):
                 a @ b
-            reps += 5
             if cuda:
                 torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - t0
-            if elapsed >= seconds:
+            t1 = clock()
+            best = min(best, t1 - t0)
+            if t1 - start >= seconds:
                 break
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    return 2 * n**3 * reps / elapsed
+    return 2 * n**3 * chunk / max(best, 1e-12)
 
 
 def floor_report(
