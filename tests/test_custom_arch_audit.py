@@ -225,3 +225,66 @@ def test_untraceable_sequential_subclass_runs_its_own_forward():
     batches = _data(16, (12,), 5, 8)
     for fanout in (False, True):
         assert_matches(model, variants, batches, fanout, "sequential subclass")
+
+
+# ---- defect: the traced program was trusted to be the forward ---------------------------------
+
+
+class IsTensorBranch(nn.Module):
+    """While tracing `h` is a Proxy, so the traced program takes the other branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(12, 8)
+        self.l2 = nn.Linear(8, 5)
+        self.alt = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x.flatten(1)))
+        return self.l2(h) if isinstance(h, torch.Tensor) else self.alt(h)
+
+
+class TupleUnwrap(nn.Module):
+    """`isinstance(out, tuple)` on a GRU's output is False on a Proxy: `out[0]` is not traced,
+    and the program then indexes the tuple like a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(1, 8)
+        self.rnn = nn.GRU(8, 8, batch_first=True)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        out = self.rnn(self.proj(x.flatten(1).unsqueeze(-1)))
+        if isinstance(out, tuple):
+            out = out[0]
+        return self.fc(out[:, -1])
+
+
+class LogitsAttr(nn.Module):
+    """`hasattr(out, "logits")` is True on a Proxy: the program reads `.logits` of a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(12, 8)
+        self.l2 = nn.Linear(8, 5)
+
+    def forward(self, x):
+        out = self.l2(torch.relu(self.l1(x.flatten(1))))
+        return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("cls", [IsTensorBranch, TupleUnwrap, LogitsAttr])
+def test_a_traced_program_that_is_not_the_forward_falls_back(cls):
+    """IsTensorBranch gave wrong logits silently; the other two a traceback from the engine's
+    interpreter. The traced program is now checked against the forward on the first batch."""
+    torch.manual_seed(0)
+    model = cls()
+    assert Program(model).traced
+    sd = model.state_dict()
+    g = torch.Generator().manual_seed(2)
+    variants = [{k: torch.randn(sd[k].shape, generator=g)} for k in sd if k.endswith("weight")]
+    batches = _data(16, (1, 1, 12), 5, 8)
+    for fanout in (False, True):
+        plan = assert_matches(model, variants, batches, fanout, cls.__name__)
+        assert plan["untraced"] and "traced program" in plan["untraced"], plan

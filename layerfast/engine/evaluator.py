@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from layerfast.engine.fanrun import GLUE_MODES, run_fanned, stack_module
-from layerfast.engine.graph import Program, canonical_keys, no_inplace_modules
+from layerfast.engine.graph import Program, canonical_keys, eager_inplace, no_inplace_modules
 from layerfast.engine.phases import PhaseClock
 from layerfast.engine.plan import (
     B_CPU,
@@ -151,6 +151,9 @@ class Evaluator:
         # model's size); more variants than that are evaluated in several passes over the data.
         self.stage_bytes = stage_bytes
         self._passes: list[list[int]] | None = None
+        # Whether the traced program computes the model's forward: None until checked on the
+        # first batch (`_verified`), then True, or why not (the model then runs untraced).
+        self._trace_ok: bool | str | None = None
         self._pass_idx: list[int] = list(range(len(self.variants)))
 
     # ---- setup -----------------------------------------------------------------------
@@ -428,7 +431,9 @@ class Evaluator:
     def _run(self, data, start, counts, on_progress, on_checkpoint, every, cl, t0) -> EvalResult:
         ops = _ops()
         live = self._live()
-        prog = Program(self.model)
+        prog = Program(self.model, trace=not isinstance(self._trace_ok, str))
+        if isinstance(self._trace_ok, str):
+            prog.trace_error = self._trace_ok
         dev_ov = self._device_overrides(live)
         # A variant whose tensors equal the live ones (e.g. reinit to the final τ) IS the
         # baseline: score it from the baseline's logits, bit for bit, at no cost.
@@ -452,6 +457,8 @@ class Evaluator:
             if batch is None:
                 break
             x, y = batch
+            if self._trace_ok is None and prog.traced:
+                prog, plan = self._verified(prog, plan, x, keysets)
             with precision_context(self.precision, self.device):
                 C = self._pass_batch(ops, prog, plan, x, y, acc, dev_ov, live, clock)
             n += int(y.shape[0])
@@ -481,6 +488,42 @@ class Evaluator:
         return EvalResult(out, n, str(self.device), self.precision, C, plan.summary(), timings)
 
     # ---- pieces ----------------------------------------------------------------------
+    def _verified(
+        self, prog: Program, plan: Plan, x: torch.Tensor, keysets: list[set[str]]
+    ) -> tuple[Program, Plan]:
+        """The traced program and its plan if it computes what the model's own forward does on
+        the first batch, else the untraced program (one opaque step) and its plan.
+
+        fx records one path through Python: a branch on `isinstance(h, torch.Tensor)` or
+        `hasattr(out, "logits")` sees a Proxy while tracing and a tensor when run, and a
+        getattr on a module's output is recorded blindly; such a program computes another
+        function (a wrong number) or fails where the forward does not. Equal bit for bit on
+        the CPU (the program calls the same modules and functions); on a GPU to 1e-4 relative,
+        where some kernels are not deterministic."""
+        with precision_context(self.precision, self.device):
+            try:
+                with eager_inplace(self.model):
+                    ref = self.model(x.clone())
+            except Exception:  # noqa: BLE001 - the model itself fails: the pass says so
+                self._trace_ok = True
+                return prog, plan
+            why = None
+            try:
+                got = prog.run(x.clone())
+            except Exception as exc:  # noqa: BLE001 - any failure means "not the forward"
+                why = f"the traced program raised {type(exc).__name__}: {exc}"[:300]
+            else:
+                why = _differs(got, ref, self.device)
+        if why is None:
+            self._trace_ok = True
+            return prog, plan
+        self._trace_ok = why
+        prog = Program(self.model, trace=False)
+        prog.trace_error = why
+        plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
+        self.last_plan = plan
+        return prog, plan
+
     def _num_classes(self, prog: Program, shape: tuple[int, ...], cl: bool) -> int:
         """The logits' width from one zero sample: a pass resumed at its very end sees no batch
         to tell it (and top-5 needs it)."""
@@ -672,6 +715,20 @@ class Evaluator:
             self._score(ops, logits, y, ref, part, rows)
             acc.index_add_(0, torch.tensor(rows, device=acc.device), part)
         return True
+
+
+def _differs(got: Any, ref: Any, device: torch.device) -> str | None:
+    """Why the traced program's output `got` is not the forward's `ref` (None: it is)."""
+    if not isinstance(ref, torch.Tensor):
+        return None if not isinstance(got, torch.Tensor) else "the forward returns no tensor"
+    if not isinstance(got, torch.Tensor) or got.shape != ref.shape or got.dtype != ref.dtype:
+        return "the traced program's output is not the forward's (type, shape or dtype)"
+    exact = device.type == "cpu"
+    rtol, atol = (0.0, 0.0) if exact else (1e-4, 1e-5 * float(ref.abs().max().nan_to_num(0)))
+    if torch.allclose(got, ref, rtol=rtol, atol=atol, equal_nan=True):
+        return None
+    d = (got.float() - ref.float()).abs().nan_to_num(float("inf")).max().item()
+    return f"the traced program's logits differ from the forward's (max |diff| {d:.3g})"
 
 
 def _canonical(

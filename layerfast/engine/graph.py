@@ -157,9 +157,16 @@ class _Tracer(fx.Tracer):
         return _AugProxy(node, self)
 
 
+class _NotTraced(Exception):
+    pass
+
+
 def trace(model: nn.Module) -> fx.Graph:
     """`torch.fx.symbolic_trace`'s graph, with augmented assignments recorded in place."""
     return _Tracer().trace(model)
+
+
+_trace = trace  # `Program.__init__` has an argument of that name
 
 
 # ---- in-place steps and fresh values ----------------------------------------------------------
@@ -355,9 +362,12 @@ class Program:
     flowing from steps <= c to steps > c, and is one tensor. Index 0 (the input) is always a cut.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, trace: bool = True) -> None:
+        """`trace=False`: do not trace (the children of a plain nn.Sequential, else one
+        opaque step), for a model whose traced program is not its forward (`Evaluator` checks)."""
         self.model = model
         self.traced = False
+        self.trace_error: str | None = None
         self.steps: list[Step] = []
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self.canonical = canonical_keys(model)
@@ -366,11 +376,14 @@ class Program:
             self.aliases.setdefault(key, []).append(name)
         owned = _state_keys(model, self.canonical)
         try:
-            graph = trace(model)
-            self._from_fx(graph, owned)
+            if not trace:
+                raise _NotTraced("not traced")
+            self._from_fx(_trace(model), owned)
             self.traced = True
         except Exception as exc:  # noqa: BLE001 - any trace failure means "no graph"
-            self.trace_error = f"{type(exc).__name__}: {exc}"
+            self.trace_error = (
+                str(exc) if isinstance(exc, _NotTraced) else f"{type(exc).__name__}: {exc}"
+            )
             self.steps = []
             self._from_children(model, owned)
         self._link()

@@ -30,6 +30,9 @@ class Plan:
     groups: list[Group]
     same_as_baseline: list[int]  # variants whose overrides no step reads
     cuts: list[int]  # cuts whose baseline activation is kept
+    #: why the model runs untraced (one opaque step, or a plain Sequential's children): every
+    #: variant then runs the whole forward; None when fx traced it
+    untraced: str | None = None
 
     def summary(self) -> dict:
         fanned = sum(len(g.members) for g in self.groups if g.fan is not None)
@@ -44,6 +47,7 @@ class Plan:
             # a fanned run that raised (not out of memory): results stay right, speed is lost,
             # and the proof in engine.fanout missed something worth reporting
             "fanout_fallbacks": {str(g.start): g.fallback for g in self.groups if g.fallback},
+            "untraced": self.untraced,
         }
 
     def remapped(self, idx: list[int]) -> Plan:
@@ -53,6 +57,7 @@ class Plan:
             [replace(g, members=[idx[i] for i in g.members], stacks={}) for g in self.groups],
             [idx[i] for i in self.same_as_baseline],
             list(self.cuts),
+            self.untraced,
         )
 
     @staticmethod
@@ -62,6 +67,7 @@ class Plan:
             [g for p in plans for g in p.groups],
             sorted(i for p in plans for i in p.same_as_baseline),
             sorted({c for p in plans for c in p.cuts}),
+            next((p.untraced for p in plans if p.untraced), None),
         )
 
 
@@ -89,7 +95,7 @@ def make_plan(prog: Program, keysets: list[set[str]], fanout: bool, max_fanout: 
         fan = fan_plan(prog, start, union) if fanout and len(members) > 1 and not whole else None
         groups.append(Group(start, members, fan, kmax=max_fanout if fan else 1))
     cuts = sorted({g.start for g in groups if g.start > 0})
-    return Plan(groups, same, cuts)
+    return Plan(groups, same, cuts, None if prog.traced else prog.trace_error)
 
 
 def memory_budget(device: torch.device, fraction: float) -> int:
