@@ -21,13 +21,21 @@ def rows(d: dict, name: str) -> list[str]:
     pre = s.get("prefix_only")
     nan = math.nan
     out = [f"{name:16s} {d['variants']:4d} {s['naive']:9.1f} {pre or nan:9.2f} {s['layerfast']:11.2f} "
-           f"{s['naive'] / s['layerfast']:8.1f} {(pre / s['layerfast']) if pre else nan:8.2f}"
-           f" {d['floor']['seconds_measured_rate']:8.2f} {d['times_floor']['layerfast']:7.1f}"
+           f"{d['speedup_vs_naive']['layerfast']:8.1f} {(pre / s['layerfast']) if pre else nan:8.2f}"
+           f" {d['floor']['seconds_measured_rate']:8.3g} {d['times_floor']['layerfast']:7.1f}"
            f" {d['layerfast_plan']['batch_size']:5d}"]
+    if d.get("naive_scaled"):  # an extrapolation, not a measurement: say so on the row's next line
+        k, v = d["naive_timed_variants"], d["variants"]
+        timed = d.get("naive_timed", [])
+        names = ", ".join(timed[:6]) + (", ..." if len(timed) > 6 else "")
+        out.append(f"    naive s: timed on {k} of {v} variants, scaled x{v / k:.1f}"
+                   + (f" ({names})" if names else ""))
     for k, why in d["layerfast_plan"].get("fanout_fallbacks", {}).items():
         out.append(f"    FAN-OUT FELL BACK at step {k}: {why}")
     ph = d.get("layerfast_phases", {})
-    out.append("    phases (s): " + ", ".join(f"{k} {ph[k]:.2f}" for k in PHASES if k in ph))
+    probes = d.get("layerfast_probes")
+    out.append("    phases (s): " + ", ".join(f"{k} {ph[k]:.2f}" for k in PHASES if k in ph)
+               + (f"; before the pass (probes) {probes:.2f}" if probes is not None else ""))
     for e in d.get("profile", {}).get("top", [])[:10]:
         out.append(f"    {e['share']:6.1%} {e['ms']:9.1f} ms {e['calls']:7d}x {e['op'][:60]}")
     return out

@@ -100,3 +100,25 @@ def test_the_timed_seconds_are_the_phases_plus_the_probes(quick) -> None:
         assert ph["total"] + probes == pytest.approx(out["seconds"][mode], abs=3e-4)
         parts = sum(v for k, v in ph.items() if k != "total")
         assert parts <= ph["total"] + 1e-3
+
+
+def _table_rows():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_table.py"
+    spec = importlib.util.spec_from_file_location("bench_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.rows
+
+
+def test_the_gpu_table_says_when_the_naive_time_is_scaled(quick) -> None:
+    """`naive s` of a run with --naive-variants is k variants' time times V/k; the table
+    printed it like a measurement. It must say so, and the ratio must be the JSON's."""
+    out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "3", "--no-prefix-only"))
+    lines = _table_rows()(out, "fcn")
+    assert "timed on 3 of 22 variants, scaled x7.3" in "\n".join(lines)
+    assert f"{out['speedup_vs_naive']['layerfast']:8.1f}" in lines[0]
+    full = bench.run(_args("--arch", "fcn2x16", "--no-prefix-only"))
+    assert not any("scaled" in ln for ln in _table_rows()(full, "fcn"))
