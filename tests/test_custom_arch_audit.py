@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -288,3 +289,29 @@ def test_a_traced_program_that_is_not_the_forward_falls_back(cls):
     for fanout in (False, True):
         plan = assert_matches(model, variants, batches, fanout, cls.__name__)
         assert plan["untraced"] and "traced program" in plan["untraced"], plan
+
+
+# ---- defect: a float64 model failed in the scoring op -----------------------------------------
+
+
+def test_float64_model_is_scored_like_the_naive_loop(tmp_path):
+    """`score_` reads float32/16/bf16 logits: a float64 model raised a RuntimeError from the op
+    (Evaluator on plain batches), and a DataSource fed it float32 data it could not take."""
+    from layerfast.data import open_data
+
+    torch.manual_seed(0)
+    model = EllipsisPick().double()
+    variants = [{"c.weight": torch.randn(4, 6, dtype=torch.float64)} for _ in range(2)]
+    batches = [(x.double(), y) for x, y in _data(20, (1, 1, 6), 3, 8)]
+    for fanout in (False, True):
+        assert_matches(model, variants, batches, fanout, "float64")
+    g = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "d.npz", x=g.standard_normal((20, 6)).astype(np.float32), y=g.integers(0, 3, 20)
+    )
+    src = open_data(str(tmp_path / "d.npz"))
+    res = Evaluator(model, variants, device="cpu").run(src)
+    x = torch.from_numpy(np.load(tmp_path / "d.npz")["x"]).double().view(20, 1, 1, 6)
+    y = torch.from_numpy(np.load(tmp_path / "d.npz")["y"]).long()
+    ref, _ = naive(model, variants, [(x, y)])
+    assert torch.equal(res.counts[:, [0, 1, 3]], ref[:, [0, 1, 3]])

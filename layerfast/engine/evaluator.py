@@ -44,6 +44,7 @@ from layerfast.engine.precision import (
 )
 from layerfast.errors import LayerfastError
 
+_SCORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `score_` reads
 _OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)
 
 
@@ -217,7 +218,7 @@ class Evaluator:
         self.plan_batch(data)
         if not self._layout_checked:
             if hasattr(data, "batches") and hasattr(data, "shape"):
-                self.settle_layout(torch.zeros((2, *data.shape)))
+                self.settle_layout(torch.zeros((2, *data.shape), dtype=self._input_dtype()))
             else:  # a plain iterable: probe with its first batch
                 data, first = _peek(data)
                 if first is not None:
@@ -343,12 +344,12 @@ class Evaluator:
         if self._batch_fixed or not (hasattr(data, "batches") and hasattr(data, "shape")):
             return self.batch_size
         self._batch_fixed = True
-        self.settle_layout(torch.zeros((2, *data.shape)))
+        self.settle_layout(torch.zeros((2, *data.shape), dtype=self._input_dtype()))
         keysets = [set(_keys_of(v)) for v in self.variants]
         with self._on_device() as cl:
             prog = Program(self.model)
             plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
-            x = torch.zeros((2, *data.shape), device=self.device)
+            x = torch.zeros((2, *data.shape), device=self.device, dtype=self._input_dtype())
             if cl and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             cache: dict[int, torch.Tensor] = {}
@@ -409,11 +410,19 @@ class Evaluator:
             )
         return False
 
+    def _input_dtype(self) -> torch.dtype:
+        """The dtype a DataSource's batches are fed in: the model's own floating dtype (a
+        float64 model gets float64 data, as in its own loop), float32 for a float32 model."""
+        for t in itertools.chain(self.model.parameters(), self.model.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
     def _batches(
         self, data: Any, start: int, cl: bool
     ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         dev = self.device
-        dtype = torch.float32
+        dtype = self._input_dtype()
         if hasattr(data, "batches") and hasattr(data, "shape"):
             from layerfast.data import to_device
 
@@ -527,7 +536,7 @@ class Evaluator:
     def _num_classes(self, prog: Program, shape: tuple[int, ...], cl: bool) -> int:
         """The logits' width from one zero sample: a pass resumed at its very end sees no batch
         to tell it (and top-5 needs it)."""
-        x = torch.zeros((1, *shape), device=self.device)
+        x = torch.zeros((1, *shape), device=self.device, dtype=self._input_dtype())
         if cl and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), precision_context(self.precision, self.device):
@@ -596,6 +605,8 @@ class Evaluator:
         acc_rows: torch.Tensor,
         rows: list[int] | None = None,
     ) -> None:
+        if logits.dtype not in _SCORED_DTYPES:  # a float64 model: scored as the naive loop does
+            logits = logits.float()
         ops.score_(logits.contiguous(), y, ref, acc_rows)
         if self._hook is not None and rows is not None:
             self._hook([self._pass_idx[r] for r in rows], logits.float().cpu())
