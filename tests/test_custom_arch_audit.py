@@ -25,6 +25,7 @@ from torch import nn
 from layerfast.engine import Evaluator
 from layerfast.engine.fanout import fan_plan
 from layerfast.engine.graph import Program
+from layerfast.errors import LayerfastError
 
 
 @pytest.fixture(autouse=True)
@@ -315,3 +316,23 @@ def test_float64_model_is_scored_like_the_naive_loop(tmp_path):
     y = torch.from_numpy(np.load(tmp_path / "d.npz")["y"]).long()
     ref, _ = naive(model, variants, [(x, y)])
     assert torch.equal(res.counts[:, [0, 1, 3]], ref[:, [0, 1, 3]])
+
+
+# ---- defect: malformed batches failed deep inside the pass ------------------------------------
+
+
+@pytest.mark.parametrize("what", ["numpy", "triple", "dict", "list_y", "float_y", "y_2d"])
+def test_malformed_batches_are_one_clear_error(what):
+    torch.manual_seed(0)
+    model = EllipsisPick()
+    x, y = _data(8, (1, 1, 6), 3, 8)[0]
+    batch = {
+        "numpy": (x.numpy(), y.numpy()),
+        "triple": (x, y, y),
+        "dict": {"x": x, "y": y},
+        "list_y": (x, y.tolist()),
+        "float_y": (x, y.float() + 0.5),
+        "y_2d": (x, y[:, None]),
+    }[what]
+    with pytest.raises(LayerfastError, match="batch|labels"):
+        Evaluator(model, [{}], device="cpu").run([batch])

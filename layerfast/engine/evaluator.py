@@ -431,7 +431,8 @@ class Evaluator:
             return
         if start:
             raise LayerfastError("resuming needs a DataSource, not a plain iterable of batches")
-        for x, y in data:
+        for item in data:
+            x, y = _pair(item)
             x = x.to(dev, non_blocking=True)
             if cl and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -740,6 +741,31 @@ def _differs(got: Any, ref: Any, device: torch.device) -> str | None:
         return None
     d = (got.float() - ref.float()).abs().nan_to_num(float("inf")).max().item()
     return f"the traced program's logits differ from the forward's (max |diff| {d:.3g})"
+
+
+def _pair(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain iterable's batch as (x, y): tensors, y integer labels [B]; anything else is one
+    clear error rather than a failure deep in the pass."""
+    try:
+        x, y = item
+    except (TypeError, ValueError):
+        n = f" of {len(item)} items" if hasattr(item, "__len__") else ""
+        raise LayerfastError(
+            f"each batch must be a pair (x, y) of tensors; got a {type(item).__name__}{n}"
+        ) from None
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise LayerfastError(
+            "each batch must be a pair (x, y) of tensors; got "
+            f"({type(x).__name__}, {type(y).__name__}) (numpy arrays: torch.from_numpy)"
+        )
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        raise LayerfastError(f"labels y must be integers, got {y.dtype}")
+    if y.dim() != 1 or x.dim() == 0 or y.shape[0] != x.shape[0]:
+        raise LayerfastError(
+            f"a batch's labels y must be [B] for x [B, ...]; got x {tuple(x.shape)}, "
+            f"y {tuple(y.shape)}"
+        )
+    return x, y
 
 
 def _canonical(
