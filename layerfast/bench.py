@@ -246,7 +246,8 @@ def run(args: argparse.Namespace) -> dict:
         idx = naive_sample(variants, min(args.naive_variants or V, V))  # None: all of them
         sub = [variants[i] for i in idx]
         out["naive_timed"] = [getattr(variants[i], "label", str(i)) for i in idx]
-        t_naive = naive_pass(model, sub, src, device, args.batch_size or 256)
+        out["naive_batch_size"] = naive_batch = args.batch_size or 256
+        t_naive = naive_pass(model, sub, src, device, naive_batch)
         timings["naive"] = t_naive * V / len(sub)
         out["naive_timed_variants"] = len(sub)
         out["naive_scaled"] = len(sub) < V
@@ -290,16 +291,16 @@ def main(args: argparse.Namespace) -> int:
     print("layerfast's time: " + ", ".join(f"{k} {ph[k]:.3f}" for k in PHASES if k in ph)
           + f" s (setup and total wall time, the phases {clock} time), after "
           f"{out['layerfast_probes']:.3f} s of batch-size and layout probes before the pass")
-    if scaled:
-        print(f"naive{scaled}; naive = load weights, DataLoader pass, fp32, .item() per batch")
+    print(f"naive = load weights, DataLoader pass (B={out['naive_batch_size']}), fp32, correct@1 "
+          f"by .item() per batch{scaled}")
     f = out["floor"]
     g = f["gflop_per_sample"]
-    sheet = (f"; {f['seconds_datasheet_rate']:.3f} s at the datasheet's {f['rate_tflops_datasheet']:.0f}"
+    sheet = (f"; {f['seconds_datasheet_rate']:.3g} s at the datasheet's {f['rate_tflops_datasheet']:.0f}"
              if f["rate_tflops_datasheet"] else "")
     print(f"compute floor: {g['needed']:.3g} GFLOP/sample (forward {g['forward']:.3g} + the "
           f"variants' dependent steps {g['suffixes']:.3g}; whole suffixes from their cuts "
           f"{g['suffixes_from_cut']:.3g}; naive computes {g['naive']:.3g}) = "
-          f"{f['seconds_measured_rate']:.3f} s "
+          f"{f['seconds_measured_rate']:.3g} s "
           f"at the measured {f['rate_tflops_measured']:.3g} TFLOP/s{sheet}; "
           f"layerfast at {out['times_floor']['layerfast']:.1f}× the floor")
     if "profile" in out:

@@ -122,3 +122,17 @@ def test_the_gpu_table_says_when_the_naive_time_is_scaled(quick) -> None:
     assert f"{out['speedup_vs_naive']['layerfast']:8.1f}" in lines[0]
     full = bench.run(_args("--arch", "fcn2x16", "--no-prefix-only"))
     assert not any("scaled" in ln for ln in _table_rows()(full, "fcn"))
+
+
+def test_the_text_says_the_naive_batch_and_a_small_floor(monkeypatch, quick, capsys) -> None:
+    """The floor of a small run printed as `= 0.000 s` (3 decimals), and the naive loop's
+    batch size (256 unless --batch-size; layerfast plans its own) was stated nowhere."""
+    monkeypatch.setattr(flops, "measure_rate", lambda device, precision, seconds=0.5: 1e12)
+    assert bench.main(_args("--arch", "fcn2x16", "--no-prefix-only")) == 0
+    text = capsys.readouterr().out
+    floor = next(ln for ln in text.splitlines() if ln.startswith("compute floor:"))
+    secs = float(floor.split(") = ")[1].split(" s ")[0])
+    assert secs > 0
+    assert "DataLoader pass (B=256)" in text
+    out = bench.run(_args("--arch", "fcn2x16", "--no-prefix-only", "--batch-size", "64"))
+    assert out["naive_batch_size"] == 64
