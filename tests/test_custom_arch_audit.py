@@ -22,10 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import layerfast
+from layerfast.checkpoints import CheckpointDir
 from layerfast.engine import Evaluator
 from layerfast.engine.fanout import fan_plan
 from layerfast.engine.graph import Program
 from layerfast.errors import LayerfastError
+from layerfast.units import make_units
+from layerfast.variants import make_variants
 
 
 @pytest.fixture(autouse=True)
@@ -336,3 +340,297 @@ def test_malformed_batches_are_one_clear_error(what):
     }[what]
     with pytest.raises(LayerfastError, match="batch|labels"):
         Evaluator(model, [{}], device="cpu").run([batch])
+
+
+# ---- the sweep: architectures the registry does not know, every row against the naive loop ---
+
+BYO_ARCH = '''
+import math
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Transformer(nn.Module):
+    def __init__(self, num_classes=5, in_shape=(1, 1, 12)):
+        super().__init__()
+        self.emb = nn.Embedding(16, 16)
+        self.pos = nn.Parameter(torch.randn(1, in_shape[-1], 16) * 0.1)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        tok = (x.flatten(1) * 4 + 8).long().clamp(0, 15)
+        return self.head(self.enc(self.emb(tok) + self.pos).mean(1))
+
+
+class ViT(nn.Module):
+    def __init__(self, num_classes=5, in_shape=(3, 8, 8)):
+        super().__init__()
+        self.patch = nn.Conv2d(in_shape[0], 16, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 16) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, 5, 16) * 0.1)
+        self.ln0 = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.ln1 = nn.LayerNorm(16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+        y = self.ln0(h)
+        a, _ = self.attn(y, y, y, need_weights=False)
+        h = h + a
+        h = h + self.mlp(self.ln1(h))
+        return self.head(h[:, 0])
+
+
+class SE(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(c, c // 2, 1)
+        self.fc2 = nn.Conv2d(c // 2, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(F.silu(self.fc1(self.pool(x)))))
+
+
+class NormConv(nn.Module):
+    """GroupNorm, depthwise-separable, InstanceNorm, SE gating, Dropout, DenseNet concat,
+    LayerNorm, a U-Net skip with torch.cat, ConvTranspose2d, AdaptiveAvgPool."""
+
+    def __init__(self, num_classes=5, in_shape=(3, 8, 8)):
+        super().__init__()
+        c, hh, ww = in_shape
+        self.stem = nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU())
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.inorm = nn.InstanceNorm2d(8, affine=True)
+        self.se = SE(8)
+        self.drop = nn.Dropout(0.3)
+        self.dense = nn.Conv2d(16, 8, 3, padding=1)
+        self.ln = nn.LayerNorm([8, hh, ww])
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.fuse = nn.Conv2d(16, 8, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h2 = self.drop(self.se(F.gelu(self.inorm(self.pw(self.dw(h))))))
+        h3 = self.ln(self.dense(torch.cat([h, h2], 1)))
+        u = self.up(F.relu(self.down(h3)))
+        return self.fc(torch.flatten(self.pool(self.fuse(torch.cat([h3, u], dim=1))), 1))
+
+
+class Functional(nn.Module):
+    """F.linear on the root's own parameters, view(size(0), -1), in-place ReLU and +=, a
+    buffer that is not a BN statistic."""
+
+    def __init__(self, num_classes=5, in_shape=(3, 8, 8)):
+        super().__init__()
+        d = math.prod(in_shape)
+        self.weight = nn.Parameter(torch.randn(32, d) / math.sqrt(d))
+        self.bias = nn.Parameter(torch.zeros(32))
+        self.l2 = nn.Linear(32, 32)
+        self.act = nn.ReLU(inplace=True)
+        self.out = nn.Linear(32, num_classes)
+        self.register_buffer("gain", torch.ones(32) * 1.5)
+
+    def forward(self, x):
+        h = self.act(F.linear(x.view(x.size(0), -1), self.weight, self.bias))
+        y = self.l2(h)
+        y += h
+        return self.out(self.act(y) * self.gain)
+
+
+class Tied(nn.Module):
+    def __init__(self, num_classes=16, in_shape=(1, 1, 6)):
+        super().__init__()
+        self.emb = nn.Embedding(16, 12)
+        self.mix = nn.Linear(12, 12)
+        self.dec = nn.Linear(12, 16)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, x):
+        tok = (x.flatten(1) * 4 + 8).long().clamp(0, 15)
+        return self.dec(torch.tanh(self.mix(self.emb(tok).mean(1))))
+
+
+class Shared(nn.Module):
+    """A conv called twice, ModuleDict and ModuleList iteration."""
+
+    def __init__(self, num_classes=5, in_shape=(3, 8, 8)):
+        super().__init__()
+        self.stem = nn.Conv2d(in_shape[0], 8, 3, padding=1)
+        self.block = nn.Conv2d(8, 8, 3, padding=1)
+        self.heads = nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8)})
+        self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        h = F.relu(self.block(F.relu(self.block(F.relu(self.stem(x))))))
+        v = h.mean((2, 3))
+        v = sum(head(v) for head in self.heads.values())
+        for layer in self.layers:
+            v = F.relu(layer(v))
+        return self.fc(v)
+
+
+def mlp(num_classes=5, in_shape=(1, 1, 10)):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_shape[-1], 32), nn.BatchNorm1d(32), nn.ReLU(),
+                         nn.Dropout(0.2), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+
+class RNN(nn.Module):
+    def __init__(self, num_classes=5, in_shape=(1, 1, 12), kind="lstm"):
+        super().__init__()
+        self.proj = nn.Linear(1, 8)
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[kind](8, 16, batch_first=True)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        out, _ = self.rnn(self.proj(x.flatten(1).unsqueeze(-1)))
+        return self.fc(out[:, -1])
+
+
+def gru(num_classes=5, in_shape=(1, 1, 12)):
+    return RNN(num_classes, in_shape, "gru")
+
+
+class DataDependent(nn.Module):
+    def __init__(self, num_classes=5, in_shape=(3, 8, 8)):
+        super().__init__()
+        self.c1 = nn.Conv2d(in_shape[0], 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h = F.relu(self.c2(h)) if h.mean() > 0 else -h
+        return self.fc(h.mean((2, 3)))
+'''
+
+IMG, TAB = (3, 8, 8), (1, 1, 12)
+# factory -> (sample shape, classes, unit configs, root parameters: no re-randomization)
+SWEEP = {
+    "Transformer": (TAB, 5, [{"granularity": "layer"}], True),
+    "ViT": (IMG, 5, [{"granularity": "layer"}, {"granularity": "block"}], True),
+    "NormConv": (
+        IMG,
+        5,
+        [{"granularity": "layer"}, {"granularity": "stage", "bn": "separate"}],
+        False,
+    ),
+    "Functional": (IMG, 5, [{"granularity": "block"}], True),
+    "Tied": ((1, 1, 6), 16, [{"granularity": "layer"}], False),
+    "Shared": (IMG, 5, [{"patterns": ["layers.*", "heads.a", "re:heads", "block"]}], False),
+    "mlp": ((1, 1, 10), 5, [{"granularity": "layer", "bn": "keep"}], False),
+    "RNN": (TAB, 5, [{"granularity": "layer"}], False),
+    "gru": (TAB, 5, [{"granularity": "block"}], False),
+    "DataDependent": (IMG, 5, [{"granularity": "layer"}], False),
+}
+
+
+@pytest.fixture(scope="module")
+def byo(tmp_path_factory):
+    """The architectures as a user's module `byo_arch` on sys.path, as `--arch byo_arch:F`."""
+    import importlib
+    import sys
+
+    d = tmp_path_factory.mktemp("byo")
+    (d / "byo_arch.py").write_text(BYO_ARCH)
+    sys.path.insert(0, str(d))
+    try:
+        yield importlib.import_module("byo_arch"), d
+    finally:
+        sys.path.remove(str(d))
+        sys.modules.pop("byo_arch", None)
+
+
+def _checkpoints(model: nn.Module, d, seed: int = 0) -> CheckpointDir:
+    """τ = 0, 1, 2 as epoch_00τ.pt: the model's state dicts, weights perturbed between τ."""
+    d.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    m = copy.deepcopy(model)
+    for t in range(3):
+        torch.save(m.state_dict(), d / f"epoch_{t:03d}.pt")
+        with torch.no_grad():
+            for k, v in list(m.named_parameters()) + list(m.named_buffers()):
+                if v.is_floating_point():
+                    v.add_(0.3 * torch.randn(v.shape, generator=g) * (v.std().nan_to_num(0) + 0.1))
+                    if k.endswith("running_var"):
+                        v.abs_().add_(0.1)
+    return CheckpointDir(d)
+
+
+def _sweep(byo, name: str, tmp_path) -> None:
+    from layerfast.models import get_arch
+
+    mod, _ = byo
+    shape, classes, configs, root = SWEEP[name]
+    spec = get_arch(f"byo_arch:{name}")
+    torch.manual_seed(0)
+    model = spec.build(classes, shape)
+    ck = _checkpoints(model, tmp_path / name)
+    model.load_state_dict(ck.tensors(ck.final), strict=False)
+    batches = _data(24, shape, classes, 10)
+    resets = ("reinit", "fullmodel") if root else ("reinit", "rerandom", "fullmodel")
+    for cfg in configs:
+        units = make_units(model, arch=spec, **cfg)
+        variants = [v.overrides() for v in make_variants(model, units, ck, spec, reset=resets)]
+        for fanout in (False, True):
+            assert_matches(model, variants, batches, fanout, f"{name} {cfg}")
+
+
+@pytest.mark.parametrize("name", list(SWEEP))
+def test_custom_arch_matches_naive(byo, name, tmp_path):
+    _sweep(byo, name, tmp_path)
+
+
+def test_analyze_byo_arch_rows_match_naive(byo, tmp_path):
+    """`layerfast.analyze(arch='byo_arch:NormConv', data='x.npz')`: every row of the table
+    (error, top-5, loss, agreement) is the naive loop's."""
+    from layerfast.models import get_arch
+
+    mod, _ = byo
+    torch.manual_seed(0)
+    spec = get_arch("byo_arch:NormConv")
+    model = spec.build(5, IMG)
+    ck = _checkpoints(model, tmp_path / "ck")
+    g = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "x.npz",
+        x=g.standard_normal((30, *IMG)).astype(np.float32),
+        y=g.integers(0, 5, 30),
+    )
+    res = layerfast.analyze(
+        "byo_arch:NormConv",
+        tmp_path / "ck",
+        data=str(tmp_path / "x.npz"),
+        out=tmp_path / "out",
+        device="cpu",
+        precision="fp32",
+        progress=False,
+        figures=False,
+        batch_size=16,
+    )
+    model.load_state_dict(ck.tensors(ck.final), strict=False)
+    units = make_units(model, arch=spec)
+    variants = make_variants(model, units, ck, spec)
+    assert len(variants) == len(res.table)
+    data = np.load(tmp_path / "x.npz")
+    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"]).long()
+    counts, _ = naive(
+        model, [v.overrides() for v in variants], [(x[:16], y[:16]), (x[16:], y[16:])]
+    )
+    n = len(y)
+    t = res.table
+    assert list(t["unit"]) == [v.unit for v in variants]
+    np.testing.assert_array_equal(t["error"].to_numpy(), 1 - counts[:, 0].numpy() / n)
+    np.testing.assert_array_equal(t["top5_error"].to_numpy(), 1 - counts[:, 1].numpy() / n)
+    np.testing.assert_array_equal(t["agreement"].to_numpy(), counts[:, 3].numpy() / n)
+    np.testing.assert_allclose(t["loss"].to_numpy(), counts[:, 2].numpy() / n, rtol=1e-6)
