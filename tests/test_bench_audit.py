@@ -136,3 +136,29 @@ def test_the_text_says_the_naive_batch_and_a_small_floor(monkeypatch, quick, cap
     assert "DataLoader pass (B=256)" in text
     out = bench.run(_args("--arch", "fcn2x16", "--no-prefix-only", "--batch-size", "64"))
     assert out["naive_batch_size"] == 64
+
+
+def test_engine_benchmark_keeps_how_the_naive_time_was_scaled(monkeypatch, quick) -> None:
+    """benchmarks/bench_engine.py stored `naive_scaled` but not k (nor which variants), so a
+    stored naive figure scaled ×V/k could not be told from a measurement of all V."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
+    spec = importlib.util.spec_from_file_location("bench_engine", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    class Benchmark:
+        extra_info: dict = {}
+
+        def pedantic(self, fn, rounds, iterations):
+            fn()
+
+    b = Benchmark()
+    mod._bench(b, "--arch", "fcn2x16", "--data", "digits", "--max-samples", "32", "--device",
+               "cpu", "--naive-variants", "3", "--no-prefix-only")
+    info = b.extra_info
+    assert info["naive_scaled"] and info["naive_timed_variants"] == 3
+    assert len(info["naive_timed"]) == 3 and info["naive_batch_size"] == 256
+    assert "layerfast_probes" in info and "layerfast_phases" in info
