@@ -31,9 +31,9 @@ def test_naive_loop_is_timed_on_a_fair_sample(monkeypatch, quick) -> None:
     both kinds and reach the first and the last unit, and the output must name it."""
     timed: list = []
 
-    def fake_naive(model, variants, src, device, batch_size):
+    def fake_naive(model, variants, src, device, batch_size, warmup=False):
         timed.extend(variants)
-        return 1.0
+        return 0.0, 1.0
 
     monkeypatch.setattr(bench, "naive_pass", fake_naive)
     out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "4", "--no-prefix-only"))
@@ -162,3 +162,34 @@ def test_engine_benchmark_keeps_how_the_naive_time_was_scaled(monkeypatch, quick
     assert info["naive_scaled"] and info["naive_timed_variants"] == 3
     assert len(info["naive_timed"]) == 3 and info["naive_batch_size"] == 256
     assert "layerfast_probes" in info and "layerfast_phases" in info
+
+
+def test_naive_one_time_costs_are_not_scaled_by_v_over_k(monkeypatch, quick) -> None:
+    """Timed on k of V variants, the naive loop's time is scaled by V/k; its first batch (fp32
+    kernels loaded and chosen, allocator growth: layerfast ran before it, in bf16 on CUDA) was
+    inside the timed sample and so counted V/k times. Now one batch, timed apart, runs
+    first and is added once. Checked by counting the model's own forward calls inside `naive_pass`."""
+    import layerfast.models as models
+
+    calls = {"n": 0}
+    build = models.build_model
+
+    def counted(*a, **k):
+        model, spec = build(*a, **k)
+        model.register_forward_pre_hook(lambda m, args: calls.__setitem__("n", calls["n"] + 1))
+        return model, spec
+
+    naive = bench.naive_pass
+
+    def counting_naive(*a, **k):
+        calls["n"] = 0  # the model's own forward, called by naive_pass only from here on
+        return naive(*a, **k)
+
+    monkeypatch.setattr(models, "build_model", counted)
+    monkeypatch.setattr(bench, "naive_pass", counting_naive)
+    out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "2", "--no-prefix-only"))
+    # 32 samples, one batch of 256: one warm-up batch + one batch per timed variant
+    assert calls["n"] == 1 + 2
+    assert out["naive_warmup_s"] > 0
+    full = bench.run(_args("--arch", "fcn2x16", "--no-prefix-only"))
+    assert full["naive_warmup_s"] == 0.0 and calls["n"] == 22  # unscaled: no extra batch
