@@ -152,7 +152,8 @@ def test_floor_is_never_above_what_the_engine_runs() -> None:
     model, spec = build_model("resnet20", 10, (3, 16, 16))
     model.eval()
     sd = model.state_dict()
-    units = make_units(model, granularity="layer", arch=spec)
+    units = [u for u in make_units(model, granularity="layer", arch=spec)
+             if u.name.startswith(("layer2.", "fc"))]
     variants = [{k: sd[k] * (1 + 0.01 * j) for k in u.keys if sd[k].is_floating_point()}
                 for u in units for j in (1, 2, 3)]
     keysets = [set(v) for v in variants]
@@ -160,6 +161,7 @@ def test_floor_is_never_above_what_the_engine_runs() -> None:
     batch = [(torch.randn(n, 3, 16, 16), torch.randint(0, 10, (n,)))]
     for fan in (False, True):
         ev = Evaluator(model, variants, device="cpu", precision="fp32", batch_size=n, fanout=fan)
+        ev.run(batch)  # once uncounted: the first pass also checks the trace against the forward
         with _Flops() as counter:
             res = ev.run(batch)
         f = pass_flops(model, ev.last_plan, (3, 16, 16), keysets)
