@@ -1,11 +1,15 @@
 """`layerfast bench`: layerfast against the naive loop on the same variants and data, in one run.
 
-"Naive" is how public reproductions work: for each variant, load its weights from the checkpoint
-file into the model, make a DataLoader pass over the test set (normalising on the host), fp32,
-and read the counts back with `.item()` every batch. It may be timed on a subset of the variants
-(`--naive-variants`; a sample spread over the kinds and units, `naive_sample`) and scaled to all
-of them; the output says so and names the variants timed. Also timed: layerfast with
-fan-out off (prefix sharing only, each variant's suffix alone).
+"Naive" is how public reproductions work: for each variant, load its weights (read from the
+checkpoint file, or drawn) into the model, make a DataLoader pass over the test set (normalising
+on the host; batch 256 unless --batch-size), fp32, and read the count back with `.item()` every
+batch. It is, if anything, favoured: it counts correct@1 only (layerfast also top-5, loss and
+agreement), its data are in memory before its clock starts (layerfast's clock includes reading
+the DataSource), and on CUDA torch's default lets its convolutions use TF32. It may be timed on
+a subset of the variants (`--naive-variants`; a sample spread over the kinds and units,
+`naive_sample`) and scaled to all of them, its first batch timed apart and added once; the
+output says so and names the variants timed. Beside the default mode the other fan-out setting
+is timed: prefix sharing alone on CUDA (`prefix_only`), fan-out on the CPU (`fanout`).
 
 Checkpoints are synthetic (the initialization plus growing noise, saved to a temp dir): timing
 does not depend on what the weights are.
