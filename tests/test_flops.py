@@ -80,6 +80,34 @@ def test_untraceable_model_counts_full_forwards() -> None:
     assert f.suffixes == 2 * f.forward  # no cut can be proven: each variant runs it all
 
 
+def test_floor_counts_the_untraced_program_when_the_engine_ran_it_untraced() -> None:
+    """fx follows one path through Python: here the trace takes the `c` branch (h is a Proxy
+    while tracing), so the engine checks the trace on the first batch, finds it is not the
+    forward and runs the model untraced. The floor re-traced the model and counted `c`."""
+
+    class Tricky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 4), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x.flatten(1))
+            if isinstance(h, torch.Tensor):
+                return self.b(h.relu())
+            return self.c(x.flatten(1))
+
+    torch.manual_seed(0)
+    model = Tricky().eval()
+    variants = [{"b.weight": torch.zeros(4, 32)}, {"a.bias": torch.ones(32)}]
+    ev = Evaluator(model, variants, device="cpu", precision="fp32", batch_size=8)
+    ev.run([(torch.randn(8, 16), torch.randint(0, 4, (8,)))])
+    assert ev.last_plan.untraced
+    f = pass_flops(model, ev.last_plan, (16,), [set(v) for v in variants])
+    forward = 2 * (16 * 32 + 32 * 4)
+    assert f.forward == forward
+    assert f.suffixes == f.suffixes_from_cut == 2 * forward  # one opaque step: all of it each
+
+
 def test_evaluator_keeps_its_plan_and_the_floor_follows_it() -> None:
     model = _mlp()
     final = {k: v.clone() for k, v in model.state_dict().items()}

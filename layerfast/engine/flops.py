@@ -91,7 +91,8 @@ def pass_flops(
     """FLOPs per sample for `plan` (an `Evaluator`'s plan for `model`), counted on the CPU.
 
     `keysets[i]`: the state keys variant i overrides (i as in the plan's members). The model is
-    traced afresh; `Program` is deterministic, so its step indices are the plan's.
+    traced afresh (or not, when the plan says the engine ran it untraced); `Program` is
+    deterministic, so its step indices are the plan's.
     """
     was_training = model.training
     p0 = next(iter(model.parameters()), None)
@@ -100,7 +101,8 @@ def pass_flops(
     model.eval()
     try:
         with no_inplace_modules(model), torch.inference_mode():
-            prog = Program(model)
+            # the program the engine ran: untraced where its trace proved not to be the forward
+            prog = Program(model, trace=plan.untraced is None)
             x = torch.zeros((2, *sample_shape), dtype=dtype, device=device)
             cum = cumulative_flops(prog, x)
     finally:
