@@ -296,6 +296,35 @@ def test_a_traced_program_that_is_not_the_forward_falls_back(cls):
         assert plan["untraced"] and "traced program" in plan["untraced"], plan
 
 
+class Recorder(nn.Module):
+    """Records (batch size, autocast on) of every call of its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(12, 8), nn.Linear(8, 5)
+        self.calls: list[tuple[int, bool]] = []
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor):  # not while fx traces it
+            self.calls.append((x.shape[0], torch.is_autocast_enabled("cpu")))
+        return self.l2(torch.relu(self.l1(x.flatten(1))))
+
+
+def test_the_trace_check_runs_in_fp32_on_a_slice_of_the_first_batch():
+    """The check ran the whole first batch in the pass's precision: in bf16 a one-ulp kernel
+    difference on a GPU would fail it and silently cost the pass its prefix sharing and
+    fan-out. It runs once, in fp32, on the first VERIFY_SAMPLES samples."""
+    from layerfast.engine.evaluator import VERIFY_SAMPLES
+
+    torch.manual_seed(0)
+    model = Recorder()
+    variants = [{}, {"l2.weight": torch.randn(5, 8)}]
+    batches = _data(200, (1, 1, 12), 5, 100)
+    res = Evaluator(model, variants, device="cpu", precision="bf16").run(batches)
+    assert "untraced" not in res.plan or not res.plan["untraced"], res.plan
+    assert model.calls == [(min(100, VERIFY_SAMPLES), False)], model.calls
+
+
 # ---- defect: a float64 model failed in the scoring op -----------------------------------------
 
 

@@ -509,8 +509,13 @@ class Evaluator:
         getattr on a module's output is recorded blindly; such a program computes another
         function (a wrong number) or fails where the forward does not. Equal bit for bit on
         the CPU (the program calls the same modules and functions); on a GPU to 1e-4 relative,
-        where some kernels are not deterministic."""
-        with precision_context(self.precision, self.device):
+        where some kernels are not deterministic. Checked in fp32 whatever the pass's precision
+        (a bf16 ulp would exceed any tolerance that still catches a wrong path, and a spurious
+        failure would silently cost the pass its prefix sharing and fan-out), on the first
+        `VERIFY_SAMPLES` samples: fx picks its path by types and attributes, never by values (a
+        branch on a value does not trace), so a slice shows a wrong path as well as a batch."""
+        x = x[:VERIFY_SAMPLES]
+        with precision_context("fp32", self.device):
             try:
                 with eager_inplace(self.model):
                     ref = self.model(x.clone())
@@ -727,6 +732,10 @@ class Evaluator:
             self._score(ops, logits, y, ref, part, rows)
             acc.index_add_(0, torch.tensor(rows, device=acc.device), part)
         return True
+
+
+#: Samples of the first batch on which the traced program is checked against the forward.
+VERIFY_SAMPLES = 64
 
 
 def _differs(got: Any, ref: Any, device: torch.device) -> str | None:
