@@ -132,10 +132,9 @@ def _redraw(module: nn.Module, init: Callable[[nn.Module], None] | None, where: 
     if init is not None:
         init(module)
     else:
-        reset = getattr(module, "reset_parameters", None) or getattr(
-            module, "_reset_parameters", None
-        )
-        if callable(reset):
+        resets = (getattr(module, n, None) for n in ("reset_parameters", "_reset_parameters"))
+        reset = next((r for r in resets if callable(r)), None)
+        if reset is not None:
             reset()
         elif any(p is not None for p in module._parameters.values()):
             raise LayerfastError(
@@ -160,23 +159,20 @@ def _equals_theta0(draw: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.
     return False
 
 
-@torch.no_grad()
-def rerandom_draw(
-    model: nn.Module,
-    unit: UnitLike,
-    seed: int,
-    arch: Any = None,
-    theta0: Mapping[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """A fresh draw of `unit`'s keys from its init distribution (module docstring), on CPU.
-
-    `theta0`, when given, holds θ⁰ for the unit's keys; the draw is then guaranteed to differ.
-    The model is not modified and the global RNG state is unchanged afterwards.
-    """
+def _init_rule(arch: Any) -> Callable[[nn.Module], None] | None:
     init = getattr(arch, "init", None) if arch is not None else None
-    init = init if callable(init) else None
-    wanted = set(unit.keys)
-    out: dict[str, torch.Tensor] = {}
+    return init if callable(init) else None
+
+
+def check_redrawable(
+    model: nn.Module, unit: UnitLike, arch: Any = None
+) -> list[tuple[str, nn.Module, str, str]]:
+    """(module name, module, key prefix, where) of each of `unit`'s modules, after checking
+    that a fresh draw of the unit can be made: run by `make_variants` before any evaluation,
+    so that a unit that cannot be re-randomized (a parameter owned by the model itself, such
+    as a ViT's class token; a parametrized layer) is refused up front, not mid-pass."""
+    init = _init_rule(arch)
+    found, owned = [], set()
     for mod_name in unit.modules:
         try:
             live = model.get_submodule(mod_name)
@@ -195,6 +191,46 @@ def rerandom_draw(
                 "parametrized (weight_norm, spectral_norm, ...); reset it with "
                 "--reset reinit,fullmodel, or remove the parametrization"
             )
+        resettable = callable(getattr(live, "reset_parameters", None)) or callable(
+            getattr(live, "_reset_parameters", None)
+        )
+        if init is None and not resettable and any(
+            p is not None for p in live._parameters.values()
+        ):
+            raise LayerfastError(
+                f"cannot re-randomize {where} ({type(live).__name__}): it has no "
+                "reset_parameters() and the architecture has no init rule; reset it with "
+                "--reset reinit,fullmodel, or leave it out of --units"
+            )
+        owned |= {prefix + n for n, t in [*live._parameters.items(), *live._buffers.items()]
+                  if t is not None}  # fmt: skip
+        found.append((mod_name, live, prefix, where))
+    missing = [k for k in unit.keys if k not in owned]
+    if missing:
+        raise LayerfastError(
+            f"unit {unit.name!r}: cannot re-randomize {', '.join(missing[:5])}: not owned "
+            "directly by any of the unit's modules."
+        )
+    return found
+
+
+@torch.no_grad()
+def rerandom_draw(
+    model: nn.Module,
+    unit: UnitLike,
+    seed: int,
+    arch: Any = None,
+    theta0: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A fresh draw of `unit`'s keys from its init distribution (module docstring), on CPU.
+
+    `theta0`, when given, holds θ⁰ for the unit's keys; the draw is then guaranteed to differ.
+    The model is not modified and the global RNG state is unchanged afterwards.
+    """
+    init = _init_rule(arch)
+    wanted = set(unit.keys)
+    out: dict[str, torch.Tensor] = {}
+    for mod_name, live, prefix, where in check_redrawable(model, unit, arch):
         base = derive_seed("layerfast-rerandom", seed, unit.name, mod_name)
         for attempt in range(_MAX_REDRAWS):
             m = _cpu_copy(live)
@@ -213,12 +249,6 @@ def rerandom_draw(
                 "init rule does not depend on the random seed."
             )
         out.update(draw)
-    missing = [k for k in unit.keys if k not in out]
-    if missing:
-        raise LayerfastError(
-            f"unit {unit.name!r}: cannot re-randomize {', '.join(missing[:5])}: not owned "
-            "directly by any of the unit's modules."
-        )
     # A tied tensor (`dec.weight = enc.weight`) is one tensor: when the unit holds several of its
     # names, each module drew its own value for it; the draw under the canonical name (the
     # first `named_parameters()` gives) stands for all of them, as the tensor can hold only one.
@@ -377,6 +407,7 @@ def make_variants(
                 Variant(u.name, "reinit", t, None, keys=k, _load=from_ckpt(t, k)) for t in chosen
             ]
         if "rerandom" in reset:
+            check_redrawable(model, u, arch)
             out += [Variant(u.name, "rerandom", None, s, keys=k, _load=drawn(u, s)) for s in seeds]
     if "fullmodel" in reset:
         kept = _norm_keys(model) if _bn_policy(units) == "keep" else set()

@@ -663,3 +663,27 @@ def test_analyze_byo_arch_rows_match_naive(byo, tmp_path):
     np.testing.assert_array_equal(t["top5_error"].to_numpy(), 1 - counts[:, 1].numpy() / n)
     np.testing.assert_array_equal(t["agreement"].to_numpy(), counts[:, 3].numpy() / n)
     np.testing.assert_allclose(t["loss"].to_numpy(), counts[:, 2].numpy() / n, rtol=1e-6)
+
+
+def test_rerandom_of_a_root_owned_parameter_is_refused_before_the_pass(byo, tmp_path):
+    """A ViT's class token and position embedding belong to the model itself, which has no
+    reset_parameters(): the default resets failed only when the pass first drew that unit,
+    after the out dir and its resume store were made. Now refused by make_variants, up front;
+    without rerandom the same analysis runs."""
+    from layerfast.errors import LayerfastError
+    from layerfast.models import get_arch
+
+    torch.manual_seed(0)
+    model = get_arch("byo_arch:ViT").build(5, IMG)
+    _checkpoints(model, tmp_path / "ck")
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", x=g.standard_normal((12, *IMG)).astype(np.float32),
+             y=g.integers(0, 5, 12))  # fmt: skip
+    args = {"data": str(tmp_path / "x.npz"), "device": "cpu", "progress": False,
+            "figures": False}  # fmt: skip
+    with pytest.raises(LayerfastError, match=r"cannot re-randomize module \(root\).*--reset"):
+        layerfast.analyze("byo_arch:ViT", tmp_path / "ck", out=tmp_path / "out", **args)
+    assert not (tmp_path / "out").exists()
+    res = layerfast.analyze("byo_arch:ViT", tmp_path / "ck", out=tmp_path / "ok",
+                            reset="reinit,fullmodel", **args)  # fmt: skip
+    assert len(res.table) > 1
