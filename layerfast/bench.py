@@ -285,7 +285,8 @@ def run(args: argparse.Namespace) -> dict:
             out["profile"] = profile_pass(ev, sub_src, args.profile)
         keysets = [_variant_keys(v) for v in variants]
         floor = floor_report(model, plan, tuple(src.shape), n, device, out["precision"],
-                             keysets=keysets)
+                             keysets=keysets, batch_size=out["layerfast_plan"]["batch_size"],
+                             channels_last=out["channels_last"])
         out["floor"] = floor
         out["times_floor"] = {k: v / floor["seconds_measured_rate"] for k, v in timings.items()}
     return out
@@ -325,7 +326,9 @@ def main(args: argparse.Namespace) -> int:
           f"variants' dependent steps {g['suffixes']:.3g}; whole suffixes from their cuts "
           f"{g['suffixes_from_cut']:.3g}; naive computes {g['naive']:.3g}) = "
           f"{f['seconds_measured_rate']:.3g} s "
-          f"at the measured {f['rate_tflops_measured']:.3g} TFLOP/s{sheet}; "
+          f"at the measured {f['rate_tflops_measured']:.3g} TFLOP/s (the best of a large GEMM's "
+          f"{f['rate_tflops_gemm']:.3g} and the model's own forward's "
+          f"{f['rate_tflops_forward'] or 0:.3g}){sheet}; "
           f"layerfast at {out['times_floor']['layerfast']:.1f}× the floor")
     if "profile" in out:
         p = out["profile"]

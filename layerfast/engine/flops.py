@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from layerfast.engine.graph import Program, Ref, no_inplace_modules, refs_in
 from layerfast.engine.plan import Plan
+from layerfast.engine.precision import precision_context
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets, by precision.
 # Matched against torch.cuda.get_device_name in this order (the SXM H100 is the plain "H100").
@@ -179,6 +180,50 @@ def measure_rate(
     return 2 * n**3 * chunk / max(best, 1e-12)
 
 
+def forward_rate(
+    model: nn.Module,
+    sample_shape: Sequence[int],
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    channels_last: bool = False,
+    seconds: float = 0.5,
+) -> float:
+    """Matrix FLOP/s the model's own forward reaches here: its matrix FLOPs (all of its time
+    counted, BatchNorm and activations too) over the best of a few timed forwards of
+    `batch_size` zero samples, at the pass's precision and layout. On a CPU, oneDNN's
+    convolutions can beat a square GEMM (ResNet-20 at 32², 2 cores: 77 GFLOP/s against 53 for
+    1024² and 63 for 2048²), and a floor at the GEMM's rate is then no floor."""
+    p0 = next(iter(model.parameters()), None)
+    dtype = p0.dtype if p0 is not None and p0.is_floating_point() else torch.float32
+    cuda = device.type == "cuda"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), precision_context(precision, device):
+            x = torch.zeros((batch_size, *sample_shape), dtype=dtype, device=device)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with FlopCounterMode(display=False) as counter:
+                model(x)
+            flop = counter.get_total_flops()
+            best, start = math.inf, time.perf_counter()
+            while True:
+                if cuda:
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                model(x)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                t1 = time.perf_counter()
+                best = min(best, t1 - t0)
+                if t1 - start >= seconds:
+                    break
+    finally:
+        model.train(was_training)
+    return flop / max(best, 1e-12)
+
+
 def floor_report(
     model: nn.Module,
     plan: Plan,
@@ -188,11 +233,19 @@ def floor_report(
     precision: str,
     *,
     keysets: Sequence[Iterable[str]],
+    batch_size: int | None = None,
+    channels_last: bool = False,
 ) -> dict:
     """The floor for a pass of `n_samples`: FLOPs, measured and datasheet rates, seconds.
-    `keysets`: each variant's overridden state keys, in the plan's variant order."""
+    `keysets`: each variant's overridden state keys, in the plan's variant order. The measured
+    rate is the best of a large GEMM's and, given the pass's `batch_size` (and layout), the
+    model's own forward's: a floor must not be beaten by the very work it counts."""
     f = pass_flops(model, plan, sample_shape, keysets)
-    measured = measure_rate(device, precision)
+    gemm = measure_rate(device, precision)
+    fwd = None
+    if batch_size:
+        fwd = forward_rate(model, sample_shape, device, precision, batch_size, channels_last)
+    measured = max(gemm, fwd or 0.0)
     sheet = datasheet_rate(device, precision)
     total = f.needed * n_samples
     return {
@@ -205,10 +258,13 @@ def floor_report(
         },
         "tflop": total / 1e12,
         "rate_tflops_measured": measured / 1e12,
+        "rate_tflops_gemm": gemm / 1e12,
+        "rate_tflops_forward": fwd / 1e12 if fwd is not None else None,
         "rate_tflops_datasheet": sheet / 1e12 if sheet else None,
         "seconds_measured_rate": total / measured,
         "seconds_datasheet_rate": total / sheet if sheet else None,
         "what": "matrix FLOPs (conv, matmul, attention; 2 per multiply-add) of the baseline "
-        "forward plus, for each variant, the steps that depend on its changed tensors, at a "
-        "large GEMM's rate in the pass's precision (measured here; datasheet for known GPUs)",
+        "forward plus, for each variant, the steps that depend on its changed tensors, at the "
+        "best rate measured here in the pass's precision (a large GEMM, or the model's own "
+        "forward at the pass's batch size if faster; datasheet for known GPUs)",
     }
