@@ -259,10 +259,19 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
 
 
 def _num_outputs(model: torch.nn.Module, src: Any) -> int:
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        out = model(torch.zeros(1, *src.shape))
+    """The logits' width, from one zero sample in the model's own float dtype (a float64 model
+    takes float64). A model that cannot take the data's samples is bad input, said here."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *src.shape, dtype=dtype))
+    except Exception as exc:  # noqa: BLE001 - any failure here is a model/data mismatch
+        msg = " ".join(str(exc).split())[:300]
+        raise LayerfastError(f"the model does not run on this data's samples (shape "
+                             f"{tuple(src.shape)}): {type(exc).__name__}: {msg}") from None
+    finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

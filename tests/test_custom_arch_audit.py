@@ -687,3 +687,41 @@ def test_rerandom_of_a_root_owned_parameter_is_refused_before_the_pass(byo, tmp_
     res = layerfast.analyze("byo_arch:ViT", tmp_path / "ck", out=tmp_path / "ok",
                             reset="reinit,fullmodel", **args)  # fmt: skip
     assert len(res.table) > 1
+
+
+MISFIT = """
+import torch
+from torch import nn
+
+
+def F64(num_classes=5, in_shape=None):
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, num_classes)).double()
+
+
+def Wide(num_classes=5, in_shape=None):
+    return nn.Sequential(nn.Flatten(), nn.Linear(99, num_classes))
+"""
+
+
+def test_analyze_float64_model_and_a_model_that_does_not_fit_the_data(tmp_path, monkeypatch):
+    """analyze() asked the model for its width with a float32 zero sample: a float64 model
+    failed there with a RuntimeError (exit 1). A model that cannot take the data's samples at
+    all is bad input: one LayerfastError, nothing written."""
+    from layerfast.errors import LayerfastError
+    from layerfast.models import get_arch
+
+    (tmp_path / "misfit.py").write_text(MISFIT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    _checkpoints(get_arch("misfit:F64").build(5, (1, 1, 12)), tmp_path / "ck")
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", x=g.standard_normal((12, 12)).astype(np.float32),
+             y=g.integers(0, 5, 12))  # fmt: skip
+    args = {"data": str(tmp_path / "x.npz"), "device": "cpu", "progress": False,
+            "figures": False, "reset": "reinit,fullmodel"}  # fmt: skip
+    res = layerfast.analyze("misfit:F64", tmp_path / "ck", out=tmp_path / "o", **args)
+    assert len(res.table) == 1 + 2 * 3 + 3 and res.table["error"].notna().all()
+    _checkpoints(get_arch("misfit:Wide").build(5, (1, 1, 12)), tmp_path / "ck-wide")
+    with pytest.raises(LayerfastError, match=r"does not run on this data's samples \(shape"):
+        layerfast.analyze("misfit:Wide", tmp_path / "ck-wide", out=tmp_path / "w", **args)
+    assert not (tmp_path / "w").exists()
