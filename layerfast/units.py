@@ -298,6 +298,12 @@ def _pattern_selections(
     for pattern in dict.fromkeys(p.strip() for p in patterns):  # de-duplicated, in order
         if not pattern or pattern == "re:":
             raise LayerfastError("empty unit pattern in --units")
+        if pattern == "*":  # the unit's rows would read like the baseline's and fullmodel's
+            raise LayerfastError(
+                "unit pattern '*' would name a unit '*', which results.csv reserves for the "
+                "baseline and fullmodel rows; every unit reset at once is --reset fullmodel "
+                "(or write the pattern as 're:.*')"
+            )
         match = _matcher(pattern)
         chosen = [o for o in owners if any(_matches_self_or_ancestor(a, match) for a in aliases[o])]
         if not chosen:

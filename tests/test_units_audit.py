@@ -205,3 +205,13 @@ def test_pre_activation_norms_follow_the_documented_rule() -> None:
     keys = [k for u in block.values() for k in u.keys]
     assert len(keys) == len(set(keys))
     assert set(keys) == {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+
+
+def test_the_pattern_star_is_refused_and_re_dot_star_is_one_unit() -> None:
+    """`--units '*'` made a unit named '*': its reinit rows read `*,reinit,0`, like the
+    fullmodel rows (DESIGN §5 reserves '*' for baseline and fullmodel)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(LayerfastError, match=r"unit pattern '\*' would name a unit '\*'.*fullmodel"):
+        make_units(model, patterns="*")
+    (unit,) = make_units(model, patterns="re:.*")
+    assert unit.name == "re:.*" and unit.modules == ("0", "2")
