@@ -184,8 +184,9 @@ def test_read_results_keeps_seeds_above_2_to_the_53(tmp_path: Path) -> None:
 
 
 def star_unit_table() -> pd.DataFrame:
-    """`--units '*'` (one pattern selecting every module) makes one unit named "*", the same
-    name baseline and fullmodel rows carry; its reinit/rerandom rows are still a unit's."""
+    """A unit named "*" (`--units '*'` made one before it was refused; a Unit built by hand
+    still can), the name baseline and fullmodel rows carry: its reinit/rerandom rows are
+    still a unit's, and the report must draw them."""
     variants = [
         FakeVariant("*", "baseline"),
         FakeVariant("*", "reinit", 0),
