@@ -202,6 +202,11 @@ def check_args(args: argparse.Namespace) -> None:
             f"{MAX_CHECKPOINTS}; got {args.checkpoints!r}"
         )
     positive("--seeds", args.seeds, "a count n >= 1 (re-randomizations per unit)")
+    from layerfast.analysis import MAX_SEEDS
+
+    if args.seeds > MAX_SEEDS:  # else --seeds 100000000 builds variants until memory runs out
+        raise LayerfastError(f"--seeds must be at most {MAX_SEEDS} (as for analyze); got "
+                             f"{args.seeds}")  # fmt: skip
     if args.naive_variants is not None:
         positive("--naive-variants", args.naive_variants, "a positive number of variants")
     if args.batch_size is not None:

@@ -357,6 +357,7 @@ def test_f11_nan_training_data_is_blamed_not_the_learning_rate(tmp_path: Path) -
      (["--batch-size=-3"], "--batch-size must be a positive integer; got -3"),
      (["--seeds", "0"], "--seeds must be a count n >= 1"),
      (["--seeds=-1"], "--seeds must be a count n >= 1"),
+     (["--seeds", "100000000"], "--seeds must be at most 1000 (as for analyze); got 100000000"),
      (["--checkpoints", "1"], "--checkpoints needs at least 2"),
      (["--checkpoints", "99999999999999999999"], "and at most 1000"),
      (["--profile-samples", "0"], "--profile-samples must be a positive integer")],
