@@ -19,8 +19,12 @@ namespace layerfast {
 namespace {
 
 constexpr int64_t kChunkBytes = int64_t{128} << 10;
-// Below about this many bytes in total the list is swapped on the calling thread.
+// Chunks per parallel task.
 constexpr int64_t kGrainChunks = 4;
+// Below this many bytes in total the list is swapped on the calling thread: every tensor is at
+// least one chunk, so a list of small tensors was split over the OpenMP threads for a few
+// hundred KB, and waking them cost milliseconds on a busy machine (microseconds of work).
+constexpr int64_t kSerialBytes = int64_t{1} << 20;
 
 struct Chunk {
   uint8_t* a;
@@ -31,6 +35,7 @@ struct Chunk {
 void swap_cpu(at::TensorList a, at::TensorList b) {
   swap::check_args(a, b);
   std::vector<Chunk> chunks;
+  int64_t total = 0;
   for (size_t i = 0; i < a.size(); ++i) {
     const at::Tensor& x = a[i];
     const at::Tensor& y = b[i];
@@ -47,17 +52,23 @@ void swap_cpu(at::TensorList a, at::TensorList b) {
     auto* pa = static_cast<uint8_t*>(x.data_ptr());
     auto* pb = static_cast<uint8_t*>(y.data_ptr());
     const int64_t nbytes = x.numel() * static_cast<int64_t>(x.element_size());
+    total += nbytes;
     for (int64_t off = 0; off < nbytes; off += kChunkBytes) {
       chunks.push_back({pa + off, pb + off, std::min(kChunkBytes, nbytes - off)});
     }
   }
-  at::parallel_for(
-      0, static_cast<int64_t>(chunks.size()), kGrainChunks, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          const Chunk& ch = chunks[c];
-          std::swap_ranges(ch.a, ch.a + ch.nbytes, ch.b);
-        }
-      });
+  auto swap_chunks = [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Chunk& ch = chunks[c];
+      std::swap_ranges(ch.a, ch.a + ch.nbytes, ch.b);
+    }
+  };
+  const auto n = static_cast<int64_t>(chunks.size());
+  if (total < kSerialBytes) {
+    swap_chunks(0, n);
+  } else {
+    at::parallel_for(0, n, kGrainChunks, swap_chunks);
+  }
 }
 
 }  // namespace
