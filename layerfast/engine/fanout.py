@@ -38,24 +38,12 @@ from torch.nn.utils import parametrize
 
 from layerfast.engine.graph import Program, Ref
 
-_BATCHWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.Linear,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
+#: Modules that act on each channel (and sample) alone, with no parameters of their own: the
+#: same on a fold form [B, K·C, *S] as on each variant's [B, C, *S] (engine/fanrun.py).
+PER_CHANNEL_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
-    nn.PReLU,
     nn.ELU,
     nn.GELU,
     nn.SiLU,
@@ -81,6 +69,23 @@ _BATCHWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ZeroPad2d,
     nn.ConstantPad2d,
     nn.Upsample,
+)
+_BATCHWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.PReLU,
+    *PER_CHANNEL_MODULES,
 )
 _ELEMENTWISE_FUNCS = {
     operator.add,

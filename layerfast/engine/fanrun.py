@@ -28,41 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerfast.engine import fuse, layout
-from layerfast.engine.fanout import FanPlan, NotPerSample, resolves_to_batch
+from layerfast.engine.fanout import PER_CHANNEL_MODULES, FanPlan, NotPerSample, resolves_to_batch
 from layerfast.engine.graph import Program, Ref, Step, _map_refs, refs_in
 from layerfast.engine.layout import Fold, empty_as, expand
 
 # Modules that act on each channel of each sample alone (eval mode), so fold form is safe.
-_PER_CHANNEL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Softplus,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool2d,
-    nn.Dropout,
-    nn.Dropout2d,
-    nn.Identity,
-    nn.ZeroPad2d,
-    nn.ConstantPad2d,
-    nn.Upsample,
-)
+_PER_CHANNEL_MODULES = PER_CHANNEL_MODULES
 _PER_CHANNEL_FUNCS = {
     F.relu,
     torch.relu,
