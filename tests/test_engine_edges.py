@@ -136,8 +136,28 @@ def test_tied_weight_alias_key_is_accepted():
     both = [{"a.weight": v["a.weight"], "b.weight": v["a.weight"]} for v in _draws(model, ["a.weight"], 2)]
     _check(model, both, (12,), exact=True, fanout=True)
     clash = {"a.weight": both[0]["a.weight"], "b.weight": both[1]["a.weight"]}
-    with pytest.raises(LayerfastError, match="tied tensor a.weight two different values"):
+    with pytest.raises(LayerfastError, match=r"^variant 0 gives a.weight and b.weight, one tied "
+                       r"tensor in the model, two different values: was the checkpoint saved"):
         Evaluator(model, [clash], device="cpu").run([(torch.randn(4, 12), torch.zeros(4, dtype=torch.long))])
+
+
+def test_a_checkpoint_untying_a_tied_weight_names_the_variant(tmp_path):
+    """A checkpoint whose two names of one tied tensor differ (saved untied): the error names
+    the variant's kind, unit and τ, not just its index."""
+    from layerfast.checkpoints import CheckpointDir
+    from layerfast.units import make_units
+    from layerfast.variants import make_variants
+
+    torch.manual_seed(0)
+    model = Tied(False).eval()
+    for tau in (0, 1):
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        sd["b.weight"] = torch.randn(16, 16)  # b's own weight, as an untied model would save
+        torch.save(sd, tmp_path / f"epoch_{tau}.pt")
+    variants = make_variants(model, make_units(model), CheckpointDir(tmp_path), reset="fullmodel")
+    with pytest.raises(LayerfastError, match=r"^variant 1 \(fullmodel of \* to τ=0\) gives "
+                       r"a.weight and b.weight, one tied tensor"):
+        Evaluator(model, variants, device="cpu").run([(torch.randn(4, 12), torch.zeros(4, dtype=torch.long))])
 
 
 # ---- 2. fused BN -> add -> ReLU with an in-place write between --------------------------------

@@ -169,7 +169,7 @@ class Evaluator:
         out = []
         canon = canonical_keys(self.model)
         for i in self._pass_idx:
-            ov = _canonical(_overrides_of(self.variants[i]), canon, i)
+            ov = _canonical(_overrides_of(self.variants[i]), canon, _describe(self.variants[i], i))
             bad = [k for k in ov if k not in live]
             shapes = [
                 f"{k}: {tuple(t.shape)} vs model {tuple(live[k].shape)}"
@@ -779,21 +779,32 @@ def _pair(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def _describe(v: Any, i: int) -> str:
+    """`variant 7 (reinit of fc to τ=3)` for a `Variant`, `variant 7` for a plain dict."""
+    kind, unit = getattr(v, "kind", None), getattr(v, "unit", None)
+    if kind is None or unit is None:
+        return f"variant {i}"
+    tau = getattr(v, "checkpoint", None)
+    return f"variant {i} ({kind} of {unit}{'' if tau is None else f' to τ={tau}'})"
+
+
 def _canonical(
-    ov: Mapping[str, torch.Tensor], canon: dict[str, str], i: int
+    ov: Mapping[str, torch.Tensor], canon: dict[str, str], what: str
 ) -> dict[str, torch.Tensor]:
     """A variant's overrides under the canonical key of each tensor: a tied weight has several
     state-dict names (`load_state_dict` accepts any) and one live tensor. Two names of one
-    tensor with different values cannot both hold."""
+    tensor with different values cannot both hold — typically a checkpoint saved from a model
+    whose weights were not tied, loaded into one where they are."""
     out: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}
     for k, t in ov.items():
         c = canon.get(k, k)
         if c in out and not torch.equal(out[c], t):
             raise LayerfastError(
-                f"variant {i} gives the tied tensor {c} two different values "
-                f"(under {k} and another name)"
+                f"{what} gives {names[c]} and {k}, one tied tensor in the model, two different "
+                "values: was the checkpoint saved from a model where they were not tied?"
             )
-        out[c] = t
+        out[c], names[c] = t, k
     return out
 
 
