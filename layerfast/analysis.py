@@ -100,6 +100,19 @@ def _parse_list(value: str | Sequence[str] | None) -> list[str]:
 MAX_SEEDS = 1000
 
 
+def parse_seeds(text: str) -> int | list[int]:
+    """`--seeds` as written: "3" is a count (seeds 1..3), "1,7,9" names seeds (a trailing comma
+    names one). The CLI and `analyze(seeds="...")` both read it here."""
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        return int(text)
+    except ValueError:
+        raise LayerfastError(
+            f"--seeds takes a count like 3 or seeds like 1,7,9; got {text!r}"
+        ) from None
+
+
 def _seed_list(seeds: int | str | Iterable[int]) -> list[int]:
     """`seeds=n` means seeds 1..n (the CLI's `--seeds 3`); an iterable names them, repeats
     dropped (seed 1 twice is one draw, evaluated once). A string reads as the CLI reads it:
@@ -107,15 +120,7 @@ def _seed_list(seeds: int | str | Iterable[int]) -> list[int]:
     if isinstance(seeds, bool):
         raise LayerfastError(f"--seeds takes a count n >= 1 or a list of seeds; got {seeds!r}")
     if isinstance(seeds, str):
-        text = seeds
-        try:
-            if "," in text:
-                seeds = [int(s) for s in text.split(",") if s.strip()]
-            else:
-                seeds = int(text)
-        except ValueError:
-            raise LayerfastError(f"--seeds takes a count like 3 or seeds like 1,7,9; got "
-                                 f"{text!r}") from None
+        seeds = parse_seeds(seeds)
     if isinstance(seeds, int):
         if seeds < 1:
             raise LayerfastError(f"--seeds takes a count n >= 1 (seeds 1..n) or a list of "

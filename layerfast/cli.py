@@ -23,15 +23,14 @@ def _int_list(text: str) -> list[int]:
 
 
 def _seeds(text: str) -> int | list[int]:
-    """`--seeds 3` means seeds 1..3; `--seeds 1,7,9` names them (a trailing comma names one)."""
-    if "," in text:
-        return _int_list(text)
+    """`--seeds 3` means seeds 1..3; `--seeds 1,7,9` names them (`analysis.parse_seeds`, which
+    `analyze(seeds="...")` uses too); checked here so the error comes before other flags'."""
+    from layerfast.analysis import parse_seeds
+
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a count like 3 or seeds like 1,7,9; got {text!r}"
-        ) from None
+        return parse_seeds(text)
+    except LayerfastError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--seeds takes", "expected")) from None
 
 
 class _Parser(argparse.ArgumentParser):
