@@ -36,6 +36,12 @@ in their own right). A draw must never equal θ⁰: when τ = 0 is available and
 with more than one element and a non-constant θ⁰ equals θ⁰ exactly, the module is redrawn with
 the next derived seed (seed + 1, + 2, ...). Constant θ⁰ tensors (BN weight 1, bias 0, zero
 biases) come from deterministic rules that no seed can change, so they are not compared.
+
+Whether the rule IS the model's initialization cannot be known from the model object (a user
+factory may apply any init; a torchvision ResNet built by one is drawn with PyTorch's default
+conv init, 2.45x narrower than torchvision's kaiming-normal fan_out). When τ = 0 exists,
+`make_variants` draws each unit once and warns where the draw does not look like θ⁰
+(`init_mismatches`).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import hashlib
 import json
 import math
 import numbers
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,7 +64,7 @@ from layerfast.checkpoints.keymap import canonical_keys, is_tolerated_missing
 from layerfast.errors import LayerfastError
 from layerfast.models.init import NORM_TYPES
 
-__all__ = ["Variant", "make_variants", "rerandom_draw", "derive_seed"]
+__all__ = ["Variant", "derive_seed", "init_mismatches", "make_variants", "rerandom_draw"]
 
 RESETS = ("reinit", "rerandom", "fullmodel")
 _MAX_REDRAWS = 8
@@ -260,6 +267,88 @@ def rerandom_draw(
     return {k: out[k].contiguous() for k in unit.keys}
 
 
+#: `init_mismatches`: a tensor's spread is compared only from this many elements (the sample
+#: standard deviation's relative error is then ~2%, so a correct rule stays well inside the band)
+_CHECK_MIN_NUMEL = 1024
+#: ... and is a mismatch outside this ratio band (fan_in vs fan_out of a 2x-wide conv is 1.41,
+#: PyTorch's default conv init vs torchvision's kaiming-normal fan_out 2.45)
+_CHECK_STD_BAND = (0.8, 1.25)
+_CHECK_SAMPLE = 65536  # elements of a tensor the spread is estimated from
+
+
+def init_mismatches(
+    draw: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """Where a rerandom draw does not look like θ⁰: one line per tensor, empty when all agree.
+
+    Re-randomization means a fresh draw from the distribution the model was initialized from
+    (DESIGN.md §3). layerfast can only draw from a rule (the registered architecture's, else each
+    module's `reset_parameters()`); when the checkpoints' θ⁰ came from another one (a user model
+    whose constructor applies its own init, a torchvision ResNet built by a user factory, timm's
+    zero-init of the last BN of each block), every rerandom row silently measures another
+    distribution. θ⁰ is one sample of the true one, so it is checked against the draw:
+    a constant tensor must be the same constant (zero-init residual BN, zero biases), a
+    non-constant one must stay non-constant, and from `_CHECK_MIN_NUMEL` elements the spread
+    must agree within `_CHECK_STD_BAND`. A shift of the mean by more than a quarter of θ⁰'s
+    spread counts too."""
+    out = []
+    for k, d in draw.items():
+        t0 = theta0.get(k)
+        if t0 is None or t0.shape != d.shape or d.numel() < 2 or not d.is_floating_point():
+            continue
+        # NumPy, single-threaded: on a loaded CPU torch's threaded reductions were 100x slower
+        a = d.detach().reshape(-1).float().numpy()
+        b = t0.detach().reshape(-1).to(d.dtype).float().numpy()
+        const_a, const_b = bool(a.min() == a.max()), bool(b.min() == b.max())
+        if const_a and const_b:
+            if a[0] != b[0]:
+                out.append(f"{k}: θ⁰ is all {b[0]:g}, the draw all {a[0]:g}")
+        elif const_a or const_b:
+            what = (f"the draw is all {a[0]:g}, θ⁰ is not (std {b.std(dtype='f8'):.3g})"
+                    if const_a else
+                    f"θ⁰ is all {b[0]:g}, the draw is not (std {a.std(dtype='f8'):.3g})")
+            out.append(f"{k}: {what}")
+        elif a.size >= _CHECK_MIN_NUMEL:
+            # the elements are i.i.d. under any init rule, so a prefix is a fair sample: the
+            # statistics of a 2.4M-element conv cost no more than those of a 64K one
+            pa, pb = a[:_CHECK_SAMPLE], b[:_CHECK_SAMPLE]
+            sa, ma = float(pa.std(dtype="f8", ddof=1)), float(pa.mean(dtype="f8"))
+            sb, mb = float(pb.std(dtype="f8", ddof=1)), float(pb.mean(dtype="f8"))
+            lo, hi = _CHECK_STD_BAND
+            if not lo <= sa / sb <= hi or abs(ma - mb) > 0.25 * sb:
+                out.append(f"{k}: draw mean {ma:.3g} std {sa:.3g}, θ⁰ mean {mb:.3g} std {sb:.3g}")
+    return out
+
+
+def _warn_init_mismatch(
+    model: nn.Module, units: Sequence[UnitLike], ckpts: CheckpointDir, arch: Any, seed: int
+) -> None:
+    """Draw each unit once (`seed`) and say, on stderr, where it does not look like θ⁰."""
+    # parameters only: running statistics are reset, not drawn, and a θ⁰ saved after a
+    # train-mode forward holds updated ones without saying anything about the init
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    lines: list[str] = []
+    for u in units:
+        if not any(k in params for k in u.keys):
+            continue
+        draw = {k: t for k, t in rerandom_draw(model, u, seed, arch).items() if k in params}
+        theta0 = ckpts.tensors(0, tuple(draw))
+        lines += [f"{u.name}: {m}" for m in init_mismatches(draw, theta0)]
+    if lines:
+        rule = "the architecture's init rule" if _init_rule(arch) else (
+            "each module's reset_parameters() (PyTorch's default init)"
+        )
+        shown = "; ".join(lines[:4]) + (f"; and {len(lines) - 4} more" if len(lines) > 4 else "")
+        print(
+            f"layerfast: warning: re-randomization draws from {rule}, but the checkpoints' θ⁰ "
+            f"(τ=0) does not look drawn from it: {shown}. The rerandom rows then measure "
+            "another distribution than the model's initialization; use a registered --arch "
+            "whose init the model was built with (e.g. resnet50 for a torchvision ResNet-50), "
+            "or compare reinit@0 instead.",
+            file=sys.stderr,
+        )
+
+
 # ----------------------------------------------------------------------------- make_variants
 
 
@@ -349,7 +438,9 @@ def make_variants(
 
     Checks everything checkable up front (labels exist, τ = 0 present for re-initialization to
     init, keys and shapes of the checkpoints used match the model) so a bad request fails
-    before any evaluation. Reads no tensor data.
+    before any evaluation. Reads no tensor data, except with rerandom and a τ = 0 checkpoint:
+    each unit is then drawn once (the first seed) and compared with θ⁰ (`init_mismatches`), and
+    a draw that does not look like the model's initialization is a warning on stderr.
     """
     reset = tuple(r.strip() for r in reset.split(",")) if isinstance(reset, str) else tuple(reset)
     bad = [r for r in reset if r not in RESETS]
@@ -462,6 +553,8 @@ def make_variants(
         used = {v.checkpoint for v in out if v.checkpoint is not None} | {ckpts.final}
         used |= {0} & set(ckpts.labels)  # θ⁰ for the rerandom "never equal" check
         ckpts.validate(ref.meta_state(), labels=sorted(used), check_finite=False)
+        if "rerandom" in reset and has_tau0:  # the draws' distribution against θ⁰'s
+            _warn_init_mismatch(model, units, ckpts, arch, seeds[0])
     return out
 
 
