@@ -156,6 +156,9 @@ class Evaluator:
         # first batch (`_verified`), then True, or why not (the model then runs untraced).
         self._trace_ok: bool | str | None = None
         self._pass_idx: list[int] = list(range(len(self.variants)))
+        # Samples per piece a batch is cut into after running out of memory (None: whole
+        # batches); lowered by the back-off in `_pass_rows`, kept for the rest of the run.
+        self._rows: int | None = None
 
     # ---- setup -----------------------------------------------------------------------
     def _live(self) -> dict[str, torch.Tensor]:
@@ -453,6 +456,11 @@ class Evaluator:
         plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
         self.last_plan = plan  # for the compute floor (engine.flops) and for inspection
         self._groups_sized = False
+        # K is sized for the planned B, not for the first batch this run happens to see: a run
+        # resumed at the last (partial) batch must pick the K of the uninterrupted run, or its
+        # fanned chunks, and so the last bits of its logits, differ.
+        source = hasattr(data, "batches") and hasattr(data, "shape")
+        self._k_batch = self.batch_size if source else None
         V = len(self._pass_idx)
         acc = torch.zeros(V + 1, 4, dtype=torch.float64, device=self.device)  # row V: baseline
         if counts is not None:
@@ -472,7 +480,7 @@ class Evaluator:
                 prog, plan = self._verified(prog, plan, x, keysets)
                 setup += time.perf_counter() - t_check  # a setup cost, not the data phase's
             with precision_context(self.precision, self.device):
-                C = self._pass_batch(ops, prog, plan, x, y, acc, dev_ov, live, clock)
+                C = self._pass_rows(ops, prog, plan, x, y, acc, dev_ov, live, clock)
             n += int(y.shape[0])
             if on_progress is not None:
                 on_progress(n)
@@ -550,6 +558,33 @@ class Evaluator:
         with torch.inference_mode(), precision_context(self.precision, self.device):
             return int(prog.run(x, 0).shape[1])
 
+    def _pass_rows(self, ops, prog, plan, x, y, acc, dev_ov, live, clock) -> int:
+        """`_pass_batch` on the batch in pieces of at most `self._rows` samples. Out of memory
+        anywhere in a piece (the baseline, or a variant already at one sample or K=1) drops
+        what the piece added to the sums, halves `_rows` for the rest of the run and retries:
+        the same samples, scored once each. One sample that still does not fit is a clear error.
+        (`on_logits` may see a failed piece's first blocks twice.)"""
+        C, lo, B = 0, 0, x.shape[0]
+        while lo < B:
+            hi = min(B, lo + (self._rows or B))
+            before = acc.clone()
+            try:
+                C = self._pass_batch(ops, prog, plan, x[lo:hi], y[lo:hi], acc, dev_ov, live, clock)
+            except _OOM as exc:
+                acc.copy_(before)
+                if hi - lo <= 1:
+                    raise LayerfastError(
+                        f"out of memory on {self.device} even with one sample per batch and one "
+                        "variant at a time: free memory on the device (other processes, "
+                        "memory_fraction) or use one with more"
+                    ) from exc
+                self._rows = (hi - lo) // 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            lo = hi
+        return C
+
     def _pass_batch(
         self,
         ops,
@@ -625,7 +660,8 @@ class Evaluator:
             [t.numel() * t.element_size() for t in cache.values()] + [x.numel() * x.element_size()]
         ) / max(x.shape[0], 1)
         budget = memory_budget(self.device, self.memory_fraction)
-        k = choose_kmax(4 * per_sample, x.shape[0], budget, self.max_fanout)
+        batch = self._k_batch or x.shape[0]
+        k = choose_kmax(4 * per_sample, batch, budget, self.max_fanout)
         for g in plan.groups:
             if g.fan is not None:
                 g.kmax = min(g.kmax, k)
