@@ -189,6 +189,9 @@ def check_labels(name: str, y: Tensor | np.ndarray, num_classes: int | None = No
         raise LayerfastError(f"{name}: labels must be integers, got dtype {arr.dtype}")
     if arr.size and int(arr.min()) < 0:
         raise LayerfastError(f"{name}: labels must be >= 0, found {int(arr.min())}")
+    if arr.size and int(arr.max()) >= 2**63:  # uint64: the int64 cast below would wrap it to < 0
+        raise LayerfastError(f"{name}: label {int(arr.max())} does not fit int64 (labels are "
+                             "class indices 0..classes-1)")
     if arr.size and num_classes is not None and int(arr.max()) >= num_classes:
         raise LayerfastError(
             f"{name}: label {int(arr.max())} is out of range for {num_classes} classes"
