@@ -247,9 +247,29 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
     ck = CheckpointDir(ckpts, final=final)
     src = open_data(data, split=split, max_samples=max_samples)
     man = ck.manifest or {}
+    from_data = "num_classes" not in man
     num_classes = int(man.get("num_classes", src.num_classes))
-    model, spec = build_model(arch, num_classes, tuple(src.shape))
-    ck.validate(model.state_dict())
+    # Without a manifest the class count is the data's (largest label + 1): a stray label
+    # (a synset offset such as 15075141, an id) makes a head of millions of outputs, whose
+    # allocation fails (a traceback, exit 1) or succeeds and then mismatches the checkpoint.
+    where = (f"the largest label of {data!r} ({split}) + 1" if from_data
+             else "manifest.json's num_classes")
+    try:
+        model, spec = build_model(arch, num_classes, tuple(src.shape))
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
+            raise
+        msg = " ".join(str(exc).split())[:200]
+        raise LayerfastError(f"cannot build {arch} for {num_classes:,} classes ({where}): "
+                             f"out of memory ({msg})") from None
+    try:
+        ck.validate(model.state_dict())
+    except LayerfastError as exc:
+        if not from_data or "shape" not in str(exc):
+            raise
+        raise LayerfastError(f"{exc} (the model was built for {num_classes:,} classes, "
+                             f"{where}; labels must be 0..classes-1 of the checkpoint's "
+                             "model)") from None
     ck.check_trained()  # a dir holding only τ=0 (a diverged first epoch) has no trained model
     model.load_state_dict(ck.tensors(ck.final), strict=False)
     labels = src.labels()
@@ -257,6 +277,14 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
         raise LayerfastError(f"the data {data!r} ({split}) is empty")
     lo, hi = int(labels.min()), int(labels.max())
     out_features = _num_outputs(model, src)
+    if out_features < 2:
+        # argmax over one logit is always class 0: every variant would score error 0, loss 0,
+        # agreement 1, and every unit would be called robust whatever its weights
+        raise LayerfastError(
+            f"the model has {out_features} output{'' if out_features == 1 else 's'}: with one "
+            "class every variant's error is 0 and every unit 'robust', whatever its weights; "
+            "layerfast analyzes classifiers with 2 or more logits (a binary classifier with "
+            "one sigmoid logit z: return torch.cat([-z, z], 1) / 2 instead)")
     if lo < 0 or hi >= out_features:
         raise LayerfastError(f"labels of {data!r} lie in {lo}..{hi}, but the model has "
                              f"{out_features} outputs (classes 0..{out_features - 1})")
