@@ -151,7 +151,12 @@ def summary_table(
             row.append(_ranges(crit_taus, taus) if judged else "-")
         if distances is not None:
             rel = max_rel.get(unit)
-            row.append("-" if rel is None else (f"{rel:.4f}" if rel >= 1e-3 else f"{rel:.2e}"))
+            if rel is None:
+                row.append("-")
+            elif 1e-3 <= rel < 1e4:
+                row.append(f"{rel:.4f}")
+            else:  # a diverged τ (1e38) in fixed point would be 39 digits wide
+                row.append(f"{rel:.2e}")
         lines.append(row)
 
     if len(full) and tau0 is not None:
