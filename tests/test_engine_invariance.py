@@ -376,3 +376,27 @@ def test_bf16_on_the_cpu_runs_bf16_within_half_a_point_on_a_trained_model():
         assert 1e-3 < d < 1.0, d  # bf16 rounding, not fp32 bits and not garbage
     _, ltf = _engine_logits(m, variants, data, None, precision="tf32", fanout=False)
     assert torch.equal(ltf, l32)
+
+
+def test_oom_on_the_swap_path_a_fanned_group_fell_back_to_is_backed_off(monkeypatch):
+    """A fanned run that fails (not for memory) sends the rest of its group to the swap path;
+    an out-of-memory there used to be taken for the fanned chunk's, halving K of a group that
+    had no fan plan any more (AttributeError) after some members were already scored. It now
+    goes to the batch's back-off: the same counts as a clean run."""
+    m, variants = _net()
+    variants = [variants[i] for i in (2, 3, 5, 6)]  # two fanned groups, both past a cut
+    x, y = _xy(16, (3, 8, 8))
+    clean = Evaluator(m, variants, device="cpu", fanout=False).run([(x, y)]).counts
+    before = _snapshot(m)
+
+    def broken(*a, **kw):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(ev, "run_fanned", broken)
+    st = _inject(monkeypatch, _suffix, 5)  # 16, 8, 4, 2, 1 samples: out of memory each time
+    res = Evaluator(m, variants, device="cpu", fanout=True).run([(x, y)])
+    assert st["fails"] == 5 and st["sizes"][:5] == [16, 8, 4, 2, 1]
+    assert len(res.plan["fanout_fallbacks"]) == 2
+    assert torch.equal(res.counts[:, [0, 1, 3]], clean[:, [0, 1, 3]])
+    torch.testing.assert_close(res.counts[:, 2], clean[:, 2], rtol=1e-6, atol=1e-5)
+    assert _same(before, m)

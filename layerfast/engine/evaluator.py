@@ -725,7 +725,9 @@ class Evaluator:
                 if not self._run_chunk(ops, prog, g, lo, hi, inp, y, ref, acc, dev_ov, live):
                     return  # fell back to the swap path for the rest of the group
             except _OOM:
-                if hi - lo == 1:
+                # One variant, or the swap path the group fell back to (some members already
+                # scored, no fan plan left to halve): the batch's back-off (`_pass_rows`).
+                if hi - lo == 1 or g.fan is None:
                     raise
                 g.kmax = max(1, (hi - lo) // 2)  # back off; nothing of this chunk was scored
                 g.stacks.clear()
