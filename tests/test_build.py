@@ -71,6 +71,36 @@ def test_import_without_extension_says_what_to_run(pkg_without_ext):
     assert "layerfast._C" in r.stderr and FIX in r.stderr
 
 
+def test_import_without_extension_says_not_built_and_where(pkg_without_ext):
+    # `from layerfast import _C` inside layerfast/__init__.py used to fail with Python's
+    # "partially initialized module ... (most likely due to a circular import)", which the
+    # message quoted: the user went looking for a circular import instead of building.
+    r = _python("import layerfast\n", pkg_without_ext)
+    assert r.returncode != 0
+    assert "circular import" not in r.stderr, r.stderr
+    assert (
+        f"(layerfast._C) is not built: there is no _C*.so in {pkg_without_ext / 'layerfast'}"
+        in r.stderr
+    ), r.stderr
+
+
+def test_import_with_unloadable_extension_names_the_torch(pkg_without_ext, tmp_path):
+    # A _C*.so that is there but does not load (built for another torch, CUDA or Python).
+    root = tmp_path / "badext"
+    shutil.copytree(pkg_without_ext / "layerfast", root / "layerfast")
+    (root / "layerfast" / "_C.abi3.so").write_bytes(b"not an ELF file")
+    r = _python("import layerfast\n", root)
+    assert r.returncode != 0
+    import torch
+
+    msg = r.stderr.strip().splitlines()
+    assert any(
+        ln.startswith("ImportError: layerfast's compiled extension (layerfast._C) is not built "
+                      f"for the installed torch {torch.__version__} ") for ln in msg
+    ), r.stderr  # fmt: skip
+    assert "_C.abi3.so" in r.stderr and FIX in r.stderr  # the loader's own error, and the fix
+
+
 def test_info_without_extension_says_what_to_run(pkg_without_ext):
     r = _python("import runpy; runpy.run_module('layerfast.info', run_name='__main__')",
                 pkg_without_ext)  # fmt: skip
