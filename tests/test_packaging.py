@@ -42,7 +42,8 @@ def source_tree(tmp_path_factory) -> Path:
     return dst
 
 
-def _setup(tree: Path, *args: str) -> None:
+def _setup(tree: Path, *args: str) -> str:
+    """Run setup.py in `tree`; its output (stdout and stderr)."""
     # FORCE_CUDA=0: collecting files must not depend on (or probe) a CUDA toolkit.
     env = dict(os.environ, FORCE_CUDA="0")
     r = subprocess.run(
@@ -50,17 +51,33 @@ def _setup(tree: Path, *args: str) -> None:
         cwd=tree, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout + r.stderr
 
 
 @pytest.fixture(scope="module")
-def sdist_names(source_tree, tmp_path_factory) -> set[str]:
+def sdist(source_tree, tmp_path_factory) -> tuple[set[str], str]:
+    """(the files in the sdist, relative to its top directory; setup.py's output)."""
     dist = tmp_path_factory.mktemp("dist")
-    _setup(source_tree, "sdist", "--dist-dir", str(dist))
+    out = _setup(source_tree, "sdist", "--dist-dir", str(dist))
     (archive,) = dist.glob("layerfast-*.tar.gz")
     with tarfile.open(archive) as tar:
         names = tar.getnames()
     top = names[0].split("/")[0]
-    return {n[len(top) + 1:] for n in names if n.startswith(top + "/")}
+    return {n[len(top) + 1:] for n in names if n.startswith(top + "/")}, out
+
+
+@pytest.fixture(scope="module")
+def sdist_names(sdist) -> set[str]:
+    return sdist[0]
+
+
+def test_metadata_uses_nothing_setuptools_deprecates(sdist):
+    # `license = { text = ... }` printed "`project.license` as a TOML table is deprecated ...
+    # By 2027-Feb-18 ... your builds will no longer be supported" on every build.
+    out = sdist[1]
+    assert not re.search(r"SetuptoolsDeprecationWarning|BuildBackendWarning|is deprecated", out), (
+        out
+    )
 
 
 def test_sdist_has_every_csrc_file(source_tree, sdist_names):
