@@ -127,6 +127,16 @@ def extensions():
     ]
 
 
+def _limited_api_tag() -> str:
+    """The wheel's abi3 tag: the oldest Python the extension is compiled for. torch compiles every
+    py_limited_api extension with -DPy_LIMITED_API=cpp_extension.min_supported_cpython (3.10 in
+    torch 2.13 and 2.14), so a fixed "cp39" tag claimed a Python the binary was never built for."""
+    from torch.utils import cpp_extension
+
+    version = int(getattr(cpp_extension, "min_supported_cpython", "0x030A0000"), 16)
+    return f"cp{version >> 24}{(version >> 16) & 0xFF}"
+
+
 def main() -> None:
     found = _find_cuda_home()
     if found and not os.environ.get("CUDA_HOME"):
@@ -136,7 +146,7 @@ def main() -> None:
     setup(
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-        options={"bdist_wheel": {"py_limited_api": "cp39"}},
+        options={"bdist_wheel": {"py_limited_api": _limited_api_tag()}},
     )
 
 

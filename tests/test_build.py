@@ -152,6 +152,24 @@ def test_want_cuda_follows_force_cuda(setup_py, monkeypatch, force, torch_cuda, 
     assert setup_py._want_cuda(torch_cuda, home) is want
 
 
+def test_wheel_abi3_tag_is_the_python_torch_compiles_the_extension_for(setup_py, monkeypatch):
+    # torch builds py_limited_api extensions with -DPy_LIMITED_API=min_supported_cpython; the
+    # wheel's cpXY-abi3 tag must name that Python (it said cp39 while the binary targets 3.10).
+    from torch.utils import cpp_extension
+
+    seen = {}
+    monkeypatch.setattr(setup_py, "setup", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("FORCE_CUDA", "0")
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    monkeypatch.chdir(ROOT)
+    setup_py.main()
+    v = int(getattr(cpp_extension, "min_supported_cpython", "0x030A0000"), 16)
+    assert seen["options"]["bdist_wheel"]["py_limited_api"] == f"cp3{(v >> 16) & 0xFF}"
+    assert [e.name for e in seen["ext_modules"]] == ["layerfast._C"]
+    monkeypatch.setattr(cpp_extension, "min_supported_cpython", "0x030C0000", raising=False)
+    assert setup_py._limited_api_tag() == "cp312"
+
+
 def test_check_versions_accepts_a_match(setup_py, monkeypatch):
     monkeypatch.setattr(setup_py, "_nvcc_version", lambda cuda_home: "13.0")
     assert setup_py._check_versions("13.0", "/usr/local/cuda") is None
