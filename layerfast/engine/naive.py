@@ -22,7 +22,8 @@ def naive_evaluate(
     final model's predictions), exactly as `Evaluator` defines them.
 
     `batches()` yields (x, y) anew for every pass. Ties: argmax takes the first maximal logit;
-    correct@5 counts a sample when fewer than 5 logits are strictly greater than its label's.
+    correct@5 counts a sample when fewer than 5 logits are strictly greater than its label's;
+    below 5 classes it counts correct@1, as `ops.score_` does.
     """
     device = torch.device(device)
     was_training = model.training
@@ -43,7 +44,8 @@ def naive_evaluate(
                 pred = logits.argmax(1)
                 out[i, 0] += (pred == y).sum().item()
                 label_logit = logits.gather(1, y[:, None])
-                out[i, 1] += ((logits > label_logit).sum(1) < 5).sum().item()
+                top5 = (logits > label_logit).sum(1) < 5 if logits.shape[1] >= 5 else pred == y
+                out[i, 1] += top5.sum().item()
                 out[i, 2] += F.cross_entropy(logits, y, reduction="sum").double().item()
                 out[i, 3] += (pred.cpu() == ref[j]).sum().item()
             model.load_state_dict(saved, strict=False)
