@@ -461,6 +461,10 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
 
     t1 = time.perf_counter()
     table = results_table(variants, counts, n_done, engine["num_classes"], run["threshold"])
+    note = _chance_note(table, engine["num_classes"], run["threshold"])
+    if note:  # every verdict would read "robust" against a baseline with nothing to lose
+        print(f"layerfast: warning: {note}", file=sys.stderr)
+        run["baseline_note"] = note
     dist, why_none = _distance_rows(variants, unit_list, model, spec, ck, chosen)
     if why_none:
         run["distances_note"] = why_none  # why distances.csv holds only its header, no figure
@@ -478,6 +482,19 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     with report.atomic_path(path / "run.json") as tmp:
         tmp.write_text(json.dumps(run, indent=2, default=str))
     return result
+
+
+def _chance_note(table: pd.DataFrame, num_classes: int, threshold: float) -> str | None:
+    """Why the verdicts mean nothing, when the final model is itself within `threshold` of
+    chance (1 - 1/C): no reset can then make it more than `threshold` worse on average, so
+    every unit reads "robust" (a diverged run, the wrong checkpoint directory, the wrong data)."""
+    chance = 1.0 - 1.0 / num_classes
+    base = float(table.loc[table["kind"] == "baseline", "error"].iloc[0])
+    if base + threshold < chance:
+        return None
+    return (f"the final model's test error ({100 * base:.2f}%) is within the threshold "
+            f"({100 * threshold:g} points) of chance ({100 * chance:.2f}% for {num_classes} "
+            f"classes): the robust/critical verdicts say nothing about the units")
 
 
 def _distance_rows(variants: list, unit_list: list, model: torch.nn.Module, spec: Any, ck: Any,

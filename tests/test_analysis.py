@@ -260,3 +260,19 @@ def test_cuda_analysis_matches_cpu(run, ckpts, manifest, tmp_path) -> None:
     final = manifest["checkpoints"][-1]["epoch"]
     last = gpu[(gpu["kind"] == "reinit") & (gpu["checkpoint"] == final)]
     assert (last["error"] == base).all()
+
+
+def test_a_baseline_at_chance_is_warned_about(ckpts, tmp_path, capsys) -> None:
+    """The initialization analysed as the final model (final=0) is at chance: no reset can make
+    it 5 points worse on average, so every unit would read "robust". The run says so, on
+    stderr and in run.json; a trained final model gets no such note."""
+    kw = dict(reset="reinit", device="cpu", progress=False, figures=False)
+    res = layerfast.analyze("fcn3x256", ckpts, final=0, out=tmp_path / "init", **kw)
+    base = res.table.loc[res.table.kind == "baseline", "error"].item()
+    assert base >= 0.85  # the premise: an untrained 10-class model
+    note = json.loads((tmp_path / "init" / "run.json").read_text())["baseline_note"]
+    assert "chance (90.00% for 10 classes)" in note and "say nothing" in note
+    assert note in capsys.readouterr().err
+    assert (res.table.loc[res.table.kind == "reinit", "verdict"] == "robust").all()
+    trained = layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "final", **kw)
+    assert "baseline_note" not in trained.run and "chance" not in capsys.readouterr().err
