@@ -144,6 +144,8 @@ def main() -> None:
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
+        # Here, not in pyproject.toml: see the comment on `dynamic` there.
+        license="BSD-3-Clause",
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         options={"bdist_wheel": {"py_limited_api": _limited_api_tag()}},

@@ -80,6 +80,37 @@ def test_metadata_uses_nothing_setuptools_deprecates(sdist):
     )
 
 
+def _bundled_setuptools() -> Path | None:
+    """The setuptools wheel that `python3 -m venv` puts into a fresh venv of this Python."""
+    import ensurepip
+
+    found = sorted(Path(ensurepip.__file__).parent.glob("_bundled/setuptools-*.whl"))
+    return found[-1] if found else None
+
+
+def test_pyproject_is_valid_for_the_setuptools_a_fresh_venv_has(tmp_path):
+    # The README's first command builds with the venv's own setuptools (Python 3.11: 65.5.0;
+    # `pip install setuptools` does not upgrade it). `license = "BSD-3-Clause"` needs setuptools
+    # 77, and 65.5's pyproject validation refused it, so the quick start failed.
+    wheel = _bundled_setuptools()
+    if wheel is None:
+        pytest.skip("this Python bundles no setuptools wheel (3.12+): a fresh venv has none")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import setuptools;"
+        "from setuptools.config.pyprojecttoml import read_configuration;"
+        "read_configuration(sys.argv[2], expand=False); print(setuptools.__version__)"
+    )
+    r = subprocess.run([sys.executable, "-I", "-c", code, str(wheel), str(ROOT / "pyproject.toml")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{wheel.name} rejects pyproject.toml:\n{r.stderr[-2000:]}"
+
+
+def test_the_license_reaches_the_metadata(source_tree, tmp_path):
+    _setup(source_tree, "egg_info", "--egg-base", str(tmp_path))
+    (info,) = tmp_path.glob("*.egg-info/PKG-INFO")
+    assert re.search(r"^License: BSD-3-Clause$", info.read_text(), re.M)
+
+
 def test_sdist_has_every_csrc_file(source_tree, sdist_names):
     csrc = {str(p.relative_to(source_tree)) for p in (source_tree / "csrc").rglob("*")
             if p.is_file()}  # fmt: skip
