@@ -327,6 +327,31 @@ def test_user_factory_gets_the_keywords_it_accepts(user_dir) -> None:
     assert net.out_features == 7
 
 
+def test_user_kwargs_factory_whose_callee_rejects_a_keyword(user_dir) -> None:
+    """torchvision's `resnet18(**kwargs)` hands `in_shape` to ResNet.__init__, which refuses it:
+    the factory is called again without that keyword (it was a TypeError before). A keyword
+    the factory names itself is not dropped: its own TypeError is the user's error."""
+    model, _ = build_model("torchvision.models:resnet18", 7, (3, 32, 32))
+    assert model.fc.out_features == 7 and model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    _write(user_dir, "lf_user_kw", """
+        from torch import nn
+        calls = []
+        class Net(nn.Linear):
+            def __init__(self, num_classes=3):
+                super().__init__(4, num_classes)
+        def via(**kwargs):
+            calls.append(sorted(kwargs))
+            return Net(**kwargs)
+        def named(in_shape, **kwargs):
+            raise TypeError("f() got an unexpected keyword argument 'in_shape'")
+    """)  # fmt: skip
+    net, _ = build_model("lf_user_kw:via", 5, (1, 2, 2))
+    assert net.out_features == 5
+    assert sys.modules["lf_user_kw"].calls == [["in_shape", "num_classes"], ["num_classes"]]
+    with pytest.raises(LayerfastError, match="unexpected keyword argument 'in_shape'"):
+        build_model("lf_user_kw:named", 5, (1, 2, 2))
+
+
 def test_user_package_module(user_dir) -> None:
     (user_dir / "lf_pkg").mkdir()
     (user_dir / "lf_pkg" / "__init__.py").write_text("")

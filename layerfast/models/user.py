@@ -4,7 +4,8 @@ The module is imported with the current directory importable (it is put first on
 when missing, as `python -m` would), so `--arch mynet:build` finds `./mynet.py`. `factory` may
 be a dotted attribute path (`mynet:Net.small`). It is called with the keywords `num_classes=`
 and `in_shape=` that its signature accepts (a `**kwargs` accepts both), else with no arguments,
-and must return an `nn.Module`.
+and must return an `nn.Module`. A `**kwargs` factory whose callee rejects one of them ("unexpected
+keyword argument 'in_shape'", as `torchvision.models:resnet18` does) is called again without it.
 
 Everything that can go wrong (no such module, an import that raises, no such attribute, not
 callable, the factory raises, it returns something else) is one `LayerfastError` naming the
@@ -84,18 +85,44 @@ def _accepted_kwargs(factory: Callable[..., Any]) -> set[str]:
     }
 
 
+def _named_kwargs(factory: Callable[..., Any]) -> set[str]:
+    """The keyword names the factory's own signature lists (not its `**kwargs`)."""
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _rejected_keyword(err: BaseException, kwargs: dict[str, Any]) -> str | None:
+    """Which of `kwargs` a TypeError says was not expected ("got an unexpected keyword argument
+    'in_shape'"), if any."""
+    if not isinstance(err, TypeError):
+        return None
+    msg = str(err)
+    return next((k for k in kwargs if f"unexpected keyword argument '{k}'" in msg), None)
+
+
 def build_user_model(
     spec: str, factory: Callable[..., Any], num_classes: int, in_shape: tuple[int, int, int]
 ) -> nn.Module:
     """Call `factory` with the keywords it accepts; check that it returned an nn.Module."""
     offered = {"num_classes": num_classes, "in_shape": tuple(in_shape)}
     kwargs = {k: v for k, v in offered.items() if k in _accepted_kwargs(factory)}
-    try:
-        model = factory(**kwargs)
-    except BaseException as err:  # noqa: BLE001 - user code: anything it raises is bad input
-        if isinstance(err, KeyboardInterrupt):
-            raise
-        raise LayerfastError(f"arch {spec!r}: the factory raised {_describe(err)}") from None
+    named = _named_kwargs(factory)
+    while True:
+        try:
+            model = factory(**kwargs)
+            break
+        except BaseException as err:  # noqa: BLE001 - user code: anything it raises is bad input
+            if isinstance(err, KeyboardInterrupt):
+                raise
+            # A `**kwargs` factory that hands them on to a class which does not take one of ours
+            # (torchvision.models:resnet18 passes `in_shape` to ResNet.__init__): call it again
+            # without that keyword. Only for keywords its own signature does not name.
+            extra = _rejected_keyword(err, kwargs)
+            if extra is None or extra in named:
+                raise LayerfastError(f"arch {spec!r}: the factory raised {_describe(err)}") from None
+            del kwargs[extra]
     if not isinstance(model, nn.Module):
         raise LayerfastError(
             f"arch {spec!r}: the factory returned {type(model).__name__}, not an nn.Module"
