@@ -398,13 +398,15 @@ def test_variants_that_do_not_fit_on_the_device_are_one_clear_error(monkeypatch)
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", list(MODELS))
-def test_cuda_fp32_matches_naive(name):
+def test_cuda_fp32_matches_naive(name, monkeypatch):
     """fp32 on CUDA (TF32 off): counts equal the naive loop's on the GPU, ≤1 near-tie flip."""
     model, variants, x, y, bs, _, _ = _case(name)
     dev = torch.device("cuda")
     batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    # TF32 off for the naive loop too, and back as it was afterwards (not for the whole session)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     ref = naive_evaluate(model, variants, lambda: batches, device=dev)
     model.cpu()
     for fanout in (False, True):
@@ -428,7 +430,13 @@ def test_cuda_bf16_within_half_a_point(name):
     x, _ = _data(4000, seed=7)
     with torch.no_grad():
         y = model.eval()(x).argmax(1)
+    # Each variant twice: a unit's group then has two members, so it fans out (one variant per
+    # unit alone never does, and `fanned_variants > 0` below would fail). Two independent draws
+    # per unit would fan too, but one of skipnet's second draws sits 0.9 points off fp32 in bf16
+    # on the swap path as well (a variant near many ties, measured with CPU autocast): what the
+    # 0.5-point bound checks is the fanned bf16 path, on variants that meet it unfanned.
     variants = _variants(model, sources=1, only=_SUBSET.get(name))
+    variants = variants + variants
     batches = [(x[i:i + 1000], y[i:i + 1000]) for i in range(0, len(x), 1000)]
     e32 = Evaluator(model, variants, device="cuda", precision="fp32").run(batches).error
     r16 = Evaluator(model, variants, device="cuda", precision="bf16").run(batches)
