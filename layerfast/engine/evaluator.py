@@ -456,6 +456,8 @@ class Evaluator:
         plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
         self.last_plan = plan  # for the compute floor (engine.flops) and for inspection
         self._groups_sized = False
+        # Device index tensors of the fanned chunks whose rows are not one run (`_run_chunk`).
+        self._row_index: dict[tuple[int, ...], torch.Tensor] = {}
         # K is sized for the planned B, not for the first batch this run happens to see: a run
         # resumed at the last (partial) batch must pick the K of the uninterrupted run, or its
         # fanned chunks, and so the last bits of its logits, differ.
@@ -770,7 +772,13 @@ class Evaluator:
         else:
             part = torch.zeros(K, 4, dtype=acc.dtype, device=acc.device)
             self._score(ops, logits, y, ref, part, rows)
-            acc.index_add_(0, torch.tensor(rows, device=acc.device), part)
+            # Built once per chunk and pass, not per batch: `torch.tensor(rows, device=cuda)` is
+            # a synchronous host->device copy, a host sync in the hot loop. A unit's members
+            # are rarely one run: its final-τ reinit is scored from the baseline (a gap).
+            index = self._row_index.get(tuple(rows))
+            if index is None:
+                index = self._row_index[tuple(rows)] = torch.tensor(rows, device=acc.device)
+            acc.index_add_(0, index, part)
         return True
 
 
