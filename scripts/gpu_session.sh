@@ -65,8 +65,14 @@ build() {
     || printf 'gpu\nnone (nvidia-smi failed)\n' > "$LOG/gpu.txt"
   cat "$LOG/gpu.txt"
   if [ -z "${SKIP_BUILD:-}" ]; then
+    # If pip cannot do the editable install (an old setuptools or pip in the device's image),
+    # the extension is built in place and the tree put on PYTHONPATH: the steps below use
+    # `python3 -m layerfast`, never the console script, so they run the same either way.
     step build 240 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$LOG/build.log" 2>&1 \
-      || { tail -30 "$LOG/build.log"; exit 1; }
+      || { tail -5 "$LOG/build.log"; echo "pip install -e failed; building in place"
+           step build-inplace 240 python3 setup.py build_ext --inplace >> "$LOG/build.log" 2>&1 \
+             || { tail -30 "$LOG/build.log"; exit 1; }
+           export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; }
   fi
   python3 -m layerfast.info > "$LOG/info.txt" 2>&1; cat "$LOG/info.txt"; }
 
