@@ -18,6 +18,7 @@ from layerfast.data.source import DataSource
 from layerfast.engine import Evaluator, naive_evaluate
 from layerfast.engine.graph import Program
 from layerfast.errors import LayerfastError
+from tests.test_engine import _naive_logits
 
 
 @pytest.fixture(autouse=True)
@@ -102,18 +103,6 @@ def _same(a: dict, m: nn.Module) -> bool:
                     for (n1, p1, d1, r1, g1), (n2, p2, d2, r2, g2) in zip(a["params"], b["params"], strict=True))
             and all(n1 == n2 and b1 is b2 for (n1, b1), (n2, b2) in zip(a["buffers"], b["buffers"], strict=True))
             and a["modes"] == b["modes"] and a["inplace"] == b["inplace"])
-
-
-def _naive_logits(m, variants, x, b):
-    sd, out = m.state_dict(), []
-    m.eval()
-    with torch.no_grad():
-        for ov in variants:
-            saved = {k: sd[k].clone() for k in ov}
-            m.load_state_dict(ov, strict=False)
-            out.append(torch.cat([m(x[i:i + b]) for i in range(0, len(x), b)]))
-            m.load_state_dict(saved, strict=False)
-    return torch.stack(out)
 
 
 def _engine_logits(m, variants, data, b, **kw):
