@@ -239,11 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     info = collect()
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        print(format_text(info))
-    sys.stdout.flush()
+    try:
+        print(json.dumps(info, indent=2) if args.json else format_text(info))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `python -m layerfast.info --json | head`: the reader left early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
     return 0
 
 

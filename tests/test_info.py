@@ -185,3 +185,13 @@ def test_bad_flag_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         info.main(["--no-such-flag"])
     assert e.value.code == 2
+
+
+def test_a_reader_that_leaves_early_is_not_a_traceback() -> None:
+    """`python -m layerfast.info --json | head -1`: the pipe closes before the JSON is written;
+    that is the reader's choice, not an error (it printed a BrokenPipeError traceback)."""
+    p = subprocess.Popen([sys.executable, "-m", "layerfast.info", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the child writes anything
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
