@@ -148,8 +148,18 @@ def parser() -> argparse.ArgumentParser:
         required=True,
         help="registry name (fcn3x256, vgg11, resnet50, ...) or pkg.module:factory",
     )
-    a.add_argument("--ckpts", help="checkpoint directory (DESIGN.md §2)")
-    a.add_argument("--data", default="digits", help="data spec (default: digits); see docs/data.md")
+    a.add_argument(
+        "--ckpts",
+        help="checkpoint directory: *.pt/*.pth/*.ckpt/*.safetensors labelled by the last integer "
+        "in the file name, or listed in a manifest.json (layerfast train writes one)",
+    )
+    a.add_argument(
+        "--data",
+        default="digits",
+        help="data spec (default: digits): digits, fashion-mnist[:DIR], mnist:DIR, cifar10:DIR, "
+        "imagefolder:DIR, PATH.beton, PATH.npz, synthetic:imagenet|cifar[:N] "
+        "(docs/data.md in the source tree)",
+    )
     a.add_argument("--split", default="test", choices=["test", "train"])
     a.add_argument("--granularity", default="layer", choices=["layer", "block", "stage"])
     a.add_argument(
