@@ -312,6 +312,8 @@ def init_mismatches(
             # the elements are i.i.d. under any init rule, so a prefix is a fair sample: the
             # statistics of a 2.4M-element conv cost no more than those of a 64K one
             pa, pb = a[:_CHECK_SAMPLE], b[:_CHECK_SAMPLE]
+            if pa.min() == pa.max() or pb.min() == pb.max():
+                pa, pb = a, b  # a constant prefix (a zero-initialized first block): no sample
             sa, ma = float(pa.std(dtype="f8", ddof=1)), float(pa.mean(dtype="f8"))
             sb, mb = float(pb.std(dtype="f8", ddof=1)), float(pb.mean(dtype="f8"))
             lo, hi = _CHECK_STD_BAND

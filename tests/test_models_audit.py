@@ -274,3 +274,19 @@ def test_registered_theta0_gives_no_warning(arch: str, tmp_path: Path, capsys) -
     model, spec = build_model(arch, 10, SHAPES[arch])
     _run(tmp_path, model, spec)
     assert capsys.readouterr().err == ""
+
+
+def test_init_check_survives_a_constant_prefix() -> None:
+    """θ⁰ (or the draw) whose first `_CHECK_SAMPLE` elements are one constant but which is not
+    constant as a whole (a zero-initialized first block of rows) has no spread in the prefix: the
+    check divided by it (ZeroDivisionError in make_variants). It now compares the whole tensors:
+    the same rule gives no line, an all-random draw against it one."""
+    torch.manual_seed(0)
+    block = torch.zeros(300, 300)  # 90,000 elements, the first 75,000 zero
+    block[250:] = torch.randn(50, 300)
+    same = torch.zeros(300, 300)
+    same[250:] = torch.randn(50, 300)
+    assert init_mismatches({"w": same}, {"w": block}) == []
+    assert init_mismatches({"w": block}, {"w": same}) == []
+    lines = init_mismatches({"w": torch.randn(300, 300)}, {"w": block})
+    assert len(lines) == 1 and lines[0].startswith("w: draw mean"), lines
