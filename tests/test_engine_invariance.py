@@ -389,3 +389,41 @@ def test_oom_on_the_swap_path_a_fanned_group_fell_back_to_is_backed_off(monkeypa
     assert torch.equal(res.counts[:, [0, 1, 3]], clean[:, [0, 1, 3]])
     torch.testing.assert_close(res.counts[:, 2], clean[:, 2], rtol=1e-6, atol=1e-5)
     assert _same(before, m)
+
+
+@pytest.mark.parametrize("which", ["traced", "eager"])
+def test_oom_in_the_first_batchs_trace_check_backs_off_and_keeps_the_trace(monkeypatch, which):
+    """The trace check on the first batch took an out-of-memory as its verdict: in the traced
+    program, the whole run went untraced (no prefix sharing, no fan-out); in the model's own
+    forward, the trace was trusted unchecked. It now checks on fewer samples."""
+    m, variants = _net()
+    x, y = _xy(32, (3, 8, 8))
+    data = _batches(x, y, 16)
+    clean = Evaluator(m, variants, device="cpu", fanout=False).run(data).counts
+    real_run, real_fwd, st = Program.run, Net.forward, {"fails": 0, "sizes": []}
+
+    def fail_first(x):
+        st["sizes"].append(x.shape[0])
+        if st["fails"] < 2:
+            st["fails"] += 1
+            raise torch.OutOfMemoryError("simulated")
+
+    def run(self, x, start=0, *a, **kw):
+        if which == "traced" and start == 0 and not kw:  # only the check runs it without keep
+            fail_first(x)
+        return real_run(self, x, start, *a, **kw)
+
+    def forward(self, x):
+        if which == "eager" and isinstance(x, torch.Tensor) and not st["sizes"][2:]:  # not fx's
+            fail_first(x)
+        return real_fwd(self, x)
+
+    monkeypatch.setattr(Program, "run", run)
+    monkeypatch.setattr(Net, "forward", forward)
+    e = Evaluator(m, variants, device="cpu", fanout=False)
+    got = e.run(data).counts
+    assert st["fails"] == 2 and st["sizes"][:3] == [16, 8, 4]
+    assert e._trace_ok is True and e.last_plan.summary()["untraced"] is None
+    assert e.last_plan.summary()["cuts_kept"] > 0
+    assert torch.equal(got[:, [0, 1, 3]], clean[:, [0, 1, 3]])
+    torch.testing.assert_close(got[:, 2], clean[:, 2], rtol=1e-6, atol=1e-5)

@@ -527,21 +527,21 @@ class Evaluator:
         `VERIFY_SAMPLES` samples: fx picks its path by types and attributes, never by values (a
         branch on a value does not trace), so a slice shows a wrong path as well as a batch."""
         x = x[:VERIFY_SAMPLES]
-        with precision_context("fp32", self.device):
+        while True:
             try:
-                with eager_inplace(self.model):
-                    ref = self.model(x.clone())
-            except Exception:  # noqa: BLE001 - the model itself fails: the pass says so
-                self._trace_ok = True
-                return prog, plan
-            why = None
-            try:
-                got = prog.run(x.clone())
-            except Exception as exc:  # noqa: BLE001 - any failure means "not the forward"
-                why = f"the traced program raised {type(exc).__name__}: {exc}"[:300]
-            else:
-                why = _differs(got, ref, self.device)
-        if why is None:
+                why = self._trace_differs(prog, x)
+                break
+            except _OOM:
+                # No verdict on the trace (an untraced run loses prefix sharing and fan-out for
+                # good, and an unchecked one might compute another function): fewer samples, as
+                # `_pass_rows` backs off the pass itself; fx's path does not depend on how many.
+                if x.shape[0] <= 1:
+                    why = "the trace check ran out of memory even on one sample"
+                    break
+                x = x[: x.shape[0] // 2]
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if why is None or why is False:  # False: the model itself fails, the pass says so
             self._trace_ok = True
             return prog, plan
         self._trace_ok = why
@@ -550,6 +550,25 @@ class Evaluator:
         plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
         self.last_plan = plan
         return prog, plan
+
+    def _trace_differs(self, prog: Program, x: torch.Tensor) -> str | None | bool:
+        """`_verified`'s comparison on `x`: None (the same), why not, or False when the model's
+        own forward fails. Out of memory in either forward is raised, not taken as a verdict."""
+        with precision_context("fp32", self.device):
+            try:
+                with eager_inplace(self.model):
+                    ref = self.model(x.clone())
+            except _OOM:
+                raise
+            except Exception:  # noqa: BLE001 - the model itself fails: the pass says so
+                return False
+            try:
+                got = prog.run(x.clone())
+            except _OOM:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means "not the forward"
+                return f"the traced program raised {type(exc).__name__}: {exc}"[:300]
+            return _differs(got, ref, self.device)
 
     def _num_classes(self, prog: Program, shape: tuple[int, ...], cl: bool) -> int:
         """The logits' width from one zero sample: a pass resumed at its very end sees no batch
