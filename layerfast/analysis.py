@@ -257,11 +257,15 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
     try:
         model, spec = build_model(arch, num_classes, tuple(src.shape))
     except (MemoryError, RuntimeError) as exc:
-        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
+        # torch says "can't allocate memory", or, from about 2**63 bytes on (a label of 2**55
+        # with a 256-wide head), "Storage size calculation overflowed"
+        text = str(exc).lower()
+        if not isinstance(exc, MemoryError) and "alloc" not in text and "overflow" not in text:
             raise
         msg = " ".join(str(exc).split())[:200]
+        why = "its size overflows" if "overflow" in text else "out of memory"
         raise LayerfastError(f"cannot build {arch} for {num_classes:,} classes ({where}): "
-                             f"out of memory ({msg})") from None
+                             f"{why} ({msg})") from None
     try:
         ck.validate(model.state_dict())
     except LayerfastError as exc:

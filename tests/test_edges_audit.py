@@ -378,3 +378,17 @@ def test_correct_at_5_below_5_classes_is_one_definition() -> None:
     got = layerfast.Evaluator(m, vs, device="cpu", precision="fp32").run([(x, y)]).counts
     want = naive_evaluate(m, vs, lambda: [(x, y)])
     assert got[0, 1].item() == want[0, 1].item() == got[0, 0].item() < 40  # correct@1, not all
+
+
+def test_fix_a_label_whose_head_overflows_is_one_clear_error(tmp_path, capsys) -> None:
+    """A label of 2**55 (it fits int64, so the data takes it) makes fcn3x256's head 2**55 x 256
+    weights, more bytes than int64 counts: torch says "Storage size calculation overflowed",
+    which the out-of-memory message did not catch (before: that RuntimeError's traceback)."""
+    ck, data = _fcn_ckpts(tmp_path), _digits_npz(tmp_path, 2**55)
+    out = tmp_path / "out"
+    rc = cli_main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ck), "--data", str(data),
+                   "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"{2**55 + 1:,} classes" in err and "largest label" in err and "overflows" in err
+    assert not out.exists()
