@@ -16,14 +16,25 @@ NaN/inf in every column (never as linf = 0). A parameter shared by several modul
 Without τ = 0 nothing here is defined: asking for τ rows is then a LayerfastError, asking for
 rerandom rows only returns an empty frame with the columns (so a rerandom-only analysis of a
 directory holding just the final model still writes a well-formed distances.csv).
-Memory: the tensors of one unit at two checkpoints at a time.
+Memory: the tensors of one unit at two checkpoints at a time, plus θ^0 in float64 and one
+float64 difference tensor.
+
+Speed (docs/decisions.md, results/report): θ^0's float64 copy and norm are computed once per
+unit, not once per row, and the float64 arithmetic runs on ONE intra-op thread. The tensors are
+small (a layer, a block), so a second thread gains nothing, and on a busy machine OpenMP's
+barriers made each row ~30x slower (52 ms against 1.8 ms per row, measured). One thread also
+makes the sums independent of the machine's thread count: torch splits a reduction of more than
+32,768 elements across threads, which changed l2/l2_rel in the last bit between 1 and 2 threads.
+The rerandom draws themselves run on the caller's threads, as the engine's did, so a row
+measures exactly the draw that was evaluated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
@@ -39,20 +50,45 @@ __all__ = ["COLUMNS", "distances"]
 COLUMNS: list[str] = ["unit", "checkpoint", "l2", "l2_rel", "linf"]
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one intra-op thread inside the block (module docstring), restored after."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Origin:
+    """θ^0 of one unit's parameters in float64, and its squared norm: computed once per unit."""
+
+    def __init__(self, theta0: dict[str, torch.Tensor]) -> None:
+        self.theta0 = {k: t.detach().double() for k, t in theta0.items() if t.numel()}
+        self.sq0 = 0.0
+        for b in self.theta0.values():
+            self.sq0 += float((b * b).sum())
+
+
 def _row(
-    unit: str, checkpoint: Any, theta: dict[str, torch.Tensor], theta0: dict[str, torch.Tensor]
+    unit: str, checkpoint: Any, theta: dict[str, torch.Tensor], origin: _Origin
 ) -> dict[str, Any]:
-    sq, linf, sq0 = 0.0, 0.0, 0.0
-    for k, t0 in theta0.items():
-        a, b = theta[k].detach().double(), t0.double()
-        d = a - b
-        if d.numel():
-            sq += float((d * d).sum())
-            m = float(d.abs().max())
-            # NaN must win (a diverged checkpoint did not "stay put"): max(0.0, nan) is 0.0
-            linf = m if math.isnan(m) or m > linf else linf
-            sq0 += float((b * b).sum())
-    l2, n0 = math.sqrt(sq), math.sqrt(sq0)
+    # Same operations, in the same order, as the straightforward (a - b)² sum and |a - b| max, so
+    # the values are bit for bit those of that computation on one thread; the one float64 buffer
+    # per tensor is reused in place (|d|·|d| is exactly d·d).
+    sq, linf = 0.0, 0.0
+    for k, b in origin.theta0.items():
+        d = theta[k].detach().to(torch.float64, copy=True)
+        d.sub_(b)
+        m = float(d.abs_().max())
+        # NaN must win (a diverged checkpoint did not "stay put"): max(0.0, nan) is 0.0
+        linf = m if math.isnan(m) or m > linf else linf
+        sq += float(d.mul_(d).sum())
+    l2, n0 = math.sqrt(sq), math.sqrt(origin.sq0)
     return {
         "unit": unit,
         "checkpoint": checkpoint,
@@ -135,13 +171,18 @@ def distances(
                 first.setdefault(id(params[k]), k)
         pkeys = list(first.values())
         theta0_all = ckpts.tensors(0, u.keys)
-        theta0 = {k: theta0_all[k] for k in pkeys}
-        for t in taus:
-            rows.append(_row(u.name, t, ckpts.tensors(t, pkeys), theta0))
+        with _one_thread():
+            origin = _Origin({k: theta0_all[k] for k in pkeys})
+            for t in taus:
+                rows.append(_row(u.name, t, ckpts.tensors(t, pkeys), origin))
         for label, src in draws[u.name]:
+            # drawn on the caller's threads, like the engine's draw of the same variant
             if isinstance(src, Variant):
                 theta = src.overrides()
             else:
                 theta = rerandom_draw(model, u, src, arch, theta0_all)
-            rows.append(_row(u.name, label, theta, theta0))
+            with _one_thread():
+                rows.append(_row(u.name, label, theta, origin))
+            del theta
+        del origin, theta0_all
     return pd.DataFrame(rows, columns=COLUMNS)
