@@ -6,10 +6,16 @@ checkpoint τ ascending; every cell annotated. The distance figure uses the same
 so a reader can lay the two side by side: "this layer is critical at τ=0 and it moved far from
 its initialization" is read across figures, cell for cell.
 
-Readability rules (the figures must work for a 4-layer MLP and for ResNet-50's 54 layers):
+Readability rules (the figures must work for a 4-layer MLP, for ResNet-50's 54 layers and for
+a transformer's hundreds of parameter tensors):
 - the figure grows with the number of rows and columns, fonts shrink with the cell size, and
   cell annotations are dropped only past `MAX_ANNOTATED_ROWS` rows or `MAX_ANNOTATED_COLS`
   columns, where they would be illegible anyway;
+- ...but never past `MAX_FIGURE_IN` inches (6,000 px at 150 dpi) either way, so pixel size,
+  memory and drawing time stay bounded (docs/decisions.md, Results). Rows that would not fit
+  are wrapped into several blocks of panels side by side, each with every row labelled; only
+  when even the widest row of blocks cannot hold them do rows (or, for very many checkpoints,
+  columns) get thinner than a label, and then every k-th one is labelled;
 - a perceptually uniform colormap (viridis), so equal steps in error look like equal steps;
 - annotation colour is chosen per cell from the cell's luminance (white on dark, black on
   light);
@@ -40,6 +46,7 @@ __all__ = [
     "FULLMODEL_ROW",
     "MAX_ANNOTATED_COLS",
     "MAX_ANNOTATED_ROWS",
+    "MAX_FIGURE_IN",
     "RERANDOM_COLUMN",
     "distance_grid",
     "distance_plot",
@@ -53,6 +60,9 @@ RERANDOM_COLUMN = "ReRnd"
 FULLMODEL_ROW = "all units (full model)"
 MAX_ANNOTATED_ROWS = 60
 MAX_ANNOTATED_COLS = 40
+#: Largest figure width and height, in inches (x `_DPI` = 6,000 px).
+MAX_FIGURE_IN = 40.0
+_PITCH = 0.17  # in: the thinnest row a 6 pt label fits (the natural row height's floor)
 _CMAP = "viridis"
 _DPI = 150
 _CHAR_W = 0.62  # average glyph width of DejaVu Sans, in em
@@ -171,7 +181,10 @@ class _Geometry:
     """Figure geometry for an R x C grid: cell size in inches and font sizes in points.
 
     Sizes are computed, not left to matplotlib's defaults, so that the figure grows with the
-    grid instead of squeezing 54 rows into a fixed canvas.
+    grid instead of squeezing 54 rows into a fixed canvas. `figsize` then bounds the figure by
+    `MAX_FIGURE_IN` in both directions: `n_blocks` side-by-side blocks of `block_rows` rows
+    each (1 block of every row while that fits), and `row_every`/`col_every` > 1 only when
+    rows/columns are thinner than a label.
     """
 
     def __init__(
@@ -181,7 +194,7 @@ class _Geometry:
         self.n_rows, self.n_cols, self.n_panels = n_rows, n_cols, n_panels
         self.annotate = n_rows <= MAX_ANNOTATED_ROWS and n_cols <= MAX_ANNOTATED_COLS
         # Rows get thinner as there are more of them, down to a floor that 6 pt text still fits.
-        self.cell_h = float(np.clip(0.36 - 0.003 * n_rows, 0.17, 0.36))
+        self.cell_h = float(np.clip(0.36 - 0.003 * n_rows, _PITCH, 0.36))
         self.font = float(np.clip(self.cell_h * 72 * 0.5, 6.0, 10.0))
         self.label_font = self.font + 0.5
         if self.annotate:
@@ -194,8 +207,44 @@ class _Geometry:
         # Column labels that do not fit under their cell are turned upright, not overlapped.
         self.rotate_x = self._widest_col + 0.06 > self.cell_w
         self.label_w = max((_text_w(r, self.label_font) for r in rows), default=0.3)
+        self.n_blocks, self.block_rows = 1, n_rows
+        self.row_every = self.col_every = 1
+        self.bounded = False  # set when `MAX_FIGURE_IN` changed the natural geometry
         self.panel_w = n_cols * self.cell_w
         self.panel_h = n_rows * self.cell_h
+
+    def _fixed_w(self) -> float:
+        """Width of one block besides its cells: colour bars, gaps, row labels."""
+        return self.n_panels * 1.3 + self.label_w + 0.6
+
+    def _bound(self, extra_h: float) -> None:
+        """Fit the grid into `MAX_FIGURE_IN` x `MAX_FIGURE_IN` (class docstring)."""
+        fixed = self._fixed_w()
+        if self.n_panels * self.panel_w + fixed > MAX_FIGURE_IN:  # too many columns
+            self.bounded = True
+            if self.annotate:
+                self.annotate, self.cell_w = False, 0.3
+            avail = max(MAX_FIGURE_IN - fixed, 1.0) / self.n_panels
+            if self.n_cols * self.cell_w > avail:
+                self.cell_w = avail / self.n_cols
+                pitch = 1.4 * self.label_font / 72  # an upright label's line height
+                self.col_every = math.ceil(pitch / self.cell_w)
+            self.rotate_x = self._widest_col + 0.06 > self.cell_w
+            self.panel_w = self.n_cols * self.cell_w
+        avail_h = MAX_FIGURE_IN - extra_h - (0.5 if self.rotate_x else 0.0)
+        if self.panel_h <= avail_h:
+            return
+        # Too many rows: blocks side by side, as many as the width allows, each row labelled.
+        self.annotate, self.bounded = False, True
+        block_w = self.n_panels * self.panel_w + fixed
+        fit_rows = max(1, math.floor(avail_h / _PITCH))
+        max_blocks = max(1, math.floor(MAX_FIGURE_IN / block_w))
+        self.n_blocks = min(max_blocks, math.ceil(self.n_rows / fit_rows))
+        self.block_rows = math.ceil(self.n_rows / self.n_blocks)
+        self.cell_h = min(self.cell_h, avail_h / self.block_rows)
+        if self.cell_h < _PITCH:  # 1.2: the layout takes titles and labels out of the height
+            self.row_every = math.ceil(1.2 * _PITCH / self.cell_h)
+        self.panel_h = self.block_rows * self.cell_h
 
     def figsize(self, titles: Sequence[str], extra_h: float) -> tuple[float, float]:
         """(width, height): panels + row labels + colour bars, at least as wide as the titles.
@@ -203,15 +252,21 @@ class _Geometry:
         When a title forces a wider figure, the panels get the extra width, so the effective
         cell width (and with it whether column labels must be turned upright) is updated.
         """
-        fixed = self.n_panels * 1.3 + self.label_w + 0.6
-        w = self.n_panels * self.panel_w + fixed
+        self._bound(extra_h)
+        fixed = self._fixed_w()
+        w = self.n_blocks * (self.n_panels * self.panel_w + fixed)
         title_w = max((_text_w(t, self.label_font + 1.5) for t in titles), default=0.0) + 0.4
-        if title_w > w:
+        if title_w > w and self.n_blocks == 1:
             self.panel_w = (title_w - fixed) / self.n_panels
             self.rotate_x = self._widest_col + 0.06 > self.panel_w / max(self.n_cols, 1)
             w = title_w
         h = self.panel_h + extra_h + (0.5 if self.rotate_x else 0.0)
         return w, h
+
+    def blocks(self) -> list[slice]:
+        """The row ranges drawn side by side, top to bottom then left to right."""
+        n = self.block_rows
+        return [slice(b * n, min((b + 1) * n, self.n_rows)) for b in range(self.n_blocks)]
 
     def colorbar(self, fig: Figure, im: object, ax: Axes, label: str) -> object:
         """A colour bar as tall as the grid and about 0.18 in wide, whatever the grid's shape."""
@@ -251,14 +306,30 @@ def _draw_grid(
     else:
         shown = grid
     masked = np.ma.masked_invalid(shown)
-    im = ax.imshow(masked, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    if geo.bounded:
+        # A large canvas: imshow resamples into float arrays the size of the axes in pixels
+        # (~290 MB more for two 2,000-row panels); a mesh of cells draws straight onto it. Same
+        # cell coordinates as imshow (centres on integers, row 0 on top).
+        im = ax.pcolormesh(
+            np.arange(grid.shape[1] + 1) - 0.5,
+            np.arange(grid.shape[0] + 1) - 0.5,
+            masked,
+            cmap=cmap,
+            norm=norm,
+        )
+        ax.set_ylim(grid.shape[0] - 0.5, -0.5)
+    else:
+        im = ax.imshow(masked, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    xs, ys = range(0, len(cols), geo.col_every), range(0, len(rows), geo.row_every)
     ax.set_xticks(
-        range(len(cols)),
-        labels=list(cols),
+        xs,
+        labels=[cols[j] for j in xs],
         fontsize=geo.label_font,
         rotation=90 if geo.rotate_x else 0,
     )
-    ax.set_yticks(range(len(rows)), labels=list(rows) if ylabels else [], fontsize=geo.label_font)
+    ax.set_yticks(ys, labels=[rows[i] for i in ys] if ylabels else [], fontsize=geo.label_font)
+    if geo.n_blocks > 1:  # a shorter last block keeps the others' row height (blank below)
+        ax.set_ylim(geo.block_rows - 0.5, -0.5)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
@@ -326,14 +397,17 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike[str], title: str | None
     )
     geo = _Geometry(rows, cols, annot_chars=4)
     fig = Figure(figsize=geo.figsize([head, sub], extra_h=1.6), layout="constrained")
-    ax = fig.add_subplot()
-    im = _draw_grid(ax, 100.0 * grid, rows, cols, norm, lambda v: _percent(v / 100), geo, True)
-    ax.set_xlabel("checkpoint τ (re-initialization)", fontsize=geo.label_font + 1)
-    ax.set_ylabel("unit", fontsize=geo.label_font + 1)
-    cbar = geo.colorbar(fig, im, ax, "test error (%)")
-    if base is not None:
-        # A white line on the colour bar puts the baseline on the same scale as the cells.
-        cbar.ax.axhline(100.0 * base, color="white", lw=2)  # type: ignore[attr-defined]
+    axes = fig.subplots(1, geo.n_blocks, squeeze=False)[0]
+    for ax, blk in zip(axes, geo.blocks(), strict=True):
+        im = _draw_grid(
+            ax, 100.0 * grid[blk], rows[blk], cols, norm, lambda v: _percent(v / 100), geo, True
+        )
+        ax.set_xlabel("checkpoint τ (re-initialization)", fontsize=geo.label_font + 1)
+        ax.set_ylabel("unit", fontsize=geo.label_font + 1)
+        cbar = geo.colorbar(fig, im, ax, "test error (%)")
+        if base is not None:
+            # A white line on the colour bar puts the baseline on the same scale as the cells.
+            cbar.ax.axhline(100.0 * base, color="white", lw=2)  # type: ignore[attr-defined]
     fig.suptitle(f"{head}\n{sub}", fontsize=geo.label_font + 1.5)
     return _save(fig, path)
 
@@ -378,14 +452,18 @@ def distance_plot(distances_df: pd.DataFrame, path: str | os.PathLike[str]) -> P
     ]
     geo = _Geometry(rows, cols, annot_chars=6, n_panels=2)
     fig = Figure(figsize=geo.figsize(heading, extra_h=1.8), layout="constrained")
-    axes = fig.subplots(1, 2)
-    for k, (ax, (_, label), (_, _, grid)) in enumerate(zip(axes, panels, grids, strict=True)):
-        norm, is_log = _norm_for(grid)
-        im = _draw_grid(ax, grid, rows, cols, norm, _two_sig, geo, ylabels=k == 0)
-        ax.set_title(label, fontsize=geo.label_font + 1)
-        ax.set_xlabel("checkpoint τ", fontsize=geo.label_font + 1)
-        if k == 0:
-            ax.set_ylabel("unit", fontsize=geo.label_font + 1)
-        geo.colorbar(fig, im, ax, "distance" + (" (log scale)" if is_log else ""))
+    # Per block of rows, the two panels side by side (each block reads like the whole figure).
+    axes = fig.subplots(1, 2 * geo.n_blocks).reshape(geo.n_blocks, 2)
+    norms = [_norm_for(grid) for _, _, grid in grids]
+    for pair, blk in zip(axes, geo.blocks(), strict=True):
+        for k, (ax, (_, label), (_, _, grid), (norm, is_log)) in enumerate(
+            zip(pair, panels, grids, norms, strict=True)
+        ):
+            im = _draw_grid(ax, grid[blk], rows[blk], cols, norm, _two_sig, geo, ylabels=k == 0)
+            ax.set_title(label, fontsize=geo.label_font + 1)
+            ax.set_xlabel("checkpoint τ", fontsize=geo.label_font + 1)
+            if k == 0:
+                ax.set_ylabel("unit", fontsize=geo.label_font + 1)
+            geo.colorbar(fig, im, ax, "distance" + (" (log scale)" if is_log else ""))
     fig.suptitle("\n".join(heading), fontsize=geo.label_font + 1.5)
     return _save(fig, path)
