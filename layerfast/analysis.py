@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from layerfast.errors import LayerfastError
+from layerfast.errors import LayerfastError, collect_warnings, warn
 
 RESETS = ("reinit", "rerandom", "fullmodel")
 #: What a finished run writes into its out dir (DESIGN.md §5); run.json is written last.
@@ -379,59 +379,62 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
     chosen = _parse_checkpoints(checkpoints)
     patterns = _parse_list(units) or None
 
-    model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples)
-    if ck.incomplete:  # analysing a cut-short run can be the point; it must not be silent
-        print(f"layerfast: warning: {ck.path}: {ck.incomplete}; analysing the checkpoints it has",
-              file=sys.stderr)
-    unit_list = make_units(model, granularity=granularity, patterns=patterns, bn=bn, arch=spec)
-    variants = make_variants(model, unit_list, ck, spec, reset=resets, checkpoints=chosen,
-                             seeds=seed_list)
-    ev = Evaluator(model, variants, device=device, precision=precision, batch_size=batch_size,
-                   fanout=fanout, layout=layout)
-    ev.plan_batch(src)  # B is part of the fingerprint: the planner picks it before the pass
-    taus = ck.labels if chosen == "all" else chosen
-    # Everything that changes the per-batch sums; threshold and figures do not, so a finished
-    # run can be re-judged at another threshold without evaluating again.
-    fingerprint = {
-        "arch": arch, "ckpts": str(Path(ckpts).resolve()), "files": _file_ids(ck),
-        "final": ck.final, "data": data, "data_files": _data_ids(data), "split": split,
-        "max_samples": max_samples, "n": src.n,
-        "granularity": granularity, "units": patterns, "bn": bn, "reset": resets,
-        "checkpoints": taus, "seeds": seed_list, "variants": len(variants),
-        "device": str(ev.device), "precision": ev.precision, "batch_size": ev.batch_size,
-        "fanout": ev.fanout, "max_fanout": ev.max_fanout, "channels_last": ev.channels_last,
-        "passes": len(ev.passes()),  # progress counts samples over the passes
-    }
-    t_build = time.perf_counter() - t0
-    path = _out_dir(out, arch, fingerprint)
-    with ResumeStore(path, fingerprint, len(variants), fresh=fresh) as store:
-        prev = store.load()
-        if prev.complete:
-            counts, n_done = prev.counts, prev.n_done
-            engine = {**prev.info, "resumed_from": n_done, "evaluated": 0}
-        else:
-            _remove_outputs(path)
-            counts, n_done, engine = _run_pass(ev, src, store, prev, progress, every)
-        # Still holding the out dir's lock: a second run (--fresh) must not delete what this one
-        # is writing, nor leave run.json beside another run's results.csv.
-        t_pass = time.perf_counter() - t0 - t_build
-        return _write_outputs(
-            path, variants, counts, n_done, engine, unit_list, model, spec, ck, resets, chosen,
-            figures, t0, {"build": t_build, "pass": t_pass},
-            run={
-                "arch": arch, "ckpts": str(Path(ckpts).resolve()),
-                "checkpoints": {str(k): ck.files[k].name for k in ck.labels}, "final": ck.final,
-                "data": data, "split": split, "max_samples": max_samples, "n": n_done,
-                "num_classes": engine["num_classes"], "device": str(ev.device),
-                "precision": ev.precision, "channels_last": ev.channels_last,
-                "batch_size": ev.batch_size, "granularity": granularity,
-                "units": [u.name for u in unit_list], "patterns": patterns, "bn": bn,
-                "reset": resets, "evaluated_checkpoints": taus, "seeds": seed_list,
-                "threshold": threshold, "variants": len(variants), "versions": _versions(),
-                "command": " ".join(sys.argv),
-                "manifest": {k: v for k, v in (ck.manifest or {}).items() if k != "checkpoints"},
-                "incomplete": ck.incomplete,
-            })
+    # Every `warn` from here on is also kept in run.json ("warnings"): stderr is gone when a
+    # job's log is, and a warning is part of judging the run.
+    with collect_warnings() as warned:
+        model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples)
+        if ck.incomplete:  # analysing a cut-short run can be the point; it must not be silent
+            warn(f"{ck.path}: {ck.incomplete}; analysing the checkpoints it has")
+        unit_list = make_units(model, granularity=granularity, patterns=patterns, bn=bn, arch=spec)
+        variants = make_variants(model, unit_list, ck, spec, reset=resets, checkpoints=chosen,
+                                 seeds=seed_list)
+        ev = Evaluator(model, variants, device=device, precision=precision, batch_size=batch_size,
+                       fanout=fanout, layout=layout)
+        ev.plan_batch(src)  # B is part of the fingerprint: the planner picks it before the pass
+        taus = ck.labels if chosen == "all" else chosen
+        # Everything that changes the per-batch sums; threshold and figures do not, so a finished
+        # run can be re-judged at another threshold without evaluating again.
+        fingerprint = {
+            "arch": arch, "ckpts": str(Path(ckpts).resolve()), "files": _file_ids(ck),
+            "final": ck.final, "data": data, "data_files": _data_ids(data), "split": split,
+            "max_samples": max_samples, "n": src.n,
+            "granularity": granularity, "units": patterns, "bn": bn, "reset": resets,
+            "checkpoints": taus, "seeds": seed_list, "variants": len(variants),
+            "device": str(ev.device), "precision": ev.precision, "batch_size": ev.batch_size,
+            "fanout": ev.fanout, "max_fanout": ev.max_fanout, "channels_last": ev.channels_last,
+            "passes": len(ev.passes()),  # progress counts samples over the passes
+        }
+        t_build = time.perf_counter() - t0
+        path = _out_dir(out, arch, fingerprint)
+        with ResumeStore(path, fingerprint, len(variants), fresh=fresh) as store:
+            prev = store.load()
+            if prev.complete:
+                counts, n_done = prev.counts, prev.n_done
+                engine = {**prev.info, "resumed_from": n_done, "evaluated": 0}
+            else:
+                _remove_outputs(path)
+                counts, n_done, engine = _run_pass(ev, src, store, prev, progress, every)
+            # Still holding the out dir's lock: a second run (--fresh) must not delete what this one
+            # is writing, nor leave run.json beside another run's results.csv.
+            t_pass = time.perf_counter() - t0 - t_build
+            return _write_outputs(
+                path, variants, counts, n_done, engine, unit_list, model, spec, ck, resets, chosen,
+                figures, t0, {"build": t_build, "pass": t_pass},
+                run={
+                    "arch": arch, "ckpts": str(Path(ckpts).resolve()),
+                    "checkpoints": {str(k): ck.files[k].name for k in ck.labels}, "final": ck.final,
+                    "data": data, "split": split, "max_samples": max_samples, "n": n_done,
+                    "num_classes": engine["num_classes"], "device": str(ev.device),
+                    "precision": ev.precision, "channels_last": ev.channels_last,
+                    "batch_size": ev.batch_size, "granularity": granularity,
+                    "units": [u.name for u in unit_list], "patterns": patterns, "bn": bn,
+                    "reset": resets, "evaluated_checkpoints": taus, "seeds": seed_list,
+                    "threshold": threshold, "variants": len(variants), "versions": _versions(),
+                    "command": " ".join(sys.argv),
+                    "manifest": {k: v for k, v in (ck.manifest or {}).items() if k != "checkpoints"},
+                    "incomplete": ck.incomplete,
+                    "warnings": warned,  # filled until run.json is written: the chance note too
+                })
 
 
 def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
@@ -467,7 +470,7 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     table = results_table(variants, counts, n_done, engine["num_classes"], run["threshold"])
     note = _chance_note(table, engine["num_classes"], run["threshold"])
     if note:  # every verdict would read "robust" against a baseline with nothing to lose
-        print(f"layerfast: warning: {note}", file=sys.stderr)
+        warn(note)
         run["baseline_note"] = note
     dist, why_none = _distance_rows(variants, unit_list, model, spec, ck, chosen)
     if why_none:

@@ -4,10 +4,45 @@ Everything a user can get wrong (a missing or truncated checkpoint, a pickle tha
 code, shape mismatches, an unknown arch, broken data, an unwritable out dir) raises
 `LayerfastError` with one clear message. The CLI prints that message on one line and exits
 with status 2; any other exception is an internal error (exit 1).
+
+What is not wrong but changes how the results read (a cut-short training run, a chance-level
+baseline) goes through `warn`: one stderr line, and kept in run.json by `analyze`.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class LayerfastError(Exception):
     """Bad input or usage. `str(err)` is a complete, user-facing message."""
+
+
+#: The lists `collect_warnings` is filling, innermost last.
+_COLLECTORS: list[list[str]] = []
+
+
+def warn(message: str) -> None:
+    """Say `message` on stderr as one `layerfast: warning:` line and keep it for run.json.
+
+    Why not `warnings.warn`: its filters show each message once per place and hide it under
+    `-W ignore`, while a warning here is about the user's input (θ⁰ not drawn from the init
+    rule, a chance-level baseline) and must reach them every run. Why also collect it: stderr
+    is gone when a cluster job's log rotates; run.json is what is read later to judge a run.
+    """
+    print(f"layerfast: warning: {message}", file=sys.stderr)
+    for sink in _COLLECTORS:
+        sink.append(message)
+
+
+@contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    """The messages `warn` is given inside the block, in order (nested blocks each get them)."""
+    sink: list[str] = []
+    _COLLECTORS.append(sink)
+    try:
+        yield sink
+    finally:  # by identity: `list.remove` compares by value, and two sinks can be equal
+        del _COLLECTORS[next(i for i, c in enumerate(_COLLECTORS) if c is sink)]

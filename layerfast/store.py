@@ -23,7 +23,6 @@ import errno
 import json
 import os
 import sqlite3
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -32,7 +31,7 @@ from typing import IO
 import numpy as np
 import torch
 
-from layerfast.errors import LayerfastError
+from layerfast.errors import LayerfastError, warn
 
 try:  # POSIX only; elsewhere runs are simply not protected against a concurrent writer
     import fcntl
@@ -251,8 +250,8 @@ def _acquire_lock(out: Path) -> IO[str] | None:
             # no locks on this file system (NFS without lockd, some FUSE mounts): that is not
             # "another run", which would refuse every run there for good; go on unprotected
             fh.close()
-            print(f"layerfast: warning: cannot lock {out} ({exc.strerror or exc}); a second run "
-                  "writing there at the same time would not be noticed", file=sys.stderr)
+            warn(f"cannot lock {out} ({exc.strerror or exc}); a second run writing there at "
+                 "the same time would not be noticed")
             return None
         fh.seek(0)
         pid = fh.read().strip()

@@ -31,7 +31,6 @@ import contextlib
 import math
 import os
 import re
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -49,7 +48,7 @@ from layerfast.checkpoints.discover import new_file_mode
 from layerfast.data import open_data, to_device
 from layerfast.data.source import DataSource, check_finite
 from layerfast.engine.precision import precision_context, resolve_device
-from layerfast.errors import LayerfastError
+from layerfast.errors import LayerfastError, warn
 from layerfast.models import build_model
 
 PAPER_CHECKPOINTS: tuple[int, ...] = (0, 1, 2, 3, 8, 40, 90, 100)
@@ -222,9 +221,8 @@ def _warn_if_one_split(data: str, train_src: DataSource, test_src: DataSource) -
         return
     (xa, ya), (xb, yb) = (next(iter(s.batches(k))) for s in (train_src, test_src))
     if torch.equal(ya, yb) and xa.shape == xb.shape and torch.equal(xa, xb):
-        print(f"layerfast: warning: {data}: its train and test splits begin with the same {k} "
-              "samples (a one-split file?); the test errors recorded will be training errors",
-              file=sys.stderr)
+        warn(f"{data}: its train and test splits begin with the same {k} samples (a one-split "
+             "file?); the test errors recorded will be training errors")
 
 
 def _check_seed(seed: object) -> None:

@@ -51,7 +51,6 @@ import hashlib
 import json
 import math
 import numbers
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -61,7 +60,7 @@ from torch import nn
 
 from layerfast.checkpoints import CheckpointDir
 from layerfast.checkpoints.keymap import canonical_keys, is_tolerated_missing
-from layerfast.errors import LayerfastError
+from layerfast.errors import LayerfastError, warn
 from layerfast.models.init import NORM_TYPES
 
 __all__ = ["Variant", "derive_seed", "init_mismatches", "make_variants", "rerandom_draw"]
@@ -341,13 +340,12 @@ def _warn_init_mismatch(
             "each module's reset_parameters() (PyTorch's default init)"
         )
         shown = "; ".join(lines[:4]) + (f"; and {len(lines) - 4} more" if len(lines) > 4 else "")
-        print(
-            f"layerfast: warning: re-randomization draws from {rule}, but the checkpoints' θ⁰ "
+        warn(
+            f"re-randomization draws from {rule}, but the checkpoints' θ⁰ "
             f"(τ=0) does not look drawn from it: {shown}. The rerandom rows then measure "
             "another distribution than the model's initialization; use a registered --arch "
             "whose init the model was built with (e.g. resnet50 for a torchvision ResNet-50), "
-            "or compare reinit@0 instead.",
-            file=sys.stderr,
+            "or compare reinit@0 instead."
         )
 
 

@@ -270,9 +270,12 @@ def test_a_baseline_at_chance_is_warned_about(ckpts, tmp_path, capsys) -> None:
     res = layerfast.analyze("fcn3x256", ckpts, final=0, out=tmp_path / "init", **kw)
     base = res.table.loc[res.table.kind == "baseline", "error"].item()
     assert base >= 0.85  # the premise: an untrained 10-class model
-    note = json.loads((tmp_path / "init" / "run.json").read_text())["baseline_note"]
+    run = json.loads((tmp_path / "init" / "run.json").read_text())
+    note = run["baseline_note"]
     assert "chance (90.00% for 10 classes)" in note and "say nothing" in note
     assert note in capsys.readouterr().err
+    assert run["warnings"] == [note]  # every warning of the run is kept beside its results
     assert (res.table.loc[res.table.kind == "reinit", "verdict"] == "robust").all()
     trained = layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "final", **kw)
     assert "baseline_note" not in trained.run and "chance" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "final" / "run.json").read_text())["warnings"] == []

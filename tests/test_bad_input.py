@@ -387,6 +387,8 @@ def test_analyze_warns_about_an_unfinished_run_and_refuses_an_untrained_one(
     err = capsys.readouterr().err
     assert err.startswith("layerfast: warning: ") and "did not finish" in err
     assert "did not finish" in res.run["incomplete"]
+    warned = json.loads((tmp_path / "o" / "run.json").read_text())["warnings"]
+    assert len(warned) == 1 and "did not finish" in warned[0] and warned[0] in err
     for name in ("results.csv", "distances.csv", "run.json"):  # shared like any new file
         assert (tmp_path / "o" / name).stat().st_mode & 0o777 == 0o664, name
     for f in ck.glob("epoch_*.pt"):

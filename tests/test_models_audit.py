@@ -256,6 +256,22 @@ def test_a_theta0_from_another_init_is_a_warning(tmp_path: Path, capsys) -> None
     assert "1.weight" in err and "1.bias: θ⁰ is all 0" in err
 
 
+def test_the_init_warning_is_collected_for_run_json(tmp_path: Path, capsys) -> None:
+    """analyze() keeps what `warn` says in run.json's "warnings": the init check's message
+    arrives there whole, once per enclosing collector, and not after the block ends."""
+    from layerfast.errors import collect_warnings, warn
+
+    torch.manual_seed(0)
+    with collect_warnings() as outer:
+        with collect_warnings() as inner:
+            _run(tmp_path, Kaiming(), None)
+        warn("after the inner block")
+    err = capsys.readouterr().err
+    assert len(inner) == 1 and inner[0].startswith("re-randomization draws from")
+    assert f"layerfast: warning: {inner[0]}\n" in err
+    assert outer == [inner[0], "after the inner block"]
+
+
 def test_zero_init_residual_theta0_is_a_warning(tmp_path: Path, capsys) -> None:
     torch.manual_seed(0)
     model, spec = build_model("resnet20", 10, (3, 32, 32))
