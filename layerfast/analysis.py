@@ -472,6 +472,11 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     if note:  # every verdict would read "robust" against a baseline with nothing to lose
         warn(note)
         run["baseline_note"] = note
+    untraced = (engine.get("plan") or {}).get("untraced")
+    if untraced:  # the results stand; the speed a user came for does not, and they should know
+        warn(f"the model ran untraced ({untraced}): every variant ran the whole forward, "
+             "with no prefix sharing or fan-out, so the pass was as slow as the naive loop; "
+             "the results are exact")
     dist, why_none = _distance_rows(variants, unit_list, model, spec, ck, chosen)
     if why_none:
         run["distances_note"] = why_none  # why distances.csv holds only its header, no figure

@@ -15,6 +15,7 @@ with data-dependent control flow (not traceable: one opaque step).
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -725,3 +726,44 @@ def test_analyze_float64_model_and_a_model_that_does_not_fit_the_data(tmp_path, 
     with pytest.raises(LayerfastError, match=r"does not run on this data's samples \(shape"):
         layerfast.analyze("misfit:Wide", tmp_path / "ck-wide", out=tmp_path / "w", **args)
     assert not (tmp_path / "w").exists()
+
+
+BRANCHY = """
+from torch import nn
+
+
+class Branchy(nn.Module):
+    def __init__(self, num_classes=5, in_shape=None):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(12, 8), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        h = self.l1(x.flatten(1))
+        if h.sum() > 1e9:  # data-dependent: fx cannot trace it
+            h = h * 0
+        return self.l2(h.relu())
+"""
+
+
+def test_an_untraced_model_is_a_warning_kept_in_run_json(tmp_path, monkeypatch, capsys):
+    """A model fx cannot trace runs as one opaque step: the results are exact but the pass
+    is as slow as the naive loop. That was visible only deep in run.json's engine.plan; it is
+    a warning now, on stderr and in run.json's "warnings"."""
+    from layerfast.models import get_arch
+
+    (tmp_path / "branchy.py").write_text(BRANCHY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    _checkpoints(get_arch("branchy:Branchy").build(5, (1, 1, 12)), tmp_path / "ck")
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", x=g.standard_normal((12, 12)).astype(np.float32),
+             y=g.integers(0, 5, 12))  # fmt: skip
+    res = layerfast.analyze("branchy:Branchy", tmp_path / "ck", data=str(tmp_path / "x.npz"),
+                            out=tmp_path / "o", device="cpu", progress=False, figures=False,
+                            reset="reinit,fullmodel")  # fmt: skip
+    warned = json.loads((tmp_path / "o" / "run.json").read_text())["warnings"]
+    assert res.run["engine"]["plan"]["untraced"]
+    mine = [w for w in warned if w.startswith("the model ran untraced (")]
+    assert len(mine) == 1 and "as slow as the naive loop" in mine[0]
+    assert mine[0] in capsys.readouterr().err
+    assert warned[1:] == mine  # after the chance note (random data: the model is at chance)
