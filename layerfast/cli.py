@@ -292,6 +292,9 @@ def _analyze(args: argparse.Namespace) -> int:
         f"({res.run['device']}, {res.run['precision']}"
         f"{', channels_last' if res.run['channels_last'] else ''}); results in {res.out}/"
     )
+    warned = len(res.run.get("warnings", ()))
+    if warned:  # printed before the progress bar and the table: easy to scroll past
+        print(f"{warned} warning{'s' if warned > 1 else ''} (stderr, above; also in run.json)")
     return 0
 
 

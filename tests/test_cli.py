@@ -276,6 +276,17 @@ def test_factory_that_raises_from_a_shell(ckpts: Path, tmp_path: Path) -> None:
 
 
 # ---- good input ------------------------------------------------------------------------------
+def test_analyze_ends_with_how_many_warnings_it_printed(ckpts: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    """Warnings come before the progress bar and the summary table; the last line says how
+    many there were, so a user reading the table sees that there is something above it."""
+    rc, out, err = cli(["analyze", "--arch", "fcn3x256", "--ckpts", ckpts, "--device", "cpu",
+                        "--final", "0", "--reset", "reinit", "--out", tmp_path], capsys)
+    assert rc == 0, err
+    assert err.count("layerfast: warning: ") == 1 and "chance" in err
+    assert out.splitlines()[-1] == "1 warning (stderr, above; also in run.json)"
+
+
 def test_analyze_prints_progress_on_stderr_and_summary(ckpts: Path, tmp_path: Path, capsys) -> None:
     rc, out, err = cli(
         ["analyze", "--arch", "fcn3x256", "--ckpts", ckpts, "--device", "cpu", "--out", tmp_path],
@@ -286,6 +297,7 @@ def test_analyze_prints_progress_on_stderr_and_summary(ckpts: Path, tmp_path: Pa
     assert "/360 " not in out
     assert re.search(r"^fc1\s", out, re.M) and re.search(r"^threshold: .*0\.05", out, re.M)
     assert str(tmp_path) in out
+    assert "warning" not in out + err  # a trained model on its own data: nothing to warn of
     # `layerfast report OUT` redraws the figures from the CSV files alone
     for name in ("heatmap.png", "distances.png"):
         (tmp_path / name).unlink()
