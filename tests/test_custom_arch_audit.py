@@ -701,35 +701,6 @@ def F64(num_classes=5, in_shape=None):
 
 def Wide(num_classes=5, in_shape=None):
     return nn.Sequential(nn.Flatten(), nn.Linear(99, num_classes))
-"""
-
-
-def test_analyze_float64_model_and_a_model_that_does_not_fit_the_data(tmp_path, monkeypatch):
-    """analyze() asked the model for its width with a float32 zero sample: a float64 model
-    failed there with a RuntimeError (exit 1). A model that cannot take the data's samples at
-    all is bad input: one LayerfastError, nothing written."""
-    from layerfast.errors import LayerfastError
-    from layerfast.models import get_arch
-
-    (tmp_path / "misfit.py").write_text(MISFIT)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    torch.manual_seed(0)
-    _checkpoints(get_arch("misfit:F64").build(5, (1, 1, 12)), tmp_path / "ck")
-    g = np.random.default_rng(0)
-    np.savez(tmp_path / "x.npz", x=g.standard_normal((12, 12)).astype(np.float32),
-             y=g.integers(0, 5, 12))  # fmt: skip
-    args = {"data": str(tmp_path / "x.npz"), "device": "cpu", "progress": False,
-            "figures": False, "reset": "reinit,fullmodel"}  # fmt: skip
-    res = layerfast.analyze("misfit:F64", tmp_path / "ck", out=tmp_path / "o", **args)
-    assert len(res.table) == 1 + 2 * 3 + 3 and res.table["error"].notna().all()
-    _checkpoints(get_arch("misfit:Wide").build(5, (1, 1, 12)), tmp_path / "ck-wide")
-    with pytest.raises(LayerfastError, match=r"does not run on this data's samples \(shape"):
-        layerfast.analyze("misfit:Wide", tmp_path / "ck-wide", out=tmp_path / "w", **args)
-    assert not (tmp_path / "w").exists()
-
-
-BRANCHY = """
-from torch import nn
 
 
 class Branchy(nn.Module):
@@ -745,22 +716,44 @@ class Branchy(nn.Module):
 """
 
 
+def _misfit(tmp_path, monkeypatch, factory: str, ck: str = "ck") -> dict:
+    """`misfit:<factory>` importable, its checkpoints in tmp_path/ck and 12 random samples in
+    x.npz; returns analyze()'s keywords for them."""
+    from layerfast.models import get_arch
+
+    if not (tmp_path / "misfit.py").exists():
+        (tmp_path / "misfit.py").write_text(MISFIT)
+        monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    _checkpoints(get_arch(f"misfit:{factory}").build(5, (1, 1, 12)), tmp_path / ck)
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", x=g.standard_normal((12, 12)).astype(np.float32),
+             y=g.integers(0, 5, 12))  # fmt: skip
+    return {"data": str(tmp_path / "x.npz"), "device": "cpu", "progress": False,
+            "figures": False, "reset": "reinit,fullmodel"}  # fmt: skip
+
+
+def test_analyze_float64_model_and_a_model_that_does_not_fit_the_data(tmp_path, monkeypatch):
+    """analyze() asked the model for its width with a float32 zero sample: a float64 model
+    failed there with a RuntimeError (exit 1). A model that cannot take the data's samples at
+    all is bad input: one LayerfastError, nothing written."""
+    from layerfast.errors import LayerfastError
+
+    args = _misfit(tmp_path, monkeypatch, "F64")
+    res = layerfast.analyze("misfit:F64", tmp_path / "ck", out=tmp_path / "o", **args)
+    assert len(res.table) == 1 + 2 * 3 + 3 and res.table["error"].notna().all()
+    _misfit(tmp_path, monkeypatch, "Wide", ck="ck-wide")
+    with pytest.raises(LayerfastError, match=r"does not run on this data's samples \(shape"):
+        layerfast.analyze("misfit:Wide", tmp_path / "ck-wide", out=tmp_path / "w", **args)
+    assert not (tmp_path / "w").exists()
+
+
 def test_an_untraced_model_is_a_warning_kept_in_run_json(tmp_path, monkeypatch, capsys):
     """A model fx cannot trace runs as one opaque step: the results are exact but the pass
     is as slow as the naive loop. That was visible only deep in run.json's engine.plan; it is
     a warning now, on stderr and in run.json's "warnings"."""
-    from layerfast.models import get_arch
-
-    (tmp_path / "branchy.py").write_text(BRANCHY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    torch.manual_seed(0)
-    _checkpoints(get_arch("branchy:Branchy").build(5, (1, 1, 12)), tmp_path / "ck")
-    g = np.random.default_rng(0)
-    np.savez(tmp_path / "x.npz", x=g.standard_normal((12, 12)).astype(np.float32),
-             y=g.integers(0, 5, 12))  # fmt: skip
-    res = layerfast.analyze("branchy:Branchy", tmp_path / "ck", data=str(tmp_path / "x.npz"),
-                            out=tmp_path / "o", device="cpu", progress=False, figures=False,
-                            reset="reinit,fullmodel")  # fmt: skip
+    args = _misfit(tmp_path, monkeypatch, "Branchy")
+    res = layerfast.analyze("misfit:Branchy", tmp_path / "ck", out=tmp_path / "o", **args)
     warned = json.loads((tmp_path / "o" / "run.json").read_text())["warnings"]
     assert res.run["engine"]["plan"]["untraced"]
     mine = [w for w in warned if w.startswith("the model ran untraced (")]
