@@ -72,3 +72,36 @@ def test_compare_runs_usage(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().err.strip() == (
         f"compare_runs: no results.csv in {tmp_path} (a finished analyze --out dir?)"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs Debian's dataset-fashion-mnist")
+def test_gpu_session_repro_b_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
+    """The script's documented smoke test, on its most involved phase: train ResNet-20, analyze
+    it, analyze it again with --bn keep, put both summaries into $OUT/summary.txt and the logs
+    into $OUT/logs.tgz. `bash -n` catches syntax only; a wrong argument or path in a step would
+    cost a lent GPU machine's minutes, so the steps run here for real (256 samples, 1 epoch)."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    env = {**os.environ, "OUT": str(tmp_path), "SKIP_BUILD": "1", "DEVICE": "cpu",
+           "MAX_SAMPLES": "256", "RESNET_EPOCHS": "1", "TMPDIR": str(tmp_path),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), "repro-b"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    for step in ("train-resnet20", "analyze-resnet20", "analyze-resnet20-bnkeep"):
+        assert any(ln.startswith(f"{step}: ") and ln.endswith(", exit 0")
+                   for ln in summary.splitlines()), (step, summary)
+    assert "== repro/resnet20/summary.txt" in summary and "rerandom mean" in summary
+    bnkeep = summary.split("== repro/resnet20-bnkeep/summary.txt")[1].split("== repro/")[0]
+    assert "23 variants × 256 samples" in bnkeep  # 11 blocks × τ ∈ {0, 1} + the baseline
+    with tarfile.open(tmp_path / "logs.tgz") as tar:
+        names = tar.getnames()
+    assert "./repro/resnet20/analysis/results.csv" in names
+    assert "./repro/resnet20-bnkeep/analysis/run.json" in names
+    assert "./repro/resnet20/manifest.json" in names
