@@ -123,6 +123,7 @@ analyze_ck() { local ck=$ckroot/$1 arch=$2 res=$LOG/repro/$3 cap=$4; shift 4
   RESERVE=5 step "analyze-${res##*/}" "$cap" python3 -m layerfast analyze --arch "$arch" --ckpts "$ck" --data "$data" \
     --device "$dev" "${maxs[@]}" --precision fp32 --out "$res/analysis" "$@" > "$res/summary.txt" 2> "$res/analyze.err" \
     || tail -3 "$res/analyze.err"
+  tr '\r' '\n' < "$res/analyze.err" | grep '^layerfast: warning' >> "$res/summary.txt"  # what "N warnings" counts
   rm -f "$res/analysis/progress.sqlite"; }
 
 maxs=(); [ -n "${MAX_SAMPLES:-}" ] && maxs=(--max-samples "$MAX_SAMPLES")

@@ -81,14 +81,15 @@ def test_gpu_session_repro_b_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     """The script's documented smoke test, on its most involved phase: train ResNet-20, analyze
     it, analyze it again with --bn keep, put both summaries into $OUT/summary.txt and the logs
     into $OUT/logs.tgz. `bash -n` catches syntax only; a wrong argument or path in a step would
-    cost a lent GPU machine's minutes, so the steps run here for real (256 samples, 1 epoch)."""
+    cost a lent GPU machine's minutes, so the steps run here for real (64 samples, 1 epoch: a
+    model at chance, whose warning must reach the summary, not only the stderr log)."""
     import os
     import subprocess
     import sys
     import tarfile
 
     env = {**os.environ, "OUT": str(tmp_path), "SKIP_BUILD": "1", "DEVICE": "cpu",
-           "MAX_SAMPLES": "256", "RESNET_EPOCHS": "1", "TMPDIR": str(tmp_path),
+           "MAX_SAMPLES": "64", "RESNET_EPOCHS": "1", "TMPDIR": str(tmp_path),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3
     p = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), "repro-b"], env=env,
                        capture_output=True, text=True, timeout=600)
@@ -99,7 +100,13 @@ def test_gpu_session_repro_b_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
                    for ln in summary.splitlines()), (step, summary)
     assert "== repro/resnet20/summary.txt" in summary and "rerandom mean" in summary
     bnkeep = summary.split("== repro/resnet20-bnkeep/summary.txt")[1].split("== repro/")[0]
-    assert "23 variants × 256 samples" in bnkeep  # 11 blocks × τ ∈ {0, 1} + the baseline
+    assert "23 variants × 64 samples" in bnkeep  # 11 blocks × τ ∈ {0, 1} + the baseline
+    for section in summary.split("== repro/")[1:]:  # each analysis: its warnings, as counted
+        lines = section.splitlines()
+        count = next((int(ln.split()[0]) for ln in lines if "(stderr, above; also in run.json)"
+                      in ln), 0)
+        warned = [ln for ln in lines if ln.startswith("layerfast: warning: ")]
+        assert count >= 1 and len(warned) == count, section  # one SGD step: at chance
     with tarfile.open(tmp_path / "logs.tgz") as tar:
         names = tar.getnames()
     assert "./repro/resnet20/analysis/results.csv" in names
