@@ -23,8 +23,8 @@
 # summary into $OUT/summary.txt, which is also printed last (the call's output keeps 12,000 chars).
 # Knobs: CALL_BUDGET (s), FCN_EPOCHS, VGG_EPOCHS, RESNET_EPOCHS (100, the paper's), VGG_LR,
 # TRAIN_TIMEOUT (s, default 300), RESNET_ARCH=resnet18_cifar for the wider CIFAR ResNet-18.
-# Smoke test without a GPU: SKIP_BUILD=1 DEVICE=cpu MAX_SAMPLES=256 *_EPOCHS=1 (tests/test_scripts.py
-# runs repro-b so).
+# Smoke test without a GPU: SKIP_BUILD=1 DEVICE=cpu MAX_SAMPLES=64 *_EPOCHS=1 (tests/test_scripts.py
+# runs repro-b so; `all` so took 6 min on 2 cores, the ResNet-50 benches cut at their caps).
 set -uo pipefail
 phase=${1:-all}
 OUT=${OUT:-/tmp/out}
