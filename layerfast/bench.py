@@ -27,7 +27,7 @@ import torch
 
 from layerfast.engine.fanrun import GLUE_MODES
 from layerfast.engine.precision import LAYOUTS
-from layerfast.errors import LayerfastError
+from layerfast.errors import LayerfastError, collect_warnings
 
 #: The engine's timings in the order a pass runs them (EvalResult.timings).
 PHASES = ("setup", "data", "baseline", "fanned", "swapped", "total")
@@ -219,6 +219,7 @@ def run(args: argparse.Namespace) -> dict:
     from layerfast.data import open_data
     from layerfast.engine import Evaluator
     from layerfast.engine.flops import floor_report
+    from layerfast.engine.plan import warn_if_untraced
     from layerfast.engine.precision import resolve_device
     from layerfast.models import build_model
     from layerfast.units import make_units
@@ -231,7 +232,9 @@ def run(args: argparse.Namespace) -> dict:
     src = open_data(args.data, split="test", max_samples=args.max_samples)
     torch.manual_seed(0)
     model, spec = build_model(args.arch, src.num_classes, tuple(src.shape))
-    with tempfile.TemporaryDirectory(prefix="layerfast-bench-") as tmp:
+    # every `layerfast: warning:` of the run also goes into the JSON (as analyze's run.json):
+    # a figure is judged later from the JSON, when the stderr beside it is gone
+    with collect_warnings() as warned, tempfile.TemporaryDirectory(prefix="layerfast-bench-") as tmp:
         _synthetic_ckpts(model, args.checkpoints, Path(tmp))
         ck = CheckpointDir(tmp)
         model.load_state_dict(ck.tensors(ck.final))
@@ -270,6 +273,7 @@ def run(args: argparse.Namespace) -> dict:
             out[f"{name}_probes"] = round(timings[name] - res.timings["total"], 4)
             if name == "layerfast":
                 plan = ev.last_plan
+                warn_if_untraced(res.plan)  # the figures would time the naive loop twice
         idx = naive_sample(variants, min(args.naive_variants or V, V))  # None: all of them
         sub = [variants[i] for i in idx]
         out["naive_timed"] = [getattr(variants[i], "label", str(i)) for i in idx]
@@ -294,6 +298,7 @@ def run(args: argparse.Namespace) -> dict:
                              channels_last=out["channels_last"])
         out["floor"] = floor
         out["times_floor"] = {k: v / floor["seconds_measured_rate"] for k, v in timings.items()}
+        out["warnings"] = warned
     return out
 
 
@@ -341,4 +346,7 @@ def main(args: argparse.Namespace) -> int:
               f"table in {p['file']}):")
         for e in p["top"][:8]:
             print(f"  {e['share']:6.1%} {e['ms']:9.1f} ms {e['calls']:7d}× {e['op'][:70]}")
+    if out["warnings"]:  # printed before the table, which a reader copies without them
+        n = len(out["warnings"])
+        print(f"{n} warning{'s' if n > 1 else ''} (stderr, above; also in --json's warnings)")
     return 0

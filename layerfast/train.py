@@ -7,7 +7,8 @@ thin loop: plain SGD with momentum, cross-entropy, no augmentation, fp32. What i
   tensors, loadable with `weights_only=True`) plus `manifest.json`, both written atomically
   (temporary file, fsync, `os.replace`), so a killed run never leaves a half-written file. The
   manifest is rewritten after every checkpoint (`"complete": false` until the end): a run killed
-  at epoch 50 still leaves a readable directory of the checkpoints it reached.
+  at epoch 50 still leaves a readable directory of the checkpoints it reached. Its `warnings`
+  list keeps every `layerfast: warning:` the run printed (a one-split data file).
 * **Recorded errors match the analysis.** Each checkpoint is evaluated when saved, in eval mode,
   fp32 (TF32 off), on the *whole* test split in its stored order, top-1 = first maximal logit,
   counted on the device: the same definition as `layerfast.engine`, so the analysis's
@@ -48,7 +49,7 @@ from layerfast.checkpoints.discover import new_file_mode
 from layerfast.data import open_data, to_device
 from layerfast.data.source import DataSource, check_finite
 from layerfast.engine.precision import precision_context, resolve_device
-from layerfast.errors import LayerfastError, warn
+from layerfast.errors import LayerfastError, collect_warnings, warn
 from layerfast.models import build_model
 
 PAPER_CHECKPOINTS: tuple[int, ...] = (0, 1, 2, 3, 8, 40, 90, 100)
@@ -295,13 +296,15 @@ def train(
             f"{data}: train and test splits disagree (classes {train_src.num_classes} vs "
             f"{test_src.num_classes}, shape {train_src.shape} vs {test_src.shape})"
         )
-    _warn_if_one_split(data, train_src, test_src)
 
     # The caller's RNG state is restored afterwards: training reseeds, the caller should not see it.
     cuda_ids = []
     if dev.type == "cuda":
         cuda_ids = [dev.index if dev.index is not None else torch.cuda.current_device()]
     with contextlib.ExitStack() as stack:
+        # every warning also goes into the manifest, read when the run is analysed months later
+        warned = stack.enter_context(collect_warnings())
+        _warn_if_one_split(data, train_src, test_src)
         stack.enter_context(torch.random.fork_rng(cuda_ids))
         # θ⁰ depends on the seed only: built on the CPU, then moved. Only the generators that
         # fork_rng restores are seeded: torch.manual_seed would also reseed every other CUDA
@@ -337,7 +340,7 @@ def train(
             "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
             "schedule": schedule, "device": str(dev), "torch": torch.__version__,
             "layerfast": layerfast.__version__, "train_n": n, "max_samples": max_samples,
-            "complete": False,
+            "complete": False, "warnings": warned,
         }  # fmt: skip
         entries: list[dict[str, Any]] = []
         post: dict[str, str] = {}

@@ -210,3 +210,48 @@ def test_floor_rate_is_not_below_what_the_model_itself_reaches(monkeypatch) -> N
     assert f["rate_tflops_measured"] == max(f["rate_tflops_gemm"], f["rate_tflops_forward"])
     needed = f["gflop_per_sample"]["needed"] * 1e9 * out["n"]
     assert f["seconds_measured_rate"] == pytest.approx(needed / (f["rate_tflops_measured"] * 1e12))
+
+
+BRANCHY = """
+import torch.nn as nn
+
+
+def branchy(num_classes=10, in_shape=None):
+    return Branchy(num_classes)
+
+
+class Branchy(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(64, 8), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        h = self.l1(x.flatten(1))
+        if h.sum() > 1e9:  # data-dependent: fx cannot trace it
+            h = h * 0
+        return self.l2(h.relu())
+"""
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+def test_a_model_benched_untraced_is_a_warning_kept_in_the_json(
+    tmp_path, monkeypatch, capsys, quick, traceable
+) -> None:
+    """A model fx cannot trace runs every variant's whole forward: the "layerfast" figure then
+    times the naive loop against itself. That showed only as the plan's `untraced`; it is now
+    a warning on stderr and in the JSON's `warnings`, as in analyze's run.json."""
+    (tmp_path / "branchy_bench.py").write_text(BRANCHY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    arch = "fcn2x16" if traceable else "branchy_bench:branchy"
+    out = bench.run(_args("--arch", arch, "--naive-variants", "2", "--no-prefix-only"))
+    err = capsys.readouterr().err
+    assert bool(out["layerfast_plan"]["untraced"]) is not traceable
+    mine = [w for w in out["warnings"] if w.startswith("the model ran untraced (")]
+    assert len(mine) == (not traceable) and all(f"layerfast: warning: {w}" in err for w in mine)
+    flagged = [ln for ln in _table_rows()(out, "m") if ln.startswith("    WARNING: the model ran untraced")]
+    assert len(flagged) == (not traceable)  # the GPU session's table shows it too
+    if not traceable:  # the text's last line counts them: the table is what gets copied
+        monkeypatch.setattr(bench, "run", lambda args: out)
+        bench.main(_args("--arch", arch))
+        last = capsys.readouterr().out.rstrip().splitlines()[-1]
+        assert last == "1 warning (stderr, above; also in --json's warnings)"

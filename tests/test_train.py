@@ -301,7 +301,8 @@ def test_fashion_mnist_learns_and_records_errors_on_the_full_test_split(tmp_path
 @pytest.mark.parametrize("splits", [False, True])
 def test_a_one_split_file_is_trained_on_with_a_warning(tmp_path, capsys, splits):
     """An .npz with only x/y serves the same samples as train and test: the manifest's 'test'
-    errors would be training errors. The run goes on (it is the user's data) but says so."""
+    errors would be training errors. The run goes on (it is the user's data) but says so, on
+    stderr and in the manifest's `warnings`, which is read when the run is analysed later."""
     import numpy as np
 
     g = np.random.default_rng(0)
@@ -315,4 +316,5 @@ def test_a_one_split_file_is_trained_on_with_a_warning(tmp_path, capsys, splits)
     train(arch=ARCH, data=str(path), epochs=1, out=tmp_path / "o", progress=False)
     err = capsys.readouterr().err
     assert ("train and test splits begin with the same 48 samples" in err) is (not splits), err
-    assert (tmp_path / "o" / "manifest.json").exists()
+    warned = json.loads((tmp_path / "o" / "manifest.json").read_text())["warnings"]
+    assert len(warned) == (not splits) and all(f"layerfast: warning: {w}" in err for w in warned)

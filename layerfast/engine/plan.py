@@ -11,6 +11,7 @@ import torch
 
 from layerfast.engine.fanout import FanPlan, fan_plan
 from layerfast.engine.graph import Program
+from layerfast.errors import warn
 
 
 @dataclass
@@ -69,6 +70,19 @@ class Plan:
             sorted({c for p in plans for c in p.cuts}),
             next((p.untraced for p in plans if p.untraced), None),
         )
+
+
+def warn_if_untraced(summary: dict) -> None:
+    """A warning when `summary` (`Plan.summary()`) says the model ran untraced.
+
+    The results stand; the speed a user came for does not (every variant ran the whole
+    forward), and a `layerfast bench` figure then times the naive loop against itself. Said by both
+    `analyze` and `bench`, in one wording, so that one grep finds it in either output."""
+    why = summary.get("untraced")
+    if why:
+        warn(f"the model ran untraced ({why}): every variant ran the whole forward, "
+             "with no prefix sharing or fan-out, so the pass was as slow as the naive loop; "
+             "the results are exact")
 
 
 def make_plan(prog: Program, keysets: list[set[str]], fanout: bool, max_fanout: int) -> Plan:
