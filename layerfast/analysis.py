@@ -385,6 +385,9 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
         model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples)
         if ck.incomplete:  # analysing a cut-short run can be the point; it must not be silent
             warn(f"{ck.path}: {ck.incomplete}; analysing the checkpoints it has")
+        trained = (ck.manifest or {}).get("warnings")
+        for w in trained if isinstance(trained, list) else ():  # still true of these checkpoints
+            warn(f"{ck.path}: its training run warned: {w}")
         unit_list = make_units(model, granularity=granularity, patterns=patterns, bn=bn, arch=spec)
         variants = make_variants(model, unit_list, ck, spec, reset=resets, checkpoints=chosen,
                                  seeds=seed_list)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from layerfast.analysis import analyze
 from layerfast.checkpoints import CheckpointDir
 from layerfast.data import open_data
 from layerfast.engine.naive import naive_evaluate
@@ -318,3 +319,8 @@ def test_a_one_split_file_is_trained_on_with_a_warning(tmp_path, capsys, splits)
     assert ("train and test splits begin with the same 48 samples" in err) is (not splits), err
     warned = json.loads((tmp_path / "o" / "manifest.json").read_text())["warnings"]
     assert len(warned) == (not splits) and all(f"layerfast: warning: {w}" in err for w in warned)
+    # and the analysis of those checkpoints says it again, in its own run.json
+    res = analyze(ARCH, tmp_path / "o", data=str(path), out=tmp_path / "a", reset="fullmodel",
+                  device="cpu", progress=False, figures=False)  # fmt: skip
+    again = [w for w in res.run["warnings"] if "its training run warned: " in w]
+    assert [w.split("its training run warned: ", 1)[1] for w in again] == warned
