@@ -34,29 +34,33 @@ PHASES = ("setup", "data", "baseline", "fanned", "swapped", "total")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="fcn3x256")
-    p.add_argument("--data", default="digits", help="data spec (synthetic:imagenet for ResNet-50 at 224²)")
-    p.add_argument("--granularity", default="layer", choices=["layer", "block", "stage"])
-    p.add_argument("--checkpoints", type=int, default=5, help="synthetic checkpoints (τ = 0..N-1)")
-    p.add_argument("--seeds", type=int, default=2, help="re-randomizations per unit")
+    p.add_argument("--arch", default="fcn3x256", help="as for analyze (default: fcn3x256)")
+    p.add_argument("--data", default="digits", help="data spec (default: digits; synthetic:imagenet for ResNet-50 at 224²)")
+    p.add_argument("--granularity", default="layer", choices=["layer", "block", "stage"],
+                   help="as for analyze (default: layer)")
+    p.add_argument("--checkpoints", type=int, default=5, help="synthetic checkpoints, τ = 0..N-1 (default: 5)")
+    p.add_argument("--seeds", type=int, default=2, help="re-randomizations per unit (default: 2)")
     p.add_argument("--naive-variants", type=int, default=None,
                    help="time the naive loop on this many variants and scale (default: all)")
     p.add_argument("--no-prefix-only", action="store_true",
                    help="time only the default mode, not the other fan-out setting beside it")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
+                   help="layerfast's precision, as for analyze (default: auto); the naive loop runs fp32")
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
-                   help="layerfast's activation layout (see `layerfast analyze --help`)")
+                   help="layerfast's activation layout (default: auto; see `layerfast analyze --help`)")
     p.add_argument("--glue", default="fused", choices=GLUE_MODES,
                    help="how fanned groups move their values: fold form with BN+add+ReLU fused "
                         "(default), fold form with torch ops, or unfolded after every conv")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per batch for both (default: layerfast plans its own, naive 256)")
+    p.add_argument("--max-samples", type=int, default=None, help="use only the first N samples")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--profile", type=Path, default=None, metavar="FILE",
                    help="also profile the default mode on up to --profile-samples samples "
                         "(torch.profiler) and write the op table, by self device time, to FILE")
-    p.add_argument("--profile-samples", type=int, default=2048)
+    p.add_argument("--profile-samples", type=int, default=2048,
+                   help="samples the --profile pass runs on (default: 2048)")
 
 
 def _synthetic_ckpts(model: torch.nn.Module, n: int, where: Path) -> None:

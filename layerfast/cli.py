@@ -160,12 +160,28 @@ def parser() -> argparse.ArgumentParser:
         "imagefolder:DIR, PATH.beton, PATH.npz, synthetic:imagenet|cifar[:N] "
         "(docs/data.md in the source tree)",
     )
-    a.add_argument("--split", default="test", choices=["test", "train"])
-    a.add_argument("--granularity", default="layer", choices=["layer", "block", "stage"])
+    a.add_argument(
+        "--split", default="test", choices=["test", "train"], help="split to evaluate on (default: test)"
+    )
+    a.add_argument(
+        "--granularity",
+        default="layer",
+        choices=["layer", "block", "stage"],
+        help="layer (default): each module owning weights (conv, linear, ...); block: stem, each "
+        "residual block, head (ResNet-50: the paper's 18 units); stage: stem, layer1..layer4, head. "
+        "Models outside the registry get block/stage from their top-level children",
+    )
     a.add_argument(
         "--units", default=None, help="custom units: glob or re:regex patterns, comma-separated"
     )
-    a.add_argument("--bn", default="with-layer", choices=["with-layer", "keep", "separate"])
+    a.add_argument(
+        "--bn",
+        default="with-layer",
+        choices=["with-layer", "keep", "separate"],
+        help="normalization layers: with-layer (default) = reset with the conv/linear that feeds "
+        "them, weights and running statistics from the same source; keep = always the final "
+        "model's; separate = each is a unit of its own",
+    )
     a.add_argument(
         "--reset", default="reinit,rerandom,fullmodel", help="kinds: reinit,rerandom,fullmodel"
     )
@@ -208,29 +224,48 @@ def parser() -> argparse.ArgumentParser:
     _common_eval(a)
 
     t = sub.add_parser("train", help="train a model, saving the paper's checkpoint schedule")
-    t.add_argument("--arch", required=True)
-    t.add_argument("--data", default="digits")
-    t.add_argument("--epochs", type=int, required=True)
+    t.add_argument(
+        "--arch", required=True, help="as for analyze: fcn3x256, vgg11, resnet20, ... or pkg.module:factory"
+    )
+    t.add_argument("--data", default="digits", help="data spec, as for analyze (default: digits)")
+    t.add_argument("--epochs", type=int, required=True, help="epochs to train (the paper: 100)")
     t.add_argument(
         "--checkpoints", type=_int_list, default=None, help="default: 0,1,2,3,8,40,90,100 scaled"
     )
-    t.add_argument("--out", required=True)
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"])
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto")
+    t.add_argument(
+        "--out", required=True, help="directory for epoch_NNN.pt and manifest.json (created)"
+    )
+    t.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: 0.1)")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    t.add_argument(
+        "--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: 5e-4)"
+    )
+    t.add_argument("--batch-size", type=int, default=128, help="samples per step (default: 128)")
+    t.add_argument(
+        "--schedule",
+        default="cosine",
+        choices=["cosine", "step", "constant"],
+        help="learning rate: cosine (default) = lr·(1 + cos(π·epochs done/epochs))/2, every "
+        "step; step = ÷10 from 50%% and ÷100 from 75%% of the epochs; constant",
+    )
+    t.add_argument(
+        "--seed", type=int, default=0, help="θ⁰ and the shuffle order depend on it (default: 0)"
+    )
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     t.add_argument("--max-samples", type=int, default=None, help="train on the first N samples")
-    t.add_argument("--overwrite", action="store_true")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run's checkpoints in --out"
+    )
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     d = sub.add_parser(
         "demo", help="zero-setup: train fcn3x256 on digits, analyze, write the report"
     )
-    d.add_argument("--out", default="layerfast-demo")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument(
+        "--out", default="layerfast-demo", help="checkpoints/ and analysis/ go here (default: "
+        "layerfast-demo)"
+    )
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
 
     b = sub.add_parser("bench", help="layerfast vs the naive loop on the same variants, one run")
     from layerfast.bench import add_arguments
@@ -238,15 +273,17 @@ def parser() -> argparse.ArgumentParser:
     add_arguments(b)
 
     c = sub.add_parser("convert", help="write a dataset spec to an FFCV .beton")
-    c.add_argument("spec")
-    c.add_argument("--to", required=True)
-    c.add_argument("--split", default="test", choices=["test", "train"])
+    c.add_argument("spec", help="a data spec, as for analyze --data (e.g. fashion-mnist)")
+    c.add_argument("--to", required=True, help="the .beton file to write")
+    c.add_argument(
+        "--split", default="test", choices=["test", "train"], help="split to write (default: test)"
+    )
 
     r = sub.add_parser("report", help="redraw the figures of a finished run from its CSV files")
-    r.add_argument("out")
+    r.add_argument("out", help="the --out directory of a finished analyze run")
 
     i = sub.add_parser("info", help="versions, build flags, kernels, FFCV")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print it as JSON")
     ap.commands = dict(sub.choices)
     return ap
 
