@@ -159,11 +159,12 @@ C10_HOST_DEVICE inline void run_vec(
     const T* __restrict__ x, const float* __restrict__ sc, const float* __restrict__ sh,
     const T* __restrict__ r, T* __restrict__ out, int64_t i0, int64_t numel, int64_t C,
     int64_t Cr, int64_t S) {
-  int64_t c, s = 0, n = 0, ri;
+  int64_t c, k = 0, s = 0, n = 0, ri;  // k = c % Cr, kept by stepping (channels-last)
   if constexpr (kCL) {
     const int64_t q = i0 / C;
     c = i0 - q * C;
-    ri = q * Cr + c % Cr;
+    k = c % Cr;
+    ri = q * Cr + k;
   } else {
     const int64_t p = i0 / S;
     s = i0 - p * S;
@@ -180,12 +181,15 @@ C10_HOST_DEVICE inline void run_vec(
     const float y = value<kRes, kRelu>(static_cast<float>(x[i]), sc[c], sh[c],
                                        kRes ? static_cast<float>(r[ri]) : 0.f);
     out[i] = static_cast<T>(y);
-    if constexpr (kCL) {  // step to element i + 1
+    if constexpr (kCL) {  // step to element i + 1, with no division (k counts instead)
       ++c;
       ++ri;
+      ++k;
       if (c == C) {
         c = 0;  // next pixel: its residual run starts right after this one's
-      } else if (c % Cr == 0) {
+        k = 0;
+      } else if (k == Cr) {
+        k = 0;
         ri -= Cr;  // the next run of Cr channels reads the same residual pixel again
       }
     } else {

@@ -137,7 +137,8 @@ def score_(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Tensor) -> Non
 
     Labels are checked on CPU (an error before anything is added); on CUDA a label outside
     [0, C) trips a device-side assert, which loses the CUDA context, so validate labels once per
-    dataset. On CUDA the counts are exact and the loss sum's last bits depend on block order.
+    dataset. On CUDA the counts are exact, and the loss sum is reduced in a fixed order (no
+    atomics): bit-for-bit the same from run to run, its last bits not the CPU's.
     """
     torch.ops.layerfast.score_.default(logits, labels, ref_pred, acc)
 

@@ -203,14 +203,25 @@ def test_cuda_runs_on_the_current_stream():
 
 
 @pytest.mark.cuda
-def test_cuda_large_index_math():
-    """More elements than one grid-stride pass and planes that straddle thread boundaries."""
-    x, scale, shift, r = make(3, 1000, (37, 41), 250, torch.float32, "cuda", seed=5)
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        # planes (37·41) and channel runs that straddle the threads' 4-element steps
+        ((3, 1000, (37, 41), 250), torch.float32),
+        # more elements (75.5M) than one grid-stride pass covers (65,536 blocks × 256 threads
+        # × 4 = 2^26): threads take a second step, which lands mid-plane and mid-pixel
+        ((2, 1024, (192, 192), 256), torch.float16),
+    ],
+)
+def test_cuda_large_index_math(shape, dtype):
+    x, scale, shift, r = make(*shape, dtype, "cuda", seed=5)
+    if dtype == torch.float16:  # the shape does what its comment says
+        assert x.numel() > 2**26
     for t in (x, x.contiguous(memory_format=torch.channels_last)):
         rr = r if t.is_contiguous() else r.contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(ops.affine_relu(t, scale, shift, rr, True),
                                    ops.affine_relu_reference(t, scale, shift, rr, True),
-                                   **_tol(torch.float32))
+                                   **_tol(dtype))
 
 
 # ---- the CUDA kernel's index arithmetic, run on the CPU ------------------------------------
