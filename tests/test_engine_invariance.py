@@ -263,6 +263,53 @@ def test_oom_on_every_attempt_is_one_clear_error(monkeypatch, where):
     assert _same(before, m)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_model_with_gradients_moved_to_the_device_comes_back_as_it_came(monkeypatch, layout):
+    """`Module.to(cuda)` moves each gradient by replacing the grad object's own data, so the
+    restore paired a CPU parameter with a CUDA grad and raised halfway (the later parameters,
+    the buffers and the training flags left on the GPU). The move is simulated on the CPU by
+    one with the same effect on grads, a cast to float64; channels_last converted 4-D grads the
+    same way. Gradients now stay where they were, off the model during the run."""
+    m, variants = _net()
+    grads = {n: torch.randn(p.shape) for n, p in m.named_parameters() if p.dim() >= 2}
+    for n, p in m.named_parameters():
+        p.grad = grads[n].clone() if n in grads else None
+    m.train()
+    before = _snapshot(m)
+    real_to = nn.Module.to
+
+    def to_elsewhere(self, *args, **kw):  # the evaluator's model.to(device), as far as grads go
+        if args and isinstance(args[0], torch.device):
+            return real_to(self, torch.float64)
+        return real_to(self, *args, **kw)
+
+    monkeypatch.setattr(nn.Module, "to", to_elsewhere)
+    ev = Evaluator(m, variants, device="cpu", layout=layout)
+    with ev._on_device():
+        assert all(p.dtype == torch.float64 for p in m.parameters())  # it did move
+    assert _same(before, m)
+    for n, p in m.named_parameters():
+        assert p.dtype == torch.float32
+        if n in grads:
+            g = p.grad
+            assert g.dtype == torch.float32 and g.is_contiguous() and torch.equal(g, grads[n]), n
+
+
+@pytest.mark.cuda
+def test_a_cpu_model_with_gradients_run_on_cuda_comes_back_as_it_came():
+    """The real move of the test above: a CPU model with gradients, run on the GPU."""
+    m, variants = _net()
+    grads = {n: torch.randn(p.shape) for n, p in m.named_parameters() if p.dim() >= 2}
+    for n, p in m.named_parameters():
+        p.grad = grads[n].clone() if n in grads else None
+    before = _snapshot(m)
+    x, y = _xy(16, (3, 8, 8))
+    Evaluator(m, variants, device="cuda").run(_batches(x, y, 8))
+    assert _same(before, m)
+    assert all(p.grad.device.type == "cpu" and torch.equal(p.grad, grads[n])
+               for n, p in m.named_parameters() if n in grads)
+
+
 # ---- exceptions and Ctrl-C inside a forward ------------------------------------------------
 
 

@@ -322,6 +322,11 @@ class Evaluator:
         cl = self.channels_last
         model.eval()
         try:
+            # Gradients stay where they are, off the model while it runs: `Module.to` would move
+            # each one by replacing the saved grad's own data (CPU -> CUDA, or to channels_last),
+            # and restoring a CPU parameter with its now-CUDA grad raises halfway through.
+            for p, _, _ in params:
+                p.grad = None
             model.to(dev)
             if cl:
                 model.to(memory_format=torch.channels_last)
