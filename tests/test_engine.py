@@ -317,6 +317,35 @@ def test_labels_outside_classes_rejected():
         Evaluator(fcn(), [{}], device="cpu").run([(x, torch.full((8,), 12))])
 
 
+def test_labels_are_checked_on_the_host_before_they_move(monkeypatch):
+    """The check read the labels only where they were on the CPU, so on CUDA a label past the
+    model's outputs reached `score_`'s device-side assert, which loses the CUDA context. The
+    labels' range is now read on the host before the move; here the "device" copy is a meta
+    tensor, which nothing could read: the error must come from the host-side range."""
+    from layerfast.errors import LayerfastError
+
+    real = Evaluator._batches
+
+    def labels_elsewhere(self, *args):
+        for x, y, span in real(self, *args):
+            yield x, y.to("meta"), span
+
+    monkeypatch.setattr(Evaluator, "_batches", labels_elsewhere)
+    x, _ = _data(8)
+    with pytest.raises(LayerfastError, match=r"labels must lie in \[0, 10\).*found 0\.\.12"):
+        Evaluator(fcn(), [{}], device="cpu").run([(x, torch.tensor([0] * 7 + [12]))])
+
+
+@pytest.mark.cuda
+def test_labels_outside_classes_rejected_on_cuda_and_the_gpu_still_works():
+    from layerfast.errors import LayerfastError
+
+    x, _ = _data(8)
+    with pytest.raises(LayerfastError, match="labels must lie"):
+        Evaluator(fcn(), [{}], device="cuda").run([(x, torch.full((8,), 12))])
+    torch.ones(1, device="cuda").sum().item()  # no device-side assert: the context is alive
+
+
 def test_oom_backoff_keeps_results(monkeypatch):
     """A fanned chunk that runs out of memory is retried with fewer variants; sums unchanged."""
     import layerfast.engine.evaluator as ev

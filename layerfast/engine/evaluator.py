@@ -428,23 +428,27 @@ class Evaluator:
 
     def _batches(
         self, data: Any, start: int, cl: bool
-    ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> Iterable[tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]]:
+        """(x, y) on the device, and the labels' (min, max) read on the host before the move
+        (`_label_span`)."""
         dev = self.device
         dtype = self._input_dtype()
         if hasattr(data, "batches") and hasattr(data, "shape"):
             from layerfast.data import to_device
 
             for x, y in data.batches(self.batch_size, start=start):
-                yield to_device(x, y, data, dev, dtype=dtype, channels_last=cl)
+                span = _label_span(y)
+                yield (*to_device(x, y, data, dev, dtype=dtype, channels_last=cl), span)
             return
         if start:
             raise LayerfastError("resuming needs a DataSource, not a plain iterable of batches")
         for item in data:
             x, y = _pair(item)
+            span = _label_span(y)
             x = x.to(dev, non_blocking=True)
             if cl and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(dev, torch.int64, non_blocking=True)
+            yield x, y.to(dev, torch.int64, non_blocking=True), span
 
     def _run(self, data, start, counts, on_progress, on_checkpoint, every, cl, t0) -> EvalResult:
         ops = _ops()
@@ -481,13 +485,13 @@ class Evaluator:
                 batch = next(batches, None)
             if batch is None:
                 break
-            x, y = batch
+            x, y, span = batch
             if self._trace_ok is None and prog.traced:
                 t_check = time.perf_counter()  # once per run; it syncs (allclose), wall time is true
                 prog, plan = self._verified(prog, plan, x, keysets)
                 setup += time.perf_counter() - t_check  # a setup cost, not the data phase's
             with precision_context(self.precision, self.device):
-                C = self._pass_rows(ops, prog, plan, x, y, acc, dev_ov, live, clock)
+                C = self._pass_rows(ops, prog, plan, x, y, span, acc, dev_ov, live, clock)
             n += int(y.shape[0])
             if on_progress is not None:
                 on_progress(n)
@@ -584,7 +588,7 @@ class Evaluator:
         with torch.inference_mode(), precision_context(self.precision, self.device):
             return int(prog.run(x, 0).shape[1])
 
-    def _pass_rows(self, ops, prog, plan, x, y, acc, dev_ov, live, clock) -> int:
+    def _pass_rows(self, ops, prog, plan, x, y, span, acc, dev_ov, live, clock) -> int:
         """`_pass_batch` on the batch in pieces of at most `self._rows` samples. Out of memory
         anywhere in a piece (the baseline, or a variant already at one sample or K=1) drops
         what the piece added to the sums, halves `_rows` for the rest of the run and retries:
@@ -595,7 +599,9 @@ class Evaluator:
             hi = min(B, lo + (self._rows or B))
             before = acc.clone()
             try:
-                C = self._pass_batch(ops, prog, plan, x[lo:hi], y[lo:hi], acc, dev_ov, live, clock)
+                C = self._pass_batch(
+                    ops, prog, plan, x[lo:hi], y[lo:hi], span, acc, dev_ov, live, clock
+                )
             except _OOM as exc:
                 acc.copy_(before)
                 if hi - lo <= 1:
@@ -618,13 +624,14 @@ class Evaluator:
         plan: Plan,
         x: torch.Tensor,
         y: torch.Tensor,
+        span: tuple[int, int] | None,
         acc: torch.Tensor,
         dev_ov,
         live,
         clock: PhaseClock,
     ) -> int:
         """One batch through the baseline (keeping the cuts) and every group's suffix; returns
-        the number of classes."""
+        the number of classes. `span`: the labels' (min, max) read on the host, or None."""
         V = len(self._pass_idx)
         with clock("baseline"):
             cache: dict[int, torch.Tensor] = {}
@@ -635,7 +642,8 @@ class Evaluator:
             if not isinstance(logits0, torch.Tensor) or logits0.dim() != 2:
                 raise LayerfastError("the model must return logits shaped [batch, classes]")
             C = logits0.shape[1]
-            _check_labels(y, C)
+            if span is not None:  # before anything is scored: on CUDA, a device-side assert
+                _check_labels(span, C)
             ref = logits0.argmax(1)
             self._score(ops, logits0.unsqueeze(0), y, ref, acc[V : V + 1])
             for i in plan.same_as_baseline:
@@ -887,9 +895,22 @@ def _peek(data: Any) -> tuple[Any, Any]:
     return data, first
 
 
-def _check_labels(y: torch.Tensor, num_classes: int) -> None:
-    if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+def _label_span(y: torch.Tensor) -> tuple[int, int] | None:
+    """The labels' (min, max), read while they are still on the host: on the device reading
+    them would cost a sync per batch. None for labels already on a device (then unchecked:
+    `ops.score_` asserts on the device) or an empty batch."""
+    if y.device.type != "cpu" or not y.numel():
+        return None
+    lo, hi = torch.aminmax(y)
+    return int(lo), int(hi)
+
+
+def _check_labels(span: tuple[int, int], num_classes: int) -> None:
+    """A clear error for a label outside the model's outputs, before anything is scored: on
+    CUDA, `score_` meets it as a device-side assert, which loses the CUDA context."""
+    lo, hi = span
+    if lo < 0 or hi >= num_classes:
         raise LayerfastError(
             f"labels must lie in [0, {num_classes}) for a model with "
-            f"{num_classes} outputs; found {int(y.min())}..{int(y.max())}"
+            f"{num_classes} outputs; found {lo}..{hi}"
         )
