@@ -41,3 +41,36 @@ def test_cuda_phases_time_the_device_work_not_the_launch() -> None:
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     assert clock.cuda and 0 < t["matmul"] <= wall and t["matmul"] > launch
+
+
+def test_cuda_events_mark_the_runs_own_device_stream(monkeypatch) -> None:
+    """`Event.record()` with no stream marks the *current* device's stream: a run on cuda:1
+    (current device 0) timed another GPU's queue, and every phase read ~0. The events now mark
+    the run's device's current stream. Simulated with fake events and streams."""
+    asked, marked = [], []
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+
+        def record(self, stream=None) -> None:
+            marked.append(stream)
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, end) -> float:
+            return 250.0
+
+    def current_stream(device=None):
+        asked.append(device)
+        return f"stream of {device}"
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    dev = torch.device("cuda", 1)
+    clock = PhaseClock(dev)
+    with clock("baseline"):
+        pass
+    assert asked == [dev] and marked == [f"stream of {dev}"] * 2
+    assert clock.totals() == {"baseline": 0.25}
