@@ -147,14 +147,9 @@ def _check_options(threshold: float, batch_size: int | None, device: Any) -> Non
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise LayerfastError(f"--batch-size must be a positive integer; got {batch_size!r}")
-    if isinstance(device, torch.device) or device == "auto":
-        return
-    try:
-        ok = torch.device(device).type in ("cpu", "cuda")
-    except (RuntimeError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise LayerfastError(f"unknown --device {device!r}: choose auto, cpu, cuda or cuda:N")
+    from layerfast.engine.precision import resolve_device
+
+    resolve_device(device)  # up front: an unknown or absent device, before anything is read
 
 
 def _checkpoint_every(value: float | None) -> float:

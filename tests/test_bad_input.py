@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -410,3 +411,40 @@ def test_in_memory_arrays_must_be_finite() -> None:
     with pytest.raises(LayerfastError, match=r"arr: x: NaN or Inf values in 1 of 6 samples \(sample 4\)"):
         DataSource.from_arrays("arr", x, torch.zeros(6, dtype=torch.long))
     DataSource.from_arrays("arr", torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.zeros(6, dtype=torch.long))
+
+
+# --------------------------------------------------- devices: one check for every command
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "needle"),
+    [("mps", 0, "unknown --device 'mps': use auto, cpu, cuda or cuda:N"),
+     ("meta", 0, "unknown --device 'meta'"),
+     ("gpu", 0, "unknown --device 'gpu'"),
+     ("cuda", 0, "torch sees no CUDA GPU here"),
+     ("cuda:1", 1, "--device cuda:1: torch sees 1 CUDA GPU here (cuda:0)"),
+     ("cuda:4", 4, "--device cuda:4: torch sees 4 CUDA GPUs here (cuda:0..cuda:3)")],
+)  # fmt: skip
+def test_an_unusable_device_is_one_error_for_every_command(
+    device, gpus, needle, monkeypatch, tmp_path, capsys
+) -> None:
+    """train, bench and the Python Evaluator took `cuda:5` on a one-GPU machine (and `mps`,
+    `meta`) and failed deep inside the first allocation (a traceback, exit 1); analyze
+    refused unknown types but not a missing GPU index. One check now serves them all."""
+    from layerfast.engine import Evaluator
+    from layerfast.engine.precision import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(LayerfastError, match=re.escape(needle)):
+        resolve_device(device)
+    with pytest.raises(LayerfastError):
+        Evaluator(torch.nn.Linear(2, 2), [{}], device=device)
+    for argv in (["train", "--arch", "fcn1x8", "--epochs", "1", "--out", str(tmp_path / "t")],
+                 ["bench", "--arch", "fcn1x8", "--max-samples", "8"],
+                 ["analyze", "--arch", "fcn1x8", "--ckpts", str(tmp_path), "--out",
+                  str(tmp_path / "a")]):  # fmt: skip
+        assert main([*argv, "--device", device]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, (argv, err)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "a").exists()

@@ -18,10 +18,19 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise LayerfastError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise LayerfastError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LayerfastError("--device cuda was asked for, but torch sees no CUDA GPU here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        # else "invalid device ordinal" from deep inside the first allocation, exit 1
+        n = torch.cuda.device_count()
+        raise LayerfastError(
+            f"--device {device}: torch sees {n} CUDA GPU{'s' if n != 1 else ''} here "
+            f"(cuda:0{f'..cuda:{n - 1}' if n > 1 else ''})"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise LayerfastError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N")
     return dev
 
 
