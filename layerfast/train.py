@@ -21,8 +21,8 @@ thin loop: plain SGD with momentum, cross-entropy, no augmentation, fp32. What i
 The training split is gathered into memory once (uint8 stays uint8) and indexed by a fresh
 permutation each epoch; `DataSource.batches` is sequential by contract, and MNIST / digits /
 CIFAR-sized sets fit easily. On CUDA it is staged on the GPU when under 2 GiB (indexing there
-avoids a host gather per batch), otherwise pinned on the host. Batches are normalised by
-`to_device`, exactly like evaluation. A trailing batch of a single sample is skipped for that
+avoids a host gather per batch), otherwise kept in host memory (`to_device` pins each batch).
+Batches are normalised by `to_device`, exactly like evaluation. A trailing batch of a single sample is skipped for that
 epoch (BatchNorm cannot train on one sample; the next shuffle covers it).
 """
 
@@ -234,13 +234,15 @@ def _check_seed(seed: object) -> None:
 
 
 def _gather(source: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole split as raw (x, y) tensors, staged where per-batch indexing is cheapest."""
+    """The whole split as raw (x, y) tensors, staged where per-batch indexing is cheapest.
+
+    Past `_STAGE_ON_GPU_BYTES` it stays in ordinary host memory: each batch is a fresh tensor
+    (`x_all[idx]`), which `to_device` pins on its own, so pinning the whole split would only
+    lock that much RAM for nothing."""
     xs, ys = zip(*source.batches(4096), strict=True)
     x, y = torch.cat(xs), torch.cat(ys).to(torch.int64)
-    if device.type == "cuda":
-        if x.nbytes + y.nbytes <= _STAGE_ON_GPU_BYTES:
-            return x.to(device), y.to(device)
-        return x.pin_memory(), y.pin_memory()
+    if device.type == "cuda" and x.nbytes + y.nbytes <= _STAGE_ON_GPU_BYTES:
+        return x.to(device), y.to(device)
     return x, y
 
 

@@ -324,3 +324,18 @@ def test_a_one_split_file_is_trained_on_with_a_warning(tmp_path, capsys, splits)
                   device="cpu", progress=False, figures=False)  # fmt: skip
     again = [w for w in res.run["warnings"] if "its training run warned: " in w]
     assert [w.split("its training run warned: ", 1)[1] for w in again] == warned
+
+
+def test_a_training_set_too_big_for_the_gpu_is_not_pinned_whole(monkeypatch):
+    """Past the GPU staging limit the split stayed on the host, pinned whole: but every batch
+    is a fresh gather (`x_all[idx]`) that `to_device` pins again, so the whole-split pin only
+    locked that much RAM. It is plain host memory now (on this GPU-less machine pin_memory
+    itself raises, so the old code fails here)."""
+    import layerfast.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_STAGE_ON_GPU_BYTES", 0)
+    src = open_data("digits", split="train", max_samples=64)
+    x, y = train_mod._gather(src, torch.device("cuda"))
+    assert x.device.type == y.device.type == "cpu" and x.shape[0] == y.shape[0] == 64
+    if torch.cuda.is_available():  # is_pinned asks the CUDA host allocator
+        assert not x.is_pinned() and not y.is_pinned()
