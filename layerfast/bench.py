@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> dict:
             out[f"{name}_probes"] = round(timings[name] - res.timings["total"], 4)
             if name == "layerfast":
                 plan = ev.last_plan
-                warn_if_untraced(res.plan)  # the figures would time the naive loop twice
+                warn_if_untraced(res.plan)  # its figure would be the naive loop's speed
         idx = naive_sample(variants, min(args.naive_variants or V, V))  # None: all of them
         sub = [variants[i] for i in idx]
         out["naive_timed"] = [getattr(variants[i], "label", str(i)) for i in idx]
