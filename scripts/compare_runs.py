@@ -24,6 +24,25 @@ def load(d: Path) -> pd.DataFrame:
                          "verdict0": r0["verdict"], "rerandom": rr})
 
 
+def labels(dirs: list[Path]) -> list[str]:
+    """A column name per run: the dir's name, with as many parent dirs as it takes to tell the
+    runs apart (seed0/analysis and seed1/analysis would otherwise share one column, the
+    second run's numbers silently replacing the first's)."""
+    parts = [d.resolve().parts for d in dirs]
+    depth = [1] * len(dirs)
+    while True:
+        names = ["/".join(p[-k:]) for p, k in zip(parts, depth, strict=True)]
+        clash = [i for i, n in enumerate(names) if depth[i] < len(parts[i])
+                 and any(m == n and parts[j] != parts[i] for j, m in enumerate(names))]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    if len(set(names)) < len(names):  # a dir named twice
+        names = [f"{n} #{i + 1}" for i, n in enumerate(names)]
+    return names
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="OUT", help="a `layerfast analyze --out` dir")
@@ -33,11 +52,11 @@ def main(argv: list[str]) -> int:
         print(f"compare_runs: no results.csv in {missing[0]} (a finished analyze --out dir?)",
               file=sys.stderr)
         return 2
-    runs = {Path(d).name: load(Path(d)) for d in dirs}
+    runs = dict(zip(labels([Path(d) for d in dirs]), (load(Path(d)) for d in dirs), strict=True))
     units = list(next(iter(runs.values())).index)
     names = list(runs)
     print("reset to τ=0: error % (Δ vs baseline, points); * = critical")
-    print(f"{'unit':10s} " + " ".join(f"{n[:18]:>18s}" for n in names) + "   critical")
+    print(f"{'unit':10s} " + " ".join(f"{n[-18:]:>18s}" for n in names) + "   critical")
     for u in units:
         cells, crit = [], 0
         for n in names:

@@ -61,6 +61,30 @@ def test_gpu_session_script_parses_and_its_table_reads_bench_json(tmp_path: Path
     assert "partial" not in out and "broken" not in out
 
 
+def test_compare_runs_keeps_runs_whose_dirs_share_a_name(tmp_path: Path, capsys) -> None:
+    """seed0/analysis and seed1/analysis were one column, keyed by the dir's name: the second
+    run's numbers silently replaced the first's (found comparing two ResNet-20 seeds)."""
+    mod = _script("compare_runs")
+    assert mod.labels([tmp_path / "s0" / "a", tmp_path / "s1" / "a", tmp_path / "b"]) == [
+        "s0/a", "s1/a", "b"]
+    assert mod.labels([tmp_path / "a", tmp_path / "a"]) == ["a #1", "a #2"]
+    rows = {}
+    for seed, err in ((0, 0.25), (1, 0.75)):
+        d = tmp_path / f"seed{seed}" / "analysis"
+        d.mkdir(parents=True)
+        rows[seed] = d
+        pd.DataFrame({
+            "unit": ["*", "fc", "fc"], "kind": ["baseline", "reinit", "rerandom"],
+            "checkpoint": [None, 0, None], "seed": [None, None, 1], "error": [0.1, err, 0.9],
+            "delta_error": [0.0, err - 0.1, 0.8], "verdict": ["", "critical", "critical"],
+        }).to_csv(d / "results.csv", index=False)
+    assert mod.main([str(rows[0]), str(rows[1])]) == 0
+    text = capsys.readouterr().out
+    assert "seed0/analysis" in text and "seed1/analysis" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("fc "))
+    assert "25.0" in line and "75.0" in line and line.rstrip().endswith("2/2")
+
+
 def test_compare_runs_usage(tmp_path: Path, capsys) -> None:
     """--help prints a usage line (it used to be read as a run dir and crash); a dir without
     results.csv is one line and exit status 2."""
