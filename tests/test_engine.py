@@ -338,12 +338,26 @@ def test_labels_are_checked_on_the_host_before_they_move(monkeypatch):
 
 @pytest.mark.cuda
 def test_labels_outside_classes_rejected_on_cuda_and_the_gpu_still_works():
-    from layerfast.errors import LayerfastError
+    """In a child process: were the check to miss, the device-side assert would lose the CUDA
+    context of the whole test session, and every later cuda test would fail with it."""
+    import subprocess
+    import sys
 
-    x, _ = _data(8)
-    with pytest.raises(LayerfastError, match="labels must lie"):
-        Evaluator(fcn(), [{}], device="cuda").run([(x, torch.full((8,), 12))])
-    torch.ones(1, device="cuda").sum().item()  # no device-side assert: the context is alive
+    code = """
+import torch
+from torch import nn
+from layerfast.engine import Evaluator
+from layerfast.errors import LayerfastError
+m = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+try:
+    Evaluator(m, [{}], device="cuda").run([(torch.randn(8, 1, 8, 8), torch.full((8,), 12))])
+except LayerfastError as exc:
+    print("refused:", exc)
+print("alive:", torch.ones(1, device="cuda").sum().item())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refused: labels must lie in [0, 10)" in out.stdout and "alive: 1.0" in out.stdout
 
 
 def test_oom_backoff_keeps_results(monkeypatch):
