@@ -229,13 +229,17 @@ def test_oom_in_the_baseline_halves_the_batch_and_keeps_results(monkeypatch):
     m, variants = _net()
     x, y = _xy(48, (3, 8, 8))
     data = _batches(x, y, 16)
-    clean = Evaluator(m, variants, device="cpu", fanout=False).run(data).counts
+    first = Evaluator(m, variants, device="cpu", fanout=False).run(data)
+    clean = first.counts
+    assert first.plan["rows_after_oom"] is None
     before = _snapshot(m)
     st = _inject(monkeypatch, _baseline, 1)
     e = Evaluator(m, variants, device="cpu", fanout=False)
-    got = e.run(data).counts
+    res = e.run(data)
+    got = res.counts
     assert st["fails"] == 1 and st["sizes"][0] == 16 and set(st["sizes"][1:]) == {8}
     assert e._rows == 8  # lowered, and kept for the later batches
+    assert res.plan["rows_after_oom"] == 8  # and said in the plan (run.json's engine.plan)
     assert torch.equal(got[:, [0, 1, 3]], clean[:, [0, 1, 3]])  # each sample scored once
     torch.testing.assert_close(got[:, 2], clean[:, 2], rtol=1e-6, atol=1e-5)
     assert _same(before, m)

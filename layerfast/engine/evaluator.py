@@ -288,7 +288,7 @@ class Evaluator:
             last.device,
             last.precision,
             last.num_classes,
-            {**self.last_plan.summary(), "passes": P},
+            {**self.last_plan.summary(), "passes": P, "rows_after_oom": self._rows},
             timings,
         )
 
@@ -516,7 +516,10 @@ class Evaluator:
         }
         for g in plan.groups:
             g.stacks.clear()  # the K-stacked weights: device memory, not needed past the pass
-        return EvalResult(out, n, str(self.device), self.precision, C, plan.summary(), timings)
+        # rows_after_oom: the samples per piece once an out-of-memory halved the batch (None:
+        # never), so a slow run says why in run.json
+        summary = {**plan.summary(), "rows_after_oom": self._rows}
+        return EvalResult(out, n, str(self.device), self.precision, C, summary, timings)
 
     # ---- pieces ----------------------------------------------------------------------
     def _verified(
