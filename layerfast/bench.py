@@ -35,10 +35,12 @@ PHASES = ("setup", "data", "baseline", "fanned", "swapped", "total")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="fcn3x256", help="as for analyze (default: fcn3x256)")
-    p.add_argument("--data", default="digits", help="data spec (default: digits; synthetic:imagenet for ResNet-50 at 224²)")
+    p.add_argument("--data", default="digits",
+                   help="data spec (default: digits; synthetic:imagenet for ResNet-50 at 224²)")
     p.add_argument("--granularity", default="layer", choices=["layer", "block", "stage"],
                    help="as for analyze (default: layer)")
-    p.add_argument("--checkpoints", type=int, default=5, help="synthetic checkpoints, τ = 0..N-1 (default: 5)")
+    p.add_argument("--checkpoints", type=int, default=5,
+                   help="synthetic checkpoints, τ = 0..N-1 (default: 5)")
     p.add_argument("--seeds", type=int, default=2, help="re-randomizations per unit (default: 2)")
     p.add_argument("--naive-variants", type=int, default=None,
                    help="time the naive loop on this many variants and scale (default: all)")
@@ -46,9 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time only the default mode, not the other fan-out setting beside it")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
-                   help="layerfast's precision, as for analyze (default: auto); the naive loop runs fp32")
+                   help="layerfast's precision, as for analyze (default: auto); the naive loop "
+                        "runs fp32")
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
-                   help="layerfast's activation layout (default: auto; see `layerfast analyze --help`)")
+                   help="layerfast's activation layout (default: auto; see "
+                        "`layerfast analyze --help`)")
     p.add_argument("--glue", default="fused", choices=GLUE_MODES,
                    help="how fanned groups move their values: fold form with BN+add+ReLU fused "
                         "(default), fold form with torch ops, or unfolded after every conv")

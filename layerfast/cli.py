@@ -161,15 +161,19 @@ def parser() -> argparse.ArgumentParser:
         "(docs/data.md in the source tree)",
     )
     a.add_argument(
-        "--split", default="test", choices=["test", "train"], help="split to evaluate on (default: test)"
+        "--split",
+        default="test",
+        choices=["test", "train"],
+        help="split to evaluate on (default: test)",
     )
     a.add_argument(
         "--granularity",
         default="layer",
         choices=["layer", "block", "stage"],
-        help="layer (default): each module owning weights (conv, linear, ...); block: stem, each "
-        "residual block, head (ResNet-50: the paper's 18 units); stage: stem, layer1..layer4, head. "
-        "Models outside the registry get block/stage from their top-level children",
+        help="layer (default): each module owning weights (conv, linear, ...); block: stem, "
+        "each residual block, head (ResNet-50: the paper's 18 units); stage: stem, "
+        "layer1..layer4, head. Models outside the registry get block/stage from their "
+        "top-level children",
     )
     a.add_argument(
         "--units", default=None, help="custom units: glob or re:regex patterns, comma-separated"
@@ -225,7 +229,9 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model, saving the paper's checkpoint schedule")
     t.add_argument(
-        "--arch", required=True, help="as for analyze: fcn3x256, vgg11, resnet20, ... or pkg.module:factory"
+        "--arch",
+        required=True,
+        help="as for analyze: fcn3x256, vgg11, resnet20, ... or pkg.module:factory",
     )
     t.add_argument("--data", default="digits", help="data spec, as for analyze (default: digits)")
     t.add_argument("--epochs", type=int, required=True, help="epochs to train (the paper: 100)")

@@ -22,8 +22,9 @@ The training split is gathered into memory once (uint8 stays uint8) and indexed 
 permutation each epoch; `DataSource.batches` is sequential by contract, and MNIST / digits /
 CIFAR-sized sets fit easily. On CUDA it is staged on the GPU when under 2 GiB (indexing there
 avoids a host gather per batch), otherwise kept in host memory (`to_device` pins each batch).
-Batches are normalised by `to_device`, exactly like evaluation. A trailing batch of a single sample is skipped for that
-epoch (BatchNorm cannot train on one sample; the next shuffle covers it).
+Batches are normalised by `to_device`, exactly like evaluation. A trailing batch of a single
+sample is skipped for that epoch (BatchNorm cannot train on one sample; the next shuffle covers
+it).
 """
 
 from __future__ import annotations

@@ -248,7 +248,8 @@ def test_a_model_benched_untraced_is_a_warning_kept_in_the_json(
     assert bool(out["layerfast_plan"]["untraced"]) is not traceable
     mine = [w for w in out["warnings"] if w.startswith("the model ran untraced (")]
     assert len(mine) == (not traceable) and all(f"layerfast: warning: {w}" in err for w in mine)
-    flagged = [ln for ln in _table_rows()(out, "m") if ln.startswith("    WARNING: the model ran untraced")]
+    flagged = [ln for ln in _table_rows()(out, "m")
+               if ln.startswith("    WARNING: the model ran untraced")]
     assert len(flagged) == (not traceable)  # the GPU session's table shows it too
     if not traceable:  # the text's last line counts them: the table is what gets copied
         monkeypatch.setattr(bench, "run", lambda args: out)

@@ -2,8 +2,8 @@
 
 On the CPU a phase's time is wall time. On CUDA wall time around asynchronous launches measures
 the launches, not the work (the host runs ahead until the queue fills), so each phase is
-bracketed by CUDA events on the run's device's current stream instead, and the events are read once at the end,
-after the pass's own final sync. Event time is the time the stream spent between the two
+bracketed by CUDA events on the run's device's current stream instead, and the events are read
+once at the end, after the pass's own final sync. Event time is the time the stream spent between the two
 marks: device work, plus any wait for the host when the device had caught up with it.
 """
 

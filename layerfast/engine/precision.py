@@ -19,18 +19,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise LayerfastError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise LayerfastError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LayerfastError("--device cuda was asked for, but torch sees no CUDA GPU here")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+    n = torch.cuda.device_count() if dev.type == "cuda" else 0
+    if dev.index is not None and dev.type == "cuda" and dev.index >= n:
         # else "invalid device ordinal" from deep inside the first allocation, exit 1
-        n = torch.cuda.device_count()
         raise LayerfastError(
             f"--device {device}: torch sees {n} CUDA GPU{'s' if n != 1 else ''} here "
             f"(cuda:0{f'..cuda:{n - 1}' if n > 1 else ''})"
         )
-    if dev.type not in ("cpu", "cuda"):
-        raise LayerfastError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N")
     return dev
 
 
