@@ -462,7 +462,7 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     """results.csv, distances.csv, the figures, and run.json last: a run.json on disk means
     every other output of that run is complete."""
     from layerfast import report
-    from layerfast.engine.plan import warn_if_untraced
+    from layerfast.engine.plan import warn_plan
     from layerfast.metrics import results_table
 
     t1 = time.perf_counter()
@@ -471,7 +471,7 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     if note:  # every verdict would read "robust" against a baseline with nothing to lose
         warn(note)
         run["baseline_note"] = note
-    warn_if_untraced(engine.get("plan") or {})
+    warn_plan(engine.get("plan") or {})
     dist, why_none = _distance_rows(variants, unit_list, model, spec, ck, chosen)
     if why_none:
         run["distances_note"] = why_none  # why distances.csv holds only its header, no figure

@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
     from layerfast.data import open_data
     from layerfast.engine import Evaluator
     from layerfast.engine.flops import floor_report
-    from layerfast.engine.plan import warn_if_untraced
+    from layerfast.engine.plan import warn_plan
     from layerfast.engine.precision import resolve_device
     from layerfast.models import build_model
     from layerfast.units import make_units
@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> dict:
             out[f"{name}_probes"] = round(timings[name] - res.timings["total"], 4)
             if name == "layerfast":
                 plan = ev.last_plan
-                warn_if_untraced(res.plan)  # its figure would be the naive loop's speed
+                warn_plan(res.plan)  # untraced: its figure is the naive loop's speed
         idx = naive_sample(variants, min(args.naive_variants or V, V))  # None: all of them
         sub = [variants[i] for i in idx]
         out["naive_timed"] = [getattr(variants[i], "label", str(i)) for i in idx]

@@ -32,7 +32,7 @@ def rows(d: dict, name: str) -> list[str]:
                    + (f" ({names})" if names else ""))
     for k, why in d["layerfast_plan"].get("fanout_fallbacks", {}).items():
         out.append(f"    FAN-OUT FELL BACK at step {k}: {why}")
-    for w in d.get("warnings", []):  # an untraced model: the row's figures are the naive loop's
+    for w in d.get("warnings", []):  # untraced (the naive loop's speed), an OOM back-off
         out.append(f"    WARNING: {w[:160]}")
     ph = d.get("layerfast_phases", {})
     probes = d.get("layerfast_probes")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import layerfast
 from layerfast.analysis import OUTPUTS, list_units
@@ -279,3 +280,33 @@ def test_a_baseline_at_chance_is_warned_about(ckpts, tmp_path, capsys) -> None:
     trained = layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "final", **kw)
     assert "baseline_note" not in trained.run and "chance" not in capsys.readouterr().err
     assert json.loads((tmp_path / "final" / "run.json").read_text())["warnings"] == []
+
+
+def test_an_out_of_memory_back_off_is_a_warning_kept_in_run_json(ckpts, tmp_path, monkeypatch,
+                                                                  capsys) -> None:
+    """Running out of memory halves the forwards for the rest of the run: exact, but slower than
+    the plan. That was only a number in run.json's engine.plan; it is a warning now, on stderr
+    and in run.json's "warnings", and the results equal a run that had the memory."""
+    from layerfast.engine.graph import Program
+
+    kw = dict(reset="reinit", device="cpu", progress=False, figures=False, batch_size=64)
+    clean = layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "clean", **kw)
+    real, failed = Program.run, []
+
+    def run_once_out_of_memory(self, x, start=0, *a, **k):
+        if "keep" in k and not failed:  # the first baseline forward
+            failed.append(x.shape[0])
+            raise torch.OutOfMemoryError("simulated")
+        return real(self, x, start, *a, **k)
+
+    monkeypatch.setattr(Program, "run", run_once_out_of_memory)
+    res = layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "oom", **kw)
+    assert failed == [64] and res.run["engine"]["plan"]["rows_after_oom"] == 32
+    warned = json.loads((tmp_path / "oom" / "run.json").read_text())["warnings"]
+    assert len(warned) == 1 and warned[0].startswith("the device ran out of memory")
+    assert "every batch in pieces of 32 samples" in warned[0]
+    assert warned[0] in capsys.readouterr().err
+    assert json.loads((tmp_path / "clean" / "run.json").read_text())["warnings"] == []
+    exact = ["unit", "kind", "checkpoint", "error", "top5_error", "agreement", "n", "verdict"]
+    pd.testing.assert_frame_equal(res.table[exact], clean.table[exact])  # the same counts
+

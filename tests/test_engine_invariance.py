@@ -216,8 +216,12 @@ def test_oom_on_the_swap_path_halves_the_batch_and_keeps_results(monkeypatch, fa
     clean = Evaluator(m, variants, device="cpu", fanout=False).run(data).counts
     before = _snapshot(m)
     st = _inject(monkeypatch, _suffix, fails)
-    got = Evaluator(m, variants, device="cpu", fanout=False).run(data).counts
+    res = Evaluator(m, variants, device="cpu", fanout=False).run(data)
+    got = res.counts
     assert st["fails"] == fails and min(st["sizes"]) == 16 >> fails  # it really backed off
+    # and kept the smaller size: later variants and batches do not each fail at 16 first
+    assert max(st["sizes"][fails:]) == 16 >> fails
+    assert res.plan["swap_rows_after_oom"] == 16 >> fails and res.plan["rows_after_oom"] is None
     assert torch.equal(got[:, [0, 1, 3]], clean[:, [0, 1, 3]])
     torch.testing.assert_close(got[:, 2], clean[:, 2], rtol=1e-6, atol=1e-5)
     assert _same(before, m)
@@ -231,7 +235,7 @@ def test_oom_in_the_baseline_halves_the_batch_and_keeps_results(monkeypatch):
     data = _batches(x, y, 16)
     first = Evaluator(m, variants, device="cpu", fanout=False).run(data)
     clean = first.counts
-    assert first.plan["rows_after_oom"] is None
+    assert first.plan["rows_after_oom"] is None and first.plan["swap_rows_after_oom"] is None
     before = _snapshot(m)
     st = _inject(monkeypatch, _baseline, 1)
     e = Evaluator(m, variants, device="cpu", fanout=False)

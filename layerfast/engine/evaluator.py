@@ -159,6 +159,9 @@ class Evaluator:
         # Samples per piece a batch is cut into after running out of memory (None: whole
         # batches); lowered by the back-off in `_pass_rows`, kept for the rest of the run.
         self._rows: int | None = None
+        # The same for the swap path alone (`_run_swapped`): samples per forward once one ran
+        # out of memory there, so later variants and batches do not each fail first.
+        self._swap_rows: int | None = None
 
     # ---- setup -----------------------------------------------------------------------
     def _live(self) -> dict[str, torch.Tensor]:
@@ -288,7 +291,7 @@ class Evaluator:
             last.device,
             last.precision,
             last.num_classes,
-            {**self.last_plan.summary(), "passes": P, "rows_after_oom": self._rows},
+            {**self.last_plan.summary(), "passes": P, **self._backoffs()},
             timings,
         )
 
@@ -516,10 +519,14 @@ class Evaluator:
         }
         for g in plan.groups:
             g.stacks.clear()  # the K-stacked weights: device memory, not needed past the pass
-        # rows_after_oom: the samples per piece once an out-of-memory halved the batch (None:
-        # never), so a slow run says why in run.json
-        summary = {**plan.summary(), "rows_after_oom": self._rows}
+        summary = {**plan.summary(), **self._backoffs()}
         return EvalResult(out, n, str(self.device), self.precision, C, summary, timings)
+
+    def _backoffs(self) -> dict[str, int | None]:
+        """The plan's record of out-of-memory back-offs, so a slow run says why in run.json:
+        the samples per piece of a whole batch (`_pass_rows`) and per swapped forward
+        (`_run_swapped`) once an out-of-memory lowered them; None: never."""
+        return {"rows_after_oom": self._rows, "swap_rows_after_oom": self._swap_rows}
 
     # ---- pieces ----------------------------------------------------------------------
     def _verified(
@@ -718,9 +725,15 @@ class Evaluator:
         hi: int | None = None,
         rows: list[int] | None = None,
     ) -> None:
+        hi = inp.shape[0] if hi is None else hi
+        cap = self._swap_rows
+        if cap is not None and hi - lo > cap:  # an earlier out-of-memory set the size
+            for s in range(lo, hi, cap):
+                e = min(hi, s + cap)
+                self._run_swapped(ops, prog, start, inp, y, ref, acc_rows, ov, live, s, e, rows)
+            return
         keys = list(ov)
         a, b = [live[k] for k in keys], [ov[k] for k in keys]
-        hi = inp.shape[0] if hi is None else hi
         part = inp[lo:hi]
         if prog.has_inplace:
             part = part.clone()
@@ -734,7 +747,8 @@ class Evaluator:
         finally:  # whatever the forward raised (a user's check, Ctrl-C), the weights go back
             ops.swap_(a, b)
         if logits is None:
-            mid = (lo + hi) // 2  # back off: half the batch at a time, same sums
+            mid = (lo + hi) // 2  # back off: half the batch at a time, same sums, and after
+            self._swap_rows = hi - mid  # this, no swapped forward of more samples than that
             self._run_swapped(ops, prog, start, inp, y, ref, acc_rows, ov, live, lo, mid, rows)
             self._run_swapped(ops, prog, start, inp, y, ref, acc_rows, ov, live, mid, hi, rows)
             return

@@ -72,17 +72,25 @@ class Plan:
         )
 
 
-def warn_if_untraced(summary: dict) -> None:
-    """A warning when `summary` (`Plan.summary()`) says the model ran untraced.
+def warn_plan(summary: dict) -> None:
+    """Warnings when `summary` (an evaluation's plan) says the run was slower than planned:
+    the model ran untraced, or running out of memory cut its forwards to fewer samples.
 
-    The results stand; the speed a user came for does not (every variant ran the whole
-    forward), and a `layerfast bench` figure then times the naive loop against itself. Said by both
-    `analyze` and `bench`, in one wording, so that one grep finds it in either output."""
+    The results stand; the speed a user came for does not (untraced, every variant ran the
+    whole forward), and a `layerfast bench` figure then times something else than the plan.
+    Said by both `analyze` and `bench`, in one wording, so that one grep finds it in either."""
     why = summary.get("untraced")
     if why:
         warn(f"the model ran untraced ({why}): every variant ran the whole forward, "
              "with no prefix sharing or fan-out, so the pass was as slow as the naive loop; "
              "the results are exact")
+    rows, swap = summary.get("rows_after_oom"), summary.get("swap_rows_after_oom")
+    if rows or swap:
+        what = [f"every batch in pieces of {rows} samples"] if rows else []
+        what += [f"swapped variants {swap} samples at a time"] if swap else []
+        warn(f"the device ran out of memory, so the rest of the run ran {' and '.join(what)}: "
+             "slower than planned, with the same counts; free memory on the device or pass a "
+             "smaller --batch-size")
 
 
 def make_plan(prog: Program, keysets: list[set[str]], fanout: bool, max_fanout: int) -> Plan:
