@@ -230,11 +230,16 @@ def _versions() -> dict:
 
 
 def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split: str = "test",
-          final: int | None = None, max_samples: int | None = None) -> tuple[Any, Any, Any, Any]:
+          final: int | None = None, max_samples: int | None = None,
+          checkpoints: str | list[int] = "all") -> tuple[Any, Any, Any, Any]:
     """The final model with its checkpoints and data, validated: (model, spec, ckdir, source).
 
-    Labels are checked against the model's outputs here, once, because the engine scores on
-    the device where an out-of-range label is a device assert, not a readable error."""
+    Only the checkpoints the run reads are validated (keys, shapes, finite values): the final
+    one, θ⁰ (distances, the rerandom checks) and `checkpoints`; a NaN in an epoch the run was
+    told to leave out must not refuse it, and a 100-file directory is not read end to end for
+    `--checkpoints 0`. Labels are checked against the model's outputs here, once, because the
+    engine scores on the device where an out-of-range label is a device assert, not a readable
+    error."""
     from layerfast.checkpoints import CheckpointDir
     from layerfast.data import open_data
     from layerfast.models import build_model
@@ -261,8 +266,10 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
         why = "its size overflows" if "overflow" in text else "out of memory"
         raise LayerfastError(f"cannot build {arch} for {num_classes:,} classes ({where}): "
                              f"{why} ({msg})") from None
+    used = None if checkpoints == "all" else sorted(
+        {ck.final, *checkpoints, *({0} & set(ck.labels))})
     try:
-        ck.validate(model.state_dict())
+        ck.validate(model.state_dict(), labels=used)
     except LayerfastError as exc:
         if not from_data or "shape" not in str(exc):
             raise
@@ -377,7 +384,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
     # Every `warn` from here on is also kept in run.json ("warnings"): stderr is gone when a
     # job's log is, and a warning is part of judging the run.
     with collect_warnings() as warned:
-        model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples)
+        model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples, chosen)
         if ck.incomplete:  # analysing a cut-short run can be the point; it must not be silent
             warn(f"{ck.path}: {ck.incomplete}; analysing the checkpoints it has")
         trained = (ck.manifest or {}).get("warnings")

@@ -310,3 +310,24 @@ def test_an_out_of_memory_back_off_is_a_warning_kept_in_run_json(ckpts, tmp_path
     exact = ["unit", "kind", "checkpoint", "error", "top5_error", "agreement", "n", "verdict"]
     pd.testing.assert_frame_equal(res.table[exact], clean.table[exact])  # the same counts
 
+
+
+def test_only_the_checkpoints_the_run_reads_are_validated(ckpts, tmp_path) -> None:
+    """A NaN in an epoch the run leaves out (`--checkpoints 0`) used to refuse the run: every
+    file of the directory was validated and scanned, read end to end. Now only the final τ, θ⁰
+    and the chosen τ are; asking for the broken epoch is still the clear error."""
+    import shutil
+
+    d = Path(shutil.copytree(ckpts, tmp_path / "ck"))
+    sd = torch.load(d / "epoch_001.pt", weights_only=True)
+    sd["fc2.weight"][0, 0] = float("nan")
+    torch.save(sd, d / "epoch_001.pt")
+    kw = dict(reset="reinit", device="cpu", progress=False, figures=False)
+    res = layerfast.analyze("fcn3x256", d, checkpoints="0", out=tmp_path / "o0", **kw)
+    assert set(res.table.checkpoint.dropna().astype(int)) == {0}  # reinit to θ⁰ only
+    assert sorted(res.distances.checkpoint.astype(int).unique()) == [0]
+    for bad in ("1", "all"):
+        with pytest.raises(LayerfastError, match=r"NaN or Inf.*epoch_001\.pt"):
+            layerfast.analyze("fcn3x256", d, checkpoints=bad, out=tmp_path / f"o{bad}", **kw)
+        assert not (tmp_path / f"o{bad}").exists()
+
