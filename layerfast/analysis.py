@@ -82,6 +82,31 @@ def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:
     return list(dict.fromkeys(int(c) for c in checkpoints))
 
 
+def _data_spec(data: str | None, ckpts: str | os.PathLike[str]) -> tuple[str, Path | None]:
+    """`data`, or the spec the checkpoint directory's manifest.json names when it is None;
+    and that manifest's path (None when `data` was given), for the run to say so once it has
+    validated (a bad-input error stays one line).
+
+    Never a fixed default: `--data` once defaulted to `digits`, and a model trained on other
+    data whose head happened to fit was then analysed on digits, exit 0, without a word. The
+    manifest's spec is the data the checkpoints were trained on (its test split is evaluated)."""
+    from layerfast.checkpoints import CheckpointDir
+    from layerfast.checkpoints.discover import read_manifest
+
+    if data is not None:
+        return data, None
+    root = Path(ckpts)
+    if not root.is_dir():
+        CheckpointDir(root)  # its own clear error for a missing or unreadable directory
+    named = (read_manifest(root) or {}).get("data")
+    if not isinstance(named, str) or not named.strip():
+        raise LayerfastError(
+            f"--data is required: {root} has no manifest.json naming the data its checkpoints "
+            "were trained on; name the data to evaluate on (digits, fashion-mnist, cifar10:DIR, "
+            "PATH.npz, ...; see docs/data.md)")
+    return named, root / "manifest.json"
+
+
 def _parse_list(value: str | Sequence[str] | None) -> list[str]:
     """A comma-separated option (`--reset`, `--units`) as a list without repeats, in order:
     repeats change nothing evaluated, so they must not change run.json or the resume
@@ -345,7 +370,7 @@ def _data_ids(spec: str) -> list[str] | None:
     return [str(p) for p in paths] + [h.hexdigest()]
 
 
-def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split: str = "test",
+def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, split: str = "test",
             granularity: str = "layer", units: str | Sequence[str] | None = None,
             bn: str = "with-layer", reset: str | Sequence[str] = RESETS,
             checkpoints: str | Iterable[int] = "all", seeds: int | Iterable[int] = 1,
@@ -358,7 +383,9 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
     """Reset every unit of the final model to each checkpoint τ and to fresh draws, evaluate all
     variants in one data pass, and write results.csv, distances.csv, run.json and the figures.
 
-    `seeds`: a count n (seeds 1..n) or explicit seeds. Resumes a killed run in the same `out`
+    `data`: the data spec to evaluate on; None takes the one the checkpoints' manifest.json
+    names (`layerfast train` writes it), and without one is an error. `seeds`: a count n
+    (seeds 1..n) or explicit seeds. Resumes a killed run in the same `out`
     with the same arguments (progress saved every `checkpoint_every` seconds, default
     $LAYERFAST_CHECKPOINT_EVERY or 5); refuses different arguments there unless `fresh`.
     Everything is validated before `out` is touched, so bad input leaves no files behind.
@@ -380,6 +407,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
     every = _checkpoint_every(checkpoint_every)
     chosen = _parse_checkpoints(checkpoints)
     patterns = _parse_list(units) or None
+    data, named_by = _data_spec(data, ckpts)
 
     # Every `warn` from here on is also kept in run.json ("warnings"): stderr is gone when a
     # job's log is, and a warning is part of judging the run.
@@ -413,6 +441,9 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", spli
         path = _out_dir(out, arch, fingerprint)
         with ResumeStore(path, fingerprint, len(variants), fresh=fresh) as store:
             prev = store.load()
+            if named_by is not None and progress:  # said once all is validated: an error is 1 line
+                print(f"layerfast: --data not given: evaluating on {data!r} ({split} split), "
+                      f"the data {named_by} names", file=sys.stderr)
             if prev.complete:
                 counts, n_done = prev.counts, prev.n_done
                 engine = {**prev.info, "resumed_from": n_done, "evaluated": 0}

@@ -155,10 +155,10 @@ def parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--data",
-        default="digits",
-        help="data spec (default: digits): digits, fashion-mnist[:DIR], mnist:DIR, cifar10:DIR, "
-        "imagefolder:DIR, PATH.beton, PATH.npz, synthetic:imagenet|cifar[:N] "
-        "(docs/data.md in the source tree)",
+        default=None,
+        help="data spec: digits, fashion-mnist[:DIR], mnist:DIR, cifar10:DIR, imagefolder:DIR, "
+        "PATH.beton, PATH.npz, synthetic:imagenet|cifar[:N] (docs/data.md in the source tree); "
+        "default: the data the checkpoints' manifest.json names (layerfast train writes it)",
     )
     a.add_argument(
         "--split",
@@ -222,7 +222,8 @@ def parser() -> argparse.ArgumentParser:
         "nets ~1.6x faster (docs/engine.md), logits then differ in the last bits",
     )
     a.add_argument(
-        "--list-units", action="store_true", help="print the units and exit (no --ckpts needed)"
+        "--list-units", action="store_true", help="print the units and exit (no --ckpts needed; the model is built for "
+        "--data's sample shape, digits' without it)"
     )
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     _common_eval(a)
@@ -233,7 +234,7 @@ def parser() -> argparse.ArgumentParser:
         required=True,
         help="as for analyze: fcn3x256, vgg11, resnet20, ... or pkg.module:factory",
     )
-    t.add_argument("--data", default="digits", help="data spec, as for analyze (default: digits)")
+    t.add_argument("--data", required=True, help="data spec, as for analyze (digits, ...)")
     t.add_argument("--epochs", type=int, required=True, help="epochs to train (the paper: 100)")
     t.add_argument(
         "--checkpoints", type=_int_list, default=None, help="default: 0,1,2,3,8,40,90,100 scaled"
@@ -298,7 +299,8 @@ def _analyze(args: argparse.Namespace) -> int:
     from layerfast.analysis import analyze, list_units
 
     if args.list_units:
-        units = list_units(args.arch, args.data, args.granularity, args.units, args.bn)
+        data = args.data or "digits"  # only the sample shape and class count matter here
+        units = list_units(args.arch, data, args.granularity, args.units, args.bn)
         for u in units:
             print(f"{u.name:32s} {len(u.modules):3d} modules  {len(u.keys):3d} tensors")
         what = f"custom: --units {args.units}" if args.units else f"{args.granularity} granularity"

@@ -311,7 +311,6 @@ def test_an_out_of_memory_back_off_is_a_warning_kept_in_run_json(ckpts, tmp_path
     pd.testing.assert_frame_equal(res.table[exact], clean.table[exact])  # the same counts
 
 
-
 def test_only_the_checkpoints_the_run_reads_are_validated(ckpts, tmp_path) -> None:
     """A NaN in an epoch the run leaves out (`--checkpoints 0`) used to refuse the run: every
     file of the directory was validated and scanned, read end to end. Now only the final τ, θ⁰
@@ -331,3 +330,30 @@ def test_only_the_checkpoints_the_run_reads_are_validated(ckpts, tmp_path) -> No
             layerfast.analyze("fcn3x256", d, checkpoints=bad, out=tmp_path / f"o{bad}", **kw)
         assert not (tmp_path / f"o{bad}").exists()
 
+
+def test_without_data_the_manifest_names_it_and_without_a_manifest_it_is_required(
+        tmp_path, capsys) -> None:
+    """`--data` defaulted to `digits`: a model trained on other data whose head fitted was
+    analysed on digits, exit 0, without a word. Now the data is the one the checkpoints'
+    manifest.json names, said on stderr, and without a manifest `--data` is required."""
+    import shutil
+
+    from layerfast.cli import main
+    from layerfast.train import train
+
+    spec = "synthetic:cifar:40"
+    train("fcn1x8", spec, 1, tmp_path / "ck", device="cpu", progress=False)
+    res = layerfast.analyze("fcn1x8", tmp_path / "ck", reset="reinit", device="cpu",
+                            out=tmp_path / "o", progress=True, figures=False)
+    assert res.run["data"] == spec and res.table["n"].iloc[0] != 360  # not digits' test split
+    assert f"evaluating on {spec!r} (test split), the data" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in (tmp_path / "ck").glob("*.pt"):
+        shutil.copy(f, bare)
+    argv = ["analyze", "--arch", "fcn1x8", "--ckpts", str(bare), "--out", str(tmp_path / "b")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data is required" in err
+    assert not (tmp_path / "b").exists()
+    assert main([*argv, "--data", spec, "--quiet", "--reset", "reinit"]) == 0  # named: it runs

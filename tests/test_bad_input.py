@@ -440,7 +440,8 @@ def test_an_unusable_device_is_one_error_for_every_command(
         resolve_device(device)
     with pytest.raises(LayerfastError):
         Evaluator(torch.nn.Linear(2, 2), [{}], device=device)
-    for argv in (["train", "--arch", "fcn1x8", "--epochs", "1", "--out", str(tmp_path / "t")],
+    for argv in (["train", "--arch", "fcn1x8", "--data", "digits", "--epochs", "1", "--out",
+                  str(tmp_path / "t")],
                  ["bench", "--arch", "fcn1x8", "--max-samples", "8"],
                  ["analyze", "--arch", "fcn1x8", "--ckpts", str(tmp_path), "--out",
                   str(tmp_path / "a")]):  # fmt: skip

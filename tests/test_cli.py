@@ -241,7 +241,10 @@ def test_bad_options(argv: list[str], match: str, ckpts: Path, tmp_path: Path, c
             "layerfast analyze",
             "--seeds: expected",
         ),
-        (["train", "--arch", "fcn3x256", "--out", "x"], "layerfast train", "required: --epochs"),
+        (["train", "--arch", "fcn3x256", "--data", "digits", "--out", "x"], "layerfast train",
+         "required: --epochs"),
+        (["train", "--arch", "fcn3x256", "--epochs", "1", "--out", "x"], "layerfast train",
+         "required: --data"),
         (["info", "--bogus"], "layerfast info", "unrecognized arguments: --bogus"),
     ],
 )

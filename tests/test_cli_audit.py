@@ -47,7 +47,8 @@ def one_line(rc: int, err: str, match: str) -> str:
         (["analyze", "--arch", "fcn3x256", "--thresh", "0.1"], "--threshold"),
         (["analyze", "--arch", "fcn3x256", "--check", "0,1"], "--checkpoints"),
         (["analyze", "--arch", "fcn3x256", "--gran", "block"], "--granularity"),
-        (["train", "--arch", "fcn3x256", "--epochs", "1", "--out", "x", "--check", "0"],
+        (["train", "--arch", "fcn3x256", "--data", "digits", "--epochs", "1", "--out", "x",
+          "--check", "0"],
          "--checkpoints"),
         (["bench", "--seed", "3"], "--seeds"),
     ],
@@ -139,7 +140,8 @@ def test_train_with_an_empty_out_is_bad_input(tmp_path: Path, monkeypatch, capsy
     current directory and said 'checkpoints and manifest.json in /' (analyze refuses
     `--out ''` for this reason)."""
     monkeypatch.chdir(tmp_path)
-    rc, _, err = cli(["train", "--arch", "fcn3x256", "--epochs", "1", "--out", "", "--quiet",
+    rc, _, err = cli(["train", "--arch", "fcn3x256", "--data", "digits", "--epochs", "1",
+                      "--out", "", "--quiet",
                       "--max-samples", "64"], capsys)  # fmt: skip
     one_line(rc, err, "--out")
     assert list(tmp_path.iterdir()) == []
