@@ -66,7 +66,7 @@ def test_cuda_resnet50_layer(benchmark):
 
 @pytest.mark.cuda
 def test_cuda_vgg11_cifar(benchmark):
-    _bench(benchmark, "--arch", "vgg11", "--data", "synthetic:cifar", "--naive-variants", "8")
+    _bench(benchmark, "--arch", "vgg11_cifar", "--data", "synthetic:cifar", "--naive-variants", "8")
 
 
 @pytest.mark.cuda

@@ -232,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--arch",
         required=True,
-        help="as for analyze: fcn3x256, vgg11, resnet20, ... or pkg.module:factory",
+        help="as for analyze: fcn3x256, vgg11_cifar, resnet20, ... or pkg.module:factory",
     )
     t.add_argument("--data", required=True, help="data spec, as for analyze (digits, ...)")
     t.add_argument("--epochs", type=int, required=True, help="epochs to train (the paper: 100)")

@@ -99,7 +99,7 @@ engine() { local name=$1 c=$2; shift 2
     > "$LOG/bench-$name.json" 2> "$LOG/bench-$name.err" || tail -3 "$LOG/bench-$name.err"; }
 headline=(--arch resnet50 --data synthetic:imagenet:10000 --granularity block --checkpoints 5 --seeds 2 --naive-variants 4)
 other_benches() {
-  engine vgg11 "$1" --arch vgg11 --data synthetic:cifar:10000 --naive-variants 8
+  engine vgg11 "$1" --arch vgg11_cifar --data synthetic:cifar:10000 --naive-variants 8
   engine fcn "$1" --arch fcn3x256 --data synthetic:cifar:10000 --naive-variants 8
   engine resnet50-layer "$1" "${headline[@]/block/layer}" --no-prefix-only; }
 
@@ -158,11 +158,11 @@ case $phase in
     # Plain VGG-11 on 1-channel input starts with logits of std ~4e-4 (kaiming fan_out init
     # shrinks the signal) and sat at loss ln 10 for 100 steps at lr 0.02 on the CPU; if it never
     # leaves chance, the BN form runs too so the session still brings back a VGG-11 study.
-    repro vgg11 vgg11 "${VGG_EPOCHS:-100}" "${VGG_LR:-0.05}"
+    repro vgg11 vgg11_cifar "${VGG_EPOCHS:-100}" "${VGG_LR:-0.05}"
     if python3 -c "import json,sys; m=json.load(open(sys.argv[1])); sys.exit(m['checkpoints'][-1]['test_error'] < 0.85)" \
         "$LOG/repro/vgg11/manifest.json" 2>/dev/null; then
-      echo "vgg11 stayed at chance; running vgg11_bn"
-      repro vgg11_bn vgg11_bn "${VGG_EPOCHS:-100}" 0.05
+      echo "vgg11_cifar stayed at chance; running vgg11_bn_cifar"
+      repro vgg11_bn vgg11_bn_cifar "${VGG_EPOCHS:-100}" 0.05
     fi ;;
   repro-b)
     need_data || exit 2
@@ -173,6 +173,6 @@ case $phase in
     analyze_ck "$r" "$r" "$r-bnkeep" 60 --granularity block --bn keep --reset reinit --checkpoints 0,1 ;;
   repro-c)
     need_data || exit 2
-    repro vgg11_bn vgg11_bn "${VGG_EPOCHS:-100}" 0.05 ;;
+    repro vgg11_bn vgg11_bn_cifar "${VGG_EPOCHS:-100}" 0.05 ;;
   *) echo "unknown phase '$phase' (all, test, bench, repro-a, repro-b, repro-c)"; exit 2 ;;
 esac

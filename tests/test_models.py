@@ -23,7 +23,7 @@ IMAGENET_RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"
 
 def test_registry_has_the_documented_names() -> None:
     for name in ["fcn3x256", "vgg11", "vgg16", "vgg11_bn", "vgg16_bn", "resnet18", "resnet50",
-                 "resnet20", "resnet18_cifar"]:  # fmt: skip
+                 "vgg11_cifar", "vgg11_bn_cifar", "resnet20", "resnet18_cifar"]:  # fmt: skip
         spec = get_arch(name)
         assert isinstance(spec, ArchSpec) and spec.name == name and spec is ARCHS[name]
         assert spec.init is not None  # every registered arch knows its init rule
@@ -98,6 +98,45 @@ def test_seeded_resnet_build_draws_torchvisions_weights(name: str) -> None:
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+@pytest.mark.parametrize("name", ["vgg11", "vgg11_bn", "vgg16_bn"])
+def test_vgg_is_torchvisions_and_draws_its_weights(name: str) -> None:
+    """DESIGN §6: `vgg11`, `vgg11_bn` are torchvision's definitions, so torchvision checkpoints
+    load: the same keys and shapes, the same numbers under one seed (construction order and
+    init rule), and the same forward once loaded."""
+    tvm = pytest.importorskip("torchvision.models")
+    with torch.device("meta"):  # structure only
+        theirs = getattr(tvm, name)(num_classes=1000).state_dict()
+        ours = get_arch(name).build(1000, (3, 224, 224)).state_dict()
+    assert list(ours) == list(theirs)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    if name != "vgg11_bn":
+        return  # one full-size draw is enough (each is 133M+ weights)
+    torch.manual_seed(5)
+    tv = getattr(tvm, name)(num_classes=10)
+    torch.manual_seed(5)
+    ours_m, _ = build_model(name, 10, (3, 32, 32))
+    sd = tv.state_dict()
+    assert all(torch.equal(ours_m.state_dict()[k], sd[k]) for k in sd)
+    with torch.no_grad():  # non-trivial BN statistics so the forward sees them
+        for m in tv.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        ours_m.load_state_dict(tv.state_dict(), strict=True)
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.equal(ours_m.eval()(x), tv.eval()(x))
+
+
+def test_the_cifar_vgg_is_not_torchvisions() -> None:
+    """The CIFAR form keeps its own name: a 512-wide head, not torchvision's 4096-wide one."""
+    with torch.device("meta"):  # structure only
+        cifar, _ = build_model("vgg11_cifar", 10, (3, 32, 32))
+        tv, _ = build_model("vgg11", 10, (3, 32, 32))
+    assert cifar.classifier[0].in_features == 512 and tv.classifier[0].in_features == 512 * 49
+    assert [k for k in cifar.state_dict() if k.startswith("classifier")][-1] == "classifier.4.bias"
+    assert [k for k in tv.state_dict() if k.startswith("classifier")][-1] == "classifier.6.bias"
+
+
 def test_resnet_in_channels_come_from_the_data() -> None:
     model, _ = build_model("resnet50", 7, (1, 28, 28))
     assert model.conv1.weight.shape == (64, 1, 7, 7) and model.fc.out_features == 7
@@ -117,7 +156,7 @@ def test_forward_shape(name: str, in_shape: tuple[int, int, int]) -> None:
     assert out.shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", ["fcn3x256", "vgg11_bn", "resnet20", "resnet18_cifar", "resnet18"])
+@pytest.mark.parametrize("name", ["fcn3x256", "vgg11_bn_cifar", "resnet20", "resnet18_cifar", "resnet18"])
 @pytest.mark.parametrize("in_shape", [(3, 32, 32), (1, 28, 28)])
 def test_forward_real(name: str, in_shape: tuple[int, int, int]) -> None:
     torch.manual_seed(0)
@@ -127,7 +166,7 @@ def test_forward_real(name: str, in_shape: tuple[int, int, int]) -> None:
     assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ["fcn3x256", "fcn2x100", "vgg11_bn", "resnet20", "resnet18"])
+@pytest.mark.parametrize("name", ["fcn3x256", "fcn2x100", "vgg11_bn_cifar", "resnet20", "resnet18"])
 def test_forward_shape_digits(name: str) -> None:
     model, _ = build_model(name, 10, (1, 8, 8))
     with torch.no_grad():
@@ -164,9 +203,11 @@ def test_malformed_fcn_name_is_unknown(name: str) -> None:
 # --------------------------------------------------------------------------- VGG / CIFAR ResNets
 
 
-def test_vgg_pads_only_small_inputs() -> None:
-    small, _ = build_model("vgg11", 10, (1, 28, 28))
-    cifar, _ = build_model("vgg11", 10, (3, 32, 32))
+@pytest.mark.parametrize("name", ["vgg11_cifar", "vgg11"])
+def test_vgg_pads_only_small_inputs(name: str) -> None:
+    with torch.device("meta"):  # structure only
+        small, _ = build_model(name, 10, (1, 28, 28))
+        cifar, _ = build_model(name, 10, (3, 32, 32))
     assert isinstance(small.pad, nn.ZeroPad2d) and small.pad.padding == (2, 2, 2, 2)
     assert "pad" not in dict(cifar.named_children())
     assert small.features[0].in_channels == 1 and cifar.features[0].in_channels == 3
@@ -174,8 +215,8 @@ def test_vgg_pads_only_small_inputs() -> None:
 
 
 def test_vgg_layout() -> None:
-    plain, _ = build_model("vgg16", 10, (3, 32, 32))
-    bn, _ = build_model("vgg16_bn", 10, (3, 32, 32))
+    plain, _ = build_model("vgg16_cifar", 10, (3, 32, 32))
+    bn, _ = build_model("vgg16_bn_cifar", 10, (3, 32, 32))
     convs = [m for m in plain.features if isinstance(m, nn.Conv2d)]
     assert len(convs) == 13 and not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in bn.modules()) == 13
@@ -260,7 +301,7 @@ def test_fcn_linear_init_is_pytorch_default() -> None:
 
 def test_vgg_init_rule() -> None:
     torch.manual_seed(0)
-    model, spec = build_model("vgg16_bn", 10, (3, 32, 32))
+    model, spec = build_model("vgg16_bn_cifar", 10, (3, 32, 32))
     # the 256 -> 512 conv, where fan_out (512 * 9) differs from fan_in (256 * 9)
     (conv,) = [m for m in model.features if isinstance(m, nn.Conv2d) and m.in_channels == 256 and m.out_channels == 512]  # fmt: skip
     assert (conv.bias == 0).all() and _std_ok(conv.weight, math.sqrt(2 / (512 * 9)))

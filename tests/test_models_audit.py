@@ -33,8 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPES = {
     "fcn3x256": (1, 28, 28),
-    "vgg11": (3, 32, 32),
-    "vgg11_bn": (3, 32, 32),
+    "vgg11_cifar": (3, 32, 32),
+    "vgg11_bn_cifar": (3, 32, 32),
     "resnet20": (3, 32, 32),
     "resnet18_cifar": (3, 32, 32),
     "resnet18": (3, 64, 64),
@@ -209,7 +209,7 @@ def test_paper_unit_lists() -> None:
     stem = blocks[0]
     assert stem.keys == ("conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean",
                          "bn1.running_var")  # fmt: skip
-    vgg, vspec = build_model("vgg11_bn", 10, (3, 32, 32))
+    vgg, vspec = build_model("vgg11_bn_cifar", 10, (3, 32, 32))
     units = make_units(vgg, "layer", arch=vspec)
     convs = [u for u in units if u.name.startswith("features")]
     assert (len(convs), len(units)) == (8, 11)
@@ -222,9 +222,9 @@ def test_parameter_counts_and_fcn_shape() -> None:
     assert shapes == [(256, 784), (256,), (256, 256), (256,), (256, 256), (256,), (10, 256), (10,)]
     assert [type(m).__name__ for m in fcn] == ["Flatten"] + ["Linear", "ReLU"] * 3 + ["Linear"]
     count = {a: sum(p.numel() for p in build_model(a, 10, (3, 32, 32))[0].parameters())
-             for a in ("resnet20", "vgg11", "resnet18_cifar")}  # fmt: skip
+             for a in ("resnet20", "vgg11_cifar", "resnet18_cifar")}  # fmt: skip
     # ResNet-20 with option-B shortcuts (two 1x1 conv + BN projections); option A is 269,722
-    assert count == {"resnet20": 272_474, "vgg11": 9_750_922, "resnet18_cifar": 11_173_962}
+    assert count == {"resnet20": 272_474, "vgg11_cifar": 9_750_922, "resnet18_cifar": 11_173_962}
 
 
 # ------------------------------------------------------------- θ⁰ drawn from another rule
@@ -284,7 +284,7 @@ def test_zero_init_residual_theta0_is_a_warning(tmp_path: Path, capsys) -> None:
     assert "layer1.0.bn2.weight: θ⁰ is all 0, the draw all 1" in err
 
 
-@pytest.mark.parametrize("arch", ["fcn3x256", "vgg11_bn", "resnet20"])
+@pytest.mark.parametrize("arch", ["fcn3x256", "vgg11_bn_cifar", "resnet20"])
 def test_registered_theta0_gives_no_warning(arch: str, tmp_path: Path, capsys) -> None:
     torch.manual_seed(0)
     model, spec = build_model(arch, 10, SHAPES[arch])

@@ -208,7 +208,7 @@ def test_fcn3x256_units() -> None:
 
 
 def test_vgg_units() -> None:
-    model, spec = _model("vgg11_bn")
+    model, spec = _model("vgg11_bn_cifar")
     layers = make_units(model, arch=spec)
     assert len(layers) == 8 + 3 and _names(layers)[-3:] == ["classifier.0", "classifier.2", "classifier.4"]  # fmt: skip
     assert layers[0].modules == ("features.0", "features.1")

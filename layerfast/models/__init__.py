@@ -10,7 +10,8 @@ default, e.g. torchvision's kaiming-normal fan_out convs), and what its blocks a
 Registered names (`ARCHS`):
 
 - `fcn3x256` (the paper's FCN) and any `fcnDxW` (D hidden layers of width W), see `fcn.py`;
-- `vgg11 vgg13 vgg16 vgg19` and `*_bn`, CIFAR form, see `vgg.py`;
+- `vgg11 vgg13 vgg16 vgg19` and `*_bn`, torchvision's definitions, and the CIFAR forms
+  `vgg11_cifar` ... `vgg19_bn_cifar`, see `vgg.py`;
 - `resnet18 resnet34 resnet50 resnet101 resnet152`, torchvision's definitions, see `resnet.py`;
 - `resnet20 resnet32 resnet44 resnet56 resnet110` and `resnet18_cifar`, see `resnet_cifar.py`.
 
@@ -86,16 +87,17 @@ def _fcn_spec(name: str, depth: int, width: int) -> ArchSpec:
 
 def _register() -> dict[str, ArchSpec]:
     archs: dict[str, ArchSpec] = {"fcn3x256": _fcn_spec("fcn3x256", 3, 256)}
-    for depth in _vgg.CONFIGS:
-        for bn in (False, True):
-            name = f"vgg{depth}{'_bn' if bn else ''}"
-            archs[name] = ArchSpec(
-                name,
-                _checked(name, partial(_vgg.vgg, depth, bn)),
-                vgg_init,
-                _vgg.vgg_blocks,
-                _vgg.vgg_stages,
-            )
+    for cifar in (False, True):  # torchvision's names are torchvision's models (DESIGN §6)
+        for depth in _vgg.CONFIGS:
+            for bn in (False, True):
+                name = f"vgg{depth}{'_bn' if bn else ''}{'_cifar' if cifar else ''}"
+                archs[name] = ArchSpec(
+                    name,
+                    _checked(name, partial(_vgg.vgg, depth, bn, cifar)),
+                    vgg_init,
+                    _vgg.vgg_blocks,
+                    _vgg.vgg_stages,
+                )
     for name in _resnet._IMAGENET:
         archs[name] = ArchSpec(
             name,
