@@ -295,6 +295,44 @@ def test_factory_that_raises_from_a_shell(ckpts: Path, tmp_path: Path) -> None:
     )
 
 
+def test_an_internal_error_is_exit_1_with_its_traceback(ckpts: Path, tmp_path: Path) -> None:
+    """DESIGN §6: exit 1 for an internal error (a bug of ours), with the traceback a bug report
+    needs; only bad input is the one-line exit 2."""
+    code = (
+        "import sys\n"
+        "from layerfast.engine import evaluator\n"
+        "def boom(*a, **k):\n"
+        "    raise RuntimeError('simulated internal error')\n"
+        "evaluator.Evaluator.run = boom\n"
+        "from layerfast.cli import main\n"
+        f"sys.exit(main(['analyze', '--arch', 'fcn3x256', '--ckpts', {str(ckpts)!r}, '--quiet',\n"
+        f"               '--reset', 'reinit', '--out', {str(tmp_path / 'out')!r}]))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" in p.stderr and "RuntimeError: simulated internal error" in p.stderr
+    assert "layerfast: error:" not in p.stderr  # not dressed up as the user's mistake
+
+
+def test_analyze_and_train_defaults_are_designs() -> None:
+    """DESIGN §6's defaults, read from the parser itself: the help test above only checks that
+    each help text names its default, so a default changed with its help line passed."""
+    from layerfast.cli import parser
+
+    a = parser().parse_args(["analyze", "--arch", "x", "--ckpts", "d"])
+    assert (a.split, a.granularity, a.bn, a.reset, a.checkpoints, a.seeds, a.threshold,
+            a.device, a.precision, a.batch_size, a.max_samples, a.data) == (
+        "test", "layer", "with-layer", "reinit,rerandom,fullmodel", "all", 1, 0.05,
+        "auto", "auto", None, None, None)  # fmt: skip
+    t = parser().parse_args(["train", "--arch", "x", "--data", "digits", "--epochs", "100",
+                             "--out", "o"])  # fmt: skip
+    assert t.checkpoints is None  # None: the paper's 0,1,2,3,8,40,90,100 (scaled to --epochs)
+    from layerfast.train import checkpoint_schedule
+
+    assert checkpoint_schedule(100) == [0, 1, 2, 3, 8, 40, 90, 100]
+
+
 # ---- good input ------------------------------------------------------------------------------
 def test_analyze_ends_with_how_many_warnings_it_printed(ckpts: Path, tmp_path: Path,
                                                        capsys) -> None:
