@@ -126,8 +126,8 @@ def test_a_full_disk_is_one_clear_error_and_leaves_whole_files(tmp_path, monkeyp
 
     monkeypatch.setattr(torch, "save", full_disk)
     out = tmp_path / "o"
-    rc = main(["train", "--arch", "fcn3x256", "--epochs", "2", "--max-samples", "64",
-               "--out", str(out), "--quiet"])  # fmt: skip
+    rc = main(["train", "--arch", "fcn3x256", "--data", "digits", "--epochs", "2",
+               "--max-samples", "64", "--out", str(out), "--quiet"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "cannot write epoch_002.pt (No space left on device)" in err
