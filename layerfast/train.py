@@ -49,6 +49,7 @@ from layerfast.checkpoints import MANIFEST, SUFFIXES, write_manifest
 from layerfast.checkpoints.discover import new_file_mode
 from layerfast.data import open_data, to_device
 from layerfast.data.source import DataSource, check_finite
+from layerfast.data.spec import absolute_spec
 from layerfast.engine.precision import precision_context, resolve_device
 from layerfast.errors import LayerfastError, collect_warnings, warn
 from layerfast.models import build_model
@@ -338,7 +339,8 @@ def train(
         if len(steps) > 1 and steps[-1][1] - steps[-1][0] == 1:
             steps.pop()  # a lone trailing sample would break BatchNorm's training statistics
         meta: dict[str, Any] = {
-            "arch": arch, "data": data, "num_classes": train_src.num_classes,
+            # absolute: `analyze` without --data evaluates on it from any directory
+            "arch": arch, "data": absolute_spec(data), "num_classes": train_src.num_classes,
             "in_shape": list(train_src.shape), "seed": seed, "epochs": epochs, "lr": lr,
             "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
             "schedule": schedule, "device": str(dev), "torch": torch.__version__,

@@ -357,3 +357,23 @@ def test_without_data_the_manifest_names_it_and_without_a_manifest_it_is_require
     assert err.count("\n") == 1 and "--data is required" in err
     assert not (tmp_path / "b").exists()
     assert main([*argv, "--data", spec, "--quiet", "--reset", "reinit"]) == 0  # named: it runs
+
+
+def test_the_manifest_names_its_data_by_absolute_path(tmp_path, monkeypatch) -> None:
+    """`train --data x.npz` run in one directory, `analyze` without --data in another: the
+    manifest records the spec with its path made absolute, so the data is found."""
+    from layerfast.train import train
+
+    (tmp_path / "d").mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d" / "x.npz", x_train=rng.random((40, 1, 4, 4), dtype=np.float32),
+             y_train=rng.integers(0, 3, 40), x_test=rng.random((24, 1, 4, 4), dtype=np.float32),
+             y_test=np.arange(24) % 3)  # fmt: skip
+    monkeypatch.chdir(tmp_path / "d")
+    train("fcn1x8", "x.npz", 1, tmp_path / "ck", device="cpu", progress=False)
+    want = str((tmp_path / "d" / "x.npz").resolve())
+    assert json.loads((tmp_path / "ck" / "manifest.json").read_text())["data"] == want
+    monkeypatch.chdir(tmp_path)
+    res = layerfast.analyze("fcn1x8", tmp_path / "ck", reset="reinit", device="cpu",
+                            out=tmp_path / "o", progress=False, figures=False)
+    assert res.run["data"] == want and res.table["n"].iloc[0] == 24

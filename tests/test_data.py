@@ -478,3 +478,15 @@ def test_data_paths_names_what_each_spec_reads(tmp_path, monkeypatch) -> None:
     assert data_paths("fashion-mnist") == [Path(FASHION_MNIST_DIR).resolve()]
     for name in ("mnist", "fashion-mnist", "cifar10", "imagefolder"):
         assert data_paths(f"{name}:sub/dir") == [tmp_path / "sub" / "dir"]
+
+
+def test_absolute_spec_makes_only_paths_absolute(tmp_path, monkeypatch) -> None:
+    from layerfast.data.spec import absolute_spec
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_spec("x.npz") == str(tmp_path.resolve() / "x.npz")
+    assert absolute_spec(" runs/a.beton ") == str(tmp_path.resolve() / "runs" / "a.beton")
+    assert absolute_spec("cifar10:data") == f"cifar10:{tmp_path.resolve() / 'data'}"
+    assert absolute_spec("imagefolder:/abs/dir") == "imagefolder:/abs/dir"
+    for same in ("digits", "fashion-mnist", "synthetic:cifar:40", "fashion-mnist:/usr/x"):
+        assert absolute_spec(same) == same

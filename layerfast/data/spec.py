@@ -54,6 +54,20 @@ def data_paths(spec: str) -> list[Path]:
     return []
 
 
+def absolute_spec(spec: str) -> str:
+    """`spec` with the file or directory it names made absolute (`x.npz` -> `/home/u/x.npz`,
+    `cifar10:data` -> `cifar10:/home/u/data`); specs that name no path come back as they are.
+    What `layerfast train` records in manifest.json, because `layerfast analyze` without
+    `--data` evaluates on the manifest's spec, from whatever directory it is run in."""
+    spec = spec.strip()
+    if spec.lower().endswith((".beton", ".npz")):
+        return str(Path(spec).expanduser().resolve())
+    name, _, arg = spec.partition(":")
+    if name.lower() in ("mnist", "fashion-mnist", "cifar10", "imagefolder") and arg:
+        return f"{name}:{Path(arg).expanduser().resolve()}"
+    return spec
+
+
 def open_data(spec: str, split: str = "test", max_samples: int | None = None) -> DataSource:
     """Open dataset `spec` (see VALID_SPECS and docs/data.md) for `split` ('test' or 'train'),
     keeping only the first `max_samples` samples when given."""
