@@ -363,6 +363,7 @@ def test_bn_policies_equal_the_naive_loop(bn: str, bn_run, tmp_path: Path) -> No
         res = analyze(
             "bnnet_audit:make",
             ck,
+            data="digits",
             bn=bn,
             seeds=[1, 2],
             device="cpu",
@@ -422,6 +423,7 @@ def test_joint_reset_via_units_patterns_equals_the_naive_loop(bn_run, tmp_path: 
         res = analyze(
             "bnnet_audit:make",
             ck,
+            data="digits",
             units="re:^conv[12]$,head",
             seeds=[3],
             reset="reinit,rerandom",
