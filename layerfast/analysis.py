@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -493,6 +494,26 @@ def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
     return res.counts, res.n, engine
 
 
+def _check_finite_logits(variants: list, counts: torch.Tensor, data: str) -> None:
+    """A NaN or Inf logit makes the loss sum non-finite, and its sample's error count means
+    nothing (every comparison with NaN is false). Read from the sums after the pass, so the
+    pass itself never waits on the device: a baseline with such logits is bad input (weights
+    or BatchNorm statistics that overflow, or non-finite inputs), a variant with them a warning
+    naming it (its reset made the network overflow; its loss is empty in results.csv)."""
+    loss = counts[:, 2].double()
+    if not math.isfinite(float(loss[0])):
+        raise LayerfastError(
+            f"the final model gives NaN or Inf logits on {data!r}: its weights or BatchNorm "
+            "statistics overflow (a diverged or corrupted checkpoint, a negative running_var?) "
+            "or the data holds non-finite values; its errors would mean nothing")
+    bad = [v.label for v, x in zip(variants, loss.tolist(), strict=True) if not math.isfinite(x)]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warn(f"{len(bad)} variant{'s' if len(bad) > 1 else ''} gave NaN or Inf logits on some "
+             f"samples ({shown}): the reset makes the network overflow there, so their error "
+             "counts are not meaningful and their loss is empty in results.csv")
+
+
 def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int, engine: dict,
                    unit_list: list, model: torch.nn.Module, spec: Any, ck: Any,
                    resets: list[str], chosen: str | list[int], figures: bool, t0: float,
@@ -504,6 +525,7 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     from layerfast.metrics import results_table
 
     t1 = time.perf_counter()
+    _check_finite_logits(variants, counts, run["data"])
     table = results_table(variants, counts, n_done, engine["num_classes"], run["threshold"])
     note = _chance_note(table, engine["num_classes"], run["threshold"])
     if note:  # every verdict would read "robust" against a baseline with nothing to lose

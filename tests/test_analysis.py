@@ -377,3 +377,32 @@ def test_the_manifest_names_its_data_by_absolute_path(tmp_path, monkeypatch) -> 
     res = layerfast.analyze("fcn1x8", tmp_path / "ck", reset="reinit", device="cpu",
                             out=tmp_path / "o", progress=False, figures=False)
     assert res.run["data"] == want and res.table["n"].iloc[0] == 24
+
+
+def test_non_finite_logits_are_an_error_for_the_baseline_and_a_warning_for_a_variant(
+        ckpts, tmp_path, capsys) -> None:
+    """Huge finite weights passed the NaN/Inf check, and the run exited 0 with an empty loss,
+    an error near chance and 'robust' verdicts below the baseline: a NaN logit is never above
+    the label's, so such a sample can even count as correct. The baseline is now bad input;
+    a variant whose reset overflows is a warning naming it."""
+    import shutil
+
+    d = Path(shutil.copytree(ckpts, tmp_path / "ck"))
+    kw = dict(reset="reinit", device="cpu", progress=False, figures=False, data="digits")
+    final = d / "epoch_003.pt"
+    sd = torch.load(final, weights_only=True)
+    sd["fc1.weight"].fill_(3e38)
+    torch.save(sd, final)
+    with pytest.raises(LayerfastError, match=r"final model gives NaN or Inf logits on 'digits'"):
+        layerfast.analyze("fcn3x256", d, out=tmp_path / "o", **kw)
+    assert not (tmp_path / "o" / "results.csv").exists()
+    shutil.copy(ckpts / "epoch_003.pt", final)  # a sound final model, an overflowing τ = 1
+    sd = torch.load(d / "epoch_001.pt", weights_only=True)
+    sd["fc2.weight"].fill_(3e38)
+    torch.save(sd, d / "epoch_001.pt")
+    res = layerfast.analyze("fcn3x256", d, checkpoints="1", out=tmp_path / "v", **kw)
+    warned = json.loads((tmp_path / "v" / "run.json").read_text())["warnings"]
+    assert len(warned) == 1 and warned[0].startswith("1 variant gave NaN or Inf logits")
+    assert "reinit fc2 @1" in warned[0] and warned[0] in capsys.readouterr().err
+    rows = res.table[res.table.kind == "reinit"].set_index("unit")
+    assert pd.isna(rows.loc["fc2", "loss"]) and rows.drop("fc2")["loss"].notna().all()
