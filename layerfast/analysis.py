@@ -99,8 +99,12 @@ def _data_spec(data: str | None, ckpts: str | os.PathLike[str]) -> tuple[str, Pa
     root = Path(ckpts)
     if not root.is_dir():
         CheckpointDir(root)  # its own clear error for a missing or unreadable directory
-    named = (read_manifest(root) or {}).get("data")
-    if not isinstance(named, str) or not named.strip():
+    man = read_manifest(root)
+    named = (man or {}).get("data")
+    if man is not None and "data" in man and (not isinstance(named, str) or not named.strip()):
+        raise LayerfastError(f"{root / 'manifest.json'}: data must be a data spec string, got "
+                             f"{named!r}; pass --data")
+    if named is None:
         raise LayerfastError(
             f"--data is required: {root} has no manifest.json naming the data its checkpoints "
             "were trained on; name the data to evaluate on (digits, fashion-mnist, cifar10:DIR, "
@@ -274,7 +278,10 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
     src = open_data(data, split=split, max_samples=max_samples)
     man = ck.manifest or {}
     from_data = "num_classes" not in man
-    num_classes = int(man.get("num_classes", src.num_classes))
+    num_classes = man.get("num_classes", src.num_classes)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise LayerfastError(f"{ck.path / 'manifest.json'}: num_classes must be a positive "
+                             f"integer, got {num_classes!r}")
     # Without a manifest the class count is the data's (largest label + 1): a stray label
     # (a synset offset such as 15075141, an id) makes a head of millions of outputs, whose
     # allocation fails (a traceback, exit 1) or succeeds and then mismatches the checkpoint.
@@ -282,16 +289,10 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
              else "manifest.json's num_classes")
     try:
         model, spec = build_model(arch, num_classes, tuple(src.shape))
-    except (MemoryError, RuntimeError) as exc:
-        # torch says "can't allocate memory", or, from about 2**63 bytes on (a label of 2**55
-        # with a 256-wide head), "Storage size calculation overflowed"
-        text = str(exc).lower()
-        if not isinstance(exc, MemoryError) and "alloc" not in text and "overflow" not in text:
+    except LayerfastError as exc:
+        if not str(exc).startswith("cannot build"):
             raise
-        msg = " ".join(str(exc).split())[:200]
-        why = "its size overflows" if "overflow" in text else "out of memory"
-        raise LayerfastError(f"cannot build {arch} for {num_classes:,} classes ({where}): "
-                             f"{why} ({msg})") from None
+        raise LayerfastError(f"{exc}; the class count is {where}") from None
     used = None if checkpoints == "all" else sorted(
         {ck.final, *checkpoints, *({0} & set(ck.labels))})
     try:

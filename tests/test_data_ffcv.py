@@ -190,6 +190,36 @@ def test_beton_errors(tmp_path):
         open_data(str(to))
 
 
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"scale": 0}, r"scale must be a finite number > 0, got 0"),
+        ({"scale": -16.0}, r"scale must be a finite number > 0"),
+        ({"mean": [float("nan")]}, r"mean must be null or a list of finite numbers"),
+        ({"mean": "x"}, r"mean must be null or a list"),
+        ({"num_classes": "x"}, r"num_classes must be a positive integer, got 'x'"),
+        ({"num_classes": True}, r"num_classes must be a positive integer"),
+        ({"format": "other"}, r"not a layerfast sidecar \(format 'other'"),
+        ({"mean": None, "std": None, "drop": "mean"}, r"missing mean"),
+    ],
+)
+def test_a_bad_sidecar_is_one_clear_error(tmp_path, edit, match):
+    """A scale of 0 or a NaN mean in PATH.beton.json made every input Inf/NaN and the analysis
+    exited 0 near chance; a missing key or a wrong type was a traceback."""
+    import json
+
+    to = convert("digits", tmp_path / "d.beton")
+    side = sidecar_path(to)
+    meta = json.loads(side.read_text())
+    edit = dict(edit)
+    drop = edit.pop("drop", None)
+    meta.update(edit)
+    meta.pop(drop, None)
+    side.write_text(json.dumps(meta))
+    with pytest.raises(LayerfastError, match=match):
+        open_data(str(to))
+
+
 def test_convert_leaves_nothing_on_failure(tmp_path):
     """A sample that fails mid-conversion (a corrupt image after a good one) leaves no file."""
     from PIL import Image

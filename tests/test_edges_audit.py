@@ -383,3 +383,36 @@ def test_correct_at_5_below_5_classes_is_one_definition() -> None:
     want = naive_evaluate(m, vs, lambda: [(x, y)])
     assert got[0, 1].item() == want[0, 1].item() == got[0, 0].item() < 40  # correct@1, not all
 
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--arch", "fcn1x99999999999", "--data", "digits", "--epochs", "1", "--out", "t"],
+        ["analyze", "--arch", "fcn1x99999999999", "--list-units"],
+        ["bench", "--arch", "fcn1x99999999999", "--max-samples", "8"],
+    ],
+)
+def test_a_model_too_large_to_build_is_one_clear_error_everywhere(tmp_path, monkeypatch, capsys,
+                                                                  argv) -> None:
+    """The out-of-memory message lived in analyze's build only: train, bench and --list-units
+    ended in the allocator's traceback (exit 1). It is build_model's now."""
+    monkeypatch.chdir(tmp_path)
+    rc = cli_main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "cannot build fcn1x99999999999 for 10 classes" in err and "out of memory" in err
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_manifest_class_count_past_int64_is_one_clear_error(tmp_path, capsys) -> None:
+    """num_classes 2**70 in manifest.json failed to unpack inside torch (TypeError, exit 1)."""
+    ck = _fcn_ckpts(tmp_path)
+    (ck / "manifest.json").write_text(json.dumps(
+        {"checkpoints": [{"epoch": t, "file": f.name} for t, f in
+                         enumerate(sorted(ck.glob("*.pt")))], "num_classes": 2**70}))
+    rc = cli_main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ck), "--data", "digits",
+                   "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "its size overflows" in err
+    assert "manifest.json's num_classes" in err and not (tmp_path / "o").exists()

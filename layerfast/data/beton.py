@@ -167,15 +167,42 @@ class BetonReader:
         return self.y[:stop].clone()
 
 
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _check_sidecar(meta: Any, side: Path) -> None:
+    """The sidecar's fields, each with its own message: a scale of 0 or a NaN mean turned every
+    input into Inf/NaN and the run still exited 0 (near chance), a missing key was a KeyError."""
+    def bad(what: str) -> LayerfastError:
+        return LayerfastError(f"beton: {side}: {what}; re-run layerfast convert")
+
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise bad(f"not a layerfast sidecar (format {got!r}, expected {SIDECAR_FORMAT!r})")
+    missing = [k for k in ("n", "bytes", "num_classes", "scale", "mean", "std") if k not in meta]
+    if missing:
+        raise bad(f"missing {', '.join(missing)}")
+    nc = meta["num_classes"]
+    if isinstance(nc, bool) or not isinstance(nc, int) or not 1 <= nc < 2**63:
+        raise bad(f"num_classes must be a positive integer, got {nc!r}")
+    if not _finite_number(meta["scale"]) or meta["scale"] <= 0:
+        raise bad(f"scale must be a finite number > 0, got {meta['scale']!r}")
+    for key in ("mean", "std"):
+        v = meta[key]
+        if v is not None and not (isinstance(v, list) and v and all(map(_finite_number, v))):
+            raise bad(f"{key} must be null or a list of finite numbers, got {v!r}")
+
+
 def _read_sidecar(path: Path, n: int) -> dict[str, Any] | None:
     side = sidecar_path(path)
     if not side.is_file():
         return None
     try:
         meta = json.loads(side.read_text())
-        assert meta["format"] == SIDECAR_FORMAT
-    except Exception as exc:
-        raise LayerfastError(f"beton: cannot read {side}: {exc}") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise LayerfastError(f"beton: cannot read {side}: {exc}") from None
+    _check_sidecar(meta, side)
     if meta.get("n") != n or meta.get("bytes") != path.stat().st_size:
         raise LayerfastError(
             f"beton: {side} describes a different file than {path}; re-run layerfast convert"

@@ -152,6 +152,24 @@ def get_arch(name: str) -> ArchSpec:
 def build_model(
     arch: str, num_classes: int, in_shape: tuple[int, int, int]
 ) -> tuple[nn.Module, ArchSpec]:
-    """Look `arch` up and build it: the model (train mode, freshly initialized) and its spec."""
+    """Look `arch` up and build it: the model (train mode, freshly initialized) and its spec.
+
+    A model too large to allocate (`fcn1x99999999999`, a head for a stray label of 15075141 or
+    2**62) is a LayerfastError for every caller (analyze, train, bench, --list-units), not
+    torch's allocator traceback: torch says "can't allocate memory", or from about 2**63 bytes
+    on "Storage size calculation overflowed", or fails to unpack a size past int64."""
     spec = get_arch(arch)
-    return spec.build(num_classes, tuple(in_shape)), spec  # type: ignore[arg-type]
+    try:
+        return spec.build(num_classes, tuple(in_shape)), spec  # type: ignore[arg-type]
+    except (MemoryError, RuntimeError, TypeError, OverflowError) as exc:
+        text = str(exc).lower()
+        if isinstance(exc, (TypeError, RuntimeError)) and not any(
+            w in text for w in ("alloc", "overflow")
+        ):
+            raise
+        why = "its size overflows" if "overflow" in text else "out of memory"
+        msg = " ".join(str(exc).split())[:200]
+        raise LayerfastError(
+            f"cannot build {arch} for {num_classes:,} classes and inputs {tuple(in_shape)}: "
+            f"{why} ({msg})"
+        ) from None
