@@ -225,6 +225,25 @@ def _out_dir(out: str | os.PathLike[str] | None, arch: str, fingerprint: dict) -
     return path
 
 
+def _check_out_files(path: Path, fresh: bool) -> None:
+    """Bad input about the out dir's contents, before the lock and the store are taken:
+    a directory where an output goes (an IsADirectoryError traceback once the pass was done),
+    and results that no layerfast run's store accounts for (a copied run dir, a user's own
+    results.csv), which a run used to replace without `--fresh`."""
+    from layerfast.store import FILENAME, LOCKNAME
+
+    for name in (*OUTPUTS, FILENAME, LOCKNAME):
+        p = path / name
+        if p.exists() and not p.is_file():
+            raise LayerfastError(f"{p} is not a regular file, and the run writes its {name} "
+                                 "there: remove it or choose another --out")
+    found = [n for n in OUTPUTS if (path / n).exists()]
+    if found and not fresh and not (path / FILENAME).exists():
+        raise LayerfastError(f"{path} already holds {', '.join(found)}, but no {FILENAME} of the "
+                             "run that wrote them: pass --fresh to replace them, or choose "
+                             "another --out")
+
+
 def _fresh_dir(parent: Path, stem: str) -> Path:
     """`parent/stem`, or `stem-2`, `stem-3`, ... when taken: two runs started in the same second
     (a shell loop over archs' seeds, say) must not share a directory, where the second would
@@ -441,6 +460,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         }
         t_build = time.perf_counter() - t0
         path = _out_dir(out, arch, fingerprint)
+        _check_out_files(path, fresh)
         with ResumeStore(path, fingerprint, len(variants), fresh=fresh) as store:
             prev = store.load()
             if named_by is not None and progress:  # said once all is validated: an error is 1 line

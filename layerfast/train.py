@@ -318,6 +318,8 @@ def train(
             with torch.cuda.device(i):
                 torch.cuda.manual_seed(seed)
         model, _ = build_model(arch, train_src.num_classes, train_src.shape)
+        if not any(p.requires_grad for p in model.parameters()):  # SGD's bare ValueError else
+            raise LayerfastError(f"{arch} has no trainable parameters: nothing to train")
         model.to(dev)
         x_all, y_all = _gather(train_src, dev)  # decodes every image: broken files show here
         # NaN/Inf inputs would show as a NaN loss, blamed on the learning rate: blame the data

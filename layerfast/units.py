@@ -284,7 +284,7 @@ def _matcher(pattern: str):
     if pattern.startswith("re:"):
         try:
             rx = re.compile(pattern[3:])
-        except re.error as err:
+        except (re.error, OverflowError, RecursionError) as err:  # `a{99999999999}`: Overflow
             raise LayerfastError(f"unit pattern {pattern!r}: bad regex: {err}") from None
         return lambda name: rx.search(name) is not None
     return lambda name: fnmatch.fnmatchcase(name, pattern)

@@ -253,3 +253,22 @@ def test_a_file_system_without_locks_is_not_another_run(ckpts, tmp_path, monkeyp
     monkeypatch.setattr(store.fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(held))
     with pytest.raises(LayerfastError, match="another layerfast run"):
         layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "run", **{**ARGS, "max_samples": 40})
+
+
+def test_the_out_dirs_contents_are_checked_before_the_run(ckpts, tmp_path):
+    """A directory named results.csv (or run.json, progress.sqlite) in --out was an
+    IsADirectoryError traceback once the pass was done; results that no progress.sqlite
+    accounts for (a copied run dir, a user's own file) were replaced without --fresh."""
+    analyze = layerfast.analyze
+    out = tmp_path / "o"
+    (out / "results.csv").mkdir(parents=True)
+    with pytest.raises(LayerfastError, match=r"results.csv is not a regular file"):
+        analyze("fcn3x256", ckpts, out=out, **ARGS)
+    (out / "results.csv").rmdir()
+    (out / "run.json").write_text("{}")  # someone else's
+    with pytest.raises(LayerfastError, match=r"already holds run.json, but no progress.sqlite"):
+        analyze("fcn3x256", ckpts, out=out, **ARGS)
+    assert (out / "run.json").read_text() == "{}" and not (out / "progress.sqlite").exists()
+    analyze("fcn3x256", ckpts, out=out, fresh=True, **ARGS)  # --fresh replaces them
+    assert json.loads((out / "run.json").read_text())["arch"] == "fcn3x256"
+    analyze("fcn3x256", ckpts, out=out, **ARGS)  # its own finished run: no --fresh needed

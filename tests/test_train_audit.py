@@ -150,3 +150,14 @@ def test_a_failed_manifest_write_is_a_layerfast_error(tmp_path, monkeypatch):
     with pytest.raises(LayerfastError, match=r"cannot write manifest.json \(Permission denied\)"):
         _tiny(tmp_path)
     assert CheckpointDir(tmp_path).labels == [0]  # the last good manifest still stands
+
+
+def test_a_model_without_parameters_is_bad_input(tmp_path, capsys):
+    """`--arch torch.nn:Identity` reached SGD, whose 'empty parameter list' was a traceback."""
+    from layerfast.cli import main
+
+    rc = main(["train", "--arch", "torch.nn:Identity", "--data", "digits", "--epochs", "1",
+               "--out", str(tmp_path / "t"), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "has no trainable parameters" in err
+    assert not (tmp_path / "t").exists()

@@ -305,6 +305,7 @@ def test_pattern_bn_policies() -> None:
         (["layer9.*"], "'layer9.*' matches no module"),
         (["fc", "re:^nope$"], "'re:^nope$' matches no module"),
         (["re:("], "bad regex"),
+        (["re:a{99999999999}"], "bad regex"),  # OverflowError inside re
         (["fc", ""], "empty unit pattern"),
         ([], "at least one pattern"),
     ],
