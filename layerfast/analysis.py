@@ -463,7 +463,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         _check_out_files(path, fresh)
         with ResumeStore(path, fingerprint, len(variants), fresh=fresh) as store:
             prev = store.load()
-            if named_by is not None and progress:  # said once all is validated: an error is 1 line
+            if named_by is not None:  # even --quiet: said once all is validated (errors: 1 line)
                 print(f"layerfast: --data not given: evaluating on {data!r} ({split} split), "
                       f"the data {named_by} names", file=sys.stderr)
             if prev.complete:

@@ -278,3 +278,20 @@ def test_imagefolder_roundtrip(tmp_path):
     X0, Y0 = collect(ref, 4)
     assert X.shape == (4, 3, 224, 224) and torch.equal(X, X0) and Y.tolist() == Y0.tolist()
     assert Y.tolist() == [0, 0, 1, 2]
+
+
+def test_convert_refuses_a_target_it_cannot_write_before_decoding(tmp_path):
+    """`--to` a directory was an IsADirectoryError traceback that left an orphan sidecar; under
+    a file, a FileExistsError; in /sys, a PermissionError."""
+    (tmp_path / "x.beton").mkdir()
+    with pytest.raises(LayerfastError, match=r"x.beton exists and is not a file"):
+        convert("digits", tmp_path / "x.beton")
+    assert not sidecar_path(tmp_path / "x.beton").exists()
+    (tmp_path / "f").write_text("hi")
+    with pytest.raises(LayerfastError, match=r"f is not a directory"):
+        convert("digits", tmp_path / "f" / "sub" / "x.beton")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "d.beton.json").mkdir()
+    with pytest.raises(LayerfastError, match=r"d.beton.json exists and is not a file"):
+        convert("digits", tmp_path / "ro" / "d.beton")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d.beton.json", "f", "ro", "x.beton"]

@@ -271,8 +271,18 @@ def open_beton(path: Path, split: str, max_samples: int | None) -> DataSource:
 
 
 def check_target(to: Path) -> None:
+    """Bad `--to` paths, before any data is decoded: the wrong suffix, a directory where the
+    .beton or its sidecar goes, a file where a parent directory should be."""
     if to.suffix != ".beton":
         raise LayerfastError(f"convert: the output must end in .beton, got {to}")
+    for p in (to, sidecar_path(to)):
+        if p.exists() and not p.is_file():
+            raise LayerfastError(f"convert: {p} exists and is not a file")
+    parent = to.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LayerfastError(f"convert: {parent} is not a directory, so {to} cannot be written")
 
 
 class _Staged:
@@ -300,9 +310,9 @@ def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
     from layerfast.data.ffcv_writer import SafeDatasetWriter
 
     check_target(to)
-    to.parent.mkdir(parents=True, exist_ok=True)
     tmp: list[str] = []
     try:
+        to.parent.mkdir(parents=True, exist_ok=True)
         fd, xpath = tempfile.mkstemp(prefix=f".{to.name}.", suffix=".stage", dir=to.parent)
         os.close(fd)
         tmp.append(xpath)
@@ -346,7 +356,13 @@ def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
         for p in (bpath, spath):  # mkstemp makes 0600 files; give the usual permissions
             os.chmod(p, 0o666 & ~umask)
         os.replace(spath, sidecar_path(to))
-        os.replace(bpath, to)
+        try:
+            os.replace(bpath, to)
+        except OSError:  # no sidecar without its .beton
+            os.unlink(sidecar_path(to))
+            raise
+    except OSError as exc:  # a read-only or full disk: one line, nothing left behind
+        raise LayerfastError(f"convert: cannot write {to}: {exc.strerror or exc}") from None
     finally:
         for p in tmp:
             if os.path.exists(p):
