@@ -252,7 +252,8 @@ def _npz(tmp_path, **arrays) -> str:
 @pytest.mark.parametrize(
     "arrays, message",
     [
-        ({"x": np.zeros((3, 2, 2), np.uint8)}, "must hold arrays 'x' and 'y'"),
+        ({"x": np.zeros((3, 2, 2), np.uint8)}, "must hold arrays 'x_test' and 'y_test', or 'x' and 'y'"),
+        ({"x_train": np.zeros((3, 2, 2), np.uint8), "y_train": [0, 1, 2]}, "'x_test' and 'y_test'"),
         ({"x": np.zeros((3, 2, 2), np.uint8), "y": [0, 1]}, "need the same number of samples"),
         ({"x": np.zeros((3, 2, 2), np.uint8), "y": [0, -1, 2]}, "labels must be >= 0"),
         ({"x": np.zeros((3, 2, 2), np.uint8), "y": [0.5, 1, 2]}, "labels must be integers"),
@@ -325,6 +326,15 @@ def test_cifar_errors(tmp_path):
     write_cifar(tmp_path / "test_batch", x[:0], [])
     with pytest.raises(LayerfastError, match="empty"):
         open_data(f"cifar10:{tmp_path}")
+    # labels that are not a flat list were a TypeError / ValueError traceback
+    for bad, match in [(None, "must be a list of class indices, got NoneType"),
+                       (5, "got int"), ({"a": 1}, "got dict"),
+                       ([[1, 2], [3]] * (len(x) // 2), "not a flat list"),
+                       ([[1, 2]] * len(x), r"flat list, has shape")]:  # fmt: skip
+        obj = {b"data": x.reshape(len(x), 3072), b"labels": bad}
+        (tmp_path / "test_batch").write_bytes(pickle.dumps(obj, protocol=2))
+        with pytest.raises(LayerfastError, match=match):
+            open_data(f"cifar10:{tmp_path}")
 
 
 def test_beton_without_ffcv(tmp_path, monkeypatch):
@@ -490,3 +500,27 @@ def test_absolute_spec_makes_only_paths_absolute(tmp_path, monkeypatch) -> None:
     assert absolute_spec("imagefolder:/abs/dir") == "imagefolder:/abs/dir"
     for same in ("digits", "fashion-mnist", "synthetic:cifar:40", "fashion-mnist:/usr/x"):
         assert absolute_spec(same) == same
+
+
+def test_a_corrupt_or_oversized_npz_is_one_clear_error(tmp_path):
+    """A flipped byte inside a compressed member was a zlib.error traceback, and a header
+    declaring 10**13 samples numpy's _ArrayMemoryError."""
+    import zipfile
+
+    x, y = np.random.default_rng(0).random((64, 8, 8)), np.arange(64) % 3
+    np.savez_compressed(tmp_path / "c.npz", x=x, y=y)
+    raw = bytearray((tmp_path / "c.npz").read_bytes())
+    raw[300:340] = b"\xff" * 40
+    (tmp_path / "c.npz").write_bytes(bytes(raw))
+    with pytest.raises(LayerfastError, match=r"npz: cannot read .*c.npz"):
+        open_data(str(tmp_path / "c.npz"))
+    import io
+
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        head, {"descr": "<f4", "fortran_order": False, "shape": (10**13, 1, 8, 8)})
+    with zipfile.ZipFile(tmp_path / "big.npz", "w") as z:
+        z.writestr("x.npy", head.getvalue())
+        z.writestr("y.npy", head.getvalue())
+    with pytest.raises(LayerfastError, match=r"big.npz: an array does not fit in memory"):
+        open_data(str(tmp_path / "big.npz"))

@@ -81,9 +81,19 @@ def load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise LayerfastError(
             f"cifar10: {path} lacks 'data' or 'labels' (keys: {sorted(map(str, d))})"
         )
-    data, labels = d["data"], np.asarray(d["labels"])
+    data, raw = d["data"], d["labels"]
+    if not isinstance(raw, (list, tuple, np.ndarray)):  # None, 5, a dict: len() would raise
+        raise LayerfastError(f"cifar10: {path}: 'labels' must be a list of class indices, "
+                             f"got {type(raw).__name__}")
+    try:
+        labels = np.asarray(raw)
+    except ValueError as exc:  # a ragged list of lists
+        raise LayerfastError(f"cifar10: {path}: 'labels' is not a flat list ({exc})") from None
     if labels.size == 0:  # an empty list comes back as float64
         labels = labels.astype(np.int64)
+    if labels.ndim != 1:
+        raise LayerfastError(f"cifar10: {path}: 'labels' must be a flat list, has shape "
+                             f"{labels.shape}")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
         raise LayerfastError(f"cifar10: {path}: 'data' must be a uint8 [N, 3072] array")
     if data.shape[1] != 3 * 32 * 32:

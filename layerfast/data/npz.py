@@ -12,6 +12,7 @@ file has them; otherwise `x`/`y` is the data whatever the split. An optional sca
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +57,12 @@ def _load(path: Path) -> dict[str, np.ndarray]:
                 "numeric arrays x and y"
             ) from exc
         raise LayerfastError(f"npz: cannot read {path}: {exc}") from exc
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # zlib: corrupt deflate
         raise LayerfastError(
             f"npz: cannot read {path}: not a valid .npz or truncated ({exc})"
         ) from exc
+    except MemoryError as exc:  # a header that declares more than the machine holds
+        raise LayerfastError(f"npz: {path}: an array does not fit in memory ({exc})") from None
 
 
 def open_npz(path: Path, split: str, max_samples: int | None) -> DataSource:
@@ -68,7 +71,7 @@ def open_npz(path: Path, split: str, max_samples: int | None) -> DataSource:
     kx, ky = (f"x_{split}", f"y_{split}") if f"x_{split}" in arrays else ("x", "y")
     if kx not in arrays or ky not in arrays:
         raise LayerfastError(
-            f"npz: {path} must hold arrays 'x' and 'y' (or '{kx}'/'{ky}'); it has "
+            f"npz: {path} must hold arrays 'x_{split}' and 'y_{split}', or 'x' and 'y'; it has "
             f"{sorted(arrays) or 'none'}"
         )
     x, y = arrays[kx], arrays[ky]
