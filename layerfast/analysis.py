@@ -192,8 +192,8 @@ def _checkpoint_every(value: float | None) -> float:
         try:
             value = float(text)
         except ValueError:
-            value = -1.0
-    if not value >= 0:  # also rejects NaN
+            value = text  # type: ignore[assignment]  # said as given, below
+    if isinstance(value, str) or not value >= 0:  # also rejects NaN
         raise LayerfastError(f"checkpoint interval (LAYERFAST_CHECKPOINT_EVERY) must be a number "
                              f"of seconds >= 0; got {value!r}")
     return float(value)

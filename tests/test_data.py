@@ -524,3 +524,11 @@ def test_a_corrupt_or_oversized_npz_is_one_clear_error(tmp_path):
         z.writestr("y.npy", head.getvalue())
     with pytest.raises(LayerfastError, match=r"big.npz: an array does not fit in memory"):
         open_data(str(tmp_path / "big.npz"))
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "imagefolder"])
+def test_a_data_directory_that_is_a_file_says_so(tmp_path, name):
+    """`mnist:FILE` said the directory 'does not exist', though the path was there (a file)."""
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(LayerfastError, match=r"f is a file, not a directory"):
+        open_data(f"{name}:{tmp_path / 'f'}")

@@ -158,6 +158,20 @@ def test_read_distances_keeps_nan_l2_rel_of_a_zero_initialized_unit(tmp_path: Pa
     assert back["l2_rel"].isna().all() and back["l2"].tolist() == [0.0, 1.0]
 
 
+@pytest.mark.parametrize(
+    ("row", "column"),
+    [("fc1,1,1e308,0.1,0.01", "'l2'"), ("fc1,1,1.0,inf,0.01", "'l2_rel'"),
+     ("fc1,rerandom:x,1.0,0.1,0.01", "'checkpoint'")],
+)  # fmt: skip
+def test_read_distances_refuses_what_the_figure_cannot_draw(tmp_path: Path, row: str,
+                                                            column: str) -> None:
+    """`layerfast report` on a distances.csv with 1e308 was matplotlib's OverflowError; inf and
+    `rerandom:x` were accepted."""
+    path = write_rows(tmp_path / "distances.csv", ["fc1,0,0,0,0", row], DIST_HEADER)
+    with pytest.raises(LayerfastError, match=f"{column}.*row 2"):
+        read_distances(path)
+
+
 # ----------------------------------------------------------------------------- summary
 
 

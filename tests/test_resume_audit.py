@@ -272,3 +272,15 @@ def test_the_out_dirs_contents_are_checked_before_the_run(ckpts, tmp_path):
     analyze("fcn3x256", ckpts, out=out, fresh=True, **ARGS)  # --fresh replaces them
     assert json.loads((out / "run.json").read_text())["arch"] == "fcn3x256"
     analyze("fcn3x256", ckpts, out=out, **ARGS)  # its own finished run: no --fresh needed
+
+
+def test_a_checkpoint_interval_that_is_not_a_number_is_said_as_given(monkeypatch):
+    """LAYERFAST_CHECKPOINT_EVERY=abc was reported as "got -1.0"."""
+    from layerfast.analysis import _checkpoint_every
+
+    monkeypatch.setenv("LAYERFAST_CHECKPOINT_EVERY", "abc")
+    with pytest.raises(LayerfastError, match=r"got 'abc'"):
+        _checkpoint_every(None)
+    monkeypatch.setenv("LAYERFAST_CHECKPOINT_EVERY", "-2")
+    with pytest.raises(LayerfastError, match=r"got -2.0"):
+        _checkpoint_every(None)

@@ -108,7 +108,8 @@ def load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def batch_dir(directory: Path) -> Path:
     """DIR itself, or the `cifar-10-batches-py` folder the official tarball extracts to."""
     if not directory.is_dir():
-        raise LayerfastError(f"cifar10: directory {directory} does not exist")
+        state = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise LayerfastError(f"cifar10: directory {directory} {state}")
     nested = directory / "cifar-10-batches-py"
     if not (directory / "test_batch").exists() and nested.is_dir():
         return nested

@@ -81,7 +81,8 @@ def read_idx(name: str, path: Path, ndim: int) -> np.ndarray:
 def open_idx(name: str, directory: Path, split: str, max_samples: int | None) -> DataSource:
     if not directory.is_dir():
         hint = " (apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
-        raise LayerfastError(f"{name}: directory {directory} does not exist{hint}")
+        state = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise LayerfastError(f"{name}: directory {directory} {state}{hint}")
     prefix = "t10k" if split == "test" else "train"
     x = read_idx(name, find_file(name, directory, prefix, "images", 3), 3)
     y = read_idx(name, find_file(name, directory, prefix, "labels", 1), 1)

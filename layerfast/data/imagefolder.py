@@ -61,7 +61,8 @@ def find_samples(directory: Path, split: str) -> tuple[list[Path], list[int], li
     """Files, labels and class names for `split`. With split folders, classes are the sorted
     union over all of them, so a class missing from test/ does not shift every later index."""
     if not directory.is_dir():
-        raise LayerfastError(f"imagefolder: directory {directory} does not exist")
+        state = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise LayerfastError(f"imagefolder: directory {directory} {state}")
     split_names = {s for names in SPLIT_DIRS.values() for s in names}
     present = [d for d in sorted(directory.iterdir()) if d.is_dir() and d.name in split_names]
     if present:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -235,7 +236,7 @@ def read_distances(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a `distances.csv`; `checkpoint` stays text-or-int ("0", "rerandom:1" -> 0, "rerandom:1").
 
     Like `read_results`, a bad cell is one LayerfastError naming its column and row: unit
-    non-empty, checkpoint a τ or `rerandom:<seed>`, distances numbers >= 0 or empty (l2_rel is
+    non-empty, checkpoint a τ or `rerandom:<seed>`, distances finite numbers >= 0 or empty (l2_rel is
     NaN for a zero-initialized unit, see layerfast.distances).
     """
     p = Path(path)
@@ -252,11 +253,13 @@ def read_distances(path: str | os.PathLike[str]) -> pd.DataFrame:
             checkpoints.append(int(v))
         else:
             checkpoints.append(v)
-    taus_ok = np.array([isinstance(v, int) or v.startswith("rerandom") for v in checkpoints],
-                       dtype=bool)
+    taus_ok = np.array([isinstance(v, int) or re.fullmatch(r"rerandom:\d+", v) is not None
+                        for v in checkpoints], dtype=bool)  # fmt: skip
     _checked(p, df, "checkpoint", None, ~taus_ok, "a τ label or 'rerandom:<seed>'")
     out: dict[str, object] = {"unit": df["unit"], "checkpoint": checkpoints}
     for col in ("l2", "l2_rel", "linf"):
         v = _numbers(p, df, col)
-        out[col] = _checked(p, df, col, v, v < 0, "a distance (>= 0)")
+        # finite, and far from float64's end: 1e308 overflowed matplotlib's axis limits
+        out[col] = _checked(p, df, col, v, (v < 0) | np.isinf(v) | (v > 1e300),
+                            "a finite distance (>= 0)")
     return pd.DataFrame(out, index=df.index)[list(DISTANCE_COLUMNS)]
