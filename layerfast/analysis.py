@@ -15,9 +15,10 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,10 +200,11 @@ def _checkpoint_every(value: float | None) -> float:
     return float(value)
 
 
-def _out_dir(out: str | os.PathLike[str] | None, arch: str, fingerprint: dict) -> Path:
+def _out_dir(out: str | os.PathLike[str] | None, arch: str,
+             fingerprint: dict) -> tuple[Path, bool]:
     """`out`, or by default `layerfast-out/<arch>-<time>` — unless an unfinished run with the
     same arguments is already there: rerunning the same command must resume it, and a fresh
-    time stamp would start over instead."""
+    time stamp would start over instead. Also whether this call created the directory."""
     if out is not None and not str(out).strip():
         # Path("") is the current directory: the outputs, the lock and the store would land
         # among the user's own files
@@ -214,6 +216,9 @@ def _out_dir(out: str | os.PathLike[str] | None, arch: str, fingerprint: dict) -
         prefix = f"{arch.replace(':', '_').replace('/', '_')}-"
         found = find_unfinished(Path(DEFAULT_OUT), prefix, fingerprint)
         out = found or _fresh_dir(Path(DEFAULT_OUT), f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}")
+        created = found is None
+    else:
+        created = not Path(out).exists()
     path = Path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -222,7 +227,20 @@ def _out_dir(out: str | os.PathLike[str] | None, arch: str, fingerprint: dict) -
         probe.unlink()
     except OSError as exc:
         raise LayerfastError(f"cannot write to the out dir {path}: {exc.strerror or exc}") from None
-    return path
+    return path, created
+
+
+@contextlib.contextmanager
+def _removed_on_bad_input(path: Path, created: bool) -> Iterator[None]:
+    """Bad input found during the pass (non-finite logits, a model that fails on a later
+    batch) must leave nothing behind either: an out dir this run created goes, with its store
+    and lock (there is nothing to resume). Ctrl-C and internal errors keep it: a rerun resumes."""
+    try:
+        yield
+    except LayerfastError:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _check_out_files(path: Path, fresh: bool) -> None:
@@ -459,9 +477,10 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
             "passes": len(ev.passes()),  # progress counts samples over the passes
         }
         t_build = time.perf_counter() - t0
-        path = _out_dir(out, arch, fingerprint)
+        path, created = _out_dir(out, arch, fingerprint)
         _check_out_files(path, fresh)
-        with ResumeStore(path, fingerprint, len(variants), fresh=fresh) as store:
+        with (_removed_on_bad_input(path, created),
+              ResumeStore(path, fingerprint, len(variants), fresh=fresh) as store):
             prev = store.load()
             if named_by is not None:  # even --quiet: said once all is validated (errors: 1 line)
                 print(f"layerfast: --data not given: evaluating on {data!r} ({split} split), "

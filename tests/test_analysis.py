@@ -395,7 +395,12 @@ def test_non_finite_logits_are_an_error_for_the_baseline_and_a_warning_for_a_var
     torch.save(sd, final)
     with pytest.raises(LayerfastError, match=r"final model gives NaN or Inf logits on 'digits'"):
         layerfast.analyze("fcn3x256", d, out=tmp_path / "o", **kw)
-    assert not (tmp_path / "o" / "results.csv").exists()
+    assert not (tmp_path / "o").exists()  # found after the pass: its new dir, store, lock go
+    (tmp_path / "mine").mkdir()  # an out dir that was there before is left as it was
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(LayerfastError, match=r"NaN or Inf logits"):
+        layerfast.analyze("fcn3x256", d, out=tmp_path / "mine", **kw)
+    assert (tmp_path / "mine" / "notes.txt").exists()
     shutil.copy(ckpts / "epoch_003.pt", final)  # a sound final model, an overflowing τ = 1
     sd = torch.load(d / "epoch_001.pt", weights_only=True)
     sd["fc2.weight"].fill_(3e38)
