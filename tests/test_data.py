@@ -532,3 +532,23 @@ def test_a_data_directory_that_is_a_file_says_so(tmp_path, name):
     (tmp_path / "f").write_text("x")
     with pytest.raises(LayerfastError, match=r"f is a file, not a directory"):
         open_data(f"{name}:{tmp_path / 'f'}")
+
+
+def test_synthetic_labels_cost_8_bytes_each_at_the_peak():
+    """synthetic:imagenet:1000000000 (the documented limit) was killed by the kernel: the labels
+    took three 8-byte copies at once (raw draws, the modulo, the int64 cast), 24 GB. In place,
+    the same labels cost 8 bytes each."""
+    import tracemalloc
+
+    from layerfast.data.synthetic import _LABEL_STREAM, SyntheticReader, _raw
+
+    n = 2_000_000
+    tracemalloc.start()
+    try:
+        r = SyntheticReader((3, 8, 8), 1000, n, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 9 * n, peak
+    raw = _raw(3, _LABEL_STREAM, 8 * n).view(np.uint64)  # the same labels as before
+    assert torch.equal(r.y, torch.from_numpy((raw % np.uint64(1000)).astype(np.int64)))
