@@ -479,8 +479,9 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         t_build = time.perf_counter() - t0
         path, created = _out_dir(out, arch, fingerprint)
         _check_out_files(path, fresh)
-        with (_removed_on_bad_input(path, created),
-              ResumeStore(path, fingerprint, len(variants), fresh=fresh) as store):
+        # the lock first: a run that finds another holding it must not remove that one's dir
+        with (ResumeStore(path, fingerprint, len(variants), fresh=fresh) as store,
+              _removed_on_bad_input(path, created)):
             prev = store.load()
             if named_by is not None:  # even --quiet: said once all is validated (errors: 1 line)
                 print(f"layerfast: --data not given: evaluating on {data!r} ({split} split), "
