@@ -222,8 +222,10 @@ def parser() -> argparse.ArgumentParser:
         "nets ~1.6x faster (docs/engine.md), logits then differ in the last bits",
     )
     a.add_argument(
-        "--list-units", action="store_true", help="print the units and exit (no --ckpts needed; the model is built for "
-        "--data's sample shape, digits' without it)"
+        "--list-units",
+        action="store_true",
+        help="print the units and exit (no --ckpts needed; the model is built for --data's "
+        "sample shape, digits' without it)",
     )
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     _common_eval(a)

@@ -252,7 +252,8 @@ def _npz(tmp_path, **arrays) -> str:
 @pytest.mark.parametrize(
     "arrays, message",
     [
-        ({"x": np.zeros((3, 2, 2), np.uint8)}, "must hold arrays 'x_test' and 'y_test', or 'x' and 'y'"),
+        ({"x": np.zeros((3, 2, 2), np.uint8)},
+         "must hold arrays 'x_test' and 'y_test', or 'x' and 'y'"),
         ({"x_train": np.zeros((3, 2, 2), np.uint8), "y_train": [0, 1, 2]}, "'x_test' and 'y_test'"),
         ({"x": np.zeros((3, 2, 2), np.uint8), "y": [0, 1]}, "need the same number of samples"),
         ({"x": np.zeros((3, 2, 2), np.uint8), "y": [0, -1, 2]}, "labels must be >= 0"),

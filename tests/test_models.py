@@ -156,7 +156,9 @@ def test_forward_shape(name: str, in_shape: tuple[int, int, int]) -> None:
     assert out.shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", ["fcn3x256", "vgg11_bn_cifar", "resnet20", "resnet18_cifar", "resnet18"])
+@pytest.mark.parametrize(
+    "name", ["fcn3x256", "vgg11_bn_cifar", "resnet20", "resnet18_cifar", "resnet18"]
+)
 @pytest.mark.parametrize("in_shape", [(3, 32, 32), (1, 28, 28)])
 def test_forward_real(name: str, in_shape: tuple[int, int, int]) -> None:
     torch.manual_seed(0)

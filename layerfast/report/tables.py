@@ -236,8 +236,8 @@ def read_distances(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a `distances.csv`; `checkpoint` stays text-or-int ("0", "rerandom:1" -> 0, "rerandom:1").
 
     Like `read_results`, a bad cell is one LayerfastError naming its column and row: unit
-    non-empty, checkpoint a τ or `rerandom:<seed>`, distances finite numbers >= 0 or empty (l2_rel is
-    NaN for a zero-initialized unit, see layerfast.distances).
+    non-empty, checkpoint a τ or `rerandom:<seed>`, distances finite numbers >= 0 or empty
+    (l2_rel is NaN for a zero-initialized unit, see layerfast.distances).
     """
     p = Path(path)
     df = _read(
