@@ -187,6 +187,20 @@ def test_f17_a_broken_link_with_a_checkpoint_suffix_is_an_error(tmp_path: Path) 
         CheckpointDir(tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["dir", "devzero"])
+def test_f17_a_checkpoint_name_that_is_not_a_file_is_an_error(tmp_path: Path, kind: str) -> None:
+    """A directory named epoch_005.pt, or a link to /dev/zero, was skipped in silence, so an
+    earlier τ became the final model (the adversarial review)."""
+    torch.save(sd_at(0), tmp_path / "epoch_000.pt")
+    torch.save(sd_at(3), tmp_path / "epoch_003.pt")
+    if kind == "dir":
+        (tmp_path / "epoch_005.pt").mkdir()
+    else:
+        (tmp_path / "epoch_005.pt").symlink_to("/dev/zero")
+    with pytest.raises(LayerfastError, match=r"epoch_005\.pt is not a regular file"):
+        CheckpointDir(tmp_path)
+
+
 def test_f17_one_file_under_two_epochs_is_refused(tmp_path: Path) -> None:
     torch.save(sd_at(0), tmp_path / "epoch_000.pt")
     torch.save(sd_at(3), tmp_path / "epoch_003.pt")

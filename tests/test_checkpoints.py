@@ -70,7 +70,6 @@ def test_labels_from_file_names_and_final(tmp_path: Path) -> None:
     save_file(sd_at(10), str(tmp_path / "checkpoint-10.safetensors"))
     (tmp_path / "notes_99.txt").write_text("not a checkpoint")
     torch.save(sd_at(7), tmp_path / ".hidden_7.pt")
-    (tmp_path / "sub_8.pt").mkdir()
     ck = CheckpointDir(tmp_path)
     assert ck.labels == [0, 3, 5, 10]
     assert ck.final == 10

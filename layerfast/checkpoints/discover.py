@@ -168,6 +168,13 @@ def _from_names(root: Path) -> dict[int, Path]:
                 f"{root}: {path.name} is a broken link (to {os.readlink(path)}); restore its "
                 "target or remove the link."
             )
+        if (not path.name.startswith(".") and path.suffix.lower() in SUFFIXES
+                and path.exists() and not path.is_file()):  # fmt: skip
+            # a directory, or a link to /dev/zero: skipping it would make an earlier τ final
+            raise LayerfastError(
+                f"{root}: {path.name} is not a regular file; replace it with the checkpoint it "
+                "should be, or move it away."
+            )
         if not is_checkpoint_file(path):
             continue
         label = label_from_stem(path.stem)
