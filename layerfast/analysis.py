@@ -454,6 +454,10 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples, chosen)
         if ck.incomplete:  # analysing a cut-short run can be the point; it must not be silent
             warn(f"{ck.path}: {ck.incomplete}; analysing the checkpoints it has")
+        trained_as = (ck.manifest or {}).get("arch")
+        if isinstance(trained_as, str) and trained_as != arch:  # the weights fitted: say it
+            warn(f"{ck.path}: manifest.json says the checkpoints are {trained_as!r}; analysing "
+                 f"them as {arch!r}")
         trained = (ck.manifest or {}).get("warnings")
         for w in trained if isinstance(trained, list) else ():  # still true of these checkpoints
             warn(f"{ck.path}: its training run warned: {w}")

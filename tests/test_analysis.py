@@ -411,3 +411,18 @@ def test_non_finite_logits_are_an_error_for_the_baseline_and_a_warning_for_a_var
     assert "reinit fc2 @1" in warned[0] and warned[0] in capsys.readouterr().err
     rows = res.table[res.table.kind == "reinit"].set_index("unit")
     assert pd.isna(rows.loc["fc2", "loss"]) and rows.drop("fc2")["loss"].notna().all()
+
+
+def test_an_arch_other_than_the_manifests_is_a_warning(ckpts, tmp_path, monkeypatch) -> None:
+    """Checkpoints trained as one arch and analysed as another whose keys and shapes fit (a
+    user factory building the same net) ran without a word."""
+    (tmp_path / "samefcn.py").write_text(
+        "from layerfast.models import build_model\n"
+        "def make(num_classes, in_shape):\n"
+        "    return build_model('fcn3x256', num_classes, in_shape)[0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = layerfast.analyze("samefcn:make", ckpts, reset="reinit", device="cpu", data="digits",
+                            out=tmp_path / "o", progress=False, figures=False)
+    assert res.run["warnings"] == [
+        f"{ckpts}: manifest.json says the checkpoints are 'fcn3x256'; analysing them as "
+        "'samefcn:make'"]
