@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -417,8 +419,19 @@ COMMANDS = {
 }
 
 
+def _terminated(signum: int, frame: object) -> NoReturn:
+    """SIGTERM (a scheduler's preemption, `kill`) as SystemExit: the `with` and `finally`
+    blocks then run as for Ctrl-C (bench's temporary checkpoints are removed, the resume store
+    is closed with its progress), instead of the process vanishing mid-write."""
+    print("layerfast: terminated", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
     except LayerfastError as exc:
@@ -429,6 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

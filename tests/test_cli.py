@@ -573,3 +573,26 @@ def test_bench_profile_writes_the_op_table(tmp_path: Path, capsys) -> None:
     assert main(["bench", "--device", "cpu", "--profile", str(tmp_path / "nowhere" / "p.txt")]) == 2
     err = capsys.readouterr().err
     assert "--profile" in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_sigterm_runs_the_cleanup_of_ctrl_c(tmp_path: Path) -> None:
+    """`bench` killed with SIGTERM (a scheduler's preemption) left its temporary checkpoint
+    directory behind: the process ended without running any `with` block. SIGTERM is now
+    SystemExit(143), so it cleans up as Ctrl-C does."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    code = (
+        "import os, signal, sys\n"
+        "import layerfast.bench as b\n"
+        "def term(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    raise AssertionError('not reached')\n"
+        "b.naive_pass = term\n"
+        "from layerfast.cli import main\n"
+        "sys.exit(main(['bench', '--arch', 'fcn1x8', '--max-samples', '16', '--device', 'cpu']))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TMPDIR": str(tmp)})
+    assert p.returncode == 143, p.stderr
+    assert "layerfast: terminated" in p.stderr and "Traceback" not in p.stderr
+    assert list(tmp.iterdir()) == []  # the bench's layerfast-bench-* directory is gone
