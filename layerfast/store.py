@@ -106,7 +106,14 @@ class ResumeStore:
             raise LayerfastError(f"{out} holds progress written by another layerfast version; "
                                  "pass --fresh to start over there, or choose another --out")
         if rows.get("fingerprint") != self.fingerprint:
-            old, new = json.loads(rows.get("fingerprint") or "{}"), json.loads(self.fingerprint)
+            try:
+                old = json.loads(rows.get("fingerprint") or "{}")
+                if not isinstance(old, dict):
+                    raise ValueError(f"a {type(old).__name__}")
+            except (TypeError, ValueError) as exc:
+                self.close()
+                raise self._damaged(f"its fingerprint is not a JSON object ({exc})") from None
+            new = json.loads(self.fingerprint)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             self.close()
             raise LayerfastError(f"{out} holds {_what_differs(diff)}; pass --fresh to start "
@@ -122,12 +129,29 @@ class ResumeStore:
             raise self._unusable(exc) from None
         if row is None:
             return Progress(0, None, False, {})
-        flat = np.frombuffer(row[1], dtype=np.float64)
+        n_done, blob, complete, info = row
+        if not isinstance(blob, bytes) or len(blob) % 8:
+            raise self._damaged("its sums are not float64 values")
+        flat = np.frombuffer(blob, dtype=np.float64)
         if flat.size != self.V * 4:
             raise LayerfastError(f"{self.path} holds sums for {flat.size // 4} variants, not "
                                  f"{self.V}; pass --fresh to start over there")
+        if isinstance(n_done, bool) or not isinstance(n_done, int) or n_done < 0:
+            raise self._damaged(f"its sample count is {n_done!r}")
+        if not np.isfinite(flat.reshape(self.V, 4)[:, [0, 1, 3]]).all() or (
+            flat.reshape(self.V, 4)[:, [0, 1, 3]] > n_done).any():
+            raise self._damaged(f"its counts are not counts over {n_done} samples")
+        try:
+            meta = json.loads(info or "{}")
+            if not isinstance(meta, dict):
+                raise ValueError(f"a {type(meta).__name__}")
+        except (TypeError, ValueError) as exc:
+            raise self._damaged(f"its engine record is not a JSON object ({exc})") from None
         counts = torch.from_numpy(flat.copy().reshape(self.V, 4))
-        return Progress(int(row[0]), counts, bool(row[2]), json.loads(row[3] or "{}"))
+        return Progress(n_done, counts, bool(complete), meta)
+
+    def _damaged(self, why: str) -> LayerfastError:
+        return LayerfastError(f"{self.path} is damaged: {why}; pass --fresh to start over there")
 
     def save(self, counts: torch.Tensor, n_done: int) -> None:
         """Record the sums over the first `n_done` samples (the engine's `on_checkpoint`)."""

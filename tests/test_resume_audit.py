@@ -284,3 +284,29 @@ def test_a_checkpoint_interval_that_is_not_a_number_is_said_as_given(monkeypatch
     monkeypatch.setenv("LAYERFAST_CHECKPOINT_EVERY", "-2")
     with pytest.raises(LayerfastError, match=r"got -2.0"):
         _checkpoint_every(None)
+
+
+@pytest.mark.parametrize(
+    ("sql", "match"),
+    [
+        ("UPDATE state SET info = 'not json'", "engine record is not a JSON object"),
+        ("UPDATE state SET info = '[1]'", "engine record is not a JSON object"),
+        ("UPDATE state SET counts = NULL", "sums are not float64 values"),
+        ("UPDATE state SET n_done = 'x'", "sample count is 'x'"),
+        ("UPDATE state SET counts = zeroblob(length(counts))", "baseline row does not count"),
+        ("UPDATE meta SET value = 'nope' WHERE key = 'fingerprint'", "fingerprint is not a JSON"),
+    ],
+)
+def test_a_tampered_store_is_one_clear_error(ckpts, tmp_path, sql, match):
+    """A progress.sqlite edited by hand or damaged in its values (not its pages) was a
+    JSONDecodeError or TypeError traceback, or, with zeroed sums, exit 0 at 100% error."""
+    import sqlite3
+
+    out = tmp_path / "o"
+    layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    db = sqlite3.connect(out / "progress.sqlite")
+    db.execute(sql)
+    db.commit()
+    db.close()
+    with pytest.raises(LayerfastError, match=match):
+        layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
