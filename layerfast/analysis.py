@@ -487,10 +487,6 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         with (ResumeStore(path, fingerprint, len(variants), fresh=fresh) as store,
               _removed_on_bad_input(path, created)):
             prev = store.load()
-            if prev.counts is not None and float(prev.counts[0, 3]) != prev.n_done:
-                # the baseline agrees with itself on every sample, whatever the model
-                raise LayerfastError(f"{store.path} is damaged: its baseline row does not count "
-                                     f"{prev.n_done} samples; pass --fresh to start over there")
             if named_by is not None:  # even --quiet: said once all is validated (errors: 1 line)
                 print(f"layerfast: --data not given: evaluating on {data!r} ({split} split), "
                       f"the data {named_by} names", file=sys.stderr)
