@@ -295,6 +295,30 @@ def test_factory_that_raises_from_a_shell(ckpts: Path, tmp_path: Path) -> None:
     )
 
 
+def test_user_model_with_pooled_logits_is_bad_input(ckpts: Path, tmp_path: Path) -> None:
+    """A user model that averages its logits over the batch passes analyze's one-sample probe
+    and used to end in `score_`'s shape error with a traceback: now it is exit 2 naming the
+    model's output, and no output directory is left."""
+    (tmp_path / "pooledfcn.py").write_text(
+        "from layerfast.models.fcn import fcn\n"
+        "class Pooled(type(fcn(3, 256, 10, (1, 8, 8)))):\n"
+        "    def forward(self, x):\n"
+        "        return super().forward(x).mean(0, keepdim=True)\n"
+        "def build(num_classes, in_shape):\n"
+        "    m = fcn(3, 256, num_classes, in_shape)\n"
+        "    m.__class__ = Pooled\n"
+        "    return m\n"
+    )
+    p = shell(["analyze", "--arch", "pooledfcn:build", "--ckpts", ckpts, "--data", "digits",
+               "--reset", "reinit", "--out", "out", "--quiet"], tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    *warnings, error = p.stderr.strip().splitlines()
+    assert warnings == [f"layerfast: warning: {ckpts}: manifest.json says the checkpoints are "
+                        "'fcn3x256'; analysing them as 'pooledfcn:build'"], p.stderr
+    assert error.startswith("layerfast: error: the model returned 1 rows of logits for a batch of")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_internal_error_is_exit_1_with_its_traceback(ckpts: Path, tmp_path: Path) -> None:
     """DESIGN §6: exit 1 for an internal error (a bug of ours), with the traceback a bug report
     needs; only bad input is the one-line exit 2."""

@@ -442,6 +442,46 @@ def test_tuple_or_dict_output_is_one_clear_error(kind):
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+class BadLogits(nn.Module):
+    """Logits of the wrong form: pooled over the batch (one row for any batch), no classes,
+    or integer class indices."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        z = self.fc(F.relu(self.c(x)).mean(dim=(2, 3)))
+        if self.kind == "pooled":
+            return z.mean(0, keepdim=True)
+        if self.kind == "empty":
+            return z[:, :0]
+        return z.argmax(1, keepdim=True)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("pooled", r"returned 1 rows of logits for a batch of 16 samples"),
+        ("empty", r"logits with no classes"),
+        ("int", r"torch.int64 logits: they must be floating point"),
+    ],
+)
+def test_logits_of_the_wrong_form_are_one_clear_error(kind, message):
+    """A model whose output is not one row of float class scores per sample is named as such
+    before anything is scored, not met as `score_`'s shape or dtype error."""
+    model = BadLogits(kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _data(20)
+    variants = [{"c.weight": torch.randn_like(model.c.weight)}] * 2
+    for fanout in (False, True):
+        with pytest.raises(LayerfastError, match=message):
+            Evaluator(model, variants, device="cpu", batch_size=BS, fanout=fanout).run(_batches(x, y))
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 class ChannelPool(nn.Module):
     """A 3-D max pool on a conv's 4-D output reads it as one unbatched [C, D=channels, H, W]
     sample and pools across channels: on the fold form [B, K·C, H, W] across variants too."""

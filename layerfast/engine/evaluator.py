@@ -649,8 +649,7 @@ class Evaluator:
             # the variants starting at the input then read (nor the caller's tensors).
             x0 = x.clone() if prog.has_inplace else x
             logits0 = prog.run(x0, 0, keep=set(plan.cuts), saved=cache)
-            if not isinstance(logits0, torch.Tensor) or logits0.dim() != 2:
-                raise LayerfastError("the model must return logits shaped [batch, classes]")
+            _check_logits(logits0, x.shape[0])
             C = logits0.shape[1]
             if span is not None:  # before anything is scored: on CUDA, a device-side assert
                 _check_labels(span, C)
@@ -920,6 +919,32 @@ def _label_span(y: torch.Tensor) -> tuple[int, int] | None:
         return None
     lo, hi = torch.aminmax(y)
     return int(lo), int(hi)
+
+
+def _check_logits(logits: object, batch: int) -> None:
+    """The baseline's output must be one row of class scores per sample: anything else would
+    reach `score_` as a shape error deep in the pass (or, for a floating type it cannot read,
+    a dtype error), not as a message about the model."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        got = (
+            f"a tensor shaped {list(logits.shape)}"
+            if isinstance(logits, torch.Tensor)
+            else f"a {type(logits).__name__}"
+        )
+        raise LayerfastError(
+            f"the model must return logits shaped [batch, classes]; it returned {got}"
+        )
+    if logits.shape[0] != batch:
+        raise LayerfastError(
+            f"the model returned {logits.shape[0]} rows of logits for a batch of {batch} samples: "
+            "it must return one row per sample"
+        )
+    if logits.shape[1] < 1:
+        raise LayerfastError("the model returned logits with no classes (shape [batch, 0])")
+    if not logits.is_floating_point():
+        raise LayerfastError(
+            f"the model returned {logits.dtype} logits: they must be floating point"
+        )
 
 
 def _check_labels(span: tuple[int, int], num_classes: int) -> None:
