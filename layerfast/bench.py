@@ -68,12 +68,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _synthetic_ckpts(model: torch.nn.Module, n: int, where: Path) -> None:
+    from layerfast.checkpoints.save import save_atomic
+
     g = torch.Generator().manual_seed(0)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for tau in range(n):
         sd = {k: (v + 0.02 * tau * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v
               for k, v in init.items()}
-        torch.save(sd, where / f"epoch_{tau:03d}.pt")
+        try:
+            save_atomic(sd, where / f"epoch_{tau:03d}.pt")
+        except OSError as exc:
+            raise LayerfastError(f"cannot write bench's synthetic checkpoints in {where} "
+                                 f"({exc.strerror or exc}): set TMPDIR to a disk with room"
+                                 ) from None
 
 
 def naive_sample(variants, k: int) -> list[int]:

@@ -33,7 +33,6 @@ import contextlib
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -46,7 +45,7 @@ from tqdm.auto import tqdm
 
 import layerfast
 from layerfast.checkpoints import MANIFEST, SUFFIXES, write_manifest
-from layerfast.checkpoints.discover import new_file_mode
+from layerfast.checkpoints.save import save_atomic
 from layerfast.data import open_data, to_device
 from layerfast.data.source import DataSource, check_finite
 from layerfast.data.spec import absolute_spec
@@ -121,22 +120,6 @@ def evaluate(model: nn.Module, source: Any, device: torch.device) -> dict[str, A
     n, c = int(source.n), int(correct.item())
     return {"test_error": (n - c) / n, "test_loss": float(loss.item()) / n,
             "test_correct": c, "test_n": n}  # fmt: skip
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a hidden temporary in the same directory, fsync, then rename over `path`:
-    discovery ignores hidden files, and a rename is all-or-nothing."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 -> what open() would have given
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _old_checkpoints(out: Path) -> list[str]:
@@ -374,7 +357,7 @@ def train(
             if not entries:
                 pending.append(out / name)
             with _writing(out, name):
-                _atomic_save(state, out / name)
+                save_atomic(state, out / name)
             entries.append({"epoch": epoch, "file": name, **res, "train_loss": train_loss})
             with _writing(out, MANIFEST):
                 write_manifest(out, entries, **meta)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 import layerfast.train as train_mod
 from layerfast.checkpoints import CheckpointDir, write_manifest
+from layerfast.checkpoints.save import save_atomic
 from layerfast.cli import main
 from layerfast.data import open_data
 from layerfast.errors import LayerfastError
@@ -222,7 +223,7 @@ def test_f18_manifest_and_checkpoints_honour_the_umask(tmp_path: Path, umask002)
     torch.save(sd_at(0), tmp_path / "a.pt")
     write_manifest(tmp_path, [{"epoch": 0, "file": "a.pt"}])
     assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o664
-    train_mod._atomic_save({"w": torch.zeros(1)}, tmp_path / "epoch_000.pt")
+    save_atomic({"w": torch.zeros(1)}, tmp_path / "epoch_000.pt")
     assert (tmp_path / "epoch_000.pt").stat().st_mode & 0o777 == 0o664
 
 

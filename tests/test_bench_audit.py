@@ -256,3 +256,21 @@ def test_a_model_benched_untraced_is_a_warning_kept_in_the_json(
         bench.main(_args("--arch", arch))
         last = capsys.readouterr().out.rstrip().splitlines()[-1]
         assert last == "1 warning (stderr, above; also in --json's warnings)"
+
+
+def test_no_room_for_the_synthetic_checkpoints_is_one_clear_error(monkeypatch, quick) -> None:
+    """bench writes its synthetic checkpoints under TMPDIR; a full disk there was torch's
+    "inline_container.cc ... unexpected pos" traceback. It is one line naming TMPDIR now."""
+    import errno
+    import os
+
+    import layerfast.checkpoints.save as save
+    from layerfast.errors import LayerfastError
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(save, "save_atomic", full)
+    with pytest.raises(LayerfastError, match=r"cannot write bench's synthetic checkpoints in "
+                       r"\S+layerfast-bench-\S+ \(No space left on device\): set TMPDIR"):
+        bench.run(_args("--arch", "fcn2x16"))

@@ -252,6 +252,43 @@ def test_a_failed_save_leaves_no_partial_file_and_a_readable_manifest(tmp_path, 
     assert ck.labels == [0, 1] and ck.manifest["complete"] is False
 
 
+def test_a_full_disk_is_one_line_naming_the_file_not_torchs_writer_error(tmp_path, monkeypatch):
+    """torch's zip writer swallows the file's OSError and fails at its end with "[enforce fail
+    at inline_container.cc] unexpected pos" (a RuntimeError traceback from `layerfast train`).
+    The disk's own error is kept and said; the run dir it created is gone again."""
+    import errno
+    import os
+
+    real_fdopen = os.fdopen
+
+    class Full:  # a file on a disk with 4 KiB left
+        def __init__(self, f):
+            self.f, self.left = f, 4096
+
+        def write(self, data):
+            if len(data) > self.left:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.left -= len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
+    with pytest.raises(LayerfastError) as info:
+        _tiny(tmp_path / "run")
+    assert str(info.value) == (
+        f"--out {tmp_path / 'run'}: cannot write epoch_000.pt (No space left on device)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_progress_bar_only_when_asked(tmp_path, capsys):
     _tiny(tmp_path / "quiet")
     assert capsys.readouterr().err == ""
