@@ -484,7 +484,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         path, created = _out_dir(out, arch, fingerprint)
         _check_out_files(path, fresh)
         # the lock first: a run that finds another holding it must not remove that one's dir
-        with (ResumeStore(path, fingerprint, len(variants), fresh=fresh) as store,
+        with (ResumeStore(path, fingerprint, len(variants), fresh, created) as store,
               _removed_on_bad_input(path, created)):
             prev = store.load()
             if named_by is not None:  # even --quiet: said once all is validated (errors: 1 line)

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,10 @@ try:  # POSIX only; elsewhere runs are simply not protected against a concurrent
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
+
+#: SQLite's result codes for a store that is sound but cannot be written (a full disk or
+#: quota, an I/O error, a read-only file system): --fresh would not help there.
+_CANNOT_WRITE = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY})
 
 FILENAME = "progress.sqlite"
 LOCKNAME = ".layerfast.lock"
@@ -58,7 +63,10 @@ class Progress:
 class ResumeStore:
     """Progress of one analysis in one out dir; see the module docstring for the guarantees."""
 
-    def __init__(self, out: Path, fingerprint: dict, num_variants: int, fresh: bool = False) -> None:
+    def __init__(self, out: Path, fingerprint: dict, num_variants: int, fresh: bool = False,
+                 created: bool = False) -> None:
+        """`created`: this run made `out`, so a store it cannot set up there (a full disk)
+        removes `out` again, while it still holds the lock, instead of leaving an empty store."""
         self.path = Path(out) / FILENAME
         self.fingerprint = json.dumps(fingerprint, sort_keys=True, default=str)
         self.V = num_variants
@@ -68,7 +76,12 @@ class ResumeStore:
                 remove(Path(out))
             self.db = self._open()
             self._check_identity(out)
-        except BaseException:
+        except BaseException as exc:
+            if created and isinstance(exc, LayerfastError):
+                with contextlib.suppress(sqlite3.Error):
+                    if getattr(self, "db", None) is not None:
+                        self.db.close()
+                shutil.rmtree(out, ignore_errors=True)
             self._release()
             raise
 
@@ -86,6 +99,8 @@ class ResumeStore:
         return db
 
     def _unusable(self, exc: sqlite3.Error) -> LayerfastError:
+        if getattr(exc, "sqlite_errorcode", None) in _CANNOT_WRITE:  # the disk, not the file
+            return LayerfastError(f"cannot write the resume store {self.path} ({exc})")
         return LayerfastError(f"cannot use the resume store {self.path} ({exc}); pass --fresh "
                               "to start over there, or choose another --out")
 

@@ -309,3 +309,37 @@ def test_a_tampered_store_is_one_clear_error(ckpts, tmp_path, sql, match):
     db.close()
     with pytest.raises(LayerfastError, match=match):
         layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+
+
+def test_a_store_that_cannot_be_written_is_said_so_and_leaves_no_dir(ckpts, tmp_path, monkeypatch):
+    """A full disk while the store is set up was "cannot use the resume store ...; pass --fresh"
+    (no help: --fresh cannot make room) and left the run's new out dir behind with an empty
+    progress.sqlite. Now it names the write and the dir this run created is gone."""
+    import sqlite3
+
+    import layerfast.store as store
+
+    def full(*args, **kwargs):
+        exc = sqlite3.OperationalError("database or disk is full")
+        exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise exc
+
+    monkeypatch.setattr(store.sqlite3, "connect", full)
+    out = tmp_path / "new" / "run"
+    with pytest.raises(LayerfastError) as info:
+        layerfast.analyze("fcn3x256", ckpts, out=out, reset=["reinit"], **ARGS)
+    assert str(info.value) == (
+        f"cannot write the resume store {out / 'progress.sqlite'} (database or disk is full)"
+    )
+    assert not out.exists()
+    # a store that is damaged (not the disk) still points at --fresh, and an out dir that was
+    # there before the run is left where it was
+    out.mkdir(parents=True)
+
+    def damaged(*args, **kwargs):
+        raise sqlite3.DatabaseError("file is not a database")
+
+    monkeypatch.setattr(store.sqlite3, "connect", damaged)
+    with pytest.raises(LayerfastError, match="pass --fresh to start over there"):
+        layerfast.analyze("fcn3x256", ckpts, out=out, reset=["reinit"], **ARGS)
+    assert out.is_dir()
