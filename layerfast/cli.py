@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
-from layerfast.errors import LayerfastError
+from layerfast.errors import LayerfastError, output_failed
 
 
 def _int_list(text: str) -> list[int]:
@@ -440,8 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("layerfast: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
+    except OSError as exc:  # stdout gone (a closed pipe) or full (`> /dev/full`)
+        status = output_failed(exc)
+        if status is None:
+            raise
+        return status
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

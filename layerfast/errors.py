@@ -11,6 +11,8 @@ baseline) goes through `warn`: one stderr line, and kept in run.json by `analyze
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,3 +48,30 @@ def collect_warnings() -> Iterator[list[str]]:
         yield sink
     finally:  # by identity: `list.remove` compares by value, and two sinks can be equal
         del _COLLECTORS[next(i for i, c in enumerate(_COLLECTORS) if c is sink)]
+
+
+#: A write that cannot be done: a full disk or quota, an I/O error, a file over the size limit.
+_NO_WRITE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
+
+
+def output_failed(exc: OSError) -> int | None:
+    """The exit status for an OSError that reached the command line, or None to re-raise it.
+
+    A closed pipe (`layerfast info | head -1`) is the reader's choice: status 0, silently. A
+    write the system refuses (stdout on a full disk or `/dev/full`) is the one-line exit 2 that
+    every other full disk gives. Either way stdout is pointed at /dev/null, so that Python's
+    flush at exit does not fail again with an "Exception ignored" message.
+    """
+    if isinstance(exc, BrokenPipeError):
+        status = 0
+    elif exc.errno in _NO_WRITE:
+        where = exc.filename or "the output"
+        print(f"layerfast: error: cannot write {where} ({exc.strerror or exc})", file=sys.stderr)
+        status = 2
+    else:
+        return None
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured, closed)
+        pass
+    return status

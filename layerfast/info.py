@@ -25,6 +25,7 @@ import torch
 
 import layerfast
 from layerfast import _ext
+from layerfast.errors import output_failed
 
 # Dispatch keys reported for each op. `Meta` is the C++ meta kernel; the Python fake
 # implementation (torch.library.register_fake, in layerfast/ops.py) is reported as `fake`.
@@ -242,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(json.dumps(info, indent=2) if args.json else format_text(info))
         sys.stdout.flush()
-    except BrokenPipeError:  # `python -m layerfast.info --json | head`: the reader left early
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+    except OSError as exc:  # `... | head` (the reader left early) or `> /dev/full`
+        status = output_failed(exc)
+        if status is None:
+            raise
+        return status
     return 0
 
 

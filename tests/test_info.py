@@ -195,3 +195,14 @@ def test_a_reader_that_leaves_early_is_not_a_traceback() -> None:
     p.stdout.close()  # the reader is gone before the child writes anything
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("argv", [["-m", "layerfast.info"], ["-m", "layerfast", "info", "--json"]])
+def test_a_full_stdout_is_one_line_and_exit_2(argv) -> None:
+    """`layerfast info > /dev/full` was an OSError traceback (exit 1, as if a bug of ours): a
+    write the system refuses is the same one line and exit 2 as any other full disk."""
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, *argv], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr == "layerfast: error: cannot write the output (No space left on device)\n"
