@@ -153,3 +153,32 @@ def test_demo_with_an_empty_out_is_bad_input(tmp_path: Path, monkeypatch, capsys
     rc, _, err = cli(["demo", "--out", ""], capsys)
     one_line(rc, err, "--out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_analyze_flag_reaches_the_run(ckpts: Path, tmp_path: Path, capsys) -> None:
+    """Each option, set away from its default, is the one the run used, read back from
+    run.json: dropping `split=`, `bn=` or `precision=` from cli._analyze's call passed every
+    test before (a script test counted variants, the same under --bn keep and with-layer).
+    `n == 400` is only reachable on digits' train split (its test split has 360 samples)."""
+    import json
+
+    out = tmp_path / "run"
+    argv = ["analyze", "--arch", "fcn3x256", "--ckpts", ckpts, "--out", out, "--quiet",
+            "--data", "digits", "--split", "train", "--max-samples", "400", "--units", "fc1,fc3",
+            "--bn", "keep", "--reset", "reinit,rerandom", "--checkpoints", "1", "--seeds", "2",
+            "--threshold", "0.1", "--final", "2", "--device", "cpu", "--precision", "bf16",
+            "--batch-size", "64", "--fanout", "on", "--layout", "channels_last"]
+    rc, _, err = cli(argv, capsys)
+    assert rc == 0, err
+    run = json.loads((out / "run.json").read_text())
+    assert {k: run[k] for k in ("data", "split", "max_samples", "n", "units", "patterns", "bn",
+                                "reset", "evaluated_checkpoints", "seeds", "threshold",
+                                "final", "device", "precision", "batch_size", "channels_last",
+                                "variants")} == {
+        "data": "digits", "split": "train", "max_samples": 400, "n": 400,
+        "units": ["fc1", "fc3"], "patterns": ["fc1", "fc3"], "bn": "keep",
+        "reset": ["reinit", "rerandom"], "evaluated_checkpoints": [1], "seeds": [1, 2],
+        "threshold": 0.1, "final": 2, "device": "cpu", "precision": "bf16", "batch_size": 64,
+        "channels_last": True, "variants": 7,  # 2 units x (1 checkpoint + 2 seeds) + baseline
+    }
+    assert run["engine"]["plan"]["fanned_variants"] == 6  # --fanout on (the CPU's auto is off)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -133,6 +134,10 @@ def test_gpu_session_repro_b_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
         assert count >= 1 and len(warned) == count, section  # one SGD step: at chance
     with tarfile.open(tmp_path / "logs.tgz") as tar:
         names = tar.getnames()
+        runs = {d: json.load(tar.extractfile(f"./repro/{d}/analysis/run.json"))
+                for d in ("resnet20", "resnet20-bnkeep")}
     assert "./repro/resnet20/analysis/results.csv" in names
-    assert "./repro/resnet20-bnkeep/analysis/run.json" in names
+    # the variant count is the same under either policy: the runs must say which one they used
+    assert runs["resnet20"]["bn"] == "with-layer" and runs["resnet20-bnkeep"]["bn"] == "keep"
+    assert runs["resnet20-bnkeep"]["granularity"] == "block"
     assert "./repro/resnet20/manifest.json" in names
