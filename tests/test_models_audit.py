@@ -306,3 +306,44 @@ def test_init_check_survives_a_constant_prefix() -> None:
     assert init_mismatches({"w": block}, {"w": same}) == []
     lines = init_mismatches({"w": torch.randn(300, 300)}, {"w": block})
     assert len(lines) == 1 and lines[0].startswith("w: draw mean"), lines
+
+
+def test_analyze_rerandomizes_a_registered_arch_with_its_own_rule(tmp_path: Path, monkeypatch):
+    """End to end: `analyze` must hand the arch's init rule to `make_variants`. Every test
+    above calls `make_variants` with the spec itself, and the analyses run end to end used
+    fcn3x256 or user models, whose rule is `reset_parameters()`: passing `None` there (PyTorch's
+    default conv init, std 1/sqrt(3·fan_in), not torchvision's sqrt(2/fan_out)) passed them all."""
+    import layerfast
+    import layerfast.engine as engine
+
+    torch.manual_seed(0)
+    model, spec = build_model("resnet20", 10, (3, 32, 32))
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save(model.state_dict(), ck / "epoch_000.pt")
+    torch.save({k: v + 0.01 if v.is_floating_point() else v
+                for k, v in model.state_dict().items()}, ck / "epoch_001.pt")
+    seen = []
+    real = engine.Evaluator
+
+    def keep(model, variants, **kw):
+        seen.extend(variants)
+        return real(model, variants, **kw)
+
+    monkeypatch.setattr(engine, "Evaluator", keep)
+    layerfast.analyze("resnet20", ck, data="synthetic:cifar:16", reset="rerandom", seeds=1,
+                      out=tmp_path / "run", device="cpu", progress=False, figures=False,
+                      checkpoint_every=0)
+    drawn = {v.unit: v.overrides() for v in seen if v.kind == "rerandom"}
+    fresh, _ = build_model("resnet20", 10, (3, 32, 32))
+    units = make_units(fresh, "layer", arch=spec)
+    want = {v.unit: v.overrides() for v in make_variants(fresh, units, None, spec,
+                                                         reset="rerandom", seeds=[1])
+            if v.kind == "rerandom"}
+    assert drawn.keys() == want.keys() and len(drawn) >= 20  # one row per unit
+    for unit, tensors in drawn.items():
+        assert tensors.keys() == want[unit].keys(), unit
+        assert all(torch.equal(t, want[unit][k]) for k, t in tensors.items()), unit
+    conv = next(k for k in drawn["layer3.2.conv2"] if k.endswith("weight"))
+    std = float(drawn["layer3.2.conv2"][conv].std())  # 64x64x3x3: fan_out = 576
+    assert 0.95 < std / math.sqrt(2 / 576) < 1.05, std
