@@ -93,6 +93,11 @@ def test_errors_intervals_and_verdicts(run) -> None:
 
 
 def test_reinit_to_final_is_the_baseline_bit_for_bit(run, manifest) -> None:
+    """Issue 6's invariant. What it checks: each unit's reset to the final τ loads exactly the
+    final tensors, and the engine then scores it as the baseline. It does not compute those
+    rows (the engine's shortcut takes them from the baseline's logits); that the shortcut is
+    taken for equal tensors only, and agrees with a full forward, is
+    test_engine_edges.py::test_only_variants_equal_to_the_live_tensors_are_scored_as_the_baseline."""
     t, final = run.table, _taus(manifest)[-1]
     base = t.iloc[0]
     rows = t[(t.kind == "reinit") & (t.checkpoint == final)]
@@ -244,8 +249,9 @@ def test_list_units_resnet50(granularity, count, first, last) -> None:
 @pytest.mark.cuda
 def test_cuda_analysis_matches_cpu(run, ckpts, manifest, tmp_path) -> None:
     """The whole analysis on the GPU, fp32 (TF32 off): planned batch, fan-out on by default,
-    on-device scoring. Counts equal the CPU run's up to one near-tie flip per variant; the
-    exact invariants (reinit to final τ = baseline, bit for bit) hold on the GPU too."""
+    on-device scoring. Counts equal the CPU run's up to one near-tie flip per variant; reinit
+    to the final τ is still scored as the baseline (bit for bit, by the engine's shortcut for
+    variants equal to the live tensors, which here are on the GPU)."""
     res = layerfast.analyze("fcn3x256", ckpts, data="digits", seeds=SEEDS, device="cuda",
                             precision="fp32", out=tmp_path / "gpu", progress=False)
     assert res.run["device"].startswith("cuda")

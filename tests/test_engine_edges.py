@@ -436,3 +436,44 @@ def test_untraceable_sequential_calls_a_repeated_module_each_time():
     assert [s.target for s in prog.steps if s.op == "call_module"] == ["0", "1", "2", "3", "4", "5"]
     _check(model, _draws(model, ["3.weight"], 2) + _draws(model, ["1.bias"], 1), (12,),
            exact=True, fanout=False)
+
+
+# ---- the baseline shortcut -----------------------------------------------------------------
+def test_only_variants_equal_to_the_live_tensors_are_scored_as_the_baseline():
+    """A variant whose tensors equal the live ones is scored from the baseline's logits, not
+    computed (reinit to the final τ; analyze's bit-for-bit invariant rests on it). Any other
+    variant, however close, must be computed: one weight one ulp away, a BN buffer alone, a
+    float64 copy of a weight (equal values: the shortcut is right there). Every row equals the
+    naive loop's, which runs each variant's full forward."""
+    from layerfast.engine import naive_evaluate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 10),
+    ).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    ulp = live["4.weight"].clone()
+    ulp.view(-1)[7] = torch.nextafter(ulp.view(-1)[7], torch.tensor(1.0))
+    variants = [
+        {"4.weight": live["4.weight"].clone()},  # 0: equal -> the baseline
+        {"0.weight": live["0.weight"].double()},  # 1: equal values in float64 -> the baseline
+        {"4.weight": ulp},  # 2: one ulp off -> computed
+        {"1.running_var": live["1.running_var"] * 4},  # 3: a buffer alone -> computed
+        {"0.weight": live["0.weight"], "0.bias": live["0.bias"] + 1},  # 4: one of two -> computed
+    ]
+    x = torch.randn(40, 3, 6, 6)
+    y = torch.randint(0, 10, (40,))
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 40, 16)]
+    ref = naive_evaluate(model, variants, lambda: batches)
+    for fanout in (False, True):
+        ev = Evaluator(model, variants, device="cpu", precision="fp32", batch_size=16,
+                       fanout=fanout)
+        res = ev.run(batches)
+        assert sorted(ev.last_plan.same_as_baseline) == [0, 1]
+        assert torch.equal(res.counts[:, [0, 1, 3]], ref[:, [0, 1, 3]]), (fanout, res.counts, ref)
+        assert torch.allclose(res.counts[:, 2], ref[:, 2], rtol=1e-6)
+    assert res.counts[3, 2] != res.counts[0, 2]  # the buffer variant did change the logits
