@@ -269,8 +269,11 @@ def test_bf16_within_half_a_point_of_fp32():
         y = model.eval()(x).argmax(1)
     variants = _variants(model, sources=1)[:4]
     batches = [(x[i:i + 500], y[i:i + 500]) for i in range(0, len(x), 500)]
-    e32 = Evaluator(model, variants, device="cpu", precision="fp32").run(batches).error
-    e16 = Evaluator(model, variants, device="cpu", precision="bf16").run(batches).error
+    r32 = Evaluator(model, variants, device="cpu", precision="fp32").run(batches)
+    r16 = Evaluator(model, variants, device="cpu", precision="bf16").run(batches)
+    # bf16 did run (a silent fall-back to fp32 would pass the bound below with no difference)
+    assert r16.precision == "bf16" and not torch.equal(r16.counts[:, 2], r32.counts[:, 2])
+    e32, e16 = r32.error, r16.error
     assert (e32 - e16).abs().max().item() <= 0.005 + 1e-12, (e32, e16)
 
 
