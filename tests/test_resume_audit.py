@@ -216,7 +216,7 @@ def test_a_foreign_or_damaged_store_is_a_clear_error_and_fresh_recovers(ckpts, t
     if table == "state":  # meta must match this run for load() to be reached
         seen = {}
 
-        def spy(self, o, fingerprint, V, fresh=False):
+        def spy(self, o, fingerprint, V, fresh=False, created=False):
             seen["fp"] = fingerprint
             raise _Crash
 
