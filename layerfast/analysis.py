@@ -487,6 +487,13 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         with (ResumeStore(path, fingerprint, len(variants), fresh, created) as store,
               _removed_on_bad_input(path, created)):
             prev = store.load()
+            # The baseline agrees with itself on every sample it has seen, whatever the model.
+            # It is variant 0, in the first pass: `n_done` counts samples over the passes, so
+            # it has seen min(n_done, n) of them. (Zeroed sums resumed as 100% error, exit 0.)
+            if prev.counts is not None and float(prev.counts[0, 3]) != min(prev.n_done, src.n):
+                raise LayerfastError(f"{store.path} is damaged: its baseline row does not count "
+                                     f"the {min(prev.n_done, src.n)} samples it has seen; pass "
+                                     "--fresh to start over there")
             if named_by is not None:  # even --quiet: said once all is validated (errors: 1 line)
                 print(f"layerfast: --data not given: evaluating on {data!r} ({split} split), "
                       f"the data {named_by} names", file=sys.stderr)

@@ -293,12 +293,13 @@ def test_a_checkpoint_interval_that_is_not_a_number_is_said_as_given(monkeypatch
         ("UPDATE state SET info = '[1]'", "engine record is not a JSON object"),
         ("UPDATE state SET counts = NULL", "sums are not float64 values"),
         ("UPDATE state SET n_done = 'x'", "sample count is 'x'"),
+        ("UPDATE state SET counts = zeroblob(length(counts))", "baseline row does not count"),
         ("UPDATE meta SET value = 'nope' WHERE key = 'fingerprint'", "fingerprint is not a JSON"),
     ],
 )
 def test_a_tampered_store_is_one_clear_error(ckpts, tmp_path, sql, match):
     """A progress.sqlite edited by hand or damaged in its values (not its pages) was a
-    JSONDecodeError or TypeError traceback."""
+    JSONDecodeError or TypeError traceback, or, with zeroed sums, exit 0 at 100% error."""
     import sqlite3
 
     out = tmp_path / "o"
