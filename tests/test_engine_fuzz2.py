@@ -201,7 +201,10 @@ class TextCNN(nn.Module):
         return self.fc(F.relu(self.bnl(self.l1(h.amax(2))), inplace=True))
 
 
-class TupleOut(nn.Module):
+class BadOutput(nn.Module):
+    """An output that is not logits [batch, classes]: a tuple or dict, logits pooled over the
+    batch (one row for any batch), no classes, or integer class indices."""
+
     def __init__(self, kind: str) -> None:
         super().__init__()
         self.kind = kind
@@ -210,7 +213,13 @@ class TupleOut(nn.Module):
 
     def forward(self, x):
         z = self.fc(F.relu(self.c(x)).mean(dim=(2, 3)))
-        return (z, z.sum(1)) if self.kind == "tuple" else {"out": z}
+        return {
+            "tuple": lambda: (z, z.sum(1)),
+            "dict": lambda: {"out": z},
+            "pooled": lambda: z.mean(0, keepdim=True),
+            "empty": lambda: z[:, :0],
+            "int": lambda: z.argmax(1, keepdim=True),
+        }[self.kind]()
 
 
 def _build(name: str):
@@ -432,7 +441,7 @@ def test_size_of_a_non_batch_dim_still_fans():
 def test_tuple_or_dict_output_is_one_clear_error(kind):
     """docs/engine.md: the model must return logits [batch, classes]; anything else is one
     LayerfastError, and the model comes back untouched."""
-    model = TupleOut(kind)
+    model = BadOutput(kind)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = _data(20)
     variants = [{"c.weight": torch.randn_like(model.c.weight)}] * 2
@@ -440,25 +449,6 @@ def test_tuple_or_dict_output_is_one_clear_error(kind):
         with pytest.raises(LayerfastError, match=r"logits shaped \[batch, classes\]"):
             Evaluator(model, variants, device="cpu", batch_size=BS, fanout=fanout).run(_batches(x, y))
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
-class BadLogits(nn.Module):
-    """Logits of the wrong form: pooled over the batch (one row for any batch), no classes,
-    or integer class indices."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-        self.c = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 10)
-
-    def forward(self, x):
-        z = self.fc(F.relu(self.c(x)).mean(dim=(2, 3)))
-        if self.kind == "pooled":
-            return z.mean(0, keepdim=True)
-        if self.kind == "empty":
-            return z[:, :0]
-        return z.argmax(1, keepdim=True)
 
 
 @pytest.mark.parametrize(
@@ -472,7 +462,7 @@ class BadLogits(nn.Module):
 def test_logits_of_the_wrong_form_are_one_clear_error(kind, message):
     """A model whose output is not one row of float class scores per sample is named as such
     before anything is scored, not met as `score_`'s shape or dtype error."""
-    model = BadLogits(kind)
+    model = BadOutput(kind)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = _data(20)
     variants = [{"c.weight": torch.randn_like(model.c.weight)}] * 2
