@@ -94,6 +94,7 @@ def _data_spec(data: str | None, ckpts: str | os.PathLike[str]) -> tuple[str, Pa
     manifest's spec is the data the checkpoints were trained on (its test split is evaluated)."""
     from layerfast.checkpoints import CheckpointDir
     from layerfast.checkpoints.discover import read_manifest
+    from layerfast.data.spec import absolute_spec
 
     if data is not None:
         return data, None
@@ -110,7 +111,8 @@ def _data_spec(data: str | None, ckpts: str | os.PathLike[str]) -> tuple[str, Pa
             f"--data is required: {root} has no manifest.json naming the data its checkpoints "
             "were trained on; name the data to evaluate on (digits, fashion-mnist, cifar10:DIR, "
             "PATH.npz, ...; see docs/data.md)")
-    return named, root / "manifest.json"
+    # a relative path in a (hand-written) manifest is the manifest's, not the caller's cwd's
+    return absolute_spec(named, base=root), root / "manifest.json"
 
 
 def _parse_list(value: str | Sequence[str] | None) -> list[str]:

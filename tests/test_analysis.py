@@ -383,6 +383,14 @@ def test_the_manifest_names_its_data_by_absolute_path(tmp_path, monkeypatch) -> 
     res = layerfast.analyze("fcn1x8", tmp_path / "ck", reset="reinit", device="cpu",
                             out=tmp_path / "o", progress=False, figures=False)
     assert res.run["data"] == want and res.table["n"].iloc[0] == 24
+    # a hand-written manifest with a relative path: relative to the manifest, not to the cwd
+    man = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    (tmp_path / "ck" / "manifest.json").write_text(json.dumps({**man, "data": "../d/x.npz"}))
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")  # where "../d/x.npz" is not a file
+    res = layerfast.analyze("fcn1x8", tmp_path / "ck", reset="reinit", device="cpu",
+                            out=tmp_path / "o2", progress=False, figures=False)
+    assert res.run["data"] == want and res.table["n"].iloc[0] == 24
 
 
 def test_non_finite_logits_are_an_error_for_the_baseline_and_a_warning_for_a_variant(

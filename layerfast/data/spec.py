@@ -5,6 +5,7 @@ Spec modules are imported lazily: `digits` must not pay for FFCV/numba, nor `mni
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from layerfast.data.source import DataSource, check_max_samples
@@ -54,17 +55,24 @@ def data_paths(spec: str) -> list[Path]:
     return []
 
 
-def absolute_spec(spec: str) -> str:
+def absolute_spec(spec: str, base: str | os.PathLike[str] | None = None) -> str:
     """`spec` with the file or directory it names made absolute (`x.npz` -> `/home/u/x.npz`,
     `cifar10:data` -> `cifar10:/home/u/data`); specs that name no path come back as they are.
     What `layerfast train` records in manifest.json, because `layerfast analyze` without
-    `--data` evaluates on the manifest's spec, from whatever directory it is run in."""
+    `--data` evaluates on the manifest's spec, from whatever directory it is run in. A relative
+    path is taken from `base` when given (a hand-written manifest's own directory), else from
+    the current directory."""
     spec = spec.strip()
+
+    def resolve(path: str) -> str:
+        p = Path(path).expanduser()
+        return str((Path(base) / p if base is not None else p).resolve())
+
     if spec.lower().endswith((".beton", ".npz")):
-        return str(Path(spec).expanduser().resolve())
+        return resolve(spec)
     name, _, arg = spec.partition(":")
     if name.lower() in ("mnist", "fashion-mnist", "cifar10", "imagefolder") and arg:
-        return f"{name}:{Path(arg).expanduser().resolve()}"
+        return f"{name}:{resolve(arg)}"
     return spec
 
 
