@@ -105,6 +105,7 @@ def results_table(
     when delta_error <= threshold, else "critical"; other rows get "". top5_error is NaN when
     `num_classes` < 5 (top-5 of fewer classes is trivially 0, and would look like a result).
     checkpoint and seed are nullable Int64 so that "not applicable" stays empty in the CSV.
+    With interp variants, `alpha` and `sigma` follow (NaN on the other rows).
     """
     c = np.asarray(counts, dtype=np.float64)
     if c.ndim != 2 or c.shape[1] != 4 or c.shape[0] != len(variants):
@@ -157,4 +158,11 @@ def results_table(
         },
         columns=list(COLUMNS),
     )
+    if any(v.kind == "interp" for v in variants):
+        # interp rows of one unit and τ differ only in α and σ: without them the rows cannot be
+        # told apart. Appended after DESIGN §5's columns, and only then (analyze makes no
+        # interp rows, so results.csv keeps exactly its contract).
+        for name in ("alpha", "sigma"):
+            df[name] = [np.nan if getattr(v, name, None) is None else float(getattr(v, name))
+                        for v in variants]
     return df

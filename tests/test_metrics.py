@@ -23,6 +23,8 @@ class FakeVariant:
     kind: str
     checkpoint: int | None = None
     seed: int | None = None
+    alpha: float | None = None
+    sigma: float | None = None
 
 
 # ----------------------------------------------------------------------------- wilson
@@ -112,7 +114,7 @@ def _study(n: int = 1000) -> tuple[list[FakeVariant], np.ndarray]:
         FakeVariant("fc1", "rerandom", None, 1),
         FakeVariant("*", "fullmodel", 0),
         FakeVariant("fc1+fc2", "joint", 0),
-        FakeVariant("fc1", "interp", 0),
+        FakeVariant("fc1", "interp", 0, alpha=0.25, sigma=0.0),
     ]
     counts = _counts(
         [
@@ -130,6 +132,7 @@ def _study(n: int = 1000) -> tuple[list[FakeVariant], np.ndarray]:
 
 def test_results_table_has_exact_columns_in_order() -> None:
     variants, counts = _study()
+    variants, counts = variants[:-1], counts[:-1]  # no interp row: DESIGN §5's columns exactly
     df = results_table(variants, counts, 1000, 10)
     assert list(df.columns) == [
         "unit",
@@ -150,6 +153,18 @@ def test_results_table_has_exact_columns_in_order() -> None:
     assert len(df) == len(variants)
     assert list(df["unit"]) == [v.unit for v in variants]
     assert list(df["kind"]) == [v.kind for v in variants]
+
+
+def test_interp_rows_add_alpha_and_sigma_after_the_designs_columns() -> None:
+    """Interp rows of one unit and τ differ only in α and σ; without them the rows could not be
+    told apart (they all read `fc1, interp, 0`)."""
+    variants, counts = _study()
+    variants = [*variants, FakeVariant("fc1", "interp", 0, alpha=1.0, sigma=0.5)]
+    counts = np.vstack([counts, counts[-1]])
+    df = results_table(variants, counts, 1000, 10)
+    assert list(df.columns) == [*COLUMNS, "alpha", "sigma"]
+    assert df["alpha"].tolist()[-2:] == [0.25, 1.0] and df["sigma"].tolist()[-2:] == [0.0, 0.5]
+    assert df["alpha"].iloc[:-2].isna().all() and df["sigma"].iloc[:-2].isna().all()
 
 
 def test_results_table_values() -> None:
