@@ -46,7 +46,7 @@ def _bench(benchmark, *argv: str) -> dict:
     keys = ("variants", "n", "device", "precision", "channels_last", "seconds",
             "variant_images_per_s", "speedup_vs_naive", "naive_scaled", "naive_timed_variants",
             "naive_timed", "naive_batch_size", "layerfast_plan", "layerfast_phases",
-            "layerfast_probes", "floor", "times_floor")
+            "layerfast_probes", "floor", "times_floor", "agreement_with_naive")
     benchmark.extra_info.update({k: out[k] for k in keys if k in out})
     print(f"\n{argv}: {out['seconds']} speedup {out['speedup_vs_naive']}")
     return out

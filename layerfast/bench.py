@@ -27,7 +27,7 @@ import torch
 
 from layerfast.engine.fanrun import GLUE_MODES
 from layerfast.engine.precision import LAYOUTS
-from layerfast.errors import LayerfastError, collect_warnings
+from layerfast.errors import LayerfastError, collect_warnings, warn
 
 #: The engine's timings in the order a pass runs them (EvalResult.timings).
 PHASES = ("setup", "data", "baseline", "fanned", "swapped", "total")
@@ -127,10 +127,11 @@ def _sync(device: torch.device) -> None:
 
 
 def naive_pass(model, variants, src, device, batch_size: int,
-               warmup: bool = False) -> tuple[float, float]:
-    """(warm-up seconds, loop seconds) of the naive loop over `variants`: for each, its weights
-    loaded (read from the checkpoint file, or drawn), a DataLoader pass normalising on the host,
-    fp32, correct@1 read back with `.item()` every batch.
+               warmup: bool = False) -> tuple[float, float, list[int]]:
+    """(warm-up seconds, loop seconds, correct@1 per variant) of the naive loop over
+    `variants`: for each, its weights loaded (read from the checkpoint file, or drawn), a
+    DataLoader pass normalising on the host, fp32, correct@1 read back with `.item()` every
+    batch. The counts let `run` check that both approaches measured the same thing.
 
     `warmup`: first one batch through the final model, timed apart (else 0.0). When the loop is
     timed on k of V variants and scaled by V/k, the one-time costs of a first forward (kernel
@@ -144,7 +145,7 @@ def naive_pass(model, variants, src, device, batch_size: int,
     std = torch.tensor(src.std or (1.0,)).view(1, -1, 1, 1)
     model.eval().to(device)
     state = model.state_dict()
-    warm = 0.0
+    warm, counts = 0.0, []
     with torch.no_grad():
         if warmup:
             _sync(device)
@@ -165,9 +166,10 @@ def naive_pass(model, variants, src, device, batch_size: int,
                 x = ((x.float() / src.scale - mean) / std).to(device)
                 correct += (model(x).argmax(1) == y.to(device)).sum().item()
             model.load_state_dict(saved, strict=False)
+            counts.append(int(correct))
         _sync(device)
         loop = time.perf_counter() - t
-    return warm, loop
+    return warm, loop, counts
 
 
 def profile_pass(ev, src, path: Path, rows: int = 40) -> dict:
@@ -259,7 +261,7 @@ def run(args: argparse.Namespace) -> dict:
         V, n = len(variants), src.n
         out: dict = {"arch": args.arch, "data": args.data, "n": n, "variants": V,
                      "units": len(units), "device": str(device), "glue": args.glue}
-        timings = {}
+        timings, correct1 = {}, {}
         # "layerfast" is the default mode (fan-out on CUDA, prefix sharing alone on the CPU);
         # the other setting is timed beside it: "prefix_only" on CUDA, "fanout" on the CPU.
         other = ("prefix_only", False) if device.type == "cuda" else ("fanout", True)
@@ -275,6 +277,7 @@ def run(args: argparse.Namespace) -> dict:
             res = ev.run(src)
             _sync(device)
             timings[name] = time.perf_counter() - t
+            correct1[name] = res.counts[:, 0]
             out["precision"] = res.precision
             # the layout the pass ran in: `run` may have turned channels_last off (a model that
             # cannot run in it, layout auto), so it is read after the pass, not before
@@ -294,7 +297,10 @@ def run(args: argparse.Namespace) -> dict:
         out["naive_timed"] = [getattr(variants[i], "label", str(i)) for i in idx]
         out["naive_batch_size"] = naive_batch = args.batch_size or 256
         scaled = len(sub) < V
-        t_warm, t_naive = naive_pass(model, sub, src, device, naive_batch, warmup=scaled)
+        t_warm, t_naive, naive_correct = naive_pass(model, sub, src, device, naive_batch,
+                                                    warmup=scaled)
+        out["agreement_with_naive"] = _agreement(correct1, idx, naive_correct, n,
+                                                 out["precision"], device)
         timings["naive"] = t_warm + t_naive * V / len(sub)  # one-time costs once, not × V/k
         out["naive_warmup_s"] = round(t_warm, 4)
         out["naive_timed_variants"] = len(sub)
@@ -315,6 +321,24 @@ def run(args: argparse.Namespace) -> dict:
         out["times_floor"] = {k: v / floor["seconds_measured_rate"] for k, v in timings.items()}
         out["warnings"] = warned
     return out
+
+
+def _agreement(correct1: dict, idx: list[int], naive: list[int], n: int, precision: str,
+               device: torch.device) -> dict:
+    """How far each approach's correct@1 is from the naive loop's on the variants the loop ran:
+    a speed figure means something only if both measured the same thing. fp32 on the CPU may
+    flip one near-tie (the naive loop normalises on the host, in another order); bf16, TF32 and
+    any CUDA run (the naive loop's convolutions take TF32 there by torch's default) are held to
+    0.5 percentage points of error (README). Beyond that it is a warning, kept in the JSON."""
+    diff = {name: max((abs(float(c[i]) - nc) for i, nc in zip(idx, naive, strict=True)),
+                      default=0.0) for name, c in correct1.items()}
+    worst = max(diff.values(), default=0.0)
+    bound = 1.0 if precision == "fp32" and device.type == "cpu" else 0.005 * n
+    if worst > bound:
+        warn(f"correct@1 differs from the naive loop's by up to {worst:.0f} of {n} samples on "
+             f"the {len(idx)} variants both ran ({precision}): the figures may not compare "
+             "like with like")
+    return {"variants": len(idx), "max_abs_diff_correct1": diff, "bound": bound}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -343,6 +367,11 @@ def main(args: argparse.Namespace) -> int:
           f"{out['layerfast_probes']:.3f} s of batch-size and layout probes before the pass")
     print(f"naive = load weights, DataLoader pass (B={out['naive_batch_size']}), fp32, correct@1 "
           f"by .item() per batch{scaled}")
+    agree = out["agreement_with_naive"]
+    worst = max(agree["max_abs_diff_correct1"].values(), default=0.0)
+    print(f"results: correct@1 on the {agree['variants']} variants the naive loop ran "
+          + ("equals its count on each" if worst == 0 else
+             f"differs from its count by at most {worst:.0f} of {out['n']} samples"))
     f = out["floor"]
     g = f["gflop_per_sample"]
     sheet = (f"; {f['seconds_datasheet_rate']:.3g} s at the datasheet's {f['rate_tflops_datasheet']:.0f}"

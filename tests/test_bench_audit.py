@@ -33,7 +33,7 @@ def test_naive_loop_is_timed_on_a_fair_sample(monkeypatch, quick) -> None:
 
     def fake_naive(model, variants, src, device, batch_size, warmup=False):
         timed.extend(variants)
-        return 0.0, 1.0
+        return 0.0, 1.0, [0] * len(variants)  # counts: this test is about which are timed
 
     monkeypatch.setattr(bench, "naive_pass", fake_naive)
     out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "4", "--no-prefix-only"))
@@ -274,3 +274,31 @@ def test_no_room_for_the_synthetic_checkpoints_is_one_clear_error(monkeypatch, q
     with pytest.raises(LayerfastError, match=r"cannot write bench's synthetic checkpoints in "
                        r"\S+layerfast-bench-\S+ \(No space left on device\): set TMPDIR"):
         bench.run(_args("--arch", "fcn2x16"))
+
+
+def test_the_results_are_checked_against_the_naive_loop(monkeypatch, quick, capsys) -> None:
+    """The naive loop's correct@1 counts were computed and thrown away: a speed figure for an
+    engine that measured something else would have gone out unremarked. Both approaches' counts
+    on the variants the loop ran are compared; beyond the bound it is a warning in the JSON."""
+    out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "3"))
+    agree = out["agreement_with_naive"]
+    assert agree["variants"] == 3 and agree["bound"] == 1.0
+    assert agree["max_abs_diff_correct1"] == {"layerfast": 0.0, "fanout": 0.0}  # CPU fp32
+    assert out["warnings"] == []
+    real = bench.naive_pass
+
+    def off_by_two(*a, **k):
+        warm, loop, counts = real(*a, **k)
+        return warm, loop, [c + 2 for c in counts]
+
+    monkeypatch.setattr(bench, "naive_pass", off_by_two)
+    out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "3"))
+    assert out["agreement_with_naive"]["max_abs_diff_correct1"]["layerfast"] == 2.0
+    assert out["warnings"] == ["correct@1 differs from the naive loop's by up to 2 of 32 samples "
+                               "on the 3 variants both ran (fp32): the figures may not compare "
+                               "like with like"]
+    monkeypatch.setattr(bench, "run", lambda args: out)
+    bench.main(_args("--arch", "fcn2x16"))
+    text = capsys.readouterr().out
+    assert "results: correct@1 on the 3 variants the naive loop ran differs from its count by " \
+           "at most 2 of 32 samples" in text
