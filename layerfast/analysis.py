@@ -384,6 +384,19 @@ def _num_outputs(model: torch.nn.Module, src: Any) -> int:
     return int(out.shape[1])
 
 
+def _command() -> str:
+    """The command that ran this analysis, quoted so a shell takes it as it was (`--units
+    'fc[12]'` unquoted is a glob): `layerfast ...` from the command line, whatever the entry
+    point's path; from Python, the script and its arguments (run.json's `cwd` is beside it)."""
+    import shlex
+
+    from layerfast import cli
+
+    if cli.INVOKED is not None:
+        return shlex.join(["layerfast", *cli.INVOKED])
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
 def _file_ids(ck: Any) -> dict[str, list]:
     """Name, size and mtime of each checkpoint: retraining into the same directory changes them,
     and progress summed over the old weights must not be continued with the new ones."""
@@ -521,7 +534,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
                     "units": [u.name for u in unit_list], "patterns": patterns, "bn": bn,
                     "reset": resets, "evaluated_checkpoints": taus, "seeds": seed_list,
                     "threshold": threshold, "variants": len(variants), "versions": _versions(),
-                    "command": " ".join(sys.argv),
+                    "command": _command(), "cwd": os.getcwd(),
                     "manifest": {k: v for k, v in (ck.manifest or {}).items() if k != "checkpoints"},
                     "incomplete": ck.incomplete,
                     "warnings": warned,  # filled until run.json is written: the chance note too

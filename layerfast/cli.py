@@ -427,11 +427,19 @@ def _terminated(signum: int, frame: object) -> NoReturn:
     raise SystemExit(128 + signum)
 
 
+#: The arguments of the `layerfast` command being run (None outside one): analyze records
+#: them in run.json as a command that can be pasted into a shell again.
+INVOKED: list[str] | None = None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global INVOKED
+    raw = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = parser().parse_args(argv)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminated)
+    INVOKED = raw
     try:
         return COMMANDS[args.command](args)
     except LayerfastError as exc:
@@ -446,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return status
     finally:
+        INVOKED = None
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -7,7 +7,9 @@ Each test here failed before the fix its docstring names.
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -182,3 +184,19 @@ def test_every_analyze_flag_reaches_the_run(ckpts: Path, tmp_path: Path, capsys)
         "channels_last": True, "variants": 7,  # 2 units x (1 checkpoint + 2 seeds) + baseline
     }
     assert run["engine"]["plan"]["fanned_variants"] == 6  # --fanout on (the CPU's auto is off)
+    # the command as given, quoted for a shell (it was " ".join(sys.argv): pytest's own argv
+    # here, and from a shell the entry point's path with `fc[12]` left for the shell to glob)
+    assert shlex.split(run["command"]) == ["layerfast", *map(str, argv)]
+    assert run["cwd"] == os.getcwd()
+
+
+def test_the_command_recorded_is_quoted_for_a_shell(ckpts: Path, tmp_path: Path, capsys) -> None:
+    import json
+
+    out = tmp_path / "a b"
+    rc, _, err = cli(["analyze", "--arch", "fcn3x256", "--ckpts", ckpts, "--out", out, "--quiet",
+                      "--units", "fc[12]", "--reset", "reinit", "--checkpoints", "0"], capsys)
+    assert rc == 0, err
+    command = json.loads((out / "run.json").read_text())["command"]
+    assert command == (f"layerfast analyze --arch fcn3x256 --ckpts {ckpts} --out '{out}' "
+                       "--quiet --units 'fc[12]' --reset reinit --checkpoints 0")
