@@ -551,6 +551,12 @@ def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
         res = ev.run(src, start=prev.n_done, counts=prev.counts,
                      on_progress=(lambda n: bar.update(n - bar.n)) if bar else None,
                      on_checkpoint=store.save, checkpoint_every=every)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (cli's handler): say what is kept
+        if bar:
+            bar.close()
+            bar = None
+        _say_saved(store, src.n, passes)
+        raise
     finally:
         if bar:
             bar.close()
@@ -559,6 +565,18 @@ def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
               "checkpoint_every": every}
     store.finish(res.counts, res.n, engine)
     return res.counts, res.n, engine
+
+
+def _say_saved(store: Any, n: int, passes: int) -> None:
+    """One stderr line on an interrupted pass: how far a rerun of the same command resumes
+    from (the last save, not the moment of the interrupt)."""
+    try:
+        done = store.load().n_done
+    except LayerfastError:
+        return
+    over = f" (over {passes} passes)" if passes > 1 else ""
+    print(f"layerfast: {done} of {n * passes} samples{over} are saved in {store.path}; the same "
+          "command resumes from there", file=sys.stderr)
 
 
 def _check_finite_logits(variants: list, counts: torch.Tensor, data: str) -> None:

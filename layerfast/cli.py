@@ -336,10 +336,16 @@ def _analyze(args: argparse.Namespace) -> int:
         layout=args.layout,
     )
     print(res.summary())
+    eng = res.run.get("engine", {})
+    resumed = ""  # a rerun's seconds are not the pass's: say what it did not evaluate again
+    if eng.get("evaluated") == 0:
+        resumed = f", all restored from {res.out}/progress.sqlite, none evaluated again"
+    elif eng.get("resumed_from"):
+        resumed = f", resumed after {eng['resumed_from']} saved in progress.sqlite"
     print(
         f"\n{res.run['variants']} variants × {res.run['n']} samples in {res.run['seconds']:.1f} s "
         f"({res.run['device']}, {res.run['precision']}"
-        f"{', channels_last' if res.run['channels_last'] else ''}); results in {res.out}/"
+        f"{', channels_last' if res.run['channels_last'] else ''}{resumed}); results in {res.out}/"
     )
     warned = len(res.run.get("warnings", ()))
     if warned:  # printed before the progress bar and the table: easy to scroll past

@@ -301,3 +301,37 @@ def test_seeds_out_of_range_are_refused_before_anything_runs(ckpts, tmp_path, ca
                  "--out", str(out), "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert re.search(msg, err) and err.count("\n") == 1 and not out.exists()
+
+
+def test_an_interrupted_run_says_what_a_rerun_resumes_from(ckpts, finished, tmp_path,
+                                                           monkeypatch, capsys):
+    """Ctrl-C printed only "layerfast: interrupted": nothing said the work was kept, or where.
+    Now the line before it names the samples saved and the store."""
+    from layerfast.cli import main
+
+    out = tmp_path / "run"
+    real = ResumeStore.save
+    count = {"n": 0}
+
+    def save(self: ResumeStore, counts, n_done: int) -> None:
+        real(self, counts, n_done)
+        count["n"] += 1
+        if count["n"] == 4:
+            raise KeyboardInterrupt
+
+    argv = ["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--out", str(out), "--quiet",
+            "--data", "digits", "--seeds", "1", "--device", "cpu", "--batch-size", "32"]
+    with monkeypatch.context() as m:
+        m.setenv("LAYERFAST_CHECKPOINT_EVERY", "0")
+        m.setattr(ResumeStore, "save", save)
+        assert main(argv) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"layerfast: 128 of 360 samples are saved in {out / FILENAME}; the same "
+                   "command resumes from there", "layerfast: interrupted"]
+    assert saved(out) == (128, False)
+    # the reruns' summaries say what they did not evaluate (a finished run's rerun only restores)
+    assert main(argv) == 0
+    assert "(cpu, fp32, resumed after 128 saved in progress.sqlite)" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert (f"(cpu, fp32, all restored from {out}/progress.sqlite, none evaluated again)"
+            in capsys.readouterr().out)
