@@ -65,7 +65,8 @@ class Analysis:
         """The terminal table: one row per unit, the threshold stated (what the CLI prints)."""
         from layerfast import report
 
-        return report.summary_table(self.table, self.distances, self.run["threshold"])
+        return report.summary_table(self.table, self.distances, self.run["threshold"],
+                                    self.run.get("bn", "with-layer"))
 
 
 def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:

@@ -248,7 +248,11 @@ def test_summary_shows_the_fullmodel_row_without_reinit_rows() -> None:
         text = summary_table(t)
         full = [line for line in text.splitlines() if line.startswith("(all units) ")]
         assert len(full) == 1 and "90.00%" in full[0], text
-        assert "every unit reset to tau=0" in text
+        assert "(all units): the whole model reset to tau=0 at once (reference)" in text
+        assert "whole model reset, at each tau: 0: 90.00%, 5: 20.00%" in text  # the curve, every τ
+    text = summary_table(table, bn="keep")
+    assert ("(all units): the whole model reset to tau=0 at once (reference; normalization "
+            "layers kept at the final model (--bn keep))") in text
 
 
 def test_log_scale_distance_plot_draws_zero_at_the_lowest_colour_not_as_missing() -> None:

@@ -60,7 +60,10 @@ def _align(rows: list[list[str]], right: set[int]) -> list[str]:
 
 
 def summary_table(
-    table: pd.DataFrame, distances: pd.DataFrame | None = None, threshold: float = 0.05
+    table: pd.DataFrame,
+    distances: pd.DataFrame | None = None,
+    threshold: float = 0.05,
+    bn: str = "with-layer",
 ) -> str:
     """Render the per-unit summary of a results table as aligned plain text.
 
@@ -70,7 +73,9 @@ def summary_table(
     is that critical layers become robust after a few epochs); and, with `distances`, the
     largest relative ℓ2 distance from θ^0 over τ. Each row also carries the baseline error, so
     a row read alone (grep, a pasted line) says what it is compared with; the header line gives
-    the baseline's Wilson interval, the footer the threshold.
+    the baseline's Wilson interval, the footer the threshold. The footer also gives the
+    "(all units)" reference row at every τ (the whole model reset: the training curve, which
+    is all a `--reset fullmodel` run has), and says when `bn` "keep" held normalization back.
     """
     kinds = table["kind"].astype(str)
     base = table[kinds == "baseline"]
@@ -189,5 +194,12 @@ def summary_table(
     if len(seeds) > 1:
         foot.append(f"rerandom: mean (sample sd) of the error over {len(seeds)} seeds, in % points")
     if tau0 is not None and len(full):
-        foot.append(f"(all units): every unit reset to tau={tau0} at once (reference)")
+        kept = "; normalization layers kept at the final model (--bn keep)" if bn == "keep" else ""
+        foot.append(f"(all units): the whole model reset to tau={tau0} at once (reference{kept})")
+        if len(full_taus) > 1:
+            cells = [f"{t}: {_pct(float(full[full['checkpoint'] == t]['error'].mean()))}"
+                     for t in full_taus]
+            if len(cells) > 12:  # a run that kept every epoch: its two ends
+                cells = [*cells[:6], "...", *cells[-6:]]
+            foot.append("whole model reset, at each tau: " + ", ".join(cells))
     return "\n".join([title, rule, text[0], rule, *text[1:], rule, *foot])
