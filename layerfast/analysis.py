@@ -467,6 +467,9 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
     # Every `warn` from here on is also kept in run.json ("warnings"): stderr is gone when a
     # job's log is, and a warning is part of judging the run.
     with collect_warnings() as warned:
+        if "rerandom" not in resets and seed_list != [1]:  # 1 is the default: said only if asked
+            warn(f"--seeds {','.join(map(str, seed_list))} has no effect: only rerandom draws "
+                 f"seeds, and --reset is {','.join(resets)}")
         model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples, chosen)
         if ck.incomplete:  # analysing a cut-short run can be the point; it must not be silent
             warn(f"{ck.path}: {ck.incomplete}; analysing the checkpoints it has")

@@ -440,3 +440,25 @@ def test_an_arch_other_than_the_manifests_is_a_warning(ckpts, tmp_path, monkeypa
     assert res.run["warnings"] == [
         f"{ckpts}: manifest.json says the checkpoints are 'fcn3x256'; analysing them as "
         "'samefcn:make'"]
+
+
+def test_tf32_off_cuda_is_recorded_as_fp32_with_a_warning(ckpts, tmp_path, capsys):
+    res = layerfast.analyze("fcn3x256", ckpts, data="digits", reset="reinit", checkpoints="0",
+                            precision="tf32", device="cpu", out=tmp_path / "o", progress=False,
+                            figures=False)
+    msg = ("precision tf32 (TensorFloat-32 matmuls and convolutions) is a CUDA mode: on cpu it "
+           "runs, and is recorded, as fp32")
+    assert res.run["precision"] == "fp32" and res.run["warnings"] == [msg]
+    assert f"layerfast: warning: {msg}" in capsys.readouterr().err
+
+
+def test_seeds_without_rerandom_are_said_to_do_nothing(ckpts, tmp_path, capsys):
+    """`--reset reinit --seeds 5` ran without a word and recorded seeds 1..5 as if they
+    mattered. The default (1) is not warned about."""
+    kw = dict(data="digits", reset="reinit", checkpoints="0", device="cpu", progress=False,
+              figures=False)
+    res = layerfast.analyze("fcn3x256", ckpts, seeds=5, out=tmp_path / "a", **kw)
+    assert res.run["warnings"] == ["--seeds 1,2,3,4,5 has no effect: only rerandom draws seeds, "
+                                   "and --reset is reinit"]
+    res = layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "b", **kw)
+    assert res.run["warnings"] == []

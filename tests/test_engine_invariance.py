@@ -418,8 +418,9 @@ def test_bf16_on_the_cpu_runs_bf16_within_half_a_point_on_a_trained_model():
         assert (res.error - ref.error).abs().max().item() <= 0.005 + 1e-12
         d = (l16 - l32).abs().max().item()
         assert 1e-3 < d < 1.0, d  # bf16 rounding, not fp32 bits and not garbage
-    _, ltf = _engine_logits(m, variants, data, None, precision="tf32", fanout=False)
+    rtf, ltf = _engine_logits(m, variants, data, None, precision="tf32", fanout=False)
     assert torch.equal(ltf, l32)
+    assert rtf.precision == "fp32"  # recorded as what ran (it was "tf32"), with a warning
 
 
 def test_oom_on_the_swap_path_a_fanned_group_fell_back_to_is_backed_off(monkeypatch):
@@ -482,3 +483,4 @@ def test_oom_in_the_first_batchs_trace_check_backs_off_and_keeps_the_trace(monke
     assert e.last_plan.summary()["cuts_kept"] > 0
     assert torch.equal(got[:, [0, 1, 3]], clean[:, [0, 1, 3]])
     torch.testing.assert_close(got[:, 2], clean[:, 2], rtol=1e-6, atol=1e-5)
+

@@ -8,7 +8,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from layerfast.errors import LayerfastError
+from layerfast.errors import LayerfastError, warn
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
@@ -35,13 +35,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` is bf16 on CUDA (with channels_last) and fp32 elsewhere."""
+    """`auto` is bf16 on CUDA (with channels_last) and fp32 elsewhere; tf32 off CUDA is fp32."""
     if precision not in PRECISIONS:
         raise LayerfastError(
             f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
         )
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "tf32" and device.type != "cuda":  # recorded as what ran, and said
+        warn(f"precision tf32 (TensorFloat-32 matmuls and convolutions) is a CUDA mode: on "
+             f"{device.type} it runs, and is recorded, as fp32")
+        return "fp32"
     return precision
 
 
