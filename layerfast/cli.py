@@ -290,8 +290,13 @@ def parser() -> argparse.ArgumentParser:
         "--split", default="test", choices=["test", "train"], help="split to write (default: test)"
     )
 
-    r = sub.add_parser("report", help="redraw the figures of a finished run from its CSV files")
+    r = sub.add_parser("report", help="redraw the figures of a finished run from its CSV files "
+                                      "and print its summary again")
     r.add_argument("out", help="the --out directory of a finished analyze run")
+    r.add_argument("--threshold", type=float, default=None,
+                   help="judge the printed summary at this threshold instead of the run's "
+                        "(results.csv is left as it is: rerun the analyze command with "
+                        "--threshold to rewrite it, which evaluates nothing again)")
 
     i = sub.add_parser("info", help="versions, build flags, kernels, FFCV")
     i.add_argument("--json", action="store_true", help="print it as JSON")
@@ -395,10 +400,14 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from layerfast.report import redraw
+    from layerfast.report import redraw, summary
 
+    if args.threshold is not None and not 0 <= args.threshold <= 1:  # NaN fails too
+        raise LayerfastError(f"--threshold must lie in [0, 1]; got {args.threshold}")
+    text = summary(args.out, args.threshold)  # read and checked before the figures are rewritten
     for p in redraw(args.out):
         print(f"wrote {p}")
+    print(f"\n{text}")
     return 0
 
 

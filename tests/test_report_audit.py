@@ -136,6 +136,37 @@ def test_report_cli_bad_results_is_exit_2_without_traceback(
     assert not (tmp_path / "heatmap.png").exists()
 
 
+def test_report_prints_the_summary_again_and_can_rejudge_it(ckpts, tmp_path, capsys) -> None:
+    """`layerfast report OUT` only redrew the figures; a researcher had to rerun analyze to see
+    the table again. It prints the run's summary (the same text analyze printed), judged at the
+    run's threshold or at --threshold, which leaves results.csv as it was."""
+    import layerfast
+    from layerfast.cli import main
+
+    out = tmp_path / "run"
+    res = layerfast.analyze("fcn3x256", ckpts, data="digits", device="cpu", out=out,
+                            progress=False, seeds=2)
+    capsys.readouterr()
+    before = (out / "results.csv").read_bytes()
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"wrote {out / 'heatmap.png'}\nwrote {out / 'distances.png'}\n\n")
+    assert text.endswith(res.summary() + "\n")
+    assert main(["report", str(out), "--threshold", "0"]) == 0
+    strict = capsys.readouterr().out
+    assert "threshold: robust <=> error - baseline error <= 0 (0 points)" in strict
+    assert strict.rstrip().endswith("(judged here at --threshold 0; results.csv keeps the run's "
+                                    "verdicts at 0.05)")
+    assert strict.count("reinit@0: critical") > text.count("reinit@0: critical")
+    assert (out / "results.csv").read_bytes() == before
+    (out / "run.json").unlink()  # killed while writing outputs: the threshold is not known
+    assert main(["report", str(out)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("(no readable run.json: the run's "
+                                                     "threshold is unknown)")
+    assert main(["report", str(out), "--threshold", "2"]) == 2
+    assert "--threshold must lie in [0, 1]; got 2.0" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- read_distances
 
 

@@ -5,11 +5,14 @@
     terminal.py  summary_table
 
 `redraw(out_dir)` rebuilds the figures of a finished run from its CSV files alone, so
-`layerfast report OUT` can restyle a run without touching a GPU.
+`layerfast report OUT` can restyle a run without touching a GPU; `summary(out_dir)` prints
+its terminal table again.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 
@@ -25,9 +28,46 @@ __all__ = [
     "read_distances",
     "read_results",
     "redraw",
+    "summary",
     "summary_table",
     "write_csv",
 ]
+
+
+def summary(out_dir: str | os.PathLike[str], threshold: float | None = None) -> str:
+    """The run's terminal summary again, from its CSV files, at the threshold and BN policy
+    its run.json records (the verdicts in results.csv were judged at that threshold), or
+    judged afresh at `threshold`. Without a readable run.json (a run killed while writing its
+    outputs) the default 0.05 is used unless `threshold` is given, and the summary says so."""
+    out = Path(out_dir)
+    table, dist = _read(out)
+    note = ""
+    try:
+        run = json.loads((out / "run.json").read_text())
+        recorded, bn = float(run["threshold"]), str(run.get("bn", "with-layer"))
+        if not math.isfinite(recorded):
+            raise ValueError(recorded)
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded, bn = 0.05, "with-layer"
+        note = "\n(no readable run.json: the run's threshold is unknown)"
+    if threshold is not None and threshold != recorded and not note:
+        note = (f"\n(judged here at --threshold {threshold:g}; results.csv keeps the run's "
+                f"verdicts at {recorded:g})")
+    return summary_table(table, dist, recorded if threshold is None else threshold, bn) + note
+
+
+def _read(out: Path):
+    """results.csv and distances.csv (None when absent) of the out dir, checked."""
+    if not out.is_dir():
+        raise LayerfastError(f"{out} is not a directory (expected a layerfast --out directory)")
+    results = out / "results.csv"
+    if not results.is_file():
+        raise LayerfastError(
+            f"{results} not found: {out} does not look like a finished layerfast run "
+            "(expected results.csv from `layerfast analyze --out DIR`)"
+        )
+    dist_path = out / "distances.csv"
+    return read_results(results), read_distances(dist_path) if dist_path.is_file() else None
 
 
 def redraw(out_dir: str | os.PathLike[str]) -> list[Path]:
@@ -41,17 +81,7 @@ def redraw(out_dir: str | os.PathLike[str]) -> list[Path]:
     are read and checked before anything is written, so bad input leaves the figures as they were.
     """
     out = Path(out_dir)
-    if not out.is_dir():
-        raise LayerfastError(f"{out} is not a directory (expected a layerfast --out directory)")
-    results = out / "results.csv"
-    if not results.is_file():
-        raise LayerfastError(
-            f"{results} not found: {out} does not look like a finished layerfast run "
-            "(expected results.csv from `layerfast analyze --out DIR`)"
-        )
-    table = read_results(results)
-    dist_path = out / "distances.csv"
-    dist = read_distances(dist_path) if dist_path.is_file() else None
+    table, dist = _read(out)
     written = [heatmap(table, out / "heatmap.png")]
     if dist is not None and len(dist):
         written.append(distance_plot(dist, out / "distances.png"))
