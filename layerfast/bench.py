@@ -319,6 +319,12 @@ def run(args: argparse.Namespace) -> dict:
                              channels_last=out["channels_last"])
         out["floor"] = floor
         out["times_floor"] = {k: v / floor["seconds_measured_rate"] for k, v in timings.items()}
+        below = {k: x for k, x in out["times_floor"].items() if x < 1}
+        if below:  # the rate was measured while something else had the machine
+            name, x = min(below.items(), key=lambda kv: kv[1])
+            warn(f"{name} ran at {x:.2f}× the compute floor, faster than the rate measured for "
+                 f"it ({floor['rate_tflops_measured']:.3g} TFLOP/s) allows: that measurement "
+                 "was low (a busy machine?), so the floor is no lower bound in this run")
         out["warnings"] = warned
     return out
 

@@ -302,3 +302,20 @@ def test_the_results_are_checked_against_the_naive_loop(monkeypatch, quick, caps
     text = capsys.readouterr().out
     assert "results: correct@1 on the 3 variants the naive loop ran differs from its count by " \
            "at most 2 of 32 samples" in text
+
+
+def test_a_mode_faster_than_the_floor_is_a_warning(monkeypatch) -> None:
+    """The floor's rate is measured in the same run; on a loaded machine it came out low and a
+    mode ran "faster than the floor" while the text still said "at 1.6× the floor"."""
+    real = flops.floor_report
+
+    def slow_rate(*a, **k):  # as if the rate had been measured 1e6× too low
+        f = real(*a, **k)
+        return {**f, "seconds_measured_rate": f["seconds_measured_rate"] * 1e6}
+
+    monkeypatch.setattr(flops, "measure_rate", lambda device, precision, seconds=0.5: 1e10)
+    monkeypatch.setattr(flops, "floor_report", slow_rate)
+    out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "2", "--no-prefix-only"))
+    assert out["times_floor"]["layerfast"] < 1
+    mine = [w for w in out["warnings"] if "the compute floor" in w]
+    assert len(mine) == 1 and "so the floor is no lower bound in this run" in mine[0]
