@@ -263,7 +263,9 @@ def parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="θ⁰ and the shuffle order depend on it (default: 0)"
     )
     t.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    t.add_argument("--max-samples", type=int, default=None, help="train on the first N samples")
+    t.add_argument("--max-samples", type=int, default=None,
+                   help="train on the first N samples (each checkpoint's recorded test error is "
+                        "still over the whole test split, as analyze's fullmodel rows are)")
     t.add_argument(
         "--overwrite", action="store_true", help="replace an earlier run's checkpoints in --out"
     )

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 import layerfast
 from layerfast.checkpoints import MANIFEST, SUFFIXES, write_manifest
+from layerfast.checkpoints.discover import read_manifest
 from layerfast.checkpoints.save import save_atomic
 from layerfast.data import open_data, to_device
 from layerfast.data.source import DataSource, check_finite
@@ -138,9 +139,15 @@ def _check_out(out: Path, overwrite: bool) -> None:
     old = _old_checkpoints(out)
     if old and not overwrite:
         shown = ", ".join(old[:5]) + (", ..." if len(old) > 5 else "")
+        try:
+            unfinished = (read_manifest(out) or {}).get("complete") is False
+        except LayerfastError:
+            unfinished = False
+        why = (" of a run that did not finish (manifest.json: complete false; training does not "
+               "resume, it starts over)") if unfinished else ""
         raise LayerfastError(
-            f"--out {out} already holds checkpoints ({shown}); choose another directory, or "
-            "replace them with overwrite=True (--overwrite on the command line)"
+            f"--out {out} already holds checkpoints ({shown}){why}; choose another directory, "
+            "or replace them with --overwrite (overwrite=True from Python)"
         )
 
 

@@ -250,6 +250,15 @@ def test_a_failed_save_leaves_no_partial_file_and_a_readable_manifest(tmp_path, 
     ]  # fmt: skip
     ck = CheckpointDir(tmp_path)
     assert ck.labels == [0, 1] and ck.manifest["complete"] is False
+    monkeypatch.setattr(torch, "save", real_save)
+    with pytest.raises(LayerfastError) as info:  # the same command again: say what is there
+        _tiny(tmp_path, epochs=3)
+    assert str(info.value) == (
+        f"--out {tmp_path} already holds checkpoints (epoch_000.pt, epoch_001.pt, manifest.json) "
+        "of a run that did not finish (manifest.json: complete false; training does not resume, "
+        "it starts over); choose another directory, or replace them with --overwrite "
+        "(overwrite=True from Python)"
+    )
 
 
 def test_a_full_disk_is_one_line_naming_the_file_not_torchs_writer_error(tmp_path, monkeypatch):
