@@ -24,3 +24,9 @@ def __getattr__(name: str):
 
         return analyze
     raise AttributeError(f"module 'layerfast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazy names too: `dir(layerfast)` (and tab completion) listed neither `analyze` nor
+    `Evaluator` until they were first used."""
+    return sorted({*globals(), *__all__})

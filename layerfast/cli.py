@@ -193,7 +193,8 @@ def parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--checkpoints", default="all", help="τ labels to reset to: all or e.g. 0,1,10")
     a.add_argument(
-        "--seeds", type=_seeds, default=1, help="re-randomization seeds: a count n (1..n) or a list"
+        "--seeds", type=_seeds, default=1,
+        help="re-randomization seeds: a count n (1..n) or a list (default: 1, one seed)"
     )
     a.add_argument(
         "--threshold", type=float, default=0.05, help="robust ⇔ Δerror ≤ threshold (default 0.05)"

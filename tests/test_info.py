@@ -206,3 +206,8 @@ def test_a_full_stdout_is_one_line_and_exit_2(argv) -> None:
                            text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     assert p.stderr == "layerfast: error: cannot write the output (No space left on device)\n"
+
+
+def test_dir_lists_the_lazy_api() -> None:
+    """`analyze` and `Evaluator` load on first use; dir() (tab completion) must still list them."""
+    assert {"analyze", "Evaluator", "LayerfastError", "__version__"} <= set(dir(layerfast))

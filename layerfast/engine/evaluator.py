@@ -183,10 +183,9 @@ class Evaluator:
                 if k in live and t.shape != live[k].shape
             ]
             if bad or shapes:
-                raise LayerfastError(
-                    f"variant {i} does not fit the model: unknown keys {bad[:10]}; "
-                    f"shape mismatches {shapes[:10]}"
-                )
+                what = [f"unknown keys {bad[:10]}"] if bad else []
+                what += [f"shape mismatches {shapes[:10]}"] if shapes else []
+                raise LayerfastError(f"variant {i} does not fit the model: {'; '.join(what)}")
             try:
                 out.append({k: torch.empty_like(live[k]).copy_(t) for k, t in ov.items()})
             except _OOM:
