@@ -117,7 +117,7 @@ def _common_eval(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="auto",
         choices=["auto", "fp32", "tf32", "bf16"],
-        help="auto = bf16 + channels_last on CUDA, fp32 on CPU",
+        help="auto (default) = bf16 + channels_last on CUDA, fp32 on CPU; tf32 is CUDA only",
     )
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch")
     p.add_argument(
@@ -189,9 +189,11 @@ def parser() -> argparse.ArgumentParser:
         "model's; separate = each is a unit of its own",
     )
     a.add_argument(
-        "--reset", default="reinit,rerandom,fullmodel", help="kinds: reinit,rerandom,fullmodel"
+        "--reset", default="reinit,rerandom,fullmodel",
+        help="kinds, comma-separated (default: reinit,rerandom,fullmodel)",
     )
-    a.add_argument("--checkpoints", default="all", help="τ labels to reset to: all or e.g. 0,1,10")
+    a.add_argument("--checkpoints", default="all",
+                   help="τ labels to reset to: all (default) or e.g. 0,1,10")
     a.add_argument(
         "--seeds", type=_seeds, default=1,
         help="re-randomization seeds: a count n (1..n) or a list (default: 1, one seed)"
@@ -210,8 +212,8 @@ def parser() -> argparse.ArgumentParser:
         "--fanout",
         default="auto",
         choices=["auto", "on", "off"],
-        help="run variants of one unit as one wide computation: auto = on for CUDA, off "
-        "for the CPU (measured no faster there); off = the bit-exact swap path",
+        help="run variants of one unit as one wide computation: auto (default) = on for CUDA, "
+        "off for the CPU (measured no faster there); off = the bit-exact swap path",
     )
     a.add_argument(
         "--no-fanout", dest="fanout", action="store_const", const="off", help="same as --fanout off"
@@ -220,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
         "--layout",
         default="auto",
         choices=LAYOUTS,
-        help="memory layout of conv activations: auto = channels_last with bf16/tf32 on "
+        help="memory layout of conv activations: auto (default) = channels_last with bf16/tf32 on "
         "CUDA, else contiguous (bit-exact fp32); channels_last on the CPU ran conv "
         "nets ~1.6x faster (docs/engine.md), logits then differ in the last bits",
     )

@@ -96,8 +96,8 @@ def test_reinit_to_final_is_the_baseline_bit_for_bit(run, manifest) -> None:
     """Issue 6's invariant. What it checks: each unit's reset to the final τ loads exactly the
     final tensors, and the engine then scores it as the baseline. It does not compute those
     rows (the engine's shortcut takes them from the baseline's logits); that the shortcut is
-    taken for equal tensors only, and agrees with a full forward, is
-    test_engine_edges.py::test_only_variants_equal_to_the_live_tensors_are_scored_as_the_baseline."""
+    taken for equal tensors only, and agrees with a full forward, is test_engine_edges.py's
+    test_only_variants_equal_to_the_live_tensors_are_scored_as_the_baseline."""
     t, final = run.table, _taus(manifest)[-1]
     base = t.iloc[0]
     rows = t[(t.kind == "reinit") & (t.checkpoint == final)]

@@ -468,7 +468,8 @@ def test_logits_of_the_wrong_form_are_one_clear_error(kind, message):
     variants = [{"c.weight": torch.randn_like(model.c.weight)}] * 2
     for fanout in (False, True):
         with pytest.raises(LayerfastError, match=message):
-            Evaluator(model, variants, device="cpu", batch_size=BS, fanout=fanout).run(_batches(x, y))
+            ev = Evaluator(model, variants, device="cpu", batch_size=BS, fanout=fanout)
+            ev.run(_batches(x, y))
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

@@ -333,7 +333,8 @@ def test_summary_table_lists_every_unit_and_the_threshold() -> None:
     for unit in FCN:
         assert sum(line.startswith(unit + " ") for line in lines) == 1
     foot = lines[len(lines) - 1 - lines[::-1].index("-" * len(lines[1])) + 1:]  # after the rule
-    assert any(line.startswith("threshold: robust <=> error - baseline error <= 0.05") for line in foot)
+    assert any(line.startswith("threshold: robust <=> error - baseline error <= 0.05")
+               for line in foot)
     assert "baseline test error 1.62%" in lines[0]
     row1 = next(line for line in lines if line.startswith("layers.1 "))
     assert "reinit@0: critical" in row1 and "rerandom: critical" in row1
