@@ -309,11 +309,25 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _manifest_data(ckpts: str | None) -> str | None:
+    """The data spec the checkpoint directory's manifest.json names, or None."""
+    if not ckpts:
+        return None
+    from layerfast.analysis import _data_spec
+
+    try:
+        return _data_spec(None, ckpts)[0]
+    except LayerfastError:
+        return None
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from layerfast.analysis import analyze, list_units
 
     if args.list_units:
-        data = args.data or "digits"  # only the sample shape and class count matter here
+        # only the sample shape and class count matter here: the manifest's data when --ckpts
+        # names a directory with one (a conv net's units can depend on the input size), else digits
+        data = args.data or _manifest_data(args.ckpts) or "digits"
         units = list_units(args.arch, data, args.granularity, args.units, args.bn)
         for u in units:
             print(f"{u.name:32s} {len(u.modules):3d} modules  {len(u.keys):3d} tensors")

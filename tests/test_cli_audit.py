@@ -113,6 +113,27 @@ def test_list_units_says_what_the_units_are(capsys) -> None:
     assert "(and variants)" not in out
 
 
+def test_list_units_builds_for_the_data_the_manifest_names(tmp_path, monkeypatch, capsys):
+    """`--list-units --ckpts DIR` built the model for digits' 1×8×8 samples whatever the
+    checkpoints were trained on; a model whose units depend on the input (here one head per
+    input channel) was listed wrong. The manifest's data now decides, as analyze's does."""
+    from layerfast.train import train
+
+    (tmp_path / "perchannel.py").write_text(
+        "from torch import nn\n"
+        "def make(num_classes, in_shape):\n"
+        "    return nn.ModuleList(nn.Linear(in_shape[1] * in_shape[2], num_classes)\n"
+        "                         for _ in range(in_shape[0]))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    train("fcn1x8", "synthetic:cifar:40", 1, tmp_path / "ck", device="cpu", progress=False)
+    argv = ["analyze", "--arch", "perchannel:make", "--list-units"]
+    rc, out, _ = cli([*argv, "--ckpts", tmp_path / "ck"], capsys)
+    assert rc == 0 and out.strip().splitlines()[-1].startswith("3 units "), out  # 3 channels
+    rc, out, _ = cli(argv, capsys)
+    assert rc == 0 and out.strip().splitlines()[-1].startswith("1 units "), out  # digits: 1
+
+
 # ---- defects that were outside the CLI (analysis.py, train.py) ----------------------------
 def test_the_api_reads_seeds_as_the_cli_does(ckpts: Path, tmp_path: Path) -> None:
     """DESIGN §5: analyze() takes the same options as the CLI. `--seeds 3` is seeds 1..3 and
