@@ -260,6 +260,9 @@ def test_heatmap_title_and_labels(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [t.get_text() for t in ax.get_yticklabels()][:4] == FCN
     suptitle = fig.get_suptitle()
     assert "fcn3x256 on MNIST" in suptitle and "baseline 1.62%" in suptitle
+    table = make_table(FCN)  # a --reset rerandom run: no τ column for "checkpoint τ" to name
+    heatmap(table[table["kind"].isin(["baseline", "rerandom"])], "unused.png")
+    assert figs[-1].axes[0].get_xlabel() == "re-randomization (mean over seeds)"
     assert any(a.get_ylabel() == "test error (%)" for a in fig.axes[1:])
 
 

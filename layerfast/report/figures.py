@@ -395,6 +395,9 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike[str], title: str | None
         if base is None
         else (f"baseline {100 * base:.2f}% (n={n:,}; white line on the colour bar)")
     )
+    # a --reset rerandom run has no τ column: "checkpoint τ" would name nothing on the axis
+    xlabel = ("checkpoint τ (re-initialization)" if cols != [RERANDOM_COLUMN]
+              else "re-randomization (mean over seeds)")
     geo = _Geometry(rows, cols, annot_chars=4)
     fig = Figure(figsize=geo.figsize([head, sub], extra_h=1.6), layout="constrained")
     axes = fig.subplots(1, geo.n_blocks, squeeze=False)[0]
@@ -402,7 +405,7 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike[str], title: str | None
         im = _draw_grid(
             ax, 100.0 * grid[blk], rows[blk], cols, norm, lambda v: _percent(v / 100), geo, True
         )
-        ax.set_xlabel("checkpoint τ (re-initialization)", fontsize=geo.label_font + 1)
+        ax.set_xlabel(xlabel, fontsize=geo.label_font + 1)
         ax.set_ylabel("unit", fontsize=geo.label_font + 1)
         cbar = geo.colorbar(fig, im, ax, "test error (%)")
         if base is not None:
