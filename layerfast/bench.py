@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -119,6 +120,12 @@ def _variant_keys(v) -> tuple[str, ...]:
     if isinstance(keys, tuple):
         return keys
     return tuple((v if isinstance(v, dict) else v.overrides()).keys())
+
+
+def _status(what: str) -> None:
+    """A line on stderr as each approach starts: a bench of a large model runs for minutes and
+    printed nothing until its table."""
+    print(f"layerfast bench: {what} ...", file=sys.stderr, flush=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -268,6 +275,7 @@ def run(args: argparse.Namespace) -> dict:
         for name, fan in (("layerfast", None), other):
             if name != "layerfast" and args.no_prefix_only:
                 continue
+            _status(f"timing {name} on {V} variants × {n} samples")
             ev = Evaluator(model, variants, device=device, precision=args.precision,
                            batch_size=args.batch_size, fanout=fan, layout=args.layout,
                            glue=args.glue)
@@ -297,6 +305,7 @@ def run(args: argparse.Namespace) -> dict:
         out["naive_timed"] = [getattr(variants[i], "label", str(i)) for i in idx]
         out["naive_batch_size"] = naive_batch = args.batch_size or 256
         scaled = len(sub) < V
+        _status(f"timing the naive loop on {len(sub)} of {V} variants × {n} samples")
         t_warm, t_naive, naive_correct = naive_pass(model, sub, src, device, naive_batch,
                                                     warmup=scaled)
         out["agreement_with_naive"] = _agreement(correct1, idx, naive_correct, n,

@@ -319,3 +319,12 @@ def test_a_mode_faster_than_the_floor_is_a_warning(monkeypatch) -> None:
     assert out["times_floor"]["layerfast"] < 1
     mine = [w for w in out["warnings"] if "the compute floor" in w]
     assert len(mine) == 1 and "so the floor is no lower bound in this run" in mine[0]
+
+
+def test_each_approach_says_when_it_starts(quick, capsys) -> None:
+    """A ResNet bench ran for minutes with nothing on stdout or stderr until the table."""
+    bench.run(_args("--arch", "fcn2x16", "--naive-variants", "2"))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("layerfast bench:")]
+    assert lines == ["layerfast bench: timing layerfast on 22 variants × 32 samples ...",
+                     "layerfast bench: timing fanout on 22 variants × 32 samples ...",
+                     "layerfast bench: timing the naive loop on 2 of 22 variants × 32 samples ..."]
