@@ -222,8 +222,8 @@ def parser() -> argparse.ArgumentParser:
         "--layout",
         default="auto",
         choices=LAYOUTS,
-        help="memory layout of conv activations: auto (default) = channels_last with bf16/tf32 on "
-        "CUDA, else contiguous (bit-exact fp32); channels_last on the CPU ran conv "
+        help="memory layout of conv activations: auto (default) = channels_last with bf16/tf32 "
+        "on CUDA, else contiguous (bit-exact fp32); channels_last on the CPU ran conv "
         "nets ~1.6x faster (docs/engine.md), logits then differ in the last bits",
     )
     a.add_argument(

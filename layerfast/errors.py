@@ -59,8 +59,8 @@ def output_failed(exc: OSError) -> int | None:
 
     A closed pipe (`layerfast info | head -1`) is the reader's choice: status 0, silently. A
     write the system refuses (stdout on a full disk or `/dev/full`) is the one-line exit 2 that
-    every other full disk gives. Either way stdout is pointed at /dev/null, so that Python's
-    flush at exit does not fail again with an "Exception ignored" message.
+    every other full disk gives. Either way, unless the error names a file, stdout is pointed at
+    /dev/null, so that Python's flush at exit does not fail again ("Exception ignored").
     """
     if isinstance(exc, BrokenPipeError):
         status = 0
@@ -70,8 +70,9 @@ def output_failed(exc: OSError) -> int | None:
         status = 2
     else:
         return None
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):  # no real stdout (captured, closed)
-        pass
+    if exc.filename is None:  # a file's own error names it; stdout's names none
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # no real stdout (captured, closed)
+            pass
     return status
