@@ -99,7 +99,8 @@ class ResumeStore:
         return db
 
     def _unusable(self, exc: sqlite3.Error) -> LayerfastError:
-        if getattr(exc, "sqlite_errorcode", None) in _CANNOT_WRITE:  # the disk, not the file
+        code = getattr(exc, "sqlite_errorcode", None)  # extended: IOERR_SHMSIZE is 4874
+        if isinstance(code, int) and code & 0xFF in _CANNOT_WRITE:  # the disk, not the file
             return LayerfastError(f"cannot write the resume store {self.path} ({exc})")
         return LayerfastError(f"cannot use the resume store {self.path} ({exc}); pass --fresh "
                               "to start over there, or choose another --out")
@@ -153,9 +154,12 @@ class ResumeStore:
                                  f"{self.V}; pass --fresh to start over there")
         if isinstance(n_done, bool) or not isinstance(n_done, int) or n_done < 0:
             raise self._damaged(f"its sample count is {n_done!r}")
-        if not np.isfinite(flat.reshape(self.V, 4)[:, [0, 1, 3]]).all() or (
-            flat.reshape(self.V, 4)[:, [0, 1, 3]] > n_done).any():
+        counts = flat.reshape(self.V, 4)[:, [0, 1, 3]]
+        if (not np.isfinite(counts).all() or (counts > n_done).any() or (counts < 0).any()
+                or (counts != np.floor(counts)).any()):
             raise self._damaged(f"its counts are not counts over {n_done} samples")
+        if (flat.reshape(self.V, 4)[:, 2] < 0).any():  # NaN stays: a variant that overflowed
+            raise self._damaged("a cross-entropy sum is negative")
         try:
             meta = json.loads(info or "{}")
             if not isinstance(meta, dict):

@@ -312,6 +312,34 @@ def test_a_tampered_store_is_one_clear_error(ckpts, tmp_path, sql, match):
         layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
 
 
+@pytest.mark.parametrize(
+    ("column", "value", "match"),
+    [
+        (0, -50.0, "counts are not counts over 360 samples"),
+        (3, 10.5, "counts are not counts over 360 samples"),
+        (2, -1e9, "a cross-entropy sum is negative"),
+    ],
+)
+def test_impossible_sums_in_the_store_are_damage(ckpts, tmp_path, column, value, match):
+    """Negative or fractional counts and a negative loss sum resumed as a finished run and
+    wrote an error of 1.14, an agreement of -0.008 and a loss of -2.8e6, exit 0 (and `report`
+    then refused the results.csv analyze had just written)."""
+    import sqlite3
+
+    out = tmp_path / "o"
+    layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    (out / "run.json").unlink()  # as if killed while writing the outputs: a rerun restores
+    db = sqlite3.connect(out / "progress.sqlite")
+    blob = db.execute("SELECT counts FROM state WHERE id = 0").fetchone()[0]
+    sums = np.frombuffer(blob, dtype=np.float64).reshape(-1, 4).copy()
+    sums[1, column] = value
+    db.execute("UPDATE state SET counts = ? WHERE id = 0", (sums.tobytes(),))
+    db.commit()
+    db.close()
+    with pytest.raises(LayerfastError, match=match):
+        layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+
+
 def test_a_store_that_cannot_be_written_is_said_so_and_leaves_no_dir(ckpts, tmp_path, monkeypatch):
     """A full disk while the store is set up was "cannot use the resume store ...; pass --fresh"
     (no help: --fresh cannot make room) and left the run's new out dir behind with an empty
@@ -321,8 +349,8 @@ def test_a_store_that_cannot_be_written_is_said_so_and_leaves_no_dir(ckpts, tmp_
     import layerfast.store as store
 
     def full(*args, **kwargs):
-        exc = sqlite3.OperationalError("database or disk is full")
-        exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+        exc = sqlite3.OperationalError("disk I/O error")
+        exc.sqlite_errorcode = 4874  # SQLITE_IOERR_SHMSIZE: Python gives the extended code
         raise exc
 
     monkeypatch.setattr(store.sqlite3, "connect", full)
@@ -330,7 +358,7 @@ def test_a_store_that_cannot_be_written_is_said_so_and_leaves_no_dir(ckpts, tmp_
     with pytest.raises(LayerfastError) as info:
         layerfast.analyze("fcn3x256", ckpts, out=out, reset=["reinit"], **ARGS)
     assert str(info.value) == (
-        f"cannot write the resume store {out / 'progress.sqlite'} (database or disk is full)"
+        f"cannot write the resume store {out / 'progress.sqlite'} (disk I/O error)"
     )
     assert not out.exists()
     # a store that is damaged (not the disk) still points at --fresh, and an out dir that was
