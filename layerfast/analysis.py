@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from layerfast.errors import LayerfastError, collect_warnings, warn
+from layerfast.errors import LayerfastError, collect_warnings, progress_stream, say, warn
 
 RESETS = ("reinit", "rerandom", "fullmodel")
 #: What a finished run writes into its out dir (DESIGN.md §5); run.json is written last.
@@ -514,8 +514,8 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
                                      f"the {min(prev.n_done, src.n)} samples it has seen; pass "
                                      "--fresh to start over there")
             if named_by is not None:  # even --quiet: said once all is validated (errors: 1 line)
-                print(f"layerfast: --data not given: evaluating on {data!r} ({split} split), "
-                      f"the data {named_by} names", file=sys.stderr)
+                say(f"layerfast: --data not given: evaluating on {data!r} ({split} split), "
+                    f"the data {named_by} names")
             if prev.complete:
                 counts, n_done = prev.counts, prev.n_done
                 engine = {**prev.info, "resumed_from": n_done, "evaluated": 0}
@@ -579,8 +579,8 @@ def _say_saved(store: Any, n: int, passes: int) -> None:
     except LayerfastError:
         return
     over = f" (over {passes} passes)" if passes > 1 else ""
-    print(f"layerfast: {done} of {n * passes} samples{over} are saved in {store.path}; the same "
-          "command resumes from there", file=sys.stderr)
+    say(f"layerfast: {done} of {n * passes} samples{over} are saved in {store.path}; the same "
+        "command resumes from there")
 
 
 def _check_finite_logits(variants: list, counts: torch.Tensor, data: str) -> None:
@@ -677,11 +677,12 @@ def _distance_rows(variants: list, unit_list: list, model: torch.nn.Module, spec
 def _progress(enabled: bool, total: int, done: int, nvar: int, how: str = "") -> Any:
     """A tqdm bar on stderr (stdout stays clean for the summary), starting at resumed samples
     (samples over all passes when the variants take several)."""
-    if not enabled:
+    stream = progress_stream()
+    if not enabled or stream is None:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, unit="img", desc=f"{nvar} variants{how}", file=sys.stderr,
+    return tqdm(total=total, initial=done, unit="img", desc=f"{nvar} variants{how}", file=stream,
                 dynamic_ncols=True, leave=False)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 
 from layerfast.engine.fanrun import GLUE_MODES
 from layerfast.engine.precision import LAYOUTS
-from layerfast.errors import LayerfastError, collect_warnings, warn
+from layerfast.errors import LayerfastError, collect_warnings, say, warn
 
 #: The engine's timings in the order a pass runs them (EvalResult.timings).
 PHASES = ("setup", "data", "baseline", "fanned", "swapped", "total")
@@ -125,7 +124,7 @@ def _variant_keys(v) -> tuple[str, ...]:
 def _status(what: str) -> None:
     """A line on stderr as each approach starts: a bench of a large model runs for minutes and
     printed nothing until its table."""
-    print(f"layerfast bench: {what} ...", file=sys.stderr, flush=True)
+    say(f"layerfast bench: {what} ...")
 
 
 def _sync(device: torch.device) -> None:

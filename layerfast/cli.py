@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
-from layerfast.errors import LayerfastError, output_failed
+from layerfast.errors import LayerfastError, output_failed, say
 
 
 def _int_list(text: str) -> list[int]:
@@ -457,7 +457,7 @@ def _terminated(signum: int, frame: object) -> NoReturn:
     """SIGTERM (a scheduler's preemption, `kill`) as SystemExit: the `with` and `finally`
     blocks then run as for Ctrl-C (bench's temporary checkpoints are removed, the resume store
     is closed with its progress), instead of the process vanishing mid-write."""
-    print("layerfast: terminated", file=sys.stderr)
+    say("layerfast: terminated")
     raise SystemExit(128 + signum)
 
 
@@ -477,10 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except LayerfastError as exc:
-        print(f"layerfast: error: {exc}", file=sys.stderr)
+        say(f"layerfast: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("layerfast: interrupted", file=sys.stderr)
+        say("layerfast: interrupted")
         return 130
     except OSError as exc:  # stdout gone (a closed pipe) or full (`> /dev/full`)
         status = output_failed(exc)

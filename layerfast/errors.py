@@ -16,10 +16,51 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class LayerfastError(Exception):
     """Bad input or usage. `str(err)` is a complete, user-facing message."""
+
+
+def say(line: str) -> None:
+    """One line on stderr that must never end the run: a closed stderr (`2>&-`: None) or one
+    that refuses writes (`2>/dev/full`) loses the line, not the work."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        print(line, file=stream, flush=True)
+    except (OSError, ValueError):  # ValueError: a closed file object
+        pass
+
+
+class _QuietStream:
+    """stderr for a progress bar, with `say`'s guarantee: its writes never raise."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: tqdm's layout
+        return getattr(self._stream, name)
+
+
+def progress_stream() -> Any:
+    """Where progress bars write: stderr behind `_QuietStream`, or None when there is no
+    stderr (then the caller shows no bar)."""
+    return None if sys.stderr is None else _QuietStream(sys.stderr)
 
 
 #: The lists `collect_warnings` is filling, innermost last.
@@ -34,7 +75,7 @@ def warn(message: str) -> None:
     rule, a chance-level baseline) and must reach them every run. Why also collect it: stderr
     is gone when a cluster job's log rotates; run.json is what is read later to judge a run.
     """
-    print(f"layerfast: warning: {message}", file=sys.stderr)
+    say(f"layerfast: warning: {message}")
     for sink in _COLLECTORS:
         sink.append(message)
 
@@ -66,7 +107,7 @@ def output_failed(exc: OSError) -> int | None:
         status = 0
     elif exc.errno in _NO_WRITE:
         where = exc.filename or "the output"
-        print(f"layerfast: error: cannot write {where} ({exc.strerror or exc})", file=sys.stderr)
+        say(f"layerfast: error: cannot write {where} ({exc.strerror or exc})")
         status = 2
     else:
         return None

@@ -51,7 +51,7 @@ from layerfast.data import open_data, to_device
 from layerfast.data.source import DataSource, check_finite
 from layerfast.data.spec import absolute_spec
 from layerfast.engine.precision import precision_context, resolve_device
-from layerfast.errors import LayerfastError, collect_warnings, warn
+from layerfast.errors import LayerfastError, collect_warnings, progress_stream, warn
 from layerfast.models import build_model
 
 PAPER_CHECKPOINTS: tuple[int, ...] = (0, 1, 2, 3, 8, 40, 90, 100)
@@ -341,8 +341,10 @@ def train(
         }  # fmt: skip
         entries: list[dict[str, Any]] = []
         post: dict[str, str] = {}
-        bar = stack.enter_context(tqdm(total=epochs * len(steps), desc=f"train {arch}",
-                                       unit="step", disable=not progress, dynamic_ncols=True))  # fmt: skip
+        stream = progress_stream()  # a bar that cannot be written must not stop the training
+        bar = stack.enter_context(tqdm(total=epochs * len(steps), desc=f"train {arch}", file=stream,
+                                       unit="step", disable=not progress or stream is None,
+                                       dynamic_ncols=True))  # fmt: skip
 
         def save(epoch: int, train_loss: float | None) -> None:
             name = f"epoch_{epoch:03d}.pt"

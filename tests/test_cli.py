@@ -622,3 +622,31 @@ def test_sigterm_runs_the_cleanup_of_ctrl_c(tmp_path: Path) -> None:
     assert p.returncode == 143, p.stderr
     assert "layerfast: terminated" in p.stderr and "Traceback" not in p.stderr
     assert list(tmp.iterdir()) == []  # the bench's layerfast-bench-* directory is gone
+
+
+@pytest.mark.parametrize("stderr", ["full", "closed"])
+def test_a_stderr_that_cannot_be_written_does_not_stop_the_work(ckpts, tmp_path, stderr):
+    """`2>/dev/full` made the first note (--data not given) an OSError, and `2>&-` made the
+    progress bar an AttributeError: exit 1 with an out dir holding only progress.sqlite. bench's
+    status lines went to stdout with stderr closed, into its --json. Lines on stderr are lost
+    now, never the run."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    kw: dict = {"cwd": tmp_path, "env": env, "capture_output": False, "timeout": 300,
+                "stdout": subprocess.PIPE, "text": True}
+    full = open("/dev/full", "w")  # noqa: SIM115 - closed below
+    if stderr == "full":
+        kw["stderr"] = full
+    else:
+        kw["preexec_fn"] = lambda: os.close(2)  # the child starts with no fd 2: sys.stderr None
+    try:
+        p = subprocess.run([sys.executable, "-m", "layerfast", "analyze", "--arch", "fcn3x256",
+                            "--ckpts", str(ckpts), "--out", "o"], **kw)
+        assert p.returncode == 0 and (tmp_path / "o" / "run.json").is_file()
+        p = subprocess.run([sys.executable, "-m", "layerfast", "bench", "--arch", "fcn2x16",
+                            "--data", "digits", "--max-samples", "32", "--json"], **kw)
+        assert p.returncode == 0 and json.loads(p.stdout)["variants"] == 22
+        p = subprocess.run([sys.executable, "-m", "layerfast", "analyze", "--arch", "nope",
+                            "--ckpts", str(ckpts)], **kw)
+        assert p.returncode == 2  # bad input keeps its status with nowhere to say it
+    finally:
+        full.close()
