@@ -223,12 +223,20 @@ def _out_dir(out: str | os.PathLike[str] | None, arch: str,
     else:
         created = not Path(out).exists()
     path = Path(out)
+    made = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
+    probe = path / ".layerfast-write-test"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".layerfast-write-test"
         probe.write_text("ok")
         probe.unlink()
-    except OSError as exc:
+    except OSError as exc:  # a full or read-only disk: leave nothing of ours behind
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        for d in (path, *made) if created else made:
+            try:
+                d.rmdir()  # only while empty: nothing of the user's is ever removed
+            except OSError:
+                pass
         raise LayerfastError(f"cannot write to the out dir {path}: {exc.strerror or exc}") from None
     return path, created
 

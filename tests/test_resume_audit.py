@@ -372,3 +372,29 @@ def test_a_store_that_cannot_be_written_is_said_so_and_leaves_no_dir(ckpts, tmp_
     with pytest.raises(LayerfastError, match="pass --fresh to start over there"):
         layerfast.analyze("fcn3x256", ckpts, out=out, reset=["reinit"], **ARGS)
     assert out.is_dir()
+
+
+def test_an_out_dir_that_cannot_be_written_is_left_as_it_was(ckpts, tmp_path, monkeypatch):
+    """On a full disk the write probe was created and never removed (and the directories the
+    run had made stayed): `.layerfast-write-test` in the user's out dir."""
+    import errno
+    import os
+    from pathlib import Path
+
+    real = Path.write_text
+
+    def full(self, *a, **k):
+        if self.name != ".layerfast-write-test":
+            return real(self, *a, **k)
+        self.touch()  # the file is made, its data do not fit
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    for out, fresh in ((tmp_path / "new" / "sub", False), (tmp_path / "mine", True)):
+        if fresh:
+            out.mkdir()
+            (out / "notes.txt").write_bytes(b"the user's")
+        with pytest.raises(LayerfastError, match="cannot write to the out dir .*No space left"):
+            layerfast.analyze("fcn3x256", ckpts, out=out, fresh=fresh, **ARGS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
