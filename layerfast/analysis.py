@@ -502,7 +502,9 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
             "final": ck.final, "data": data, "data_files": _data_ids(data), "split": split,
             "max_samples": max_samples, "n": src.n,
             "granularity": granularity, "units": patterns, "bn": bn, "reset": resets,
-            "checkpoints": taus, "seeds": seed_list, "variants": len(variants),
+            "checkpoints": taus, "variants": len(variants),
+            # only rerandom draws seeds: without it they change nothing, and must not refuse a rerun
+            "seeds": seed_list if "rerandom" in resets else [],
             "device": str(ev.device), "precision": ev.precision, "batch_size": ev.batch_size,
             "fanout": ev.fanout, "max_fanout": ev.max_fanout, "channels_last": ev.channels_last,
             "passes": len(ev.passes()),  # progress counts samples over the passes

@@ -462,3 +462,6 @@ def test_seeds_without_rerandom_are_said_to_do_nothing(ckpts, tmp_path, capsys):
                                    "and --reset is reinit"]
     res = layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "b", **kw)
     assert res.run["warnings"] == []
+    # and they are not part of the run's identity: another count resumes the same run
+    res = layerfast.analyze("fcn3x256", ckpts, seeds=3, out=tmp_path / "a", **kw)
+    assert res.run["engine"]["evaluated"] == 0 and res.run["seeds"] == [1, 2, 3]
