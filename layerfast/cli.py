@@ -310,23 +310,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _manifest_data(ckpts: str | None) -> str | None:
-    """The data spec the checkpoint directory's manifest.json names, or None."""
+    """The data spec the checkpoint directory's manifest.json names (None without --ckpts),
+    with analyze's errors for a directory it would refuse: a listing that silently fell back
+    to digits' shape would describe other units than the analysis of those checkpoints."""
     if not ckpts:
         return None
     from layerfast.analysis import _data_spec
 
-    try:
-        return _data_spec(None, ckpts)[0]
-    except LayerfastError:
-        return None
+    return _data_spec(None, ckpts)[0]
 
 
 def _analyze(args: argparse.Namespace) -> int:
     from layerfast.analysis import analyze, list_units
 
     if args.list_units:
-        # only the sample shape and class count matter here: the manifest's data when --ckpts
-        # names a directory with one (a conv net's units can depend on the input size), else digits
+        # only the sample shape and class count matter here: with --ckpts the data analyze
+        # would use (a conv net's units can depend on the input size), else digits
         data = args.data or _manifest_data(args.ckpts) or "digits"
         units = list_units(args.arch, data, args.granularity, args.units, args.bn)
         for u in units:

@@ -132,6 +132,9 @@ def test_list_units_builds_for_the_data_the_manifest_names(tmp_path, monkeypatch
     assert rc == 0 and out.strip().splitlines()[-1].startswith("3 units "), out  # 3 channels
     rc, out, _ = cli(argv, capsys)
     assert rc == 0 and out.strip().splitlines()[-1].startswith("1 units "), out  # digits: 1
+    (tmp_path / "ck" / "manifest.json").write_text("{not json")  # refused as analyze refuses it
+    rc, out, err = cli([*argv, "--ckpts", tmp_path / "ck"], capsys)
+    assert rc == 2 and out == "" and "manifest.json" in err and err.count("\n") == 1, err
 
 
 # ---- defects that were outside the CLI (analysis.py, train.py) ----------------------------
