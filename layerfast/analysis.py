@@ -373,14 +373,14 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
 
 
 def _num_outputs(model: torch.nn.Module, src: Any) -> int:
-    """The logits' width, from one zero sample in the model's own float dtype (a float64 model
+    """The logits' width, from two zero samples in the model's own float dtype (a float64 model
     takes float64). A model that cannot take the data's samples is bad input, said here."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(1, *src.shape, dtype=dtype))
+            out = model(torch.zeros(2, *src.shape, dtype=dtype))  # 2: rows must follow B
     except Exception as exc:  # noqa: BLE001 - any failure here is a model/data mismatch
         msg = " ".join(str(exc).split())[:300]
         raise LayerfastError(f"the model does not run on this data's samples (shape "
@@ -390,6 +390,9 @@ def _num_outputs(model: torch.nn.Module, src: Any) -> int:
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise LayerfastError(f"the model must return logits [batch, classes]; it returned {shape}")
+    if out.shape[0] != 2:  # [classes, batch], or pooled over the batch
+        raise LayerfastError(f"the model returned {out.shape[0]} rows of logits for a batch of 2 "
+                             "samples: it must return one row per sample")
     return int(out.shape[1])
 
 

@@ -297,15 +297,18 @@ def test_factory_that_raises_from_a_shell(ckpts: Path, tmp_path: Path) -> None:
     )
 
 
-def test_user_model_with_pooled_logits_is_bad_input(ckpts: Path, tmp_path: Path) -> None:
-    """A user model that averages its logits over the batch passes analyze's one-sample probe
-    and used to end in `score_`'s shape error with a traceback: now it is exit 2 naming the
-    model's output, and no output directory is left."""
+@pytest.mark.parametrize(("form", "rows"), [("mean(0, keepdim=True)", 1), ("t()", 10)])
+def test_user_model_with_pooled_logits_is_bad_input(ckpts: Path, tmp_path: Path, form: str,
+                                                     rows: int) -> None:
+    """A user model that averages its logits over the batch passed analyze's one-sample probe
+    and ended in `score_`'s shape error with a traceback; one that returns them transposed
+    ([classes, batch]) was "a model with 1 output". Both are exit 2 naming the rows, and no
+    output directory is left."""
     (tmp_path / "pooledfcn.py").write_text(
         "from layerfast.models.fcn import fcn\n"
         "class Pooled(type(fcn(3, 256, 10, (1, 8, 8)))):\n"
         "    def forward(self, x):\n"
-        "        return super().forward(x).mean(0, keepdim=True)\n"
+        f"        return super().forward(x).{form}\n"
         "def build(num_classes, in_shape):\n"
         "    m = fcn(3, 256, num_classes, in_shape)\n"
         "    m.__class__ = Pooled\n"
@@ -315,9 +318,9 @@ def test_user_model_with_pooled_logits_is_bad_input(ckpts: Path, tmp_path: Path)
                "--reset", "reinit", "--out", "out", "--quiet"], tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     *warnings, error = p.stderr.strip().splitlines()
-    assert warnings == [f"layerfast: warning: {ckpts}: manifest.json says the checkpoints are "
-                        "'fcn3x256'; analysing them as 'pooledfcn:build'"], p.stderr
-    assert error.startswith("layerfast: error: the model returned 1 rows of logits for a batch of")
+    assert warnings == [], p.stderr  # refused by the probe, before the checkpoints are read
+    assert error == (f"layerfast: error: the model returned {rows} rows of logits for a batch of "
+                     "2 samples: it must return one row per sample")
     assert not (tmp_path / "out").exists()
 
 
