@@ -364,7 +364,9 @@ def _analyze(args: argparse.Namespace) -> int:
     if eng.get("evaluated") == 0:
         resumed = f", all restored from {res.out}/progress.sqlite, none evaluated again"
     elif eng.get("resumed_from"):
-        resumed = f", resumed after {eng['resumed_from']} saved in progress.sqlite"
+        passes = (eng.get("plan") or {}).get("passes", 1)
+        over = f" of {res.run['n'] * passes} over {passes} passes" if passes > 1 else ""
+        resumed = f", resumed after {eng['resumed_from']}{over} saved in progress.sqlite"
     print(
         f"\n{res.run['variants']} variants × {res.run['n']} samples in {res.run['seconds']:.1f} s "
         f"({res.run['device']}, {res.run['precision']}"
@@ -422,10 +424,11 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.threshold is not None and not 0 <= args.threshold <= 1:  # NaN fails too
         raise LayerfastError(f"--threshold must lie in [0, 1]; got {args.threshold}")
-    text = summary(args.out, args.threshold)  # read and checked before the figures are rewritten
+    # the summary first: it is read and checked before the figures are rewritten, and a disk
+    # that refuses the figures must not also cost the table
+    print(summary(args.out, args.threshold), end="\n\n")
     for p in redraw(args.out):
         print(f"wrote {p}")
-    print(f"\n{text}")
     return 0
 
 

@@ -140,6 +140,8 @@ def test_report_prints_the_summary_again_and_can_rejudge_it(ckpts, tmp_path, cap
     """`layerfast report OUT` only redrew the figures; a researcher had to rerun analyze to see
     the table again. It prints the run's summary (the same text analyze printed), judged at the
     run's threshold or at --threshold, which leaves results.csv as it was."""
+    import os
+
     import layerfast
     from layerfast.cli import main
 
@@ -150,19 +152,28 @@ def test_report_prints_the_summary_again_and_can_rejudge_it(ckpts, tmp_path, cap
     before = (out / "results.csv").read_bytes()
     assert main(["report", str(out)]) == 0
     text = capsys.readouterr().out
-    assert text.startswith(f"wrote {out / 'heatmap.png'}\nwrote {out / 'distances.png'}\n\n")
-    assert text.endswith(res.summary() + "\n")
+    assert text == (f"{res.summary()}\n\nwrote {out / 'heatmap.png'}\n"
+                    f"wrote {out / 'distances.png'}\n")
     assert main(["report", str(out), "--threshold", "0"]) == 0
     strict = capsys.readouterr().out
     assert "threshold: robust <=> error - baseline error <= 0 (0 points)" in strict
-    assert strict.rstrip().endswith("(judged here at --threshold 0; results.csv keeps the run's "
-                                    "verdicts at 0.05)")
+    assert ("(judged here at --threshold 0; results.csv keeps the run's verdicts at 0.05)\n\n"
+            in strict)
     assert strict.count("reinit@0: critical") > text.count("reinit@0: critical")
     assert (out / "results.csv").read_bytes() == before
     (out / "run.json").unlink()  # killed while writing outputs: the threshold is not known
     assert main(["report", str(out)]) == 0
-    assert capsys.readouterr().out.rstrip().endswith("(no readable run.json: the run's "
-                                                     "threshold is unknown)")
+    assert "(no readable run.json: the run's threshold is unknown)\n\n" in capsys.readouterr().out
+    for bad in ("-3", "7", "true", '"0.1"', "NaN"):  # a threshold the run could not have had
+        (out / "run.json").write_text(f'{{"threshold": {bad}}}')
+        assert main(["report", str(out)]) == 0
+        assert "threshold is unknown" in capsys.readouterr().out, bad
+    (out / "run.json").unlink()
+    os.mkfifo(out / "run.json")  # a read would wait for a writer for ever
+    assert main(["report", str(out)]) == 0
+    assert "threshold is unknown" in capsys.readouterr().out
+    assert main(["report", str(out), "--threshold", "-0"]) == 0
+    assert "<= 0 (0 points)" in capsys.readouterr().out
     assert main(["report", str(out), "--threshold", "2"]) == 2
     assert "--threshold must lie in [0, 1]; got 2.0" in capsys.readouterr().err
 

@@ -335,3 +335,38 @@ def test_an_interrupted_run_says_what_a_rerun_resumes_from(ckpts, finished, tmp_
     assert main(argv) == 0
     assert (f"(cpu, fp32, all restored from {out}/progress.sqlite, none evaluated again)"
             in capsys.readouterr().out)
+
+
+def test_an_interrupted_run_of_several_passes_counts_samples_over_the_passes(
+        ckpts, tmp_path, monkeypatch, capsys):
+    """The rerun's summary said "resumed after 7185 saved" beside "1437 samples": the count is
+    over the passes, as the interrupt's line already said, and now the summary says so too."""
+    import layerfast.engine.evaluator as evm
+    from layerfast.cli import main
+
+    monkeypatch.setattr(evm, "stage_limit", lambda model_bytes: model_bytes // 3)
+    out = tmp_path / "run"
+    real = ResumeStore.save
+    count = {"n": 0}
+
+    def save(self: ResumeStore, counts, n_done: int) -> None:
+        real(self, counts, n_done)
+        count["n"] += 1
+        if count["n"] == 14:  # 12 batches of 32 per pass: into the second pass
+            raise KeyboardInterrupt
+
+    argv = ["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--out", str(out), "--quiet",
+            "--data", "digits", "--device", "cpu", "--batch-size", "32"]
+    with monkeypatch.context() as m:
+        m.setenv("LAYERFAST_CHECKPOINT_EVERY", "0")
+        m.setattr(ResumeStore, "save", save)
+        assert main(argv) == 130
+    done = saved(out)[0]
+    line = capsys.readouterr().err.splitlines()[0]
+    P = int(line.split("(over ")[1].split(" passes)")[0])
+    assert P > 1 and done > 360
+    assert line == (f"layerfast: {done} of {360 * P} samples (over {P} passes) are saved in "
+                    f"{out / FILENAME}; the same command resumes from there")
+    assert main(argv) == 0
+    assert (f"resumed after {done} of {360 * P} over {P} passes saved in progress.sqlite)"
+            in capsys.readouterr().out)

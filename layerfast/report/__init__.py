@@ -12,7 +12,6 @@ its terminal table again.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -43,13 +42,19 @@ def summary(out_dir: str | os.PathLike[str], threshold: float | None = None) -> 
     table, dist = _read(out)
     note = ""
     try:
-        run = json.loads((out / "run.json").read_text())
-        recorded, bn = float(run["threshold"]), str(run.get("bn", "with-layer"))
-        if not math.isfinite(recorded):
-            raise ValueError(recorded)
+        path = out / "run.json"
+        if not path.is_file() or path.stat().st_size > 16 << 20:  # a FIFO, /dev/zero, a huge file
+            raise ValueError(path)
+        run = json.loads(path.read_text())
+        value = run["threshold"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(value)  # NaN fails too
+        recorded, bn = float(value), str(run.get("bn", "with-layer"))
     except (OSError, ValueError, KeyError, TypeError):
         recorded, bn = 0.05, "with-layer"
         note = "\n(no readable run.json: the run's threshold is unknown)"
+    if threshold is not None:
+        threshold = abs(threshold) if threshold == 0 else threshold  # -0 printed as "-0"
     if threshold is not None and threshold != recorded and not note:
         note = (f"\n(judged here at --threshold {threshold:g}; results.csv keeps the run's "
                 f"verdicts at {recorded:g})")
