@@ -347,7 +347,7 @@ def _agreement(correct1: dict, idx: list[int], naive: list[int], n: int, precisi
     diff = {name: max((abs(float(c[i]) - nc) for i, nc in zip(idx, naive, strict=True)),
                       default=0.0) for name, c in correct1.items()}
     worst = max(diff.values(), default=0.0)
-    bound = 1.0 if precision == "fp32" and device.type == "cpu" else 0.005 * n
+    bound = 1.0 if precision == "fp32" and device.type == "cpu" else max(1.0, 0.005 * n)
     if worst > bound:
         warn(f"correct@1 differs from the naive loop's by up to {worst:.0f} of {n} samples on "
              f"the {len(idx)} variants both ran ({precision}): the figures may not compare "

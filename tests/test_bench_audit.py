@@ -328,3 +328,12 @@ def test_each_approach_says_when_it_starts(quick, capsys) -> None:
     assert lines == ["layerfast bench: timing layerfast on 22 variants × 32 samples ...",
                      "layerfast bench: timing fanout on 22 variants × 32 samples ...",
                      "layerfast bench: timing the naive loop on 2 of 22 variants × 32 samples ..."]
+
+
+def test_the_agreement_bound_is_at_least_one_sample() -> None:
+    """0.5% of 64 samples is a third of one: a single near-tie flip in bf16 warned."""
+    import torch
+
+    out = bench._agreement({"layerfast": torch.tensor([10.0])}, [0], [11], 64, "bf16",
+                           torch.device("cuda"))
+    assert out["bound"] == 1.0 and out["max_abs_diff_correct1"] == {"layerfast": 1.0}
