@@ -406,7 +406,8 @@ def _command() -> str:
 
     if cli.INVOKED is not None:
         return shlex.join(["layerfast", *cli.INVOKED])
-    return shlex.join([Path(sys.executable).name, *sys.argv])
+    # orig_argv keeps `-c CODE` and `-m MODULE`, which sys.argv reduces to "-c"
+    return shlex.join([Path(sys.executable).name, *getattr(sys, "orig_argv", sys.argv)[1:]])
 
 
 def _file_ids(ck: Any) -> dict[str, list]:

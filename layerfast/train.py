@@ -146,8 +146,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
         why = (" of a run that did not finish (manifest.json: complete false; training does not "
                "resume, it starts over)") if unfinished else ""
         raise LayerfastError(
-            f"--out {out} already holds checkpoints ({shown}){why}; choose another directory, "
-            "or replace them with --overwrite (overwrite=True from Python)"
+            f"--out {out} already holds checkpoints ({shown}){why}; pass --overwrite to replace "
+            "them (overwrite=True from Python), or choose another directory"
         )
 
 

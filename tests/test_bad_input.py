@@ -166,7 +166,7 @@ def test_f16_train_names_the_option_and_the_flag_neutrally(tmp_path: Path) -> No
     (tmp_path / "epoch_000.pt").write_bytes(b"precious")
     with pytest.raises(LayerfastError) as err:
         train("fcn3x256", "digits", 1, tmp_path, max_samples=64, progress=False)
-    assert "or replace them with --overwrite (overwrite=True from Python)" in str(err.value)
+    assert "pass --overwrite to replace them (overwrite=True from Python)" in str(err.value)
 
 
 # ----------------------------------------------------- F17: broken links, one file twice

@@ -224,3 +224,13 @@ def test_the_command_recorded_is_quoted_for_a_shell(ckpts: Path, tmp_path: Path,
     command = json.loads((out / "run.json").read_text())["command"]
     assert command == (f"layerfast analyze --arch fcn3x256 --ckpts {ckpts} --out '{out}' "
                        "--quiet --units 'fc[12]' --reset reinit --checkpoints 0")
+    # from Python: the interpreter's own arguments (sys.argv reduced `python -c CODE` to "-c")
+    import subprocess
+    import sys
+
+    code = (f"import layerfast; layerfast.analyze('fcn3x256', {str(ckpts)!r}, out={str(out)!r}, "
+            "reset='reinit', checkpoints='0', progress=False, figures=False, fresh=True)")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    command = json.loads((out / "run.json").read_text())["command"]
+    assert shlex.split(command)[1:] == ["-c", code]

@@ -256,8 +256,8 @@ def test_a_failed_save_leaves_no_partial_file_and_a_readable_manifest(tmp_path, 
     assert str(info.value) == (
         f"--out {tmp_path} already holds checkpoints (epoch_000.pt, epoch_001.pt, manifest.json) "
         "of a run that did not finish (manifest.json: complete false; training does not resume, "
-        "it starts over); choose another directory, or replace them with --overwrite "
-        "(overwrite=True from Python)"
+        "it starts over); pass --overwrite to replace them (overwrite=True from Python), or "
+        "choose another directory"
     )
 
 
