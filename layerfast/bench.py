@@ -285,6 +285,9 @@ def run(args: argparse.Namespace) -> dict:
             _sync(device)
             timings[name] = time.perf_counter() - t
             correct1[name] = res.counts[:, 0]
+            if name == "layerfast" and not torch.isfinite(res.counts[0, 2]):  # variant 0: baseline
+                warn("the final model gives NaN or Inf logits on this data: the figures time a "
+                     "model whose errors mean nothing (analyze refuses it)")
             out["precision"] = res.precision
             # the layout the pass ran in: `run` may have turned channels_last off (a model that
             # cannot run in it, layout auto), so it is read after the pass, not before

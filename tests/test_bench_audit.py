@@ -337,3 +337,23 @@ def test_the_agreement_bound_is_at_least_one_sample() -> None:
     out = bench._agreement({"layerfast": torch.tensor([10.0])}, [0], [11], 64, "bf16",
                            torch.device("cuda"))
     assert out["bound"] == 1.0 and out["max_abs_diff_correct1"] == {"layerfast": 1.0}
+
+
+def test_a_model_with_non_finite_logits_is_a_warning(tmp_path, monkeypatch, quick) -> None:
+    """analyze refuses a final model with NaN/Inf logits; bench timed it and said nothing."""
+    (tmp_path / "inf_bench.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Inf(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(64, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x.flatten(1)) * float('inf')\n"
+        "def make(num_classes, in_shape):\n"
+        "    return Inf()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = bench.run(_args("--arch", "inf_bench:make", "--naive-variants", "2", "--no-prefix-only"))
+    assert "the final model gives NaN or Inf logits on this data: the figures time a model whose "\
+           "errors mean nothing (analyze refuses it)" in out["warnings"]
