@@ -69,7 +69,8 @@ def saved(out: Path) -> tuple[int, bool] | None:
     return None if row is None else (int(row[0]), bool(row[1]))
 
 
-def crash_after(monkeypatch: pytest.MonkeyPatch, saves: int) -> None:
+def crash_after(monkeypatch: pytest.MonkeyPatch, saves: int,
+                crash: type[BaseException] = _Crash) -> None:
     """Make the k-th progress save the last thing the run does (after it is committed)."""
     real = ResumeStore.save
     count = {"n": 0}
@@ -78,7 +79,7 @@ def crash_after(monkeypatch: pytest.MonkeyPatch, saves: int) -> None:
         real(self, counts, n_done)
         count["n"] += 1
         if count["n"] == saves:
-            raise _Crash
+            raise crash
 
     monkeypatch.setattr(ResumeStore, "save", save)
 
@@ -310,20 +311,11 @@ def test_an_interrupted_run_says_what_a_rerun_resumes_from(ckpts, finished, tmp_
     from layerfast.cli import main
 
     out = tmp_path / "run"
-    real = ResumeStore.save
-    count = {"n": 0}
-
-    def save(self: ResumeStore, counts, n_done: int) -> None:
-        real(self, counts, n_done)
-        count["n"] += 1
-        if count["n"] == 4:
-            raise KeyboardInterrupt
-
     argv = ["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--out", str(out), "--quiet",
             "--data", "digits", "--seeds", "1", "--device", "cpu", "--batch-size", "32"]
     with monkeypatch.context() as m:
         m.setenv("LAYERFAST_CHECKPOINT_EVERY", "0")
-        m.setattr(ResumeStore, "save", save)
+        crash_after(m, 4, KeyboardInterrupt)
         assert main(argv) == 130
     err = capsys.readouterr().err.splitlines()
     assert err == [f"layerfast: 128 of 360 samples are saved in {out / FILENAME}; the same "
@@ -346,20 +338,11 @@ def test_an_interrupted_run_of_several_passes_counts_samples_over_the_passes(
 
     monkeypatch.setattr(evm, "stage_limit", lambda model_bytes: model_bytes // 3)
     out = tmp_path / "run"
-    real = ResumeStore.save
-    count = {"n": 0}
-
-    def save(self: ResumeStore, counts, n_done: int) -> None:
-        real(self, counts, n_done)
-        count["n"] += 1
-        if count["n"] == 14:  # 12 batches of 32 per pass: into the second pass
-            raise KeyboardInterrupt
-
     argv = ["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--out", str(out), "--quiet",
             "--data", "digits", "--device", "cpu", "--batch-size", "32"]
     with monkeypatch.context() as m:
         m.setenv("LAYERFAST_CHECKPOINT_EVERY", "0")
-        m.setattr(ResumeStore, "save", save)
+        crash_after(m, 14, KeyboardInterrupt)  # 12 batches of 32 per pass: into the second
         assert main(argv) == 130
     done = saved(out)[0]
     line = capsys.readouterr().err.splitlines()[0]
