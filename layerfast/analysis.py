@@ -387,12 +387,9 @@ def _num_outputs(model: torch.nn.Module, src: Any) -> int:
                              f"{tuple(src.shape)}): {type(exc).__name__}: {msg}") from None
     finally:
         model.train(was)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise LayerfastError(f"the model must return logits [batch, classes]; it returned {shape}")
-    if out.shape[0] != 2:  # [classes, batch], or pooled over the batch
-        raise LayerfastError(f"the model returned {out.shape[0]} rows of logits for a batch of 2 "
-                             "samples: it must return one row per sample")
+    from layerfast.engine.evaluator import check_logits
+
+    check_logits(out, 2)  # the engine's check: [classes, batch] and batch-pooled logits too
     return int(out.shape[1])
 
 

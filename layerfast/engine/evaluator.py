@@ -648,7 +648,7 @@ class Evaluator:
             # the variants starting at the input then read (nor the caller's tensors).
             x0 = x.clone() if prog.has_inplace else x
             logits0 = prog.run(x0, 0, keep=set(plan.cuts), saved=cache)
-            _check_logits(logits0, x.shape[0])
+            check_logits(logits0, x.shape[0])
             C = logits0.shape[1]
             if span is not None:  # before anything is scored: on CUDA, a device-side assert
                 _check_labels(span, C)
@@ -920,10 +920,10 @@ def _label_span(y: torch.Tensor) -> tuple[int, int] | None:
     return int(lo), int(hi)
 
 
-def _check_logits(logits: object, batch: int) -> None:
+def check_logits(logits: object, batch: int) -> None:
     """The baseline's output must be one row of class scores per sample: anything else would
     reach `score_` as a shape error deep in the pass (or, for a floating type it cannot read,
-    a dtype error), not as a message about the model."""
+    a dtype error), not as a message about the model. analyze's probe checks the same."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         got = (
             f"a tensor shaped {list(logits.shape)}"
