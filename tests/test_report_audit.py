@@ -105,6 +105,8 @@ def test_read_results_accepts_infinite_loss(tmp_path: Path) -> None:
         ("fc1,reinit,0,,0.4,0.31,0.5,0.1,1.5,0.6,100,abc,critical", "delta_error"),
         ("fc1,reinit,0.5,,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "checkpoint"),
         ("fc1,reinit,0,x,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "seed"),
+        ("fc1,reinit,-3,,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "checkpoint"),
+        ("fc1,rerandom,,-1,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "seed"),
         ("fc1,reinit,0,,0.4,0.31,0.5,0.1,1.5,0.6,3.5,0.35,critical", "n"),
         ("fc1,reinit,0,,0.4,0.31,0.5,0.1,1.5,0.6,,0.35,critical", "n"),
         ("fc1,reinit,0,,0.4,0.31,0.5,0.1,1.5,0.6,-5,0.35,critical", "n"),

@@ -182,7 +182,7 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     from elsewhere (`layerfast report OUT`), every cell is checked against what results_table
     can write, and the first bad one is a LayerfastError naming its column and row (counted
     from 1 below the header): unit and kind non-empty; n a whole number >= 0; checkpoint and
-    seed whole numbers or empty (checkpoint required for reinit and fullmodel rows); error,
+    seed whole numbers >= 0 or empty (checkpoint required for reinit and fullmodel rows); error,
     its interval, top5_error and agreement in [0, 1], delta_error in [-1, 1], and error,
     its interval, agreement and delta_error present wherever n > 0; loss any number (a
     re-randomized unit can overflow it to inf).
@@ -203,6 +203,9 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     out: dict[str, Any] = {}
     for col in ("checkpoint", "seed"):
         ints = _ints(p, df, col)
+        # τ labels and seeds are never negative (checkpoints are epoch_NNN.pt, seeds in [0, 2^63))
+        _checked(p, df, col, None, np.array([v is not None and v < 0 for v in ints], dtype=bool),
+                 "a whole number >= 0 or empty")
         out[col] = pd.array([pd.NA if v is None else v for v in ints], dtype="Int64")
     needs_tau = df["kind"].isin(["reinit", "fullmodel"]).to_numpy() & out["checkpoint"].isna()
     _checked(p, df, "checkpoint", None, np.asarray(needs_tau, dtype=bool),
