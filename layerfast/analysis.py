@@ -29,6 +29,8 @@ import torch
 from layerfast.errors import LayerfastError, collect_warnings, progress_stream, say, warn
 
 RESETS = ("reinit", "rerandom", "fullmodel")
+#: Every kind `--reset` accepts: the default three, and `interp` (it needs `--alphas`).
+KINDS = (*RESETS, "interp")
 #: What a finished run writes into its out dir (DESIGN.md §5); run.json is written last.
 OUTPUTS = ("results.csv", "distances.csv", "heatmap.png", "distances.png", "run.json")
 #: Parent of the default out dirs `<arch>-<time>`.
@@ -171,6 +173,49 @@ def _seed_list(seeds: int | str | Iterable[int]) -> list[int]:
     if bad:
         raise LayerfastError(f"seeds must lie in [0, 2^63); got {bad[0]}")
     return list(out)
+
+
+def _parse_alphas(alphas: str | float | Iterable[float] | None) -> list[float]:
+    """`--alphas 0.25,0.5` (or numbers from Python) as floats without repeats, in order."""
+    if alphas is None:
+        return []
+    items: Iterable[Any]
+    if isinstance(alphas, str):
+        items = [a for a in alphas.split(",") if a.strip()]
+    elif isinstance(alphas, (int, float)) and not isinstance(alphas, bool):
+        items = [alphas]
+    else:
+        items = list(alphas)
+    out = []
+    for a in items:
+        try:
+            v = float(a) if not isinstance(a, bool) else math.nan
+        except (TypeError, ValueError):
+            v = math.nan
+        if not math.isfinite(v):
+            raise LayerfastError(f"--alphas takes finite numbers like 0.25,0.5,0.75; got {a!r}")
+        out.append(v)
+    if not out:
+        raise LayerfastError("--alphas names no value; give numbers like 0.25,0.5,0.75")
+    return list(dict.fromkeys(out))
+
+
+def _interp_requests(resets: list[str], alphas: list[float], sigma: float) -> bool:
+    """Whether interp variants are asked for, after checking `--alphas` and `--sigma` agree with
+    `--reset`: an α or σ that would change nothing is an error, not a run without them."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (
+            math.isfinite(sigma) and sigma >= 0):
+        raise LayerfastError(f"--sigma must be a finite number >= 0; got {sigma!r}")
+    if "interp" not in resets:
+        if alphas or sigma:
+            flag = "--alphas" if alphas else "--sigma"
+            raise LayerfastError(f"{flag} is for interpolation: add interp to --reset "
+                                 f"(now {','.join(resets)})")
+        return False
+    if not alphas:
+        raise LayerfastError("--reset interp needs --alphas, e.g. --alphas 0.25,0.5,0.75: each "
+                             "unit := (1 - alpha)·θ^τ + alpha·θ^final")
+    return True
 
 
 def _check_options(threshold: float, batch_size: int | None, device: Any) -> None:
@@ -443,13 +488,17 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
             out: str | os.PathLike[str] | None = None, final: int | None = None,
             fresh: bool = False, progress: bool = True, figures: bool = True,
             fanout: bool | None = None, checkpoint_every: float | None = None,
-            layout: str = "auto") -> Analysis:
+            layout: str = "auto", alphas: str | Iterable[float] | None = None,
+            sigma: float = 0.0) -> Analysis:
     """Reset every unit of the final model to each checkpoint τ and to fresh draws, evaluate all
     variants in one data pass, and write results.csv, distances.csv, run.json and the figures.
 
     `data`: the data spec to evaluate on; None takes the one the checkpoints' manifest.json
     names (`layerfast train` writes it), and without one is an error. `seeds`: a count n
-    (seeds 1..n) or explicit seeds. Resumes a killed run in the same `out`
+    (seeds 1..n) or explicit seeds. `reset` may add "interp" (not a default kind): each unit
+    := (1 − α)·θ^τ + α·θ^final for every α in `alphas` and every chosen τ but the final, plus
+    Gaussian noise of std `sigma` on its parameters (one variant per seed when `sigma` > 0);
+    module criticality (Chatterji et al., 2020) is read from these rows. Resumes a killed run in the same `out`
     with the same arguments (progress saved every `checkpoint_every` seconds, default
     $LAYERFAST_CHECKPOINT_EVERY or 5); refuses different arguments there unless `fresh`.
     Everything is validated before `out` is touched, so bad input leaves no files behind.
@@ -462,11 +511,16 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
     t0 = time.perf_counter()
     resets = list(RESETS) if reset is None else _parse_list(reset)
     if not resets:  # `--reset ''` must not mean "every kind"
-        raise LayerfastError(f"--reset names no kind: choose from {', '.join(RESETS)}")
-    bad = [r for r in resets if r not in RESETS]
+        raise LayerfastError(f"--reset names no kind: choose from {', '.join(KINDS)}")
+    bad = [r for r in resets if r not in KINDS]
     if bad:
-        raise LayerfastError(f"unknown --reset {bad[0]!r}: choose from {', '.join(RESETS)}")
+        raise LayerfastError(f"unknown --reset {bad[0]!r}: choose from {', '.join(KINDS)}")
+    alpha_list = _parse_alphas(alphas)
+    interp = _interp_requests(resets, alpha_list, sigma)
+    sigma = float(sigma) if interp else 0.0
     seed_list = _seed_list(seeds)
+    # the kinds that draw seeds: rerandom, and interp's noise
+    seeded = "rerandom" in resets or sigma > 0
     _check_options(threshold, batch_size, device)
     every = _checkpoint_every(checkpoint_every)
     chosen = _parse_checkpoints(checkpoints)
@@ -476,9 +530,9 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
     # Every `warn` from here on is also kept in run.json ("warnings"): stderr is gone when a
     # job's log is, and a warning is part of judging the run.
     with collect_warnings() as warned:
-        if "rerandom" not in resets and seed_list != [1]:  # 1 is the default: said only if asked
-            warn(f"--seeds {','.join(map(str, seed_list))} has no effect: only rerandom draws "
-                 f"seeds, and --reset is {','.join(resets)}")
+        if not seeded and seed_list != [1]:  # 1 is the default: said only if asked
+            warn(f"--seeds {','.join(map(str, seed_list))} has no effect: only rerandom (and "
+                 f"interp with --sigma > 0) draws seeds, and --reset is {','.join(resets)}")
         model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples, chosen)
         if ck.incomplete:  # analysing a cut-short run can be the point; it must not be silent
             warn(f"{ck.path}: {ck.incomplete}; analysing the checkpoints it has")
@@ -490,12 +544,14 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         for w in trained if isinstance(trained, list) else ():  # still true of these checkpoints
             warn(f"{ck.path}: its training run warned: {w}")
         unit_list = make_units(model, granularity=granularity, patterns=patterns, bn=bn, arch=spec)
-        variants = make_variants(model, unit_list, ck, spec, reset=resets, checkpoints=chosen,
-                                 seeds=seed_list)
+        taus = ck.labels if chosen == "all" else chosen
+        variants = make_variants(
+            model, unit_list, ck, spec, reset=[r for r in resets if r != "interp"],
+            checkpoints=chosen, seeds=seed_list,
+            interp=_interp_list(unit_list, taus, ck.final, alpha_list, sigma) if interp else None)
         ev = Evaluator(model, variants, device=device, precision=precision, batch_size=batch_size,
                        fanout=fanout, layout=layout)
         ev.plan_batch(src)  # B is part of the fingerprint: the planner picks it before the pass
-        taus = ck.labels if chosen == "all" else chosen
         # Everything that changes the per-batch sums; threshold and figures do not, so a finished
         # run can be re-judged at another threshold without evaluating again.
         fingerprint = {
@@ -504,8 +560,10 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
             "max_samples": max_samples, "n": src.n,
             "granularity": granularity, "units": patterns, "bn": bn, "reset": resets,
             "checkpoints": taus, "variants": len(variants),
-            # only rerandom draws seeds: without it they change nothing, and must not refuse a rerun
-            "seeds": seed_list if "rerandom" in resets else [],
+            # only rerandom and interp's noise draw seeds: else they change nothing, and must
+            # not refuse a rerun
+            "seeds": seed_list if seeded else [],
+            **({"alphas": alpha_list, "sigma": sigma} if interp else {}),
             "device": str(ev.device), "precision": ev.precision, "batch_size": ev.batch_size,
             "fanout": ev.fanout, "max_fanout": ev.max_fanout, "channels_last": ev.channels_last,
             "passes": len(ev.passes()),  # progress counts samples over the passes
@@ -548,12 +606,25 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
                     "batch_size": ev.batch_size, "granularity": granularity,
                     "units": [u.name for u in unit_list], "patterns": patterns, "bn": bn,
                     "reset": resets, "evaluated_checkpoints": taus, "seeds": seed_list,
+                    **({"alphas": alpha_list, "sigma": sigma} if interp else {}),
                     "threshold": threshold, "variants": len(variants), "versions": _versions(),
                     "command": _command(), "cwd": os.getcwd(),
                     "manifest": {k: v for k, v in (ck.manifest or {}).items() if k != "checkpoints"},
                     "incomplete": ck.incomplete,
                     "warnings": warned,  # filled until run.json is written: the chance note too
                 })
+
+
+def _interp_list(unit_list: list, taus: Sequence[int], final: int, alphas: list[float],
+                 sigma: float) -> list[tuple[str, int, float, float]]:
+    """interp's requests, per unit, τ, α: every chosen τ but the final one, toward which the
+    interpolation runs (every α would give the final model there, the baseline again)."""
+    earlier = [t for t in taus if t != final]
+    if not earlier:
+        raise LayerfastError(f"interp interpolates from a checkpoint τ toward the final model "
+                             f"(τ={final}), and the only checkpoint chosen is the final one: name "
+                             "earlier ones with --checkpoints")
+    return [(u.name, t, a, sigma) for u in unit_list for t in earlier for a in alphas]
 
 
 def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
@@ -639,7 +710,11 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     report.write_csv(dist, path / "distances.csv")
     result = Analysis(table, dist, run, path, unit_list)
     if figures:
-        result.plot(kind="heatmap")
+        if report.has_heatmap(table):
+            result.plot(kind="heatmap")
+        else:  # interp alone: the paper's figure has no row for it; the summary's grid has
+            run["heatmap_note"] = ("no heatmap: the run has only interp rows, which the "
+                                   "paper's figure has no place for (the summary shows them)")
         if len(dist):
             result.plot(kind="distances")
     timings = {k: round(v, 3) for k, v in timings.items()}

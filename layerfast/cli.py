@@ -190,7 +190,18 @@ def parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--reset", default="reinit,rerandom,fullmodel",
-        help="kinds, comma-separated (default: reinit,rerandom,fullmodel)",
+        help="kinds, comma-separated (default: reinit,rerandom,fullmodel); interp, with "
+        "--alphas, adds interpolations toward the final model",
+    )
+    a.add_argument(
+        "--alphas", default=None, metavar="A[,A...]",
+        help="interp: each unit := (1-A)*theta^tau + A*theta^final, for every --checkpoints tau "
+        "but the final one (e.g. 0.25,0.5,0.75)",
+    )
+    a.add_argument(
+        "--sigma", type=float, default=0.0,
+        help="interp: std of Gaussian noise added to the unit's parameters (default: 0); "
+        "above 0, one variant per --seeds seed",
     )
     a.add_argument("--checkpoints", default="all",
                    help="τ labels to reset to: all (default) or e.g. 0,1,10")
@@ -346,6 +357,8 @@ def _analyze(args: argparse.Namespace) -> int:
         reset=args.reset,
         checkpoints=args.checkpoints,
         seeds=args.seeds,
+        alphas=args.alphas,
+        sigma=args.sigma,
         threshold=args.threshold,
         device=args.device,
         precision=args.precision,

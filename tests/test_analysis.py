@@ -458,8 +458,8 @@ def test_seeds_without_rerandom_are_said_to_do_nothing(ckpts, tmp_path, capsys):
     kw = dict(data="digits", reset="reinit", checkpoints="0", device="cpu", progress=False,
               figures=False)
     res = layerfast.analyze("fcn3x256", ckpts, seeds=5, out=tmp_path / "a", **kw)
-    assert res.run["warnings"] == ["--seeds 1,2,3,4,5 has no effect: only rerandom draws seeds, "
-                                   "and --reset is reinit"]
+    assert res.run["warnings"] == ["--seeds 1,2,3,4,5 has no effect: only rerandom (and interp "
+                                   "with --sigma > 0) draws seeds, and --reset is reinit"]
     res = layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "b", **kw)
     assert res.run["warnings"] == []
     # and they are not part of the run's identity: another count resumes the same run

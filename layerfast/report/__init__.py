@@ -16,13 +16,14 @@ import os
 from pathlib import Path
 
 from layerfast.errors import LayerfastError
-from layerfast.report.figures import distance_plot, heatmap
+from layerfast.report.figures import distance_plot, has_heatmap, heatmap
 from layerfast.report.tables import atomic_path, read_distances, read_results, write_csv
 from layerfast.report.terminal import summary_table
 
 __all__ = [
     "atomic_path",
     "distance_plot",
+    "has_heatmap",
     "heatmap",
     "read_distances",
     "read_results",
@@ -76,7 +77,8 @@ def _read(out: Path):
 
 
 def redraw(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Rewrite `heatmap.png` (and `distances.png` if `distances.csv` has rows) in `out_dir`.
+    """Rewrite `heatmap.png` (unless the run has only interp rows, as `analyze` draws none)
+    and `distances.png` (if `distances.csv` has rows) in `out_dir`.
 
     Reads only `results.csv` / `distances.csv`, so it works on a run made elsewhere. Returns
     the paths written. A missing out dir or results.csv is a LayerfastError, since it is what a
@@ -87,7 +89,7 @@ def redraw(out_dir: str | os.PathLike[str]) -> list[Path]:
     """
     out = Path(out_dir)
     table, dist = _read(out)
-    written = [heatmap(table, out / "heatmap.png")]
+    written = [heatmap(table, out / "heatmap.png")] if has_heatmap(table) else []
     if dist is not None and len(dist):
         written.append(distance_plot(dist, out / "distances.png"))
     return written

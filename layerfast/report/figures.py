@@ -51,6 +51,7 @@ __all__ = [
     "distance_grid",
     "distance_plot",
     "error_grid",
+    "has_heatmap",
     "heatmap",
 ]
 
@@ -69,6 +70,13 @@ _CHAR_W = 0.62  # average glyph width of DejaVu Sans, in em
 
 
 # ----------------------------------------------------------------------------- grids
+
+
+def has_heatmap(table: pd.DataFrame) -> bool:
+    """Whether `heatmap` has anything to draw: reinit, rerandom or fullmodel rows (a run of
+    interp alone has none, and writes no heatmap.png)."""
+    rows, cols, _ = error_grid(table)
+    return bool(rows and cols)
 
 
 def error_grid(table: pd.DataFrame) -> tuple[list[str], list[str], np.ndarray]:

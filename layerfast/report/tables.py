@@ -37,6 +37,8 @@ __all__ = [
 #: Columns of `distances.csv`, in order.
 DISTANCE_COLUMNS: tuple[str, ...] = ("unit", "checkpoint", "l2", "l2_rel", "linf")
 
+#: What `metrics.results_table` appends after DESIGN's columns when a run has interp rows.
+INTERP_COLUMNS = ("alpha", "sigma")
 _FLOATS = ("error", "error_lo", "error_hi", "top5_error", "loss", "agreement", "delta_error")
 
 
@@ -103,20 +105,24 @@ def tau_of(label: object) -> int | None:
         ) from exc
 
 
-def _read(path: Path, what: str, columns: tuple[str, ...], text: tuple[str, ...]) -> pd.DataFrame:
+def _read(path: Path, what: str, columns: tuple[str, ...], text: tuple[str, ...],
+          optional: tuple[str, ...] = ()) -> pd.DataFrame:
     """The CSV with every column as text ("" -> NaN): values are parsed and checked per column
-    by the callers, so that a bad cell gives one message naming its column and row."""
+    by the callers, so that a bad cell gives one message naming its column and row. The
+    `optional` columns are kept when the file has all of them; any other column is dropped."""
     if not path.is_file():
         raise LayerfastError(f"{path} not found: {what}")
     try:
         df = pd.read_csv(
-            path, keep_default_na=False, na_values=[""], dtype={c: str for c in columns}
+            path, keep_default_na=False, na_values=[""], dtype={c: str for c in (*columns, *optional)}
         )
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise LayerfastError(f"cannot read {path}: {exc}") from exc
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise LayerfastError(f"{path} is missing column(s) {', '.join(missing)}")
+    if optional and all(c in df.columns for c in optional):  # all or none: kept together
+        columns = (*columns, *optional)
     df = df[list(columns)].copy()
     for col in text:
         df[col] = pd.Series([str(v) if isinstance(v, str) else "" for v in df[col]],
@@ -193,6 +199,7 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
         "expected the results of a layerfast run (results.csv)",
         COLUMNS,
         ("unit", "kind", "verdict"),
+        INTERP_COLUMNS,
     )
     for col in ("unit", "kind"):
         _checked(p, df, col, df[col], (df[col] == "").to_numpy(), "a name")
@@ -232,7 +239,22 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     out["n"] = n
     for col in ("unit", "kind", "verdict"):
         out[col] = df[col]
-    return pd.DataFrame({c: out[c] for c in COLUMNS}, index=df.index)[list(COLUMNS)]
+    extra = _interp_columns(p, df) if INTERP_COLUMNS[0] in df.columns else {}
+    out.update(extra)
+    cols = [*COLUMNS, *extra]
+    return pd.DataFrame({c: out[c] for c in cols}, index=df.index)[cols]
+
+
+def _interp_columns(path: Path, df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """`alpha` and `sigma`, which results_table appends when a run has interp rows: kept, so
+    `layerfast report` still tells those rows apart; any finite number, σ >= 0, or empty."""
+    out = {}
+    for col in INTERP_COLUMNS:
+        v = _numbers(path, df, col)
+        wrong = ~np.isnan(v) & (~np.isfinite(v) | ((v < 0) if col == "sigma" else False))
+        out[col] = _checked(path, df, col, v, wrong, "a finite number" + (
+            " >= 0" if col == "sigma" else ""))
+    return out
 
 
 def read_distances(path: str | os.PathLike[str]) -> pd.DataFrame:

@@ -59,6 +59,40 @@ def _align(rows: list[list[str]], right: set[int]) -> list[str]:
     return out
 
 
+def _interp_lines(table: pd.DataFrame) -> list[str]:
+    """The interp rows as a grid: a line per unit and τ (and σ, when several), a column per α,
+    the test error in each cell (the mean over seeds when σ > 0 drew several). Where a unit
+    stays within the threshold as α falls toward 0 is what module criticality reads."""
+    ip = table[table["kind"].astype(str) == "interp"]
+    if not len(ip) or "alpha" not in ip.columns:
+        return []
+    sig = (ip["sigma"] if "sigma" in ip.columns else pd.Series(0.0, index=ip.index)).fillna(0.0)
+    alphas = sorted({float(a) for a in ip["alpha"].dropna()})
+    sigmas = sorted({float(x) for x in sig})
+    head = ["unit", "tau", *(["sigma"] if len(sigmas) > 1 else []),
+            *(f"alpha={a:g}" for a in alphas)]
+    rows, per_cell = [head], 1
+    for unit in unit_order(ip["unit"].astype(str)):
+        u = ip[ip["unit"].astype(str) == unit]
+        for tau in sorted({int(t) for t in u["checkpoint"].dropna()}):
+            for x in sigmas:
+                sel = u[(u["checkpoint"] == tau).to_numpy() & (sig[u.index] == x).to_numpy()]
+                if not len(sel):
+                    continue
+                row = [unit, str(tau), *([f"{x:g}"] if len(sigmas) > 1 else [])]
+                for a in alphas:
+                    errs = sel.loc[sel["alpha"] == a, "error"]
+                    per_cell = max(per_cell, len(errs))
+                    row.append(_pct(float(errs.mean())) if len(errs) else "-")
+                rows.append(row)
+    noise = ""
+    if sigmas[-1] > 0:
+        noise = f" + noise (sigma={sigmas[0]:g})" if len(sigmas) == 1 else " + noise (sigma)"
+    mean = f"; mean of {per_cell} seeds" if per_cell > 1 else ""
+    title = f"interp: unit := (1-alpha)*theta^tau + alpha*theta^final{noise}{mean}"
+    return [title, *_align(rows, set(range(1, len(head))))]
+
+
 def summary_table(
     table: pd.DataFrame,
     distances: pd.DataFrame | None = None,
@@ -76,6 +110,7 @@ def summary_table(
     the baseline's Wilson interval, the footer the threshold. The footer also gives the
     "(all units)" reference row at every τ (the whole model reset: the training curve, which
     is all a `--reset fullmodel` run has), and says when `bn` "keep" held normalization back.
+    interp rows (`--reset interp`) follow as a grid of their own, unit and τ by α.
     """
     kinds = table["kind"].astype(str)
     base = table[kinds == "baseline"]
@@ -177,7 +212,11 @@ def summary_table(
         row[vcol] = "  ".join(v.ljust(widths[k]) for k, v in enumerate(verdicts)).rstrip() or "-"
 
     text = _align(lines, right)
-    rule = "-" * max(len(s) for s in text)
+    grid = _interp_lines(table)
+    rule = "-" * max(len(s) for s in [*text, *grid[1:]])
+    body = [rule, text[0], rule, *text[1:]] if len(lines) > 1 else []  # none for interp alone
+    if grid:
+        body += [rule, *grid]
     if len(base):
         b = base.iloc[0]
         title = (
@@ -202,4 +241,4 @@ def summary_table(
             if len(cells) > 12:  # a run that kept every epoch: its two ends
                 cells = [*cells[:6], "...", *cells[-6:]]
             foot.append("whole model reset, at each tau: " + ", ".join(cells))
-    return "\n".join([title, rule, text[0], rule, *text[1:], rule, *foot])
+    return "\n".join([title, *body, rule, *foot])
