@@ -197,7 +197,10 @@ def _parse_alphas(alphas: str | float | Iterable[float] | None) -> list[float]:
         out.append(v)
     if not out:
         raise LayerfastError("--alphas names no value; give numbers like 0.25,0.5,0.75")
-    return list(dict.fromkeys(out))
+    out = list(dict.fromkeys(out))
+    if len(out) > MAX_SEEDS:  # each α is a variant of every unit and τ: a typo, not a study
+        raise LayerfastError(f"--alphas names more than {MAX_SEEDS} values: ask for fewer")
+    return out
 
 
 def _interp_requests(resets: list[str], alphas: list[float], sigma: float) -> bool:

@@ -94,11 +94,11 @@ class _Parser(argparse.ArgumentParser):
 
 #: A comma-separated list starting with a negative number (`-1,2`): argparse takes it for a flag
 #: (only `-1` alone looks like a number to it) and reports "expected one argument".
-_NEGATIVE_LIST = re.compile(r"-\d+(\s*,\s*-?\d*)+")
+_NEGATIVE_LIST = re.compile(r"-[\d.]+(\s*,\s*-?[\d.]*)+")  # --seeds -1,2; --alphas -0.5,1
 
 
 def _join_negative_lists(argv: list[str]) -> list[str]:
-    """`--seeds -1,2` -> `--seeds=-1,2`, so the value reaches the check that says what is wrong
+    """`--seeds -1,2` -> `--seeds=-1,2` (and `--alphas -0.5,1`), so the value reaches the check that says what is wrong
     with it instead of argparse's 'expected one argument'."""
     out: list[str] = []
     for tok in argv:

@@ -127,6 +127,7 @@ def test_interp_alone_writes_no_heatmap_and_report_keeps_its_rows(ckpts, tmp_pat
         (["--reset", "interp", "--alphas", "0.5,nan"], "--alphas takes finite numbers"),
         (["--reset", "interp", "--alphas", "half"], "--alphas takes finite numbers"),
         (["--reset", "interp", "--alphas", ","], "--alphas names no value"),
+        (["--reset", "interp", "--alphas", ",".join(str(i / 1000) for i in range(1001))], "more than 1000 values"),
         (["--reset", "interp", "--alphas", "0.5", "--checkpoints", "FINAL"],
          "the only checkpoint chosen is the final one"),
     ],
@@ -169,3 +170,13 @@ def test_report_refuses_a_bad_alpha_cell(tmp_path) -> None:
     (tmp_path / "results.csv").write_text("\n".join([head, *rows]) + "\n")
     with pytest.raises(LayerfastError, match="column 'sigma', row 2"):
         read_results(tmp_path / "results.csv")
+
+
+def test_a_negative_alpha_list_reaches_the_run(ckpts, tmp_path, capsys) -> None:
+    """`--alphas -0.5,1.5` (extrapolation) looked like a flag to argparse ("expected one
+    argument"), as `--seeds -1,2` did."""
+    rc, _, err = cli(["analyze", "--arch", "fcn3x256", "--ckpts", ckpts, "--out", tmp_path / "r",
+                      "--quiet", "--reset", "interp", "--alphas", "-0.5,1.5", "--checkpoints", "0",
+                      "--units", "fc1"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["alphas"] == [-0.5, 1.5]
