@@ -404,3 +404,12 @@ def test_redraw_missing_results_is_a_clear_error(tmp_path: Path) -> None:
         redraw(tmp_path)
     with pytest.raises(LayerfastError, match="not a directory"):
         redraw(tmp_path / "nope")
+
+
+def test_summary_max_distance_of_zero_reads_0() -> None:
+    """With only τ = 0 evaluated the largest distance is exactly 0: it read "0.00e+00"."""
+    dist = make_distances(FCN)
+    dist = dist[dist["checkpoint"].astype(str) == "0"].assign(l2=0.0, l2_rel=0.0, linf=0.0)
+    text = summary_table(make_table(FCN, {}), dist)
+    row = next(line for line in text.splitlines() if line.startswith("layers.1 "))
+    assert row.endswith("  0") and "e+00" not in text

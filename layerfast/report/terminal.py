@@ -193,6 +193,8 @@ def summary_table(
             rel = max_rel.get(unit)
             if rel is None:
                 row.append("-")
+            elif rel == 0:  # only τ = 0 evaluated: no distance yet, not "0.00e+00"
+                row.append("0")
             elif 1e-3 <= rel < 1e4:
                 row.append(f"{rel:.4f}")
             else:  # a diverged τ (1e38) in fixed point would be 39 digits wide
