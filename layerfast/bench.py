@@ -36,7 +36,8 @@ PHASES = ("setup", "data", "baseline", "fanned", "swapped", "total")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="fcn3x256", help="as for analyze (default: fcn3x256)")
     p.add_argument("--data", default="digits",
-                   help="data spec (default: digits; synthetic:imagenet for ResNet-50 at 224²)")
+                   help="data spec (default: digits, whatever the arch; pass synthetic:imagenet "
+                        "for ResNet-50 at 224²)")
     p.add_argument("--granularity", default="layer", choices=["layer", "block", "stage"],
                    help="as for analyze (default: layer)")
     p.add_argument("--checkpoints", type=int, default=5,

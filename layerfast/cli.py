@@ -241,7 +241,8 @@ def parser() -> argparse.ArgumentParser:
         "--list-units",
         action="store_true",
         help="print the units and exit (no --ckpts needed; the model is built for --data's "
-        "sample shape, digits' without it)",
+        "sample shape; without --data, for that of the data --ckpts' manifest.json names "
+        "(required there, as for analyze), and without either, digits')",
     )
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     _common_eval(a)
