@@ -125,12 +125,18 @@ def derive_seed(*parts: Any) -> int:
 
 
 def _cpu_copy(module: nn.Module) -> nn.Module:
-    """Deep copy of `module` whose parameters and buffers are CPU clones (no GPU allocation)."""
+    """Deep copy of `module` whose parameters and buffers are contiguous CPU clones (no GPU
+    allocation). Contiguous whatever the live model's layout: init functions fill a tensor in
+    memory order, so a channels_last copy (the engine's layout for bf16 on CUDA, or `--layout
+    channels_last`) drew other numbers for the same seed, and the rows evaluated other weights
+    than distances.csv measured."""
     memo: dict[int, Any] = {}
+    fmt = torch.contiguous_format
     for p in module.parameters():
-        memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True), p.requires_grad)
+        memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True, memory_format=fmt),
+                                   p.requires_grad)
     for b in module.buffers():
-        memo[id(b)] = b.detach().to("cpu", copy=True)
+        memo[id(b)] = b.detach().to("cpu", copy=True, memory_format=fmt)
     return copy.deepcopy(module, memo)
 
 
