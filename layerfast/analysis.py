@@ -175,52 +175,6 @@ def _seed_list(seeds: int | str | Iterable[int]) -> list[int]:
     return list(out)
 
 
-def _parse_alphas(alphas: str | float | Iterable[float] | None) -> list[float]:
-    """`--alphas 0.25,0.5` (or numbers from Python) as floats without repeats, in order."""
-    if alphas is None:
-        return []
-    items: Iterable[Any]
-    if isinstance(alphas, str):
-        items = [a for a in alphas.split(",") if a.strip()]
-    elif isinstance(alphas, (int, float)) and not isinstance(alphas, bool):
-        items = [alphas]
-    else:
-        items = list(alphas)
-    out = []
-    for a in items:
-        try:
-            v = float(a) if not isinstance(a, bool) else math.nan
-        except (TypeError, ValueError):
-            v = math.nan
-        if not math.isfinite(v):
-            raise LayerfastError(f"--alphas takes finite numbers like 0.25,0.5,0.75; got {a!r}")
-        out.append(v)
-    if not out:
-        raise LayerfastError("--alphas names no value; give numbers like 0.25,0.5,0.75")
-    out = list(dict.fromkeys(out))
-    if len(out) > MAX_SEEDS:  # each α is a variant of every unit and τ: a typo, not a study
-        raise LayerfastError(f"--alphas names more than {MAX_SEEDS} values: ask for fewer")
-    return out
-
-
-def _interp_requests(resets: list[str], alphas: list[float], sigma: float) -> bool:
-    """Whether interp variants are asked for, after checking `--alphas` and `--sigma` agree with
-    `--reset`: an α or σ that would change nothing is an error, not a run without them."""
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (
-            math.isfinite(sigma) and sigma >= 0):
-        raise LayerfastError(f"--sigma must be a finite number >= 0; got {sigma!r}")
-    if "interp" not in resets:
-        if alphas or sigma:
-            flag = "--alphas" if alphas else "--sigma"
-            raise LayerfastError(f"{flag} is for interpolation: add interp to --reset "
-                                 f"(now {','.join(resets)})")
-        return False
-    if not alphas:
-        raise LayerfastError("--reset interp needs --alphas, e.g. --alphas 0.25,0.5,0.75: each "
-                             "unit := (1 - alpha)·θ^τ + alpha·θ^final")
-    return True
-
-
 def _check_options(threshold: float, batch_size: int | None, device: Any) -> None:
     """Reject bad scalar options before anything is loaded or written, with the flag's name:
     the engine would otherwise fail deep inside (or, for batch size 0, silently pick a default)."""
@@ -492,21 +446,22 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
             fresh: bool = False, progress: bool = True, figures: bool = True,
             fanout: bool | None = None, checkpoint_every: float | None = None,
             layout: str = "auto", alphas: str | Iterable[float] | None = None,
-            sigma: float = 0.0) -> Analysis:
+            sigma: float | str | Iterable[float] = 0.0) -> Analysis:
     """Reset every unit of the final model to each checkpoint τ and to fresh draws, evaluate all
     variants in one data pass, and write results.csv, distances.csv, run.json and the figures.
 
     `data`: the data spec to evaluate on; None takes the one the checkpoints' manifest.json
     names (`layerfast train` writes it), and without one is an error. `seeds`: a count n
-    (seeds 1..n) or explicit seeds. `reset` may add "interp" (not a default kind): each unit
-    := (1 − α)·θ^τ + α·θ^final for every α in `alphas` and every chosen τ but the final, plus
-    Gaussian noise of std `sigma` on its parameters (one variant per seed when `sigma` > 0);
-    module criticality (Chatterji et al., 2020) is read from these rows. Resumes a killed run in the same `out`
+    (seeds 1..n) or explicit seeds. `reset` may name "interp" (not a default kind): each unit
+    := (1 − α)·θ^τ + α·θ^final for every α in `alphas` (in [0, 1]) and every chosen τ but the
+    final, plus Gaussian noise of each std in `sigma` on its parameters (one variant per seed
+    when σ > 0; `layerfast.interp`). Resumes a killed run in the same `out`
     with the same arguments (progress saved every `checkpoint_every` seconds, default
     $LAYERFAST_CHECKPOINT_EVERY or 5); refuses different arguments there unless `fresh`.
     Everything is validated before `out` is touched, so bad input leaves no files behind.
     """
     from layerfast.engine import Evaluator
+    from layerfast.interp import interp_options, interp_requests
     from layerfast.store import ResumeStore
     from layerfast.units import make_units
     from layerfast.variants import make_variants
@@ -518,12 +473,10 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
     bad = [r for r in resets if r not in KINDS]
     if bad:
         raise LayerfastError(f"unknown --reset {bad[0]!r}: choose from {', '.join(KINDS)}")
-    alpha_list = _parse_alphas(alphas)
-    interp = _interp_requests(resets, alpha_list, sigma)
-    sigma = float(sigma) if interp else 0.0
+    interp = interp_options(resets, alphas, sigma)  # (alphas, sigmas) with --reset interp
     seed_list = _seed_list(seeds)
     # the kinds that draw seeds: rerandom, and interp's noise
-    seeded = "rerandom" in resets or sigma > 0
+    seeded = "rerandom" in resets or (interp is not None and any(interp[1]))
     _check_options(threshold, batch_size, device)
     every = _checkpoint_every(checkpoint_every)
     chosen = _parse_checkpoints(checkpoints)
@@ -551,7 +504,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         variants = make_variants(
             model, unit_list, ck, spec, reset=[r for r in resets if r != "interp"],
             checkpoints=chosen, seeds=seed_list,
-            interp=_interp_list(unit_list, taus, ck.final, alpha_list, sigma) if interp else None)
+            interp=interp_requests(unit_list, taus, ck.final, *interp) if interp else None)
         ev = Evaluator(model, variants, device=device, precision=precision, batch_size=batch_size,
                        fanout=fanout, layout=layout)
         ev.plan_batch(src)  # B is part of the fingerprint: the planner picks it before the pass
@@ -566,7 +519,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
             # only rerandom and interp's noise draw seeds: else they change nothing, and must
             # not refuse a rerun
             "seeds": seed_list if seeded else [],
-            **({"alphas": alpha_list, "sigma": sigma} if interp else {}),
+            **({"alphas": interp[0], "sigma": interp[1]} if interp else {}),
             "device": str(ev.device), "precision": ev.precision, "batch_size": ev.batch_size,
             "fanout": ev.fanout, "max_fanout": ev.max_fanout, "channels_last": ev.channels_last,
             "passes": len(ev.passes()),  # progress counts samples over the passes
@@ -609,25 +562,13 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
                     "batch_size": ev.batch_size, "granularity": granularity,
                     "units": [u.name for u in unit_list], "patterns": patterns, "bn": bn,
                     "reset": resets, "evaluated_checkpoints": taus, "seeds": seed_list,
-                    **({"alphas": alpha_list, "sigma": sigma} if interp else {}),
+                    **({"alphas": interp[0], "sigma": interp[1]} if interp else {}),
                     "threshold": threshold, "variants": len(variants), "versions": _versions(),
                     "command": _command(), "cwd": os.getcwd(),
                     "manifest": {k: v for k, v in (ck.manifest or {}).items() if k != "checkpoints"},
                     "incomplete": ck.incomplete,
                     "warnings": warned,  # filled until run.json is written: the chance note too
                 })
-
-
-def _interp_list(unit_list: list, taus: Sequence[int], final: int, alphas: list[float],
-                 sigma: float) -> list[tuple[str, int, float, float]]:
-    """interp's requests, per unit, τ, α: every chosen τ but the final one, toward which the
-    interpolation runs (every α would give the final model there, the baseline again)."""
-    earlier = [t for t in taus if t != final]
-    if not earlier:
-        raise LayerfastError(f"interp interpolates from a checkpoint τ toward the final model "
-                             f"(τ={final}), and the only checkpoint chosen is the final one: name "
-                             "earlier ones with --checkpoints")
-    return [(u.name, t, a, sigma) for u in unit_list for t in earlier for a in alphas]
 
 
 def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
@@ -749,7 +690,10 @@ def _distance_rows(variants: list, unit_list: list, model: torch.nn.Module, spec
     DESIGN §5 defines distances per unit per τ, whatever `--reset` asks to evaluate, so the τ
     rows are those of the evaluated checkpoints (`--checkpoints`, default all) for every reset
     kind, reinit or not; rerandom rows come with the rerandom variants. All of it is measured
-    from θ⁰, so a directory without τ = 0 gives no rows, and the returned reason says so."""
+    from θ⁰, so a directory without τ = 0 gives no rows, and the returned reason says so.
+    With interp rows the final τ is measured too: it is the far end of every interpolation,
+    and ‖θ^final − θ⁰‖ is what module criticality weighs α by (with `--checkpoints 0` alone
+    the rows held only zeros)."""
     from layerfast.distances import COLUMNS
     from layerfast.distances import distances as unit_distances
 
@@ -759,6 +703,8 @@ def _distance_rows(variants: list, unit_list: list, model: torch.nn.Module, spec
             f"no distances: they are measured from the initialization (τ=0), and the checkpoint "
             f"directory has only τ = {found}")
     rr = [v for v in variants if v.kind == "rerandom"]
+    if chosen != "all" and ck.final not in chosen and any(v.kind == "interp" for v in variants):
+        chosen = [*chosen, ck.final]
     dist = unit_distances(model, unit_list, ck, rerandom=rr, arch=spec, checkpoints=chosen)
     return dist, None
 

@@ -92,9 +92,11 @@ class _Parser(argparse.ArgumentParser):
         return ns
 
 
-#: A comma-separated list starting with a negative number (`-1,2`): argparse takes it for a flag
-#: (only `-1` alone looks like a number to it) and reports "expected one argument".
-_NEGATIVE_LIST = re.compile(r"-[\d.]+(\s*,\s*-?[\d.]*)+")  # --seeds -1,2; --alphas -0.5,1
+#: A comma-separated list starting with a negative number (`-1,2`), or one with an exponent
+#: (`-1e-3`): argparse takes it for a flag (only `-1` and `-0.5` alone look like numbers to it)
+#: and reports "expected one argument".
+_NUMBER = r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+_NEGATIVE_LIST = re.compile(rf"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(\s*,\s*({_NUMBER})?)*")
 
 
 def _join_negative_lists(argv: list[str]) -> list[str]:
@@ -190,18 +192,18 @@ def parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--reset", default="reinit,rerandom,fullmodel",
-        help="kinds, comma-separated (default: reinit,rerandom,fullmodel); interp, with "
-        "--alphas, adds interpolations toward the final model",
+        help="kinds, comma-separated: reinit, rerandom, fullmodel (default: these three), and "
+        "interp (with --alphas; list the other kinds too to keep them)",
     )
     a.add_argument(
         "--alphas", default=None, metavar="A[,A...]",
-        help="interp: each unit := (1-A)*theta^tau + A*theta^final, for every --checkpoints tau "
-        "but the final one (e.g. 0.25,0.5,0.75)",
+        help="interp: each unit := (1-A)*theta^tau + A*theta^final, A in [0, 1], for every "
+        "--checkpoints tau but the final one (e.g. 0.25,0.5,0.75)",
     )
     a.add_argument(
-        "--sigma", type=float, default=0.0,
-        help="interp: std of Gaussian noise added to the unit's parameters (default: 0); "
-        "above 0, one variant per --seeds seed",
+        "--sigma", default="0", metavar="S[,S...]",
+        help="interp: std of Gaussian noise added to the unit's parameters, absolute, one or "
+        "several (default: 0); above 0, one variant per --seeds seed",
     )
     a.add_argument("--checkpoints", default="all",
                    help="τ labels to reset to: all (default) or e.g. 0,1,10")

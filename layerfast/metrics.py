@@ -160,8 +160,8 @@ def results_table(
     )
     if any(v.kind == "interp" for v in variants):
         # interp rows of one unit and τ differ only in α and σ: without them the rows cannot be
-        # told apart. Appended after DESIGN §5's columns, and only then (analyze makes no
-        # interp rows, so results.csv keeps exactly its contract).
+        # told apart. Appended after DESIGN §5's columns, and only then (a run without
+        # `--reset interp` keeps exactly the contract's columns).
         for name in ("alpha", "sigma"):
             df[name] = [np.nan if getattr(v, name, None) is None else float(getattr(v, name))
                         for v in variants]

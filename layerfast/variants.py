@@ -21,7 +21,10 @@ Kinds and their order in `make_variants` (results are reported in this order):
 5. `interp` `(unit, τ, α, σ)`: θ = (1−α)·θ^τ + α·θ^final + σ·N(0, 1) on the unit's keys, with
    θ^final the final checkpoint and the noise on floating *parameters* only (never on BN
    statistics, which noise could make negative); σ > 0 gives one variant per seed, drawn from
-   a generator seeded by a hash of (seed, unit, τ, α, σ); computed in float64, then cast.
+   a generator seeded by a hash of (seed, unit, τ): the same standard normal draw, scaled by
+   σ, for every α and σ of one seed (common random numbers: a sweep over α or σ varies only
+   what it sweeps); computed in float64, then cast. BN statistics are interpolated like
+   weights (they are not the interpolated network's own statistics).
    Integer and bool tensors of the unit (`num_batches_tracked`, index buffers) cannot be
    interpolated and stay at the final model; α and σ must be finite.
 
@@ -604,7 +607,7 @@ def _interp(
         gen = None
         if sigma > 0:
             gen = torch.Generator().manual_seed(
-                derive_seed("layerfast-interp", seed, u.name, tau, alpha, sigma)
+                derive_seed("layerfast-interp", seed, u.name, tau)  # not α, σ: module docstring
             )
         out: dict[str, torch.Tensor] = {}
         noise: dict[str, torch.Tensor] = {}

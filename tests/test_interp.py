@@ -5,6 +5,7 @@ against an independent forward pass, the other kinds' rows, and the bad-input ru
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,7 @@ def test_interp_rows_match_a_plain_forward_and_the_other_kinds(ckpts, tmp_path, 
     row = ip[(ip["unit"] == "fc2") & (ip["checkpoint"] == 0) & (ip["alpha"] == 0.5)].iloc[0]
     assert round(row["error"] * row["n"]) == _forward_errors(ckpts, mixed)
     run = json.loads((out / "run.json").read_text())
-    assert (run["reset"], run["alphas"], run["sigma"]) == (["reinit", "interp"], [0.0, 0.5, 1.0], 0.0)
+    assert (run["reset"], run["alphas"], run["sigma"]) == (["reinit", "interp"], [0.0, 0.5, 1.0], [0.0])
     assert "interp: unit := (1-alpha)*theta^tau + alpha*theta^final" in text
     assert "alpha=0.5" in text and "fc2" in text.split("interp:")[1]
 
@@ -122,7 +123,8 @@ def test_interp_alone_writes_no_heatmap_and_report_keeps_its_rows(ckpts, tmp_pat
     [
         (["--reset", "reinit,interp"], "--reset interp needs --alphas"),
         (["--alphas", "0.5"], "--alphas is for interpolation: add interp to --reset"),
-        (["--reset", "interp", "--alphas", "0.5", "--sigma", "-1"], "--sigma must be"),
+        (["--reset", "interp", "--alphas", "0.5", "--sigma", "-1"], "--sigma must be >= 0"),
+        (["--reset", "interp", "--alphas", "0.5,1.5"], "--alphas must lie in [0, 1]; got 1.5"),
         (["--sigma", "0.1"], "--sigma is for interpolation"),
         (["--reset", "interp", "--alphas", "0.5,nan"], "--alphas takes finite numbers"),
         (["--reset", "interp", "--alphas", "half"], "--alphas takes finite numbers"),
@@ -160,23 +162,142 @@ def test_seeds_without_noise_still_do_nothing(ckpts, tmp_path, capsys) -> None:
     assert "--seeds 1,2,3 has no effect" in err
 
 
-def test_report_refuses_a_bad_alpha_cell(tmp_path) -> None:
+HEAD = ("unit,kind,checkpoint,seed,error,error_lo,error_hi,top5_error,loss,agreement,n,"
+        "delta_error,verdict")
+BASE = "*,baseline,,,0.1,0.05,0.2,0.0,0.3,1.0,100,0.0,"
+
+
+@pytest.mark.parametrize(
+    ("extra_head", "rows", "said"),
+    [
+        (",alpha,sigma", ["fc1,interp,0,,0.2,0.1,0.3,0.0,0.5,0.9,100,0.1,,0.5,-2"],
+         "column 'sigma', row 2"),
+        (",alpha,sigma", ["fc1,interp,,,0.2,0.1,0.3,0.0,0.5,0.9,100,0.1,,0.5,0"],
+         "column 'checkpoint', row 2"),
+        (",alpha,sigma", ["fc1,interp,0,,0.2,0.1,0.3,0.0,0.5,0.9,100,0.1,,,0"],
+         "column 'alpha', row 2"),
+        (",alpha,sigma", ["fc1,interp,0,,0.2,0.1,0.3,0.0,0.5,0.9,100,0.1,,0.5,"],
+         "column 'sigma', row 2"),
+        (",alpha,sigma", ["fc1,reinit,0,,0.2,0.1,0.3,0.0,0.5,0.9,100,0.1,robust,0.5,0"],
+         "column 'alpha', row 2"),
+        (",alpha", ["fc1,interp,0,,0.2,0.1,0.3,0.0,0.5,0.9,100,0.1,,0.5"],
+         "has column(s) alpha but not sigma"),
+        ("", ["fc1,interp,0,,0.2,0.1,0.3,0.0,0.5,0.9,100,0.1,"], "column 'kind', row 2"),
+    ],
+)
+def test_report_refuses_broken_interp_rows(tmp_path, extra_head, rows, said) -> None:
+    """An interp row without τ, α or σ vanished from the grid or made up a σ = 0 line; alpha
+    without sigma dropped both columns and every interp row with them, without a word."""
     from layerfast.report import read_results
 
-    head = ("unit,kind,checkpoint,seed,error,error_lo,error_hi,top5_error,loss,agreement,n,"
-            "delta_error,verdict,alpha,sigma")
-    rows = ["*,baseline,,,0.1,0.05,0.2,0.0,0.3,1.0,100,0.0,,,",
-            "fc1,interp,0,,0.2,0.1,0.3,0.0,0.5,0.9,100,0.1,,0.5,-2"]
-    (tmp_path / "results.csv").write_text("\n".join([head, *rows]) + "\n")
-    with pytest.raises(LayerfastError, match="column 'sigma', row 2"):
+    base = BASE + ",," * bool(extra_head) if extra_head != ",alpha" else BASE + ","
+    (tmp_path / "results.csv").write_text("\n".join([HEAD + extra_head, base, *rows]) + "\n")
+    with pytest.raises(LayerfastError, match=re.escape(said)):
         read_results(tmp_path / "results.csv")
 
 
-def test_a_negative_alpha_list_reaches_the_run(ckpts, tmp_path, capsys) -> None:
-    """`--alphas -0.5,1.5` (extrapolation) looked like a flag to argparse ("expected one
-    argument"), as `--seeds -1,2` did."""
+def test_negative_and_exponent_lists_reach_the_value_check(ckpts, tmp_path, capsys) -> None:
+    """`--alphas -0.5,1` and `--sigma -1e-9` looked like flags to argparse ("expected one
+    argument"), as `--seeds -1,2` did: they reach the check that says what is wrong."""
+    for flags, said in ((["--alphas", "-0.5,1"], "--alphas must lie in [0, 1]; got -0.5"),
+                        (["--alphas", "0.5", "--sigma", "-1e-9"], "--sigma must be >= 0")):
+        rc, _, err = cli(["analyze", "--arch", "fcn3x256", "--ckpts", ckpts, "--out",
+                          tmp_path / "r", "--quiet", "--reset", "interp", *flags], capsys)
+        assert rc == 2 and said in err, err
     rc, _, err = cli(["analyze", "--arch", "fcn3x256", "--ckpts", ckpts, "--out", tmp_path / "r",
-                      "--quiet", "--reset", "interp", "--alphas", "-0.5,1.5", "--checkpoints", "0",
-                      "--units", "fc1"], capsys)
+                      "--quiet", "--reset", "interp", "--alphas", "1e-3,1", "--sigma", "0,1e-2",
+                      "--checkpoints", "0", "--units", "fc1"], capsys)
     assert rc == 0, err
-    assert json.loads((tmp_path / "r" / "run.json").read_text())["alphas"] == [-0.5, 1.5]
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert (run["alphas"], run["sigma"]) == ([0.001, 1.0], [0.0, 0.01])
+
+
+@pytest.mark.parametrize("alphas", [0.5, "0.5", [0.5], (a for a in [0.5])])
+def test_alphas_from_python_take_any_number_form(alphas, ckpts, tmp_path) -> None:
+    np = pytest.importorskip("numpy")
+    kw = dict(reset="interp", checkpoints=[0], units="fc1", device="cpu", progress=False,
+              figures=False)
+    want = layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "a", alphas=alphas, **kw).table
+    for other in (np.float32(0.5), np.array(0.5), torch.tensor(0.5), np.array([0.5])):
+        got = layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "a", alphas=other,
+                                sigma=np.float32(0), **kw).table
+        assert got.equals(want)
+    with pytest.raises(LayerfastError, match="--alphas takes finite numbers"):
+        layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "b", alphas=True, **kw)
+
+
+def test_minus_zero_is_zero(ckpts, tmp_path, capsys) -> None:
+    """`--sigma -0` or `--alphas -0,1` made another fingerprint than 0: a rerun of the same
+    request was refused, the difference unnamed (-0.0 == 0.0, but not in JSON)."""
+    base = ["analyze", "--arch", "fcn3x256", "--ckpts", ckpts, "--out", tmp_path, "--quiet",
+            "--reset", "interp", "--checkpoints", "0", "--units", "fc1"]
+    rc, _, err = cli([*base, "--alphas", "0,1"], capsys)
+    assert rc == 0, err
+    rc, text, err = cli([*base, "--alphas=-0,1", "--sigma=-0"], capsys)
+    assert rc == 0 and "none evaluated again" in text, err
+    assert "alpha=-0" not in text
+
+
+def test_noise_is_shared_across_alphas_and_sigmas(ckpts, tmp_path) -> None:
+    """Common random numbers: one standard normal draw per seed, unit and τ, scaled by σ, so
+    a sweep over α or σ varies only what it sweeps. α = 1 with noise σ is the final model plus
+    σ·z: the same z for σ and for 2σ."""
+    from layerfast.checkpoints import CheckpointDir
+    from layerfast.models import build_model
+    from layerfast.units import make_units
+    from layerfast.variants import make_variants
+
+    model, spec = build_model("fcn3x256", 10, (1, 8, 8))
+    ck = CheckpointDir(ckpts)
+    model.load_state_dict(ck.tensors(ck.final))
+    units = make_units(model, arch=spec)
+    vs = make_variants(model, units, ck, spec, reset=(), seeds=[3],
+                       interp=[("fc2", 0, 1.0, 0.1), ("fc2", 0, 1.0, 0.2), ("fc2", 0, 0.5, 0.1)])
+    final = ck.tensors(ck.final)
+    z = [{k: (t.double() - final[k].double()) for k, t in v.overrides().items()} for v in vs[1:3]]
+    for k in z[0]:
+        torch.testing.assert_close(z[1][k], 2 * z[0][k], rtol=1e-5, atol=1e-7)
+    th0 = ck.tensors(0)
+    half = {k: t.double() - (0.5 * th0[k].double() + 0.5 * final[k].double())
+            for k, t in vs[3].overrides().items()}
+    for k in z[0]:
+        torch.testing.assert_close(half[k], z[0][k], rtol=1e-5, atol=1e-7)
+
+
+def test_interp_measures_the_final_distance_and_the_grid_shows_spread(ckpts, tmp_path,
+                                                                      capsys) -> None:
+    """With --checkpoints 0, distances.csv held only zeros: ‖θ^final − θ⁰‖, the far end of
+    every interpolation, is measured too. Several seeds show mean (sd) per cell."""
+    rc, text, err = cli(["analyze", "--arch", "fcn3x256", "--ckpts", ckpts, "--out", tmp_path,
+                         "--quiet", "--reset", "interp", "--alphas", "0.5", "--sigma", "0.02,0.05",
+                         "--seeds", "2", "--checkpoints", "0", "--units", "fc1"], capsys)
+    assert rc == 0, err
+    dist = (tmp_path / "distances.csv").read_text().splitlines()
+    final = _final(ckpts)
+    assert [line.split(",")[1] for line in dist[1:]] == ["0", str(final)]
+    assert float(dist[2].split(",")[2]) > 0
+    grid = text.split("interp: ")[1].splitlines()
+    assert "+ noise; mean (sd) of 2 seeds" in grid[0]
+    assert grid[1].split() == ["unit", "tau", "sigma", "alpha=0.5"]
+    assert [line.split()[2] for line in grid[2:4]] == ["0.02", "0.05"]
+    assert all(line.count("(") == 1 for line in grid[2:4])
+    assert "threshold:" not in text  # no verdicts in an interp-only run
+
+
+def test_grid_labels_stay_apart_and_many_alphas_are_cut() -> None:
+    import pandas as pd
+
+    from layerfast.report.terminal import MAX_ALPHA_COLS, summary_table
+
+    rows = [dict(unit="*", kind="baseline", checkpoint=pd.NA, seed=pd.NA, error=0.1, error_lo=0.0,
+                 error_hi=0.2, top5_error=0.0, loss=0.3, agreement=1.0, n=100, delta_error=0.0,
+                 verdict="", alpha=float("nan"), sigma=float("nan"))]
+    alphas = [0.1234567, 0.1234568, *[i / 40 for i in range(20)]]
+    for a in alphas:
+        rows.append({**rows[0], "unit": "fc1", "kind": "interp", "checkpoint": 0, "alpha": a,
+                     "sigma": 0.0})
+    text = summary_table(pd.DataFrame(rows))
+    head = next(line for line in text.splitlines() if line.startswith("unit"))
+    labels = [c for c in head.split() if c.startswith("alpha=")]
+    assert len(labels) == MAX_ALPHA_COLS and len(set(labels)) == len(labels)
+    assert "alpha=0.1234567" in labels and "..." in head

@@ -121,7 +121,12 @@ def _read(path: Path, what: str, columns: tuple[str, ...], text: tuple[str, ...]
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise LayerfastError(f"{path} is missing column(s) {', '.join(missing)}")
-    if optional and all(c in df.columns for c in optional):  # all or none: kept together
+    found = [c for c in optional if c in df.columns]
+    if found and len(found) < len(optional):  # kept together or not at all
+        missing = [c for c in optional if c not in df.columns]
+        raise LayerfastError(f"{path} has column(s) {', '.join(found)} but not "
+                             f"{', '.join(missing)}")
+    if found:
         columns = (*columns, *optional)
     df = df[list(columns)].copy()
     for col in text:
@@ -214,9 +219,10 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
         _checked(p, df, col, None, np.array([v is not None and v < 0 for v in ints], dtype=bool),
                  "a whole number >= 0 or empty")
         out[col] = pd.array([pd.NA if v is None else v for v in ints], dtype="Int64")
-    needs_tau = df["kind"].isin(["reinit", "fullmodel"]).to_numpy() & out["checkpoint"].isna()
+    needs_tau = (df["kind"].isin(["reinit", "fullmodel", "interp"]).to_numpy()
+                 & out["checkpoint"].isna())
     _checked(p, df, "checkpoint", None, np.asarray(needs_tau, dtype=bool),
-             "a checkpoint τ (reinit/fullmodel rows need one)")
+             "a checkpoint τ (reinit/fullmodel/interp rows need one)")
     ranges = {
         "error": (0.0, 1.0, True),
         "error_lo": (0.0, 1.0, True),
@@ -239,21 +245,27 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     out["n"] = n
     for col in ("unit", "kind", "verdict"):
         out[col] = df[col]
-    extra = _interp_columns(p, df) if INTERP_COLUMNS[0] in df.columns else {}
+    interp = (df["kind"] == "interp").to_numpy()
+    if interp.any() and INTERP_COLUMNS[0] not in df.columns:
+        raise _bad(p, "kind", interp, df["kind"], "a kind without alpha and sigma columns")
+    extra = _interp_columns(p, df, interp) if INTERP_COLUMNS[0] in df.columns else {}
     out.update(extra)
     cols = [*COLUMNS, *extra]
     return pd.DataFrame({c: out[c] for c in cols}, index=df.index)[cols]
 
 
-def _interp_columns(path: Path, df: pd.DataFrame) -> dict[str, np.ndarray]:
+def _interp_columns(path: Path, df: pd.DataFrame, interp: np.ndarray) -> dict[str, np.ndarray]:
     """`alpha` and `sigma`, which results_table appends when a run has interp rows: kept, so
-    `layerfast report` still tells those rows apart; any finite number, σ >= 0, or empty."""
+    `layerfast report` still tells those rows apart. On interp rows a finite number (σ >= 0),
+    elsewhere empty."""
     out = {}
     for col in INTERP_COLUMNS:
         v = _numbers(path, df, col)
-        wrong = ~np.isnan(v) & (~np.isfinite(v) | ((v < 0) if col == "sigma" else False))
-        out[col] = _checked(path, df, col, v, wrong, "a finite number" + (
-            " >= 0" if col == "sigma" else ""))
+        empty = np.isnan(v)
+        wrong = interp & (empty | ~np.isfinite(v) | ((v < 0) if col == "sigma" else False))
+        _checked(path, df, col, v, wrong,
+                 "a finite number" + (" >= 0" if col == "sigma" else "") + " (an interp row)")
+        out[col] = _checked(path, df, col, v, ~interp & ~empty, "empty (not an interp row)")
     return out
 
 

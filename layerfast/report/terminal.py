@@ -18,6 +18,9 @@ from layerfast.report.tables import tau_of, unit_order
 
 __all__ = ["summary_table"]
 
+#: The interp grid shows at most this many α columns (the first and last half of them).
+MAX_ALPHA_COLS = 12
+
 
 def _pct(v: float) -> str:
     return "-" if v is None or not math.isfinite(v) else f"{100 * v:.2f}%"
@@ -59,19 +62,32 @@ def _align(rows: list[list[str]], right: set[int]) -> list[str]:
     return out
 
 
+def _labels(values: Sequence[float]) -> list[str]:
+    """Short labels (`:g`), or exact ones (`repr`) when the short ones would repeat a label."""
+    short = [f"{v:g}" for v in values]
+    return short if len(set(short)) == len(short) else [repr(v) for v in values]
+
+
 def _interp_lines(table: pd.DataFrame) -> list[str]:
     """The interp rows as a grid: a line per unit and τ (and σ, when several), a column per α,
-    the test error in each cell (the mean over seeds when σ > 0 drew several). Where a unit
-    stays within the threshold as α falls toward 0 is what module criticality reads."""
+    the test error in each cell (mean and sample sd over the seeds when σ > 0 drew several).
+    Where a unit stays within the threshold as α falls toward 0 is what module criticality
+    reads. Past `MAX_ALPHA_COLS` α the middle ones are left out (results.csv has them all)."""
     ip = table[table["kind"].astype(str) == "interp"]
     if not len(ip) or "alpha" not in ip.columns:
         return []
     sig = (ip["sigma"] if "sigma" in ip.columns else pd.Series(0.0, index=ip.index)).fillna(0.0)
     alphas = sorted({float(a) for a in ip["alpha"].dropna()})
     sigmas = sorted({float(x) for x in sig})
+    shown = list(range(len(alphas)))
+    if len(alphas) > MAX_ALPHA_COLS:
+        half = MAX_ALPHA_COLS // 2
+        shown = [*shown[:half], -1, *shown[-half:]]
+    names = _labels(alphas)
     head = ["unit", "tau", *(["sigma"] if len(sigmas) > 1 else []),
-            *(f"alpha={a:g}" for a in alphas)]
-    rows, per_cell = [head], 1
+            *("..." if j < 0 else f"alpha={names[j]}" for j in shown)]
+    sig_names = dict(zip(sigmas, _labels(sigmas), strict=True))
+    rows, counts = [head], set()
     for unit in unit_order(ip["unit"].astype(str)):
         u = ip[ip["unit"].astype(str) == unit]
         for tau in sorted({int(t) for t in u["checkpoint"].dropna()}):
@@ -79,16 +95,25 @@ def _interp_lines(table: pd.DataFrame) -> list[str]:
                 sel = u[(u["checkpoint"] == tau).to_numpy() & (sig[u.index] == x).to_numpy()]
                 if not len(sel):
                     continue
-                row = [unit, str(tau), *([f"{x:g}"] if len(sigmas) > 1 else [])]
-                for a in alphas:
-                    errs = sel.loc[sel["alpha"] == a, "error"]
-                    per_cell = max(per_cell, len(errs))
-                    row.append(_pct(float(errs.mean())) if len(errs) else "-")
+                row = [unit, str(tau), *([sig_names[x]] if len(sigmas) > 1 else [])]
+                for j in shown:
+                    if j < 0:
+                        row.append("...")
+                        continue
+                    errs = sel.loc[sel["alpha"] == alphas[j], "error"].to_numpy(dtype=np.float64)
+                    counts.add(len(errs))
+                    cell = _pct(float(errs.mean())) if len(errs) else "-"
+                    if len(errs) > 1:
+                        cell += f" ({100 * float(errs.std(ddof=1)):.2f})"
+                    row.append(cell)
                 rows.append(row)
     noise = ""
     if sigmas[-1] > 0:
-        noise = f" + noise (sigma={sigmas[0]:g})" if len(sigmas) == 1 else " + noise (sigma)"
-    mean = f"; mean of {per_cell} seeds" if per_cell > 1 else ""
+        noise = f" + noise (sigma={sig_names[sigmas[0]]})" if len(sigmas) == 1 else " + noise"
+    many = max(counts, default=1)
+    mean = ""
+    if many > 1:
+        mean = f"; mean (sd) of {many} seeds" if counts <= {0, many} else "; mean (sd) over seeds"
     title = f"interp: unit := (1-alpha)*theta^tau + alpha*theta^final{noise}{mean}"
     return [title, *_align(rows, set(range(1, len(head))))]
 
@@ -215,8 +240,9 @@ def summary_table(
 
     text = _align(lines, right)
     grid = _interp_lines(table)
-    rule = "-" * max(len(s) for s in [*text, *grid[1:]])
-    body = [rule, text[0], rule, *text[1:]] if len(lines) > 1 else []  # none for interp alone
+    table_shown = len(lines) > 1  # no per-unit table for interp alone
+    rule = "-" * max(len(s) for s in [*(text if table_shown else []), *grid])
+    body = [rule, text[0], rule, *text[1:]] if table_shown else []
     if grid:
         body += [rule, *grid]
     if len(base):
@@ -231,7 +257,7 @@ def summary_table(
     foot = [
         f"threshold: robust <=> error - baseline error <= {threshold:g} "
         f"({100 * threshold:g} points), else critical",
-    ]
+    ] if pending or not grid else []  # interp rows alone: no verdict anywhere
     if len(seeds) > 1:
         foot.append(f"rerandom: mean (sample sd) of the error over {len(seeds)} seeds, in % points")
     if tau0 is not None and len(full):

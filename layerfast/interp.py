@@ -1,0 +1,94 @@
+"""`--reset interp --alphas A,... [--sigma S,...]`: what `analyze` asks of DESIGN §3's interp kind.
+
+Each unit := (1 − α)·θ^τ + α·θ^final (+ σ·N(0, 1) on its floating parameters), for every chosen
+τ but the final one (from the final, every α is the baseline) and every α and σ: module
+criticality (Chatterji, Neyshabur & Sedghi, 2020) reads how far α can fall toward θ^τ, under
+how much noise, before the error leaves the baseline's. The variants themselves are built by
+`variants.make_variants(interp=...)`; this module only reads and checks the options.
+
+α is an interpolation weight, so it must lie in [0, 1]: beyond, the line extrapolates, and
+BatchNorm variances (interpolated like weights) can turn negative, which gives NaN logits that
+read as an error rate. σ is an absolute standard deviation (not relative to the weights' scale)
+and must be >= 0. Values are kept in the order given, without repeats, and -0.0 is 0.0, so that
+run.json and the resume fingerprint do not tell apart requests that evaluate the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from layerfast.errors import LayerfastError
+
+#: More values than any sweep needs: each is a variant of every unit and τ (a typo, not a study).
+MAX_VALUES = 1000
+
+
+def parse_numbers(value: Any, flag: str, example: str) -> list[float]:
+    """`value` as finite floats without repeats, in order: a comma-separated string (the CLI),
+    a number (also NumPy's and 0-d tensors), or an iterable of numbers."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items: list[Any] = [v for v in value.split(",") if v.strip()]
+    else:
+        try:
+            items = list(value)
+        except TypeError:  # a scalar: float, np.float32, np.int64, a 0-d array or tensor
+            items = [value]
+    out: list[float] = []
+    for item in items:
+        try:
+            v = math.nan if isinstance(item, bool) else float(item)
+        except (TypeError, ValueError):
+            v = math.nan
+        if not math.isfinite(v):
+            raise LayerfastError(f"{flag} takes finite numbers like {example}; got {item!r}")
+        out.append(v + 0.0)  # -0.0 -> 0.0
+    out = list(dict.fromkeys(out))
+    if not out:
+        raise LayerfastError(f"{flag} names no value; give numbers like {example}")
+    if len(out) > MAX_VALUES:
+        raise LayerfastError(f"{flag} names more than {MAX_VALUES} values: ask for fewer")
+    return out
+
+
+def interp_options(resets: Sequence[str], alphas: Any,
+                   sigma: Any) -> tuple[list[float], list[float]] | None:
+    """(alphas, sigmas) when `resets` asks for interp, else None, after checking the options
+    agree with `--reset`: an α or σ that would change nothing is an error, not a run that
+    ignores it."""
+    alpha_list = parse_numbers(alphas, "--alphas", "0.25,0.5,0.75")
+    sigmas = parse_numbers(sigma, "--sigma", "0,0.01")
+    if "interp" not in resets:
+        if alpha_list or any(sigmas):
+            flag = "--alphas" if alpha_list else "--sigma"
+            raise LayerfastError(f"{flag} is for interpolation: add interp to --reset "
+                                 f"(now {','.join(resets)})")
+        return None
+    if not alpha_list:
+        raise LayerfastError("--reset interp needs --alphas, e.g. --alphas 0.25,0.5,0.75: each "
+                             "unit := (1 - alpha)·θ^τ + alpha·θ^final")
+    outside = [a for a in alpha_list if not 0 <= a <= 1]
+    if outside:
+        raise LayerfastError(
+            f"--alphas must lie in [0, 1]; got {outside[0]:g}: beyond, the line from θ^τ to "
+            "θ^final extrapolates, and BatchNorm variances can turn negative")
+    negative = [s for s in sigmas if s < 0]
+    if negative:
+        raise LayerfastError(f"--sigma must be >= 0 (a standard deviation); got {negative[0]:g}")
+    return alpha_list, sigmas or [0.0]
+
+
+def interp_requests(units: Iterable[Any], taus: Sequence[int], final: int,
+                    alphas: Sequence[float],
+                    sigmas: Sequence[float]) -> list[tuple[str, int, float, float]]:
+    """`make_variants`'s interp requests: per unit, τ, σ, α (the summary's grid order), every
+    chosen τ but the final one."""
+    earlier = [t for t in taus if t != final]
+    if not earlier:
+        raise LayerfastError(f"interp interpolates from a checkpoint τ toward the final model "
+                             f"(τ={final}), and the only checkpoint chosen is the final one: "
+                             "choose an earlier one with --checkpoints")
+    return [(u.name, t, a, s) for u in units for t in earlier for s in sigmas for a in alphas]
