@@ -192,8 +192,8 @@ def parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--reset", default="reinit,rerandom,fullmodel",
-        help="kinds, comma-separated: reinit, rerandom, fullmodel (default: these three), and "
-        "interp (with --alphas; list the other kinds too to keep them)",
+        help="kinds, comma-separated (default: reinit,rerandom,fullmodel); also interp, with "
+        "--alphas (it replaces the default: list the other kinds with it to keep them)",
     )
     a.add_argument(
         "--alphas", default=None, metavar="A[,A...]",
