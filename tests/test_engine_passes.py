@@ -190,3 +190,42 @@ def test_a_model_that_cannot_run_channels_last_falls_back_or_says_so() -> None:
     assert not ev.channels_last and res.n == 8 and torch.equal(res.counts, ref.counts)
     ok = Evaluator(VGGish(), [{}], device="cpu", layout="channels_last")
     assert ok.settle_layout(torch.zeros(2, 1, 8, 8)) and ok.channels_last
+
+
+def test_a_units_variants_stay_in_one_pass_so_fan_out_gives_the_one_pass_bits() -> None:
+    """split_passes filled each pass greedily and cut a unit's group at the pass boundary: its
+    pieces fanned out apart (or, one left alone, ran swapped), and on a ResNet, where a fanned
+    group's logits depend on its width in the last bits, results depended on the split (7 of
+    71 rows of a ResNet-20 study, bf16: up to 1 sample). A group that fits is now never cut."""
+    from layerfast.models import build_model
+    from layerfast.units import make_units
+
+    torch.manual_seed(0)
+    model, spec = build_model("resnet20", 10, (1, 8, 8))
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    variants: list[dict[str, torch.Tensor]] = [{}]
+    for u in make_units(model, granularity="block", arch=spec):
+        sd = model.state_dict()
+        for _ in range(3):
+            variants.append({k: sd[k] + 0.2 * torch.randn(sd[k].shape, generator=g) * sd[k].std()
+                             if sd[k].is_floating_point() and sd[k].numel() > 1 else sd[k]
+                             for k in u.keys})
+    x, y = torch.randn(96, 1, 8, 8, generator=g), torch.randint(0, 10, (96,), generator=g)
+    batches = [(x[i:i + 40], y[i:i + 40]) for i in range(0, 96, 40)]
+    group = max(sum(t.numel() * t.element_size() for v in variants[i:i + 3] for t in v.values())
+                for i in range(1, len(variants), 3))
+
+    def run(stage_bytes: int | None):
+        # bf16: there a fanned group's logits depend on its width (in fp32 here they did not)
+        ev = Evaluator(model, variants, device="cpu", fanout=True, stage_bytes=stage_bytes,
+                       precision="bf16")
+        return ev.run(batches), ev
+
+    one, _ = run(None)
+    many, ev = run(group + group // 3)  # a group and a bit: greedy filling cut groups here
+    assert many.plan["passes"] > 2
+    keys = [frozenset(v) for v in variants]
+    for p in ev.passes():  # each unit's three variants in one pass
+        assert all(keys.count(keys[i]) == sum(keys[j] == keys[i] for j in p) for i in p if i)
+    assert torch.equal(many.counts, one.counts) and many.plan["fanned_variants"] == 33

@@ -192,24 +192,35 @@ def stage_limit(model_bytes: int) -> int:
 
 def split_passes(keysets: list[frozenset[str]], sizes: list[int], limit: int) -> list[list[int]]:
     """Variant indices, in passes whose staged bytes (`sizes`) stay within `limit` (a variant
-    larger than the limit gets a pass of its own). Variants overriding the same keys stay
-    together where they fit, so a unit's variants still fan out as one group; within a pass
-    indices ascend. One pass holding every variant when all fit."""
+    larger than the limit gets a pass of its own). Variants overriding the same keys (a unit's)
+    form a group, and a group that fits within the limit is never split: it goes whole into
+    the first pass with room for it (first fit, in variant order), else into a new one. So a
+    unit's variants fan out as one group whatever the split, and the results are those of one
+    pass, bit for bit. Only a group larger than the limit itself is cut, into pieces that each
+    fill a new pass. Within a pass indices ascend. One pass holding every variant when all fit."""
     if sum(sizes) <= limit:
         return [list(range(len(sizes)))]
     by_keys: dict[frozenset[str], list[int]] = defaultdict(list)
     for i, keys in enumerate(keysets):
         by_keys[keys].append(i)
     passes: list[list[int]] = []
-    cur: list[int] = []
-    used = 0
+    used: list[int] = []
     for members in by_keys.values():
+        group = sum(sizes[i] for i in members)
+        if group <= limit:
+            j = next((j for j, u in enumerate(used) if u + group <= limit), len(passes))
+            if j == len(passes):
+                passes.append([])
+                used.append(0)
+            passes[j] += members
+            used[j] += group
+            continue
+        passes.append([])  # too big for any pass: cut where each new pass is full
+        used.append(0)
         for i in members:
-            if cur and used + sizes[i] > limit:
-                passes.append(sorted(cur))
-                cur, used = [], 0
-            cur.append(i)
-            used += sizes[i]
-    if cur:
-        passes.append(sorted(cur))
-    return passes
+            if passes[-1] and used[-1] + sizes[i] > limit:
+                passes.append([])
+                used.append(0)
+            passes[-1].append(i)
+            used[-1] += sizes[i]
+    return [sorted(p) for p in passes]
