@@ -522,7 +522,10 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
             **({"alphas": interp[0], "sigma": interp[1]} if interp else {}),
             "device": str(ev.device), "precision": ev.precision, "batch_size": ev.batch_size,
             "fanout": ev.fanout, "max_fanout": ev.max_fanout, "channels_last": ev.channels_last,
-            "passes": len(ev.passes()),  # progress counts samples over the passes
+            # progress counts samples over the passes, pass-major: which variants each pass
+            # holds decides what a resumed count continues (a hash: 100s of indices)
+            "passes": len(ev.passes()),
+            "pass_layout": hashlib.sha256(json.dumps(ev.passes()).encode()).hexdigest()[:16],
         }
         t_build = time.perf_counter() - t0
         path, created = _out_dir(out, arch, fingerprint)

@@ -41,7 +41,7 @@ def parse_numbers(value: Any, flag: str, example: str) -> list[float]:
     for item in items:
         try:
             v = math.nan if isinstance(item, bool) else float(item)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # 10**400 overflows a float
             v = math.nan
         if not math.isfinite(v):
             raise LayerfastError(f"{flag} takes finite numbers like {example}; got {item!r}")

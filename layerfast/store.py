@@ -45,8 +45,11 @@ _CANNOT_WRITE = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQ
 
 FILENAME = "progress.sqlite"
 LOCKNAME = ".layerfast.lock"
-#: Bumped whenever the tables change, so an old store is refused instead of misread.
-SCHEMA = "2"
+#: Bumped whenever the tables change, or what a fingerprint evaluates does (the variants'
+#: tensors, the split into passes, how a group fans out), so an old store is refused instead of
+#: misread or continued with other numbers. 3: rerandom draws from contiguous copies (under
+#: channels_last they drew others) and units kept whole in one pass (session 13).
+SCHEMA = "3"
 
 
 @dataclass

@@ -229,3 +229,11 @@ def test_a_units_variants_stay_in_one_pass_so_fan_out_gives_the_one_pass_bits() 
     for p in ev.passes():  # each unit's three variants in one pass
         assert all(keys.count(keys[i]) == sum(keys[j] == keys[i] for j in p) for i in p if i)
     assert torch.equal(many.counts, one.counts) and many.plan["fanned_variants"] == 33
+
+
+def test_a_unit_too_big_for_a_pass_fills_the_room_others_left() -> None:
+    """A unit larger than the limit is cut; its pieces used to start a new pass each, never
+    the room earlier passes had left (ResNet-50 at 101 checkpoints: 23 passes instead of 21)."""
+    a, b = frozenset({"a"}), frozenset({"b"})
+    assert split_passes([a] * 5 + [b], [4] * 5 + [3], 8) == [[0, 1], [2, 3], [4, 5]]
+    assert split_passes([b, a, a, a], [3, 4, 4, 4], 8) == [[0, 1], [2, 3]]

@@ -301,3 +301,24 @@ def test_grid_labels_stay_apart_and_many_alphas_are_cut() -> None:
     labels = [c for c in head.split() if c.startswith("alpha=")]
     assert len(labels) == MAX_ALPHA_COLS and len(set(labels)) == len(labels)
     assert "alpha=0.1234567" in labels and "..." in head
+
+
+def test_report_of_a_baseline_alone_prints_its_table(tmp_path, capsys) -> None:
+    """A results.csv holding only the baseline row: summary_table's rule took the max of an
+    empty list (a traceback) once the per-unit table was hidden for interp-only runs."""
+    from layerfast.report.terminal import summary_table
+
+    (tmp_path / "results.csv").write_text(HEAD + "\n" + BASE + "\n")
+    from layerfast.report import read_results
+
+    text = summary_table(read_results(tmp_path / "results.csv"))
+    assert text.splitlines()[0].startswith("baseline test error 10.00%")
+    rc, _, err = cli(["report", tmp_path], capsys)
+    assert "Traceback" not in err
+
+
+def test_parse_numbers_refuses_an_overflowing_int() -> None:
+    from layerfast.interp import parse_numbers
+
+    with pytest.raises(LayerfastError, match="finite numbers"):
+        parse_numbers([10**400], "--alphas", "0.5")

@@ -196,8 +196,9 @@ def split_passes(keysets: list[frozenset[str]], sizes: list[int], limit: int) ->
     form a group, and a group that fits within the limit is never split: it goes whole into
     the first pass with room for it (first fit, in variant order), else into a new one. So a
     unit's variants fan out as one group whatever the split, and the results are those of one
-    pass, bit for bit. Only a group larger than the limit itself is cut, into pieces that each
-    fill a new pass. Within a pass indices ascend. One pass holding every variant when all fit."""
+    pass, bit for bit. Only a group larger than the limit itself is cut: its variants go, in
+    order, into the pass the previous one went to while it has room, else into the first with
+    room (or a new one). Within a pass indices ascend. One pass holding every variant when all fit."""
     if sum(sizes) <= limit:
         return [list(range(len(sizes)))]
     by_keys: dict[frozenset[str], list[int]] = defaultdict(list)
@@ -215,12 +216,13 @@ def split_passes(keysets: list[frozenset[str]], sizes: list[int], limit: int) ->
             passes[j] += members
             used[j] += group
             continue
-        passes.append([])  # too big for any pass: cut where each new pass is full
-        used.append(0)
+        j = None  # too big for any pass: cut, each piece as long as its pass allows
         for i in members:
-            if passes[-1] and used[-1] + sizes[i] > limit:
-                passes.append([])
-                used.append(0)
-            passes[-1].append(i)
-            used[-1] += sizes[i]
+            if j is None or used[j] + sizes[i] > limit:
+                j = next((j for j, u in enumerate(used) if u + sizes[i] <= limit), len(passes))
+                if j == len(passes):
+                    passes.append([])
+                    used.append(0)
+            passes[j].append(i)
+            used[j] += sizes[i]
     return [sorted(p) for p in passes]

@@ -240,7 +240,7 @@ def summary_table(
 
     text = _align(lines, right)
     grid = _interp_lines(table)
-    table_shown = len(lines) > 1  # no per-unit table for interp alone
+    table_shown = len(lines) > 1 or not grid  # no empty per-unit table above an interp grid
     rule = "-" * max(len(s) for s in [*(text if table_shown else []), *grid])
     body = [rule, text[0], rule, *text[1:]] if table_shown else []
     if grid:
