@@ -134,6 +134,8 @@ class ResumeStore:
                 raise self._damaged(f"its fingerprint is not a JSON object ({exc})") from None
             new = json.loads(self.fingerprint)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if len(diff) > 1 and "pass_layout" in diff:  # follows from the others: not news
+                diff.remove("pass_layout")
             self.close()
             raise LayerfastError(f"{out} holds {_what_differs(diff)}; pass --fresh to start "
                                  "over there, or choose another --out")
@@ -214,7 +216,7 @@ class ResumeStore:
 
 #: Fingerprint keys the engine derives from the machine and the code, not from the arguments.
 _PLAN_KEYS = frozenset({"device", "precision", "batch_size", "fanout", "max_fanout",
-                        "channels_last", "passes"})
+                        "channels_last", "passes", "pass_layout"})
 #: Keys that change when the files on disk change under the same arguments.
 _INPUT_KEYS = frozenset({"files", "data_files", "n"})
 #: Plan keys an option can also set: the same command on another machine or version changes

@@ -237,3 +237,35 @@ def test_a_unit_too_big_for_a_pass_fills_the_room_others_left() -> None:
     a, b = frozenset({"a"}), frozenset({"b"})
     assert split_passes([a] * 5 + [b], [4] * 5 + [3], 8) == [[0, 1], [2, 3], [4, 5]]
     assert split_passes([b, a, a, a], [3, 4, 4, 4], 8) == [[0, 1], [2, 3]]
+
+
+def test_fan_out_width_does_not_depend_on_the_split() -> None:
+    """K (variants per fanned chunk) was sized per pass from the largest activation that pass
+    kept: a ResNet-20 study got K = 2 in one pass and 5 and 11 in the passes of a split, so a
+    unit's chunks, and on a GPU the last bits of its logits, depended on the split. It is now
+    sized once from the cuts of every variant."""
+    from layerfast.models import build_model
+    from layerfast.units import make_units
+
+    torch.manual_seed(0)
+    model, spec = build_model("resnet20", 10, (1, 8, 8))
+    variants: list[dict[str, torch.Tensor]] = [{}]
+    for u in make_units(model, granularity="block", arch=spec):
+        sd = model.state_dict()
+        for s in range(6):
+            variants.append({k: sd[k] * (1 + 0.01 * (s + 1)) for k in u.keys})
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 64, 32)]
+    unit_bytes = max(sum(t.numel() * t.element_size() for t in v.values()) for v in variants) * 6
+
+    def kmax(stage_bytes: int | None) -> tuple[dict[frozenset[int], int], int]:
+        ev = Evaluator(model, variants, device="cpu", fanout=True, stage_bytes=stage_bytes,
+                       memory_fraction=1e-4)  # a budget small enough that K depends on it
+        res = ev.run(batches)
+        return {frozenset(g.members): g.kmax for g in ev.last_plan.groups if g.fan}, \
+            res.plan["passes"]
+
+    one, p1 = kmax(None)
+    many, p2 = kmax(unit_bytes)
+    assert p1 == 1 and p2 > 2
+    assert 1 < min(one.values()) < 32 and many == one  # K set by the budget, not the cap

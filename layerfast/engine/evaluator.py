@@ -152,6 +152,10 @@ class Evaluator:
         # model's size); more variants than that are evaluated in several passes over the data.
         self.stage_bytes = stage_bytes
         self._passes: list[list[int]] | None = None
+        # Bytes per sample K is sized from (`_size_groups`): measured over the cuts of the plan
+        # of ALL variants (`_probe`). Measured per pass, it depended on the units in the pass,
+        # and so a unit's fanned chunks, and the last bits of its logits, on the split.
+        self._k_peak: float | None = None
         # Whether the traced program computes the model's forward: None until checked on the
         # first batch (`_verified`), then True, or why not (the model then runs untraced).
         self._trace_ok: bool | str | None = None
@@ -240,6 +244,14 @@ class Evaluator:
             )
         if P > 1 and start and not source:
             raise LayerfastError("resuming needs a DataSource, not a plain iterable of batches")
+        if P > 1 and self._k_peak is None and self.fanout:
+            # K from every variant's cuts, not each pass's own: the same K whatever the split
+            if hasattr(data, "batches") and hasattr(data, "shape"):
+                self._probe(torch.zeros((2, *data.shape), dtype=self._input_dtype()))
+            else:
+                first = next(iter(data), None)
+                if first is not None:
+                    self._probe(_pair(first)[0][:2])
         total = (
             torch.zeros(V, 4, dtype=torch.float64)
             if counts is None
@@ -354,24 +366,12 @@ class Evaluator:
         if self._batch_fixed or not (hasattr(data, "batches") and hasattr(data, "shape")):
             return self.batch_size
         self._batch_fixed = True
-        self.settle_layout(torch.zeros((2, *data.shape), dtype=self._input_dtype()))
-        keysets = [set(_keys_of(v)) for v in self.variants]
-        with self._on_device() as cl:
-            prog = Program(self.model)
-            plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
-            x = torch.zeros((2, *data.shape), device=self.device, dtype=self._input_dtype())
-            if cl and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            cache: dict[int, torch.Tensor] = {}
-            try:
-                with precision_context(self.precision, self.device):
-                    prog.run(x, 0, keep=set(plan.cuts), saved=cache)
-            except Exception:  # noqa: BLE001 - the real pass reports the model's error properly
-                return self.batch_size
-        sizes = [
-            t.numel() * t.element_size() / 2 for t in cache.values() if isinstance(t, torch.Tensor)
-        ]
-        peak = max(sizes + [x[0].numel() * x.element_size()])
+        x2 = torch.zeros((2, *data.shape), dtype=self._input_dtype())
+        self.settle_layout(x2)
+        probed = self._probe(x2)
+        if probed is None:  # the real pass reports the model's error properly
+            return self.batch_size
+        sizes, peak, plan = probed
         k = max([min(len(g.members), self.max_fanout) for g in plan.groups if g.fan], default=1)
         cuda = self.device.type == "cuda"
         budget = memory_budget(self.device, self.memory_fraction)
@@ -384,6 +384,31 @@ class Evaluator:
             None if cuda else CPU_TENSOR_CAP,
         )
         return self.batch_size
+
+    def _probe(self, x2: torch.Tensor) -> tuple[list[float], float, Plan] | None:
+        """One forward of the two samples `x2` through the plan of every variant, at the run's
+        precision and layout: the bytes per sample of each kept cut and the largest of them
+        and the input (kept as `_k_peak`, what K is sized from), and that plan. None when the
+        model fails on them."""
+        keysets = [set(_keys_of(v)) for v in self.variants]
+        with self._on_device() as cl:
+            prog = Program(self.model)
+            plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
+            x = x2.to(self.device)
+            if cl and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            cache: dict[int, torch.Tensor] = {}
+            try:
+                with precision_context(self.precision, self.device):
+                    prog.run(x, 0, keep=set(plan.cuts), saved=cache)
+            except Exception:  # noqa: BLE001 - said by the real pass
+                return None
+        n = max(x.shape[0], 1)
+        sizes = [t.numel() * t.element_size() / n for t in cache.values()
+                 if isinstance(t, torch.Tensor)]
+        peak = max(sizes + [x[0].numel() * x.element_size()])
+        self._k_peak = peak
+        return sizes, peak, plan
 
     def settle_layout(self, x: torch.Tensor) -> bool:
         """With channels_last on, check that the model runs in it (a forward doing
@@ -698,9 +723,10 @@ class Evaluator:
 
     def _size_groups(self, plan: Plan, prog: Program, x: torch.Tensor, cache: dict) -> None:
         """Pick K per fanned group from the activation size of one sample."""
-        per_sample = max(
-            [t.numel() * t.element_size() for t in cache.values()] + [x.numel() * x.element_size()]
-        ) / max(x.shape[0], 1)
+        per_sample = self._k_peak  # every variant's cuts (`_probe`), when measured
+        if per_sample is None:
+            per_sample = max([t.numel() * t.element_size() for t in cache.values()]
+                             + [x.numel() * x.element_size()]) / max(x.shape[0], 1)
         budget = memory_budget(self.device, self.memory_fraction)
         batch = self._k_batch or x.shape[0]
         k = choose_kmax(4 * per_sample, batch, budget, self.max_fanout)
