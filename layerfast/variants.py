@@ -134,13 +134,19 @@ def _cpu_copy(module: nn.Module) -> nn.Module:
     channels_last`) drew other numbers for the same seed, and the rows evaluated other weights
     than distances.csv measured."""
     memo: dict[int, Any] = {}
-    fmt = torch.contiguous_format
     for p in module.parameters():
-        memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True, memory_format=fmt),
-                                   p.requires_grad)
+        memo[id(p)] = nn.Parameter(_contiguous_cpu(p.detach()), p.requires_grad)
     for b in module.buffers():
-        memo[id(b)] = b.detach().to("cpu", copy=True, memory_format=fmt)
+        memo[id(b)] = _contiguous_cpu(b.detach())
     return copy.deepcopy(module, memo)
+
+
+def _contiguous_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU clone of a strided tensor; other layouts (sparse) have no memory format
+    to choose and are cloned as they are."""
+    if t.layout != torch.strided:
+        return t.to("cpu", copy=True)
+    return t.to("cpu", copy=True, memory_format=torch.contiguous_format)
 
 
 def _redraw(module: nn.Module, init: Callable[[nn.Module], None] | None, where: str) -> None:

@@ -66,3 +66,14 @@ def test_rerandom_rows_do_not_depend_on_the_layout(r20_ckpts: Path, tmp_path: Pa
                                torch.tensor(ra["loss"].to_numpy()), rtol=1e-4, atol=0)
     assert ((rb["error"] - ra["error"]).abs() * 120).max() <= 1
     assert a.distances.equals(b.distances)  # and the draws measured are the draws evaluated
+
+
+def test_a_module_with_a_sparse_buffer_is_still_copied() -> None:
+    """The contiguous copy must not refuse tensors without a memory format (sparse)."""
+    from layerfast.variants import _cpu_copy
+
+    m = torch.nn.Linear(3, 2)
+    m.register_buffer("mask", torch.eye(3).to_sparse())
+    c = _cpu_copy(m)
+    assert c.mask.layout == torch.sparse_coo and torch.equal(c.mask.to_dense(), torch.eye(3))
+    assert c.mask is not m.mask and torch.equal(c.weight, m.weight)
