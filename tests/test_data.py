@@ -460,6 +460,17 @@ def test_imagefolder(tmp_path):
     assert torch.equal(X, want)  # the same pixels torchvision's eval transform gives
 
 
+def test_imagefolder_split_folders_in_any_case(tmp_path):
+    """`Train/` and `Val/` were read as two classes named after the splits, both splits' images
+    mixed, without a word (found by a differential test of the data layer)."""
+    pytest.importorskip("PIL")
+    _png_tree(tmp_path, {"Train/cat": [(224, 224)], "Train/dog": [(224, 224)],
+                         "Val/cat": [(224, 224)], "Val/dog": [(224, 224)] * 2})  # fmt: skip
+    test = open_data(f"imagefolder:{tmp_path}")
+    assert (test.n, test.num_classes, test.labels().tolist()) == (3, 2, [0, 1, 1])
+    assert open_data(f"imagefolder:{tmp_path}", split="train").labels().tolist() == [0, 1]
+
+
 def test_imagefolder_errors(tmp_path, monkeypatch):
     pytest.importorskip("PIL")
     _png_tree(tmp_path / "flat", {"a": [(8, 8)], "b": [(9, 7)]})

@@ -64,9 +64,16 @@ def find_samples(directory: Path, split: str) -> tuple[list[Path], list[int], li
         state = "is a file, not a directory" if directory.exists() else "does not exist"
         raise LayerfastError(f"imagefolder: directory {directory} {state}")
     split_names = {s for names in SPLIT_DIRS.values() for s in names}
-    present = [d for d in sorted(directory.iterdir()) if d.is_dir() and d.name in split_names]
+    # in any case (`Train/`, `Val/`): read as class folders, a split folder's name became a
+    # class and both splits' images were mixed, without a word
+    present = [d for d in sorted(directory.iterdir())
+               if d.is_dir() and d.name.lower() in split_names]
     if present:
-        root = next((directory / s for s in SPLIT_DIRS[split] if (directory / s).is_dir()), None)
+        by_name: dict[str, list[Path]] = {}
+        for d in present:
+            by_name.setdefault(d.name.lower(), []).append(d)
+        root = next((min(by_name[s], key=lambda d: d.name != s)  # the lowercase one first
+                     for s in SPLIT_DIRS[split] if s in by_name), None)
         if root is None:
             raise LayerfastError(
                 f"imagefolder: {directory} has split folders {[d.name for d in present]} but no "
