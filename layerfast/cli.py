@@ -95,13 +95,13 @@ class _Parser(argparse.ArgumentParser):
 #: A comma-separated list starting with a negative number (`-1,2`), or one with an exponent
 #: (`-1e-3`): argparse takes it for a flag (only `-1` and `-0.5` alone look like numbers to it)
 #: and reports "expected one argument".
-_NUMBER = r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
-_NEGATIVE_LIST = re.compile(rf"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(\s*,\s*({_NUMBER})?)*")
+_NUMBER = r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+_NEGATIVE_LIST = re.compile(rf"-{_NUMBER}(\s*,\s*(-?{_NUMBER})?)*")
 
 
 def _join_negative_lists(argv: list[str]) -> list[str]:
-    """`--seeds -1,2` -> `--seeds=-1,2` (and `--alphas -0.5,1`), so the value reaches the check that says what is wrong
-    with it instead of argparse's 'expected one argument'."""
+    """`--seeds -1,2` -> `--seeds=-1,2` (and `--alphas -0.5,1`), so the value reaches the check
+    that says what is wrong with it instead of argparse's 'expected one argument'."""
     out: list[str] = []
     for tok in argv:
         prev = out[-1] if out else ""

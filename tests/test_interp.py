@@ -313,8 +313,9 @@ def test_report_of_a_baseline_alone_prints_its_table(tmp_path, capsys) -> None:
 
     text = summary_table(read_results(tmp_path / "results.csv"))
     assert text.splitlines()[0].startswith("baseline test error 10.00%")
-    rc, _, err = cli(["report", tmp_path], capsys)
-    assert "Traceback" not in err
+    rc, out, err = cli(["report", tmp_path], capsys)
+    assert rc == 0 and "Traceback" not in err, err
+    assert out.startswith("baseline test error 10.00%")
 
 
 def test_parse_numbers_refuses_an_overflowing_int() -> None:

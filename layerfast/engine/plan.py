@@ -198,7 +198,8 @@ def split_passes(keysets: list[frozenset[str]], sizes: list[int], limit: int) ->
     unit's variants fan out as one group whatever the split, and the results are those of one
     pass, bit for bit. Only a group larger than the limit itself is cut: its variants go, in
     order, into the pass the previous one went to while it has room, else into the first with
-    room (or a new one). Within a pass indices ascend. One pass holding every variant when all fit."""
+    room (or a new one). Within a pass indices ascend. One pass holding every variant when all
+    fit."""
     if sum(sizes) <= limit:
         return [list(range(len(sizes)))]
     by_keys: dict[frozenset[str], list[int]] = defaultdict(list)
@@ -206,23 +207,26 @@ def split_passes(keysets: list[frozenset[str]], sizes: list[int], limit: int) ->
         by_keys[keys].append(i)
     passes: list[list[int]] = []
     used: list[int] = []
+
+    def first_fit(need: int) -> int:
+        """The first pass with `need` bytes of room, a new one if none has."""
+        j = next((j for j, u in enumerate(used) if u + need <= limit), len(passes))
+        if j == len(passes):
+            passes.append([])
+            used.append(0)
+        return j
+
     for members in by_keys.values():
         group = sum(sizes[i] for i in members)
         if group <= limit:
-            j = next((j for j, u in enumerate(used) if u + group <= limit), len(passes))
-            if j == len(passes):
-                passes.append([])
-                used.append(0)
+            j = first_fit(group)
             passes[j] += members
             used[j] += group
             continue
         j = None  # too big for any pass: cut, each piece as long as its pass allows
         for i in members:
             if j is None or used[j] + sizes[i] > limit:
-                j = next((j for j, u in enumerate(used) if u + sizes[i] <= limit), len(passes))
-                if j == len(passes):
-                    passes.append([])
-                    used.append(0)
+                j = first_fit(sizes[i])
             passes[j].append(i)
             used[j] += sizes[i]
     return [sorted(p) for p in passes]

@@ -114,7 +114,8 @@ def _read(path: Path, what: str, columns: tuple[str, ...], text: tuple[str, ...]
         raise LayerfastError(f"{path} not found: {what}")
     try:
         df = pd.read_csv(
-            path, keep_default_na=False, na_values=[""], dtype={c: str for c in (*columns, *optional)}
+            path, keep_default_na=False, na_values=[""],
+            dtype={c: str for c in (*columns, *optional)},
         )
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise LayerfastError(f"cannot read {path}: {exc}") from exc
@@ -193,7 +194,8 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     from elsewhere (`layerfast report OUT`), every cell is checked against what results_table
     can write, and the first bad one is a LayerfastError naming its column and row (counted
     from 1 below the header): unit and kind non-empty; n a whole number >= 0; checkpoint and
-    seed whole numbers >= 0 or empty (checkpoint required for reinit and fullmodel rows); error,
+    seed whole numbers >= 0 or empty (checkpoint required for reinit, fullmodel and interp
+    rows; their `alpha` and `sigma` too, which other rows leave empty); error,
     its interval, top5_error and agreement in [0, 1], delta_error in [-1, 1], and error,
     its interval, agreement and delta_error present wherever n > 0; loss any number (a
     re-randomized unit can overflow it to inf).
