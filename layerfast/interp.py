@@ -16,6 +16,7 @@ run.json and the resume fingerprint do not tell apart requests that evaluate the
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,6 +24,9 @@ from layerfast.errors import LayerfastError
 
 #: More values than any sweep needs: each is a variant of every unit and τ (a typo, not a study).
 MAX_VALUES = 1000
+
+#: A number as a user writes one: Python's float() also reads "1_0" (as 10), "nan" and "inf".
+_DECIMAL = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", re.ASCII)
 
 
 def parse_numbers(value: Any, flag: str, example: str) -> list[float]:
@@ -40,7 +44,9 @@ def parse_numbers(value: Any, flag: str, example: str) -> list[float]:
     out: list[float] = []
     for item in items:
         try:
-            v = math.nan if isinstance(item, bool) else float(item)
+            plain = not isinstance(item, bool | str) or (
+                isinstance(item, str) and _DECIMAL.fullmatch(item) is not None)
+            v = float(item) if plain else math.nan
         except (TypeError, ValueError, OverflowError):  # 10**400 overflows a float
             v = math.nan
         if not math.isfinite(v):

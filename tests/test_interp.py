@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -323,3 +324,19 @@ def test_parse_numbers_refuses_an_overflowing_int() -> None:
 
     with pytest.raises(LayerfastError, match="finite numbers"):
         parse_numbers([10**400], "--alphas", "0.5")
+
+
+@pytest.mark.parametrize("text", ["1_0", "0_5", "inf", "nan", "-Infinity", "0x1", "١", "1 e2"])
+def test_parse_numbers_reads_only_plain_decimals(text: str) -> None:
+    """float() reads "1_0" as 10 and "١" as 1: a typo must not become another value."""
+    from layerfast.interp import parse_numbers
+
+    with pytest.raises(LayerfastError, match=f"finite numbers like 0.5; got '{text}'"):
+        parse_numbers(f"0.25,{text}", "--alphas", "0.5")
+
+
+def test_parse_numbers_reads_what_users_write() -> None:
+    from layerfast.interp import parse_numbers
+
+    assert parse_numbers(" 0.5, 1,.25 ,1e-1,-0,+2E0", "--sigma", "0") == [0.5, 1, 0.25, 0.1, 0, 2]
+    assert parse_numbers(["0.5", 0.25, np.float32(0.75)], "--alphas", "0.5") == [0.5, 0.25, 0.75]
