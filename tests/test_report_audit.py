@@ -7,6 +7,7 @@ figure; a legitimate run (no τ = 0, no samples) must still be reported, and rep
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,13 @@ def test_read_results_accepts_infinite_loss(tmp_path: Path) -> None:
         (",reinit,0,,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "unit"),
         ("fc1,,0,,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "kind"),
         ("fc1,reinit,,,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "checkpoint"),
+        # what each kind of row has, and has not (a row no run can write)
+        ("fc1,reinit,0,5,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "seed"),
+        ("fc1,rerandom,,,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "seed"),
+        ("fc1,rerandom,3,1,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "checkpoint"),
+        ("fc1+fc2,joint,,,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "checkpoint"),
+        ("*,fullmodel,0,2,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,", "seed"),
+        ("*,baseline,0,,0.05,0.02,0.11,0.01,0.2,1.0,100,0.0,", "checkpoint"),
     ],
 )
 def test_read_results_bad_cell_is_one_clear_error_naming_the_column(
@@ -124,6 +132,25 @@ def test_read_results_bad_cell_is_one_clear_error_naming_the_column(
     msg = str(info.value)
     assert f"'{column}'" in msg, msg
     assert "row 3" in msg, msg  # the data row, counted from 1 below the header
+
+
+@pytest.mark.parametrize(
+    ("row", "said"),
+    [
+        ("fc1,interp,0,,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical,0.5,0.1", "a seed (interp"),
+        ("fc1,interp,0,3,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical,0.5,0", "draw no noise"),
+    ],
+)
+def test_an_interp_row_has_a_seed_exactly_when_it_has_noise(tmp_path: Path, row: str,
+                                                            said: str) -> None:
+    good = ["fc1,interp,0,,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical,0.5,0",
+            "fc1,interp,0,3,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical,0.5,0.1",
+            "fc1,foo,7,8,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical,,"]  # a kind of the API's user
+    rows = [GOOD_BASE + ",,", GOOD_REINIT + ",,", *good]
+    header = HEADER + ",alpha,sigma"
+    assert len(read_results(write_rows(tmp_path / "results.csv", rows, header))) == 5
+    with pytest.raises(LayerfastError, match=r"'seed', row 6.*" + re.escape(said)):
+        read_results(write_rows(tmp_path / "results.csv", [*rows, row], header))
 
 
 def test_report_cli_bad_results_is_exit_2_without_traceback(

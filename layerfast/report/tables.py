@@ -194,8 +194,10 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     from elsewhere (`layerfast report OUT`), every cell is checked against what results_table
     can write, and the first bad one is a LayerfastError naming its column and row (counted
     from 1 below the header): unit and kind non-empty; n a whole number >= 0; checkpoint and
-    seed whole numbers >= 0 or empty (checkpoint required for reinit, fullmodel and interp
-    rows; their `alpha` and `sigma` too, which other rows leave empty); error,
+    seed whole numbers >= 0 or empty, present where that kind of row has one (checkpoint on
+    reinit, fullmodel, joint and interp rows; seed on rerandom rows and interp rows with
+    σ > 0) and empty where it has none (other kinds, which Python API users may add, are not
+    checked); interp rows' `alpha` and `sigma` finite, which other rows leave empty; error,
     its interval, top5_error and agreement in [0, 1], delta_error in [-1, 1], and error,
     its interval, agreement and delta_error present wherever n > 0; loss any number (a
     re-randomized unit can overflow it to inf).
@@ -221,10 +223,19 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
         _checked(p, df, col, None, np.array([v is not None and v < 0 for v in ints], dtype=bool),
                  "a whole number >= 0 or empty")
         out[col] = pd.array([pd.NA if v is None else v for v in ints], dtype="Int64")
-    needs_tau = (df["kind"].isin(["reinit", "fullmodel", "interp"]).to_numpy()
-                 & out["checkpoint"].isna())
-    _checked(p, df, "checkpoint", None, np.asarray(needs_tau, dtype=bool),
-             "a checkpoint τ (reinit/fullmodel/interp rows need one)")
+    kind = df["kind"].to_numpy()
+    has = {col: ~np.asarray(out[col].isna(), dtype=bool) for col in ("checkpoint", "seed")}
+    for col, kinds, needed in (
+        ("checkpoint", ("reinit", "fullmodel", "joint", "interp"), True),
+        ("checkpoint", ("baseline", "rerandom"), False),
+        ("seed", ("rerandom",), True),
+        ("seed", ("baseline", "reinit", "fullmodel", "joint"), False),
+    ):
+        wrong = np.isin(kind, kinds) & (has[col] != needed)
+        why = "a checkpoint τ" if col == "checkpoint" else "a seed"
+        _checked(p, df, col, None, wrong,
+                 f"{why} ({'/'.join(kinds)} rows need one)" if needed
+                 else f"empty ({'/'.join(kinds)} rows have no {col})")
     ranges = {
         "error": (0.0, 1.0, True),
         "error_lo": (0.0, 1.0, True),
@@ -251,6 +262,11 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     if interp.any() and INTERP_COLUMNS[0] not in df.columns:
         raise _bad(p, "kind", interp, df["kind"], "a kind without alpha and sigma columns")
     extra = _interp_columns(p, df, interp) if INTERP_COLUMNS[0] in df.columns else {}
+    if extra:  # noise is drawn from a seed: an interp row has one exactly when σ > 0
+        noisy = interp & (np.nan_to_num(extra["sigma"]) > 0)
+        _checked(p, df, "seed", None, noisy & ~has["seed"], "a seed (interp rows with sigma > 0)")
+        _checked(p, df, "seed", None, interp & ~noisy & has["seed"],
+                 "empty (interp rows with sigma 0 draw no noise)")
     out.update(extra)
     cols = [*COLUMNS, *extra]
     return pd.DataFrame({c: out[c] for c in cols}, index=df.index)[cols]
