@@ -70,6 +70,32 @@ def test_redraw_run_without_tau0_has_header_only_distances(tmp_path: Path) -> No
     assert not (tmp_path / "distances.png").exists()
 
 
+def test_redraw_replaces_both_figures_or_neither(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a full disk the distance plot failed after the new heatmap had replaced the old one,
+    leaving figures of two different runs side by side."""
+    import layerfast.report as report
+
+    write_csv(small_table(), tmp_path / "results.csv")
+    (tmp_path / "distances.csv").write_text(DIST_HEADER + "\nfc1,0,1.5,0.5,0.2\n")
+    assert redraw(tmp_path) == [tmp_path / "heatmap.png", tmp_path / "distances.png"]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    write_csv(small_table(n=200), tmp_path / "results.csv")  # another heatmap
+
+    def full_disk(*args: object) -> None:
+        raise LayerfastError("cannot write distances.png: No space left on device")
+
+    monkeypatch.setattr(report, "distance_plot", full_disk)
+    with pytest.raises(LayerfastError, match="No space left"):
+        redraw(tmp_path)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after.keys() == before.keys()  # no temporary file left behind
+    assert after["heatmap.png"] == before["heatmap.png"]
+    monkeypatch.undo()
+    redraw(tmp_path)
+    assert (tmp_path / "heatmap.png").read_bytes() != before["heatmap.png"]
+
+
 # ----------------------------------------------------------------------------- read_results
 
 

@@ -11,8 +11,10 @@ its terminal table again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from layerfast.errors import LayerfastError
@@ -85,11 +87,18 @@ def redraw(out_dir: str | os.PathLike[str]) -> list[Path]:
     user gets by pointing `layerfast report` at the wrong directory. A header-only
     distances.csv is what a run without τ = 0 writes (nothing to measure from, no
     distances.png; docs/decisions.md), so it is skipped, as `analyze` skips it. Both CSV files
-    are read and checked before anything is written, so bad input leaves the figures as they were.
+    are read and checked before anything is written, so bad input leaves the figures as they were,
+    and both figures are drawn to temporary files before either replaces its old one, so a full
+    disk cannot leave a new heatmap beside an old distance plot.
     """
     out = Path(out_dir)
     table, dist = _read(out)
-    written = [heatmap(table, out / "heatmap.png")] if has_heatmap(table) else []
+    draws: list[tuple[Callable[..., Path], object, Path]] = []
+    if has_heatmap(table):
+        draws.append((heatmap, table, out / "heatmap.png"))
     if dist is not None and len(dist):
-        written.append(distance_plot(dist, out / "distances.png"))
-    return written
+        draws.append((distance_plot, dist, out / "distances.png"))
+    with contextlib.ExitStack() as moves:  # each moves its file into place when all are drawn
+        for draw, data, target in draws:
+            draw(data, moves.enter_context(atomic_path(target)))
+    return [target for _, _, target in draws]
