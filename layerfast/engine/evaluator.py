@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from layerfast.engine.fanrun import GLUE_MODES, run_fanned, stack_module
-from layerfast.engine.graph import Program, canonical_keys, eager_inplace, no_inplace_modules
+from layerfast.engine.graph import (
+    Program,
+    attributes_kept,
+    canonical_keys,
+    eager_inplace,
+    no_inplace_modules,
+)
 from layerfast.engine.phases import PhaseClock
 from layerfast.engine.plan import (
     B_CPU,
@@ -325,8 +331,9 @@ class Evaluator:
         in-place activations off, inference mode; on exit everything exactly as it came: each
         parameter's and buffer's own tensor object (so its device, layout and any outside
         reference are untouched — moving back would make new tensors, and a model already in
-        channels_last would come back contiguous), and each module's own training flag (a
-        train-mode model may hold frozen eval-mode BNs). Yields whether channels_last is on."""
+        channels_last would come back contiguous), each module's own training flag (a
+        train-mode model may hold frozen eval-mode BNs), and the tensors modules hold as plain
+        attributes (a hook's, such as pruning's `weight`). Yields whether channels_last is on."""
         model, dev = self.model, self.device
         modes = [(m, m.training) for m in model.modules()]
         params = [(p, p.data, p.grad) for p in model.parameters()]
@@ -344,7 +351,8 @@ class Evaluator:
             model.to(dev)
             if cl:
                 model.to(memory_format=torch.channels_last)
-            with no_inplace_modules(model), torch.inference_mode():
+            with no_inplace_modules(model), attributes_kept(list(model.modules())), \
+                    torch.inference_mode():
                 yield cl
         finally:
             for p, data, grad in params:

@@ -335,8 +335,8 @@ def fan_plan(prog: Program, start: int, keys: set[str]) -> FanPlan | None:
         return None  # stacks are per module; the other holder would run with the live tensor
     owner: dict[str, str] = {}
     for s in prog.steps[start + 1 :]:
-        if s.op == "get_attr" and s.keys & keys:
-            return None  # weights read functionally: cannot be fanned
+        if (s.op == "get_attr" or prog.is_opaque(s)) and s.keys & keys:
+            return None  # weights read functionally, or by code the trace does not see
         if s.op == "call_module" and s.keys & keys:
             m = prog.modules[s.target]
             if not _stock(m) or _has_hooks(m):

@@ -161,9 +161,62 @@ class _NotTraced(Exception):
     pass
 
 
-def trace(model: nn.Module) -> fx.Graph:
-    """`torch.fx.symbolic_trace`'s graph, with augmented assignments recorded in place."""
-    return _Tracer().trace(model)
+def trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
+    """`torch.fx.symbolic_trace`'s graph, with augmented assignments recorded in place, and the
+    constants the graph reads by name (`get_attr`) that are not the model's own.
+
+    fx stores a tensor the forward uses but the model does not hold (a module-level constant)
+    as a new attribute of the model (`_tensor_constant0`); those are taken off the user's model
+    again and returned, so tracing leaves it as it was."""
+    before = set(vars(model))
+    try:
+        graph = _Tracer().trace(model)
+    finally:
+        added = {k: vars(model)[k] for k in set(vars(model)) - before}
+        for k in added:
+            delattr(model, k)
+    return graph, added
+
+
+@contextmanager
+def attributes_kept(modules: list[nn.Module]) -> Iterator[None]:
+    """Every tensor a module holds as a plain attribute (not a parameter or buffer) is the same
+    object afterwards, and none is left that was not there: hooks set such attributes while
+    variants run (`torch.nn.utils.prune` recomputes `weight` from the swapped-in
+    `weight_orig` at every call), and the model must come back holding its own."""
+    saved = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)})
+             for m in modules]
+    try:
+        yield
+    finally:
+        for m, kept in saved:
+            for k in [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)]:
+                if k not in kept:
+                    delattr(m, k)
+            for k, v in kept.items():
+                object.__setattr__(m, k, v)
+
+
+def hooked(m: nn.Module) -> bool:
+    """Forward hooks or pre-hooks on `m` itself: code the trace does not see, run at its call."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def global_hooks() -> bool:
+    """Forward hooks or pre-hooks registered for every module (`register_module_forward_hook`)."""
+    return bool(nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
+# Packages whose functions an fx trace records as calls and which are taken as functions of
+# their arguments alone. Any other recorded function is one the user wrapped (`torch.fx.wrap`):
+# the trace does not see its body, which may read any state or write into its arguments.
+_KNOWN_PACKAGES = frozenset({"torch", "torchvision", "_operator", "operator", "builtins", "math"})
+
+
+def _opaque_function(fn: Any) -> bool:
+    mod = getattr(fn, "__module__", None)
+    return not (isinstance(mod, str) and mod.split(".")[0] in _KNOWN_PACKAGES)
 
 
 _trace = trace  # `Program.__init__` has an argument of that name
@@ -374,18 +427,27 @@ class Program:
         self.aliases: dict[str, list[str]] = {}  # canonical key -> all its state-dict names
         for name, key in self.canonical.items():
             self.aliases.setdefault(key, []).append(name)
+        self.constants: dict[str, Any] = {}  # what the trace reads that the model does not hold
         owned = _state_keys(model, self.canonical)
+        # Hooks on the model itself, or on every module, run only when the model is called:
+        # a program of its parts would skip them, so it is one opaque step.
+        whole = hooked(model) or global_hooks()
         try:
-            if not trace:
-                raise _NotTraced("not traced")
-            self._from_fx(_trace(model), owned)
+            if not trace or whole:
+                raise _NotTraced("not traced" if not whole else
+                                 "the model has forward hooks of its own, or global ones")
+            graph, self.constants = _trace(model)
+            self._from_fx(graph, owned)
+            self._check_hooks_run()
             self.traced = True
         except Exception as exc:  # noqa: BLE001 - any trace failure means "no graph"
             self.trace_error = (
                 str(exc) if isinstance(exc, _NotTraced) else f"{type(exc).__name__}: {exc}"
             )
             self.steps = []
-            self._from_children(model, owned)
+            self.constants = {}
+            self._from_children(model, owned, whole)
+        self._mark_opaque()
         self._link()
         self.cuts, self.carrier = self._find_cuts()
         self._settle_inplace(set(self.carrier.values()) | {0})
@@ -437,14 +499,47 @@ class Program:
                 keys = frozenset(owned.get(n.target, ()))
             elif n.op == "get_attr" and n.target in self.canonical:
                 keys = frozenset([self.canonical[n.target]])
+            elif n.op == "get_attr" and n.target in self.modules:  # a module passed to a function
+                keys = frozenset(owned.get(n.target, ()))
             args = conv(n.args)
             kwargs = conv(n.kwargs)
             self.steps.append(Step(i, n.op, n.target, tuple(args), dict(kwargs), keys))
 
-    def _from_children(self, model: nn.Module, owned: dict[str, list[str]]) -> None:
+    def _check_hooks_run(self) -> None:
+        """fx traces through every module it does not keep as a call (`nn.Sequential`, user
+        modules): hooks on one of those would never run in the program, which then is not
+        the forward (a hook that changes nothing on the first batch would pass the check)."""
+        called = {id(m) for s in self.steps if s.op == "call_module"
+                  for m in self.modules[s.target].modules()}
+        for name, m in self.modules.items():
+            if hooked(m) and id(m) not in called:
+                raise _NotTraced(f"module {name!r} has forward hooks, which a traced program "
+                                 "would not run")
+
+    def _mark_opaque(self) -> None:
+        """Steps whose code the program cannot see: a call of a module with hooks on it or
+        inside it, or of a function the user wrapped. Such a step may read any parameter (a hook
+        that gates its output by another module's weight) and write into its arguments (a
+        pre-hook that scales its input in place), so it reads every key and is in place."""
+        every = frozenset(self.canonical.values())
+        self._opaque: frozenset[int] = frozenset(
+            s.index for s in self.steps
+            if (s.op == "call_module" and any(hooked(m) for m in self.modules[s.target].modules()))
+            or (s.op == "call_function" and _opaque_function(s.target))
+        )
+        for i in self._opaque:
+            self.steps[i].keys = every
+
+    def is_opaque(self, s: Step) -> bool:
+        """Whether step s runs code the program cannot see (`_mark_opaque`)."""
+        return s.index in getattr(self, "_opaque", ())
+
+    def _from_children(self, model: nn.Module, owned: dict[str, list[str]],
+                       whole: bool = False) -> None:
         self.steps.append(Step(0, "input", None, (), {}))
         # A subclass with a forward of its own is not its children in order.
-        if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
+        if (not whole and isinstance(model, nn.Sequential)
+                and type(model).forward is nn.Sequential.forward):
             # `_modules`, not `named_children()`: that one skips a module registered twice
             # (Sequential(a, relu, a)), and the program would call it once.
             for name, child in model._modules.items():
@@ -606,6 +701,8 @@ class Program:
         return self._writes_in_place(s)
 
     def _writes_in_place(self, s: Step) -> bool:
+        if self.is_opaque(s):
+            return True
         if s.op == "call_method":
             return (
                 isinstance(s.target, str)
@@ -646,7 +743,9 @@ class Program:
 
     # ---- execution -------------------------------------------------------------------
     def fetch(self, target: str) -> Any:
-        """A parameter, buffer or attribute by its dotted name."""
+        """A parameter, buffer or attribute by its dotted name (or a constant of the trace)."""
+        if target in self.constants:
+            return self.constants[target]
         obj: Any = self.model
         for part in target.split("."):
             obj = getattr(obj, part)
