@@ -15,7 +15,10 @@ op earns its place by a benchmark).
   samples at 56², bf16, channels_last).
 
 Each case runs a fixed, small number of rounds so the CPU suite takes about half a minute. CUDA
-rounds end with `torch.cuda.synchronize()`, so they measure the latency of one call.
+rounds end with `torch.cuda.synchronize()`, so they measure the latency of one call. Before it
+is timed, each case checks once that its way computes what the other way does (the op tests'
+tolerances): a figure for a wrong result would mean nothing. The test suite collects these
+files too and, with timing disabled, runs each case once: the checks run in CI.
 """
 
 from __future__ import annotations
@@ -69,10 +72,27 @@ def _swap_lists(name: str, device: str):
     return a, b
 
 
+def _check_swap(swap, a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    """One call of `swap` on copies exchanges every pair's values (both ways, bit for bit)."""
+    x, y = [t.clone() for t in a], [t.clone() for t in b]
+    swap(x, y)
+    for before_a, before_b, after_a, after_b in zip(a, b, x, y, strict=True):
+        assert torch.equal(after_a, before_b) and torch.equal(after_b, before_a)
+
+
+def _foreach_swap(a: list[torch.Tensor], b: list[torch.Tensor],
+                  tmp: list[torch.Tensor] | None = None) -> None:
+    tmp = tmp if tmp is not None else [torch.empty_like(t) for t in a]
+    torch._foreach_copy_(tmp, a)
+    torch._foreach_copy_(a, b)
+    torch._foreach_copy_(b, tmp)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(LISTS))
 def test_swap_layerfast(benchmark, name, device):
     a, b = _swap_lists(name, device)
+    _check_swap(ops.swap_, a, b)
     benchmark.group = f"swap {name} {device}"
     run = _runner(lambda: ops.swap_(a, b), device)
     benchmark.pedantic(run, rounds=_rounds(device, name == "resnet50"), warmup_rounds=1)
@@ -82,12 +102,11 @@ def test_swap_layerfast(benchmark, name, device):
 @pytest.mark.parametrize("name", list(LISTS))
 def test_swap_foreach_copy(benchmark, name, device):
     a, b = _swap_lists(name, device)
+    _check_swap(_foreach_swap, a, b)
     tmp = [torch.empty_like(t) for t in a]
 
     def swap():
-        torch._foreach_copy_(tmp, a)
-        torch._foreach_copy_(a, b)
-        torch._foreach_copy_(b, tmp)
+        _foreach_swap(a, b, tmp)
 
     benchmark.group = f"swap {name} {device}"
     run = _runner(swap, device)
@@ -104,6 +123,17 @@ def _score_inputs(C: int, device: str, dtype=torch.float32):
     return logits, labels, ref_pred, acc
 
 
+def _check_score(logits, labels, ref_pred) -> None:
+    """score_ and score_reference agree on fresh sums: counts exactly, the loss sum to 1e-5
+    (two summation orders in float64 of float32 terms; tests/test_ops_score.py)."""
+    got, want = (torch.zeros(logits.shape[0], 4, dtype=torch.float64, device=logits.device)
+                 for _ in range(2))
+    ops.score_(logits, labels, ref_pred, got)
+    ops.score_reference(logits, labels, ref_pred, want)
+    torch.testing.assert_close(got[:, [0, 1, 3]], want[:, [0, 1, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(got[:, 2], want[:, 2], rtol=1e-5, atol=1e-5 * logits.shape[1])
+
+
 SCORE_CASES = [
     pytest.param(1000, torch.float32, id="C1000-fp32"),
     pytest.param(10, torch.float32, id="C10-fp32"),
@@ -115,6 +145,7 @@ SCORE_CASES = [
 @pytest.mark.parametrize(("C", "dtype"), SCORE_CASES)
 def test_score_layerfast(benchmark, C, dtype, device):
     logits, labels, ref_pred, acc = _score_inputs(C, device, dtype)
+    _check_score(logits, labels, ref_pred)
     benchmark.group = f"score V=32 B=256 C={C} {str(dtype)[6:]} {device}"
     run = _runner(lambda: ops.score_(logits, labels, ref_pred, acc), device)
     benchmark.pedantic(run, rounds=_rounds(device, C >= 1000), warmup_rounds=1)
@@ -124,6 +155,7 @@ def test_score_layerfast(benchmark, C, dtype, device):
 @pytest.mark.parametrize(("C", "dtype"), SCORE_CASES)
 def test_score_torch_ops(benchmark, C, dtype, device):
     logits, labels, ref_pred, acc = _score_inputs(C, device, dtype)
+    _check_score(logits, labels, ref_pred)
     benchmark.group = f"score V=32 B=256 C={C} {str(dtype)[6:]} {device}"
     run = _runner(lambda: ops.score_reference(logits, labels, ref_pred, acc), device)
     benchmark.pedantic(run, rounds=_rounds(device, C >= 1000), warmup_rounds=1)
@@ -143,9 +175,24 @@ def _affine_inputs(device: str):
     return K, C, x, skip, (mean, var, w, b), (scale, b - mean * scale)
 
 
+def _bn_add_relu(K, C, x, skip, mean, var, w, b):
+    """The torch way: eval BatchNorm, + the shared skip broadcast over K, ReLU."""
+    y = torch.nn.functional.batch_norm(x, mean, var, w, b, False, 0.0, 1e-5)
+    y = (y.unflatten(1, (K, C)) + skip.unsqueeze(1)).flatten(1, 2)
+    return torch.relu(y)
+
+
+def _check_affine_relu(K, C, x, skip, bn, scale, shift) -> None:
+    """The op equals the torch way (tests/test_ops_affine_relu.py's tolerances by dtype)."""
+    tol = {"rtol": 1e-5, "atol": 1e-5} if x.dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(ops.affine_relu(x, scale, shift, skip, True),
+                               _bn_add_relu(K, C, x, skip, *bn), **tol)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_affine_relu_layerfast(benchmark, device):
-    K, C, x, skip, _, (scale, shift) = _affine_inputs(device)
+    K, C, x, skip, bn, (scale, shift) = _affine_inputs(device)
+    _check_affine_relu(K, C, x, skip, bn, scale, shift)
     benchmark.group = f"BN+add+ReLU K={K} C={C} {tuple(x.shape)} {str(x.dtype)[6:]} {device}"
     run = _runner(lambda: ops.affine_relu(x, scale, shift, skip, True), device)
     benchmark.pedantic(run, rounds=_rounds(device, False) // 4, warmup_rounds=1)
@@ -153,13 +200,12 @@ def test_affine_relu_layerfast(benchmark, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_affine_relu_torch_ops(benchmark, device):
-    K, C, x, skip, (mean, var, w, b), _ = _affine_inputs(device)
+    K, C, x, skip, bn, (scale, shift) = _affine_inputs(device)
+    _check_affine_relu(K, C, x, skip, bn, scale, shift)
     B, S = x.shape[0], x.shape[2:]
 
     def torch_way():
-        y = torch.nn.functional.batch_norm(x, mean, var, w, b, False, 0.0, 1e-5)
-        y = (y.unflatten(1, (K, C)) + skip.unsqueeze(1)).flatten(1, 2)
-        return torch.relu(y)
+        return _bn_add_relu(K, C, x, skip, *bn)
 
     benchmark.group = f"BN+add+ReLU K={K} C={C} {(B, K * C, *S)} {str(x.dtype)[6:]} {device}"
     run = _runner(torch_way, device)
