@@ -70,6 +70,7 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from layerfast.engine.graph import trace_with
 from layerfast.errors import LayerfastError
 from layerfast.models import ArchSpec
 from layerfast.models.init import NORM_TYPES
@@ -167,7 +168,7 @@ def _traced_feeders(model: nn.Module) -> dict[str, list[str]]:
     raises when the model cannot be traced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = _LeafTracer().trace(model)
+        graph, _ = trace_with(_LeafTracer(), model)  # leaves no fx constant on the model
     modules = dict(model.named_modules())
     feeders: dict[str, list[str]] = {}
     for node in graph.nodes:

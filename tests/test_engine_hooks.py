@@ -22,6 +22,7 @@ from torch.nn.utils import prune
 
 from layerfast.engine import Evaluator
 from layerfast.engine.graph import Program
+from layerfast.units import make_units
 
 
 @pytest.fixture(autouse=True)
@@ -279,6 +280,8 @@ def test_tracing_leaves_no_constant_on_the_model() -> None:
     before = dict(vars(m))
     prog = Program(m)
     assert prog.traced and list(prog.constants) == ["_tensor_constant0"]
+    assert vars(m).keys() == before.keys()
+    assert [u.name for u in make_units(m, "layer")] == ["l1", "fc"]  # traces the model too
     assert vars(m).keys() == before.keys()
     check(m, [{"fc.weight": flipped(m.fc.weight)}, {"l1.weight": flipped(m.l1.weight)}])
     assert vars(m).keys() == before.keys()

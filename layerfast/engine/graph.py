@@ -168,9 +168,14 @@ def trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
     fx stores a tensor the forward uses but the model does not hold (a module-level constant)
     as a new attribute of the model (`_tensor_constant0`); those are taken off the user's model
     again and returned, so tracing leaves it as it was."""
+    return trace_with(_Tracer(), model)
+
+
+def trace_with(tracer: fx.Tracer, model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
+    """`tracer.trace(model)`, and the attributes it set on the model, taken off it again."""
     before = set(vars(model))
     try:
-        graph = _Tracer().trace(model)
+        graph = tracer.trace(model)
     finally:
         added = {k: vars(model)[k] for k in set(vars(model)) - before}
         for k in added:
