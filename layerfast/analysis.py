@@ -243,17 +243,33 @@ def _out_dir(out: str | os.PathLike[str] | None, arch: str,
     return path, created
 
 
+def _ours(path: Path) -> set[str]:
+    """Which of the files a run writes in `path` exist now."""
+    from layerfast.store import LOCKNAME, STORE_FILES
+
+    return {n for n in (*OUTPUTS, *STORE_FILES, LOCKNAME) if (path / n).exists()}
+
+
 @contextlib.contextmanager
-def _removed_on_bad_input(path: Path, created: bool) -> Iterator[None]:
+def _removed_on_bad_input(path: Path, created: bool, existed: set[str],
+                          store: Any) -> Iterator[None]:
     """Bad input found during the pass (non-finite logits, a model that fails on a later
     batch) must leave nothing behind either: an out dir this run created goes, with its store
-    and lock (there is nothing to resume). Ctrl-C and internal errors keep it: a rerun resumes."""
+    and lock (there is nothing to resume); in one it did not, the files a run writes are put
+    back as they were (`existed`: those there before the run), what `--fresh` or a new pass
+    set aside included. Ctrl-C and internal errors keep the run's store: a rerun resumes."""
+    from layerfast.store import LOCKNAME, PREVIOUS, STORE_FILES, restore
+
     try:
         yield
     except LayerfastError:
+        store.close_db()  # the lock stays held until the files are as they were
         if created:
             shutil.rmtree(path, ignore_errors=True)
+        else:
+            restore(path, (*OUTPUTS, *STORE_FILES, LOCKNAME), existed)
         raise
+    shutil.rmtree(path / PREVIOUS, ignore_errors=True)  # written: what it replaced can go
 
 
 def _check_out_files(path: Path, fresh: bool) -> None:
@@ -296,10 +312,11 @@ def _fresh_dir(parent: Path, stem: str) -> Path:
 
 
 def _remove_outputs(path: Path) -> None:
-    """Outputs of an earlier run must not sit next to a pass in progress looking finished."""
-    for name in OUTPUTS:
-        with contextlib.suppress(FileNotFoundError):
-            (path / name).unlink()
+    """Outputs of an earlier run must not sit next to a pass in progress looking finished:
+    they are set aside until this run has written its own (or put back on bad input)."""
+    from layerfast.store import set_aside
+
+    set_aside(path, OUTPUTS)
 
 
 def _versions() -> dict:
@@ -530,9 +547,10 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         t_build = time.perf_counter() - t0
         path, created = _out_dir(out, arch, fingerprint)
         _check_out_files(path, fresh)
+        existed = _ours(path)
         # the lock first: a run that finds another holding it must not remove that one's dir
         with (ResumeStore(path, fingerprint, len(variants), fresh, created) as store,
-              _removed_on_bad_input(path, created)):
+              _removed_on_bad_input(path, created, existed, store)):
             prev = store.load()
             # The baseline agrees with itself on every sample it has seen, whatever the model.
             # It is variant 0, in the first pass: `n_done` counts samples over the passes, so

@@ -45,6 +45,11 @@ _CANNOT_WRITE = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQ
 
 FILENAME = "progress.sqlite"
 LOCKNAME = ".layerfast.lock"
+#: The database and its WAL/SHM side files (a stale WAL would be replayed into a new database).
+STORE_FILES = tuple(FILENAME + suffix for suffix in ("", "-wal", "-shm", "-journal"))
+#: Where a run moves what it replaces (`--fresh`'s old store, an old run's outputs) until it
+#: has written its own: bad input found during the pass puts them back (`analysis`).
+PREVIOUS = ".layerfast-previous"
 #: Bumped whenever the tables change, or what a fingerprint evaluates does (the variants'
 #: tensors, the split into passes, how a group fans out), so an old store is refused instead of
 #: misread or continued with other numbers. 3: rerandom draws from contiguous copies (under
@@ -75,8 +80,11 @@ class ResumeStore:
         self.V = num_variants
         self._lock = _acquire_lock(Path(out))
         try:
+            # what an earlier, interrupted run set aside is gone for good: this run starts
+            # from the out dir as it finds it
+            shutil.rmtree(Path(out) / PREVIOUS, ignore_errors=True)
             if fresh:
-                remove(Path(out))
+                set_aside(Path(out), STORE_FILES)
             self.db = self._open()
             self._check_identity(out)
         except BaseException as exc:
@@ -195,11 +203,16 @@ class ResumeStore:
 
     # ---- teardown --------------------------------------------------------------------
     def close(self) -> None:
+        self.close_db()
+        self._release()
+
+    def close_db(self) -> None:
+        """Close the database but keep the lock: before its files are moved or deleted (on
+        close, SQLite checkpoints and deletes the WAL file by its name)."""
         db = getattr(self, "db", None)
         if db is not None:
             db.close()
             self.db = None  # type: ignore[assignment]
-        self._release()
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -276,12 +289,26 @@ def find_unfinished(parent: Path, prefix: str, fingerprint: dict) -> Path | None
     return None
 
 
-def remove(out: Path) -> None:
-    """Delete a run's progress (the database and its WAL/SHM side files: a stale WAL would be
-    replayed into a new database of the same name)."""
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        with contextlib.suppress(FileNotFoundError):
-            (out / (FILENAME + suffix)).unlink()
+def set_aside(out: Path, names: tuple[str, ...]) -> None:
+    """Move the files `names` of `out` that exist into `out/PREVIOUS` (same file system: a
+    rename each), for `restore` to put back or the finished run to delete."""
+    for name in names:
+        if (out / name).exists():
+            (out / PREVIOUS).mkdir(exist_ok=True)
+            os.replace(out / name, out / PREVIOUS / name)
+
+
+def restore(out: Path, names: tuple[str, ...], existed: set[str]) -> None:
+    """Undo a run that failed on bad input: each of `names` as it was before the run (set
+    aside: moved back; absent: deleted; there and kept in place: left alone)."""
+    aside = out / PREVIOUS
+    for name in names:
+        if (aside / name).exists():
+            os.replace(aside / name, out / name)
+        elif name not in existed:
+            with contextlib.suppress(FileNotFoundError):
+                (out / name).unlink()
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _acquire_lock(out: Path) -> IO[str] | None:

@@ -414,7 +414,15 @@ def test_non_finite_logits_are_an_error_for_the_baseline_and_a_warning_for_a_var
     (tmp_path / "mine" / "notes.txt").write_text("x")
     with pytest.raises(LayerfastError, match=r"NaN or Inf logits"):
         layerfast.analyze("fcn3x256", d, out=tmp_path / "mine", **kw)
-    assert (tmp_path / "mine" / "notes.txt").exists()
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]  # no store, lock
+    # --fresh over a finished run: its results, store and lock come back as they were
+    done = tmp_path / "done"
+    layerfast.analyze("fcn3x256", ckpts, out=done, **{**kw, "figures": True})
+    before = {p.name: p.read_bytes() for p in done.iterdir()}
+    with pytest.raises(LayerfastError, match=r"NaN or Inf logits"):
+        layerfast.analyze("fcn3x256", d, out=done, fresh=True, **kw)
+    assert {p.name: p.read_bytes() for p in done.iterdir()} == before
+    assert layerfast.analyze("fcn3x256", ckpts, out=done, **kw).run["engine"]["evaluated"] == 0
     shutil.copy(ckpts / "epoch_003.pt", final)  # a sound final model, an overflowing τ = 1
     sd = torch.load(d / "epoch_001.pt", weights_only=True)
     sd["fc2.weight"].fill_(3e38)

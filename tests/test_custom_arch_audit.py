@@ -703,6 +703,17 @@ def Wide(num_classes=5, in_shape=None):
     return nn.Sequential(nn.Flatten(), nn.Linear(99, num_classes))
 
 
+class Picky(nn.Module):
+    def __init__(self, num_classes=5, in_shape=None):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(12, 8), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        if x.shape[0] == 4:
+            raise ValueError("batch of 4 not supported")
+        return self.l2(self.l1(x.flatten(1)).relu())
+
+
 class Branchy(nn.Module):
     def __init__(self, num_classes=5, in_shape=None):
         super().__init__()
@@ -746,6 +757,28 @@ def test_analyze_float64_model_and_a_model_that_does_not_fit_the_data(tmp_path, 
     with pytest.raises(LayerfastError, match=r"does not run on this data's samples \(shape"):
         layerfast.analyze("misfit:Wide", tmp_path / "ck-wide", out=tmp_path / "w", **args)
     assert not (tmp_path / "w").exists()
+
+
+def test_a_model_that_fails_on_a_later_batch_is_bad_input(tmp_path, monkeypatch):
+    """A model that raised on the last (partial) batch was a traceback, exit 1, and left its
+    store and lock in the out dir; it is bad input, as when it fails on the first batch."""
+    from layerfast.cli import main
+
+    args = _misfit(tmp_path, monkeypatch, "Picky")
+    with pytest.raises(LayerfastError, match=r"the model fails on samples 8\.\.11 of the data "
+                                             r"\(a batch of 4\): ValueError: batch of 4 not"):
+        layerfast.analyze("misfit:Picky", tmp_path / "ck", out=tmp_path / "o", batch_size=8,
+                          **args)
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "mine").mkdir()
+    argv = ["analyze", "--arch", "misfit:Picky", "--ckpts", str(tmp_path / "ck"), "--data",
+            args["data"], "--device", "cpu", "--batch-size", "8", "--out", str(tmp_path / "mine"),
+            "--quiet"]
+    assert main(argv) == 2
+    assert list((tmp_path / "mine").iterdir()) == []
+    res = layerfast.analyze("misfit:Picky", tmp_path / "ck", out=tmp_path / "p", batch_size=6,
+                            **args)  # batches of 6 run
+    assert res.table["n"].iloc[0] == 12
 
 
 def test_an_untraced_model_is_a_warning_kept_in_run_json(tmp_path, monkeypatch, capsys):

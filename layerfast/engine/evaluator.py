@@ -525,8 +525,14 @@ class Evaluator:
                 t_check = time.perf_counter()  # once per run; it syncs (allclose), wall time is true
                 prog, plan = self._verified(prog, plan, x, keysets)
                 setup += time.perf_counter() - t_check  # a setup cost, not the data phase's
-            with precision_context(self.precision, self.device):
-                C = self._pass_rows(ops, prog, plan, x, y, span, acc, dev_ov, live, clock)
+            try:
+                with precision_context(self.precision, self.device):
+                    C = self._pass_rows(ops, prog, plan, x, y, span, acc, dev_ov, live, clock)
+            except LayerfastError:
+                raise
+            except Exception:
+                self._own_failure(x, n)  # the model's own forward fails there: bad input
+                raise
             n += int(y.shape[0])
             if on_progress is not None:
                 on_progress(n)
@@ -620,6 +626,23 @@ class Evaluator:
             except Exception as exc:  # noqa: BLE001 - any failure means "not the forward"
                 return f"the traced program raised {type(exc).__name__}: {exc}"[:300]
             return _differs(got, ref, self.device)
+
+    def _own_failure(self, x: torch.Tensor, first: int) -> None:
+        """Raise the LayerfastError for a model whose own forward fails on batch `x` (samples
+        `first`.. of the data): a user's model that cannot take some batch (a check on the
+        batch size, a shape its code does not expect) is bad input, as when it fails on the
+        first one (`analysis._num_outputs`). Return when it runs: the failure was the
+        engine's own, and the caller re-raises it as an internal error."""
+        try:
+            with precision_context(self.precision, self.device), eager_inplace(self.model):
+                self.model(x.clone())
+        except _OOM:
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure of the model itself
+            msg = " ".join(str(exc).split())[:300]
+            raise LayerfastError(
+                f"the model fails on samples {first}..{first + int(x.shape[0]) - 1} of the "
+                f"data (a batch of {int(x.shape[0])}): {type(exc).__name__}: {msg}") from None
 
     def _num_classes(self, prog: Program, shape: tuple[int, ...], cl: bool) -> int:
         """The logits' width from one zero sample: a pass resumed at its very end sees no batch
