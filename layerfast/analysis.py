@@ -277,13 +277,17 @@ def _check_out_files(path: Path, fresh: bool) -> None:
     a directory where an output goes (an IsADirectoryError traceback once the pass was done),
     and results that no layerfast run's store accounts for (a copied run dir, a user's own
     results.csv), which a run used to replace without `--fresh`."""
-    from layerfast.store import FILENAME, LOCKNAME
+    from layerfast.store import FILENAME, LOCKNAME, PREVIOUS
 
     for name in (*OUTPUTS, FILENAME, LOCKNAME):
         p = path / name
         if p.exists() and not p.is_file():
             raise LayerfastError(f"{p} is not a regular file, and the run writes its {name} "
                                  "there: remove it or choose another --out")
+    aside = path / PREVIOUS
+    if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+        raise LayerfastError(f"{aside} is not a directory, and the run keeps what it "
+                             "replaces there: remove it or choose another --out")
     found = [n for n in OUTPUTS if (path / n).exists()]
     if found and not fresh and not (path / FILENAME).exists():
         raise LayerfastError(f"{path} already holds {', '.join(found)}, but no {FILENAME} of the "

@@ -272,6 +272,11 @@ def test_the_out_dirs_contents_are_checked_before_the_run(ckpts, tmp_path):
     analyze("fcn3x256", ckpts, out=out, fresh=True, **ARGS)  # --fresh replaces them
     assert json.loads((out / "run.json").read_text())["arch"] == "fcn3x256"
     analyze("fcn3x256", ckpts, out=out, **ARGS)  # its own finished run: no --fresh needed
+    assert not (out / ".layerfast-previous").exists()  # what --fresh set aside is gone
+    (out / ".layerfast-previous").write_text("mine")
+    with pytest.raises(LayerfastError, match=r"layerfast-previous is not a directory"):
+        analyze("fcn3x256", ckpts, out=out, fresh=True, **ARGS)
+    assert (out / ".layerfast-previous").read_text() == "mine"
 
 
 def test_a_checkpoint_interval_that_is_not_a_number_is_said_as_given(monkeypatch):
