@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -250,8 +251,14 @@ def run(args: argparse.Namespace) -> dict:
     from layerfast.variants import make_variants
 
     check_args(args)
-    if args.profile is not None and not args.profile.parent.is_dir():
-        raise LayerfastError(f"--profile {args.profile}: the directory {args.profile.parent} does not exist")
+    if args.profile is not None:  # said now, not after minutes of timing
+        prof = args.profile
+        if not prof.parent.is_dir():
+            raise LayerfastError(f"--profile {prof}: the directory {prof.parent} does not exist")
+        if prof.is_dir() or (prof.exists() and not os.access(prof, os.W_OK)) or (
+                not prof.exists() and not os.access(prof.parent, os.W_OK | os.X_OK)):
+            why = "is a directory" if prof.is_dir() else "cannot be written"
+            raise LayerfastError(f"--profile {prof}: {why}; name a file for the table")
     device = resolve_device(args.device)
     src = open_data(args.data, split="test", max_samples=args.max_samples)
     torch.manual_seed(0)

@@ -61,7 +61,7 @@ class _Parser(argparse.ArgumentParser):
         flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
         for arg in extra:
             flag = arg.split("=", 1)[0]
-            if not flag.startswith("--"):
+            if not flag.startswith("--") or flag == "--":  # a bare -- is every flag's prefix
                 continue
             near = [f for f in flags if f.startswith(flag)]
             near = near or difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)

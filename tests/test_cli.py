@@ -571,6 +571,14 @@ def test_bench_runs_both_modes_and_the_naive_loop_side_by_side(capsys) -> None:
     assert e.value.code == 2
 
 
+def test_bench_profile_that_cannot_be_written_is_refused_before_timing(tmp_path: Path, capsys,
+                                                                     monkeypatch) -> None:
+    """A directory as --profile was refused only after the whole benchmark had run."""
+    monkeypatch.setattr("layerfast.data.open_data", lambda *a, **k: pytest.fail("timing started"))
+    assert main(["bench", "--device", "cpu", "--profile", str(tmp_path)]) == 2
+    assert "is a directory; name a file for the table" in capsys.readouterr().err
+
+
 def test_bench_profile_writes_the_op_table(tmp_path: Path, capsys) -> None:
     table = tmp_path / "profile.txt"
     assert (

@@ -69,6 +69,14 @@ def test_an_abbreviated_flag_is_refused_and_the_full_one_suggested(
     assert f"did you mean {meant}?" in line and out == ""
 
 
+def test_a_bare_double_dash_is_not_taken_for_a_flags_prefix(capsys) -> None:
+    """`--` was answered with "(did you mean --help?)": every flag starts with it."""
+    with pytest.raises(SystemExit):
+        parser().parse_args(["analyze", "--arch", "fcn3x256", "--ckpts", "x", "--"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --" in err and "did you mean" not in err
+
+
 def test_full_flags_and_equals_forms_still_parse() -> None:
     args = parser().parse_args(
         ["analyze", "--arch", "fcn3x256", "--seeds=1,7", "--threshold", "0.1", "--no-fanout"]
