@@ -80,9 +80,13 @@ def cone(prog: Program, keys: Iterable[str]) -> set[int]:
     for s in prog.steps:
         if s.keys & keys or any(r in tainted for r in refs_in(s.args) + refs_in(s.kwargs)):
             tainted.add(s.index)
-            target = prog.mutated(s) if prog.is_inplace(s) else None
+            if not prog.is_inplace(s):
+                continue
+            target = prog.mutated(s)
             if isinstance(target, Ref):  # `x += f(changed)`: later readers of x see the change
                 tainted.add(target.index)
+            elif target is None:  # it may write into any of its arguments
+                tainted.update(refs_in(s.args) + refs_in(s.kwargs))
     return {i for i in tainted if prog.steps[i].op not in ("input", "output")}
 
 

@@ -682,7 +682,10 @@ class Program:
         return v in self._fresh and self.steps[v].users == [s]
 
     def mutated(self, s: Step) -> Any:
-        """The argument an in-place step writes into (a Ref, or None when unknown)."""
+        """The argument an in-place step writes into (a Ref, or None when unknown: an opaque
+        step may write into any of its arguments)."""
+        if self.is_opaque(s):
+            return None
         if "out" in s.kwargs:
             return s.kwargs["out"]
         return s.args[0] if s.args else None
