@@ -781,6 +781,25 @@ def test_a_model_that_fails_on_a_later_batch_is_bad_input(tmp_path, monkeypatch)
     assert res.table["n"].iloc[0] == 12
 
 
+def test_a_device_error_in_the_pass_is_not_blamed_on_the_model() -> None:
+    """A device left broken (a CUDA assert) fails any forward, the model's own check too: that
+    is not the model's failure on that batch, and it stays an internal error."""
+
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] == 2:
+                raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+            return self.lin(x)
+
+    batches = [(torch.randn(n, 4), torch.zeros(n, dtype=torch.long)) for n in (4, 2)]
+    with pytest.raises(torch.AcceleratorError):
+        Evaluator(Broken(), [{}], device="cpu", precision="fp32").run(batches)
+
+
 def test_an_untraced_model_is_a_warning_kept_in_run_json(tmp_path, monkeypatch, capsys):
     """A model fx cannot trace runs as one opaque step: the results are exact but the pass
     is as slow as the naive loop. That was visible only deep in run.json's engine.plan; it is

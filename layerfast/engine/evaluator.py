@@ -52,6 +52,8 @@ from layerfast.errors import LayerfastError
 
 _SCORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `score_` reads
 _OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)
+_ACCELERATOR_ERRORS: tuple[type[Exception], ...] = tuple(
+    e for e in (getattr(torch, "AcceleratorError", None),) if e is not None)
 
 
 @dataclass
@@ -639,6 +641,8 @@ class Evaluator:
         except _OOM:
             return
         except Exception as exc:  # noqa: BLE001 - any failure of the model itself
+            if isinstance(exc, _ACCELERATOR_ERRORS) or "CUDA error" in str(exc):
+                return  # a device left broken by the first failure fails anything: not the model
             msg = " ".join(str(exc).split())[:300]
             raise LayerfastError(
                 f"the model fails on samples {first}..{first + int(x.shape[0]) - 1} of the "
