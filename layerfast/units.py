@@ -53,7 +53,9 @@ out_features.
 
 `keys` are state-dict keys: every parameter of the unit's modules, plus running_mean and
 running_var of its normalization layers, plus the parameters and buffers under a parametrized
-module's `parametrizations` (spectral_norm's `_u`/`_v` decide the weight in eval too), never
+module's `parametrizations` (spectral_norm's `_u`/`_v` decide the weight in eval too), plus
+the floating buffers of a module whose forward pre-hook derives its weight from them (pruning's
+`weight_mask`, the old-style spectral_norm's `weight_u`/`weight_v`: `derives_weights`), never
 num_batches_tracked (eval ignores it) nor other buffers.
 """
 
@@ -66,6 +68,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
@@ -372,12 +375,24 @@ def _home_fed_norms(
 # --------------------------------------------------------------------------- units
 
 
+def derives_weights(module: nn.Module) -> bool:
+    """A forward pre-hook computes a tensor of `module` from others before each call, kept as
+    a plain attribute (not a parameter): pruning (`weight = weight_orig * weight_mask`), the
+    old-style `weight_norm` (`weight_g`, `weight_v`) and `spectral_norm` (`weight_orig` with
+    the `weight_u`/`weight_v` buffers), or a user's hook done the same way."""
+    return bool(module._forward_pre_hooks) and any(
+        isinstance(v, torch.Tensor) for v in vars(module).values())
+
+
 def _keys(name: str, module: nn.Module, sd_keys: set[str]) -> list[str]:
     local = [n for n, p in module._parameters.items() if p is not None]
     if is_norm(module):
         local += [
             n for n in ("running_mean", "running_var") if getattr(module, n, None) is not None
         ]
+    if derives_weights(module):  # its buffers decide the weight too: a mask, the u/v vectors
+        local += [n for n, b in module._buffers.items()
+                  if b is not None and b.is_floating_point() and n not in local]
     if parametrize.is_parametrized(module):
         # the parametrized tensors' originals, and the parametrizations' own state (the power
         # iteration vectors of spectral_norm, which decide the weight in eval too)

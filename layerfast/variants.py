@@ -65,6 +65,7 @@ from layerfast.checkpoints import CheckpointDir
 from layerfast.checkpoints.keymap import canonical_keys, is_tolerated_missing
 from layerfast.errors import LayerfastError, warn
 from layerfast.models.init import NORM_TYPES
+from layerfast.units import derives_weights
 
 __all__ = ["Variant", "derive_seed", "init_mismatches", "make_variants", "rerandom_draw"]
 
@@ -211,6 +212,16 @@ def check_redrawable(
                 f"cannot re-randomize {where}: its {', '.join(live.parametrizations)} is "
                 "parametrized (weight_norm, spectral_norm, ...); reset it with "
                 "--reset reinit,fullmodel, or remove the parametrization"
+            )
+        if derives_weights(live):
+            # reset_parameters() would write into the attribute the hook recomputes from the
+            # tensors it left alone (weight_orig, weight_g/weight_v): the trained weight again
+            derived = ", ".join(k for k, v in vars(live).items() if isinstance(v, torch.Tensor))
+            raise LayerfastError(
+                f"cannot re-randomize {where}: a forward pre-hook derives its {derived} from "
+                "other tensors (pruning, or the old-style weight_norm / spectral_norm), which a "
+                "redraw would not reach; reset it with --reset reinit,fullmodel, or remove the "
+                "hook (torch.nn.utils.prune.remove, torch.nn.utils.remove_weight_norm, ...)"
             )
         resettable = callable(getattr(live, "reset_parameters", None)) or callable(
             getattr(live, "_reset_parameters", None)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 from torch import nn
 
 from layerfast.errors import LayerfastError
@@ -160,7 +161,7 @@ def build_model(
     on "Storage size calculation overflowed", or fails to unpack a size past int64."""
     spec = get_arch(arch)
     try:
-        return spec.build(num_classes, tuple(in_shape)), spec  # type: ignore[arg-type]
+        model = spec.build(num_classes, tuple(in_shape))  # type: ignore[arg-type]
     except (MemoryError, RuntimeError, TypeError, OverflowError) as exc:
         text = str(exc).lower()
         if isinstance(exc, (TypeError, RuntimeError)) and not any(
@@ -173,3 +174,30 @@ def build_model(
             f"cannot build {arch} for {num_classes:,} classes and inputs {tuple(in_shape)}: "
             f"{why} ({msg})"
         ) from None
+    _materialize(model, arch, tuple(in_shape))
+    return model, spec
+
+
+def _materialize(model: nn.Module, arch: str, in_shape: tuple[int, ...]) -> None:
+    """Give lazy modules (`nn.LazyLinear`, ...) their shapes with one forward of two zero
+    samples, in eval mode (a lazy BatchNorm must not count zeros into its statistics): until
+    then their parameters have no shape, and checking a checkpoint against the model, or
+    saving θ⁰, fails on them."""
+    from torch.nn.parameter import is_lazy
+
+    if not any(is_lazy(t) for t in (*model.parameters(), *model.buffers())):
+        return
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point),
+                 torch.float32)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *in_shape, dtype=dtype))
+    except Exception as exc:  # noqa: BLE001 - a user's model that cannot take the inputs
+        msg = " ".join(str(exc).split())[:200]
+        raise LayerfastError(f"cannot build {arch}: its lazy modules take their shapes from a "
+                             f"forward of inputs {in_shape}, which failed: "
+                             f"{type(exc).__name__}: {msg}") from None
+    finally:
+        model.train(was)
