@@ -53,8 +53,10 @@ PREVIOUS = ".layerfast-previous"
 #: Bumped whenever the tables change, or what a fingerprint evaluates does (the variants'
 #: tensors, the split into passes, how a group fans out), so an old store is refused instead of
 #: misread or continued with other numbers. 3: rerandom draws from contiguous copies (under
-#: channels_last they drew others) and units kept whole in one pass (session 13).
-SCHEMA = "3"
+#: channels_last they drew others) and units kept whole in one pass (session 13). 4: steps with
+#: hooks or wrapped functions read every key, and pruned / old-style spectral_norm units hold
+#: their mask and u/v buffers (session 14): hooked models' variants evaluate other numbers.
+SCHEMA = "4"
 
 
 @dataclass
