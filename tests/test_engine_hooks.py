@@ -302,6 +302,39 @@ def test_tracing_leaves_no_constant_on_the_model() -> None:
     assert vars(m).keys() == before.keys()
 
 
+class Cached(nn.Module):
+    """Fills a tensor cache on first use (positional tables, rotary caches, masks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(16, 16)
+        self.fc = nn.Linear(16, 10)
+        self._table: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._table is None or self._table.shape[0] != x.shape[1]:
+            self._table = torch.linspace(0, 1, x.shape[1])
+        return self.fc(torch.relu(self.l1(x + self._table)))
+
+
+def test_a_cache_filled_on_first_use_comes_back_empty() -> None:
+    """Tracing left an fx Proxy in the cache (the model's own forward then raised), and after a
+    run the attribute that had been None was deleted."""
+    torch.manual_seed(0)
+    m = Cached()
+    Program(m)
+    assert m._table is None
+    variants = [{"fc.bias": flipped(m.fc.bias)}, {"l1.weight": flipped(m.l1.weight)}]
+    batches = [(torch.randn(8, 16), torch.arange(8))]
+    Evaluator(m, variants, device="cpu", precision="fp32").run(batches)
+    assert m._table is None
+    check(m, variants)  # counts; its naive loop's forwards fill the cache
+    table = m._table
+    assert table is not None
+    Evaluator(m, variants, device="cpu", precision="fp32").run(batches)
+    assert m._table is table  # a filled cache stays the same object
+
+
 def test_a_pruned_model_comes_back_with_its_own_masked_weight() -> None:
     """pruning's pre-hook sets `weight = weight_orig * weight_mask` at every call: after a pass
     the attribute held the last variant's weights (an inference-mode tensor)."""

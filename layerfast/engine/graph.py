@@ -172,34 +172,43 @@ def trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
 
 
 def trace_with(tracer: fx.Tracer, model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
-    """`tracer.trace(model)`, and the attributes it set on the model, taken off it again."""
+    """`tracer.trace(model)`, and the tensors it stored on the model as new attributes, taken
+    off it again; attributes the forward set while tracing (a cache it fills on first use
+    holds a Proxy then) are put back as they were."""
     before = set(vars(model))
-    try:
+    with attributes_kept(list(model.modules())):
         graph = tracer.trace(model)
-    finally:
-        added = {k: vars(model)[k] for k in set(vars(model)) - before}
-        for k in added:
-            delattr(model, k)
+        added = {k: v for k, v in vars(model).items()
+                 if k not in before and isinstance(v, torch.Tensor)}
     return graph, added
+
+
+def _tensorish(v: Any) -> bool:
+    return isinstance(v, torch.Tensor | fx.Proxy)
 
 
 @contextmanager
 def attributes_kept(modules: list[nn.Module]) -> Iterator[None]:
-    """Every tensor a module holds as a plain attribute (not a parameter or buffer) is the same
-    object afterwards, and none is left that was not there: hooks set such attributes while
-    variants run (`torch.nn.utils.prune` recomputes `weight` from the swapped-in
-    `weight_orig` at every call), and the model must come back holding its own."""
-    saved = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)})
-             for m in modules]
+    """Every plain attribute of these modules (not a parameter or buffer) that is or becomes a
+    tensor comes back as it was: the same object, `None` if it was `None`, and gone if it was
+    not there. Hooks and forwards set such attributes while variants run (pruning recomputes
+    `weight` from the swapped-in `weight_orig`; a cache filled on first use, a stored
+    activation) and a trace sets them to Proxies; the model must come back holding its own."""
+    saved = [(m, dict(vars(m))) for m in modules]
     try:
         yield
     finally:
-        for m, kept in saved:
-            for k in [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)]:
-                if k not in kept:
-                    delattr(m, k)
-            for k, v in kept.items():
-                object.__setattr__(m, k, v)
+        for m, before in saved:
+            now = vars(m)
+            for k, v in list(now.items()):
+                if k not in before:
+                    if _tensorish(v):
+                        delattr(m, k)
+                elif v is not before[k] and (_tensorish(v) or _tensorish(before[k])):
+                    object.__setattr__(m, k, before[k])
+            for k, v in before.items():
+                if k not in now and _tensorish(v):
+                    object.__setattr__(m, k, v)
 
 
 def hooked(m: nn.Module) -> bool:
