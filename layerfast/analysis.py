@@ -258,7 +258,7 @@ def _removed_on_bad_input(path: Path, created: bool, existed: set[str],
     and lock (there is nothing to resume); in one it did not, the files a run writes are put
     back as they were (`existed`: those there before the run), what `--fresh` or a new pass
     set aside included. Ctrl-C and internal errors keep the run's store: a rerun resumes."""
-    from layerfast.store import LOCKNAME, PREVIOUS, STORE_FILES, restore
+    from layerfast.store import LOCKNAME, STORE_FILES, restore
 
     try:
         yield
@@ -269,7 +269,6 @@ def _removed_on_bad_input(path: Path, created: bool, existed: set[str],
         else:
             restore(path, (*OUTPUTS, *STORE_FILES, LOCKNAME), existed)
         raise
-    shutil.rmtree(path / PREVIOUS, ignore_errors=True)  # written: what it replaced can go
 
 
 def _check_out_files(path: Path, fresh: bool) -> None:
@@ -483,7 +482,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
     """
     from layerfast.engine import Evaluator
     from layerfast.interp import interp_options, interp_requests
-    from layerfast.store import ResumeStore
+    from layerfast.store import PREVIOUS, ResumeStore
     from layerfast.units import make_units
     from layerfast.variants import make_variants
 
@@ -553,29 +552,35 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         _check_out_files(path, fresh)
         existed = _ours(path)
         # the lock first: a run that finds another holding it must not remove that one's dir
-        with (ResumeStore(path, fingerprint, len(variants), fresh, created) as store,
-              _removed_on_bad_input(path, created, existed, store)):
-            prev = store.load()
-            # The baseline agrees with itself on every sample it has seen, whatever the model.
-            # It is variant 0, in the first pass: `n_done` counts samples over the passes, so
-            # it has seen min(n_done, n) of them. (Zeroed sums resumed as 100% error, exit 0.)
-            if prev.counts is not None and float(prev.counts[0, 3]) != min(prev.n_done, src.n):
-                raise LayerfastError(f"{store.path} is damaged: its baseline row does not count "
-                                     f"the {min(prev.n_done, src.n)} samples it has seen; pass "
-                                     "--fresh to start over there")
-            if named_by is not None:  # even --quiet: said once all is validated (errors: 1 line)
-                say(f"layerfast: --data not given: evaluating on {data!r} ({split} split), "
-                    f"the data {named_by} names")
-            if prev.complete:
-                counts, n_done = prev.counts, prev.n_done
-                engine = {**prev.info, "resumed_from": n_done, "evaluated": 0}
-            else:
-                _remove_outputs(path)
-                counts, n_done, engine = _run_pass(ev, src, store, prev, progress, every)
-            # Still holding the out dir's lock: a second run (--fresh) must not delete what this one
-            # is writing, nor leave run.json beside another run's results.csv.
+        with ResumeStore(path, fingerprint, len(variants), fresh, created) as store:
+            with _removed_on_bad_input(path, created, existed, store):
+                prev = store.load()
+                # The baseline agrees with itself on every sample it has seen, whatever the
+                # model. It is variant 0, in the first pass: `n_done` counts samples over the
+                # passes, so it has seen min(n_done, n) of them. (Zeroed sums resumed as 100%
+                # error, exit 0.)
+                if prev.counts is not None and float(prev.counts[0, 3]) != min(prev.n_done,
+                                                                               src.n):
+                    raise LayerfastError(
+                        f"{store.path} is damaged: its baseline row does not count the "
+                        f"{min(prev.n_done, src.n)} samples it has seen; pass --fresh to start "
+                        "over there")
+                if named_by is not None:  # even --quiet: said once all is validated
+                    say(f"layerfast: --data not given: evaluating on {data!r} ({split} split), "
+                        f"the data {named_by} names")
+                if prev.complete:
+                    counts, n_done = prev.counts, prev.n_done
+                    engine = {**prev.info, "resumed_from": n_done, "evaluated": 0}
+                else:
+                    _remove_outputs(path)
+                    counts, n_done, engine = _run_pass(ev, src, store, prev, progress, every)
+                _check_finite_logits(variants, counts, data)  # bad input, found after the pass
+            # Still holding the out dir's lock: a second run (--fresh) must not delete what this
+            # one is writing, nor leave run.json beside another run's results.csv. A failure
+            # from here on (a full disk) is not bad input: the finished store stays, and the
+            # same command again only writes the outputs.
             t_pass = time.perf_counter() - t0 - t_build
-            return _write_outputs(
+            result = _write_outputs(
                 path, variants, counts, n_done, engine, unit_list, model, spec, ck, resets, chosen,
                 figures, t0, {"build": t_build, "pass": t_pass},
                 run={
@@ -594,6 +599,8 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
                     "incomplete": ck.incomplete,
                     "warnings": warned,  # filled until run.json is written: the chance note too
                 })
+            shutil.rmtree(path / PREVIOUS, ignore_errors=True)  # what it replaced can go now
+            return result
 
 
 def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
@@ -665,7 +672,7 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     from layerfast.metrics import results_table
 
     t1 = time.perf_counter()
-    _check_finite_logits(variants, counts, run["data"])
+    _remove_outputs(path)  # a write that fails must not leave the old run.json beside new files
     table = results_table(variants, counts, n_done, engine["num_classes"], run["threshold"])
     note = _chance_note(table, engine["num_classes"], run["threshold"])
     if note:  # every verdict would read "robust" against a baseline with nothing to lose

@@ -81,20 +81,24 @@ class ResumeStore:
         self.fingerprint = json.dumps(fingerprint, sort_keys=True, default=str)
         self.V = num_variants
         self._lock = _acquire_lock(Path(out))
+        aside = Path(out) / PREVIOUS
         try:
-            # what an earlier, interrupted run set aside is gone for good: this run starts
-            # from the out dir as it finds it
-            shutil.rmtree(Path(out) / PREVIOUS, ignore_errors=True)
+            # What an earlier, interrupted run set aside goes once this run takes over the
+            # out dir (not when it is refused): this run starts from the dir as it finds it.
             if fresh:
+                shutil.rmtree(aside, ignore_errors=True)
                 set_aside(Path(out), STORE_FILES)
             self.db = self._open()
             self._check_identity(out)
+            if not fresh:
+                shutil.rmtree(aside, ignore_errors=True)
         except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.close_db()
             if created and isinstance(exc, LayerfastError):
-                with contextlib.suppress(sqlite3.Error):
-                    if getattr(self, "db", None) is not None:
-                        self.db.close()
                 shutil.rmtree(out, ignore_errors=True)
+            elif fresh and isinstance(exc, LayerfastError):  # the old store back, as it was
+                restore(Path(out), STORE_FILES, set())
             self._release()
             raise
 
@@ -294,10 +298,13 @@ def find_unfinished(parent: Path, prefix: str, fingerprint: dict) -> Path | None
 def set_aside(out: Path, names: tuple[str, ...]) -> None:
     """Move the files `names` of `out` that exist into `out/PREVIOUS` (same file system: a
     rename each), for `restore` to put back or the finished run to delete."""
-    for name in names:
-        if (out / name).exists():
-            (out / PREVIOUS).mkdir(exist_ok=True)
-            os.replace(out / name, out / PREVIOUS / name)
+    try:
+        for name in names:
+            if (out / name).exists():
+                (out / PREVIOUS).mkdir(exist_ok=True)
+                os.replace(out / name, out / PREVIOUS / name)
+    except OSError as exc:  # no inode left for the folder: the disk, said as such
+        raise LayerfastError(f"cannot write to the out dir {out}: {exc.strerror or exc}") from None
 
 
 def restore(out: Path, names: tuple[str, ...], existed: set[str]) -> None:

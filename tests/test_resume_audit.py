@@ -403,3 +403,94 @@ def test_an_out_dir_that_cannot_be_written_is_left_as_it_was(ckpts, tmp_path, mo
             layerfast.analyze("fcn3x256", ckpts, out=out, fresh=fresh, **ARGS)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def _full_disk_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Writing `name` fails as on a full disk (atomic_path's own error)."""
+    from layerfast.report import tables
+
+    real = tables.atomic_path
+
+    def atomic(path, *a, **k):
+        if Path(path).name == name:
+            raise LayerfastError(f"cannot write {path}: No space left on device")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(tables, "atomic_path", atomic)
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_full_disk_while_writing_outputs_keeps_the_finished_pass(ckpts, reference, tmp_path,
+                                                                   monkeypatch, fresh):
+    """The rollback for bad input took a full disk for bad input: the finished store of an
+    existing out dir was deleted (or, with --fresh, replaced by the old one) and the whole pass
+    ran again. Only the pass and its logits check are rolled back; a failed write keeps the
+    store, and the same command again only writes the outputs."""
+    out = tmp_path / "o"
+    out.mkdir()
+    if fresh:
+        layerfast.analyze("fcn3x256", ckpts, out=out, **{**ARGS, "threshold": 0.2})
+    _full_disk_at(monkeypatch, "distances.csv")
+    with pytest.raises(LayerfastError, match="No space left"):
+        layerfast.analyze("fcn3x256", ckpts, out=out, fresh=fresh, **ARGS)
+    assert not (out / "run.json").exists()  # no run.json beside this run's results.csv
+    monkeypatch.undo()
+    res = layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    assert res.run["engine"]["evaluated"] == 0
+    same_outputs(out, reference)
+    assert not (out / ".layerfast-previous").exists()
+
+
+def test_a_rerun_at_another_threshold_that_fails_to_write_leaves_no_old_run_json(
+        ckpts, reference, tmp_path, monkeypatch):
+    """A finished run re-judged at another threshold rewrote results.csv, then failed on a full
+    disk: the new verdicts sat beside the old run.json, which said threshold 0.05."""
+    import shutil
+
+    out = Path(shutil.copytree(reference, tmp_path / "o"))
+    _full_disk_at(monkeypatch, "distances.csv")
+    with pytest.raises(LayerfastError, match="No space left"):
+        layerfast.analyze("fcn3x256", ckpts, out=out, **{**ARGS, "threshold": 0.9})
+    assert not (out / "run.json").exists()
+    monkeypatch.undo()
+    layerfast.analyze("fcn3x256", ckpts, out=out, **{**ARGS, "threshold": 0.9})
+    assert json.loads((out / "run.json").read_text())["threshold"] == 0.9
+
+
+def test_a_refused_rerun_keeps_what_a_killed_fresh_run_set_aside(ckpts, reference, tmp_path,
+                                                                 monkeypatch):
+    """A --fresh run killed mid-pass leaves the old run in .layerfast-previous; the old command
+    without --fresh is refused (other arguments), and that used to delete it first."""
+    import shutil
+
+    out = Path(shutil.copytree(reference, tmp_path / "o"))
+    crash_in_finish(monkeypatch)
+    with pytest.raises(_Crash):
+        layerfast.analyze("fcn3x256", ckpts, out=out, fresh=True, **{**ARGS, "seeds": 2})
+    monkeypatch.undo()
+    aside = out / ".layerfast-previous"
+    assert (aside / "results.csv").exists() and (aside / "progress.sqlite").exists()
+    with pytest.raises(LayerfastError, match="pass --fresh"):
+        layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    assert (aside / "results.csv").exists() and (aside / "progress.sqlite").exists()
+
+
+def test_a_fresh_run_that_cannot_open_its_store_puts_the_old_one_back(ckpts, reference, tmp_path,
+                                                                      monkeypatch):
+    import shutil
+    import sqlite3
+
+    out = Path(shutil.copytree(reference, tmp_path / "o"))
+    before = (out / "progress.sqlite").read_bytes()
+    real = sqlite3.connect
+
+    def full(*a, **k):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(sqlite3, "connect", full)
+    with pytest.raises(LayerfastError, match="resume store"):
+        layerfast.analyze("fcn3x256", ckpts, out=out, fresh=True, **ARGS)
+    monkeypatch.setattr(sqlite3, "connect", real)
+    assert (out / "progress.sqlite").read_bytes() == before
+    assert not (out / ".layerfast-previous").exists()
+    assert layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS).run["engine"]["evaluated"] == 0
