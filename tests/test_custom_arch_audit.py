@@ -781,6 +781,31 @@ def test_a_model_that_fails_on_a_later_batch_is_bad_input(tmp_path, monkeypatch)
     assert res.table["n"].iloc[0] == 12
 
 
+def test_a_model_that_fails_only_with_a_variants_tensors_is_bad_input() -> None:
+    """A user's check in forward (finite activations, a weight range) that only a variant
+    trips was a traceback, exit 1: the model's own forward ran with the baseline's tensors."""
+
+    class Guarded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if float(self.lin.bias.sum()) > 100:
+                raise ValueError("bias out of range")
+            return self.lin(x)
+
+    m = Guarded()
+    bias = m.lin.bias.detach().clone()
+    batches = [(torch.randn(4, 4), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(LayerfastError, match=r"the model fails on samples 0\.\.3 of the data \(a "
+                                             r"batch of 4\) with the tensors of variant 2: "
+                                             r"ValueError: bias out of range"):
+        Evaluator(m, [{}, {"lin.weight": torch.zeros(3, 4)}, {"lin.bias": torch.full((3,), 50.0)}],
+                  device="cpu", precision="fp32").run(batches)
+    assert torch.equal(m.lin.bias, bias)  # tried with the variant's tensors, then put back
+
+
 def test_a_device_error_in_the_pass_is_not_blamed_on_the_model() -> None:
     """A device left broken (a CUDA assert) fails any forward, the model's own check too: that
     is not the model's failure on that batch, and it stays an internal error."""

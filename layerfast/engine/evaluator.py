@@ -533,7 +533,7 @@ class Evaluator:
             except LayerfastError:
                 raise
             except Exception:
-                self._own_failure(x, n)  # the model's own forward fails there: bad input
+                self._own_failure(x, n, dev_ov, live)  # the model's own forward fails: bad input
                 raise
             n += int(y.shape[0])
             if on_progress is not None:
@@ -629,24 +629,38 @@ class Evaluator:
                 return f"the traced program raised {type(exc).__name__}: {exc}"[:300]
             return _differs(got, ref, self.device)
 
-    def _own_failure(self, x: torch.Tensor, first: int) -> None:
+    def _own_failure(self, x: torch.Tensor, first: int, dev_ov: list[dict[str, torch.Tensor]],
+                     live: dict[str, torch.Tensor]) -> None:
         """Raise the LayerfastError for a model whose own forward fails on batch `x` (samples
-        `first`.. of the data): a user's model that cannot take some batch (a check on the
-        batch size, a shape its code does not expect) is bad input, as when it fails on the
-        first one (`analysis._num_outputs`). Return when it runs: the failure was the
-        engine's own, and the caller re-raises it as an internal error."""
-        try:
-            with precision_context(self.precision, self.device), eager_inplace(self.model):
-                self.model(x.clone())
-        except _OOM:
-            return
-        except Exception as exc:  # noqa: BLE001 - any failure of the model itself
-            if isinstance(exc, _ACCELERATOR_ERRORS) or "CUDA error" in str(exc):
-                return  # a device left broken by the first failure fails anything: not the model
-            msg = " ".join(str(exc).split())[:300]
-            raise LayerfastError(
-                f"the model fails on samples {first}..{first + int(x.shape[0]) - 1} of the "
-                f"data (a batch of {int(x.shape[0])}): {type(exc).__name__}: {msg}") from None
+        `first`.. of the data), with its own tensors or with one variant's: a user's model that
+        cannot take some batch (a check on the batch size, on finite activations) is bad input,
+        as when it fails on the first one (`analysis._num_outputs`). Return when every forward
+        runs: the failure was the engine's own, and the caller re-raises it as an internal
+        error. Only ever run after a failure, so one forward per variant costs nothing."""
+        where = (f"samples {first}..{first + int(x.shape[0]) - 1} of the data (a batch of "
+                 f"{int(x.shape[0])})")
+        for j, ov in [(None, {}), *enumerate(dev_ov)]:
+            if j is not None and not ov:
+                continue
+            saved = {k: live[k].clone() for k in ov}
+            try:
+                for k, t in ov.items():
+                    live[k].copy_(t)
+                with precision_context(self.precision, self.device), eager_inplace(self.model):
+                    self.model(x.clone())
+            except _OOM:
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure of the model itself
+                if isinstance(exc, _ACCELERATOR_ERRORS) or "CUDA error" in str(exc):
+                    return  # a device left broken by the first failure fails anything
+                msg = " ".join(str(exc).split())[:300]
+                i = None if j is None else self._pass_idx[j]
+                whose = "" if i is None else f" with the tensors of {_describe(self.variants[i], i)}"
+                raise LayerfastError(f"the model fails on {where}{whose}: "
+                                     f"{type(exc).__name__}: {msg}") from None
+            finally:
+                for k, t in saved.items():
+                    live[k].copy_(t)
 
     def _num_classes(self, prog: Program, shape: tuple[int, ...], cl: bool) -> int:
         """The logits' width from one zero sample: a pass resumed at its very end sees no batch
