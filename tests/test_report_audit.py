@@ -94,6 +94,12 @@ def test_redraw_replaces_both_figures_or_neither(tmp_path: Path,
     monkeypatch.undo()
     redraw(tmp_path)
     assert (tmp_path / "heatmap.png").read_bytes() != before["heatmap.png"]
+    drawn = (tmp_path / "distances.png").stat().st_ino
+    (tmp_path / "heatmap.png").unlink()
+    (tmp_path / "heatmap.png").mkdir()  # its move would fail after distances.png's
+    with pytest.raises(LayerfastError, match="heatmap.png is not a regular file"):
+        redraw(tmp_path)
+    assert (tmp_path / "distances.png").stat().st_ino == drawn
 
 
 # ----------------------------------------------------------------------------- read_results

@@ -98,6 +98,9 @@ def redraw(out_dir: str | os.PathLike[str]) -> list[Path]:
         draws.append((heatmap, table, out / "heatmap.png"))
     if dist is not None and len(dist):
         draws.append((distance_plot, dist, out / "distances.png"))
+    for _, _, target in draws:  # checked first: the second move failing would mix the figures
+        if target.exists() and not target.is_file():
+            raise LayerfastError(f"{target} is not a regular file: remove it to redraw there")
     with contextlib.ExitStack() as moves:  # each moves its file into place when all are drawn
         for draw, data, target in draws:
             draw(data, moves.enter_context(atomic_path(target)))
