@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from layerfast.errors import LayerfastError
 
 #: More values than any sweep needs: each is a variant of every unit and τ (a typo, not a study).
@@ -44,7 +46,8 @@ def parse_numbers(value: Any, flag: str, example: str) -> list[float]:
     out: list[float] = []
     for item in items:
         try:
-            plain = not isinstance(item, bool | str) or (
+            # bools (NumPy's too) are not numbers here; bytes go through float() like str
+            plain = not isinstance(item, bool | np.bool_ | str | bytes) or (
                 isinstance(item, str) and _DECIMAL.fullmatch(item) is not None)
             v = float(item) if plain else math.nan
         except (TypeError, ValueError, OverflowError):  # 10**400 overflows a float

@@ -335,6 +335,14 @@ def test_parse_numbers_reads_only_plain_decimals(text: str) -> None:
         parse_numbers(f"0.25,{text}", "--alphas", "0.5")
 
 
+@pytest.mark.parametrize("item", [np.bool_(True), b"1_0", b"0.5"])
+def test_parse_numbers_refuses_numpy_bools_and_bytes(item: object) -> None:
+    from layerfast.interp import parse_numbers
+
+    with pytest.raises(LayerfastError, match="finite numbers"):
+        parse_numbers([0.25, item], "--alphas", "0.5")
+
+
 def test_parse_numbers_reads_what_users_write() -> None:
     from layerfast.interp import parse_numbers
 
