@@ -135,7 +135,9 @@ def test_an_exception_inside_forward_leaves_the_weights_as_they_were(exc) -> Non
         variants = [{"l2.weight": torch.full((10, 8), 1000.0)}]
     else:
         variants = [{"l1.weight": torch.full((8, 8), float("inf"))}]
-    with pytest.raises(exc):
+    # the user's check that a variant trips is bad input, said as such (the weights are also
+    # put back after the engine has tried the variant's forward on its own to tell)
+    with pytest.raises(LayerfastError if exc is ValueError else exc):
         Evaluator(model, variants, device="cpu", fanout=False).run([(x, y)])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
