@@ -102,6 +102,13 @@ def lr_at(schedule: str, lr: float, progress: float) -> float:
     return lr
 
 
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The model's own floating dtype (a float64 user model takes float64 inputs, as analyze
+    feeds it); float32 for a model without floating parameters."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point),
+                torch.float32)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, source: Any, device: torch.device) -> dict[str, Any]:
     """Top-1 error and mean cross-entropy over every sample of `source`, in stored order.
@@ -114,7 +121,7 @@ def evaluate(model: nn.Module, source: Any, device: torch.device) -> dict[str, A
     loss = torch.zeros((), dtype=torch.float64, device=device)
     with precision_context("fp32", device):
         for xb, yb in source.batches(_EVAL_BATCH):
-            x, y = to_device(xb, yb, source, device, torch.float32, False)
+            x, y = to_device(xb, yb, source, device, input_dtype(model), False)
             logits = model(x).float()
             correct += (logits.argmax(1) == y).sum()
             loss += F.cross_entropy(logits, y, reduction="sum").double()
@@ -380,6 +387,7 @@ def train(
         # torch.set_float32_matmul_precision("high") elsewhere in the process.
         stack.enter_context(precision_context("fp32", dev))
         t0 = time.perf_counter()
+        dtype = input_dtype(model)
         model.train()
         save(0, None)  # τ=0 is always in the schedule: the model before any step
         for epoch in range(epochs):
@@ -390,7 +398,7 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = lr_at(schedule, lr, (epoch + s / len(steps)) / epochs)
                 idx = perm[i:j]
-                x, y = to_device(x_all[idx], y_all[idx], train_src, dev, torch.float32, False)
+                x, y = to_device(x_all[idx], y_all[idx], train_src, dev, dtype, False)
                 loss = F.cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

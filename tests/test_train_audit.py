@@ -161,3 +161,19 @@ def test_a_model_without_parameters_is_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and "has no trainable parameters" in err
     assert not (tmp_path / "t").exists()
+
+
+def test_a_float64_user_model_trains(tmp_path, monkeypatch) -> None:
+    """Batches were fed as float32: a float64 model's first step was a dtype traceback, exit 1
+    (analyze feeds a model its own dtype, train now does too)."""
+    from layerfast.train import train
+
+    (tmp_path / "f64mod.py").write_text(
+        "from torch import nn\n\n\n"
+        "def F64(num_classes=10, in_shape=None):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(),\n"
+        "                         nn.Linear(16, num_classes)).double()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    train("f64mod:F64", "digits", 1, tmp_path / "run", device="cpu", progress=False)
+    sd = torch.load(tmp_path / "run" / "epoch_001.pt", weights_only=True)
+    assert sd["1.weight"].dtype == torch.float64
