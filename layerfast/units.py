@@ -54,8 +54,8 @@ out_features.
 `keys` are state-dict keys: every parameter of the unit's modules, plus running_mean and
 running_var of its normalization layers, plus the parameters and buffers under a parametrized
 module's `parametrizations` (spectral_norm's `_u`/`_v` decide the weight in eval too), plus
-the floating buffers of a module whose forward pre-hook derives its weight from them (pruning's
-`weight_mask`, the old-style spectral_norm's `weight_u`/`weight_v`: `derives_weights`), never
+the floating buffers a forward pre-hook derives a weight from (pruning's `weight_mask`, the
+old-style spectral_norm's `weight_u`/`weight_v`: `derived_weights`), never
 num_batches_tracked (eval ignores it) nor other buffers.
 """
 
@@ -375,13 +375,30 @@ def _home_fed_norms(
 # --------------------------------------------------------------------------- units
 
 
+def derived_weights(module: nn.Module) -> dict[str, list[str]]:
+    """Tensors a forward pre-hook computes before each call from others named after them,
+    kept as plain attributes, not parameters: `weight` from `weight_orig` and the buffer
+    `weight_mask` (pruning), from `weight_g`/`weight_v` (the old-style weight_norm), from
+    `weight_orig` and the buffers `weight_u`/`weight_v` (the old-style spectral_norm), or a
+    user's hook done the same way. Maps each such attribute to the parameter and buffer names
+    it is computed from; empty for a module without pre-hooks (a constant attribute and an
+    unrelated hook are not a derived weight)."""
+    if not module._forward_pre_hooks:
+        return {}
+    state = [n for n, t in (*module._parameters.items(), *module._buffers.items())
+             if t is not None]
+    found = {}
+    for attr, v in vars(module).items():
+        if isinstance(v, torch.Tensor):
+            sources = [n for n in state if n.startswith(f"{attr}_")]
+            if sources:
+                found[attr] = sources
+    return found
+
+
 def derives_weights(module: nn.Module) -> bool:
-    """A forward pre-hook computes a tensor of `module` from others before each call, kept as
-    a plain attribute (not a parameter): pruning (`weight = weight_orig * weight_mask`), the
-    old-style `weight_norm` (`weight_g`, `weight_v`) and `spectral_norm` (`weight_orig` with
-    the `weight_u`/`weight_v` buffers), or a user's hook done the same way."""
-    return bool(module._forward_pre_hooks) and any(
-        isinstance(v, torch.Tensor) for v in vars(module).values())
+    """Whether a forward pre-hook derives one of `module`'s weights (`derived_weights`)."""
+    return bool(derived_weights(module))
 
 
 def _keys(name: str, module: nn.Module, sd_keys: set[str]) -> list[str]:
@@ -390,9 +407,9 @@ def _keys(name: str, module: nn.Module, sd_keys: set[str]) -> list[str]:
         local += [
             n for n in ("running_mean", "running_var") if getattr(module, n, None) is not None
         ]
-    if derives_weights(module):  # its buffers decide the weight too: a mask, the u/v vectors
-        local += [n for n, b in module._buffers.items()
-                  if b is not None and b.is_floating_point() and n not in local]
+    for sources in derived_weights(module).values():  # a mask, u/v: they decide the weight
+        local += [n for n in sources if n in module._buffers and n not in local
+                  and module._buffers[n].is_floating_point()]
     if parametrize.is_parametrized(module):
         # the parametrized tensors' originals, and the parametrizations' own state (the power
         # iteration vectors of spectral_norm, which decide the weight in eval too)

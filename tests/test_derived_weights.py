@@ -80,6 +80,28 @@ def test_the_buffers_that_decide_a_derived_weight_are_the_units(name: str,
     assert sorted(unit.keys) == sorted(["0.bias", *params, *buffers])
 
 
+class Tempered(nn.Linear):
+    """A constant as a plain attribute, an unrelated buffer, and a pre-hook that only checks
+    the input: nothing here is derived, and the layer redraws like any Linear."""
+
+    def __init__(self) -> None:
+        super().__init__(16, 16)
+        self.temp = torch.tensor(2.0)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_forward_pre_hook(lambda mod, args: None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) / self.temp
+
+
+def test_a_benign_pre_hook_and_a_constant_are_not_a_derived_weight() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(Tempered(), nn.ReLU(), nn.Linear(16, 3))
+    (unit,) = [u for u in make_units(m) if u.name == "0"]
+    assert sorted(unit.keys) == ["0.bias", "0.weight"]
+    assert len(make_variants(m, [unit], None, reset="rerandom", seeds=(1, 2))) == 3
+
+
 def test_reinit_of_an_old_spectral_norm_layer_is_that_checkpoints_layer(tmp_path: Path) -> None:
     """The power iteration's u and v decide the weight in eval: with the final model's, the
     'reinit to τ = 0' layer was 6× smaller than τ = 0's."""
