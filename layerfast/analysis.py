@@ -267,7 +267,7 @@ def _removed_on_bad_input(path: Path, created: bool, existed: set[str],
         if created:
             shutil.rmtree(path, ignore_errors=True)
         else:
-            restore(path, (*OUTPUTS, *STORE_FILES, LOCKNAME), existed)
+            restore(path, (OUTPUTS, STORE_FILES, (LOCKNAME,)), existed)
         raise
 
 

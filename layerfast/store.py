@@ -84,9 +84,10 @@ class ResumeStore:
         aside = Path(out) / PREVIOUS
         try:
             # What an earlier, interrupted run set aside goes once this run takes over the
-            # out dir (not when it is refused): this run starts from the dir as it finds it.
+            # out dir and resumes it (not when it is refused). A --fresh run keeps it: it is
+            # the finished run a chain of interrupted --fresh runs started from, which bad
+            # input puts back, and the successful run deletes.
             if fresh:
-                shutil.rmtree(aside, ignore_errors=True)
                 set_aside(Path(out), STORE_FILES)
             self.db = self._open()
             self._check_identity(out)
@@ -98,7 +99,7 @@ class ResumeStore:
             if created and isinstance(exc, LayerfastError):
                 shutil.rmtree(out, ignore_errors=True)
             elif fresh and isinstance(exc, LayerfastError):  # the old store back, as it was
-                restore(Path(out), STORE_FILES, set())
+                restore(Path(out), (STORE_FILES,), set())
             self._release()
             raise
 
@@ -129,10 +130,14 @@ class ResumeStore:
             self.close()
             raise self._unusable(exc) from None
         if not rows:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("INSERT INTO meta VALUES ('schema', ?), ('fingerprint', ?)",
-                            (SCHEMA, self.fingerprint))
-            self.db.execute("COMMIT")
+            try:  # the first write: a full disk shows here
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.execute("INSERT INTO meta VALUES ('schema', ?), ('fingerprint', ?)",
+                                (SCHEMA, self.fingerprint))
+                self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self.close_db()
+                raise self._unusable(exc) from None
             return
         if rows.get("schema") != SCHEMA:
             self.close()
@@ -297,26 +302,38 @@ def find_unfinished(parent: Path, prefix: str, fingerprint: dict) -> Path | None
 
 def set_aside(out: Path, names: tuple[str, ...]) -> None:
     """Move the files `names` of `out` that exist into `out/PREVIOUS` (same file system: a
-    rename each), for `restore` to put back or the finished run to delete."""
+    rename each), for `restore` to put back or the finished run to delete. `names` is one
+    group (a store and its side files, or a run's outputs), never mixed across runs: when
+    PREVIOUS already holds some of the group (set aside by an earlier --fresh run that was
+    killed), those stay, and the files here, that killed run's, are deleted instead."""
+    aside = out / PREVIOUS
     try:
+        held = any((aside / n).exists() for n in names)
         for name in names:
-            if (out / name).exists():
-                (out / PREVIOUS).mkdir(exist_ok=True)
-                os.replace(out / name, out / PREVIOUS / name)
+            if not (out / name).exists():
+                continue
+            if held:
+                (out / name).unlink()
+            else:
+                aside.mkdir(exist_ok=True)
+                os.replace(out / name, aside / name)
     except OSError as exc:  # no inode left for the folder: the disk, said as such
         raise LayerfastError(f"cannot write to the out dir {out}: {exc.strerror or exc}") from None
 
 
-def restore(out: Path, names: tuple[str, ...], existed: set[str]) -> None:
-    """Undo a run that failed on bad input: each of `names` as it was before the run (set
-    aside: moved back; absent: deleted; there and kept in place: left alone)."""
+def restore(out: Path, groups: tuple[tuple[str, ...], ...], existed: set[str]) -> None:
+    """Undo a run that failed on bad input, group by group (see `set_aside`): a group set
+    aside replaces what is there now, whole (a WAL must never meet another run's database);
+    otherwise each file this run created is deleted and the others are left alone."""
     aside = out / PREVIOUS
-    for name in names:
-        if (aside / name).exists():
+    for group in groups:
+        back = [n for n in group if (aside / n).exists()]
+        for name in group:
+            if back or name not in existed:
+                with contextlib.suppress(FileNotFoundError):
+                    (out / name).unlink()
+        for name in back:
             os.replace(aside / name, out / name)
-        elif name not in existed:
-            with contextlib.suppress(FileNotFoundError):
-                (out / name).unlink()
     shutil.rmtree(aside, ignore_errors=True)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import layerfast
 from layerfast.errors import LayerfastError
@@ -491,6 +492,61 @@ def test_a_fresh_run_that_cannot_open_its_store_puts_the_old_one_back(ckpts, ref
     with pytest.raises(LayerfastError, match="resume store"):
         layerfast.analyze("fcn3x256", ckpts, out=out, fresh=True, **ARGS)
     monkeypatch.setattr(sqlite3, "connect", real)
+    assert (out / "progress.sqlite").read_bytes() == before
+    assert not (out / ".layerfast-previous").exists()
+    assert layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS).run["engine"]["evaluated"] == 0
+
+
+def test_bad_input_after_a_killed_fresh_run_puts_the_finished_run_back(ckpts, reference,
+                                                                       tmp_path, monkeypatch):
+    """finished run -> --fresh killed mid-pass (the finished run is set aside) -> --fresh on
+    bad input: the set-aside finished run was deleted at the start of the third run."""
+    import shutil
+
+    out = Path(shutil.copytree(reference, tmp_path / "o"))
+    crash_in_finish(monkeypatch)
+    with pytest.raises(_Crash):
+        layerfast.analyze("fcn3x256", ckpts, out=out, fresh=True, **{**ARGS, "seeds": 2})
+    monkeypatch.undo()
+    bad = Path(shutil.copytree(ckpts, tmp_path / "bad"))
+    final = bad / "epoch_003.pt"
+    sd = torch.load(final, weights_only=True)
+    sd["fc1.weight"].fill_(3e38)
+    torch.save(sd, final)
+    with pytest.raises(LayerfastError, match="NaN or Inf logits"):
+        layerfast.analyze("fcn3x256", bad, out=out, fresh=True, **ARGS)
+    assert not (out / ".layerfast-previous").exists()
+    same_outputs(out, reference)
+    assert layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS).run["engine"]["evaluated"] == 0
+
+
+def test_a_full_disk_at_the_first_write_of_a_fresh_store_is_said_and_undone(
+        ckpts, reference, tmp_path, monkeypatch):
+    """The store's first write (its identity) raised sqlite3's error as a traceback, exit 1,
+    with the old store left set aside for the next run to delete."""
+    import shutil
+    import sqlite3
+
+    out = Path(shutil.copytree(reference, tmp_path / "o"))
+    before = (out / "progress.sqlite").read_bytes()
+    real_open = ResumeStore._open
+
+    class Full:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def execute(self, sql: str, *a):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(sql, *a)
+
+        def close(self) -> None:
+            self.db.close()
+
+    monkeypatch.setattr(ResumeStore, "_open", lambda self: Full(real_open(self)))
+    with pytest.raises(LayerfastError, match="resume store"):
+        layerfast.analyze("fcn3x256", ckpts, out=out, fresh=True, **ARGS)
+    monkeypatch.undo()
     assert (out / "progress.sqlite").read_bytes() == before
     assert not (out / ".layerfast-previous").exists()
     assert layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS).run["engine"]["evaluated"] == 0
