@@ -13,6 +13,8 @@ Found by an adversarial model zoo run against a naive loop; each case failed bef
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.fx
@@ -333,6 +335,40 @@ def test_a_cache_filled_on_first_use_comes_back_empty() -> None:
     assert table is not None
     Evaluator(m, variants, device="cpu", precision="fp32").run(batches)
     assert m._table is table  # a filled cache stays the same object
+
+
+class ShapeCache(nn.Module):
+    """A cache keyed by the input's width (rotary and positional tables), and a list of the
+    activations it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(16, 16)
+        self.fc = nn.Linear(16, 10)
+        self.cache: dict = {}
+        self.seen: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        if n not in self.cache:
+            self.cache[n] = torch.linspace(0, 1, n)
+        h = torch.relu(self.l1(x + self.cache[n]))
+        self.seen.append(h)
+        return self.fc(h)
+
+
+def test_containers_of_tensors_come_back_as_they_were(tmp_path: Path) -> None:
+    """Tracing left a Proxy key and value in the dict cache, and `torch.save(model)` could not
+    pickle it; after a run the dict and list held the variants' tensors."""
+    torch.manual_seed(0)
+    m = ShapeCache()
+    cache, seen = m.cache, m.seen
+    variants = [{"fc.bias": flipped(m.fc.bias)}, {"l1.weight": flipped(m.l1.weight)}]
+    Evaluator(m, variants, device="cpu", precision="fp32").run(
+        [(torch.randn(8, 16), torch.arange(8))])
+    assert m.cache is cache and m.cache == {} and m.seen is seen and m.seen == []
+    torch.save(m, tmp_path / "model.pt")
+    check(m, variants)
 
 
 def test_a_pruned_model_comes_back_with_its_own_masked_weight() -> None:

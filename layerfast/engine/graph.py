@@ -184,28 +184,69 @@ def trace_with(tracer: fx.Tracer, model: nn.Module) -> tuple[fx.Graph, dict[str,
 
 
 def _tensorish(v: Any) -> bool:
-    return isinstance(v, torch.Tensor | fx.Proxy)
+    """A tensor or fx Proxy, or a dict/list/tuple holding one (as a key or a value)."""
+    if isinstance(v, torch.Tensor | fx.Proxy):
+        return True
+    if isinstance(v, dict):
+        return any(_tensorish(k) or _tensorish(x) for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return any(_tensorish(x) for x in v)
+    return False
+
+
+def _contents(v: Any) -> list[tuple[Any, Any]]:
+    """A dict's or list's items (pairs), to compare by identity and put back into the same
+    object (`==` on tensors is elementwise)."""
+    return list(v.items()) if isinstance(v, dict) else list(enumerate(v))
+
+
+def _same(a: list[tuple[Any, Any]], b: list[tuple[Any, Any]]) -> bool:
+    if len(a) != len(b):
+        return False
+    for (k1, v1), (k2, v2) in zip(a, b, strict=True):
+        if v1 is not v2:
+            return False
+        if k1 is not k2 and (_tensorish(k1) or _tensorish(k2) or k1 != k2):
+            return False
+    return True
+
+
+#: What every nn.Module holds in its __dict__ (its parameters, buffers, hooks, ...): not the
+#: user's attributes, and changed legitimately (a buffer registered in forward).
+_MODULE_SLOTS = frozenset(vars(nn.Module()))
 
 
 @contextmanager
 def attributes_kept(modules: list[nn.Module]) -> Iterator[None]:
     """Every plain attribute of these modules (not a parameter or buffer) that is or becomes a
-    tensor comes back as it was: the same object, `None` if it was `None`, and gone if it was
-    not there. Hooks and forwards set such attributes while variants run (pruning recomputes
-    `weight` from the swapped-in `weight_orig`; a cache filled on first use, a stored
-    activation) and a trace sets them to Proxies; the model must come back holding its own."""
-    saved = [(m, dict(vars(m))) for m in modules]
+    tensor, or a dict/list/tuple holding one, comes back as it was: the same object, `None`
+    if it was `None`, gone if it was not there, and a dict or list with its own items again.
+    Hooks and forwards set such attributes while variants run (pruning recomputes `weight`
+    from the swapped-in `weight_orig`; a cache filled on first use, keyed by shape; a stored
+    activation) and a trace sets them to Proxies (which `torch.save` cannot pickle); the
+    model must come back holding its own."""
+    saved = [(m, dict(vars(m)), {k: _contents(v) for k, v in vars(m).items()
+                                 if isinstance(v, dict | list) and k not in _MODULE_SLOTS})
+             for m in modules]
     try:
         yield
     finally:
-        for m, before in saved:
+        for m, before, items in saved:
             now = vars(m)
             for k, v in list(now.items()):
                 if k not in before:
                     if _tensorish(v):
                         delattr(m, k)
-                elif v is not before[k] and (_tensorish(v) or _tensorish(before[k])):
-                    object.__setattr__(m, k, before[k])
+                elif v is not before[k]:
+                    if _tensorish(v) or _tensorish(before[k]):
+                        object.__setattr__(m, k, before[k])
+                elif k in items and not _same(_contents(v), items[k]) and (
+                        _tensorish(v) or any(_tensorish(x) for kv in items[k] for x in kv)):
+                    v.clear()
+                    if isinstance(v, dict):
+                        v.update(items[k])
+                    else:
+                        v.extend(x for _, x in items[k])
             for k, v in before.items():
                 if k not in now and _tensorish(v):
                     object.__setattr__(m, k, v)
