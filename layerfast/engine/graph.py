@@ -153,6 +153,16 @@ _AugProxy.__setitem__ = _setitem  # type: ignore[method-assign]
 
 
 class _Tracer(fx.Tracer):
+    """Buffers read in forward are Proxies, as parameters are: fx's default hands the Python
+    code the buffer's value at trace time, and a branch on it (`if self.initialized.item()`,
+    ActNorm's flag) is frozen into the program, where a variant that changes the buffer
+    would take the other branch. As a Proxy the branch cannot trace, and the model runs
+    untraced (exact)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proxy_buffer_attributes = True
+
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _AugProxy(node, self)
 
