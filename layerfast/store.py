@@ -55,7 +55,8 @@ PREVIOUS = ".layerfast-previous"
 #: misread or continued with other numbers. 3: rerandom draws from contiguous copies (under
 #: channels_last they drew others) and units kept whole in one pass (session 13). 4: steps with
 #: hooks or wrapped functions read every key, and pruned / old-style spectral_norm units hold
-#: their mask and u/v buffers (session 14): hooked models' variants evaluate other numbers.
+#: their mask and u/v buffers, and a branch on a buffer's value is not frozen into the trace
+#: (session 14): such models' variants evaluate other numbers.
 SCHEMA = "4"
 
 
