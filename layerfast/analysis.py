@@ -397,7 +397,9 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
 def _num_outputs(model: torch.nn.Module, src: Any) -> int:
     """The logits' width, from two zero samples in the model's own float dtype (a float64 model
     takes float64). A model that cannot take the data's samples is bad input, said here."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    from layerfast.models import input_dtype
+
+    dtype = input_dtype(model)
     was = model.training
     model.eval()
     try:

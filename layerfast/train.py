@@ -52,7 +52,7 @@ from layerfast.data.source import DataSource, check_finite
 from layerfast.data.spec import absolute_spec
 from layerfast.engine.precision import precision_context, resolve_device
 from layerfast.errors import LayerfastError, collect_warnings, progress_stream, warn
-from layerfast.models import build_model
+from layerfast.models import build_model, input_dtype
 
 PAPER_CHECKPOINTS: tuple[int, ...] = (0, 1, 2, 3, 8, 40, 90, 100)
 SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")
@@ -100,13 +100,6 @@ def lr_at(schedule: str, lr: float, progress: float) -> float:
     if schedule == "step":
         return lr * (0.01 if progress >= 0.75 else 0.1 if progress >= 0.5 else 1.0)
     return lr
-
-
-def input_dtype(model: nn.Module) -> torch.dtype:
-    """The model's own floating dtype (a float64 user model takes float64 inputs, as analyze
-    feeds it); float32 for a model without floating parameters."""
-    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point),
-                torch.float32)
 
 
 @torch.no_grad()

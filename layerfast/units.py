@@ -396,11 +396,6 @@ def derived_weights(module: nn.Module) -> dict[str, list[str]]:
     return found
 
 
-def derives_weights(module: nn.Module) -> bool:
-    """Whether a forward pre-hook derives one of `module`'s weights (`derived_weights`)."""
-    return bool(derived_weights(module))
-
-
 def _keys(name: str, module: nn.Module, sd_keys: set[str]) -> list[str]:
     local = [n for n, p in module._parameters.items() if p is not None]
     if is_norm(module):

@@ -65,7 +65,7 @@ from layerfast.checkpoints import CheckpointDir
 from layerfast.checkpoints.keymap import canonical_keys, is_tolerated_missing
 from layerfast.errors import LayerfastError, warn
 from layerfast.models.init import NORM_TYPES
-from layerfast.units import derived_weights, derives_weights
+from layerfast.units import derived_weights
 
 __all__ = ["Variant", "derive_seed", "init_mismatches", "make_variants", "rerandom_draw"]
 
@@ -213,10 +213,10 @@ def check_redrawable(
                 "parametrized (weight_norm, spectral_norm, ...); reset it with "
                 "--reset reinit,fullmodel, or remove the parametrization"
             )
-        if derives_weights(live):
+        derived = ", ".join(derived_weights(live))
+        if derived:
             # reset_parameters() would write into the attribute the hook recomputes from the
             # tensors it left alone (weight_orig, weight_g/weight_v): the trained weight again
-            derived = ", ".join(derived_weights(live))
             raise LayerfastError(
                 f"cannot re-randomize {where}: a forward pre-hook derives its {derived} from "
                 "other tensors (pruning, or the old-style weight_norm / spectral_norm), which a "

@@ -458,10 +458,9 @@ class Evaluator:
     def _input_dtype(self) -> torch.dtype:
         """The dtype a DataSource's batches are fed in: the model's own floating dtype (a
         float64 model gets float64 data, as in its own loop), float32 for a float32 model."""
-        for t in itertools.chain(self.model.parameters(), self.model.buffers()):
-            if t.is_floating_point():
-                return t.dtype
-        return torch.float32
+        from layerfast.models import input_dtype
+
+        return input_dtype(self.model)
 
     def _batches(
         self, data: Any, start: int, cl: bool

@@ -40,7 +40,7 @@ from layerfast.models.init import default_init, resnet_init, vgg_init
 
 Units = list[tuple[str, list[str]]]
 
-__all__ = ["ARCHS", "ArchSpec", "build_model", "get_arch"]
+__all__ = ["ARCHS", "ArchSpec", "build_model", "get_arch", "input_dtype"]
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,16 @@ def build_model(
     return model, spec
 
 
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model takes its inputs in: its own floating dtype (a float64 model gets
+    float64 data, as in its own loop), float32 when it holds no floating tensor. Read from the
+    dtype alone, which a lazy module's uninitialized parameter has too."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.dtype.is_floating_point:
+            return t.dtype
+    return torch.float32
+
+
 def _materialize(model: nn.Module, arch: str, in_shape: tuple[int, ...]) -> None:
     """Give lazy modules (`nn.LazyLinear`, ...) their shapes with one forward of two zero
     samples, in eval mode (a lazy BatchNorm must not count zeros into its statistics): until
@@ -187,8 +197,7 @@ def _materialize(model: nn.Module, arch: str, in_shape: tuple[int, ...]) -> None
 
     if not any(is_lazy(t) for t in (*model.parameters(), *model.buffers())):
         return
-    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point),
-                 torch.float32)
+    dtype = input_dtype(model)
     was = model.training
     model.eval()
     try:
