@@ -411,7 +411,7 @@ def _num_outputs(model: torch.nn.Module, src: Any) -> int:
                              f"{tuple(src.shape)}): {type(exc).__name__}: {msg}") from None
     finally:
         model.train(was)
-    from layerfast.engine.evaluator import check_logits
+    from layerfast.engine.batches import check_logits
 
     check_logits(out, 2)  # the engine's check: [classes, batch] and batch-pooled logits too
     return int(out.shape[1])

@@ -11,15 +11,15 @@ progress and checkpoints. The model leaves exactly as it came (values, device, l
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from layerfast.engine.batches import check_labels, check_logits, label_span, pair, peek
 from layerfast.engine.fanrun import GLUE_MODES, run_fanned, stack_module
 from layerfast.engine.graph import (
     Program,
@@ -28,6 +28,7 @@ from layerfast.engine.graph import (
     eager_inplace,
     no_inplace_modules,
 )
+from layerfast.engine.overrides import canonical, describe, keys_of, overrides_of
 from layerfast.engine.phases import PhaseClock
 from layerfast.engine.plan import (
     B_CPU,
@@ -48,6 +49,7 @@ from layerfast.engine.precision import (
     resolve_device,
     resolve_precision,
 )
+from layerfast.engine.verify import VERIFY_SAMPLES, trace_differs
 from layerfast.errors import LayerfastError
 
 _SCORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `score_` reads
@@ -81,24 +83,6 @@ class EvalResult:
     @property
     def agreement(self) -> torch.Tensor:
         return self.counts[:, 3] / max(self.n, 1)
-
-
-def _overrides_of(v: Any) -> Mapping[str, torch.Tensor]:
-    if isinstance(v, Mapping):
-        return v
-    if hasattr(v, "overrides"):
-        return v.overrides()
-    raise TypeError(
-        f"a variant must be a mapping of state keys to tensors or have .overrides(), got {type(v)}"
-    )
-
-
-def _keys_of(v: Any) -> Iterable[str]:
-    """The state keys a variant overrides, without loading its tensors when it can say so."""
-    keys = getattr(v, "keys", None)
-    if isinstance(keys, tuple) and keys:
-        return keys
-    return _overrides_of(v).keys()
 
 
 def _ops():
@@ -187,7 +171,7 @@ class Evaluator:
         out = []
         canon = canonical_keys(self.model)
         for i in self._pass_idx:
-            ov = _canonical(_overrides_of(self.variants[i]), canon, _describe(self.variants[i], i))
+            ov = canonical(overrides_of(self.variants[i]), canon, describe(self.variants[i], i))
             bad = [k for k in ov if k not in live]
             shapes = [
                 f"{k}: {tuple(t.shape)} vs model {tuple(live[k].shape)}"
@@ -202,7 +186,7 @@ class Evaluator:
                 out.append({k: torch.empty_like(live[k]).copy_(t) for k, t in ov.items()})
             except _OOM:
                 # Every variant's tensors stay on the device for the whole pass (one data pass).
-                keys = (canon.get(k, k) for j in self._pass_idx for k in _keys_of(self.variants[j]))
+                keys = (canon.get(k, k) for j in self._pass_idx for k in keys_of(self.variants[j]))
                 need = sum(live[k].numel() * live[k].element_size() for k in keys if k in live)
                 out.clear()
                 raise LayerfastError(
@@ -237,7 +221,7 @@ class Evaluator:
             if hasattr(data, "batches") and hasattr(data, "shape"):
                 self.settle_layout(torch.zeros((2, *data.shape), dtype=self._input_dtype()))
             else:  # a plain iterable: probe with its first batch
-                data, first = _peek(data)
+                data, first = peek(data)
                 if first is not None:
                     self.settle_layout(first[0][:2])
         passes = self.passes()
@@ -259,7 +243,7 @@ class Evaluator:
             else:
                 first = next(iter(data), None)
                 if first is not None:
-                    self._probe(_pair(first)[0][:2])
+                    self._probe(pair(first)[0][:2])
         total = (
             torch.zeros(V, 4, dtype=torch.float64)
             if counts is None
@@ -321,7 +305,7 @@ class Evaluator:
             size = {k: t.numel() * t.element_size() for k, t in self._live().items()}
             limit = self.stage_bytes or stage_limit(sum(size.values()))
             canon = canonical_keys(self.model)
-            keysets = [frozenset(canon.get(k, k) for k in _keys_of(v)) for v in self.variants]
+            keysets = [frozenset(canon.get(k, k) for k in keys_of(v)) for v in self.variants]
             self._passes = split_passes(
                 keysets, [sum(size.get(k, 0) for k in ks) for ks in keysets], limit
             )
@@ -400,7 +384,7 @@ class Evaluator:
         precision and layout: the bytes per sample of each kept cut and the largest of them
         and the input (kept as `_k_peak`, what K is sized from), and that plan. None when the
         model fails on them."""
-        keysets = [set(_keys_of(v)) for v in self.variants]
+        keysets = [set(keys_of(v)) for v in self.variants]
         with self._on_device() as cl:
             prog = Program(self.model)
             plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
@@ -466,21 +450,21 @@ class Evaluator:
         self, data: Any, start: int, cl: bool
     ) -> Iterable[tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]]:
         """(x, y) on the device, and the labels' (min, max) read on the host before the move
-        (`_label_span`)."""
+        (`label_span`)."""
         dev = self.device
         dtype = self._input_dtype()
         if hasattr(data, "batches") and hasattr(data, "shape"):
             from layerfast.data import to_device
 
             for x, y in data.batches(self.batch_size, start=start):
-                span = _label_span(y)
+                span = label_span(y)
                 yield (*to_device(x, y, data, dev, dtype=dtype, channels_last=cl), span)
             return
         if start:
             raise LayerfastError("resuming needs a DataSource, not a plain iterable of batches")
         for item in data:
-            x, y = _pair(item)
-            span = _label_span(y)
+            x, y = pair(item)
+            span = label_span(y)
             x = x.to(dev, non_blocking=True)
             if cl and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -587,7 +571,7 @@ class Evaluator:
         x = x[:VERIFY_SAMPLES]
         while True:
             try:
-                why = self._trace_differs(prog, x)
+                why = trace_differs(self.model, prog, x, self.device)
                 break
             except _OOM:
                 # No verdict on the trace (an untraced run loses prefix sharing and fan-out for
@@ -608,25 +592,6 @@ class Evaluator:
         plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
         self.last_plan = plan
         return prog, plan
-
-    def _trace_differs(self, prog: Program, x: torch.Tensor) -> str | None | bool:
-        """`_verified`'s comparison on `x`: None (the same), why not, or False when the model's
-        own forward fails. Out of memory in either forward is raised, not taken as a verdict."""
-        with precision_context("fp32", self.device):
-            try:
-                with eager_inplace(self.model):
-                    ref = self.model(x.clone())
-            except _OOM:
-                raise
-            except Exception:  # noqa: BLE001 - the model itself fails: the pass says so
-                return False
-            try:
-                got = prog.run(x.clone())
-            except _OOM:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure means "not the forward"
-                return f"the traced program raised {type(exc).__name__}: {exc}"[:300]
-            return _differs(got, ref, self.device)
 
     def _own_failure(self, x: torch.Tensor, first: int, dev_ov: list[dict[str, torch.Tensor]],
                      live: dict[str, torch.Tensor]) -> None:
@@ -654,7 +619,7 @@ class Evaluator:
                     return  # a device left broken by the first failure fails anything
                 msg = " ".join(str(exc).split())[:300]
                 i = None if j is None else self._pass_idx[j]
-                whose = "" if i is None else f" with the tensors of {_describe(self.variants[i], i)}"
+                whose = "" if i is None else f" with the tensors of {describe(self.variants[i], i)}"
                 raise LayerfastError(f"the model fails on {where}{whose}: "
                                      f"{type(exc).__name__}: {msg}") from None
             finally:
@@ -724,7 +689,7 @@ class Evaluator:
             check_logits(logits0, x.shape[0])
             C = logits0.shape[1]
             if span is not None:  # before anything is scored: on CUDA, a device-side assert
-                _check_labels(span, C)
+                check_labels(span, C)
             ref = logits0.argmax(1)
             self._score(ops, logits0.unsqueeze(0), y, ref, acc[V : V + 1])
             for i in plan.same_as_baseline:
@@ -901,131 +866,3 @@ class Evaluator:
                 index = self._row_index[tuple(rows)] = torch.tensor(rows, device=acc.device)
             acc.index_add_(0, index, part)
         return True
-
-
-#: Samples of the first batch on which the traced program is checked against the forward.
-VERIFY_SAMPLES = 64
-
-
-def _differs(got: Any, ref: Any, device: torch.device) -> str | None:
-    """Why the traced program's output `got` is not the forward's `ref` (None: it is)."""
-    if not isinstance(ref, torch.Tensor):
-        return None if not isinstance(got, torch.Tensor) else "the forward returns no tensor"
-    if not isinstance(got, torch.Tensor) or got.shape != ref.shape or got.dtype != ref.dtype:
-        return "the traced program's output is not the forward's (type, shape or dtype)"
-    exact = device.type == "cpu"
-    rtol, atol = (0.0, 0.0) if exact else (1e-4, 1e-5 * float(ref.abs().max().nan_to_num(0)))
-    if torch.allclose(got, ref, rtol=rtol, atol=atol, equal_nan=True):
-        return None
-    d = (got.float() - ref.float()).abs().nan_to_num(float("inf")).max().item()
-    return f"the traced program's logits differ from the forward's (max |diff| {d:.3g})"
-
-
-def _pair(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """A plain iterable's batch as (x, y): tensors, y integer labels [B]; anything else is one
-    clear error rather than a failure deep in the pass."""
-    try:
-        x, y = item
-    except (TypeError, ValueError):
-        n = f" of {len(item)} items" if hasattr(item, "__len__") else ""
-        raise LayerfastError(
-            f"each batch must be a pair (x, y) of tensors; got a {type(item).__name__}{n}"
-        ) from None
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise LayerfastError(
-            "each batch must be a pair (x, y) of tensors; got "
-            f"({type(x).__name__}, {type(y).__name__}) (numpy arrays: torch.from_numpy)"
-        )
-    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
-        raise LayerfastError(f"labels y must be integers, got {y.dtype}")
-    if y.dim() != 1 or x.dim() == 0 or y.shape[0] != x.shape[0]:
-        raise LayerfastError(
-            f"a batch's labels y must be [B] for x [B, ...]; got x {tuple(x.shape)}, "
-            f"y {tuple(y.shape)}"
-        )
-    return x, y
-
-
-def _describe(v: Any, i: int) -> str:
-    """`variant 7 (reinit of fc to τ=3)` for a `Variant`, `variant 7` for a plain dict."""
-    kind, unit = getattr(v, "kind", None), getattr(v, "unit", None)
-    if kind is None or unit is None:
-        return f"variant {i}"
-    tau = getattr(v, "checkpoint", None)
-    return f"variant {i} ({kind} of {unit}{'' if tau is None else f' to τ={tau}'})"
-
-
-def _canonical(
-    ov: Mapping[str, torch.Tensor], canon: dict[str, str], what: str
-) -> dict[str, torch.Tensor]:
-    """A variant's overrides under the canonical key of each tensor: a tied weight has several
-    state-dict names (`load_state_dict` accepts any) and one live tensor. Two names of one
-    tensor with different values cannot both hold — typically a checkpoint saved from a model
-    whose weights were not tied, loaded into one where they are."""
-    out: dict[str, torch.Tensor] = {}
-    names: dict[str, str] = {}
-    for k, t in ov.items():
-        c = canon.get(k, k)
-        if c in out and not torch.equal(out[c], t):
-            raise LayerfastError(
-                f"{what} gives {names[c]} and {k}, one tied tensor in the model, two different "
-                "values: was the checkpoint saved from a model where they were not tied?"
-            )
-        out[c], names[c] = t, k
-    return out
-
-
-def _peek(data: Any) -> tuple[Any, Any]:
-    """(data, its first item or None) without losing that item from a one-shot iterator."""
-    it = iter(data)
-    first = next(it, None)
-    if it is data and first is not None:  # an iterator: put the first item back in front
-        return itertools.chain([first], it), first
-    return data, first
-
-
-def _label_span(y: torch.Tensor) -> tuple[int, int] | None:
-    """The labels' (min, max), read while they are still on the host: on the device reading
-    them would cost a sync per batch. None for labels already on a device (then unchecked:
-    `ops.score_` asserts on the device) or an empty batch."""
-    if y.device.type != "cpu" or not y.numel():
-        return None
-    lo, hi = torch.aminmax(y)
-    return int(lo), int(hi)
-
-
-def check_logits(logits: object, batch: int) -> None:
-    """The baseline's output must be one row of class scores per sample: anything else would
-    reach `score_` as a shape error deep in the pass (or, for a floating type it cannot read,
-    a dtype error), not as a message about the model. analyze's probe checks the same."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        got = (
-            f"a tensor shaped {list(logits.shape)}"
-            if isinstance(logits, torch.Tensor)
-            else f"a {type(logits).__name__}"
-        )
-        raise LayerfastError(
-            f"the model must return logits shaped [batch, classes]; it returned {got}"
-        )
-    if logits.shape[0] != batch:
-        raise LayerfastError(
-            f"the model returned {logits.shape[0]} rows of logits for a batch of {batch} samples: "
-            "it must return one row per sample"
-        )
-    if logits.shape[1] < 1:
-        raise LayerfastError("the model returned logits with no classes (shape [batch, 0])")
-    if not logits.is_floating_point():
-        raise LayerfastError(
-            f"the model returned {logits.dtype} logits: they must be floating point"
-        )
-
-
-def _check_labels(span: tuple[int, int], num_classes: int) -> None:
-    """A clear error for a label outside the model's outputs, before anything is scored: on
-    CUDA, `score_` meets it as a device-side assert, which loses the CUDA context."""
-    lo, hi = span
-    if lo < 0 or hi >= num_classes:
-        raise LayerfastError(
-            f"labels must lie in [0, {num_classes}) for a model with "
-            f"{num_classes} outputs; found {lo}..{hi}"
-        )
