@@ -33,10 +33,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
 from layerfast.engine.graph import Program, Ref
+from layerfast.engine.tracing import global_hooks
 
 #: Modules that act on each channel (and sample) alone, with no parameters of their own: the
 #: same on a fold form [B, K·C, *S] as on each variant's [B, C, *S] (engine/fanrun.py).
@@ -179,10 +179,6 @@ def _has_hooks(m: nn.Module) -> bool:
     """Forward hooks / pre-hooks (a fanned run does not call the module, so they would not
     run) or parametrizations (the module's weight is computed from other tensors)."""
     return bool(m._forward_hooks or m._forward_pre_hooks) or parametrize.is_parametrized(m)
-
-
-def _global_hooks() -> bool:
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 def _step_is_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, int]) -> bool:
@@ -328,7 +324,7 @@ def _closure(prog: Program, seeds: set[int], after: int) -> set[int]:
 
 def fan_plan(prog: Program, start: int, keys: set[str]) -> FanPlan | None:
     """Prove that variants overriding `keys` and starting at cut `start` may run fanned."""
-    if not prog.traced or _global_hooks():
+    if not prog.traced or global_hooks():
         return None
     keys = {prog.canonical_key(k) for k in keys}
     if any(prog.tied(k) for k in keys):

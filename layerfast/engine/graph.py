@@ -21,11 +21,13 @@ Tied state (one Parameter or buffer held by two modules, `b.weight = a.weight`) 
 canonical key, the name `named_parameters()` / `named_buffers()` give it (their de-duplication
 keeps the first); every module holding it reads that key, and `Program.canonical_key` maps the
 state dict's other names for it (`b.weight`) to that key.
+
+The tracer is in `engine/tracing.py`; what each recorded call does (writes in place, returns a
+new tensor, returns several) is tabled in `engine/optables.py`.
 """
 
 from __future__ import annotations
 
-import inspect
 import operator
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -35,10 +37,30 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from layerfast.checkpoints.keymap import canonical_keys
+from layerfast.engine.optables import (
+    _FRESH_FUNCS,
+    _FRESH_METHODS,
+    _FRESH_MODULES,
+    _INPLACE_FUNCS,
+    _TUPLE_FUNCS,
+    _TUPLE_METHODS,
+    inplace_arg,
+)
+from layerfast.engine.tracing import (
+    NotTraced,
+    attributes_kept,
+    global_hooks,
+    hooked,
+    opaque_function,
+    trace,
+    trace_with,
+)
+
+__all__ = ["Program", "Ref", "Step", "attributes_kept", "canonical_keys", "eager_inplace",
+           "no_inplace_modules", "refs_in", "trace", "trace_with"]
 
 
 @dataclass
@@ -102,375 +124,12 @@ def _state_keys(model: nn.Module, canon: dict[str, str]) -> dict[str, list[str]]
     return {m: sorted(ks) for m, ks in by_module.items()}
 
 
-# ---- what the tracer must not lose: augmented assignment is in place -----------------------
-
-_AUG_OPS: dict[str, Callable[[Any, Any], Any]] = {
-    "__iadd__": operator.iadd,
-    "__isub__": operator.isub,
-    "__imul__": operator.imul,
-    "__itruediv__": operator.itruediv,
-    "__ifloordiv__": operator.ifloordiv,
-    "__imod__": operator.imod,
-    "__ipow__": operator.ipow,
-    "__imatmul__": operator.imatmul,
-    "__iand__": operator.iand,
-    "__ior__": operator.ior,
-    "__ixor__": operator.ixor,
-    "__ilshift__": operator.ilshift,
-    "__irshift__": operator.irshift,
-}
-_OUT_OF_PLACE = {
-    operator.iadd: operator.add,
-    operator.isub: operator.sub,
-    operator.imul: operator.mul,
-    operator.itruediv: operator.truediv,
-}
-
-
-class _AugProxy(fx.Proxy):
-    """A Proxy on which `x += y` records `operator.iadd(x, y)`. Plain fx.Proxy has no in-place
-    dunders, so Python falls back to `x = x + y`: a new value, while eager mode writes into x's
-    tensor, which every alias of x (`z = x`) sees. `x[i] = v` is recorded too."""
-
-
-def _aug(fn: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
-    def impl(self: fx.Proxy, other: Any) -> fx.Proxy:
-        return self.tracer.create_proxy("call_function", fn, (self, other), {})
-
-    return impl
-
-
-for _name, _fn in _AUG_OPS.items():
-    setattr(_AugProxy, _name, _aug(_fn))
-
-
-def _setitem(self: fx.Proxy, key: Any, value: Any) -> None:
-    """`x[idx] = v` (plain fx cannot trace it): recorded as the in-place `operator.setitem`."""
-    self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
-
-
-_AugProxy.__setitem__ = _setitem  # type: ignore[method-assign]
-
-
-class _Tracer(fx.Tracer):
-    """Buffers read in forward are Proxies, as parameters are: fx's default hands the Python
-    code the buffer's value at trace time, and a branch on it (`if self.initialized.item()`,
-    ActNorm's flag) is frozen into the program, where a variant that changes the buffer
-    would take the other branch. As a Proxy the branch cannot trace, and the model runs
-    untraced (exact)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proxy_buffer_attributes = True
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _AugProxy(node, self)
-
-
-class _NotTraced(Exception):
-    pass
-
-
-def trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
-    """`torch.fx.symbolic_trace`'s graph, with augmented assignments recorded in place, and the
-    constants the graph reads by name (`get_attr`) that are not the model's own.
-
-    fx stores a tensor the forward uses but the model does not hold (a module-level constant)
-    as a new attribute of the model (`_tensor_constant0`); those are taken off the user's model
-    again and returned, so tracing leaves it as it was."""
-    return trace_with(_Tracer(), model)
-
-
-def trace_with(tracer: fx.Tracer, model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
-    """`tracer.trace(model)`, and the tensors it stored on the model as new attributes, taken
-    off it again; attributes the forward set while tracing (a cache it fills on first use
-    holds a Proxy then) are put back as they were."""
-    before = set(vars(model))
-    with attributes_kept(list(model.modules())):
-        graph = tracer.trace(model)
-        added = {k: v for k, v in vars(model).items()
-                 if k not in before and isinstance(v, torch.Tensor)}
-    return graph, added
-
-
-def _tensorish(v: Any) -> bool:
-    """A tensor or fx Proxy, or a dict/list/tuple holding one (as a key or a value)."""
-    if isinstance(v, torch.Tensor | fx.Proxy):
-        return True
-    if isinstance(v, dict):
-        return any(_tensorish(k) or _tensorish(x) for k, x in v.items())
-    if isinstance(v, list | tuple):
-        return any(_tensorish(x) for x in v)
-    return False
-
-
-def _contents(v: Any) -> list[tuple[Any, Any]]:
-    """A dict's or list's items (pairs), to compare by identity and put back into the same
-    object (`==` on tensors is elementwise)."""
-    return list(v.items()) if isinstance(v, dict) else list(enumerate(v))
-
-
-def _same(a: list[tuple[Any, Any]], b: list[tuple[Any, Any]]) -> bool:
-    if len(a) != len(b):
-        return False
-    for (k1, v1), (k2, v2) in zip(a, b, strict=True):
-        if v1 is not v2:
-            return False
-        if k1 is not k2 and (_tensorish(k1) or _tensorish(k2) or k1 != k2):
-            return False
-    return True
-
-
-#: What every nn.Module holds in its __dict__ (its parameters, buffers, hooks, ...): not the
-#: user's attributes, and changed legitimately (a buffer registered in forward).
-_MODULE_SLOTS = frozenset(vars(nn.Module()))
-
-
-@contextmanager
-def attributes_kept(modules: list[nn.Module]) -> Iterator[None]:
-    """Every plain attribute of these modules (not a parameter or buffer) that is or becomes a
-    tensor, or a dict/list/tuple holding one, comes back as it was: the same object, `None`
-    if it was `None`, gone if it was not there, and a dict or list with its own items again.
-    Hooks and forwards set such attributes while variants run (pruning recomputes `weight`
-    from the swapped-in `weight_orig`; a cache filled on first use, keyed by shape; a stored
-    activation) and a trace sets them to Proxies (which `torch.save` cannot pickle); the
-    model must come back holding its own."""
-    saved = [(m, dict(vars(m)), {k: _contents(v) for k, v in vars(m).items()
-                                 if isinstance(v, dict | list) and k not in _MODULE_SLOTS})
-             for m in modules]
-    try:
-        yield
-    finally:
-        for m, before, items in saved:
-            now = vars(m)
-            for k, v in list(now.items()):
-                if k not in before:
-                    if _tensorish(v):
-                        delattr(m, k)
-                elif v is not before[k]:
-                    if _tensorish(v) or _tensorish(before[k]):
-                        object.__setattr__(m, k, before[k])
-                elif k in items and not _same(_contents(v), items[k]) and (
-                        _tensorish(v) or any(_tensorish(x) for kv in items[k] for x in kv)):
-                    v.clear()
-                    if isinstance(v, dict):
-                        v.update(items[k])
-                    else:
-                        v.extend(x for _, x in items[k])
-            for k, v in before.items():
-                if k not in now and _tensorish(v):
-                    object.__setattr__(m, k, v)
-
-
-def hooked(m: nn.Module) -> bool:
-    """Forward hooks or pre-hooks on `m` itself: code the trace does not see, run at its call."""
-    return bool(m._forward_hooks or m._forward_pre_hooks)
-
-
-def global_hooks() -> bool:
-    """Forward hooks or pre-hooks registered for every module (`register_module_forward_hook`)."""
-    return bool(nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
-
-
-# Packages whose functions an fx trace records as calls and which are taken as functions of
-# their arguments alone. Any other recorded function is one the user wrapped (`torch.fx.wrap`):
-# the trace does not see its body, which may read any state or write into its arguments.
-_KNOWN_PACKAGES = frozenset({"torch", "torchvision", "_operator", "operator", "builtins", "math"})
-
-
-def _opaque_function(fn: Any) -> bool:
-    mod = getattr(fn, "__module__", None)
-    return not (isinstance(mod, str) and mod.split(".")[0] in _KNOWN_PACKAGES)
-
-
 _trace = trace  # `Program.__init__` has an argument of that name
-
-
-# ---- in-place steps and fresh values ----------------------------------------------------------
-
-_INPLACE_FUNCS = set(_AUG_OPS.values()) | {operator.setitem}
-
-# Modules whose output is always a new tensor (never their input or a view of it).
-_FRESH_MODULES: tuple[type[nn.Module], ...] = (
-    nn.modules.conv._ConvNd,
-    nn.Linear,
-    nn.Bilinear,
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.Embedding,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.GELU,
-    nn.Softplus,
-    nn.Softmax,
-    nn.LogSoftmax,
-    nn.PReLU,
-    nn.Softsign,
-    nn.Tanhshrink,
-    nn.Upsample,
-    # these have an `inplace` flag: fresh only while it is off (checked at the step)
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Threshold,
-    nn.RReLU,
-)
-_FRESH_FUNCS = {
-    operator.add,
-    operator.sub,
-    operator.mul,
-    operator.truediv,
-    operator.floordiv,
-    operator.mod,
-    operator.pow,
-    operator.matmul,
-    operator.neg,
-    torch.add,
-    torch.sub,
-    torch.mul,
-    torch.div,
-    torch.cat,
-    torch.concat,
-    torch.stack,
-    torch.relu,
-    torch.sigmoid,
-    torch.tanh,
-    torch.exp,
-    torch.matmul,
-    torch.bmm,
-    torch.softmax,
-    torch.log_softmax,
-    F.conv1d,
-    F.conv2d,
-    F.conv3d,
-    F.linear,
-    F.batch_norm,
-    F.layer_norm,
-    F.group_norm,
-    F.gelu,
-    F.softmax,
-    F.log_softmax,
-    F.adaptive_avg_pool2d,
-    F.avg_pool2d,
-    F.interpolate,
-    # with an `inplace` argument: fresh only when it is False (checked at the step)
-    F.relu,
-    F.relu6,
-    F.leaky_relu,
-    F.elu,
-    F.silu,
-    F.hardswish,
-    F.hardsigmoid,
-    F.hardtanh,
-}
-_FRESH_METHODS = {
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "matmul",
-    "pow",
-    "exp",
-    "relu",
-    "sigmoid",
-    "tanh",
-    "softmax",
-    "log_softmax",
-    "clone",
-    "mean",
-    "sum",
-    "amax",
-    "amin",
-    "abs",
-    "neg",
-    "sqrt",
-    "rsqrt",
-}
-
-
-def _inplace_arg(fn: Any, args: tuple, kwargs: dict) -> bool:
-    """Whether a call passes `inplace=True`, by keyword or by position (`F.relu(x, True)`)."""
-    if "inplace" in kwargs:
-        return bool(kwargs["inplace"])
-    if not args[1:]:
-        return False
-    try:
-        bound = inspect.signature(fn).bind_partial(*args, **kwargs)
-    except (TypeError, ValueError):  # builtins without a signature
-        return False
-    return bool(bound.arguments.get("inplace", False))
 
 
 # Modules `no_inplace_modules` has switched to out-of-place right now: Program must know that
 # their `inplace` flag is False only for the duration.
 _FLIPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-# Producers whose value may hold several tensors (a tuple, a torch.Size), never a cut's carrier.
-_TUPLE_FUNCS = {
-    torch.chunk,
-    torch.split,
-    torch.unbind,
-    torch.tensor_split,
-    torch.hsplit,
-    torch.vsplit,
-    torch.dsplit,
-    torch.sort,
-    torch.topk,
-    torch.max,
-    torch.min,
-    torch.aminmax,
-    torch.kthvalue,
-    torch.mode,
-    torch.median,
-    torch.std_mean,
-    torch.var_mean,
-    torch.unique,
-    torch.frexp,
-    torch.meshgrid,
-    torch.broadcast_tensors,
-    getattr,
-    len,
-    F.max_pool2d_with_indices,
-}
-_TUPLE_METHODS = {
-    "chunk",
-    "split",
-    "split_with_sizes",
-    "unbind",
-    "tensor_split",
-    "hsplit",
-    "vsplit",
-    "dsplit",
-    "sort",
-    "topk",
-    "max",
-    "min",
-    "aminmax",
-    "kthvalue",
-    "mode",
-    "median",
-    "unique",
-    "frexp",
-    "size",
-    "tolist",
-    "dim",
-    "numel",
-    "item",
-}
 
 
 class Program:
@@ -499,7 +158,7 @@ class Program:
         whole = hooked(model) or global_hooks()
         try:
             if not trace or whole:
-                raise _NotTraced("not traced" if not whole else
+                raise NotTraced("not traced" if not whole else
                                  "the model has forward hooks of its own, or global ones")
             graph, self.constants = _trace(model)
             self._from_fx(graph, owned)
@@ -507,7 +166,7 @@ class Program:
             self.traced = True
         except Exception as exc:  # noqa: BLE001 - any trace failure means "no graph"
             self.trace_error = (
-                str(exc) if isinstance(exc, _NotTraced) else f"{type(exc).__name__}: {exc}"
+                str(exc) if isinstance(exc, NotTraced) else f"{type(exc).__name__}: {exc}"
             )
             self.steps = []
             self.constants = {}
@@ -578,7 +237,7 @@ class Program:
                   for m in self.modules[s.target].modules()}
         for name, m in self.modules.items():
             if hooked(m) and id(m) not in called:
-                raise _NotTraced(f"module {name!r} has forward hooks, which a traced program "
+                raise NotTraced(f"module {name!r} has forward hooks, which a traced program "
                                  "would not run")
 
     def _mark_opaque(self) -> None:
@@ -590,7 +249,7 @@ class Program:
         self._opaque: frozenset[int] = frozenset(
             s.index for s in self.steps
             if (s.op == "call_module" and any(hooked(m) for m in self.modules[s.target].modules()))
-            or (s.op == "call_function" and _opaque_function(s.target))
+            or (s.op == "call_function" and opaque_function(s.target))
         )
         for i in self._opaque:
             self.steps[i].keys = every
@@ -784,7 +443,7 @@ class Program:
             # torch.sigmoid_, torch.exp_, F.relu_, torch.Tensor.add_, ...
             if isinstance(name, str) and name.endswith("_") and not name.startswith("_"):
                 return True
-            return _inplace_arg(s.target, s.args, s.kwargs)
+            return inplace_arg(s.target, s.args, s.kwargs)
         if s.op == "call_module":
             m = self.modules[s.target]
             return (

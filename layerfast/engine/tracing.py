@@ -1,0 +1,198 @@
+"""Tracing a model with torch.fx without losing what the engine's program needs, and without
+leaving a mark on the model.
+
+- `x += y` and `x[i] = v` are recorded as the in-place calls they are (`_AugProxy`), so that
+  an alias of x sees the update, as in eager mode;
+- buffers read in forward are Proxies (`_Tracer`), so a branch on a buffer's value does not
+  trace instead of being frozen into the program;
+- the model's plain attributes come back as they were (`attributes_kept`): a trace leaves fx
+  constants and Proxies in caches, and a run leaves the last variant's derived tensors;
+- code the trace cannot see (forward hooks, functions the user `torch.fx.wrap`ped) is named
+  here (`hooked`, `global_hooks`, `opaque_function`) for the program to treat as opaque.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+# ---- what the tracer must not lose: augmented assignment is in place -----------------------
+
+_AUG_OPS: dict[str, Callable[[Any, Any], Any]] = {
+    "__iadd__": operator.iadd,
+    "__isub__": operator.isub,
+    "__imul__": operator.imul,
+    "__itruediv__": operator.itruediv,
+    "__ifloordiv__": operator.ifloordiv,
+    "__imod__": operator.imod,
+    "__ipow__": operator.ipow,
+    "__imatmul__": operator.imatmul,
+    "__iand__": operator.iand,
+    "__ior__": operator.ior,
+    "__ixor__": operator.ixor,
+    "__ilshift__": operator.ilshift,
+    "__irshift__": operator.irshift,
+}
+
+
+class _AugProxy(fx.Proxy):
+    """A Proxy on which `x += y` records `operator.iadd(x, y)`. Plain fx.Proxy has no in-place
+    dunders, so Python falls back to `x = x + y`: a new value, while eager mode writes into x's
+    tensor, which every alias of x (`z = x`) sees. `x[i] = v` is recorded too."""
+
+
+def _aug(fn: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
+    def impl(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", fn, (self, other), {})
+
+    return impl
+
+
+for _name, _fn in _AUG_OPS.items():
+    setattr(_AugProxy, _name, _aug(_fn))
+
+
+def _setitem(self: fx.Proxy, key: Any, value: Any) -> None:
+    """`x[idx] = v` (plain fx cannot trace it): recorded as the in-place `operator.setitem`."""
+    self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+_AugProxy.__setitem__ = _setitem  # type: ignore[method-assign]
+
+
+class _Tracer(fx.Tracer):
+    """Buffers read in forward are Proxies, as parameters are: fx's default hands the Python
+    code the buffer's value at trace time, and a branch on it (`if self.initialized.item()`,
+    ActNorm's flag) is frozen into the program, where a variant that changes the buffer
+    would take the other branch. As a Proxy the branch cannot trace, and the model runs
+    untraced (exact)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proxy_buffer_attributes = True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AugProxy(node, self)
+
+
+class NotTraced(Exception):
+    pass
+
+
+def trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
+    """`torch.fx.symbolic_trace`'s graph, with augmented assignments recorded in place, and the
+    constants the graph reads by name (`get_attr`) that are not the model's own.
+
+    fx stores a tensor the forward uses but the model does not hold (a module-level constant)
+    as a new attribute of the model (`_tensor_constant0`); those are taken off the user's model
+    again and returned, so tracing leaves it as it was."""
+    return trace_with(_Tracer(), model)
+
+
+def trace_with(tracer: fx.Tracer, model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
+    """`tracer.trace(model)`, and the tensors it stored on the model as new attributes, taken
+    off it again; attributes the forward set while tracing (a cache it fills on first use
+    holds a Proxy then) are put back as they were."""
+    before = set(vars(model))
+    with attributes_kept(list(model.modules())):
+        graph = tracer.trace(model)
+        added = {k: v for k, v in vars(model).items()
+                 if k not in before and isinstance(v, torch.Tensor)}
+    return graph, added
+
+
+def _tensorish(v: Any) -> bool:
+    """A tensor or fx Proxy, or a dict/list/tuple holding one (as a key or a value)."""
+    if isinstance(v, torch.Tensor | fx.Proxy):
+        return True
+    if isinstance(v, dict):
+        return any(_tensorish(k) or _tensorish(x) for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return any(_tensorish(x) for x in v)
+    return False
+
+
+def _contents(v: Any) -> list[tuple[Any, Any]]:
+    """A dict's or list's items (pairs), to compare by identity and put back into the same
+    object (`==` on tensors is elementwise)."""
+    return list(v.items()) if isinstance(v, dict) else list(enumerate(v))
+
+
+def _same(a: list[tuple[Any, Any]], b: list[tuple[Any, Any]]) -> bool:
+    if len(a) != len(b):
+        return False
+    for (k1, v1), (k2, v2) in zip(a, b, strict=True):
+        if v1 is not v2:
+            return False
+        if k1 is not k2 and (_tensorish(k1) or _tensorish(k2) or k1 != k2):
+            return False
+    return True
+
+
+#: What every nn.Module holds in its __dict__ (its parameters, buffers, hooks, ...): not the
+#: user's attributes, and changed legitimately (a buffer registered in forward).
+_MODULE_SLOTS = frozenset(vars(nn.Module()))
+
+
+@contextmanager
+def attributes_kept(modules: list[nn.Module]) -> Iterator[None]:
+    """Every plain attribute of these modules (not a parameter or buffer) that is or becomes a
+    tensor, or a dict/list/tuple holding one, comes back as it was: the same object, `None`
+    if it was `None`, gone if it was not there, and a dict or list with its own items again.
+    Hooks and forwards set such attributes while variants run (pruning recomputes `weight`
+    from the swapped-in `weight_orig`; a cache filled on first use, keyed by shape; a stored
+    activation) and a trace sets them to Proxies (which `torch.save` cannot pickle); the
+    model must come back holding its own."""
+    saved = [(m, dict(vars(m)), {k: _contents(v) for k, v in vars(m).items()
+                                 if isinstance(v, dict | list) and k not in _MODULE_SLOTS})
+             for m in modules]
+    try:
+        yield
+    finally:
+        for m, before, items in saved:
+            now = vars(m)
+            for k, v in list(now.items()):
+                if k not in before:
+                    if _tensorish(v):
+                        delattr(m, k)
+                elif v is not before[k]:
+                    if _tensorish(v) or _tensorish(before[k]):
+                        object.__setattr__(m, k, before[k])
+                elif k in items and not _same(_contents(v), items[k]) and (
+                        _tensorish(v) or any(_tensorish(x) for kv in items[k] for x in kv)):
+                    v.clear()
+                    if isinstance(v, dict):
+                        v.update(items[k])
+                    else:
+                        v.extend(x for _, x in items[k])
+            for k, v in before.items():
+                if k not in now and _tensorish(v):
+                    object.__setattr__(m, k, v)
+
+
+def hooked(m: nn.Module) -> bool:
+    """Forward hooks or pre-hooks on `m` itself: code the trace does not see, run at its call."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def global_hooks() -> bool:
+    """Forward hooks or pre-hooks registered for every module (`register_module_forward_hook`)."""
+    return bool(nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
+# Packages whose functions an fx trace records as calls and which are taken as functions of
+# their arguments alone. Any other recorded function is one the user wrapped (`torch.fx.wrap`):
+# the trace does not see its body, which may read any state or write into its arguments.
+_KNOWN_PACKAGES = frozenset({"torch", "torchvision", "_operator", "operator", "builtins", "math"})
+
+
+def opaque_function(fn: Any) -> bool:
+    mod = getattr(fn, "__module__", None)
+    return not (isinstance(mod, str) and mod.split(".")[0] in _KNOWN_PACKAGES)
