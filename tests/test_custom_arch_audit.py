@@ -806,6 +806,32 @@ def test_a_model_that_fails_only_with_a_variants_tensors_is_bad_input() -> None:
     assert torch.equal(m.lin.bias, bias)  # tried with the variant's tensors, then put back
 
 
+def test_a_variants_failure_after_an_out_of_memory_back_off_is_still_bad_input() -> None:
+    """After the pass backed off to pieces of 2 samples, the model's own forward on the whole
+    batch runs out of memory too: the check that names the model's failure must try the pieces
+    the pass could run, or a user's check that a variant trips is reported as our own error."""
+
+    class Guarded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 2:
+                raise torch.OutOfMemoryError("simulated")
+            if float(self.lin.bias.sum()) > 100:
+                raise ValueError("bias out of range")
+            return self.lin(x)
+
+    batches = [(torch.randn(4, 4), torch.zeros(4, dtype=torch.long))]
+    ev = Evaluator(Guarded(), [{}, {"lin.bias": torch.full((3,), 50.0)}], device="cpu",
+                   precision="fp32")
+    with pytest.raises(LayerfastError, match=r"samples 0\.\.3 of the data \(a batch of 4\) "
+                                             r"with the tensors of variant 1: ValueError"):
+        ev.run(batches)
+    assert ev._rows == 2
+
+
 def test_a_device_error_in_the_pass_is_not_blamed_on_the_model() -> None:
     """A device left broken (a CUDA assert) fails any forward, the model's own check too: that
     is not the model's failure on that batch, and it stays an internal error."""

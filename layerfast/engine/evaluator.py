@@ -601,8 +601,10 @@ class Evaluator:
         as when it fails on the first one (`analysis._num_outputs`). Return when every forward
         runs: the failure was the engine's own, and the caller re-raises it as an internal
         error. Only ever run after a failure, so one forward per variant costs nothing."""
-        where = (f"samples {first}..{first + int(x.shape[0]) - 1} of the data (a batch of "
-                 f"{int(x.shape[0])})")
+        B = int(x.shape[0])
+        where = f"samples {first}..{first + B - 1} of the data (a batch of {B})"
+        # In pieces no larger than an out-of-memory back-off left: the whole batch might not fit
+        step = min(r for r in (self._rows, self._swap_rows, B) if r)
         for j, ov in [(None, {}), *enumerate(dev_ov)]:
             if j is not None and not ov:
                 continue
@@ -611,7 +613,8 @@ class Evaluator:
                 for k, t in ov.items():
                     live[k].copy_(t)
                 with precision_context(self.precision, self.device), eager_inplace(self.model):
-                    self.model(x.clone())
+                    for lo in range(0, B, step):
+                        self.model(x[lo : lo + step].clone())
             except _OOM:
                 return
             except Exception as exc:  # noqa: BLE001 - any failure of the model itself
