@@ -289,8 +289,11 @@ def _check_out_files(path: Path, fresh: bool) -> None:
                              "replaces there: remove it or choose another --out")
     found = [n for n in OUTPUTS if (path / n).exists()]
     if found and not fresh and not (path / FILENAME).exists():
+        # A --fresh run stopped (killed) right after setting the old store aside: say where it is
+        why = (f" (a --fresh run was stopped after moving it into {aside})"
+               if (aside / FILENAME).is_file() else "")
         raise LayerfastError(f"{path} already holds {', '.join(found)}, but no {FILENAME} of the "
-                             "run that wrote them: pass --fresh to replace them, or choose "
+                             f"run that wrote them{why}: pass --fresh to replace them, or choose "
                              "another --out")
 
 

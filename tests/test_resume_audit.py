@@ -476,6 +476,23 @@ def test_a_refused_rerun_keeps_what_a_killed_fresh_run_set_aside(ckpts, referenc
     assert (aside / "results.csv").exists() and (aside / "progress.sqlite").exists()
 
 
+def test_the_refusal_after_a_fresh_run_killed_at_its_set_aside_says_where_the_store_is(
+        ckpts, reference, tmp_path):
+    """Killed right after `--fresh` moved the old store aside (before the new one exists): the
+    outputs are still in place, their store is in .layerfast-previous, and the refusal names it."""
+    import shutil
+
+    out = Path(shutil.copytree(reference, tmp_path / "o"))
+    aside = out / ".layerfast-previous"
+    aside.mkdir()
+    shutil.move(out / "progress.sqlite", aside / "progress.sqlite")
+    with pytest.raises(LayerfastError, match=r"no progress.sqlite of the run that wrote them \(a "
+                                             r"--fresh run was stopped after moving it into "
+                                             r".*\.layerfast-previous\): pass --fresh"):
+        layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    assert (aside / "progress.sqlite").is_file() and (out / "results.csv").is_file()
+
+
 def test_a_fresh_run_that_cannot_open_its_store_puts_the_old_one_back(ckpts, reference, tmp_path,
                                                                       monkeypatch):
     import shutil
