@@ -150,6 +150,12 @@ class Lazy(nn.Module):
 
 def bad(num_classes=5, in_shape=None):
     return nn.Sequential(nn.Flatten(), nn.LazyLinear(8), nn.Linear(9, num_classes))
+
+
+def frozen_bn(num_classes=5, in_shape=None):
+    m = Lazy(num_classes)
+    m.bn.eval()  # a factory that freezes a submodule in eval mode
+    return m
 """
 
 
@@ -160,6 +166,8 @@ def test_a_model_with_lazy_modules_is_analysed(tmp_path: Path, monkeypatch) -> N
     model, _ = build_model("lazymods:Lazy", 5, (1, 8, 8))
     assert model.training and model.l1.weight.shape == (16, 64)
     assert int(model.bn.num_batches_tracked) == 0  # shapes from an eval forward: no statistics
+    frozen, _ = build_model("lazymods:frozen_bn", 5, (1, 8, 8))
+    assert frozen.training and not frozen.bn.training  # each module's own mode comes back
     (tmp_path / "ck").mkdir()
     for tau in (0, 1):
         torch.save(model.state_dict(), tmp_path / "ck" / f"epoch_{tau}.pt")

@@ -198,7 +198,7 @@ def _materialize(model: nn.Module, arch: str, in_shape: tuple[int, ...]) -> None
     if not any(is_lazy(t) for t in (*model.parameters(), *model.buffers())):
         return
     dtype = input_dtype(model)
-    was = model.training
+    modes = [(m, m.training) for m in model.modules()]  # a factory may freeze some in eval
     model.eval()
     try:
         with torch.no_grad():
@@ -209,4 +209,5 @@ def _materialize(model: nn.Module, arch: str, in_shape: tuple[int, ...]) -> None
                              f"forward of inputs {in_shape}, which failed: "
                              f"{type(exc).__name__}: {msg}") from None
     finally:
-        model.train(was)
+        for m, mode in modes:
+            m.training = mode
