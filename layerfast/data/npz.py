@@ -89,9 +89,10 @@ def open_npz(path: Path, split: str, max_samples: int | None) -> DataSource:
             )
         num_classes = int(nc.reshape(()))
     else:
-        ys = [check_labels(name, arrays[k]) for k in arrays if k == "y" or k.startswith("y_")]
+        ys = [check_labels(f"npz: {path}: '{k}'", arrays[k])
+              for k in arrays if k == "y" or k.startswith("y_")]
         num_classes = max(int(t.max()) + 1 for t in ys if len(t)) if any(len(t) for t in ys) else 0
-    yt = check_labels(name, y, num_classes if num_classes > 0 else None)
+    yt = check_labels(f"npz: {path}: '{ky}'", y, num_classes if num_classes > 0 else None)
     if x.dtype == np.uint8:
         scale = 255.0
     elif x.dtype in (np.float32, np.float64, np.float16):
