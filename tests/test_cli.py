@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -421,12 +420,11 @@ def test_list_units_resnet50(granularity: str, count: int, capsys) -> None:
         assert names[:3] == ["stem", "layer1.0", "layer1.1"] and names[-2] == "layer4.2"
 
 
-def test_demo_under_two_minutes(tmp_path: Path, capsys) -> None:
-    t0 = time.perf_counter()
+def test_demo_writes_its_report(tmp_path: Path, capsys) -> None:
+    """The zero-setup demo end to end (its ~10 s is measured in the README, never asserted:
+    timings do not gate tests)."""
     rc, out, err = cli(["demo", "--out", tmp_path / "demo", "--quiet"], capsys)
-    elapsed = time.perf_counter() - t0
     assert rc == 0, err
-    assert elapsed < 120, f"demo took {elapsed:.0f} s"
     report = tmp_path / "demo" / "analysis"
     assert str(report) in out and "heatmap.png" in out
     for name in ("results.csv", "distances.csv", "run.json", "heatmap.png", "distances.png"):

@@ -189,6 +189,14 @@ def test_demo_with_an_empty_out_is_bad_input(tmp_path: Path, monkeypatch, capsys
     assert list(tmp_path.iterdir()) == []
 
 
+def test_demo_with_a_file_as_out_names_that_file(tmp_path: Path, capsys) -> None:
+    """`demo --out FILE` named FILE/checkpoints in its error, not the file in the way."""
+    (tmp_path / "f").write_text("mine")
+    rc, _, err = cli(["demo", "--out", tmp_path / "f", "--quiet"], capsys)
+    one_line(rc, err, re.escape(f"--out {tmp_path / 'f'} is not a directory"))
+    assert (tmp_path / "f").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+
+
 def test_every_analyze_flag_reaches_the_run(ckpts: Path, tmp_path: Path, capsys) -> None:
     """Each option, set away from its default, is the one the run used, read back from
     run.json: dropping `split=`, `bn=` or `precision=` from cli._analyze's call passed every
