@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import platform
 import shutil
@@ -49,6 +50,10 @@ class Analysis:
     out: Path | None = None
     units: list = field(default_factory=list)
 
+    def __repr__(self) -> str:  # the dataclass's would print all of run.json
+        return (f"Analysis(arch={self.run.get('arch')!r}, out={str(self.out)!r}, "
+                f"units={len(self.units)}, rows={len(self.table)}, n={self.run.get('n')})")
+
     def plot(self, path: str | os.PathLike[str] | None = None, kind: str = "heatmap") -> Path:
         """Draw the paper-style heatmap (`kind="heatmap"`) or distance plot (`"distances"`)."""
         from layerfast import report
@@ -63,11 +68,15 @@ class Analysis:
             return report.distance_plot(self.distances, path)
         raise LayerfastError(f"unknown plot kind {kind!r}: heatmap or distances")
 
-    def summary(self) -> str:
-        """The terminal table: one row per unit, the threshold stated (what the CLI prints)."""
+    def summary(self, threshold: float | None = None) -> str:
+        """The terminal table: one row per unit, the threshold stated (what the CLI prints);
+        with `threshold`, judged afresh at it (as `layerfast report OUT --threshold T`)."""
         from layerfast import report
 
-        return report.summary_table(self.table, self.distances, self.run["threshold"],
+        if threshold is None:
+            threshold = self.run["threshold"]
+        _check_threshold(threshold)
+        return report.summary_table(self.table, self.distances, float(threshold),
                                     self.run.get("bn", "with-layer"))
 
 
@@ -84,7 +93,11 @@ def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:
         if not labels:
             raise LayerfastError(f"--checkpoints takes 'all' or labels like 0,1,10; got {checkpoints!r}")
         return list(dict.fromkeys(labels))
-    return list(dict.fromkeys(int(c) for c in checkpoints))
+    from layerfast.variants import integers, is_int
+
+    if is_int(checkpoints):  # one label
+        return [int(checkpoints)]
+    return list(dict.fromkeys(integers(checkpoints, "checkpoints")))
 
 
 def _data_spec(data: str | None, ckpts: str | os.PathLike[str]) -> tuple[str, Path | None]:
@@ -153,17 +166,20 @@ def _seed_list(seeds: int | str | Iterable[int]) -> list[int]:
     """`seeds=n` means seeds 1..n (the CLI's `--seeds 3`); an iterable names them, repeats
     dropped (seed 1 twice is one draw, evaluated once). A string reads as the CLI reads it:
     "3" is a count, "1,7,9" names seeds (a str must not be iterated character by character)."""
-    if isinstance(seeds, bool):
+    from layerfast.variants import integers, is_int
+
+    if isinstance(seeds, bool) or isinstance(seeds, numbers.Real) and not is_int(seeds):
         raise LayerfastError(f"--seeds takes a count n >= 1 or a list of seeds; got {seeds!r}")
     if isinstance(seeds, str):
         seeds = parse_seeds(seeds)
-    if isinstance(seeds, int):
+    if is_int(seeds):
+        seeds = int(seeds)
         if seeds < 1:
             raise LayerfastError(f"--seeds takes a count n >= 1 (seeds 1..n) or a list of "
                                  f"seeds like 1,7,9; got {seeds}")
         out = range(1, min(seeds, MAX_SEEDS + 1) + 1)
     else:
-        out = list(dict.fromkeys(int(s) for s in seeds))  # a repeated seed is the same draw
+        out = list(dict.fromkeys(integers(seeds, "seeds")))  # a repeated seed: the same draw
     if not out:
         raise LayerfastError("--seeds needs at least one seed; got none")
     if len(out) > MAX_SEEDS:  # checked before a list of millions of variants is built
@@ -175,14 +191,29 @@ def _seed_list(seeds: int | str | Iterable[int]) -> list[int]:
     return list(out)
 
 
+def _check_threshold(threshold: object) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise LayerfastError(f"--threshold must be a number in [0, 1]; got {threshold!r} "
+                             f"({type(threshold).__name__})")
+    if not 0 <= threshold <= 1:  # NaN fails too
+        raise LayerfastError(f"--threshold must lie in [0, 1]; got {threshold}")
+
+
+def _count(value: object, flag: str) -> int | None:
+    """An optional positive count as a plain int: numpy integers too (a notebook's values are
+    often `np.int64`), never a bool or a float."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise LayerfastError(f"{flag} must be a positive integer; got {value!r}")
+    return int(value)
+
+
 def _check_options(threshold: float, batch_size: int | None, device: Any) -> None:
     """Reject bad scalar options before anything is loaded or written, with the flag's name:
     the engine would otherwise fail deep inside (or, for batch size 0, silently pick a default)."""
-    if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-        raise LayerfastError(f"--threshold must lie in [0, 1]; got {threshold}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
-        raise LayerfastError(f"--batch-size must be a positive integer; got {batch_size!r}")
+    _check_threshold(threshold)
+    _count(batch_size, "--batch-size")
     from layerfast.engine.precision import resolve_device
 
     resolve_device(device)  # up front: an unknown or absent device, before anything is read
@@ -411,7 +442,7 @@ def _num_outputs(model: torch.nn.Module, src: Any) -> int:
     except Exception as exc:  # noqa: BLE001 - any failure here is a model/data mismatch
         msg = " ".join(str(exc).split())[:300]
         raise LayerfastError(f"the model does not run on this data's samples (shape "
-                             f"{tuple(src.shape)}): {type(exc).__name__}: {msg}") from None
+                             f"{tuple(src.shape)}): {type(exc).__name__}: {msg}") from exc
     finally:
         model.train(was)
     from layerfast.engine.batches import check_logits
@@ -463,8 +494,9 @@ def _data_ids(spec: str) -> list[str] | None:
 
 def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, split: str = "test",
             granularity: str = "layer", units: str | Sequence[str] | None = None,
-            bn: str = "with-layer", reset: str | Sequence[str] = RESETS,
-            checkpoints: str | Iterable[int] = "all", seeds: int | Iterable[int] = 1,
+            bn: str = "with-layer", reset: str | Sequence[str] | None = RESETS,
+            checkpoints: str | int | Iterable[int] = "all",
+            seeds: int | str | Iterable[int] = 1,
             threshold: float = 0.05, device: str = "auto", precision: str = "auto",
             batch_size: int | None = None, max_samples: int | None = None,
             out: str | os.PathLike[str] | None = None, final: int | None = None,
@@ -487,6 +519,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
     """
     from layerfast.engine import Evaluator
     from layerfast.interp import interp_options, interp_requests
+    from layerfast.models.identity import definition_id
     from layerfast.store import PREVIOUS, ResumeStore
     from layerfast.units import make_units
     from layerfast.variants import make_variants
@@ -503,6 +536,12 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
     # the kinds that draw seeds: rerandom, and interp's noise
     seeded = "rerandom" in resets or (interp is not None and any(interp[1]))
     _check_options(threshold, batch_size, device)
+    batch_size = _count(batch_size, "--batch-size")
+    max_samples = _count(max_samples, "--max-samples")
+    if not isinstance(ckpts, str | os.PathLike):
+        raise LayerfastError(f"ckpts must be the path of a checkpoint directory; got a "
+                             f"{type(ckpts).__name__} (save state dicts there with "
+                             "torch.save(sd, path / 'epoch_3.pt'): docs/internals.md)")
     every = _checkpoint_every(checkpoint_every)
     chosen = _parse_checkpoints(checkpoints)
     patterns = _parse_list(units) or None
@@ -514,7 +553,8 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         if not seeded and seed_list != [1]:  # 1 is the default: said only if asked
             warn(f"--seeds {','.join(map(str, seed_list))} has no effect: only rerandom (and "
                  f"interp with --sigma > 0) draws seeds, and --reset is {','.join(resets)}")
-        model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples, chosen)
+        with torch.random.fork_rng(devices=[]):  # the factory's init draws: not the caller's
+            model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples, chosen)
         if ck.incomplete:  # analysing a cut-short run can be the point; it must not be silent
             warn(f"{ck.path}: {ck.incomplete}; analysing the checkpoints it has")
         trained_as = (ck.manifest or {}).get("arch")
@@ -536,7 +576,9 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         # Everything that changes the per-batch sums; threshold and figures do not, so a finished
         # run can be re-judged at another threshold without evaluating again.
         fingerprint = {
-            "arch": arch, "ckpts": str(Path(ckpts).resolve()), "files": _file_ids(ck),
+            # the arch's definition too: an edited mynet.py under the same name is another model
+            "arch": arch, "model": definition_id(model),
+            "ckpts": str(Path(ckpts).resolve()), "files": _file_ids(ck),
             "final": ck.final, "data": data, "data_files": _data_ids(data), "split": split,
             "max_samples": max_samples, "n": src.n,
             "granularity": granularity, "units": patterns, "bn": bn, "reset": resets,
@@ -758,15 +800,22 @@ def _progress(enabled: bool, total: int, done: int, nvar: int, how: str = "") ->
                 dynamic_ncols=True, leave=False)
 
 
-def list_units(arch: str, data: str = "digits", granularity: str = "layer",
+def list_units(arch: str, data: str | None = "digits", granularity: str = "layer",
                units: str | Sequence[str] | None = None, bn: str = "with-layer",
-               num_classes: int | None = None) -> list:
-    """The units an analysis would reset, without checkpoints or evaluation (a dry run)."""
+               num_classes: int | None = None,
+               ckpts: str | os.PathLike[str] | None = None) -> list:
+    """The units an analysis would reset, without evaluation (a dry run). Only the data's
+    sample shape and class count matter (a conv net's units can depend on the input size):
+    `data`, else with `ckpts` the data their manifest.json names (with analyze's errors for a
+    directory it would refuse), else digits."""
     from layerfast.data import open_data
     from layerfast.models import build_model
     from layerfast.units import make_units
 
-    src = open_data(data, split="test", max_samples=1)
-    model, spec = build_model(arch, num_classes or src.num_classes, tuple(src.shape))
+    if not data and ckpts:
+        data = _data_spec(None, ckpts)[0]
+    src = open_data(data or "digits", split="test", max_samples=1)
+    with torch.random.fork_rng(devices=[]):  # the factory's init draws: not the caller's
+        model, spec = build_model(arch, num_classes or src.num_classes, tuple(src.shape))
     return make_units(model, granularity=granularity, patterns=_parse_list(units) or None, bn=bn,
                       arch=spec)

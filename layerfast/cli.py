@@ -323,25 +323,12 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _manifest_data(ckpts: str | None) -> str | None:
-    """The data spec the checkpoint directory's manifest.json names (None without --ckpts),
-    with analyze's errors for a directory it would refuse: a listing that silently fell back
-    to digits' shape would describe other units than the analysis of those checkpoints."""
-    if not ckpts:
-        return None
-    from layerfast.analysis import _data_spec
-
-    return _data_spec(None, ckpts)[0]
-
-
 def _analyze(args: argparse.Namespace) -> int:
     from layerfast.analysis import analyze, list_units
 
     if args.list_units:
-        # only the sample shape and class count matter here: with --ckpts the data analyze
-        # would use (a conv net's units can depend on the input size), else digits
-        data = args.data or _manifest_data(args.ckpts) or "digits"
-        units = list_units(args.arch, data, args.granularity, args.units, args.bn)
+        units = list_units(args.arch, args.data, args.granularity, args.units, args.bn,
+                           ckpts=args.ckpts)
         for u in units:
             print(f"{u.name:32s} {len(u.modules):3d} modules  {len(u.keys):3d} tensors")
         what = f"custom: --units {args.units}" if args.units else f"{args.granularity} granularity"

@@ -56,8 +56,9 @@ PREVIOUS = ".layerfast-previous"
 #: channels_last they drew others) and units kept whole in one pass (session 13). 4: steps with
 #: hooks or wrapped functions read every key, and pruned / old-style spectral_norm units hold
 #: their mask and u/v buffers, and a branch on a buffer's value is not frozen into the trace
-#: (session 14): such models' variants evaluate other numbers.
-SCHEMA = "4"
+#: (session 14): such models' variants evaluate other numbers. 5: the fingerprint holds the
+#: model's definition (`models.identity`), so an old store's cannot match (session 15).
+SCHEMA = "5"
 
 
 @dataclass
@@ -243,7 +244,7 @@ class ResumeStore:
 _PLAN_KEYS = frozenset({"device", "precision", "batch_size", "fanout", "max_fanout",
                         "channels_last", "passes", "pass_layout"})
 #: Keys that change when the files on disk change under the same arguments.
-_INPUT_KEYS = frozenset({"files", "data_files", "n"})
+_INPUT_KEYS = frozenset({"files", "data_files", "n", "model"})
 #: Plan keys an option can also set: the same command on another machine or version changes
 #: them, but so does the user's own `--batch-size 64`, and the refusal must not blame the machine.
 _PLAN_OPTIONS = {"batch_size": "--batch-size", "device": "--device", "precision": "--precision",
@@ -261,6 +262,9 @@ def _what_differs(diff: list[str]) -> str:
     parts = []
     if args:
         parts.append(f"a run with different arguments (differs in: {', '.join(args)})")
+    if "model" in diff and "arch" not in diff:  # another arch is another argument
+        parts.append("a run of the same arch whose definition (its code or structure) has "
+                     "changed since")
     if "files" in diff:
         parts.append("a run over checkpoint files that have changed since")
     if "data_files" in diff:  # the key analysis keeps the data's files under

@@ -449,6 +449,23 @@ def _unit_map(units: Sequence[UnitLike]) -> dict[str, UnitLike]:
     return out
 
 
+def is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def integers(values: object, what: str) -> list[int]:
+    """`values` as a list of plain ints: numpy integers too, never a bool, a float (2.5 was read
+    as 2) or a string's characters; anything else is one clear error."""
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise LayerfastError(f"{what} must be integers (a list, a range); got "
+                             f"{type(values).__name__} {values!r}")
+    out = list(values)
+    bad = [v for v in out if not is_int(v)]
+    if bad:
+        raise LayerfastError(f"{what} must be integers; got {bad[0]!r} ({type(bad[0]).__name__})")
+    return [int(v) for v in out]
+
+
 def make_variants(
     model: nn.Module,
     units: Sequence[UnitLike],
@@ -456,11 +473,12 @@ def make_variants(
     arch: Any = None,
     reset: str | Iterable[str] = RESETS,
     checkpoints: str | Iterable[int] = "all",
-    seeds: Iterable[int] = (1,),
+    seeds: int | Iterable[int] = (1,),
     joint: Sequence[Sequence[str] | tuple[Sequence[str], int]] | None = None,
     interp: Sequence[tuple[str, int, float, float]] | None = None,
 ) -> list[Variant]:
-    """Every variant of one analysis, baseline first (order: module docstring).
+    """Every variant of one analysis, baseline first (order: module docstring). `seeds`: the
+    rerandom seeds, or a count n for seeds 1..n (as `analyze`'s).
 
     Checks everything checkable up front (labels exist, τ = 0 present for re-initialization to
     init, keys and shapes of the checkpoints used match the model) so a bad request fails
@@ -472,7 +490,11 @@ def make_variants(
     bad = [r for r in reset if r not in RESETS]
     if bad:
         raise LayerfastError(f"unknown reset kind {bad[0]!r}: choose from {', '.join(RESETS)}.")
-    seeds = [int(s) for s in seeds]
+    seeds = integers(range(1, int(seeds) + 1) if is_int(seeds) else seeds, "seeds")
+    if ckpts is not None and not isinstance(ckpts, CheckpointDir):
+        raise LayerfastError(
+            f"ckpts must be a CheckpointDir (layerfast.checkpoints.CheckpointDir(path) over a "
+            f"directory of checkpoint files) or None; got a {type(ckpts).__name__}")
     if "rerandom" in reset and not seeds:  # else no rerandom variant, without a word
         raise LayerfastError("rerandom needs at least one seed; seeds is empty.")
     ref = _Ref(model)
@@ -487,8 +509,10 @@ def make_variants(
             )
         chosen: list[int] = []
     else:
-        if not isinstance(checkpoints, str):
-            checkpoints = list(checkpoints)  # may be a generator: read it once
+        if is_int(checkpoints):  # one label
+            checkpoints = [int(checkpoints)]
+        elif not isinstance(checkpoints, str):  # may be a generator: read it once
+            checkpoints = integers(checkpoints, "checkpoints")
         asks_init = checkpoints == "all" or (isinstance(checkpoints, list) and 0 in checkpoints)
         if "reinit" in reset and asks_init and 0 not in ckpts.labels:
             raise LayerfastError(

@@ -172,6 +172,11 @@ class Evaluator:
         canon = canonical_keys(self.model)
         for i in self._pass_idx:
             ov = canonical(overrides_of(self.variants[i]), canon, describe(self.variants[i], i))
+            odd = next(((k, t) for k, t in ov.items() if not isinstance(t, torch.Tensor)), None)
+            if odd is not None:
+                raise LayerfastError(f"{describe(self.variants[i], i)} gives {odd[0]} a "
+                                     f"{type(odd[1]).__name__}, not a torch.Tensor (numpy "
+                                     "arrays: torch.from_numpy)")
             bad = [k for k in ov if k not in live]
             shapes = [
                 f"{k}: {tuple(t.shape)} vs model {tuple(live[k].shape)}"
@@ -624,7 +629,7 @@ class Evaluator:
                 i = None if j is None else self._pass_idx[j]
                 whose = "" if i is None else f" with the tensors of {describe(self.variants[i], i)}"
                 raise LayerfastError(f"the model fails on {where}{whose}: "
-                                     f"{type(exc).__name__}: {msg}") from None
+                                     f"{type(exc).__name__}: {msg}") from exc
             finally:
                 for k, t in saved.items():
                     live[k].copy_(t)

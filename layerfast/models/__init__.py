@@ -207,7 +207,7 @@ def _materialize(model: nn.Module, arch: str, in_shape: tuple[int, ...]) -> None
         msg = " ".join(str(exc).split())[:200]
         raise LayerfastError(f"cannot build {arch}: its lazy modules take their shapes from a "
                              f"forward of inputs {in_shape}, which failed: "
-                             f"{type(exc).__name__}: {msg}") from None
+                             f"{type(exc).__name__}: {msg}") from exc
     finally:
         for m, mode in modes:
             m.training = mode

@@ -10,7 +10,8 @@ keyword argument 'in_shape'", as `torchvision.models:resnet18` does) is called a
 Everything that can go wrong (no such module, an import that raises, no such attribute, not
 callable, the factory raises, it returns something else) is one `LayerfastError` naming the
 spec and the underlying message, never a traceback: this is user code, the user needs the
-message, not our stack.
+message, not our stack. The user's own exception is chained (`__cause__`), so a notebook or a
+Python caller still sees the line of their code that failed; the CLI prints the message only.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def load_factory(spec: str) -> Callable[..., Any]:
             raise
         raise LayerfastError(
             f"arch {spec!r}: importing module {mod_name!r} failed: {_describe(err)}"
-        ) from None
+        ) from err
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             raise LayerfastError(
@@ -121,7 +122,7 @@ def build_user_model(
             # without that keyword. Only for keywords its own signature does not name.
             extra = _rejected_keyword(err, kwargs)
             if extra is None or extra in named:
-                raise LayerfastError(f"arch {spec!r}: the factory raised {_describe(err)}") from None
+                raise LayerfastError(f"arch {spec!r}: the factory raised {_describe(err)}") from err
             del kwargs[extra]
     if not isinstance(model, nn.Module):
         raise LayerfastError(
