@@ -115,7 +115,7 @@ def evaluate(model: nn.Module, source: Any, device: torch.device) -> dict[str, A
     with precision_context("fp32", device):
         for xb, yb in source.batches(_EVAL_BATCH):
             x, y = to_device(xb, yb, source, device, input_dtype(model), False)
-            logits = model(x).float()
+            logits = _forward(model, x, "the test split").float()
             correct += (logits.argmax(1) == y).sum()
             loss += F.cross_entropy(logits, y, reduction="sum").double()
     n, c = int(source.n), int(correct.item())
@@ -225,6 +225,54 @@ def _check_seed(seed: object) -> None:
         raise LayerfastError(f"seed must be an integer in -2**63..2**63-1, got {seed!r}")
 
 
+def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> None:
+    """Before anything is written: the model must return one row of at least `num_classes`
+    logits per sample (analyze's probe and check), and, when some training batch holds a
+    single sample, train on one (BatchNorm cannot). Otherwise torch's error came as a traceback
+    from the first evaluation or training step, after epoch_000.pt was written."""
+    from layerfast.analysis import _num_outputs
+
+    width = _num_outputs(model, source)
+    if width < source.num_classes:
+        raise LayerfastError(
+            f"{arch} returns {width} logits per sample, but the data has {source.num_classes} "
+            "classes: the model needs one output per class"
+        )
+    if min(batch_size, int(source.n)) > 1:
+        return
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.train()
+            model(torch.zeros(1, *source.shape, dtype=input_dtype(model)))
+    except Exception as exc:  # noqa: BLE001 - user code: anything it raises is bad input
+        msg = " ".join(str(exc).split())[:300]
+        raise LayerfastError(
+            f"{arch} cannot train on a batch of one sample ({type(exc).__name__}: {msg}); use "
+            "--batch-size 2 or more (and more than one training sample)"
+        ) from None
+    finally:
+        model.load_state_dict(saved)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+    """`model(x)`, with a failure of the user's model on one batch as a LayerfastError."""
+    try:
+        out = model(x)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - user code: anything it raises is bad input
+        msg = " ".join(str(exc).split())[:300]
+        raise LayerfastError(
+            f"the model fails on {what} (a batch of {int(x.shape[0])}): "
+            f"{type(exc).__name__}: {msg}"
+        ) from None
+    from layerfast.engine.evaluator import check_logits
+
+    check_logits(out, int(x.shape[0]))
+    return out
+
+
 def _gather(source: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split as raw (x, y) tensors, staged where per-batch indexing is cheapest.
 
@@ -310,6 +358,7 @@ def train(
         model, _ = build_model(arch, train_src.num_classes, train_src.shape)
         if not any(p.requires_grad for p in model.parameters()):  # SGD's bare ValueError else
             raise LayerfastError(f"{arch} has no trainable parameters: nothing to train")
+        _probe(model, arch, train_src, batch_size)
         model.to(dev)
         x_all, y_all = _gather(train_src, dev)  # decodes every image: broken files show here
         # NaN/Inf inputs would show as a NaN loss, blamed on the learning rate: blame the data
@@ -392,7 +441,7 @@ def train(
                     group["lr"] = lr_at(schedule, lr, (epoch + s / len(steps)) / epochs)
                 idx = perm[i:j]
                 x, y = to_device(x_all[idx], y_all[idx], train_src, dev, dtype, False)
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(_forward(model, x, f"training epoch {epoch + 1}"), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

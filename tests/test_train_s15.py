@@ -1,0 +1,87 @@
+"""`layerfast train`, adversarial review s15: a user model whose forward cannot serve training
+(tuple/dict outputs, too few logits, wrong input width, BatchNorm on a batch of one) must be one
+LayerfastError (CLI: exit 2, one line, no traceback), as `analyze` already says it, and must not
+leave a half-written run behind when the problem is visible before training starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerfast.errors import LayerfastError
+from layerfast.train import train
+
+_MODELS = '''
+import torch
+from torch import nn
+
+
+class Tup(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.f = nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        y = self.f(x)
+        return y, y.sum()
+
+
+class Dic(Tup):
+    def forward(self, x):
+        return {"logits": self.f(x)}
+
+
+def tup(num_classes=10):
+    return Tup(num_classes)
+
+
+def dic(num_classes=10):
+    return Dic(num_classes)
+
+
+def fewout(num_classes=10):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+
+
+def wrongin(num_classes=10):
+    return nn.Sequential(nn.Flatten(), nn.Linear(17, num_classes))
+
+
+def bn(num_classes=10):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                         nn.Linear(8, num_classes))
+'''
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    (tmp_path / "s15models.py").write_text(_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "s15models", raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("factory", ["tup", "dic", "fewout", "wrongin"])
+def test_a_model_that_cannot_serve_the_data_is_bad_input_and_writes_nothing(models, factory):
+    out = models / "run"
+    with pytest.raises(LayerfastError, match="model"):
+        train(f"s15models:{factory}", "digits", 1, out, max_samples=64, progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("factory", ["tup", "fewout", "wrongin"])
+def test_cli_model_errors_exit_2_without_traceback(models, factory, capsys):
+    from layerfast.cli import main
+
+    rc = main(["train", "--arch", f"s15models:{factory}", "--data", "digits", "--epochs", "1",
+               "--max-samples", "64", "--out", str(models / "run"), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_batchnorm_model_on_batches_of_one_is_bad_input(models):
+    """BatchNorm cannot train on one sample: `--batch-size 1` used to be torch's ValueError
+    (exit 1, traceback) after epoch_000.pt and a manifest were written."""
+    out = models / "run"
+    with pytest.raises(LayerfastError, match="batch"):
+        train("s15models:bn", "digits", 1, out, batch_size=1, max_samples=8, progress=False)
+    assert not out.exists()
