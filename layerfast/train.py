@@ -34,7 +34,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,10 @@ def checkpoint_schedule(epochs: int, checkpoints: Sequence[int] | None = None) -
         late = (math.floor(t * epochs / 100 + 0.5) for t in PAPER_CHECKPOINTS if t not in _EARLY)
         taus = {t for t in _EARLY if t <= epochs} | set(late)
     else:
+        if isinstance(checkpoints, (str, bytes)) or not isinstance(checkpoints, Iterable):
+            raise LayerfastError(
+                f"checkpoints must be a list of epochs such as [0, 1, 10], got {checkpoints!r}"
+            )
         taus = set()
         for t in checkpoints:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= epochs:
@@ -321,11 +325,13 @@ def train(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise LayerfastError(f"batch size must be a positive integer, got {batch_size!r}")
     for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise LayerfastError(f"{name} must be a finite number >= 0, got {v!r}")
     if momentum >= 1:  # the velocity would never decay: the run diverges, blamed on the lr
         raise LayerfastError(f"momentum must be below 1 (0.9 is usual), got {momentum!r}")
     _check_seed(seed)
+    if not isinstance(out, (str, os.PathLike)):
+        raise LayerfastError(f"out must be a directory path (str or Path), got {out!r}")
     if not str(out).strip():  # Path("") is the current directory: checkpoints among its files
         raise LayerfastError("--out is empty: name the directory for the checkpoints")
     out = Path(out)

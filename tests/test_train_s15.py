@@ -85,3 +85,23 @@ def test_batchnorm_model_on_batches_of_one_is_bad_input(models):
     with pytest.raises(LayerfastError, match="batch"):
         train("s15models:bn", "digits", 1, out, batch_size=1, max_samples=8, progress=False)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"checkpoints": 5},  # TypeError: 'int' object is not iterable
+        {"checkpoints": "0,1"},
+        {"out": None},  # TypeError from pathlib
+        {"out": 5},
+        {"max_samples": True},  # trained on one sample, manifest "max_samples": true
+        {"lr": True},  # manifest "lr": true
+        {"weight_decay": False},
+    ],
+)
+def test_python_api_bad_types_are_layerfast_errors(tmp_path, kw):
+    args = {"arch": "fcn1x4", "data": "digits", "epochs": 1, "out": tmp_path / "run",
+            "max_samples": 40, "progress": False, **kw}  # fmt: skip
+    with pytest.raises(LayerfastError):
+        train(**args)
+    assert not (tmp_path / "run").exists()

@@ -136,7 +136,8 @@ def check_finite(what: str, x: Tensor, hint: str = "inputs must be finite") -> N
 
 
 def check_max_samples(max_samples: int | None) -> None:
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+    if max_samples is not None and (isinstance(max_samples, bool)  # True is not 1 sample
+                                    or not isinstance(max_samples, int) or max_samples < 1):
         raise LayerfastError(f"--max-samples must be a positive integer, got {max_samples!r}")
 
 
