@@ -155,7 +155,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def _prepare_out(out: Path, overwrite: bool) -> list[Path]:
+def _prepare_out(out: Path, overwrite: bool) -> tuple[list[Path], Any]:
     """Create `out` (after `_check_out`, once every input is validated) and, with `overwrite`,
     delete the manifest and the `epoch_NNN.pt` files of an old run (other files are left alone;
     the new manifest lists exactly the new files, so discovery ignores them).
@@ -175,15 +175,47 @@ def _prepare_out(out: Path, overwrite: bool) -> list[Path]:
     if not os.access(out, os.W_OK):  # before deleting anything of an old run
         _remove_created([], created)
         raise LayerfastError(f"--out {out}: the directory is not writable")
+    # Two runs into one --out (a sweep that forgot to vary it) both passed the check above and
+    # then overwrote each other's epoch files: the last manifest listed errors of weights that
+    # the other run wrote. One run at a time, and the check repeated under the lock.
+    lock = _lock(out, created)
+    try:
+        _check_out(out, overwrite)
+    except BaseException:
+        _unlock(out, lock)
+        raise
     for name in _old_checkpoints(out):
         if name == MANIFEST or _FILE_RE.match(name):
             try:
                 (out / name).unlink()
             except OSError as exc:
+                _unlock(out, lock)
                 raise LayerfastError(
                     f"--out {out}: cannot remove the old {name} ({exc.strerror or exc})"
                 ) from None
-    return created
+    return created, lock
+
+
+def _lock(out: Path, created: list[Path]) -> Any:
+    """`store`'s advisory lock on `out` (a second run there fails with a clear message)."""
+    from layerfast.store import _acquire_lock
+
+    try:
+        return _acquire_lock(out)
+    except BaseException:
+        _remove_created([], created)
+        raise
+
+
+def _unlock(out: Path, lock: Any) -> None:
+    """Drop the lock and its file (so that a run that wrote nothing leaves `out` as it was)."""
+    if lock is None:
+        return
+    from layerfast.store import LOCKNAME
+
+    with contextlib.suppress(OSError):
+        (out / LOCKNAME).unlink()
+    lock.close()
 
 
 @contextlib.contextmanager
@@ -371,12 +403,13 @@ def train(
         check_finite(f"{data}: the training inputs", x_all,
                      "training on them would only diverge. Fix or drop those samples.")
         # Only now, with every input validated, is anything written.
-        created = _prepare_out(out, overwrite)
+        created, lock = _prepare_out(out, overwrite)
         # Until the first manifest exists, a failure (an undecodable test image, Ctrl-C) must
         # leave `out` as it was: `pending` is what to undo, emptied once a manifest lists it.
         # Both lists are empty by the time the run succeeds, so this undoes nothing then.
         pending: list[Path] = []
         stack.callback(_remove_created, pending, created)
+        stack.callback(_unlock, out, lock)  # runs first: its file must go before the rmdir
         shuffle = torch.Generator().manual_seed(seed)
         opt = torch.optim.SGD(
             model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay

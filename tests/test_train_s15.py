@@ -105,3 +105,21 @@ def test_python_api_bad_types_are_layerfast_errors(tmp_path, kw):
     with pytest.raises(LayerfastError):
         train(**args)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(tmp_path):
+    """Two `layerfast train` started together on one --out both passed the "already holds
+    checkpoints" check and overwrote each other's epoch files: both exited 0, and the last
+    manifest (complete, seed 0) recorded a test error of 0.40 for an epoch_001.pt that held the
+    other run's weights (0.11). The run holding `out` must make a second one fail clearly."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".layerfast.lock", "a+") as fh:  # what a first run holds while it trains
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(LayerfastError, match="another layerfast run"):
+            train("fcn1x4", "digits", 1, out, max_samples=40, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".layerfast.lock"]  # nothing written
+    train("fcn1x4", "digits", 1, out, max_samples=40, progress=False)  # free again: it runs
+    assert ".layerfast.lock" not in {p.name for p in out.iterdir()}
