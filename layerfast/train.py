@@ -58,6 +58,7 @@ PAPER_CHECKPOINTS: tuple[int, ...] = (0, 1, 2, 3, 8, 40, 90, 100)
 SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")
 _EARLY = (0, 1, 2, 3)  # kept as they are: the paper's interesting changes happen here
 _FILE_RE = re.compile(r"^epoch_\d+\.pt$")
+_TMP_RE = re.compile(r"^\.(epoch_\d+\.pt|manifest\.json)\..+\.tmp$")
 _STAGE_ON_GPU_BYTES = 2 << 30
 _EVAL_BATCH = 1024
 
@@ -184,6 +185,12 @@ def _prepare_out(out: Path, overwrite: bool) -> tuple[list[Path], Any]:
     except BaseException:
         _unlock(out, lock)
         raise
+    # the hidden temporaries of a killed run's atomic writes (each as big as a checkpoint);
+    # under the lock no other run is writing them
+    for tmp in out.glob(".*.tmp"):
+        if _TMP_RE.match(tmp.name) and tmp.is_file():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     for name in _old_checkpoints(out):
         if name == MANIFEST or _FILE_RE.match(name):
             try:

@@ -123,3 +123,15 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(tmp_pa
     assert sorted(p.name for p in out.iterdir()) == [".layerfast.lock"]  # nothing written
     train("fcn1x4", "digits", 1, out, max_samples=40, progress=False)  # free again: it runs
     assert ".layerfast.lock" not in {p.name for p in out.iterdir()}
+
+
+def test_overwrite_removes_the_temporaries_of_a_killed_run(tmp_path):
+    """A run killed (SIGKILL) inside `save_atomic` leaves `.epoch_001.pt.XXXX.tmp`, as big as a
+    checkpoint; `--overwrite` replaced the run but kept every such file forever."""
+    out = tmp_path / "run"
+    train("fcn1x4", "digits", 1, out, max_samples=40, progress=False)
+    (out / ".epoch_001.pt.m_y5z7td.tmp").write_bytes(b"x" * 1000)
+    (out / ".manifest.json.abc.tmp").write_text("{")
+    (out / ".mine.tmp").write_text("not ours")
+    train("fcn1x4", "digits", 1, out, max_samples=40, progress=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".mine.tmp"]
