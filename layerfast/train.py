@@ -276,6 +276,13 @@ def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> 
     from layerfast.analysis import _num_outputs
 
     width = _num_outputs(model, source)
+    if width < 2:  # one logit: cross-entropy is 0 from the first step, and analyze refuses it
+        raise LayerfastError(
+            f"{arch} returns {width} logit{'' if width == 1 else 's'} per sample ({source.num_classes} "
+            "class(es) in the data): cross-entropy over one logit is 0 whatever the weights, so "
+            "nothing would be learned, and analyze refuses such a model; train a classifier "
+            "with 2 or more classes"
+        )
     if width < source.num_classes:
         raise LayerfastError(
             f"{arch} returns {width} logits per sample, but the data has {source.num_classes} "

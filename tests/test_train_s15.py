@@ -135,3 +135,18 @@ def test_overwrite_removes_the_temporaries_of_a_killed_run(tmp_path):
     (out / ".mine.tmp").write_text("not ours")
     train("fcn1x4", "digits", 1, out, max_samples=40, progress=False, overwrite=True)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".mine.tmp"]
+
+
+def test_one_class_data_is_refused_before_training(tmp_path):
+    """One class: the loss is 0 from the first step, the run "completed" with every checkpoint
+    equal to θ⁰ and test error 0, and `analyze` then refused the directory (1 output)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5)).astype(np.float32)
+    y = np.zeros(60, np.int64)
+    np.savez(tmp_path / "one.npz", x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
+    out = tmp_path / "run"
+    with pytest.raises(LayerfastError, match="2 or more classes"):
+        train("fcn1x4", str(tmp_path / "one.npz"), 1, out, progress=False)
+    assert not out.exists()
