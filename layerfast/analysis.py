@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from layerfast.errors import LayerfastError, collect_warnings, progress_stream, say, warn
+from layerfast.options import count
 
 RESETS = ("reinit", "rerandom", "fullmodel")
 #: Every kind `--reset` accepts: the default three, and `interp` (it needs `--alphas`).
@@ -93,7 +94,7 @@ def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:
         if not labels:
             raise LayerfastError(f"--checkpoints takes 'all' or labels like 0,1,10; got {checkpoints!r}")
         return list(dict.fromkeys(labels))
-    from layerfast.variants import integers, is_int
+    from layerfast.options import integers, is_int
 
     if is_int(checkpoints):  # one label
         return [int(checkpoints)]
@@ -166,7 +167,7 @@ def _seed_list(seeds: int | str | Iterable[int]) -> list[int]:
     """`seeds=n` means seeds 1..n (the CLI's `--seeds 3`); an iterable names them, repeats
     dropped (seed 1 twice is one draw, evaluated once). A string reads as the CLI reads it:
     "3" is a count, "1,7,9" names seeds (a str must not be iterated character by character)."""
-    from layerfast.variants import integers, is_int
+    from layerfast.options import integers, is_int
 
     if isinstance(seeds, bool) or isinstance(seeds, numbers.Real) and not is_int(seeds):
         raise LayerfastError(f"--seeds takes a count n >= 1 or a list of seeds; got {seeds!r}")
@@ -199,21 +200,11 @@ def _check_threshold(threshold: object) -> None:
         raise LayerfastError(f"--threshold must lie in [0, 1]; got {threshold}")
 
 
-def _count(value: object, flag: str) -> int | None:
-    """An optional positive count as a plain int: numpy integers too (a notebook's values are
-    often `np.int64`), never a bool or a float."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
-        raise LayerfastError(f"{flag} must be a positive integer; got {value!r}")
-    return int(value)
-
-
 def _check_options(threshold: float, batch_size: int | None, device: Any) -> None:
     """Reject bad scalar options before anything is loaded or written, with the flag's name:
     the engine would otherwise fail deep inside (or, for batch size 0, silently pick a default)."""
     _check_threshold(threshold)
-    _count(batch_size, "--batch-size")
+    count(batch_size, "--batch-size")
     from layerfast.engine.precision import resolve_device
 
     resolve_device(device)  # up front: an unknown or absent device, before anything is read
@@ -536,8 +527,8 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
     # the kinds that draw seeds: rerandom, and interp's noise
     seeded = "rerandom" in resets or (interp is not None and any(interp[1]))
     _check_options(threshold, batch_size, device)
-    batch_size = _count(batch_size, "--batch-size")
-    max_samples = _count(max_samples, "--max-samples")
+    batch_size = count(batch_size, "--batch-size")
+    max_samples = count(max_samples, "--max-samples")
     if not isinstance(ckpts, str | os.PathLike):
         raise LayerfastError(f"ckpts must be the path of a checkpoint directory; got a "
                              f"{type(ckpts).__name__} (save state dicts there with "

@@ -65,6 +65,7 @@ from layerfast.checkpoints import CheckpointDir
 from layerfast.checkpoints.keymap import canonical_keys, is_tolerated_missing
 from layerfast.errors import LayerfastError, warn
 from layerfast.models.init import NORM_TYPES
+from layerfast.options import integers, is_int
 from layerfast.units import derived_weights
 
 __all__ = ["Variant", "derive_seed", "init_mismatches", "make_variants", "rerandom_draw"]
@@ -447,23 +448,6 @@ def _unit_map(units: Sequence[UnitLike]) -> dict[str, UnitLike]:
             raise LayerfastError(f"two units are named {u.name!r}.")
         out[u.name] = u
     return out
-
-
-def is_int(v: object) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def integers(values: object, what: str) -> list[int]:
-    """`values` as a list of plain ints: numpy integers too, never a bool, a float (2.5 was read
-    as 2) or a string's characters; anything else is one clear error."""
-    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
-        raise LayerfastError(f"{what} must be integers (a list, a range); got "
-                             f"{type(values).__name__} {values!r}")
-    out = list(values)
-    bad = [v for v in out if not is_int(v)]
-    if bad:
-        raise LayerfastError(f"{what} must be integers; got {bad[0]!r} ({type(bad[0]).__name__})")
-    return [int(v) for v in out]
 
 
 def make_variants(

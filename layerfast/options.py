@@ -1,0 +1,40 @@
+"""Whole-number options as the Python API receives them: plain ints, numpy integers (a
+notebook's values often are `np.int64`), never a bool, a float or a string's characters.
+
+`analyze`, `make_variants` and `train` share these so that the same value means the same thing
+(and fails with the same message) whichever entry point it is given to.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable
+
+from layerfast.errors import LayerfastError
+
+
+def is_int(v: object) -> bool:
+    """A whole number: an int or a numpy integer, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def integers(values: object, what: str) -> list[int]:
+    """`values` as a list of plain ints; a float among them (2.5 was read as 2), a string or
+    anything not iterable is one clear error naming `what`."""
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise LayerfastError(f"{what} must be integers (a list, a range); got "
+                             f"{type(values).__name__} {values!r}")
+    out = list(values)
+    bad = [v for v in out if not is_int(v)]
+    if bad:
+        raise LayerfastError(f"{what} must be integers; got {bad[0]!r} ({type(bad[0]).__name__})")
+    return [int(v) for v in out]
+
+
+def count(value: object, flag: str) -> int | None:
+    """An optional positive count (`None` stays `None`) as a plain int."""
+    if value is None:
+        return None
+    if not is_int(value) or int(value) < 1:
+        raise LayerfastError(f"{flag} must be a positive integer; got {value!r}")
+    return int(value)
