@@ -50,9 +50,11 @@ from layerfast.checkpoints.save import save_atomic
 from layerfast.data import open_data, to_device
 from layerfast.data.source import DataSource, check_finite
 from layerfast.data.spec import absolute_spec
+from layerfast.engine.batches import check_logits
 from layerfast.engine.precision import precision_context, resolve_device
 from layerfast.errors import LayerfastError, collect_warnings, progress_stream, warn
 from layerfast.models import build_model, input_dtype
+from layerfast.options import count, is_int
 
 PAPER_CHECKPOINTS: tuple[int, ...] = (0, 1, 2, 3, 8, 40, 90, 100)
 SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")
@@ -73,8 +75,9 @@ def checkpoint_schedule(epochs: int, checkpoints: Sequence[int] | None = None) -
     An explicit list is used as given (each τ in 0..epochs), plus 0 and `epochs`: τ=0 is the
     re-initialization target and the final model is what training produced.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if not is_int(epochs) or epochs < 1:
         raise LayerfastError(f"epochs must be a positive integer, got {epochs!r}")
+    epochs = int(epochs)
     if checkpoints is None:
         late = (math.floor(t * epochs / 100 + 0.5) for t in PAPER_CHECKPOINTS if t not in _EARLY)
         taus = {t for t in _EARLY if t <= epochs} | set(late)
@@ -85,11 +88,11 @@ def checkpoint_schedule(epochs: int, checkpoints: Sequence[int] | None = None) -
             )
         taus = set()
         for t in checkpoints:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= epochs:
+            if not is_int(t) or not 0 <= t <= epochs:
                 raise LayerfastError(
                     f"checkpoint epoch {t!r} is not an integer in 0..{epochs} (epochs={epochs})"
                 )
-            taus.add(t)
+            taus.add(int(t))
     return sorted(taus | {0, epochs})
 
 
@@ -300,7 +303,7 @@ def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> 
         raise LayerfastError(
             f"{arch} cannot train on a batch of one sample ({type(exc).__name__}: {msg}); use "
             "--batch-size 2 or more (and more than one training sample)"
-        ) from None
+        ) from exc
     finally:
         model.load_state_dict(saved)
 
@@ -312,13 +315,13 @@ def _forward(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - user code: anything it raises is bad input
+        if "CUDA error" in str(exc) or type(exc).__name__ == "AcceleratorError":
+            raise  # a broken device, not the model (as analyze's Evaluator judges it)
         msg = " ".join(str(exc).split())[:300]
         raise LayerfastError(
             f"the model fails on {what} (a batch of {int(x.shape[0])}): "
             f"{type(exc).__name__}: {msg}"
-        ) from None
-    from layerfast.engine.evaluator import check_logits
-
+        ) from exc
     check_logits(out, int(x.shape[0]))
     return out
 
@@ -368,8 +371,10 @@ def train(
     taus = checkpoint_schedule(epochs, checkpoints)
     if schedule not in SCHEDULES:
         raise LayerfastError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise LayerfastError(f"batch size must be a positive integer, got {batch_size!r}")
+    batch_size = count(batch_size, "batch_size")
+    if batch_size is None:
+        raise LayerfastError("batch_size must be a positive integer; got None")
+    max_samples = count(max_samples, "max_samples")  # numpy integers too: the manifest is JSON
     for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
         if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise LayerfastError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -510,7 +515,7 @@ def train(
             bar.set_postfix(post, refresh=False)
             if epoch + 1 in taus:
                 save(epoch + 1, train_loss)
-    meta.update(complete=True, train_seconds=round(time.perf_counter() - t0, 3))
-    with _writing(out, MANIFEST):
-        write_manifest(out, entries, **meta)
+        meta.update(complete=True, train_seconds=round(time.perf_counter() - t0, 3))
+        with _writing(out, MANIFEST):  # under the lock, as every file the run writes
+            write_manifest(out, entries, **meta)
     return {"checkpoints": entries, **meta}

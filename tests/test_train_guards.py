@@ -1,4 +1,4 @@
-"""`layerfast train`, adversarial review s15: a user model whose forward cannot serve training
+"""`layerfast train` on what it cannot train: a user model whose forward cannot serve training
 (tuple/dict outputs, too few logits, wrong input width, BatchNorm on a batch of one) must be one
 LayerfastError (CLI: exit 2, one line, no traceback), as `analyze` already says it, and must not
 leave a half-written run behind when the problem is visible before training starts."""
@@ -54,9 +54,9 @@ def bn(num_classes=10):
 
 @pytest.fixture
 def models(tmp_path, monkeypatch):
-    (tmp_path / "s15models.py").write_text(_MODELS)
+    (tmp_path / "train_guard_models.py").write_text(_MODELS)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(__import__("sys").modules, "s15models", raising=False)
+    monkeypatch.delitem(__import__("sys").modules, "train_guard_models", raising=False)
     return tmp_path
 
 
@@ -64,7 +64,7 @@ def models(tmp_path, monkeypatch):
 def test_a_model_that_cannot_serve_the_data_is_bad_input_and_writes_nothing(models, factory):
     out = models / "run"
     with pytest.raises(LayerfastError, match="model"):
-        train(f"s15models:{factory}", "digits", 1, out, max_samples=64, progress=False)
+        train(f"train_guard_models:{factory}", "digits", 1, out, max_samples=64, progress=False)
     assert not out.exists()
 
 
@@ -72,7 +72,7 @@ def test_a_model_that_cannot_serve_the_data_is_bad_input_and_writes_nothing(mode
 def test_cli_model_errors_exit_2_without_traceback(models, factory, capsys):
     from layerfast.cli import main
 
-    rc = main(["train", "--arch", f"s15models:{factory}", "--data", "digits", "--epochs", "1",
+    rc = main(["train", "--arch", f"train_guard_models:{factory}", "--data", "digits", "--epochs", "1",
                "--max-samples", "64", "--out", str(models / "run"), "--quiet"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and err.count("\n") == 1, err
@@ -83,7 +83,7 @@ def test_batchnorm_model_on_batches_of_one_is_bad_input(models):
     (exit 1, traceback) after epoch_000.pt and a manifest were written."""
     out = models / "run"
     with pytest.raises(LayerfastError, match="batch"):
-        train("s15models:bn", "digits", 1, out, batch_size=1, max_samples=8, progress=False)
+        train("train_guard_models:bn", "digits", 1, out, batch_size=1, max_samples=8, progress=False)
     assert not out.exists()
 
 
@@ -150,3 +150,17 @@ def test_one_class_data_is_refused_before_training(tmp_path):
     with pytest.raises(LayerfastError, match="2 or more classes"):
         train("fcn1x4", str(tmp_path / "one.npz"), 1, out, progress=False)
     assert not out.exists()
+
+
+def test_numpy_integers_are_counts_and_the_manifest_stays_json(tmp_path):
+    """A notebook's `np.int64` epochs/batch_size/max_samples were refused as "not a positive
+    integer"; taken, they must reach the manifest as plain ints."""
+    import json
+
+    import numpy as np
+
+    out = tmp_path / "run"
+    train("fcn1x4", "digits", np.int64(1), out, batch_size=np.int64(16),
+          max_samples=np.int64(40), checkpoints=[np.int64(0)], progress=False)  # fmt: skip
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["epochs"], m["batch_size"], m["max_samples"], m["train_n"]) == (1, 16, 40, 40)
