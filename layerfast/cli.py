@@ -18,8 +18,13 @@ from layerfast.errors import LayerfastError, output_failed, say
 
 
 def _int_list(text: str) -> list[int]:
+    """`0,1,10`; an empty list (`--checkpoints ""` saved only 0 and the last epoch, the
+    opposite of the default schedule) or an empty item (`1,,2`, a typo) is refused."""
+    parts = text.split(",")
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        if not all(p.strip() for p in parts):
+            raise ValueError(text)
+        return [int(t) for t in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 0,1,10; got {text!r}") from None
 

@@ -164,3 +164,17 @@ def test_numpy_integers_are_counts_and_the_manifest_stays_json(tmp_path):
           max_samples=np.int64(40), checkpoints=[np.int64(0)], progress=False)  # fmt: skip
     m = json.loads((out / "manifest.json").read_text())
     assert (m["epochs"], m["batch_size"], m["max_samples"], m["train_n"]) == (1, 16, 40, 40)
+
+
+@pytest.mark.parametrize("text", ["", "1,,2", "1,", " "])
+def test_an_empty_checkpoint_list_or_item_is_refused(tmp_path, text, capsys):
+    """`train --checkpoints ""` saved only epoch 0 and the last (the default schedule is the
+    paper's), and `1,,2` passed a typo; both are usage errors now."""
+    from layerfast.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--arch", "fcn1x4", "--data", "digits", "--epochs", "2",
+              "--checkpoints", text, "--out", str(tmp_path / "run"), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "expected integers like 0,1,10" in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
