@@ -151,6 +151,7 @@ def test_read_results_accepts_infinite_loss(tmp_path: Path) -> None:
         ("fc1,rerandom,,,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "seed"),
         ("fc1,rerandom,3,1,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "checkpoint"),
         ("fc1+fc2,joint,,,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "checkpoint"),
+        ("fc1+fc2,joint,0,4,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,critical", "seed"),
         ("*,fullmodel,0,2,0.4,0.31,0.5,0.1,1.5,0.6,100,0.35,", "seed"),
         ("*,baseline,0,,0.05,0.02,0.11,0.01,0.2,1.0,100,0.0,", "checkpoint"),
     ],
