@@ -49,7 +49,7 @@ from layerfast.engine.precision import (
     resolve_device,
     resolve_precision,
 )
-from layerfast.engine.verify import VERIFY_SAMPLES, trace_differs
+from layerfast.engine.verify import VERIFY_SAMPLES, trace_differs, unbatched_cuts
 from layerfast.errors import LayerfastError
 
 _SCORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `score_` reads
@@ -151,6 +151,9 @@ class Evaluator:
         # Whether the traced program computes the model's forward: None until checked on the
         # first batch (`_verified`), then True, or why not (the model then runs untraced).
         self._trace_ok: bool | str | None = None
+        # Cuts whose value does not hold the batch in dim 0 (`verify.unbatched_cuts`), found
+        # with the trace check and left out of every pass's plan.
+        self._unbatched: set[int] = set()
         self._pass_idx: list[int] = list(range(len(self.variants)))
         # Samples per piece a batch is cut into after running out of memory (None: whole
         # batches); lowered by the back-off in `_pass_rows`, kept for the rest of the run.
@@ -481,6 +484,7 @@ class Evaluator:
         prog = Program(self.model, trace=not isinstance(self._trace_ok, str))
         if isinstance(self._trace_ok, str):
             prog.trace_error = self._trace_ok
+        prog.drop_cuts(self._unbatched)  # found on the first pass's first batch (`_verified`)
         dev_ov = self._device_overrides(live)
         # A variant whose tensors equal the live ones (e.g. reinit to the final τ) IS the
         # baseline: score it from the baseline's logits, bit for bit, at no cost.
@@ -590,6 +594,11 @@ class Evaluator:
                     torch.cuda.empty_cache()
         if why is None or why is False:  # False: the model itself fails, the pass says so
             self._trace_ok = True
+            self._unbatched = unbatched_cuts(prog, x, self.device) if why is None else set()
+            if self._unbatched:
+                prog.drop_cuts(self._unbatched)
+                plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
+                self.last_plan = plan
             return prog, plan
         self._trace_ok = why
         prog = Program(self.model, trace=False)

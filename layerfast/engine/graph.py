@@ -452,6 +452,11 @@ class Program:
         return False
 
     # ---- queries ---------------------------------------------------------------------
+    def drop_cuts(self, bad: set[int]) -> None:
+        """Stop using the cuts `bad` (their value does not hold the batch in dim 0:
+        `verify.unbatched_cuts`); a variant that would start at one starts at the cut before."""
+        self.cuts = [c for c in self.cuts if c not in bad]
+
     def start_cut(self, keys: set[str] | frozenset[str]) -> int | None:
         """The latest cut before the first step that reads any of `keys`; None if no step
         reads them (the variant's output equals the baseline's). Keys may be any state-dict

@@ -58,3 +58,32 @@ def differs(got: Any, ref: Any, device: torch.device) -> str | None:
         return None
     d = (got.float() - ref.float()).abs().nan_to_num(float("inf")).max().item()
     return f"the traced program's logits differ from the forward's (max |diff| {d:.3g})"
+
+
+def unbatched_cuts(prog: Program, x: torch.Tensor, device: torch.device) -> set[int]:
+    """The cuts whose value does not hold the batch in dim 0, found by running the program on
+    `x` and on its first half: a sequence-first LSTM's input, `x.transpose(0, 1)`, a
+    `unsqueeze(0)`. A variant started there would have its batch cut along another dim (and
+    scored against other labels), so such cuts are not used. A run that fails or runs out of
+    memory on the half says nothing (the whole `x` is checked alone then); one that fails on
+    the whole `x`, which the trace check has just run, leaves no cut proven."""
+    if not prog.cuts:
+        return set()
+    n = int(x.shape[0])
+    bad: set[int] = set()
+    with precision_context("fp32", device):
+        for k, m in enumerate(dict.fromkeys((n, n // 2 or n))):
+            cache: dict[int, Any] = {}
+            try:
+                prog.run(x[:m].clone(), 0, keep=set(prog.cuts), saved=cache)
+            except Exception:  # noqa: BLE001 - out of memory too: no verdict from this size
+                if k == 0:
+                    return set(prog.cuts)
+                break
+            for c in prog.cuts:
+                if c == 0:  # the input itself: a batch is [B, ...] by the data's contract
+                    continue
+                t = cache.get(c)
+                if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != m:
+                    bad.add(c)
+    return bad
