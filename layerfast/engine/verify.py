@@ -61,15 +61,16 @@ def differs(got: Any, ref: Any, device: torch.device) -> str | None:
 
 
 def unbatched_cuts(prog: Program, x: torch.Tensor, device: torch.device) -> set[int]:
-    """The cuts whose value does not hold the batch in dim 0, found by running the program on
-    `x` and on its first half: a sequence-first LSTM's input, `x.transpose(0, 1)`, a
-    `unsqueeze(0)`. A variant started there would have its batch cut along another dim (and
-    scored against other labels), so such cuts are not used. A run that fails or runs out of
-    memory on the half says nothing (the whole `x` is checked alone then); one that fails on
-    the whole `x`, which the trace check has just run, leaves no cut proven."""
+    """The cuts whose value does not hold the batch in dim 0 (a sequence-first LSTM's input,
+    `x.transpose(0, 1)`, an `unsqueeze(0)`), found by running the program on the first 8
+    samples of `x` and on 4 (fewer when `x` has fewer). A variant started at such a cut would
+    have its batch cut along another dim (and be scored against other labels), so these cuts
+    are not used. A run that fails or runs out of memory on the half says nothing (the first
+    size is checked alone then); one that fails on the first, samples the trace check has just
+    run, leaves no cut proven."""
     if not prog.cuts:
         return set()
-    n = int(x.shape[0])
+    n = min(int(x.shape[0]), 8)  # only shapes matter: 8 and 4 samples tell any length apart
     bad: set[int] = set()
     with precision_context("fp32", device):
         for k, m in enumerate(dict.fromkeys((n, n // 2 or n))):
