@@ -10,6 +10,7 @@ complete, so a failed or killed run never leaves results that look finished.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -19,7 +20,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import pandas as pd
 import torch
 
 from layerfast.errors import LayerfastError, collect_warnings, progress_stream, say, warn
-from layerfast.options import count
+from layerfast.options import MAX_SEEDS, count, is_int
 
 RESETS = ("reinit", "rerandom", "fullmodel")
 #: Every kind `--reset` accepts: the default three, and `interp` (it needs `--alphas`).
@@ -52,7 +53,8 @@ class Analysis:
     units: list = field(default_factory=list)
 
     def __repr__(self) -> str:  # the dataclass's would print all of run.json
-        return (f"Analysis(arch={self.run.get('arch')!r}, out={str(self.out)!r}, "
+        out = None if self.out is None else str(self.out)
+        return (f"Analysis(arch={self.run.get('arch')!r}, out={out!r}, "
                 f"units={len(self.units)}, rows={len(self.table)}, n={self.run.get('n')})")
 
     def plot(self, path: str | os.PathLike[str] | None = None, kind: str = "heatmap") -> Path:
@@ -94,7 +96,7 @@ def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:
         if not labels:
             raise LayerfastError(f"--checkpoints takes 'all' or labels like 0,1,10; got {checkpoints!r}")
         return list(dict.fromkeys(labels))
-    from layerfast.options import integers, is_int
+    from layerfast.options import integers
 
     if is_int(checkpoints):  # one label
         return [int(checkpoints)]
@@ -145,11 +147,6 @@ def _parse_list(value: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(v for v in items if v))
 
 
-#: More re-randomizations per unit than any study needs: the bound keeps a typo such as
-#: `--seeds 10000000` a clear error instead of a variant list that exhausts memory.
-MAX_SEEDS = 1000
-
-
 def parse_seeds(text: str) -> int | list[int]:
     """`--seeds` as written: "3" is a count (seeds 1..3), "1,7,9" names seeds (a trailing comma
     names one). The CLI and `analyze(seeds="...")` both read it here."""
@@ -167,7 +164,7 @@ def _seed_list(seeds: int | str | Iterable[int]) -> list[int]:
     """`seeds=n` means seeds 1..n (the CLI's `--seeds 3`); an iterable names them, repeats
     dropped (seed 1 twice is one draw, evaluated once). A string reads as the CLI reads it:
     "3" is a count, "1,7,9" names seeds (a str must not be iterated character by character)."""
-    from layerfast.options import integers, is_int
+    from layerfast.options import integers
 
     if isinstance(seeds, bool) or isinstance(seeds, numbers.Real) and not is_int(seeds):
         raise LayerfastError(f"--seeds takes a count n >= 1 or a list of seeds; got {seeds!r}")
@@ -483,6 +480,19 @@ def _data_ids(spec: str) -> list[str] | None:
     return [str(p) for p in paths] + [h.hexdigest()]
 
 
+def _keeps_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `fn` with torch's CPU random state put back afterwards: the model's factory draws
+    its initialization, a model may draw in its forward, and a notebook's `torch.manual_seed(0);
+    analyze(...); torch.randn(3)` must draw what it would without the analysis."""
+    @functools.wraps(fn)
+    def kept(*args: Any, **kwargs: Any) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+
+    return kept
+
+
+@_keeps_rng
 def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, split: str = "test",
             granularity: str = "layer", units: str | Sequence[str] | None = None,
             bn: str = "with-layer", reset: str | Sequence[str] | None = RESETS,
@@ -527,6 +537,11 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
     # the kinds that draw seeds: rerandom, and interp's noise
     seeded = "rerandom" in resets or (interp is not None and any(interp[1]))
     _check_options(threshold, batch_size, device)
+    threshold = float(threshold)  # np.float32 too: run.json is JSON
+    if final is not None:
+        if not is_int(final):
+            raise LayerfastError(f"--final takes a checkpoint label (an integer); got {final!r}")
+        final = int(final)
     batch_size = count(batch_size, "--batch-size")
     max_samples = count(max_samples, "--max-samples")
     if not isinstance(ckpts, str | os.PathLike):
@@ -544,8 +559,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         if not seeded and seed_list != [1]:  # 1 is the default: said only if asked
             warn(f"--seeds {','.join(map(str, seed_list))} has no effect: only rerandom (and "
                  f"interp with --sigma > 0) draws seeds, and --reset is {','.join(resets)}")
-        with torch.random.fork_rng(devices=[]):  # the factory's init draws: not the caller's
-            model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples, chosen)
+        model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples, chosen)
         if ck.incomplete:  # analysing a cut-short run can be the point; it must not be silent
             warn(f"{ck.path}: {ck.incomplete}; analysing the checkpoints it has")
         trained_as = (ck.manifest or {}).get("arch")
@@ -568,7 +582,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
         # run can be re-judged at another threshold without evaluating again.
         fingerprint = {
             # the arch's definition too: an edited mynet.py under the same name is another model
-            "arch": arch, "model": definition_id(model),
+            "arch": arch, "model": definition_id(model, getattr(spec, "factory", None)),
             "ckpts": str(Path(ckpts).resolve()), "files": _file_ids(ck),
             "final": ck.final, "data": data, "data_files": _data_ids(data), "split": split,
             "max_samples": max_samples, "n": src.n,
@@ -791,7 +805,7 @@ def _progress(enabled: bool, total: int, done: int, nvar: int, how: str = "") ->
                 dynamic_ncols=True, leave=False)
 
 
-def list_units(arch: str, data: str | None = "digits", granularity: str = "layer",
+def list_units(arch: str, data: str | None = None, granularity: str = "layer",
                units: str | Sequence[str] | None = None, bn: str = "with-layer",
                num_classes: int | None = None,
                ckpts: str | os.PathLike[str] | None = None) -> list:

@@ -227,7 +227,7 @@ def check_args(args: argparse.Namespace) -> None:
             f"{MAX_CHECKPOINTS}; got {args.checkpoints!r}"
         )
     positive("--seeds", args.seeds, "a count n >= 1 (re-randomizations per unit)")
-    from layerfast.analysis import MAX_SEEDS
+    from layerfast.options import MAX_SEEDS
 
     if args.seeds > MAX_SEEDS:  # else --seeds 100000000 builds variants until memory runs out
         raise LayerfastError(f"--seeds must be at most {MAX_SEEDS} (as for analyze); got "

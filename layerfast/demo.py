@@ -39,8 +39,10 @@ def demo(out: str | Path = "layerfast-demo", progress: bool = True) -> Analysis:
     if not str(out).strip():  # Path("") would put checkpoints/ and analysis/ in the cwd
         raise LayerfastError("--out is empty: name a directory for the demo's files")
     out = Path(out)
-    if out.exists() and not out.is_dir():  # else train names out/checkpoints, not what is wrong
-        raise LayerfastError(f"--out {out} is not a directory: the demo writes checkpoints/ and "
+    # else train names out/checkpoints, not what is wrong
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        what = "a dangling symbolic link" if not out.exists() else "not a directory"
+        raise LayerfastError(f"--out {out} is {what}: the demo writes checkpoints/ and "
                              "analysis/ into it; remove it or choose another --out")
     ckpts = out / "checkpoints"
     with _one_thread():

@@ -21,10 +21,13 @@ def is_int(v: object) -> bool:
 def integers(values: object, what: str) -> list[int]:
     """`values` as a list of plain ints; a float among them (2.5 was read as 2), a string or
     anything not iterable is one clear error naming `what`."""
-    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+    try:
+        if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+            raise TypeError(values)
+        out = list(values)
+    except TypeError:  # not iterable, or says it is and is not (a 0-d array or tensor)
         raise LayerfastError(f"{what} must be integers (a list, a range); got "
-                             f"{type(values).__name__} {values!r}")
-    out = list(values)
+                             f"{type(values).__name__} {values!r}") from None
     bad = [v for v in out if not is_int(v)]
     if bad:
         raise LayerfastError(f"{what} must be integers; got {bad[0]!r} ({type(bad[0]).__name__})")
@@ -38,3 +41,9 @@ def count(value: object, flag: str) -> int | None:
     if not is_int(value) or int(value) < 1:
         raise LayerfastError(f"{flag} must be a positive integer; got {value!r}")
     return int(value)
+
+
+#: More re-randomizations per unit than any study needs (each is a variant of every unit): the
+#: bound keeps a typo such as `--seeds 10000000` a clear error instead of a variant list that
+#: exhausts memory.
+MAX_SEEDS = 1000

@@ -65,7 +65,7 @@ from layerfast.checkpoints import CheckpointDir
 from layerfast.checkpoints.keymap import canonical_keys, is_tolerated_missing
 from layerfast.errors import LayerfastError, warn
 from layerfast.models.init import NORM_TYPES
-from layerfast.options import integers, is_int
+from layerfast.options import MAX_SEEDS, integers, is_int
 from layerfast.units import derived_weights
 
 __all__ = ["Variant", "derive_seed", "init_mismatches", "make_variants", "rerandom_draw"]
@@ -474,6 +474,8 @@ def make_variants(
     bad = [r for r in reset if r not in RESETS]
     if bad:
         raise LayerfastError(f"unknown reset kind {bad[0]!r}: choose from {', '.join(RESETS)}.")
+    if is_int(seeds) and not 1 <= seeds <= MAX_SEEDS:  # a count, as analyze's
+        raise LayerfastError(f"seeds as a count must lie in 1..{MAX_SEEDS}; got {seeds}")
     seeds = integers(range(1, int(seeds) + 1) if is_int(seeds) else seeds, "seeds")
     if ckpts is not None and not isinstance(ckpts, CheckpointDir):
         raise LayerfastError(

@@ -195,6 +195,9 @@ def test_demo_with_a_file_as_out_names_that_file(tmp_path: Path, capsys) -> None
     rc, _, err = cli(["demo", "--out", tmp_path / "f", "--quiet"], capsys)
     one_line(rc, err, re.escape(f"--out {tmp_path / 'f'} is not a directory"))
     assert (tmp_path / "f").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    rc, _, err = cli(["demo", "--out", tmp_path / "link", "--quiet"], capsys)
+    one_line(rc, err, re.escape(f"--out {tmp_path / 'link'} is a dangling symbolic link"))
 
 
 def test_every_analyze_flag_reaches_the_run(ckpts: Path, tmp_path: Path, capsys) -> None:

@@ -26,6 +26,7 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +54,8 @@ class ArchSpec:
     blocks: model -> [(unit name, [module-name prefixes])] for `--granularity block`, or None
             (top-level children).
     stages: the same for `--granularity stage`.
+    factory: a user arch's `module:factory` callable (part of the model's definition in the
+            resume fingerprint, `models.identity`); None for the registry's.
     """
 
     name: str
@@ -60,6 +63,7 @@ class ArchSpec:
     init: Callable[[nn.Module], None] | None = None
     blocks: Callable[[nn.Module], Units] | None = None
     stages: Callable[[nn.Module], Units] | None = None
+    factory: Callable[..., Any] | None = None
 
 
 def _checked(
@@ -127,7 +131,7 @@ def _user_spec(spec: str) -> ArchSpec:
     def build(num_classes: int, in_shape: tuple[int, int, int]) -> nn.Module:
         return _user.build_user_model(spec, factory, num_classes, in_shape)
 
-    return ArchSpec(spec, _checked(spec, build), None, None, None)
+    return ArchSpec(spec, _checked(spec, build), None, None, None, factory)
 
 
 def get_arch(name: str) -> ArchSpec:
@@ -209,5 +213,6 @@ def _materialize(model: nn.Module, arch: str, in_shape: tuple[int, ...]) -> None
                              f"forward of inputs {in_shape}, which failed: "
                              f"{type(exc).__name__}: {msg}") from exc
     finally:
-        for m, mode in modes:
+        model.train(modes[0][1])  # the model's own train() (an override may keep state in step)
+        for m, mode in modes:  # then each module's own flag (a factory may freeze some in eval)
             m.training = mode
