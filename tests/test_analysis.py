@@ -300,7 +300,7 @@ def test_an_out_of_memory_back_off_is_a_warning_kept_in_run_json(ckpts, tmp_path
     real, failed = Program.run, []
 
     def run_once_out_of_memory(self, x, start=0, *a, **k):
-        if "keep" in k and not failed:  # the first baseline forward
+        if "keep" in k and x.shape[0] == 64 and not failed:  # the first baseline forward
             failed.append(x.shape[0])
             raise torch.OutOfMemoryError("simulated")
         return real(self, x, start, *a, **k)

@@ -128,3 +128,30 @@ def test_the_cuts_found_stay_out_of_every_pass() -> None:
     x, y = torch.randn(12, 32), torch.randint(0, 10, (12,))
     ev = _check(model, x, y, 6, stage_bytes=1)
     assert len(ev.passes()) > 1 and ev._unbatched
+
+
+def test_the_check_backs_off_when_a_run_fails(monkeypatch) -> None:
+    """Out of memory (or any failure) on 8 samples: the check tries 4 and 2 instead and still
+    finds the cut; with no run at all, no cut counts as proven."""
+    torch.manual_seed(0)
+    model = SeqFirst().eval()
+    prog = Program(model)
+    x = torch.randn(8, 32)
+    want = unbatched_cuts(prog, x, torch.device("cpu"))
+    real, sizes = Program.run, []
+
+    def flaky(self, x, start=0, *a, **k):
+        sizes.append(x.shape[0])
+        if x.shape[0] == 8:
+            raise torch.OutOfMemoryError("simulated")
+        return real(self, x, start, *a, **k)
+
+    monkeypatch.setattr(Program, "run", flaky)
+    assert want and unbatched_cuts(prog, x, torch.device("cpu")) == want
+    assert sizes == [8, 4, 2]
+
+    def broken(self, x, *a, **k):
+        raise RuntimeError("fails on any batch")
+
+    monkeypatch.setattr(Program, "run", broken)
+    assert unbatched_cuts(prog, x, torch.device("cpu")) == set(prog.cuts)

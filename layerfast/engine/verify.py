@@ -63,28 +63,29 @@ def differs(got: Any, ref: Any, device: torch.device) -> str | None:
 def unbatched_cuts(prog: Program, x: torch.Tensor, device: torch.device) -> set[int]:
     """The cuts whose value does not hold the batch in dim 0 (a sequence-first LSTM's input,
     `x.transpose(0, 1)`, an `unsqueeze(0)`), found by running the program on the first 8
-    samples of `x` and on 4 (fewer when `x` has fewer). A variant started at such a cut would
-    have its batch cut along another dim (and be scored against other labels), so these cuts
-    are not used. A run that fails or runs out of memory on the half says nothing (the first
-    size is checked alone then); one that fails on the first, samples the trace check has just
-    run, leaves no cut proven."""
+    samples of `x` and on 4 (fewer when `x` has fewer, or when a run fails or runs out of
+    memory: then on half as many). A variant started at such a cut would have its batch cut
+    along another dim (and be scored against other labels), so these cuts are not used. With
+    no run at all, no cut is proven."""
     if not prog.cuts:
         return set()
-    n = min(int(x.shape[0]), 8)  # only shapes matter: 8 and 4 samples tell any length apart
+    n = min(int(x.shape[0]), 8)  # only shapes matter: two sizes tell any length apart
     bad: set[int] = set()
+    checked = 0
     with precision_context("fp32", device):
-        for k, m in enumerate(dict.fromkeys((n, n // 2 or n))):
+        while n >= 1 and checked < 2:
             cache: dict[int, Any] = {}
             try:
-                prog.run(x[:m].clone(), 0, keep=set(prog.cuts), saved=cache)
+                prog.run(x[:n].clone(), 0, keep=set(prog.cuts), saved=cache)
             except Exception:  # noqa: BLE001 - out of memory too: no verdict from this size
-                if k == 0:
-                    return set(prog.cuts)
-                break
+                n //= 2
+                continue
+            checked += 1
             for c in prog.cuts:
                 if c == 0:  # the input itself: a batch is [B, ...] by the data's contract
                     continue
                 t = cache.get(c)
-                if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != m:
+                if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != n:
                     bad.add(c)
-    return bad
+            n //= 2
+    return bad if checked else set(prog.cuts)
