@@ -617,7 +617,8 @@ class Evaluator:
         error. Only ever run after a failure, so one forward per variant costs nothing."""
         B = int(x.shape[0])
         where = f"samples {first}..{first + B - 1} of the data (a batch of {B})"
-        # In pieces no larger than an out-of-memory back-off left: the whole batch might not fit
+        # The whole batch (a model may fail only on large batches), and when that runs out of
+        # memory, in pieces no larger than an out-of-memory back-off left
         step = min(r for r in (self._rows, self._swap_rows, B) if r)
         for j, ov in [(None, {}), *enumerate(dev_ov)]:
             if j is not None and not ov:
@@ -627,8 +628,15 @@ class Evaluator:
                 for k, t in ov.items():
                     live[k].copy_(t)
                 with precision_context(self.precision, self.device), eager_inplace(self.model):
-                    for lo in range(0, B, step):
-                        self.model(x[lo : lo + step].clone())
+                    try:
+                        self.model(x.clone())
+                    except _OOM:
+                        if step >= B:
+                            raise
+                        if self.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        for lo in range(0, B, step):
+                            self.model(x[lo : lo + step].clone())
             except _OOM:
                 return
             except Exception as exc:  # noqa: BLE001 - any failure of the model itself
