@@ -267,45 +267,57 @@ def _warn_if_one_split(data: str, train_src: DataSource, test_src: DataSource) -
 def _check_seed(seed: object) -> None:
     """torch seeds take 64 bits; the manifest and the analysis store seeds as int64. A larger
     value used to fail inside `manual_seed` with a traceback, after `out` was created."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+    if not is_int(seed) or not -(2**63) <= seed < 2**63:
         raise LayerfastError(f"seed must be an integer in -2**63..2**63-1, got {seed!r}")
 
 
 def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> None:
     """Before anything is written: the model must return one row of at least `num_classes`
-    logits per sample (analyze's probe and check), and, when some training batch holds a
-    single sample, train on one (BatchNorm cannot). Otherwise torch's error came as a traceback
-    from the first evaluation or training step, after epoch_000.pt was written."""
+    logits per sample in eval mode (analyze's probe and check), and logits again from a
+    training-mode forward on the smallest batch training will give it (one sample, if one can
+    occur: BatchNorm cannot train on it; a model may return a tuple only when training, as
+    torchvision's GoogLeNet does). Otherwise torch's error came as a traceback from the first
+    evaluation or training step, after epoch_000.pt was written. The model's state, modes and
+    torch's random state come back as they were, so the seeded run trains as without it."""
     from layerfast.analysis import _num_outputs
 
-    width = _num_outputs(model, source)
-    if width < 2:  # one logit: cross-entropy is 0 from the first step, and analyze refuses it
-        raise LayerfastError(
-            f"{arch} returns {width} logit{'' if width == 1 else 's'} per sample ({source.num_classes} "
-            "class(es) in the data): cross-entropy over one logit is 0 whatever the weights, so "
-            "nothing would be learned, and analyze refuses such a model; train a classifier "
-            "with 2 or more classes"
-        )
-    if width < source.num_classes:
-        raise LayerfastError(
-            f"{arch} returns {width} logits per sample, but the data has {source.num_classes} "
-            "classes: the model needs one output per class"
-        )
-    if min(batch_size, int(source.n)) > 1:
-        return
     saved = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [(m, m.training) for m in model.modules()]
+    n = int(source.n)
+    size = 1 if batch_size == 1 or n == 1 or n % batch_size == 1 else 2
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        # fp32 as the training itself (the flags are global: a forward could read them)
+        with torch.random.fork_rng(devices=[]), precision_context("fp32", torch.device("cpu")):
+            width = _num_outputs(model, source)
+            if width < 2:  # one logit: cross-entropy is 0 from the first step; analyze refuses it
+                raise LayerfastError(
+                    f"{arch} returns {width} logit{'' if width == 1 else 's'} per sample "
+                    f"({source.num_classes} class(es) in the data): cross-entropy over one logit "
+                    "is 0 whatever the weights, so nothing would be learned, and analyze "
+                    "refuses such a model; train a classifier with 2 or more classes")
+            if width < source.num_classes:
+                raise LayerfastError(
+                    f"{arch} returns {width} logits per sample, but the data has "
+                    f"{source.num_classes} classes: the model needs one output per class")
             model.train()
-            model(torch.zeros(1, *source.shape, dtype=input_dtype(model)))
-    except Exception as exc:  # noqa: BLE001 - user code: anything it raises is bad input
-        msg = " ".join(str(exc).split())[:300]
-        raise LayerfastError(
-            f"{arch} cannot train on a batch of one sample ({type(exc).__name__}: {msg}); use "
-            "--batch-size 2 or more (and more than one training sample)"
-        ) from exc
+            with torch.no_grad():
+                try:
+                    out = model(torch.zeros(size, *source.shape, dtype=input_dtype(model)))
+                except Exception as exc:  # noqa: BLE001 - user code: anything it raises
+                    msg = " ".join(str(exc).split())[:300]
+                    hint = ("; use --batch-size 2 or more (and a batch size that does not leave "
+                            "a last batch of one sample)") if size == 1 else ""
+                    raise LayerfastError(
+                        f"{arch} cannot train on a batch of {size} sample{'s' * (size > 1)} "
+                        f"({type(exc).__name__}: {msg}){hint}") from exc
+            try:
+                check_logits(out, size)
+            except LayerfastError as exc:
+                raise LayerfastError(f"in training mode, {exc}") from None
     finally:
         model.load_state_dict(saved)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _forward(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
@@ -381,6 +393,7 @@ def train(
     if momentum >= 1:  # the velocity would never decay: the run diverges, blamed on the lr
         raise LayerfastError(f"momentum must be below 1 (0.9 is usual), got {momentum!r}")
     _check_seed(seed)
+    seed = int(seed)  # a numpy integer too: the manifest is JSON
     if not isinstance(out, (str, os.PathLike)):
         raise LayerfastError(f"out must be a directory path (str or Path), got {out!r}")
     if not str(out).strip():  # Path("") is the current directory: checkpoints among its files
