@@ -154,6 +154,9 @@ class Evaluator:
         # Cuts whose value does not hold the batch in dim 0 (`verify.unbatched_cuts`), found
         # with the trace check and left out of every pass's plan.
         self._unbatched: set[int] = set()
+        # Whether the model's output rows depend on other samples of the batch (batch
+        # statistics), found with the cuts above: a back-off may not cut its batches.
+        self._mixes_samples = False
         self._pass_idx: list[int] = list(range(len(self.variants)))
         # Samples per piece a batch is cut into after running out of memory (None: whole
         # batches); lowered by the back-off in `_pass_rows`, kept for the rest of the run.
@@ -594,7 +597,9 @@ class Evaluator:
                     torch.cuda.empty_cache()
         if why is None or why is False:  # False: the model itself fails, the pass says so
             self._trace_ok = True
-            self._unbatched = unbatched_cuts(prog, x, self.device) if why is None else set()
+            report: dict = {}
+            self._unbatched = unbatched_cuts(prog, x, self.device, report) if why is None else set()
+            self._mixes_samples = bool(report.get("mixes_samples"))
             if self._unbatched:
                 prog.drop_cuts(self._unbatched)
                 plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
@@ -676,6 +681,13 @@ class Evaluator:
                 )
             except _OOM as exc:
                 acc.copy_(before)
+                if self._mixes_samples:
+                    raise LayerfastError(
+                        f"out of memory on {self.device} on a batch of {hi - lo}, and this "
+                        "model's outputs depend on which samples share a batch (batch "
+                        "statistics, attention over dim 0), so its batches cannot be cut into "
+                        "smaller pieces: use a smaller --batch-size or a device with more memory"
+                    ) from exc
                 if hi - lo <= 1:
                     raise LayerfastError(
                         f"out of memory on {self.device} even with one sample per batch and one "
@@ -803,7 +815,7 @@ class Evaluator:
         try:
             logits = prog.run(part, start)
         except _OOM:
-            if hi - lo <= 1:
+            if hi - lo <= 1 or self._mixes_samples:  # `_pass_rows` says why
                 raise
             logits = None
         finally:  # whatever the forward raised (a user's check, Ctrl-C), the weights go back

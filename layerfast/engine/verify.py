@@ -60,32 +60,62 @@ def differs(got: Any, ref: Any, device: torch.device) -> str | None:
     return f"the traced program's logits differ from the forward's (max |diff| {d:.3g})"
 
 
-def unbatched_cuts(prog: Program, x: torch.Tensor, device: torch.device) -> set[int]:
-    """The cuts whose value does not hold the batch in dim 0 (a sequence-first LSTM's input,
-    `x.transpose(0, 1)`, an `unsqueeze(0)`), found by running the program on the first 8
-    samples of `x` and on 4 (fewer when `x` has fewer, or when a run fails or runs out of
-    memory: then on half as many). A variant started at such a cut would have its batch cut
-    along another dim (and be scored against other labels), so these cuts are not used. With
-    no run at all, no cut is proven."""
+def unbatched_cuts(
+    prog: Program, x: torch.Tensor, device: torch.device, report: dict | None = None
+) -> set[int]:
+    """The cuts a variant may not start from, found by running the program on 8 samples taken
+    from `x` and on the first 4 of them (a batch of fewer than 8 is repeated: one sample alone
+    cannot tell [1, B, ...] from [B, ...]; on a failure or an out-of-memory, on half as many):
+
+    - cuts whose value does not hold the batch in dim 0 (a sequence-first LSTM's input,
+      `x.transpose(0, 1)`, an `unsqueeze(0)`): a variant started there would have its batch
+      cut along another dim, and be scored against other labels;
+    - cuts whose rows on 4 samples are not, to rounding, the first rows on 8 (`cat([q, p])` of
+      a batch's halves): a back-off that cuts the batch would score them against others.
+
+    Where the logits themselves differ that way, the model mixes samples (batch statistics,
+    attention over dim 0) and `report["mixes_samples"]` is set: no back-off may cut its
+    batches. With no run at all, no cut counts as proven."""
     if not prog.cuts:
         return set()
-    n = min(int(x.shape[0]), 8)  # only shapes matter: two sizes tell any length apart
+    n = int(x.shape[0])
+    xs = x[:8] if n >= 8 else x[torch.arange(8, device=x.device) % max(n, 1)]
     bad: set[int] = set()
-    checked = 0
+    prev: dict[int, Any] | None = None
+    m, checked = 8, 0
     with precision_context("fp32", device):
-        while n >= 1 and checked < 2:
+        while m >= 1 and checked < 2:
             cache: dict[int, Any] = {}
             try:
-                prog.run(x[:n].clone(), 0, keep=set(prog.cuts), saved=cache)
+                out = prog.run(xs[:m].clone(), 0, keep=set(prog.cuts), saved=cache)
             except Exception:  # noqa: BLE001 - out of memory too: no verdict from this size
-                n //= 2
+                m //= 2
                 continue
             checked += 1
             for c in prog.cuts:
                 if c == 0:  # the input itself: a batch is [B, ...] by the data's contract
                     continue
                 t = cache.get(c)
-                if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != n:
+                if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != m:
                     bad.add(c)
-            n //= 2
+                elif prev is not None and not _same_rows(t, prev.get(c)):
+                    bad.add(c)
+            if prev is not None and report is not None and not _same_rows(out, prev[-1]):
+                report["mixes_samples"] = True
+            prev = {**cache, -1: out}  # `prog.run` keeps copies where steps write in place
+            m //= 2
     return bad if checked else set(prog.cuts)
+
+
+def _same_rows(t: Any, ref: Any) -> bool:
+    """Whether `t` is, to rounding, the first rows of `ref` (True when either is no tensor)."""
+    if not isinstance(t, torch.Tensor) or not isinstance(ref, torch.Tensor):
+        return True
+    r = ref[: t.shape[0]] if ref.dim() else ref
+    if r.shape != t.shape:
+        return False
+    if not t.is_floating_point():
+        return bool(torch.equal(r, t))
+    scale = float(r.abs().max().nan_to_num(0)) if r.numel() else 0.0
+    return bool(torch.allclose(t.float(), r.float(), rtol=1e-4, atol=1e-5 * scale + 1e-7,
+                               equal_nan=True))
