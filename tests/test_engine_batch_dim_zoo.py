@@ -196,3 +196,29 @@ class _Flat(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.m(x.flatten(1))
+
+
+class UntracedBatchStats(BatchStats):
+    """The same, with a branch on a value: fx cannot trace it, so it runs as one opaque step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.abs().sum()) < 0:
+            x = -x
+        return super().forward(x)
+
+
+def test_an_untraced_model_that_mixes_samples_is_found_too(monkeypatch) -> None:
+    """The untraced program has no cuts but still has batches an out-of-memory back-off would
+    cut: the check runs for it too."""
+    from layerfast.engine import Evaluator
+
+    torch.manual_seed(0)
+    model = UntracedBatchStats().eval()
+    x, y = torch.randn(32, 12), torch.randint(0, 10, (32,))
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    ev = _expect_naive(model, batches, _variants(model), fanout=False)
+    assert ev.last_plan.summary()["untraced"] and ev._mixes_samples
+    fired = _oom_once(monkeypatch, lambda start, rows, keep: rows == 16)
+    with pytest.raises(LayerfastError, match="depend on which samples share a batch"):
+        Evaluator(model, _variants(model), device="cpu", precision="fp32").run(batches)
+    assert fired["n"] == 1

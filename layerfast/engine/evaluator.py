@@ -157,6 +157,7 @@ class Evaluator:
         # Whether the model's output rows depend on other samples of the batch (batch
         # statistics), found with the cuts above: a back-off may not cut its batches.
         self._mixes_samples = False
+        self._batch_dim: bool | None = None  # True once `_settle_cuts` has run
         self._pass_idx: list[int] = list(range(len(self.variants)))
         # Samples per piece a batch is cut into after running out of memory (None: whole
         # batches); lowered by the back-off in `_pass_rows`, kept for the rest of the run.
@@ -518,9 +519,11 @@ class Evaluator:
             if batch is None:
                 break
             x, y, span = batch
-            if self._trace_ok is None and prog.traced:
-                t_check = time.perf_counter()  # once per run; it syncs (allclose), wall time is true
-                prog, plan = self._verified(prog, plan, x, keysets)
+            if self._batch_dim is None:  # the first batch of the Evaluator's first run
+                t_check = time.perf_counter()  # it syncs (allclose): wall time is true
+                if prog.traced:
+                    prog, plan = self._verified(prog, plan, x, keysets)
+                prog, plan = self._settle_cuts(prog, plan, x[:VERIFY_SAMPLES], keysets)
                 setup += time.perf_counter() - t_check  # a setup cost, not the data phase's
             try:
                 with precision_context(self.precision, self.device):
@@ -597,19 +600,28 @@ class Evaluator:
                     torch.cuda.empty_cache()
         if why is None or why is False:  # False: the model itself fails, the pass says so
             self._trace_ok = True
-            report: dict = {}
-            self._unbatched = unbatched_cuts(prog, x, self.device, report) if why is None else set()
-            self._mixes_samples = bool(report.get("mixes_samples"))
-            if self._unbatched:
-                prog.drop_cuts(self._unbatched)
-                plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
-                self.last_plan = plan
             return prog, plan
         self._trace_ok = why
         prog = Program(self.model, trace=False)
         prog.trace_error = why
         plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
         self.last_plan = plan
+        return prog, plan
+
+    def _settle_cuts(
+        self, prog: Program, plan: Plan, x: torch.Tensor, keysets: list[set[str]]
+    ) -> tuple[Program, Plan]:
+        """Once, on the first batch, traced or not: the cuts no variant may start from, left
+        out of this and every later pass's plan, and whether the model mixes samples (then no
+        out-of-memory back-off may cut its batches), by `verify.unbatched_cuts`."""
+        report: dict = {}
+        self._unbatched = unbatched_cuts(prog, x, self.device, report)
+        self._mixes_samples = bool(report.get("mixes_samples"))
+        self._batch_dim = True
+        if self._unbatched:
+            prog.drop_cuts(self._unbatched)
+            plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
+            self.last_plan = plan
         return prog, plan
 
     def _own_failure(self, x: torch.Tensor, first: int, dev_ov: list[dict[str, torch.Tensor]],

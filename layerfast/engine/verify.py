@@ -75,15 +75,14 @@ def unbatched_cuts(
 
     Where the logits themselves differ that way, the model mixes samples (batch statistics,
     attention over dim 0) and `report["mixes_samples"]` is set: no back-off may cut its
-    batches. With no run at all, no cut counts as proven."""
-    if not prog.cuts:
-        return set()
+    batches. With no run at all, no cut counts as proven. An untraced program has no cut but
+    the input, and is checked for mixing all the same."""
     n = int(x.shape[0])
     xs = x[:8] if n >= 8 else x[torch.arange(8, device=x.device) % max(n, 1)]
     bad: set[int] = set()
     prev: dict[int, Any] | None = None
     m, checked = 8, 0
-    with precision_context("fp32", device):
+    with precision_context("fp32", device), torch.no_grad():
         while m >= 1 and checked < 2:
             cache: dict[int, Any] = {}
             try:
