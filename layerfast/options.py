@@ -8,14 +8,26 @@ notebook's values often are `np.int64`), never a bool, a float or a string's cha
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Iterable
 
 from layerfast.errors import LayerfastError
 
 
 def is_int(v: object) -> bool:
-    """A whole number: an int or a numpy integer, not a bool."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    """A whole number: an int, a numpy integer, a 0-d integer array or tensor (what indexing
+    a tensor of labels gives); never a bool, a float or an array of several."""
+    if isinstance(v, bool) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool"):
+        return False
+    if getattr(v, "ndim", 0) != 0:  # tensor([5]) is a list of one seed, not a count of 5
+        return False
+    if isinstance(v, numbers.Integral):
+        return True
+    try:
+        operator.index(v)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
 
 
 def integers(values: object, what: str) -> list[int]:

@@ -293,3 +293,18 @@ def test_an_analysis_repr_is_one_short_line(small_ckpts, tmp_path):
     text = repr(res)
     assert text.startswith("Analysis(arch='fcn1x16', out=") and "rows=" in text
     assert len(text) < 200 and "\n" not in text
+
+
+def test_integer_arrays_and_tensors_are_whole_numbers():
+    """A 0-d integer array or tensor (what indexing a tensor gives) is a whole number; a
+    one-element tensor of seeds is a list of one seed, not a count; floats and bools are not."""
+    import numpy as np
+
+    from layerfast.analysis import _parse_checkpoints, _seed_list
+
+    assert _seed_list(np.array(3)) == [1, 2, 3] and _seed_list(torch.tensor(2)) == [1, 2]
+    assert _seed_list(torch.tensor([5])) == [5]
+    assert _parse_checkpoints(torch.tensor([0, 1])) == [0, 1]
+    for bad in (torch.tensor([0.5]), torch.tensor([True]), [np.float64(1.0)]):
+        with pytest.raises(LayerfastError, match="must be integers"):
+            _parse_checkpoints(bad)
