@@ -29,12 +29,17 @@ changes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import sys
 import types
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 _OWN_PACKAGES = frozenset({"torch", "torchvision", "layerfast"})
@@ -69,15 +74,57 @@ def _plain_repr(v: object, depth: int = 0) -> str | None:
     return None
 
 
+def _user_module(mod: types.ModuleType) -> bool:
+    """A module of the user's own (not torch's, the standard library's or an installed
+    package's): the values the model's code reads from it as `mod.name` are its definition."""
+    name = getattr(mod, "__name__", "") or ""
+    if name.split(".")[0] in _OWN_PACKAGES | set(sys.stdlib_module_names):
+        return False
+    path = str(getattr(mod, "__file__", "") or "")
+    return "site-packages" not in path and "dist-packages" not in path
+
+
+def _array_text(v: Any) -> str | None:
+    """dtype, shape and (up to 2**20 elements) a digest of the bytes of a tensor or a numpy
+    array; None for anything else."""
+    try:
+        if isinstance(v, torch.Tensor):
+            head = f"tensor {v.dtype} {tuple(v.shape)}"
+            if v.numel() > 1 << 20 or v.layout != torch.strided or v.is_meta:
+                return head
+            data = v.detach().cpu().contiguous().reshape(-1)
+            raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        elif isinstance(v, np.ndarray):
+            head = f"array {v.dtype} {v.shape}"
+            if v.size > 1 << 20 or v.dtype == object:
+                return head
+            raw = np.ascontiguousarray(v).tobytes()
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - an exotic tensor: its type and shape say enough
+        return f"{type(v).__name__} {getattr(v, 'shape', '')}"
+    return f"{head} {hashlib.sha256(raw).hexdigest()[:16]}"
+
+
 class _Digest:
-    """A sha256 over code and values, each function and class taken once."""
+    """A sha256 over code and values, each function, class and container taken once, walked
+    breadth first from a work list (a vendored library's web of helpers is no recursion)."""
 
     def __init__(self) -> None:
         self.h = hashlib.sha256()
         self.seen: set[int] = set()
+        self.todo: deque[tuple[str, Any]] = deque()
 
     def text(self, s: str) -> None:
         self.h.update(s.encode("utf-8", "surrogatepass") + b"\0")
+
+    def drain(self) -> None:
+        while self.todo:
+            kind, obj = self.todo.popleft()
+            if kind == "function":
+                self.function(obj)
+            else:
+                self.cls(obj)
 
     def code(self, co: types.CodeType, globs: dict[str, Any] | None) -> None:
         self.h.update(co.co_code)
@@ -87,33 +134,57 @@ class _Digest:
                 self.code(c, globs)
             else:
                 self.text(_plain_repr(c) or type(c).__name__)
-        if globs is not None:  # what the code reads by name from its module
-            for name in co.co_names:
-                if name in globs:
-                    self.value(name, globs[name])
+        if globs is None:
+            return
+        for name in co.co_names:  # what the code reads by name from its module
+            if name not in globs:
+                continue
+            g = globs[name]
+            if isinstance(g, types.ModuleType):
+                if _user_module(g):  # `ops.act(x)`: the attributes the code may read
+                    for attr in co.co_names:
+                        if attr in vars(g):
+                            self.value(f"{name}.{attr}", vars(g)[attr])
+                continue
+            self.value(name, g)
 
     def value(self, name: str, v: object) -> None:
-        """A name a model's code or module refers to: code is followed, plain values are read,
-        modules and torch's own objects are named only."""
+        """A name a model's code or module refers to: code is followed, plain values and
+        arrays are read, containers are opened, torch's own objects are named only."""
         plain = _plain_repr(v)
         if plain is not None:
             self.text(f"{name}={plain}")
             return
-        if isinstance(v, types.ModuleType):
+        arr = _array_text(v)
+        if arr is not None:
+            self.text(f"{name}={arr}")
             return
-        if id(v) in self.seen:
+        if isinstance(v, types.ModuleType) or id(v) in self.seen:
             return
         self.seen.add(id(v))
         if isinstance(v, types.MethodType):
             v = v.__func__
         qual = f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__name__)}"
         self.text(f"{name}->{qual}")
+        if isinstance(v, list | tuple | dict) and len(v) <= 4096:
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            for k, x in items:
+                self.value(f"{name}[{_plain_repr(k) or type(k).__name__}]", x)
+            return
+        if isinstance(v, functools.partial):
+            self.value(f"{name}.func", v.func)
+            self.value(f"{name}.args", v.args)
+            self.value(f"{name}.keywords", v.keywords)
+            return
         if _own(v):
             return
+        wrapped = getattr(v, "__wrapped__", None)  # functools.lru_cache, a decorator's wrapper
+        if wrapped is not None and not isinstance(v, type):
+            self.value(f"{name}.__wrapped__", wrapped)
         if isinstance(v, types.FunctionType):
-            self.function(v)
+            self.todo.append(("function", v))
         elif isinstance(v, type):
-            self.cls(v)
+            self.todo.append(("class", v))
 
     def function(self, f: types.FunctionType) -> None:
         self.code(f.__code__, f.__globals__)
@@ -170,4 +241,5 @@ def definition_id(model: nn.Module, factory: Callable[..., Any] | None = None) -
     if factory is not None:
         d.text("factory")
         d.value("factory", factory)
+    d.drain()
     return d.h.hexdigest()[:16]
