@@ -156,8 +156,10 @@ class Evaluator:
         self._unbatched: set[int] = set()
         # Whether the model's output rows depend on other samples of the batch (batch
         # statistics), found with the cuts above: a back-off may not cut its batches.
-        self._mixes_samples = False
-        self._batch_dim: bool | None = None  # True once `_settle_cuts` has run
+        self._mixes_samples: bool | str = False  # "unknown": a first batch of one sample
+        # None: `_settle_cuts` to run on the next batch; True: done; False: done for this run
+        # only (the model failed on the check's samples), again on the next `run`
+        self._batch_dim: bool | None = None
         self._pass_idx: list[int] = list(range(len(self.variants)))
         # Samples per piece a batch is cut into after running out of memory (None: whole
         # batches); lowered by the back-off in `_pass_rows`, kept for the rest of the run.
@@ -228,6 +230,8 @@ class Evaluator:
         `on_logits(variant_indices, logits[K, B, C])` sees every block of logits scored, in
         data order per variant (for tests and research code; it costs a host sync)."""
         self._hook = on_logits
+        if self._batch_dim is False:  # the last run could not check the model: check again
+            self._batch_dim, self._unbatched, self._mixes_samples = None, set(), False
         self.plan_batch(data)
         if not self._layout_checked:
             if hasattr(data, "batches") and hasattr(data, "shape"):
@@ -519,9 +523,9 @@ class Evaluator:
             if batch is None:
                 break
             x, y, span = batch
-            if self._batch_dim is None:  # the first batch of the Evaluator's first run
+            if self._batch_dim is None and x.shape[0]:  # the first (non-empty) batch
                 t_check = time.perf_counter()  # it syncs (allclose): wall time is true
-                if prog.traced:
+                if self._trace_ok is None and prog.traced:
                     prog, plan = self._verified(prog, plan, x, keysets)
                 prog, plan = self._settle_cuts(prog, plan, x[:VERIFY_SAMPLES], keysets)
                 setup += time.perf_counter() - t_check  # a setup cost, not the data phase's
@@ -616,8 +620,10 @@ class Evaluator:
         out-of-memory back-off may cut its batches), by `verify.unbatched_cuts`."""
         report: dict = {}
         self._unbatched = unbatched_cuts(prog, x, self.device, report)
-        self._mixes_samples = bool(report.get("mixes_samples"))
-        self._batch_dim = True
+        self._mixes_samples = report.get("mixes_samples", False)
+        # Settled for good only when the model ran: a first run on data it fails on must not
+        # leave a reused Evaluator without its cuts (its drops still hold for this run's passes)
+        self._batch_dim = True if report.get("checked") else False
         if self._unbatched:
             prog.drop_cuts(self._unbatched)
             plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
@@ -694,12 +700,14 @@ class Evaluator:
             except _OOM as exc:
                 acc.copy_(before)
                 if self._mixes_samples:
+                    why = ("this model's outputs depend on which samples share a batch (batch "
+                           "statistics, attention over dim 0)" if self._mixes_samples is True
+                           else "whether this model's outputs depend on which samples share a "
+                           "batch could not be told from its first batch of one sample")
                     raise LayerfastError(
-                        f"out of memory on {self.device} on a batch of {hi - lo}, and this "
-                        "model's outputs depend on which samples share a batch (batch "
-                        "statistics, attention over dim 0), so its batches cannot be cut into "
-                        "smaller pieces: use a smaller --batch-size or a device with more memory"
-                    ) from exc
+                        f"out of memory on {self.device} on a batch of {hi - lo}, and {why}, so "
+                        "its batches cannot be cut into smaller pieces: use a smaller "
+                        "--batch-size or a device with more memory") from exc
                 if hi - lo <= 1:
                     raise LayerfastError(
                         f"out of memory on {self.device} even with one sample per batch and one "

@@ -75,20 +75,30 @@ def unbatched_cuts(
 
     Where the logits themselves differ that way, the model mixes samples (batch statistics,
     attention over dim 0) and `report["mixes_samples"]` is set: no back-off may cut its
-    batches. With no run at all, no cut counts as proven. An untraced program has no cut but
+    batches ("unknown" from a batch of one sample, which cannot show it). With no run at all,
+    no cut counts as proven; `report["checked"]` is how many sizes ran. An untraced program has no cut but
     the input, and is checked for mixing all the same."""
     n = int(x.shape[0])
-    xs = x[:8] if n >= 8 else x[torch.arange(8, device=x.device) % max(n, 1)]
+    if n == 0:  # nothing to tell from: the caller checks a later batch
+        if report is not None:
+            report["checked"] = 0
+        return set()
+    xs = x[:8] if n >= 8 else x[torch.arange(8, device=x.device) % n]
+    # The second size must not hold the same samples in the same proportions as the first:
+    # from a batch of 2 (or 4) repeated, 4 rows are the 8 rows' samples again, and a batch
+    # mean or swapped halves would look the same. 3 rows are not.
+    sizes = [8, 3, 2, 1] if n in (2, 4) else [8, 4, 2, 1]
     bad: set[int] = set()
     prev: dict[int, Any] | None = None
-    m, checked = 8, 0
+    checked = 0
     with precision_context("fp32", device), torch.no_grad():
-        while m >= 1 and checked < 2:
+        for m in sizes:
+            if checked == 2:
+                break
             cache: dict[int, Any] = {}
             try:
                 out = prog.run(xs[:m].clone(), 0, keep=set(prog.cuts), saved=cache)
             except Exception:  # noqa: BLE001 - out of memory too: no verdict from this size
-                m //= 2
                 continue
             checked += 1
             for c in prog.cuts:
@@ -102,7 +112,10 @@ def unbatched_cuts(
             if prev is not None and report is not None and not _same_rows(out, prev[-1]):
                 report["mixes_samples"] = True
             prev = {**cache, -1: out}  # `prog.run` keeps copies where steps write in place
-            m //= 2
+    if report is not None:
+        report["checked"] = checked
+        if n == 1:  # every row is the one sample: mixing cannot show; assume it
+            report["mixes_samples"] = report.get("mixes_samples", False) or "unknown"
     return bad if checked else set(prog.cuts)
 
 
