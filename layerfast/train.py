@@ -30,14 +30,17 @@ it).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
+import random
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -271,24 +274,39 @@ def _check_seed(seed: object) -> None:
         raise LayerfastError(f"seed must be an integer in -2**63..2**63-1, got {seed!r}")
 
 
+def _batch_sizes(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """The training steps' (start, stop) over `n` samples: batches of `batch_size`, a lone
+    trailing sample dropped (it would break BatchNorm's training statistics)."""
+    steps = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(steps) > 1 and steps[-1][1] - steps[-1][0] == 1:
+        steps.pop()
+    return steps
+
+
 def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> None:
     """Before anything is written: the model must return one row of at least `num_classes`
     logits per sample in eval mode (analyze's probe and check), and logits again from a
-    training-mode forward on the smallest batch training will give it (one sample, if one can
-    occur: BatchNorm cannot train on it; a model may return a tuple only when training, as
-    torchvision's GoogLeNet does). Otherwise torch's error came as a traceback from the first
-    evaluation or training step, after epoch_000.pt was written. The model's state, modes and
-    torch's random state come back as they were, so the seeded run trains as without it."""
+    training-mode forward (a model may return a tuple only when training, as torchvision's
+    GoogLeNet does) on 2 samples, or on 1 when training gives it a batch of one (BatchNorm
+    cannot train on it), or, when 2 fail, on its smallest training batch (up to 64). Otherwise
+    torch's error came as a traceback from the first evaluation or training step, after
+    epoch_000.pt was written. It runs on a copy of the model when one can be made (else the
+    model's state and modes are put back), under forked random states and fp32, so the seeded
+    run trains exactly as without it."""
     from layerfast.analysis import _num_outputs
 
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    smallest = min(j - i for i, j in _batch_sizes(int(source.n), batch_size))
+    try:
+        probe = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - a model that cannot be copied: restored below instead
+        probe = model
+    saved = {k: v.clone() for k, v in model.state_dict().items()} if probe is model else {}
     modes = [(m, m.training) for m in model.modules()]
-    n = int(source.n)
-    size = 1 if batch_size == 1 or n == 1 or n % batch_size == 1 else 2
+    py_state, np_state = random.getstate(), np.random.get_state()
     try:
         # fp32 as the training itself (the flags are global: a forward could read them)
         with torch.random.fork_rng(devices=[]), precision_context("fp32", torch.device("cpu")):
-            width = _num_outputs(model, source)
+            width = _num_outputs(probe, source)
             if width < 2:  # one logit: cross-entropy is 0 from the first step; analyze refuses it
                 raise LayerfastError(
                     f"{arch} returns {width} logit{'' if width == 1 else 's'} per sample "
@@ -299,14 +317,18 @@ def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> 
                 raise LayerfastError(
                     f"{arch} returns {width} logits per sample, but the data has "
                     f"{source.num_classes} classes: the model needs one output per class")
-            model.train()
-            with torch.no_grad():
+            probe.train()
+            tries = list(dict.fromkeys((min(smallest, 2), min(smallest, 64))))
+            for k, size in enumerate(tries):
                 try:
-                    out = model(torch.zeros(size, *source.shape, dtype=input_dtype(model)))
+                    with torch.no_grad():
+                        out = probe(torch.zeros(size, *source.shape, dtype=input_dtype(probe)))
+                    break
                 except Exception as exc:  # noqa: BLE001 - user code: anything it raises
+                    if k + 1 < len(tries):
+                        continue  # a model that needs more samples: its smallest batch
                     msg = " ".join(str(exc).split())[:300]
-                    hint = ("; use --batch-size 2 or more (and a batch size that does not leave "
-                            "a last batch of one sample)") if size == 1 else ""
+                    hint = ("; use --batch-size 2 or more" if size == 1 else "")
                     raise LayerfastError(
                         f"{arch} cannot train on a batch of {size} sample{'s' * (size > 1)} "
                         f"({type(exc).__name__}: {msg}){hint}") from exc
@@ -315,7 +337,10 @@ def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> 
             except LayerfastError as exc:
                 raise LayerfastError(f"in training mode, {exc}") from None
     finally:
-        model.load_state_dict(saved)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        if probe is model:
+            model.load_state_dict(saved)
         for m, mode in modes:
             m.training = mode
 
@@ -447,9 +472,7 @@ def train(
             model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
         )
         n = int(y_all.shape[0])
-        steps = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-        if len(steps) > 1 and steps[-1][1] - steps[-1][0] == 1:
-            steps.pop()  # a lone trailing sample would break BatchNorm's training statistics
+        steps = _batch_sizes(n, batch_size)
         meta: dict[str, Any] = {
             # absolute: `analyze` without --data evaluates on it from any directory
             "arch": arch, "data": absolute_spec(data), "num_classes": train_src.num_classes,
