@@ -7,55 +7,13 @@ import torch
 from torch import nn
 
 from layerfast.engine import Evaluator, naive_evaluate
-from layerfast.engine.graph import Program
 from layerfast.errors import LayerfastError
+from tests.test_engine_batch_dim_zoo import BatchStats, SwappedHalves, _oom_once, _variants
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Tiny models."""
-
-
-class BatchStats(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.fc = nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.b(torch.relu(self.a(x))))
-        return self.fc(h - h.mean(0))
-
-
-class SwappedHalves(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.fc = nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p, q = self.a(x).chunk(2, 0)
-        h = torch.relu(self.b(torch.cat([q, p], 0)))
-        n = h.shape[0]
-        p, q = h.split([n - n // 2, n // 2], 0)
-        return self.fc(torch.cat([q, p], 0))
-
-
-def _variants(model: nn.Module) -> list[dict]:
-    g = torch.Generator().manual_seed(1)
-    return [{k: p + torch.randn(p.shape, generator=g) * 0.5}
-            for k, p in model.state_dict().items()]
-
-
-def _oom_once(monkeypatch, when) -> dict:
-    real, fired = Program.run, {"n": 0}
-
-    def flaky(self, x, start=0, keep=None, *a, **k):
-        if not fired["n"] and when(start, x.shape[0], keep):
-            fired["n"] += 1
-            raise torch.OutOfMemoryError("simulated")
-        return real(self, x, start, keep, *a, **k)
-
-    monkeypatch.setattr(Program, "run", flaky)
-    return fired
 
 
 def _naive_or_error(model, batches, **kw) -> None:
