@@ -13,8 +13,9 @@ fingerprint holds `definition_id(model, factory)`, a digest of:
   `Lambda(torch.relu)`);
 - the code of its modules' classes (and their bases) that are not torch's, torchvision's or
   layerfast's, and of the factory, as it runs in this process (not the file as it is on disk:
-  a notebook runs what it imported), with the functions, classes and constants that code
-  reads from its module's globals, transitively (a helper the forward calls, a constant).
+  a notebook runs what it imported), with the functions, classes, constants, tensors and
+  arrays (by their bytes) that code reads from its module's globals or, as `module.name`, from
+  the user's other modules, transitively (a helper the forward calls, a constant).
 
 The code is read from the compiled objects: instructions, names and constants (sets sorted, so
 that string hashing's per-process order does not matter), never line numbers or addresses. So
