@@ -65,7 +65,8 @@ def unbatched_cuts(
 ) -> set[int]:
     """The cuts a variant may not start from, found by running the program on 8 samples taken
     from `x` and on the first 4 of them (a batch of fewer than 8 is repeated: one sample alone
-    cannot tell [1, B, ...] from [B, ...]; on a failure or an out-of-memory, on half as many):
+    cannot tell [1, B, ...] from [B, ...]; 3 of them when 2 or 4 samples repeat; on a failure
+    or an out-of-memory, on the next smaller size):
 
     - cuts whose value does not hold the batch in dim 0 (a sequence-first LSTM's input,
       `x.transpose(0, 1)`, an `unsqueeze(0)`): a variant started there would have its batch
@@ -76,8 +77,8 @@ def unbatched_cuts(
     Where the logits themselves differ that way, the model mixes samples (batch statistics,
     attention over dim 0) and `report["mixes_samples"]` is set: no back-off may cut its
     batches ("unknown" from a batch of one sample, which cannot show it). With no run at all,
-    no cut counts as proven; `report["checked"]` is how many sizes ran. An untraced program has no cut but
-    the input, and is checked for mixing all the same."""
+    no cut counts as proven; `report["checked"]` is how many sizes ran. An untraced program
+    has no cut but the input, and is checked for mixing all the same."""
     n = int(x.shape[0])
     if n == 0:  # nothing to tell from: the caller checks a later batch
         if report is not None:
