@@ -51,8 +51,9 @@ def test_a_swapped_halves_cut_behind_a_two_sample_first_batch(monkeypatch) -> No
     model = SwappedHalves().eval()
     x, y = torch.randn(32, 12), torch.randint(0, 10, (32,))
     batches = [(x[:2], y[:2]), (x[2:18], y[2:18])]
-    fired = _oom_once(monkeypatch, lambda start, rows, keep: start > 0 and keep is None
-                      and rows == 16)
+    # (on 3 rows the model's halves are uneven and its output rows are permuted: found mixing,
+    # every cut is dropped and variants start at the input, where the out-of-memory fires)
+    fired = _oom_once(monkeypatch, lambda start, rows, keep: keep is None and rows == 16)
     _naive_or_error(model, batches, fanout=False)
     assert fired["n"] == 1
 

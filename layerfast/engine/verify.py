@@ -85,16 +85,20 @@ def unbatched_cuts(
             report["checked"] = 0
         return set()
     xs = x[:8] if n >= 8 else x[torch.arange(8, device=x.device) % n]
-    # The second size must not hold the same samples in the same proportions as the first:
-    # from a batch of 2 (or 4) repeated, 4 rows are the 8 rows' samples again, and a batch
-    # mean or swapped halves would look the same. 3 rows are not.
-    sizes = [8, 3, 2, 1] if n in (2, 4) else [8, 4, 2, 1]
+    # A later size must not hold the same samples in the same proportions as the first: from
+    # a batch of 2 (or 4) repeated, 4 rows are the 8 rows' samples again, and a batch mean or
+    # swapped halves would look the same (3 rows are not); and from a batch of fewer than 8,
+    # one size must hold fewer distinct samples (a batch max over the same samples is equal).
+    planned = [8, 3 if n in (2, 4) else 4]
+    if 2 <= n < 8 and min(4, n - 1) not in planned:
+        planned.append(min(4, n - 1))
+    sizes = planned + [m for m in (4, 2, 1) if m not in planned]
     bad: set[int] = set()
     prev: dict[int, Any] | None = None
     checked = 0
     with precision_context("fp32", device), torch.no_grad():
         for m in sizes:
-            if checked == 2:
+            if checked == len(planned):
                 break
             cache: dict[int, Any] = {}
             try:
