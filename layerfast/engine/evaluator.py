@@ -822,8 +822,11 @@ class Evaluator:
         hi = inp.shape[0] if hi is None else hi
         cap = self._swap_rows
         if cap is not None and hi - lo > cap:  # an earlier out-of-memory set the size
-            for s in range(lo, hi, cap):
-                e = min(hi, s + cap)
+            # in equal pieces (9 rows at a cap of 8: 5 + 4, not 8 + 1, which a model that
+            # chunks its batch cannot take)
+            k = -(-(hi - lo) // cap)
+            cuts = [lo + (hi - lo) * i // k for i in range(k + 1)]
+            for s, e in zip(cuts, cuts[1:], strict=False):
                 self._run_swapped(ops, prog, start, inp, y, ref, acc_rows, ov, live, s, e, rows)
             return
         keys = list(ov)
