@@ -48,10 +48,22 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
 
 
+def _name_of(obj: object) -> tuple[str, str]:
+    """(module, qualified name) of a function or class, or else of the object's class: never
+    an attribute of the object itself, which a proxy may answer by raising or with a new
+    proxy."""
+    plain = (type, types.FunctionType, types.BuiltinFunctionType)
+    src = obj if isinstance(obj, plain) else type(obj)
+    try:
+        mod, qual = src.__module__, src.__qualname__
+    except Exception:  # noqa: BLE001 - a metaclass property that raises
+        mod, qual = "", type(obj).__name__
+    return (mod if isinstance(mod, str) else ""), (qual if isinstance(qual, str) else "?")
+
+
 def _own(obj: object) -> bool:
     """torch's, torchvision's or layerfast's: versioned apart from the user's model."""
-    mod = getattr(obj, "__module__", None)
-    return isinstance(mod, str) and mod.split(".")[0] in _OWN_PACKAGES
+    return _name_of(obj)[0].split(".")[0] in _OWN_PACKAGES
 
 
 def _plain_repr(v: object, depth: int = 0) -> str | None:
@@ -165,8 +177,8 @@ class _Digest:
         self.seen.add(id(v))
         if isinstance(v, types.MethodType):
             v = v.__func__
-        qual = f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__name__)}"
-        self.text(f"{name}->{qual}")
+        mod, qual = _name_of(v)
+        self.text(f"{name}->{mod}.{qual}")
         if isinstance(v, list | tuple | dict) and len(v) <= 4096:
             items = v.items() if isinstance(v, dict) else enumerate(v)
             for k, x in items:
@@ -179,13 +191,29 @@ class _Digest:
             return
         if _own(v):
             return
-        wrapped = getattr(v, "__wrapped__", None)  # functools.lru_cache, a decorator's wrapper
-        if wrapped is not None and not isinstance(v, type):
-            self.value(f"{name}.__wrapped__", wrapped)
+        try:  # an instance's own attributes: never through __getattr__ (a proxy's)
+            own = dict(vars(v)) if not isinstance(v, type) else {}
+        except TypeError:  # no __dict__
+            own = {}
+        if "__wrapped__" in own:  # functools.wraps: a decorator's wrapper, an lru_cache
+            self.value(f"{name}.__wrapped__", own["__wrapped__"])
+        elif isinstance(v, functools._lru_cache_wrapper):  # type: ignore[attr-defined]
+            self.value(f"{name}.__wrapped__", v.__wrapped__)
         if isinstance(v, types.FunctionType):
             self.todo.append(("function", v))
         elif isinstance(v, type):
             self.todo.append(("class", v))
+        elif not isinstance(v, types.BuiltinFunctionType):
+            # an instance of the user's class (`ACT = Swish(1.0)` called by the forward): its
+            # class's code and its plain attributes
+            if not _own(type(v)) and id(type(v)) not in self.seen:
+                self.seen.add(id(type(v)))
+                self.todo.append(("class", type(v)))
+            for k, x in sorted(own.items()):
+                if not k.startswith("__"):
+                    plain = _plain_repr(x)
+                    if plain is not None:
+                        self.text(f"{name}.{k}={plain}")
 
     def function(self, f: types.FunctionType) -> None:
         self.code(f.__code__, f.__globals__)
@@ -231,16 +259,19 @@ def definition_id(model: nn.Module, factory: Callable[..., Any] | None = None) -
     module's docstring)."""
     d = _Digest()
     d.text(_structure(model))
-    for name, m in model.named_modules():
-        d.text(f"module {name}")
-        d.value("class", type(m))
-        for k, v in sorted(vars(m).items()):
-            if k.startswith("_") or k == "training":
-                continue
-            if _plain_repr(v) is not None or callable(v) and not isinstance(v, nn.Module):
-                d.value(k, v)
-    if factory is not None:
-        d.text("factory")
-        d.value("factory", factory)
-    d.drain()
+    try:
+        for name, m in model.named_modules():
+            d.text(f"module {name}")
+            d.value("class", type(m))
+            for k, v in sorted(vars(m).items()):
+                if k.startswith("_") or k == "training":
+                    continue
+                if _plain_repr(v) is not None or callable(v) and not isinstance(v, nn.Module):
+                    d.value(k, v)
+        if factory is not None:
+            d.text("factory")
+            d.value("factory", factory)
+        d.drain()
+    except Exception as exc:  # noqa: BLE001 - user objects of any kind: never fail the run
+        d.text(f"walk stopped: {type(exc).__name__}")  # the same objects stop it the same way
     return d.h.hexdigest()[:16]
