@@ -290,17 +290,25 @@ def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> 
     GoogLeNet does) on 2 samples, or on 1 when training gives it a batch of one (BatchNorm
     cannot train on it), or, when 2 fail, on its smallest training batch (up to 64). Otherwise
     torch's error came as a traceback from the first evaluation or training step, after
-    epoch_000.pt was written. It runs on a copy of the model when one can be made (else the
-    model's state and modes are put back), under forked random states and fp32, so the seeded
-    run trains exactly as without it."""
+    epoch_000.pt was written. It runs on a copy of the model that shares its tensors, when one
+    can be made (else the model's state, plain attributes and modes are put back), under
+    forked random states and fp32, so the seeded run trains exactly as without it."""
     from layerfast.analysis import _num_outputs
 
     smallest = min(j - i for i, j in _batch_sizes(int(source.n), batch_size))
+    # A copy that shares the parameters and buffers (no second model in memory); the buffers
+    # a training forward updates (BatchNorm's statistics) are put back from clones below.
+    tensors = [*model.parameters(), *model.buffers()]
     try:
-        probe = copy.deepcopy(model)
+        probe = copy.deepcopy(model, {id(t): t for t in tensors})
     except Exception:  # noqa: BLE001 - a model that cannot be copied: restored below instead
         probe = model
+    buffers = [(b, b.clone()) for b in model.buffers()]
     saved = {k: v.clone() for k, v in model.state_dict().items()} if probe is model else {}
+    # the modules' plain attributes (a step counter), which a model that cannot be copied
+    # changes in its own forward
+    plain = [(m, {k: v for k, v in vars(m).items() if isinstance(v, int | float | bool)})
+             for m in model.modules()]
     modes = [(m, m.training) for m in model.modules()]
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
@@ -339,8 +347,13 @@ def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> 
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+        with torch.no_grad():
+            for b, before in buffers:
+                b.copy_(before)
         if probe is model:
             model.load_state_dict(saved)
+            for m, attrs in plain:
+                vars(m).update(attrs)
         for m, mode in modes:
             m.training = mode
 
