@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from layerfast.errors import LayerfastError, collect_warnings, progress_stream, say, warn
-from layerfast.options import MAX_SEEDS, count, is_int
+from layerfast.options import MAX_SEEDS, count, integers, is_int
 
 RESETS = ("reinit", "rerandom", "fullmodel")
 #: Every kind `--reset` accepts: the default three, and `interp` (it needs `--alphas`).
@@ -96,8 +96,6 @@ def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:
         if not labels:
             raise LayerfastError(f"--checkpoints takes 'all' or labels like 0,1,10; got {checkpoints!r}")
         return list(dict.fromkeys(labels))
-    from layerfast.options import integers
-
     if is_int(checkpoints):  # one label
         return [int(checkpoints)]
     return list(dict.fromkeys(integers(checkpoints, "checkpoints")))
@@ -164,8 +162,6 @@ def _seed_list(seeds: int | str | Iterable[int]) -> list[int]:
     """`seeds=n` means seeds 1..n (the CLI's `--seeds 3`); an iterable names them, repeats
     dropped (seed 1 twice is one draw, evaluated once). A string reads as the CLI reads it:
     "3" is a count, "1,7,9" names seeds (a str must not be iterated character by character)."""
-    from layerfast.options import integers
-
     if isinstance(seeds, bool) or isinstance(seeds, numbers.Real) and not is_int(seeds):
         raise LayerfastError(f"--seeds takes a count n >= 1 or a list of seeds; got {seeds!r}")
     if isinstance(seeds, str):
