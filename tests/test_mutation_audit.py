@@ -285,28 +285,7 @@ def test_split_passes_puts_a_group_into_the_first_pass_with_room() -> None:
     assert split_passes(keys, [6, 6, 4, 4, 4], 10) == [[0, 2], [1, 3], [4]]
 
 
-# ---- evaluator: whose failure ------------------------------------------------------------------
-
-
-def test_a_cuda_error_raised_as_a_runtime_error_is_not_blamed_on_the_model() -> None:
-    """Older torch (and some kernels) raise a device assert as a plain RuntimeError naming a
-    "CUDA error": still an internal error, not the model's own failure on that batch."""
-    from layerfast.errors import LayerfastError
-
-    class Broken(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(4, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.shape[0] == 2:
-                raise RuntimeError("CUDA error: device-side assert triggered")
-            return self.lin(x)
-
-    batches = [(torch.randn(n, 4), torch.zeros(n, dtype=torch.long)) for n in (4, 2)]
-    with pytest.raises(RuntimeError, match="CUDA error") as info:
-        Evaluator(Broken(), [{}], device="cpu", precision="fp32").run(batches)
-    assert not isinstance(info.value, LayerfastError)
+# (a "CUDA error" raised as a plain RuntimeError: test_custom_arch_audit.py's device-error test)
 
 
 # ---- models: input_dtype, _materialize --------------------------------------------------------
