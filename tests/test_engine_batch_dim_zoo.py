@@ -23,23 +23,12 @@ from torch import nn
 from layerfast.engine import Evaluator, naive_evaluate
 from layerfast.engine.graph import Program
 from layerfast.errors import LayerfastError
+from tests.test_engine_batch_dim import Unsqueezed
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Tiny models: one intra-op thread is as fast and does not fight the other tests."""
-
-
-class Unsqueezed(nn.Module):
-    """b runs on [1, B, 12]: the cut before it does not hold the batch in dim 0."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.fc = nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.a(x)).unsqueeze(0)
-        return self.fc(self.b(h)[0])
 
 
 class SwappedHalves(nn.Module):
