@@ -121,6 +121,23 @@ def test_analysis_summary_takes_a_threshold(small_ckpts, tmp_path):
         res.summary(threshold=2)
 
 
+_EDIT_KW = {"data": "digits", "progress": False, "figures": False, "device": "cpu",
+            "reset": "reinit"}
+
+
+def _write_module(tmp_path, monkeypatch, name: str, source: str) -> None:
+    """(Re)write the importable module `name`, as a user editing their model file: the next
+    import reads it anew (no stale bytecode, no cached module)."""
+    import importlib
+    import sys
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / f"{name}.py").write_text(source)
+    sys.modules.pop(name, None)
+    importlib.invalidate_caches()
+
+
 def test_rerun_into_same_out_refuses_a_changed_model_definition(small_ckpts, tmp_path,
                                                                  monkeypatch):
     """The resume fingerprint holds the arch *name*, the checkpoint files and the data, not the
@@ -129,25 +146,17 @@ def test_rerun_into_same_out_refuses_a_changed_model_definition(small_ckpts, tmp
     results ("evaluated": 0) — wrong numbers, silently; a half-finished run would have summed
     both models' counts. Expected: refused (a different model is a different command) or
     evaluated again."""
-    import importlib
-    import sys
-
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    src = tmp_path / "edited_s15.py"
 
     def write(act: str) -> None:
-        src.write_text(
-            "from collections import OrderedDict\n"
-            "import torch.nn as nn\n"
-            "def net(num_classes=10, in_shape=(1, 8, 8)):\n"
-            "    return nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc1=nn.Linear(64, 16),\n"
-            f"                         act=nn.{act}(), fc2=nn.Linear(16, num_classes)))\n")
-        sys.modules.pop("edited_s15", None)
-        importlib.invalidate_caches()
+        _write_module(tmp_path, monkeypatch, "edited_s15",
+                      "from collections import OrderedDict\n"
+                      "import torch.nn as nn\n"
+                      "def net(num_classes=10, in_shape=(1, 8, 8)):\n"
+                      "    return nn.Sequential(OrderedDict(flatten=nn.Flatten(),\n"
+                      "        fc1=nn.Linear(64, 16), act=nn.{act}(),\n"
+                      "        fc2=nn.Linear(16, num_classes)))\n".replace("{act}", act))
 
-    kw = {"data": "digits", "out": tmp_path / "out", "progress": False, "figures": False,
-          "device": "cpu", "reset": "reinit"}
+    kw = _EDIT_KW | {"out": tmp_path / "out"}
     write("ReLU")
     first = layerfast.analyze("edited_s15:net", small_ckpts, **kw)
     write("Sigmoid")
@@ -161,29 +170,20 @@ def test_rerun_into_same_out_refuses_a_changed_model_definition(small_ckpts, tmp
 
 def test_rerun_refuses_a_model_whose_forward_was_edited(small_ckpts, tmp_path, monkeypatch):
     """An edit only in a user class's forward (the module tree, so repr, stays the same) is
-    another model too: the class's source file is part of its definition."""
-    import importlib
-    import sys
-
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    src = tmp_path / "edited_fwd.py"
+    another model too: the code of the model's own classes is part of its definition."""
 
     def write(act: str) -> None:
-        src.write_text(
-            "import torch\n"
-            "import torch.nn as nn\n"
-            "class Net(nn.Module):\n"
-            "    def __init__(self, num_classes=10, in_shape=(1, 8, 8)):\n"
-            "        super().__init__()\n"
-            "        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, num_classes)\n"
-            "    def forward(self, x):\n"
-            f"        return self.fc2(torch.{act}(self.fc1(x.flatten(1))))\n")
-        sys.modules.pop("edited_fwd", None)
-        importlib.invalidate_caches()
+        _write_module(tmp_path, monkeypatch, "edited_fwd",
+                      "import torch\n"
+                      "import torch.nn as nn\n"
+                      "class Net(nn.Module):\n"
+                      "    def __init__(self, num_classes=10, in_shape=(1, 8, 8)):\n"
+                      "        super().__init__()\n"
+                      "        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, num_classes)\n"
+                      "    def forward(self, x):\n"
+                      f"        return self.fc2(torch.{act}(self.fc1(x.flatten(1))))\n")
 
-    kw = {"data": "digits", "out": tmp_path / "out", "progress": False, "figures": False,
-          "device": "cpu", "reset": "reinit"}
+    kw = _EDIT_KW | {"out": tmp_path / "out"}
     write("relu")
     layerfast.analyze("edited_fwd:Net", small_ckpts, **kw)
     assert layerfast.analyze("edited_fwd:Net", small_ckpts, **kw).run["engine"]["evaluated"] == 0
