@@ -16,7 +16,10 @@ thin loop: plain SGD with momentum, cross-entropy, no augmentation, fp32. What i
 * **Reproducible.** The CPU generator (and the training GPU's) seeded right before building the
   model (θ⁰ depends only on arch, data shape and seed, on any device: the model is built on the
   CPU), and a separate seeded CPU generator for the per-epoch shuffle (same order on CPU and
-  CUDA). No other generator is touched, and these are restored afterwards.
+  CUDA). Python's `random` and numpy's global generator are seeded too (numpy with the seed
+  mod 2³²), as `seed_everything` does: a user's factory that initialises with `np.random` or
+  a forward that draws from `random` gets the same θ⁰ and the same run for the same seed. No
+  other generator is touched, and all of these are restored afterwards.
 
 The training split is gathered into memory once (uint8 stays uint8) and indexed by a fresh
 permutation each epoch; `DataSource.batches` is sequential by contract, and MNIST / digits /
@@ -267,6 +270,25 @@ def _warn_if_one_split(data: str, train_src: DataSource, test_src: DataSource) -
              "file?); the test errors recorded will be training errors")
 
 
+@contextlib.contextmanager
+def _seeded_host_generators(seed: int) -> Iterator[None]:
+    """Python's `random` and numpy's global generator seeded for the run, restored after it.
+
+    `torch.manual_seed` alone left a factory that initialises with `np.random` (or a forward
+    that drops samples with `random.random()`) drawing differently on every run of the same
+    `--seed`: θ⁰ then depends on the process, not on the seed. numpy takes seeds in 0..2³²−1,
+    so it gets the seed mod 2³² (a negative seed too); `random` takes any integer.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 def _check_seed(seed: object) -> None:
     """torch seeds take 64 bits; the manifest and the analysis store seeds as int64. A larger
     value used to fail inside `manual_seed` with a traceback, after `out` was created."""
@@ -456,6 +478,7 @@ def train(
         warned = stack.enter_context(collect_warnings())
         _warn_if_one_split(data, train_src, test_src)
         stack.enter_context(torch.random.fork_rng(cuda_ids))
+        stack.enter_context(_seeded_host_generators(seed))
         # θ⁰ depends on the seed only: built on the CPU, then moved. Only the generators that
         # fork_rng restores are seeded: torch.manual_seed would also reseed every other CUDA
         # device (all of them for a CPU run), which the caller would then see.
