@@ -61,6 +61,7 @@ from layerfast.engine.precision import precision_context, resolve_device
 from layerfast.errors import LayerfastError, collect_warnings, progress_stream, warn
 from layerfast.models import build_model, input_dtype
 from layerfast.options import count, is_int
+from layerfast.rng import seeded_host_generators
 
 PAPER_CHECKPOINTS: tuple[int, ...] = (0, 1, 2, 3, 8, 40, 90, 100)
 SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")
@@ -270,25 +271,6 @@ def _warn_if_one_split(data: str, train_src: DataSource, test_src: DataSource) -
              "file?); the test errors recorded will be training errors")
 
 
-@contextlib.contextmanager
-def _seeded_host_generators(seed: int) -> Iterator[None]:
-    """Python's `random` and numpy's global generator seeded for the run, restored after it.
-
-    `torch.manual_seed` alone left a factory that initialises with `np.random` (or a forward
-    that drops samples with `random.random()`) drawing differently on every run of the same
-    `--seed`: θ⁰ then depends on the process, not on the seed. numpy takes seeds in 0..2³²−1,
-    so it gets the seed mod 2³² (a negative seed too); `random` takes any integer.
-    """
-    py_state, np_state = random.getstate(), np.random.get_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
 def _check_seed(seed: object) -> None:
     """torch seeds take 64 bits; the manifest and the analysis store seeds as int64. A larger
     value used to fail inside `manual_seed` with a traceback, after `out` was created."""
@@ -478,7 +460,7 @@ def train(
         warned = stack.enter_context(collect_warnings())
         _warn_if_one_split(data, train_src, test_src)
         stack.enter_context(torch.random.fork_rng(cuda_ids))
-        stack.enter_context(_seeded_host_generators(seed))
+        stack.enter_context(seeded_host_generators(seed))
         # θ⁰ depends on the seed only: built on the CPU, then moved. Only the generators that
         # fork_rng restores are seeded: torch.manual_seed would also reseed every other CUDA
         # device (all of them for a CPU run), which the caller would then see.

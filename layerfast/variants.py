@@ -30,9 +30,10 @@ Kinds and their order in `make_variants` (results are reported in this order):
 
 Re-randomization (`rerandom_draw`): each module of the unit is deep-copied alone to the CPU and
 re-drawn there under `torch.random.fork_rng`, the CPU generator seeded with a 63-bit SHA-256
-hash of ("layerfast-rerandom", seed, unit name, module name): reproducible per seed, the same
-on every device, independent of the order or number of units, and the caller's RNG state is
-untouched. The draw is the architecture's init rule (`arch.init(module)`) when it has one,
+hash of ("layerfast-rerandom", seed, unit name, module name), Python's `random` and numpy's
+global generator seeded with it too (`layerfast.rng`: a `reset_parameters` may draw from
+them): reproducible per seed, the same on every device, independent of the order or number of
+units, and the caller's RNG states are untouched. The draw is the architecture's init rule (`arch.init(module)`) when it has one,
 else the module's `reset_parameters()`; normalization layers also get `reset_running_stats()`.
 Only each module's own parameters and buffers are taken (its children are modules of the unit
 in their own right). A draw must never equal θ⁰: when τ = 0 is available and any drawn tensor
@@ -66,6 +67,7 @@ from layerfast.checkpoints.keymap import canonical_keys, is_tolerated_missing
 from layerfast.errors import LayerfastError, warn
 from layerfast.models.init import NORM_TYPES
 from layerfast.options import MAX_SEEDS, integers, is_int
+from layerfast.rng import seeded_host_generators
 from layerfast.units import derived_weights
 
 __all__ = ["Variant", "derive_seed", "init_mismatches", "make_variants", "rerandom_draw"]
@@ -267,8 +269,9 @@ def rerandom_draw(
         base = derive_seed("layerfast-rerandom", seed, unit.name, mod_name)
         for attempt in range(_MAX_REDRAWS):
             m = _cpu_copy(live)
-            with torch.random.fork_rng(devices=[]):
-                torch.random.default_generator.manual_seed((base + attempt) % 2**63)
+            seed_k = (base + attempt) % 2**63
+            with torch.random.fork_rng(devices=[]), seeded_host_generators(seed_k):
+                torch.random.default_generator.manual_seed(seed_k)
                 _redraw(m, init, where)
             own = list(m._parameters.items()) + list(m._buffers.items())
             draw = {

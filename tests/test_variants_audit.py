@@ -518,3 +518,41 @@ def test_joint_entries_are_read_as_written(tmp_path: Path) -> None:
         make_variants(net, units, ck, reset=(), joint=["0+2"])
     vs = make_variants(net, units, ck, reset=(), joint=[(["0", "2"], np.int64(1))])
     assert [v.label for v in vs[1:]] == ["joint 0+2 @1"]
+
+
+class _NumpyLinear(nn.Linear):
+    """A user layer whose init draws from numpy's and Python's global generators."""
+
+    def reset_parameters(self) -> None:
+        import random
+
+        import numpy as np
+
+        with torch.no_grad():
+            self.weight.copy_(torch.from_numpy(np.random.randn(*self.weight.shape)).float())
+            self.bias.fill_(random.gauss(0.0, 1.0))
+
+
+def test_rerandom_draws_from_numpy_init_are_reproducible_per_seed() -> None:
+    """The draw seeded torch's generator only: a `reset_parameters` drawing from numpy or
+    `random` gave another "seed 1" draw on every call (and on a resumed run), and moved the
+    caller's numpy and `random` states."""
+    import random
+
+    import numpy as np
+
+    from layerfast.variants import rerandom_draw
+
+    net = nn.Sequential(_NumpyLinear(4, 3))
+    (unit,) = make_units(net)
+    np.random.seed(0)
+    random.seed(0)
+    expected = (np.random.rand(), random.random())
+    np.random.seed(0)
+    random.seed(0)
+    first = rerandom_draw(net, unit, 1)
+    assert (np.random.rand(), random.random()) == expected  # the caller's states untouched
+    again, other = rerandom_draw(net, unit, 1), rerandom_draw(net, unit, 2)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["0.weight"], other["0.weight"])
+    assert not torch.equal(first["0.bias"], other["0.bias"])
