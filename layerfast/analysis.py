@@ -23,13 +23,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 
 from layerfast.errors import LayerfastError, collect_warnings, progress_stream, say, warn
 from layerfast.options import MAX_SEEDS, count, integers, is_int
+
+if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn
+    from matplotlib.figure import Figure
 
 RESETS = ("reinit", "rerandom", "fullmodel")
 #: Every kind `--reset` accepts: the default three, and `interp` (it needs `--alphas`).
@@ -69,6 +72,17 @@ class Analysis:
             return report.heatmap(self.table, path, title=self.run.get("title"))
         if kind == "distances":
             return report.distance_plot(self.distances, path)
+        raise LayerfastError(f"unknown plot kind {kind!r}: heatmap or distances")
+
+    def figure(self, kind: str = "heatmap") -> Figure:
+        """The figure `plot` would write, as a matplotlib `Figure` (no file): the last line of
+        a notebook cell shows it inline, and `fig.savefig(...)` writes it in any format."""
+        from layerfast import report
+
+        if kind == "heatmap":
+            return report.heatmap_figure(self.table, title=self.run.get("title"))
+        if kind == "distances":
+            return report.distance_figure(self.distances)
         raise LayerfastError(f"unknown plot kind {kind!r}: heatmap or distances")
 
     def summary(self, threshold: float | None = None) -> str:

@@ -210,6 +210,26 @@ def test_python_api_plot_and_summary(run, tmp_path) -> None:
     assert "fc1" in text and "threshold" in text
 
 
+def test_python_api_figure_returns_the_plotted_figure(run, tmp_path) -> None:
+    """`plot()` wrote a PNG and returned its path: a notebook showed nothing. `figure()` gives
+    the matplotlib Figure `plot()` saves, with a canvas (savefig works) and no pyplot state."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    open_before = plt.get_fignums()
+    fig = run.figure()
+    assert isinstance(fig, Figure) and plt.get_fignums() == open_before
+    assert "Test error (%)" in fig._suptitle.get_text()
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]
+    assert {"fc1", "fc2", "fc3", "fc4"} <= set(labels)
+    fig.savefig(tmp_path / "h.svg")  # any format, through its own canvas
+    assert (tmp_path / "h.svg").stat().st_size > 1000
+    dist = run.figure("distances")
+    assert "from their initialization" in dist._suptitle.get_text() and len(dist.axes) >= 2
+    with pytest.raises(LayerfastError, match="unknown plot kind"):
+        run.figure("pie")
+
+
 def test_threshold_rejudges_a_finished_run_without_evaluating(run, ckpts, monkeypatch) -> None:
     """The threshold does not change the sums: rerunning a finished run at another threshold
     reuses them (no engine pass) and only the verdicts move."""

@@ -1,7 +1,7 @@
 """Results on disk and on screen: CSV files, paper-style figures, the terminal summary.
 
     tables.py    write_csv / read_results / read_distances, atomic file replacement
-    figures.py   heatmap (Fig. 1a), distance_plot (Fig. 1b/c)
+    figures.py   heatmap (Fig. 1a), distance_plot (Fig. 1b/c); *_figure return the Figure
     terminal.py  summary_table
 
 `redraw(out_dir)` rebuilds the figures of a finished run from its CSV files alone, so
@@ -18,15 +18,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 from layerfast.errors import LayerfastError
-from layerfast.report.figures import distance_plot, has_heatmap, heatmap
+from layerfast.report.figures import (
+    distance_figure,
+    distance_plot,
+    has_heatmap,
+    heatmap,
+    heatmap_figure,
+)
 from layerfast.report.tables import atomic_path, read_distances, read_results, write_csv
 from layerfast.report.terminal import summary_table
 
 __all__ = [
     "atomic_path",
+    "distance_figure",
     "distance_plot",
     "has_heatmap",
     "heatmap",
+    "heatmap_figure",
     "read_distances",
     "read_results",
     "redraw",

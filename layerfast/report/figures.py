@@ -361,7 +361,6 @@ def _draw_grid(
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    FigureCanvasAgg(fig)
     target = Path(path)
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=_DPI, facecolor="white")
@@ -379,12 +378,18 @@ def _baseline(table: pd.DataFrame) -> tuple[float | None, int | None]:
 
 
 def heatmap(table: pd.DataFrame, path: str | os.PathLike[str], title: str | None = None) -> Path:
-    """Write the paper's Fig. 1a: test error (%) per unit (rows) and reset source (columns).
+    """Write `heatmap_figure(table, title)` to `path` as a PNG (atomically); returns the path."""
+    return _save(heatmap_figure(table, title), path)
+
+
+def heatmap_figure(table: pd.DataFrame, title: str | None = None) -> Figure:
+    """The paper's Fig. 1a: test error (%) per unit (rows) and reset source (columns).
 
     Cells show the test error after resetting that unit alone, in percent with two significant
     digits; the colour scale runs from 0 to the largest error shown, so robust cells (near the
     baseline) are dark and critical ones bright. The baseline error is in the title and marked
-    on the colour bar. Returns the path written.
+    on the colour bar. A matplotlib `Figure` with an Agg canvas, not a pyplot one: a notebook
+    shows it inline, `fig.savefig` works, and no pyplot state is created or leaked.
     """
     rows, cols, grid = error_grid(table)
     if not rows or not cols:
@@ -420,7 +425,8 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike[str], title: str | None
             # A white line on the colour bar puts the baseline on the same scale as the cells.
             cbar.ax.axhline(100.0 * base, color="white", lw=2)  # type: ignore[attr-defined]
     fig.suptitle(f"{head}\n{sub}", fontsize=geo.label_font + 1.5)
-    return _save(fig, path)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _norm_for(grid: np.ndarray) -> tuple[Normalize, bool]:
@@ -435,13 +441,19 @@ def _norm_for(grid: np.ndarray) -> tuple[Normalize, bool]:
 
 
 def distance_plot(distances_df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write the paper's Fig. 1b/c: per-unit distance of θ^τ from θ^0, two heatmap panels.
+    """Write `distance_figure(distances_df)` to `path` as a PNG (atomically); returns the path."""
+    return _save(distance_figure(distances_df), path)
+
+
+def distance_figure(distances_df: pd.DataFrame) -> Figure:
+    """The paper's Fig. 1b/c: per-unit distance of θ^τ from θ^0, two heatmap panels.
 
     Left: relative ℓ2 distance ‖θ^τ − θ^0‖₂ / ‖θ^0‖₂ (comparable across units of different
     size); right: ℓ∞ distance ‖θ^τ − θ^0‖∞. Same rows and columns as the error heatmap; the
     ReRnd column is a fresh draw against θ^0 (mean over seeds), the yardstick for "as far as a
     random re-draw". A panel switches to a log colour scale when its values span more than two
-    decades (stated in its colour-bar label). Returns the path written.
+    decades (stated in its colour-bar label). A `Figure` with an Agg canvas, as
+    `heatmap_figure`'s.
     """
     for col in ("unit", "checkpoint", "l2_rel", "linf"):
         if col not in distances_df.columns:
@@ -477,4 +489,5 @@ def distance_plot(distances_df: pd.DataFrame, path: str | os.PathLike[str]) -> P
                 ax.set_ylabel("unit", fontsize=geo.label_font + 1)
             geo.colorbar(fig, im, ax, "distance" + (" (log scale)" if is_log else ""))
     fig.suptitle("\n".join(heading), fontsize=geo.label_font + 1.5)
-    return _save(fig, path)
+    FigureCanvasAgg(fig)
+    return fig
