@@ -2,7 +2,10 @@
 // (csrc/cpu/score_kernel.cpp, csrc/cuda/score_kernel.cu). Schema and semantics: csrc/layerfast.cpp.
 #pragma once
 
+#include <cstdint>
+
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 
 namespace layerfast::score {
 
@@ -53,6 +56,19 @@ inline void check_args(
       labels.device() == dev && ref_pred.device() == dev && acc.device() == dev,
       "layerfast::score_: all tensors must be on one device, got logits on ", dev, ", labels on ",
       labels.device(), ", ref_pred on ", ref_pred.device(), ", acc on ", acc.device());
+}
+
+// Whether class c's logit x ranks above the label's logit xl, for correct@5 ("fewer than 5
+// classes rank above the label"). Finite and infinite values compare as numbers, ties in the
+// sample's favour. A NaN ranks above every number, as in torch.argmax; among NaNs the lower
+// index ranks first, again as argmax does, so a correct@1 sample is always correct@5. A bare
+// `x > xl` (false for any NaN) counted every sample of an all-NaN variant (a diverged reset)
+// correct@5: a top5_error of 0 for a variant at chance. `x != x` is NaN (no fast-math here).
+C10_HOST_DEVICE inline bool ranks_above(float x, int64_t c, float xl, int64_t label) {
+  if (x != x) {
+    return xl == xl || c < label;
+  }
+  return x > xl;
 }
 
 }  // namespace layerfast::score

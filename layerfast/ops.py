@@ -34,7 +34,7 @@ from torch import Tensor
 from layerfast import _ext  # noqa: F401  (loads layerfast._C, which registers torch.ops.layerfast)
 
 __all__ = ["swap_", "score_", "affine_relu", "swap_reference", "score_reference",
-           "affine_relu_reference", "has_kernel"]
+           "affine_relu_reference", "ranks_above", "has_kernel"]
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -129,8 +129,11 @@ def score_(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Tensor) -> Non
 
     - `acc[v, 0]` correct@1: pred == label, where pred is the argmax over C with the FIRST
       maximal index on ties (NaN counts as maximal), exactly as `torch.argmax`;
-    - `acc[v, 1]` correct@5: fewer than 5 classes have a logit strictly greater than the
-      label's (ties count in the sample's favour); when C < 5 this column counts correct@1;
+    - `acc[v, 1]` correct@5: fewer than 5 classes rank above the label: a logit strictly
+      greater than the label's (ties count in the sample's favour), or a NaN, which ranks above
+      every number and, among NaNs, by index as argmax takes them (so an all-NaN row is
+      correct@5 only for labels 0..4, and correct@1 implies correct@5); when C < 5 this column
+      counts correct@1;
     - `acc[v, 2]` summed cross-entropy: logsumexp(logits) - logits[label], computed in float32
       with max subtraction, summed in float64;
     - `acc[v, 3]` agreement: pred == ref_pred.
@@ -153,11 +156,22 @@ def score_reference(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Tenso
     pred = x.argmax(-1)  # [V, B], first maximal index
     xl = x.gather(2, labels.view(1, B, 1).expand(V, B, 1)).squeeze(2)  # [V, B]
     correct1 = pred == labels
-    correct5 = (x > xl.unsqueeze(2)).sum(2) < 5 if C >= 5 else correct1
+    correct5 = ranks_above(x, xl, labels).sum(2) < 5 if C >= 5 else correct1
     loss = torch.logsumexp(x, 2) - xl
     agree = pred == ref_pred
     cols = (correct1.sum(1), correct5.sum(1), loss.double().sum(1), agree.sum(1))
     acc.add_(torch.stack([c.to(torch.float64) for c in cols], 1))
+
+
+def ranks_above(logits: Tensor, label_logit: Tensor, labels: Tensor) -> Tensor:
+    """Bool [..., B, C]: class c ranks above the label for correct@5 (`score_`'s docstring):
+    `logits` [..., B, C], `label_logit` [..., B], `labels` [B]. A NaN ranks above every
+    number, and above a NaN label logit when its index is lower, as `torch.argmax` orders
+    them; `x > xl` alone is False for NaN and made an all-NaN row correct@5."""
+    xl = label_logit.unsqueeze(-1)
+    nan = logits.isnan()
+    lower = torch.arange(logits.shape[-1], device=logits.device) < labels.unsqueeze(-1)
+    return (logits > xl) | (nan & (~xl.isnan() | lower))
 
 
 def _check_score_args(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Tensor) -> None:

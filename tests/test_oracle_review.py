@@ -51,3 +51,25 @@ def test_nan_logits_are_not_top5_correct() -> None:
         got = _score([row], [9], reference)
         assert got[0].item() == 0.0
         assert got[1].item() == 0.0, (reference, got)
+
+
+def test_an_all_nan_variant_is_top5_correct_only_for_the_first_five_labels() -> None:
+    """End to end: the engine and the naive loop agree on a variant whose logits are all NaN
+    (a linear layer reset to an overflowing bias), and neither counts it top-5 correct."""
+    from torch import nn
+
+    from layerfast.engine import Evaluator
+    from layerfast.engine.naive import naive_evaluate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 10))
+    x, y = torch.randn(40, 6), torch.arange(40) % 10
+    nan_head = {"2.weight": torch.full((10, 8), math.inf), "2.bias": torch.full((10,), -math.inf)}
+    variants = [{}, nan_head]
+    got = Evaluator(model, variants, device="cpu").run([(x, y)]).counts
+    want = naive_evaluate(model, variants, lambda: [(x, y)])
+    assert torch.equal(got[:, [0, 1, 3]], want[:, [0, 1, 3]])
+    logits = torch.func.functional_call(model, nan_head, (x,))
+    assert logits.isnan().all()  # inf·relu(h) − inf: every logit NaN
+    assert got[1, 1].item() == (y < 5).sum().item() == 20  # labels 0..4 only, not all 40
+    assert got[1, 0].item() == (y == 0).sum().item()  # argmax: the first NaN, class 0

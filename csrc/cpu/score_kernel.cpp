@@ -1,7 +1,7 @@
 // CPU kernel of layerfast::score_ (schema and definitions: csrc/layerfast.cpp).
 //
 // Rows (v, b) are scored in parallel (at::parallel_for), each in two passes over its C logits:
-// (1) max, first argmax and the number of classes strictly above the label's logit; (2) the sum
+// (1) max, first argmax and the number of classes ranked above the label's logit; (2) the sum
 // of exp(x - max). Per-row results go to a small buffer that is then reduced per variant in row
 // order, so the result does not depend on the number of threads.
 #include <cmath>
@@ -30,14 +30,14 @@ template <typename T>
 RowScore score_row(const T* row, int64_t C, int64_t label, int64_t ref) {
   const float xl = static_cast<float>(row[label]);
   // Pass 1: max with the first maximal index (a NaN counts as maximal, as in torch.argmax) and
-  // the number of classes whose logit is strictly greater than the label's.
+  // the number of classes that rank above the label (score::ranks_above: NaN as argmax ranks it).
   float m = static_cast<float>(row[0]);
   int64_t pred = 0;
-  int64_t greater = m > xl;
+  int64_t greater = score::ranks_above(m, 0, xl, label);
   bool m_nan = std::isnan(m);
   for (int64_t c = 1; c < C; ++c) {
     const float x = static_cast<float>(row[c]);
-    greater += x > xl;
+    greater += score::ranks_above(x, c, xl, label);
     if (!m_nan && (x > m || std::isnan(x))) {
       m = x;
       pred = c;

@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) score_kernel(
     int greater = 0;
     for (int64_t c = lane; c < C; c += 32) {
       const float x = static_cast<float>(row[c]);
-      greater += x > xl;
+      greater += score::ranks_above(x, c, xl, label);
       if (pred < 0 || (!isnan(m) && (x > m || isnan(x)))) {
         m = x;
         pred = c;

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerfast.ops import ranks_above
+
 
 def naive_evaluate(
     model: nn.Module,
@@ -22,8 +24,9 @@ def naive_evaluate(
     final model's predictions), exactly as `Evaluator` defines them.
 
     `batches()` yields (x, y) anew for every pass. Ties: argmax takes the first maximal logit;
-    correct@5 counts a sample when fewer than 5 logits are strictly greater than its label's;
-    below 5 classes it counts correct@1, as `ops.score_` does.
+    correct@5 counts a sample when fewer than 5 logits rank above its label's (strictly
+    greater, or NaN as argmax orders it: `ops.ranks_above`); below 5 classes it counts correct@1,
+    as `ops.score_` does.
     """
     device = torch.device(device)
     was_training = model.training
@@ -44,7 +47,8 @@ def naive_evaluate(
                 pred = logits.argmax(1)
                 out[i, 0] += (pred == y).sum().item()
                 label_logit = logits.gather(1, y[:, None])
-                top5 = (logits > label_logit).sum(1) < 5 if logits.shape[1] >= 5 else pred == y
+                above = ranks_above(logits, label_logit.squeeze(1), y)
+                top5 = above.sum(1) < 5 if logits.shape[1] >= 5 else pred == y
                 out[i, 1] += top5.sum().item()
                 out[i, 2] += F.cross_entropy(logits, y, reduction="sum").double().item()
                 out[i, 3] += (pred.cpu() == ref[j]).sum().item()
