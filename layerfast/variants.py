@@ -394,7 +394,12 @@ class _Ref:
 
     def meta_state(self) -> dict[str, torch.Tensor]:
         """Shape-only stand-ins for `CheckpointDir.validate` (holds no model memory)."""
-        return {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in self.meta.items()}
+        # one object per tied tensor, so validation sees the ties (`keymap.tied_keys`)
+        by_canon: dict[str, torch.Tensor] = {}
+        return {
+            k: by_canon.setdefault(self.canon.get(k, k), torch.empty(s, dtype=d, device="meta"))
+            for k, (s, d) in self.meta.items()
+        }
 
     def conform(self, tensors: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
         out = {}

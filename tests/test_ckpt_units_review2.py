@@ -108,7 +108,7 @@ def test_variants_and_distances_of_a_tied_checkpoint(tmp_path: Path) -> None:
     (v,) = [v for v in variants if v.unit == "b" and v.checkpoint == 0]
     assert torch.equal(v.overrides()["b.weight"], models[0].a.weight.detach())
     table = distances(model, units, CheckpointDir(path))
-    row = table[(table.unit == "b") & (table.checkpoint == "1")]
+    row = table[(table.unit == "b") & (table.checkpoint.astype(str) == "1")]
     d = torch.cat([
         (models[1].a.weight - models[0].a.weight).detach().double().flatten(),
         (models[1].b.bias - models[0].b.bias).detach().double().flatten(),

@@ -30,7 +30,13 @@ from typing import Any
 import torch
 
 from layerfast.checkpoints.discover import MANIFEST, discover
-from layerfast.checkpoints.keymap import is_tolerated_missing, normalise, resolve
+from layerfast.checkpoints.keymap import (
+    fill_tied,
+    is_tolerated_missing,
+    normalise,
+    resolve,
+    tied_keys,
+)
 from layerfast.checkpoints.safeload import OpenedFile, open_file
 from layerfast.errors import LayerfastError
 
@@ -79,6 +85,8 @@ class CheckpointDir:
         self._lock = threading.RLock()
         self._open_files: OrderedDict[int, OpenedFile] = OrderedDict()
         self._reference: frozenset[str] | None = None
+        #: key -> the reference's other names of the same tensor (`keymap.tied_keys`)
+        self._ties: dict[str, tuple[str, ...]] = {}
         self._keymaps: dict[int, dict[str, str]] = {}
         self._finite_ok: set[int] = set()
 
@@ -122,7 +130,9 @@ class CheckpointDir:
                 if self._reference is None:
                     km = normalise(raw) or {k: k for k in raw}
                 else:
-                    km = resolve(raw, set(self._reference), str(self.files[label]))
+                    where = str(self.files[label])
+                    km = fill_tied(resolve(raw, set(self._reference), where, self._ties),
+                                   self._ties)  # fmt: skip
                 self._keymaps[label] = km
             return km
 
@@ -187,10 +197,13 @@ class CheckpointDir:
             for k, v in reference.items()
             if isinstance(getattr(v, "dtype", None), torch.dtype) and v.dtype.is_floating_point
         }
+        ties = tied_keys(reference)
         with self._lock:
             ref = frozenset(ref_shapes)
-            if ref != self._reference:
+            # a shape-only reference of the same keys cannot show ties: keep what is known
+            if ref != self._reference or (ties and ties != self._ties):
                 self._reference = ref
+                self._ties = ties
                 self._keymaps.clear()
                 self._finite_ok.clear()
         todo = self.labels if labels is None else list(labels)

@@ -28,7 +28,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -112,24 +112,60 @@ def _injective(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
-def _matches(candidate: Mapping[str, str], reference: set[str]) -> bool:
+def _matches(
+    candidate: Mapping[str, str], reference: set[str], ties: Mapping[str, Sequence[str]]
+) -> bool:
     keys = set(candidate)
     if not keys <= reference:
         return False
-    return all(is_tolerated_missing(k) for k in reference - keys)
+    return all(
+        is_tolerated_missing(k) or any(t in keys for t in ties.get(k, ())) for k in reference - keys
+    )
 
 
-def resolve(raw_keys: Iterable[str], reference: set[str], where: str) -> dict[str, str]:
-    """Rule 3: reference-space key -> raw key for one file."""
+def tied_keys(reference: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Key -> the other keys of `reference` that are the same tensor (tied weights), for the
+    keys that have any. Same tensor: the same object, or (real tensors) the same memory, shape,
+    strides and dtype, as a state dict's detached views of one parameter are."""
+    groups: dict[object, list[str]] = {}
+    for k, v in reference.items():
+        ident: object = id(v)
+        if isinstance(v, torch.Tensor) and v.device.type != "meta" and v.numel() > 0:
+            ident = (str(v.device), v.untyped_storage().data_ptr(), v.storage_offset(),
+                     tuple(v.shape), tuple(v.stride()), v.dtype)  # fmt: skip
+        groups.setdefault(ident, []).append(k)
+    return {k: tuple(o for o in g if o != k) for g in groups.values() if len(g) > 1 for k in g}
+
+
+def fill_tied(keymap: dict[str, str], ties: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """Serve a tied name the file lacks from another name of the same tensor that it has:
+    `safetensors.torch.save_model` keeps one name per shared tensor (`save_file` refuses them)."""
+    for k, others in ties.items():
+        if k not in keymap:
+            present = next((o for o in others if o in keymap), None)
+            if present is not None:
+                keymap[k] = keymap[present]
+    return keymap
+
+
+def resolve(
+    raw_keys: Iterable[str],
+    reference: set[str],
+    where: str,
+    ties: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, str]:
+    """Rule 3: reference-space key -> raw key for one file. `ties` (`tied_keys`): a candidate
+    may lack a name of a tied tensor when it has another."""
+    ties = ties or {}
     raw = list(raw_keys)
     base = normalise(raw)
-    if base and _matches(base, reference):
+    if base and _matches(base, reference, ties):
         return base
     candidates: list[dict[str, str]] = [base, {k: k for k in raw}]
     # the model's keys at the top level plus another copy under a prefix (`ema.`): that copy
     # is the lone matching subtree, but the top level matches too, so which one is meant?
     top = {k: v for k, v in base.items() if k in reference}
-    top_matches = bool(top) and _matches(top, reference)
+    top_matches = bool(top) and _matches(top, reference, ties)
 
     firsts = {k.split(".", 1)[0] for k in base}
     if len(firsts) == 1 and all("." in k for k in base):
@@ -144,7 +180,7 @@ def resolve(raw_keys: Iterable[str], reference: set[str], where: str) -> dict[st
                 continue
             stripped = normalise(k[len(p) + 1 :] for k in sub)
             cand = {new: base[f"{p}.{tail}"] for new, tail in stripped.items()}
-            if cand and _matches(cand, reference):
+            if cand and _matches(cand, reference, ties):
                 subtree_hits.append((p, cand))
         if len(subtree_hits) > 1 or (subtree_hits and top_matches):
             names = ", ".join(
@@ -157,7 +193,7 @@ def resolve(raw_keys: Iterable[str], reference: set[str], where: str) -> dict[st
         candidates.extend(c for _, c in subtree_hits)
 
     for cand in candidates:
-        if cand and _matches(cand, reference):
+        if cand and _matches(cand, reference, ties):
             return cand
     return max(candidates, key=lambda c: len(set(c) & reference))
 
