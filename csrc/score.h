@@ -59,16 +59,15 @@ inline void check_args(
 }
 
 // Whether class c's logit x ranks above the label's logit xl, for correct@5 ("fewer than 5
-// classes rank above the label"). Finite and infinite values compare as numbers, ties in the
+// classes rank above the label"). Numbers (infinities too) compare as numbers, ties in the
 // sample's favour. A NaN ranks above every number, as in torch.argmax; among NaNs the lower
 // index ranks first, again as argmax does, so a correct@1 sample is always correct@5. A bare
 // `x > xl` (false for any NaN) counted every sample of an all-NaN variant (a diverged reset)
-// correct@5: a top5_error of 0 for a variant at chance. `x != x` is NaN (no fast-math here).
-C10_HOST_DEVICE inline bool ranks_above(float x, int64_t c, float xl, int64_t label) {
-  if (x != x) {
-    return xl == xl || c < label;
-  }
-  return x > xl;
+// correct@5: a top5_error of 0 for a variant at chance.
+// `xl_nan` (whether xl is NaN) is the caller's once per row, so the common case is one
+// comparison per logit: with xl a number, !(x <= xl) is x > xl or x NaN. (No fast-math here.)
+C10_HOST_DEVICE inline bool ranks_above(float x, int64_t c, float xl, bool xl_nan, int64_t label) {
+  return xl_nan ? (x != x) & (c < label) : !(x <= xl);
 }
 
 }  // namespace layerfast::score

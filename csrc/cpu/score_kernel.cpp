@@ -31,13 +31,14 @@ RowScore score_row(const T* row, int64_t C, int64_t label, int64_t ref) {
   const float xl = static_cast<float>(row[label]);
   // Pass 1: max with the first maximal index (a NaN counts as maximal, as in torch.argmax) and
   // the number of classes that rank above the label (score::ranks_above: NaN as argmax ranks it).
+  const bool xl_nan = std::isnan(xl);
   float m = static_cast<float>(row[0]);
   int64_t pred = 0;
-  int64_t greater = score::ranks_above(m, 0, xl, label);
+  int64_t greater = score::ranks_above(m, 0, xl, xl_nan, label);
   bool m_nan = std::isnan(m);
   for (int64_t c = 1; c < C; ++c) {
     const float x = static_cast<float>(row[c]);
-    greater += score::ranks_above(x, c, xl, label);
+    greater += score::ranks_above(x, c, xl, xl_nan, label);
     if (!m_nan && (x > m || std::isnan(x))) {
       m = x;
       pred = c;

@@ -72,13 +72,14 @@ __global__ void __launch_bounds__(kThreads) score_kernel(
     const bool valid = label >= 0 && label < C;
     CUDA_KERNEL_ASSERT(valid && "layerfast::score_: a label is outside [0, C)");
     const float xl = valid ? static_cast<float>(row[label]) : NAN;
+    const bool xl_nan = isnan(xl);
     // Pass 1.
     float m = -INFINITY;
     int64_t pred = -1;
     int greater = 0;
     for (int64_t c = lane; c < C; c += 32) {
       const float x = static_cast<float>(row[c]);
-      greater += score::ranks_above(x, c, xl, label);
+      greater += score::ranks_above(x, c, xl, xl_nan, label);
       if (pred < 0 || (!isnan(m) && (x > m || isnan(x)))) {
         m = x;
         pred = c;
