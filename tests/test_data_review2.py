@@ -1,0 +1,131 @@
+"""Second adversarial review of the data layer and `convert` (docs/data.md).
+
+Each test pins one defect found by the review: bad input that escaped as a traceback instead of
+one LayerfastError, a failed conversion that hung the process at exit, and an interrupted
+conversion that reported success over a .beton without image data. FFCV tests follow
+tests/test_data_ffcv.py: skipped only when FFCV does not import and `CI` is unset.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from layerfast.data import convert, open_data
+from layerfast.errors import LayerfastError
+
+_threads = torch.get_num_threads()
+try:
+    import ffcv  # noqa: F401
+
+    FFCV_ERROR = None
+except ImportError as exc:
+    FFCV_ERROR = str(exc)
+torch.set_num_threads(_threads)  # importing ffcv sets it to 1: keep the session's other tests fast
+
+
+@pytest.fixture
+def need_ffcv() -> None:
+    """Skip without FFCV, except in CI, where a missing FFCV must fail (see test_data_ffcv)."""
+    if FFCV_ERROR is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but FFCV does not import ({FFCV_ERROR}); "
+                        "CI must run: pip install ffcv==1.0.2 pillow", pytrace=False)  # fmt: skip
+        pytest.skip(f"FFCV not installed ({FFCV_ERROR})")
+
+
+def _png_with_bad_idat_length(path: Path) -> None:
+    """A PNG whose IDAT chunk length is too small (a truncated-and-patched download): PIL then
+    reads the next chunk header from inside the compressed data and raises SyntaxError,
+    which is not an OSError."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    assert data[37:41] == b"IDAT"  # 8-byte signature + 25-byte IHDR chunk, then IDAT
+    data[33:37] = struct.pack(">I", 10)
+    path.write_bytes(bytes(data))
+
+
+def test_imagefolder_broken_png_is_one_clear_error(tmp_path: Path) -> None:
+    """A corrupt PNG is bad input like any other corrupt image: one LayerfastError naming the
+    file (exit 2), not a SyntaxError traceback from inside PIL (exit 1)."""
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "0.png")
+    _png_with_bad_idat_length(tmp_path / "b" / "0.png")
+    src = open_data(f"imagefolder:{tmp_path}")
+    with pytest.raises(LayerfastError, match=r"cannot decode .*b/0\.png"):
+        list(src.batches(2))
+
+
+_FAILING_WRITER = """
+    import sys
+    from ffcv.fields import IntField
+    from layerfast.data.ffcv_writer import SafeDatasetWriter
+    from layerfast.errors import LayerfastError
+
+    class Broken:
+        def __len__(self):
+            return 20000
+
+        def __getitem__(self, i):
+            raise RuntimeError("sample read failed")
+
+    w = SafeDatasetWriter(sys.argv[1], {"label": IntField()}, num_workers=1)
+    try:
+        w.from_indexed_dataset(Broken(), chunksize=1)
+    except LayerfastError as exc:
+        print("raised:", exc, flush=True)
+"""
+
+
+def test_a_failed_writer_lets_the_process_exit(tmp_path: Path, need_ffcv: None) -> None:
+    """SafeDatasetWriter raises when a worker dies, but the chunks the dead workers never read
+    stayed in the work queue: its feeder thread blocked on the full pipe, and interpreter exit
+    (which joins that thread) waited forever -- the same hang the writer exists to prevent,
+    one step later (a failed or Ctrl-C'd `layerfast convert` of a large dataset never
+    returned to the shell)."""
+    code = textwrap.dedent(_FAILING_WRITER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b.beton")], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        pytest.fail(f"the process hung at exit after the writer raised (stdout: {out!r})")
+    assert "raised: convert: an FFCV writer process failed" in done.stdout, done.stderr[-2000:]
+
+
+def test_an_interrupt_while_finalizing_is_not_swallowed(tmp_path: Path, monkeypatch,
+                                                        need_ffcv: None) -> None:  # fmt: skip
+    """FFCV's `DatasetWriter.finalize` builds the allocation table under a bare `except:`, so a
+    Ctrl-C (or SIGTERM's SystemExit from the CLI) arriving there was swallowed: the table came
+    out empty and `convert` went on to publish a .beton with no image data, its sidecar, and
+    exit 0 ("layerfast: terminated", then "wrote ..."). The interrupt must propagate and
+    leave nothing behind."""
+    from ffcv.types import ALLOC_TABLE_TYPE
+
+    real_array = np.array
+
+    def interrupted(obj, *args, **kwargs):  # noqa: ANN001, ANN202 - numpy.array's signature
+        if kwargs.get("dtype") is ALLOC_TABLE_TYPE:
+            raise KeyboardInterrupt
+        return real_array(obj, *args, **kwargs)
+
+    monkeypatch.setattr(np, "array", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert("digits", tmp_path / "d.beton")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == []
