@@ -12,6 +12,7 @@ imported only here: other specs never need it.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -103,7 +104,10 @@ class ImageFolderReader:
         try:
             with Image.open(path) as img:
                 return eval_transform(img)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        # PIL's plugins raise more than OSError on corrupt files: a PNG with a bad chunk
+        # length is a SyntaxError, others struct.error, EOFError, IndexError, ...
+        except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
+                struct.error, Image.DecompressionBombError) as exc:  # fmt: skip
             raise LayerfastError(f"imagefolder: cannot decode {path}: {exc}") from exc
 
     def batches(self, batch_size: int, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
