@@ -129,3 +129,23 @@ def test_an_interrupt_while_finalizing_is_not_swallowed(tmp_path: Path, monkeypa
         convert("digits", tmp_path / "d.beton")
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_failed_convert_removes_the_directories_it_created(tmp_path: Path, need_ffcv) -> None:
+    """`convert` made `--to`'s missing parent directories and left them, empty, when the
+    conversion failed (here: a corrupt image in the source): half-written output."""
+    from PIL import Image
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "a" / "0.png")
+    _png_with_bad_idat_length(src / "b" / "0.png")
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(LayerfastError, match="cannot decode"):
+        convert(f"imagefolder:{src}", tmp_path / "kept" / "new" / "deeper" / "x.beton")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == []  # its own dir stays
+    (src / "b" / "0.png").unlink()
+    Image.fromarray(np.ones((8, 8, 3), np.uint8)).save(src / "b" / "0.png")
+    out = convert(f"imagefolder:{src}", tmp_path / "kept" / "new" / "x.beton")  # success keeps them
+    assert out.is_file() and open_data(str(out)).n == 2

@@ -14,6 +14,7 @@ user metadata, so normalisation and the class count go to a sidecar `PATH.beton.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -303,7 +304,8 @@ class _Staged:
 
 
 def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
-    """Write `source` to `to` (a .beton) plus its sidecar; nothing half-written on failure."""
+    """Write `source` to `to` (a .beton) plus its sidecar; nothing half-written on failure:
+    not the temporaries, and not the missing parent directories it created for `to`."""
     require_ffcv()
     from ffcv.fields import IntField, NDArrayField
 
@@ -311,6 +313,8 @@ def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
 
     check_target(to)
     tmp: list[str] = []
+    created = [d for d in (to.parent, *to.parent.parents) if not d.exists()]  # deepest first
+    done = False
     try:
         to.parent.mkdir(parents=True, exist_ok=True)
         fd, xpath = tempfile.mkstemp(prefix=f".{to.name}.", suffix=".stage", dir=to.parent)
@@ -361,10 +365,15 @@ def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
         except OSError:  # no sidecar without its .beton
             os.unlink(sidecar_path(to))
             raise
+        done = True
     except OSError as exc:  # a read-only or full disk: one line, nothing left behind
         raise LayerfastError(f"convert: cannot write {to}: {exc.strerror or exc}") from None
     finally:
         for p in tmp:
             if os.path.exists(p):
                 os.unlink(p)
+        if not done:  # a bad image, Ctrl-C: an empty `out/sub/` is half-written too
+            for d in created:
+                with contextlib.suppress(OSError):  # not empty (another writer), or gone
+                    d.rmdir()
     return to
