@@ -149,3 +149,13 @@ def test_a_failed_convert_removes_the_directories_it_created(tmp_path: Path, nee
     Image.fromarray(np.ones((8, 8, 3), np.uint8)).save(src / "b" / "0.png")
     out = convert(f"imagefolder:{src}", tmp_path / "kept" / "new" / "x.beton")  # success keeps them
     assert out.is_file() and open_data(str(out)).n == 2
+
+
+def test_convert_writes_an_upper_case_suffix_that_data_specs_read(tmp_path: Path, need_ffcv) -> None:
+    """`--data x.BETON` is read (specs match the suffix in any case), but `convert --to
+    x.BETON` was refused as not ending in .beton."""
+    out = convert("digits", tmp_path / "d.BETON")
+    src, ref = open_data(str(out)), open_data("digits")
+    assert (src.n, src.num_classes, src.scale) == (ref.n, ref.num_classes, ref.scale)
+    (x, y), (x0, y0) = next(src.batches(16)), next(ref.batches(16))
+    assert torch.equal(x, x0) and torch.equal(y, y0)

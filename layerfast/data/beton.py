@@ -274,7 +274,7 @@ def open_beton(path: Path, split: str, max_samples: int | None) -> DataSource:
 def check_target(to: Path) -> None:
     """Bad `--to` paths, before any data is decoded: the wrong suffix, a directory where the
     .beton or its sidecar goes, a file where a parent directory should be."""
-    if to.suffix != ".beton":
+    if to.suffix.lower() != ".beton":  # any case, as `--data` reads them
         raise LayerfastError(f"convert: the output must end in .beton, got {to}")
     for p in (to, sidecar_path(to)):
         if p.exists() and not p.is_file():
