@@ -1,0 +1,80 @@
+"""Extreme and degenerate values end to end (review of NaN/Inf/huge/tied logits and weights).
+
+Each test is a defect found by that review and fails on the code it was found in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from layerfast.checkpoints import CheckpointDir
+from layerfast.cli import main
+from layerfast.errors import LayerfastError
+from layerfast.models import build_model
+
+ARCH = "fcn1x8"  # fc1: Linear(4, 8) -> relu -> fc2: Linear(8, 10), for npz x of shape [N, 4]
+
+
+def _separable(tmp: Path, n: int = 60) -> tuple[Path, np.ndarray]:
+    """An npz whose labels a 1x8 FCN fits exactly (y = argmax W x), and that W."""
+    g = np.random.default_rng(1)
+    w = g.standard_normal((10, 4)).astype(np.float32)
+    x = g.standard_normal((n, 4)).astype(np.float32)
+    np.savez(tmp / "d.npz", x=x, y=(x @ w.T).argmax(1).astype(np.int64))
+    return tmp / "d.npz", w
+
+
+def _final(w: np.ndarray) -> dict[str, torch.Tensor]:
+    """fc2(relu(fc1 x)) = W x exactly: fc1 = [I; -I], fc2 = [W, -W]: error 0 on `_separable`."""
+    torch.manual_seed(0)
+    sd = {k: v.clone() for k, v in build_model(ARCH, 10, (1, 1, 4))[0].state_dict().items()}
+    eye, wt = torch.eye(4), torch.from_numpy(w)
+    sd.update({"fc1.weight": torch.cat([eye, -eye]), "fc1.bias": torch.zeros(8),
+               "fc2.weight": torch.cat([wt, -wt], 1), "fc2.bias": torch.zeros(10)})
+    return sd
+
+
+def _init() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return dict(build_model(ARCH, 10, (1, 1, 4))[0].state_dict())
+
+
+# ---------------------------------------------- a float64 weight beyond float32's range
+
+
+def _overflowing_dir(tmp: Path) -> tuple[Path, Path]:
+    data, w = _separable(tmp)
+    ck = tmp / "ck"
+    ck.mkdir()
+    t0 = {k: v.double() for k, v in _init().items()}
+    t0["fc1.weight"] = torch.full((8, 4), 1e300, dtype=torch.float64)  # finite in float64 only
+    torch.save(t0, ck / "epoch_000.pt")
+    torch.save(_final(w), ck / "epoch_001.pt")
+    return ck, data
+
+
+def test_a_float64_weight_that_overflows_float32_is_refused_as_inf(tmp_path: Path) -> None:
+    """The NaN/Inf check ran on the stored float64 values, which are finite; the model holds
+    them cast to float32, where 1e300 is inf. Such a checkpoint was evaluated as inf weights."""
+    ck, _ = _overflowing_dir(tmp_path)
+    d = CheckpointDir(ck)
+    with pytest.raises(LayerfastError, match=r"epoch_000\.pt.*fc1\.weight"):
+        d.validate(build_model(ARCH, 10, (1, 1, 4))[0].state_dict())
+
+
+def test_analyze_with_a_float64_overflow_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """End to end it was a matplotlib OverflowError traceback (exit 1) from distances.png,
+    after results.csv had reported the inf-weight variants."""
+    ck, data = _overflowing_dir(tmp_path)
+    rc = main(["analyze", "--arch", ARCH, "--ckpts", str(ck), "--data", str(data),
+               "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert "NaN or Inf" in err and "fc1.weight" in err
