@@ -245,7 +245,9 @@ class CheckpointDir:
                 f"checkpoints in {self.path} do not match the model: " + " | ".join(blocks)
             )
         if check_finite:
-            self._check_finite(todo, ref_shapes)
+            dtypes = {k: d if isinstance(d := getattr(v, "dtype", None), torch.dtype) else None
+                      for k, v in reference.items()}
+            self._check_finite(todo, dtypes)
 
     def check_trained(self) -> None:
         """LayerfastError when the final model is τ=0 only because nothing later exists.
@@ -265,21 +267,24 @@ class CheckpointDir:
                 "final model (final=0; --final 0 on the command line)."
             )
 
-    def _check_finite(self, labels: Sequence[int], ref: Mapping[str, Any]) -> None:
+    def _check_finite(self, labels: Sequence[int], ref: Mapping[str, torch.dtype | None]) -> None:
+        """NaN/Inf in the floating tensors of `labels`, as the model will hold them (`ref`: key
+        -> the model's dtype): a float64 value beyond float32's range is inf once loaded."""
         bad: list[str] = []
         for label in labels:
             if label in self._finite_ok:
                 continue
             f, km = self._open(label), self._keymap(label)
             keys = [k for k in km if k in ref and f.is_floating(km[k])]
-            found = [k for k in keys if not f.all_finite(km[k])]
+            found = [k for k in keys if not f.all_finite(km[k], ref[k])]
             if found:
                 bad.append(f"{self.files[label].name}: {_listing(found, 'tensors')}")
             else:
                 self._finite_ok.add(label)
         if bad:
             raise LayerfastError(
-                "checkpoints hold NaN or Inf weights: " + " | ".join(bad) + " (a diverged run?)"
+                "checkpoints hold NaN or Inf weights: " + " | ".join(bad) + " (a diverged run? "
+                "a value beyond the model's dtype's range counts: it is Inf once loaded)"
             )
 
 

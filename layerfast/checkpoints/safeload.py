@@ -263,7 +263,12 @@ def _not_dense(t: torch.Tensor) -> str | None:
     return None
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def _all_finite(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """No NaN/Inf in `t`, or in `t` cast to `dtype` (the model's) when that range is narrower:
+    float64 1e300 is finite as stored and inf in a float32 model, which is what is evaluated."""
+    if (dtype is not None and dtype.is_floating_point and t.is_floating_point()
+            and torch.finfo(t.dtype).max > torch.finfo(dtype).max):
+        t = t.to(dtype)
     try:
         return bool(torch.isfinite(t).all())
     except (NotImplementedError, RuntimeError):  # float8 has no isfinite kernel
@@ -299,9 +304,9 @@ class OpenedFile:
         """A fresh CPU tensor (never a view of the cache or the file mapping)."""
         raise NotImplementedError
 
-    def all_finite(self, raw_key: str) -> bool:
-        """No NaN/Inf in the tensor (reads it, keeps nothing)."""
-        return _all_finite(self.get(raw_key))
+    def all_finite(self, raw_key: str, dtype: torch.dtype | None = None) -> bool:
+        """No NaN/Inf in the tensor, as cast to `dtype` if given (reads it, keeps nothing)."""
+        return _all_finite(self.get(raw_key), dtype)
 
 
 class TorchFile(OpenedFile):
@@ -354,8 +359,8 @@ class TorchFile(OpenedFile):
         except RuntimeError as exc:  # e.g. the mapped file shrank underneath us
             raise _corrupt(self.path, exc) from None
 
-    def all_finite(self, raw_key: str) -> bool:
-        return _all_finite(self._sd[raw_key])  # straight from the mapping
+    def all_finite(self, raw_key: str, dtype: torch.dtype | None = None) -> bool:
+        return _all_finite(self._sd[raw_key], dtype)  # straight from the mapping
 
 
 class SafetensorsFile(OpenedFile):
