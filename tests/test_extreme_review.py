@@ -78,3 +78,27 @@ def test_analyze_with_a_float64_overflow_is_one_line_exit_2(
     assert rc == 2, err
     assert "Traceback" not in err
     assert "NaN or Inf" in err and "fc1.weight" in err
+
+
+# ---------------------------------------------- top-5 with tied logits (a constant output)
+
+
+@pytest.mark.parametrize("value", [0.0, 1e38, float("inf")])
+def test_top5_of_an_all_tied_row_ranks_ties_as_argmax_does(value: float) -> None:
+    """A network whose output does not depend on the class (a zero-initialized head reset to
+    τ=0, or logits that all overflow to +inf) reported top5_error 0.0 next to a top-1 error
+    of ~90%: top-1 breaks ties by index (argmax), top-5 counted every tie in the sample's
+    favour, so all 10 classes tied made every sample top-5 correct. The NaN fix already ranks
+    NaNs as argmax does; equal numbers must rank so too (a lower index ranks above), which
+    makes correct@5 of a constant row mean "label among the first 5", as argmax reads it.
+    Needs `score::ranks_above` (csrc/score.h) and `ops.ranks_above` to count `x == xl and
+    c < label` as ranking above; the review could not change csrc."""
+    from layerfast import ops
+
+    labels = torch.arange(10)
+    logits = torch.full((1, 10, 10), value)
+    for score in (ops.score_, ops.score_reference):
+        acc = torch.zeros(1, 4, dtype=torch.float64)
+        score(logits, labels, torch.zeros(10, dtype=torch.int64), acc)
+        assert acc[0, 0].item() == 1  # top-1: argmax is class 0, right for label 0 only
+        assert acc[0, 1].item() == 5, score.__name__  # top-5: labels 0..4, not all 10
