@@ -102,3 +102,42 @@ def test_top5_of_an_all_tied_row_ranks_ties_as_argmax_does(value: float) -> None
         score(logits, labels, torch.zeros(10, dtype=torch.int64), acc)
         assert acc[0, 0].item() == 1  # top-1: argmax is class 0, right for label 0 only
         assert acc[0, 1].item() == 5, score.__name__  # top-5: labels 0..4, not all 10
+
+
+# ---------------------------------------------- an infinite (not NaN) loss
+
+
+def test_the_overflow_warning_describes_an_infinite_loss_as_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reset that sends the label's logit to -inf and another to +inf has a mean
+    cross-entropy of +inf, which results.csv writes as `inf`; the warning said "their loss is
+    empty in results.csv", which holds only for NaN."""
+    import pandas as pd
+
+    g = np.random.default_rng(1)
+    w = g.standard_normal((10, 4)).astype(np.float32)
+    x = 10 * g.standard_normal((200, 4)).astype(np.float32)
+    y = (x @ w.T).argmax(1)
+    keep = y != 0  # label 0 would meet +inf - +inf = NaN
+    np.savez(tmp_path / "d.npz", x=x[keep], y=y[keep].astype(np.int64),
+             num_classes=np.array(10))
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    t0 = _final(w)
+    head = torch.full((10, 8), -1e38)
+    head[0] = 1e38  # h >= 0 and large: class 0 -> +inf, every other class -> -inf
+    t0["fc2.weight"] = head
+    torch.save(t0, ck / "epoch_000.pt")
+    torch.save(_final(w), ck / "epoch_001.pt")
+    out = tmp_path / "out"
+    rc = main(["analyze", "--arch", ARCH, "--ckpts", str(ck), "--data", str(tmp_path / "d.npz"),
+               "--out", str(out), "--reset", "reinit", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    table = pd.read_csv(out / "results.csv")
+    row = table[(table.unit == "fc2") & (table.checkpoint == 0)].iloc[0]
+    assert row.loss == np.inf  # the true mean cross-entropy here
+    line = next(s for s in err.splitlines() if "NaN or Inf logits" in s)
+    assert "reinit fc2 @0" in line
+    assert "inf" in line.split("their loss is", 1)[1], line  # not "empty" alone
