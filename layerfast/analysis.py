@@ -708,7 +708,8 @@ def _check_finite_logits(variants: list, counts: torch.Tensor, data: str) -> Non
     nothing (every comparison with NaN is false). Read from the sums after the pass, so the
     pass itself never waits on the device: a baseline with such logits is bad input (weights
     or BatchNorm statistics that overflow, or non-finite inputs), a variant with them a warning
-    naming it (its reset made the network overflow; its loss is empty in results.csv)."""
+    naming it (its reset made the network overflow; its loss is NaN, empty in results.csv, or
+    +inf, the true mean cross-entropy when the label's logit is -inf and another's is not)."""
     loss = counts[:, 2].double()
     if not math.isfinite(float(loss[0])):
         raise LayerfastError(
@@ -720,7 +721,7 @@ def _check_finite_logits(variants: list, counts: torch.Tensor, data: str) -> Non
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         warn(f"{len(bad)} variant{'s' if len(bad) > 1 else ''} gave NaN or Inf logits on some "
              f"samples ({shown}): the reset makes the network overflow there, so their error "
-             "counts are not meaningful and their loss is empty in results.csv")
+             "counts are not meaningful and their loss is empty (NaN) or inf in results.csv")
 
 
 def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int, engine: dict,
