@@ -141,3 +141,39 @@ def test_the_overflow_warning_describes_an_infinite_loss_as_written(
     line = next(s for s in err.splitlines() if "NaN or Inf logits" in s)
     assert "reinit fc2 @0" in line
     assert "inf" in line.split("their loss is", 1)[1], line  # not "empty" alone
+
+
+# ---------------------------------------------- one huge value hides batch mixing
+
+
+class _MaskedBatchStats(torch.nn.Module):
+    """Batch statistics (rows depend on the other samples) and one class masked with a huge
+    negative logit, as attention and class masks often are (`torch.finfo(dtype).min`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(12, 12)
+        self.fc2 = torch.nn.Linear(12, 10)
+        shift = torch.zeros(10)
+        shift[-1] = torch.finfo(torch.float32).min
+        self.register_buffer("shift", shift, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h - h.mean(0, keepdim=True)) + self.shift
+
+
+def test_a_huge_masked_logit_does_not_hide_that_the_model_mixes_samples() -> None:
+    """`verify._same_rows` compared rows within 1e-5 of the tensor's largest |value|: with one
+    logit at -3.4e38 every finite difference passed, so a model with batch statistics was taken
+    for one whose rows are its samples' own, and an out-of-memory back-off could cut its
+    batches silently (results then depend on the back-off, not the naive loop's batches)."""
+    from layerfast.engine import Evaluator
+
+    torch.manual_seed(0)
+    model = _MaskedBatchStats().eval()
+    x, y = torch.randn(32, 12), torch.randint(0, 9, (32,))
+    fc2 = {k: 2 * v for k, v in model.state_dict().items() if k.startswith("fc2")}
+    ev = Evaluator(model, [{}, fc2], device="cpu", precision="fp32")
+    ev.run([(x[:16], y[:16]), (x[16:], y[16:])])
+    assert ev._mixes_samples is True
