@@ -177,3 +177,21 @@ def test_a_huge_masked_logit_does_not_hide_that_the_model_mixes_samples() -> Non
     ev = Evaluator(model, [{}, fc2], device="cpu", precision="fp32")
     ev.run([(x[:16], y[:16]), (x[16:], y[16:])])
     assert ev._mixes_samples is True
+
+
+def test_the_trace_check_off_the_cpu_is_not_blinded_by_one_masked_logit() -> None:
+    """Off the CPU the traced program's logits may differ from the forward's to rounding:
+    `verify.differs` allowed 1e-5 of the largest |logit|, so with one class masked at
+    finfo.min a traced program off by 1.0 on every other logit passed as the forward.
+    (Only the tolerance depends on the device: CPU tensors exercise the CUDA rule.)"""
+    from layerfast.engine.verify import differs
+
+    torch.manual_seed(0)
+    ref = torch.randn(8, 10)
+    ref[:, -1] = torch.finfo(torch.float32).min
+    wrong = ref.clone()
+    wrong[:, :-1] += 1.0
+    assert differs(wrong, ref, torch.device("cuda")) is not None
+    near = ref.clone()
+    near[:, :-1] *= 1 + 1e-6  # rounding-sized: still the forward
+    assert differs(near, ref, torch.device("cuda")) is None
