@@ -52,9 +52,13 @@ def differs(got: Any, ref: Any, device: torch.device) -> str | None:
         return None if not isinstance(got, torch.Tensor) else "the forward returns no tensor"
     if not isinstance(got, torch.Tensor) or got.shape != ref.shape or got.dtype != ref.dtype:
         return "the traced program's output is not the forward's (type, shape or dtype)"
-    exact = device.type == "cpu"
-    rtol, atol = (0.0, 0.0) if exact else (1e-4, 1e-5 * float(ref.abs().max().nan_to_num(0)))
-    if torch.allclose(got, ref, rtol=rtol, atol=atol, equal_nan=True):
+    if not ref.is_floating_point():
+        same = bool(torch.equal(got, ref))
+    elif device.type == "cpu":  # bit for bit, NaN where the forward has NaN
+        same = bool(((got == ref) | (got.isnan() & ref.isnan())).all())
+    else:
+        same = _close(got, ref, floor=0.0)
+    if same:
         return None
     d = (got.float() - ref.float()).abs().nan_to_num(float("inf")).max().item()
     return f"the traced program's logits differ from the forward's (max |diff| {d:.3g})"
@@ -133,11 +137,17 @@ def _same_rows(t: Any, ref: Any) -> bool:
         return False
     if not t.is_floating_point():
         return bool(torch.equal(r, t))
+    return _close(t, r, floor=1e-7)
+
+
+def _close(t: torch.Tensor, r: torch.Tensor, floor: float) -> bool:
+    """`t` equals `r` to rounding: |t - r| <= 1e-4·|r| + 1e-5·(the feature's largest |r| over
+    the rows) + `floor`; infinities and NaNs where `r` has the same. Per feature, not the
+    tensor's largest value: one huge entry (a class or attention mask at finfo.min) made a
+    tolerance every finite difference passed, hiding a model that mixes samples or a traced
+    program that is not the forward."""
     a, b = t.float(), r.float()
-    # Rounding scales with each feature's own magnitude (over the rows), not the tensor's: one
-    # huge value (a class or attention mask at finfo.min) made a tolerance that every finite
-    # difference passed, hiding a model that mixes samples. Inf and NaN are compared as equal.
     mag = b.abs().nan_to_num(0.0, posinf=0.0)
     scale = mag.amax(0, keepdim=True) if b.dim() and b.shape[0] else mag
-    close = (a - b).abs() <= 1e-4 * b.abs() + 1e-5 * scale + 1e-7
+    close = (a - b).abs() <= 1e-4 * b.abs() + 1e-5 * scale + floor
     return bool((close | (a == b) | (a.isnan() & b.isnan())).all())
