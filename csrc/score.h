@@ -58,16 +58,21 @@ inline void check_args(
       labels.device(), ", ref_pred on ", ref_pred.device(), ", acc on ", acc.device());
 }
 
-// Whether class c's logit x ranks above the label's logit xl, for correct@5 ("fewer than 5
-// classes rank above the label"). Numbers (infinities too) compare as numbers, ties in the
-// sample's favour. A NaN ranks above every number, as in torch.argmax; among NaNs the lower
-// index ranks first, again as argmax does, so a correct@1 sample is always correct@5. A bare
-// `x > xl` (false for any NaN) counted every sample of an all-NaN variant (a diverged reset)
-// correct@5: a top5_error of 0 for a variant at chance.
-// `xl_nan` (whether xl is NaN) is the caller's once per row, so the common case is one
-// comparison per logit: with xl a number, !(x <= xl) is x > xl or x NaN. (No fast-math here.)
+// Whether class c ranks above the label (logit xl) for correct@5 ("fewer than 5 classes rank
+// above the label"): the order of a stable descending sort, the one torch.argmax reads its
+// first place from. A larger logit ranks above; an equal one ranks above when its index is
+// lower; a NaN ranks above every number (and, among NaNs, by index). So correct@1 implies
+// correct@5, and a row that does not depend on the class (a zero head reset to tau = 0, all
+// logits NaN or +inf) is correct@5 only for labels 0..4. Counting only `x > xl` made every
+// sample of such a variant correct@5: a top5_error of 0 beside a top-1 error near chance.
+// `xl_nan` (whether xl is NaN) is the caller's, once per row. With xl a number, a class
+// below the label ranks above unless x < xl, one after it only if x > xl or x is NaN: one
+// comparison per logit. (No fast-math here: x != x is NaN.)
 C10_HOST_DEVICE inline bool ranks_above(float x, int64_t c, float xl, bool xl_nan, int64_t label) {
-  return xl_nan ? (x != x) & (c < label) : !(x <= xl);
+  if (xl_nan) {
+    return (x != x) & (c < label);
+  }
+  return c < label ? !(x < xl) : !(x <= xl);
 }
 
 }  // namespace layerfast::score

@@ -129,11 +129,11 @@ def score_(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Tensor) -> Non
 
     - `acc[v, 0]` correct@1: pred == label, where pred is the argmax over C with the FIRST
       maximal index on ties (NaN counts as maximal), exactly as `torch.argmax`;
-    - `acc[v, 1]` correct@5: fewer than 5 classes rank above the label: a logit strictly
-      greater than the label's (ties count in the sample's favour), or a NaN, which ranks above
-      every number and, among NaNs, by index as argmax takes them (so an all-NaN row is
-      correct@5 only for labels 0..4, and correct@1 implies correct@5); when C < 5 this column
-      counts correct@1;
+    - `acc[v, 1]` correct@5: the label is among the first 5 classes of a stable descending
+      sort of the row (`ranks_above`: a larger logit ranks above, an equal one when its index
+      is lower, NaN above every number), the order argmax reads its first place from; so
+      correct@1 implies correct@5, and a constant or all-NaN row is correct@5 only for labels
+      0..4; when C < 5 this column counts correct@1;
     - `acc[v, 2]` summed cross-entropy: logsumexp(logits) - logits[label], computed in float32
       with max subtraction, summed in float64;
     - `acc[v, 3]` agreement: pred == ref_pred.
@@ -165,13 +165,15 @@ def score_reference(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Tenso
 
 def ranks_above(logits: Tensor, label_logit: Tensor, labels: Tensor) -> Tensor:
     """Bool [..., B, C]: class c ranks above the label for correct@5 (`score_`'s docstring):
-    `logits` [..., B, C], `label_logit` [..., B], `labels` [B]. A NaN ranks above every
-    number, and above a NaN label logit when its index is lower, as `torch.argmax` orders
-    them; `x > xl` alone is False for NaN and made an all-NaN row correct@5."""
+    `logits` [..., B, C], `label_logit` [..., B], `labels` [B]. The order is a stable
+    descending sort's, with NaN above every number: a larger logit, or an equal one (NaN
+    equal to NaN) at a lower index. `x > xl` alone counted every tie, and every NaN, in the
+    sample's favour: a constant or all-NaN row was correct@5 for every label."""
     xl = label_logit.unsqueeze(-1)
-    nan = logits.isnan()
+    nan, xl_nan = logits.isnan(), xl.isnan()
     lower = torch.arange(logits.shape[-1], device=logits.device) < labels.unsqueeze(-1)
-    return (logits > xl) | (nan & (~xl.isnan() | lower))
+    ties = (logits == xl) | (nan & xl_nan)
+    return (logits > xl) | (nan & ~xl_nan) | (ties & lower)
 
 
 def _check_score_args(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Tensor) -> None:

@@ -103,22 +103,51 @@ def test_score_ties_take_the_first_index(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_score_top5_counts_strictly_greater(device):
-    # label logit 5.0 tied with 10 classes; k classes at 6.0 above it
+def test_score_top5_ranks_ties_by_index(device):
+    # k classes at 6.0 above the label; then a block of 10 classes tied at 5.0 that holds the
+    # label at position `pos` within it: the label ranks k + pos (a stable descending sort)
     C = 20
-    rows = []
+    rows, labels, want5 = [], [], 0
     for k in range(8):
-        row = torch.zeros(C)
-        row[:k] = 6.0
-        row[k:k + 10] = 5.0
-        rows.append(row)
-    logits = torch.stack(rows).unsqueeze(0).to(device)  # V=1, B=8
-    labels = torch.full((8,), 9, device=device)  # inside the tied block for every k
+        for pos in (0, 3, 9):
+            row = torch.zeros(C)
+            row[:k] = 6.0
+            row[k:k + 10] = 5.0
+            rows.append(row)
+            labels.append(k + pos)
+            want5 += k + pos < 5
+    logits = torch.stack(rows).unsqueeze(0).to(device)  # V=1, B=24
+    labels = torch.tensor(labels, device=device)
     acc = torch.zeros(1, 4, dtype=torch.float64, device=device)
     ops.score_(logits, labels, labels, acc)
-    assert acc[0, 1].item() == 5  # k = 0..4 have fewer than 5 classes strictly above
+    assert acc[0, 1].item() == want5 == 7  # (k, pos) in (0..4, 0) and (0..1, 3)
+    order = torch.sort(logits[0], dim=1, descending=True, stable=True).indices
+    assert (order[:, :5] == labels[:, None]).any(1).sum().item() == want5
     got, want = run_both(logits, labels, labels, torch.zeros_like(acc))
-    assert_acc_close(got, want, 8)
+    assert_acc_close(got, want, len(rows))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_score_ranks_as_a_stable_descending_sort(device, dtype):
+    """correct@1 and correct@5 are the label's place in `torch.sort(descending=True,
+    stable=True)`, NaN first: rows drawn from a few values, ±inf and NaN (many ties)."""
+    g = torch.Generator().manual_seed(7)
+    V, B, C = 3, 400, 12
+    pool = torch.tensor([-math.inf, -1.0, 0.0, 0.5, 2.0, math.inf, math.nan])
+    logits = pool[torch.randint(0, len(pool), (V, B, C), generator=g)].to(dtype)
+    logits[0, :50] = math.nan  # all-NaN rows, and constant rows
+    logits[1, :50] = 0.0
+    labels = torch.randint(0, C, (B,), generator=g)
+    order = torch.sort(logits.float(), dim=2, descending=True, stable=True).indices
+    place = (order == labels[None, :, None]).float().argmax(2)  # [V, B]
+    acc = torch.zeros(V, 4, dtype=torch.float64, device=device)
+    ops.score_(logits.to(device), labels.to(device), labels.to(device), acc)
+    assert acc[:, 0].tolist() == (place == 0).sum(1).double().tolist()
+    assert acc[:, 1].tolist() == (place < 5).sum(1).double().tolist()
+    ref = torch.zeros(V, 4, dtype=torch.float64)
+    ops.score_reference(logits, labels, labels, ref)
+    assert ref[:, :2].tolist() == acc[:, :2].cpu().tolist()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -24,9 +24,9 @@ def naive_evaluate(
     final model's predictions), exactly as `Evaluator` defines them.
 
     `batches()` yields (x, y) anew for every pass. Ties: argmax takes the first maximal logit;
-    correct@5 counts a sample when fewer than 5 logits rank above its label's (strictly
-    greater, or NaN as argmax orders it: `ops.ranks_above`); below 5 classes it counts correct@1,
-    as `ops.score_` does.
+    correct@5 counts a sample when its label is among the first 5 classes of a stable
+    descending sort (`ops.ranks_above`: ties and NaNs ordered as argmax orders them); below 5
+    classes it counts correct@1, as `ops.score_` does.
     """
     device = torch.device(device)
     was_training = model.training
