@@ -334,8 +334,12 @@ def _draw_grid(
         labels=[cols[j] for j in xs],
         fontsize=geo.label_font,
         rotation=90 if geo.rotate_x else 0,
+        parse_math=False,
     )
-    ax.set_yticks(ys, labels=[rows[i] for i in ys] if ylabels else [], fontsize=geo.label_font)
+    # Unit names are module names, which may hold `$` (`add_module("$x^2$", ...)`): matplotlib
+    # would read a `$...$` pair as mathtext, drawing another name or failing the whole savefig.
+    ax.set_yticks(ys, labels=[rows[i] for i in ys] if ylabels else [], fontsize=geo.label_font,
+                  parse_math=False)
     if geo.n_blocks > 1:  # a shorter last block keeps the others' row height (blank below)
         ax.set_ylim(geo.block_rows - 0.5, -0.5)
     ax.tick_params(length=0)
