@@ -284,6 +284,20 @@ def split_patterns(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+def literal_pattern(name: str) -> str:
+    """A `--units` pattern that selects the module `name` and nothing else by its name: the
+    glob characters `*?[` and the comma `--units` splits at each in a class of one (`x[0]` ->
+    `x[[]0]`, `a,b` -> `a[,]b`), a leading `re:` (which would make it a regex) as `[r]e:`, and
+    whitespace at the ends (which `--units` strips) as `[ ]`."""
+    core = name.strip()
+    lead = name[: len(name) - len(name.lstrip())]
+    trail = name[len(lead) + len(core):]
+    out = "".join(f"[{c}]" if c in "*?[," else c for c in core)
+    if out.startswith("re:") and not lead:
+        out = "[r]" + out[1:]
+    return "".join(f"[{c}]" for c in lead) + out + "".join(f"[{c}]" for c in trail)
+
+
 def _matcher(pattern: str):
     if pattern.startswith("re:"):
         try:
@@ -330,6 +344,14 @@ def _pattern_selections(
             hint = "" if pattern.startswith("re:") else (
                 f"; it is read as a glob (*, ?, [...]), for a regex write 're:{pattern}'"
             )
+            everything = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+            if pattern in everything:  # a name holding [ ] is no glob for itself
+                hint = (f"; it is read as a glob, where [...] is a class: the module named "
+                        f"{pattern!r} itself is the pattern {literal_pattern(pattern)!r}")
+            commas = [n for n in everything if pattern in n.split(",")[:-1] + n.split(",")[1:]]
+            if commas:  # `--units 'd.a,b'` arrives here as `d.a` and `b`
+                hint += (f"; --units splits at commas outside brackets, so a comma in a module "
+                         f"name is written [,] ({commas[0]!r} is {literal_pattern(commas[0])!r})")
             raise LayerfastError(
                 f"unit pattern {pattern!r} matches no module that owns parameters{hint} "
                 f"(module names look like: {examples})"
@@ -504,6 +526,13 @@ def make_units(
                     norm_units.add(n)
                     emit(n, [n])
 
+    star = [u for u in units if u.name == "*"]
+    if star:  # a top-level module named "*": the mark of the baseline and fullmodel rows
+        raise LayerfastError(
+            "a module named '*' would make a unit named '*', which results.csv reserves for the "
+            "baseline and fullmodel rows; select it with --units '[*]' (a custom unit is named "
+            "by its pattern)"
+        )
     counts = Counter(u.name for u in units)
     dup = sorted(n for n, c in counts.items() if c > 1)
     if dup:
