@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import inspect
 import pathlib
 import pickle
 import pickletools
 import re
+import sys
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -64,7 +67,10 @@ ALLOWED_GLOBALS: list[object] = [
 ]
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+#: The global torch refused, whole: a damaged name runs on past a control byte, and cutting it
+#: at the first non-word character (`torch._utils._rebuild_tensor^v2` -> `..._rebuild_tensor`)
+#: made a real name of it, so damage read as a request for code.
+_GLOBAL_RE = re.compile(r"GLOBAL (.+?) was not an allowed global|GLOBAL ([\w.]+)", re.S)
 
 
 def _allowed_names() -> set[str]:
@@ -85,6 +91,40 @@ def _allowed_names() -> set[str]:
 def _asks_for_code(name: str, allowed: set[str]) -> bool:
     # torch's own rebuild helpers (torch._utils._rebuild_tensor_v2, ...) are how tensors load
     return name not in allowed and not name.startswith("torch.")
+
+
+_MISSING = object()
+
+
+def _names_something(name: str) -> bool:
+    """Whether a pickle GLOBAL `module.attr` could name an object here, found without running
+    anything: every part an identifier, and the attribute present in its module when that module
+    is imported (read statically, unless the module makes attributes on demand), or else the
+    top-level module installed. A name that fails is damage, not a payload: the unpickler could
+    not import it either (`collectionr.OrderedDict`, `torch._utils._sebuild_tensor_v2` are one
+    flipped bit from the names every legacy torch file holds)."""
+    parts = name.split(".")
+    if not all(p.isidentifier() for p in parts):
+        return False
+    for i in range(len(parts), 0, -1):
+        obj = sys.modules.get(".".join(parts[:i]))
+        if obj is None:
+            continue
+        for attr in parts[i:]:
+            lazy = inspect.ismodule(obj) and "__getattr__" in vars(obj)
+            found = inspect.getattr_static(obj, attr, _MISSING)
+            if found is _MISSING and lazy and obj.__name__.split(".")[0] == "torch":
+                found = getattr(obj, attr, _MISSING)  # torch's own lazy submodules: trusted
+            elif found is _MISSING and lazy:
+                return True  # another module's __getattr__ may make it: assume it does
+            if found is _MISSING:
+                return False
+            obj = found
+        return True
+    try:
+        return importlib.util.find_spec(parts[0]) is not None  # searches, imports nothing
+    except (ImportError, ValueError):
+        return False
 
 
 def _scan_pickles(stream: IO[bytes]) -> tuple[list[str], int | None]:
@@ -165,7 +205,8 @@ def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
     names: list[str] = []
     m = _GLOBAL_RE.search(str(exc))
     if m:  # torch names builtins without their module ("getattr")
-        names.append(m.group(1) if "." in m.group(1) else f"builtins.{m.group(1)}")
+        g = m.group(1) or m.group(2)
+        names.append(g if "." in g else f"builtins.{g}")
     protocol: int | None = None
     try:
         if _is_zip(path):
@@ -180,6 +221,15 @@ def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
     except Exception:
         pass
     names = list(dict.fromkeys(n for n in names if n))
+    damaged = [n for n in names if not _names_something(n)]
+    if damaged and len(damaged) == len(names):
+        # Legacy (non-zip) files carry no checksum: a flipped bit in a GLOBAL's text reads as a
+        # request for code that exists nowhere, and "would run code" sent users hunting a payload.
+        shown = ", ".join(repr(n)[1:-1][:60] for n in damaged[:3])
+        why = "" if _is_zip(path) else "; legacy (non-zip) torch files carry no checksum"
+        return _corrupt(path, ValueError(
+            f"its pickle asks for {shown}, which names nothing here: damaged bytes{why}"))
+    names = [n for n in names if n not in damaged]
     if names:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         return LayerfastError(
