@@ -181,3 +181,24 @@ def test_legacy_file_asking_for_real_code_is_still_refused_as_code(tmp_path):
     p.write_bytes(_legacy(tmp_path, {"state_dict": dict(_SD), "f": fractions.Fraction(1, 3)}))
     with pytest.raises(LayerfastError, match="would run code.*fractions.Fraction"):
         open_file(p)
+
+
+def test_zip_bit_flip_in_tensor_data_is_corrupt(tmp_path):
+    """A zip checkpoint stores a CRC-32 per record, but torch checks none and layerfast only
+    checked `data.pkl`'s, after a refusal: one flipped bit in a tensor's bytes loaded as a
+    silently different weight and the analysis ran on it (`zipfile.testzip` names the record)."""
+    import struct
+    import zipfile
+
+    src = tmp_path / "src.pt"
+    torch.save(_SD, src)
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data/0"))
+    n, e = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + n + e + 5] ^= 0x04  # inside w's float bytes
+    p = tmp_path / "epoch_003.pt"
+    p.write_bytes(bytes(data))
+    with pytest.raises(LayerfastError, match="corrupt"):
+        f = open_file(p)
+        [f.get(k) for k in f.keys()]
