@@ -348,7 +348,7 @@ def _pattern_selections(
             if pattern in everything:  # a name holding [ ] is no glob for itself
                 hint = (f"; it is read as a glob, where [...] is a class: the module named "
                         f"{pattern!r} itself is the pattern {literal_pattern(pattern)!r}")
-            commas = [n for n in everything if pattern in n.split(",")[:-1] + n.split(",")[1:]]
+            commas = [n for n in everything if "," in n and pattern in n.split(",")]
             if commas:  # `--units 'd.a,b'` arrives here as `d.a` and `b`
                 hint += (f"; --units splits at commas outside brackets, so a comma in a module "
                          f"name is written [,] ({commas[0]!r} is {literal_pattern(commas[0])!r})")

@@ -116,7 +116,10 @@ def _names_something(name: str) -> bool:
             lazy = inspect.ismodule(obj) and "__getattr__" in vars(obj)
             found = inspect.getattr_static(obj, attr, _MISSING)
             if found is _MISSING and lazy and obj.__name__.split(".")[0] == "torch":
-                found = getattr(obj, attr, _MISSING)  # torch's own lazy submodules: trusted
+                try:  # torch's own lazy submodules (torch._dynamo, ...): trusted code
+                    found = getattr(obj, attr, _MISSING)
+                except Exception:
+                    found = _MISSING
             elif found is _MISSING and lazy:
                 return True  # another module's __getattr__ may make it: assume it does
             if found is _MISSING:
@@ -230,7 +233,8 @@ def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
         shown = ", ".join(repr(n)[1:-1][:60] for n in damaged[:3])
         why = "" if _is_zip(path) else "; legacy (non-zip) torch files carry no checksum"
         return _corrupt(path, ValueError(
-            f"its pickle asks for {shown}, which names nothing here: damaged bytes{why}"))
+            f"its pickle asks for {shown}, which nothing here defines: most likely damaged "
+            f"bytes{why}"))
     names = [n for n in names if n not in damaged]
     if names:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
