@@ -183,10 +183,12 @@ def test_legacy_file_asking_for_real_code_is_still_refused_as_code(tmp_path):
         open_file(p)
 
 
-def test_zip_bit_flip_in_tensor_data_is_corrupt(tmp_path):
+@pytest.mark.parametrize("where", ["data", "local name length"])
+def test_zip_bit_flip_in_tensor_data_is_corrupt(tmp_path, where):
     """A zip checkpoint stores a CRC-32 per record, but torch checks none and layerfast only
     checked `data.pkl`'s, after a refusal: one flipped bit in a tensor's bytes loaded as a
-    silently different weight and the analysis ran on it (`zipfile.testzip` names the record)."""
+    silently different weight and the analysis ran on it. A flip in the record's local header
+    name length passes `zipfile.testzip` while torch reads the tensor from shifted bytes."""
     import struct
     import zipfile
 
@@ -196,7 +198,10 @@ def test_zip_bit_flip_in_tensor_data_is_corrupt(tmp_path):
     with zipfile.ZipFile(src) as z:
         info = next(i for i in z.infolist() if i.filename.endswith("data/0"))
     n, e = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
-    data[info.header_offset + 30 + n + e + 5] ^= 0x04  # inside w's float bytes
+    if where == "data":
+        data[info.header_offset + 30 + n + e + 5] ^= 0x04  # inside w's float bytes
+    else:
+        data[info.header_offset + 26] ^= 0x80
     p = tmp_path / "epoch_003.pt"
     p.write_bytes(bytes(data))
     with pytest.raises(LayerfastError, match="corrupt"):
