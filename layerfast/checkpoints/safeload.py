@@ -182,20 +182,6 @@ def _zip_pickle(path: Path) -> Iterator[IO[bytes]]:
                 yield f
 
 
-def _pickle_damaged(path: Path) -> bool:
-    """Whether the archive's `data.pkl` record fails its CRC-32 (read whole: it is small, and
-    compressed archives were refused before loading)."""
-    try:
-        for stream in _zip_pickle(path):
-            while stream.read(1 << 20):
-                pass
-    except zipfile.BadZipFile:  # "Bad CRC-32 for file ..."
-        return True
-    except Exception:  # unreadable for another reason: the caller's message decides
-        return False
-    return False
-
-
 #: What a refused but harmless-to-its-owner file can do about it (every refusal ends this way).
 _IF_TRUSTED = ("If you trust the file, load it once with torch.load(path, weights_only=False) "
                "and torch.save")
@@ -203,10 +189,6 @@ _IF_TRUSTED = ("If you trust the file, load it once with torch.load(path, weight
 
 def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
     """The message for a checkpoint that torch's weights-only unpickler refused."""
-    if _is_zip(path) and _pickle_damaged(path):
-        # torch does not check the record's CRC-32; zipfile does. A damaged `data.pkl` makes the
-        # unpickler stop at a mangled GLOBAL (`torch._utils.`), which is damage, not a payload.
-        return _corrupt(path, ValueError("the pickle record fails its CRC-32 check"))
     names: list[str] = []
     m = _GLOBAL_RE.search(str(exc))
     if m:  # torch names builtins without their module ("getattr")
