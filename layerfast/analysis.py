@@ -547,7 +547,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
     # the kinds that draw seeds: rerandom, and interp's noise
     seeded = "rerandom" in resets or (interp is not None and any(interp[1]))
     _check_options(threshold, batch_size, device)
-    threshold = float(threshold)  # np.float32 too: run.json is JSON
+    threshold = float(threshold) + 0.0  # np.float32 too: run.json is JSON; -0 is 0
     if final is not None:
         if not is_int(final):
             raise LayerfastError(f"--final takes a checkpoint label (an integer); got {final!r}")

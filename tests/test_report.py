@@ -357,6 +357,12 @@ def test_summary_table_recomputes_verdicts_with_its_threshold() -> None:
     assert "max l2_rel" not in text  # no distances given
 
 
+def test_summary_table_states_a_negative_zero_threshold_as_zero() -> None:
+    """`--threshold -0` (a float the parser accepts) printed "<= -0 (-0 points)"."""
+    text = summary_table(make_table(FCN, {"layers.1": 0.37}), threshold=-0.0)
+    assert "-0" not in text and "<= 0 " in text
+
+
 def test_summary_table_columns_are_aligned() -> None:
     text = summary_table(make_table(resnet50_units(), {"conv1": 0.8}), make_distances(FCN))
     lines = text.splitlines()

@@ -137,6 +137,7 @@ def summary_table(
     is all a `--reset fullmodel` run has), and says when `bn` "keep" held normalization back.
     interp rows (`--reset interp`) follow as a grid of their own, unit and τ by α.
     """
+    threshold = float(threshold) + 0.0  # `--threshold -0` printed "<= -0 (-0 points)"
     kinds = table["kind"].astype(str)
     base = table[kinds == "baseline"]
     reinit = table[(kinds == "reinit") & table["checkpoint"].notna()]
