@@ -90,9 +90,8 @@ def test_top5_of_an_all_tied_row_ranks_ties_as_argmax_does(value: float) -> None
     of ~90%: top-1 breaks ties by index (argmax), top-5 counted every tie in the sample's
     favour, so all 10 classes tied made every sample top-5 correct. The NaN fix already ranks
     NaNs as argmax does; equal numbers must rank so too (a lower index ranks above), which
-    makes correct@5 of a constant row mean "label among the first 5", as argmax reads it.
-    Needs `score::ranks_above` (csrc/score.h) and `ops.ranks_above` to count `x == xl and
-    c < label` as ranking above; the review could not change csrc."""
+    makes correct@5 of a constant row mean "label among the first 5", as argmax reads it
+    (`score::ranks_above` in csrc/score.h, `ops.ranks_above`)."""
     from layerfast import ops
 
     labels = torch.arange(10)

@@ -86,7 +86,7 @@ def test_score_hand_computed(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
 def test_score_ties_take_the_first_index(device, dtype):
-    # every row is constant: the prediction is class 0, and no class is strictly above the label
+    # every row is constant: the prediction is class 0, and labels 0..2 rank among the first 5
     V, B, C = 2, 40, 300
     logits = torch.full((V, B, C), 1.5, dtype=dtype, device=device)
     labels = torch.arange(B, device=device) % 3  # classes 0, 1, 2
