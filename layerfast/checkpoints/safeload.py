@@ -22,6 +22,7 @@ Why this way:
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import contextlib
 import importlib.util
@@ -104,8 +105,17 @@ def _names_something(name: str) -> bool:
     is imported (read statically, unless the module makes attributes on demand), or else the
     top-level module installed. A name that fails is damage, not a payload: the unpickler could
     not import it either (`collectionr.OrderedDict`, `torch._utils._sebuild_tensor_v2` are one
-    flipped bit from the names every legacy torch file holds)."""
+    flipped bit from the names every legacy torch file holds).
+
+    Two kinds of name are requests for code whatever this process holds: `__main__.*` (the
+    saving script's own classes: `torch.save(model)` from a training script; this `__main__`
+    is not that script), and Python 2's names that pickle maps when it loads a protocol 0-2
+    stream (`__builtin__.set`, `copy_reg._reconstructor`: torch saves at protocol 2, so
+    `__builtin__.eval` is what a payload's `eval` looks like)."""
+    name = _py3_name(name)
     parts = name.split(".")
+    if parts[0] == "__main__":
+        return True
     if not all(p.isidentifier() for p in parts):
         return False
     for i in range(len(parts), 0, -1):
@@ -130,6 +140,20 @@ def _names_something(name: str) -> bool:
         return importlib.util.find_spec(parts[0]) is not None  # searches, imports nothing
     except (ImportError, ValueError):
         return False
+
+
+def _py3_name(name: str) -> str:
+    """`name` as pickle's `find_class` resolves it for a protocol 0-2 stream (`fix_imports`,
+    `_compat_pickle`'s tables: `__builtin__.eval` -> `builtins.eval`); other names as they are.
+    The module/attribute split is lost in `module.attr`, so every split is tried."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        module, attr = ".".join(parts[:i]), ".".join(parts[i:])
+        if (module, attr) in _compat_pickle.NAME_MAPPING:
+            return ".".join(_compat_pickle.NAME_MAPPING[(module, attr)])
+        if module in _compat_pickle.IMPORT_MAPPING:
+            return f"{_compat_pickle.IMPORT_MAPPING[module]}.{attr}"
+    return name
 
 
 def _scan_pickles(stream: IO[bytes]) -> tuple[list[str], int | None]:
@@ -208,7 +232,10 @@ def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
     except Exception:
         pass
     names = list(dict.fromkeys(n for n in names if n))
-    damaged = [n for n in names if not _names_something(n)]
+    # A zip file's records all passed their CRC-32 when it was opened (`_check_records`): its
+    # names are the ones written, so a name that is nowhere here is a module of the saver's
+    # environment, not damage.
+    damaged = [] if _records_verified(path) else [n for n in names if not _names_something(n)]
     if damaged and len(damaged) == len(names):
         # Legacy (non-zip) files carry no checksum: a flipped bit in a GLOBAL's text reads as a
         # request for code that exists nowhere, and "would run code" sent users hunting a payload.
@@ -247,10 +274,10 @@ def _check_records(path: Path) -> None:
     """Every record of a torch zip archive against its CRC-32, which torch never checks: a
     flipped bit in a tensor's bytes loaded as a silently different weight. Reads the file once
     (zlib's CRC-32 runs at GB/s, and the mapped tensors are then in the page cache)."""
+    if _records_verified(path):
+        return
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key in _RECORDS_OK:
-        return
     try:
         bad = _bad_record(path)
     except Exception:  # not readable as a zip: torch's own error decides the message
@@ -258,6 +285,15 @@ def _check_records(path: Path) -> None:
     if bad is not None:
         raise _corrupt(path, ValueError(f"the record {bad} fails its CRC-32 check"))
     _RECORDS_OK.add(key)
+
+
+def _records_verified(path: Path) -> bool:
+    """Whether `_check_records` found every record of `path`, as it is now, intact."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns) in _RECORDS_OK
 
 
 def _bad_record(path: Path) -> str | None:
