@@ -94,6 +94,25 @@ def test_legacy_flipped_global_is_still_corrupt(tmp_path):
         [f.get(k) for k in f.keys()]
 
 
+def test_a_crafted_name_in_an_intact_zip_stays_one_printable_line(tmp_path):
+    """Guard for the fix above: a zip file that passed its CRC-32 has no "damaged" names, so a
+    GLOBAL holding a control byte reaches the "would run code" message, escaped."""
+    import io
+    import zipfile
+
+    src = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, src)
+    src.seek(0)
+    payload = b"\x80\x02cos\nsys\x01tem\nX\x02\x00\x00\x00id\x85R."
+    p = tmp_path / "epoch_003.pt"
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as zo:
+        for i in zi.infolist():
+            zo.writestr(i.filename, payload if i.filename.endswith("data.pkl") else zi.read(i))
+    with pytest.raises(LayerfastError) as err:
+        open_file(p)
+    assert str(err.value).isprintable(), repr(str(err.value))
+
+
 # ---- verify._close: rounding read as mixing ------------------------------------------------
 
 

@@ -246,7 +246,9 @@ def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
             f"bytes{why}"))
     names = [n for n in names if n not in damaged]
     if names:
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        # escaped: a crafted name may hold a newline or control bytes (one line on stderr)
+        shown = ", ".join(n if n.isprintable() else repr(n)[1:-1] for n in names[:5]) + (
+            f" and {len(names) - 5} more" if len(names) > 5 else "")
         return LayerfastError(
             f"{path}: refused: loading this file would run code (it asks for {shown}), and "
             f"layerfast never unpickles code. {_IF_TRUSTED} just its state dict "
