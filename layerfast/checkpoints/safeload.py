@@ -22,17 +22,13 @@ Why this way:
 
 from __future__ import annotations
 
-import _compat_pickle
 import argparse
 import contextlib
-import importlib.util
-import inspect
 import pathlib
 import pickle
 import pickletools
 import re
 import struct
-import sys
 import warnings
 import zipfile
 import zlib
@@ -94,66 +90,6 @@ def _allowed_names() -> set[str]:
 def _asks_for_code(name: str, allowed: set[str]) -> bool:
     # torch's own rebuild helpers (torch._utils._rebuild_tensor_v2, ...) are how tensors load
     return name not in allowed and not name.startswith("torch.")
-
-
-_MISSING = object()
-
-
-def _names_something(name: str) -> bool:
-    """Whether a pickle GLOBAL `module.attr` could name an object here, found without running
-    anything: every part an identifier, and the attribute present in its module when that module
-    is imported (read statically, unless the module makes attributes on demand), or else the
-    top-level module installed. A name that fails is damage, not a payload: the unpickler could
-    not import it either (`collectionr.OrderedDict`, `torch._utils._sebuild_tensor_v2` are one
-    flipped bit from the names every legacy torch file holds).
-
-    Two kinds of name are requests for code whatever this process holds: `__main__.*` (the
-    saving script's own classes: `torch.save(model)` from a training script; this `__main__`
-    is not that script), and Python 2's names that pickle maps when it loads a protocol 0-2
-    stream (`__builtin__.set`, `copy_reg._reconstructor`: torch saves at protocol 2, so
-    `__builtin__.eval` is what a payload's `eval` looks like)."""
-    name = _py3_name(name)
-    parts = name.split(".")
-    if parts[0] == "__main__":
-        return True
-    if not all(p.isidentifier() for p in parts):
-        return False
-    for i in range(len(parts), 0, -1):
-        obj = sys.modules.get(".".join(parts[:i]))
-        if obj is None:
-            continue
-        for attr in parts[i:]:
-            lazy = inspect.ismodule(obj) and "__getattr__" in vars(obj)
-            found = inspect.getattr_static(obj, attr, _MISSING)
-            if found is _MISSING and lazy and obj.__name__.split(".")[0] == "torch":
-                try:  # torch's own lazy submodules (torch._dynamo, ...): trusted code
-                    found = getattr(obj, attr, _MISSING)
-                except Exception:
-                    found = _MISSING
-            elif found is _MISSING and lazy:
-                return True  # another module's __getattr__ may make it: assume it does
-            if found is _MISSING:
-                return False
-            obj = found
-        return True
-    try:
-        return importlib.util.find_spec(parts[0]) is not None  # searches, imports nothing
-    except (ImportError, ValueError):
-        return False
-
-
-def _py3_name(name: str) -> str:
-    """`name` as pickle's `find_class` resolves it for a protocol 0-2 stream (`fix_imports`,
-    `_compat_pickle`'s tables: `__builtin__.eval` -> `builtins.eval`); other names as they are.
-    The module/attribute split is lost in `module.attr`, so every split is tried."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        module, attr = ".".join(parts[:i]), ".".join(parts[i:])
-        if (module, attr) in _compat_pickle.NAME_MAPPING:
-            return ".".join(_compat_pickle.NAME_MAPPING[(module, attr)])
-        if module in _compat_pickle.IMPORT_MAPPING:
-            return f"{_compat_pickle.IMPORT_MAPPING[module]}.{attr}"
-    return name
 
 
 def _scan_pickles(stream: IO[bytes]) -> tuple[list[str], int | None]:
@@ -232,27 +168,22 @@ def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
     except Exception:
         pass
     names = list(dict.fromkeys(n for n in names if n))
-    # A zip file's records all passed their CRC-32 when it was opened (`_check_records`): its
-    # names are the ones written, so a name that is nowhere here is a module of the saver's
-    # environment, not damage.
-    damaged = [] if _records_verified(path) else [n for n in names if not _names_something(n)]
-    if damaged and len(damaged) == len(names):
-        # Legacy (non-zip) files carry no checksum: a flipped bit in a GLOBAL's text reads as a
-        # request for code that exists nowhere, and "would run code" sent users hunting a payload.
-        shown = ", ".join(repr(n)[1:-1][:60] for n in damaged[:3])
-        why = "" if _is_zip(path) else "; legacy (non-zip) torch files carry no checksum"
-        return _corrupt(path, ValueError(
-            f"its pickle asks for {shown}, which nothing here defines: most likely damaged "
-            f"bytes{why}"))
-    names = [n for n in names if n not in damaged]
     if names:
         # escaped: a crafted name may hold a newline or control bytes (one line on stderr)
         shown = ", ".join(n if n.isprintable() else repr(n)[1:-1] for n in names[:5]) + (
             f" and {len(names) - 5} more" if len(names) > 5 else "")
+        # A zip file's records passed their CRC-32 when it was opened (`_check_records`), so its
+        # names are the ones written. A legacy file has no checksum: one flipped bit in a
+        # GLOBAL's text (`collectionr.OrderedDict`) reads as a request for code. Which it is
+        # cannot be told from the name (a script's `__main__.Net`, a payload's `__builtin__.eval`
+        # name nothing here either), so the message says both.
+        damaged = "" if _is_zip(path) else (
+            " It is a legacy (non-zip) torch file, which carries no checksum: if it should hold "
+            "only tensors, it is more likely damaged (truncated or corrupt) than asking for code.")
         return LayerfastError(
             f"{path}: refused: loading this file would run code (it asks for {shown}), and "
             f"layerfast never unpickles code. {_IF_TRUSTED} just its state dict "
-            "(or write it as .safetensors)."
+            f"(or write it as .safetensors).{damaged}"
         )
     if "Unsupported operand" in str(exc) and protocol is not None and protocol > 3:
         # torch.save(..., pickle_protocol=4): intact, but torch's weights-only unpickler only
@@ -276,10 +207,10 @@ def _check_records(path: Path) -> None:
     """Every record of a torch zip archive against its CRC-32, which torch never checks: a
     flipped bit in a tensor's bytes loaded as a silently different weight. Reads the file once
     (zlib's CRC-32 runs at GB/s, and the mapped tensors are then in the page cache)."""
-    if _records_verified(path):
-        return
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _RECORDS_OK:
+        return
     try:
         bad = _bad_record(path)
     except Exception:  # not readable as a zip: torch's own error decides the message
@@ -287,15 +218,6 @@ def _check_records(path: Path) -> None:
     if bad is not None:
         raise _corrupt(path, ValueError(f"the record {bad} fails its CRC-32 check"))
     _RECORDS_OK.add(key)
-
-
-def _records_verified(path: Path) -> bool:
-    """Whether `_check_records` found every record of `path`, as it is now, intact."""
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns) in _RECORDS_OK
 
 
 def _bad_record(path: Path) -> str | None:
