@@ -154,9 +154,13 @@ def _close(t: torch.Tensor, r: torch.Tensor, floor: float) -> bool:
     a, b = t.float(), r.float()
     mag = b.abs().nan_to_num(0.0, posinf=0.0)
     scale = mag.amax(0, keepdim=True) if b.dim() and b.shape[0] else mag
-    nonzero = mag[mag > 0]
+    # the median from at most ~65k evenly strided values: a cut of a 224² ResNet holds
+    # millions, and a full median there took ~0.3 s per cut on the CPU
+    flat = mag.flatten()
+    sample = flat[:: max(1, flat.numel() // 65536)]
+    nonzero = sample[sample > 0]
     if nonzero.numel():
-        inliers = mag[mag <= 1e4 * float(nonzero.median())]
-        scale = scale.clamp(min=float(inliers.max()))
+        cap = 1e4 * float(nonzero.median())
+        scale = scale.clamp(min=float(torch.where(mag <= cap, mag, 0.0).amax()))
     close = (a - b).abs() <= 1e-4 * b.abs() + 1e-5 * scale + floor
     return bool((close | (a == b) | (a.isnan() & b.isnan())).all())
