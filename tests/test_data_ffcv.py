@@ -221,13 +221,18 @@ def test_a_bad_sidecar_is_one_clear_error(tmp_path, edit, match):
 
 
 def test_convert_leaves_nothing_on_failure(tmp_path):
-    """A sample that fails mid-conversion (a corrupt image after a good one) leaves no file."""
+    """A sample that fails mid-conversion (a corrupt image after a good one) leaves no file, and
+    not the folder `out` it created for the target either."""
     from PIL import Image
 
     (tmp_path / "imgs" / "a").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / "a" / "0.png")
     (tmp_path / "imgs" / "a" / "1.png").write_bytes(b"broken")
     out = tmp_path / "out"
+    with pytest.raises(LayerfastError, match="cannot decode"):
+        convert(f"imagefolder:{tmp_path / 'imgs'}", out / "m.beton")
+    assert not out.exists()
+    out.mkdir()  # a folder that was there before stays, empty
     with pytest.raises(LayerfastError, match="cannot decode"):
         convert(f"imagefolder:{tmp_path / 'imgs'}", out / "m.beton")
     assert list(out.iterdir()) == []
