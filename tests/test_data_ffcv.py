@@ -32,13 +32,19 @@ if FFCV_ERROR is None:
     from layerfast.data.ffcv_writer import SafeDatasetWriter
 
 
-@pytest.fixture(autouse=True)
-def _need_ffcv():
+def require_ffcv() -> None:
+    """Skip without FFCV, except in CI, where a missing FFCV must fail (the optional extra is
+    still tested there)."""
     if FFCV_ERROR is not None:
         if os.environ.get("CI"):
             pytest.fail(f"CI is set but FFCV does not import ({FFCV_ERROR}); "
                         "CI must run: pip install ffcv==1.0.2 pillow", pytrace=False)  # fmt: skip
         pytest.skip(f"FFCV not installed ({FFCV_ERROR})")
+
+
+@pytest.fixture(autouse=True)
+def _need_ffcv():
+    require_ffcv()
 
 
 def collect(src, bs: int, start: int = 0):

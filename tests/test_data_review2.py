@@ -21,25 +21,13 @@ import torch
 
 from layerfast.data import convert, open_data
 from layerfast.errors import LayerfastError
-
-_threads = torch.get_num_threads()
-try:
-    import ffcv  # noqa: F401
-
-    FFCV_ERROR = None
-except ImportError as exc:
-    FFCV_ERROR = str(exc)
-torch.set_num_threads(_threads)  # importing ffcv sets it to 1: keep the session's other tests fast
+from tests.test_data_ffcv import require_ffcv
 
 
 @pytest.fixture
 def need_ffcv() -> None:
-    """Skip without FFCV, except in CI, where a missing FFCV must fail (see test_data_ffcv)."""
-    if FFCV_ERROR is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but FFCV does not import ({FFCV_ERROR}); "
-                        "CI must run: pip install ffcv==1.0.2 pillow", pytrace=False)  # fmt: skip
-        pytest.skip(f"FFCV not installed ({FFCV_ERROR})")
+    """FFCV's tests here, skipped (or, in CI, failed) as test_data_ffcv's are."""
+    require_ffcv()
 
 
 def _png_with_bad_idat_length(path: Path) -> None:
