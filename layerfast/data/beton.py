@@ -303,6 +303,26 @@ class _Staged:
         return np.ascontiguousarray(self._x[i]), int(self.y[i])
 
 
+def _make_parents(folder: Path, created: list[Path]) -> None:
+    """`mkdir -p folder`, appending to `created` each folder whose own mkdir made it (as it is
+    made, so a later failure still leaves the list right). Made one by one instead of
+    listing what did not exist beforehand: `missing/../keep` does not exist while `missing`
+    does not, though `keep` may (the user's folder, removed on failure), and a folder another
+    process makes meanwhile is not this call's to remove."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for d in reversed(missing):  # outermost first
+        try:
+            d.mkdir()
+        except FileExistsError:  # reached another way (`..`), or made by someone else
+            if not d.is_dir():
+                raise
+            continue
+        created.append(d)
+
+
 def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
     """Write `source` to `to` (a .beton) plus its sidecar; nothing half-written on failure:
     not the temporaries, and not the missing parent directories it created for `to`."""
@@ -313,10 +333,10 @@ def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
 
     check_target(to)
     tmp: list[str] = []
-    created = [d for d in (to.parent, *to.parent.parents) if not d.exists()]  # deepest first
+    created: list[Path] = []  # the folders this call made, deepest last
     done = False
     try:
-        to.parent.mkdir(parents=True, exist_ok=True)
+        _make_parents(to.parent, created)
         fd, xpath = tempfile.mkstemp(prefix=f".{to.name}.", suffix=".stage", dir=to.parent)
         os.close(fd)
         tmp.append(xpath)
@@ -373,7 +393,7 @@ def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
             if os.path.exists(p):
                 os.unlink(p)
         if not done:  # a bad image, Ctrl-C: an empty `out/sub/` is half-written too
-            for d in created:
+            for d in reversed(created):
                 with contextlib.suppress(OSError):  # not empty (another writer), or gone
                     d.rmdir()
     return to
