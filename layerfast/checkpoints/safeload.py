@@ -199,8 +199,10 @@ def _refuse_code(path: Path, exc: Exception) -> LayerfastError:
 
 
 #: Zip checkpoints whose records all passed their CRC-32 in this process, by (path, size,
-#: mtime): the LRU of opened files reopens a file in a study of more than its size.
-_RECORDS_OK: set[tuple[str, int, int]] = set()
+#: mtime, inode, ctime): the LRU of opened files reopens a file in a study of more than its
+#: size. Size and mtime alone missed a damaged copy put in place with its mtime kept
+#: (`cp -p`, `rsync -t`); a new file has a new inode or ctime, which no copy tool can set.
+_RECORDS_OK: set[tuple[str, int, int, int, int]] = set()
 
 
 def _check_records(path: Path) -> None:
@@ -208,7 +210,7 @@ def _check_records(path: Path) -> None:
     flipped bit in a tensor's bytes loaded as a silently different weight. Reads the file once
     (zlib's CRC-32 runs at GB/s, and the mapped tensors are then in the page cache)."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     if key in _RECORDS_OK:
         return
     try:
@@ -494,6 +496,11 @@ def open_file(path: Path) -> OpenedFile:
         raise LayerfastError(
             f"{path}: cannot read the checkpoint: {exc.strerror or exc}."
         ) from None
-    if path.suffix.lower() == ".safetensors":
-        return SafetensorsFile(path)
-    return TorchFile(path)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            return SafetensorsFile(path)
+        return TorchFile(path)
+    except OSError as exc:  # removed or made unreadable since the checks above: not a traceback
+        raise LayerfastError(
+            f"{path}: cannot read the checkpoint: {exc.strerror or exc}."
+        ) from None
