@@ -84,12 +84,13 @@ def test_a_failed_writer_lets_the_process_exit(tmp_path: Path, need_ffcv: None) 
     stayed in the work queue: its feeder thread blocked on the full pipe, and interpreter exit
     (which joins that thread) waited forever -- the same hang the writer exists to prevent,
     one step later (a failed or Ctrl-C'd `layerfast convert` of a large dataset never
-    returned to the shell)."""
+    returned to the shell). It takes ~6 s; the timeout leaves room for a loaded machine's
+    imports of torch, FFCV and numba in the child."""
     code = textwrap.dedent(_FAILING_WRITER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     try:
         done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b.beton")], env=env,
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+                              capture_output=True, text=True, timeout=180)  # fmt: skip
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
         pytest.fail(f"the process hung at exit after the writer raised (stdout: {out!r})")
