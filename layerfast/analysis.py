@@ -76,7 +76,8 @@ class Analysis:
 
     def figure(self, kind: str = "heatmap") -> Figure:
         """The figure `plot` would write, as a matplotlib `Figure` (no file): the last line of
-        a notebook cell shows it inline, and `fig.savefig(...)` writes it in any format."""
+        a notebook cell shows it inline (once `%matplotlib inline` has run, or pyplot made a
+        figure: IPython hooks up no Figure before), and `fig.savefig(...)` writes any format."""
         from layerfast import report
 
         if kind == "heatmap":

@@ -282,7 +282,9 @@ def parser() -> argparse.ArgumentParser:
         "step; step = ÷10 from 50%% and ÷100 from 75%% of the epochs; constant",
     )
     t.add_argument(
-        "--seed", type=int, default=0, help="θ⁰ and the shuffle order depend on it (default: 0)"
+        "--seed", type=int, default=0,
+        help="θ⁰ and the shuffle order depend on it; seeds torch, random and numpy for the run "
+        "(default: 0)",
     )
     t.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     t.add_argument("--max-samples", type=int, default=None,

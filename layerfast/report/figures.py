@@ -393,7 +393,8 @@ def heatmap_figure(table: pd.DataFrame, title: str | None = None) -> Figure:
     digits; the colour scale runs from 0 to the largest error shown, so robust cells (near the
     baseline) are dark and critical ones bright. The baseline error is in the title and marked
     on the colour bar. A matplotlib `Figure` with an Agg canvas, not a pyplot one: a notebook
-    shows it inline, `fig.savefig` works, and no pyplot state is created or leaked.
+    shows it inline (after `%matplotlib inline`), `fig.savefig` works, and no pyplot state is
+    created or leaked.
     """
     rows, cols, grid = error_grid(table)
     if not rows or not cols:
