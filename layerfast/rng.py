@@ -15,7 +15,19 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["seeded_host_generators"]
+__all__ = ["forked_host_generators", "seeded_host_generators"]
+
+
+@contextlib.contextmanager
+def forked_host_generators() -> Iterator[None]:
+    """Python's `random` and numpy's global generator put back on exit, as
+    `torch.random.fork_rng` does for torch's: code run inside may draw from them freely."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 @contextlib.contextmanager
@@ -25,11 +37,7 @@ def seeded_host_generators(seed: int) -> Iterator[None]:
     numpy takes seeds in 0..2³²−1, so it gets the seed mod 2³² (a negative seed too); `random`
     takes any integer.
     """
-    py_state, np_state = random.getstate(), np.random.get_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
+    with forked_host_generators():
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
         yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)

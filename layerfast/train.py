@@ -36,14 +36,12 @@ import contextlib
 import copy
 import math
 import os
-import random
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,7 +59,7 @@ from layerfast.engine.precision import precision_context, resolve_device
 from layerfast.errors import LayerfastError, collect_warnings, progress_stream, warn
 from layerfast.models import build_model, input_dtype
 from layerfast.options import count, is_int
-from layerfast.rng import seeded_host_generators
+from layerfast.rng import forked_host_generators, seeded_host_generators
 
 PAPER_CHECKPOINTS: tuple[int, ...] = (0, 1, 2, 3, 8, 40, 90, 100)
 SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")
@@ -314,10 +312,10 @@ def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> 
     plain = [(m, {k: v for k, v in vars(m).items() if isinstance(v, int | float | bool)})
              for m in model.modules()]
     modes = [(m, m.training) for m in model.modules()]
-    py_state, np_state = random.getstate(), np.random.get_state()
     try:
         # fp32 as the training itself (the flags are global: a forward could read them)
-        with torch.random.fork_rng(devices=[]), precision_context("fp32", torch.device("cpu")):
+        with torch.random.fork_rng(devices=[]), forked_host_generators(), \
+                precision_context("fp32", torch.device("cpu")):
             width = _num_outputs(probe, source)
             if width < 2:  # one logit: cross-entropy is 0 from the first step; analyze refuses it
                 raise LayerfastError(
@@ -349,8 +347,6 @@ def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> 
             except LayerfastError as exc:
                 raise LayerfastError(f"in training mode, {exc}") from None
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
         with torch.no_grad():
             for b, before in buffers:
                 b.copy_(before)
