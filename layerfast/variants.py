@@ -33,8 +33,9 @@ re-drawn there under `torch.random.fork_rng`, the CPU generator seeded with a 63
 hash of ("layerfast-rerandom", seed, unit name, module name), Python's `random` and numpy's
 global generator seeded with it too (`layerfast.rng`: a `reset_parameters` may draw from
 them): reproducible per seed, the same on every device, independent of the order or number of
-units, and the caller's RNG states are untouched. The draw is the architecture's init rule (`arch.init(module)`) when it has one,
-else the module's `reset_parameters()`; normalization layers also get `reset_running_stats()`.
+units, and the caller's RNG states are untouched. The draw is the architecture's init rule
+(`arch.init(module)`) when it has one, else the module's `reset_parameters()`; normalization
+layers also get `reset_running_stats()`.
 Only each module's own parameters and buffers are taken (its children are modules of the unit
 in their own right). A draw must never equal θ⁰: when τ = 0 is available and any drawn tensor
 with more than one element and a non-constant θ⁰ equals θ⁰ exactly, the module is redrawn with
