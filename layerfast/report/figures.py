@@ -439,8 +439,12 @@ def _norm_for(grid: np.ndarray) -> tuple[Normalize, bool]:
     pos = grid[np.isfinite(grid) & (grid > 0)]
     if pos.size == 0:
         return Normalize(vmin=0.0, vmax=1.0), False
-    lo, hi = float(pos.min()), float(pos.max())
-    if hi / lo > 100.0:
+    hi = float(pos.max())
+    # At most 40 decades below the largest value: hi / lo overflowed to inf for values from
+    # 1e-300 to 1e250 (a crash in the colour bar's ticks), and a wider bar shows nothing more.
+    # Smaller values take the lowest colour; their annotations keep the true values.
+    lo = max(float(pos.min()), hi * 1e-40)
+    if hi > 100.0 * lo:
         return LogNorm(vmin=lo, vmax=hi), True
     return Normalize(vmin=0.0, vmax=hi), False
 

@@ -199,7 +199,7 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     σ > 0) and empty where it has none (other kinds, which Python API users may add, are not
     checked); interp rows' `alpha` and `sigma` finite, which other rows leave empty; error,
     its interval, top5_error and agreement in [0, 1], delta_error in [-1, 1], and error,
-    its interval, agreement and delta_error present wherever n > 0; loss any number (a
+    its interval, agreement and delta_error present wherever n > 0; loss >= 0, inf or empty (a
     re-randomized unit can overflow it to inf).
     """
     p = Path(path)
@@ -255,6 +255,8 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
             why = f"in [{lo:g}, {hi:g}]" + (" (required where n > 0)" if required else "")
             _checked(p, df, col, v, wrong, why)
         out[col] = v
+    # a mean cross-entropy is >= 0 (inf or NaN when a variant's logits overflow)
+    _checked(p, df, "loss", out["loss"], out["loss"] < 0, "a mean cross-entropy (>= 0)")
     out["n"] = n
     for col in ("unit", "kind", "verdict"):
         out[col] = df[col]
