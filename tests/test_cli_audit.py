@@ -14,22 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from layerfast.cli import main, parser
+from layerfast.cli import parser
 from layerfast.errors import LayerfastError
+from tests.test_cli import cli
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
     """Every test here runs single-threaded (see conftest.one_thread)."""
-
-
-def cli(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def one_line(rc: int, err: str, match: str) -> str:

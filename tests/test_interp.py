@@ -14,19 +14,12 @@ import torch
 
 import layerfast
 from layerfast.errors import LayerfastError
+from tests.test_cli import cli
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     yield
-
-
-def cli(argv, capsys):
-    from layerfast.cli import main
-
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _final(ckpts: Path) -> int:
