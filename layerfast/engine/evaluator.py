@@ -167,6 +167,8 @@ class Evaluator:
         # The same for the swap path alone (`_run_swapped`): samples per forward once one ran
         # out of memory there, so later variants and batches do not each fail first.
         self._swap_rows: int | None = None
+        # Whether `score_` has a compiled kernel for a device type (`_score`), asked once.
+        self._score_kernel: dict[str, bool] = {}
 
     # ---- setup -----------------------------------------------------------------------
     def _live(self) -> dict[str, torch.Tensor]:
@@ -787,7 +789,15 @@ class Evaluator:
     ) -> None:
         if logits.dtype not in _SCORED_DTYPES:  # a float64 model: scored as the naive loop does
             logits = logits.float()
-        ops.score_(logits.contiguous(), y, ref, acc_rows)
+        # An extension built without CUDA kernels (FORCE_CUDA=0, or no nvcc at install time)
+        # has no `score_` for a GPU: the dispatcher would raise NotImplementedError mid-pass.
+        # `score_reference` computes the same counts with torch ops (ops.py). Cached per device
+        # type: the dispatcher query costs microseconds, and this runs per variant per batch.
+        kernel = self._score_kernel.get(logits.device.type)
+        if kernel is None:
+            kernel = ops.has_kernel("score_", logits.device)
+            self._score_kernel[logits.device.type] = kernel
+        (ops.score_ if kernel else ops.score_reference)(logits.contiguous(), y, ref, acc_rows)
         if self._hook is not None and rows is not None:
             self._hook([self._pass_idx[r] for r in rows], logits.float().cpu())
 
