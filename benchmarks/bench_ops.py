@@ -12,7 +12,8 @@ op earns its place by a benchmark).
 - affine_relu vs what the fan-out would otherwise run on the fold form: eval `F.batch_norm`,
   `+ skip` (the shared skip broadcast over K, as fanrun does it) and `relu` — a ResNet block's
   end with K=7 variants side by side, 64 channels each (CPU: 8 samples at 28², fp32; CUDA: 64
-  samples at 56², bf16, channels_last).
+  samples at 56², bf16, channels_last); and BN + ReLU without a skip on a channels_last conv
+  output and on a 2-D [N, C] one (BatchNorm1d after a Linear), fp32.
 
 Each case runs a fixed, small number of rounds so the CPU suite takes about half a minute. CUDA
 rounds end with `torch.cuda.synchronize()`, so they measure the latency of one call. Before it
@@ -209,4 +210,47 @@ def test_affine_relu_torch_ops(benchmark, device):
 
     benchmark.group = f"BN+add+ReLU K={K} C={C} {(B, K * C, *S)} {str(x.dtype)[6:]} {device}"
     run = _runner(torch_way, device)
+    benchmark.pedantic(run, rounds=_rounds(device, False) // 4, warmup_rounds=1)
+
+
+# BN + ReLU without a residual, in the two forms the CPU kernel once walked element by element
+# (session 17): a channels_last conv output, and a 2-D [N, C] one (BatchNorm1d after a Linear).
+BN_RELU_CASES = [((8, 256, 28, 28), True), ((2048, 1024), False)]
+BN_RELU_IDS = ["channels_last", "2d"]
+
+
+def _bn_relu_inputs(shape, cl: bool, device: str):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).to(device)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    C = shape[1]
+    mean, var = torch.randn(C).to(device), (torch.rand(C) + 0.5).to(device)
+    w, b = torch.randn(C).to(device), torch.randn(C).to(device)
+    scale = w * torch.rsqrt(var + 1e-5)
+    bn = (mean, var, w, b)
+    torch.testing.assert_close(ops.affine_relu(x, scale, b - mean * scale, None, True),
+                               _bn_relu(x, *bn), rtol=1e-5, atol=1e-5)
+    return x, bn, (scale, b - mean * scale)
+
+
+def _bn_relu(x, mean, var, w, b):
+    return torch.relu(torch.nn.functional.batch_norm(x, mean, var, w, b, False, 0.0, 1e-5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("shape", "cl"), BN_RELU_CASES, ids=BN_RELU_IDS)
+def test_bn_relu_layerfast(benchmark, shape, cl, device):
+    x, _, (scale, shift) = _bn_relu_inputs(shape, cl, device)
+    benchmark.group = f"BN+ReLU {tuple(x.shape)}{' channels_last' if cl else ''} {device}"
+    run = _runner(lambda: ops.affine_relu(x, scale, shift, None, True), device)
+    benchmark.pedantic(run, rounds=_rounds(device, False) // 4, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("shape", "cl"), BN_RELU_CASES, ids=BN_RELU_IDS)
+def test_bn_relu_torch_ops(benchmark, shape, cl, device):
+    x, bn, _ = _bn_relu_inputs(shape, cl, device)
+    benchmark.group = f"BN+ReLU {tuple(x.shape)}{' channels_last' if cl else ''} {device}"
+    run = _runner(lambda: _bn_relu(x, *bn), device)
     benchmark.pedantic(run, rounds=_rounds(device, False) // 4, warmup_rounds=1)

@@ -7,7 +7,6 @@ CPU tests of defects a GPU run (or a CPU-only build on a GPU machine) would expo
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -48,47 +47,30 @@ def test_evaluator_scores_without_a_compiled_score_kernel(monkeypatch):
     torch.testing.assert_close(got.counts, want.counts, rtol=1e-6, atol=1e-5)
 
 
-# ---- affine_relu on the CPU: no slower than the torch ops it replaces ---------------------
-
-
-def _best_ms(fn, reps: int = 7) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+# ---- affine_relu on the CPU: the forms that took the per-element path -----------------------
+# Without a residual, a channels_last pixel was walked one channel per call, and a 2-D x
+# ([N, C], BatchNorm1d after a Linear) one element per plane: 2-3x slower than the torch ops
+# the op replaces. The timing is `benchmarks/bench_ops.py::test_bn_relu_*` (timings never gate
+# tests); here the faster paths must compute what the reference does.
 
 
 @pytest.mark.parametrize(
     "shape, cl",
-    [((8, 256, 28, 28), True), ((2048, 1024), False)],
-    ids=["channels_last-no-residual", "2d-batchnorm1d"],
+    [((2, 24, 5, 7), True), ((37, 40), False), ((3, 5, 1, 1), False), ((3, 5, 1, 1), True)],
+    ids=["channels_last-no-residual", "2d-batchnorm1d", "1x1-contiguous", "1x1-channels_last"],
 )
-def test_affine_relu_cpu_not_slower_than_torch(shape, cl):
-    """The op exists because one pass beats BN + ReLU as torch ops (DESIGN.md §7: a compiled
-    op earns its place by a benchmark). Two common forms lost to torch 2-3x on the CPU: without
-    a residual, a channels_last pixel was walked one channel per call (runs of C_r = 1), and a
-    2-D x ([N, C], BatchNorm1d after a Linear) one element per plane."""
+@pytest.mark.parametrize("relu", [True, False])
+def test_affine_relu_cpu_runs_of_a_pixel_equal_the_reference(shape, cl, relu):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
     C = shape[1]
     scale, shift = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
-    view = (1, C) + (1,) * (x.dim() - 2)
-    sv, hv = scale.view(view), shift.view(view)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        op = _best_ms(lambda: ops.affine_relu(x, scale, shift, None, True))
-        ref = _best_ms(lambda: torch.relu(x * sv + hv))
-    finally:
-        torch.set_num_threads(threads)
-    torch.testing.assert_close(ops.affine_relu(x, scale, shift, None, True),
-                               ops.affine_relu_reference(x, scale, shift, None, True))
-    assert op < ref, f"affine_relu {op:.1f} ms vs torch ops {ref:.1f} ms"
+    got = ops.affine_relu(x, scale, shift, None, relu)
+    torch.testing.assert_close(got, ops.affine_relu_reference(x, scale, shift, None, relu),
+                               rtol=0, atol=0)
+    assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 # ---- CUDA: tensors over 2^31 elements (32-bit index overflow) -------------------------------
