@@ -160,6 +160,23 @@ def _parse_list(value: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(v for v in items if v))
 
 
+def _parse_units(units: str | Sequence[str] | None) -> list[str] | None:
+    """`--units` as a pattern list, None when not given (the granularity decides).
+
+    Given but naming no pattern (`--units ''`, `','`: a shell variable that expanded to
+    nothing) is refused, as `--reset ''` is: read as "not given", it silently analysed every
+    layer of the granularity instead of the custom units asked for."""
+    if units is None:
+        return None
+    patterns = _parse_list(units)
+    if not patterns:
+        raise LayerfastError(
+            f"--units names no pattern (got {units!r}): give globs or re:regexes, "
+            "comma-separated, or leave --units out for the granularity's units"
+        )
+    return patterns
+
+
 def parse_seeds(text: str) -> int | list[int]:
     """`--seeds` as written: "3" is a count (seeds 1..3), "1,7,9" names seeds (a trailing comma
     names one). The CLI and `analyze(seeds="...")` both read it here."""
@@ -561,7 +578,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
                              "torch.save(sd, path / 'epoch_3.pt'): docs/internals.md)")
     every = _checkpoint_every(checkpoint_every)
     chosen = _parse_checkpoints(checkpoints)
-    patterns = _parse_list(units) or None
+    patterns = _parse_units(units)
     data, named_by = _data_spec(data, ckpts)
 
     # Every `warn` from here on is also kept in run.json ("warnings"): stderr is gone when a
@@ -834,5 +851,5 @@ def list_units(arch: str, data: str | None = None, granularity: str = "layer",
     src = open_data(data or "digits", split="test", max_samples=1)
     with torch.random.fork_rng(devices=[]):  # the factory's init draws: not the caller's
         model, spec = build_model(arch, num_classes or src.num_classes, tuple(src.shape))
-    return make_units(model, granularity=granularity, patterns=_parse_list(units) or None, bn=bn,
+    return make_units(model, granularity=granularity, patterns=_parse_units(units), bn=bn,
                       arch=spec)
