@@ -28,8 +28,10 @@ TORCH_LIBRARY(layerfast, m) {
   //   csrc/cuda/swap_kernel.cu). Other pairs (views with gaps, different layouts) fall back to
   //   three copies through a temporary. Other devices (and the empty list) use the generic
   //   kernel in csrc/swap_generic.cpp.
-  // - A pair that is the same memory is a no-op; a pair whose memory partially overlaps is an
-  //   error. Tensors of different pairs must not share memory (not checked).
+  // - A pair that is the same view of the same memory is a no-op; a pair that shares memory
+  //   otherwise (partial overlap, strided views of one storage that share an element, or the
+  //   same memory in another order) is an error. Tensors of different pairs must not share
+  //   memory (not checked).
   // - An empty list is a no-op.
   m.def("swap_(Tensor(a!)[] a, Tensor(b!)[] b) -> ()");
 

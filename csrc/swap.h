@@ -5,12 +5,44 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/clone.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
 
 namespace layerfast::swap {
 
+// True when two strided views of one storage share an element. at::get_overlap_status decides
+// only dense tensors and answers TooHard for the rest (b[:, ::2][:2] against b[:, ::2][1:3]);
+// here each view's elements are marked in a flag buffer over the span the two cover together, and
+// a flag both set is shared memory. O(span) bytes on the tensors' device, and only for such pairs
+// (never the engine's: its stash is memory of its own). Both have the same dtype (checked first),
+// so their storage offsets and strides count the same elements.
+inline bool strided_views_overlap(const at::Tensor& x, const at::Tensor& y) {
+  if (!x.storage().is_alias_of(y.storage())) {
+    return false;
+  }
+  auto last = [](const at::Tensor& t) {
+    int64_t end = t.storage_offset();
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      end += (t.size(d) - 1) * t.stride(d);
+    }
+    return end;
+  };
+  const int64_t x0 = x.storage_offset(), y0 = y.storage_offset();
+  const int64_t x1 = last(x), y1 = last(y);
+  if (x1 < y0 || y1 < x0) {
+    return false;
+  }
+  const int64_t lo = std::min(x0, y0);
+  at::Tensor mark = at::zeros({std::max(x1, y1) - lo + 1}, x.options().dtype(at::kBool));
+  mark.as_strided(x.sizes(), x.strides(), x0 - lo).fill_(true);
+  return mark.as_strided(y.sizes(), y.strides(), y0 - lo).any().item<bool>();
+}
+
 // Pairwise checks: equal list lengths; each pair defined, strided, same device, dtype and shape;
-// neither tensor writes one memory location twice; the two tensors of a pair do not partially
-// overlap. Error messages name the op and the offending index.
+// neither tensor writes one memory location twice; the two tensors of a pair share no memory
+// unless they are the same view of it (a no-op). Error messages name the op and the offending
+// index.
 inline void check_args(at::TensorList a, at::TensorList b) {
   TORCH_CHECK(
       a.size() == b.size(), "layerfast::swap_: a and b must have the same length, got ", a.size(),
@@ -43,9 +75,13 @@ inline void check_args(at::TensorList a, at::TensorList b) {
             at::has_internal_overlap(y) != at::MemOverlap::Yes,
         "layerfast::swap_: a[", i, "] or b[", i,
         "] has elements that share memory (e.g. an expanded tensor); it cannot be written to");
+    const at::MemOverlapStatus status = at::get_overlap_status(x, y);
     TORCH_CHECK(
-        at::get_overlap_status(x, y) != at::MemOverlapStatus::Partial, "layerfast::swap_: a[", i,
-        "] and b[", i, "] partially overlap in memory; swapping them is ill-defined");
+        status != at::MemOverlapStatus::Partial &&
+            !(status == at::MemOverlapStatus::TooHard && strided_views_overlap(x, y)),
+        "layerfast::swap_: a[", i, "] and b[", i,
+        "] share memory without being the same view of it (they partially overlap, or cover the "
+        "same memory in another order); swapping them is ill-defined");
   }
 }
 

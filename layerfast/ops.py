@@ -64,7 +64,8 @@ def swap_(a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
     Each pair must have the same shape, dtype and device (any dtype); all tensors on one device.
     Dense pairs with the same layout (contiguous, channels_last, ...) are swapped bytewise; any
     other pair (a strided view, mismatched layouts) falls back to copies through a temporary.
-    A pair that is one and the same memory is left alone; partially overlapping pairs raise.
+    A pair that is one and the same view of memory is left alone; a pair that shares memory
+    otherwise (partial overlap, interleaved strided views that share an element) raises.
     On a tensor that requires grad, call it under `torch.no_grad()` / `torch.inference_mode()`.
     """
     torch.ops.layerfast.swap_.default(list(a), list(b))
@@ -201,6 +202,11 @@ def _check_score_args(logits: Tensor, labels: Tensor, ref_pred: Tensor, acc: Ten
         lambda: f"layerfast::score_: acc must be float64 of shape [V, 4] = [{V}, 4], got "
         f"{acc.dtype} {list(acc.shape)}",
     )
+    # the kernels' layout checks too: a fake that accepted these let torch.compile trace a call
+    # the real op then refused at run time
+    for name, t in (("logits", logits), ("acc", acc)):
+        torch._check(t.is_contiguous(), lambda name=name, t=t: f"layerfast::score_: {name} must "
+                     f"be contiguous, got strides {list(t.stride())}")
     devices = {t.device for t in (logits, labels, ref_pred, acc)}
     torch._check(
         len(devices) == 1,
@@ -254,6 +260,12 @@ def _check_affine_args(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor
                  f"got {list(x.shape)}")
     torch._check(x.dtype in _LOGIT_DTYPES, lambda: "layerfast::affine_relu: x must be float32, "
                  f"float16 or bfloat16, got {x.dtype}")
+    # the kernel's layout checks too (a fake that accepted any strides let torch.compile trace
+    # a call the real op then refused at run time)
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
+    torch._check(x.is_contiguous() or cl, lambda: "layerfast::affine_relu: x must be contiguous "
+                 f"or channels_last (4-D), got strides {list(x.stride())} for shape {list(x.shape)}")
     C = x.shape[1]
     for name, t in (("scale", scale), ("shift", shift), ("residual", residual)):
         torch._check(
@@ -263,9 +275,9 @@ def _check_affine_args(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor
         )
     for name, t in (("scale", scale), ("shift", shift)):
         torch._check(
-            t.dim() == 1 and t.shape[0] == C and t.dtype == torch.float32,
-            lambda name=name, t=t: f"layerfast::affine_relu: {name} must be float32 of shape [C] = "
-            f"[{C}], got {t.dtype} {list(t.shape)}",
+            t.dim() == 1 and t.shape[0] == C and t.dtype == torch.float32 and t.is_contiguous(),
+            lambda name=name, t=t: f"layerfast::affine_relu: {name} must be contiguous float32 of "
+            f"shape [C] = [{C}], got {t.dtype} {list(t.shape)} strides {list(t.stride())}",
         )
     if residual is not None:
         r = residual
@@ -276,6 +288,10 @@ def _check_affine_args(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor
                      f"{list(r.shape)}")
         torch._check(r.dtype == x.dtype, lambda: f"layerfast::affine_relu: residual must have "
                      f"x's dtype {x.dtype}, got {r.dtype}")
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        torch._check(r.is_contiguous(memory_format=fmt), lambda: "layerfast::affine_relu: "
+                     f"residual must have x's memory layout ({'channels_last' if cl else 'contiguous'}"
+                     f"), got strides {list(r.stride())} for shape {list(r.shape)}")
 
 
 @torch.library.register_fake("layerfast::_affine_relu_cuda_logic")

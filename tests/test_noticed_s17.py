@@ -44,3 +44,61 @@ def test_results_reader_refuses_a_negative_loss(loss: str, tmp_path) -> None:
         read_results(tmp_path / "results.csv")
     (tmp_path / "results.csv").write_text(f"{head}\n{base}\n{row.replace(loss, 'inf')}\n")
     assert read_results(tmp_path / "results.csv")["loss"].iloc[1] == float("inf")
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_swap_refuses_strided_views_that_share_an_element(device) -> None:
+    """at::get_overlap_status answers "too hard" for non-dense views, and swap_ swapped two
+    strided views of one storage that share elements, corrupting both (the op promises an
+    error). Interleaved views that share no element still swap."""
+    import torch
+
+    from layerfast import ops
+
+    b = torch.arange(20.0, device=device).view(4, 5)
+    with pytest.raises(RuntimeError, match=r"a\[0\] and b\[0\] share memory without being"):
+        ops.swap_([b[:, ::2][:2]], [b[:, ::2][1:3]])
+    assert torch.equal(b.cpu(), torch.arange(20.0).view(4, 5))  # nothing written
+    a = torch.arange(10.0, device=device)
+    ops.swap_([a[::2]], [a[1::2]])
+    assert a.cpu().tolist() == [1.0, 0.0, 3.0, 2.0, 5.0, 4.0, 7.0, 6.0, 9.0, 8.0]
+    c = torch.arange(24.0, device=device).view(4, 6)
+    ops.swap_([c[:, :3][::2]], [c[:, 3:][1::2]])  # one storage, disjoint elements
+    want = torch.arange(24.0).view(4, 6)
+    want[0::2, :3], want[1::2, 3:] = want[1::2, 3:].clone(), want[0::2, :3].clone()
+    assert torch.equal(c.cpu(), want)
+    x = torch.arange(9.0, device=device).view(3, 3)
+    with pytest.raises(RuntimeError, match="share memory without being the same view"):
+        ops.swap_([x], [x.t()])
+
+
+def test_fake_kernels_refuse_the_layouts_the_kernels_refuse() -> None:
+    """The fakes accepted any strides, so torch.compile traced calls the real ops refused at run
+    time; now both refuse them, with the same message."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from layerfast import ops
+
+    x = torch.randn(2, 3, 4, 5).transpose(2, 3)
+    scale, shift = torch.rand(3), torch.randn(3)
+    with pytest.raises(RuntimeError, match="x must be contiguous or channels_last"):
+        ops.affine_relu(x, scale, shift, None, True)
+    xc = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    logits = torch.randn(5, 2, 3).transpose(0, 1)
+    labels = torch.zeros(5, dtype=torch.long)
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        fs, fh = mode.from_tensor(scale), mode.from_tensor(shift)
+        with pytest.raises(RuntimeError, match="x must be contiguous or channels_last"):
+            ops.affine_relu(fx, fs, fh, None, True)
+        with pytest.raises(RuntimeError, match="residual must have x's memory layout"):
+            ops.affine_relu(mode.from_tensor(xc), fs, fh, mode.from_tensor(torch.randn(2, 3, 4, 5)))
+        out = ops.affine_relu(mode.from_tensor(xc), fs, fh, None, True)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        with pytest.raises(RuntimeError, match="logits must be contiguous"):
+            ops.score_(mode.from_tensor(logits), mode.from_tensor(labels),
+                       mode.from_tensor(labels), mode.from_tensor(torch.zeros(2, 4).double()))
