@@ -4,7 +4,8 @@ Three hot spots of the engine (DESIGN.md §7) are single ops with a CPU and a CU
 (csrc/cpu/<op>_kernel.cpp, csrc/cuda/<op>_kernel.cu; schemas in csrc/layerfast.cpp):
 
 - `swap_(a, b)`: exchange the contents of many tensor pairs in place (a variant's weights in,
-  the final model's out, and back), one kernel launch on CUDA per 1024 dense pairs (96 on drivers before CUDA 12.1).
+  the final model's out, and back), one kernel launch on CUDA per 1024 dense pairs (96 on
+  drivers before CUDA 12.1).
 - `score_(logits, labels, ref_pred, acc)`: fold a block of logits of V variants into per-variant
   counts (correct@1, correct@5, cross-entropy sum, agreement with the baseline) on the device,
   without a host synchronisation.
