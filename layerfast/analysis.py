@@ -366,10 +366,15 @@ def _fresh_dir(parent: Path, stem: str) -> Path:
 
 def _remove_outputs(path: Path) -> None:
     """Outputs of an earlier run must not sit next to a pass in progress looking finished:
-    they are set aside until this run has written its own (or put back on bad input)."""
+    they are set aside until this run has written its own (or put back on bad input). The
+    hidden temporaries of a killed run's output writes are deleted (called with the lock
+    held, before the pass and again before the outputs are written)."""
+    from layerfast.report.tables import remove_temporaries
     from layerfast.store import set_aside
 
     set_aside(path, OUTPUTS)
+    # a SIGKILLed output write leaves its temporary; under the lock none is anyone else's
+    remove_temporaries(path, OUTPUTS)
 
 
 def _versions() -> dict:

@@ -71,6 +71,31 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _temporary_pattern(target: Path) -> re.Pattern[str]:
+    """The names `atomic_path` gives `target`'s temporaries: mkstemp's `.<name>.` prefix, its
+    8 random characters (lowercase letters, digits, `_`) and the suffix."""
+    suffix = target.suffix or ".tmp"
+    return re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+
+
+def remove_temporaries(folder: Path, names: Iterable[str]) -> None:
+    """Delete the temporaries `atomic_path` left for `folder/name` (each of `names`).
+
+    `atomic_path` removes its temporary on any exception, but not on SIGKILL (the OOM killer,
+    a scheduler's `kill -9`): a rerun would then finish beside a hidden `.distances.png.*.png`
+    forever. Only call this while holding the folder's lock (the analysis's out dir lock), so
+    no other run is writing them."""
+    patterns = [_temporary_pattern(folder / name) for name in names]
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        if any(pat.fullmatch(p.name) for pat in patterns) and p.is_file() and not p.is_symlink():
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
 def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write `df` to `path` atomically: no index, empty cells for NaN/NA, round-trip floats.
 
