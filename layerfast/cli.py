@@ -481,12 +481,14 @@ INVOKED: list[str] | None = None
 def main(argv: Sequence[str] | None = None) -> int:
     global INVOKED
     raw = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    args = parser().parse_args(argv)
     previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminated)
-    INVOKED = raw
     try:
+        # inside the try: `--seeds` imports layerfast.analysis (pandas, ...) while argparse
+        # runs, and a Ctrl-C there printed a KeyboardInterrupt traceback
+        args = parser().parse_args(argv)
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _terminated)
+        INVOKED = raw
         return COMMANDS[args.command](args)
     except LayerfastError as exc:
         say(f"layerfast: error: {exc}")
