@@ -342,11 +342,15 @@ def restore(out: Path, groups: tuple[tuple[str, ...], ...], existed: set[str]) -
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _acquire_lock(out: Path) -> IO[str] | None:
+def _acquire_lock(out: Path, name: str = LOCKNAME, target: Path | None = None,
+                  flag: str = "--out") -> IO[str] | None:
+    """flock `out/name` (created), or refuse: another layerfast run is writing `target` (by
+    default `out` itself; `layerfast convert` locks one .beton in its folder)."""
     if fcntl is None:
         return None
+    target = out if target is None else target
     try:
-        fh = open(out / LOCKNAME, "a+")  # noqa: SIM115 - held open for the store's lifetime
+        fh = open(out / name, "a+")  # noqa: SIM115 - held open for the store's lifetime
     except OSError as exc:
         raise LayerfastError(f"cannot write to the out dir {out}: {exc.strerror or exc}") from None
     try:
@@ -363,8 +367,8 @@ def _acquire_lock(out: Path) -> IO[str] | None:
         pid = fh.read().strip()
         fh.close()
         who = f" (pid {pid})" if pid.isdigit() else ""
-        raise LayerfastError(f"another layerfast run{who} is writing to {out}; wait for it to "
-                             "finish, or choose another --out") from None
+        raise LayerfastError(f"another layerfast run{who} is writing to {target}; wait for it "
+                             f"to finish, or choose another {flag}") from None
     with contextlib.suppress(OSError):
         fh.seek(0)
         fh.truncate()

@@ -102,3 +102,32 @@ def test_fake_kernels_refuse_the_layouts_the_kernels_refuse() -> None:
         with pytest.raises(RuntimeError, match="logits must be contiguous"):
             ops.score_(mode.from_tensor(logits), mode.from_tensor(labels),
                        mode.from_tensor(labels), mode.from_tensor(torch.zeros(2, 4).double()))
+
+
+def test_convert_removes_what_a_killed_convert_left_and_locks_its_target(tmp_path, capsys):
+    """A SIGKILLed convert left `.NAME.beton.<rand>.stage` and `.tmp` next to the target, as
+    big as the data, and no later convert removed them. Now a convert locks its target, so it
+    can delete them; a second convert of the same target meanwhile is refused."""
+    from tests.test_data_ffcv import require_ffcv
+
+    require_ffcv()
+    from layerfast.cli import main
+    from layerfast.data.beton import _lock_target, _unlock_target
+
+    to = tmp_path / "d.beton"
+    stale = [tmp_path / f".d.beton.k1ll3d_x.{s}" for s in ("stage", "tmp", "json.tmp")]
+    other = [tmp_path / ".e.beton.k1ll3d_x.tmp", tmp_path / "keep.tmp"]
+    for p in stale + other:
+        p.write_bytes(b"x" * 100)
+    assert main(["convert", "digits", "--to", str(to)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["d.beton", "d.beton.json", *(p.name for p in other)])
+    capsys.readouterr()
+    lock = _lock_target(to)  # another convert of d.beton in progress
+    try:
+        assert main(["convert", "digits", "--to", str(to)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is writing to" in err and "--to" in err and len(err.splitlines()) == 1, err
+    finally:
+        _unlock_target(to, lock)
+    assert not (tmp_path / ".d.beton.lock").exists()

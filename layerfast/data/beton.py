@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -323,6 +324,42 @@ def _make_parents(folder: Path, created: list[Path]) -> None:
         created.append(d)
 
 
+def _lock_path(to: Path) -> Path:
+    return to.parent / f".{to.name}.lock"
+
+
+#: The temporaries `convert` makes next to `to` (mkstemp: 8 random characters).
+_TEMPORARY = r"\.{name}\.[a-z0-9_]{{8}}\.(stage|tmp|json\.tmp)"
+
+
+def _lock_target(to: Path) -> Any:
+    """Lock `to` against a second convert writing it, and delete what a killed convert left.
+
+    `convert`'s temporaries are as big as the data (a staged copy of the pixels and the .beton
+    being written: 7.5 GB each for ImageNet's validation set); one that was SIGKILLed (the OOM
+    killer, a scheduler's kill -9) left them hidden next to `to` for good. Under the lock no
+    other convert is writing them."""
+    from layerfast.store import _acquire_lock
+
+    lock = _acquire_lock(to.parent, _lock_path(to).name, target=to, flag="--to")
+    if lock is not None:
+        pattern = re.compile(_TEMPORARY.format(name=re.escape(to.name)))
+        for p in to.parent.iterdir():
+            if pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+    return lock
+
+
+def _unlock_target(to: Path, lock: Any) -> None:
+    """Drop the lock and its file, so that the folder holds only the .beton and its sidecar."""
+    if lock is None:
+        return
+    with contextlib.suppress(OSError):
+        _lock_path(to).unlink()
+    lock.close()
+
+
 def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
     """Write `source` to `to` (a .beton) plus its sidecar; nothing half-written on failure:
     not the temporaries, and not the missing parent directories it created for `to`."""
@@ -335,8 +372,10 @@ def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
     tmp: list[str] = []
     created: list[Path] = []  # the folders this call made, deepest last
     done = False
+    lock = None
     try:
         _make_parents(to.parent, created)
+        lock = _lock_target(to)
         fd, xpath = tempfile.mkstemp(prefix=f".{to.name}.", suffix=".stage", dir=to.parent)
         os.close(fd)
         tmp.append(xpath)
@@ -392,6 +431,7 @@ def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
         for p in tmp:
             if os.path.exists(p):
                 os.unlink(p)
+        _unlock_target(to, lock)
         if not done:  # a bad image, Ctrl-C: an empty `out/sub/` is half-written too
             for d in reversed(created):
                 with contextlib.suppress(OSError):  # not empty (another writer), or gone
