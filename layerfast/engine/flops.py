@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from layerfast.engine.graph import Program, Ref, no_inplace_modules, refs_in
 from layerfast.engine.plan import Plan
-from layerfast.engine.precision import precision_context
+from layerfast.engine.precision import precision_context, tf32_allowed
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets, by precision.
 # Matched against torch.cuda.get_device_name in this order (the SXM H100 is the plain "H100").
@@ -160,10 +160,8 @@ def measure_rate(
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     chunk = 5
-    try:
+    with tf32_allowed(precision == "tf32", cudnn=False):
         for _ in range(3):
             a @ b
         if cuda:
@@ -179,8 +177,6 @@ def measure_rate(
             best = min(best, t1 - t0)
             if t1 - start >= seconds:
                 break
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
     return 2 * n**3 * chunk / max(best, 1e-12)
 
 

@@ -49,21 +49,75 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def _legacy_flags() -> tuple[str, bool, bool] | None:
+    """The caller's legacy settings (float32 matmul precision, cuBLAS and cuDNN `allow_tf32`),
+    or None where torch (2.9+) refuses to read them: the caller set some backend through the
+    per-backend `fp32_precision` API, and a legacy read of a mixed state raises."""
+    try:
+        return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return None
+
+
+def _fp32_backends() -> list:
+    """The backends whose per-backend `fp32_precision` this torch has (none before 2.9), the
+    first three being the ones the modes set: cuBLAS matmul, cuDNN conv and RNN."""
+    cands = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn,
+             getattr(getattr(torch.backends, "mkldnn", None), "matmul", None))
+    found = []
+    for b in cands:
+        try:
+            if b is not None and hasattr(b, "fp32_precision"):
+                found.append(b)
+        except RuntimeError:
+            pass
+    return found
+
+
+@contextmanager
+def tf32_allowed(tf32: bool, cudnn: bool = True) -> Iterator[None]:
+    """TF32 on or off for CUDA matmuls (and cuDNN convolutions and RNNs unless `cudnn` is
+    False) inside the block, and every precision setting of the caller's back exactly after.
+
+    Through the legacy `allow_tf32` flags only, this broke callers of torch 2.9+: reading a
+    legacy flag raises once the caller set the backend through the per-backend
+    `fp32_precision` API (`torch.backends.cuda.matmul.fp32_precision = "tf32"`, which torch
+    recommends), so every pass failed; and restoring `allow_tf32` turned a caller's
+    `set_float32_matmul_precision("medium")` into a mixed state in which
+    `torch.get_float32_matmul_precision()` raised. Now the block uses the API the caller's
+    state can be read by (legacy code run inside, torch.compile's included, can still read
+    the legacy flags), and the exit restores both the legacy precision and each backend's
+    `fp32_precision` as they were."""
+    backends = _fp32_backends()
+    saved_new = [b.fp32_precision for b in backends]
+    legacy = _legacy_flags()
+    try:
+        if legacy is not None:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            if cudnn:
+                torch.backends.cudnn.allow_tf32 = tf32
+        else:  # only on a torch with the new API: the legacy read raised
+            for b in backends[: 3 if cudnn else 1]:
+                b.fp32_precision = "tf32" if tf32 else "ieee"
+        yield
+    finally:
+        if legacy is not None:
+            # sets cuBLAS's allow_tf32 too; "medium" kept, which allow_tf32 = True is not
+            torch.set_float32_matmul_precision(legacy[0])
+            torch.backends.cudnn.allow_tf32 = legacy[2]
+        for b, v in zip(backends, saved_new, strict=True):
+            b.fp32_precision = v
+
+
 @contextmanager
 def precision_context(precision: str, device: torch.device) -> Iterator[None]:
     """Set matmul/conv math for the mode and restore the caller's settings afterwards."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    tf32 = precision in ("tf32", "bf16")
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     )
-    try:
-        with autocast:
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with tf32_allowed(precision in ("tf32", "bf16")), autocast:
+        yield
 
 
 LAYOUTS = ("auto", "contiguous", "channels_last")
