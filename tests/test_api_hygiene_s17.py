@@ -95,3 +95,44 @@ run("fp32")
 print(set(seen), torch.backends.cuda.matmul.allow_tf32)
 """)
     assert out == "{(False, False)} True"
+
+
+# ---- Evaluator: variants that cannot be a model's weights ---------------------------------
+
+
+def _tiny():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    return m, [(x, y)]
+
+
+@pytest.mark.parametrize("bad", [
+    torch.ones(3, 4, dtype=torch.int64),
+    torch.ones(3, 4, dtype=torch.bool),
+    torch.ones(3, 4, dtype=torch.complex64),
+    torch.ones(3, 4, device="meta"),
+], ids=["int64", "bool", "complex64", "meta"])
+def test_variant_tensor_of_a_kind_a_weight_cannot_hold_is_a_clear_error(bad):
+    # Cast silently before (complex with torch's warning; meta: NotImplementedError from copy_),
+    # though a checkpoint's integer/bool/complex tensor for a float weight is refused.
+    from layerfast import Evaluator
+    from layerfast.errors import LayerfastError
+
+    m, data = _tiny()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(LayerfastError, match=r"variant 0 does not fit the model: .*0\.weight"):
+        Evaluator(m, [{"0.weight": bad}], device="cpu").run(data)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_variant_float_dtypes_and_integer_buffers_are_still_accepted():
+    # (a guard of the fix above, which passed before it): float64/float16 weights are cast, as
+    # load_state_dict does, and a non-floating buffer (num_batches_tracked) takes any dtype.
+    from layerfast import Evaluator
+
+    m, data = _tiny()
+    w = torch.randn(3, 4, dtype=torch.float64)
+    res = Evaluator(m, [{"0.weight": w}, {"0.weight": w.half()},
+                        {"1.num_batches_tracked": torch.tensor(2.0)}], device="cpu").run(data)
+    assert res.n == 8

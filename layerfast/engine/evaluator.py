@@ -194,9 +194,20 @@ class Evaluator:
                 for k, t in ov.items()
                 if k in live and t.shape != live[k].shape
             ]
-            if bad or shapes:
+            # As for checkpoints (docs/decisions.md): a floating model tensor takes any floating
+            # dtype, but an integer, bool or complex one was cast silently (complex with torch's
+            # warning at most), and a meta tensor, which holds no values, failed in `copy_`.
+            dtypes = [
+                f"{k}: {t.dtype} vs model {live[k].dtype}"
+                for k, t in ov.items()
+                if k in live and live[k].is_floating_point() and not t.is_floating_point()
+            ]
+            meta = [k for k, t in ov.items() if t.is_meta]
+            if bad or shapes or dtypes or meta:
                 what = [f"unknown keys {bad[:10]}"] if bad else []
                 what += [f"shape mismatches {shapes[:10]}"] if shapes else []
+                what += [f"dtype mismatches {dtypes[:10]}"] if dtypes else []
+                what += [f"meta tensors, which hold no values, for {meta[:10]}"] if meta else []
                 raise LayerfastError(f"variant {i} does not fit the model: {'; '.join(what)}")
             try:
                 out.append({k: torch.empty_like(live[k]).copy_(t) for k, t in ov.items()})
