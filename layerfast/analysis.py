@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from layerfast.errors import LayerfastError, collect_warnings, progress_stream, say, warn
+from layerfast.exclusive import exclusive
 from layerfast.options import MAX_SEEDS, count, integers, is_int
 
 if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn
@@ -525,6 +526,7 @@ def _keeps_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
     return kept
 
 
+@exclusive  # outside _keeps_rng: the saved random state is this call's own
 @_keeps_rng
 def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, split: str = "test",
             granularity: str = "layer", units: str | Sequence[str] | None = None,

@@ -13,6 +13,7 @@ import torch
 
 from layerfast.analysis import Analysis, analyze
 from layerfast.errors import LayerfastError
+from layerfast.exclusive import exclusive
 from layerfast.train import train
 
 EPOCHS = 30
@@ -32,6 +33,7 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@exclusive
 def demo(out: str | Path = "layerfast-demo", progress: bool = True) -> Analysis:
     """Train, analyze and report into `out`. Reruns start over (`overwrite`, `fresh`): the demo
     retrains, so progress from an earlier demo belongs to other weights and must not be resumed.

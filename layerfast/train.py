@@ -57,6 +57,7 @@ from layerfast.data.spec import absolute_spec
 from layerfast.engine.batches import check_logits
 from layerfast.engine.precision import precision_context, resolve_device
 from layerfast.errors import LayerfastError, collect_warnings, progress_stream, warn
+from layerfast.exclusive import exclusive
 from layerfast.models import build_model, input_dtype
 from layerfast.options import count, is_int
 from layerfast.rng import forked_host_generators, seeded_host_generators
@@ -389,6 +390,7 @@ def _gather(source: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     return x, y
 
 
+@exclusive
 def train(
     arch: str,
     data: str,

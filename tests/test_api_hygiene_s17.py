@@ -136,3 +136,58 @@ def test_variant_float_dtypes_and_integer_buffers_are_still_accepted():
     res = Evaluator(m, [{"0.weight": w}, {"0.weight": w.half()},
                         {"1.num_batches_tracked": torch.tensor(2.0)}], device="cpu").run(data)
     assert res.n == 8
+
+
+# ---- two threads --------------------------------------------------------------------------
+
+
+def _flags() -> tuple:
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_num_threads())
+
+
+def _in_threads(*jobs) -> list:
+    import threading
+
+    errors: list = []
+
+    def run(job):
+        try:
+            job()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_evaluators_in_two_threads_leave_the_tf32_flags_as_they_were():
+    # The docs do not forbid threads. Each pass set the flags and restored what it had saved,
+    # which in two threads was the other thread's setting: an fp32 and a bf16 pass left cuDNN's
+    # TF32 off (or both on). They now run one after the other, with the same results.
+    from layerfast import Evaluator
+
+    torch.manual_seed(0)
+    m1 = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    m2 = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    data = [(torch.randn(4, 4), torch.randint(0, 3, (4,))) for _ in range(100)]
+    variants = [{}, {"2.bias": torch.zeros(3)}]
+    alone = Evaluator(m1, variants, device="cpu", precision="fp32").run(data).counts
+    before = _flags()
+    got: dict = {}
+    try:
+        for _ in range(3):
+            errors = _in_threads(
+                lambda: got.update(a=Evaluator(m1, variants, device="cpu",
+                                               precision="fp32").run(data).counts),
+                lambda: Evaluator(m2, variants, device="cpu", precision="bf16").run(data))
+            assert not errors
+            assert _flags() == before
+            assert torch.equal(got["a"], alone)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[:2]
+

@@ -51,6 +51,7 @@ from layerfast.engine.precision import (
 )
 from layerfast.engine.verify import VERIFY_SAMPLES, trace_differs, unbatched_cuts
 from layerfast.errors import LayerfastError
+from layerfast.exclusive import exclusive
 
 _SCORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `score_` reads
 _OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)
@@ -225,6 +226,7 @@ class Evaluator:
         return out
 
     # ---- the pass --------------------------------------------------------------------
+    @exclusive
     def run(
         self,
         data: Any,
