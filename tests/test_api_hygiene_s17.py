@@ -191,3 +191,19 @@ def test_evaluators_in_two_threads_leave_the_tf32_flags_as_they_were():
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[:2]
 
+
+
+def test_evaluator_refuses_a_model_with_uninitialized_lazy_modules():
+    # The pass materialised nn.LazyLinear's weight and the restore then put the empty
+    # pre-materialisation tensor back into it: the model came back with a weight of shape [0]
+    # (no longer lazy) and its next forward failed ("mat2 must be a matrix").
+    from layerfast import Evaluator
+    from layerfast.errors import LayerfastError
+
+    m = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(LayerfastError, match=r"uninitialized lazy .*0\.weight.*run one forward"):
+        Evaluator(m, [{}], device="cpu").run([(x, y)])
+    assert m(x).shape == (8, 3)  # still lazy: its first forward gives it its shapes
+    res = Evaluator(m, [{}], device="cpu").run([(x, y)])  # and then it can be evaluated
+    assert res.n == 8 and m(x).shape == (8, 3)

@@ -86,6 +86,14 @@ class EvalResult:
         return self.counts[:, 3] / max(self.n, 1)
 
 
+def _lazy_names(model: nn.Module) -> list[str]:
+    """The state names of `model`'s uninitialized lazy tensors (`nn.LazyLinear` before its
+    first forward)."""
+    from torch.nn.parameter import is_lazy
+
+    return [k for k, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
+
+
 def _ops():
     from layerfast import ops
 
@@ -114,6 +122,15 @@ class Evaluator:
         glue: str = "fused",
         stage_bytes: int | None = None,
     ) -> None:
+        lazy = _lazy_names(model)
+        if lazy:
+            # Their tensors have no shape yet: variants cannot be checked against them, and
+            # `_on_device` put the empty pre-materialisation tensor back into a parameter the
+            # pass had materialised (no longer lazy), leaving a model whose next forward failed.
+            raise LayerfastError(
+                f"the model has uninitialized lazy parameters or buffers ({', '.join(lazy[:5])}"
+                f"{', ...' if len(lazy) > 5 else ''}): run one forward on a batch, or load its "
+                "weights, before evaluating it")
         self.model = model
         self.variants = list(variants)
         self.device = resolve_device(device)
