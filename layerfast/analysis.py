@@ -62,7 +62,8 @@ class Analysis:
                 f"units={len(self.units)}, rows={len(self.table)}, n={self.run.get('n')})")
 
     def plot(self, path: str | os.PathLike[str] | None = None, kind: str = "heatmap") -> Path:
-        """Draw the paper-style heatmap (`kind="heatmap"`) or distance plot (`"distances"`)."""
+        """Draw the paper-style heatmap (`kind="heatmap"`) or distance plot (`"distances"`) into
+        `path`, in the format its suffix names (`.png`, `.pdf`, `.svg`, ...; PNG for any other)."""
         from layerfast import report
 
         if path is None:

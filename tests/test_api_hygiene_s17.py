@@ -207,3 +207,31 @@ def test_evaluator_refuses_a_model_with_uninitialized_lazy_modules():
     assert m(x).shape == (8, 3)  # still lazy: its first forward gives it its shapes
     res = Evaluator(m, [{}], device="cpu").run([(x, y)])  # and then it can be evaluated
     assert res.n == 8 and m(x).shape == (8, 3)
+
+
+# ---- Analysis.plot --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["heatmap", "distances"])
+def test_plot_writes_the_format_its_path_names(tmp_path, kind):
+    # Always PNG before: res.plot("fig.pdf") wrote PNG bytes into a .pdf no reader opens.
+    import pandas as pd
+
+    from layerfast.analysis import Analysis
+
+    table = pd.DataFrame({
+        "unit": ["*", "fc1", "fc1"], "kind": ["baseline", "reinit", "rerandom"],
+        "checkpoint": pd.array([None, 0, None], dtype="Int64"),
+        "seed": pd.array([None, None, 1], dtype="Int64"),
+        "error": [0.1, 0.2, 0.9], "error_lo": [0.05, 0.1, 0.8], "error_hi": [0.2, 0.3, 0.95],
+        "top5_error": [0.0, 0.0, 0.5], "loss": [0.3, 0.5, 2.3], "agreement": [1.0, 0.9, 0.1],
+        "n": [100, 100, 100], "delta_error": [0.0, 0.1, 0.8],
+        "verdict": ["", "critical", "critical"]})
+    dist = pd.DataFrame({"unit": ["fc1", "fc1"], "checkpoint": ["1", "rerandom"],
+                         "l2": [1.0, 2.0], "l2_rel": [0.1, 0.2], "linf": [0.5, 0.6]})
+    res = Analysis(table, dist, {"threshold": 0.05})
+    heads = {"pdf": b"%PDF", "svg": b"<?xml", "png": b"\x89PNG"}
+    for suffix, head in heads.items():
+        path = res.plot(tmp_path / f"fig.{suffix}", kind=kind)
+        assert path.read_bytes()[:len(head)] == head, suffix
+    assert res.plot(tmp_path / "fig", kind=kind).read_bytes()[:4] == b"\x89PNG"  # no suffix

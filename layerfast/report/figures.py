@@ -365,9 +365,15 @@ def _draw_grid(
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    """Write `fig` to `path` atomically, in the format its suffix names where matplotlib writes
+    it (`.pdf`, `.svg`, ...), else as a PNG. Always PNG, `res.plot("fig.pdf")` wrote PNG bytes
+    into a file no PDF reader opens."""
     target = Path(path)
+    fmt = target.suffix[1:].lower()
+    if fmt not in fig.canvas.get_supported_filetypes():
+        fmt = "png"
     with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=_DPI, facecolor="white")
+        fig.savefig(tmp, format=fmt, dpi=_DPI, facecolor="white")
     return target
 
 
@@ -382,7 +388,8 @@ def _baseline(table: pd.DataFrame) -> tuple[float | None, int | None]:
 
 
 def heatmap(table: pd.DataFrame, path: str | os.PathLike[str], title: str | None = None) -> Path:
-    """Write `heatmap_figure(table, title)` to `path` as a PNG (atomically); returns the path."""
+    """Write `heatmap_figure(table, title)` to `path` (atomically; the format its suffix names,
+    else PNG); returns the path."""
     return _save(heatmap_figure(table, title), path)
 
 
@@ -450,7 +457,8 @@ def _norm_for(grid: np.ndarray) -> tuple[Normalize, bool]:
 
 
 def distance_plot(distances_df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write `distance_figure(distances_df)` to `path` as a PNG (atomically); returns the path."""
+    """Write `distance_figure(distances_df)` to `path` (atomically; the format its suffix
+    names, else PNG); returns the path."""
     return _save(distance_figure(distances_df), path)
 
 
