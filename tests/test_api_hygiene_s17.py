@@ -235,3 +235,15 @@ def test_plot_writes_the_format_its_path_names(tmp_path, kind):
         path = res.plot(tmp_path / f"fig.{suffix}", kind=kind)
         assert path.read_bytes()[:len(head)] == head, suffix
     assert res.plot(tmp_path / "fig", kind=kind).read_bytes()[:4] == b"\x89PNG"  # no suffix
+
+
+def test_a_dict_batch_is_named_as_such():
+    # A dict of two entries ({"image": x, "label": y}, as Hugging Face loaders give) unpacked
+    # into its keys: "got (str, str) (numpy arrays: torch.from_numpy)", which misleads.
+    from layerfast import Evaluator
+    from layerfast.errors import LayerfastError
+
+    m, data = _tiny()
+    batches = [{"image": x, "label": y} for x, y in data]
+    with pytest.raises(LayerfastError, match=r"got a dict \(keys 'image', 'label'\)"):
+        Evaluator(m, [{}], device="cpu").run(batches)

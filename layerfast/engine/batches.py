@@ -9,6 +9,7 @@ is read on the host, before the batch moves, so checking it costs no sync.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,6 +20,12 @@ from layerfast.errors import LayerfastError
 def pair(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """A plain iterable's batch as (x, y): tensors, y integer labels [B]; anything else is one
     clear error rather than a failure deep in the pass."""
+    if isinstance(item, Mapping):  # unpacked, a dict of two gave its keys: "got (str, str)"
+        keys = ", ".join(map(repr, list(item)[:4]))
+        raise LayerfastError(
+            f"each batch must be a pair (x, y) of tensors; got a dict (keys {keys}): pass "
+            "pairs, e.g. ((b['x'], b['y']) for b in loader)"
+        )
     try:
         x, y = item
     except (TypeError, ValueError):
