@@ -106,6 +106,12 @@ class Evaluator:
     `variants`: mappings {state-dict key: tensor} or objects with `.overrides()`; an empty
     mapping is the final model itself. The baseline (no overrides) is always computed: agreement
     is measured against its predictions.
+
+    The pass runs the model in eval mode (BatchNorm on its running statistics, no dropout)
+    under `torch.inference_mode`, whatever mode it was given in; each module's train/eval flag,
+    every tensor (bit for bit, the same Parameter objects) and the hooks are as they were when
+    `run` returns or raises. A tensor the forward itself registers on the model is made under
+    inference mode, so build such state before evaluating a model you will train further.
     """
 
     def __init__(
