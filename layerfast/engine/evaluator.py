@@ -20,15 +20,10 @@ import torch
 from torch import nn
 
 from layerfast.engine.batches import check_labels, check_logits, label_span, pair, peek
+from layerfast.engine.borrow import borrowed, lazy_names
 from layerfast.engine.fanrun import GLUE_MODES, run_fanned, stack_module
-from layerfast.engine.graph import (
-    Program,
-    attributes_kept,
-    canonical_keys,
-    eager_inplace,
-    no_inplace_modules,
-)
-from layerfast.engine.overrides import canonical, describe, keys_of, overrides_of
+from layerfast.engine.graph import Program, canonical_keys, eager_inplace
+from layerfast.engine.overrides import canonical, check_fits, describe, keys_of, overrides_of
 from layerfast.engine.phases import PhaseClock
 from layerfast.engine.plan import (
     B_CPU,
@@ -86,14 +81,6 @@ class EvalResult:
         return self.counts[:, 3] / max(self.n, 1)
 
 
-def _lazy_names(model: nn.Module) -> list[str]:
-    """The state names of `model`'s uninitialized lazy tensors (`nn.LazyLinear` before its
-    first forward)."""
-    from torch.nn.parameter import is_lazy
-
-    return [k for k, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
-
-
 def _ops():
     from layerfast import ops
 
@@ -128,10 +115,10 @@ class Evaluator:
         glue: str = "fused",
         stage_bytes: int | None = None,
     ) -> None:
-        lazy = _lazy_names(model)
+        lazy = lazy_names(model)
         if lazy:
             # Their tensors have no shape yet: variants cannot be checked against them, and
-            # `_on_device` put the empty pre-materialisation tensor back into a parameter the
+            # `borrowed` put the empty pre-materialisation tensor back into a parameter the
             # pass had materialised (no longer lazy), leaving a model whose next forward failed.
             raise LayerfastError(
                 f"the model has uninitialized lazy parameters or buffers ({', '.join(lazy[:5])}"
@@ -207,32 +194,7 @@ class Evaluator:
         canon = canonical_keys(self.model)
         for i in self._pass_idx:
             ov = canonical(overrides_of(self.variants[i]), canon, describe(self.variants[i], i))
-            odd = next(((k, t) for k, t in ov.items() if not isinstance(t, torch.Tensor)), None)
-            if odd is not None:
-                raise LayerfastError(f"{describe(self.variants[i], i)} gives {odd[0]} a "
-                                     f"{type(odd[1]).__name__}, not a torch.Tensor (numpy "
-                                     "arrays: torch.from_numpy)")
-            bad = [k for k in ov if k not in live]
-            shapes = [
-                f"{k}: {tuple(t.shape)} vs model {tuple(live[k].shape)}"
-                for k, t in ov.items()
-                if k in live and t.shape != live[k].shape
-            ]
-            # As for checkpoints (docs/decisions.md): a floating model tensor takes any floating
-            # dtype, but an integer, bool or complex one was cast silently (complex with torch's
-            # warning at most), and a meta tensor, which holds no values, failed in `copy_`.
-            dtypes = [
-                f"{k}: {t.dtype} vs model {live[k].dtype}"
-                for k, t in ov.items()
-                if k in live and live[k].is_floating_point() and not t.is_floating_point()
-            ]
-            meta = [k for k, t in ov.items() if t.is_meta]
-            if bad or shapes or dtypes or meta:
-                what = [f"unknown keys {bad[:10]}"] if bad else []
-                what += [f"shape mismatches {shapes[:10]}"] if shapes else []
-                what += [f"dtype mismatches {dtypes[:10]}"] if dtypes else []
-                what += [f"meta tensors, which hold no values, for {meta[:10]}"] if meta else []
-                raise LayerfastError(f"variant {i} does not fit the model: {'; '.join(what)}")
+            check_fits(ov, live, describe(self.variants[i], i), i)
             try:
                 out.append({k: torch.empty_like(live[k]).copy_(t) for k, t in ov.items()})
             except _OOM:
@@ -367,40 +329,11 @@ class Evaluator:
 
     @contextlib.contextmanager
     def _on_device(self) -> Iterator[bool]:
-        """The model in eval mode on the device (channels_last where the precision wants it),
-        in-place activations off, inference mode; on exit everything exactly as it came: each
-        parameter's and buffer's own tensor object (so its device, layout and any outside
-        reference are untouched — moving back would make new tensors, and a model already in
-        channels_last would come back contiguous), each module's own training flag (a
-        train-mode model may hold frozen eval-mode BNs), and the tensors modules hold as plain
-        attributes (a hook's, such as pruning's `weight`). Yields whether channels_last is on."""
-        model, dev = self.model, self.device
-        modes = [(m, m.training) for m in model.modules()]
-        params = [(p, p.data, p.grad) for p in model.parameters()]
-        buffers = [
-            (m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None
-        ]
+        """`borrow.borrowed` for this evaluator's model and device; yields whether
+        channels_last is on."""
         cl = self.channels_last
-        model.eval()
-        try:
-            # Gradients stay where they are, off the model while it runs: `Module.to` would move
-            # each one by replacing the saved grad's own data (CPU -> CUDA, or to channels_last),
-            # and restoring a CPU parameter with its now-CUDA grad raises halfway through.
-            for p, _, _ in params:
-                p.grad = None
-            model.to(dev)
-            if cl:
-                model.to(memory_format=torch.channels_last)
-            with no_inplace_modules(model), attributes_kept(list(model.modules())), \
-                    torch.inference_mode():
-                yield cl
-        finally:
-            for p, data, grad in params:
-                p.data, p.grad = data, grad
-            for m, name, b in buffers:
-                m._buffers[name] = b
-            for m, mode in modes:
-                m.training = mode
+        with borrowed(self.model, self.device, cl):
+            yield cl
 
     def plan_batch(self, data: Any) -> int:
         """Choose B (samples per batch) for `data` unless the caller fixed it, and return it.

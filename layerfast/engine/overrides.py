@@ -61,3 +61,30 @@ def canonical(
             )
         out[c], names[c] = t, k
     return out
+
+
+def check_fits(ov: Mapping[str, Any], live: Mapping[str, torch.Tensor], name: str,
+               i: int) -> None:
+    """Variant `i` (`name` in messages), its overrides `ov` under canonical keys, fits the
+    model's tensors `live`, or one LayerfastError lists every way it does not: values that
+    are not tensors, unknown keys, shapes, dtypes a floating tensor cannot take, meta tensors.
+
+    As for checkpoints (docs/decisions.md): a floating model tensor takes any floating dtype,
+    but an integer, bool or complex one was cast silently (complex with torch's warning at
+    most), and a meta tensor, which holds no values, failed in `copy_`."""
+    odd = next(((k, t) for k, t in ov.items() if not isinstance(t, torch.Tensor)), None)
+    if odd is not None:
+        raise LayerfastError(f"{name} gives {odd[0]} a {type(odd[1]).__name__}, not a "
+                             "torch.Tensor (numpy arrays: torch.from_numpy)")
+    bad = [k for k in ov if k not in live]
+    shapes = [f"{k}: {tuple(t.shape)} vs model {tuple(live[k].shape)}"
+              for k, t in ov.items() if k in live and t.shape != live[k].shape]
+    dtypes = [f"{k}: {t.dtype} vs model {live[k].dtype}" for k, t in ov.items()
+              if k in live and live[k].is_floating_point() and not t.is_floating_point()]
+    meta = [k for k, t in ov.items() if t.is_meta]
+    if bad or shapes or dtypes or meta:
+        what = [f"unknown keys {bad[:10]}"] if bad else []
+        what += [f"shape mismatches {shapes[:10]}"] if shapes else []
+        what += [f"dtype mismatches {dtypes[:10]}"] if dtypes else []
+        what += [f"meta tensors, which hold no values, for {meta[:10]}"] if meta else []
+        raise LayerfastError(f"variant {i} does not fit the model: {'; '.join(what)}")

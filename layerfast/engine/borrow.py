@@ -1,0 +1,64 @@
+"""The user's model, borrowed for a pass: placed on the device in eval mode, and given back
+exactly as it came.
+
+`Evaluator` runs someone else's `nn.Module`: a researcher's model that may be in train mode,
+hold gradients, live on another device, be referenced by an optimizer. The pass needs it on the
+device, in eval mode, in channels_last where the precision wants it, with in-place activations
+off (graph.no_inplace_modules) and under inference mode; afterwards, whether the pass returned
+or raised, nothing of that may show.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from layerfast.engine.graph import attributes_kept, no_inplace_modules
+
+
+def lazy_names(model: nn.Module) -> list[str]:
+    """The state names of `model`'s uninitialized lazy tensors (`nn.LazyLinear` before its
+    first forward): a pass would materialise them and `borrowed` put the empty tensors back,
+    so `Evaluator` refuses such a model."""
+    from torch.nn.parameter import is_lazy
+
+    return [k for k, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
+
+
+@contextlib.contextmanager
+def borrowed(model: nn.Module, device: torch.device, channels_last: bool) -> Iterator[None]:
+    """The model in eval mode on `device` (channels_last when asked), in-place activations
+    off, inference mode; on exit everything exactly as it came: each parameter's and buffer's
+    own tensor object (so its device, layout and any outside reference are untouched — moving
+    back would make new tensors, and a model already in channels_last would come back
+    contiguous), each module's own training flag (a train-mode model may hold frozen
+    eval-mode BNs), and the tensors modules hold as plain attributes (a hook's, such as
+    pruning's `weight`)."""
+    modes = [(m, m.training) for m in model.modules()]
+    params = [(p, p.data, p.grad) for p in model.parameters()]
+    buffers = [
+        (m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None
+    ]
+    model.eval()
+    try:
+        # Gradients stay where they are, off the model while it runs: `Module.to` would move
+        # each one by replacing the saved grad's own data (CPU -> CUDA, or to channels_last),
+        # and restoring a CPU parameter with its now-CUDA grad raises halfway through.
+        for p, _, _ in params:
+            p.grad = None
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        with no_inplace_modules(model), attributes_kept(list(model.modules())), \
+                torch.inference_mode():
+            yield
+    finally:
+        for p, data, grad in params:
+            p.data, p.grad = data, grad
+        for m, name, b in buffers:
+            m._buffers[name] = b
+        for m, mode in modes:
+            m.training = mode
