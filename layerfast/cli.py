@@ -496,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("layerfast: interrupted")
         return 130
-    except OSError as exc:  # stdout gone (a closed pipe) or full (`> /dev/full`)
+    except OSError as exc:  # stdout gone or full, a full disk, a path refused (EACCES, ...)
         status = output_failed(exc)
         if status is None:
             raise

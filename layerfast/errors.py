@@ -94,6 +94,13 @@ def collect_warnings() -> Iterator[list[str]]:
 #: A write that cannot be done: a full disk or quota, an I/O error, a file over the size limit.
 _NO_WRITE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
 
+#: A path the system refuses to look at: a directory on the way the user may not search
+#: (`--ckpts ~other/ck`), a name over the file system's limit, a symbolic-link loop, a
+#: read-only file system. `Path.exists()` and `is_dir()` raise these (they answer False only
+#: for ENOENT, ENOTDIR, EBADF and ELOOP), so every check of a user's path can meet them.
+_PATH_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP,
+                           errno.EROFS})
+
 
 def output_failed(exc: OSError) -> int | None:
     """The exit status for an OSError that reached the command line, or None to re-raise it.
@@ -101,7 +108,9 @@ def output_failed(exc: OSError) -> int | None:
     A closed pipe (`layerfast info | head -1`) is the reader's choice: status 0, silently. A
     write the system refuses (stdout on a full disk or `/dev/full`) is the one-line exit 2 that
     every other full disk gives. Either way, unless the error names a file, stdout is pointed at
-    /dev/null, so that Python's flush at exit does not fail again ("Exception ignored").
+    /dev/null, so that Python's flush at exit does not fail again ("Exception ignored"). A path
+    the system refuses to look at (`_PATH_REFUSED`: no permission, a name too long) is bad
+    input, also one line and exit 2.
     """
     if isinstance(exc, BrokenPipeError):
         status = 0
@@ -109,6 +118,11 @@ def output_failed(exc: OSError) -> int | None:
         where = exc.filename or "the output"
         say(f"layerfast: error: cannot write {where} ({exc.strerror or exc})")
         status = 2
+    elif exc.errno in _PATH_REFUSED and exc.filename is not None:
+        # bad input (a path the user named, or one under it), not an internal error; without
+        # a file name the error is not about a path and stays a traceback, exit 1
+        say(f"layerfast: error: cannot access {exc.filename}: {exc.strerror or exc}")
+        return 2
     else:
         return None
     if exc.filename is None:  # a file's own error names it; stdout's names none
