@@ -115,3 +115,34 @@ def test_a_path_in_a_directory_without_search_permission_is_one_line_exit_2(
     assert rc == 2, line
     assert "Permission denied" in line and str(private) in line
     assert sorted(os.listdir(tmp_path)) == []
+
+
+# ------------------------------------------------------------- report: a variant listed twice
+
+
+def test_report_refuses_a_results_csv_that_lists_a_variant_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """results.csv with its rows repeated (two runs' files concatenated): analyze never writes
+    a variant twice (it merges `--checkpoints 0,0`, `--seeds 1,1`), but `layerfast report`
+    printed the table with exit 0, 'critical at tau 0,0-1,1' and a re-randomization spread
+    over one seed counted twice. It is a file that no run wrote: one line, exit 2, figures
+    left as they were."""
+    import pandas as pd
+
+    from layerfast.metrics import COLUMNS
+
+    out = tmp_path / "run"
+    out.mkdir()
+    rows = [
+        ["*", "baseline", "", "", 0.2, 0.1, 0.3, "", 0.5, 1.0, 60, 0.0, ""],
+        ["fc1", "reinit", 0, "", 0.9, 0.8, 0.95, "", 2.3, 0.1, 60, 0.7, "critical"],
+        ["fc1", "rerandom", "", 1, 0.9, 0.8, 0.95, "", 2.3, 0.1, 60, 0.7, "critical"],
+    ]
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    pd.concat([table, table.iloc[1:]]).to_csv(out / "results.csv", index=False)
+    rc = main(["report", str(out)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2, line
+    assert "row 4" in line and "twice" in line
+    assert sorted(os.listdir(out)) == ["results.csv"]

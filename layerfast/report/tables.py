@@ -225,7 +225,8 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     checked); interp rows' `alpha` and `sigma` finite, which other rows leave empty; error,
     its interval, top5_error and agreement in [0, 1], delta_error in [-1, 1], and error,
     its interval, agreement and delta_error present wherever n > 0; loss >= 0, inf or empty (a
-    re-randomized unit can overflow it to inf).
+    re-randomized unit can overflow it to inf); and no variant (unit, kind, checkpoint, seed,
+    alpha, sigma) listed twice.
     """
     p = Path(path)
     df = _read(
@@ -296,7 +297,15 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
                  "empty (interp rows with sigma 0 draw no noise)")
     out.update(extra)
     cols = [*COLUMNS, *extra]
-    return pd.DataFrame({c: out[c] for c in cols}, index=df.index)[cols]
+    table = pd.DataFrame({c: out[c] for c in cols}, index=df.index)[cols]
+    # analyze writes each variant once (it merges `--checkpoints 0,0`, `--seeds 1,1`); a
+    # variant listed twice (two runs' files concatenated) made a summary and heatmap of
+    # nonsense ("critical at tau 0,0-1,1", a spread over one seed counted twice)
+    key = ["unit", "kind", "checkpoint", "seed", *extra]
+    twice = table.duplicated(subset=key).to_numpy()
+    _checked(p, df, "unit", None, twice, "a new variant (this unit, kind, checkpoint and seed "
+             "are listed twice)")
+    return table
 
 
 def _interp_columns(path: Path, df: pd.DataFrame, interp: np.ndarray) -> dict[str, np.ndarray]:
