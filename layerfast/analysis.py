@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from layerfast.errors import LayerfastError, collect_warnings, progress_stream, say, warn
+from layerfast.errors import (
+    LayerfastError,
+    collect_warnings,
+    progress_stream,
+    refused_paths_are_input,
+    say,
+    warn,
+)
 from layerfast.exclusive import exclusive
 from layerfast.options import MAX_SEEDS, count, integers, is_int
 
@@ -527,6 +534,7 @@ def _keeps_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
     return kept
 
 
+@refused_paths_are_input
 @exclusive  # outside _keeps_rng: the saved random state is this call's own
 @_keeps_rng
 def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, split: str = "test",

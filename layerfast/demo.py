@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from layerfast.analysis import Analysis, analyze
-from layerfast.errors import LayerfastError
+from layerfast.errors import LayerfastError, refused_paths_are_input
 from layerfast.exclusive import exclusive
 from layerfast.train import train
 
@@ -33,6 +33,7 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@refused_paths_are_input
 @exclusive
 def demo(out: str | Path = "layerfast-demo", progress: bool = True) -> Analysis:
     """Train, analyze and report into `out`. Reruns start over (`overwrite`, `fresh`): the demo

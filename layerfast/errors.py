@@ -12,11 +12,12 @@ baseline) goes through `warn`: one stderr line, and kept in run.json by `analyze
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 
 class LayerfastError(Exception):
@@ -100,6 +101,28 @@ _NO_WRITE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
 #: for ENOENT, ENOTDIR, EBADF and ELOOP), so every check of a user's path can meet them.
 _PATH_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP,
                            errno.EROFS})
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def refused_paths_are_input(fn: F) -> F:
+    """`fn` raising a LayerfastError for a path the system refuses to look at (`_PATH_REFUSED`,
+    naming the file): the Python API's bad input is one exception type, as the CLI's is one
+    line (`output_failed`). Otherwise the first `Path.exists()` of an `out` or `ckpts` with a
+    name over NAME_MAX, or under a directory the user may not search, raised a bare OSError."""
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            if exc.errno in _PATH_REFUSED and exc.filename is not None:
+                raise LayerfastError(
+                    f"cannot access {exc.filename}: {exc.strerror or exc}") from None
+            raise
+
+    return checked  # type: ignore[return-value]
 
 
 def output_failed(exc: OSError) -> int | None:

@@ -56,7 +56,13 @@ from layerfast.data.source import DataSource, check_finite
 from layerfast.data.spec import absolute_spec
 from layerfast.engine.batches import check_logits
 from layerfast.engine.precision import precision_context, resolve_device
-from layerfast.errors import LayerfastError, collect_warnings, progress_stream, warn
+from layerfast.errors import (
+    LayerfastError,
+    collect_warnings,
+    progress_stream,
+    refused_paths_are_input,
+    warn,
+)
 from layerfast.exclusive import exclusive
 from layerfast.models import build_model, input_dtype
 from layerfast.options import count, is_int
@@ -390,6 +396,7 @@ def _gather(source: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     return x, y
 
 
+@refused_paths_are_input
 @exclusive
 def train(
     arch: str,

@@ -131,3 +131,20 @@ def test_convert_removes_what_a_killed_convert_left_and_locks_its_target(tmp_pat
     finally:
         _unlock_target(to, lock)
     assert not (tmp_path / ".d.beton.lock").exists()
+
+
+def test_python_api_raises_layerfast_error_for_a_refused_path(tmp_path) -> None:
+    """A name over NAME_MAX (or a directory the user may not search) made the first
+    `Path.exists()` raise a bare OSError from `layerfast.analyze`, `train` and `convert`; the
+    CLI said one line, the Python API did not raise its one type for bad input."""
+    import layerfast
+    from layerfast.data import convert
+    from layerfast.train import train
+
+    long = tmp_path / ("x" * 300)
+    for call in (lambda: layerfast.analyze("fcn3x256", long, progress=False),
+                 lambda: train("fcn3x256", "digits", 1, long, progress=False),
+                 lambda: convert("digits", f"{long}.beton")):
+        with pytest.raises(LayerfastError, match="cannot access .*File name too long"):
+            call()
+    assert list(tmp_path.iterdir()) == []

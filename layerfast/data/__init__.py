@@ -17,12 +17,13 @@ from pathlib import Path
 from layerfast.data.device import to_device
 from layerfast.data.source import DataSource
 from layerfast.data.spec import SPLITS, VALID_SPECS, open_data
-from layerfast.errors import LayerfastError
+from layerfast.errors import LayerfastError, refused_paths_are_input
 
 __all__ = ["DataSource", "SPLITS", "VALID_SPECS", "convert", "ffcv_available", "open_data",
            "to_device"]  # fmt: skip
 
 
+@refused_paths_are_input
 def convert(spec: str, to: str | Path, split: str = "test") -> Path:
     """Write dataset `spec` (split `split`) to the FFCV file `to` (fields `image`, `label`).
 
