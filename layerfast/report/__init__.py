@@ -51,7 +51,7 @@ def summary(out_dir: str | os.PathLike[str], threshold: float | None = None) -> 
     outputs) the default 0.05 is used unless `threshold` is given, and the summary says so."""
     out = Path(out_dir)
     table, dist = _read(out)
-    note = ""
+    note, run = "", None
     try:
         path = out / "run.json"
         if not path.is_file() or path.stat().st_size > 16 << 20:  # a FIFO, /dev/zero, a huge file
@@ -63,7 +63,11 @@ def summary(out_dir: str | os.PathLike[str], threshold: float | None = None) -> 
         recorded, bn = float(value), str(run.get("bn", "with-layer"))
     except (OSError, ValueError, KeyError, TypeError):
         recorded, bn = 0.05, "with-layer"
-        note = "\n(no readable run.json: the run's threshold is unknown)"
+        # A run.json that parses but holds no threshold in [0, 1] is not "no readable run.json":
+        # saying so would send the user looking for a missing or damaged file.
+        what = ("run.json records no threshold in [0, 1]" if isinstance(run, dict)
+                else "no readable run.json")
+        note = f"\n({what}: the run's threshold is unknown)"
     if threshold is not None:
         threshold = abs(threshold) if threshold == 0 else threshold  # -0 printed as "-0"
     if threshold is not None and threshold != recorded and not note:
