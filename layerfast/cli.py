@@ -74,12 +74,40 @@ class _Parser(argparse.ArgumentParser):
                 return f" (did you mean {near[0]}?)"
         return ""
 
+    def _unknown_flags(self, argv: Sequence[str]) -> list[str]:
+        """The `--flag`s of `argv` that name none of this parser's options."""
+        flags = {s for a in self._actions for s in a.option_strings}
+        out = []
+        for arg in argv:
+            if arg == "--":  # everything after it is a value
+                break
+            flag = arg.split("=", 1)[0]
+            if flag.startswith("--") and flag not in flags:
+                out.append(flag)
+        return out
+
     def error(self, message: str) -> NoReturn:
         line = " ".join(message.split())  # argparse messages are one line; make sure of it
         commands = getattr(self, "commands", None)
         if commands and "required" in line and "COMMAND" in line:  # bare `layerfast`
             line = f"a command is required: {', '.join(commands)}"
+        elif line.startswith("the following arguments are required"):
+            # argparse checks required flags before it hands unknown ones back, so a misspelt
+            # one (`train --epoch 1`) was reported only as "--epochs is required", hiding
+            # what was typed; name it, and the flag probably meant.
+            unknown = self._unknown_flags(getattr(self, "_argv", ()))
+            if unknown:
+                line += f"; unrecognized {' '.join(unknown)}{self._suggest(unknown)}"
         self.exit(2, f"{self.prog}: error: {line} (see {self.prog} --help)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        namespace: argparse.Namespace | None = None,
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # Kept for error(): argparse calls each subcommand's parser with its own arguments.
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def parse_args(
         self,
