@@ -546,7 +546,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
             batch_size: int | None = None, max_samples: int | None = None,
             out: str | os.PathLike[str] | None = None, final: int | None = None,
             fresh: bool = False, progress: bool = True, figures: bool = True,
-            fanout: bool | None = None, checkpoint_every: float | None = None,
+            fanout: bool | str | None = None, checkpoint_every: float | None = None,
             layout: str = "auto", alphas: str | Iterable[float] | None = None,
             sigma: float | str | Iterable[float] = 0.0) -> Analysis:
     """Reset every unit of the final model to each checkpoint τ and to fresh draws, evaluate all

@@ -121,3 +121,29 @@ def test_a_missing_required_flag_alone_gets_no_hint(capsys) -> None:
             parser().parse_args(argv)
         err = capsys.readouterr().err
         assert "required: --epochs (see layerfast train --help)" in err, argv
+
+
+@pytest.mark.parametrize("fanout, fanned", [("off", False), (False, False), ("auto", False),
+                                            (None, False), ("on", True), (True, True)])
+def test_analyze_takes_the_cli_words_for_fanout(ckpts, tmp_path: Path, fanout, fanned) -> None:
+    """DESIGN §5: analyze takes the CLI's options; `fanout="off"` (`--fanout off`) was read as
+    `bool("off")`, i.e. on, and the run fanned out where the bit-exact swap path was asked for."""
+    import layerfast
+
+    res = layerfast.analyze("fcn3x256", ckpts, data="digits", device="cpu", out=tmp_path / "o",
+                            progress=False, figures=False, reset="reinit", max_samples=40,
+                            fanout=fanout)
+    assert (res.run["engine"]["plan"]["fanned_variants"] > 0) is fanned
+
+
+@pytest.mark.parametrize("fanout", ["yes", "Off", 1, 0.0])
+def test_a_fanout_that_is_no_option_is_refused(fanout) -> None:
+    import torch
+    from torch import nn
+
+    import layerfast
+    from layerfast.errors import LayerfastError
+
+    with pytest.raises(LayerfastError, match="fanout"):
+        layerfast.Evaluator(nn.Linear(2, 2), [{}], device="cpu", fanout=fanout).run(
+            [(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))])

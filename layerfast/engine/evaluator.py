@@ -87,6 +87,33 @@ def _ops():
     return ops
 
 
+#: `--fanout`'s words, as the Python API takes them too (DESIGN §5: the same options).
+FANOUT_WORDS: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
+def resolve_fanout(fanout: bool | str | None, device: torch.device) -> bool:
+    """Whether groups fan out: True/"on", False/"off", None/"auto" (on for CUDA only).
+
+    `bool(fanout)` read `analyze(fanout="off")`, the CLI's spelling, as on: the bit-exact swap
+    path asked for was replaced by the fanned one without a word. Anything else is refused.
+    """
+    if isinstance(fanout, str):
+        if fanout not in FANOUT_WORDS:
+            raise LayerfastError(
+                f"unknown fanout {fanout!r}; choose one of {', '.join(FANOUT_WORDS)} "
+                "(or True, False, None)"
+            )
+        fanout = FANOUT_WORDS[fanout]
+    if fanout is None:
+        return device.type == "cuda"
+    if not isinstance(fanout, bool):
+        raise LayerfastError(
+            f"fanout must be True, False, None or one of {', '.join(FANOUT_WORDS)}; "
+            f"got {fanout!r}"
+        )
+    return bool(fanout)
+
+
 class Evaluator:
     """Evaluate weight variants of `model` on batches, all in one data pass.
 
@@ -108,7 +135,7 @@ class Evaluator:
         device: str | torch.device = "auto",
         precision: str = "auto",
         batch_size: int | None = None,
-        fanout: bool | None = None,
+        fanout: bool | str | None = None,
         max_fanout: int = 32,
         memory_fraction: float = 0.5,
         layout: str = "auto",
@@ -136,7 +163,7 @@ class Evaluator:
         # measured no faster than prefix sharing alone (FCN, ResNet-20, VGG-11: within the
         # machine's run-to-run noise, BENCHMARKS.md), and the swap path is bit-exact, so None
         # means "on for CUDA, off for the CPU".
-        self.fanout = (self.device.type == "cuda") if fanout is None else bool(fanout)
+        self.fanout = resolve_fanout(fanout, self.device)
         self.max_fanout = max_fanout
         # How a fanned group's values move (engine/fanrun.py): "fused" (fold form, BN -> [add ->]
         # ReLU as one affine_relu), "fold" (fold form, torch ops), "unfolded" (a K·B batch after
