@@ -69,8 +69,9 @@ class Analysis:
                 f"units={len(self.units)}, rows={len(self.table)}, n={self.run.get('n')})")
 
     def plot(self, path: str | os.PathLike[str] | None = None, kind: str = "heatmap") -> Path:
-        """Draw the paper-style heatmap (`kind="heatmap"`) or distance plot (`"distances"`) into
-        `path`, in the format its suffix names (`.png`, `.pdf`, `.svg`, ...; PNG for any other)."""
+        """Draw the paper-style heatmap (`kind="heatmap"`) or distance plot (`"distances"`) to
+        `path` (default: the out dir's heatmap.png / distances.png), in the format its suffix
+        names (`fig.pdf`, `fig.svg`; PNG without a suffix)."""
         from layerfast import report
 
         if path is None:

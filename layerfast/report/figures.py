@@ -364,16 +364,29 @@ def _draw_grid(
     return im
 
 
+def _image_format(path: str | os.PathLike[str]) -> str:
+    """The format `path`'s suffix names, as matplotlib's `savefig` reads it; PNG without one.
+
+    A fixed `format="png"` wrote PNG bytes into `res.plot("fig.pdf")`, which a PDF viewer or
+    LaTeX then refuses. A suffix matplotlib cannot write is refused before anything is drawn
+    (its own savefig raises for it too)."""
+    suffix = Path(path).suffix[1:].lower()
+    if not suffix:
+        return "png"
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if suffix not in supported:
+        raise LayerfastError(
+            f"cannot write a figure to {os.fspath(path)}: matplotlib knows no format "
+            f"{suffix!r}; use one of {', '.join(sorted(supported))}"
+        )
+    return suffix
+
+
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Write `fig` to `path` atomically, in the format its suffix names where matplotlib writes
-    it (`.pdf`, `.svg`, ...), else as a PNG. Always PNG, `res.plot("fig.pdf")` wrote PNG bytes
-    into a file no PDF reader opens."""
+    """Write `fig` to `path` atomically, in the format its suffix names (`_image_format`)."""
     target = Path(path)
-    fmt = target.suffix[1:].lower()
-    if fmt not in fig.canvas.get_supported_filetypes():
-        fmt = "png"
     with atomic_path(target) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=_DPI, facecolor="white")
+        fig.savefig(tmp, format=_image_format(target), dpi=_DPI, facecolor="white")
     return target
 
 
@@ -388,8 +401,9 @@ def _baseline(table: pd.DataFrame) -> tuple[float | None, int | None]:
 
 
 def heatmap(table: pd.DataFrame, path: str | os.PathLike[str], title: str | None = None) -> Path:
-    """Write `heatmap_figure(table, title)` to `path` (atomically; the format its suffix names,
-    else PNG); returns the path."""
+    """Write `heatmap_figure(table, title)` to `path` (atomically), in the format its suffix
+    names (PNG without one); returns the path."""
+    _image_format(path)  # a suffix matplotlib cannot write is refused before the drawing
     return _save(heatmap_figure(table, title), path)
 
 
@@ -457,8 +471,9 @@ def _norm_for(grid: np.ndarray) -> tuple[Normalize, bool]:
 
 
 def distance_plot(distances_df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write `distance_figure(distances_df)` to `path` (atomically; the format its suffix
-    names, else PNG); returns the path."""
+    """Write `distance_figure(distances_df)` to `path` (atomically), in the format its suffix
+    names (PNG without one); returns the path."""
+    _image_format(path)  # a suffix matplotlib cannot write is refused before the drawing
     return _save(distance_figure(distances_df), path)
 
 
