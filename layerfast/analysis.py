@@ -686,6 +686,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | None = None, s
                     "data": data, "split": split, "max_samples": max_samples, "n": n_done,
                     "num_classes": engine["num_classes"], "device": str(ev.device),
                     "precision": ev.precision, "channels_last": ev.channels_last,
+                    "fanout": ev.fanout,  # what ran (--fanout auto is on for CUDA only)
                     "batch_size": ev.batch_size, "granularity": granularity,
                     "units": [u.name for u in unit_list], "patterns": patterns, "bn": bn,
                     "reset": resets, "evaluated_checkpoints": taus, "seeds": seed_list,

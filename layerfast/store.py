@@ -269,7 +269,8 @@ def _what_differs(diff: list[str]) -> str:
         parts.append("a run over checkpoint files that have changed since")
     if "data_files" in diff:  # the key analysis keeps the data's files under
         parts.append("a run over data files that have changed since")
-    elif "n" in diff and "files" not in diff:
+    elif "n" in diff and "files" not in diff and "max_samples" not in diff:
+        # (another --max-samples is another n: already said as an argument)
         parts.append("a run over data with another number of samples")
     plan = [k for k in diff if k in _PLAN_KEYS]
     if plan:

@@ -148,3 +148,33 @@ def test_python_api_raises_layerfast_error_for_a_refused_path(tmp_path) -> None:
         with pytest.raises(LayerfastError, match="cannot access .*File name too long"):
             call()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_json_records_fanout_and_report_points_into_a_demo_dir(ckpts, tmp_path) -> None:
+    """run.json recorded the fan-out's plan but not whether it was on (`--fanout auto` is on
+    for CUDA only); `layerfast report DEMO_OUT` said "no results.csv" without pointing to the
+    `analysis/` folder the demo writes its run into."""
+    import json
+
+    import layerfast
+    from layerfast.report import summary
+
+    out = tmp_path / "demo" / "analysis"
+    kw = dict(data="digits", device="cpu", out=out, progress=False, reset="reinit",
+              checkpoints=[0], max_samples=40, figures=False)
+    layerfast.analyze("fcn3x256", ckpts, fanout="on", **kw)
+    assert json.loads((out / "run.json").read_text())["fanout"] is True
+    with pytest.raises(LayerfastError, match=r"writes its analysis to .*demo/analysis: layerfast "
+                                             r"report .*demo/analysis"):
+        summary(tmp_path / "demo")
+
+
+def test_a_refused_resume_does_not_say_max_samples_twice(ckpts, tmp_path) -> None:
+    import layerfast
+
+    kw = dict(data="digits", device="cpu", out=tmp_path / "r", progress=False, reset="reinit",
+              checkpoints=[0], figures=False)
+    layerfast.analyze("fcn3x256", ckpts, max_samples=50, **kw)
+    with pytest.raises(LayerfastError) as exc:
+        layerfast.analyze("fcn3x256", ckpts, max_samples=40, **kw)
+    assert "max_samples" in str(exc.value) and "another number of samples" not in str(exc.value)

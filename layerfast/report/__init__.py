@@ -82,9 +82,12 @@ def _read(out: Path):
         raise LayerfastError(f"{out} is not a directory (expected a layerfast --out directory)")
     results = out / "results.csv"
     if not results.is_file():
+        inner = out / "analysis"  # `layerfast demo --out DIR` analyzes into DIR/analysis
+        hint = (f"; `layerfast demo` writes its analysis to {inner}: layerfast report {inner}"
+                if (inner / "results.csv").is_file() else "")
         raise LayerfastError(
             f"{results} not found: {out} does not look like a finished layerfast run "
-            "(expected results.csv from `layerfast analyze --out DIR`)"
+            f"(expected results.csv from `layerfast analyze --out DIR`){hint}"
         )
     dist_path = out / "distances.csv"
     return read_results(results), read_distances(dist_path) if dist_path.is_file() else None
