@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from layerfast.engine.graph import Program, Ref
+from layerfast.engine.graph import Program, Ref, refs_in
 from layerfast.engine.tracing import global_hooks
 
 #: Modules that act on each channel (and sample) alone, with no parameters of their own: the
@@ -355,7 +355,18 @@ def fan_plan(prog: Program, start: int, keys: set[str]) -> FanPlan | None:
         if not _step_is_batchwise(prog, i, fanned, dims) or not _writes_ok(prog, i, fanned):
             return None
     batch = _closure(prog, {prog.carrier[start] if start else 0}, -1)
+    if not all(_reads_batch(prog.steps[i], batch) for i in seeds):
+        return None
     return FanPlan(start, mods, fanned, batch, dims)
+
+
+def _reads_batch(s, batch: set[int]) -> bool:
+    """Whether call `s` of an overridden module reads a per-sample value (one derived from
+    the batch). Applied to a parameter or buffer (`self.proj(self.tok)`, a [1, D] token), its
+    K outputs are stacked as a [K, ...] "batch" whose dim 0 is the variants, not K·B samples:
+    broadcast against a per-sample [B, 1, D] value it gives [K·B, K, D], and `h[:, 0]` then
+    gave every variant variant 0's token, silently."""
+    return any(r in batch for r in refs_in(s.args) + refs_in(s.kwargs))
 
 
 def _writes_ok(prog: Program, i: int, fanned: set[int]) -> bool:
