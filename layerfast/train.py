@@ -77,7 +77,23 @@ _STAGE_ON_GPU_BYTES = 2 << 30
 _EVAL_BATCH = 1024
 
 
-def checkpoint_schedule(epochs: int, checkpoints: Sequence[int] | None = None) -> list[int]:
+def _checkpoint_text(text: str) -> list[int]:
+    """`"0,1,10"`, the CLI's `--checkpoints` form (`analyze(checkpoints="0,1")` takes it too).
+
+    As the CLI, an empty text or item (`""`, `"1,,2"`: a typo) is refused rather than dropped:
+    an empty list would save only 0 and the last epoch, the opposite of the default schedule."""
+    parts = text.split(",")
+    try:
+        if not all(p.strip() for p in parts):
+            raise ValueError(text)
+        return [int(p) for p in parts]
+    except ValueError:
+        raise LayerfastError(
+            f"checkpoints: expected epochs like 0,1,10; got {text!r}") from None
+
+
+def checkpoint_schedule(epochs: int,
+                        checkpoints: Sequence[int] | str | None = None) -> list[int]:
     """The epochs τ at which to save, sorted and unique; 0 and `epochs` are always included.
 
     Default (None): the paper's 0, 1, 2, 3, 8, 40, 90, 100 for a 100-epoch run. For any other
@@ -85,7 +101,8 @@ def checkpoint_schedule(epochs: int, checkpoints: Sequence[int] | None = None) -
     later ones are scaled, τ' = round_half_up(τ·epochs/100), then deduplicated: 10 epochs ->
     0,1,2,3,4,9,10; 20 -> 0,1,2,3,8,18,20; 5 -> 0,1,2,3,5; 200 -> 0,1,2,3,16,80,180,200.
     An explicit list is used as given (each τ in 0..epochs), plus 0 and `epochs`: τ=0 is the
-    re-initialization target and the final model is what training produced.
+    re-initialization target and the final model is what training produced. A string is the
+    CLI's form, `"0,1,10"`, so `train(checkpoints=...)` takes what `--checkpoints` takes.
     """
     if not is_int(epochs) or epochs < 1:
         raise LayerfastError(f"epochs must be a positive integer, got {epochs!r}")
@@ -94,7 +111,9 @@ def checkpoint_schedule(epochs: int, checkpoints: Sequence[int] | None = None) -
         late = (math.floor(t * epochs / 100 + 0.5) for t in PAPER_CHECKPOINTS if t not in _EARLY)
         taus = {t for t in _EARLY if t <= epochs} | set(late)
     else:
-        if isinstance(checkpoints, (str, bytes)) or not isinstance(checkpoints, Iterable):
+        if isinstance(checkpoints, str):
+            checkpoints = _checkpoint_text(checkpoints)
+        if isinstance(checkpoints, bytes) or not isinstance(checkpoints, Iterable):
             raise LayerfastError(
                 f"checkpoints must be a list of epochs such as [0, 1, 10], got {checkpoints!r}"
             )
@@ -403,7 +422,7 @@ def train(
     data: str,
     epochs: int,
     out: str | os.PathLike[str],
-    checkpoints: Sequence[int] | None = None,
+    checkpoints: Sequence[int] | str | None = None,
     batch_size: int = 128,
     lr: float = 0.1,
     momentum: float = 0.9,

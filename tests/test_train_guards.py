@@ -91,7 +91,7 @@ def test_batchnorm_model_on_batches_of_one_is_bad_input(models):
     "kw",
     [
         {"checkpoints": 5},  # TypeError: 'int' object is not iterable
-        {"checkpoints": "0,1"},
+        {"checkpoints": "0,,1"},  # a typo; "0,1" is the CLI form, taken (test_train_s17)
         {"out": None},  # TypeError from pathlib
         {"out": 5},
         {"max_samples": True},  # trained on one sample, manifest "max_samples": true

@@ -1,0 +1,38 @@
+"""`layerfast.train` as a researcher calls it from Python: the option forms the CLI accepts mean
+the same thing there (DESIGN §1: the CLI never holds logic the Python API lacks), and the
+returned manifest is the JSON one on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from layerfast.errors import LayerfastError
+from layerfast.train import checkpoint_schedule, train
+
+
+def _tiny(out: Path, **kw) -> dict:
+    args = {"arch": "fcn1x4", "data": "digits", "epochs": 3, "max_samples": 40,
+            "progress": False, "device": "cpu", **kw}  # fmt: skip
+    return train(out=out, **args)
+
+
+def test_checkpoints_as_the_clis_text_form():
+    """`layerfast train --checkpoints 0,1` works; `train(checkpoints="0,1")` was refused
+    ("must be a list of epochs"), though `analyze(checkpoints="0,1")` takes that form."""
+    assert checkpoint_schedule(10, "5,2,5") == [0, 2, 5, 10]
+    assert checkpoint_schedule(10, " 1, 3 ") == [0, 1, 3, 10]
+
+
+@pytest.mark.parametrize("text", ["", "1,,2", "a", "1.5", "0,11"])
+def test_bad_checkpoint_text_is_refused_like_the_cli(text):
+    with pytest.raises(LayerfastError, match="checkpoint"):
+        checkpoint_schedule(10, text)
+
+
+def test_train_takes_checkpoints_as_text(tmp_path):
+    man = _tiny(tmp_path / "run", checkpoints="1")
+    assert [c["epoch"] for c in man["checkpoints"]] == [0, 1, 3]
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == [
+        "epoch_000.pt", "epoch_001.pt", "epoch_003.pt"]
