@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import os
 import re
 import time
@@ -447,6 +448,7 @@ def train(
     "cuda", "cuda:1", ...
     """
     taus = checkpoint_schedule(epochs, checkpoints)
+    epochs = int(epochs)  # a numpy integer or 0-d tensor too: the returned manifest is the JSON
     if schedule not in SCHEDULES:
         raise LayerfastError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     batch_size = count(batch_size, "batch_size")
@@ -454,8 +456,12 @@ def train(
         raise LayerfastError("batch_size must be a positive integer; got None")
     max_samples = count(max_samples, "max_samples")  # numpy integers too: the manifest is JSON
     for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        # any real number (np.float32 too, as analyze's threshold), never a bool
+        if isinstance(v, bool) or not (isinstance(v, numbers.Real) and math.isfinite(v)
+                                       and v >= 0):
             raise LayerfastError(f"{name} must be a finite number >= 0, got {v!r}")
+    # plain floats: the manifest is JSON, and the returned dict should equal what it holds
+    lr, momentum, weight_decay = float(lr), float(momentum), float(weight_decay)
     if momentum >= 1:  # the velocity would never decay: the run diverges, blamed on the lr
         raise LayerfastError(f"momentum must be below 1 (0.9 is usual), got {momentum!r}")
     _check_seed(seed)

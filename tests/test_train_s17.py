@@ -4,9 +4,12 @@ returned manifest is the JSON one on disk."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from layerfast.errors import LayerfastError
 from layerfast.train import checkpoint_schedule, train
@@ -36,3 +39,23 @@ def test_train_takes_checkpoints_as_text(tmp_path):
     assert [c["epoch"] for c in man["checkpoints"]] == [0, 1, 3]
     assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == [
         "epoch_000.pt", "epoch_001.pt", "epoch_003.pt"]
+
+
+@pytest.mark.parametrize("epochs", [np.int64(2), torch.tensor(2)])
+def test_returned_manifest_equals_the_json_written(tmp_path, epochs):
+    """`train(epochs=np.int64(2))` returned a manifest whose "epochs" was the numpy integer (a
+    tensor for `torch.tensor(2)`), not the int manifest.json holds."""
+    man = _tiny(tmp_path / "run", epochs=epochs)
+    assert type(man["epochs"]) is int
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text()) == man
+
+
+def test_hyper_parameters_as_numpy_floats(tmp_path):
+    """`lr=np.float32(0.05)` (a notebook's value) was refused as "must be a finite number",
+    though `analyze(threshold=np.float32(...))` takes any real number; recorded as floats."""
+    man = _tiny(tmp_path / "run", epochs=1, lr=np.float32(0.05), momentum=np.float32(0.5),
+                weight_decay=np.float64(1e-4))
+    saved = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert saved["lr"] == man["lr"] == float(np.float32(0.05))
+    assert saved["momentum"] == 0.5 and saved["weight_decay"] == 1e-4
+    assert all(type(man[k]) is float for k in ("lr", "momentum", "weight_decay"))
