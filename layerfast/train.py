@@ -420,7 +420,7 @@ def _gather(source: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 @exclusive
 def train(
     arch: str,
-    data: str,
+    data: str | os.PathLike[str],
     epochs: int,
     out: str | os.PathLike[str],
     checkpoints: Sequence[int] | str | None = None,
@@ -447,6 +447,8 @@ def train(
     with an analysis of the same checkpoints. `device`: "auto" (CUDA when visible), "cpu",
     "cuda", "cuda:1", ...
     """
+    if isinstance(data, os.PathLike):  # Path("x.npz"), as `out` may be: recorded as its string
+        data = os.fspath(data)
     taus = checkpoint_schedule(epochs, checkpoints)
     epochs = int(epochs)  # a numpy integer or 0-d tensor too: the returned manifest is the JSON
     if schedule not in SCHEDULES:

@@ -59,3 +59,34 @@ def test_hyper_parameters_as_numpy_floats(tmp_path):
     assert saved["lr"] == man["lr"] == float(np.float32(0.05))
     assert saved["momentum"] == 0.5 and saved["weight_decay"] == 1e-4
     assert all(type(man[k]) is float for k in ("lr", "momentum", "weight_decay"))
+
+
+def _npz(path: Path) -> Path:
+    r = np.random.default_rng(0)
+    np.savez(path, x_train=r.random((40, 1, 4, 4)).astype(np.float32),
+             y_train=r.integers(0, 3, 40), x_test=r.random((12, 1, 4, 4)).astype(np.float32),
+             y_test=r.integers(0, 3, 12))  # fmt: skip
+    return path
+
+
+def test_data_as_a_path_object(tmp_path):
+    """`train(arch, Path("x.npz"), ...)` (as `out=Path(...)` is taken) was refused as "unknown
+    data spec 'x.npz': empty", a message that names a problem the value does not have; so was
+    `analyze(data=Path(...))`. A path-like is its path string; the manifest records it so."""
+    from layerfast.analysis import analyze
+
+    data = _npz(tmp_path / "d.npz")
+    man = _tiny(tmp_path / "run", data=data, epochs=1)
+    assert man["data"] == str(data)
+    res = analyze("fcn1x4", tmp_path / "run", data=data, reset="fullmodel", device="cpu",
+                  out=tmp_path / "an", progress=False, figures=False)  # fmt: skip
+    assert res.run["data"] == str(data)
+    full = res.table[res.table["kind"] == "fullmodel"]
+    assert list(full["error"]) == [c["test_error"] for c in man["checkpoints"]]
+
+
+def test_data_of_another_type_is_named_as_such():
+    from layerfast.data import open_data
+
+    with pytest.raises(LayerfastError, match="string"):
+        open_data(5)  # type: ignore[arg-type]

@@ -79,8 +79,13 @@ def absolute_spec(spec: str, base: str | os.PathLike[str] | None = None) -> str:
 def open_data(spec: str, split: str = "test", max_samples: int | None = None) -> DataSource:
     """Open dataset `spec` (see VALID_SPECS and docs/data.md) for `split` ('test' or 'train'),
     keeping only the first `max_samples` samples when given."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise _unknown(str(spec), "empty")
+    if isinstance(spec, os.PathLike):  # Path("x.npz"): a PATH spec, as `--data x.npz`
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):  # was "unknown data spec '5': empty", a wrong reason
+        raise LayerfastError(f"a data spec is a string such as 'digits' or 'PATH.npz'; got "
+                             f"{type(spec).__name__} {spec!r}")
+    if not spec.strip():
+        raise _unknown(spec, "empty")
     if split not in SPLITS:
         raise LayerfastError(f"split must be 'test' or 'train', got {split!r}")
     check_max_samples(max_samples)
