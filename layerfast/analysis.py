@@ -126,7 +126,8 @@ def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:
     return list(dict.fromkeys(integers(checkpoints, "checkpoints")))
 
 
-def _data_spec(data: str | os.PathLike[str] | None, ckpts: str | os.PathLike[str]) -> tuple[str, Path | None]:
+def _data_spec(data: str | os.PathLike[str] | None,
+               ckpts: str | os.PathLike[str]) -> tuple[str, Path | None]:
     """`data`, or the spec the checkpoint directory's manifest.json names when it is None;
     and that manifest's path (None when `data` was given), for the run to say so once it has
     validated (a bad-input error stays one line).
@@ -541,8 +542,8 @@ def _keeps_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
 @exclusive  # outside _keeps_rng: the saved random state is this call's own
 @_keeps_rng
 def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[str] | None = None,
-            split: str = "test",
-            granularity: str = "layer", units: str | Sequence[str] | None = None,
+            split: str = "test", granularity: str = "layer",
+            units: str | Sequence[str] | None = None,
             bn: str = "with-layer", reset: str | Sequence[str] | None = RESETS,
             checkpoints: str | int | Iterable[int] = "all",
             seeds: int | str | Iterable[int] = 1,

@@ -4,7 +4,9 @@
 Asserted: the exact invariants that must hold whatever the data shows —
 - a reset to the final τ equals the baseline bit for bit;
 - `fullmodel@τ` equals checkpoint τ's own test error recorded by the trainer (exact counts);
-- the distance at τ0 is 0.
+- the distance at τ0 is 0;
+- every reset row's counts equal the naive loop's (reset, full forward, count) on the
+  trained checkpoints, fp32.
 Whether Fashion-MNIST shows the paper's pattern (layer 1 critical at init, layers 2-4 robust,
 re-randomization near chance) is a finding, printed and recorded in docs/reproduction.md, and
 deliberately NOT asserted.
@@ -53,6 +55,32 @@ def test_fcn_fashion_mnist_invariants(tmp_path):
     for c in man["checkpoints"]:
         row = full[full["checkpoint"] == c["epoch"]].iloc[0]
         assert n - round(row["error"] * n) == c["test_correct"], c
+
+    # Every reset row against the naive loop (reset, full forward, count) on the trained
+    # checkpoints. The two checks above can hold without the engine's swap or prefix path
+    # running at all (a variant equal to the final model is scored from the baseline's logits),
+    # so this is what ties the reinit rows at τ < final to the trained weights.
+    import torch
+
+    from layerfast.data import open_data, to_device
+    from layerfast.engine import naive_evaluate
+    from layerfast.models import build_model
+
+    src = open_data("fashion-mnist")
+    model, _ = build_model("fcn3x256", 10, tuple(src.shape))
+    sd = {c["epoch"]: torch.load(tmp_path / "ckpts" / c["file"], weights_only=True)
+          for c in man["checkpoints"]}
+    model.load_state_dict(sd[final])
+    variants, rows = [], []
+    for u in units:
+        for tau in sorted(sd):
+            variants.append({k: v for k, v in sd[tau].items() if k.startswith(f"{u}.")})
+            rows.append(reinit[(reinit["unit"] == u) & (reinit["checkpoint"] == tau)].iloc[0])
+    assert len(rows) == 4 * len(man["checkpoints"]) and all(len(v) == 2 for v in variants)
+    counts = naive_evaluate(
+        model, variants, lambda: (to_device(x, y, src, "cpu") for x, y in src.batches(1000)))
+    for row, c in zip(rows, counts.tolist(), strict=True):
+        assert (n - round(row["error"] * n), round(row["agreement"] * n)) == (c[0], c[3]), row
 
     d = res.distances
     at0 = d[d["checkpoint"].astype(str) == "0"]
