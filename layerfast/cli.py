@@ -15,18 +15,15 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from layerfast.errors import LayerfastError, output_failed, say
+from layerfast.options import int_list
 
 
 def _int_list(text: str) -> list[int]:
-    """`0,1,10`; an empty list (`--checkpoints ""` saved only 0 and the last epoch, the
-    opposite of the default schedule) or an empty item (`1,,2`, a typo) is refused."""
-    parts = text.split(",")
+    """`--checkpoints 0,1,10` (`options.int_list`), as argparse's error."""
     try:
-        if not all(p.strip() for p in parts):
-            raise ValueError(text)
-        return [int(t) for t in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 0,1,10; got {text!r}") from None
+        return int_list(text, "checkpoints")
+    except LayerfastError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
 
 
 def _seeds(text: str) -> int | list[int]:

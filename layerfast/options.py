@@ -59,3 +59,17 @@ def count(value: object, flag: str) -> int | None:
 #: bound keeps a typo such as `--seeds 10000000` a clear error instead of a variant list that
 #: exhausts memory.
 MAX_SEEDS = 1000
+
+
+def int_list(text: str, what: str) -> list[int]:
+    """`"0,1,10"`, a comma-separated list as `--checkpoints` takes it (the CLI and
+    `train(checkpoints="0,1")` read it here). An empty text or item (`""`, `"1,,2"`: a typo)
+    is refused rather than dropped: an empty list would save only 0 and the last epoch, the
+    opposite of the default schedule."""
+    parts = text.split(",")
+    try:
+        if not all(p.strip() for p in parts):
+            raise ValueError(text)
+        return [int(p) for p in parts]
+    except ValueError:
+        raise LayerfastError(f"{what}: expected integers like 0,1,10; got {text!r}") from None

@@ -66,7 +66,7 @@ from layerfast.errors import (
 )
 from layerfast.exclusive import exclusive
 from layerfast.models import build_model, input_dtype
-from layerfast.options import count, is_int
+from layerfast.options import count, int_list, is_int
 from layerfast.rng import forked_host_generators, seeded_host_generators
 
 PAPER_CHECKPOINTS: tuple[int, ...] = (0, 1, 2, 3, 8, 40, 90, 100)
@@ -76,21 +76,6 @@ _FILE_RE = re.compile(r"^epoch_\d+\.pt$")
 _TMP_RE = re.compile(r"^\.(epoch_\d+\.pt|manifest\.json)\..+\.tmp$")
 _STAGE_ON_GPU_BYTES = 2 << 30
 _EVAL_BATCH = 1024
-
-
-def _checkpoint_text(text: str) -> list[int]:
-    """`"0,1,10"`, the CLI's `--checkpoints` form (`analyze(checkpoints="0,1")` takes it too).
-
-    As the CLI, an empty text or item (`""`, `"1,,2"`: a typo) is refused rather than dropped:
-    an empty list would save only 0 and the last epoch, the opposite of the default schedule."""
-    parts = text.split(",")
-    try:
-        if not all(p.strip() for p in parts):
-            raise ValueError(text)
-        return [int(p) for p in parts]
-    except ValueError:
-        raise LayerfastError(
-            f"checkpoints: expected epochs like 0,1,10; got {text!r}") from None
 
 
 def checkpoint_schedule(epochs: int,
@@ -113,7 +98,7 @@ def checkpoint_schedule(epochs: int,
         taus = {t for t in _EARLY if t <= epochs} | set(late)
     else:
         if isinstance(checkpoints, str):
-            checkpoints = _checkpoint_text(checkpoints)
+            checkpoints = int_list(checkpoints, "checkpoints")
         if isinstance(checkpoints, bytes) or not isinstance(checkpoints, Iterable):
             raise LayerfastError(
                 f"checkpoints must be a list of epochs such as [0, 1, 10], got {checkpoints!r}"

@@ -6,24 +6,13 @@ copy per variant, `load_state_dict`, full forward) and fails on the code it was 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
 from layerfast.engine import Evaluator
 from layerfast.engine.fanrun import GLUE_MODES
-
-
-def _naive(model: nn.Module, variants: list[dict], x: torch.Tensor) -> torch.Tensor:
-    out = []
-    for ov in variants:
-        m = copy.deepcopy(model).eval()
-        m.load_state_dict(ov, strict=False)
-        with torch.no_grad():
-            out.append(m(x))
-    return torch.stack(out)
+from tests.test_engine_fuzz2 import _naive  # eager logits of each variant, one by one
 
 
 def _engine(model: nn.Module, variants: list[dict], x, y, **kw) -> torch.Tensor:
