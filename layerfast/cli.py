@@ -390,7 +390,7 @@ def _analyze(args: argparse.Namespace) -> int:
         final=args.final,
         fresh=args.fresh,
         progress=not args.quiet,
-        fanout={"auto": None, "on": True, "off": False}[args.fanout],
+        fanout=args.fanout,
         layout=args.layout,
     )
     print(res.summary())
