@@ -353,7 +353,8 @@ def _acquire_lock(out: Path, name: str = LOCKNAME, target: Path | None = None,
     try:
         fh = open(out / name, "a+")  # noqa: SIM115 - held open for the store's lifetime
     except OSError as exc:
-        raise LayerfastError(f"cannot write to the out dir {out}: {exc.strerror or exc}") from None
+        what = f"the out dir {out}" if target == out else f"{out}, the folder of {target.name}"
+        raise LayerfastError(f"cannot write to {what}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
