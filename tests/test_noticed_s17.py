@@ -178,3 +178,13 @@ def test_a_refused_resume_does_not_say_max_samples_twice(ckpts, tmp_path) -> Non
     with pytest.raises(LayerfastError) as exc:
         layerfast.analyze("fcn3x256", ckpts, max_samples=40, **kw)
     assert "max_samples" in str(exc.value) and "another number of samples" not in str(exc.value)
+
+
+def test_report_refuses_a_results_csv_with_a_header_only(tmp_path) -> None:
+    """A header-only results.csv (a cut or emptied file) printed "no baseline row" and an
+    empty table with exit 0."""
+    from layerfast.report.tables import COLUMNS, read_results
+
+    (tmp_path / "results.csv").write_text(",".join(COLUMNS) + "\n")
+    with pytest.raises(LayerfastError, match="a header but no rows"):
+        read_results(tmp_path / "results.csv")

@@ -225,8 +225,8 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     checked); interp rows' `alpha` and `sigma` finite, which other rows leave empty; error,
     its interval, top5_error and agreement in [0, 1], delta_error in [-1, 1], and error,
     its interval, agreement and delta_error present wherever n > 0; loss >= 0, inf or empty (a
-    re-randomized unit can overflow it to inf); and no variant (unit, kind, checkpoint, seed,
-    alpha, sigma) listed twice.
+    re-randomized unit can overflow it to inf); at least one row; and no variant (unit, kind,
+    checkpoint, seed, alpha, sigma) listed twice.
     """
     p = Path(path)
     df = _read(
@@ -236,6 +236,9 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
         ("unit", "kind", "verdict"),
         INTERP_COLUMNS,
     )
+    if df.empty:  # analyze always writes the baseline row; a header alone is a cut file
+        raise LayerfastError(f"{p} has a header but no rows (expected the results of a "
+                             "layerfast run, at least its baseline row)")
     for col in ("unit", "kind"):
         _checked(p, df, col, df[col], (df[col] == "").to_numpy(), "a name")
     n_list = _ints(p, df, "n")
