@@ -188,3 +188,16 @@ def test_report_refuses_a_results_csv_with_a_header_only(tmp_path) -> None:
     (tmp_path / "results.csv").write_text(",".join(COLUMNS) + "\n")
     with pytest.raises(LayerfastError, match="a header but no rows"):
         read_results(tmp_path / "results.csv")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_index_without_a_gpu_is_named_as_given() -> None:
+    """`--device cuda:7` without a GPU said "--device cuda was asked for"."""
+    import torch
+
+    from layerfast.engine.precision import resolve_device
+
+    with pytest.raises(LayerfastError, match=r"--device cuda:7 was asked for"):
+        resolve_device("cuda:7")
+    with pytest.raises(LayerfastError, match=r"--device cuda was asked for"):
+        resolve_device(torch.device("cuda"))

@@ -23,7 +23,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise LayerfastError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LayerfastError("--device cuda was asked for, but torch sees no CUDA GPU here")
+        raise LayerfastError(f"--device {dev} was asked for, but torch sees no CUDA GPU here")
     n = torch.cuda.device_count() if dev.type == "cuda" else 0
     if dev.index is not None and dev.type == "cuda" and dev.index >= n:
         # else "invalid device ordinal" from deep inside the first allocation, exit 1
