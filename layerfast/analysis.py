@@ -397,6 +397,30 @@ def _versions() -> dict:
             "cuda": torch.version.cuda, "python": platform.python_version()}
 
 
+def _shape_mismatches(ck: Any, labels: list[int] | None, ref: dict[str, torch.Tensor],
+                      num_classes: int) -> tuple[bool, bool]:
+    """(any head mismatch, any other mismatch) between the checkpoints `labels` (all when None)
+    and the model's state dict `ref`. A head mismatch is a tensor whose model shape leads with
+    `num_classes` where the checkpoint's does not: only then is the data's class count the
+    likely cause. A torchvision (3-channel) checkpoint with 1-channel data mismatches only in
+    conv1.weight, and blaming the labels there sends the user the wrong way."""
+    head = other = False
+    for label in ck.labels if labels is None else labels:
+        try:
+            shapes = ck.shapes(label)
+        except LayerfastError:  # validate named what is wrong with this file already
+            continue
+        for key, shape in shapes.items():
+            want = tuple(ref[key].shape) if key in ref else None
+            if want is None or tuple(shape) == want:
+                continue
+            if want[:1] == (num_classes,) and tuple(shape[:1]) != want[:1]:
+                head = True
+            else:
+                other = True
+    return head, other
+
+
 def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split: str = "test",
           final: int | None = None, max_samples: int | None = None,
           checkpoints: str | list[int] = "all") -> tuple[Any, Any, Any, Any]:
@@ -436,11 +460,19 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
     try:
         ck.validate(model.state_dict(), labels=used)
     except LayerfastError as exc:
-        if not from_data or "shape" not in str(exc):
+        if "shape" not in str(exc):
             raise
-        raise LayerfastError(f"{exc} (the model was built for {num_classes:,} classes, "
-                             f"{where}; labels must be 0..classes-1 of the checkpoint's "
-                             "model)") from None
+        head, other = _shape_mismatches(ck, used, model.state_dict(), num_classes)
+        if head and from_data:
+            raise LayerfastError(f"{exc} (the model was built for {num_classes:,} classes, "
+                                 f"{where}; labels must be 0..classes-1 of the checkpoint's "
+                                 "model)") from None
+        if other and not head:
+            raise LayerfastError(f"{exc} (the model was built for inputs of shape "
+                                 f"{tuple(src.shape)}, the samples of {data!r} ({split}); the "
+                                 "checkpoint's model takes other inputs, or is another "
+                                 "--arch)") from None
+        raise
     ck.check_trained()  # a dir holding only τ=0 (a diverged first epoch) has no trained model
     model.load_state_dict(ck.tensors(ck.final), strict=False)
     labels = src.labels()
