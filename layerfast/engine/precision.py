@@ -97,6 +97,12 @@ def tf32_allowed(tf32: bool, cudnn: bool = True) -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32 = tf32
             if cudnn:
                 torch.backends.cudnn.allow_tf32 = tf32
+                # torch 2.9+'s legacy `allow_tf32 = False` sets conv and RNN to "none"
+                # (inherit), so a caller's cuDNN-wide or global "tf32" would still apply; name
+                # the mode explicitly (the legacy flags stay readable: conv, RNN and the legacy
+                # bit then agree).
+                for b in backends[1:3]:
+                    b.fp32_precision = "tf32" if tf32 else "ieee"
         else:  # only on a torch with the new API: the legacy read raised
             for b in backends[: 3 if cudnn else 1]:
                 b.fp32_precision = "tf32" if tf32 else "ieee"
