@@ -11,6 +11,12 @@
 
 namespace layerfast::swap {
 
+// True when x and y are the same view: the same first element, sizes and strides (two tensor
+// objects for `b[:, ::2]`, or one). Swapping such a pair is a no-op, whatever its strides.
+inline bool same_view(const at::Tensor& x, const at::Tensor& y) {
+  return x.data_ptr() == y.data_ptr() && x.sizes() == y.sizes() && x.strides() == y.strides();
+}
+
 // True when two strided views of one storage share an element. at::get_overlap_status decides
 // only dense tensors and answers TooHard for the rest (b[:, ::2][:2] against b[:, ::2][1:3]);
 // here each view's elements are marked in a flag buffer over the span the two cover together, and
@@ -77,8 +83,9 @@ inline void check_args(at::TensorList a, at::TensorList b) {
         "] has elements that share memory (e.g. an expanded tensor); it cannot be written to");
     const at::MemOverlapStatus status = at::get_overlap_status(x, y);
     TORCH_CHECK(
-        status != at::MemOverlapStatus::Partial &&
-            !(status == at::MemOverlapStatus::TooHard && strided_views_overlap(x, y)),
+        same_view(x, y) ||
+            (status != at::MemOverlapStatus::Partial &&
+             !(status == at::MemOverlapStatus::TooHard && strided_views_overlap(x, y))),
         "layerfast::swap_: a[", i, "] and b[", i,
         "] share memory without being the same view of it (they partially overlap, or cover the "
         "same memory in another order); swapping them is ill-defined");
@@ -105,7 +112,7 @@ inline bool bytewise_swappable(const at::Tensor& x, const at::Tensor& y) {
 
 // True when the pair is one and the same memory (swapping it is a no-op).
 inline bool same_memory(const at::Tensor& x, const at::Tensor& y) {
-  return at::get_overlap_status(x, y) == at::MemOverlapStatus::Full;
+  return same_view(x, y) || at::get_overlap_status(x, y) == at::MemOverlapStatus::Full;
 }
 
 // Fallback for pairs that are not bytewise_swappable: three copies through a temporary.

@@ -201,3 +201,18 @@ def test_a_cuda_index_without_a_gpu_is_named_as_given() -> None:
         resolve_device("cuda:7")
     with pytest.raises(LayerfastError, match=r"--device cuda was asked for"):
         resolve_device(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_swap_of_one_strided_view_with_itself_is_a_no_op(device) -> None:
+    """The strided-overlap check (session 17) refused two objects of the same gapped view
+    (`b[:, ::2]` twice), which the op documents as a no-op, and which it was before."""
+    import torch
+
+    from layerfast import ops
+
+    b = torch.arange(24.0, device=device).reshape(4, 6)
+    ops.swap_([b[:, ::2], b[1:, 1::3]], [b[:, ::2], b[1:, 1::3]])
+    v = b[::2, 1:]
+    ops.swap_([v], [v])
+    assert torch.equal(b.cpu(), torch.arange(24.0).reshape(4, 6))
