@@ -350,6 +350,32 @@ def _acquire_lock(out: Path, name: str = LOCKNAME, target: Path | None = None,
     if fcntl is None:
         return None
     target = out if target is None else target
+    # train and convert unlink their lock file just before they close it: a run that opened
+    # the old file meanwhile would hold a lock on a file no longer at the path, beside a third
+    # run locking a new one. So the lock counts only on the file still at the path; else retry.
+    for _ in range(8):
+        fh = _locked_file(out, name, target, flag)
+        if fh is None:
+            return None
+        try:
+            if os.fstat(fh.fileno()).st_ino == os.stat(out / name).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()
+    else:
+        raise LayerfastError(f"cannot lock {out / name}: it was replaced 8 times in a row")
+    with contextlib.suppress(OSError):
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+    return fh
+
+
+def _locked_file(out: Path, name: str, target: Path, flag: str) -> IO[str] | None:
+    """`out/name` opened and flocked (`_acquire_lock`), None where the file system has no
+    locks, or the one-line refusal when another run holds it."""
     try:
         fh = open(out / name, "a+")  # noqa: SIM115 - held open for the store's lifetime
     except OSError as exc:
@@ -371,9 +397,4 @@ def _acquire_lock(out: Path, name: str = LOCKNAME, target: Path | None = None,
         who = f" (pid {pid})" if pid.isdigit() else ""
         raise LayerfastError(f"another layerfast run{who} is writing to {target}; wait for it "
                              f"to finish, or choose another {flag}") from None
-    with contextlib.suppress(OSError):
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
     return fh

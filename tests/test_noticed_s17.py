@@ -216,3 +216,32 @@ def test_swap_of_one_strided_view_with_itself_is_a_no_op(device) -> None:
     v = b[::2, 1:]
     ops.swap_([v], [v])
     assert torch.equal(b.cpu(), torch.arange(24.0).reshape(4, 6))
+
+
+def test_a_lock_on_a_file_no_longer_at_the_path_does_not_count(tmp_path, monkeypatch) -> None:
+    """train and convert unlink their lock file just before closing it. A run that had opened
+    the old file took its lock afterwards and went on, beside a third run that had locked a
+    new file at the path: two writers of one target."""
+    import builtins
+
+    from layerfast import store
+
+    fh1 = store._acquire_lock(tmp_path)  # run 1 holds the lock
+    stale = open(tmp_path / store.LOCKNAME, "a+")  # noqa: SIM115 - run 2 opened the file...
+    (tmp_path / store.LOCKNAME).unlink()  # ...before run 1 unlinked it and closed
+    fh1.close()
+    fh3 = store._acquire_lock(tmp_path)  # run 3 locks a new file at the path
+    real_open, calls = builtins.open, []
+
+    def run2_open(path, *args, **kwargs):  # run 2's first open is the stale one
+        calls.append(path)
+        return stale if len(calls) == 1 else real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", run2_open)
+    try:
+        with pytest.raises(LayerfastError, match="another layerfast run .*is writing to"):
+            store._acquire_lock(tmp_path)
+    finally:
+        monkeypatch.undo()
+        fh3.close()
+    assert len(calls) == 2 and stale.closed
