@@ -3,28 +3,9 @@ half-fixed. Each test failed on 1e31fa0."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-NEW_FP32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
-
-
-def _run_py(code: str) -> str:
-    """`code` in a fresh interpreter (torch's precision settings are process-global and a mixed
-    legacy/new state cannot be undone reliably); its last stdout line."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-W", "ignore", "-c", textwrap.dedent(code)], env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout.strip().splitlines()[-1]
+from tests.test_api_hygiene_s17 import NEW_FP32_API, _run_py  # a fresh interpreter
 
 
 @pytest.mark.skipif(not NEW_FP32_API, reason="torch without the per-backend fp32_precision API")
