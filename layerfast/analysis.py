@@ -37,7 +37,7 @@ from layerfast.errors import (
     warn,
 )
 from layerfast.exclusive import exclusive
-from layerfast.options import MAX_SEEDS, count, integers, is_int
+from layerfast.options import MAX_SEEDS, count, flag, integers, is_int
 
 if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn
     from matplotlib.figure import Figure
@@ -238,14 +238,51 @@ def _check_threshold(threshold: object) -> None:
         raise LayerfastError(f"--threshold must lie in [0, 1]; got {threshold}")
 
 
-def _check_options(threshold: float, batch_size: int | None, device: Any) -> None:
-    """Reject bad scalar options before anything is loaded or written, with the flag's name:
-    the engine would otherwise fail deep inside (or, for batch size 0, silently pick a default)."""
-    _check_threshold(threshold)
-    count(batch_size, "--batch-size")
-    from layerfast.engine.precision import resolve_device
+@dataclass(frozen=True)
+class Flags:
+    """analyze's options that need no file, device or data, parsed: `parse_flags`."""
 
-    resolve_device(device)  # up front: an unknown or absent device, before anything is read
+    resets: list[str]
+    interp: tuple[list[float], list[float]] | None  # (alphas, sigmas) with --reset interp
+    seed_list: list[int]
+    seeded: bool  # rerandom, or interp's noise, draws seeds
+    threshold: float
+    final: int | None
+    batch_size: int | None
+    max_samples: int | None
+    checkpoints: str | list[int]
+    patterns: list[str] | None
+
+
+def parse_flags(reset: str | Sequence[str] | None = RESETS, alphas: Any = None, sigma: Any = 0.0,
+                seeds: Any = 1, threshold: float = 0.05, batch_size: int | None = None,
+                max_samples: int | None = None, final: int | None = None,
+                checkpoints: Any = "all", units: str | Sequence[str] | None = None) -> Flags:
+    """Reject bad options before anything is loaded or written, each with its flag's name (the
+    engine would otherwise fail deep inside, or for batch size 0 silently pick a default).
+    `analyze` and `--list-units` share it: a dry run that accepts `--seeds 0` or
+    `--threshold 2` would pass a command that then fails."""
+    from layerfast.interp import interp_options
+
+    resets = list(RESETS) if reset is None else _parse_list(reset)
+    if not resets:  # `--reset ''` must not mean "every kind"
+        raise LayerfastError(f"--reset names no kind: choose from {', '.join(KINDS)}")
+    bad = [r for r in resets if r not in KINDS]
+    if bad:
+        raise LayerfastError(f"unknown --reset {bad[0]!r}: choose from {', '.join(KINDS)}")
+    interp = interp_options(resets, alphas, sigma)
+    seed_list = _seed_list(seeds)
+    seeded = "rerandom" in resets or (interp is not None and any(interp[1]))
+    _check_threshold(threshold)
+    if final is not None:
+        if not is_int(final):
+            raise LayerfastError(f"--final takes a checkpoint label (an integer); got {final!r}")
+        final = int(final)
+    return Flags(resets, interp, seed_list, seeded,
+                 threshold=float(threshold) + 0.0,  # np.float32 too: run.json is JSON; -0 is 0
+                 final=final, batch_size=count(batch_size, "--batch-size"),
+                 max_samples=count(max_samples, "--max-samples"),
+                 checkpoints=_parse_checkpoints(checkpoints), patterns=_parse_units(units))
 
 
 def _checkpoint_every(value: float | None) -> float:
@@ -600,38 +637,28 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[st
     Everything is validated before `out` is touched, so bad input leaves no files behind.
     """
     from layerfast.engine import Evaluator
-    from layerfast.interp import interp_options, interp_requests
+    from layerfast.interp import interp_requests
     from layerfast.models.identity import definition_id
     from layerfast.store import PREVIOUS, ResumeStore
     from layerfast.units import make_units
     from layerfast.variants import make_variants
 
     t0 = time.perf_counter()
-    resets = list(RESETS) if reset is None else _parse_list(reset)
-    if not resets:  # `--reset ''` must not mean "every kind"
-        raise LayerfastError(f"--reset names no kind: choose from {', '.join(KINDS)}")
-    bad = [r for r in resets if r not in KINDS]
-    if bad:
-        raise LayerfastError(f"unknown --reset {bad[0]!r}: choose from {', '.join(KINDS)}")
-    interp = interp_options(resets, alphas, sigma)  # (alphas, sigmas) with --reset interp
-    seed_list = _seed_list(seeds)
-    # the kinds that draw seeds: rerandom, and interp's noise
-    seeded = "rerandom" in resets or (interp is not None and any(interp[1]))
-    _check_options(threshold, batch_size, device)
-    threshold = float(threshold) + 0.0  # np.float32 too: run.json is JSON; -0 is 0
-    if final is not None:
-        if not is_int(final):
-            raise LayerfastError(f"--final takes a checkpoint label (an integer); got {final!r}")
-        final = int(final)
-    batch_size = count(batch_size, "--batch-size")
-    max_samples = count(max_samples, "--max-samples")
+    fresh, progress = flag(fresh, "fresh"), flag(progress, "progress")
+    figures = flag(figures, "figures")
+    f = parse_flags(reset, alphas, sigma, seeds, threshold, batch_size, max_samples, final,
+                    checkpoints, units)
+    resets, interp, seed_list, seeded = f.resets, f.interp, f.seed_list, f.seeded
+    threshold, final, batch_size, max_samples = f.threshold, f.final, f.batch_size, f.max_samples
+    chosen, patterns = f.checkpoints, f.patterns
+    from layerfast.engine.precision import resolve_device
+
+    resolve_device(device)  # up front: an unknown or absent device, before anything is read
     if not isinstance(ckpts, str | os.PathLike):
         raise LayerfastError(f"ckpts must be the path of a checkpoint directory; got a "
                              f"{type(ckpts).__name__} (save state dicts there with "
                              "torch.save(sd, path / 'epoch_3.pt'): docs/internals.md)")
     every = _checkpoint_every(checkpoint_every)
-    chosen = _parse_checkpoints(checkpoints)
-    patterns = _parse_units(units)
     data, named_by = _data_spec(data, ckpts)
 
     # Every `warn` from here on is also kept in run.json ("warnings"): stderr is gone when a

@@ -356,9 +356,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from layerfast.analysis import analyze, list_units
+    from layerfast.analysis import analyze, list_units, parse_flags
 
-    if args.list_units:
+    if args.list_units:  # the same checks as a real run: a dry run must not pass a bad command
+        parse_flags(args.reset, args.alphas, args.sigma, args.seeds, args.threshold,
+                    args.batch_size, args.max_samples, args.final, args.checkpoints, args.units)
         units = list_units(args.arch, args.data, args.granularity, args.units, args.bn,
                            ckpts=args.ckpts)
         for u in units:

@@ -55,6 +55,19 @@ def count(value: object, flag: str) -> int | None:
     return int(value)
 
 
+def flag(value: object, name: str) -> bool:
+    """A yes/no option as a plain bool: a bool, a numpy or 0-d tensor bool, or the integers 0
+    and 1. A string is refused: `fresh="no"` is truthy in Python and would silently discard a
+    resumable run (and `figures="false"` would draw them)."""
+    if isinstance(value, bool):
+        return value
+    if str(getattr(value, "dtype", "")) in ("bool", "torch.bool") and getattr(value, "ndim", 1) == 0:
+        return bool(value)
+    if is_int(value) and int(value) in (0, 1):  # type: ignore[call-overload]
+        return bool(int(value))  # type: ignore[call-overload]
+    raise LayerfastError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
+
+
 #: More re-randomizations per unit than any study needs (each is a variant of every unit): the
 #: bound keeps a typo such as `--seeds 10000000` a clear error instead of a variant list that
 #: exhausts memory.

@@ -66,7 +66,7 @@ from layerfast.errors import (
 )
 from layerfast.exclusive import exclusive
 from layerfast.models import build_model, input_dtype
-from layerfast.options import count, int_list, is_int
+from layerfast.options import count, flag, int_list, is_int
 from layerfast.rng import forked_host_generators, seeded_host_generators
 
 PAPER_CHECKPOINTS: tuple[int, ...] = (0, 1, 2, 3, 8, 40, 90, 100)
@@ -438,6 +438,7 @@ def train(
     epochs = int(epochs)  # a numpy integer or 0-d tensor too: the returned manifest is the JSON
     if schedule not in SCHEDULES:
         raise LayerfastError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    progress, overwrite = flag(progress, "progress"), flag(overwrite, "overwrite")
     batch_size = count(batch_size, "batch_size")
     if batch_size is None:
         raise LayerfastError("batch_size must be a positive integer; got None")
@@ -449,6 +450,9 @@ def train(
             raise LayerfastError(f"{name} must be a finite number >= 0, got {v!r}")
     # plain floats: the manifest is JSON, and the returned dict should equal what it holds
     lr, momentum, weight_decay = float(lr), float(momentum), float(weight_decay)
+    if lr == 0:  # no step moves the weights: every checkpoint would equal θ⁰
+        raise LayerfastError("lr must be above 0 (0.1 is usual for SGD): with lr 0 every "
+                             "checkpoint equals the initial weights")
     if momentum >= 1:  # the velocity would never decay: the run diverges, blamed on the lr
         raise LayerfastError(f"momentum must be below 1 (0.9 is usual), got {momentum!r}")
     _check_seed(seed)

@@ -1,0 +1,95 @@
+"""Session 18: items from the "noticed and left alone" list that are now fixed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from layerfast.cli import main
+from layerfast.errors import LayerfastError
+from layerfast.options import flag
+
+
+@pytest.mark.parametrize("value", ["no", "false", "", None, 2, 0.0, [True]])
+def test_yes_no_options_refuse_what_is_not_a_bool(value) -> None:
+    """`analyze(fresh="no")` was truthy: it discarded a resumable run's progress, and
+    `figures="false"` drew the figures."""
+    with pytest.raises(LayerfastError, match="must be True or False"):
+        flag(value, "fresh")
+
+
+@pytest.mark.parametrize("value,want", [(True, True), (False, False), (1, True), (0, False),
+                                        (np.bool_(True), True), (torch.tensor(False), False)])
+def test_yes_no_options_take_bools_and_0_1(value, want) -> None:
+    got = flag(value, "fresh")
+    assert got is want
+
+
+@pytest.mark.parametrize("kw", [{"fresh": "no"}, {"progress": "off"}, {"figures": "false"}])
+def test_analyze_refuses_a_string_for_a_yes_no_option_before_writing(kw, tmp_path) -> None:
+    from layerfast.analysis import analyze
+
+    with pytest.raises(LayerfastError, match="must be True or False"):
+        analyze("fcn3x256", tmp_path / "nothing", data="digits", out=tmp_path / "o", **kw)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kw", [{"overwrite": "yes"}, {"progress": "no"}])
+def test_train_refuses_a_string_for_a_yes_no_option_before_writing(kw, tmp_path) -> None:
+    from layerfast.train import train
+
+    with pytest.raises(LayerfastError, match="must be True or False"):
+        train("fcn3x256", "digits", 1, tmp_path / "ck", **kw)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_demo_refuses_a_string_for_progress(tmp_path) -> None:
+    from layerfast.demo import demo
+
+    with pytest.raises(LayerfastError, match="must be True or False"):
+        demo(tmp_path / "d", progress="no")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("lr", [0, 0.0, "0"])
+def test_train_refuses_a_zero_learning_rate(lr, tmp_path, capsys) -> None:
+    """`--lr 0` trained nothing: every checkpoint equalled θ⁰ and analyze measured a model at
+    chance, with only a warning about the baseline."""
+    from layerfast.train import train
+
+    if isinstance(lr, str):
+        rc = main(["train", "--arch", "fcn3x256", "--data", "digits", "--epochs", "1",
+                   "--lr", lr, "--out", str(tmp_path / "ck")])
+        assert rc == 2
+        assert "lr must be above 0" in capsys.readouterr().err
+    else:
+        with pytest.raises(LayerfastError, match="lr must be above 0"):
+            train("fcn3x256", "digits", 1, tmp_path / "ck", lr=lr)
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seeds", "0"], "--seeds takes a count"),
+    (["--threshold", "2"], "--threshold must lie in"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--max-samples", "0"], "--max-samples must be a positive integer"),
+    (["--alphas", "0.5"], "--alphas is for interpolation"),
+    (["--reset", "interp", "--alphas", "2"], "--alphas must lie in"),
+    (["--reset", "bogus"], "unknown --reset"),
+    (["--checkpoints", "x"], "--checkpoints takes"),
+])
+def test_list_units_refuses_the_flags_analyze_refuses(flags, message, capsys) -> None:
+    """`--list-units` is the dry run of a command: it listed the units (exit 0) for flags the
+    real run then refused."""
+    rc = main(["analyze", "--arch", "fcn3x256", "--list-units", *flags])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_list_units_still_lists_with_good_flags(capsys) -> None:
+    rc = main(["analyze", "--arch", "fcn3x256", "--list-units", "--seeds", "3",
+               "--reset", "reinit,interp", "--alphas", "0.5", "--threshold", "0.1"])
+    assert rc == 0
+    assert "4 units" in capsys.readouterr().out
