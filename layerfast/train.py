@@ -290,9 +290,11 @@ def _check_seed(seed: object) -> None:
 
 def _batch_sizes(n: int, batch_size: int) -> list[tuple[int, int]]:
     """The training steps' (start, stop) over `n` samples: batches of `batch_size`, a lone
-    trailing sample dropped (it would break BatchNorm's training statistics)."""
+    trailing sample dropped (it would break BatchNorm's training statistics). With
+    `batch_size` 1 every batch is one sample: none is dropped (the model's probe has already
+    refused BatchNorm on batches of one)."""
     steps = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    if len(steps) > 1 and steps[-1][1] - steps[-1][0] == 1:
+    if batch_size > 1 and len(steps) > 1 and steps[-1][1] - steps[-1][0] == 1:
         steps.pop()
     return steps
 

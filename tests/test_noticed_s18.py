@@ -93,3 +93,13 @@ def test_list_units_still_lists_with_good_flags(capsys) -> None:
                "--reset", "reinit,interp", "--alphas", "0.5", "--threshold", "0.1"])
     assert rc == 0
     assert "4 units" in capsys.readouterr().out
+
+
+def test_batch_size_one_trains_on_every_sample() -> None:
+    """With `--batch-size 1` the last sample of each epoch was dropped as a "lone trailing
+    sample" (a rule for BatchNorm, which cannot train on batches of one anyway)."""
+    from layerfast.train import _batch_sizes
+
+    assert _batch_sizes(5, 1) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert _batch_sizes(5, 2) == [(0, 2), (2, 4)]  # BatchNorm's rule stays for larger batches
+    assert _batch_sizes(1, 1) == [(0, 1)]
