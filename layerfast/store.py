@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -371,6 +372,24 @@ def _acquire_lock(out: Path, name: str = LOCKNAME, target: Path | None = None,
         fh.write(str(os.getpid()))
         fh.flush()
     return fh
+
+
+@contextlib.contextmanager
+def locked_dir(out: Path, flag: str = "out dir") -> Iterator[None]:
+    """Hold `out`'s run lock (`LOCKNAME`) while writing into a finished run's directory
+    (`layerfast report` redraws its figures): an analyze rerun writing there at the same time
+    would otherwise have its new figures replaced by ones drawn from the old CSV files. A lock
+    file this creates is removed again, as train and convert remove theirs."""
+    existed = (out / LOCKNAME).exists()
+    fh = _acquire_lock(out, flag=flag)
+    try:
+        yield
+    finally:
+        if fh is not None:
+            if not existed:
+                with contextlib.suppress(OSError):
+                    (out / LOCKNAME).unlink()
+            fh.close()
 
 
 def _locked_file(out: Path, name: str, target: Path, flag: str) -> IO[str] | None:

@@ -103,3 +103,40 @@ def test_batch_size_one_trains_on_every_sample() -> None:
     assert _batch_sizes(5, 1) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
     assert _batch_sizes(5, 2) == [(0, 2), (2, 4)]  # BatchNorm's rule stays for larger batches
     assert _batch_sizes(1, 1) == [(0, 1)]
+
+
+def _finished_run(tmp_path):
+    """A finished run's directory: results.csv written by hand (read_results checks it)."""
+    from layerfast.report.tables import COLUMNS
+
+    out = tmp_path / "run"
+    out.mkdir()
+    head = ",".join(COLUMNS)
+    base = "*,baseline,,,0.1,0.05,0.2,,0.3,1,10,0,"
+    row = "fc1,reinit,0,,0.5,0.3,0.7,,0.9,0.4,10,0.4,critical"
+    (out / "results.csv").write_text(f"{head}\n{base}\n{row}\n")
+    return out
+
+
+def test_report_refuses_while_a_run_writes_into_the_dir(tmp_path, capsys) -> None:
+    """`layerfast report` took no lock: beside an analyze rerun into the same directory it
+    replaced the new figures with ones drawn from the old CSV files."""
+    from layerfast.store import _acquire_lock
+
+    out = _finished_run(tmp_path)
+    held = _acquire_lock(out)  # what a running analyze holds (a second open file: flock conflicts)
+    try:
+        rc = main(["report", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and "another layerfast run" in err and "Traceback" not in err
+        assert not (out / "heatmap.png").exists()
+    finally:
+        held.close()
+    assert main(["report", str(out)]) == 0
+    assert (out / "heatmap.png").is_file()
+    # a lock file the redraw created is removed; analyze's own (already there) is kept
+    assert sorted(p.name for p in out.iterdir()) == [".layerfast.lock", "heatmap.png",
+                                                     "results.csv"]
+    (out / ".layerfast.lock").unlink()
+    assert main(["report", str(out)]) == 0
+    assert not (out / ".layerfast.lock").exists()

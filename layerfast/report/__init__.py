@@ -104,10 +104,19 @@ def redraw(out_dir: str | os.PathLike[str]) -> list[Path]:
     distances.png; docs/decisions.md), so it is skipped, as `analyze` skips it. Both CSV files
     are read and checked before anything is written, so bad input leaves the figures as they were,
     and both figures are drawn to temporary files before either replaces its old one, so a full
-    disk cannot leave a new heatmap beside an old distance plot.
+    disk cannot leave a new heatmap beside an old distance plot. It holds the out dir's run
+    lock: a run writing there is one clear error (`store.locked_dir`).
     """
+    from layerfast.store import locked_dir
+
     out = Path(out_dir)
-    table, dist = _read(out)
+    _read(out)  # a missing or foreign directory: its own message, before any lock file
+    with locked_dir(out):
+        return _redraw(out)
+
+
+def _redraw(out: Path) -> list[Path]:
+    table, dist = _read(out)  # again under the lock: a run may have finished meanwhile
     draws: list[tuple[Callable[..., Path], object, Path]] = []
     if has_heatmap(table):
         draws.append((heatmap, table, out / "heatmap.png"))
