@@ -140,3 +140,28 @@ def test_report_refuses_while_a_run_writes_into_the_dir(tmp_path, capsys) -> Non
     (out / ".layerfast.lock").unlink()
     assert main(["report", str(out)]) == 0
     assert not (out / ".layerfast.lock").exists()
+
+
+def test_report_names_a_results_csv_that_is_a_directory(tmp_path, capsys) -> None:
+    """A directory named results.csv was reported as "not found"."""
+    (tmp_path / "results.csv").mkdir()
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+
+
+def test_unreadable_results_csv_names_its_path_once(tmp_path, monkeypatch) -> None:
+    """`cannot read P: [Errno 13] Permission denied: 'P'` said the path twice."""
+    import pandas as pd
+
+    from layerfast.report.tables import read_results
+
+    out = _finished_run(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(out / "results.csv"))
+
+    monkeypatch.setattr(pd, "read_csv", refuse)
+    with pytest.raises(LayerfastError) as info:
+        read_results(out / "results.csv")
+    assert str(info.value).count("results.csv") == 1
+    assert str(info.value).endswith("Permission denied")

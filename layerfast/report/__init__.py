@@ -81,6 +81,9 @@ def _read(out: Path):
     if not out.is_dir():
         raise LayerfastError(f"{out} is not a directory (expected a layerfast --out directory)")
     results = out / "results.csv"
+    if results.exists() and not results.is_file():  # "not found" would send users looking
+        raise LayerfastError(f"{results} is not a regular file (expected the results.csv of "
+                             "`layerfast analyze --out DIR`)")
     if not results.is_file():
         inner = out / "analysis"  # `layerfast demo --out DIR` analyzes into DIR/analysis
         hint = (f"; `layerfast demo` writes its analysis to {inner}: layerfast report {inner}"

@@ -136,13 +136,17 @@ def _read(path: Path, what: str, columns: tuple[str, ...], text: tuple[str, ...]
     by the callers, so that a bad cell gives one message naming its column and row. The
     `optional` columns are kept when the file has all of them; any other column is dropped."""
     if not path.is_file():
+        if path.exists():  # a directory or a FIFO named like it: "not found" sent users looking
+            raise LayerfastError(f"{path} is not a regular file: {what}")
         raise LayerfastError(f"{path} not found: {what}")
     try:
         df = pd.read_csv(
             path, keep_default_na=False, na_values=[""],
             dtype={c: str for c in (*columns, *optional)},
         )
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
+    except OSError as exc:  # strerror alone: str(exc) repeats the path
+        raise LayerfastError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (ValueError, pd.errors.ParserError) as exc:
         raise LayerfastError(f"cannot read {path}: {exc}") from exc
     missing = [c for c in columns if c not in df.columns]
     if missing:
