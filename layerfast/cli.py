@@ -293,7 +293,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--out", required=True, help="directory for epoch_NNN.pt and manifest.json (created)"
     )
-    t.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: 0.1)")
+    t.add_argument("--lr", type=float, default=0.1,
+                   help="SGD learning rate, above 0 (default: 0.1)")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     t.add_argument(
         "--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: 5e-4)"
