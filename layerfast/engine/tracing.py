@@ -100,11 +100,30 @@ def trace_with(tracer: fx.Tracer, model: nn.Module) -> tuple[fx.Graph, dict[str,
     off it again; attributes the forward set while tracing (a cache it fills on first use
     holds a Proxy then) are put back as they were."""
     before = set(vars(model))
-    with attributes_kept(list(model.modules())):
+    with attributes_kept(list(model.modules())), _state_kept(model):
         graph = tracer.trace(model)
         added = {k: v for k, v in vars(model).items()
                  if k not in before and isinstance(v, torch.Tensor)}
     return graph, added
+
+
+@contextmanager
+def _state_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's parameters and buffers come back as the same objects after a trace.
+
+    A forward that re-assigns a buffer (`self.calls += 1`: an in-place add, then `setattr`)
+    stores the tracer's Proxy in `_buffers` while tracing; left there, the eager forward that
+    checks the program (and every untraced run) read a Proxy and returned one instead of
+    logits. `attributes_kept` does not see it: `_buffers` is a module slot, not an attribute."""
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, params, buffers in saved:
+            for store, before in ((m._parameters, params), (m._buffers, buffers)):
+                for k in [k for k, v in store.items() if k not in before and _tensorish(v)]:
+                    del store[k]  # registered while tracing: a Proxy, or built from one
+                store.update((k, v) for k, v in before.items() if store.get(k) is not v)
 
 
 def _tensorish(v: Any) -> bool:
