@@ -76,3 +76,32 @@ def test_a_forward_that_counts_its_calls_in_a_buffer_is_evaluated(fanout: str) -
     ref = _oracle(m, variants, batches)
     res = Evaluator(m, variants, device="cpu", precision="fp32", fanout=fanout).run(batches)
     assert torch.equal(res.counts[:, [0, 3]], ref)
+
+
+class RunningMean(nn.Module):
+    """A custom layer that updates a running mean in place in eval mode too, and reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 16), nn.Linear(16, 5)
+        self.register_buffer("mean", torch.zeros(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        self.mean.mul_(0.5).add_(0.5 * h.mean(0))
+        return self.b(torch.relu(h - self.mean))
+
+
+@pytest.mark.parametrize("fanout", ["off", "on"])
+def test_a_buffer_the_forward_writes_in_place_comes_back_bit_for_bit(fanout: str) -> None:
+    """Evaluator's contract: every tensor as it was, bit for bit. On the CPU the pass runs on
+    the model's own tensors, so a forward's in-place write stayed, and a second run started from
+    another state and gave other sums."""
+    torch.manual_seed(0)
+    m, batches = RunningMean(), _batches()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    variants = _variants(m, [["b.weight"]])
+    first = Evaluator(m, variants, device="cpu", precision="fp32", fanout=fanout).run(batches)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    again = Evaluator(m, variants, device="cpu", precision="fp32", fanout=fanout).run(batches)
+    assert torch.equal(first.counts, again.counts)

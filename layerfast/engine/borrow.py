@@ -36,12 +36,19 @@ def borrowed(model: nn.Module, device: torch.device, channels_last: bool) -> Ite
     back would make new tensors, and a model already in channels_last would come back
     contiguous), each module's own training flag (a train-mode model may hold frozen
     eval-mode BNs), and the tensors modules hold as plain attributes (a hook's, such as
-    pruning's `weight`)."""
+    pruning's `weight`).
+
+    Buffers come back with their values too: a forward may write into one in place even in
+    eval mode (a call counter, a custom layer's running mean), and on the CPU the pass runs on
+    the model's own tensors, so the user's model came back changed and a second run on it
+    started from other state and gave other counts. They are copied before the pass (buffers
+    are a small part of a model) and written back where the pass changed them."""
     modes = [(m, m.training) for m in model.modules()]
     params = [(p, p.data, p.grad) for p in model.parameters()]
     buffers = [
         (m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None
     ]
+    values = [b.detach().clone() for _, _, b in buffers]
     model.eval()
     try:
         # Gradients stay where they are, off the model while it runs: `Module.to` would move
@@ -58,7 +65,10 @@ def borrowed(model: nn.Module, device: torch.device, channels_last: bool) -> Ite
     finally:
         for p, data, grad in params:
             p.data, p.grad = data, grad
-        for m, name, b in buffers:
+        for (m, name, b), v in zip(buffers, values, strict=True):
             m._buffers[name] = b
+            if not torch.equal(b, v):  # a NaN makes it copy the same bits back: harmless
+                with torch.inference_mode(b.is_inference()), torch.no_grad():
+                    b.copy_(v)
         for m, mode in modes:
             m.training = mode
