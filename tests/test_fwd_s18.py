@@ -105,3 +105,30 @@ def test_a_buffer_the_forward_writes_in_place_comes_back_bit_for_bit(fanout: str
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     again = Evaluator(m, variants, device="cpu", precision="fp32", fanout=fanout).run(batches)
     assert torch.equal(first.counts, again.counts)
+
+
+class ForcedDropout(nn.Module):
+    """Dropout kept on in eval mode (`F.dropout(..., training=True)`, MC dropout): the forward
+    is random."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 16), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.nn.functional.dropout(torch.relu(self.a(x)), 0.5, training=True))
+
+
+def test_a_random_forward_is_named_as_such_not_called_exact(capsys) -> None:
+    """Its counts change from run to run; the untraced warning blamed the trace ("the traced
+    program's logits differ") and called the results exact."""
+    from layerfast.engine.plan import warn_plan
+
+    torch.manual_seed(0)
+    m = ForcedDropout()
+    res = Evaluator(m, _variants(m, [["b.weight"]]), device="cpu", precision="fp32",
+                    fanout="off").run(_batches())
+    assert "not deterministic" in res.plan["untraced"]
+    warn_plan(res.plan)
+    err = capsys.readouterr().err
+    assert "F.dropout" in err and "change from run to run" in err and "exact" not in err

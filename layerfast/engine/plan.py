@@ -11,6 +11,7 @@ import torch
 
 from layerfast.engine.fanout import FanPlan, fan_plan
 from layerfast.engine.graph import Program
+from layerfast.engine.verify import NOT_DETERMINISTIC
 from layerfast.errors import warn
 
 
@@ -83,7 +84,8 @@ def warn_plan(summary: dict) -> None:
     if why:
         warn(f"the model ran untraced ({why}): every variant ran the whole forward, "
              "with no prefix sharing or fan-out, so the pass was as slow as the naive loop; "
-             "the results are exact")
+             + ("its results change from run to run, and a resumed run is not the same run"
+                if str(why).startswith(NOT_DETERMINISTIC) else "the results are exact"))
     rows, swap = summary.get("rows_after_oom"), summary.get("swap_rows_after_oom")
     if rows or swap:
         what = [f"every batch in pieces of {rows} samples"] if rows else []

@@ -22,6 +22,9 @@ _OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (Run
 #: Samples of the first batch on which the traced program is checked against the forward.
 VERIFY_SAMPLES = 64
 
+#: How `trace_differs` begins its reason when the forward differs from itself.
+NOT_DETERMINISTIC = "the model's forward is not deterministic in eval mode"
+
 
 def trace_differs(
     model: nn.Module, prog: Program, x: torch.Tensor, device: torch.device
@@ -43,7 +46,21 @@ def trace_differs(
             raise
         except Exception as exc:  # noqa: BLE001 - any failure means "not the forward"
             return f"the traced program raised {type(exc).__name__}: {exc}"[:300]
-        return differs(got, ref, device)
+        why = differs(got, ref, device)
+        if why is None:
+            return None
+        # The program may be right and the forward random (`F.dropout(x, training=True)`, a
+        # noise layer) or stateful (a buffer it updates): then its counts change from run to
+        # run, and blaming the trace (with "the results are exact") misled.
+        try:
+            with eager_inplace(model):
+                again = model(x.clone())
+        except Exception:  # noqa: BLE001 - out of memory too: keep the first verdict
+            return why
+        if differs(again, ref, device) is not None:
+            return (f"{NOT_DETERMINISTIC}: two calls on the same samples differ (a random op "
+                    "such as F.dropout(x, training=True), or state the forward updates)")
+        return why
 
 
 def differs(got: Any, ref: Any, device: torch.device) -> str | None:
