@@ -357,8 +357,11 @@ def _draw_grid(
                 v = grid[i, j]
                 if not math.isfinite(v):
                     continue
+                # The colour of the cell as drawn (`shown`): norm(0) on a log scale is masked,
+                # which chose black for a 0 drawn at the scale's dark lowest colour.
                 colour = (
-                    _text_color(cmap(norm(v))) if not np.ma.getmaskarray(masked)[i, j] else "black"
+                    _text_color(cmap(norm(float(shown[i, j]))))
+                    if not np.ma.getmaskarray(masked)[i, j] else "black"
                 )
                 ax.text(j, i, fmt(v), ha="center", va="center", fontsize=geo.font, color=colour)
     return im
