@@ -31,6 +31,7 @@ import torch
 from layerfast.errors import (
     LayerfastError,
     collect_warnings,
+    progress_bar,
     progress_stream,
     refused_paths_are_input,
     say,
@@ -906,13 +907,10 @@ def _distance_rows(variants: list, unit_list: list, model: torch.nn.Module, spec
 def _progress(enabled: bool, total: int, done: int, nvar: int, how: str = "") -> Any:
     """A tqdm bar on stderr (stdout stays clean for the summary), starting at resumed samples
     (samples over all passes when the variants take several)."""
-    stream = progress_stream()
-    if not enabled or stream is None:
+    if not enabled or progress_stream() is None:
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, unit="img", desc=f"{nvar} variants{how}", file=stream,
-                dynamic_ncols=True, leave=False)
+    return progress_bar(total=total, initial=done, unit="img", desc=f"{nvar} variants{how}",
+                        dynamic_ncols=True, leave=False)
 
 
 def list_units(arch: str, data: str | None = None, granularity: str = "layer",

@@ -64,6 +64,36 @@ def progress_stream() -> Any:
     return None if sys.stderr is None else _QuietStream(sys.stderr)
 
 
+#: Seconds between a progress bar's redraws when stderr is not a terminal (a CI log, `2> log`).
+LOG_PROGRESS_INTERVAL = 30.0
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def progress_bar(enabled: bool = True, auto: bool = False, **kwargs: Any) -> Any:
+    """A tqdm bar on `progress_stream()` (disabled when not `enabled` or there is no stderr).
+
+    On a terminal tqdm redraws in place up to 10 times a second. Into a file or a CI log each
+    redraw is another carriage-return-separated line: a bar updated per batch or per training
+    step wrote thousands of them over a long run. There it redraws at most every
+    `LOG_PROGRESS_INTERVAL` seconds (and at its start and end), which still shows the rate and
+    the time left. `auto`: tqdm.auto's class (a widget in a notebook), as `train` has used."""
+    if auto:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+
+    stream = progress_stream()
+    if stream is not None and not _is_tty(stream):
+        kwargs.setdefault("mininterval", LOG_PROGRESS_INTERVAL)
+    return tqdm(file=stream, disable=not enabled or stream is None, **kwargs)
+
+
 #: The lists `collect_warnings` is filling, innermost last.
 _COLLECTORS: list[list[str]] = []
 

@@ -46,7 +46,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 import layerfast
 from layerfast.checkpoints import MANIFEST, SUFFIXES, write_manifest
@@ -60,7 +59,7 @@ from layerfast.engine.precision import precision_context, resolve_device
 from layerfast.errors import (
     LayerfastError,
     collect_warnings,
-    progress_stream,
+    progress_bar,
     refused_paths_are_input,
     warn,
 )
@@ -525,10 +524,10 @@ def train(
         }  # fmt: skip
         entries: list[dict[str, Any]] = []
         post: dict[str, str] = {}
-        stream = progress_stream()  # a bar that cannot be written must not stop the training
-        bar = stack.enter_context(tqdm(total=epochs * len(steps), desc=f"train {arch}", file=stream,
-                                       unit="step", disable=not progress or stream is None,
-                                       dynamic_ncols=True))  # fmt: skip
+        # a bar that cannot be written must not stop the training (errors.progress_stream)
+        bar = stack.enter_context(progress_bar(progress, auto=True, total=epochs * len(steps),
+                                               desc=f"train {arch}", unit="step",
+                                               dynamic_ncols=True))  # fmt: skip
 
         def save(epoch: int, train_loss: float | None) -> None:
             name = f"epoch_{epoch:03d}.pt"

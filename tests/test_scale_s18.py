@@ -27,3 +27,62 @@ def test_log_scale_zero_cell_is_annotated_in_a_colour_that_contrasts_with_its_ce
     cell = im.cmap(0.0)  # the lowest colour, where the zeros are drawn
     for t in zeros:
         assert t.get_color() == figures._text_color(cell) == "white"
+
+
+class _Log:
+    """A non-TTY stderr (a CI log, `2> run.log`): counts the progress bar's refreshes."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _refreshes_over_simulated_minutes(monkeypatch, make_bar) -> int:
+    """Drive a bar through 600 updates one simulated second apart (10 minutes); return how
+    many times it redrew itself into the log."""
+    import sys
+
+    log = _Log()
+    monkeypatch.setattr(sys, "stderr", log)
+    clock = [1000.0]
+    bar = make_bar()
+    monkeypatch.setattr(bar, "_time", lambda: clock[0])
+    bar.start_t = bar.last_print_t = clock[0]
+    for _ in range(600):
+        clock[0] += 1.0
+        bar.update(1)
+    bar.close()
+    return log.text.count("\r")
+
+
+def test_analyze_progress_bar_does_not_redraw_every_tenth_of_a_second_into_a_log(
+    monkeypatch,
+) -> None:
+    """stderr not a TTY: tqdm's 0.1 s refresh wrote a line per batch into a CI log (a long
+    pass: thousands of lines). A log gets a line now and then, still with the progress."""
+    from layerfast import analysis
+
+    n = _refreshes_over_simulated_minutes(
+        monkeypatch, lambda: analysis._progress(True, 600, 0, 883))
+    assert 2 <= n <= 40, n
+
+
+def test_train_progress_bar_does_not_redraw_every_tenth_of_a_second_into_a_log(
+    monkeypatch,
+) -> None:
+    """`layerfast train` updates its bar every step: ~10 lines a second into a log (84 for a
+    10 s digits run, ~16,000 for 30 minutes)."""
+    from layerfast import errors
+
+    n = _refreshes_over_simulated_minutes(
+        monkeypatch, lambda: errors.progress_bar(total=600, desc="train fcn3x256", unit="step"))
+    assert 2 <= n <= 40, n
