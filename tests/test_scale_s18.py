@@ -86,3 +86,47 @@ def test_train_progress_bar_does_not_redraw_every_tenth_of_a_second_into_a_log(
     n = _refreshes_over_simulated_minutes(
         monkeypatch, lambda: errors.progress_bar(total=600, desc="train fcn3x256", unit="step"))
     assert 2 <= n <= 40, n
+
+
+def _long_name_tables(n: int, chars: int):
+    import pandas as pd
+
+    units = [(f"encoder.layers.{i}.attention.output.dense." * 100)[:chars] + f".w{i}"
+             for i in range(n)]
+    rows = [("*", "baseline", None, None, 0.02)]
+    for u in units:
+        rows += [(u, "reinit", t, None, 0.5) for t in range(12)]
+        rows += [(u, "rerandom", None, 1, 0.9)]
+    table = pd.DataFrame(rows, columns=["unit", "kind", "checkpoint", "seed", "error"])
+    table["n"] = 100
+    dist = pd.DataFrame([(u, t, 0.1 * t, 0.01 * t, 0.001 * t) for u in units for t in range(12)],
+                        columns=["unit", "checkpoint", "l2", "l2_rel", "linf"])
+    return units, table, dist
+
+
+def test_long_unit_names_keep_the_figures_within_max_figure_in() -> None:
+    """A unit named by a long --units regex (or a deeply nested module) made the row labels
+    as wide as the name: 1,500 characters gave a 139 in (20,800 px) wide figure, past the
+    40 in bound of docs/decisions.md. Labels that long are shortened in the middle; every row
+    keeps a distinct label that starts and ends as its name does."""
+    from layerfast.report import figures
+
+    units, table, dist = _long_name_tables(5, 1500)
+    for fig in (figures.heatmap_figure(table), figures.distance_figure(dist)):
+        w, h = fig.get_size_inches()
+        assert w <= figures.MAX_FIGURE_IN and h <= figures.MAX_FIGURE_IN, (w, h)
+        ax = next(ax for ax in fig.axes if ax.get_ylabel() == "unit")
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        shown = labels[: len(units)]
+        assert len(set(shown)) == len(units)
+        for name, label in zip(units, shown, strict=True):
+            assert len(label) < 200 and label[:20] == name[:20] and label[-4:] == name[-4:]
+
+
+def test_ordinary_unit_names_are_not_shortened() -> None:
+    from layerfast.report import figures
+
+    units, table, _ = _long_name_tables(3, 60)
+    fig = figures.heatmap_figure(table)
+    ax = next(ax for ax in fig.axes if ax.get_ylabel() == "unit")
+    assert [t.get_text() for t in ax.get_yticklabels()][:3] == units
