@@ -89,7 +89,9 @@ def progress_bar(enabled: bool = True, auto: bool = False, **kwargs: Any) -> Any
         from tqdm import tqdm
 
     stream = progress_stream()
-    if stream is not None and not _is_tty(stream):
+    # a notebook's widget redraws in place (its stderr is no terminal either)
+    widget = tqdm.__module__.startswith("tqdm.notebook")
+    if stream is not None and not widget and not _is_tty(stream):
         kwargs.setdefault("mininterval", LOG_PROGRESS_INTERVAL)
     return tqdm(file=stream, disable=not enabled or stream is None, **kwargs)
 

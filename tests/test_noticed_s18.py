@@ -165,3 +165,42 @@ def test_unreadable_results_csv_names_its_path_once(tmp_path, monkeypatch) -> No
         read_results(out / "results.csv")
     assert str(info.value).count("results.csv") == 1
     assert str(info.value).endswith("Permission denied")
+
+
+def test_progress_bar_keeps_tqdms_refresh_on_a_terminal_and_in_a_notebook(monkeypatch) -> None:
+    """Only a bar written into a file or a log is slowed (errors.progress_bar): a notebook's
+    widget (tqdm.auto in Jupyter, whose stderr is no terminal either) redraws in place, and
+    slowing it would leave it still for 30 s."""
+    import inspect
+    import sys
+
+    import tqdm.auto
+    import tqdm.std
+
+    from layerfast import errors
+
+    class Stderr:
+        def __init__(self, tty: bool) -> None:
+            self.tty = tty
+
+        def write(self, s: str) -> int:
+            return len(s)
+
+        def flush(self) -> None:
+            pass
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    class Widget(tqdm.std.tqdm):  # stands in for tqdm.notebook's class (needs ipywidgets)
+        pass
+
+    Widget.__module__ = "tqdm.notebook"
+    default = inspect.signature(tqdm.std.tqdm.__init__).parameters["mininterval"].default
+    monkeypatch.setattr(sys, "stderr", Stderr(tty=True))
+    assert errors.progress_bar(total=10).mininterval == default
+    monkeypatch.setattr(sys, "stderr", Stderr(tty=False))
+    assert errors.progress_bar(total=10).mininterval == errors.LOG_PROGRESS_INTERVAL
+    monkeypatch.setattr(tqdm.auto, "tqdm", Widget)
+    bar = errors.progress_bar(auto=True, total=10)
+    assert isinstance(bar, Widget) and bar.mininterval == default
