@@ -4,7 +4,7 @@ for speed on CUDA. The chosen mode is recorded with the results."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
@@ -118,9 +118,15 @@ def tf32_allowed(tf32: bool, cudnn: bool = True) -> Iterator[None]:
 
 @contextmanager
 def precision_context(precision: str, device: torch.device) -> Iterator[None]:
-    """Set matmul/conv math for the mode and restore the caller's settings afterwards."""
+    """Set matmul/conv math for the mode and restore the caller's settings afterwards.
+
+    fp32 and tf32 switch autocast OFF for the device rather than leaving it alone: a caller
+    evaluating inside its own `torch.autocast` (an eval in a mixed-precision training loop)
+    otherwise got a bf16 or float16 pass recorded as fp32."""
     autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else torch.autocast(device.type, enabled=False)
     )
     with tf32_allowed(precision in ("tf32", "bf16")), autocast:
         yield
