@@ -72,6 +72,30 @@ def test_fp32_pass_ignores_a_callers_autocast(precision):
     assert torch.equal(l_ref, _plain_loop(m, variants, batches, autocast=False))
 
 
+def test_fp32_pass_ignores_a_callers_float32_matmul_precision():
+    """`torch.set_float32_matmul_precision("medium")` (Lightning's hint, common at the top of
+    training scripts) also lets oneDNN run float32 matmuls in bf16 on the CPU (AMX, AVX512-BF16);
+    the fp32 mode turned TF32 off for CUDA but left oneDNN's setting as the caller had it, so an
+    fp32 pass of a Linear model ran its matmuls in bf16 there, recorded as fp32. Checked by the
+    setting a forward sees (any CPU) and by the logits (different only on such CPUs)."""
+    m, variants, batches = _case()
+    _, l_ref = _logits(m, variants, batches, "fp32")
+    seen: list[str] = []
+    h = m[1].register_forward_hook(
+        lambda *_: seen.append(torch.backends.mkldnn.matmul.fp32_precision))
+    torch.set_float32_matmul_precision("medium")
+    try:
+        before = torch.backends.mkldnn.matmul.fp32_precision
+        _, got = _logits(m, variants, batches, "fp32")
+        assert torch.get_float32_matmul_precision() == "medium"  # the caller's, back
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        h.remove()
+    assert seen and set(seen) == {"ieee"}, set(seen)
+    assert torch.equal(got, l_ref)
+
+
 def test_bf16_swap_path_is_a_plain_bf16_autocast_loop_bit_for_bit():
     """On the CPU's swap path the engine's bf16 is exactly a plain `torch.autocast("cpu",
     torch.bfloat16)` loop (prefix sharing reuses bf16 activations the same loop computes). The

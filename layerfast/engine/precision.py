@@ -60,11 +60,18 @@ def _legacy_flags() -> tuple[str, bool, bool] | None:
         return None
 
 
+def _onednn_backends() -> tuple:
+    """oneDNN's (the CPU's) matmul, conv and RNN backends, those this torch has."""
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    return tuple(getattr(mkldnn, n, None) for n in ("matmul", "conv", "rnn"))
+
+
 def _fp32_backends() -> list:
     """The backends whose per-backend `fp32_precision` this torch has (none before 2.9), the
-    first three being the ones the modes set: cuBLAS matmul, cuDNN conv and RNN."""
+    first three being the CUDA ones the modes set: cuBLAS matmul, cuDNN conv and RNN; then
+    oneDNN's, which every mode sets to full float32 (`tf32_allowed`)."""
     cands = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn,
-             getattr(getattr(torch.backends, "mkldnn", None), "matmul", None))
+             *_onednn_backends())
     found = []
     for b in cands:
         try:
@@ -78,7 +85,8 @@ def _fp32_backends() -> list:
 @contextmanager
 def tf32_allowed(tf32: bool, cudnn: bool = True) -> Iterator[None]:
     """TF32 on or off for CUDA matmuls (and cuDNN convolutions and RNNs unless `cudnn` is
-    False) inside the block, and every precision setting of the caller's back exactly after.
+    False) inside the block, oneDNN's CPU matmuls, convolutions and RNNs in full float32, and
+    every precision setting of the caller's back exactly after.
 
     Through the legacy `allow_tf32` flags only, this broke callers of torch 2.9+: reading a
     legacy flag raises once the caller set the backend through the per-backend
@@ -106,6 +114,14 @@ def tf32_allowed(tf32: bool, cudnn: bool = True) -> Iterator[None]:
         else:  # only on a torch with the new API: the legacy read raised
             for b in backends[: 3 if cudnn else 1]:
                 b.fp32_precision = "tf32" if tf32 else "ieee"
+        # The CPU's float32 math is full float32 in every mode (TF32 is a CUDA mode, and bf16
+        # is autocast's casts): a caller's `set_float32_matmul_precision("medium")` otherwise
+        # let oneDNN run an fp32 pass's matmuls in bf16 on CPUs with AMX or AVX512-BF16,
+        # recorded as fp32. Setting oneDNN's own backends keeps the legacy flags readable.
+        cpu = _onednn_backends()
+        for b in backends:
+            if any(b is c for c in cpu):
+                b.fp32_precision = "ieee"
         yield
     finally:
         if legacy is not None:
