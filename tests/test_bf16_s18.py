@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from layerfast.engine import Evaluator
+from layerfast.errors import collect_warnings
 
 
 def _net(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -106,3 +107,16 @@ def test_bf16_swap_path_is_a_plain_bf16_autocast_loop_bit_for_bit():
     assert res.precision == "bf16"
     assert torch.equal(got, _plain_loop(m, variants, batches, autocast=True))
     assert not torch.equal(got, _plain_loop(m, variants, batches, autocast=False))
+
+
+def test_bf16_on_a_float64_model_is_said_and_recorded_as_what_ran():
+    """bf16 autocast leaves float64 tensors alone: a float64 model ran its float64 forward, bit
+    for bit the fp32 mode's, recorded as bf16 with no word (docs/decisions.md: options that would
+    do nothing are said, and what ran is recorded)."""
+    m, variants, batches = _case(torch.float64)
+    ref, l_ref = _logits(m, variants, batches, "fp32")
+    with collect_warnings() as warned:
+        res, got = _logits(m, variants, batches, "bf16")
+    assert res.precision == "fp32"
+    assert any("float64" in w and "bf16" in w for w in warned), warned
+    assert torch.equal(got, l_ref)

@@ -40,6 +40,7 @@ from layerfast.engine.plan import (
 )
 from layerfast.engine.precision import (
     channels_last,
+    for_model,
     precision_context,
     resolve_device,
     resolve_precision,
@@ -154,7 +155,7 @@ class Evaluator:
         self.model = model
         self.variants = list(variants)
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = for_model(resolve_precision(precision, self.device), precision, model)
         # None: the planner picks B on the first `run`/`plan_batch` with a DataSource; until
         # then, and for plain iterables (whose batches are already cut), this default stands.
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else B_CPU)

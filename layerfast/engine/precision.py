@@ -49,6 +49,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def for_model(precision: str, asked: str, model: torch.nn.Module) -> str:
+    """`precision` (resolved) as it runs on `model`: bf16 autocast and TF32 change float32 math
+    only, so a model whose floating tensors are all float64 runs its float64 forward under
+    either, bit for bit the fp32 mode's; that is what is recorded (`fp32`, as for tf32 off
+    CUDA), said with a warning unless `asked` was `auto`. Recorded as asked, such a run said
+    bf16 in run.json and the summary while nothing ran in bf16."""
+    if precision not in ("bf16", "tf32"):
+        return precision
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers())
+              if t.dtype.is_floating_point}
+    if dtypes != {torch.float64}:
+        return precision
+    if asked != "auto":
+        warn(f"precision {precision} changes float32 math only: this model's tensors are all "
+             "float64, so it runs, and is recorded, as fp32 (its own float64 forward)")
+    return "fp32"
+
+
 def _legacy_flags() -> tuple[str, bool, bool] | None:
     """The caller's legacy settings (float32 matmul precision, cuBLAS and cuDNN `allow_tf32`),
     or None where torch (2.9+) refuses to read them: the caller set some backend through the
