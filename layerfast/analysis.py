@@ -641,7 +641,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[st
     from layerfast.interp import interp_requests
     from layerfast.models.identity import definition_id
     from layerfast.store import PREVIOUS, ResumeStore
-    from layerfast.units import make_units
+    from layerfast.units import make_units, tied_across_units
     from layerfast.variants import make_variants
 
     t0 = time.perf_counter()
@@ -679,7 +679,17 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[st
         for w in trained if isinstance(trained, list) else ():  # still true of these checkpoints
             warn(f"{ck.path}: its training run warned: {w}")
         unit_list = make_units(model, granularity=granularity, patterns=patterns, bn=bn, arch=spec)
+        for line in tied_across_units(model, unit_list) if patterns is None else ():
+            warn(line)
         taus = ck.labels if chosen == "all" else chosen
+        # The paper resets to earlier checkpoints; a later one asks another question. Analysing
+        # the initialization (`--final 0`) has only later ones, on purpose.
+        later = [t for t in taus if t > ck.final] if ck.final != ck.labels[0] else []
+        if later:
+            shown = ", ".join(map(str, later[:8])) + (", ..." if len(later) > 8 else "")
+            warn(f"checkpoint{'s' * (len(later) > 1)} {shown} come{'s' * (len(later) == 1)} "
+                 f"after the final model ({ck.final}): their rows reset units to weights "
+                 f"trained past it (--checkpoints up to {ck.final} keeps to earlier ones)")
         variants = make_variants(
             model, unit_list, ck, spec, reset=[r for r in resets if r != "interp"],
             checkpoints=chosen, seeds=seed_list,

@@ -542,3 +542,27 @@ def make_units(
             "no units: every selected module is a normalization layer kept by --bn keep"
         )
     return units
+
+
+def tied_across_units(model: nn.Module, units: Sequence[Unit]) -> list[str]:
+    """One sentence per pair of units that hold one tensor under two names (tied weights,
+    `out.weight = emb.weight`): resetting either unit resets that tensor in both, so neither
+    row measures its unit alone. Keys shared under the same name (a normalization layer fed
+    by two units, overlapping `--units` patterns) are documented or asked for, and not
+    listed here."""
+    from layerfast.checkpoints.keymap import canonical_keys
+
+    canon = canonical_keys(model)
+    first: dict[str, tuple[str, str]] = {}  # canonical key -> (unit, name) that holds it first
+    said: set[tuple[str, str]] = set()
+    out = []
+    for u in units:
+        for k in u.keys:
+            c = canon.get(k, k)
+            holder = first.setdefault(c, (u.name, k))
+            if holder[0] != u.name and holder[1] != k and (holder[0], u.name) not in said:
+                said.add((holder[0], u.name))
+                out.append(f"units {holder[0]} and {u.name} share one tensor ({holder[1]} is "
+                           f"{k}: tied weights): resetting either resets it in both, so neither "
+                           "row measures its unit alone")
+    return out
