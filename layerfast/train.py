@@ -280,6 +280,19 @@ def _warn_if_one_split(data: str, train_src: DataSource, test_src: DataSource) -
              "file?); the test errors recorded will be training errors")
 
 
+def _warn_if_at_chance(error: float | None, num_classes: int, lr: float) -> None:
+    """Say when the trained model ended within 5 points of chance (1 − 1/C), analyze's own
+    margin for a baseline whose verdicts say nothing: the run did not learn (too high a
+    learning rate for the arch, as lr 0.1 is for a deep FCN on digits), and the only sign
+    was that note, once the checkpoints were analysed."""
+    chance = 1.0 - 1.0 / num_classes
+    if error is not None and error + 0.05 >= chance:
+        warn(f"the trained model's test error ({100 * error:.2f}%) is within 5 points of chance "
+             f"({100 * chance:.2f}% for {num_classes} classes): it did not learn; another --lr "
+             f"(this run's: {lr:g}; too high stalls a deep net as surely as too low) or more "
+             "epochs may help")
+
+
 def _check_seed(seed: object) -> None:
     """torch seeds take 64 bits; the manifest and the analysis store seeds as int64. A larger
     value used to fail inside `manual_seed` with a traceback, after `out` was created."""
@@ -591,6 +604,8 @@ def train(
             bar.set_postfix(post, refresh=False)
             if epoch + 1 in taus:
                 save(epoch + 1, train_loss)
+        _warn_if_at_chance(entries[-1]["test_error"] if epochs else None,
+                           train_src.num_classes, lr)
         meta.update(complete=True, train_seconds=round(time.perf_counter() - t0, 3))
         with _writing(out, MANIFEST):  # under the lock, as every file the run writes
             write_manifest(out, entries, **meta)

@@ -260,3 +260,18 @@ def test_checkpoints_after_the_final_model_are_said(tmp_path) -> None:
     res = analyze("fcn3x256", ck, data="digits", final=1, checkpoints="0,1", reset="reinit",
                   max_samples=32, out=tmp_path / "o2", progress=False, figures=False)
     assert not [w for w in res.run["warnings"] if "after the final model" in w]
+
+
+def test_train_says_when_the_model_did_not_learn(tmp_path) -> None:
+    """A run that ends at chance (lr too high for the arch, or as here too low) said nothing:
+    only analyze's chance note, later, showed it. The manifest keeps the warning."""
+    import json
+
+    from layerfast.train import train
+
+    train("fcn3x256", "digits", 1, tmp_path / "slow", lr=1e-7, max_samples=64, progress=False)
+    said = json.loads((tmp_path / "slow" / "manifest.json").read_text())["warnings"]
+    assert len(said) == 1 and "within 5 points of chance (90.00% for 10 classes)" in said[0]
+    assert "it did not learn; another --lr (this run's: 1e-07" in said[0]
+    train("fcn3x256", "digits", 2, tmp_path / "ok", progress=False)  # learns: 3% error
+    assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["warnings"] == []

@@ -300,7 +300,8 @@ def test_a_full_disk_is_one_line_naming_the_file_not_torchs_writer_error(tmp_pat
 
 def test_progress_bar_only_when_asked(tmp_path, capsys):
     _tiny(tmp_path / "quiet")
-    assert capsys.readouterr().err == ""
+    # no bar (a tiny run may warn that it ended at chance: not a progress line)
+    assert "train fcn3x256" not in capsys.readouterr().err
     _tiny(tmp_path / "loud", progress=True)
     err = capsys.readouterr().err
     assert "train fcn3x256" in err and "test_err" in err
@@ -364,7 +365,10 @@ def test_a_one_split_file_is_trained_on_with_a_warning(tmp_path, capsys, splits)
     err = capsys.readouterr().err
     assert ("train and test splits begin with the same 48 samples" in err) is (not splits), err
     warned = json.loads((tmp_path / "o" / "manifest.json").read_text())["warnings"]
-    assert len(warned) == (not splits) and all(f"layerfast: warning: {w}" in err for w in warned)
+    # (random labels: the run also ends at chance, and says that too)
+    one_split = [w for w in warned if "begin with the same" in w]
+    assert len(one_split) == (not splits) and all(f"layerfast: warning: {w}" in err
+                                                  for w in warned)
     # and the analysis of those checkpoints says it again, in its own run.json
     res = analyze(ARCH, tmp_path / "o", data=str(path), out=tmp_path / "a", reset="fullmodel",
                   device="cpu", progress=False, figures=False)  # fmt: skip
