@@ -275,3 +275,39 @@ def test_train_says_when_the_model_did_not_learn(tmp_path) -> None:
     assert "it did not learn; another --lr (this run's: 1e-07" in said[0]
     train("fcn3x256", "digits", 2, tmp_path / "ok", progress=False)  # learns: 3% error
     assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["warnings"] == []
+
+
+@pytest.mark.parametrize("out,said", [
+    ((torch.zeros(2, 3), torch.zeros(2)), "a tuple of 2; wrap the model in a module whose "
+     "forward returns the class scores alone (e.g. `return self.net(x)[0]`, the scores' index)"),
+    ({"logits": torch.zeros(2, 3), "aux": 1}, "a dict with keys 'logits', 'aux'; wrap the model "
+     "in a module whose forward returns the class scores alone (e.g. `return "
+     "self.net(x)['logits']`)"),
+    (torch.zeros(2, 1, 3), "a tensor shaped [2, 1, 3]; wrap the model in a module whose forward "
+     "returns the class scores alone (e.g. `return self.net(x).squeeze(1)`)"),
+    (torch.zeros(2, 3, 4), "a tensor shaped [2, 3, 4]"),
+    ({}, "an empty dict"),
+])
+def test_a_model_output_that_is_not_logits_is_described_with_the_way_out(out, said) -> None:
+    """A tuple, dict or Hugging Face-style output was refused as "it returned a Out", with no
+    word on what to return instead."""
+    from layerfast.engine.batches import check_logits
+
+    with pytest.raises(LayerfastError) as info:
+        check_logits(out, 2)
+    assert str(info.value) == f"the model must return logits shaped [batch, classes]; it returned {said}"
+
+
+def test_an_output_object_with_logits_is_pointed_at_them() -> None:
+    from dataclasses import dataclass
+
+    from layerfast.engine.batches import check_logits
+
+    @dataclass
+    class ModelOutput:
+        logits: torch.Tensor
+
+    with pytest.raises(LayerfastError, match=r"an object of type ModelOutput; .*\.logits`\)$"):
+        check_logits(ModelOutput(torch.zeros(2, 3)), 2)
+    with pytest.raises(LayerfastError, match=r"it returned an object of type int$"):
+        check_logits(3, 2)

@@ -72,13 +72,9 @@ def check_logits(logits: object, batch: int) -> None:
     reach `score_` as a shape error deep in the pass (or, for a floating type it cannot read,
     a dtype error), not as a message about the model. analyze's probe checks the same."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        got = (
-            f"a tensor shaped {list(logits.shape)}"
-            if isinstance(logits, torch.Tensor)
-            else f"a {type(logits).__name__}"
-        )
         raise LayerfastError(
-            f"the model must return logits shaped [batch, classes]; it returned {got}"
+            f"the model must return logits shaped [batch, classes]; it returned "
+            f"{_described(logits)}"
         )
     if logits.shape[0] != batch:
         raise LayerfastError(
@@ -91,6 +87,28 @@ def check_logits(logits: object, batch: int) -> None:
         raise LayerfastError(
             f"the model returned {logits.dtype} logits: they must be floating point"
         )
+
+
+def _described(out: object) -> str:
+    """What a model returned instead of a [batch, classes] tensor, and how to get one: wrap it
+    in a module whose forward returns the scores alone (a Hugging Face model's `.logits`)."""
+    wrap = ("; wrap the model in a module whose forward returns the class scores alone "
+            "(e.g. `return self.net(x)")
+    if isinstance(out, torch.Tensor):
+        squeeze = [i for i, d in enumerate(out.shape) if d == 1 and i > 0]
+        if out.dim() == 3 and squeeze:
+            return f"a tensor shaped {list(out.shape)}{wrap}.squeeze({squeeze[0]})`)"
+        return f"a tensor shaped {list(out.shape)}"
+    if isinstance(out, dict):
+        keys = ", ".join(repr(k) for k in list(out)[:4]) + (", ..." if len(out) > 4 else "")
+        pick = "['logits']" if "logits" in out else f"[{next(iter(out))!r}]" if out else ""
+        return f"a {type(out).__name__} with keys {keys}{wrap}{pick}`)" if pick else \
+            f"an empty {type(out).__name__}"
+    if isinstance(out, tuple | list):
+        return f"a {type(out).__name__} of {len(out)}{wrap}[0]`, the scores' index)"
+    if isinstance(getattr(out, "logits", None), torch.Tensor):
+        return f"an object of type {type(out).__name__}{wrap}.logits`)"
+    return f"an object of type {type(out).__name__}"
 
 
 def check_labels(span: tuple[int, int], num_classes: int) -> None:
