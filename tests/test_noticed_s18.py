@@ -311,3 +311,42 @@ def test_an_output_object_with_logits_is_pointed_at_them() -> None:
         check_logits(ModelOutput(torch.zeros(2, 3)), 2)
     with pytest.raises(LayerfastError, match=r"it returned an object of type int$"):
         check_logits(3, 2)
+
+
+class _UntraceableDropout(torch.nn.Module):
+    """A random forward (dropout kept on) that fx cannot trace (a branch on a value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(12, 16), torch.nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if h.sum() > -1:  # a value decides: fx cannot trace it
+            h = torch.nn.functional.dropout(h, 0.5, training=True)
+        return self.b(h)
+
+
+def test_an_untraceable_random_forward_is_not_called_exact(capsys) -> None:
+    """The determinism check ran only for a traced model whose program differed: a model fx
+    cannot trace was called exact however random its forward."""
+    from layerfast.engine import Evaluator
+    from layerfast.engine.plan import warn_plan
+
+    torch.manual_seed(0)
+    m = _UntraceableDropout()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(20, 12, generator=g), torch.randint(0, 5, (20,), generator=g))
+               for _ in range(2)]
+    variants = [{"b.weight": torch.zeros_like(m.b.weight)}]
+    res = Evaluator(m, variants, device="cpu", precision="fp32", fanout="off").run(batches)
+    untraced = res.plan["untraced"]
+    assert untraced.startswith("the model's forward is not deterministic in eval mode")
+    assert "fx could not trace it either" in untraced
+    warn_plan(res.plan)
+    err = capsys.readouterr().err
+    assert "change from run to run" in err and "exact" not in err
+    m.eval()
+    m.forward = lambda x: m.b(torch.relu(m.a(x)))  # the same net, deterministic: exact
+    res = Evaluator(m, variants, device="cpu", precision="fp32", fanout="off").run(batches)
+    assert "not deterministic" not in (res.plan["untraced"] or "")

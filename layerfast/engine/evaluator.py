@@ -45,7 +45,12 @@ from layerfast.engine.precision import (
     resolve_device,
     resolve_precision,
 )
-from layerfast.engine.verify import VERIFY_SAMPLES, trace_differs, unbatched_cuts
+from layerfast.engine.verify import (
+    VERIFY_SAMPLES,
+    random_forward,
+    trace_differs,
+    unbatched_cuts,
+)
 from layerfast.errors import LayerfastError
 from layerfast.exclusive import exclusive
 
@@ -526,6 +531,12 @@ class Evaluator:
                 t_check = time.perf_counter()  # it syncs (allclose): wall time is true
                 if self._trace_ok is None and prog.traced:
                     prog, plan = self._verified(prog, plan, x, keysets)
+                elif self._trace_ok is None and prog.trace_error:
+                    # untraced, "exact": unless the forward is random (nothing seeds it)
+                    why = random_forward(self.model, x[:VERIFY_SAMPLES], self.device)
+                    if why:
+                        self._trace_ok = prog.trace_error = plan.untraced = (
+                            f"{why}; fx could not trace it either: {prog.trace_error}")
                 prog, plan = self._settle_cuts(prog, plan, x[:VERIFY_SAMPLES], keysets)
                 setup += time.perf_counter() - t_check  # a setup cost, not the data phase's
             try:

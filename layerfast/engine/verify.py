@@ -52,15 +52,33 @@ def trace_differs(
         # The program may be right and the forward random (`F.dropout(x, training=True)`, a
         # noise layer) or stateful (a buffer it updates): then its counts change from run to
         # run, and blaming the trace (with "the results are exact") misled.
+        return _random_forward(model, x, device, ref) or why
+
+
+def random_forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> str | None:
+    """Why the model's forward is not a function of its input (two calls on `x` differ), or
+    None. For a model fx cannot trace, whose run is otherwise called exact: the traced
+    model's check (`trace_differs`) asks the same when its program differs."""
+    with precision_context("fp32", device):
         try:
             with eager_inplace(model):
-                again = model(x.clone())
-        except Exception:  # noqa: BLE001 - out of memory too: keep the first verdict
-            return why
-        if differs(again, ref, device) is not None:
-            return (f"{NOT_DETERMINISTIC}: two calls on the same samples differ (a random op "
-                    "such as F.dropout(x, training=True), or state the forward updates)")
-        return why
+                ref = model(x.clone())
+        except Exception:  # noqa: BLE001 - the model fails, or out of memory: the pass says so
+            return None
+        return _random_forward(model, x, device, ref)
+
+
+def _random_forward(model: nn.Module, x: torch.Tensor, device: torch.device,
+                    ref: Any) -> str | None:
+    try:
+        with eager_inplace(model):
+            again = model(x.clone())
+    except Exception:  # noqa: BLE001 - out of memory too: no verdict
+        return None
+    if differs(again, ref, device) is None:
+        return None
+    return (f"{NOT_DETERMINISTIC}: two calls on the same samples differ (a random op such as "
+            "F.dropout(x, training=True), or state the forward updates)")
 
 
 def differs(got: Any, ref: Any, device: torch.device) -> str | None:
