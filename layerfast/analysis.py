@@ -679,7 +679,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[st
         for w in trained if isinstance(trained, list) else ():  # still true of these checkpoints
             warn(f"{ck.path}: its training run warned: {w}")
         unit_list = make_units(model, granularity=granularity, patterns=patterns, bn=bn, arch=spec)
-        for line in tied_across_units(model, unit_list) if patterns is None else ():
+        for line in tied_across_units(model, unit_list):
             warn(line)
         taus = ck.labels if chosen == "all" else chosen
         # The paper resets to earlier checkpoints; a later one asks another question. Analysing

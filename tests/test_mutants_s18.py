@@ -255,6 +255,12 @@ def test_analyze_warns_of_tied_units_in_run_json(tmp_path) -> None:
                             figures=False)
     said = [w for w in res.run["warnings"] if "share one tensor" in w]
     assert len(said) == 1 and "units mid and out" in said[0], res.run["warnings"]
+    # custom units too: `--units mid,out` on tied embeddings resets the tensor in both rows
+    res = layerfast.analyze("tests.test_mutants_s18:tied_net", ck, data="digits", device="cpu",
+                            reset="reinit", max_samples=16, out=tmp_path / "o2", progress=False,
+                            figures=False, units="mid,out")
+    said = [w for w in res.run["warnings"] if "share one tensor" in w]
+    assert len(said) == 1 and "units mid and out" in said[0], res.run["warnings"]
 
 
 # ----------------------------------------------------------------------------- figures
