@@ -52,9 +52,11 @@ step() { local name=$1 s=$2 t0=$SECONDS rc l=$((t_end - SECONDS - ${RESERVE:-25}
 summary() {
   { echo "== $phase on $(head -2 "$LOG/gpu.txt" 2>/dev/null | tail -1), $(date -u +%F)"
     cat "$LOG/steps.txt" 2>/dev/null
-    for f in "$LOG"/*tests.log; do [ -f "$f" ] && echo "$(basename "$f"): $(grep -E '[0-9]+ (passed|failed|skipped|deselected|errors?)\b.* in [0-9.]+s' "$f" | tail -1)"; done
-    grep -E '^(FAILED|ERROR) ' "$LOG"/*tests.log 2>/dev/null | head -20
-    [ -f "$LOG/bench-ops.log" ] && grep -E '^(Name|test_|-- )' "$LOG/bench-ops.log" | head -40
+    for f in "$LOG"/*tests.log "$LOG/bench-ops.log"; do [ -f "$f" ] && echo "$(basename "$f"): $(grep -E '[0-9]+ (passed|failed|skipped|deselected|errors?)\b.* in [0-9.]+s' "$f" | tail -1)"; done
+    grep -E '^(FAILED|ERROR) ' "$LOG"/*tests.log "$LOG/bench-ops.log" 2>/dev/null | head -20
+    # pytest-benchmark's tables: each group's title (its shapes, dtype, device; dashes around it
+    # only when it is narrower than the table), the unit line, one row per case
+    [ -f "$LOG/bench-ops.log" ] && grep -E '^(Name \(|test_|-* benchmark[ :])' "$LOG/bench-ops.log" | head -60
     python3 scripts/bench_table.py "$LOG"
     for f in "$LOG"/repro/*/summary.txt; do [ -f "$f" ] && { echo "== ${f#"$LOG"/}"; cat "$f"; }; done
   } > "$OUT/summary.txt" 2>&1
