@@ -146,7 +146,8 @@ case $phase in
     other_benches 90 ;;
   test)
     cuda_tests 180 300
-    step cpu-tests 120 python3 -m pytest -q tests/test_engine.py tests/test_fanrun.py tests/test_ops_swap.py \
+    # -m "not cuda": on the device the CUDA cases of these files ran in the steps above already
+    step cpu-tests 120 python3 -m pytest -q -m "not cuda" tests/test_engine.py tests/test_fanrun.py tests/test_ops_swap.py \
       tests/test_ops_score.py tests/test_ops_affine_relu.py -p no:cacheprovider > "$LOG/cpu-tests.log" 2>&1
     ops_bench 120 ;;
   bench)

@@ -73,3 +73,12 @@ def test_the_summary_keeps_every_op_benchmark_group_title_and_the_bench_steps_co
                  "test_swap_layerfast[resnet50-cuda]", "test_cpu_bottleneck[fold]"):
         assert line in summary, (line, summary)
     assert "Wrote benchmark data" not in summary and "Legend" not in summary
+
+
+def test_the_test_phase_runs_only_the_cpu_cases_in_its_cpu_tests_step() -> None:
+    """`test`'s cpu-tests step (the engine and op files "on the CPU under the device's torch")
+    ran those files whole: on the device that ran their CUDA cases a second time (the op tests'
+    ~160 of them ran in cuda-ops-tests already), inside a 120 s cap."""
+    text = SCRIPT.read_text()
+    line = next(ln for ln in text.splitlines() if "step cpu-tests " in ln)
+    assert '-m "not cuda"' in line, line
