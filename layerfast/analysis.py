@@ -638,6 +638,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[st
     Everything is validated before `out` is touched, so bad input leaves no files behind.
     """
     from layerfast.engine import Evaluator
+    from layerfast.engine.precision import resolve_device
     from layerfast.interp import interp_requests
     from layerfast.models.identity import definition_id
     from layerfast.store import PREVIOUS, ResumeStore
@@ -652,8 +653,6 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[st
     resets, interp, seed_list, seeded = f.resets, f.interp, f.seed_list, f.seeded
     threshold, final, batch_size, max_samples = f.threshold, f.final, f.batch_size, f.max_samples
     chosen, patterns = f.checkpoints, f.patterns
-    from layerfast.engine.precision import resolve_device
-
     resolve_device(device)  # up front: an unknown or absent device, before anything is read
     if not isinstance(ckpts, str | os.PathLike):
         raise LayerfastError(f"ckpts must be the path of a checkpoint directory; got a "
