@@ -93,6 +93,11 @@ def open_npz(path: Path, split: str, max_samples: int | None) -> DataSource:
               for k in arrays if k == "y" or k.startswith("y_")]
         num_classes = max(int(t.max()) + 1 for t in ys if len(t)) if any(len(t) for t in ys) else 0
     yt = check_labels(f"npz: {path}: '{ky}'", y, num_classes if num_classes > 0 else None)
+    if not x.dtype.isnative:
+        # big-endian data (FITS files, arrays saved on another machine) holds the same values;
+        # `x.dtype == np.float32` compares the byte order too, so '>f4' was refused as "not
+        # float32", and torch.from_numpy takes only the native order
+        x = x.astype(x.dtype.newbyteorder("="))
     if x.dtype == np.uint8:
         scale = 255.0
     elif x.dtype in (np.float32, np.float64, np.float16):
