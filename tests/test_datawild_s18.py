@@ -45,3 +45,42 @@ def test_npz_big_endian_float_nan_is_still_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "be.npz", x=x, y=np.arange(3))
     with pytest.raises(LayerfastError, match=r"be\.npz.*NaN or Inf .*sample 1"):
         open_data(tmp_path / "be.npz")
+
+
+# --- imagefolder ----------------------------------------------------------------------------
+
+
+def _png(path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(RNG.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("junk", [".ipynb_checkpoints", "aaa_empty"])
+def test_imagefolder_refuses_a_class_folder_without_images(tmp_path: Path, junk: str) -> None:
+    """A class folder holding no image (Jupyter's hidden `.ipynb_checkpoints`, an emptied
+    folder) became a class: every later class index shifted by one without a word (cat 0 ->
+    1), so a model trained on the folder without it was scored against the wrong labels.
+    torchvision's ImageFolder, whose class order docs/data.md promises, refuses it."""
+    pytest.importorskip("PIL")
+    _png(tmp_path / "cat" / "0.png")
+    _png(tmp_path / "dog" / "0.png")
+    (tmp_path / junk).mkdir()
+    with pytest.raises(LayerfastError, match=rf"imagefolder: .*{junk}.* no images"):
+        open_data(f"imagefolder:{tmp_path}")
+
+
+def test_imagefolder_class_empty_in_one_split_keeps_its_index(tmp_path: Path) -> None:
+    """A class with images in train/ only (its val/ folder empty or absent) is still a class:
+    the split union of docs/data.md, not refused."""
+    pytest.importorskip("PIL")
+    for rel in ("train/ant/0.png", "train/bee/0.png", "train/cat/0.png", "val/ant/0.png",
+                "val/cat/0.png"):  # fmt: skip
+        _png(tmp_path / rel)
+    (tmp_path / "val" / "bee").mkdir()
+    src = open_data(f"imagefolder:{tmp_path}")
+    assert src.labels().tolist() == [0, 2] and src.num_classes == 3
+    (tmp_path / "val" / "dust").mkdir()  # in no split
+    with pytest.raises(LayerfastError, match="dust"):
+        open_data(f"imagefolder:{tmp_path}")

@@ -58,6 +58,14 @@ def _list_images(folder: Path) -> list[Path]:
     return out
 
 
+def _has_image(folder: Path) -> bool:
+    """Whether `folder` holds an image anywhere below it (stops at the first one)."""
+    for _, _, fnames in os.walk(folder, followlinks=True):
+        if any(f.lower().endswith(EXTENSIONS) for f in fnames):
+            return True
+    return False
+
+
 def find_samples(directory: Path, split: str) -> tuple[list[Path], list[int], list[str]]:
     """Files, labels and class names for `split`. With split folders, classes are the sorted
     union over all of them, so a class missing from test/ does not shift every later index."""
@@ -81,17 +89,32 @@ def find_samples(directory: Path, split: str) -> tuple[list[Path], list[int], li
                 f"{' or '.join(SPLIT_DIRS[split])}/ for split {split!r}"
             )
         classes = sorted({c.name for d in present for c in d.iterdir() if c.is_dir()})
+        others = [d for d in present if d != root]
     else:
-        root = directory
+        root, others = directory, []
         classes = sorted(c.name for c in directory.iterdir() if c.is_dir())
     if not classes:
         raise LayerfastError(f"imagefolder: no class folders in {root} (expected {root}/<class>/)")
     files: list[Path] = []
     labels: list[int] = []
+    imageless: list[str] = []
     for k, c in enumerate(classes):
         found = _list_images(root / c) if (root / c).is_dir() else []
         files += found
         labels += [k] * len(found)
+        if not found and not any((d / c).is_dir() and _has_image(d / c) for d in others):
+            imageless.append(c)
+    # A folder with no image in any split (Jupyter's hidden .ipynb_checkpoints, an emptied
+    # class) would still take a class index and shift every later class by one, so a model
+    # trained without it is scored against wrong labels. torchvision's ImageFolder, whose
+    # class order this follows, refuses it too. (All folders empty: the caller says "empty".)
+    if files and imageless:
+        shown = ", ".join(imageless[:5]) + (", ..." if len(imageless) > 5 else "")
+        raise LayerfastError(
+            f"imagefolder: class folder(s) {shown} in {directory} hold no images "
+            f"({', '.join(EXTENSIONS)}) in any split; as classes they would shift the indices "
+            "of every later class (torchvision's ImageFolder refuses them too): remove them"
+        )
     return files, labels, classes
 
 
