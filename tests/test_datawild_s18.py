@@ -4,6 +4,9 @@ exactly as docs/data.md says or refused with one LayerfastError naming the file.
 
 from __future__ import annotations
 
+import gzip
+import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +87,34 @@ def test_imagefolder_class_empty_in_one_split_keeps_its_index(tmp_path: Path) ->
     (tmp_path / "val" / "dust").mkdir()  # in no split
     with pytest.raises(LayerfastError, match="dust"):
         open_data(f"imagefolder:{tmp_path}")
+
+
+# --- label errors name the file -------------------------------------------------------------
+
+
+def _idx(path: Path, arr: np.ndarray) -> None:
+    path.write_bytes(bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+                     + arr.tobytes())  # fmt: skip
+
+
+def test_idx_label_out_of_range_names_the_file(tmp_path: Path) -> None:
+    """docs/data.md: every data error names the file; an idx label >= 10 said only
+    "mnist: label 19 is out of range for 10 classes"."""
+    _idx(tmp_path / "t10k-images-idx3-ubyte", RNG.integers(0, 256, (4, 3, 3), dtype=np.uint8))
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", 4)
+                                     + bytes([1, 2, 19, 3])))  # fmt: skip
+    with pytest.raises(LayerfastError, match=r"t10k-labels-idx1-ubyte\.gz.*label 19"):
+        open_data(f"mnist:{tmp_path}")
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 12], [0.0, 1.0, 2.0], [0, -1, 2]])
+def test_cifar_bad_labels_name_the_batch_file(tmp_path: Path, labels: list) -> None:
+    for name in ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:
+        bad = name == "data_batch_4"
+        obj = {b"data": RNG.integers(0, 256, (3, 3072), dtype=np.uint8),
+               b"labels": labels if bad else [0, 1, 2]}  # fmt: skip
+        (tmp_path / name).write_bytes(pickle.dumps(obj, protocol=2))
+    assert open_data(f"cifar10:{tmp_path}").n == 3
+    with pytest.raises(LayerfastError, match=r"data_batch_4.*label"):
+        open_data(f"cifar10:{tmp_path}", split="train")

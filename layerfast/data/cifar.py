@@ -102,7 +102,8 @@ def load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     if len(labels) != len(data):
         raise LayerfastError(f"cifar10: {path}: {len(data)} images but {len(labels)} labels")
-    return data, labels
+    # checked per batch file, so that a bad label names its file (docs/data.md)
+    return data, check_labels(f"cifar10: {path}", labels, 10).numpy()
 
 
 def batch_dir(directory: Path) -> Path:

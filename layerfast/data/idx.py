@@ -85,14 +85,16 @@ def open_idx(name: str, directory: Path, split: str, max_samples: int | None) ->
         raise LayerfastError(f"{name}: directory {directory} {state}{hint}")
     prefix = "t10k" if split == "test" else "train"
     x = read_idx(name, find_file(name, directory, prefix, "images", 3), 3)
-    y = read_idx(name, find_file(name, directory, prefix, "labels", 1), 1)
+    ypath = find_file(name, directory, prefix, "labels", 1)
+    y = read_idx(name, ypath, 1)
     if len(x) != len(y):
         raise LayerfastError(
             f"{name}: {prefix} images and labels disagree: {len(x)} images, {len(y)} labels"
         )
     mean, std = NORMS[name]
     return make_source(
-        name, ArrayReader(torch.from_numpy(x[:, None].copy()), check_labels(name, y, 10)),
+        name, ArrayReader(torch.from_numpy(x[:, None].copy()),
+                          check_labels(f"{name}: {ypath}", y, 10)),  # name the file
         total=len(y), num_classes=10, shape=(1, *x.shape[1:]), mean=mean, std=std,
         scale=255.0, max_samples=max_samples,
     )  # fmt: skip
