@@ -118,3 +118,18 @@ def test_cifar_bad_labels_name_the_batch_file(tmp_path: Path, labels: list) -> N
     assert open_data(f"cifar10:{tmp_path}").n == 3
     with pytest.raises(LayerfastError, match=r"data_batch_4.*label"):
         open_data(f"cifar10:{tmp_path}", split="train")
+
+
+def test_imagefolder_symlink_loop_counts_each_image_once(tmp_path: Path) -> None:
+    """Every sample exactly once (DESIGN.md §4): a symlink back to an ancestor folder
+    (`cat/sub/up -> ..`) was followed until the path grew too long, so one image was read
+    about 40 times, as that many samples."""
+    pytest.importorskip("PIL")
+    _png(tmp_path / "cat" / "0.png")
+    _png(tmp_path / "dog" / "0.png")
+    _png(tmp_path / "cat" / "sub" / "1.png")
+    (tmp_path / "cat" / "sub" / "up").symlink_to("..")  # back to cat/
+    (tmp_path / "dog" / "more").symlink_to(tmp_path / "extra")  # not a loop: followed
+    _png(tmp_path / "extra" / "1.png")
+    src = open_data(f"imagefolder:{tmp_path}")
+    assert src.labels().tolist() == [0, 0, 1, 1, 2]  # classes cat, dog, extra

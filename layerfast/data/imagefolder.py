@@ -52,8 +52,18 @@ def eval_transform(img) -> np.ndarray:  # noqa: ANN001 - a PIL image
 
 
 def _list_images(folder: Path) -> list[Path]:
+    """Images below `folder`, sorted, following symlinks (as torchvision does) but not into
+    a folder that is its own ancestor: a link such as `cat/loop -> ..` was walked until the
+    path grew too long, reading each image dozens of times as separate samples."""
+    walked: list[tuple[str, list[str]]] = []
+    ancestors: dict[str, frozenset[str]] = {str(folder): frozenset()}
+    for root, dirs, fnames in os.walk(folder, followlinks=True):
+        chain = ancestors.pop(root, frozenset()) | {os.path.realpath(root)}
+        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) not in chain]
+        ancestors.update((os.path.join(root, d), chain) for d in dirs)
+        walked.append((root, fnames))
     out: list[Path] = []
-    for root, _, fnames in sorted(os.walk(folder, followlinks=True)):
+    for root, fnames in sorted(walked):
         out += [Path(root) / f for f in sorted(fnames) if f.lower().endswith(EXTENSIONS)]
     return out
 
