@@ -24,6 +24,9 @@ MANIFEST = "manifest.json"
 #: below 2**63; a larger one would pass discovery and only fail after the whole evaluation.
 MAX_LABEL = 2**63 - 1
 _INT_RE = re.compile(r"\d+")
+#: A shard of a checkpoint split over several files (Hugging Face's `save_pretrained`:
+#: `model-00001-of-00002.safetensors`, `pytorch_model-00001-of-00003.bin`).
+_SHARD_RE = re.compile(r"-(\d+)-of-(\d+)$")
 
 
 def new_file_mode() -> int:
@@ -177,6 +180,7 @@ def _from_names(root: Path) -> dict[int, Path]:
             )
         if not is_checkpoint_file(path):
             continue
+        _refuse_shard(root, path)
         label = label_from_stem(path.stem)
         if label is None:
             unlabeled.append(path.name)
@@ -199,6 +203,21 @@ def _from_names(root: Path) -> dict[int, Path]:
             f"integer of the file name (epoch_003.pt). Rename, move it away, or write a {MANIFEST}."
         )
     return files
+
+
+def _refuse_shard(root: Path, path: Path) -> None:
+    """A shard of a multi-file checkpoint is not a checkpoint: its last integer is the shard
+    count, so every shard got the same label and the refusal advised renaming one (which would
+    turn the halves of one model into two checkpoints, each missing the other's tensors)."""
+    m = _SHARD_RE.search(path.stem)
+    if m is None or int(m.group(2)) <= 1:  # `-00001-of-00001` holds the whole model
+        return
+    raise LayerfastError(
+        f"{root}: {path.name} is shard {int(m.group(1))} of {int(m.group(2))} of one checkpoint "
+        "split over several files; layerfast reads one file per checkpoint. Merge the shards "
+        "into one state dict (safetensors.torch.load_file each, save_file the union) and give "
+        f"it its epoch in its name (epoch_003.safetensors) or a {MANIFEST}."
+    )
 
 
 def _json_default(obj: object) -> object:
