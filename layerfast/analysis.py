@@ -436,27 +436,38 @@ def _versions() -> dict:
 
 
 def _shape_mismatches(ck: Any, labels: list[int] | None, ref: dict[str, torch.Tensor],
-                      num_classes: int) -> tuple[bool, bool]:
-    """(any head mismatch, any other mismatch) between the checkpoints `labels` (all when None)
-    and the model's state dict `ref`. A head mismatch is a tensor whose model shape leads with
-    `num_classes` where the checkpoint's does not: only then is the data's class count the
-    likely cause. A torchvision (3-channel) checkpoint with 1-channel data mismatches only in
-    conv1.weight, and blaming the labels there sends the user the wrong way."""
+                      num_classes: int) -> tuple[bool, bool, list[str]]:
+    """(any head mismatch, any other mismatch, the files that fit) between the checkpoints
+    `labels` (all when None) and the model's state dict `ref`. A head mismatch is a tensor whose
+    model shape leads with `num_classes` where the checkpoint's does not: only then is the
+    data's class count the likely cause. A torchvision (3-channel) checkpoint with 1-channel
+    data mismatches only in conv1.weight, and blaming the labels there sends the user the wrong
+    way. The files that fit (the model's keys, every shape equal) show that the model built from
+    the data and --arch is right, so neither may be blamed for the files that do not."""
+    from layerfast.checkpoints.keymap import is_tolerated_missing
+
     head = other = False
+    fit: list[str] = []
     for label in ck.labels if labels is None else labels:
         try:
             shapes = ck.shapes(label)
         except LayerfastError:  # validate named what is wrong with this file already
             continue
+        # a file with missing or extra keys does not fit either, whatever its shapes
+        fits = set(shapes) <= set(ref) and all(
+            k in shapes or is_tolerated_missing(k) for k in ref)
         for key, shape in shapes.items():
             want = tuple(ref[key].shape) if key in ref else None
             if want is None or tuple(shape) == want:
                 continue
+            fits = False
             if want[:1] == (num_classes,) and tuple(shape[:1]) != want[:1]:
                 head = True
             else:
                 other = True
-    return head, other
+        if fits:
+            fit.append(ck.files[label].name)
+    return head, other, fit
 
 
 def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split: str = "test",
@@ -500,7 +511,15 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
     except LayerfastError as exc:
         if "shape" not in str(exc):
             raise
-        head, other = _shape_mismatches(ck, used, model.state_dict(), num_classes)
+        head, other, fit = _shape_mismatches(ck, used, model.state_dict(), num_classes)
+        if fit:  # the model fits these files: the others come from another model
+            shown = ", ".join(fit[:3]) + (f" and {len(fit) - 3} more" if len(fit) > 3 else "")
+            # the final model and θ⁰ are always read; another epoch can be left out
+            always = {ck.files[t].name for t in {ck.final, *({0} & set(ck.labels))}}
+            fix = ("replace them, or leave their epochs out with --checkpoints"
+                   if always <= set(fit) else "replace them")
+            raise LayerfastError(f"{exc} ({shown} fit the model, so the other files were saved "
+                                 f"from a different model: {fix})") from None
         if head and from_data:
             raise LayerfastError(f"{exc} (the model was built for {num_classes:,} classes, "
                                  f"{where}; labels must be 0..classes-1 of the checkpoint's "

@@ -74,3 +74,55 @@ def test_a_single_file_shard_set_still_loads(tmp_path: Path) -> None:
     ck.mkdir()
     save_file(sd, ck / "model-00001-of-00001.safetensors")
     assert CheckpointDir(ck).labels == [1]
+
+
+def test_a_shape_mismatch_in_one_checkpoint_is_not_blamed_on_the_data(tmp_path: Path,
+                                                                     capsys) -> None:
+    """Only epoch_1 comes from another model (fc2 narrower); τ=0 and the final model fit. The
+    message added "the model was built for inputs of shape (1, 8, 8), the samples of 'digits';
+    the checkpoint's model takes other inputs, or is another --arch", yet the final model runs
+    on those inputs with that --arch: the stray file is the cause."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save(_fcn_sd(0), ck / "epoch_0.pt")
+    bad = _fcn_sd(1)
+    bad["fc2.weight"] = bad["fc2.weight"][:100]
+    torch.save(bad, ck / "epoch_1.pt")
+    torch.save(_fcn_sd(3), ck / "epoch_3.pt")
+    out = tmp_path / "out"
+    line = _one_line(*_analyze(ck, out, capsys), out)
+    assert "fc2.weight [100, 256] in the checkpoint vs [256, 256]" in line
+    assert "inputs of shape" not in line and "another --arch" not in line
+    assert "epoch_0.pt" in line and "epoch_3.pt" in line  # the files that do fit are named
+
+
+def test_a_head_mismatch_in_one_checkpoint_is_not_blamed_on_the_labels(tmp_path: Path,
+                                                                      capsys) -> None:
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save(_fcn_sd(0), ck / "epoch_0.pt")
+    bad = _fcn_sd(1)
+    bad["fc4.weight"], bad["fc4.bias"] = bad["fc4.weight"][:5], bad["fc4.bias"][:5]
+    torch.save(bad, ck / "epoch_1.pt")
+    torch.save(_fcn_sd(3), ck / "epoch_3.pt")
+    out = tmp_path / "out"
+    line = _one_line(*_analyze(ck, out, capsys), out)
+    assert "fc4.weight [5, 256] in the checkpoint vs [10, 256]" in line
+    assert "labels must be" not in line and "largest label" not in line
+
+
+def test_a_file_with_missing_keys_is_not_said_to_fit(tmp_path: Path, capsys) -> None:
+    """τ=0 lacks a key and epoch_1 has a narrower fc2: τ=0 is not offered as a file that fits."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    zero = _fcn_sd(0)
+    del zero["fc3.bias"]
+    torch.save(zero, ck / "epoch_0.pt")
+    bad = _fcn_sd(1)
+    bad["fc2.weight"] = bad["fc2.weight"][:100]
+    torch.save(bad, ck / "epoch_1.pt")
+    torch.save(_fcn_sd(3), ck / "epoch_3.pt")
+    out = tmp_path / "out"
+    line = _one_line(*_analyze(ck, out, capsys), out)
+    assert "missing keys (1): fc3.bias" in line
+    assert "(epoch_3.pt fit the model" in line and "replace them)" in line
