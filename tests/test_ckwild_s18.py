@@ -111,6 +111,32 @@ def test_a_head_mismatch_in_one_checkpoint_is_not_blamed_on_the_labels(tmp_path:
     assert "labels must be" not in line and "largest label" not in line
 
 
+def test_a_torch_file_named_safetensors_says_so(tmp_path: Path) -> None:
+    """`torch.save(sd, "model_3.safetensors")` is an intact torch file, not a truncated one."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save(_fcn_sd(0), ck / "epoch_0.pt")
+    torch.save(_fcn_sd(3), ck / "epoch_3.safetensors")
+    c = CheckpointDir(ck)
+    with pytest.raises(LayerfastError) as exc:
+        c.validate(_fcn_sd(3))
+    msg = str(exc.value)
+    assert "truncated or corrupt" not in msg
+    assert "torch.save" in msg and ".pt" in msg
+
+
+def test_a_safetensors_file_named_pt_says_so(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save(_fcn_sd(0), ck / "epoch_0.pt")
+    save_file(_fcn_sd(3), ck / "epoch_3.pt")
+    c = CheckpointDir(ck)
+    with pytest.raises(LayerfastError) as exc:
+        c.validate(_fcn_sd(3))
+    msg = str(exc.value)
+    assert "safetensors" in msg and ".safetensors" in msg
+
+
 def test_a_file_with_missing_keys_is_not_said_to_fit(tmp_path: Path, capsys) -> None:
     """τ=0 lacks a key and epoch_1 has a narrower fc2: τ=0 is not offered as a file that fits."""
     ck = tmp_path / "ck"

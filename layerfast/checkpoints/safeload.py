@@ -463,12 +463,36 @@ _SAFETENSORS_DTYPES: dict[str, str] = {
 _PICKLE_PROTO = b"\x80"  # a legacy torch.save file is a pickle of protocol >= 2: opcode PROTO
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with its JSON header's length (u64, little-endian), then `{`."""
+    return (len(head) >= 9 and head[8:9] == b"{"
+            and 0 < int.from_bytes(head[:8], "little") <= size - 8)
+
+
 def _corrupt(path: Path, exc: Exception) -> LayerfastError:
     head = b""
-    if path.suffix.lower() != ".safetensors":
-        with contextlib.suppress(OSError):
-            with open(path, "rb") as f:
-                head = f.read(8)
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            head = f.read(9)
+    size = 0
+    with contextlib.suppress(OSError):
+        size = path.stat().st_size
+    # An intact file of the other format under this suffix (torch.save(sd, "m.safetensors"),
+    # save_file(sd, "m.pt")) is not "truncated or corrupt": say what it is instead.
+    if path.suffix.lower() == ".safetensors":
+        if head[:4] == _ZIP_MAGIC or head[:1] == _PICKLE_PROTO:
+            return LayerfastError(
+                f"{path}: not a safetensors file: it is a torch.save file (a "
+                f"{'zip archive' if head[:4] == _ZIP_MAGIC else 'legacy torch pickle'}), which "
+                "layerfast reads by its suffix: rename it to .pt."
+            )
+    elif _looks_like_safetensors(head, size):
+        return LayerfastError(
+            f"{path}: not a torch.save file: it is a safetensors file, which layerfast reads "
+            "by its suffix: rename it to .safetensors."
+        )
+    else:
+        head = head[:8]
         if head and head[:4] != _ZIP_MAGIC and head[:1] != _PICKLE_PROTO:
             # torch's own error here is a bare KeyError number (the first byte read as a
             # pickle opcode): say what the file is not instead.
