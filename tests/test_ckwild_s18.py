@@ -3,6 +3,7 @@ files that were refused with a message pointing the user the wrong way."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,20 @@ def test_a_file_with_missing_keys_is_not_said_to_fit(tmp_path: Path, capsys) -> 
     line = _one_line(*_analyze(ck, out, capsys), out)
     assert "missing keys (1): fc3.bias" in line
     assert "(epoch_3.pt fit the model" in line and "replace them)" in line
+
+
+@pytest.mark.parametrize("name", ["epoch_3.bin", "checkpoint-3.pth.tar", "epoch_3.pkl"])
+def test_a_checkpoint_under_a_suffix_layerfast_does_not_read_is_refused_not_skipped(
+        tmp_path, name) -> None:
+    """`epoch_3.bin` beside `epoch_0.pt` and `epoch_1.pt` was skipped without a word, and τ=1
+    analysed as the final model. A file with no epoch in its name (`training_args.bin`) is
+    not a checkpoint and stays ignored."""
+    from layerfast.checkpoints.discover import _from_names
+
+    for n in ("epoch_0.pt", "epoch_1.pt", "training_args.bin", name):
+        (tmp_path / n).write_bytes(b"x")
+    with pytest.raises(LayerfastError, match=rf"{re.escape(name)} looks like a checkpoint, but "
+                                             r"layerfast reads only \.pt, \.pth"):
+        _from_names(tmp_path)
+    (tmp_path / name).unlink()
+    assert sorted(_from_names(tmp_path)) == [0, 1]

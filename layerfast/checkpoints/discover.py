@@ -27,6 +27,11 @@ _INT_RE = re.compile(r"\d+")
 #: A shard of a checkpoint split over several files (Hugging Face's `save_pretrained`:
 #: `model-00001-of-00002.safetensors`, `pytorch_model-00001-of-00003.bin`).
 _SHARD_RE = re.compile(r"-(\d+)-of-(\d+)$")
+#: Suffixes training code also saves checkpoints under, which layerfast does not read (`.bin`:
+#: Hugging Face's `pytorch_model.bin`; `.tar`: timm's `checkpoint-3.pth.tar`; pickles). Beside
+#: checkpoints it reads, a labelled one is refused: skipped, it silently made an earlier τ the
+#: final model.
+FOREIGN_SUFFIXES: tuple[str, ...] = (".bin", ".tar", ".pkl", ".pickle")
 
 
 def new_file_mode() -> int:
@@ -202,7 +207,27 @@ def _from_names(root: Path) -> dict[int, Path]:
             f"{root}: cannot tell the epoch of {', '.join(unlabeled)}: the label is the last "
             f"integer of the file name (epoch_003.pt). Rename, move it away, or write a {MANIFEST}."
         )
+    if files:
+        _refuse_foreign(root)
     return files
+
+
+def _refuse_foreign(root: Path) -> None:
+    """A file that looks like a checkpoint of some epoch under a suffix layerfast does not read
+    (`epoch_3.bin` beside `epoch_0.pt`, `epoch_1.pt`): skipped, it made τ=1 the final model
+    without a word."""
+    foreign = sorted(p.name for p in root.iterdir()
+                     if p.is_file() and not p.name.startswith(".")
+                     and p.suffix.lower() in FOREIGN_SUFFIXES
+                     and label_from_stem(p.name[: -len(p.suffix)].removesuffix(".pth"))
+                     is not None)
+    if foreign:
+        raise LayerfastError(
+            f"{root}: {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} "
+            f"{'looks like a checkpoint' if len(foreign) == 1 else 'look like checkpoints'}, but layerfast reads only {', '.join(SUFFIXES)} files: rename a "
+            "torch.save file to .pt (a safetensors one to .safetensors), or move it away; "
+            "skipped, the final model would silently be an earlier one."
+        )
 
 
 def _refuse_shard(root: Path, path: Path) -> None:
