@@ -270,7 +270,8 @@ def test_cut_labels_stay_distinct_and_within_the_limit() -> None:
     """Mutants: the loop that grows the kept parts until cut labels differ stopped at the
     first budget (two names differing only in the middle read the same: two heatmap rows
     with one label); the tail one character longer (91-character labels)."""
-    from layerfast.report.figures import MAX_LABEL_CHARS, _fit_labels
+    from layerfast.report.tables import MAX_LABEL_CHARS
+    from layerfast.report.tables import fit_labels as _fit_labels
 
     a = "m" * 100 + "A" + "z" * 100
     b = "m" * 100 + "B" + "z" * 100

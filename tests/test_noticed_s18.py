@@ -350,3 +350,28 @@ def test_an_untraceable_random_forward_is_not_called_exact(capsys) -> None:
     m.forward = lambda x: m.b(torch.relu(m.a(x)))  # the same net, deterministic: exact
     res = Evaluator(m, variants, device="cpu", precision="fp32", fanout="off").run(batches)
     assert "not deterministic" not in (res.plan["untraced"] or "")
+
+
+def test_summary_cuts_long_unit_names_as_the_figures_do() -> None:
+    """A 1,500-character unit name (a long `--units` regex) made every line of the terminal
+    summary, the rule lines included, that wide. Cut in the middle with an ASCII "..." (the
+    summary is ASCII apart from the names themselves); results.csv keeps the names whole."""
+    import pandas as pd
+
+    from layerfast.report.tables import COLUMNS, MAX_LABEL_CHARS
+    from layerfast.report.terminal import summary_table
+
+    long = "re:" + "encoder.layers.[0-9]+.attention." * 50
+    rows = [dict.fromkeys(COLUMNS) | {"unit": "*", "kind": "baseline", "error": 0.1,
+                                      "error_lo": 0.05, "error_hi": 0.2, "n": 10,
+                                      "delta_error": 0.0}]
+    for u in (long, long + "x", "fc"):
+        rows.append(dict.fromkeys(COLUMNS) | {"unit": u, "kind": "reinit", "checkpoint": 0,
+                                              "error": 0.5, "n": 10, "delta_error": 0.4})
+    text = summary_table(pd.DataFrame(rows))
+    width = max(map(len, text.splitlines()))
+    assert width < MAX_LABEL_CHARS + 80, width
+    names = [ln.split("  ")[0] for ln in text.splitlines() if ln.startswith("re:")]
+    assert len(names) == 2 and len(set(names)) == 2  # still told apart
+    assert all("..." in n and n.isascii() and len(n) <= MAX_LABEL_CHARS for n in names)
+    assert names[0].startswith("re:encoder.layers") and names[1].endswith("attention.x")

@@ -16,7 +16,7 @@ a transformer's hundreds of parameter tensors):
   are wrapped into several blocks of panels side by side, each with every row labelled; only
   when even the widest row of blocks cannot hold them do rows (or, for very many checkpoints,
   columns) get thinner than a label, and then every k-th one is labelled; a row label longer
-  than `MAX_LABEL_CHARS` is cut in the middle (results.csv has the full name);
+  than `MAX_LABEL_CHARS` is cut in the middle (`tables.fit_labels`) (results.csv has the full name);
 - a perceptually uniform colormap (viridis), so equal steps in error look like equal steps;
 - annotation colour is chosen per cell from the cell's luminance (white on dark, black on
   light);
@@ -41,7 +41,7 @@ from matplotlib.colors import Colormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from layerfast.errors import LayerfastError
-from layerfast.report.tables import atomic_path, tau_of, unit_order
+from layerfast.report.tables import MAX_LABEL_CHARS, atomic_path, fit_labels, tau_of, unit_order
 
 __all__ = [
     "FULLMODEL_ROW",
@@ -63,8 +63,6 @@ RERANDOM_COLUMN = "ReRnd"
 FULLMODEL_ROW = "all units (full model)"
 MAX_ANNOTATED_ROWS = 60
 MAX_ANNOTATED_COLS = 40
-#: Longest row label, in characters (`_fit_labels`): ~8 in at the largest label font.
-MAX_LABEL_CHARS = 90
 #: Largest figure width and height, in inches (x `_DPI` = 6,000 px).
 MAX_FIGURE_IN = 40.0
 _PITCH = 0.17  # in: the thinnest row a 6 pt label fits (the natural row height's floor)
@@ -187,27 +185,6 @@ def _text_color(rgba: Sequence[float]) -> str:
 def _text_w(text: str, font: float) -> float:
     """Approximate width in inches of one line of `text` at `font` points."""
     return len(text) * font * _CHAR_W / 72
-
-
-def _fit_labels(rows: Sequence[str]) -> list[str]:
-    """Row labels of at most `MAX_LABEL_CHARS` characters: a longer unit name (a long
-    `--units` regex, a deeply nested module) is cut in the middle, keeping its start and its
-    end (where module names differ), with an ellipsis between. Otherwise the label column
-    was as wide as the name: 1,500 characters made a 139 in wide figure, past
-    `MAX_FIGURE_IN`. results.csv keeps the full names. Where two cut labels would read the
-    same, the kept parts grow until they differ (or the names are shown whole)."""
-    out = list(rows)
-    if all(len(r) <= MAX_LABEL_CHARS for r in out):
-        return out
-    for budget in range(MAX_LABEL_CHARS, max(map(len, out)) + 1, 10):
-        head = (budget - 1) // 2
-        tail = budget - 1 - head
-        out = [r if len(r) <= budget else f"{r[:head]}…{r[len(r) - tail:]}" for r in rows]
-        if len(set(out)) == len(set(rows)):
-            break
-    else:
-        out = list(rows)
-    return out
 
 
 class _Geometry:
@@ -450,7 +427,7 @@ def heatmap_figure(table: pd.DataFrame, title: str | None = None) -> Figure:
         raise LayerfastError(
             "heatmap: the results have no reinit, rerandom or fullmodel rows to draw"
         )
-    rows = _fit_labels(rows)
+    rows = fit_labels(rows)
     base, n = _baseline(table)
     finite = grid[np.isfinite(grid)]
     vmax = max([float(finite.max()) if finite.size else 0.0, base or 0.0])
@@ -530,7 +507,7 @@ def distance_figure(distances_df: pd.DataFrame) -> Figure:
     ]
     grids = [distance_grid(distances_df, col) for col, _ in panels]
     rows, cols, _ = grids[0]
-    rows = _fit_labels(rows)
+    rows = fit_labels(rows)
     heading = [
         r"Distance of each unit's weights from their initialization $\theta^0$",
         f"{RERANDOM_COLUMN}: a fresh random draw against " + r"$\theta^0$ (mean over seeds)",

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,34 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     with atomic_path(target) as tmp:
         df.to_csv(tmp, index=False, na_rep="", lineterminator="\n")
     return target
+
+
+#: Longest unit name shown in a figure's row labels or the terminal summary, in characters:
+#: ~8 in at the figures' largest label font.
+MAX_LABEL_CHARS = 90
+
+
+def fit_labels(rows: Sequence[str], ellipsis: str = "…") -> list[str]:
+    """Unit names of at most `MAX_LABEL_CHARS` characters for display: a longer one (a long
+    `--units` regex, a deeply nested module) is cut in the middle, keeping its start and its
+    end (where module names differ), with `ellipsis` between. Otherwise a figure's label
+    column was as wide as the name (1,500 characters: a 139 in figure, past `MAX_FIGURE_IN`)
+    and so was every line of the terminal summary. results.csv keeps the full names. Where two
+    cut labels would read the same, the kept parts grow until they differ (or the names are
+    shown whole)."""
+    out = list(rows)
+    if all(len(r) <= MAX_LABEL_CHARS for r in out):
+        return out
+    for budget in range(MAX_LABEL_CHARS, max(map(len, out)) + 1, 10):
+        head = (budget - len(ellipsis)) // 2
+        tail = budget - len(ellipsis) - head
+        out = [r if len(r) <= budget else f"{r[:head]}{ellipsis}{r[len(r) - tail:]}"
+               for r in rows]
+        if len(set(out)) == len(set(rows)):
+            break
+    else:
+        out = list(rows)
+    return out
 
 
 def unit_order(units: Iterable[str]) -> list[str]:

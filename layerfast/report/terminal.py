@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from layerfast.report.tables import tau_of, unit_order
+from layerfast.report.tables import fit_labels, tau_of, unit_order
 
 __all__ = ["summary_table"]
 
@@ -174,8 +174,10 @@ def summary_table(
 
     lines: list[list[str]] = [head]
     pending: list[tuple[list[str], list[str]]] = []
+    # a 1,500-character unit name (a long --units regex) made every line that wide
+    shown = dict(zip(units, fit_labels(units, ellipsis="..."), strict=True))
     for unit in units:
-        row = [unit, base_cell]
+        row = [shown[unit], base_cell]
         verdicts = []
         ri = reinit[reinit["unit"].astype(str) == unit]
         if tau0 is not None:
