@@ -375,3 +375,21 @@ def test_summary_cuts_long_unit_names_as_the_figures_do() -> None:
     assert len(names) == 2 and len(set(names)) == 2  # still told apart
     assert all("..." in n and n.isascii() and len(n) <= MAX_LABEL_CHARS for n in names)
     assert names[0].startswith("re:encoder.layers") and names[1].endswith("attention.x")
+
+
+def test_summary_of_a_fullmodel_only_run_does_not_call_its_column_reinit() -> None:
+    """`--reset fullmodel` alone: the one result column held the whole-model reset row under
+    the heading `reinit@0`."""
+    import pandas as pd
+
+    from layerfast.report.tables import COLUMNS
+    from layerfast.report.terminal import summary_table
+
+    rows = [dict.fromkeys(COLUMNS) | {"unit": "*", "kind": "baseline", "error": 0.1,
+                                      "error_lo": 0.05, "error_hi": 0.2, "n": 10,
+                                      "delta_error": 0.0}]
+    rows += [dict.fromkeys(COLUMNS) | {"unit": "*", "kind": "fullmodel", "checkpoint": t,
+                                       "error": e, "n": 10, "delta_error": e - 0.1}
+             for t, e in ((0, 0.9), (1, 0.1))]
+    head = summary_table(pd.DataFrame(rows)).splitlines()[2]
+    assert "reset@0" in head and "reinit" not in head, head

@@ -161,8 +161,8 @@ def summary_table(
 
     base_cell = _pct(float(base.iloc[0]["error"])) if len(base) else "-"
     head = ["unit", "baseline"]
-    if tau0 is not None:
-        head.append(f"reinit@{tau0}")
+    if tau0 is not None:  # with fullmodel rows only, the column holds the whole-model reset
+        head.append(f"{'reinit' if taus else 'reset'}@{tau0}")
     if len(rr):
         head.append("rerandom mean (sd)" if len(seeds) > 1 else "rerandom")
     head.append("verdict")
@@ -170,7 +170,8 @@ def summary_table(
         head.append("critical at tau")
     if distances is not None:
         head.append("max l2_rel")
-    right = {j for j, h in enumerate(head) if h.startswith(("baseline", "reinit@", "rerandom", "max"))}
+    right = {j for j, h in enumerate(head)
+             if h.startswith(("baseline", "reinit@", "reset@", "rerandom", "max"))}
 
     lines: list[list[str]] = [head]
     pending: list[tuple[list[str], list[str]]] = []
