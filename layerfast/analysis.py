@@ -263,7 +263,7 @@ def parse_flags(reset: str | Sequence[str] | None = RESETS, alphas: Any = None, 
     engine would otherwise fail deep inside, or for batch size 0 silently pick a default).
     `analyze` and `--list-units` share it: a dry run that accepts `--seeds 0` or
     `--threshold 2` would pass a command that then fails."""
-    from layerfast.interp import interp_options
+    from layerfast.interp import check_grid, interp_options
 
     resets = list(RESETS) if reset is None else _parse_list(reset)
     if not resets:  # `--reset ''` must not mean "every kind"
@@ -273,6 +273,8 @@ def parse_flags(reset: str | Sequence[str] | None = RESETS, alphas: Any = None, 
         raise LayerfastError(f"unknown --reset {bad[0]!r}: choose from {', '.join(KINDS)}")
     interp = interp_options(resets, alphas, sigma)
     seed_list = _seed_list(seeds)
+    if interp is not None:
+        check_grid(*interp, seed_list)
     seeded = "rerandom" in resets or (interp is not None and any(interp[1]))
     _check_threshold(threshold)
     if final is not None:

@@ -28,6 +28,13 @@ from layerfast.errors import LayerfastError
 #: More values than any sweep needs: each is a variant of every unit and τ (a typo, not a study).
 MAX_VALUES = 1000
 
+#: More interp variants of one unit and τ than any study needs: |α| × (each σ = 0 once, each
+#: σ > 0 once per seed). Each list alone is bounded (MAX_VALUES, MAX_SEEDS), but not their
+#: product: 1000 α × 1000 σ × 1000 seeds built 10⁹ lazy variants per unit and τ until memory
+#: ran out, the failure MAX_SEEDS exists to turn into a clear error. Ten times MAX_VALUES
+#: keeps a dense grid (100 α × 10 σ × 10 seeds) legal.
+MAX_GRID = 10 * MAX_VALUES
+
 #: A number as a user writes one: Python's float() also reads "1_0" (as 10), "nan" and "inf".
 _DECIMAL = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", re.ASCII)
 
@@ -95,6 +102,18 @@ def interp_options(resets: Sequence[str], alphas: Any,
         raise LayerfastError(f"--sigma {huge[0]:g} is beyond float32's range "
                              f"({torch.finfo(torch.float32).max:.3g}): the noise would be Inf")
     return alpha_list, sigmas or [0.0]
+
+
+def check_grid(alphas: Sequence[float], sigmas: Sequence[float], seeds: Sequence[int]) -> None:
+    """Refuse an α × σ × seed grid of more than `MAX_GRID` variants per unit and τ, before any
+    variant is built (`parse_flags`, so `--list-units` refuses it too)."""
+    noisy = sum(1 for s in sigmas if s > 0)
+    per = len(alphas) * (len(sigmas) - noisy + noisy * len(seeds))
+    if per > MAX_GRID:
+        raise LayerfastError(
+            f"--alphas × --sigma × --seeds asks for {per} interp variants per unit and τ "
+            f"({len(alphas)} alphas, {len(sigmas)} sigmas of which {noisy} draw noise once per "
+            f"seed, {len(seeds)} seeds), more than {MAX_GRID}: ask for fewer")
 
 
 def interp_requests(units: Iterable[Any], taus: Sequence[int], final: int,
