@@ -95,8 +95,8 @@ def interp_options(resets: Sequence[str], alphas: Any,
     negative = [s for s in sigmas if s < 0]
     if negative:
         raise LayerfastError(f"--sigma must be >= 0 (a standard deviation); got {negative[0]:g}")
-    # The noise is drawn in the weights' dtype: a σ that float32 cannot hold is Inf there, and
-    # every noisy weight would be Inf or NaN.
+    # The noise is drawn in float64, then cast to the weights' dtype: a σ that float32 cannot
+    # hold becomes Inf there, and every noisy float32 weight would be Inf or NaN.
     huge = [s for s in sigmas if s > torch.finfo(torch.float32).max]
     if huge:
         raise LayerfastError(f"--sigma {huge[0]:g} is beyond float32's range "
