@@ -27,9 +27,9 @@ def _int_list(text: str) -> list[int]:
 
 
 def _seeds(text: str) -> int | list[int]:
-    """`--seeds 3` means seeds 1..3; `--seeds 1,7,9` names them (`analysis.parse_seeds`, which
+    """`--seeds 3` means seeds 1..3; `--seeds 1,7,9` names them (`flags.parse_seeds`, which
     `analyze(seeds="...")` uses too); checked here so the error comes before other flags'."""
-    from layerfast.analysis import parse_seeds
+    from layerfast.flags import parse_seeds
 
     try:
         return parse_seeds(text)
@@ -357,7 +357,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from layerfast.analysis import analyze, list_units, parse_flags
+    from layerfast.analysis import analyze, list_units
+    from layerfast.flags import parse_flags
 
     if args.list_units:  # the same checks as a real run: a dry run must not pass a bad command
         parse_flags(args.reset, args.alphas, args.sigma, args.seeds, args.threshold,

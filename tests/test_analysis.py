@@ -166,7 +166,7 @@ def test_no_distances_without_tau0_says_why(ckpts, tmp_path) -> None:
 def test_repeated_option_values_are_dropped(ckpts, tmp_path) -> None:
     """`--checkpoints 0,0,2`, `--reset reinit,reinit` and seeds 1,1 ask for what 0,2 / reinit /
     1 ask for: run.json lists each once and the same out dir resumes instead of refusing."""
-    from layerfast.analysis import _parse_checkpoints, _parse_list, _seed_list
+    from layerfast.flags import _parse_checkpoints, _parse_list, _seed_list
 
     assert _parse_checkpoints("0,0,4, 0") == [0, 4] and _parse_checkpoints([3, 3, 1]) == [3, 1]
     assert _parse_list("reinit, reinit,fullmodel") == ["reinit", "fullmodel"]

@@ -300,7 +300,7 @@ def test_integer_arrays_and_tensors_are_whole_numbers():
     one-element tensor of seeds is a list of one seed, not a count; floats and bools are not."""
     import numpy as np
 
-    from layerfast.analysis import _parse_checkpoints, _seed_list
+    from layerfast.flags import _parse_checkpoints, _seed_list
 
     assert _seed_list(np.array(3)) == [1, 2, 3] and _seed_list(torch.tensor(2)) == [1, 2]
     assert _seed_list(torch.tensor([5])) == [5]

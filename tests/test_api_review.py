@@ -295,7 +295,7 @@ def test_analyze_keeps_the_global_rng_for_a_model_that_draws_in_eval(train_model
 def test_a_zero_dim_array_as_seeds_is_a_layerfast_error(value):
     """options.integers: 'anything not iterable is one clear error'. A 0-d array or tensor
     claims to be iterable and raised a bare TypeError."""
-    from layerfast.analysis import _seed_list
+    from layerfast.flags import _seed_list
 
     try:
         seeds = _seed_list(value)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from layerfast.analysis import parse_flags
 from layerfast.errors import LayerfastError
+from layerfast.flags import parse_flags
 from tests.test_cli import cli
 
 _MANY = ",".join(str(i / 999) for i in range(1000))  # 1000 α: MAX_VALUES, allowed alone

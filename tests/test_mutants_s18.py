@@ -150,7 +150,7 @@ def test_tracing_restores_a_reassigned_buffer_of_a_submodule() -> None:
 def test_seeds_as_a_one_element_tensor_name_that_seed() -> None:
     """Mutant: `is_int` without its `ndim` check: `seeds=torch.tensor([5])` (a list of one
     seed) was read as the count 5, i.e. seeds 1..5."""
-    from layerfast.analysis import parse_flags
+    from layerfast.flags import parse_flags
 
     assert parse_flags(seeds=torch.tensor([5])).seed_list == [5]
     assert parse_flags(seeds=torch.tensor(3)).seed_list == [1, 2, 3]
@@ -160,7 +160,7 @@ def test_seeds_as_a_one_element_tensor_name_that_seed() -> None:
 def test_a_reset_that_names_no_kind_is_refused(reset) -> None:
     """Mutant: the `--reset ''` guard dropped: an empty list of kinds went on, a run of the
     baseline alone with no error."""
-    from layerfast.analysis import parse_flags
+    from layerfast.flags import parse_flags
 
     with pytest.raises(LayerfastError, match="names no kind"):
         parse_flags(reset=reset)

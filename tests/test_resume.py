@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 import layerfast
-from layerfast.analysis import _checkpoint_every
 from layerfast.cli import main
 from layerfast.errors import LayerfastError
+from layerfast.flags import _checkpoint_every
 from layerfast.store import FILENAME, ResumeStore
 
 REPO = Path(__file__).resolve().parents[1]

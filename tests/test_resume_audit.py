@@ -282,7 +282,7 @@ def test_the_out_dirs_contents_are_checked_before_the_run(ckpts, tmp_path):
 
 def test_a_checkpoint_interval_that_is_not_a_number_is_said_as_given(monkeypatch):
     """LAYERFAST_CHECKPOINT_EVERY=abc was reported as "got -1.0"."""
-    from layerfast.analysis import _checkpoint_every
+    from layerfast.flags import _checkpoint_every
 
     monkeypatch.setenv("LAYERFAST_CHECKPOINT_EVERY", "abc")
     with pytest.raises(LayerfastError, match=r"got 'abc'"):
