@@ -175,6 +175,29 @@ def _dim_ok(d: Any, i: int, dims: dict[int, int]) -> bool:
     return True
 
 
+def _reduced_dims_ok(s: Any, i: int, dims: dict[int, int]) -> bool:
+    """A `mean`/`sum` over named dims that never include the batch dim (`x.mean([2, 3])`, a
+    global average pool written by hand: MnasNet, SE blocks): per sample. No dim (the whole
+    tensor) mixes samples; a list must be positive dims (only one negative dim per step is
+    checked against the rank at run time)."""
+    d = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
+    if isinstance(d, list | tuple):
+        return bool(d) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                               for x in d)
+    return _dim_ok(d, i, dims)
+
+
+def _identity_in_eval(target: Any, s: Any) -> bool:
+    """torchvision's `stochastic_depth(x, p, mode, training)` traced with `training=False`
+    (the module in eval mode, as the engine runs it): the identity. EfficientNet, ConvNeXt and
+    Swin call it in every block, so refusing it kept their groups from fanning out."""
+    if getattr(target, "__name__", "") != "stochastic_depth" or not str(
+            getattr(target, "__module__", "")).startswith("torchvision."):
+        return False
+    training = s.args[3] if len(s.args) > 3 else s.kwargs.get("training", True)
+    return training is False
+
+
 def _has_hooks(m: nn.Module) -> bool:
     """Forward hooks / pre-hooks (a fanned run does not call the module, so they would not
     run) or parametrizations (the module's weight is computed from other tensors)."""
@@ -221,6 +244,10 @@ def _step_is_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, 
         if s.target in (F.softmax, F.log_softmax):
             dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
             return _dim_ok(dim, i, dims)
+        if s.target in (torch.mean, torch.sum):
+            return _reduced_dims_ok(s, i, dims)
+        if _identity_in_eval(s.target, s):
+            return True
         return s.target in _ELEMENTWISE_FUNCS
     if s.op == "call_method":
         if s.target == "size":
@@ -251,6 +278,8 @@ def _step_is_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, 
         if s.target in ("softmax", "log_softmax"):
             dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
             return _dim_ok(dim, i, dims)
+        if s.target in ("mean", "sum"):
+            return _reduced_dims_ok(s, i, dims)
         return s.target in _ELEMENTWISE_METHODS
     return s.op == "get_attr"
 
