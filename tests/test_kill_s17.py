@@ -106,16 +106,16 @@ def test_sigkill_during_figure_write_then_rerun_matches(ckpts, tmp_path):
 
 
 def test_ctrl_c_while_the_arguments_are_parsed_is_one_line(monkeypatch, capsys):
-    """Ctrl-C during argument parsing (`--seeds` imports layerfast.analysis, with pandas, while
-    argparse runs: a second of a CLI start) printed a 40-line KeyboardInterrupt traceback; it is
-    the same "layerfast: interrupted", exit 130, as anywhere later."""
-    import layerfast.analysis
+    """Ctrl-C during argument parsing (argparse calls layerfast.flags' `--seeds` parser; this
+    once imported pandas too: a second of a CLI start) printed a 40-line KeyboardInterrupt
+    traceback; it is the same "layerfast: interrupted", exit 130, as anywhere later."""
+    import layerfast.flags
     from layerfast.cli import main
 
     def interrupted(text: str) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(layerfast.analysis, "parse_seeds", interrupted)
+    monkeypatch.setattr(layerfast.flags, "parse_seeds", interrupted)
     assert main(["analyze", "--arch", "fcn3x256", "--seeds", "3"]) == 130
     err = capsys.readouterr().err
     assert err == "layerfast: interrupted\n"
