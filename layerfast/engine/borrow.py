@@ -28,6 +28,16 @@ def lazy_names(model: nn.Module) -> list[str]:
     return [k for k, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
 
 
+def _written(b: torch.Tensor, before: torch.Tensor) -> bool:
+    """Whether the pass wrote into buffer `b` (`before`: its copy from before the pass). Only
+    a strided tensor is compared: `torch.equal` has no sparse (or meta) kernel, and its raising
+    in `borrowed`'s exit failed a finished pass and left the rest of the model unrestored (in
+    eval mode). A NaN compares unequal, so it copies the same bits back: harmless."""
+    if b.layout != torch.strided or b.is_meta:
+        return False
+    return not torch.equal(b, before)
+
+
 @contextlib.contextmanager
 def borrowed(model: nn.Module, device: torch.device, channels_last: bool) -> Iterator[None]:
     """The model in eval mode on `device` (channels_last when asked), in-place activations
@@ -67,7 +77,7 @@ def borrowed(model: nn.Module, device: torch.device, channels_last: bool) -> Ite
             p.data, p.grad = data, grad
         for (m, name, b), v in zip(buffers, values, strict=True):
             m._buffers[name] = b
-            if not torch.equal(b, v):  # a NaN makes it copy the same bits back: harmless
+            if _written(b, v):
                 with torch.inference_mode(b.is_inference()), torch.no_grad():
                     b.copy_(v)
         for m, mode in modes:
