@@ -89,8 +89,10 @@ def progress_bar(enabled: bool = True, auto: bool = False, **kwargs: Any) -> Any
         from tqdm import tqdm
 
     stream = progress_stream()
-    # a notebook's widget redraws in place (its stderr is no terminal either)
-    widget = tqdm.__module__.startswith("tqdm.notebook")
+    # a notebook's widget redraws in place (its stderr is no terminal either). tqdm.auto's
+    # class there is defined in tqdm.auto (`class tqdm(notebook_tqdm, asyncio_tqdm)`), so
+    # the widget shows in its bases, not in its own __module__
+    widget = any(c.__module__.startswith("tqdm.notebook") for c in tqdm.__mro__)
     if stream is not None and not widget and not _is_tty(stream):
         kwargs.setdefault("mininterval", LOG_PROGRESS_INTERVAL)
     return tqdm(file=stream, disable=not enabled or stream is None, **kwargs)
