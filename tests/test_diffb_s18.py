@@ -5,7 +5,15 @@ folder's parent)."""
 from __future__ import annotations
 
 import importlib
+import json
+import struct
 import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from layerfast.errors import LayerfastError
 
 
 def test_progress_bar_leaves_a_real_notebook_widget_its_refresh(monkeypatch) -> None:
@@ -47,3 +55,33 @@ def test_progress_bar_leaves_a_real_notebook_widget_its_refresh(monkeypatch) -> 
     finally:
         monkeypatch.undo()
         importlib.reload(tqdm.auto)
+
+
+def _safetensors_bytes(header_len: int) -> bytes:
+    """A valid safetensors file whose JSON header is exactly `header_len` bytes."""
+    t = torch.arange(16, dtype=torch.float32)
+    hdr: dict = {"w": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]},
+                 "__metadata__": {"p": ""}}
+    hdr["__metadata__"]["p"] = "x" * (header_len - len(json.dumps(hdr).encode()))
+    raw = json.dumps(hdr).encode()
+    assert len(raw) == header_len
+    return struct.pack("<Q", len(raw)) + raw + t.numpy().tobytes()
+
+
+def test_a_truncated_safetensors_file_is_not_called_a_torch_pickle(tmp_path: Path) -> None:
+    """A safetensors file starts with its header's length: one of 640 bytes (0x280) starts
+    with b'\\x80\\x02', a pickle's PROTO 2. Truncated, it was called 'a torch.save file (a
+    legacy torch pickle)' with the advice to rename it to .pt, where it is truncated."""
+    from layerfast.checkpoints.safeload import open_file
+
+    data = _safetensors_bytes(640)
+    assert data[:2] == b"\x80\x02"
+    path = tmp_path / "epoch_0.safetensors"
+    path.write_bytes(data[:-8])
+    with pytest.raises(LayerfastError, match="truncated or corrupt") as info:
+        open_file(path)
+    assert "torch.save" not in str(info.value)
+    # a torch.save file under the suffix is still named as one
+    torch.save({"w": torch.zeros(2)}, tmp_path / "epoch_1.safetensors")
+    with pytest.raises(LayerfastError, match="rename it to .pt"):
+        open_file(tmp_path / "epoch_1.safetensors")

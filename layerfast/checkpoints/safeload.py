@@ -480,7 +480,10 @@ def _corrupt(path: Path, exc: Exception) -> LayerfastError:
     # An intact file of the other format under this suffix (torch.save(sd, "m.safetensors"),
     # save_file(sd, "m.pt")) is not "truncated or corrupt": say what it is instead.
     if path.suffix.lower() == ".safetensors":
-        if head[:4] == _ZIP_MAGIC or head[:1] == _PICKLE_PROTO:
+        # its own format first: a header of 640 bytes (0x280) starts with b"\x80\x02", a
+        # pickle's PROTO 2, so a truncated safetensors file was called a torch pickle
+        if not _looks_like_safetensors(head, size) and (
+                head[:4] == _ZIP_MAGIC or head[:1] == _PICKLE_PROTO):
             return LayerfastError(
                 f"{path}: not a safetensors file: it is a torch.save file (a "
                 f"{'zip archive' if head[:4] == _ZIP_MAGIC else 'legacy torch pickle'}), which "
