@@ -85,3 +85,26 @@ def test_a_truncated_safetensors_file_is_not_called_a_torch_pickle(tmp_path: Pat
     torch.save({"w": torch.zeros(2)}, tmp_path / "epoch_1.safetensors")
     with pytest.raises(LayerfastError, match="rename it to .pt"):
         open_file(tmp_path / "epoch_1.safetensors")
+
+
+def test_imagefolder_link_to_the_class_folders_parent_adds_no_sample(tmp_path: Path) -> None:
+    """`cat/loop -> ..`, the example of `_list_images`'s docstring: the link leads to the
+    split's root, an ancestor of cat/ but not of the walk's start, so it was followed and
+    dog's images were read a second time, labelled cat (every sample exactly once,
+    DESIGN.md §4)."""
+    pytest.importorskip("PIL")
+    import numpy as np
+    from PIL import Image
+
+    from layerfast.data.imagefolder import find_samples
+
+    root = tmp_path / "data"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / c / "0.png")
+    (root / "cat" / "loop").symlink_to("..")
+    (root / "dog" / "up").symlink_to("../..")  # an ancestor too, further up
+    files, labels, classes = find_samples(root, "test")
+    assert classes == ["cat", "dog"]
+    assert [f.relative_to(root).as_posix() for f in files] == ["cat/0.png", "dog/0.png"]
+    assert labels == [0, 1]

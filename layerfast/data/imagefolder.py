@@ -54,9 +54,12 @@ def eval_transform(img) -> np.ndarray:  # noqa: ANN001 - a PIL image
 def _list_images(folder: Path) -> list[Path]:
     """Images below `folder`, sorted, following symlinks (as torchvision does) but not into
     a folder that is its own ancestor: a link such as `cat/loop -> ..` was walked until the
-    path grew too long, reading each image dozens of times as separate samples."""
+    path grew too long, reading each image dozens of times as separate samples. The folders
+    above `folder` count as ancestors too: `cat/loop -> ..` leads to the split's root, and
+    followed it read every other class's images again under cat's label."""
     walked: list[tuple[str, list[str]]] = []
-    ancestors: dict[str, frozenset[str]] = {str(folder): frozenset()}
+    above = frozenset(map(str, Path(os.path.realpath(folder)).parents))
+    ancestors: dict[str, frozenset[str]] = {str(folder): above}
     for root, dirs, fnames in os.walk(folder, followlinks=True):
         chain = ancestors.pop(root, frozenset()) | {os.path.realpath(root)}
         dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) not in chain]
