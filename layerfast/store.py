@@ -345,7 +345,7 @@ def restore(out: Path, groups: tuple[tuple[str, ...], ...], existed: set[str]) -
 
 
 def _acquire_lock(out: Path, name: str = LOCKNAME, target: Path | None = None,
-                  flag: str = "--out") -> IO[str] | None:
+                  flag: str | None = "--out") -> IO[str] | None:
     """flock `out/name` (created), or refuse: another layerfast run is writing `target` (by
     default `out` itself; `layerfast convert` locks one .beton in its folder)."""
     if fcntl is None:
@@ -375,13 +375,13 @@ def _acquire_lock(out: Path, name: str = LOCKNAME, target: Path | None = None,
 
 
 @contextlib.contextmanager
-def locked_dir(out: Path, flag: str = "out dir") -> Iterator[None]:
+def locked_dir(out: Path) -> Iterator[None]:
     """Hold `out`'s run lock (`LOCKNAME`) while writing into a finished run's directory
     (`layerfast report` redraws its figures): an analyze rerun writing there at the same time
     would otherwise have its new figures replaced by ones drawn from the old CSV files. A lock
     file this creates is removed again, as train and convert remove theirs."""
     existed = (out / LOCKNAME).exists()
-    fh = _acquire_lock(out, flag=flag)
+    fh = _acquire_lock(out, flag=None)
     try:
         yield
     finally:
@@ -392,7 +392,7 @@ def locked_dir(out: Path, flag: str = "out dir") -> Iterator[None]:
             fh.close()
 
 
-def _locked_file(out: Path, name: str, target: Path, flag: str) -> IO[str] | None:
+def _locked_file(out: Path, name: str, target: Path, flag: str | None) -> IO[str] | None:
     """`out/name` opened and flocked (`_acquire_lock`), None where the file system has no
     locks, or the one-line refusal when another run holds it."""
     try:
@@ -414,6 +414,7 @@ def _locked_file(out: Path, name: str, target: Path, flag: str) -> IO[str] | Non
         pid = fh.read().strip()
         fh.close()
         who = f" (pid {pid})" if pid.isdigit() else ""
+        other = f", or choose another {flag}" if flag else ""  # report has no --out to change
         raise LayerfastError(f"another layerfast run{who} is writing to {target}; wait for it "
-                             f"to finish, or choose another {flag}") from None
+                             f"to finish{other}") from None
     return fh

@@ -159,14 +159,18 @@ def test_a_file_with_missing_keys_is_not_said_to_fit(tmp_path: Path, capsys) -> 
 def test_a_checkpoint_under_a_suffix_layerfast_does_not_read_is_refused_not_skipped(
         tmp_path, name) -> None:
     """`epoch_3.bin` beside `epoch_0.pt` and `epoch_1.pt` was skipped without a word, and τ=1
-    analysed as the final model. A file with no epoch in its name (`training_args.bin`) is
-    not a checkpoint and stays ignored."""
+    analysed as the final model. A file with no epoch in its name (`training_args.bin`), or
+    one labelled no later than the last checkpoint read (accelerate's `random_states_0.pkl`,
+    `optimizer_1.bin`), moves no final model and stays ignored."""
     from layerfast.checkpoints.discover import _from_names
 
-    for n in ("epoch_0.pt", "epoch_1.pt", "training_args.bin", name):
+    for n in ("epoch_0.pt", "epoch_1.pt", "training_args.bin", "random_states_0.pkl",
+              "optimizer_1.bin", name):
         (tmp_path / n).write_bytes(b"x")
-    with pytest.raises(LayerfastError, match=rf"{re.escape(name)} looks like a checkpoint, but "
-                                             r"layerfast reads only \.pt, \.pth"):
+    with pytest.raises(LayerfastError, match=rf": {re.escape(name)} looks like a checkpoint "
+                                             r"later than epoch_1\.pt, but layerfast reads "
+                                             r"only \.pt, \.pth.* epoch_1\.pt would silently "
+                                             r"be the final model\.$"):
         _from_names(tmp_path)
     (tmp_path / name).unlink()
     assert sorted(_from_names(tmp_path)) == [0, 1]

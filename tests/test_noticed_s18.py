@@ -129,6 +129,7 @@ def test_report_refuses_while_a_run_writes_into_the_dir(tmp_path, capsys) -> Non
         rc = main(["report", str(out)])
         err = capsys.readouterr().err
         assert rc == 2 and "another layerfast run" in err and "Traceback" not in err
+        assert "choose another" not in err  # report has no --out to choose
         assert not (out / "heatmap.png").exists()
     finally:
         held.close()

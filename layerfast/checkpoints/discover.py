@@ -208,25 +208,30 @@ def _from_names(root: Path) -> dict[int, Path]:
             f"integer of the file name (epoch_003.pt). Rename, move it away, or write a {MANIFEST}."
         )
     if files:
-        _refuse_foreign(root)
+        _refuse_foreign(root, max(files), files[max(files)].name)
     return files
 
 
-def _refuse_foreign(root: Path) -> None:
-    """A file that looks like a checkpoint of some epoch under a suffix layerfast does not read
-    (`epoch_3.bin` beside `epoch_0.pt`, `epoch_1.pt`): skipped, it made τ=1 the final model
-    without a word."""
+def _refuse_foreign(root: Path, last: int, name: str) -> None:
+    """A file that looks like a later checkpoint than any read, under a suffix layerfast does
+    not read (`epoch_3.bin` beside `epoch_0.pt`, `epoch_1.pt`): skipped, it made τ=1 the final
+    model without a word. One labelled no later (accelerate's `random_states_0.pkl`, an
+    `optimizer_1.bin`) changes no final model and is left alone, as before."""
+    def label(p: Path) -> int | None:
+        return label_from_stem(p.name[: -len(p.suffix)].removesuffix(".pth"))
+
     foreign = sorted(p.name for p in root.iterdir()
                      if p.is_file() and not p.name.startswith(".")
                      and p.suffix.lower() in FOREIGN_SUFFIXES
-                     and label_from_stem(p.name[: -len(p.suffix)].removesuffix(".pth"))
-                     is not None)
+                     and (label(p) or -1) > last)
     if foreign:
+        one = len(foreign) == 1
         raise LayerfastError(
             f"{root}: {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} "
-            f"{'looks like a checkpoint' if len(foreign) == 1 else 'look like checkpoints'}, but layerfast reads only {', '.join(SUFFIXES)} files: rename a "
-            "torch.save file to .pt (a safetensors one to .safetensors), or move it away; "
-            "skipped, the final model would silently be an earlier one."
+            f"look{'s' * one} like {'a checkpoint' if one else 'checkpoints'} later than "
+            f"{name}, but layerfast reads only {', '.join(SUFFIXES)} files: rename a torch.save "
+            "file to .pt (a safetensors one to .safetensors), or move it away; skipped, "
+            f"{name} would silently be the final model."
         )
 
 
