@@ -288,6 +288,11 @@ def test_train_says_when_the_model_did_not_learn(tmp_path) -> None:
      "returns the class scores alone (e.g. `return self.net(x).squeeze(1)`)"),
     (torch.zeros(2, 3, 4), "a tensor shaped [2, 3, 4]"),
     ({}, "an empty dict"),
+    ((), "an empty tuple"),
+    ({"aux": 1, "scores": torch.zeros(2, 3)}, "a dict with keys 'aux', 'scores'; wrap the model "
+     "in a module whose forward returns the class scores alone (e.g. `return "
+     "self.net(x)['scores']`)"),
+    ({"aux": 1}, "a dict with keys 'aux'"),
 ])
 def test_a_model_output_that_is_not_logits_is_described_with_the_way_out(out, said) -> None:
     """A tuple, dict or Hugging Face-style output was refused as "it returned a Out", with no

@@ -99,11 +99,14 @@ def _described(out: object) -> str:
         if out.dim() == 3 and squeeze:
             return f"a tensor shaped {list(out.shape)}{wrap}.squeeze({squeeze[0]})`)"
         return f"a tensor shaped {list(out.shape)}"
+    if isinstance(out, dict | tuple | list) and not out:
+        return f"an empty {type(out).__name__}"
     if isinstance(out, dict):
         keys = ", ".join(repr(k) for k in list(out)[:4]) + (", ..." if len(out) > 4 else "")
-        pick = "['logits']" if "logits" in out else f"[{next(iter(out))!r}]" if out else ""
-        return f"a {type(out).__name__} with keys {keys}{wrap}{pick}`)" if pick else \
-            f"an empty {type(out).__name__}"
+        tensors = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+        pick = "logits" if "logits" in tensors else tensors[0] if tensors else None
+        way = f"{wrap}[{pick!r}]`)" if pick is not None else ""
+        return f"a {type(out).__name__} with keys {keys}{way}"
     if isinstance(out, tuple | list):
         return f"a {type(out).__name__} of {len(out)}{wrap}[0]`, the scores' index)"
     if isinstance(getattr(out, "logits", None), torch.Tensor):
