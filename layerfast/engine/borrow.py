@@ -28,14 +28,20 @@ def lazy_names(model: nn.Module) -> list[str]:
     return [k for k, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
 
 
-def _written(b: torch.Tensor, before: torch.Tensor) -> bool:
+def _written(b: torch.Tensor, before: torch.Tensor | None) -> bool:
     """Whether the pass wrote into buffer `b` (`before`: its copy from before the pass). Only
     a strided tensor is compared: `torch.equal` has no sparse (or meta) kernel, and its raising
     in `borrowed`'s exit failed a finished pass and left the rest of the model unrestored (in
     eval mode). A NaN compares unequal, so it copies the same bits back: harmless."""
-    if b.layout != torch.strided or b.is_meta:
+    if before is None:
         return False
     return not torch.equal(b, before)
+
+
+def _snapshot(b: torch.Tensor) -> torch.Tensor | None:
+    """A buffer's values before the pass, for `_written`: only a strided one off the meta
+    device, the only kind `torch.equal` compares (nor is another copied for nothing)."""
+    return b.detach().clone() if b.layout == torch.strided and not b.is_meta else None
 
 
 @contextlib.contextmanager
@@ -58,7 +64,7 @@ def borrowed(model: nn.Module, device: torch.device, channels_last: bool) -> Ite
     buffers = [
         (m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None
     ]
-    values = [b.detach().clone() for _, _, b in buffers]
+    values = [_snapshot(b) for _, _, b in buffers]
     model.eval()
     try:
         # Gradients stay where they are, off the model while it runs: `Module.to` would move
