@@ -22,6 +22,19 @@ def _fcn_sd(seed: int) -> dict[str, torch.Tensor]:
     return dict(get_arch("fcn3x256").build(10, (1, 8, 8)).state_dict())
 
 
+def _narrow_epoch_1(tmp_path: Path, zero: dict[str, torch.Tensor]) -> Path:
+    """A directory of τ = 0 (`zero`), 1 and 3 whose epoch_1 has a narrower fc2 (another
+    model's file); τ = 3, the final model, fits."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save(zero, ck / "epoch_0.pt")
+    bad = _fcn_sd(1)
+    bad["fc2.weight"] = bad["fc2.weight"][:100]
+    torch.save(bad, ck / "epoch_1.pt")
+    torch.save(_fcn_sd(3), ck / "epoch_3.pt")
+    return ck
+
+
 def _analyze(ck: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     rc = main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ck), "--data", "digits",
                "--out", str(out), "--device", "cpu", "--quiet", "--max-samples", "40"])
@@ -83,13 +96,7 @@ def test_a_shape_mismatch_in_one_checkpoint_is_not_blamed_on_the_data(tmp_path: 
     message added "the model was built for inputs of shape (1, 8, 8), the samples of 'digits';
     the checkpoint's model takes other inputs, or is another --arch", yet the final model runs
     on those inputs with that --arch: the stray file is the cause."""
-    ck = tmp_path / "ck"
-    ck.mkdir()
-    torch.save(_fcn_sd(0), ck / "epoch_0.pt")
-    bad = _fcn_sd(1)
-    bad["fc2.weight"] = bad["fc2.weight"][:100]
-    torch.save(bad, ck / "epoch_1.pt")
-    torch.save(_fcn_sd(3), ck / "epoch_3.pt")
+    ck = _narrow_epoch_1(tmp_path, _fcn_sd(0))
     out = tmp_path / "out"
     line = _one_line(*_analyze(ck, out, capsys), out)
     assert "fc2.weight [100, 256] in the checkpoint vs [256, 256]" in line
@@ -140,15 +147,9 @@ def test_a_safetensors_file_named_pt_says_so(tmp_path: Path) -> None:
 
 def test_a_file_with_missing_keys_is_not_said_to_fit(tmp_path: Path, capsys) -> None:
     """τ=0 lacks a key and epoch_1 has a narrower fc2: τ=0 is not offered as a file that fits."""
-    ck = tmp_path / "ck"
-    ck.mkdir()
     zero = _fcn_sd(0)
     del zero["fc3.bias"]
-    torch.save(zero, ck / "epoch_0.pt")
-    bad = _fcn_sd(1)
-    bad["fc2.weight"] = bad["fc2.weight"][:100]
-    torch.save(bad, ck / "epoch_1.pt")
-    torch.save(_fcn_sd(3), ck / "epoch_3.pt")
+    ck = _narrow_epoch_1(tmp_path, zero)
     out = tmp_path / "out"
     line = _one_line(*_analyze(ck, out, capsys), out)
     assert "missing keys (1): fc3.bias" in line
