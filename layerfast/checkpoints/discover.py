@@ -208,22 +208,22 @@ def _from_names(root: Path) -> dict[int, Path]:
             f"integer of the file name (epoch_003.pt). Rename, move it away, or write a {MANIFEST}."
         )
     if files:
-        _refuse_foreign(root, max(files), files[max(files)].name)
+        _refuse_foreign(root, files)
     return files
 
 
-def _refuse_foreign(root: Path, last: int, name: str) -> None:
-    """A file that looks like a later checkpoint than any read, under a suffix layerfast does
-    not read (`epoch_3.bin` beside `epoch_0.pt`, `epoch_1.pt`): skipped, it made τ=1 the final
-    model without a word. One labelled no later (accelerate's `random_states_0.pkl`, an
-    `optimizer_1.bin`) changes no final model and is left alone, as before."""
-    def label(p: Path) -> int | None:
-        return label_from_stem(p.name[: -len(p.suffix)].removesuffix(".pth"))
-
+def _refuse_foreign(root: Path, files: dict[int, Path]) -> None:
+    """A file that looks like a later checkpoint than any in `files`, under a suffix layerfast
+    does not read (`epoch_3.bin` beside `epoch_0.pt`, `epoch_1.pt`): skipped, it made τ=1 the
+    final model without a word. One labelled no later (accelerate's `random_states_0.pkl`, an
+    `optimizer_1.bin`) changes no final model and is left alone, as before. (The stem's last
+    integer: `checkpoint-3.pth.tar`'s stem `checkpoint-3.pth` gives 3.)"""
+    last = max(files)
+    name = files[last].name
     foreign = sorted(p.name for p in root.iterdir()
                      if p.is_file() and not p.name.startswith(".")
                      and p.suffix.lower() in FOREIGN_SUFFIXES
-                     and (label(p) or -1) > last)
+                     and (label_from_stem(p.stem) or 0) > last)
     if foreign:
         one = len(foreign) == 1
         raise LayerfastError(

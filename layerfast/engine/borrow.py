@@ -28,19 +28,11 @@ def lazy_names(model: nn.Module) -> list[str]:
     return [k for k, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
 
 
-def _written(b: torch.Tensor, before: torch.Tensor | None) -> bool:
-    """Whether the pass wrote into buffer `b` (`before`: its copy from before the pass). Only
-    a strided tensor is compared: `torch.equal` has no sparse (or meta) kernel, and its raising
-    in `borrowed`'s exit failed a finished pass and left the rest of the model unrestored (in
-    eval mode). A NaN compares unequal, so it copies the same bits back: harmless."""
-    if before is None:
-        return False
-    return not torch.equal(b, before)
-
-
 def _snapshot(b: torch.Tensor) -> torch.Tensor | None:
-    """A buffer's values before the pass, for `_written`: only a strided one off the meta
-    device, the only kind `torch.equal` compares (nor is another copied for nothing)."""
+    """A buffer's values before the pass, to put back what the pass wrote: only a strided one
+    off the meta device (None otherwise). `torch.equal` has no sparse or meta kernel, and its
+    raising in `borrowed`'s exit failed a finished pass and left the rest of the model
+    unrestored (in eval mode)."""
     return b.detach().clone() if b.layout == torch.strided and not b.is_meta else None
 
 
@@ -83,7 +75,8 @@ def borrowed(model: nn.Module, device: torch.device, channels_last: bool) -> Ite
             p.data, p.grad = data, grad
         for (m, name, b), v in zip(buffers, values, strict=True):
             m._buffers[name] = b
-            if _written(b, v):
+            # a NaN compares unequal, so it copies the same bits back: harmless
+            if v is not None and not torch.equal(b, v):
                 with torch.inference_mode(b.is_inference()), torch.no_grad():
                     b.copy_(v)
         for m, mode in modes:
