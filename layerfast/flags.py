@@ -22,8 +22,9 @@ CHECKPOINT_EVERY = 5.0
 
 
 def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:
-    """'all', or the labels in the order given without repeats: `0,0,4` asks for what `0,4`
-    asks for, so run.json and the resume fingerprint must not tell them apart."""
+    """'all', or the labels sorted without repeats: `0,0,4` and `4,0` ask for what `0,4` asks
+    for, so run.json, the resume fingerprint and the rows (ordered by τ, as with 'all') must not
+    tell them apart."""
     if isinstance(checkpoints, str):
         if checkpoints.strip() == "all":
             return "all"
@@ -33,10 +34,10 @@ def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:
             labels = []
         if not labels:
             raise LayerfastError(f"--checkpoints takes 'all' or labels like 0,1,10; got {checkpoints!r}")
-        return list(dict.fromkeys(labels))
+        return sorted(set(labels))
     if is_int(checkpoints):  # one label
         return [int(checkpoints)]
-    return list(dict.fromkeys(integers(checkpoints, "checkpoints")))
+    return sorted(set(integers(checkpoints, "checkpoints")))
 
 
 def _parse_list(value: str | Sequence[str] | None) -> list[str]:
@@ -83,8 +84,8 @@ def parse_seeds(text: str) -> int | list[int]:
 
 
 def _seed_list(seeds: int | str | Iterable[int]) -> list[int]:
-    """`seeds=n` means seeds 1..n (the CLI's `--seeds 3`); an iterable names them, repeats
-    dropped (seed 1 twice is one draw, evaluated once). A string reads as the CLI reads it:
+    """`seeds=n` means seeds 1..n (the CLI's `--seeds 3`); an iterable names them, sorted
+    and repeats dropped (seed 1 twice is one draw, evaluated once; `3,1` is the run `1,3`). A string reads as the CLI reads it:
     "3" is a count, "1,7,9" names seeds (a str must not be iterated character by character)."""
     if isinstance(seeds, bool) or isinstance(seeds, numbers.Real) and not is_int(seeds):
         raise LayerfastError(f"--seeds takes a count n >= 1 or a list of seeds; got {seeds!r}")
@@ -97,7 +98,7 @@ def _seed_list(seeds: int | str | Iterable[int]) -> list[int]:
                                  f"seeds like 1,7,9; got {seeds}")
         out = range(1, min(seeds, MAX_SEEDS + 1) + 1)
     else:
-        out = list(dict.fromkeys(integers(seeds, "seeds")))  # a repeated seed: the same draw
+        out = sorted(set(integers(seeds, "seeds")))  # a repeated seed: the same draw
     if not out:
         raise LayerfastError("--seeds needs at least one seed; got none")
     if len(out) > MAX_SEEDS:  # checked before a list of millions of variants is built
@@ -144,6 +145,7 @@ def parse_flags(reset: str | Sequence[str] | None = RESETS, alphas: Any = None, 
     from layerfast.interp import check_grid, interp_options
 
     resets = list(RESETS) if reset is None else _parse_list(reset)
+    resets = sorted(resets, key=lambda r: KINDS.index(r) if r in KINDS else len(KINDS))
     if not resets:  # `--reset ''` must not mean "every kind"
         raise LayerfastError(f"--reset names no kind: choose from {', '.join(KINDS)}")
     bad = [r for r in resets if r not in KINDS]

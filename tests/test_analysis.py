@@ -168,9 +168,9 @@ def test_repeated_option_values_are_dropped(ckpts, tmp_path) -> None:
     1 ask for: run.json lists each once and the same out dir resumes instead of refusing."""
     from layerfast.flags import _parse_checkpoints, _parse_list, _seed_list
 
-    assert _parse_checkpoints("0,0,4, 0") == [0, 4] and _parse_checkpoints([3, 3, 1]) == [3, 1]
+    assert _parse_checkpoints("0,0,4, 0") == [0, 4] and _parse_checkpoints([3, 3, 1]) == [1, 3]
     assert _parse_list("reinit, reinit,fullmodel") == ["reinit", "fullmodel"]
-    assert _parse_list(["fc1", "fc1"]) == ["fc1"] and _seed_list([2, 1, 2]) == [2, 1]
+    assert _parse_list(["fc1", "fc1"]) == ["fc1"] and _seed_list([2, 1, 2]) == [1, 2]
     kw = dict(device="cpu", out=tmp_path, progress=False, max_samples=50, figures=False)
     first = layerfast.analyze("fcn3x256", ckpts, checkpoints="0,2", reset="reinit,rerandom",
                               seeds=[1], **kw)
