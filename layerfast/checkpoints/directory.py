@@ -152,6 +152,13 @@ class CheckpointDir:
         f, km = self._open(label), self._keymap(label)
         return {k: f.shape(raw) for k, raw in km.items()}
 
+    def stored_dtypes(self, label: int) -> list[str]:
+        """The dtypes (torch's names, sorted) the checkpoint at `label` stores its floating
+        tensors in, from metadata only. They are cast to the model's dtype on loading, so a
+        float16 or bfloat16 file is analysed as stored, i.e. rounded: run.json records it."""
+        f, km = self._open(label), self._keymap(label)
+        return sorted({f.dtype_name(raw) for raw in km.values() if f.is_floating(raw)})
+
     def tensors(self, label: int, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """CPU copies of the tensors `names` (all when None) of the checkpoint at `label`.
 

@@ -1,0 +1,98 @@
+"""What run.json and the error messages say about precision and stored dtypes (review s19).
+
+- run.json records the dtype each read checkpoint stores its floating weights in (float16 and
+  bfloat16 weights are analysed as stored, i.e. rounded), with a warning when it is narrower
+  than the model's;
+- a model built in float16/bfloat16 (a `module:factory` returning `.half()`) runs its own
+  forward: bf16/TF32 are float32 modes, so bf16 there is recorded as what ran (fp32, as for a
+  float64 model) instead of failing inside BatchNorm with "mixed dtype", and run.json's
+  `model_dtype` says what an fp32 pass computed in;
+- a final model whose float32 weights bf16 rounds to Inf is refused naming bf16's range.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from layerfast import analyze
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+_FACTORY = textwrap.dedent("""
+    from torch import nn
+
+    def net(num_classes=10, in_shape=(1, 8, 8)):
+        c, h, w = in_shape
+        return nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(4 * h * w, num_classes))
+
+    def half(num_classes=10, in_shape=(1, 8, 8)):
+        return net(num_classes, in_shape).half()
+
+    def mlp(num_classes=10, in_shape=(1, 8, 8)):
+        c, h, w = in_shape
+        return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 16), nn.ReLU(),
+                             nn.Linear(16, num_classes))
+""")
+
+
+def _save(m: nn.Module, path, dtype: torch.dtype = torch.float32) -> None:
+    torch.save({k: v.to(dtype) if v.is_floating_point() else v
+                for k, v in m.state_dict().items()}, path)
+
+
+@pytest.fixture
+def msgs19(tmp_path, monkeypatch):
+    """An importable `msgs19` module with the factories above, and a checkpoint builder."""
+    (tmp_path / "msgs19.py").write_text(_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    import sys
+
+    sys.modules.pop("msgs19", None)
+    mod = importlib.import_module("msgs19")
+    yield mod
+    sys.modules.pop("msgs19", None)
+
+
+def _ckpts(model: nn.Module, path, dtype: torch.dtype = torch.float32):
+    """epoch_000 = `model`, epoch_001 = `model` nudged, both stored in `dtype`."""
+    path.mkdir()
+    torch.manual_seed(1)
+    _save(model, path / "epoch_000.pt", dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    _save(model, path / "epoch_001.pt", dtype)
+    return path
+
+
+_KW = {"data": "digits", "device": "cpu", "progress": False, "figures": False,
+       "max_samples": 48, "reset": "reinit"}
+
+
+def test_run_json_records_the_checkpoints_stored_dtype(tmp_path, msgs19):
+    """float16 checkpoints were analysed as stored (rounded), cast to the float32 model, and
+    nothing in run.json said so."""
+    torch.manual_seed(0)
+    ck = _ckpts(msgs19.net(), tmp_path / "ck", torch.float16)
+    res = analyze("msgs19:net", ck, out=tmp_path / "out", **_KW)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["checkpoint_dtypes"] == {"0": "float16", "1": "float16"}
+    assert res.run["checkpoint_dtypes"] == run["checkpoint_dtypes"]
+    said = [w for w in run["warnings"] if "float16" in w]
+    assert len(said) == 1 and "epoch_000.pt" in said[0] and "float32" in said[0], run["warnings"]
+
+
+def test_float32_checkpoints_are_recorded_without_a_warning(tmp_path, msgs19):
+    torch.manual_seed(0)
+    ck = _ckpts(msgs19.net(), tmp_path / "ck")
+    analyze("msgs19:net", ck, out=tmp_path / "out", **_KW)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["checkpoint_dtypes"] == {"0": "float32", "1": "float32"}
+    assert not [w for w in run["warnings"] if "float16" in w or "dtype" in w], run["warnings"]
