@@ -492,7 +492,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[st
     Everything is validated before `out` is touched, so bad input leaves no files behind.
     """
     from layerfast.engine import Evaluator
-    from layerfast.engine.precision import resolve_device
+    from layerfast.engine.precision import model_dtype, resolve_device
     from layerfast.interp import interp_requests
     from layerfast.models.identity import definition_id
     from layerfast.store import PREVIOUS, ResumeStore
@@ -613,7 +613,8 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[st
                     "checkpoints": {str(k): ck.files[k].name for k in ck.labels}, "final": ck.final,
                     "data": data, "split": split, "max_samples": max_samples, "n": n_done,
                     "num_classes": engine["num_classes"], "device": str(ev.device),
-                    "precision": ev.precision, "channels_last": ev.channels_last,
+                    "precision": ev.precision, "model_dtype": model_dtype(model),
+                    "channels_last": ev.channels_last,
                     "fanout": ev.fanout,  # what ran (--fanout auto is on for CUDA only)
                     "batch_size": ev.batch_size, "granularity": granularity,
                     "units": [u.name for u in unit_list], "patterns": patterns, "bn": bn,

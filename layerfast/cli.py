@@ -406,9 +406,12 @@ def _analyze(args: argparse.Namespace) -> int:
         passes = (eng.get("plan") or {}).get("passes", 1)
         over = f" of {res.run['n'] * passes} over {passes} passes" if passes > 1 else ""
         resumed = f", resumed after {eng['resumed_from']}{over} saved in progress.sqlite"
+    # fp32 on a float16 model is float16 math (no mode casts the model): said where it shows
+    dtype = res.run.get("model_dtype", "float32")
+    on = "" if dtype == "float32" else f" on a {dtype} model"
     print(
         f"\n{res.run['variants']} variants × {res.run['n']} samples in {res.run['seconds']:.1f} s "
-        f"({res.run['device']}, {res.run['precision']}"
+        f"({res.run['device']}, {res.run['precision']}{on}"
         f"{', channels_last' if res.run['channels_last'] else ''}{resumed}); results in {res.out}/"
     )
     warned = len(res.run.get("warnings", ()))

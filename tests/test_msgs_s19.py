@@ -95,4 +95,39 @@ def test_float32_checkpoints_are_recorded_without_a_warning(tmp_path, msgs19):
     analyze("msgs19:net", ck, out=tmp_path / "out", **_KW)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["checkpoint_dtypes"] == {"0": "float32", "1": "float32"}
+    assert run["model_dtype"] == "float32"
     assert not [w for w in run["warnings"] if "float16" in w or "dtype" in w], run["warnings"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_float16_model_runs_its_own_forward_and_says_so(tmp_path, msgs19, precision):
+    """bf16 on a model built in float16 failed inside BatchNorm ("mixed dtype (CPU): expect
+    parameter to have scalar type of Float"), blaming the model; fp32 computed in float16 and
+    run.json said only `fp32`."""
+    torch.manual_seed(0)
+    ck = _ckpts(msgs19.net(), tmp_path / "ck")
+    res = analyze("msgs19:half", ck, out=tmp_path / "out", precision=precision, **_KW)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["precision"] == "fp32"
+    assert run["model_dtype"] == "float16"
+    said = [w for w in run["warnings"] if "float16" in w and "forward" in w]
+    assert len(said) == 1, run["warnings"]
+    if precision == "bf16":
+        assert "bf16" in said[0]
+    # the same numbers as the fp32 pass of the same float16 model
+    ref = analyze("msgs19:half", ck, out=tmp_path / "ref", precision="fp32", **_KW)
+    assert res.table["error"].tolist() == ref.table["error"].tolist()
+
+
+def test_the_summary_line_names_a_float16_models_dtype(tmp_path, msgs19, capsys):
+    """The CLI's last line said "(cpu, fp32)" for a pass that computed in float16."""
+    from layerfast.cli import main
+
+    torch.manual_seed(0)
+    ck = _ckpts(msgs19.net(), tmp_path / "ck")
+    args = ["analyze", "--ckpts", str(ck), "--data", "digits", "--device", "cpu", "--quiet",
+            "--max-samples", "48", "--reset", "reinit", "--precision", "fp32"]
+    assert main([*args, "--arch", "msgs19:half", "--out", str(tmp_path / "h")]) == 0
+    assert "(cpu, fp32 on a float16 model)" in capsys.readouterr().out
+    assert main([*args, "--arch", "msgs19:net", "--out", str(tmp_path / "f")]) == 0
+    assert "(cpu, fp32)" in capsys.readouterr().out

@@ -49,21 +49,46 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def model_dtype(model: torch.nn.Module) -> str:
+    """The floating dtypes the model's parameters and buffers hold, torch's names joined by `+`
+    ("float32", "float16", "float16+float32"; "float32" when it holds none): what an fp32 pass
+    computes in, since no mode casts the model (run.json's `model_dtype`)."""
+    names = sorted({str(t.dtype).removeprefix("torch.")
+                    for t in (*model.parameters(), *model.buffers()) if t.dtype.is_floating_point})
+    return "+".join(names) or "float32"
+
+
+#: Floating dtypes narrower than float32: a model built in them computes in them in every mode.
+_NARROW = (torch.float16, torch.bfloat16)
+
+
 def for_model(precision: str, asked: str, model: torch.nn.Module) -> str:
-    """`precision` (resolved) as it runs on `model`: bf16 autocast and TF32 change float32 math
-    only, so a model whose floating tensors are all float64 runs its float64 forward under
-    either, bit for bit the fp32 mode's; that is what is recorded (`fp32`, as for tf32 off
-    CUDA), said with a warning unless `asked` was `auto`. Recorded as asked, such a run said
-    bf16 in run.json and the summary while nothing ran in bf16."""
-    if precision not in ("bf16", "tf32"):
-        return precision
+    """`precision` (resolved) as it runs on `model`. bf16 autocast and TF32 are float32 modes:
+    on a model holding no float32 tensor they run its own forward instead, recorded as what ran
+    (`fp32`, as for tf32 off CUDA), with a warning unless `asked` was `auto`.
+
+    A float64 model's forward is bit for bit the fp32 mode's under either (recorded as asked,
+    such a run said bf16 while nothing ran in bf16). A float16 or bfloat16 model (a factory
+    returning `.half()`) is not cast: autocast turned its float16 convolutions into bfloat16
+    and BatchNorm then failed on its float16 parameters ("mixed dtype"), an error that blamed
+    the model, not the mode. Casting it to float32 would evaluate another model than the one
+    the factory built, so it runs its own forward in every mode, said with a warning (the
+    `fp32` recorded is then not float32 math: `model_dtype` in run.json says what it was)."""
     dtypes = {t.dtype for t in (*model.parameters(), *model.buffers())
               if t.dtype.is_floating_point}
-    if dtypes != {torch.float64}:
+    if not dtypes or torch.float32 in dtypes:
         return precision
-    if asked != "auto":
-        warn(f"precision {precision} changes float32 math only: this model's tensors are all "
-             "float64, so it runs, and is recorded, as fp32 (its own float64 forward)")
+    names = "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+    if not dtypes & set(_NARROW):  # float64 only
+        if precision in ("bf16", "tf32") and asked != "auto":
+            warn(f"precision {precision} changes float32 math only: this model's tensors are "
+                 f"all {names}, so it runs, and is recorded, as fp32 (its own {names} forward)")
+        return "fp32" if precision in ("bf16", "tf32") else precision
+    mode = (f"precision {precision} is a float32 mode: " if precision in ("bf16", "tf32")
+            and asked != "auto" else "")
+    warn(f"{mode}this model's tensors are all {names} and layerfast does not cast them: it "
+         f"runs its own {names} forward, recorded as fp32 (run.json's model_dtype says "
+         f"{model_dtype(model)})")
     return "fp32"
 
 
