@@ -599,7 +599,8 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[st
                 else:
                     _remove_outputs(path)
                     counts, n_done, engine = _run_pass(ev, src, store, prev, progress, every)
-                _check_finite_logits(variants, counts, data)  # bad input, found after the pass
+                # bad input, found after the pass
+                _check_finite_logits(variants, counts, data, ev.precision, model)
             # Still holding the out dir's lock: a second run (--fresh) must not delete what this
             # one is writing, nor leave run.json beside another run's results.csv. A failure
             # from here on (a full disk) is not bad input: the finished store stays, and the
@@ -693,7 +694,17 @@ def _say_saved(store: Any, n: int, passes: int) -> None:
         "command resumes from there")
 
 
-def _check_finite_logits(variants: list, counts: torch.Tensor, data: str) -> None:
+def _bf16_overflows(model: torch.nn.Module) -> list[str]:
+    """The model's float32 tensors that are finite but that bf16 rounds to Inf (|x| beyond
+    about 3.396e38, bfloat16's largest value 3.390e38 plus half a step): under bf16 autocast
+    they are Inf in every convolution and matmul, while the fp32 pass evaluates them."""
+    return [k for k, t in model.state_dict().items()
+            if t.dtype == torch.float32 and bool(torch.isfinite(t).all())
+            and not bool(torch.isfinite(t.to(torch.bfloat16)).all())]
+
+
+def _check_finite_logits(variants: list, counts: torch.Tensor, data: str,
+                         precision: str = "fp32", model: torch.nn.Module | None = None) -> None:
     """A NaN or Inf logit makes the loss sum non-finite, and its sample's error count means
     nothing (every comparison with NaN is false). Read from the sums after the pass, so the
     pass itself never waits on the device: a baseline with such logits is bad input (weights
@@ -702,10 +713,23 @@ def _check_finite_logits(variants: list, counts: torch.Tensor, data: str) -> Non
     +inf, the true mean cross-entropy when the label's logit is -inf and another's is not)."""
     loss = counts[:, 2].double()
     if not math.isfinite(float(loss[0])):
+        # bf16's range is float32's less the top half-step: a weight there is finite in the
+        # checkpoint (its check passed, fp32 evaluates it), so the checkpoint is not to blame
+        over = _bf16_overflows(model) if precision == "bf16" and model is not None else []
+        if over:
+            shown = ", ".join(over[:5]) + (f" and {len(over) - 5} more" if len(over) > 5 else "")
+            raise LayerfastError(
+                f"the final model gives NaN or Inf logits on {data!r} under --precision bf16: "
+                f"{shown} hold{'s' if len(over) == 1 else ''} float32 values beyond bfloat16's range (|x| > "
+                f"{torch.finfo(torch.bfloat16).max:.4g}), which bf16 rounds to Inf; "
+                "--precision fp32 evaluates them")
+        under = " under --precision bf16" if precision == "bf16" else ""
+        bf16 = "; or bf16's rounding overflows: --precision fp32 tells which" if under else ""
         raise LayerfastError(
-            f"the final model gives NaN or Inf logits on {data!r}: its weights or BatchNorm "
-            "statistics overflow (a diverged or corrupted checkpoint, a negative running_var?) "
-            "or the data holds non-finite values; its errors would mean nothing")
+            f"the final model gives NaN or Inf logits on {data!r}{under}: its weights or "
+            "BatchNorm statistics overflow (a diverged or corrupted checkpoint, a negative "
+            "running_var?) or the data holds non-finite values; its errors would mean "
+            f"nothing{bf16}")
     bad = [v.label for v, x in zip(variants, loss.tolist(), strict=True) if not math.isfinite(x)]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

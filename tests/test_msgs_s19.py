@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from layerfast import analyze
+from layerfast.errors import LayerfastError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,3 +132,24 @@ def test_the_summary_line_names_a_float16_models_dtype(tmp_path, msgs19, capsys)
     assert "(cpu, fp32 on a float16 model)" in capsys.readouterr().out
     assert main([*args, "--arch", "msgs19:net", "--out", str(tmp_path / "f")]) == 0
     assert "(cpu, fp32)" in capsys.readouterr().out
+
+
+def test_bf16_overflowing_weights_are_blamed_on_bf16s_range(tmp_path, msgs19):
+    """A float32 weight of 3.4e38 is finite (fp32 evaluates the model) but bf16 rounds it to
+    Inf: the refusal blamed the checkpoint ("a diverged or corrupted checkpoint")."""
+    torch.manual_seed(0)
+    m = msgs19.mlp()
+    _save(m, (tmp_path / "ck").mkdir() or tmp_path / "ck" / "epoch_000.pt")
+    with torch.no_grad():
+        m[1].weight[0].zero_()
+        m[1].bias[0] = 1.0
+        m[3].weight[0, 0] = 3.4e38
+    _save(m, tmp_path / "ck" / "epoch_001.pt")
+    analyze("msgs19:mlp", tmp_path / "ck", out=tmp_path / "fp32", precision="fp32", **_KW)
+    with pytest.raises(LayerfastError) as exc:
+        analyze("msgs19:mlp", tmp_path / "ck", out=tmp_path / "bf16", precision="bf16", **_KW)
+    msg = str(exc.value)
+    assert "bfloat16" in msg and "range" in msg and "--precision fp32" in msg, msg
+    assert "3.weight" in msg, msg
+    assert "corrupted checkpoint" not in msg, msg
+    assert not (tmp_path / "bf16").exists()  # nothing half-written
