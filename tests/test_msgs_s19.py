@@ -25,6 +25,7 @@ from layerfast.errors import LayerfastError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 _FACTORY = textwrap.dedent("""
+    import torch
     from torch import nn
 
     def net(num_classes=10, in_shape=(1, 8, 8)):
@@ -34,6 +35,15 @@ _FACTORY = textwrap.dedent("""
 
     def half(num_classes=10, in_shape=(1, 8, 8)):
         return net(num_classes, in_shape).half()
+
+    class Probit(nn.Module):  # torch.special.ndtri has no bfloat16 kernel on the CPU
+        def forward(self, x):
+            return torch.special.ndtri(torch.sigmoid(x))
+
+    def probit(num_classes=10, in_shape=(1, 8, 8)):
+        c, h, w = in_shape
+        return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 16), Probit(),
+                             nn.Linear(16, num_classes))
 
     def mlp(num_classes=10, in_shape=(1, 8, 8)):
         c, h, w = in_shape
@@ -153,3 +163,16 @@ def test_bf16_overflowing_weights_are_blamed_on_bf16s_range(tmp_path, msgs19):
     assert "3.weight" in msg, msg
     assert "corrupted checkpoint" not in msg, msg
     assert not (tmp_path / "bf16").exists()  # nothing half-written
+
+
+def test_a_model_failing_only_under_bf16_autocast_is_told_to_use_fp32(tmp_path, msgs19):
+    """An op with no bfloat16 kernel failed the bf16 pass with "the model fails on samples
+    ...", naming neither the precision nor the mode that runs the model."""
+    torch.manual_seed(0)
+    ck = _ckpts(msgs19.probit(), tmp_path / "ck")
+    analyze("msgs19:probit", ck, out=tmp_path / "fp32", precision="fp32", **_KW)
+    with pytest.raises(LayerfastError) as exc:
+        analyze("msgs19:probit", ck, out=tmp_path / "bf16", precision="bf16", **_KW)
+    msg = str(exc.value)
+    assert "the model fails on" in msg and "--precision bf16" in msg, msg
+    assert msg.endswith("--precision fp32)"), msg

@@ -679,10 +679,24 @@ class Evaluator:
                 i = None if j is None else self._pass_idx[j]
                 whose = "" if i is None else f" with the tensors of {describe(self.variants[i], i)}"
                 raise LayerfastError(f"the model fails on {where}{whose}: "
-                                     f"{type(exc).__name__}: {msg}") from exc
+                                     f"{type(exc).__name__}: {msg}{self._bf16_only(x)}") from exc
             finally:
                 for k, t in saved.items():
                     live[k].copy_(t)
+
+    def _bf16_only(self, x: torch.Tensor) -> str:
+        """A note for a model whose forward failed under bf16 autocast but runs without it (an
+        op with no bfloat16 kernel, such as `torch.special.ndtri` on the CPU): the failure is
+        the mode's, not the model's, and the message must say which precision runs it."""
+        if self.precision != "bf16":
+            return ""
+        try:
+            with precision_context("fp32", self.device), eager_inplace(self.model):
+                self.model(x.clone())
+        except Exception:  # noqa: BLE001 - fails anyway: the model's own failure, as said
+            return ""
+        return (" (under --precision bf16's autocast, which runs the model's matmuls and "
+                "convolutions in bfloat16; it runs without it: --precision fp32)")
 
     def _num_classes(self, prog: Program, shape: tuple[int, ...], cl: bool) -> int:
         """The logits' width from one zero sample: a pass resumed at its very end sees no batch
