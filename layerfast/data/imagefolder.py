@@ -51,6 +51,14 @@ def eval_transform(img) -> np.ndarray:  # noqa: ANN001 - a PIL image
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
+def _is_image(fname: str) -> bool:
+    """An image file name: torchvision's extensions, not hidden. A hidden `._img.jpg` is the
+    AppleDouble resource fork macOS writes beside every file it copies to a foreign volume
+    (and into zips, under `__MACOSX/`): read as an image it refused the whole data set as
+    "cannot decode"."""
+    return not fname.startswith(".") and fname.lower().endswith(EXTENSIONS)
+
+
 def _list_images(folder: Path) -> list[Path]:
     """Images below `folder`, sorted, following symlinks (as torchvision does) but not into
     a folder that is its own ancestor: a link such as `cat/loop -> ..` was walked until the
@@ -67,14 +75,14 @@ def _list_images(folder: Path) -> list[Path]:
         walked.append((root, fnames))
     out: list[Path] = []
     for root, fnames in sorted(walked):
-        out += [Path(root) / f for f in sorted(fnames) if f.lower().endswith(EXTENSIONS)]
+        out += [Path(root) / f for f in sorted(fnames) if _is_image(f)]
     return out
 
 
 def _has_image(folder: Path) -> bool:
     """Whether `folder` holds an image anywhere below it (stops at the first one)."""
     for _, _, fnames in os.walk(folder, followlinks=True):
-        if any(f.lower().endswith(EXTENSIONS) for f in fnames):
+        if any(map(_is_image, fnames)):
             return True
     return False
 

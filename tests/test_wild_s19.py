@@ -1,0 +1,99 @@
+"""Checkpoint directories and datasets as other tools leave them (DESIGN.md §2, §4): macOS
+copies, Hugging Face Trainer and Lightning output, torchvision's download layout, idx files
+whose name says the wrong thing about their compression. Each ends in the right result or one
+LayerfastError that says what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from layerfast.checkpoints import CheckpointDir
+from layerfast.cli import main
+from layerfast.data import open_data
+from layerfast.errors import LayerfastError
+
+#: What macOS writes beside every file it copies to a non-HFS volume (`._<name>`): a resource
+#: fork header, not the file's data.
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(32)
+
+
+def _fcn_sd(seed: int) -> dict[str, torch.Tensor]:
+    from layerfast.models import get_arch
+
+    torch.manual_seed(seed)
+    return dict(get_arch("fcn3x256").build(10, (1, 8, 8)).state_dict())
+
+
+def _analyze(ck: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    rc = main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ck), "--data", "digits",
+               "--out", str(out), "--device", "cpu", "--quiet", "--max-samples", "40",
+               "--reset", "reinit"])
+    return rc, capsys.readouterr().err
+
+
+def _one_line(rc: int, err: str, out: Path) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert not out.exists()
+    return lines[0]
+
+
+# --- hidden files -----------------------------------------------------------------------------
+
+
+def test_appledouble_and_ds_store_beside_checkpoints_are_ignored(tmp_path: Path) -> None:
+    """`._epoch_3.pt` (a macOS resource fork) has label 3 by its name; it must neither clash
+    with `epoch_3.pt` nor be read as a corrupt checkpoint."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for t in (0, 3):
+        torch.save(_fcn_sd(t), ck / f"epoch_{t}.pt")
+        (ck / f"._epoch_{t}.pt").write_bytes(APPLEDOUBLE)
+    (ck / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    d = CheckpointDir(ck)
+    assert d.labels == [0, 3] and d.files[3].name == "epoch_3.pt"
+
+
+def _png(path: Path, seed: int) -> None:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def test_imagefolder_ignores_appledouble_files(tmp_path: Path) -> None:
+    """`._0.png` beside `0.png` (a folder copied from a Mac) was read as an image and refused
+    the whole data set: "cannot decode ._0.png"."""
+    pytest.importorskip("PIL")
+    root = tmp_path / "imf"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            _png(root / c / f"{i}.png", i)
+            (root / c / f"._{i}.png").write_bytes(APPLEDOUBLE)
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "._a").write_bytes(APPLEDOUBLE)  # the resource fork of the folder itself
+    src = open_data(f"imagefolder:{root}")
+    assert (src.n, src.num_classes) == (4, 2)
+    ys = torch.cat([y for _, y in src.batches(3)])
+    assert ys.tolist() == [0, 0, 1, 1]
+
+
+def test_imagefolder_macosx_folder_of_only_appledouble_is_refused_as_imageless(
+        tmp_path: Path) -> None:
+    """A zip made on a Mac unpacks a `__MACOSX/` twin of the tree holding only `._*` files; as
+    a class of "images" it shifted nothing only because decoding failed. It is an imageless
+    class folder now, refused with the documented message."""
+    pytest.importorskip("PIL")
+    root = tmp_path / "imf"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        _png(root / c / "0.png", 0)
+    (root / "__MACOSX" / "a").mkdir(parents=True)
+    (root / "__MACOSX" / "a" / "._0.png").write_bytes(APPLEDOUBLE)
+    with pytest.raises(LayerfastError, match=r"__MACOSX.*hold no images"):
+        open_data(f"imagefolder:{root}")
