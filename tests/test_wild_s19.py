@@ -97,3 +97,42 @@ def test_imagefolder_macosx_folder_of_only_appledouble_is_refused_as_imageless(
     (root / "__MACOSX" / "a" / "._0.png").write_bytes(APPLEDOUBLE)
     with pytest.raises(LayerfastError, match=r"__MACOSX.*hold no images"):
         open_data(f"imagefolder:{root}")
+
+
+# --- Lightning's name-clash suffix ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clash", ["epoch=2-step=24-v1.ckpt", "last-v1.ckpt"])
+def test_lightning_version_suffix_is_refused_not_read_as_the_label(tmp_path: Path, capsys,
+                                                                   clash: str) -> None:
+    """Lightning's ModelCheckpoint appends `-v1` when a name is taken. The last integer is then
+    that version: `epoch=2-step=24-v1.ckpt` got label 1 beside `epoch=1-step=12.ckpt` (label
+    12), so the epoch-1 model was analysed as the final one, exit 0, without a word."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save(_fcn_sd(0), ck / "epoch=0-step=0.ckpt")
+    torch.save(_fcn_sd(1), ck / "epoch=1-step=12.ckpt")
+    torch.save(_fcn_sd(2), ck / clash)
+    out = tmp_path / "out"
+    line = _one_line(*_analyze(ck, out, capsys), out)
+    assert clash in line and "-v1" in line and "manifest.json" in line
+
+
+def test_version_suffix_without_an_earlier_integer_keeps_its_label(tmp_path: Path) -> None:
+    """`net-v0.pt`, `net-v2.pt`: the version is the only integer, the contract's label."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save(_fcn_sd(0), ck / "net-v0.pt")
+    torch.save(_fcn_sd(2), ck / "net-v2.pt")
+    assert CheckpointDir(ck).labels == [0, 2]
+
+
+def test_a_manifest_makes_lightning_names_fine(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save(_fcn_sd(0), ck / "epoch=0-step=0.ckpt")
+    torch.save(_fcn_sd(2), ck / "epoch=2-step=24-v1.ckpt")
+    (ck / "manifest.json").write_text(
+        '{"checkpoints": [{"epoch": 0, "file": "epoch=0-step=0.ckpt"},'
+        ' {"epoch": 24, "file": "epoch=2-step=24-v1.ckpt"}]}')
+    assert CheckpointDir(ck).labels == [0, 24]

@@ -27,6 +27,9 @@ _INT_RE = re.compile(r"\d+")
 #: A shard of a checkpoint split over several files (Hugging Face's `save_pretrained`:
 #: `model-00001-of-00002.safetensors`, `pytorch_model-00001-of-00003.bin`).
 _SHARD_RE = re.compile(r"-(\d+)-of-(\d+)$")
+#: Lightning's ModelCheckpoint name-clash suffix: `epoch=2-step=24-v1`, `last-v1` (appended when
+#: the name was already taken). The stem's last integer is then that version, not a τ.
+_VERSION_RE = re.compile(r"^(?P<base>.+)-v(?P<version>\d+)$")
 #: Suffixes training code also saves checkpoints under, which layerfast does not read (`.bin`:
 #: Hugging Face's `pytorch_model.bin`; `.tar`: timm's `checkpoint-3.pth.tar`; pickles). Beside
 #: checkpoints it reads, a labelled one is refused: skipped, it silently made an earlier τ the
@@ -186,6 +189,7 @@ def _from_names(root: Path) -> dict[int, Path]:
         if not is_checkpoint_file(path):
             continue
         _refuse_shard(root, path)
+        _refuse_version_suffix(root, path)
         label = label_from_stem(path.stem)
         if label is None:
             unlabeled.append(path.name)
@@ -247,6 +251,27 @@ def _refuse_shard(root: Path, path: Path) -> None:
         "split over several files; layerfast reads one file per checkpoint. Merge the shards "
         "into one state dict (safetensors.torch.load_file each, save_file the union) and give "
         f"it its epoch in its name (epoch_003.safetensors) or a {MANIFEST}."
+    )
+
+
+def _refuse_version_suffix(root: Path, path: Path) -> None:
+    """Lightning's name-clash suffix is not a label: `epoch=2-step=24-v1.ckpt` got label 1 (the
+    last integer, DESIGN §2) beside `epoch=1-step=12.ckpt` (label 12), so the epoch-1 model was
+    analysed as the final one without a word. Refused when the rest of the stem holds an
+    integer (the τ the suffix hides) or is Lightning's `last`; `net-v2.pt`, whose version is
+    its only integer, keeps label 2 as the contract says."""
+    m = _VERSION_RE.match(path.stem)
+    if m is None:
+        return
+    base = m.group("base")
+    if label_from_stem(base) is None and base.lower() != "last":
+        return
+    suffix = f"-v{m.group('version')}"
+    raise LayerfastError(
+        f"{root}: {path.name} ends in {suffix}, the suffix Lightning's ModelCheckpoint adds when "
+        f"a name is taken: its last integer would be its label ({int(m.group('version'))}), not "
+        f"its epoch or step. Rename it to the label it should have, or write a {MANIFEST} "
+        "listing every checkpoint with its epoch."
     )
 
 
