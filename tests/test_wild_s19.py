@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from layerfast.checkpoints import CheckpointDir
 from layerfast.cli import main
@@ -136,3 +137,64 @@ def test_a_manifest_makes_lightning_names_fine(tmp_path: Path) -> None:
         '{"checkpoints": [{"epoch": 0, "file": "epoch=0-step=0.ckpt"},'
         ' {"epoch": 24, "file": "epoch=2-step=24-v1.ckpt"}]}')
     assert CheckpointDir(ck).labels == [0, 24]
+
+
+# --- Hugging Face Trainer: one subfolder per checkpoint --------------------------------------
+
+
+def _hf_tree(tmp_path: Path, name: str = "model.safetensors") -> Path:
+    root = tmp_path / "hf"
+    for step in (0, 500):
+        sub = root / f"checkpoint-{step}"
+        sub.mkdir(parents=True)
+        sd = _fcn_sd(step)
+        if name.endswith(".safetensors"):
+            save_file(sd, sub / name)
+        else:
+            torch.save(sd, sub / name)
+        (sub / "trainer_state.json").write_text("{}")
+        for other in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+            (sub / other).write_bytes(b"not a model")
+    return root
+
+
+def test_checkpoints_in_subfolders_are_named_with_what_to_do(tmp_path: Path, capsys) -> None:
+    """Hugging Face Trainer's `out/checkpoint-500/model.safetensors` was "no checkpoints in
+    out", with no word of the subfolders."""
+    root = _hf_tree(tmp_path)
+    out = tmp_path / "out"
+    line = _one_line(*_analyze(root, out, capsys), out)
+    assert "checkpoint-500/model.safetensors" in line
+    assert "ln -s checkpoint-0/model.safetensors" in line
+    assert "optimizer" not in line and "training_args" not in line
+
+
+def test_the_hint_s_links_load(tmp_path: Path) -> None:
+    """What the hint says to do works: a link per subfolder, labelled by the folder's step."""
+    root = _hf_tree(tmp_path, "pytorch_model.bin")
+    with pytest.raises(LayerfastError, match=r"checkpoint-0/pytorch_model\.bin.*"
+                                             r"checkpoint-0\.pt"):
+        CheckpointDir(root)
+    for step in (0, 500):
+        (root / f"checkpoint-{step}.pt").symlink_to(f"checkpoint-{step}/pytorch_model.bin")
+    d = CheckpointDir(root)
+    assert d.labels == [0, 500]
+    assert torch.equal(d.tensors(500, ["fc1.weight"])["fc1.weight"], _fcn_sd(500)["fc1.weight"])
+
+
+def test_only_empty_subfolders_is_still_no_checkpoints(tmp_path: Path) -> None:
+    root = tmp_path / "ck"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    with pytest.raises(LayerfastError, match=r"^no checkpoints in .*expected files ending in"):
+        CheckpointDir(root)
+
+
+def test_a_manifest_path_into_a_subfolder_says_what_to_do(tmp_path: Path) -> None:
+    """A manifest listing `checkpoint-500/model.safetensors` was told to name "a file inside
+    the directory", which that file is."""
+    root = _hf_tree(tmp_path)
+    (root / "manifest.json").write_text(
+        '{"checkpoints": [{"epoch": 500, "file": "checkpoint-500/model.safetensors"}]}')
+    with pytest.raises(LayerfastError, match=r"directly in the directory.*ln -s"):
+        CheckpointDir(root)

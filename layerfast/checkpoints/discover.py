@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -95,11 +96,50 @@ def discover(directory: str | os.PathLike[str]) -> tuple[dict[int, Path], dict[s
     else:
         files = _from_names(root)
     if not files:
+        nested = _in_subfolders(root)
+        if nested:
+            raise LayerfastError(_subfolder_message(root, nested))
         raise LayerfastError(
             f"no checkpoints in {root}: expected files ending in {', '.join(SUFFIXES)} "
             f"(or a {MANIFEST} listing them)."
         )
     return dict(sorted(files.items())), manifest
+
+
+def _in_subfolders(root: Path) -> list[Path]:
+    """Checkpoint-looking files one folder down (`checkpoint-500/model.safetensors`, or
+    `pytorch_model.bin` from older transformers), sorted by folder: Hugging Face Trainer's layout,
+    one subfolder per checkpoint, whose file names carry no label. Where a folder's names say
+    which file is the model, only that one: the Trainer saves `optimizer.pt`, `scheduler.pt`,
+    `rng_state.pth` and `training_args.bin` beside it."""
+    found: list[Path] = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f for f in sub.iterdir()
+                       if f.is_file() and not f.name.startswith(".")
+                       and f.suffix.lower() in (*SUFFIXES, ".bin"))  # fmt: skip
+        found += [f for f in files if "model" in f.stem.lower()] or files
+    return found
+
+
+def _subfolder_message(root: Path, nested: list[Path]) -> str:
+    """Name the files found one folder down and the link that makes each a checkpoint here:
+    layerfast reads one file per checkpoint directly in the directory (DESIGN §2), labelled by
+    the last integer of its name, and a manifest lists only names in the directory."""
+    names = [f"{f.parent.name}/{f.name}" for f in nested]
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return (
+        f"no checkpoints in {root}, but its subfolders hold {shown} (one folder per "
+        "checkpoint, as Hugging Face's Trainer saves them): layerfast reads one file per "
+        "checkpoint directly in the directory, labelled by the last integer of its name or "
+        f"by a {MANIFEST}. Link each one in: {_link_command(root, Path(names[0]))}"
+    )
+
+
+def _link_command(root: Path, rel: Path) -> str:
+    """`ln -s checkpoint-500/model.safetensors ROOT/checkpoint-500.safetensors`: the link is
+    named after the file's folder (which carries the step), a `.bin` (torch.save) as `.pt`."""
+    suffix = ".pt" if rel.suffix.lower() == ".bin" else rel.suffix
+    return f"ln -s {shlex.quote(str(rel))} {shlex.quote(str(root / (rel.parent.name + suffix)))}"
 
 
 def _from_manifest(root: Path, manifest: Mapping[str, Any]) -> dict[int, Path]:
@@ -120,8 +160,14 @@ def _from_manifest(root: Path, manifest: Mapping[str, Any]) -> dict[int, Path]:
                 "below 2**63."
             )
         if not isinstance(name, str) or not name or Path(name).name != name:
+            # `checkpoint-500/model.safetensors` is inside the directory too: say what is meant
+            folder = isinstance(name, str) and "/" in name.strip("/")
+            hint = (f" For a file in a subfolder, link it in ({_link_command(root, Path(name))}) "
+                    "and list the link." if folder and ".." not in Path(name).parts
+                    and not Path(name).is_absolute() else "")  # fmt: skip
             raise LayerfastError(
-                f'{where}: checkpoints[{i}] needs a "file" name inside the directory, got {name!r}.'
+                f'{where}: checkpoints[{i}] needs a "file" name directly in the directory (no '
+                f"folders), got {name!r}.{hint}"
             )
         path = root / name
         if _is_broken_link(path):
