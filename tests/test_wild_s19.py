@@ -5,6 +5,8 @@ LayerfastError that says what to do."""
 
 from __future__ import annotations
 
+import gzip
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +200,44 @@ def test_a_manifest_path_into_a_subfolder_says_what_to_do(tmp_path: Path) -> Non
         '{"checkpoints": [{"epoch": 500, "file": "checkpoint-500/model.safetensors"}]}')
     with pytest.raises(LayerfastError, match=r"directly in the directory.*ln -s"):
         CheckpointDir(root)
+
+
+# --- idx files --------------------------------------------------------------------------------
+
+
+def _idx(kind: str, n: int = 3) -> bytes:
+    if kind == "images":
+        return struct.pack(">HBBIII", 0, 8, 3, n, 28, 28) + bytes(n * 28 * 28)
+    return struct.pack(">HBBI", 0, 8, 1, n) + bytes(range(n))
+
+
+def _write_idx(folder: Path, gz: bool, suffix: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, nd in (("images", 3), ("labels", 1)):
+        data = _idx(kind)
+        (folder / f"t10k-{kind}-idx{nd}-ubyte{suffix}").write_bytes(
+            gzip.compress(data) if gz else data)
+
+
+def test_gzipped_idx_without_gz_suffix_says_so(tmp_path: Path) -> None:
+    _write_idx(tmp_path / "d", gz=True, suffix="")
+    with pytest.raises(LayerfastError, match=r"gzip-compressed.*\.gz.*gunzip"):
+        open_data(f"mnist:{tmp_path / 'd'}")
+
+
+def test_plain_idx_named_gz_says_so(tmp_path: Path) -> None:
+    """A browser that unpacks a download but keeps its `.gz` name: the file was called
+    "corrupt or truncated", which it is not."""
+    _write_idx(tmp_path / "d", gz=False, suffix=".gz")
+    with pytest.raises(LayerfastError, match=r"not gzip-compressed.*drop the \.gz") as exc:
+        open_data(f"mnist:{tmp_path / 'd'}")
+    assert "corrupt" not in str(exc.value)
+
+
+def test_corrupt_gzip_idx_is_still_corrupt(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    _write_idx(d, gz=True, suffix=".gz")
+    p = d / "t10k-images-idx3-ubyte.gz"
+    p.write_bytes(p.read_bytes()[:30])
+    with pytest.raises(LayerfastError, match="corrupt or truncated"):
+        open_data(f"mnist:{d}")

@@ -25,6 +25,8 @@ NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion-mnist": ((0.2860,), (0.3530,)),
 }
 _UBYTE = 0x08
+_GZIP_MAGIC = b"\x1f\x8b"
+_IDX_UBYTE_MAGIC = b"\x00\x00\x08"  # two zero bytes, then type uint8
 
 
 def find_file(name: str, directory: Path, prefix: str, kind: str, ndim: int) -> Path:
@@ -42,10 +44,22 @@ def find_file(name: str, directory: Path, prefix: str, kind: str, ndim: int) -> 
     )
 
 
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(magic)) == magic
+
+
 def read_idx(name: str, path: Path, ndim: int) -> np.ndarray:
     """Parse one idx file (uint8 payload) and check its size against the header exactly."""
+    gz = path.suffix.lower() == ".gz"
     try:
-        if path.suffix == ".gz":
+        if gz and _starts_with(path, _IDX_UBYTE_MAGIC):
+            # a browser that unpacked the download but kept its name: not "corrupt"
+            raise LayerfastError(
+                f"{name}: {path} is not gzip-compressed although its name ends in .gz (it is an "
+                "uncompressed idx file): drop the .gz from its name"
+            )
+        if gz:
             with gzip.open(path, "rb") as f:
                 data = f.read()
         else:
@@ -54,6 +68,10 @@ def read_idx(name: str, path: Path, ndim: int) -> np.ndarray:
         raise LayerfastError(f"{name}: cannot read {path}: corrupt or truncated ({exc})") from exc
     if len(data) < 4:
         raise LayerfastError(f"{name}: {path} is too short to be an idx file ({len(data)} bytes)")
+    if data.startswith(_GZIP_MAGIC):  # read as idx it was "a bad idx magic number 0x1f8b0800"
+        raise LayerfastError(
+            f"{name}: {path} is gzip-compressed: name it {path.name}.gz, or gunzip it"
+        )
     zero, dtype, nd = struct.unpack(">HBB", data[:4])
     if zero != 0 or nd != ndim:
         raise LayerfastError(
