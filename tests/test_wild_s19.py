@@ -241,3 +241,19 @@ def test_corrupt_gzip_idx_is_still_corrupt(tmp_path: Path) -> None:
     p.write_bytes(p.read_bytes()[:30])
     with pytest.raises(LayerfastError, match="corrupt or truncated"):
         open_data(f"mnist:{d}")
+
+
+# --- torchvision's download layout ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("spec", "sub"), [("mnist", "MNIST/raw"),
+                                           ("fashion-mnist", "FashionMNIST/raw"),
+                                           ("mnist", "raw")])
+def test_torchvision_raw_layout_names_the_folder_to_give(tmp_path: Path, spec: str,
+                                                         sub: str) -> None:
+    """torchvision's download puts the idx files under `root/MNIST/raw/`; `mnist:root` said
+    only "no t10k-images-idx3-ubyte in root"."""
+    _write_idx(tmp_path / "root" / sub, gz=False, suffix="")
+    with pytest.raises(LayerfastError, match=rf"{spec}:{tmp_path / 'root' / sub}"):
+        open_data(f"{spec}:{tmp_path / 'root'}")
+    assert open_data(f"{spec}:{tmp_path / 'root' / sub}").n == 3

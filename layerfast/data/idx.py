@@ -24,19 +24,31 @@ NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
 }
+#: torchvision's datasets download into ROOT/<class name>/raw/: `mnist:ROOT` names ROOT.
+_TORCHVISION_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 _UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
 _IDX_UBYTE_MAGIC = b"\x00\x00\x08"  # two zero bytes, then type uint8
 
 
 def find_file(name: str, directory: Path, prefix: str, kind: str, ndim: int) -> Path:
-    """`{prefix}-{kind}-idx{ndim}-ubyte[.gz]`, also the `{kind}.idx` spelling some mirrors use."""
+    """`{prefix}-{kind}-idx{ndim}-ubyte[.gz]`, also the `{kind}.idx` spelling some mirrors use.
+
+    Missing, but present where torchvision's download puts it (`DIR/raw/`, `DIR/MNIST/raw/`
+    for `torchvision.datasets.MNIST(root=DIR)`): the refusal names that folder as the spec to
+    give, where it only said "no ... in DIR" of a folder that visibly holds MNIST."""
     stems = [f"{prefix}-{kind}-idx{ndim}-ubyte", f"{prefix}-{kind}.idx{ndim}-ubyte"]
     for stem in stems:
         for suffix in ("", ".gz"):
             p = directory / (stem + suffix)
             if p.is_file():
                 return p
+    for sub in (directory / "raw", directory / _TORCHVISION_DIRS[name] / "raw"):
+        if any((sub / (stem + suffix)).is_file() for stem in stems for suffix in ("", ".gz")):
+            raise LayerfastError(
+                f"{name}: no {stems[0]} in {directory}, but {sub} has it (torchvision's "
+                f"download layout): use the spec {name}:{sub}"
+            )
     raise LayerfastError(
         f"{name}: no {stems[0]} (or {stems[0]}.gz) in {directory}; expected the idx files "
         "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
