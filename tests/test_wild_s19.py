@@ -122,12 +122,14 @@ def test_lightning_version_suffix_is_refused_not_read_as_the_label(tmp_path: Pat
 
 
 def test_version_suffix_without_an_earlier_integer_keeps_its_label(tmp_path: Path) -> None:
-    """`net-v0.pt`, `net-v2.pt`: the version is the only integer, the contract's label."""
+    """`net-v0.pt`, `net-v2.pt`, `resnet18-v3.pt`: not Lightning's names (no `last`, no
+    `key=number`), so the last integer is the label, as the contract says."""
     ck = tmp_path / "ck"
     ck.mkdir()
     torch.save(_fcn_sd(0), ck / "net-v0.pt")
     torch.save(_fcn_sd(2), ck / "net-v2.pt")
-    assert CheckpointDir(ck).labels == [0, 2]
+    torch.save(_fcn_sd(2), ck / "resnet18-v3.pt")
+    assert CheckpointDir(ck).labels == [0, 2, 3]
 
 
 def test_a_manifest_makes_lightning_names_fine(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ _SHARD_RE = re.compile(r"-(\d+)-of-(\d+)$")
 #: Lightning's ModelCheckpoint name-clash suffix: `epoch=2-step=24-v1`, `last-v1` (appended when
 #: the name was already taken). The stem's last integer is then that version, not a τ.
 _VERSION_RE = re.compile(r"^(?P<base>.+)-v(?P<version>\d+)$")
+#: A Lightning metric in a file name: `epoch=2`, `step=24`, `val_loss=0.31`.
+_LIGHTNING_RE = re.compile(r"\w=-?\d")
 #: Suffixes training code also saves checkpoints under, which layerfast does not read (`.bin`:
 #: Hugging Face's `pytorch_model.bin`; `.tar`: timm's `checkpoint-3.pth.tar`; pickles). Beside
 #: checkpoints it reads, a labelled one is refused: skipped, it silently made an earlier τ the
@@ -303,14 +305,15 @@ def _refuse_shard(root: Path, path: Path) -> None:
 def _refuse_version_suffix(root: Path, path: Path) -> None:
     """Lightning's name-clash suffix is not a label: `epoch=2-step=24-v1.ckpt` got label 1 (the
     last integer, DESIGN §2) beside `epoch=1-step=12.ckpt` (label 12), so the epoch-1 model was
-    analysed as the final one without a word. Refused when the rest of the stem holds an
-    integer (the τ the suffix hides) or is Lightning's `last`; `net-v2.pt`, whose version is
-    its only integer, keeps label 2 as the contract says."""
+    analysed as the final one without a word. Refused only for Lightning's own names: the rest
+    of the stem is `last` or holds a `key=value` with an integer (its default template,
+    `epoch=2-step=24`). Other stems keep the contract's last integer: `net-v2.pt` and
+    `resnet18-v2.pt` have label 2."""
     m = _VERSION_RE.match(path.stem)
     if m is None:
         return
     base = m.group("base")
-    if label_from_stem(base) is None and base.lower() != "last":
+    if base.lower() != "last" and not _LIGHTNING_RE.search(base):
         return
     suffix = f"-v{m.group('version')}"
     raise LayerfastError(
