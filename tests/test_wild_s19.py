@@ -6,6 +6,7 @@ LayerfastError that says what to do."""
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 from pathlib import Path
 
@@ -259,3 +260,19 @@ def test_torchvision_raw_layout_names_the_folder_to_give(tmp_path: Path, spec: s
     with pytest.raises(LayerfastError, match=rf"{spec}:{tmp_path / 'root' / sub}"):
         open_data(f"{spec}:{tmp_path / 'root'}")
     assert open_data(f"{spec}:{tmp_path / 'root' / sub}").n == 3
+
+
+@pytest.mark.parametrize("name", ["epoch_2.pt.part", "epoch_2.pt.crdownload", "epoch_2.pt.tmp"])
+def test_an_unfinished_later_checkpoint_is_refused_not_skipped(tmp_path: Path, name: str) -> None:
+    """A browser's `epoch_2.pt.part` beside `epoch_0.pt` and `epoch_1.pt` was skipped, and τ=1
+    silently analysed as the final model (exit 0). One labelled no later is left alone."""
+    from layerfast.checkpoints.discover import _from_names
+
+    for n in ("epoch_0.pt", "epoch_1.pt", "epoch_1.pt.part", name):
+        (tmp_path / n).write_bytes(b"x")
+    with pytest.raises(LayerfastError, match=rf": {re.escape(name)} looks like an unfinished "
+                                             r"copy .* later than epoch_1\.pt: let it finish, "
+                                             r"or move it away; .*final model\.$"):
+        _from_names(tmp_path)
+    (tmp_path / name).unlink()
+    assert sorted(_from_names(tmp_path)) == [0, 1]

@@ -38,6 +38,11 @@ _LIGHTNING_RE = re.compile(r"\w=-?\d")
 #: checkpoints it reads, a labelled one is refused: skipped, it silently made an earlier τ the
 #: final model.
 FOREIGN_SUFFIXES: tuple[str, ...] = (".bin", ".tar", ".pkl", ".pickle")
+#: Unfinished copies: a browser's download in progress (`epoch_3.pt.part`, Chrome's
+#: `.crdownload`) or another tool's save cut short (`epoch_3.pt.tmp`). Labelled later than
+#: every checkpoint read, they are refused as the foreign suffixes are: the final model is
+#: still on its way.
+PARTIAL_SUFFIXES: tuple[str, ...] = (".part", ".partial", ".crdownload", ".tmp")
 
 
 def new_file_mode() -> int:
@@ -269,13 +274,24 @@ def _refuse_foreign(root: Path, files: dict[int, Path]) -> None:
     does not read (`epoch_3.bin` beside `epoch_0.pt`, `epoch_1.pt`): skipped, it made τ=1 the
     final model without a word. One labelled no later (accelerate's `random_states_0.pkl`, an
     `optimizer_1.bin`) changes no final model and is left alone, as before. (The stem's last
-    integer: `checkpoint-3.pth.tar`'s stem `checkpoint-3.pth` gives 3.)"""
+    integer: `checkpoint-3.pth.tar`'s stem `checkpoint-3.pth` gives 3.) An unfinished copy
+    (`epoch_3.pt.part`, `.crdownload`, `.tmp`) is refused the same way, with its own advice."""
     last = max(files)
     name = files[last].name
-    foreign = sorted(p.name for p in root.iterdir()
-                     if p.is_file() and not p.name.startswith(".")
-                     and p.suffix.lower() in FOREIGN_SUFFIXES
-                     and (label_from_stem(p.stem) or 0) > last)
+    later = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+             and p.suffix.lower() in FOREIGN_SUFFIXES + PARTIAL_SUFFIXES
+             and (label_from_stem(p.stem) or 0) > last]
+    partial = sorted(p.name for p in later if p.suffix.lower() in PARTIAL_SUFFIXES)
+    if partial:
+        one = len(partial) == 1
+        raise LayerfastError(
+            f"{root}: {', '.join(partial[:3])}{' ...' if len(partial) > 3 else ''} "
+            f"look{'s' * one} like {'an unfinished copy' if one else 'unfinished copies'} (a "
+            f"download or save cut short) of {'a checkpoint' if one else 'checkpoints'} later "
+            f"than {name}: let {'it' if one else 'them'} finish, or move "
+            f"{'it' if one else 'them'} away; skipped, {name} would silently be the final "
+            "model.")
+    foreign = sorted(p.name for p in later)
     if foreign:
         one = len(foreign) == 1
         raise LayerfastError(
