@@ -24,6 +24,7 @@ from layerfast.data.source import (
     DataSource,
     check_labels,
     make_source,
+    need_dir,
 )
 from layerfast.errors import LayerfastError
 
@@ -108,9 +109,7 @@ def load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def batch_dir(directory: Path) -> Path:
     """DIR itself, or the `cifar-10-batches-py` folder the official tarball extracts to."""
-    if not directory.is_dir():
-        state = "is a file, not a directory" if directory.exists() else "does not exist"
-        raise LayerfastError(f"cifar10: directory {directory} {state}")
+    need_dir("cifar10", directory)
     nested = directory / "cifar-10-batches-py"
     if not (directory / "test_batch").exists() and nested.is_dir():
         return nested

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerfast.data.source import ArrayReader, DataSource, check_labels, make_source
+from layerfast.data.source import ArrayReader, DataSource, check_labels, make_source, need_dir
 from layerfast.errors import LayerfastError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -109,10 +109,8 @@ def read_idx(name: str, path: Path, ndim: int) -> np.ndarray:
 
 
 def open_idx(name: str, directory: Path, split: str, max_samples: int | None) -> DataSource:
-    if not directory.is_dir():
-        hint = " (apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
-        state = "is a file, not a directory" if directory.exists() else "does not exist"
-        raise LayerfastError(f"{name}: directory {directory} {state}{hint}")
+    hint = " (apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
+    need_dir(name, directory, hint)
     prefix = "t10k" if split == "test" else "train"
     x = read_idx(name, find_file(name, directory, prefix, "images", 3), 3)
     ypath = find_file(name, directory, prefix, "labels", 1)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from layerfast.data.source import IMAGENET_MEAN, IMAGENET_STD, DataSource, make_source
+from layerfast.data.source import IMAGENET_MEAN, IMAGENET_STD, DataSource, make_source, need_dir
 from layerfast.errors import LayerfastError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -90,9 +90,7 @@ def _has_image(folder: Path) -> bool:
 def find_samples(directory: Path, split: str) -> tuple[list[Path], list[int], list[str]]:
     """Files, labels and class names for `split`. With split folders, classes are the sorted
     union over all of them, so a class missing from test/ does not shift every later index."""
-    if not directory.is_dir():
-        state = "is a file, not a directory" if directory.exists() else "does not exist"
-        raise LayerfastError(f"imagefolder: directory {directory} {state}")
+    need_dir("imagefolder", directory)
     split_names = {s for names in SPLIT_DIRS.values() for s in names}
     # in any case (`Train/`, `Val/`): read as class folders, a split folder's name became a
     # class and both splits' images were mixed, without a word

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -227,3 +228,21 @@ def to_chw(name: str, x: np.ndarray) -> np.ndarray:
         f"{name}: x must be [N], [N,D], [N,H,W], [N,C,H,W] or [N,H,W,C], got shape "
         f"{tuple(x.shape)}; reshape it to one of these"
     )
+
+
+#: Archive suffixes a data directory is downloaded as (`cifar-10-python.tar.gz`).
+_ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip", ".tar.xz", ".tar.bz2")
+
+
+def need_dir(name: str, directory: Path, missing_hint: str = "") -> None:
+    """`directory` is one, or one LayerfastError says what it is instead. An archive given as
+    the folder (`cifar10:cifar-10-python.tar.gz`) is told to extract it; `missing_hint` (where
+    to get the data) is added only when nothing is there: for a file, it pointed elsewhere."""
+    if directory.is_dir():
+        return
+    if not directory.exists():
+        raise LayerfastError(f"{name}: directory {directory} does not exist{missing_hint}")
+    archive = directory.name.lower().endswith(_ARCHIVES)
+    what = ("an archive: extract it and give the folder it holds" if archive
+            else "a file, not a directory")
+    raise LayerfastError(f"{name}: directory {directory} is {what}")
