@@ -435,7 +435,9 @@ def _file_ids(ck: Any) -> dict[str, list]:
 
 def _data_ids(spec: str) -> list[str] | None:
     """The files the data spec reads (path, size, mtime of each, hashed): data rewritten between
-    an interrupted run and its rerun, with the same sample count, must not be resumed over."""
+    an interrupted run and its rerun, with the same sample count, must not be resumed over.
+    Hidden files and folders are left out, as every reader leaves them out: Finder rewriting a
+    `.DS_Store` refused to resume a run over an unchanged image folder."""
     from layerfast.data.spec import data_paths
 
     paths = data_paths(spec)
@@ -443,7 +445,9 @@ def _data_ids(spec: str) -> list[str] | None:
         return None
     h = hashlib.sha256()
     for root in paths:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        files = [root] if root.is_file() else sorted(
+            p for p in root.rglob("*")
+            if p.is_file() and not any(q.startswith(".") for q in p.relative_to(root).parts))
         for f in files:
             st = f.stat()
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

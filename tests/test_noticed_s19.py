@@ -31,3 +31,21 @@ def test_the_apt_hint_is_for_a_missing_folder_only(tmp_path: Path) -> None:
     with pytest.raises(LayerfastError) as e:
         open_data(f"fashion-mnist:{plain}")
     assert str(e.value) == f"fashion-mnist: directory {plain} is a file, not a directory"
+
+
+def test_a_hidden_file_in_the_data_folder_does_not_change_the_resume_fingerprint(
+        tmp_path: Path) -> None:
+    """Finder rewrites `.DS_Store` (and leaves `._x.png`), which no reader reads: hashed, it
+    made a killed run over an unchanged folder refuse to resume. A real file still counts."""
+    from layerfast.analysis import _data_ids
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "0.png").write_bytes(b"png")
+    before = _data_ids(f"imagefolder:{tmp_path}")
+    (tmp_path / ".DS_Store").write_bytes(b"finder")
+    (tmp_path / "a" / "._0.png").write_bytes(b"appledouble")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "x").write_bytes(b"x")
+    assert _data_ids(f"imagefolder:{tmp_path}") == before
+    (tmp_path / "a" / "1.png").write_bytes(b"png")
+    assert _data_ids(f"imagefolder:{tmp_path}") != before
