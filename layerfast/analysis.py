@@ -739,7 +739,9 @@ def _check_finite_logits(variants: list, counts: torch.Tensor, data: str,
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         warn(f"{len(bad)} variant{'s' if len(bad) > 1 else ''} gave NaN or Inf logits on some "
              f"samples ({shown}): the reset makes the network overflow there, so their error "
-             "counts are not meaningful and their loss is empty (NaN) or inf in results.csv")
+             "counts are not meaningful and their loss is empty (NaN) or inf in results.csv"
+             + ("; under --precision bf16 the cause may be bf16's range (float32 values "
+                "beyond it round to Inf): --precision fp32 tells" if precision == "bf16" else ""))
 
 
 def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int, engine: dict,

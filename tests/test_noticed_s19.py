@@ -49,3 +49,21 @@ def test_a_hidden_file_in_the_data_folder_does_not_change_the_resume_fingerprint
     assert _data_ids(f"imagefolder:{tmp_path}") == before
     (tmp_path / "a" / "1.png").write_bytes(b"png")
     assert _data_ids(f"imagefolder:{tmp_path}") != before
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_variant_overflowing_under_bf16_names_bf16s_range(precision: str, capsys) -> None:
+    """A reset to a checkpoint holding 3.4e38 is finite in float32 but Inf in bf16: the
+    per-variant warning blamed the reset alone, as if the weights themselves overflowed."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from layerfast.analysis import _check_finite_logits
+
+    variants = [SimpleNamespace(label="baseline"), SimpleNamespace(label="reinit fc1 @0")]
+    counts = torch.tensor([[5.0, 5.0, 1.0], [5.0, 5.0, float("inf")]])
+    _check_finite_logits(variants, counts, "digits", precision)
+    err = capsys.readouterr().err
+    assert "1 variant gave NaN or Inf logits on some samples (reinit fc1 @0)" in err
+    assert ("bf16's range" in err) == (precision == "bf16")
