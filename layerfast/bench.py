@@ -395,6 +395,11 @@ def main(args: argparse.Namespace) -> int:
             fan = f"on, glue {out['glue']}" if out[f"{name}_fanout"] else "off"
             how = f"  (fan-out {fan}, B={plan['batch_size']})"
         print(f"{name:14s} {secs:10.3f} {speed:15.0f} {ratio:8.1f}{how}")
+    for name in out["seconds"]:  # groups that ran swapped although fan-out was on, and why
+        plan = out.get(f"{name}_plan") or {}
+        for what, key in (("refused", "fanout_refused"), ("fell back", "fanout_fallbacks")):
+            for k, why in plan.get(key, {}).items():
+                print(f"{name}: fan-out {what} at step {k}: {why[:200]}")
     ph = out["layerfast_phases"]
     clock = "CUDA-event" if out["device"].startswith("cuda") else "wall"
     print("layerfast's time: " + ", ".join(f"{k} {ph[k]:.3f}" for k in PHASES if k in ph)

@@ -16,7 +16,8 @@ PHASES = ("setup", "data", "baseline", "fanned", "swapped", "total")
 
 
 def rows(d: dict, name: str) -> list[str]:
-    """The lines for one bench result: the figures, fan-out fallbacks, phases, profile top."""
+    """The lines for one bench result: the figures, fan-out fallbacks and refusals, phases,
+    profile top."""
     s = d["seconds"]
     pre = s.get("prefix_only")
     nan = math.nan
@@ -32,6 +33,8 @@ def rows(d: dict, name: str) -> list[str]:
                    + (f" ({names})" if names else ""))
     for k, why in d["layerfast_plan"].get("fanout_fallbacks", {}).items():
         out.append(f"    FAN-OUT FELL BACK at step {k}: {why}")
+    for k, why in d["layerfast_plan"].get("fanout_refused", {}).items():
+        out.append(f"    FAN-OUT REFUSED at step {k}: {why[:200]}")
     for w in d.get("warnings", []):  # untraced (the naive loop's speed), an OOM back-off
         out.append(f"    WARNING: {w[:160]}")
     ph = d.get("layerfast_phases", {})

@@ -1,6 +1,7 @@
 """Fan-out: which groups of K variants may run as one wide computation (DESIGN.md §7.3).
 
-`fan_plan` below is the proof; `fanrun.run_fanned` the execution.
+`fan_plan` below is the proof (`prove_fan` the same, with the reason when it fails, which the
+plan keeps for a refused group); `fanrun.run_fanned` the execution.
 
 The K variants share the cached input. The first overridden conv/linear sees that shared input,
 so its K weight sets are applied as ONE wide conv/linear with K·C_out outputs; overridden modules
@@ -204,84 +205,121 @@ def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks) or parametrize.is_parametrized(m)
 
 
-def _step_is_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, int]) -> bool:
+def _describe(prog: Program, s: Any) -> str:
+    """Step `s` as a refusal names it: its index and the call (`step 7 (.permute())`)."""
+    if s.op == "call_module":
+        return f"step {s.index} ({s.target}: {type(prog.modules[s.target]).__name__})"
+    if s.op == "call_method":
+        return f"step {s.index} (.{s.target}())"
+    if s.op == "call_function":
+        mod = getattr(s.target, "__module__", None) or ""
+        mod = {"_operator": "operator", "torch.nn.functional": "F"}.get(mod, mod)
+        name = getattr(s.target, "__name__", repr(s.target))
+        return f"step {s.index} ({mod + '.' if mod else ''}{name})"
+    return f"step {s.index} ({s.op} {s.target})"
+
+
+_BATCH_DIM = "is the batch dim"
+_NOT_LISTED = "not on the allow-list of per-sample operations"
+
+
+def _dim_why(d: Any, i: int, dims: dict[int, int], what: str = "dim") -> str | None:
+    """`_dim_ok` with the reason it is not: None when `d` is never the batch dim."""
+    return None if _dim_ok(d, i, dims) else f"{what} {d!r} {_BATCH_DIM} (or not a plain int)"
+
+
+def _arg(s: Any, pos: int, name: str, default: Any = None) -> Any:
+    """Argument `name` of step `s`, passed at position `pos` (self counts) or by keyword."""
+    return s.args[pos] if len(s.args) > pos else s.kwargs.get(name, default)
+
+
+def _why_not_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, int]) -> str | None:
+    """Why step i is not proven per-sample on a fanned K·B value; None when it is."""
+    why = _why_not_batchwise_bare(prog, i, fanned, dims)
+    return None if why is None else f"{_describe(prog, prog.steps[i])}: {why}"
+
+
+def _why_not_batchwise_bare(
+    prog: Program, i: int, fanned: set[int], dims: dict[int, int]
+) -> str | None:
     s = prog.steps[i]
     if s.op == "output":
-        return True
+        return None
     if s.op == "call_module":
         m = prog.modules[s.target]
         if _has_hooks(m):
-            return False
+            return "forward hooks, pre-hooks or a parametrization (a fanned run does not call it)"
         if isinstance(m, nn.Flatten):
-            return _dim_ok(m.start_dim, i, dims)
+            return _dim_why(m.start_dim, i, dims, "start_dim")
         if not isinstance(m, _BATCHWISE_MODULES):
-            return False
+            return f"module type {_NOT_LISTED}"
         if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.padding_mode != "zeros":
-            return False
+            return f"padding_mode {m.padding_mode!r} (only 'zeros' is fanned)"
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
             m.training or m.running_mean is None
         ):
-            return False  # normalises with the batch's statistics: mixes the K variants' samples
+            # normalises with the batch's statistics: mixes the K variants' samples
+            return "normalises with the batch's statistics (training mode or no running stats)"
         if isinstance(m, nn.Softmax | nn.LogSoftmax):
-            return _dim_ok(m.dim, i, dims)
-        return True
+            return _dim_why(m.dim, i, dims)
+        return None
     if s.op == "call_function":
         if s.target in (torch.flatten,):
-            start_dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("start_dim", 0)
-            return _dim_ok(start_dim, i, dims)
+            return _dim_why(_arg(s, 1, "start_dim", 0), i, dims, "start_dim")
         if s.target in (torch.cat, torch.concat):
-            dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim", 0)
-            return _dim_ok(dim, i, dims)
+            return _dim_why(_arg(s, 1, "dim", 0), i, dims)
         if s.target is operator.getitem:
             idx = s.args[1]
             if isinstance(s.args[0], Ref) and prog.steps[s.args[0].index].target == "size":
-                return True
+                return None
             if isinstance(idx, tuple) and idx and idx[0] == slice(None):
-                return True
+                return None
             if isinstance(idx, tuple) and idx and idx[0] is Ellipsis:
-                return _ellipsis_ok(idx[1:], i, dims)
-            return False
+                if _ellipsis_ok(idx[1:], i, dims):
+                    return None
+            return "an index that may select along the batch dim"
         if s.target in (F.softmax, F.log_softmax):
-            dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
-            return _dim_ok(dim, i, dims)
+            return _dim_why(_arg(s, 1, "dim"), i, dims)
         if s.target in (torch.mean, torch.sum):
-            return _reduced_dims_ok(s, i, dims)
+            return None if _reduced_dims_ok(s, i, dims) else _REDUCES_BATCH
         if _identity_in_eval(s.target, s):
-            return True
-        return s.target in _ELEMENTWISE_FUNCS
+            return None
+        return None if s.target in _ELEMENTWISE_FUNCS else _NOT_LISTED
     if s.op == "call_method":
         if s.target == "size":
-            return _size_ok(prog, s, i, fanned, dims)
+            return _size_why(prog, s, i, fanned, dims)
         if s.target == "flatten":
-            start_dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("start_dim", 0)
-            return _dim_ok(start_dim, i, dims)
+            return _dim_why(_arg(s, 1, "start_dim", 0), i, dims, "start_dim")
         if s.target in ("view", "reshape"):
-            if len(s.args) < 2:
-                return False
-            shape = (
-                s.args[1:]
-                if len(s.args) > 2 or not isinstance(s.args[1], tuple | list)
-                else s.args[1]
-            )
-            first = shape[0] if shape else None
-            if not isinstance(first, Ref):
-                return False
-            src = prog.steps[first.index]
-            return (
-                src.op == "call_method"
-                and src.target == "size"
-                and len(src.args) > 1
-                and src.args[1] == 0
-                and isinstance(src.args[0], Ref)
-                and src.args[0].index in fanned
-            )
+            shape = _view_shape(s)
+            if shape and _is_batch_size(prog, shape[0], fanned):
+                return None
+            return ("its batch entry is not the fanned tensor's own size(0) "
+                    "(a number, or a size that is not the batch's, would mix samples)")
         if s.target in ("softmax", "log_softmax"):
-            dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
-            return _dim_ok(dim, i, dims)
+            return _dim_why(_arg(s, 1, "dim"), i, dims)
         if s.target in ("mean", "sum"):
-            return _reduced_dims_ok(s, i, dims)
-        return s.target in _ELEMENTWISE_METHODS
-    return s.op == "get_attr"
+            return None if _reduced_dims_ok(s, i, dims) else _REDUCES_BATCH
+        return None if s.target in _ELEMENTWISE_METHODS else _NOT_LISTED
+    return None if s.op == "get_attr" else f"a {s.op} step"
+
+
+_REDUCES_BATCH = "reduces over the batch dim, or over the whole tensor"
+
+
+def _is_batch_size(prog: Program, r: Any, fanned: set[int]) -> bool:
+    """Whether `r` is a fanned value's batch size, `v.size(0)`, v fanned (K·B rows)."""
+    if not isinstance(r, Ref):
+        return False
+    src = prog.steps[r.index]
+    return (
+        src.op == "call_method"
+        and src.target == "size"
+        and len(src.args) > 1
+        and src.args[1] == 0
+        and isinstance(src.args[0], Ref)
+        and src.args[0].index in fanned
+    )
 
 
 def _ellipsis_ok(rest: tuple, i: int, dims: dict[int, int]) -> bool:
@@ -301,15 +339,16 @@ def _ellipsis_ok(rest: tuple, i: int, dims: dict[int, int]) -> bool:
     return True
 
 
-def _size_ok(prog: Program, s, i: int, fanned: set[int], dims: dict[int, int]) -> bool:
+def _size_why(prog: Program, s, i: int, fanned: set[int], dims: dict[int, int]) -> str | None:
     """`v.size(...)` of a fanned value. Its batch entry is K·B where the model saw B, so it may
-    only set the batch entry of a view/reshape (which `_step_is_batchwise` checks); read any
+    only set the batch entry of a view/reshape (which `_why_not_batchwise` checks); read any
     other way (`y * (16 / h.size(0))`) it would silently scale the fanned result by 1/K. Other
     dims are per-sample (a negative one is checked against the rank when it runs)."""
     d = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
     users = [prog.steps[u] for u in s.users]
+    used = "the batch size (K·B when fanned) is used other than as a view/reshape's batch entry"
     if d is None:  # v.size(): only its non-batch items may be read
-        return all(
+        ok = all(
             u.op == "call_function"
             and u.target is operator.getitem
             and isinstance(u.args[1], int)
@@ -317,16 +356,25 @@ def _size_ok(prog: Program, s, i: int, fanned: set[int], dims: dict[int, int]) -
             and u.args[1] > 0
             for u in users
         )
+        return None if ok else used
     if d != 0:
-        return _dim_ok(d, i, dims)
+        return _dim_why(d, i, dims)
+    return None if _only_batch_entry(prog, s) else used
+
+
+def _only_batch_entry(prog: Program, s) -> bool:
+    """Whether every user of step `s` (a batch size) is a view/reshape taking it as its batch
+    entry and nothing else."""
 
     def first_only(u) -> bool:  # this size(0) is the view's batch entry and nothing else
         shape = _view_shape(u)
-        at = [j for j, a in enumerate(shape) if isinstance(a, Ref) and a.index == i]
-        return at == [0] and not any(isinstance(a, Ref) and a.index == i for a in u.args[:1])
+        at = [j for j, a in enumerate(shape) if isinstance(a, Ref) and a.index == s.index]
+        return at == [0] and not any(
+            isinstance(a, Ref) and a.index == s.index for a in u.args[:1])
 
     return all(
-        u.op == "call_method" and u.target in ("view", "reshape") and first_only(u) for u in users
+        u.op == "call_method" and u.target in ("view", "reshape") and first_only(u)
+        for u in (prog.steps[j] for j in s.users)
     )
 
 
@@ -352,26 +400,46 @@ def _closure(prog: Program, seeds: set[int], after: int) -> set[int]:
 
 
 def fan_plan(prog: Program, start: int, keys: set[str]) -> FanPlan | None:
-    """Prove that variants overriding `keys` and starting at cut `start` may run fanned."""
-    if not prog.traced or global_hooks():
-        return None
+    """Prove that variants overriding `keys` and starting at cut `start` may run fanned;
+    None where the proof fails (`prove_fan` says why)."""
+    got = prove_fan(prog, start, keys)
+    return got if isinstance(got, FanPlan) else None
+
+
+def prove_fan(prog: Program, start: int, keys: set[str]) -> FanPlan | str:
+    """`fan_plan`'s proof: the plan, or one short line saying why the group may not fan (the
+    first step or tensor that fails it), which the plan summary keeps as `fanout_refused` so
+    that a slow run says which group ran on the swap path and why."""
+    if not prog.traced:
+        return f"the model runs untraced ({prog.trace_error}): no program to prove it on"
+    if global_hooks():
+        return "global forward hooks are registered (a fanned run calls no module)"
     keys = {prog.canonical_key(k) for k in keys}
-    if any(prog.tied(k) for k in keys):
-        return None  # stacks are per module; the other holder would run with the live tensor
+    tied = sorted(k for k in keys if prog.tied(k))
+    if tied:  # stacks are per module; the other holder would run with the live tensor
+        return f"{tied[0]} is tied (held by two modules)"
     owner: dict[str, str] = {}
     for s in prog.steps[start + 1 :]:
         if (s.op == "get_attr" or prog.is_opaque(s)) and s.keys & keys:
-            return None  # weights read functionally, or by code the trace does not see
+            how = "by code the trace does not see" if prog.is_opaque(s) else "as a tensor"
+            return (f"{_describe(prog, s)} reads the unit's {sorted(s.keys & keys)[0]} {how}, "
+                    "not through a module call")
         if s.op == "call_module" and s.keys & keys:
             m = prog.modules[s.target]
-            if not _stock(m) or _has_hooks(m):
-                return None
+            if not _stock(m):
+                return (f"{_describe(prog, s)}: only torch's own Linear, Conv1d/2d and "
+                        "BatchNorm1d/2d are fanned (this one is another type, or has its own "
+                        "forward, or holds the unit's tensors in a submodule)")
+            if _has_hooks(m):
+                return (f"{_describe(prog, s)}: forward hooks, pre-hooks or a parametrization "
+                        "(a fanned run does not call it)")
             if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and m.running_mean is None:
-                return None
+                return f"{_describe(prog, s)}: a BatchNorm without running statistics"
             for k in s.keys:
                 owner[k] = s.target
-    if not keys <= set(owner):
-        return None
+    missing = sorted(keys - set(owner))
+    if missing:
+        return f"{missing[0]} is not read by a module call after the start cut"
     mods = sorted(set(owner.values()))
     seeds = {
         s.index
@@ -381,11 +449,14 @@ def fan_plan(prog: Program, start: int, keys: set[str]) -> FanPlan | None:
     fanned = _closure(prog, seeds, start)
     dims: dict[int, int] = {}
     for i in sorted(fanned):
-        if not _step_is_batchwise(prog, i, fanned, dims) or not _writes_ok(prog, i, fanned):
-            return None
+        why = _why_not_batchwise(prog, i, fanned, dims) or _writes_why(prog, i, fanned)
+        if why:
+            return why
     batch = _closure(prog, {prog.carrier[start] if start else 0}, -1)
-    if not all(_reads_batch(prog.steps[i], batch) for i in seeds):
-        return None
+    for i in sorted(seeds):
+        if not _reads_batch(prog.steps[i], batch):
+            return (f"{_describe(prog, prog.steps[i])}: applied to a parameter or buffer, "
+                    "not to a value of the batch")
     return FanPlan(start, mods, fanned, batch, dims)
 
 
@@ -398,14 +469,15 @@ def _reads_batch(s, batch: set[int]) -> bool:
     return any(r in batch for r in refs_in(s.args) + refs_in(s.kwargs))
 
 
-def _writes_ok(prog: Program, i: int, fanned: set[int]) -> bool:
+def _writes_why(prog: Program, i: int, fanned: set[int]) -> str | None:
     """An in-place fanned step may write into a fanned value (each variant's own), or into a
     shared one that nobody else reads; not into a shared value other steps read, which in
-    eager mode becomes each variant's own (`z = x; x += conv(x); ... z`)."""
+    eager mode becomes each variant's own (`z = x; x += conv(x); ... z`). None: it may."""
     s = prog.steps[i]
     if not prog.is_inplace(s):
-        return True
+        return None
     v = prog.mutated(s)
-    if not isinstance(v, Ref):
-        return False
-    return v.index in fanned or prog.private(v.index, i)
+    if isinstance(v, Ref) and (v.index in fanned or prog.private(v.index, i)):
+        return None
+    return (f"{_describe(prog, s)}: writes in place into a value the K variants share "
+            "that another step reads")

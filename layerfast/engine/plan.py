@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from layerfast.engine.fanout import FanPlan, fan_plan
+from layerfast.engine.fanout import FanPlan, prove_fan
 from layerfast.engine.graph import Program
 from layerfast.engine.verify import NOT_DETERMINISTIC
 from layerfast.errors import warn
@@ -25,6 +25,9 @@ class Group:
     kmax: int = 1  # variants per fanned chunk (set by the memory planner, lowered on OOM)
     stacks: dict[tuple[int, int], dict] = field(default_factory=dict)  # chunk -> weight stacks
     fallback: str | None = None  # why a fanned run failed and the group went to the swap path
+    #: why the plan did not fan this group (fan-out on, several members): the proof's first
+    #: failing step, or the whole-model rule; None when it fans or fan-out was not asked for
+    refused: str | None = None
 
 
 @dataclass
@@ -49,6 +52,10 @@ class Plan:
             # a fanned run that raised (not out of memory): results stay right, speed is lost,
             # and the proof in engine.fanout missed something worth reporting
             "fanout_fallbacks": {str(g.start): g.fallback for g in self.groups if g.fallback},
+            # why a group was never fanned (the proof refused it): the swapped variants' reason,
+            # keyed like the fallbacks by start step; groups sharing a start join theirs
+            "fanout_refused": _joined((str(g.start), g.refused) for g in self.groups
+                                      if g.refused),
             "untraced": self.untraced,
         }
 
@@ -71,6 +78,20 @@ class Plan:
             sorted({c for p in plans for c in p.cuts}),
             next((p.untraced for p in plans if p.untraced), None),
         )
+
+
+def _joined(pairs) -> dict[str, str]:
+    """key -> reasons, several for one key joined by "; " (two groups can share a start)."""
+    out: dict[str, str] = {}
+    for k, why in pairs:
+        out[k] = f"{out[k]}; {why}" if k in out else why
+    return out
+
+
+def _named(mods: frozenset[str]) -> str:
+    """A group's overridden modules as a refusal names them (the first few)."""
+    names = sorted(m or "<model>" for m in mods)
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def warn_plan(summary: dict) -> None:
@@ -116,8 +137,16 @@ def make_plan(prog: Program, keysets: list[set[str]], fanout: bool, max_fanout: 
         # Whole-model variants (fullmodel) share nothing with the baseline: fanning them buys
         # only a bigger batch and costs bit-exactness, so they take the swap path.
         whole = start == 0 and mods >= stateful
-        fan = fan_plan(prog, start, union) if fanout and len(members) > 1 and not whole else None
-        groups.append(Group(start, members, fan, kmax=max_fanout if fan else 1))
+        fan: FanPlan | None = None
+        refused = None
+        if fanout and len(members) > 1:
+            got = ("whole-model variants take the swap path (fanning buys only a bigger batch)"
+                   if whole else prove_fan(prog, start, union))
+            if isinstance(got, FanPlan):
+                fan = got
+            else:
+                refused = f"{_named(mods)}: {got}"
+        groups.append(Group(start, members, fan, kmax=max_fanout if fan else 1, refused=refused))
     cuts = sorted({g.start for g in groups if g.start > 0})
     return Plan(groups, same, cuts, None if prog.traced else prog.trace_error)
 
