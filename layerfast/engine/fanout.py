@@ -93,6 +93,7 @@ _ELEMENTWISE_FUNCS = {
     operator.sub,
     operator.mul,
     operator.truediv,
+    operator.floordiv,  # on a size's non-batch items (`c // groups`), or elementwise
     operator.neg,
     operator.iadd,
     operator.imul,
@@ -233,6 +234,65 @@ def _arg(s: Any, pos: int, name: str, default: Any = None) -> Any:
     return s.args[pos] if len(s.args) > pos else s.kwargs.get(name, default)
 
 
+#: `permute` and `transpose`: per-sample exactly when the batch dim stays dim 0 (each sample's
+#: slice is then permuted alike, and no other dim becomes the batch).
+_PERMUTES = {torch.permute}
+_TRANSPOSES = {torch.transpose, torch.swapaxes, torch.swapdims}
+#: Splits of a value into a tuple (`x1, x2 = x.chunk(2, dim=1)`: ShuffleNetV2): per-sample when
+#: along a dim other than the batch dim; `getitem` with an int then picks one piece. The dim is
+#: the third argument (self counts), unbind's the second.
+_SPLIT_FUNCS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
+_SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
+
+
+def _permute_why(s: Any) -> str | None:
+    """`x.permute(0, 2, 3, 1)` / `torch.permute(x, [0, 2, 3, 1])` (ConvNeXt's LayerNorm2d and
+    CNBlock): per-sample when the new order starts with the batch dim, as plain ints."""
+    order = s.kwargs.get("dims")
+    if order is None:
+        rest = s.args[1:]
+        order = rest[0] if len(rest) == 1 and isinstance(rest[0], tuple | list) else rest
+    order = tuple(order) if isinstance(order, tuple | list) else ()
+    if not order or not all(isinstance(d, int) and not isinstance(d, bool) for d in order):
+        return "a permutation that is not plain ints"
+    return None if order[0] == 0 else f"permutation {list(order)} moves the batch dim"
+
+
+def _transpose_why(s: Any, i: int, dims: dict[int, int]) -> str | None:
+    """`torch.transpose(x, 1, 2)` (ShuffleNetV2's channel_shuffle): per-sample when neither
+    dim is the batch dim. A negative one is checked against the rank when it runs; of two
+    negative ones only the lower can be dim 0 of a rank the call accepts, so that one."""
+    pair = (_arg(s, 1, "dim0"), _arg(s, 2, "dim1"))
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d != 0 for d in pair):
+        return f"dims {pair[0]!r}, {pair[1]!r}: one {_BATCH_DIM} (or not a plain int)"
+    neg = [d for d in pair if d < 0]
+    if neg:
+        dims[i] = min(neg)
+    return None
+
+
+def _layer_norm_why(s: Any, i: int, dims: dict[int, int]) -> str | None:
+    """`F.layer_norm(x, shape, ...)` normalises over the last len(shape) dims: per-sample
+    unless they include the batch dim, i.e. dim -len(shape), checked against the rank when it
+    runs (`dims`). `shape` must be plain ints (`x.shape[1:]` would be a traced value)."""
+    shape = _arg(s, 1, "normalized_shape")
+    shape = (shape,) if isinstance(shape, int) and not isinstance(shape, bool) else shape
+    if not isinstance(shape, tuple | list | torch.Size) or not shape or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        return "a normalized_shape that is not plain ints"
+    dims[i] = -len(shape)
+    return None
+
+
+def _is_split(prog: Program, r: Any) -> bool:
+    """Whether `r` refers to a split step (`chunk`, `split`, ...) the proof accepted."""
+    if not isinstance(r, Ref):
+        return False
+    src = prog.steps[r.index]
+    return (src.op == "call_function" and src.target in _SPLIT_FUNCS) or (
+        src.op == "call_method" and src.target in _SPLIT_METHODS)
+
+
 def _why_not_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, int]) -> str | None:
     """Why step i is not proven per-sample on a fanned K·B value; None when it is."""
     why = _why_not_batchwise_bare(prog, i, fanned, dims)
@@ -272,6 +332,8 @@ def _why_not_batchwise_bare(
             idx = s.args[1]
             if isinstance(s.args[0], Ref) and prog.steps[s.args[0].index].target == "size":
                 return None
+            if _is_split(prog, s.args[0]) and isinstance(idx, int) and not isinstance(idx, bool):
+                return None  # one piece of a split along a non-batch dim
             if isinstance(idx, tuple) and idx and idx[0] == slice(None):
                 return None
             if isinstance(idx, tuple) and idx and idx[0] is Ellipsis:
@@ -282,6 +344,14 @@ def _why_not_batchwise_bare(
             return _dim_why(_arg(s, 1, "dim"), i, dims)
         if s.target in (torch.mean, torch.sum):
             return None if _reduced_dims_ok(s, i, dims) else _REDUCES_BATCH
+        if s.target in _PERMUTES:
+            return _permute_why(s)
+        if s.target in _TRANSPOSES:
+            return _transpose_why(s, i, dims)
+        if s.target in (F.layer_norm, torch.layer_norm):
+            return _layer_norm_why(s, i, dims)
+        if s.target in _SPLIT_FUNCS:
+            return _dim_why(_arg(s, 1 if s.target is torch.unbind else 2, "dim", 0), i, dims)
         if _identity_in_eval(s.target, s):
             return None
         return None if s.target in _ELEMENTWISE_FUNCS else _NOT_LISTED
@@ -300,6 +370,12 @@ def _why_not_batchwise_bare(
             return _dim_why(_arg(s, 1, "dim"), i, dims)
         if s.target in ("mean", "sum"):
             return None if _reduced_dims_ok(s, i, dims) else _REDUCES_BATCH
+        if s.target == "permute":
+            return _permute_why(s)
+        if s.target in ("transpose", "swapaxes", "swapdims"):
+            return _transpose_why(s, i, dims)
+        if s.target in _SPLIT_METHODS:
+            return _dim_why(_arg(s, 1 if s.target == "unbind" else 2, "dim", 0), i, dims)
         return None if s.target in _ELEMENTWISE_METHODS else _NOT_LISTED
     return None if s.op == "get_attr" else f"a {s.op} step"
 
@@ -308,10 +384,17 @@ _REDUCES_BATCH = "reduces over the batch dim, or over the whole tensor"
 
 
 def _is_batch_size(prog: Program, r: Any, fanned: set[int]) -> bool:
-    """Whether `r` is a fanned value's batch size, `v.size(0)`, v fanned (K·B rows)."""
+    """Whether `r` is a fanned value's batch size: `v.size(0)`, or item 0 of `v.size()`
+    (`batchsize, c, h, w = x.size()`: ShuffleNetV2's channel_shuffle), v fanned (K·B rows)."""
     if not isinstance(r, Ref):
         return False
     src = prog.steps[r.index]
+    if src.op == "call_function" and src.target is operator.getitem and src.args[1] == 0 \
+            and isinstance(src.args[0], Ref):
+        src = prog.steps[src.args[0].index]  # v.size()[0]
+        return (src.op == "call_method" and src.target == "size" and len(src.args) == 1
+                and not src.kwargs and isinstance(src.args[0], Ref)
+                and src.args[0].index in fanned)
     return (
         src.op == "call_method"
         and src.target == "size"
@@ -347,16 +430,15 @@ def _size_why(prog: Program, s, i: int, fanned: set[int], dims: dict[int, int]) 
     d = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
     users = [prog.steps[u] for u in s.users]
     used = "the batch size (K·B when fanned) is used other than as a view/reshape's batch entry"
-    if d is None:  # v.size(): only its non-batch items may be read
-        ok = all(
-            u.op == "call_function"
-            and u.target is operator.getitem
-            and isinstance(u.args[1], int)
-            and not isinstance(u.args[1], bool)
-            and u.args[1] > 0
-            for u in users
-        )
-        return None if ok else used
+    if d is None:  # v.size(): item 0 only as a view's batch entry, the others freely
+        for u in users:
+            if not (u.op == "call_function" and u.target is operator.getitem
+                    and isinstance(u.args[1], int) and not isinstance(u.args[1], bool)
+                    and u.args[1] >= 0):
+                return "the whole size is used, not its items"
+            if u.args[1] == 0 and not _only_batch_entry(prog, u):
+                return used
+        return None
     if d != 0:
         return _dim_why(d, i, dims)
     return None if _only_batch_entry(prog, s) else used
