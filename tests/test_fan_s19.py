@@ -344,3 +344,32 @@ def test_fanout_off_records_no_refusals() -> None:
     res = Evaluator(model, _variants(model, ["conv"]), device="cpu", precision="fp32",
                     fanout=False).run([(x, y)])
     assert res.plan["fanout_refused"] == {}
+
+
+class TokenView(nn.Module):
+    """A parameter viewed with the conv output's batch size: [B, 24] in eager mode; fanned,
+    `h.size(0)` is K·B and the view [K·B, 96 / (K·B)] puts other numbers in every row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.tok = nn.Parameter(torch.randn(96))
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        t = self.tok.view(h.size(0), -1)
+        return self.fc(h.mean([2, 3]) + 10 * t[:, :4])
+
+
+def test_a_parameter_viewed_with_the_fanned_batch_size_is_not_fanned() -> None:
+    torch.manual_seed(0)
+    model = TokenView().eval()
+    variants = _variants(model, ["conv"])
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    res = Evaluator(model, variants, device="cpu", precision="fp32", fanout=True).run([(x, y)])
+    assert res.plan["fanned_variants"] == 0, res.plan
+    assert "view" in next(iter(res.plan["fanout_refused"].values()))
+    want = naive_evaluate(model, variants, lambda: [(x, y)])
+    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]]), (res.counts, want)
+    assert torch.allclose(res.counts[:, 2], want[:, 2], rtol=1e-5)

@@ -293,14 +293,17 @@ def _is_split(prog: Program, r: Any) -> bool:
         src.op == "call_method" and src.target in _SPLIT_METHODS)
 
 
-def _why_not_batchwise(prog: Program, i: int, fanned: set[int], dims: dict[int, int]) -> str | None:
-    """Why step i is not proven per-sample on a fanned K·B value; None when it is."""
-    why = _why_not_batchwise_bare(prog, i, fanned, dims)
+def _why_not_batchwise(
+    prog: Program, i: int, fanned: set[int], dims: dict[int, int], batch: set[int]
+) -> str | None:
+    """Why step i is not proven per-sample on a fanned K·B value; None when it is. `batch`:
+    the steps whose values derive from the batch (a shared one is expanded to K·B)."""
+    why = _why_not_batchwise_bare(prog, i, fanned, dims, batch)
     return None if why is None else f"{_describe(prog, prog.steps[i])}: {why}"
 
 
 def _why_not_batchwise_bare(
-    prog: Program, i: int, fanned: set[int], dims: dict[int, int]
+    prog: Program, i: int, fanned: set[int], dims: dict[int, int], batch: set[int]
 ) -> str | None:
     s = prog.steps[i]
     if s.op == "output":
@@ -362,6 +365,11 @@ def _why_not_batchwise_bare(
             return _dim_why(_arg(s, 1, "start_dim", 0), i, dims, "start_dim")
         if s.target in ("view", "reshape"):
             shape = _view_shape(s)
+            src = s.args[0] if s.args else None
+            if not (isinstance(src, Ref) and (src.index in fanned or src.index in batch)):
+                # a parameter viewed with the fanned batch size: [B, N/B] in eager mode,
+                # [K·B, N/(K·B)] fanned, other numbers in every row (`tok.view(h.size(0), -1)`)
+                return "views a value that is not the batch's with the batch size"
             if shape and _is_batch_size(prog, shape[0], fanned):
                 return None
             return ("its batch entry is not the fanned tensor's own size(0) "
@@ -530,11 +538,11 @@ def prove_fan(prog: Program, start: int, keys: set[str]) -> FanPlan | str:
     }
     fanned = _closure(prog, seeds, start)
     dims: dict[int, int] = {}
+    batch = _closure(prog, {prog.carrier[start] if start else 0}, -1)
     for i in sorted(fanned):
-        why = _why_not_batchwise(prog, i, fanned, dims) or _writes_why(prog, i, fanned)
+        why = _why_not_batchwise(prog, i, fanned, dims, batch) or _writes_why(prog, i, fanned)
         if why:
             return why
-    batch = _closure(prog, {prog.carrier[start] if start else 0}, -1)
     for i in sorted(seeds):
         if not _reads_batch(prog.steps[i], batch):
             return (f"{_describe(prog, prog.steps[i])}: applied to a parameter or buffer, "
