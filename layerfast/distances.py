@@ -11,7 +11,9 @@ to the weights', so they would swamp the distances of a conv+BN unit):
 all accumulated in float64 whatever the checkpoint dtype; a non-finite difference shows as
 NaN/inf in every column (never as linf = 0). A parameter shared by several modules of one unit
 (tied weights) counts once. Rows with checkpoint
-`rerandom:<seed>` compare a fresh draw (exactly the one the rerandom variant uses) with θ^0.
+`rerandom:<seed>` compare a fresh draw (exactly the one the rerandom variant uses) with θ^0:
+a rerandom `Variant` of `make_variants` is measured when it is drawn (`draw_stats`, the same
+operations as a row's), so its row here costs no second draw; a seed is drawn here.
 
 Without τ = 0 nothing here is defined: asking for τ rows is then a LayerfastError, asking for
 rerandom rows only returns an empty frame with the columns (so a rerandom-only analysis of a
@@ -25,8 +27,9 @@ small (a layer, a block), so a second thread gains nothing, and on a busy machin
 barriers made each row ~30x slower (52 ms against 1.8 ms per row, measured). One thread also
 makes the sums independent of the machine's thread count: torch splits a reduction of more than
 32,768 elements across threads, which changed l2/l2_rel in the last bit between 1 and 2 threads.
-The rerandom draws themselves run on the caller's threads, as the engine's did, so a row
-measures exactly the draw that was evaluated.
+The rerandom draws themselves run on the caller's threads, as the engine's do, so a row
+measures exactly the draw that was evaluated; the sums of a draw measured when it was made
+(`draw_stats`) run on one thread too, so they are the numbers a row computed here would hold.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -45,7 +48,7 @@ from layerfast.checkpoints import CheckpointDir
 from layerfast.errors import LayerfastError
 from layerfast.variants import UnitLike, Variant, rerandom_draw
 
-__all__ = ["COLUMNS", "distances"]
+__all__ = ["COLUMNS", "distances", "draw_stats", "float64_origin", "param_keys"]
 
 COLUMNS: list[str] = ["unit", "checkpoint", "l2", "l2_rel", "linf"]
 
@@ -64,30 +67,48 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _float64(theta0: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """θ^0's non-empty tensors in float64: what a row is measured against."""
+    return {k: t.detach().double() for k, t in theta0.items() if t.numel()}
+
+
 class _Origin:
     """θ^0 of one unit's parameters in float64, and its squared norm: computed once per unit."""
 
     def __init__(self, theta0: dict[str, torch.Tensor]) -> None:
-        self.theta0 = {k: t.detach().double() for k, t in theta0.items() if t.numel()}
+        self.theta0 = _float64(theta0)
         self.sq0 = 0.0
         for b in self.theta0.values():
             self.sq0 += float((b * b).sum())
 
 
-def _row(
-    unit: str, checkpoint: Any, theta: dict[str, torch.Tensor], origin: _Origin
-) -> dict[str, Any]:
-    # Same operations, in the same order, as the straightforward (a - b)² sum and |a - b| max, so
-    # the values are bit for bit those of that computation on one thread; the one float64 buffer
-    # per tensor is reused in place (|d|·|d| is exactly d·d).
-    sq, linf = 0.0, 0.0
-    for k, b in origin.theta0.items():
+KeyStats = dict[str, tuple[float, float]]
+
+
+def _key_stats(
+    theta: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]
+) -> KeyStats:
+    """(max |θ − θ^0|, Σ (θ − θ^0)²) of each tensor of `theta0` (float64, `_float64`), in
+    float64 (call it inside `_one_thread`). Same operations, in the same order, as the straightforward (a - b)² sum and
+    |a - b| max, so the values are bit for bit those of that computation on one thread; the one
+    float64 buffer per tensor is reused in place (|d|·|d| is exactly d·d)."""
+    out: KeyStats = {}
+    for k, b in theta0.items():
         d = theta[k].detach().to(torch.float64, copy=True)
         d.sub_(b)
         m = float(d.abs_().max())
+        out[k] = (m, float(d.mul_(d).sum()))
+    return out
+
+
+def _row_of(unit: str, checkpoint: Any, stats: KeyStats, origin: _Origin) -> dict[str, Any]:
+    """A distances row from `_key_stats`, summed over the tensors in `origin`'s order."""
+    sq, linf = 0.0, 0.0
+    for k in origin.theta0:
+        m, s = stats[k]
         # NaN must win (a diverged checkpoint did not "stay put"): max(0.0, nan) is 0.0
         linf = m if math.isnan(m) or m > linf else linf
-        sq += float(d.mul_(d).sum())
+        sq += s
     l2, n0 = math.sqrt(sq), math.sqrt(origin.sq0)
     return {
         "unit": unit,
@@ -96,6 +117,42 @@ def _row(
         "l2_rel": l2 / n0 if n0 > 0 else float("nan"),
         "linf": linf,
     }
+
+
+def _row(
+    unit: str, checkpoint: Any, theta: Mapping[str, torch.Tensor], origin: _Origin
+) -> dict[str, Any]:
+    return _row_of(unit, checkpoint, _key_stats(theta, origin.theta0), origin)
+
+
+def param_keys(params: Mapping[str, nn.Parameter], unit: UnitLike) -> list[str]:
+    """The unit's parameter names, each tensor once (its first name in `unit.keys`): a unit
+    holding two names of one tied tensor (a joint unit of tied layers) counts it once.
+    `params`: `dict(model.named_parameters(remove_duplicate=False))`."""
+    first: dict[int, str] = {}  # id(parameter) -> its first name in the unit
+    for k in unit.keys:
+        if k in params:
+            first.setdefault(id(params[k]), k)
+    return list(first.values())
+
+
+def draw_stats(
+    theta: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]
+) -> KeyStats:
+    """What a rerandom row of distances.csv needs of a draw `theta`: `_key_stats` against
+    `theta0`, the unit's θ^0 parameters (`param_keys`) in float64 (`float64_origin`). Taken
+    when the draw is made, so that `distances` need not draw it again: the stats of one draw
+    are a few floats, where keeping the draw itself until distances are measured (after the
+    pass) would hold every seed's draw of every unit at once."""
+    with _one_thread():
+        return _key_stats(theta, theta0)
+
+
+def float64_origin(
+    theta0: Mapping[str, torch.Tensor], pkeys: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """θ^0 of `pkeys` in float64, as `draw_stats` takes it."""
+    return _float64({k: theta0[k] for k in pkeys})
 
 
 def _integer(v: Any, what: str) -> int:
@@ -165,17 +222,19 @@ def distances(
 
     rows = []
     for u in units:
-        first: dict[int, str] = {}  # id(parameter) -> its first name in the unit
-        for k in u.keys:
-            if k in params:
-                first.setdefault(id(params[k]), k)
-        pkeys = list(first.values())
+        pkeys = param_keys(params, u)
         theta0_all = ckpts.tensors(0, u.keys)
         with _one_thread():
             origin = _Origin({k: theta0_all[k] for k in pkeys})
             for t in taus:
                 rows.append(_row(u.name, t, ckpts.tensors(t, pkeys), origin))
         for label, src in draws[u.name]:
+            # a variant's draw measured when it was made (for the engine, or make_variants'
+            # init check): the same numbers, without drawing it again
+            stats = src.draw_stats(ckpts) if isinstance(src, Variant) else None
+            if stats is not None and all(k in stats for k in origin.theta0):
+                rows.append(_row_of(u.name, label, stats, origin))
+                continue
             # drawn on the caller's threads, like the engine's draw of the same variant
             if isinstance(src, Variant):
                 theta = src.overrides()

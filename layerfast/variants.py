@@ -2,7 +2,8 @@
 
 A `Variant` names what it resets (`unit`, `kind`, `checkpoint`, `seed`, ...) and produces its
 replacement tensors only when asked (`overrides()`), so planning hundreds of variants costs no
-memory and the engine materialises one group at a time. Variants never modify the model: the
+memory (but for the init check's rerandom draws below, at most one model's state, each kept
+until its variant is first asked) and the engine materialises one group at a time. Variants never modify the model: the
 final model stays what it is, and every tensor a variant returns is a fresh CPU tensor with the
 model's dtype and shape (DESIGN.md §3).
 
@@ -45,8 +46,15 @@ biases) come from deterministic rules that no seed can change, so they are not c
 Whether the rule IS the model's initialization cannot be known from the model object (a user
 factory may apply any init; a torchvision ResNet built by one is drawn with PyTorch's default
 conv init, 2.45x narrower than torchvision's kaiming-normal fan_out). When τ = 0 exists,
-`make_variants` draws each unit once and warns where the draw does not look like θ⁰
-(`init_mismatches`).
+`make_variants` draws each unit once (the first seed) and warns where the draw does not look
+like θ⁰ (`init_mismatches`); that draw is the one the variant evaluates, handed over on its
+first `overrides()`.
+
+Each (unit, seed) draw is made once per run (`_Draws`): the init check's is evaluated, and
+when θ⁰ exists every draw is measured as `distances` measures it when it is made
+(`Variant.draw_stats`), so distances.csv's rerandom rows do not draw it a third time. Kept
+between the three: the check's draws (≤ one model) until evaluated, a few floats per drawn
+tensor, and θ⁰ of the unit drawn last.
 """
 
 from __future__ import annotations
@@ -103,10 +111,19 @@ class Variant:
     _load: Callable[[], dict[str, torch.Tensor]] | None = field(
         default=None, repr=False, compare=False
     )
+    _stats: Callable[[CheckpointDir], Mapping[str, tuple[float, float]] | None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def overrides(self) -> dict[str, torch.Tensor]:
-        """Key -> fresh CPU tensor (model dtype and shape), read or drawn now, not cached."""
+        """Key -> fresh CPU tensor (model dtype and shape), read or drawn now, not cached
+        (but for a rerandom draw that `make_variants`' init check made: handed over once)."""
         return {} if self._load is None else self._load()
+
+    def draw_stats(self, ckpts: CheckpointDir | None) -> Mapping[str, tuple[float, float]] | None:
+        """A rerandom variant's draw as `distances` measures it against θ⁰ of `ckpts`
+        (`layerfast.distances.draw_stats`), when it has been drawn already; else None."""
+        return None if self._stats is None or ckpts is None else self._stats(ckpts)
 
     @property
     def label(self) -> str:
@@ -353,9 +370,17 @@ def init_mismatches(
 
 
 def _warn_init_mismatch(
-    model: nn.Module, units: Sequence[UnitLike], ckpts: CheckpointDir, arch: Any, seed: int
+    model: nn.Module,
+    units: Sequence[UnitLike],
+    ckpts: CheckpointDir,
+    arch: Any,
+    seed: int,
+    draws: _Draws,
 ) -> None:
-    """Draw each unit once (`seed`) and say, on stderr, where it does not look like θ⁰."""
+    """Draw each unit once (`seed`) and say, on stderr, where it does not look like θ⁰.
+
+    The draw is the one the (unit, `seed`) rerandom variant evaluates (`_Draws.check`, never
+    equal to θ⁰), kept for it: the check costs no draw of its own."""
     # parameters only: running statistics are reset, not drawn, and a θ⁰ saved after a
     # train-mode forward holds updated ones without saying anything about the init
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
@@ -363,7 +388,7 @@ def _warn_init_mismatch(
     for u in units:
         if not any(k in params for k in u.keys):
             continue
-        draw = {k: t for k, t in rerandom_draw(model, u, seed, arch).items() if k in params}
+        draw = {k: t for k, t in draws.check(u, seed).items() if k in params}
         theta0 = ckpts.tensors(0, tuple(draw))
         lines += [f"{u.name}: {m}" for m in init_mismatches(draw, theta0)]
     if lines:
@@ -459,6 +484,85 @@ def _unit_map(units: Sequence[UnitLike]) -> dict[str, UnitLike]:
     return out
 
 
+class _Draws:
+    """The rerandom draws of one `make_variants` call: each (unit, seed) drawn once per run.
+
+    A draw is made when a variant is first evaluated (`take`), or by the init check
+    (`check`), which draws each unit's first seed before any evaluation; the check's draws are
+    kept (`_held`) until their variant asks for them, then let go, at most one model's state
+    in all (units are disjoint, so one seed of every unit is at most one model). When θ⁰
+    exists, every draw is measured as `distances` would measure it (a few floats per tensor,
+    kept), so distances.csv's rerandom rows need no draw of their own: before, each draw was
+    made three times (init check, evaluation, distances), the same numbers each time.
+    """
+
+    def __init__(
+        self, model: nn.Module, ref: _Ref, arch: Any, ckpts: CheckpointDir | None
+    ) -> None:
+        self.model, self.ref, self.arch = model, ref, arch
+        self.ckpts = ckpts if ckpts is not None and 0 in ckpts.labels else None
+        self._held: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self._room = sum(math.prod(shape) * dtype.itemsize for shape, dtype in ref.meta.values())
+        self._stats: dict[tuple[str, int], Mapping[str, tuple[float, float]]] = {}
+        self._params: dict[str, nn.Parameter] | None = None
+        # θ⁰ of the unit drawn last, as read and in float64 (`_theta0`)
+        self._unit0: tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+
+    def _theta0(self, u: UnitLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """θ⁰ of `u`'s keys, and of its parameters in float64 (what `distances` measures a
+        draw against): read once for a unit's consecutive draws (its seeds), one unit kept."""
+        from layerfast.distances import float64_origin, param_keys  # it imports this module
+
+        assert self.ckpts is not None
+        if self._unit0 is None or self._unit0[0] != u.name:
+            self._unit0 = None  # the last unit's θ⁰ goes before this one's is read
+            if self._params is None:
+                self._params = dict(self.model.named_parameters(remove_duplicate=False))
+            theta0 = self.ckpts.tensors(0, u.keys)
+            self._unit0 = (u.name, theta0, float64_origin(theta0, param_keys(self._params, u)))
+        return self._unit0[1], self._unit0[2]
+
+    def _draw(self, u: UnitLike, seed: int) -> dict[str, torch.Tensor]:
+        if self.ckpts is None:
+            return self.ref.conform(
+                rerandom_draw(self.model, u, seed, self.arch), f"rerandom {u.name}"
+            )
+        from layerfast.distances import draw_stats  # it imports this module
+
+        theta0, theta0_64 = self._theta0(u)
+        out = self.ref.conform(
+            rerandom_draw(self.model, u, seed, self.arch, theta0), f"rerandom {u.name}"
+        )
+        if (u.name, seed) not in self._stats:
+            self._stats[(u.name, seed)] = draw_stats(out, theta0_64)
+        return out
+
+    def check(self, u: UnitLike, seed: int) -> dict[str, torch.Tensor]:
+        """The draw the variant (u, seed) will evaluate, for the init check; kept for it."""
+        out = self._held.get((u.name, seed))
+        if out is None:
+            out = self._draw(u, seed)
+            size = sum(t.numel() * t.element_size() for t in out.values())
+            if size <= self._room:
+                self._room -= size
+                self._held[(u.name, seed)] = out
+        return out
+
+    def take(self, u: UnitLike, seed: int) -> dict[str, torch.Tensor]:
+        """The draw of (u, seed) for evaluation: the check's, handed over once, else a new one."""
+        out = self._held.pop((u.name, seed), None)
+        if out is None:
+            return self._draw(u, seed)
+        self._room += sum(t.numel() * t.element_size() for t in out.values())
+        return out
+
+    def stats(
+        self, u: UnitLike, seed: int, ckpts: CheckpointDir
+    ) -> Mapping[str, tuple[float, float]] | None:
+        """`distances.draw_stats` of (u, seed)'s draw against θ⁰ of `ckpts`, if made already."""
+        return self._stats.get((u.name, seed)) if ckpts is self.ckpts else None
+
+
 def make_variants(
     model: nn.Module,
     units: Sequence[UnitLike],
@@ -528,12 +632,12 @@ def make_variants(
         assert ckpts is not None
         return lambda: ref.conform(ckpts.tensors(label, keys), f"{ckpts.files[label]}")
 
-    def drawn(u: UnitLike, seed: int) -> Callable[[], dict[str, torch.Tensor]]:
-        def load() -> dict[str, torch.Tensor]:
-            theta0 = ckpts.tensors(0, u.keys) if has_tau0 and ckpts is not None else None
-            return ref.conform(rerandom_draw(model, u, seed, arch, theta0), f"rerandom {u.name}")
+    draws = _Draws(model, ref, arch, ckpts)
 
-        return load
+    def rerandom(u: UnitLike, k: tuple[str, ...], seed: int) -> Variant:
+        return Variant(u.name, "rerandom", None, seed, keys=k,
+                       _load=lambda: draws.take(u, seed),
+                       _stats=lambda c: draws.stats(u, seed, c))
 
     out = [Variant("*", "baseline", None, None)]
     for u in units:
@@ -544,7 +648,7 @@ def make_variants(
             ]
         if "rerandom" in reset:
             check_redrawable(model, u, arch)
-            out += [Variant(u.name, "rerandom", None, s, keys=k, _load=drawn(u, s)) for s in seeds]
+            out += [rerandom(u, k, s) for s in seeds]
     if "fullmodel" in reset:
         kept = _norm_keys(model) if _bn_policy(units) == "keep" else set()
         every = tuple(k for k in ref.meta if not is_tolerated_missing(k) and k not in kept)
@@ -599,7 +703,7 @@ def make_variants(
         used |= {0} & set(ckpts.labels)  # θ⁰ for the rerandom "never equal" check
         ckpts.validate(ref.meta_state(), labels=sorted(used), check_finite=False)
         if "rerandom" in reset and has_tau0:  # the draws' distribution against θ⁰'s
-            _warn_init_mismatch(model, units, ckpts, arch, seeds[0])
+            _warn_init_mismatch(model, units, ckpts, arch, seeds[0], draws)
     return out
 
 
