@@ -3,16 +3,21 @@
 - Each (unit, seed) re-randomization draw is made once per run: the init check's draw is the
   one the variant evaluates (handed over once), and distances.csv's rerandom rows use the
   draw's numbers taken when it was made (`layerfast.variants._Draws`).
+- The figures colour their cell annotations from one norm/colormap call per grid, not one per
+  cell (`layerfast.report.figures._annotate`), with the same colour for every cell.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.colors import LogNorm, Normalize
 
 import layerfast
 import layerfast.distances as distances_mod
@@ -20,6 +25,7 @@ import layerfast.variants as variants_mod
 from layerfast.checkpoints import CheckpointDir
 from layerfast.distances import distances
 from layerfast.models import build_model
+from layerfast.report import figures
 from layerfast.units import make_units
 from layerfast.variants import make_variants, rerandom_draw
 
@@ -116,3 +122,76 @@ def test_held_draws_are_bounded_and_let_go(ckpts: Path) -> None:
     for v in rr:
         v.overrides()
     assert store._held == {}
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _reference_colours(grid: np.ndarray, norm: Normalize) -> list[tuple[str, str]]:
+    """(label, colour) per finite cell, row-major, computed per cell as the code once did."""
+    cmap = figures._cmap()
+    if isinstance(norm, LogNorm):
+        shown = np.where(np.isfinite(grid) & (grid <= 0), norm.vmin, grid)
+    else:
+        shown = grid
+    masked = np.ma.masked_invalid(shown)
+    out = []
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            v = grid[i, j]
+            if not math.isfinite(v):
+                continue
+            colour = (figures._text_color(cmap(norm(float(shown[i, j]))))
+                      if not np.ma.getmaskarray(masked)[i, j] else "black")
+            out.append((figures._two_sig(v), colour))
+    return out
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_annotation_colours_are_the_per_cell_ones(log: bool) -> None:
+    rng = np.random.default_rng(5)
+    grid = rng.uniform(0.2, 1.0, (9, 5)) if not log else 10.0 ** rng.uniform(-9, 2, (9, 5))
+    grid[2, 3] = np.nan
+    grid[0, 0] = 0.0
+    # values right at the black/white switch of viridis, where a rounding would show
+    grid[4] = np.linspace(0.3, 0.5, 5) * (grid[np.isfinite(grid)].max())
+    norm, is_log = figures._norm_for(grid)
+    assert is_log == log
+    rows, cols = [f"u{i}" for i in range(9)], ["ReRnd", "0", "1", "2", "3"]
+    geo = figures._Geometry(rows, cols, annot_chars=6)
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    figures._draw_grid(ax, grid, rows, cols, norm, figures._two_sig, geo, True)
+    got = [(t.get_text(), t.get_color()) for t in ax.texts]
+    assert got == _reference_colours(grid, norm)
+    # and where they sit: cell centres, row-major
+    finite = list(zip(*np.nonzero(np.isfinite(grid)), strict=True))
+    assert [t.get_position() for t in ax.texts] == [(j, i) for i, j in finite]
+
+
+def test_distance_figure_normalizes_each_panel_once(monkeypatch) -> None:
+    """Before: one norm call per annotated cell (~0.8 ms each for a LogNorm)."""
+    calls = collections.Counter()
+    real = figures._norm_for
+
+    def counting(grid: np.ndarray):  # type: ignore[no-untyped-def]
+        norm, is_log = real(grid)
+        base = type(norm)
+
+        class Counted(base):  # type: ignore[valid-type, misc]
+            def __call__(self, value, clip=None):  # type: ignore[no-untyped-def]
+                calls[id(self)] += 1
+                return super().__call__(value, clip)
+
+        norm.__class__ = Counted
+        return norm, is_log
+
+    monkeypatch.setattr(figures, "_norm_for", counting)
+    rows = [{"unit": f"u{i}", "checkpoint": c, "l2": 1.0, "l2_rel": 0.1 * (i + 1) * 10.0 ** -k,
+             "linf": 0.01 * (i + 1)}
+            for i in range(12) for k, c in enumerate(["0", "1", "2", "rerandom:1"])]
+    fig = figures.distance_figure(pd.DataFrame(rows))
+    assert sum(len(ax.texts) for ax in fig.axes) == 2 * 12 * 4
+    # imshow and the annotations: a handful per panel, not one per cell
+    assert calls and max(calls.values()) <= 4
