@@ -3,9 +3,9 @@
 A `Variant` names what it resets (`unit`, `kind`, `checkpoint`, `seed`, ...) and produces its
 replacement tensors only when asked (`overrides()`), so planning hundreds of variants costs no
 memory (but for the init check's rerandom draws below, at most one model's state, each kept
-until its variant is first asked) and the engine materialises one group at a time. Variants never modify the model: the
-final model stays what it is, and every tensor a variant returns is a fresh CPU tensor with the
-model's dtype and shape (DESIGN.md §3).
+until its variant is first asked) and the engine materialises one group at a time. Variants
+never modify the model: the final model stays what it is, and every tensor a variant returns
+is a fresh CPU tensor with the model's dtype and shape (DESIGN.md §3).
 
 Kinds and their order in `make_variants` (results are reported in this order):
 
