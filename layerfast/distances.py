@@ -90,8 +90,9 @@ def _key_stats(
 ) -> KeyStats:
     """(max |θ − θ^0|, Σ (θ − θ^0)²) of each tensor of `theta0` (float64, `_float64`), in
     float64 (call it inside `_one_thread`). Same operations, in the same order, as the
-    straightforward (a - b)² sum and |a - b| max, so the values are bit for bit those of that computation on one thread; the one
-    float64 buffer per tensor is reused in place (|d|·|d| is exactly d·d)."""
+    straightforward (a - b)² sum and |a - b| max, so the values are bit for bit those of that
+    computation on one thread; the one float64 buffer per tensor is reused in place (|d|·|d| is
+    exactly d·d)."""
     out: KeyStats = {}
     for k, b in theta0.items():
         d = theta[k].detach().to(torch.float64, copy=True)
