@@ -136,6 +136,13 @@ _ELEMENTWISE_METHODS = {
     "relu_",
     "mul_",
 }
+#: The elementwise functions and methods above that take two tensors and broadcast them.
+BROADCASTING_FUNCS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+    operator.iadd, operator.imul, operator.isub, operator.itruediv,
+    torch.add, torch.sub, torch.mul,
+}
+BROADCASTING_METHODS = {"add", "mul", "sub", "div", "add_", "mul_"}
 _FANNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -156,6 +163,10 @@ class FanPlan:
     # step -> its negative dim argument: per-sample only if it does not resolve to dim 0 for
     # the rank of the step's first tensor argument, which `fanrun` checks when it runs
     dims: dict[int, int] = field(default_factory=dict)
+    # elementwise steps of several operands, which broadcast: per-sample only where every
+    # batch operand has the result's rank (its dim 0 is the result's dim 0) and no other
+    # operand has a dim 0 of its own there, which `fanrun` checks when it runs
+    broadcasts: set[int] = field(default_factory=set)
 
 
 class NotPerSample(RuntimeError):
@@ -547,7 +558,12 @@ def prove_fan(prog: Program, start: int, keys: set[str]) -> FanPlan | str:
         if not _reads_batch(prog.steps[i], batch):
             return (f"{_describe(prog, prog.steps[i])}: applied to a parameter or buffer, "
                     "not to a value of the batch")
-    return FanPlan(start, mods, fanned, batch, dims)
+    broadcasts = {
+        i for i in fanned
+        if (prog.steps[i].op == "call_function" and prog.steps[i].target in BROADCASTING_FUNCS)
+        or (prog.steps[i].op == "call_method" and prog.steps[i].target in BROADCASTING_METHODS)
+    }
+    return FanPlan(start, mods, fanned, batch, dims, broadcasts)
 
 
 def _reads_batch(s, batch: set[int]) -> bool:

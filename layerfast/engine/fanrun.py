@@ -374,6 +374,28 @@ def _check_dim(s: Step, d: int, env: dict[int, Any]) -> None:
         )
 
 
+def _check_broadcast(s: Step, local: dict[int, Any], plan: FanPlan, rows: int) -> None:
+    """Elementwise step `s` on the K·B batch (`rows` = K·B) broadcasts its operands: raise
+    `NotPerSample` unless every batch operand (fanned, or shared and tiled K times) has the
+    result's rank and all K·B rows, and every other tensor (a parameter) a dim 0 of 1 or a lower
+    rank. Otherwise broadcasting lines the batch dim up with another one: `h * h.sum(1)` on
+    [B, 1] is [B, B] in eager mode, [K·B, K·B] fanned; a shared `x.mean(0)` [1, H, W] tiled to
+    [K, H, W] against [K·B, 1, H, W] is counted K times by a later `sum(1)`; a [2, 1, C]
+    parameter moves the batch to dim 1, where `mean(1)` then averages over K·B rows."""
+    vals = [(r, local[r]) for r in refs_in(s.args) + refs_in(s.kwargs)]
+    ts = [(r, v) for r, v in vals if isinstance(v, torch.Tensor)]
+    rank = max((v.dim() for _, v in ts), default=0)
+    for r, v in ts:
+        batch = r in plan.fanned or r in plan.batch
+        ok = (v.dim() == rank and v.shape[0] == rows) if batch else (
+            v.dim() < rank or v.shape[0] == 1)
+        if not ok:
+            raise NotPerSample(
+                f"step {s.index} ({getattr(s.target, '__name__', s.target)}): broadcasts a "
+                f"{tuple(v.shape)} {'batch value' if batch else 'tensor'} against rank {rank} "
+                f"with {rows} rows: it would line the batch dim up with another dim")
+
+
 def run_fanned(
     prog: Program,
     plan: FanPlan,
@@ -437,6 +459,8 @@ def run_fanned(
                     elif r not in plan.fanned and r in plan.batch and isinstance(v, torch.Tensor):
                         v = expand(v, K)
                     local[r] = v
+                if s.index in plan.broadcasts:
+                    _check_broadcast(s, local, plan, K * x.shape[0])
                 y = prog.eval_step(s, local)
         if trace is not None and s.index in plan.fanned:
             trace.append(

@@ -1,0 +1,145 @@
+"""Adversarial models against the fan-out proof (session 19): each one was accepted by
+`fanout.prove_fan` (or ran fanned without a check) and gave other numbers than the naive
+loop. Every model here must now give the naive loop's counts, its loss to rounding, by being
+refused by the proof or sent to the swap path at run time.
+
+1. Broadcasting across ranks: an elementwise op between a batch value and a value of lower rank
+   (a fanned `h.sum(1)`, a shared `x.mean(0)`) or of higher rank (a [2, 1, C] parameter) lines
+   the K·B batch dim up with another dim, so K variants' rows meet.
+2. Advanced indexing: `h[:, [0, 1], :, [0, 1]]` puts the index dims first (the batch dim moves
+   to dim 1), and an index tensor of the batch is tiled K times with the batch.
+3. A module (or attribute) named `size`: `self.size(h)[:1]` was taken for `h.size()[...]`.
+4. `ZeroPad2d` / `ConstantPad2d` / `AdaptiveAvgPool2d` on a rank-2 value act on the batch dim.
+5. An in-place write into a fanned value that is a view of a shared one (`u[:, :h.size(1)]`,
+   `u.to(h)`): eager mode writes into `u`, which later steps read; fanned, the write went into
+   a K-fold copy and was lost.
+6. A float64 model's overridden BatchNorm on the fanned batch ran with float32 scale and shift.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerfast.engine import Evaluator
+from layerfast.engine.naive import naive_evaluate
+
+
+def _variants(model: nn.Module, mod: str, n: int = 3, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    m = model.get_submodule(mod)
+    for _ in range(n):
+        out.append({
+            f"{mod}.{k}": (torch.randn(t.shape, generator=g, dtype=torch.float64)
+                           * (t.abs().mean().item() * 2 + 0.1)).to(t.dtype)
+            for k, t in m.named_parameters(recurse=False)
+        })
+    return out
+
+
+def _data(n: int = 6, shape: tuple = (8,), seed: int = 3, dtype=torch.float32) -> list[tuple]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g, dtype=torch.float64).to(dtype)
+    return [(x, torch.randint(0, 10, (n,), generator=g))]
+
+
+def _same_as_naive(model: nn.Module, mod: str, batches: list, n: int = 3, **kw) -> dict:
+    """Fanned (fanout=True on the CPU, fp32) counts equal the naive loop's, the loss sum too
+    (to rounding); returns the plan summary."""
+    model.eval()
+    variants = _variants(model, mod, n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = Evaluator(model, variants, device="cpu", precision="fp32", fanout=True,
+                        **kw).run(batches)
+        want = naive_evaluate(model, variants, lambda: batches)
+    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]]), (res.counts, want)
+    assert torch.allclose(res.counts[:, 2], want[:, 2], rtol=1e-5, atol=1e-4), (res.counts, want)
+    return res.plan
+
+
+def _not_fanned(plan: dict, words: str) -> None:
+    """The group ran on the swap path, refused by the proof or at run time, saying why."""
+    assert plan["fanned_variants"] == 0, plan
+    why = " ".join([*plan["fanout_refused"].values(), *plan["fanout_fallbacks"].values()])
+    assert words in why, plan
+
+
+# ---- 1. broadcasting across ranks ------------------------------------------------------------
+
+
+class RankBroadcast(nn.Module):
+    """`how`: the batch value of lower or higher rank that an elementwise op broadcasts."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(8, 1 if how == "fanned-lower" else 10)
+        self.p = nn.Parameter(torch.randn(2, 1, 10))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.how == "fanned-lower":  # [B, 1] * [B] -> [B, B] (K·B × K·B fanned)
+            return self.fc(x) * (h * h.sum(1)).sum(1)[:, None]
+        if self.how == "pool-to-1":  # [B, 10] -> [1, 1]: the mean of every row (K·B fanned)
+            return self.fc(x) * F.adaptive_avg_pool2d(h, 1)
+        # "param-higher": [B, 10] + [2, 1, 10] -> [2, B, 10]: the batch dim is dim 1 now
+        z = (h + self.p).mean(1)  # a mean over the batch (over K·B rows fanned)
+        return self.fc(x) + (h[:, None] * z).mean(1)
+
+
+class SharedMean0(nn.Module):
+    """A shared `x.mean(0)` ([1, 8, 8]) against a fanned [B, 1, 8, 8]: tiled K times it
+    broadcast into [K·B, K, 8, 8], and `.sum(1)` then counted it K times."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (self.conv(x) + x.mean(0)).sum(1)
+        return self.fc(z.mean(1))
+
+
+@pytest.mark.parametrize("how", ["fanned-lower", "pool-to-1", "param-higher"])
+def test_broadcast_across_ranks_is_not_fanned(how: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(RankBroadcast(how), "lin", _data())
+    _not_fanned(plan, "broadcast")
+
+
+@pytest.mark.parametrize("glue", ["fused", "fold", "unfolded"])
+def test_a_shared_batch_mean_broadcast_into_a_conv_output_is_not_fanned(glue: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(SharedMean0(), "conv", _data(shape=(1, 8, 8)), glue=glue)
+    _not_fanned(plan, "broadcast")
+
+
+def test_same_rank_broadcasts_still_fan() -> None:
+    """An SE-style [B, C, 1, 1] gate, a [C, 1, 1] parameter and a [B, 1] shared value keep
+    the batch dim in dim 0: still fanned, still the naive loop's counts."""
+
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.p = nn.Parameter(torch.randn(4, 1, 1))
+            self.fc = nn.Linear(4, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x)
+            h = h * torch.sigmoid(h.mean([2, 3], keepdim=True)) + self.p
+            return self.fc(h.mean([2, 3]) * x.mean([1, 2, 3])[:, None])
+
+    torch.manual_seed(0)
+    plan = _same_as_naive(Gate(), "conv", _data(shape=(1, 8, 8)))
+    assert plan["fanned_variants"] == 3 and not plan["fanout_fallbacks"], plan
+
+
