@@ -143,3 +143,28 @@ def test_same_rank_broadcasts_still_fan() -> None:
     assert plan["fanned_variants"] == 3 and not plan["fanout_fallbacks"], plan
 
 
+# ---- 2. advanced indexing --------------------------------------------------------------------
+
+
+class AdvancedIndex(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)  # [B, 4, 8, 8]
+        if self.how == "two-lists":
+            m = h[:, [0, 1], :, [0, 1]].mean(1)  # [2, B, 8] -> a mean over the batch: [2, 8]
+            return self.fc((h[:, :2, :, 0] + m).flatten(1))
+        idx = x.flatten(1).argmax(1) % 4  # a shared index of the batch, [B]
+        z = h.mean([2, 3])[:, idx].sum(1)  # [B, B] -> [B]
+        return self.fc(h.mean(3).flatten(1)[:, :16]) * z[:, None]
+
+
+@pytest.mark.parametrize("how", ["two-lists", "batch-index"])
+def test_advanced_indexing_that_moves_or_tiles_the_batch_is_refused(how: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(AdvancedIndex(how), "conv", _data(shape=(1, 8, 8)))
+    _not_fanned(plan, "index")

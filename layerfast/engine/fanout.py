@@ -349,7 +349,7 @@ def _why_not_batchwise_bare(
             if _is_split(prog, s.args[0]) and isinstance(idx, int) and not isinstance(idx, bool):
                 return None  # one piece of a split along a non-batch dim
             if isinstance(idx, tuple) and idx and idx[0] == slice(None):
-                return None
+                return _index_why(idx[1:], fanned, batch)
             if isinstance(idx, tuple) and idx and idx[0] is Ellipsis:
                 if _ellipsis_ok(idx[1:], i, dims):
                     return None
@@ -422,6 +422,24 @@ def _is_batch_size(prog: Program, r: Any, fanned: set[int]) -> bool:
         and isinstance(src.args[0], Ref)
         and src.args[0].index in fanned
     )
+
+
+def _index_why(rest: tuple, fanned: set[int], batch: set[int]) -> str | None:
+    """`v[:, *rest]`: per-sample when `rest` holds ints, slices, None and Ellipsis, and at most
+    one list or tensor that is not a value of the batch. Two such indices apart
+    (`h[:, [0, 1], :, [0, 1]]`) put their dim before the batch dim; an index of the batch is
+    tiled K times with it, so `h[:, idx]` is [K·B, K·B] where eager mode has [B, B]."""
+    advanced = 0
+    for e in rest:
+        if e is None or e is Ellipsis or isinstance(e, slice) or (
+                isinstance(e, int) and not isinstance(e, bool)):
+            continue
+        if any(r in fanned or r in batch for r in refs_in(e)):
+            return "an index computed from the batch (tiled K times with it)"
+        advanced += 1
+    if advanced > 1:
+        return "two list or tensor index entries (their dim goes before the batch dim)"
+    return None
 
 
 def _ellipsis_ok(rest: tuple, i: int, dims: dict[int, int]) -> bool:
