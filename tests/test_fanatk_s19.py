@@ -168,3 +168,19 @@ def test_advanced_indexing_that_moves_or_tiles_the_batch_is_refused(how: str) ->
     torch.manual_seed(0)
     plan = _same_as_naive(AdvancedIndex(how), "conv", _data(shape=(1, 8, 8)))
     _not_fanned(plan, "index")
+def test_a_module_named_size_is_not_a_size() -> None:
+    class SizeNamed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 10)
+            self.size = nn.Identity()
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) + self.size(self.lin(x))[:1]  # sample 0's row for every sample
+
+    torch.manual_seed(0)
+    plan = _same_as_naive(SizeNamed(), "lin", _data())
+    _not_fanned(plan, "index")
+
+

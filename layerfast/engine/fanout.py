@@ -344,8 +344,9 @@ def _why_not_batchwise_bare(
             return _dim_why(_arg(s, 1, "dim", 0), i, dims)
         if s.target is operator.getitem:
             idx = s.args[1]
-            if isinstance(s.args[0], Ref) and prog.steps[s.args[0].index].target == "size":
-                return None
+            src = prog.steps[s.args[0].index] if isinstance(s.args[0], Ref) else None
+            if src is not None and src.op == "call_method" and src.target == "size":
+                return None  # an item of `v.size()` (`_size_why` checks how it is used)
             if _is_split(prog, s.args[0]) and isinstance(idx, int) and not isinstance(idx, bool):
                 return None  # one piece of a split along a non-batch dim
             if isinstance(idx, tuple) and idx and idx[0] == slice(None):
