@@ -112,7 +112,8 @@ class SharedMean0(nn.Module):
 def test_broadcast_across_ranks_is_not_fanned(how: str) -> None:
     torch.manual_seed(0)
     plan = _same_as_naive(RankBroadcast(how), "lin", _data())
-    _not_fanned(plan, "broadcast")
+    # an adaptive pool of a rank-2 value is refused before it broadcasts (pools the batch dim)
+    _not_fanned(plan, "batch dim" if how == "pool-to-1" else "broadcast")
 
 
 @pytest.mark.parametrize("glue", ["fused", "fold", "unfolded"])
@@ -184,3 +185,28 @@ def test_a_module_named_size_is_not_a_size() -> None:
     _not_fanned(plan, "index")
 
 
+
+
+# ---- 4. pads and adaptive pools on a rank-2 value -------------------------------------------
+
+
+class LowRankPad(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(8, 2)
+        self.op = nn.ZeroPad2d(1) if how == "zeropad" else nn.ConstantPad2d(1, 0.5)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)  # [B, 2]
+        p = self.op(h)  # pads the batch dim too: [B+2, 4]
+        z = p.view(h.size(0), -1).mean(1)
+        return self.fc(x) * z[:, None]
+
+
+@pytest.mark.parametrize("how", ["zeropad", "constpad"])
+def test_pads_of_a_rank_2_value_are_not_fanned(how: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(LowRankPad(how), "lin", _data(n=2), n=2)
+    _not_fanned(plan, "batch dim")

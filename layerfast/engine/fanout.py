@@ -336,6 +336,10 @@ def _why_not_batchwise_bare(
             return "normalises with the batch's statistics (training mode or no running stats)"
         if isinstance(m, nn.Softmax | nn.LogSoftmax):
             return _dim_why(m.dim, i, dims)
+        if isinstance(m, nn.ZeroPad2d | nn.ConstantPad2d | nn.AdaptiveAvgPool2d):
+            dims[i] = -2  # acts on the last 2 dims: on a rank-2 value, the batch dim too
+        elif isinstance(m, nn.AdaptiveAvgPool3d):
+            dims[i] = -3
         return None
     if s.op == "call_function":
         if s.target in (torch.flatten,):
@@ -369,6 +373,8 @@ def _why_not_batchwise_bare(
             return _dim_why(_arg(s, 1 if s.target is torch.unbind else 2, "dim", 0), i, dims)
         if _identity_in_eval(s.target, s):
             return None
+        if s.target is F.adaptive_avg_pool2d:
+            dims[i] = -2  # as nn.AdaptiveAvgPool2d: [B, C] is pooled to [1, 1]
         return None if s.target in _ELEMENTWISE_FUNCS else _NOT_LISTED
     if s.op == "call_method":
         if s.target == "size":

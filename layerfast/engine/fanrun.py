@@ -369,7 +369,8 @@ def _check_dim(s: Step, d: int, env: dict[int, Any]) -> None:
     t = v.t if isinstance(v, Fold) else v
     if not isinstance(t, torch.Tensor) or resolves_to_batch(d, t.dim()):
         raise NotPerSample(
-            f"step {s.index} ({s.target}): dim {d} is the batch dim of a "
+            f"step {s.index} ({getattr(s.target, '__name__', s.target)}): dim {d} is the "
+            "batch dim of a "
             f"rank-{t.dim() if isinstance(t, torch.Tensor) else '?'} value"
         )
 
