@@ -210,3 +210,31 @@ def test_pads_of_a_rank_2_value_are_not_fanned(how: str) -> None:
     torch.manual_seed(0)
     plan = _same_as_naive(LowRankPad(how), "lin", _data(n=2), n=2)
     _not_fanned(plan, "batch dim")
+
+
+# ---- 5. in-place writes through a view of a shared value ------------------------------------
+
+
+class ViewWrite(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a = nn.Linear(8, 8)
+        self.lin = nn.Linear(8, 4)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.a(x)  # shared by the K variants
+        h = self.lin(x)
+        if self.how == "slice":
+            u[:, : h.size(1)].mul_(3)  # a view of u, fanned only by its bound
+        else:
+            u.to(h).mul_(3)  # `to` returns u itself
+        return self.fc(u) * h.mean(1, keepdim=True)
+
+
+@pytest.mark.parametrize("how", ["slice", "to"])
+def test_in_place_write_into_a_view_of_a_shared_value_is_refused(how: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(ViewWrite(how), "lin", _data())
+    _not_fanned(plan, "in place")

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from layerfast.engine.graph import Program, Ref, refs_in
+from layerfast.engine.optables import _FRESH_FUNCS, _FRESH_METHODS, _FRESH_MODULES
 from layerfast.engine.tracing import global_hooks
 
 #: Modules that act on each channel (and sample) alone, with no parameters of their own: the
@@ -608,7 +609,40 @@ def _writes_why(prog: Program, i: int, fanned: set[int]) -> str | None:
     if not prog.is_inplace(s):
         return None
     v = prog.mutated(s)
+    if isinstance(v, Ref) and v.index in fanned and _may_view_shared(prog, v.index, fanned):
+        return (f"{_describe(prog, s)}: writes in place into a view of a value the K variants "
+                "share (fanned, the write would go into a copy that other steps do not read)")
     if isinstance(v, Ref) and (v.index in fanned or prog.private(v.index, i)):
         return None
     return (f"{_describe(prog, s)}: writes in place into a value the K variants share "
             "that another step reads")
+
+
+def _may_view_shared(prog: Program, v: int, fanned: set[int]) -> bool:
+    """Whether fanned value `v` may be (a view of) a value the K variants share. A fanned step
+    whose first argument is shared — fanned only by another argument (`u[:, :h.size(1)]`,
+    `u.to(h)`) — returns a view of it (`u` itself) in eager mode, but of its K-fold copy when
+    fanned: a write into it must reach `u`, which other steps read. Followed through the first
+    argument of every step that may return a view; a fresh tensor (a module's output, an
+    arithmetic result) ends the chain."""
+    seen: set[int] = set()
+    while v in fanned and v not in seen:
+        seen.add(v)
+        s = prog.steps[v]
+        if not prog.is_inplace(s) and _returns_fresh(prog, s):
+            return False
+        first = s.args[0] if s.args else None
+        if not isinstance(first, Ref):
+            return True
+        v = first.index
+    return True
+
+
+def _returns_fresh(prog: Program, s: Any) -> bool:
+    """Step `s` returns a new tensor, never one of its arguments or a view of one."""
+    if s.op == "call_module":
+        m = prog.modules[s.target]
+        return (isinstance(m, _FRESH_MODULES) and not getattr(m, "inplace", False)
+                and not getattr(m, "return_indices", False))
+    return (s.op == "call_function" and s.target in _FRESH_FUNCS) or (
+        s.op == "call_method" and s.target in _FRESH_METHODS)
