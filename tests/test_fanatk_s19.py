@@ -238,3 +238,35 @@ def test_in_place_write_into_a_view_of_a_shared_value_is_refused(how: str) -> No
     torch.manual_seed(0)
     plan = _same_as_naive(ViewWrite(how), "lin", _data())
     _not_fanned(plan, "in place")
+
+
+# ---- 6. float64 ------------------------------------------------------------------------------
+
+
+def test_float64_overridden_batchnorm_is_computed_in_float64() -> None:
+    """Linear -> BatchNorm1d -> head in float64; the BN's variants run fanned on the Linear's
+    K·B batch. With float32 scale and shift the logits were off by ~1e-7 (a float32 rounding,
+    enough to flip a near-tie the naive float64 loop tells apart); in float64 they are the
+    naive loop's to float64 rounding, so the float32 logits that are scored are equal."""
+    torch.manual_seed(0)
+    lin, bn, fc = nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 10)
+    model = nn.Sequential(lin, bn, fc).double().eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.3, 3)
+    batches = _data(n=6, dtype=torch.float64)
+    variants = _variants(model, "1", n=3)
+    for glue in ("fused", "fold", "unfolded"):
+        got: dict = {}
+        res = Evaluator(model, variants, device="cpu", precision="fp32", fanout=True,
+                        glue=glue).run(batches, on_logits=lambda i, t, got=got: got.update({tuple(i): t}))
+        assert res.plan["fanned_variants"] == 3, res.plan
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        want = []
+        with torch.no_grad():
+            for ov in variants:
+                model.load_state_dict(ov, strict=False)
+                want.append(model(batches[0][0]).float())
+                model.load_state_dict(saved)
+        fanned = got[(0, 1, 2)]
+        assert torch.equal(fanned, torch.stack(want)), (fanned - torch.stack(want)).abs().max()

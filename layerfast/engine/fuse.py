@@ -78,10 +78,13 @@ def bn_scale_shift(
     var: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """An eval BatchNorm as a float32 per-channel affine: y = x·scale + shift."""
-    inv = torch.rsqrt(var.float() + eps)
-    scale = inv * weight.float() if weight is not None else inv
-    shift = (bias.float() if bias is not None else 0) - mean.float() * scale
+    """An eval BatchNorm as a per-channel affine: y = x·scale + shift, in float32 (float64
+    for a float64 model: its own BN computes in float64, and float32 here put ~1e-7 errors
+    into logits the naive loop computes to ~1e-16)."""
+    dt = torch.promote_types(var.dtype, torch.float32)
+    inv = torch.rsqrt(var.to(dt) + eps)
+    scale = inv * weight.to(dt) if weight is not None else inv
+    shift = (bias.to(dt) if bias is not None else 0) - mean.to(dt) * scale
     return scale, shift
 
 
