@@ -19,7 +19,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -469,7 +469,9 @@ def _keeps_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
 @refused_paths_are_input
 @exclusive  # outside _keeps_rng: the saved random state is this call's own
 @_keeps_rng
-def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[str] | None = None,
+def analyze(arch: str | Callable[..., torch.nn.Module],
+            ckpts: str | os.PathLike[str] | Mapping[int, Mapping[str, torch.Tensor]],
+            data: str | os.PathLike[str] | tuple[Any, Any] | None = None,
             split: str = "test", granularity: str = "layer",
             units: str | Sequence[str] | None = None,
             bn: str = "with-layer", reset: str | Sequence[str] | None = RESETS,
@@ -494,9 +496,15 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[st
     with the same arguments (progress saved every `checkpoint_every` seconds, default
     $LAYERFAST_CHECKPOINT_EVERY or 5); refuses different arguments there unless `fresh`.
     Everything is validated before `out` is touched, so bad input leaves no files behind.
+
+    In memory (`layerfast.inputs`): `arch` may be a class or function returning an nn.Module
+    (called as a `module:factory` is), `ckpts` a mapping {τ: state_dict}, `data` a pair (x, y)
+    of tensors or arrays (what a .npz with arrays x and y holds); they are written once to a
+    content-addressed folder under the temp dir, so a rerun with the same objects resumes.
     """
     from layerfast.engine import Evaluator
     from layerfast.engine.precision import model_dtype, resolve_device
+    from layerfast.inputs import materialise
     from layerfast.interp import interp_requests
     from layerfast.models.identity import definition_id
     from layerfast.store import PREVIOUS, ResumeStore
@@ -512,10 +520,10 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[st
     threshold, final, batch_size, max_samples = f.threshold, f.final, f.batch_size, f.max_samples
     chosen, patterns = f.checkpoints, f.patterns
     resolve_device(device)  # up front: an unknown or absent device, before anything is read
+    ckpts, data, inputs = materialise(ckpts, data, split)  # in-memory ones: written as files
     if not isinstance(ckpts, str | os.PathLike):
-        raise LayerfastError(f"ckpts must be the path of a checkpoint directory; got a "
-                             f"{type(ckpts).__name__} (save state dicts there with "
-                             "torch.save(sd, path / 'epoch_3.pt'): docs/internals.md)")
+        raise LayerfastError(f"ckpts must be the path of a checkpoint directory or a mapping "
+                             f"{{τ: state_dict}}; got a {type(ckpts).__name__}")
     every = _checkpoint_every(checkpoint_every)
     data, named_by = _data_spec(data, ckpts)
 
@@ -526,6 +534,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[st
             warn(f"--seeds {','.join(map(str, seed_list))} has no effect: only rerandom (and "
                  f"interp with --sigma > 0) draws seeds, and --reset is {','.join(resets)}")
         model, spec, ck, src = build(arch, ckpts, data, split, final, max_samples, chosen)
+        arch = arch if isinstance(arch, str) else spec.name  # a callable: `module:qualname`
         if ck.incomplete:  # analysing a cut-short run can be the point; it must not be silent
             warn(f"{ck.path}: {ck.incomplete}; analysing the checkpoints it has")
         trained_as = (ck.manifest or {}).get("arch")
@@ -631,6 +640,7 @@ def analyze(arch: str, ckpts: str | os.PathLike[str], data: str | os.PathLike[st
                     "manifest": {k: v for k, v in (ck.manifest or {}).items() if k != "checkpoints"},
                     "incomplete": ck.incomplete,
                     "warnings": warned,  # filled until run.json is written: the chance note too
+                    **({"inputs": inputs} if inputs else {}),  # which were in memory
                 })
             shutil.rmtree(path / PREVIOUS, ignore_errors=True)  # what it replaced can go now
             return result

@@ -64,13 +64,15 @@ def test_analyze_float_seeds_is_a_layerfast_error(small_ckpts, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_analyze_ckpts_dict_is_a_layerfast_error(small_ckpts, tmp_path):
+def test_analyze_ckpts_list_is_a_layerfast_error(small_ckpts, tmp_path):
     """A notebook's dict of state dicts as `ckpts` raised TypeError from pathlib ("expected
-    str, bytes or os.PathLike object, not dict"); it should say what ckpts must be."""
+    str, bytes or os.PathLike object, not dict"); it should say what ckpts must be. A dict
+    {τ: state_dict} is accepted since session 19 (tests/test_inmem_s19.py); a list is not."""
     sd = CheckpointDir(small_ckpts).tensors(0)
-    with pytest.raises(LayerfastError, match="ckpts must be the path of a checkpoint directory; "
-                                             "got a dict"):
-        _analyze({0: sd, 1: sd}, tmp_path / "d")
+    with pytest.raises(LayerfastError, match="ckpts must be the path of a checkpoint directory "
+                                             r"or a mapping \{τ: state_dict\}; got a list"):
+        _analyze([sd, sd], tmp_path / "d")
+    assert not (tmp_path / "d").exists()
 
 
 def test_analyze_threshold_string_message_is_not_misleading(small_ckpts, tmp_path):

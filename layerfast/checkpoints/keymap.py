@@ -60,10 +60,11 @@ def _is_state_dict(obj: Any) -> bool:
     return has_tensor
 
 
-def find_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
+def find_state_dict(obj: Any, where: str, holder: str = "the file") -> dict[str, torch.Tensor]:
     """The state dict inside a loaded checkpoint object (rule 1), tensors only.
 
-    `where` names the file in the error message.
+    `where` names the file in the error message, `holder` what held `obj` ("it" for an
+    in-memory value, `layerfast.inputs`).
     """
 
     def search(o: Any, depth: int) -> Mapping[str, Any] | None:
@@ -88,7 +89,7 @@ def find_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
         else:
             what = f"a {type(obj).__name__}"
         raise LayerfastError(
-            f"{where}: no state dict found: the file holds {what}. Expected a state dict "
+            f"{where}: no state dict found: {holder} holds {what}. Expected a state dict "
             f"(name -> tensor) or a dict holding one under {', '.join(map(repr, WRAPPER_KEYS))}."
         )
     return {k: v for k, v in found.items() if isinstance(v, torch.Tensor)}

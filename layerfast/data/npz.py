@@ -66,33 +66,40 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 
 def open_npz(path: Path, split: str, max_samples: int | None) -> DataSource:
-    name = path.name
-    arrays = _load(path)
+    return open_arrays(_load(path), f"npz: {path}", path.name, split, max_samples)
+
+
+def open_arrays(arrays: dict[str, np.ndarray], where: str, name: str, split: str,
+                max_samples: int | None) -> DataSource:
+    """The DataSource of a .npz file's arrays; every check of the file's contents is here.
+    `where` starts each message (`npz: PATH`), `name` names the source. Also how
+    `layerfast.inputs` validates an in-memory `(x, y)` before writing it as a .npz: one set
+    of rules, so the pair is accepted, refused and fed exactly as the saved file would be."""
     kx, ky = (f"x_{split}", f"y_{split}") if f"x_{split}" in arrays else ("x", "y")
     if kx not in arrays or ky not in arrays:
         raise LayerfastError(
-            f"npz: {path} must hold arrays 'x_{split}' and 'y_{split}', or 'x' and 'y'; it has "
+            f"{where} must hold arrays 'x_{split}' and 'y_{split}', or 'x' and 'y'; it has "
             f"{sorted(arrays) or 'none'}"
         )
     x, y = arrays[kx], arrays[ky]
     if x.ndim < 1 or y.ndim != 1 or len(x) != len(y):
         raise LayerfastError(
-            f"npz: {path}: '{kx}' has shape {x.shape} but '{ky}' has shape {y.shape}; "
+            f"{where}: '{kx}' has shape {x.shape} but '{ky}' has shape {y.shape}; "
             "need the same number of samples N and y of shape [N]"
         )
     if "num_classes" in arrays:
         nc = arrays["num_classes"]
         if nc.size != 1 or nc.dtype == np.bool_ or not np.issubdtype(nc.dtype, np.integer):
             raise LayerfastError(
-                f"npz: {path}: 'num_classes' must be one integer, got dtype {nc.dtype} and "
+                f"{where}: 'num_classes' must be one integer, got dtype {nc.dtype} and "
                 f"shape {nc.shape}"
             )
         num_classes = int(nc.reshape(()))
     else:
-        ys = [check_labels(f"npz: {path}: '{k}'", arrays[k])
+        ys = [check_labels(f"{where}: '{k}'", arrays[k])
               for k in arrays if k == "y" or k.startswith("y_")]
         num_classes = max(int(t.max()) + 1 for t in ys if len(t)) if any(len(t) for t in ys) else 0
-    yt = check_labels(f"npz: {path}: '{ky}'", y, num_classes if num_classes > 0 else None)
+    yt = check_labels(f"{where}: '{ky}'", y, num_classes if num_classes > 0 else None)
     if not x.dtype.isnative:
         # big-endian data (FITS files, arrays saved on another machine) holds the same values;
         # `x.dtype == np.float32` compares the byte order too, so '>f4' was refused as "not
@@ -104,10 +111,10 @@ def open_npz(path: Path, split: str, max_samples: int | None) -> DataSource:
         with np.errstate(over="ignore"):  # a float64 beyond float32's range -> Inf, refused next
             x, scale = x.astype(np.float32, copy=False), 1.0
         # after the float32 cast, where a too-large float64 became Inf
-        check_finite(f"npz: {path}: '{kx}' (as float32)", torch.from_numpy(x))
+        check_finite(f"{where}: '{kx}' (as float32)", torch.from_numpy(x))
     else:
         raise LayerfastError(
-            f"npz: {path}: '{kx}' has dtype {x.dtype}; use uint8 (scaled to [0,1]) or float32 "
+            f"{where}: '{kx}' has dtype {x.dtype}; use uint8 (scaled to [0,1]) or float32 "
             "(fed as is)"
         )
     x = np.ascontiguousarray(to_chw(name, x))

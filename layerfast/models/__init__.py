@@ -125,8 +125,9 @@ def _register() -> dict[str, ArchSpec]:
 ARCHS: dict[str, ArchSpec] = _register()
 
 
-def _user_spec(spec: str) -> ArchSpec:
-    factory = _user.load_factory(spec)  # import errors surface here, before any data is read
+def _user_spec(spec: str, factory: Callable[..., Any] | None = None) -> ArchSpec:
+    if factory is None:
+        factory = _user.load_factory(spec)  # import errors surface here, before any data is read
 
     def build(num_classes: int, in_shape: tuple[int, int, int]) -> nn.Module:
         return _user.build_user_model(spec, factory, num_classes, in_shape)
@@ -134,8 +135,19 @@ def _user_spec(spec: str) -> ArchSpec:
     return ArchSpec(spec, _checked(spec, build), None, None, None, factory)
 
 
-def get_arch(name: str) -> ArchSpec:
-    """A registry name (case-insensitive), `fcnDxW`, or `package.module:factory`."""
+def get_arch(name: str | Callable[..., nn.Module]) -> ArchSpec:
+    """A registry name (case-insensitive), `fcnDxW`, or `package.module:factory`; or (from
+    Python) the factory itself, a class or function returning an nn.Module, built as that
+    string's factory is and named `module:qualname`."""
+    if isinstance(name, nn.Module):  # callable too, but a model, not what builds one
+        raise LayerfastError(
+            f"arch is an nn.Module instance ({type(name).__name__}); pass its class or a "
+            "function that builds it: layerfast builds fresh models (re-randomization draws)"
+        )
+    if callable(name) and not isinstance(name, str):
+        mod, qual = getattr(name, "__module__", None), getattr(name, "__qualname__", None)
+        label = f"{mod}:{qual}" if isinstance(mod, str) and isinstance(qual, str) else repr(name)
+        return _user_spec(label, name)
     if not isinstance(name, str) or not name.strip():
         raise LayerfastError(f"arch must be a non-empty name, got {name!r}")
     if _user.is_user_spec(name):
@@ -155,7 +167,7 @@ def get_arch(name: str) -> ArchSpec:
 
 
 def build_model(
-    arch: str, num_classes: int, in_shape: tuple[int, int, int]
+    arch: str | Callable[..., nn.Module], num_classes: int, in_shape: tuple[int, int, int]
 ) -> tuple[nn.Module, ArchSpec]:
     """Look `arch` up and build it: the model (train mode, freshly initialized) and its spec.
 
@@ -164,6 +176,7 @@ def build_model(
     torch's allocator traceback: torch says "can't allocate memory", or from about 2**63 bytes
     on "Storage size calculation overflowed", or fails to unpack a size past int64."""
     spec = get_arch(arch)
+    arch = arch if isinstance(arch, str) else spec.name  # a callable: `module:qualname`
     try:
         model = spec.build(num_classes, tuple(in_shape))  # type: ignore[arg-type]
     except (MemoryError, RuntimeError, TypeError, OverflowError) as exc:

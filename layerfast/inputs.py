@@ -1,0 +1,249 @@
+"""In-memory inputs for `analyze()` (the Python API only): checkpoints as a mapping
+`{τ label: state_dict}` and data as a pair `(x, y)`.
+
+They are validated, then written once to a content-addressed folder under the system temp
+dir (`<tempdir>/layerfast-inputs-<uid>/<sha256>/`: `epoch_<τ>.pt` files, or `data.npz`), and
+the analysis runs on those paths exactly as on files the user saved. Why files, and not a
+second code path: everything `analyze` guarantees for files holds unchanged — the same safe
+loading and validation, the same fingerprint (so a rerun with the same objects sees the same
+paths, sizes and mtimes and resumes, and changed content is another folder, hence another run),
+the same run.json — and the results are bit for bit those of the same objects saved by hand.
+
+- A folder is named by the sha256 of what it holds (labels, keys, dtypes, shapes and bytes;
+  x's and y's dtypes, shapes and bytes), and a file already there is reused, never rewritten:
+  a rewrite would change its mtime, and the resume fingerprint with it. Files are written
+  with layerfast's own atomic writers (a hidden temporary, then `os.replace`), so a file that
+  exists is whole.
+- The state dict of each value is found by the checkpoint loader's own rule (`find_state_dict`:
+  a state dict, or one held under `state_dict`, `model`, ...), and only its tensors are saved
+  (`torch.save`, which keeps tied tensors tied; safetensors refuses shared storage).
+- `(x, y)` is checked by the .npz reader's own code (`data.npz.open_arrays`) before it is
+  saved with `numpy.savez(x=x, y=y)`: float32 `x` fed as is, uint8 scaled to [0, 1].
+- The folder is per user (mode 0700): a shared `/tmp/layerfast-inputs` would let another
+  user plant weights at a predictable content address.
+- Nothing is deleted: the same objects again reuse the folder, and the system's temp cleaner
+  removes it in time. A rerun after that rewrites the files with new mtimes, and the resume
+  store then refuses them as changed checkpoints (pass `fresh=True`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from layerfast.errors import LayerfastError
+
+#: Each in-memory input is written under `<tempdir>/<ROOT>-<uid>/<sha256>/`.
+ROOT = "layerfast-inputs"
+#: Bumped when what a folder holds for the same content changes (file names, format).
+_VERSION = b"layerfast-inputs 1\0"
+
+
+def is_in_memory(ckpts: Any, data: Any) -> tuple[bool, bool]:
+    """Whether `ckpts` is a mapping of state dicts and `data` an `(x, y)` pair."""
+    return isinstance(ckpts, Mapping), isinstance(data, tuple | list)
+
+
+def root() -> Path:
+    """This user's folder for materialised inputs, created 0700 when missing; one that is not
+    a directory of this user's (a link, another user's) is refused."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    path = Path(tempfile.gettempdir()) / (ROOT if uid is None else f"{ROOT}-{uid}")
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = path.lstat()
+    except OSError as exc:
+        raise LayerfastError(f"cannot write the in-memory inputs to {path}: "
+                             f"{exc.strerror or exc}") from None
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode) or (uid is not None and st.st_uid != uid):
+        raise LayerfastError(f"{path} is not a directory of this user's: remove it (it holds "
+                             "only layerfast's copies of in-memory inputs)")
+    return path
+
+
+def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """The tensor's values as bytes (a uint8 array), whatever its dtype (bfloat16 has no
+    numpy dtype)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.numel() else np.zeros(0, np.uint8)
+
+
+def _label(key: Any) -> int:
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral):
+        raise LayerfastError(f"ckpts: the labels τ must be integers (the epoch of each state "
+                             f"dict, 0 = the initialization), got {type(key).__name__} {key!r}")
+    if int(key) < 0:
+        raise LayerfastError(f"ckpts: the labels τ must be >= 0 (0 is the initialization), "
+                             f"got {int(key)}")
+    return int(key)
+
+
+def _state_dict(label: int, value: Any) -> dict[str, torch.Tensor]:
+    """The tensors of one value, found as the file loader finds a file's state dict."""
+    from layerfast.checkpoints.keymap import WRAPPER_KEYS, find_state_dict
+
+    where = f"ckpts[{label}]"
+    if isinstance(value, torch.nn.Module):
+        raise LayerfastError(f"{where} is an nn.Module: pass its state_dict()")
+    if not isinstance(value, Mapping):
+        raise LayerfastError(f"{where} is a {type(value).__name__}, not a state dict (a mapping "
+                             "of parameter names to tensors, as model.state_dict() gives)")
+    if not value:
+        raise LayerfastError(f"{where} is an empty mapping, not a state dict")
+    bad = [k for k, v in value.items()
+           if not isinstance(v, torch.Tensor) and not str(k).endswith("_extra_state")]
+    if bad and not any(k in value for k in WRAPPER_KEYS):  # a state dict with stray values
+        shown = ", ".join(f"{k!r} ({type(value[k]).__name__})" for k in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise LayerfastError(f"{where}: {shown}{more} {'is' if len(bad) == 1 else 'are'} not "
+                             "a tensor; a state dict maps parameter names to tensors")
+    sd = find_state_dict(value, where, holder="it")
+    for k, t in sd.items():
+        if t.layout != torch.strided or t.is_meta or t.is_quantized:
+            raise LayerfastError(f"{where}[{k!r}] is a {t.layout} / {t.device.type} tensor; "
+                                 "checkpoints hold dense tensors with values")
+    # detach (a Parameter's grad state is no weight), cpu (a no-op for CPU tensors, so ties stay)
+    return {k: t.detach().cpu() for k, t in sd.items()}
+
+
+def _write_new(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(path)` unless `path` exists already (same name, same content: reused as it is,
+    its mtime kept for the resume fingerprint)."""
+    if path.exists():
+        return
+    try:
+        write(path)
+    except OSError as exc:
+        raise LayerfastError(f"cannot write the in-memory inputs to {path}: "
+                             f"{exc.strerror or exc}") from None
+
+
+def _folder(digest: str) -> Path:
+    path = root() / digest
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise LayerfastError(f"cannot write the in-memory inputs to {path}: "
+                             f"{exc.strerror or exc}") from None
+    return path
+
+
+def _checked_ckpts(ckpts: Mapping[Any, Any]) -> tuple[list[tuple[int, dict]], str]:
+    """The state dicts by label, checked, and the sha256 of what they hold."""
+    if not ckpts:
+        raise LayerfastError("ckpts is an empty mapping: give {τ: state_dict, ...} with the "
+                             "final model's state dict at the largest τ")
+    labelled = sorted(((_label(k), v) for k, v in ckpts.items()), key=lambda kv: kv[0])
+    dicts = [(tau, _state_dict(tau, v)) for tau, v in labelled]
+    h = hashlib.sha256(_VERSION + b"ckpts\0")
+    for tau, sd in dicts:
+        h.update(f"tau {tau}\0".encode())
+        for k, t in sd.items():
+            h.update(f"{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode("utf-8", "surrogatepass"))
+            h.update(_tensor_bytes(t))
+    return dicts, h.hexdigest()
+
+
+def _write_ckpts(dicts: list[tuple[int, dict]], digest: str) -> tuple[Path, str]:
+    """The folder holding the state dicts as `epoch_<τ>.pt` files, and a line for run.json."""
+    from layerfast.checkpoints.save import save_atomic
+
+    folder = _folder(digest)
+    for tau, sd in dicts:
+        _write_new(folder / f"epoch_{tau}.pt", lambda p, sd=sd: save_atomic(sd, p))
+    taus = ", ".join(str(t) for t, _ in dicts)
+    return folder, (f"in-memory: {len(dicts)} state dict{'s' * (len(dicts) != 1)} "
+                    f"(τ {taus}), sha256 {digest}")
+
+
+def _array(name: str, v: Any) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu()
+        if t.dtype == torch.bfloat16 or t.layout != torch.strided or t.is_meta:
+            raise LayerfastError(f"data: {name} is a {t.dtype} {t.layout} tensor; give x as "
+                                 "float32 (fed as is) or uint8 (scaled to [0,1]), y as integers")
+        return t.resolve_conj().resolve_neg().numpy()
+    if isinstance(v, np.ndarray):
+        return v
+    raise LayerfastError(f"data: (x, y) must hold torch tensors or numpy arrays; {name} is a "
+                         f"{type(v).__name__}")
+
+
+def _checked_data(data: tuple | list, split: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """x and y as numpy arrays, checked as the .npz file holding them would be, and the sha256
+    of what they hold."""
+    from layerfast.data.npz import open_arrays
+
+    if len(data) != 2:
+        raise LayerfastError(f"data: an in-memory dataset is a pair (x, y); got a "
+                             f"{type(data).__name__} of {len(data)}")
+    x, y = _array("x", data[0]), _array("y", data[1])
+    if x.dtype == object or y.dtype == object:
+        raise LayerfastError("data: x and y must be numeric arrays, not object arrays")
+    if x.ndim >= 1 and y.ndim == 1 and len(x) == len(y) == 0:
+        raise LayerfastError("data: the in-memory (x, y) is empty (0 samples)")
+    open_arrays({"x": x, "y": y}, "data (x, y)", "data (x, y)", split, None)  # its checks
+    h = hashlib.sha256(_VERSION + b"data\0")
+    for name, a in (("x", x), ("y", y)):
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    return x, y, h.hexdigest()
+
+
+def _write_data(x: np.ndarray, y: np.ndarray, digest: str) -> tuple[Path, str]:
+    """`<folder>/data.npz` holding x and y, and a line for run.json."""
+    path = _folder(digest) / "data.npz"
+    _write_new(path, lambda p: _savez_atomic(p, x, y))
+    return path, (f"in-memory: x {x.dtype} {list(x.shape)}, y {y.dtype} {list(y.shape)}, "
+                  f"sha256 {digest}")
+
+
+def _savez_atomic(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """numpy.savez(x=, y=) to a hidden temporary beside `path`, fsync, rename over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, x=x, y=y)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def materialise(ckpts: Any, data: Any, split: str) -> tuple[Any, Any, dict[str, str] | None]:
+    """`ckpts` and `data` as `analyze` takes them from files: in-memory ones written out (see
+    the module docstring), paths and specs as they are; and run.json's `inputs` entry saying
+    which were in memory (None when neither was)."""
+    mem_ck, mem_data = is_in_memory(ckpts, data)
+    if not (mem_ck or mem_data):
+        return ckpts, data, None
+    if mem_ck and data is None:  # else: "<tempdir>/... has no manifest.json naming the data"
+        raise LayerfastError("data is required with in-memory checkpoints (a manifest.json "
+                             "names it only in a directory layerfast train wrote): pass "
+                             "data=(x, y) or a spec such as 'digits'")
+    from layerfast.data.spec import SPLITS
+
+    if split not in SPLITS:  # open_data's check, before anything is written
+        raise LayerfastError(f"split must be 'test' or 'train', got {split!r}")
+    # everything checked before anything is written
+    checked_data = _checked_data(data, split) if mem_data else None
+    checked_ck = _checked_ckpts(ckpts) if mem_ck else None
+    inputs = {}
+    if checked_data is not None:
+        path, inputs["data"] = _write_data(*checked_data)
+        data = str(path)
+    if checked_ck is not None:
+        ckpts, inputs["ckpts"] = _write_ckpts(*checked_ck)
+    return ckpts, data, inputs
