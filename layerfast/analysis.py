@@ -843,21 +843,27 @@ def _progress(enabled: bool, total: int, done: int, nvar: int, how: str = "") ->
                         dynamic_ncols=True, leave=False)
 
 
-def list_units(arch: str, data: str | None = None, granularity: str = "layer",
+def list_units(arch: str | Callable[..., torch.nn.Module],
+               data: str | tuple[Any, Any] | None = None, granularity: str = "layer",
                units: str | Sequence[str] | None = None, bn: str = "with-layer",
                num_classes: int | None = None,
-               ckpts: str | os.PathLike[str] | None = None) -> list:
+               ckpts: str | os.PathLike[str] | Mapping[int, Any] | None = None) -> list:
     """The units an analysis would reset, without evaluation (a dry run). Only the data's
     sample shape and class count matter (a conv net's units can depend on the input size):
     `data`, else with `ckpts` the data their manifest.json names (with analyze's errors for a
-    directory it would refuse), else digits."""
+    directory it would refuse), else digits. In-memory `arch` and `data` as for `analyze`."""
     from layerfast.data import open_data
+    from layerfast.inputs import need_data, open_pair
     from layerfast.models import build_model
     from layerfast.units import make_units
 
-    if not data and ckpts:
-        data = _data_spec(None, ckpts)[0]
-    src = open_data(data or "digits", split="test", max_samples=1)
+    need_data(ckpts, data)
+    if isinstance(data, tuple | list):
+        src = open_pair(data, max_samples=1)
+    else:
+        if not data and ckpts:
+            data = _data_spec(None, ckpts)[0]
+        src = open_data(data or "digits", split="test", max_samples=1)
     with torch.random.fork_rng(devices=[]):  # the factory's init draws: not the caller's
         model, spec = build_model(arch, num_classes or src.num_classes, tuple(src.shape))
     return make_units(model, granularity=granularity, patterns=_parse_units(units), bn=bn,

@@ -1,5 +1,5 @@
 """In-memory inputs for `analyze()` (the Python API only): checkpoints as a mapping
-`{τ label: state_dict}` and data as a pair `(x, y)`.
+`{τ label: state_dict}` and data as a pair `(x, y)` (or `(x, y, num_classes)`).
 
 They are validated, then written once to a content-addressed folder under the system temp
 dir (`<tempdir>/layerfast-inputs-<uid>/<sha256>/`: `epoch_<τ>.pt` files, or `data.npz`), and
@@ -18,7 +18,8 @@ the same run.json — and the results are bit for bit those of the same objects 
   a state dict, or one held under `state_dict`, `model`, ...), and only its tensors are saved
   (`torch.save`, which keeps tied tensors tied; safetensors refuses shared storage).
 - `(x, y)` is checked by the .npz reader's own code (`data.npz.open_arrays`) before it is
-  saved with `numpy.savez(x=x, y=y)`: float32 `x` fed as is, uint8 scaled to [0, 1].
+  saved with `numpy.savez(x=x, y=y)`: float32 `x` fed as is, uint8 scaled to [0, 1]. A third
+  element is the .npz's optional `num_classes`, for labels that do not cover every class.
 - The folder is per user (mode 0700): a shared `/tmp/layerfast-inputs` would let another
   user plant weights at a predictable content address.
 - Nothing is deleted: the same objects again reuse the folder, and the system's temp cleaner
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from layerfast.data.source import DataSource
 from layerfast.errors import LayerfastError
 
 #: Each in-memory input is written under `<tempdir>/<ROOT>-<uid>/<sha256>/`.
@@ -170,8 +172,10 @@ def _array(name: str, v: Any) -> np.ndarray:
     if isinstance(v, torch.Tensor):
         t = v.detach().cpu()
         if t.dtype == torch.bfloat16 or t.layout != torch.strided or t.is_meta:
-            raise LayerfastError(f"data: {name} is a {t.dtype} {t.layout} tensor; give x as "
-                                 "float32 (fed as is) or uint8 (scaled to [0,1]), y as integers")
+            what = "a meta" if t.is_meta else str(t.dtype if t.layout == torch.strided
+                                                  else t.layout).removeprefix("torch.")
+            raise LayerfastError(f"data: {name} is {what} tensor; give x as float32 (fed as "
+                                 "is) or uint8 (scaled to [0,1]), y as integers")
         return t.resolve_conj().resolve_neg().numpy()
     if isinstance(v, np.ndarray):
         return v
@@ -179,47 +183,75 @@ def _array(name: str, v: Any) -> np.ndarray:
                          f"{type(v).__name__}")
 
 
-def _checked_data(data: tuple | list, split: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """x and y as numpy arrays, checked as the .npz file holding them would be, and the sha256
-    of what they hold."""
+def _checked_data(data: tuple | list, split: str) -> tuple[dict[str, np.ndarray], str]:
+    """The arrays of `(x, y)` or `(x, y, num_classes)` as a .npz would hold them, checked as
+    that file would be, and the sha256 of what they hold."""
     from layerfast.data.npz import open_arrays
 
-    if len(data) != 2:
-        raise LayerfastError(f"data: an in-memory dataset is a pair (x, y); got a "
-                             f"{type(data).__name__} of {len(data)}")
-    x, y = _array("x", data[0]), _array("y", data[1])
+    if len(data) not in (2, 3):
+        raise LayerfastError(f"data: an in-memory dataset is a pair (x, y), or (x, y, "
+                             f"num_classes); got a {type(data).__name__} of {len(data)}")
+    arrays = {"x": _array("x", data[0]), "y": _array("y", data[1])}
+    if len(data) == 3:  # the .npz's optional scalar: classes the labels present do not cover
+        nc = data[2]
+        if isinstance(nc, bool) or not isinstance(nc, numbers.Integral) or nc < 1:
+            raise LayerfastError(f"data: num_classes, the third of (x, y, num_classes), must "
+                                 f"be a positive integer, got {nc!r}")
+        arrays["num_classes"] = np.array(int(nc), dtype=np.int64)
+    x, y = arrays["x"], arrays["y"]
     if x.dtype == object or y.dtype == object:
         raise LayerfastError("data: x and y must be numeric arrays, not object arrays")
     if x.ndim >= 1 and y.ndim == 1 and len(x) == len(y) == 0:
         raise LayerfastError("data: the in-memory (x, y) is empty (0 samples)")
-    open_arrays({"x": x, "y": y}, "data (x, y)", "data (x, y)", split, None)  # its checks
+    open_arrays(arrays, "data (x, y)", "data (x, y)", split, None)  # the .npz reader's checks
     h = hashlib.sha256(_VERSION + b"data\0")
-    for name, a in (("x", x), ("y", y)):
+    for name, a in arrays.items():
         h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
         h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-    return x, y, h.hexdigest()
+    return arrays, h.hexdigest()
 
 
-def _write_data(x: np.ndarray, y: np.ndarray, digest: str) -> tuple[Path, str]:
-    """`<folder>/data.npz` holding x and y, and a line for run.json."""
+def _write_data(arrays: dict[str, np.ndarray], digest: str) -> tuple[Path, str]:
+    """`<folder>/data.npz` holding the arrays, and a line for run.json."""
     path = _folder(digest) / "data.npz"
-    _write_new(path, lambda p: _savez_atomic(p, x, y))
-    return path, (f"in-memory: x {x.dtype} {list(x.shape)}, y {y.dtype} {list(y.shape)}, "
+    _write_new(path, lambda p: _savez_atomic(p, arrays))
+    x, y = arrays["x"], arrays["y"]
+    nc = f", num_classes {int(arrays['num_classes'])}" if "num_classes" in arrays else ""
+    return path, (f"in-memory: x {x.dtype} {list(x.shape)}, y {y.dtype} {list(y.shape)}{nc}, "
                   f"sha256 {digest}")
 
 
-def _savez_atomic(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    """numpy.savez(x=, y=) to a hidden temporary beside `path`, fsync, rename over it."""
+def _savez_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """numpy.savez(**arrays) to a hidden temporary beside `path`, fsync, rename over it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=x, y=y)
+            np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def need_data(ckpts: Any, data: Any) -> None:
+    """In-memory checkpoints name no data: without `data`, the error would be that the temp
+    folder has no manifest.json naming it."""
+    if isinstance(ckpts, Mapping) and data is None:
+        raise LayerfastError("data is required with in-memory checkpoints (a manifest.json "
+                             "names it only in a directory layerfast train wrote): pass "
+                             "data=(x, y) or a spec such as 'digits'")
+
+
+def open_pair(data: tuple | list, split: str = "test",
+              max_samples: int | None = None) -> DataSource:
+    """The DataSource of an in-memory `(x, y)` (or `(x, y, num_classes)`), nothing written:
+    for `list_units`, which needs only its sample shape and class count."""
+    from layerfast.data.npz import open_arrays
+
+    arrays, _ = _checked_data(data, split)
+    return open_arrays(arrays, "data (x, y)", "data (x, y)", split, max_samples)
 
 
 def materialise(ckpts: Any, data: Any, split: str) -> tuple[Any, Any, dict[str, str] | None]:
@@ -229,10 +261,7 @@ def materialise(ckpts: Any, data: Any, split: str) -> tuple[Any, Any, dict[str, 
     mem_ck, mem_data = is_in_memory(ckpts, data)
     if not (mem_ck or mem_data):
         return ckpts, data, None
-    if mem_ck and data is None:  # else: "<tempdir>/... has no manifest.json naming the data"
-        raise LayerfastError("data is required with in-memory checkpoints (a manifest.json "
-                             "names it only in a directory layerfast train wrote): pass "
-                             "data=(x, y) or a spec such as 'digits'")
+    need_data(ckpts, data)
     from layerfast.data.spec import SPLITS
 
     if split not in SPLITS:  # open_data's check, before anything is written

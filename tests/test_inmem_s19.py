@@ -121,7 +121,10 @@ def _bad_inputs(sds: dict, xy: tuple) -> list[tuple[object, object, object, str]
         ("fcn3x256", sds, (x, y[:-1]), r"'x' has shape \(360, 1, 8, 8\) but 'y' has shape"),
         ("fcn3x256", sds, (x, y.float()), r"labels must be integers, got dtype float32"),
         ("fcn3x256", sds, (x[:0], y[:0]), r"is empty \(0 samples\)"),
-        ("fcn3x256", sds, (x,), r"a pair \(x, y\); got a tuple of 1"),
+        ("fcn3x256", sds, (x,), r"a pair \(x, y\), or \(x, y, num_classes\); got a tuple of 1"),
+        ("fcn3x256", sds, (x, y, 0), r"num_classes, the third of \(x, y, num_classes\), must be"),
+        ("fcn3x256", sds, (x, y, 5), r"label 9 is out of range for 5 classes"),
+        ("fcn3x256", sds, (x.bfloat16(), y), r"x is bfloat16 tensor; give x as float32"),
         ("fcn3x256", sds, (x, y.tolist()), r"y is a list"),
         ("fcn3x256", sds, (x.float() * np.nan, y), r"NaN or Inf values"),
         ("fcn3x256", sds, None, r"data is required with in-memory checkpoints"),
@@ -175,3 +178,27 @@ def test_a_class_as_arch_with_tied_weights(xy: tuple, tmp_path: Path) -> None:
     again = layerfast.analyze(f"{__name__}:Tied", {0: sd0, 1: sd1}, data=(x, y),
                               out=tmp_path / "o", **ARGS)
     assert again.run["engine"]["evaluated"] == 0
+
+
+def test_num_classes_for_labels_that_miss_a_class(sds: dict, xy: tuple, tmp_path: Path) -> None:
+    """As a .npz's `num_classes`: test labels 0..8 of a 10-class model built a 9-class head,
+    which no in-memory state dict could fit."""
+    x, y = xy
+    keep = y < 9
+    with pytest.raises(LayerfastError, match="built for 9 classes"):
+        layerfast.analyze("fcn3x256", sds, data=(x[keep], y[keep]), out=tmp_path / "a", **ARGS)
+    res = layerfast.analyze("fcn3x256", sds, data=(x[keep], y[keep], 10), out=tmp_path / "b",
+                            **ARGS)
+    assert res.run["num_classes"] == 10 and res.run["n"] == int(keep.sum())
+    assert ", num_classes 10, sha256 " in res.run["inputs"]["data"]
+
+
+def test_list_units_takes_the_same_in_memory_inputs(sds: dict, xy: tuple) -> None:
+    from layerfast.analysis import list_units
+
+    names = [u.name for u in list_units(Tied, data=(xy[0].float(), xy[1]))]
+    assert names == [u.name for u in list_units(f"{__name__}:Tied", data="digits")]
+    with pytest.raises(LayerfastError, match="data is required with in-memory checkpoints"):
+        list_units("fcn3x256", ckpts=sds)  # was TypeError from pathlib
+    root = Path(tempfile.gettempdir()) / f"layerfast-inputs-{os.getuid()}"
+    assert not root.exists()  # a dry run writes nothing
