@@ -202,3 +202,28 @@ def test_list_units_takes_the_same_in_memory_inputs(sds: dict, xy: tuple) -> Non
         list_units("fcn3x256", ckpts=sds)  # was TypeError from pathlib
     root = Path(tempfile.gettempdir()) / f"layerfast-inputs-{os.getuid()}"
     assert not root.exists()  # a dry run writes nothing
+
+
+def test_an_interrupted_in_memory_run_resumes_where_it_stopped(sds: dict, xy: tuple,
+                                                               tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """A notebook's Ctrl-C mid-pass, then the same cell again: it continues from the last save
+    and ends with the uninterrupted run's results."""
+    from layerfast.store import ResumeStore
+
+    whole = layerfast.analyze("fcn3x256", sds, data=xy, out=tmp_path / "whole", **ARGS)
+    real = ResumeStore.save
+
+    def save(self: ResumeStore, counts: torch.Tensor, n_done: int) -> None:
+        real(self, counts, n_done)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ResumeStore, "save", save)
+        with pytest.raises(KeyboardInterrupt):
+            layerfast.analyze("fcn3x256", sds, data=xy, out=tmp_path / "o", **ARGS)
+    res = layerfast.analyze("fcn3x256", sds, data=xy, out=tmp_path / "o", **ARGS)
+    assert res.run["engine"]["resumed_from"] == 64
+    assert res.run["engine"]["evaluated"] == 360 - 64
+    pd.testing.assert_frame_equal(res.table, whole.table, check_exact=True)
