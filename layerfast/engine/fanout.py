@@ -343,6 +343,8 @@ def _why_not_batchwise_bare(
             dims[i] = -3
         return None
     if s.op == "call_function":
+        if _is_whole_size(s):  # `v.shape`, traced as getattr(v, "shape")
+            return _items_why(prog, s)
         if s.target in (torch.flatten,):
             return _dim_why(_arg(s, 1, "start_dim", 0), i, dims, "start_dim")
         if s.target in (torch.cat, torch.concat):
@@ -350,8 +352,9 @@ def _why_not_batchwise_bare(
         if s.target is operator.getitem:
             idx = s.args[1]
             src = prog.steps[s.args[0].index] if isinstance(s.args[0], Ref) else None
-            if src is not None and src.op == "call_method" and src.target == "size":
-                return None  # an item of `v.size()` (`_size_why` checks how it is used)
+            if src is not None and (src.op == "call_method" and src.target == "size"
+                                    or _is_whole_size(src)):
+                return None  # an item of `v.size()`/`v.shape` (`_items_why`: how it is used)
             if _is_split(prog, s.args[0]) and isinstance(idx, int) and not isinstance(idx, bool):
                 return None  # one piece of a split along a non-batch dim
             if isinstance(idx, tuple) and idx and idx[0] == slice(None):
@@ -418,9 +421,8 @@ def _is_batch_size(prog: Program, r: Any, fanned: set[int]) -> bool:
     src = prog.steps[r.index]
     if src.op == "call_function" and src.target is operator.getitem and src.args[1] == 0 \
             and isinstance(src.args[0], Ref):
-        src = prog.steps[src.args[0].index]  # v.size()[0]
-        return (src.op == "call_method" and src.target == "size" and len(src.args) == 1
-                and not src.kwargs and isinstance(src.args[0], Ref)
+        src = prog.steps[src.args[0].index]  # v.size()[0], v.shape[0]
+        return (_is_whole_size(src) and isinstance(src.args[0], Ref)
                 and src.args[0].index in fanned)
     return (
         src.op == "call_method"
@@ -473,20 +475,36 @@ def _size_why(prog: Program, s, i: int, fanned: set[int], dims: dict[int, int]) 
     other way (`y * (16 / h.size(0))`) it would silently scale the fanned result by 1/K. Other
     dims are per-sample (a negative one is checked against the rank when it runs)."""
     d = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
-    users = [prog.steps[u] for u in s.users]
-    used = "the batch size (K·B when fanned) is used other than as a view/reshape's batch entry"
     if d is None:  # v.size(): item 0 only as a view's batch entry, the others freely
-        for u in users:
-            if not (u.op == "call_function" and u.target is operator.getitem
-                    and isinstance(u.args[1], int) and not isinstance(u.args[1], bool)
-                    and u.args[1] >= 0):
-                return "the whole size is used, not its items"
-            if u.args[1] == 0 and not _only_batch_entry(prog, u):
-                return used
-        return None
+        return _items_why(prog, s)
     if d != 0:
         return _dim_why(d, i, dims)
-    return None if _only_batch_entry(prog, s) else used
+    return None if _only_batch_entry(prog, s) else _SIZE_USED
+
+
+_SIZE_USED = "the batch size (K·B when fanned) is used other than as a view/reshape's batch entry"
+
+
+def _is_whole_size(s: Any) -> bool:
+    """Step `s` is a value's whole torch.Size: `v.size()`, or `v.shape` (traced as
+    `getattr(v, "shape")`; `h.reshape(h.shape[0], -1)` is as common as `h.size(0)`)."""
+    if s.op == "call_method":
+        return s.target == "size" and len(s.args) == 1 and not s.kwargs
+    return (s.op == "call_function" and s.target is getattr and len(s.args) == 2
+            and s.args[1] == "shape" and not s.kwargs)
+
+
+def _items_why(prog: Program, s: Any) -> str | None:
+    """A fanned value's whole size (`_is_whole_size`): only read item by item, item 0 (K·B
+    when fanned) only as a view/reshape's batch entry, the others freely."""
+    for u in (prog.steps[j] for j in s.users):
+        if not (u.op == "call_function" and u.target is operator.getitem
+                and isinstance(u.args[1], int) and not isinstance(u.args[1], bool)
+                and u.args[1] >= 0):
+            return "the whole size is used, not its items"
+        if u.args[1] == 0 and not _only_batch_entry(prog, u):
+            return _SIZE_USED
+    return None
 
 
 def _only_batch_entry(prog: Program, s) -> bool:
