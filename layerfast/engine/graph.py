@@ -48,6 +48,8 @@ from layerfast.engine.optables import (
     _TUPLE_FUNCS,
     _TUPLE_METHODS,
     inplace_arg,
+    inplace_name,
+    writes_by_schema,
 )
 from layerfast.engine.tracing import (
     NotTraced,
@@ -407,6 +409,11 @@ class Program:
             return None
         if "out" in s.kwargs:
             return s.kwargs["out"]
+        if s.op == "call_function":
+            written = writes_by_schema(s.target)
+            if written is not None:  # a torch.ops operator: its schema says which one
+                only = written[0] if len(written) == 1 else None
+                return s.args[only] if only is not None and only < len(s.args) else None
         return s.args[0] if s.args else None
 
     def _harmless(self, s: Step) -> bool:
@@ -431,17 +438,14 @@ class Program:
         if self.is_opaque(s):
             return True
         if s.op == "call_method":
-            return (
-                isinstance(s.target, str)
-                and s.target.endswith("_")
-                and not s.target.startswith("_")
-            ) or "out" in s.kwargs
+            return inplace_name(s.target) or "out" in s.kwargs
         if s.op == "call_function":
             if s.target in _INPLACE_FUNCS or "out" in s.kwargs:
                 return True
-            name = getattr(s.target, "__name__", "")
-            # torch.sigmoid_, torch.exp_, F.relu_, torch.Tensor.add_, ...
-            if isinstance(name, str) and name.endswith("_") and not name.startswith("_"):
+            if writes_by_schema(s.target) is not None:  # torch.ops.aten.add_.Tensor
+                return True
+            # torch.sigmoid_, torch.exp_, F.relu_, torch.Tensor.add_, torch._foreach_mul_, ...
+            if inplace_name(getattr(s.target, "__name__", "")):
                 return True
             return inplace_arg(s.target, s.args, s.kwargs)
         if s.op == "call_module":

@@ -134,6 +134,34 @@ _FRESH_METHODS = {
 }
 
 
+def _op_schemas(fn: Any) -> list[Any]:
+    """The schemas of a `torch.ops` operator (`torch.ops.aten.add_.Tensor`: one; a packet,
+    `torch.ops.aten.mul_`: each overload's), or [] for anything else."""
+    if isinstance(fn, torch._ops.OpOverload):
+        return [fn._schema]
+    if isinstance(fn, torch._ops.OpOverloadPacket):
+        return [getattr(fn, o)._schema for o in fn.overloads()]
+    return []
+
+
+def writes_by_schema(fn: Any) -> list[int] | None:
+    """For a `torch.ops` operator whose schema writes into an argument (`Tensor(a!)`): the
+    positions of the written arguments (every overload's, for a packet); None for any other
+    callable. Its name does not tell (`torch.ops.aten.add_.Tensor` is called "add_.Tensor",
+    a user's `torch.library` op anything), so the trailing-underscore rule missed it."""
+    written = sorted({
+        i for sch in _op_schemas(fn) for i, a in enumerate(sch.arguments)
+        if a.alias_info is not None and a.alias_info.is_write
+    })
+    return written if written else None
+
+
+def inplace_name(name: Any) -> bool:
+    """A name that PyTorch gives only to calls writing into an argument: a trailing `_`
+    (`add_`, `torch.relu_`), private ones too (`torch._foreach_mul_`), dunders excepted."""
+    return isinstance(name, str) and name.endswith("_") and not name.startswith("__")
+
+
 def inplace_arg(fn: Any, args: tuple, kwargs: dict) -> bool:
     """Whether a call passes `inplace=True`, by keyword or by position (`F.relu(x, True)`)."""
     if "inplace" in kwargs:
