@@ -369,8 +369,9 @@ def test_an_exception_at_any_forward_call_leaves_the_model_as_it_came(fanout, ex
             raised += 1
         assert _same(before, m), at
     # the first calls are the trace check's own forwards, whose failure is the pass's to report,
-    # and the check of the cuts' batch dim, which only learns nothing from a failed run
-    assert raised >= total - 8
+    # the check of which tensors each step reads (`Program.unseen_reads`) and the check of the
+    # cuts' batch dim, which only learn nothing from a failed run
+    assert raised >= total - 10
 
 
 def test_a_train_mode_model_is_evaluated_in_eval_mode_and_comes_back_in_train_mode():

@@ -198,6 +198,9 @@ class Evaluator:
         # Cuts whose value does not hold the batch in dim 0 (`verify.unbatched_cuts`), found
         # with the trace check and left out of every pass's plan.
         self._unbatched: set[int] = set()
+        # Steps that read a parameter or buffer the program does not credit them with
+        # (`Program.unseen_reads`), found on the first batch and opaque in every pass's plan.
+        self._unseen: set[int] = set()
         # Whether the model's output rows depend on other samples of the batch (batch
         # statistics), found with the cuts above: a back-off may not cut its batches.
         self._mixes_samples: bool | str = False  # "unknown": a first batch of one sample
@@ -497,6 +500,7 @@ class Evaluator:
         if isinstance(self._trace_ok, str):
             prog.trace_error = self._trace_ok
         prog.drop_cuts(self._unbatched)  # found on the first pass's first batch (`_verified`)
+        prog.make_opaque(self._unseen)  # likewise (`_settle_reads`)
         dev_ov = self._device_overrides(live)
         # A variant whose tensors equal the live ones (e.g. reinit to the final τ) IS the
         # baseline: score it from the baseline's logits, bit for bit, at no cost.
@@ -537,6 +541,7 @@ class Evaluator:
                     if why:
                         self._trace_ok = prog.trace_error = plan.untraced = (
                             f"{why}; fx could not trace it either: {prog.trace_error}")
+                prog, plan = self._settle_reads(prog, plan, x[:VERIFY_SAMPLES], keysets)
                 prog, plan = self._settle_cuts(prog, plan, x[:VERIFY_SAMPLES], keysets)
                 setup += time.perf_counter() - t_check  # a setup cost, not the data phase's
             try:
@@ -620,6 +625,24 @@ class Evaluator:
         prog.trace_error = why
         plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
         self.last_plan = plan
+        return prog, plan
+
+    def _settle_reads(
+        self, prog: Program, plan: Plan, x: torch.Tensor, keysets: list[set[str]]
+    ) -> tuple[Program, Plan]:
+        """Once, on the first batch, traced or not: the steps that read a parameter or buffer
+        past the program's bookkeeping (`Program.unseen_reads`: a replaced `forward`, a tensor
+        sharing a parameter's storage, a reference to another module) are made opaque in this
+        and every later pass's plan, so a variant of that tensor starts before them."""
+        if not plan.cuts:  # every variant runs the whole forward: nothing to start late
+            return prog, plan
+        with precision_context("fp32", self.device):  # which tensors a step reads: a few
+            unseen = prog.unseen_reads(x[:8])  # samples tell as well as a batch, at less memory
+        self._unseen = unseen or set()
+        if self._unseen:
+            prog.make_opaque(self._unseen)
+            plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
+            self.last_plan = plan
         return prog, plan
 
     def _settle_cuts(

@@ -176,14 +176,7 @@ class Program:
         self._mark_opaque()
         self._link()
         self.cuts, self.carrier = self._find_cuts()
-        self._settle_inplace(set(self.carrier.values()) | {0})
-        self._inplace = frozenset(s.index for s in self.steps if self._writes_in_place(s))
-        # Cached carriers need a private copy when some step may write into one (or into a
-        # value that may alias one): a write into a fresh value only its writer reads is unseen.
-        # Untraced, a step is a whole forward whose writes nobody can see from here.
-        self.has_inplace = not self.traced or any(
-            self.is_inplace(s) and not self._harmless(s) for s in self.steps
-        )
+        self._settle_writes()
         # Untraced, a step's module runs its own forward: the in-place modules inside it run in
         # place as in eager mode (`x = act(h); h + x` reads the write), `no_inplace_modules`
         # notwithstanding; they cannot overwrite a cached cut, which only steps see.
@@ -195,6 +188,91 @@ class Program:
                     inner = [c for c in m.modules() if c is not m and c in _FLIPPED]
                     if inner:
                         self._inner_flipped[s.index] = inner
+
+    def _settle_writes(self) -> None:
+        """Which steps write in place, and whether cached carriers need a private copy."""
+        self._inplace = None
+        self._settle_inplace(set(self.carrier.values()) | {0})
+        self._inplace = frozenset(s.index for s in self.steps if self._writes_in_place(s))
+        # Cached carriers need a private copy when some step may write into one (or into a
+        # value that may alias one): a write into a fresh value only its writer reads is unseen.
+        # Untraced, a step is a whole forward whose writes nobody can see from here.
+        self.has_inplace = not self.traced or any(
+            self.is_inplace(s) and not self._harmless(s) for s in self.steps
+        )
+
+    def unseen_reads(self, x: torch.Tensor) -> set[int] | None:
+        """The steps that, run on `x`, read a parameter or buffer the program does not credit
+        them with: neither their own keys nor those of a step their value comes from. The
+        keys come from module ownership and `get_attr`, and code can reach a tensor past both:
+        a leaf module whose `forward` was replaced on the instance, or whose parametrization
+        holds another module; a plain attribute sharing a parameter's storage
+        (`self.w = self.b.weight.detach()`); a child of an untraced `nn.Sequential` holding
+        another child in a list. A variant of that tensor started from a cut after such a
+        step, and the prefix it reused had read the final model's tensor.
+
+        Found by the storages each step's ops read (a dispatch mode, one run). None when the
+        run fails (the pass reports the model's own failure)."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        by_storage: dict[int, set[str]] = {}
+        named = [*self.model.named_parameters(remove_duplicate=False),
+                 *self.model.named_buffers(remove_duplicate=False)]
+        for name, t in named:
+            ptr = _storage_ptr(t)
+            if ptr:
+                by_storage.setdefault(ptr, set()).add(self.canonical.get(name, name))
+        if not by_storage:
+            return set()
+
+        class _Reads(TorchDispatchMode):
+            seen: set[str] = set()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                kwargs = kwargs or {}
+                for t in tree_leaves((args, kwargs)):
+                    if isinstance(t, torch.Tensor):
+                        keys = by_storage.get(_storage_ptr(t) or -1)
+                        if keys:
+                            self.seen |= keys
+                return func(*args, **kwargs)
+
+        reads: dict[int, set[str]] = {}
+        mode = _Reads()
+        mode.seen = set()
+
+        def record(i: int) -> None:
+            reads[i] = mode.seen
+            mode.seen = set()
+
+        try:
+            with mode, torch.no_grad():
+                self.run(x.clone(), 0, after_step=record)
+        except Exception:  # noqa: BLE001 - the model's own failure: the pass says so
+            return None
+        credited: dict[int, frozenset[str]] = {}
+        unseen: set[int] = set()
+        for s in self.steps:
+            mine = s.keys.union(*(credited.get(r, frozenset())
+                                  for r in refs_in(s.args) + refs_in(s.kwargs)))
+            credited[s.index] = mine
+            if reads.get(s.index, set()) - mine:
+                unseen.add(s.index)
+        return unseen
+
+    def make_opaque(self, steps: set[int]) -> None:
+        """Treat these steps as code the program cannot see (`_mark_opaque`): each reads every
+        key, so a variant starts before it, and may write into its arguments."""
+        steps = set(steps) - self._opaque
+        if not steps:
+            return
+        self._opaque = self._opaque | frozenset(steps)
+        every = frozenset(self.canonical.values())
+        for i in steps:
+            self.steps[i].keys = every
+        self._first_uses()
+        self._settle_writes()
 
     def canonical_key(self, key: str) -> str:
         """The canonical key for any state-dict name (`b.weight` of a weight tied to
@@ -287,6 +365,9 @@ class Program:
                 self.steps[r].users.append(s.index)
         for s in self.steps:
             s.users.sort()
+        self._first_uses()
+
+    def _first_uses(self) -> None:
         self.first_use: dict[str, int] = {}
         for s in self.steps:
             for k in s.keys:
@@ -555,6 +636,15 @@ class Program:
                     frees[max(s.users)].append(s.index)
             self._frees = frees
         return self._frees
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    """The address of `t`'s storage (shared by every view of it); None where it has none
+    (sparse, meta, a tensor subclass without one) or an empty one."""
+    try:
+        return t.untyped_storage().data_ptr() or None
+    except Exception:  # noqa: BLE001 - no storage to tell by
+        return None
 
 
 def _has_inplace_flag(m: nn.Module) -> bool:
