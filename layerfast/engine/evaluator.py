@@ -11,6 +11,7 @@ progress and checkpoints. The model leaves exactly as it came (values, device, l
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -120,6 +121,21 @@ def resolve_fanout(fanout: bool | str | None, device: torch.device) -> bool:
     return bool(fanout)
 
 
+def _positive_int(value: Any, name: str) -> int:
+    """`value` as an int >= 1 (a numpy integer too), else a LayerfastError naming `name`.
+
+    `max_fanout=0` made K = 0 chunks, whose weight stacks `torch.stack` refused with a bare
+    RuntimeError mid-pass; a negative cap sent every group to the swap path as a "fallback",
+    and True ran as 1: refused here, as an unknown `glue` or `fanout` is."""
+    try:
+        n = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise LayerfastError(f"{name} must be a positive integer, got {value!r}")
+    return n
+
+
 class Evaluator:
     """Evaluate weight variants of `model` on batches, all in one data pass.
 
@@ -170,7 +186,7 @@ class Evaluator:
         # machine's run-to-run noise, BENCHMARKS.md), and the swap path is bit-exact, so None
         # means "on for CUDA, off for the CPU".
         self.fanout = resolve_fanout(fanout, self.device)
-        self.max_fanout = max_fanout
+        self.max_fanout = _positive_int(max_fanout, "max_fanout")
         # How a fanned group's values move (engine/fanrun.py): "fused" (fold form, BN -> [add ->]
         # ReLU as one affine_relu), "fold" (fold form, torch ops), "unfolded" (a K·B batch after
         # every conv). Same results to rounding; kept selectable to measure what each step buys
