@@ -22,8 +22,10 @@ from torch import nn
 
 from layerfast.engine.batches import check_labels, check_logits, label_span, pair, peek
 from layerfast.engine.borrow import borrowed, lazy_names
+from layerfast.engine.diagnose import OOM_ERRORS as _OOM
+from layerfast.engine.diagnose import own_failure
 from layerfast.engine.fanrun import GLUE_MODES, run_fanned, stack_module
-from layerfast.engine.graph import Program, canonical_keys, eager_inplace
+from layerfast.engine.graph import Program, canonical_keys
 from layerfast.engine.overrides import canonical, check_fits, describe, keys_of, overrides_of
 from layerfast.engine.phases import PhaseClock
 from layerfast.engine.plan import (
@@ -56,9 +58,6 @@ from layerfast.errors import LayerfastError
 from layerfast.exclusive import exclusive
 
 _SCORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `score_` reads
-_OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)
-_ACCELERATOR_ERRORS: tuple[type[Exception], ...] = tuple(
-    e for e in (getattr(torch, "AcceleratorError", None),) if e is not None)
 
 
 @dataclass
@@ -681,61 +680,10 @@ class Evaluator:
 
     def _own_failure(self, x: torch.Tensor, first: int, dev_ov: list[dict[str, torch.Tensor]],
                      live: dict[str, torch.Tensor]) -> None:
-        """Raise the LayerfastError for a model whose own forward fails on batch `x` (samples
-        `first`.. of the data), with its own tensors or with one variant's: a user's model that
-        cannot take some batch (a check on the batch size, on finite activations) is bad input,
-        as when it fails on the first one (`analysis._num_outputs`). Return when every forward
-        runs: the failure was the engine's own, and the caller re-raises it as an internal
-        error. Only ever run after a failure, so one forward per variant costs nothing."""
-        B = int(x.shape[0])
-        where = f"samples {first}..{first + B - 1} of the data (a batch of {B})"
-        # The whole batch (a model may fail only on large batches), and when that runs out of
-        # memory, in pieces no larger than an out-of-memory back-off left
-        step = min(r for r in (self._rows, self._swap_rows, B) if r)
-        for j, ov in [(None, {}), *enumerate(dev_ov)]:
-            if j is not None and not ov:
-                continue
-            saved = {k: live[k].clone() for k in ov}
-            try:
-                for k, t in ov.items():
-                    live[k].copy_(t)
-                with precision_context(self.precision, self.device), eager_inplace(self.model):
-                    try:
-                        self.model(x.clone())
-                    except _OOM:
-                        if step >= B:
-                            raise
-                        if self.device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        for lo in range(0, B, step):
-                            self.model(x[lo : lo + step].clone())
-            except _OOM:
-                return
-            except Exception as exc:  # noqa: BLE001 - any failure of the model itself
-                if isinstance(exc, _ACCELERATOR_ERRORS) or "CUDA error" in str(exc):
-                    return  # a device left broken by the first failure fails anything
-                msg = " ".join(str(exc).split())[:300]
-                i = None if j is None else self._pass_idx[j]
-                whose = "" if i is None else f" with the tensors of {describe(self.variants[i], i)}"
-                raise LayerfastError(f"the model fails on {where}{whose}: "
-                                     f"{type(exc).__name__}: {msg}{self._bf16_only(x)}") from exc
-            finally:
-                for k, t in saved.items():
-                    live[k].copy_(t)
-
-    def _bf16_only(self, x: torch.Tensor) -> str:
-        """A note for a model whose forward failed under bf16 autocast but runs without it (an
-        op with no bfloat16 kernel, such as `torch.special.ndtri` on the CPU): the failure is
-        the mode's, not the model's, and the message must say which precision runs it."""
-        if self.precision != "bf16":
-            return ""
-        try:
-            with precision_context("fp32", self.device), eager_inplace(self.model):
-                self.model(x.clone())
-        except Exception:  # noqa: BLE001 - fails anyway: the model's own failure, as said
-            return ""
-        return (" (under --precision bf16's autocast, which runs the model's matmuls and "
-                "convolutions in bfloat16; it runs without it: --precision fp32)")
+        """`diagnose.own_failure`: a LayerfastError when the model's own forward fails on `x`."""
+        step = min(r for r in (self._rows, self._swap_rows, int(x.shape[0])) if r)
+        own_failure(self.model, self.variants, self._pass_idx, self.precision, self.device, x,
+                    first, dev_ov, live, step)
 
     def _num_classes(self, prog: Program, shape: tuple[int, ...], cl: bool) -> int:
         """The logits' width from one zero sample: a pass resumed at its very end sees no batch
