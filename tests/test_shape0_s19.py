@@ -1,5 +1,6 @@
-"""`h.reshape(h.shape[0], -1)` fans out as `h.reshape(h.size(0), -1)` does (session 19).
+"""Fan-out allow-list additions (session 19), and the naive reference's copy of its input.
 
+`h.reshape(h.shape[0], -1)` fans out as `h.reshape(h.size(0), -1)` does:
 `v.shape` traces as `getattr(v, "shape")`, which was not on fan-out's allow-list, so the most
 common way custom models flatten before their head ran every group on the swap path (exact,
 slow). It is now read as `v.size()`: item 0 (K·B when fanned) only as a view/reshape's batch
@@ -15,6 +16,7 @@ from torch import nn
 
 from layerfast.engine import Evaluator
 from layerfast.engine.fanout import prove_fan
+from layerfast.engine.fanrun import GLUE_MODES
 from layerfast.engine.graph import Program
 from layerfast.engine.naive import naive_evaluate
 
@@ -76,3 +78,60 @@ def test_other_uses_of_the_shape_are_refused_with_a_reason(how: str, words: str)
     assert isinstance(why, str) and words in why, why
     plan = _run(how)
     assert plan["fanned_variants"] == 0, plan
+
+
+class Mobile(nn.Module):
+    """MobileNet-style functional activations: F.relu6, F.hardsigmoid, F.hardtanh, F.elu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.relu6(self.bn(self.conv(x)))
+        h = h * torch.nn.functional.hardsigmoid(h) + torch.nn.functional.hardtanh(h, -0.5, 0.5)
+        return self.fc(torch.nn.functional.elu(h).mean([2, 3]))
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+def test_functional_mobilenet_activations_fan_and_match_naive(glue: str) -> None:
+    """`F.relu6(bn(conv(x)))` stopped the group from fanning ("not on the allow-list"),
+    though each is elementwise; the `nn.ReLU6` module was allowed."""
+    torch.manual_seed(0)
+    model = Mobile().eval()
+    g = torch.Generator().manual_seed(1)
+    variants = [{"conv.weight": torch.randn(4, 3, 3, 3, generator=g)} for _ in range(3)]
+    x = torch.randn(7, 3, 8, 8, generator=g)
+    y = torch.randint(0, 5, (7,), generator=g)
+    res = Evaluator(model, variants, device="cpu", precision="fp32", fanout=True,
+                    glue=glue).run([(x, y)])
+    assert res.plan["fanned_variants"] == 3 and res.plan["fanout_refused"] == {}, res.plan
+    assert res.plan["fanout_fallbacks"] == {}, res.plan
+    want = naive_evaluate(model, variants, lambda: [(x, y)])
+    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]]), (res.counts, want)
+
+
+def test_the_naive_reference_does_not_let_a_forward_change_the_batch() -> None:
+    """A forward that writes into its input (`x.mul_(2)`) changed the batch that the naive
+    loop's next variant read (on the CPU `x.to(device)` is `x` itself): the reference, and
+    `layerfast bench`'s comparison, were then wrong while the engine was right."""
+
+    class Doubles(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.mul_(2))
+
+    torch.manual_seed(0)
+    model = Doubles().eval()
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    keep = x.clone()
+    variants = [{}, {"fc.bias": torch.tensor([0.0, 5.0, 0.0])}, {}]
+    got = naive_evaluate(model, variants, lambda: [(x, y)])
+    assert torch.equal(x, keep)
+    assert torch.equal(got[0], got[2])  # the same model on the same data: the same counts
+    assert torch.equal(got[0, [0, 3]], torch.tensor([got[0, 0].item(), 16.0], dtype=got.dtype))

@@ -110,6 +110,10 @@ _ELEMENTWISE_FUNCS = {
     F.gelu,
     F.silu,
     F.hardswish,
+    F.hardsigmoid,  # MobileNetV3's functional forms
+    F.relu6,
+    F.hardtanh,
+    F.elu,
     F.leaky_relu,
     F.dropout,
     F.adaptive_avg_pool2d,

@@ -44,6 +44,7 @@ _PER_CHANNEL_FUNCS = {
     F.hardswish,
     F.leaky_relu,
     F.relu6,
+    F.hardtanh,
     F.elu,
     F.hardsigmoid,
     F.dropout,

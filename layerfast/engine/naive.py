@@ -35,14 +35,16 @@ def naive_evaluate(
     ref: list[torch.Tensor] = []
     with torch.no_grad():
         for x, _ in batches():
-            ref.append(model(x.to(device)).argmax(1).cpu())
+            # a copy: a forward that writes into its input (`x.mul_(2)`) must not change the
+            # batch the next variant reads, as the engine's cached input is never changed
+            ref.append(model(x.to(device, copy=True)).argmax(1).cpu())
         out = torch.zeros(len(variants), 4, dtype=torch.float64)
         for i, v in enumerate(variants):
             ov = v if isinstance(v, dict) else v.overrides()
             saved = {k: state[k].clone() for k in ov}
             model.load_state_dict(ov, strict=False)
             for j, (x, y) in enumerate(batches()):
-                x, y = x.to(device), y.to(device)
+                x, y = x.to(device, copy=True), y.to(device)
                 logits = model(x).float()
                 pred = logits.argmax(1)
                 out[i, 0] += (pred == y).sum().item()
