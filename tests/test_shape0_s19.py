@@ -135,3 +135,27 @@ def test_the_naive_reference_does_not_let_a_forward_change_the_batch() -> None:
     assert torch.equal(x, keep)
     assert torch.equal(got[0], got[2])  # the same model on the same data: the same counts
     assert torch.equal(got[0, [0, 3]], torch.tensor([got[0, 0].item(), 16.0], dtype=got.dtype))
+
+
+def test_a_fanned_output_without_k_times_b_rows_falls_back(monkeypatch) -> None:
+    """`_run_chunk` reshaped the fanned logits to [K, B, C] after its fallback guard: an
+    output of the right size but another layout (no model found today reaches it) would
+    have been scored as garbage. It is now a fallback, with the reason, and exact."""
+    from layerfast.engine import evaluator
+
+    real = evaluator.run_fanned
+
+    def flat(*a, **k):  # the right number of values, the batch dim gone
+        return real(*a, **k).reshape(-1)
+
+    monkeypatch.setattr(evaluator, "run_fanned", flat)
+    torch.manual_seed(0)
+    model = Flat("shape0").eval()
+    g = torch.Generator().manual_seed(1)
+    variants = [{"conv.weight": torch.randn(4, 3, 3, 3, generator=g)} for _ in range(3)]
+    x, y = torch.randn(7, 3, 8, 8, generator=g), torch.randint(0, 5, (7,), generator=g)
+    res = Evaluator(model, variants, device="cpu", precision="fp32", fanout=True).run([(x, y)])
+    (why,) = res.plan["fanout_fallbacks"].values()
+    assert "NotPerSample" in why and "the fanned output has shape (105,)" in why, why
+    want = naive_evaluate(model, variants, lambda: [(x, y)])
+    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]])

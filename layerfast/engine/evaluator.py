@@ -24,6 +24,7 @@ from layerfast.engine.batches import check_labels, check_logits, label_span, pai
 from layerfast.engine.borrow import borrowed, lazy_names
 from layerfast.engine.diagnose import OOM_ERRORS as _OOM
 from layerfast.engine.diagnose import own_failure
+from layerfast.engine.fanout import NotPerSample
 from layerfast.engine.fanrun import GLUE_MODES, run_fanned, stack_module
 from layerfast.engine.graph import Program, canonical_keys
 from layerfast.engine.overrides import canonical, check_fits, describe, keys_of, overrides_of
@@ -919,6 +920,9 @@ class Evaluator:
                 fold=self.glue != "unfolded",
                 fuse_ops=self.glue == "fused",
             )
+            if logits.dim() != 2 or logits.shape[0] != K * inp.shape[0]:  # reshaped below
+                raise NotPerSample(f"the fanned output has shape {tuple(logits.shape)}, not "
+                                   f"[{K}·{inp.shape[0]}, classes]")
         except _OOM:
             raise
         except Exception as exc:  # noqa: BLE001 - the proof missed something: fall back, stay correct
