@@ -159,3 +159,13 @@ def test_a_fanned_output_without_k_times_b_rows_falls_back(monkeypatch) -> None:
     assert "NotPerSample" in why and "the fanned output has shape (105,)" in why, why
     want = naive_evaluate(model, variants, lambda: [(x, y)])
     assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]])
+
+
+@pytest.mark.parametrize("bad", ["x", 0, -0.5, 1.5, True, None, float("nan")])
+def test_a_bad_memory_fraction_is_refused_up_front(bad) -> None:
+    """`memory_fraction="x"` made the planner build a multi-GB string (`total * "x"`) and
+    seemed to hang; 0 or a negative fraction silently ran K = 1."""
+    from layerfast.errors import LayerfastError
+
+    with pytest.raises(LayerfastError, match=r"memory_fraction must be a number in \(0, 1\]"):
+        Evaluator(Flat("shape0"), [{}], device="cpu", memory_fraction=bad)

@@ -11,6 +11,7 @@ progress and checkpoints. The model leaves exactly as it came (values, device, l
 from __future__ import annotations
 
 import contextlib
+import numbers
 import operator
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -194,7 +195,11 @@ class Evaluator:
         if glue not in GLUE_MODES:
             raise LayerfastError(f"glue must be one of {', '.join(GLUE_MODES)}, got {glue!r}")
         self.glue = glue
-        self.memory_fraction = memory_fraction
+        if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, numbers.Real) \
+                or not 0 < memory_fraction <= 1:  # a str built a multi-GB string in the planner
+            raise LayerfastError(f"memory_fraction must be a number in (0, 1], got "
+                                 f"{memory_fraction!r}")
+        self.memory_fraction = float(memory_fraction)
         # channels_last: auto = with bf16/tf32 on CUDA; "channels_last" also on the CPU, where
         # it is ~2x faster for conv nets but no longer bit-identical to the naive loop.
         self.channels_last = channels_last(self.precision, self.device, layout)
