@@ -110,6 +110,10 @@ def open_arrays(arrays: dict[str, np.ndarray], where: str, name: str, split: str
     elif x.dtype in (np.float32, np.float64, np.float16):
         with np.errstate(over="ignore"):  # a float64 beyond float32's range -> Inf, refused next
             x, scale = x.astype(np.float32, copy=False), 1.0
+        # a float32 view with negative strides (an in-memory `x[::-1]`, layerfast.inputs) is
+        # kept by astype(copy=False), and torch.from_numpy refuses it with a ValueError; a
+        # loaded file's array is contiguous already, so this copies nothing there
+        x = np.ascontiguousarray(x)
         # after the float32 cast, where a too-large float64 became Inf
         check_finite(f"{where}: '{kx}' (as float32)", torch.from_numpy(x))
     else:

@@ -1,0 +1,48 @@
+"""Review of the session's non-engine changes: in-memory inputs (`layerfast.inputs`) given
+odd arrays and tensors."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from layerfast import inputs
+from layerfast.analysis import list_units
+from layerfast.data import open_data
+
+
+@pytest.fixture(autouse=True)
+def _own_tempdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The materialised inputs go under this test's tmp dir, not the machine's /tmp."""
+    tmp = tmp_path / "systemp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def xy() -> tuple[torch.Tensor, torch.Tensor]:
+    """digits' test arrays as they are stored (uint8 [N,1,8,8], int64 [N])."""
+    src = open_data("digits")
+    return src.reader.x.clone(), src.reader.y.clone()
+
+
+@pytest.mark.parametrize("view", ["samples", "width"])
+def test_a_float32_numpy_view_with_negative_strides_is_data(xy: tuple, view: str) -> None:
+    # x[::-1] (reversed samples) or a flipped image axis is an ordinary numpy view; as float32
+    # it reached torch.from_numpy, which refuses negative strides: a ValueError traceback
+    x, y = xy
+    xf = x.numpy().astype(np.float32) / 255
+    flipped = xf[::-1] if view == "samples" else xf[..., ::-1]
+    labels = y.numpy()[::-1] if view == "samples" else y.numpy()
+    units = list_units("fcn3x256", data=(flipped, labels))
+    assert [u.name for u in units] == [u.name for u in list_units("fcn3x256", data=(xf, y))]
+    # and the same content as a contiguous copy is the same materialised file
+    path, _ = inputs._write_data(*inputs._checked_data((flipped, labels), "test"))
+    again, _ = inputs._write_data(*inputs._checked_data(
+        (np.ascontiguousarray(flipped), np.ascontiguousarray(labels)), "test"))
+    assert path == again
