@@ -176,7 +176,13 @@ def _array(name: str, v: Any) -> np.ndarray:
                                                   else t.layout).removeprefix("torch.")
             raise LayerfastError(f"data: {name} is {what} tensor; give x as float32 (fed as "
                                  "is) or uint8 (scaled to [0,1]), y as integers")
-        return t.resolve_conj().resolve_neg().numpy()
+        try:
+            return t.resolve_conj().resolve_neg().numpy()
+        except TypeError:  # a dtype numpy lacks besides bfloat16 (float8_*, ...): no .npz holds it
+            raise LayerfastError(
+                f"data: {name} is {str(t.dtype).removeprefix('torch.')} tensor, which numpy "
+                "(and a .npz) cannot hold; give x as float32 (fed as is) or uint8 (scaled to "
+                "[0,1]), y as integers") from None
     if isinstance(v, np.ndarray):
         return v
     raise LayerfastError(f"data: (x, y) must hold torch tensors or numpy arrays; {name} is a "

@@ -13,6 +13,7 @@ import torch
 from layerfast import inputs
 from layerfast.analysis import list_units
 from layerfast.data import open_data
+from layerfast.errors import LayerfastError
 
 
 @pytest.fixture(autouse=True)
@@ -46,3 +47,16 @@ def test_a_float32_numpy_view_with_negative_strides_is_data(xy: tuple, view: str
     again, _ = inputs._write_data(*inputs._checked_data(
         (np.ascontiguousarray(flipped), np.ascontiguousarray(labels)), "test"))
     assert path == again
+
+
+@pytest.mark.parametrize("which", ["x", "y"])
+def test_a_tensor_dtype_numpy_lacks_is_one_clear_error(xy: tuple, which: str) -> None:
+    # float8 has no numpy dtype: `.numpy()` raised TypeError "Got unsupported ScalarType"
+    # (bfloat16 was caught, its float8 siblings were not)
+    dt = getattr(torch, "float8_e4m3fn", None)
+    if dt is None:
+        pytest.skip("this torch has no float8")
+    x, y = xy
+    data = (x.float().to(dt), y) if which == "x" else (x, y.float().to(dt))
+    with pytest.raises(LayerfastError, match=f"data: {which} is float8_e4m3fn"):
+        list_units("fcn3x256", data=data)
