@@ -12,8 +12,9 @@ the same run.json — and the results are bit for bit those of the same objects 
 - A folder is named by the sha256 of what it holds (labels, keys, dtypes, shapes and bytes;
   x's and y's dtypes, shapes and bytes), and a file already there is reused, never rewritten:
   a rewrite would change its mtime, and the resume fingerprint with it. Files are written
-  with layerfast's own atomic writers (a hidden temporary, then `os.replace`), so a file that
-  exists is whole.
+  with layerfast's own atomic writers to a hidden name, then hard-linked into place, so a file
+  that exists is whole, and of two processes writing the same content at once the first's
+  file stays (`_write_new`).
 - The state dict of each value is found by the checkpoint loader's own rule (`find_state_dict`:
   a state dict, or one held under `state_dict`, `model`, ...), and only its tensors are saved
   (`torch.save`, which keeps tied tensors tied; safetensors refuses shared storage).
@@ -120,14 +121,30 @@ def _state_dict(label: int, value: Any) -> dict[str, torch.Tensor]:
 
 def _write_new(path: Path, write: Callable[[Path], None]) -> None:
     """`write(path)` unless `path` exists already (same name, same content: reused as it is,
-    its mtime kept for the resume fingerprint)."""
+    its mtime kept for the resume fingerprint).
+
+    Two processes materialising the same content at once both find no file: written straight
+    to `path` (an atomic rename over it), the second replaced the first's file, whose new
+    mtime then refused the first run's resume. So the file is written under a hidden name of
+    this process's and hard-linked to `path`, which fails where `path` exists: the first
+    writer's file stays. (A file system without hard links falls back to the rename.)"""
     if path.exists():
         return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.new")
     try:
-        write(path)
+        write(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another process's copy of the same content: keep it
+            pass
+        except OSError:  # no hard links here (some FUSE or FAT mounts)
+            if not path.exists():
+                os.replace(tmp, path)
     except OSError as exc:
         raise LayerfastError(f"cannot write the in-memory inputs to {path}: "
                              f"{exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _folder(digest: str) -> Path:

@@ -1,8 +1,9 @@
 """Review of the session's non-engine changes: in-memory inputs (`layerfast.inputs`) given
-odd arrays and tensors."""
+odd arrays and tensors, and two processes materialising the same content at once."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from layerfast import inputs
 from layerfast.analysis import list_units
+from layerfast.checkpoints.save import save_atomic
 from layerfast.data import open_data
 from layerfast.errors import LayerfastError
 
@@ -60,3 +62,28 @@ def test_a_tensor_dtype_numpy_lacks_is_one_clear_error(xy: tuple, which: str) ->
     data = (x.float().to(dt), y) if which == "x" else (x, y.float().to(dt))
     with pytest.raises(LayerfastError, match=f"data: {which} is float8_e4m3fn"):
         list_units("fcn3x256", data=data)
+
+
+def test_a_file_another_process_wrote_meanwhile_is_not_rewritten(tmp_path: Path) -> None:
+    # Two processes materialising the same content at once both see no file, both write it:
+    # the second os.replace rewrote the first's file (new inode and mtime), so a run that had
+    # fingerprinted it was refused as "changed checkpoints" when resumed, against the
+    # documented "reused, never rewritten".
+    folder = tmp_path / "digest"
+    folder.mkdir()
+    path = folder / "epoch_0.pt"
+    sd = {"w": torch.arange(4.0)}
+    first: list[os.stat_result] = []
+
+    def slow_write(p: Path) -> None:  # the other process finishes while this one writes
+        inputs._write_new(path, lambda q: save_atomic(sd, q))
+        first.append(path.stat())
+        os.utime(path, ns=(first[0].st_atime_ns, first[0].st_mtime_ns - 10**9))
+        first[0] = path.stat()
+        save_atomic(sd, p)
+
+    inputs._write_new(path, slow_write)
+    st = path.stat()
+    assert (st.st_ino, st.st_mtime_ns) == (first[0].st_ino, first[0].st_mtime_ns)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], sd["w"])
+    assert [p.name for p in folder.iterdir()] == ["epoch_0.pt"]  # no temporary left
