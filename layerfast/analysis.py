@@ -436,9 +436,17 @@ def _file_ids(ck: Any) -> dict[str, list]:
 def _data_ids(spec: str) -> list[str] | None:
     """The files the data spec reads (path, size, mtime of each, hashed): data rewritten between
     an interrupted run and its rerun, with the same sample count, must not be resumed over.
-    Hidden files and folders are left out, as every reader leaves them out: Finder rewriting a
-    `.DS_Store` refused to resume a run over an unchanged image folder."""
+    Hidden files are left out, as every reader leaves them out: Finder rewriting a `.DS_Store`
+    refused to resume a run over an unchanged image folder. So is what hidden folders hold,
+    but for image files: imagefolder reads those, as torchvision does (`cat/.thumbs/a.png` is
+    a sample), and one rewritten there must not be resumed over."""
+    from layerfast.data.imagefolder import _is_image
     from layerfast.data.spec import data_paths
+
+    def read(p: Path, root: Path) -> bool:
+        *folders, name = p.relative_to(root).parts
+        hidden = any(q.startswith(".") for q in folders)
+        return p.is_file() and not name.startswith(".") and (not hidden or _is_image(name))
 
     paths = data_paths(spec)
     if not paths:
@@ -446,8 +454,7 @@ def _data_ids(spec: str) -> list[str] | None:
     h = hashlib.sha256()
     for root in paths:
         files = [root] if root.is_file() else sorted(
-            p for p in root.rglob("*")
-            if p.is_file() and not any(q.startswith(".") for q in p.relative_to(root).parts))
+            p for p in root.rglob("*") if read(p, root))
         for f in files:
             st = f.stat()
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

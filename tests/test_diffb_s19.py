@@ -87,3 +87,28 @@ def test_a_file_another_process_wrote_meanwhile_is_not_rewritten(tmp_path: Path)
     assert (st.st_ino, st.st_mtime_ns) == (first[0].st_ino, first[0].st_mtime_ns)
     assert torch.equal(torch.load(path, weights_only=True)["w"], sd["w"])
     assert [p.name for p in folder.iterdir()] == ["epoch_0.pt"]  # no temporary left
+
+
+def test_an_image_in_a_hidden_folder_is_in_the_data_fingerprint(tmp_path: Path) -> None:
+    # imagefolder reads images below hidden folders (torchvision does: `cat/.thumbs/t.png` is
+    # a sample), but the resume fingerprint left every file under a hidden folder out, so a
+    # killed run resumed over such an image rewritten meanwhile
+    from PIL import Image
+
+    from layerfast.analysis import _data_ids
+    from layerfast.data.imagefolder import find_samples
+
+    root = tmp_path / "images"
+    for rel in ("cat/a.png", "cat/.thumbs/t.png", "dog/b.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / rel)
+    assert root / "cat/.thumbs/t.png" in find_samples(root, "test")[0]
+    before = _data_ids(f"imagefolder:{root}")
+    Image.fromarray(np.ones((8, 8, 3), np.uint8)).save(root / "cat/.thumbs/t.png")
+    os.utime(root / "cat/.thumbs/t.png", ns=(0, 10**9))
+    assert _data_ids(f"imagefolder:{root}") != before
+    # what no reader reads still does not count: a hidden file, a non-image in a hidden folder
+    now = _data_ids(f"imagefolder:{root}")
+    (root / "cat/._a.png").write_bytes(b"appledouble")
+    (root / "cat/.thumbs/index.db").write_bytes(b"x")
+    assert _data_ids(f"imagefolder:{root}") == now
