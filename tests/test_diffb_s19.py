@@ -112,3 +112,19 @@ def test_an_image_in_a_hidden_folder_is_in_the_data_fingerprint(tmp_path: Path) 
     (root / "cat/._a.png").write_bytes(b"appledouble")
     (root / "cat/.thumbs/index.db").write_bytes(b"x")
     assert _data_ids(f"imagefolder:{root}") == now
+
+
+@pytest.mark.parametrize("other", ["wandb_20240101.tmp", "events.out.tfevents.1700000000.tmp",
+                                   "notes_2024.part"])
+def test_a_tmp_file_that_is_no_checkpoint_copy_is_left_alone(tmp_path: Path, other: str) -> None:
+    # The unfinished-copy rule refused any .tmp/.part labelled later than the last checkpoint,
+    # so a logger's temporary beside epoch_0.pt, epoch_1.pt (accepted before) refused the
+    # directory as "an unfinished copy of a checkpoint"
+    from layerfast.checkpoints.discover import _from_names
+
+    for n in ("epoch_0.pt", "epoch_1.pt", other):
+        (tmp_path / n).write_bytes(b"x")
+    assert sorted(_from_names(tmp_path)) == [0, 1]
+    (tmp_path / "epoch_2.pt.tmp").write_bytes(b"x")  # a checkpoint's copy still is refused
+    with pytest.raises(LayerfastError, match=r"epoch_2\.pt\.tmp looks like an unfinished copy"):
+        _from_names(tmp_path)

@@ -269,6 +269,15 @@ def _from_names(root: Path) -> dict[int, Path]:
     return files
 
 
+def _is_partial_copy(path: Path) -> bool:
+    """An unfinished copy of a checkpoint: a partial suffix after a checkpoint's own
+    (`epoch_3.pt.part`, `epoch_3.pt.crdownload`, `epoch_3.pt.tmp`, `epoch_3.bin.part`). Any
+    other `.tmp` (a logger's `wandb_20240101.tmp`, `events.out.tfevents.1700000000.tmp`) is no
+    checkpoint on its way, and its large number refused the directory."""
+    return (path.suffix.lower() in PARTIAL_SUFFIXES
+            and Path(path.stem).suffix.lower() in SUFFIXES + FOREIGN_SUFFIXES)
+
+
 def _refuse_foreign(root: Path, files: dict[int, Path]) -> None:
     """A file that looks like a later checkpoint than any in `files`, under a suffix layerfast
     does not read (`epoch_3.bin` beside `epoch_0.pt`, `epoch_1.pt`): skipped, it made τ=1 the
@@ -279,7 +288,7 @@ def _refuse_foreign(root: Path, files: dict[int, Path]) -> None:
     last = max(files)
     name = files[last].name
     later = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
-             and p.suffix.lower() in FOREIGN_SUFFIXES + PARTIAL_SUFFIXES
+             and (p.suffix.lower() in FOREIGN_SUFFIXES or _is_partial_copy(p))
              and (label_from_stem(p.stem) or 0) > last]
     partial = sorted(p.name for p in later if p.suffix.lower() in PARTIAL_SUFFIXES)
     if partial:
