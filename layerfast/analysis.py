@@ -454,11 +454,25 @@ def _data_ids(spec: str) -> list[str] | None:
     h = hashlib.sha256()
     for root in paths:
         files = [root] if root.is_file() else sorted(
-            p for p in root.rglob("*") if read(p, root))
+            p for p in _files_under(root) if read(p, root))
         for f in files:
             st = f.stat()
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return [str(p) for p in paths] + [h.hexdigest()]
+
+
+def _files_under(root: Path) -> Iterator[Path]:
+    """Every file under `root`, following linked folders as imagefolder does (`cat ->
+    /data/cat`): `Path.rglob` does not follow them before Python 3.13, so an image rewritten
+    there left the fingerprint as it was. A folder reached twice (a link loop) is walked once."""
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(folder) / n for n in names)
 
 
 def _keeps_rng(fn: Callable[..., Any]) -> Callable[..., Any]:

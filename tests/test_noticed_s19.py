@@ -67,3 +67,24 @@ def test_a_variant_overflowing_under_bf16_names_bf16s_range(precision: str, caps
     err = capsys.readouterr().err
     assert "1 variant gave NaN or Inf logits on some samples (reinit fc1 @0)" in err
     assert ("bf16's range" in err) == (precision == "bf16")
+
+
+def test_an_image_in_a_linked_class_folder_is_part_of_the_fingerprint(tmp_path: Path) -> None:
+    """imagefolder follows `cat -> /data/cat`; the fingerprint's `rglob` did not, so an image
+    rewritten there was resumed over. A link loop is walked once."""
+    import os
+
+    from layerfast.analysis import _data_ids
+
+    real = tmp_path / "real" / "cat"
+    real.mkdir(parents=True)
+    (real / "a.png").write_bytes(b"png")
+    root = tmp_path / "imf"
+    (root / "dog").mkdir(parents=True)
+    (root / "dog" / "b.png").write_bytes(b"png")
+    (root / "cat").symlink_to(real, target_is_directory=True)
+    (real / "loop").symlink_to(root, target_is_directory=True)
+    before = _data_ids(f"imagefolder:{root}")
+    (real / "a.png").write_bytes(b"png, rewritten")
+    os.utime(real / "a.png", ns=(1, 1))
+    assert _data_ids(f"imagefolder:{root}") != before
