@@ -167,7 +167,7 @@ def _checked_ckpts(ckpts: Mapping[Any, Any]) -> tuple[list[tuple[int, dict]], st
     h = hashlib.sha256(_VERSION + b"ckpts\0")
     for tau, sd in dicts:
         h.update(f"tau {tau}\0".encode())
-        for k, t in sd.items():
+        for k, t in sorted(sd.items()):  # the keys' order changes no checkpoint read
             h.update(f"{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode("utf-8", "surrogatepass"))
             h.update(_tensor_bytes(t))
     return dicts, h.hexdigest()
@@ -217,6 +217,9 @@ def _checked_data(data: tuple | list, split: str) -> tuple[dict[str, np.ndarray]
     arrays = {"x": _array("x", data[0]), "y": _array("y", data[1])}
     if len(data) == 3:  # the .npz's optional scalar: classes the labels present do not cover
         nc = data[2]
+        if isinstance(nc, torch.Tensor | np.ndarray) and nc.ndim == 0 \
+                and not nc.dtype == torch.bool and not nc.dtype == np.bool_:
+            nc = nc.item()  # `y.max() + 1`, a 0-d tensor, as the count it holds
         if isinstance(nc, bool) or not isinstance(nc, numbers.Integral) or nc < 1:
             raise LayerfastError(f"data: num_classes, the third of (x, y, num_classes), must "
                                  f"be a positive integer, got {nc!r}")

@@ -88,3 +88,25 @@ def test_an_image_in_a_linked_class_folder_is_part_of_the_fingerprint(tmp_path: 
     (real / "a.png").write_bytes(b"png, rewritten")
     os.utime(real / "a.png", ns=(1, 1))
     assert _data_ids(f"imagefolder:{root}") != before
+
+
+def test_in_memory_inputs_ignore_key_order_and_take_a_0d_num_classes(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """The same state dicts with their keys in another order went to another content folder
+    (a missed resume); `num_classes` as `y.max() + 1` (a 0-d tensor) was refused."""
+    import tempfile
+
+    import torch
+
+    from layerfast.inputs import _checked_ckpts, _checked_data
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    a = {"w": torch.ones(2), "b": torch.zeros(3)}
+    b = {"b": torch.zeros(3), "w": torch.ones(2)}
+    assert _checked_ckpts({0: a, 1: a})[1] == _checked_ckpts({0: b, 1: b})[1]
+    assert _checked_ckpts({0: a})[1] != _checked_ckpts({0: {"w": torch.ones(2)}})[1]
+    x, y = torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    arrays, _ = _checked_data((x, y, y.max() + 3), "test")
+    assert int(arrays["num_classes"]) == 5
+    with pytest.raises(LayerfastError, match="num_classes"):
+        _checked_data((x, y, torch.tensor(True)), "test")
