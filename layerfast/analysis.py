@@ -492,7 +492,7 @@ def _keeps_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_keeps_rng
 def analyze(arch: str | Callable[..., torch.nn.Module],
             ckpts: str | os.PathLike[str] | Mapping[int, Mapping[str, torch.Tensor]],
-            data: str | os.PathLike[str] | tuple[Any, Any] | None = None,
+            data: str | os.PathLike[str] | tuple[Any, ...] | None = None,
             split: str = "test", granularity: str = "layer",
             units: str | Sequence[str] | None = None,
             bn: str = "with-layer", reset: str | Sequence[str] | None = RESETS,
@@ -509,19 +509,23 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
     variants in one data pass, and write results.csv, distances.csv, run.json and the figures.
 
     `data`: the data spec to evaluate on; None takes the one the checkpoints' manifest.json
-    names (`layerfast train` writes it), and without one is an error. `seeds`: a count n
-    (seeds 1..n) or explicit seeds. `reset` may name "interp" (not a default kind): each unit
-    := (1 − α)·θ^τ + α·θ^final for every α in `alphas` (in [0, 1]) and every chosen τ but the
-    final, plus Gaussian noise of each std in `sigma` on its parameters (one variant per seed
-    when σ > 0; `layerfast.interp`). Resumes a killed run in the same `out`
-    with the same arguments (progress saved every `checkpoint_every` seconds, default
-    $LAYERFAST_CHECKPOINT_EVERY or 5); refuses different arguments there unless `fresh`.
-    Everything is validated before `out` is touched, so bad input leaves no files behind.
+    names (`layerfast train` writes it), and without one is an error. `checkpoints`: "all" or
+    labels; `seeds`: a count n (seeds 1..n) or explicit seeds; both are sorted and repeats
+    dropped, so the order given changes no row and no resume. `reset` may name "interp" (not a
+    default kind): each unit := (1 − α)·θ^τ + α·θ^final for every α in `alphas` (in [0, 1])
+    and every chosen τ but the final, plus Gaussian noise of each std in `sigma` on its
+    parameters (one variant per seed when σ > 0; `layerfast.interp`). Resumes a killed run in
+    the same `out` with the same arguments (progress saved every `checkpoint_every` seconds,
+    default $LAYERFAST_CHECKPOINT_EVERY or 5); refuses different arguments there unless
+    `fresh`. Everything is validated before `out` is touched, so bad input leaves no files
+    in it.
 
     In memory (`layerfast.inputs`): `arch` may be a class or function returning an nn.Module
-    (called as a `module:factory` is), `ckpts` a mapping {τ: state_dict}, `data` a pair (x, y)
-    of tensors or arrays (what a .npz with arrays x and y holds); they are written once to a
-    content-addressed folder under the temp dir, so a rerun with the same objects resumes.
+    (called as a `module:factory` is), `ckpts` a mapping {τ: state_dict} (which needs `data`),
+    `data` a pair (x, y) of tensors or arrays (what a .npz with arrays x and y holds), or
+    (x, y, num_classes) when the labels miss a class; they are written once to a
+    content-addressed folder under the temp dir, so a rerun with the same objects resumes, and
+    run.json's `inputs` says which were in memory.
     """
     from layerfast.engine import Evaluator
     from layerfast.engine.precision import model_dtype, resolve_device
@@ -865,14 +869,15 @@ def _progress(enabled: bool, total: int, done: int, nvar: int, how: str = "") ->
 
 
 def list_units(arch: str | Callable[..., torch.nn.Module],
-               data: str | tuple[Any, Any] | None = None, granularity: str = "layer",
+               data: str | tuple[Any, ...] | None = None, granularity: str = "layer",
                units: str | Sequence[str] | None = None, bn: str = "with-layer",
                num_classes: int | None = None,
                ckpts: str | os.PathLike[str] | Mapping[int, Any] | None = None) -> list:
     """The units an analysis would reset, without evaluation (a dry run). Only the data's
     sample shape and class count matter (a conv net's units can depend on the input size):
     `data`, else with `ckpts` the data their manifest.json names (with analyze's errors for a
-    directory it would refuse), else digits. In-memory `arch` and `data` as for `analyze`."""
+    directory it would refuse), else digits. In-memory `arch` and `data` as for `analyze`
+    (nothing is written); in-memory `ckpts` name no data, so they need `data`."""
     from layerfast.data import open_data
     from layerfast.inputs import need_data, open_pair
     from layerfast.models import build_model

@@ -144,6 +144,15 @@ class Evaluator:
     mapping is the final model itself. The baseline (no overrides) is always computed: agreement
     is measured against its predictions.
 
+    `device`, `precision`, `fanout` and `layout` take what `analyze` takes (docs/engine.md; a
+    float16 or bfloat16 model runs its own forward in every precision). `batch_size` None plans
+    B from memory for a DataSource (a plain iterable's batches are taken as they come).
+    `max_fanout` (a positive integer) caps K, the variants of one fanned chunk;
+    `memory_fraction` (in (0, 1]) is the share of the device's total memory B and K are planned
+    for (on the CPU, of the RAM, at most 8 GiB: `plan.memory_budget`); `glue` is `fused`,
+    `fold` or `unfolded` (`layerfast bench --glue`); `stage_bytes` bounds the variant tensors
+    staged at once (None: `plan.stage_limit`), past which they run in several passes.
+
     The pass runs the model in eval mode (BatchNorm on its running statistics, no dropout)
     under `torch.inference_mode`, whatever mode it was given in; each module's train/eval flag,
     every tensor (bit for bit, the same Parameter objects) and the hooks are as they were when
