@@ -9,8 +9,9 @@ how much noise, before the error leaves the baseline's. The variants themselves 
 α is an interpolation weight, so it must lie in [0, 1]: beyond, the line extrapolates, and
 BatchNorm variances (interpolated like weights) can turn negative, which gives NaN logits that
 read as an error rate. σ is an absolute standard deviation (not relative to the weights' scale)
-and must be >= 0. Values are kept in the order given, without repeats, and -0.0 is 0.0, so that
-run.json and the resume fingerprint do not tell apart requests that evaluate the same thing.
+and must be >= 0. Values are sorted, without repeats, and -0.0 is 0.0, so that run.json, the
+resume fingerprint and the rows do not tell apart requests that evaluate the same thing (as
+`--checkpoints` and `--seeds` are sorted).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def interp_options(resets: Sequence[str], alphas: Any,
     if huge:
         raise LayerfastError(f"--sigma {huge[0]:g} is beyond float32's range "
                              f"({torch.finfo(torch.float32).max:.3g}): the noise would be Inf")
-    return alpha_list, sigmas or [0.0]
+    return sorted(alpha_list), sorted(sigmas) or [0.0]
 
 
 def check_grid(alphas: Sequence[float], sigmas: Sequence[float], seeds: Sequence[int]) -> None:

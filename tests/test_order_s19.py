@@ -39,3 +39,10 @@ def test_reordered_options_resume_the_same_run(ckpts, tmp_path) -> None:
     rr = first.table[first.table["kind"] == "rerandom"]
     for unit, rows in rr.groupby("unit", sort=False):
         assert list(rows["seed"]) == [1, 3], unit
+
+
+def test_interp_alphas_and_sigmas_are_sorted() -> None:
+    """`--alphas 0.5,0.25` evaluates what `0.25,0.5` does; kept in typed order, the second was
+    refused as a different run ("differs in: alphas") while --checkpoints/--seeds resumed."""
+    f = parse_flags(reset="interp", alphas="0.5,0.25,0.5", sigma="0.1,0,0.1", checkpoints="0")
+    assert f.interp == ([0.25, 0.5], [0.0, 0.1])
