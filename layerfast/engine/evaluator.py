@@ -228,8 +228,9 @@ class Evaluator:
         # Cuts whose value does not hold the batch in dim 0 (`verify.unbatched_cuts`), found
         # with the trace check and left out of every pass's plan.
         self._unbatched: set[int] = set()
-        # Steps that read a parameter or buffer the program does not credit them with
-        # (`Program.unseen_reads`), found on the first batch and opaque in every pass's plan.
+        # Steps that read a parameter or buffer the program does not credit them with, or
+        # write into (or alias) another step's value where it does not know it
+        # (`Program.unseen_effects`), found on the first batch and opaque in every pass's plan.
         self._unseen: set[int] = set()
         # Whether the model's output rows depend on other samples of the batch (batch
         # statistics), found with the cuts above: a back-off may not cut its batches.
@@ -530,7 +531,7 @@ class Evaluator:
         if isinstance(self._trace_ok, str):
             prog.trace_error = self._trace_ok
         prog.drop_cuts(self._unbatched)  # found on the first pass's first batch (`_verified`)
-        prog.make_opaque(self._unseen)  # likewise (`_settle_reads`)
+        prog.make_opaque(self._unseen)  # likewise (`_settle_unseen`)
         dev_ov = self._device_overrides(live)
         # A variant whose tensors equal the live ones (e.g. reinit to the final τ) IS the
         # baseline: score it from the baseline's logits, bit for bit, at no cost.
@@ -571,7 +572,7 @@ class Evaluator:
                     if why:
                         self._trace_ok = prog.trace_error = plan.untraced = (
                             f"{why}; fx could not trace it either: {prog.trace_error}")
-                prog, plan = self._settle_reads(prog, plan, x[:VERIFY_SAMPLES], keysets)
+                prog, plan = self._settle_unseen(prog, plan, x[:VERIFY_SAMPLES], keysets)
                 prog, plan = self._settle_cuts(prog, plan, x[:VERIFY_SAMPLES], keysets)
                 setup += time.perf_counter() - t_check  # a setup cost, not the data phase's
             try:
@@ -657,18 +658,24 @@ class Evaluator:
         self.last_plan = plan
         return prog, plan
 
-    def _settle_reads(
+    def _settle_unseen(
         self, prog: Program, plan: Plan, x: torch.Tensor, keysets: list[set[str]]
     ) -> tuple[Program, Plan]:
         """Once, on the first batch, traced or not: the steps that read a parameter or buffer
-        past the program's bookkeeping (`Program.unseen_reads`: a replaced `forward`, a tensor
-        sharing a parameter's storage, a reference to another module) are made opaque in this
-        and every later pass's plan, so a variant of that tensor starts before them."""
-        if not plan.cuts:  # every variant runs the whole forward: nothing to start late
+        past the program's bookkeeping (a replaced `forward`, a tensor sharing a parameter's
+        storage, a reference to another module), or write into another step's value (or the
+        input) past its in-place analysis (a replaced `forward` calling `x.mul_(2)`), by
+        `Program.unseen_effects`, are made opaque in this and every later pass's plan: a
+        variant of a tensor such a step reads starts before it, and cached cuts and the
+        input are copied before each variant runs from them.
+
+        Nothing to learn when no variant starts late, every start is copied already and no
+        group fans out (where an unknown write would also break the fused glue's proof)."""
+        if not plan.cuts and prog.has_inplace and all(g.fan is None for g in plan.groups):
             return prog, plan
         with precision_context("fp32", self.device):  # which tensors a step reads: a few
-            unseen = prog.unseen_reads(x[:8])  # samples tell as well as a batch, at less memory
-        self._unseen = unseen or set()
+            found = prog.unseen_effects(x[:8])  # samples tell as well as a batch, at less memory
+        self._unseen = set().union(*found) if found else set()
         if self._unseen:
             prog.make_opaque(self._unseen)
             plan = make_plan(prog, keysets, self.fanout, self.max_fanout)

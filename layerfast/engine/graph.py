@@ -202,17 +202,38 @@ class Program:
         )
 
     def unseen_reads(self, x: torch.Tensor) -> set[int] | None:
-        """The steps that, run on `x`, read a parameter or buffer the program does not credit
-        them with: neither their own keys nor those of a step their value comes from. The
-        keys come from module ownership and `get_attr`, and code can reach a tensor past both:
-        a leaf module whose `forward` was replaced on the instance, or whose parametrization
-        holds another module; a plain attribute sharing a parameter's storage
+        """The steps found, run on `x`, to read a parameter or buffer the program does not
+        credit them with (`unseen_effects`' first set); None when the run fails."""
+        found = self.unseen_effects(x)
+        return None if found is None else found[0]
+
+    def unseen_effects(self, x: torch.Tensor) -> tuple[set[int], set[int]] | None:
+        """What the steps do, run on `x`, that the program does not know of: (reads, writes).
+
+        reads: the steps that read a parameter or buffer the program does not credit them
+        with: neither their own keys nor those of a step their value comes from. The keys come
+        from module ownership and `get_attr`, and code can reach a tensor past both: a leaf
+        module whose `forward` was replaced on the instance, or whose parametrization holds
+        another module; a plain attribute sharing a parameter's storage
         (`self.w = self.b.weight.detach()`); a child of an untraced `nn.Sequential` holding
         another child in a list. A variant of that tensor started from a cut after such a
         step, and the prefix it reused had read the final model's tensor.
 
-        Found by the storages each step's ops read (a dispatch mode, one run). None when the
-        run fails (the pass reports the model's own failure)."""
+        writes: the steps that write into the storage of a value another step computed (or
+        of the input) that the program does not take them to write into, or whose value the
+        program takes for a new tensor (or a view of values only it reads) while it shares the
+        storage of another step's value. The in-place analysis knows steps by their names and
+        schemas; code behind a call can write past it: a leaf module's replaced `forward`
+        (`x.mul_(2)`, `x[:, 0] = 0`, `torch.ops.aten.relu_(x)`), a scripted submodule, a
+        `torch.nn` subclass defined elsewhere, or one returning its input. The next variant
+        then started from a cached cut (or the cached input) the previous one had written into.
+
+        Both are found in one run, by the storages each step's ops read and write (a
+        dispatch mode: writes are the arguments the op's schema marks `Tensor(a!)`). Only the
+        path `x` takes is seen: code that reads or writes only on other inputs (a branch on
+        the values inside a replaced `forward`), or writes past the dispatcher (through
+        `.numpy()`), is not found. None when the run fails (the pass reports the model's own
+        failure)."""
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_leaves
 
@@ -223,11 +244,20 @@ class Program:
             ptr = _storage_ptr(t)
             if ptr:
                 by_storage.setdefault(ptr, set()).add(self.canonical.get(name, name))
-        if not by_storage:
-            return set()
+        # storage -> the steps (0: the input) whose live value holds it; a value leaves when
+        # the run drops it, so a later allocation at the same address is not taken for it.
+        # The input and the cuts' carriers stay, alive: the pass keeps them for the variants.
+        holders: dict[int, set[int]] = {}
+        kept = {0, *self.carrier.values()}
+        alive: list[Any] = []
 
-        class _Reads(TorchDispatchMode):
+        def ptrs(v: Any) -> set[int]:
+            return {p for t in tree_leaves(v) if isinstance(t, torch.Tensor)
+                    for p in (_storage_ptr(t),) if p}
+
+        class _Effects(TorchDispatchMode):
             seen: set[str] = set()
+            wrote: set[int] = set()
 
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
                 kwargs = kwargs or {}
@@ -236,19 +266,45 @@ class Program:
                         keys = by_storage.get(_storage_ptr(t) or -1)
                         if keys:
                             self.seen |= keys
+                schema = getattr(func, "_schema", None)
+                for i, a in enumerate(schema.arguments if schema is not None else ()):
+                    if a.alias_info is not None and a.alias_info.is_write:
+                        v = args[i] if i < len(args) and not a.kwarg_only else kwargs.get(a.name)
+                        self.wrote |= {p for p in ptrs(v) if p in holders}
                 return func(*args, **kwargs)
 
+        mode = _Effects()
+        mode.seen, mode.wrote = set(), set()
         reads: dict[int, set[str]] = {}
-        mode = _Reads()
-        mode.seen = set()
+        writes: set[int] = set()
+        frees = self.frees
 
-        def record(i: int) -> None:
+        def record(i: int, value: Any) -> None:
             reads[i] = mode.seen
-            mode.seen = set()
+            s = self.steps[i]
+            if s.op != "get_attr" and not self.is_opaque(s):
+                if self._writes_past(s, mode.wrote, holders) or self._aliases_past(
+                        s, ptrs(value), holders):
+                    writes.add(i)
+            mode.seen, mode.wrote = set(), set()
+            if s.op != "get_attr":
+                for p in ptrs(value):
+                    holders.setdefault(p, set()).add(i)
+                if i in kept:
+                    alive.append(value)
+            for j in frees[i]:
+                if j not in kept:
+                    for p, held in list(holders.items()):
+                        held.discard(j)
+                        if not held:
+                            del holders[p]
 
+        x = x.clone()
+        for p in ptrs(x):
+            holders[p] = {0}
         try:
             with mode, torch.no_grad():
-                self.run(x.clone(), 0, after_step=record)
+                self.run(x, 0, on_value=record)
         except Exception:  # noqa: BLE001 - the model's own failure: the pass says so
             return None
         credited: dict[int, frozenset[str]] = {}
@@ -259,7 +315,29 @@ class Program:
             credited[s.index] = mine
             if reads.get(s.index, set()) - mine:
                 unseen.add(s.index)
-        return unseen
+        return unseen, writes
+
+    def _writes_past(self, s: Step, wrote: set[int], holders: dict[int, set[int]]) -> bool:
+        """Whether step s wrote into another step's value (storages `wrote`) where the program
+        does not take it to: anywhere, for a step it takes to write nowhere; outside the
+        argument it writes into (`mutated`), for an in-place one."""
+        if not wrote:
+            return False
+        if self.is_inplace(s):
+            target = self.mutated(s)
+            if not isinstance(target, Ref):  # unknown: taken to write anywhere already
+                return False
+            return any(target.index not in holders[p] for p in wrote)
+        return True
+
+    def _aliases_past(self, s: Step, out: set[int], holders: dict[int, set[int]]) -> bool:
+        """Whether step s's value shares storage with another step's value where the program
+        takes it for a new tensor, or for a view of values only it reads (`_fresh`): a write
+        into it that the program takes as harmless would change that value."""
+        if s.index not in self._fresh or not out:
+            return False
+        mine = set(refs_in(s.args) + refs_in(s.kwargs)) if self._freshness(s) == "alias" else set()
+        return any(p in holders and not holders[p] & mine for p in out)
 
     def make_opaque(self, steps: set[int]) -> None:
         """Treat these steps as code the program cannot see (`_mark_opaque`): each reads every
@@ -602,12 +680,15 @@ class Program:
         keep: set[int] | None = None,
         saved: dict[int, torch.Tensor] | None = None,
         after_step: Callable[[int], None] | None = None,
+        on_value: Callable[[int, Any], None] | None = None,
     ) -> torch.Tensor:
         """Run from cut `start` (whose carrier value is `x`) to the output.
 
         With `keep`, the carrier values at those cuts are stored into `saved` (cloned when the
         graph mutates values in place, so the cache is never corrupted by later steps).
-        `after_step(i)` is called once step i has run (the FLOP counter uses it)."""
+        `after_step(i)` is called once step i has run (the FLOP counter uses it), and
+        `on_value(i, value)` with its value, before the run drops the values it last used
+        (`unseen_effects`)."""
         env: dict[int, Any] = {self.carrier[start] if start else 0: x}
         for s in self.steps[: start + 1]:
             if s.op == "get_attr":  # parameter reads are not state: re-read them
@@ -619,6 +700,8 @@ class Program:
             env[s.index] = self.eval_step(s, env)
             if after_step is not None:
                 after_step(s.index)
+            if on_value is not None:
+                on_value(s.index, env[s.index])
             if keep is not None and s.index in keep and saved is not None:
                 v = env[self.carrier[s.index]]
                 saved[s.index] = v.clone() if self.has_inplace else v

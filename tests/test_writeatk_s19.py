@@ -1,0 +1,206 @@
+"""Adversarial models for the WRITE side of prefix sharing (the plain, swapped CPU path): a step
+whose code writes into a value another step computed (a cached cut's carrier, or the cached
+network input) where the program's in-place analysis does not know it — a leaf module's
+`forward` replaced on the instance, a `torch.nn` class defined elsewhere, a step returning its
+input where the program takes its value for a new tensor. The next variant then started from a
+value the previous one had written into. The engine's counts must equal the naive loop's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerfast.engine.evaluator import Evaluator
+from layerfast.engine.graph import Program, no_inplace_modules
+from layerfast.engine.naive import naive_evaluate
+
+
+def _variants(model: nn.Module, mods: list[str], n: int = 2, seed: int = 1) -> list[dict]:
+    """`n` fresh draws (std 2x the live weights') of each module in `mods`, one unit each."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for mod in mods:
+        m = model.get_submodule(mod)
+        for _ in range(n):
+            out.append({f"{mod}.{k}": torch.randn(t.shape, generator=g) * (t.std() * 2 + 0.1)
+                        for k, t in m.named_parameters()})
+    return out
+
+
+def _batches(n: int = 40, seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 64, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return [(x[:24], y[:24]), (x[24:], y[24:])]
+
+
+def _matches_naive(model: nn.Module, mods: list[str]) -> dict:
+    """Counts equal the naive loop's in fp32 (default options: prefix sharing, no fan-out on
+    the CPU); the model comes back bit-identical. Returns the plan."""
+    model.eval()
+    variants = _variants(model, mods)
+    batches = _batches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = Evaluator(model, variants, device="cpu").run(batches)
+    want = naive_evaluate(model, variants, lambda: batches)
+    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]]), (res.counts, want)
+    assert torch.allclose(res.counts[:, 2], want[:, 2], rtol=1e-5, atol=1e-4)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    return res.plan
+
+
+class _Three(nn.Module):
+    """a -> b -> c, and the step `w(h)` into a's output h after b has read it: the cut after a
+    is the one a variant of b starts from, and its cached h must not be the written one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        self.w = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        g = self.b(h)
+        self.w(h)
+        return self.c(torch.relu(h) + g)
+
+
+def _mul(x: torch.Tensor) -> torch.Tensor:
+    return x.mul_(2)
+
+
+def _setitem(x: torch.Tensor) -> torch.Tensor:
+    x[:, 0] = 0.0
+    return x
+
+
+def _copy(x: torch.Tensor) -> torch.Tensor:
+    return x.copy_(x * 3)
+
+
+def _aten(x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.mul_(x, 2.0)
+
+
+@pytest.mark.parametrize("write", [_mul, _setitem, _copy, _aten], ids=lambda f: f.__name__)
+def test_a_replaced_leaf_forward_writing_into_a_cached_cut(
+        write: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """nn.Identity is a leaf the program takes to write nothing; its replaced `forward` writes
+    into h, the cached carrier b's variants start from: the second of them read 2h, 4h, ..."""
+    torch.manual_seed(0)
+    m = _Three()
+    m.w.forward = write
+    _matches_naive(m, ["a", "b", "c"])
+
+
+def test_a_linear_whose_replaced_forward_writes_into_its_input() -> None:
+    """The unit's own step writes into the cached value its variants start from."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.relu(self.b(self.a(x))))
+
+    torch.manual_seed(0)
+    m = Net()
+    lin = m.b
+    m.b.forward = lambda x: F.linear(x.mul_(2), lin.weight, lin.bias)
+    _matches_naive(m, ["a", "b", "c"])
+
+
+class _InputWriter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Identity()
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(self.w(x))))))
+
+
+@pytest.mark.parametrize("mods", [["a"], ["a", "c"]])
+def test_a_first_step_writing_into_the_cached_input(mods: list[str]) -> None:
+    """The variants starting at the input read the batch the baseline (and every variant
+    before them) had doubled; with variants of `a` alone no cut is kept at all."""
+    torch.manual_seed(0)
+    m = _InputWriter()
+    m.w.forward = _mul
+    _matches_naive(m, mods)
+
+
+def test_a_step_returning_its_input_where_a_new_tensor_is_expected() -> None:
+    """A max-pool is taken to return a new tensor, so `r += 1` writes into a value only its
+    writer reads: harmless, no copy. Its replaced forward returns its input: r IS the cached h."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+            self.p = nn.MaxPool1d(1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            g = self.b(h)
+            r = self.p(h)
+            r += 1.0
+            return self.c(torch.relu(r) + g)
+
+    torch.manual_seed(0)
+    m = Net()
+    m.p.forward = lambda x: x
+    _matches_naive(m, ["a", "b", "c"])
+
+
+def test_a_torch_nn_class_defined_elsewhere_that_writes() -> None:
+    """fx keeps any class whose module is under `torch.nn` as a leaf, whatever its forward."""
+
+    class Doubler(nn.Identity):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mul_(2)
+
+    Doubler.__module__ = "torch.nn.modules.linear"
+    torch.manual_seed(0)
+    m = _Three()
+    m.w = Doubler()
+    _matches_naive(m, ["a", "b", "c"])
+
+
+def test_writes_the_program_knows_of_are_not_taken_for_unseen() -> None:
+    """A kept in-place ReLU (its input is read again), `+=`, `x[i] = v` and a fresh conv
+    net: the check finds nothing, so nothing loses its prefix sharing."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            r = self.act(h)
+            g = self.b(h + r)
+            g += 1.0
+            g[:, 0] = 0.0
+            return self.c(g)
+
+    torch.manual_seed(0)
+    m = Net().eval()
+    with no_inplace_modules(m):
+        prog = Program(m)
+        assert prog.traced
+        assert prog.unseen_effects(torch.randn(4, 64)) == (set(), set())
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 10)).eval()
+    with no_inplace_modules(conv):
+        prog = Program(conv)
+        assert prog.unseen_effects(torch.randn(2, 3, 8, 8)) == (set(), set())
+    plan = _matches_naive(m, ["a", "b", "c"])
+    assert plan["untraced"] is None and plan["cuts_kept"] >= 1
