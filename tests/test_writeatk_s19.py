@@ -204,3 +204,53 @@ def test_writes_the_program_knows_of_are_not_taken_for_unseen() -> None:
         assert prog.unseen_effects(torch.randn(2, 3, 8, 8)) == (set(), set())
     plan = _matches_naive(m, ["a", "b", "c"])
     assert plan["untraced"] is None and plan["cuts_kept"] >= 1
+
+
+# ---- torch.jit.script'ed submodules ------------------------------------------------------
+
+
+class _Scripted(nn.Module):
+    """a -> mid (scripted) -> b -> c: the rest of the model traces around the scripted step."""
+
+    def __init__(self, mid: nn.Module) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        self.mid = torch.jit.script(mid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = self.mid(h)
+        return self.c(torch.relu(self.b(torch.relu(h))))
+
+
+class _WritesInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return self.lin(x)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated
+def test_a_scripted_submodule_is_one_step_of_a_traced_model() -> None:
+    """Tracing stored nothing on a ScriptModule, and restoring `_parameters` called `.update`
+    on its OrderedDictWrapper: AttributeError, so the WHOLE model ran untraced (exact, slow)."""
+    torch.manual_seed(0)
+    m = _Scripted(nn.Sequential(nn.Linear(64, 64), nn.Tanh())).eval()
+    prog = Program(m)
+    assert prog.traced, prog.trace_error
+    assert any(s.op == "call_module" and s.target == "mid" for s in prog.steps)
+    plan = _matches_naive(m, ["a", "mid.0", "b", "c"])
+    assert plan["untraced"] is None
+    assert plan["cuts_kept"] >= 2  # b's and c's variants start after the scripted step
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_scripted_submodule_writing_into_its_input_is_found() -> None:
+    """The scripted step writes into a's output, the cut `mid.lin`'s variants start from."""
+    torch.manual_seed(0)
+    m = _Scripted(_WritesInput()).eval()
+    plan = _matches_naive(m, ["a", "mid.lin", "b", "c"])
+    assert plan["untraced"] is None

@@ -80,6 +80,14 @@ class _Tracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _AugProxy(node, self)
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """A `torch.jit.script`ed module is one step: fx cannot trace into its compiled
+        forward (called with a Proxy, it raises, and the whole model ran untraced). What the
+        step reads and writes past its own parameters the first batch shows
+        (`Program.unseen_effects`); the rest of the model traces and shares its prefixes."""
+        return isinstance(m, torch.jit.ScriptModule) or super().is_leaf_module(
+            m, module_qualified_name)
+
 
 class NotTraced(Exception):
     pass
@@ -114,8 +122,13 @@ def _state_kept(model: nn.Module) -> Iterator[None]:
     A forward that re-assigns a buffer (`self.calls += 1`: an in-place add, then `setattr`)
     stores the tracer's Proxy in `_buffers` while tracing; left there, the eager forward that
     checks the program (and every untraced run) read a Proxy and returned one instead of
-    logits. `attributes_kept` does not see it: `_buffers` is a module slot, not an attribute."""
-    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    logits. `attributes_kept` does not see it: `_buffers` is a module slot, not an attribute.
+
+    A `torch.jit.script`ed module is left out: its `_parameters` and `_buffers` are views of
+    the compiled module (no `update`, no deletion), and nothing a trace does can store a Proxy
+    there (the compiled module refuses what is not a tensor of the declared type)."""
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()
+             if not isinstance(m, torch.jit.ScriptModule)]
     try:
         yield
     finally:
