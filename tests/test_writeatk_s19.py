@@ -254,3 +254,28 @@ def test_a_scripted_submodule_writing_into_its_input_is_found() -> None:
     m = _Scripted(_WritesInput()).eval()
     plan = _matches_naive(m, ["a", "mid.lin", "b", "c"])
     assert plan["untraced"] is None
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("mid", ["relu_first", "relu_alone"])
+def test_a_scripted_inplace_relu(mid: str) -> None:
+    """`no_inplace_modules` set `inplace = False` on every module with the flag: on a scripted
+    one that is a compiled constant, and the pass died with "Can't set constant 'inplace'".
+    Left on, it writes into a's output, the cached value `mid`'s variants start from: the
+    program must know (a scripted ReLU step is in place; one inside a scripted step is found
+    by the first batch's check)."""
+    torch.manual_seed(0)
+    if mid == "relu_first":
+        m = _Scripted(nn.Sequential(nn.ReLU(inplace=True), nn.Linear(64, 64))).eval()
+        mods = ["a", "mid.1", "b", "c"]
+    else:
+        m = _Scripted(nn.ReLU(inplace=True)).eval()
+        mods = ["a", "b", "c"]
+    with no_inplace_modules(m):
+        prog = Program(m)
+        (step,) = [s for s in prog.steps if s.target == "mid"]
+        found = prog.unseen_effects(torch.randn(4, 64))
+        assert found is not None
+        assert prog.is_inplace(step) or step.index in found[1]
+    plan = _matches_naive(m, mods)
+    assert plan["untraced"] is None

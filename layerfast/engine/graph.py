@@ -759,8 +759,14 @@ def no_inplace_modules(model: nn.Module) -> Iterator[None]:
     """Turn off `inplace=True` on modules (ReLU and friends) for the duration: an in-place
     activation right after a cut would overwrite the cached activation. Values are identical
     where nobody reads the input again; a `Program` built meanwhile knows which modules these
-    are (`_FLIPPED`) and runs the others in place (`Program.keep_inplace`), as eager mode does."""
-    flipped = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    are (`_FLIPPED`) and runs the others in place (`Program.keep_inplace`), as eager mode does.
+
+    A `torch.jit.script`ed module's flag is a compiled constant (setting it raises): it stays
+    on, and the program knows it is on (a scripted `ReLU(inplace=True)` step is in place; one
+    inside a scripted step writing into that step's input is found by
+    `Program.unseen_effects`)."""
+    flipped = [m for m in model.modules() if getattr(m, "inplace", False) is True
+               and not isinstance(m, torch.jit.ScriptModule)]
     for m in flipped:
         m.inplace = False
         _FLIPPED.add(m)
