@@ -206,6 +206,28 @@ def test_writes_the_program_knows_of_are_not_taken_for_unseen() -> None:
     assert plan["untraced"] is None and plan["cuts_kept"] >= 1
 
 
+def test_a_known_write_into_a_buffer_another_step_views_is_not_unseen() -> None:
+    """`self.calls.add_(1)` writes into the buffer its own argument is (a `get_attr`), which a
+    view taken before (`seen`) shares: the program knows that write, and the check must not
+    make the step opaque for it (it would cost every later variant its prefix)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 10)
+            self.register_buffer("calls", torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen = self.calls.view(1)
+            self.calls.add_(1)
+            return self.b(torch.relu(self.a(x))) + 0 * seen
+
+    m = Net().eval()
+    prog = Program(m)
+    assert prog.traced
+    assert prog.unseen_effects(torch.randn(2, 64)) == (set(), set())
+
+
 # ---- torch.jit.script'ed submodules ------------------------------------------------------
 
 

@@ -250,6 +250,7 @@ class Program:
         holders: dict[int, set[int]] = {}
         kept = {0, *self.carrier.values()}
         alive: list[Any] = []
+        own: dict[int, set[int]] = {}  # step -> its live value's storages (parameters too)
 
         def ptrs(v: Any) -> set[int]:
             return {p for t in tree_leaves(v) if isinstance(t, torch.Tensor)
@@ -283,24 +284,27 @@ class Program:
             reads[i] = mode.seen
             s = self.steps[i]
             if s.op != "get_attr" and not self.is_opaque(s):
-                if self._writes_past(s, mode.wrote, holders) or self._aliases_past(
+                if self._writes_past(s, mode.wrote, own) or self._aliases_past(
                         s, ptrs(value), holders):
                     writes.add(i)
             mode.seen, mode.wrote = set(), set()
+            own[i] = ptrs(value)
             if s.op != "get_attr":
-                for p in ptrs(value):
+                for p in own[i]:
                     holders.setdefault(p, set()).add(i)
                 if i in kept:
                     alive.append(value)
             for j in frees[i]:
                 if j not in kept:
+                    own.pop(j, None)
                     for p, held in list(holders.items()):
                         held.discard(j)
                         if not held:
                             del holders[p]
 
         x = x.clone()
-        for p in ptrs(x):
+        own[0] = ptrs(x)
+        for p in own[0]:
             holders[p] = {0}
         try:
             with mode, torch.no_grad():
@@ -317,17 +321,18 @@ class Program:
                 unseen.add(s.index)
         return unseen, writes
 
-    def _writes_past(self, s: Step, wrote: set[int], holders: dict[int, set[int]]) -> bool:
+    def _writes_past(self, s: Step, wrote: set[int], own: dict[int, set[int]]) -> bool:
         """Whether step s wrote into another step's value (storages `wrote`) where the program
         does not take it to: anywhere, for a step it takes to write nowhere; outside the
-        argument it writes into (`mutated`), for an in-place one."""
+        storage of the argument it writes into (`mutated`; `own`: each live value's
+        storages), for an in-place one."""
         if not wrote:
             return False
         if self.is_inplace(s):
             target = self.mutated(s)
             if not isinstance(target, Ref):  # unknown: taken to write anywhere already
                 return False
-            return any(target.index not in holders[p] for p in wrote)
+            return not wrote <= own.get(target.index, set())
         return True
 
     def _aliases_past(self, s: Step, out: set[int], holders: dict[int, set[int]]) -> bool:
