@@ -232,8 +232,14 @@ class Program:
         dispatch mode: writes are the arguments the op's schema marks `Tensor(a!)`). Only the
         path `x` takes is seen: code that reads or writes only on other inputs (a branch on
         the values inside a replaced `forward`), or writes past the dispatcher (through
-        `.numpy()`), is not found. None when the run fails (the pass reports the model's own
-        failure)."""
+        `.numpy()`), is not found.
+
+        A step the mode cannot see into is in both sets, as unknown (so opaque): one that runs a
+        higher-order operator (`torch.cond`: its body runs past the mode), and, where the run
+        under the mode raises while a plain run does not, every step it had not finished. An
+        answer of nothing found would have let a variant start after a step that read its
+        tensor. None when the model fails on its own (the pass reports that failure)."""
+        from torch._ops import HigherOrderOperator
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_leaves
 
@@ -259,6 +265,11 @@ class Program:
         class _Effects(TorchDispatchMode):
             seen: set[str] = set()
             wrote: set[int] = set()
+            # A higher-order operator (`torch.cond`, `flex_attention`, ...) comes here whole,
+            # its body run past this mode, instead of raising for want of a rule for the mode:
+            # the step it runs in is then one whose effects are unknown (`blind`).
+            supports_higher_order_operators = True
+            blind = False
 
             @classmethod
             def _should_skip_dynamo(cls) -> bool:
@@ -269,6 +280,9 @@ class Program:
 
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
                 kwargs = kwargs or {}
+                if isinstance(func, HigherOrderOperator):
+                    self.blind = True
+                    return func(*args, **kwargs)
                 for t in tree_leaves((args, kwargs)):
                     if isinstance(t, torch.Tensor):
                         keys = by_storage.get(_storage_ptr(t) or -1)
@@ -285,10 +299,14 @@ class Program:
         mode.seen, mode.wrote = set(), set()
         reads: dict[int, set[str]] = {}
         writes: set[int] = set()
+        blind: set[int] = set()  # steps whose effects the run could not see
         frees = self.frees
 
         def record(i: int, value: Any) -> None:
             reads[i] = mode.seen
+            if mode.blind:
+                blind.add(i)
+                mode.blind = False
             s = self.steps[i]
             if s.op != "get_attr" and not self.is_opaque(s):
                 if self._writes_past(s, mode.wrote, own) or self._aliases_past(
@@ -309,15 +327,20 @@ class Program:
                         if not held:
                             del holders[p]
 
-        x = x.clone()
+        x0, x = x, x.clone()
         own[0] = ptrs(x)
         for p in own[0]:
             holders[p] = {0}
         try:
             with mode, torch.no_grad():
                 self.run(x, 0, on_value=record)
-        except Exception:  # noqa: BLE001 - the model's own failure: the pass says so
-            return None
+        except Exception:  # noqa: BLE001 - the model's, or the mode's: told apart below
+            if not self._runs_plain(x0):
+                return None  # the model's own failure: the pass says so
+            # Only the mode failed: what it had not recorded is unknown, and so opaque (a
+            # variant starts at or before the first such step; cached values are copies).
+            blind |= {s.index for s in self.steps if s.index not in reads
+                      and s.op not in ("input", "output", "get_attr")}
         credited: dict[int, frozenset[str]] = {}
         unseen: set[int] = set()
         for s in self.steps:
@@ -326,7 +349,17 @@ class Program:
             credited[s.index] = mine
             if reads.get(s.index, set()) - mine:
                 unseen.add(s.index)
-        return unseen, writes
+        return unseen | blind, writes | blind
+
+    def _runs_plain(self, x: torch.Tensor) -> bool:
+        """Whether the program runs on `x` without a dispatch mode (`unseen_effects` tells the
+        model's own failure from its mode's by it)."""
+        try:
+            with torch.no_grad():
+                self.run(x.clone(), 0)
+        except Exception:  # noqa: BLE001 - the model's own failure
+            return False
+        return True
 
     def _writes_past(self, s: Step, wrote: set[int], own: dict[int, set[int]]) -> bool:
         """Whether step s wrote into another step's value (storages `wrote`) where the program

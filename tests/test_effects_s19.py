@@ -1,0 +1,117 @@
+"""The first-batch effects check (`Program.unseen_effects`): where its dispatch-mode run cannot
+run what a plain forward runs (a higher-order operator such as `torch.cond`, which a
+`TorchDispatchMode` without a rule for it refuses), the check must not answer "nothing found":
+a step whose reads it could not see is made opaque, so no variant starts after a step that read
+its tensor. The engine's counts must equal the naive loop's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerfast.engine.evaluator import Evaluator
+from layerfast.engine.graph import Program
+from layerfast.engine.naive import naive_evaluate
+
+
+def _variants(model: nn.Module, mods: list[str], n: int = 2, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for mod in mods:
+        m = model.get_submodule(mod)
+        for _ in range(n):
+            out.append({f"{mod}.{k}": torch.randn(t.shape, generator=g) * (t.std() * 2 + 0.1)
+                        for k, t in m.named_parameters()})
+    return out
+
+
+def _batches(n: int = 40, seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 64, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return [(x[:24], y[:24]), (x[24:], y[24:])]
+
+
+def _matches_naive(model: nn.Module, mods: list[str]) -> dict:
+    model.eval()
+    variants = _variants(model, mods)
+    batches = _batches()
+    res = Evaluator(model, variants, device="cpu").run(batches)
+    want = naive_evaluate(model, variants, lambda: batches)
+    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]]), (res.counts, want)
+    return res.plan
+
+
+class _CondGate(nn.Module):
+    """Reads `other`'s weight, held in a list (not a submodule), and picks a branch with
+    `torch.cond` (a higher-order operator): fx cannot trace it, so a Sequential of it runs
+    untraced, cut between its children; the check's dispatch mode has no rule for `cond`."""
+
+    def __init__(self, other: nn.Linear) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+        self.refs = [other]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cond(x.sum() > -1e9, lambda t: t + 0.0, lambda t: t - 1.0, (x,))
+        return self.lin(h) + F.linear(h, self.refs[0].weight)
+
+
+def _cond_sequential() -> nn.Sequential:
+    b = nn.Linear(64, 64)
+    return nn.Sequential(_CondGate(b), nn.ReLU(), b, nn.ReLU(), nn.Linear(64, 10))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_step_the_check_cannot_run_is_opaque_not_unchecked() -> None:
+    """The run under the check's dispatch mode raised on `torch.cond` and the check answered
+    None, taken as "nothing found": b's variants started from the cut after the gate, whose
+    value the final b's weight had made. The gate is now opaque."""
+    torch.manual_seed(0)
+    model = _cond_sequential().eval()
+    prog = Program(model)
+    found = prog.unseen_effects(torch.randn(4, 64))
+    assert found is not None and 1 in set().union(*found), found
+    _matches_naive(model, ["0.lin", "2", "4"])
+
+
+class _Fails(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("the model's own failure")
+
+
+def test_a_model_that_fails_on_its_own_still_answers_none() -> None:
+    """None stays the answer where the forward fails without the mode too (the pass reports
+    the model's own failure), so a failing first run leaves no steps opaque behind."""
+    model = nn.Sequential(nn.Linear(64, 64), _Fails(), nn.Linear(64, 10)).eval()
+    assert Program(model).unseen_effects(torch.randn(4, 64)) is None
+
+
+class _ModeShy(_CondGate):
+    """Refuses to run under a dispatch mode (as code that checks for one may), and reads
+    `other`'s weight past the program's keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+        if is_in_torch_dispatch_mode():
+            raise RuntimeError("not under a dispatch mode")
+        if x.sum() > -1e9:  # a branch on a value: fx fails, the Sequential runs untraced
+            x = x + 0.0
+        return self.lin(x) + F.linear(x, self.refs[0].weight)
+
+
+def test_a_run_the_mode_breaks_leaves_the_unfinished_steps_opaque() -> None:
+    """The run under the check's mode raises where a plain run does not: the steps it had not
+    finished are unknown, so opaque, and the counts stay the naive loop's."""
+    torch.manual_seed(0)
+    b = nn.Linear(64, 64)
+    model = nn.Sequential(nn.Linear(64, 64), _ModeShy(b), nn.ReLU(), b, nn.ReLU(),
+                          nn.Linear(64, 10)).eval()
+    prog = Program(model)
+    found = prog.unseen_effects(torch.randn(4, 64))
+    assert found is not None and found[0] >= {2, 3, 4, 5, 6}, found
+    assert 1 not in found[0] | found[1]  # the first Linear ran under the mode: seen, kept
+    _matches_naive(model, ["0", "1.lin", "3", "5"])
