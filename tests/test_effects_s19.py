@@ -115,3 +115,50 @@ def test_a_run_the_mode_breaks_leaves_the_unfinished_steps_opaque() -> None:
     assert found is not None and found[0] >= {2, 3, 4, 5, 6}, found
     assert 1 not in found[0] | found[1]  # the first Linear ran under the mode: seen, kept
     _matches_naive(model, ["0", "1.lin", "3", "5"])
+
+
+class _Chunked(nn.Module):
+    """a's and b's weights are disjoint halves of one storage (`nn.Parameter(w[:64])`, as
+    parameters made from chunks of one tensor, or a flat-parameter wrapper's views, are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        w = torch.randn(128, 64) * 0.1
+        self.a.weight, self.b.weight = nn.Parameter(w[:64]), nn.Parameter(w[64:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_parameters_sharing_a_storage_disjointly_are_not_read_together() -> None:
+    """a reads its own half of the storage only: the check took the read of that storage for
+    a read of b's weight too, made a opaque, and every variant lost its prefix."""
+    torch.manual_seed(0)
+    model = _Chunked().eval()
+    assert Program(model).unseen_effects(torch.randn(4, 64)) == (set(), set())
+    plan = _matches_naive(model, ["a", "b", "c"])
+    assert plan["cuts_kept"] >= 2, plan
+
+
+class _ReadsOverlap(nn.Module):
+    """A plain attribute over the rows of b's weight (a view, not a parameter), read by a
+    step before b: still found, by the bytes it overlaps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        self.rows = self.b.weight.detach()[8:16]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        h = h + 0.1 * (x @ self.rows.t()).sum(1, keepdim=True)
+        return self.c(torch.relu(self.b(h)))
+
+
+def test_a_read_of_part_of_a_parameter_is_still_found() -> None:
+    torch.manual_seed(0)
+    model = _ReadsOverlap().eval()
+    found = Program(model).unseen_effects(torch.randn(4, 64))
+    assert found is not None and found[0], found
+    _matches_naive(model, ["a", "b", "c"])

@@ -243,13 +243,17 @@ class Program:
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_leaves
 
-        by_storage: dict[int, set[str]] = {}
+        # storage -> the bytes [lo, hi) of each parameter or buffer in it, and its key: a read
+        # is one of the tensors whose bytes it overlaps, not of all that share its storage
+        # (parameters made from chunks of one tensor, or a flat-parameter wrapper's views).
+        by_storage: dict[int, list[tuple[int, int, str]]] = {}
         named = [*self.model.named_parameters(remove_duplicate=False),
                  *self.model.named_buffers(remove_duplicate=False)]
         for name, t in named:
             ptr = _storage_ptr(t)
-            if ptr:
-                by_storage.setdefault(ptr, set()).add(self.canonical.get(name, name))
+            span = _byte_span(t) if ptr else None
+            if span:
+                by_storage.setdefault(ptr, []).append((*span, self.canonical.get(name, name)))
         # storage -> the steps (0: the input) whose live value holds it; a value leaves when
         # the run drops it, so a later allocation at the same address is not taken for it.
         # The input and the cuts' carriers stay, alive: the pass keeps them for the variants.
@@ -285,9 +289,10 @@ class Program:
                     return func(*args, **kwargs)
                 for t in tree_leaves((args, kwargs)):
                     if isinstance(t, torch.Tensor):
-                        keys = by_storage.get(_storage_ptr(t) or -1)
-                        if keys:
-                            self.seen |= keys
+                        held = by_storage.get(_storage_ptr(t) or -1)
+                        span = _byte_span(t) if held else None
+                        if span:
+                            self.seen |= {k for lo, hi, k in held if lo < span[1] and span[0] < hi}
                 schema = getattr(func, "_schema", None)
                 for i, a in enumerate(schema.arguments if schema is not None else ()):
                     if a.alias_info is not None and a.alias_info.is_write:
@@ -772,6 +777,19 @@ def _storage_ptr(t: torch.Tensor) -> int | None:
     try:
         return t.untyped_storage().data_ptr() or None
     except Exception:  # noqa: BLE001 - no storage to tell by
+        return None
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int] | None:
+    """The addresses [lo, hi) of the bytes `t` covers in its storage (its view's extent);
+    None where it covers none or has no address to tell by."""
+    try:
+        if t.numel() == 0:
+            return None
+        lo = t.data_ptr()
+        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) + 1
+        return lo, lo + extent * t.element_size()
+    except Exception:  # noqa: BLE001 - no address (a tensor subclass without storage)
         return None
 
 
