@@ -162,3 +162,34 @@ def test_a_read_of_part_of_a_parameter_is_still_found() -> None:
     found = Program(model).unseen_effects(torch.randn(4, 64))
     assert found is not None and found[0], found
     _matches_naive(model, ["a", "b", "c"])
+
+
+def _kept_whole(x: torch.Tensor) -> torch.Tensor:
+    return x * 2.0
+
+
+torch.fx.wrap("_kept_whole")
+
+
+class _Wrapped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _kept_whole(torch.relu(self.a(x)))
+        return self.c(torch.relu(self.b(h)))
+
+
+def test_a_refused_fan_out_names_an_opaque_function_step() -> None:
+    """An opaque step that is a function (`torch.fx.wrap`, or one the effects check made
+    opaque) is among the steps a group's variants change; naming them for the refused
+    fan-out sorted a function with module names: TypeError."""
+    torch.manual_seed(0)
+    model = _Wrapped().eval()
+    variants = _variants(model, ["a", "b"])
+    batches = _batches()
+    res = Evaluator(model, variants, device="cpu", fanout=True).run(batches)
+    want = naive_evaluate(model, variants, lambda: batches)
+    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]])
+    assert "_kept_whole" in str(res.plan["fanout_refused"]), res.plan

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -88,9 +89,12 @@ def _joined(pairs) -> dict[str, str]:
     return out
 
 
-def _named(mods: frozenset[str]) -> str:
-    """A group's overridden modules as a refusal names them (the first few)."""
-    names = sorted(m or "<model>" for m in mods)
+def _named(mods: frozenset[Any]) -> str:
+    """A group's overridden modules as a refusal names them (the first few). A step's target
+    is a module's name, or, for an opaque function step (`torch.fx.wrap`, or one made opaque
+    by `Program.unseen_effects`), the function itself: named by its `__name__`."""
+    names = sorted(m if isinstance(m, str) and m else "<model>" if not m
+                   else getattr(m, "__name__", repr(m)) for m in mods)
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
