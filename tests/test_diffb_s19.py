@@ -4,7 +4,6 @@ odd arrays and tensors, and two processes materialising the same content at once
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +15,7 @@ from layerfast.analysis import list_units
 from layerfast.checkpoints.save import save_atomic
 from layerfast.data import open_data
 from layerfast.errors import LayerfastError
-
-
-@pytest.fixture(autouse=True)
-def _own_tempdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The materialised inputs go under this test's tmp dir, not the machine's /tmp."""
-    tmp = tmp_path / "systemp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return tmp
+from tests.test_inmem_s19 import _own_tempdir  # noqa: F401  (autouse: inputs under tmp_path)
 
 
 @pytest.fixture(scope="module")

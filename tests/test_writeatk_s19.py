@@ -14,44 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerfast.engine.evaluator import Evaluator
 from layerfast.engine.graph import Program, no_inplace_modules
-from layerfast.engine.naive import naive_evaluate
-
-
-def _variants(model: nn.Module, mods: list[str], n: int = 2, seed: int = 1) -> list[dict]:
-    """`n` fresh draws (std 2x the live weights') of each module in `mods`, one unit each."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for mod in mods:
-        m = model.get_submodule(mod)
-        for _ in range(n):
-            out.append({f"{mod}.{k}": torch.randn(t.shape, generator=g) * (t.std() * 2 + 0.1)
-                        for k, t in m.named_parameters()})
-    return out
-
-
-def _batches(n: int = 40, seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 64, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return [(x[:24], y[:24]), (x[24:], y[24:])]
-
-
-def _matches_naive(model: nn.Module, mods: list[str]) -> dict:
-    """Counts equal the naive loop's in fp32 (default options: prefix sharing, no fan-out on
-    the CPU); the model comes back bit-identical. Returns the plan."""
-    model.eval()
-    variants = _variants(model, mods)
-    batches = _batches()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = Evaluator(model, variants, device="cpu").run(batches)
-    want = naive_evaluate(model, variants, lambda: batches)
-    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]]), (res.counts, want)
-    assert torch.allclose(res.counts[:, 2], want[:, 2], rtol=1e-5, atol=1e-4)
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    return res.plan
+from tests.test_traceatk_s19 import _matches_naive
 
 
 class _Three(nn.Module):
