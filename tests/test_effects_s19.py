@@ -160,7 +160,7 @@ def test_a_refused_fan_out_names_an_opaque_function_step() -> None:
     fan-out sorted a function with module names: TypeError."""
     torch.manual_seed(0)
     model = _Wrapped().eval()
-    variants = _variants(model, ["a", "b"])
+    variants = _variants(model, ["a", "b"], n=2)
     batches = _batches()
     res = Evaluator(model, variants, device="cpu", fanout=True).run(batches)
     want = naive_evaluate(model, variants, lambda: batches)

@@ -12,18 +12,7 @@ from torch import nn
 from layerfast.engine.evaluator import Evaluator
 from layerfast.engine.graph import Program
 from layerfast.engine.naive import naive_evaluate
-
-
-def _variants(model: nn.Module, mods: list[str], n: int = 2, seed: int = 1) -> list[dict]:
-    """`n` fresh draws (std 2x the live weights') of each module in `mods`, one unit each."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for mod in mods:
-        m = model.get_submodule(mod)
-        for _ in range(n):
-            out.append({f"{mod}.{k}": torch.randn(t.shape, generator=g) * (t.std() * 2 + 0.1)
-                        for k, t in m.named_parameters()})
-    return out
+from tests.test_fan_s19 import _variants
 
 
 def _batches(n: int = 40, seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -37,7 +26,7 @@ def _matches_naive(model: nn.Module, mods: list[str]) -> dict:
     """Counts equal the naive loop's in fp32 (default options: prefix sharing, no fan-out on
     the CPU); the model comes back bit-identical. Returns the plan."""
     model.eval()
-    variants = _variants(model, mods)
+    variants = _variants(model, mods, n=2)
     batches = _batches()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     res = Evaluator(model, variants, device="cpu").run(batches)
