@@ -8,7 +8,8 @@
 #
 # `all` does, in the order the open issues need them, each step capped by the time left:
 #   1. build the extension (~1 min with 16 jobs) and `layerfast info`              issue 2
-#   2. every `cuda` test (-m cuda), the ops' first; SIGINT at a cap: pytest still counts  2, 4
+#   2. every `cuda` test (-m cuda), the ops' first, then the newest engine changes'; SIGINT at
+#      a cap: pytest still counts                                                    issues 2, 4
 #   3. the op benchmarks (swap_, score_, affine_relu, fan-out) against torch        issues 2, 4
 #   4. the ResNet-50 block headline: naive, prefix sharing, layerfast, the floor    issue 4
 #   5. FCN 3x256 on Fashion-MNIST, 100 epochs, trained and analyzed (paper Fig. 1)  issue 6
@@ -54,6 +55,9 @@ summary() {
     cat "$LOG/steps.txt" 2>/dev/null
     for f in "$LOG"/*tests.log "$LOG/bench-ops.log"; do [ -f "$f" ] && echo "$(basename "$f"): $(grep -E '[0-9]+ (passed|failed|skipped|deselected|errors?)\b.* in [0-9.]+s' "$f" | tail -1)"; done
     grep -E '^(FAILED|ERROR) ' "$LOG"/*tests.log "$LOG/bench-ops.log" 2>/dev/null | head -20
+    # a failed fan-out assertion's plan (the FAILED line above is cut to the terminal's width):
+    # which group the proof refused on the GPU, or whose fanned run raised, and why
+    grep -hE '^E +.*fanout_(refused|fallbacks)' "$LOG"/*tests.log 2>/dev/null | cut -c1-400 | head -8
     # pytest-benchmark's tables: each group's title (its shapes, dtype, device; dashes around it
     # only when it is narrower than the table), the unit line, one row per case
     [ -f "$LOG/bench-ops.log" ] && grep -E '^(Name \(|test_|-* benchmark[ :])' "$LOG/bench-ops.log" | head -60
@@ -81,13 +85,23 @@ build() {
   python3 -m layerfast.info > "$LOG/info.txt" 2>&1; cat "$LOG/info.txt"; }
 
 # The op tests first (issue 2, ~160 small cases), then the rest (engine, analysis, train, ...), so
-# a cap that cuts the second step still leaves issue 2's verdict whole.
+# a cap that cuts the second step still leaves issue 2's verdict whole. Of the rest, the CUDA
+# twins of the newest engine changes go first (session 19's fan-out patterns, registry models
+# fanned whole, unseen effects, in-memory inputs: tiny, well under a minute), in their own step
+# out of the rest's cap $2: the rest of `-m cuda tests/` runs in file-name order, and the cap cuts
+# its last files, which must not be the ones that check what changed last.
 ops_tests=(tests/test_ops_swap.py tests/test_ops_score.py tests/test_ops_affine_relu.py tests/test_info.py)
-cuda_tests() {
+new_tests=(tests/test_cuda_s19.py)
+cuda_tests() { local t0
   step cuda-ops-tests "$1" python3 -m pytest -v -m cuda "${ops_tests[@]}" -p no:cacheprovider -rs \
     > "$LOG/cuda-ops-tests.log" 2>&1
   tail -2 "$LOG/cuda-ops-tests.log"
-  step cuda-tests "$2" python3 -m pytest -v -m cuda tests/ "${ops_tests[@]/#/--ignore=}" -p no:cacheprovider -rs \
+  t0=$SECONDS
+  step cuda-new-tests "$(( $2 < 90 ? $2 : 90 ))" python3 -m pytest -v -m cuda "${new_tests[@]}" \
+    -p no:cacheprovider -rs > "$LOG/cuda-new-tests.log" 2>&1
+  tail -2 "$LOG/cuda-new-tests.log"
+  step cuda-tests "$(( $2 - (SECONDS - t0) ))" python3 -m pytest -v -m cuda tests/ \
+    "${ops_tests[@]/#/--ignore=}" "${new_tests[@]/#/--ignore=}" -p no:cacheprovider -rs \
     > "$LOG/cuda-tests.log" 2>&1
   tail -3 "$LOG/cuda-tests.log"; }
 
