@@ -92,16 +92,18 @@ build() {
 # its last files, which must not be the ones that check what changed last.
 ops_tests=(tests/test_ops_swap.py tests/test_ops_score.py tests/test_ops_affine_relu.py tests/test_info.py)
 new_tests=(tests/test_cuda_s19.py)
+# -rfEs, not -rs: a later -r replaces addopts' -ra, and without the short summary's
+# `FAILED path::test` lines the summary below could name no failed test
 cuda_tests() { local t0
-  step cuda-ops-tests "$1" python3 -m pytest -v -m cuda "${ops_tests[@]}" -p no:cacheprovider -rs \
+  step cuda-ops-tests "$1" python3 -m pytest -v -m cuda "${ops_tests[@]}" -p no:cacheprovider -rfEs \
     > "$LOG/cuda-ops-tests.log" 2>&1
   tail -2 "$LOG/cuda-ops-tests.log"
   t0=$SECONDS
   step cuda-new-tests "$(( $2 < 90 ? $2 : 90 ))" python3 -m pytest -v -m cuda "${new_tests[@]}" \
-    -p no:cacheprovider -rs > "$LOG/cuda-new-tests.log" 2>&1
+    -p no:cacheprovider -rfEs > "$LOG/cuda-new-tests.log" 2>&1
   tail -2 "$LOG/cuda-new-tests.log"
   step cuda-tests "$(( $2 - (SECONDS - t0) ))" python3 -m pytest -v -m cuda tests/ \
-    "${ops_tests[@]/#/--ignore=}" "${new_tests[@]/#/--ignore=}" -p no:cacheprovider -rs \
+    "${ops_tests[@]/#/--ignore=}" "${new_tests[@]/#/--ignore=}" -p no:cacheprovider -rfEs \
     > "$LOG/cuda-tests.log" 2>&1
   tail -3 "$LOG/cuda-tests.log"; }
 

@@ -336,3 +336,52 @@ def test_in_memory_cuda_state_dicts_equal_cpu_state_dicts(ckpts: Path, tmp_path:
     assert all(v.device.type == torch.device(DEVICE).type
                for sd in dev_sds.values() for v in sd.values())  # the caller's left where they were
 
+
+# ---- the GPU session runs these first, and its summary names what failed and why ------------
+
+
+def test_gpu_session_runs_this_file_first_and_its_summary_names_failures(tmp_path: Path) -> None:
+    """scripts/gpu_session.sh: this file runs in its own step before the rest of `-m cuda
+    tests/` (whose cap cuts the last files in name order), and a failed CUDA test is named in
+    the summary with its fan-out plan. The test steps passed `-rs`, which replaces the `-ra` of
+    pyproject's addopts: the logs had no `FAILED path::test` line, so the summary's FAILED grep
+    showed none, only the counts (the failing test's name was in the 12,000-character output
+    only if the log's tail was)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "scripts" / "gpu_session.sh").read_text()
+    func = text[text.index("cuda_tests() {"):]
+    func = func[: func.index("; }\n") + 4]
+    assert "tests/test_cuda_s19.py" in text[text.index("new_tests=("):text.index("cuda_tests() {")]
+    assert func.index("cuda-new-tests") < func.index("step cuda-tests ")
+    assert '"${new_tests[@]/#/--ignore=}"' in func
+    cmds = [c for c in re.split(r"\n\s*step ", func) if "-m pytest" in c]
+    assert len(cmds) == 3, func
+    case = tmp_path / "test_fails_s19.py"
+    case.write_text(
+        "def test_refused():\n"
+        "    plan = {'fanout_refused': {'3': 'conv: step 2 (.permute()): moves the batch dim'}}\n"
+        "    assert plan['fanout_refused'] == {}, f\"resnet18 layer bf16: fanout_refused "
+        "{plan['fanout_refused']}\"\n")
+    log, out = tmp_path / "log", tmp_path / "out"
+    log.mkdir()
+    out.mkdir()
+    for i, cmd in enumerate(cmds):
+        flags = re.findall(r"(?<!\S)-r[a-zA-Z]+", cmd)
+        assert flags, cmd
+        p = subprocess.run([sys.executable, "-m", "pytest", "-v", str(case), "-p",
+                            "no:cacheprovider", *flags], cwd=root, capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})
+        (log / f"step{i}-tests.log").write_text(p.stdout + p.stderr)
+    summary = text[text.index("summary() {"):text.index("trap summary EXIT")]
+    env = {**os.environ, "LOG": str(log), "OUT": str(out), "phase": "test"}
+    subprocess.run(["bash", "-c", f"{summary}\nsummary"], env=env, cwd=root, check=True,
+                   capture_output=True, text=True, timeout=60)
+    got = (out / "summary.txt").read_text()
+    for i in range(len(cmds)):
+        assert f"step{i}-tests.log:FAILED " in got and "::test_refused" in got, got
+    assert "fanout_refused {'3': 'conv: step 2 (.permute()): moves the batch dim'}" in got, got
