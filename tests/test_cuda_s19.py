@@ -212,7 +212,7 @@ def _registry_case(arch: str, shape: tuple[int, ...], granularity: str):
     """The model (seed 0, BatchNorm statistics away from 0 / 1), one variant per unit and
     source (the units' tensors of two other initializations: a reinit study's shape, 2 per
     unit so that every group has members to fan) and 6 samples."""
-    from layerfast.models import build_model
+    from layerfast.models import build_model, get_arch
     from layerfast.units import make_units
 
     def built(seed: int) -> nn.Module:
@@ -227,8 +227,7 @@ def _registry_case(arch: str, shape: tuple[int, ...], granularity: str):
         return m.eval()
 
     model = built(0)
-    _, spec = build_model(arch, 10, shape)
-    units = make_units(model, granularity, arch=spec)
+    units = make_units(model, granularity, arch=get_arch(arch))
     sources = [built(s).state_dict() for s in (1, 2)]
     variants = [{k: src[k] for k in u.keys} for u in units for src in sources]
     g = torch.Generator().manual_seed(5)
