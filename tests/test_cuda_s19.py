@@ -46,7 +46,7 @@ from tests.test_fan_s19 import _batches as _batches_1ch
 from tests.test_fan_s19 import _variants as _unit_draws
 from tests.test_fanatk_s19 import AdvancedIndex, SharedMean0
 from tests.test_shape0_s19 import Flat, Mobile
-from tests.test_writeatk_s19 import _batches as _batches_64
+from tests.test_traceatk_s19 import _batches as _batches_64
 from tests.test_writeatk_s19 import _mul, _Three
 
 DEVICE = "cuda"
