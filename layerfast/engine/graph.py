@@ -29,6 +29,7 @@ new tensor, returns several) is tabled in `engine/optables.py`.
 from __future__ import annotations
 
 import operator
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -346,6 +347,11 @@ class Program:
             # variant starts at or before the first such step; cached values are copies).
             blind |= {s.index for s in self.steps if s.index not in reads
                       and s.op not in ("input", "output", "get_attr")}
+        if blind and "torch._dynamo" in sys.modules:
+            # torch >= 2.11 compiles an eager `torch.cond` with dynamo; compiled under the mode
+            # it stays broken for the process (every later call raises `Unsupported`, and the
+            # pass blamed the model): forget what dynamo compiled meanwhile
+            torch._dynamo.reset()
         credited: dict[int, frozenset[str]] = {}
         unseen: set[int] = set()
         for s in self.steps:
