@@ -49,10 +49,14 @@ class Plan:
             "fanned_variants": fanned,
             "swapped_variants": swapped,
             "baseline_equal_variants": len(self.same_as_baseline),
-            "kmax": {str(g.start): g.kmax for g in self.groups if g.fan is not None},
+            # keyed by start step, where several groups can start (a unit and a joint reset
+            # from it): the smallest K of them, the one an out-of-memory back-off lowered
+            "kmax": _smallest((str(g.start), g.kmax) for g in self.groups if g.fan is not None),
             # a fanned run that raised (not out of memory): results stay right, speed is lost,
-            # and the proof in engine.fanout missed something worth reporting
-            "fanout_fallbacks": {str(g.start): g.fallback for g in self.groups if g.fallback},
+            # and the proof in engine.fanout missed something worth reporting; joined like the
+            # refusals, or one group's reason would overwrite another's at the same start
+            "fanout_fallbacks": _joined((str(g.start), g.fallback) for g in self.groups
+                                        if g.fallback),
             # why a group was never fanned (the proof refused it): the swapped variants' reason,
             # keyed like the fallbacks by start step; groups sharing a start join theirs
             "fanout_refused": _joined((str(g.start), g.refused) for g in self.groups
@@ -86,6 +90,14 @@ def _joined(pairs) -> dict[str, str]:
     out: dict[str, str] = {}
     for k, why in pairs:
         out[k] = f"{out[k]}; {why}" if k in out else why
+    return out
+
+
+def _smallest(pairs) -> dict[str, int]:
+    """key -> the smallest of its values (two groups can share a start)."""
+    out: dict[str, int] = {}
+    for k, v in pairs:
+        out[k] = min(out[k], v) if k in out else v
     return out
 
 
