@@ -58,8 +58,10 @@ PREVIOUS = ".layerfast-previous"
 #: hooks or wrapped functions read every key, and pruned / old-style spectral_norm units hold
 #: their mask and u/v buffers, and a branch on a buffer's value is not frozen into the trace
 #: (session 14): such models' variants evaluate other numbers. 5: the fingerprint holds the
-#: model's definition (`models.identity`), so an old store's cannot match (session 15).
-SCHEMA = "5"
+#: model's definition (`models.identity`), so an old store's cannot match (session 15). 6:
+#: whole-model variants after a parameterless first step (fcn3x256's fullmodel) no longer fan
+#: out (session 19): with fan-out on, their rows sum other bits.
+SCHEMA = "6"
 
 
 @dataclass

@@ -84,3 +84,18 @@ def test_every_fanned_groups_back_off_shows_in_kmax_when_two_share_a_start(monke
     res = Evaluator(model, variants, device="cpu", fanout=True).run(_data())
     assert failed == [3] and res.plan["fanned_variants"] == 5
     assert res.plan["kmax"] == {"1": 1}, res.plan["kmax"]
+
+
+def test_whole_model_variants_take_the_swap_path_after_a_parameterless_first_step() -> None:
+    """docs/engine.md and plan.py: whole-model variants (fullmodel) share nothing with the
+    baseline, so fanning them buys only a bigger batch and costs bit-exactness; they take the
+    swap path. The rule asked for start step 0, but a model whose first step holds no
+    parameters (fcn3x256's Flatten, an input normalization) starts them after it: fcn3x256's
+    fullmodel rows were fanned, with fan-out on (the CUDA default), and lost their bits."""
+    model = _mlp()
+    whole = [{}, *(_shifted(model, ["1", "3", "5"], eps) for eps in (0.01, 0.02, 0.03))]
+    on = Evaluator(model, whole, device="cpu", fanout=True).run(_data())
+    off = Evaluator(model, whole, device="cpu", fanout=False).run(_data())
+    assert on.plan["fanned_variants"] == 0 and on.plan["swapped_variants"] == 3, on.plan
+    assert "whole-model variants take the swap path" in " ".join(on.plan["fanout_refused"].values())
+    assert torch.equal(on.counts, off.counts)  # the swap path's bits, loss sums included

@@ -151,8 +151,10 @@ def make_plan(prog: Program, keysets: list[set[str]], fanout: bool, max_fanout: 
     for (start, mods), members in sorted(by_key.items(), key=lambda kv: (kv[0][0], min(kv[1]))):
         union: set[str] = set().union(*(keysets[i] for i in members))
         # Whole-model variants (fullmodel) share nothing with the baseline: fanning them buys
-        # only a bigger batch and costs bit-exactness, so they take the swap path.
-        whole = start == 0 and mods >= stateful
+        # only a bigger batch and costs bit-exactness, so they take the swap path. Not only
+        # from step 0: after a first step without parameters (fcn3x256's Flatten, an input
+        # normalization) they start at step 1, and share only that step with the baseline.
+        whole = mods >= stateful and (start == 0 or bool(stateful))
         fan: FanPlan | None = None
         refused = None
         if fanout and len(members) > 1:
