@@ -29,7 +29,6 @@ new tensor, returns several) is tabled in `engine/optables.py`.
 from __future__ import annotations
 
 import operator
-import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -209,191 +208,11 @@ class Program:
         return None if found is None else found[0]
 
     def unseen_effects(self, x: torch.Tensor) -> tuple[set[int], set[int]] | None:
-        """What the steps do, run on `x`, that the program does not know of: (reads, writes).
+        """(reads, writes): the steps found, run on `x`, to read or write tensors past the
+        program's bookkeeping (`engine.effects.unseen_effects`, where the why is)."""
+        from layerfast.engine.effects import unseen_effects
 
-        reads: the steps that read a parameter or buffer the program does not credit them
-        with: neither their own keys nor those of a step their value comes from. The keys come
-        from module ownership and `get_attr`, and code can reach a tensor past both: a leaf
-        module whose `forward` was replaced on the instance, or whose parametrization holds
-        another module; a plain attribute sharing a parameter's storage
-        (`self.w = self.b.weight.detach()`); a child of an untraced `nn.Sequential` holding
-        another child in a list. A variant of that tensor started from a cut after such a
-        step, and the prefix it reused had read the final model's tensor.
-
-        writes: the steps that write into the storage of a value another step computed (or
-        of the input) that the program does not take them to write into, or whose value the
-        program takes for a new tensor (or a view of values only it reads) while it shares the
-        storage of another step's value. The in-place analysis knows steps by their names and
-        schemas; code behind a call can write past it: a leaf module's replaced `forward`
-        (`x.mul_(2)`, `x[:, 0] = 0`, `torch.ops.aten.relu_(x)`), a scripted submodule, a
-        `torch.nn` subclass defined elsewhere, or one returning its input. The next variant
-        then started from a cached cut (or the cached input) the previous one had written into.
-
-        Both are found in one run, by the storages each step's ops read and write (a
-        dispatch mode: writes are the arguments the op's schema marks `Tensor(a!)`). Only the
-        path `x` takes is seen: code that reads or writes only on other inputs (a branch on
-        the values inside a replaced `forward`), or writes past the dispatcher (through
-        `.numpy()`), is not found.
-
-        A step the mode cannot see into is in both sets, as unknown (so opaque): one that runs a
-        higher-order operator (`torch.cond`: its body runs past the mode), and, where the run
-        under the mode raises while a plain run does not, every step it had not finished. An
-        answer of nothing found would have let a variant start after a step that read its
-        tensor. None when the model fails on its own (the pass reports that failure)."""
-        from torch._ops import HigherOrderOperator
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
-
-        # storage -> the bytes [lo, hi) of each parameter or buffer in it, and its key: a read
-        # is one of the tensors whose bytes it overlaps, not of all that share its storage
-        # (parameters made from chunks of one tensor, or a flat-parameter wrapper's views).
-        by_storage: dict[int, list[tuple[int, int, str]]] = {}
-        named = [*self.model.named_parameters(remove_duplicate=False),
-                 *self.model.named_buffers(remove_duplicate=False)]
-        for name, t in named:
-            ptr = _storage_ptr(t)
-            span = _byte_span(t) if ptr else None
-            if span:
-                by_storage.setdefault(ptr, []).append((*span, self.canonical.get(name, name)))
-        # storage -> the steps (0: the input) whose live value holds it; a value leaves when
-        # the run drops it, so a later allocation at the same address is not taken for it.
-        # The input and the cuts' carriers stay, alive: the pass keeps them for the variants.
-        holders: dict[int, set[int]] = {}
-        kept = {0, *self.carrier.values()}
-        alive: list[Any] = []
-        own: dict[int, set[int]] = {}  # step -> its live value's storages (parameters too)
-
-        def ptrs(v: Any) -> set[int]:
-            return {p for t in tree_leaves(v) if isinstance(t, torch.Tensor)
-                    for p in (_storage_ptr(t),) if p}
-
-        class _Effects(TorchDispatchMode):
-            seen: set[str] = set()
-            wrote: set[int] = set()
-            # A higher-order operator (`torch.cond`, `flex_attention`, ...) comes here whole,
-            # its body run past this mode, instead of raising for want of a rule for the mode:
-            # the step it runs in is then one whose effects are unknown (`blind`).
-            supports_higher_order_operators = True
-            blind = False
-
-            @classmethod
-            def _should_skip_dynamo(cls) -> bool:
-                # torch wraps a mode's __torch_dispatch__ in `_disable_dynamo`, whose first
-                # call imports torch._dynamo: ~0.9 s once per process, 60x a ResNet-20
-                # forward on 8 samples. Nothing here compiles, so the wrapper is not needed.
-                return False
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-                kwargs = kwargs or {}
-                if isinstance(func, HigherOrderOperator):
-                    self.blind = True
-                    return func(*args, **kwargs)
-                for t in tree_leaves((args, kwargs)):
-                    if isinstance(t, torch.Tensor):
-                        held = by_storage.get(_storage_ptr(t) or -1)
-                        span = _byte_span(t) if held else None
-                        if span:
-                            self.seen |= {k for lo, hi, k in held if lo < span[1] and span[0] < hi}
-                schema = getattr(func, "_schema", None)
-                for i, a in enumerate(schema.arguments if schema is not None else ()):
-                    if a.alias_info is not None and a.alias_info.is_write:
-                        v = args[i] if i < len(args) and not a.kwarg_only else kwargs.get(a.name)
-                        self.wrote |= {p for p in ptrs(v) if p in holders}
-                return func(*args, **kwargs)
-
-        mode = _Effects()
-        mode.seen, mode.wrote = set(), set()
-        reads: dict[int, set[str]] = {}
-        writes: set[int] = set()
-        blind: set[int] = set()  # steps whose effects the run could not see
-        frees = self.frees
-
-        def record(i: int, value: Any) -> None:
-            reads[i] = mode.seen
-            if mode.blind:
-                blind.add(i)
-                mode.blind = False
-            s = self.steps[i]
-            if s.op != "get_attr" and not self.is_opaque(s):
-                if self._writes_past(s, mode.wrote, own) or self._aliases_past(
-                        s, ptrs(value), holders):
-                    writes.add(i)
-            mode.seen, mode.wrote = set(), set()
-            own[i] = ptrs(value)
-            if s.op != "get_attr":
-                for p in own[i]:
-                    holders.setdefault(p, set()).add(i)
-                if i in kept:
-                    alive.append(value)
-            for j in frees[i]:
-                if j not in kept:
-                    own.pop(j, None)
-                    for p, held in list(holders.items()):
-                        held.discard(j)
-                        if not held:
-                            del holders[p]
-
-        x0, x = x, x.clone()
-        own[0] = ptrs(x)
-        for p in own[0]:
-            holders[p] = {0}
-        try:
-            with mode, torch.no_grad():
-                self.run(x, 0, on_value=record)
-        except Exception:  # noqa: BLE001 - the model's, or the mode's: told apart below
-            if not self._runs_plain(x0):
-                return None  # the model's own failure: the pass says so
-            # Only the mode failed: what it had not recorded is unknown, and so opaque (a
-            # variant starts at or before the first such step; cached values are copies).
-            blind |= {s.index for s in self.steps if s.index not in reads
-                      and s.op not in ("input", "output", "get_attr")}
-        if blind and "torch._dynamo" in sys.modules:
-            # torch >= 2.11 compiles an eager `torch.cond` with dynamo; compiled under the mode
-            # it stays broken for the process (every later call raises `Unsupported`, and the
-            # pass blamed the model): forget what dynamo compiled meanwhile
-            torch._dynamo.reset()
-        credited: dict[int, frozenset[str]] = {}
-        unseen: set[int] = set()
-        for s in self.steps:
-            mine = s.keys.union(*(credited.get(r, frozenset())
-                                  for r in refs_in(s.args) + refs_in(s.kwargs)))
-            credited[s.index] = mine
-            if reads.get(s.index, set()) - mine:
-                unseen.add(s.index)
-        return unseen | blind, writes | blind
-
-    def _runs_plain(self, x: torch.Tensor) -> bool:
-        """Whether the program runs on `x` without a dispatch mode (`unseen_effects` tells the
-        model's own failure from its mode's by it)."""
-        try:
-            with torch.no_grad():
-                self.run(x.clone(), 0)
-        except Exception:  # noqa: BLE001 - the model's own failure
-            return False
-        return True
-
-    def _writes_past(self, s: Step, wrote: set[int], own: dict[int, set[int]]) -> bool:
-        """Whether step s wrote into another step's value (storages `wrote`) where the program
-        does not take it to: anywhere, for a step it takes to write nowhere; outside the
-        storage of the argument it writes into (`mutated`; `own`: each live value's
-        storages), for an in-place one."""
-        if not wrote:
-            return False
-        if self.is_inplace(s):
-            target = self.mutated(s)
-            if not isinstance(target, Ref):  # unknown: taken to write anywhere already
-                return False
-            return not wrote <= own.get(target.index, set())
-        return True
-
-    def _aliases_past(self, s: Step, out: set[int], holders: dict[int, set[int]]) -> bool:
-        """Whether step s's value shares storage with another step's value where the program
-        takes it for a new tensor, or for a view of values only it reads (`_fresh`): a write
-        into it that the program takes as harmless would change that value."""
-        if s.index not in self._fresh or not out:
-            return False
-        mine = set(refs_in(s.args) + refs_in(s.kwargs)) if self._freshness(s) == "alias" else set()
-        return any(p in holders and not holders[p] & mine for p in out)
+        return unseen_effects(self, x)
 
     def make_opaque(self, steps: set[int]) -> None:
         """Treat these steps as code the program cannot see (`_mark_opaque`): each reads every
@@ -775,28 +594,6 @@ class Program:
                     frees[max(s.users)].append(s.index)
             self._frees = frees
         return self._frees
-
-
-def _storage_ptr(t: torch.Tensor) -> int | None:
-    """The address of `t`'s storage (shared by every view of it); None where it has none
-    (sparse, meta, a tensor subclass without one) or an empty one."""
-    try:
-        return t.untyped_storage().data_ptr() or None
-    except Exception:  # noqa: BLE001 - no storage to tell by
-        return None
-
-
-def _byte_span(t: torch.Tensor) -> tuple[int, int] | None:
-    """The addresses [lo, hi) of the bytes `t` covers in its storage (its view's extent);
-    None where it covers none or has no address to tell by."""
-    try:
-        if t.numel() == 0:
-            return None
-        lo = t.data_ptr()
-        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) + 1
-        return lo, lo + extent * t.element_size()
-    except Exception:  # noqa: BLE001 - no address (a tensor subclass without storage)
-        return None
 
 
 def _has_inplace_flag(m: nn.Module) -> bool:
