@@ -265,3 +265,19 @@ def test_a_scripted_inplace_relu(mid: str) -> None:
         assert prog.is_inplace(step) or step.index in found[1]
     plan = _matches_naive(m, mods)
     assert plan["untraced"] is None
+
+
+def test_a_fan_out_refusal_names_the_effects_check_for_a_step_it_found() -> None:
+    """A step made opaque by the first-batch effects check was named in a fan-out refusal as
+    reading the unit's tensor "by code the trace does not see", though what it did was write
+    into a value: the refusal now says the effects check found it."""
+    from layerfast.engine import Evaluator
+
+    torch.manual_seed(0)
+    m = _Three().eval()
+    m.w.forward = _mul
+    variants = [{"a.weight": torch.randn(64, 64)}, {"a.weight": torch.randn(64, 64)}]
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    res = Evaluator(m, variants, device="cpu", fanout=True).run([(x, y)])
+    (why,) = res.plan["fanout_refused"].values()
+    assert "found on the first batch to read or write tensors past the trace" in why, why

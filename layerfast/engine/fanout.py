@@ -569,6 +569,9 @@ def prove_fan(prog: Program, start: int, keys: set[str]) -> FanPlan | str:
         return f"{tied[0]} is tied (held by two modules)"
     owner: dict[str, str] = {}
     for s in prog.steps[start + 1 :]:
+        if s.index in prog.found_opaque:  # every key is its own now: say what it did
+            return (f"{_describe(prog, s)} was found on the first batch to read or write tensors "
+                    "past the trace (the effects check), so every variant starts before it")
         if (s.op == "get_attr" or prog.is_opaque(s)) and s.keys & keys:
             how = "by code the trace does not see" if prog.is_opaque(s) else "as a tensor"
             return (f"{_describe(prog, s)} reads the unit's {sorted(s.keys & keys)[0]} {how}, "

@@ -141,6 +141,10 @@ class Program:
     flowing from steps <= c to steps > c, and is one tensor. Index 0 (the input) is always a cut.
     """
 
+    #: Steps made opaque after the trace (`make_opaque`: the first-batch effects check found
+    #: them reading or writing tensors past the program's bookkeeping), for messages.
+    found_opaque: frozenset[int] = frozenset()
+
     def __init__(self, model: nn.Module, trace: bool = True) -> None:
         """`trace=False`: do not trace (the children of a plain nn.Sequential, else one
         opaque step), for a model whose traced program is not its forward (`Evaluator` checks)."""
@@ -221,6 +225,7 @@ class Program:
         if not steps:
             return
         self._opaque = self._opaque | frozenset(steps)
+        self.found_opaque = self.found_opaque | frozenset(steps)
         every = frozenset(self.canonical.values())
         for i in steps:
             self.steps[i].keys = every
