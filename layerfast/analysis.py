@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -151,7 +152,9 @@ def _out_dir(out: str | os.PathLike[str] | None, arch: str,
     if out is None:
         from layerfast.store import find_unfinished
 
-        prefix = f"{arch.replace(':', '_').replace('/', '_')}-"
+        # only characters every file system takes: a callable arch is named like
+        # `__main__:<lambda>`, and `<`, `>` (and `:`) cannot be in a Windows file name
+        prefix = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', arch)}-"
         found = find_unfinished(Path(DEFAULT_OUT), prefix, fingerprint)
         out = found or _fresh_dir(Path(DEFAULT_OUT), f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}")
         created = found is None
@@ -677,11 +680,12 @@ def _stored_dtypes(ck: Any, model: torch.nn.Module, taus: list[int]) -> dict[str
     `taus`), from metadata only. A file stored narrower than the model is analysed as stored:
     cast up, its rounding stays in every row (baseline included), so it is said once; without
     it, run.json could not tell a float16 file's results from a float32 one's."""
+    from layerfast.engine.precision import widest_dtype
+
     read = sorted({ck.final, *taus, *({0} & set(ck.labels))})
     stored = {t: ck.stored_dtypes(t) for t in read}
-    wide = [t.dtype for t in (*model.parameters(), *model.buffers()) if t.dtype.is_floating_point]
-    eps = min((torch.finfo(d).eps for d in wide), default=torch.finfo(torch.float32).eps)
-    model_dtype = next((d for d in wide if torch.finfo(d).eps == eps), torch.float32)
+    model_dtype = widest_dtype(model)
+    eps = torch.finfo(model_dtype).eps
     narrow = sorted({d for ds in stored.values() for d in ds
                      if isinstance(dt := getattr(torch, d, None), torch.dtype)
                      and dt.is_floating_point and torch.finfo(dt).eps > eps})

@@ -58,6 +58,14 @@ def model_dtype(model: torch.nn.Module) -> str:
     return "+".join(names) or "float32"
 
 
+def widest_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The model's most precise floating dtype (float32 when it holds none): a checkpoint
+    stored in anything coarser is rounded relative to what the model computes in
+    (`analysis._stored_dtypes` says so once). `model_dtype` names every dtype instead."""
+    wide = [t.dtype for t in (*model.parameters(), *model.buffers()) if t.dtype.is_floating_point]
+    return min(wide, key=lambda d: torch.finfo(d).eps, default=torch.float32)
+
+
 #: Floating dtypes narrower than float32: a model built in them computes in them in every mode.
 _NARROW = (torch.float16, torch.bfloat16)
 
