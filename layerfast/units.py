@@ -12,7 +12,10 @@ Granularity
 - `block` / `stage`: the registered architecture's own list (`ArchSpec.blocks/stages`: unit
   name -> module-name prefixes; torchvision ResNets give `stem`, `layer1.0`.., `fc` and `stem`,
   `layer1`.., `fc`). Without one (user models, the FCN), each top-level child that owns
-  state is one unit named after it, for both.
+  state is one unit named after it, for both. A module a block holds under any of its names
+  is in it (`self.dec = nn.Sequential(self.enc, ...)`: `dec` resets `dec.0`, which is
+  `enc`), keyed by the block's own name for it; two blocks holding one module then share
+  its tensors under two names and are warned about as tied (`tied_across_units`).
 - `patterns` (`--units P,...`): each pattern is a glob (`fnmatch`, case-sensitive) or, prefixed
   `re:`, a regex (`re.search`) over qualified module names. It selects a module when it matches
   the module's name or the name of one of its ancestors, so `layer1.0` selects the whole block
@@ -251,16 +254,37 @@ def _under(name: str, prefixes: Sequence[str]) -> bool:
 
 
 def _prefix_selections(
-    owners: dict[str, nn.Module], groups: list[tuple[str, list[str]]]
+    owners: dict[str, nn.Module],
+    groups: list[tuple[str, list[str]]],
+    aliases: dict[str, list[str]],
+) -> tuple[list[tuple[str, list[str]]], list[dict[str, str]]]:
+    """Each group's owners, and for each group the name it holds each of them by.
+
+    An owner is in a group when any of its names is under the group's prefixes: a module
+    registered in two blocks (`self.dec = nn.Sequential(self.enc, ...)`) is part of both, as
+    `--units dec` selects it; `named_modules()` lists it once, under its first name, and
+    matching only that name silently left `dec.0` out of the block `dec`. Inside a group the
+    owner is named as that group holds it (`dec.0`), so its keys are the block's own
+    state-dict names and a second block holding the same tensors is warned about as tied
+    (`tied_across_units`)."""
+    selections: list[tuple[str, list[str]]] = []
+    shown: list[dict[str, str]] = []
+    for name, prefixes in groups:
+        held = {o: next(a for a in aliases[o] if _under(a, prefixes))
+                for o in owners if any(_under(a, prefixes) for a in aliases[o])}
+        selections.append((name, list(held)))
+        shown.append({o: a for o, a in held.items() if a != o})
+    return selections, shown
+
+
+def _children_groups(
+    model: nn.Module, owners: dict[str, nn.Module], aliases: dict[str, list[str]]
 ) -> list[tuple[str, list[str]]]:
-    return [(name, [o for o in owners if _under(o, prefixes)]) for name, prefixes in groups]
-
-
-def _children_groups(model: nn.Module, owners: dict[str, nn.Module]) -> list[tuple[str, list[str]]]:
-    """Block/stage for models without their own: each top-level child that owns state."""
+    """Block/stage for models without their own: each top-level child that owns state (its
+    own, or a module it holds that another child registered first)."""
     groups = [(ROOT, [""])] if "" in owners else []
     for child, _ in model.named_children():
-        if any(_under(o, [child]) for o in owners if o):
+        if any(_under(a, [child]) for o in owners if o for a in aliases[o]):
             groups.append((child, [child]))
     return groups
 
@@ -475,6 +499,7 @@ def make_units(
             for src in srcs:
                 fed_by.setdefault(src, []).append(norm)
 
+    shown: list[dict[str, str]] = []  # block/stage: the name each selection holds an owner by
     if patterns is not None:
         selections = _pattern_selections(model, owners, list(patterns))
     elif granularity == "layer":
@@ -487,8 +512,9 @@ def make_units(
         ]
     else:
         fn = None if arch is None else (arch.blocks if granularity == "block" else arch.stages)
-        groups = fn(model) if fn is not None else _children_groups(model, owners)
-        selections = _prefix_selections(owners, groups)
+        aliases = _aliases(model, owners)
+        groups = fn(model) if fn is not None else _children_groups(model, owners, aliases)
+        selections, shown = _prefix_selections(owners, groups, aliases)
         if bn != "keep":
             selections = _home_fed_norms(selections, feeders)
 
@@ -497,12 +523,14 @@ def make_units(
     units: list[Unit] = []
     norm_units: set[str] = set()
 
-    def emit(name: str, members: list[str]) -> None:
+    def emit(name: str, members: list[str], held: dict[str, str] | None = None) -> None:
         members = sorted(set(members), key=order.__getitem__)
-        keys = [k for m in members for k in _keys(m, owners[m], sd_keys)]
-        units.append(Unit(name, tuple(members), tuple(keys), bn))
+        named = [(held or {}).get(m, m) for m in members]  # as the block holds it (`dec.0`)
+        keys = [k for m, n in zip(members, named, strict=True) for k in _keys(n, owners[m], sd_keys)]
+        units.append(Unit(name, tuple(named), tuple(keys), bn))
 
-    for name, chosen in selections:
+    for i, (name, chosen) in enumerate(selections):
+        held = shown[i] if shown else None
         if not chosen:  # an arch's block list naming a module this model lacks
             continue
         members = list(chosen)
@@ -511,10 +539,10 @@ def make_units(
         plain = [m for m in members if not is_norm(owners[m])]
         norms = sorted({m for m in members if is_norm(owners[m])}, key=order.__getitem__)
         if bn == "with-layer":
-            emit(name, members)
+            emit(name, members, held)
             continue
         if plain:
-            emit(name, plain)
+            emit(name, plain, held)
         elif bn == "keep" and patterns is not None:
             raise LayerfastError(
                 f"unit pattern {name!r} selects only normalization layers, which --bn keep "
