@@ -4,6 +4,10 @@ equal the naive loop's."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -89,3 +93,50 @@ def test_top_level_child_holding_only_a_shared_module_is_a_unit() -> None:
         ("again", ("again.0.weight", "again.0.bias")),
         ("head", ("head.weight", "head.bias")),
     ]
+
+
+class _TiedHead(nn.Module):
+    """An LM-style head: `fc.weight` IS `embed.weight` (tied after construction)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.mid = nn.Linear(16, 16)
+        self.fc = nn.Linear(16, 32)
+        self.fc.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed((x.flatten(1).abs() * 8).long().clamp(max=31)).mean(1)
+        return self.fc(torch.relu(self.mid(h)))[:, :10]
+
+
+def test_checkpoint_with_two_values_for_one_tied_tensor_is_refused_up_front(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file holding `embed.weight` and `fc.weight` with different values (saved untied) was
+    refused only by a fullmodel variant at evaluation; a reinit-only run went through, the
+    final model holding the last name's value and each unit's reset its own name's value, so
+    `embed` reset to the final τ was not the baseline (delta_error ≠ 0)."""
+    import layerfast
+    from layerfast.errors import LayerfastError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    torch.manual_seed(0)
+    sds = {}
+    for t in range(3):
+        sd = {k: v.clone() for k, v in _TiedHead().state_dict().items()}
+        sd["fc.weight"] = sd["fc.weight"] + 1.0  # its own tensor, another value
+        sds[t] = sd
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(60, 5, generator=g), torch.randint(0, 10, (60,), generator=g)
+    out = tmp_path / "out"
+    with pytest.raises(LayerfastError, match="two different values for one tied tensor"):
+        layerfast.analyze(_TiedHead, sds, data=(x.numpy(), y.numpy()), out=out,
+                          reset="reinit", device="cpu", progress=False, figures=False)
+    assert not out.exists() or not any(out.iterdir())
+    # saved tied (one value), the same run goes through
+    for sd in sds.values():
+        sd["fc.weight"] = sd["embed.weight"]
+    a = layerfast.analyze(_TiedHead, sds, data=(x.numpy(), y.numpy()), out=out, reset="reinit",
+                          device="cpu", progress=False, figures=False)
+    final = a.table[(a.table.kind == "reinit") & (a.table.checkpoint == 2)]
+    assert (final.delta_error == 0).all()

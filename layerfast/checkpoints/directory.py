@@ -89,6 +89,7 @@ class CheckpointDir:
         self._ties: dict[str, tuple[str, ...]] = {}
         self._keymaps: dict[int, dict[str, str]] = {}
         self._finite_ok: set[int] = set()
+        self._ties_ok: set[int] = set()
 
     def __repr__(self) -> str:
         return f"CheckpointDir({str(self.path)!r}, labels={self.labels}, final={self.final})"
@@ -213,6 +214,7 @@ class CheckpointDir:
                 self._ties = ties
                 self._keymaps.clear()
                 self._finite_ok.clear()
+                self._ties_ok.clear()
         todo = self.labels if labels is None else list(labels)
         for label in todo:
             self.check_label(label)
@@ -255,6 +257,7 @@ class CheckpointDir:
             dtypes = {k: d if isinstance(d := getattr(v, "dtype", None), torch.dtype) else None
                       for k, v in reference.items()}
             self._check_finite(todo, dtypes)
+        self._check_ties(todo)
 
     def check_trained(self) -> None:
         """LayerfastError when the final model is τ=0 only because nothing later exists.
@@ -272,6 +275,45 @@ class CheckpointDir:
                 f"{self.path} holds only the initialization (τ=0){why}: there is no trained "
                 "model to analyse. To analyse the initialization on purpose, name it as the "
                 "final model (final=0; --final 0 on the command line)."
+            )
+
+    def _check_ties(self, labels: Sequence[int]) -> None:
+        """One value per tied tensor: a file holding two names of a tensor the model ties
+        (`fc.weight` is `embed.weight`) under two different values was saved from a model
+        where they were not tied. Loading it keeps whichever name comes last, so the final
+        model, each unit's reset (its own name's value) and distances.csv (per name) would
+        each read another tensor: a reinit to the final τ was not the baseline. A `fullmodel`
+        variant (both names at once) was refused only at evaluation, and a reinit-only run
+        not at all. Reads only the tied tensors a file stores under several raw names."""
+        bad: list[str] = []
+        for label in labels:
+            if label in self._ties_ok or not self._ties:
+                continue
+            f, km = self._open(label), self._keymap(label)
+            seen: set[str] = set()
+            found: list[str] = []
+            for k, others in self._ties.items():
+                if k in seen or k not in km:
+                    continue
+                names = [n for n in (k, *others) if n in km]
+                seen.update(names)
+                raws = list(dict.fromkeys(km[n] for n in names))
+                if len(raws) < 2:  # one stored tensor serves every name
+                    continue
+                first = f.get(raws[0])
+                for n in names[1:]:
+                    if km[n] != raws[0] and not _same_values(first, f.get(km[n])):
+                        found.append(f"{names[0]} and {n}")
+            if found:
+                bad.append(f"{self.files[label].name}: {', '.join(found[:5])}"
+                           + (", ..." if len(found) > 5 else ""))
+            else:
+                self._ties_ok.add(label)
+        if bad:
+            raise LayerfastError(
+                "checkpoints hold two different values for one tied tensor of the model: "
+                + " | ".join(bad) + " (saved from a model where they were not tied? the model "
+                "holds one tensor for both names)"
             )
 
     def _check_finite(self, labels: Sequence[int], ref: Mapping[str, torch.dtype | None]) -> None:
@@ -293,6 +335,15 @@ class CheckpointDir:
                 "checkpoints hold NaN or Inf weights: " + " | ".join(bad) + " (a diverged run? "
                 "a value beyond the model's dtype's range counts: it is Inf once loaded)"
             )
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape and values, NaN equal to NaN (non-finite values are `_check_finite`'s)."""
+    if a.shape != b.shape:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
 
 
 #: Stored dtypes (torch's names) that may feed a floating model tensor: a float cast is harmless.
