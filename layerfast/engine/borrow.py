@@ -36,6 +36,25 @@ def _snapshot(b: torch.Tensor) -> torch.Tensor | None:
     return b.detach().clone() if b.layout == torch.strided and not b.is_meta else None
 
 
+def _own_storage(now: torch.Tensor, data: torch.Tensor) -> bool:
+    """Whether the tensor a parameter holds during the pass (`now`, after the move to the
+    device and layout) is its own tensor `data`, sharing its storage: the pass then writes
+    into the caller's bytes. A moved or converted copy is given back unread (`p.data = data`)."""
+    try:
+        return now.device == data.device and \
+            now.untyped_storage().data_ptr() == data.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001 - no storage to tell by (a tensor subclass): assume own
+        return True
+
+
+def _param_snapshot(t: torch.Tensor) -> torch.Tensor | None:
+    """A parameter's values before the pass, on the host (a model already on the GPU spends
+    no device memory on it); None where `_snapshot` takes none."""
+    if t.layout != torch.strided or t.is_meta:
+        return None
+    return t.detach().to("cpu", copy=True)
+
+
 @contextlib.contextmanager
 def borrowed(model: nn.Module, device: torch.device, channels_last: bool) -> Iterator[None]:
     """The model in eval mode on `device` (channels_last when asked), in-place activations
@@ -50,13 +69,20 @@ def borrowed(model: nn.Module, device: torch.device, channels_last: bool) -> Ite
     eval mode (a call counter, a custom layer's running mean), and on the CPU the pass runs on
     the model's own tensors, so the user's model came back changed and a second run on it
     started from other state and gave other counts. They are copied before the pass (buffers
-    are a small part of a model) and written back where the pass changed them."""
+    are a small part of a model) and written back where the pass changed them.
+
+    So are the parameters the pass runs on in place (those the move to `device` and the
+    layout left in their own tensors: all of them on the CPU): a forward can write into one in
+    eval mode too (`nn.Embedding(max_norm=...)` renormalises the rows it looks up,
+    `self.weight.data.clamp_(...)`, a scale updated under `no_grad`), and the user's model came
+    back with those writes. Their copy is kept on the host, one model's size, for the pass."""
     modes = [(m, m.training) for m in model.modules()]
     params = [(p, p.data, p.grad) for p in model.parameters()]
     buffers = [
         (m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None
     ]
     values = [_snapshot(b) for _, _, b in buffers]
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (own tensor, its values before)
     model.eval()
     try:
         # Gradients stay where they are, off the model while it runs: `Module.to` would move
@@ -67,12 +93,20 @@ def borrowed(model: nn.Module, device: torch.device, channels_last: bool) -> Ite
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
+        for p, data, _ in params:
+            v = _param_snapshot(data) if _own_storage(p.data, data) else None
+            if v is not None:
+                kept.append((data, v))
         with no_inplace_modules(model), attributes_kept(list(model.modules())), \
                 torch.inference_mode():
             yield
     finally:
         for p, data, grad in params:
             p.data, p.grad = data, grad
+        for data, v in kept:
+            if not torch.equal(data, v.to(data.device)):
+                with torch.inference_mode(data.is_inference()), torch.no_grad():
+                    data.copy_(v)
         for (m, name, b), v in zip(buffers, values, strict=True):
             m._buffers[name] = b
             # a NaN compares unequal, so it copies the same bits back: harmless
