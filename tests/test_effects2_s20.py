@@ -117,3 +117,74 @@ def test_the_model_comes_back_when_the_pass_raises() -> None:
     with pytest.raises(Exception):  # noqa: B017,PT011 - which one is not the point here
         Evaluator(m, _variants(m, ["a"], n=1), device="cpu").run(_batches())
     assert _unchanged(before, m) == []
+
+
+# ---- a derived weight cached on the first call ------------------------------------------------
+
+
+class _Cached(nn.Module):
+    """`a`'s weight copied into a plain attribute on the first call and reused after. fx
+    traced the forward with the cache empty, so the program recomputed it from the live
+    weight for every variant, while the model's own forward (the naive loop, the user's
+    code) reuses what its first call stored: the counts of `a`'s variants differed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        self.wc: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wc is None:
+            self.wc = self.a.weight * 1.0
+        h = torch.relu(torch.nn.functional.linear(x, self.wc, self.a.bias))
+        return self.c(torch.relu(self.b(h)))
+
+
+class _Stores(nn.Module):
+    """Stores an activation on every call (for inspection): not a cache, stays traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        self.feat: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        self.feat = h
+        return self.c(torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize("fanout", [False, True], ids=["swap", "fan"])
+def test_a_cache_filled_on_the_first_call_is_the_models_own(fanout: bool) -> None:
+    torch.manual_seed(0)
+    m = _Cached().eval()
+    variants = _variants(m, ["a", "b", "c"], n=2)
+    batches = _batches()
+    res = Evaluator(m, variants, device="cpu", precision="fp32", fanout=fanout).run(batches)
+    assert m.wc is None  # the model comes back holding its own (empty) cache
+    assert "wc" in str(res.plan.get("untraced")), res.plan.get("untraced")
+    want = naive_evaluate(m, variants, lambda: batches)
+    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]]), (res.counts, want)
+
+
+def test_an_activation_stored_on_every_call_keeps_the_trace() -> None:
+    torch.manual_seed(0)
+    m = _Stores().eval()
+    variants = _variants(m, ["a", "b", "c"], n=1)
+    res = Evaluator(m, variants, device="cpu", precision="fp32").run(_batches())
+    assert res.plan.get("untraced") is None
+    assert m.feat is None
+
+
+def test_a_table_cached_from_the_input_shape_keeps_the_trace() -> None:
+    """A positional table filled on first use is not derived from weights: the program's
+    recomputation is the same for every variant, so the model stays traced."""
+    from tests.test_engine_hooks import Cached
+
+    torch.manual_seed(0)
+    m = Cached().eval()
+    variants = [{"l1.weight": torch.randn(16, 16)}, {"fc.weight": torch.randn(10, 16)}]
+    res = Evaluator(m, variants, device="cpu", precision="fp32").run(
+        [(torch.randn(8, 16), torch.arange(8))])
+    assert res.plan.get("untraced") is None
+    assert m._table is None

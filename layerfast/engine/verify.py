@@ -16,6 +16,7 @@ from torch import nn
 
 from layerfast.engine.graph import Program, eager_inplace
 from layerfast.engine.precision import precision_context
+from layerfast.engine.tracing import _MODULE_SLOTS, _tensorish
 
 _OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)
 
@@ -33,6 +34,7 @@ def trace_differs(
     False when the model's own forward fails (the pass then reports that). Out of memory in
     either forward is raised, not taken as a verdict: the caller backs off."""
     with precision_context("fp32", device):
+        slots = _empty_slots(model)
         try:
             with eager_inplace(model):
                 ref = model(x.clone())
@@ -40,6 +42,12 @@ def trace_differs(
             raise
         except Exception:  # noqa: BLE001 - the model itself fails: the pass says so
             return False
+        cached = _filled_on_first_call(model, x, slots) if prog.traced else []
+        if cached:
+            return (f"the forward caches tensors on its modules on its first call "
+                    f"({', '.join(cached[:3])}{', ...' if len(cached) > 3 else ''}) and reuses "
+                    "them after, where the traced program, recorded with them empty, "
+                    "recomputes them from the live weights for every variant")[:300]
         try:
             got = prog.run(x.clone())
         except _OOM:
@@ -53,6 +61,95 @@ def trace_differs(
         # noise layer) or stateful (a buffer it updates): then its counts change from run to
         # run, and blaming the trace (with "the results are exact") misled.
         return _random_forward(model, x, device, ref) or why
+
+
+def _empty_slots(model: nn.Module) -> dict[tuple[str, str], bool]:
+    """(module name, attribute) -> whether it is None, for every plain attribute of every
+    module before a call (`_filled_on_first_call`: one absent here and a tensor after was set
+    by the call)."""
+    return {(n, k): v is None for n, m in model.named_modules() for k, v in vars(m).items()
+            if k not in _MODULE_SLOTS}
+
+
+def _filled_on_first_call(model: nn.Module, x: torch.Tensor,
+                          before: dict[tuple[str, str], bool]) -> list[str]:
+    """The plain attributes (`name.attr`) the forward's call just made tensors of, where they
+    were None or absent (`before`), and which a second call leaves the very same object: a
+    cache filled on first use (`if self.wc is None: self.wc = self.a.weight * 1.0`). fx traced
+    the forward with the cache empty (`Program` is made before any call of the pass), so its
+    program recomputes it from the live weights for every variant, while the model's own
+    forward — the naive loop, the user's own code — reuses what its first call stored, and the
+    counts of the variants of the weights it derives from differ. An activation stored on
+    every call (`self.feat = h`) is a new object after the second call: not a cache, and the
+    model stays traced."""
+    filled = {(n, k): v for n, m in model.named_modules() for k, v in vars(m).items()
+              if k not in _MODULE_SLOTS and _tensorish(v) and before.get((n, k), True)}
+    if not filled:
+        return []
+    try:
+        with eager_inplace(model):
+            model(x.clone())
+    except Exception:  # noqa: BLE001 - out of memory too: no verdict, the pass goes on
+        return []
+    mods = dict(model.named_modules())
+    kept = {nk: v for nk, v in filled.items() if getattr(mods[nk[0]], nk[1], None) is v}
+    return [f"{n}.{k}" if n else k for n, k in _from_weights(model, x, kept, before, mods)]
+
+
+def _from_weights(model: nn.Module, x: torch.Tensor, caches: dict[tuple[str, str], Any],
+                  before: dict[tuple[str, str], bool],
+                  mods: dict[str, nn.Module]) -> list[tuple[str, str]]:
+    """Those of `caches` (filled by the first call) whose values depend on the parameters:
+    emptied as they were, the forward run once more with every parameter changed, and
+    compared. A table of the input's shape (positional, rotary from a buffer, a mask) is the
+    same and harmless: the program recomputes the same values for every variant. The
+    parameters and the caches come back as they were after the first call."""
+    if not caches:
+        return []
+    params = [p.data for p in model.parameters() if p.is_floating_point()]
+    saved = [t.clone() for t in params]
+    out: list[tuple[str, str]] = []
+    try:
+        with torch.no_grad():
+            for t in params:
+                t.mul_(0.5).add_(0.25)
+        for (n, k) in caches:
+            if before.get((n, k)) is None:
+                delattr(mods[n], k)
+            else:
+                object.__setattr__(mods[n], k, None)
+        with eager_inplace(model):
+            model(x.clone())
+        for (n, k), v in caches.items():
+            now = getattr(mods[n], k, None)
+            if not _same_values(now, v):
+                out.append((n, k))
+    except Exception:  # noqa: BLE001 - out of memory too: no verdict, the pass goes on
+        out = []
+    finally:
+        with torch.no_grad():
+            for t, v in zip(params, saved, strict=True):
+                t.copy_(v)
+        for (n, k), v in caches.items():
+            object.__setattr__(mods[n], k, v)
+    return out
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """Whether two cached values (tensors, or containers of them) hold the same values."""
+    from torch.utils._pytree import tree_flatten
+
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    if sa != sb or len(la) != len(lb):
+        return False
+    for u, v in zip(la, lb, strict=True):
+        if isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor):
+            if u.shape != v.shape or not torch.equal(u, v):
+                return False
+        elif isinstance(u, torch.Tensor) or isinstance(v, torch.Tensor):
+            return False
+    return True
 
 
 def random_forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> str | None:
