@@ -705,8 +705,9 @@ def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
     passes = len(ev.passes())
     bar = _progress(progress, src.n * passes, prev.n_done, len(ev.variants),
                     f" in {passes} passes" if passes > 1 else "")
+    store.engine_state = ev.resume_state  # saved with each segment, for the next rerun
     try:
-        res = ev.run(src, start=prev.n_done, counts=prev.counts,
+        res = ev.run(src, start=prev.n_done, counts=prev.counts, state=prev.info.get("resume"),
                      on_progress=(lambda n: bar.update(n - bar.n)) if bar else None,
                      on_checkpoint=store.save, checkpoint_every=every)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (cli's handler): say what is kept

@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -201,9 +201,16 @@ class ResumeStore:
     def _damaged(self, why: str) -> LayerfastError:
         return LayerfastError(f"{self.path} is damaged: {why}; pass --fresh to start over there")
 
+    #: The engine's state to save with each segment (`Evaluator.resume_state`), returned by
+    #: a later `load()` as `info["resume"]`: what a rerun must continue with to end as an
+    #: uninterrupted run (its K, out-of-memory back-offs, the finished passes' plans).
+    engine_state: Callable[[], dict] | None = None
+
     def save(self, counts: torch.Tensor, n_done: int) -> None:
-        """Record the sums over the first `n_done` samples (the engine's `on_checkpoint`)."""
-        self._write(counts, n_done, False, {})
+        """Record the sums over the first `n_done` samples (the engine's `on_checkpoint`),
+        and `engine_state()` beside them."""
+        info = {} if self.engine_state is None else {"resume": self.engine_state()}
+        self._write(counts, n_done, False, info)
 
     def finish(self, counts: torch.Tensor, n_done: int, info: dict) -> None:
         """Mark the pass complete; `info` (plan, timings) is returned by later `load()`s."""

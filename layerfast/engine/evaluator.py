@@ -247,6 +247,15 @@ class Evaluator:
         self._swap_rows: int | None = None
         # Whether `score_` has a compiled kernel for a device type (`_score`), asked once.
         self._score_kernel: dict[str, bool] = {}
+        # What a resumed run must continue with (`resume_state`, `run(state=...)`): the K the
+        # memory budget gave (`_size_groups`), that of the interrupted run when resuming one
+        # (another machine's memory would give another), the records of the passes this run
+        # has finished, and the resumed pass's groups as the interrupted run left them.
+        self._k: int | None = None
+        self._forced_k: int | None = None
+        self._records: list[dict] = []
+        self._saved_groups: dict[str, dict] | None = None
+        self._in_pass = False
 
     # ---- setup -----------------------------------------------------------------------
     def _live(self) -> dict[str, torch.Tensor]:
@@ -288,11 +297,14 @@ class Evaluator:
         on_checkpoint: Callable[[torch.Tensor, int], None] | None = None,
         checkpoint_every: float = 30.0,
         on_logits: Callable[[list[int], torch.Tensor], None] | None = None,
+        state: dict | None = None,
     ) -> EvalResult:
         """One pass over `data`: a `layerfast.data.DataSource`, or an iterable of (x, y).
 
         `start`/`counts` resume a pass: skip the first `start` samples (DataSource only) and
-        continue from the saved sums. `on_checkpoint(counts, n_done)` is called every
+        continue from the saved sums; `state`, the `resume_state()` taken when they were
+        saved, makes the rest run (and the plan report) as the interrupted run would have.
+        `on_checkpoint(counts, n_done)` is called every
         `checkpoint_every` seconds and at the end, with CPU counts in variant order.
         `on_logits(variant_indices, logits[K, B, C])` sees every block of logits scored, in
         data order per variant (for tests and research code; it costs a host sync)."""
@@ -337,7 +349,8 @@ class Evaluator:
         if P > 1 and N and p0 == P and s0 == 0:
             p0, s0 = P - 1, N  # every pass done but not yet marked finished: end the last one
         results: list[EvalResult] = []
-        plans: list[Plan] = []
+        self._records = self._restore(state, p0)
+        plans = [Plan.from_record(r) for r in self._records]
         for p in range(p0, P):
             idx = self._pass_idx = passes[p]
             base = p * N if N else (p * results[0].n if results else 0)
@@ -350,20 +363,26 @@ class Evaluator:
                 on_progress(base + n)
 
             t0 = time.perf_counter()
-            with self._on_device() as cl:
-                res = self._run(
-                    data,
-                    s0 if p == p0 else 0,
-                    total[idx],
-                    progress if on_progress is not None else None,
-                    saved if on_checkpoint is not None else None,
-                    checkpoint_every,
-                    cl,
-                    t0,
-                )
+            self._in_pass = True
+            try:
+                with self._on_device() as cl:
+                    res = self._run(
+                        data,
+                        s0 if p == p0 else 0,
+                        total[idx],
+                        progress if on_progress is not None else None,
+                        saved if on_checkpoint is not None else None,
+                        checkpoint_every,
+                        cl,
+                        t0,
+                    )
+            finally:
+                self._in_pass = False
+                self._saved_groups = None  # the resumed pass's: later passes plan their own
             total[idx] = res.counts
             results.append(res)
             plans.append(self.last_plan.remapped(idx))
+            self._records.append(plans[-1].record())
         if not results:
             raise LayerfastError(f"nothing left to evaluate: start={start} is past the last pass")
         self._pass_idx = list(range(V))
@@ -380,6 +399,59 @@ class Evaluator:
             {**self.last_plan.summary(), "passes": P, **self._backoffs()},
             timings,
         )
+
+    def resume_state(self) -> dict:
+        """What a run resumed from the sums saved now must continue with to end as this run
+        will, as JSON (`run(state=...)` takes it back; analyze's resume store saves it with
+        every segment): the K the memory budget gave, the rows per forward an out-of-memory
+        back-off left, and the plan of every pass so far, the current one's K per group
+        (lowered by a back-off) and fallbacks included. Without it a rerun on a machine with
+        other memory went on in chunks of another K, a back-off was forgotten (run in whole
+        batches again, unsaid in run.json), and a pass finished before the interrupt was
+        missing from run.json's plan."""
+        plans = list(self._records)
+        if self._in_pass:
+            plans.append(self.last_plan.remapped(self._pass_idx).record())
+        return {"k": self._k, "rows": self._rows, "swap_rows": self._swap_rows, "plans": plans}
+
+    def _restore(self, state: dict | None, p0: int) -> list[dict]:
+        """Take back a `resume_state` for a run resuming in pass `p0`: the K and back-offs,
+        and the resumed pass's groups (`_apply_saved`). Returns the records of the passes
+        before `p0`, which this run does not run again."""
+        self._forced_k, self._saved_groups = None, None
+        if state is None:
+            return []
+        try:
+            k, rows, swap = (state.get(key) for key in ("k", "rows", "swap_rows"))
+            for v in (k, rows, swap):
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                    raise ValueError(f"{v!r} is not a positive count")
+            plans = list(state.get("plans") or [])
+            if len(plans) < p0:
+                raise ValueError(f"{len(plans)} passes recorded, {p0} finished")
+            for rec in plans:
+                Plan.from_record(rec)
+            saved = ({str(g["members"][0]): g for g in plans[p0]["groups"] if g["members"]}
+                     if len(plans) > p0 else None)
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            raise LayerfastError(f"the saved engine state does not describe this run ({exc}); "
+                                 "pass --fresh to start over") from None
+        self._forced_k, self._rows, self._swap_rows = k, rows, swap
+        self._saved_groups = saved
+        return plans[:p0]
+
+    def _apply_saved(self, plan: Plan) -> None:
+        """The resumed pass's fanned groups as the interrupted run left them: their K (an
+        out-of-memory back-off lowers it for the rest of the pass) and a fallback to the swap
+        path, so the rest of the pass runs the same chunks and run.json says the same."""
+        for g in plan.groups if self._saved_groups else ():
+            rec = self._saved_groups.get(str(self._pass_idx[g.members[0]]))
+            if rec is None or g.fan is None or not rec["fan"]:
+                continue
+            if rec["fallback"]:
+                g.fan, g.fallback = None, rec["fallback"]
+            else:
+                g.kmax = int(rec["kmax"])
 
     def passes(self) -> list[list[int]]:
         """The variants' indices in passes over the data (`plan.split_passes`): one pass unless
@@ -593,6 +665,8 @@ class Evaluator:
             raise LayerfastError("the data is empty: no samples to evaluate")
         if C == 0 and hasattr(data, "shape"):
             C = self._num_classes(prog, data.shape, cl)  # resumed at the end: no batch ran
+        if not self._groups_sized:  # likewise: the K the interrupted run had, for run.json
+            self._apply_saved(plan)
         out = acc[:V].cpu()
         if on_checkpoint is not None:
             on_checkpoint(out, n)
@@ -841,9 +915,11 @@ class Evaluator:
         budget = memory_budget(self.device, self.memory_fraction)
         batch = self._k_batch or x.shape[0]
         k = choose_kmax(4 * per_sample, batch, budget, self.max_fanout)
+        self._k = k
         for g in plan.groups:
             if g.fan is not None:
                 g.kmax = min(g.kmax, k)
+        self._apply_saved(plan)
 
     def _run_swapped(
         self,

@@ -74,6 +74,33 @@ class Plan:
             self.untraced,
         )
 
+    def record(self) -> dict:
+        """What `summary` reads, as JSON (a resume store saves it with each segment): a pass
+        finished before an interrupt is not run again by the rerun, and its groups, K and
+        fallbacks must still be in the merged plan run.json reports."""
+        return {
+            "groups": [{"start": g.start, "members": list(g.members), "fan": g.fan is not None,
+                        "kmax": g.kmax, "fallback": g.fallback, "refused": g.refused}
+                       for g in self.groups],
+            "same_as_baseline": list(self.same_as_baseline),
+            "cuts": list(self.cuts),
+            "untraced": self.untraced,
+        }
+
+    @staticmethod
+    def from_record(rec: dict) -> Plan:
+        """The plan a `record` describes, for its summary only: a fanned group gets an empty
+        FanPlan (the pass it belongs to is over and never runs from it)."""
+        return Plan(
+            [Group(int(g["start"]), [int(i) for i in g["members"]],
+                   FanPlan(int(g["start"]), [], set(), set()) if g["fan"] else None,
+                   kmax=int(g["kmax"]), fallback=g["fallback"], refused=g["refused"])
+             for g in rec["groups"]],
+            [int(i) for i in rec["same_as_baseline"]],
+            [int(c) for c in rec["cuts"]],
+            rec["untraced"],
+        )
+
     @staticmethod
     def merged(plans: list[Plan]) -> Plan:
         """The plans of several passes as one (groups and baseline-equal variants of all)."""

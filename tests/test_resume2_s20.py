@@ -1,0 +1,118 @@
+"""Resume under changed conditions, and what a resumed run's run.json remembers (session 20).
+
+DESIGN §5: a run killed at any moment and started again with the same arguments ends with the
+same results as an uninterrupted run. These tests stop a run in-process right after its k-th
+progress save (the store then holds exactly what a kill at that point leaves) and compare the
+rerun with an uninterrupted one: results.csv, and run.json's engine plan and warnings, which
+must not forget what happened before the interrupt (an out-of-memory back-off, the earlier
+passes' groups), nor differ because the rerun landed on a machine with other memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import layerfast
+from layerfast.store import ResumeStore
+
+ARGS = {"data": "digits", "seeds": 1, "device": "cpu", "batch_size": 32, "progress": False,
+        "figures": False, "checkpoint_every": 0, "max_samples": 256}
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (see conftest.one_thread)."""
+
+
+def crash_after(monkeypatch: pytest.MonkeyPatch, saves: int) -> None:
+    """Make the k-th progress save the last thing the run does (after it is committed)."""
+    real = ResumeStore.save
+    count = {"n": 0}
+
+    def save(self: ResumeStore, counts, n_done: int) -> None:
+        real(self, counts, n_done)
+        count["n"] += 1
+        if count["n"] == saves:
+            raise _Crash
+
+    monkeypatch.setattr(ResumeStore, "save", save)
+
+
+def run_json(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text())
+
+
+def same_record(a: Path, b: Path) -> None:
+    """results.csv byte for byte, and run.json's plan and warnings as an uninterrupted run's."""
+    assert (a / "results.csv").read_bytes() == (b / "results.csv").read_bytes()
+    ra, rb = run_json(a), run_json(b)
+    assert ra["engine"]["plan"] == rb["engine"]["plan"]
+    assert ra["warnings"] == rb["warnings"]
+
+
+def _oom_once(monkeypatch: pytest.MonkeyPatch, rows: int) -> list[int]:
+    """The first baseline forward of `rows` samples runs out of memory (simulated)."""
+    from layerfast.engine.graph import Program
+
+    real, failed = Program.run, []
+
+    def run(self, x, start=0, *a, **k):
+        if "keep" in k and x.shape[0] == rows and not failed:
+            failed.append(x.shape[0])
+            raise torch.OutOfMemoryError("simulated")
+        return real(self, x, start, *a, **k)
+
+    monkeypatch.setattr(Program, "run", run)
+    return failed
+
+
+def test_a_back_off_before_the_interrupt_is_in_the_resumed_run_json(ckpts, tmp_path,
+                                                                    monkeypatch):
+    """The back-off of the interrupted segment was saved nowhere but the final store: the
+    resumed run.json said rows_after_oom null and had no out-of-memory warning, while its
+    first segment had run in halves."""
+    kw = {**ARGS, "reset": "reinit"}
+    with monkeypatch.context() as m:
+        failed = _oom_once(m, 32)
+        layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "whole", **kw)
+        assert failed == [32]
+    assert run_json(tmp_path / "whole")["engine"]["plan"]["rows_after_oom"] == 16
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _oom_once(m, 32)
+        crash_after(m, 3)
+        with pytest.raises(_Crash):
+            layerfast.analyze("fcn3x256", ckpts, out=out, **kw)
+    res = layerfast.analyze("fcn3x256", ckpts, out=out, **kw)
+    assert res.run["engine"]["resumed_from"] == 96
+    same_record(out, tmp_path / "whole")
+
+
+def test_a_run_of_several_passes_resumed_in_a_later_pass_records_every_pass(ckpts, tmp_path,
+                                                                          monkeypatch):
+    """run.json's engine.plan merged only the passes the rerun ran: resumed in the second of
+    several passes, its groups, fanned/swapped counts and kmax left out the first pass's."""
+    import layerfast.engine.evaluator as evm
+
+    monkeypatch.setattr(evm, "stage_limit", lambda model_bytes: model_bytes // 3)
+    kw = {**ARGS, "reset": "reinit,rerandom"}
+    layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "whole", **kw)
+    passes = run_json(tmp_path / "whole")["engine"]["plan"]["passes"]
+    assert passes > 1
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        crash_after(m, 11)  # 8 batches of 32 per pass, and its end: into the second
+        with pytest.raises(_Crash):
+            layerfast.analyze("fcn3x256", ckpts, out=out, **kw)
+    res = layerfast.analyze("fcn3x256", ckpts, out=out, **kw)
+    assert res.run["engine"]["resumed_from"] == 256 + 64
+    same_record(out, tmp_path / "whole")
+
