@@ -116,3 +116,60 @@ def test_a_run_of_several_passes_resumed_in_a_later_pass_records_every_pass(ckpt
     assert res.run["engine"]["resumed_from"] == 256 + 64
     same_record(out, tmp_path / "whole")
 
+
+def _budget(monkeypatch: pytest.MonkeyPatch, nbytes: int | None) -> None:
+    """The device's memory budget as another machine would have it (None: this machine's)."""
+    import layerfast.engine.evaluator as evm
+    from layerfast.engine.plan import memory_budget
+
+    monkeypatch.setattr(evm, "memory_budget",
+                        memory_budget if nbytes is None else (lambda device, fraction: nbytes))
+
+
+def _chunk_widths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """K of every fanned chunk the pass runs, in order."""
+    import layerfast.engine.evaluator as evm
+
+    real, seen = evm.run_fanned, []
+
+    def spy(prog, fan, x, stacks, K, *a, **k):
+        seen.append(K)
+        return real(prog, fan, x, stacks, K, *a, **k)
+
+    monkeypatch.setattr(evm, "run_fanned", spy)
+    return seen
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+@pytest.mark.parametrize("first, second", [(None, 1 << 18), (1 << 18, None)])
+def test_a_run_resumed_with_other_memory_keeps_its_fanned_chunk_width(ckpts, tmp_path,
+                                                                      monkeypatch, first,
+                                                                      second, passes):
+    """K (variants per fanned chunk) comes from the device's total memory and was in no saved
+    segment: a run requeued onto a machine with other memory, same --batch-size, went on in
+    chunks of another width, so one result mixed two K (the last bits of fanned logits, and in
+    bf16 more, depend on K) and run.json gave the rerun's K for the whole run. The rerun now
+    keeps the K the run started with, in the resumed pass and in the passes after it."""
+    import layerfast.engine.evaluator as evm
+
+    if passes > 1:
+        monkeypatch.setattr(evm, "stage_limit", lambda model_bytes: model_bytes // passes)
+    kw = {**ARGS, "reset": "reinit", "fanout": True}
+    with monkeypatch.context() as m:
+        _budget(m, first)
+        whole = _chunk_widths(m)
+        layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "whole", **kw)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _budget(m, first)
+        before = _chunk_widths(m)
+        crash_after(m, 3)
+        with pytest.raises(_Crash):
+            layerfast.analyze("fcn3x256", ckpts, out=out, **kw)
+    with monkeypatch.context() as m:
+        _budget(m, second)  # requeued onto a machine with other memory
+        after = _chunk_widths(m)
+        layerfast.analyze("fcn3x256", ckpts, out=out, **kw)
+    assert len(set(whole)) == 1 or first is not None
+    assert before + after == whole
+    same_record(out, tmp_path / "whole")

@@ -914,8 +914,8 @@ class Evaluator:
                              + [x.numel() * x.element_size()]) / max(x.shape[0], 1)
         budget = memory_budget(self.device, self.memory_fraction)
         batch = self._k_batch or x.shape[0]
-        k = choose_kmax(4 * per_sample, batch, budget, self.max_fanout)
-        self._k = k
+        k = self._forced_k or choose_kmax(4 * per_sample, batch, budget, self.max_fanout)
+        self._k = k  # a rerun on a machine with other memory keeps it (`resume_state`)
         for g in plan.groups:
             if g.fan is not None:
                 g.kmax = min(g.kmax, k)
