@@ -173,3 +173,33 @@ def test_a_run_resumed_with_other_memory_keeps_its_fanned_chunk_width(ckpts, tmp
     assert len(set(whole)) == 1 or first is not None
     assert before + after == whole
     same_record(out, tmp_path / "whole")
+
+
+def test_a_run_resumed_at_a_batch_of_one_sample_decides_its_first_batch_checks_as_before(
+        ckpts, tmp_path, monkeypatch):
+    """The first-batch checks ran on the first batch the RESUMED run saw: resumed at a last
+    batch of one sample (257 samples in batches of 32), whether the model mixes samples was
+    "unknown", so a later pass that ran out of memory ended with an error instead of the
+    back-off the uninterrupted run took. They now look at the data's first batch, as the
+    uninterrupted run did."""
+    import layerfast.engine.evaluator as evm
+
+    monkeypatch.setattr(evm, "stage_limit", lambda model_bytes: model_bytes // 3)
+    kw = {**ARGS, "reset": "reinit,rerandom", "max_samples": 257}
+    with monkeypatch.context() as m:
+        _oom_once(m, 32)  # the first baseline forward of the run
+        layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "whole", **kw)
+    assert run_json(tmp_path / "whole")["engine"]["plan"]["rows_after_oom"] == 16
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        crash_after(m, 8)  # 256 of the first pass's 257 samples
+        with pytest.raises(_Crash):
+            layerfast.analyze("fcn3x256", ckpts, out=out, **kw)
+    with monkeypatch.context() as m:
+        failed = _oom_once(m, 32)  # the rerun's first forward of 32: in the second pass
+        res = layerfast.analyze("fcn3x256", ckpts, out=out, **kw)
+    assert failed == [32] and res.run["engine"]["resumed_from"] == 256
+    assert res.run["engine"]["plan"]["rows_after_oom"] == 16
+    exact = ["unit", "kind", "checkpoint", "error", "top5_error", "agreement", "n", "verdict"]
+    whole = layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "whole", **kw).table
+    assert res.table[exact].equals(whole[exact])

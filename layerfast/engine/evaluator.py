@@ -636,16 +636,17 @@ class Evaluator:
             x, y, span = batch
             if self._batch_dim is None and x.shape[0]:  # the first (non-empty) batch
                 t_check = time.perf_counter()  # it syncs (allclose): wall time is true
+                xc = self._check_samples(data, start, cl, x)
                 if self._trace_ok is None and prog.traced:
-                    prog, plan = self._verified(prog, plan, x, keysets)
+                    prog, plan = self._verified(prog, plan, xc, keysets)
                 elif self._trace_ok is None and prog.trace_error:
                     # untraced, "exact": unless the forward is random (nothing seeds it)
-                    why = random_forward(self.model, x[:VERIFY_SAMPLES], self.device)
+                    why = random_forward(self.model, xc[:VERIFY_SAMPLES], self.device)
                     if why:
                         self._trace_ok = prog.trace_error = plan.untraced = (
                             f"{why}; fx could not trace it either: {prog.trace_error}")
-                prog, plan = self._settle_unseen(prog, plan, x[:VERIFY_SAMPLES], keysets)
-                prog, plan = self._settle_cuts(prog, plan, x[:VERIFY_SAMPLES], keysets)
+                prog, plan = self._settle_unseen(prog, plan, xc[:VERIFY_SAMPLES], keysets)
+                prog, plan = self._settle_cuts(prog, plan, xc[:VERIFY_SAMPLES], keysets)
                 setup += time.perf_counter() - t_check  # a setup cost, not the data phase's
             try:
                 with precision_context(self.precision, self.device):
@@ -683,6 +684,17 @@ class Evaluator:
             g.stacks.clear()  # the K-stacked weights: device memory, not needed past the pass
         summary = {**plan.summary(), **self._backoffs()}
         return EvalResult(out, n, str(self.device), self.precision, C, summary, timings)
+
+    def _check_samples(self, data: Any, start: int, cl: bool, x: torch.Tensor) -> torch.Tensor:
+        """The samples the first-batch checks run on: the batch `x`, unless this pass resumes
+        a DataSource mid-way (`start` > 0), where they are the data's first batch, as in the
+        uninterrupted run. A resumed run's first batch can be its last, of one sample, from
+        which whether the model mixes samples cannot be told: a later out-of-memory then
+        ended the run where the uninterrupted one backed off."""
+        if not start or not (hasattr(data, "batches") and hasattr(data, "shape")):
+            return x
+        first = next(iter(self._batches(data, 0, cl)), None)
+        return x if first is None or not first[0].shape[0] else first[0]
 
     def _backoffs(self) -> dict[str, int | None]:
         """The plan's record of out-of-memory back-offs, so a slow run says why in run.json:
