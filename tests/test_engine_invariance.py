@@ -188,11 +188,11 @@ def _inject(monkeypatch, pred, fails):
     """Program.run raises OutOfMemoryError on its first `fails` calls that `pred` picks, outside
     the first batch's check of the cuts' batch dim (`verify.unbatched_cuts`, which keeps the
     cuts as the baseline does, on a few samples; its own back-off is tested apart)."""
-    from layerfast.engine import evaluator
+    from layerfast.engine import firstbatch
 
     real, st = Program.run, {"fails": 0, "sizes": []}
     inside = {"check": False}
-    real_check = evaluator.unbatched_cuts
+    real_check = firstbatch.unbatched_cuts
 
     def check(*a, **k):
         inside["check"] = True
@@ -201,7 +201,7 @@ def _inject(monkeypatch, pred, fails):
         finally:
             inside["check"] = False
 
-    monkeypatch.setattr(evaluator, "unbatched_cuts", check)
+    monkeypatch.setattr(firstbatch, "unbatched_cuts", check)
 
     def run(self, x, start=0, *a, **kw):
         if not inside["check"] and pred(start, kw):

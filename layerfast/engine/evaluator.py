@@ -27,6 +27,7 @@ from layerfast.engine.diagnose import OOM_ERRORS as _OOM
 from layerfast.engine.diagnose import own_failure
 from layerfast.engine.fanout import NotPerSample
 from layerfast.engine.fanrun import GLUE_MODES, run_fanned, stack_module
+from layerfast.engine.firstbatch import FirstBatchChecks
 from layerfast.engine.graph import Program, canonical_keys
 from layerfast.engine.overrides import canonical, check_fits, describe, keys_of, overrides_of
 from layerfast.engine.phases import PhaseClock
@@ -53,8 +54,6 @@ from layerfast.engine.precision import (
 from layerfast.engine.verify import (
     VERIFY_SAMPLES,
     random_forward,
-    trace_differs,
-    unbatched_cuts,
 )
 from layerfast.errors import LayerfastError
 from layerfast.exclusive import exclusive
@@ -137,7 +136,7 @@ def _positive_int(value: Any, name: str) -> int:
     return n
 
 
-class Evaluator:
+class Evaluator(FirstBatchChecks):
     """Evaluate weight variants of `model` on batches, all in one data pass.
 
     `variants`: mappings {state-dict key: tensor} or objects with `.overrides()`; an empty
@@ -685,17 +684,6 @@ class Evaluator:
         summary = {**plan.summary(), **self._backoffs()}
         return EvalResult(out, n, str(self.device), self.precision, C, summary, timings)
 
-    def _check_samples(self, data: Any, start: int, cl: bool, x: torch.Tensor) -> torch.Tensor:
-        """The samples the first-batch checks run on: the batch `x`, unless this pass resumes
-        a DataSource mid-way (`start` > 0), where they are the data's first batch, as in the
-        uninterrupted run. A resumed run's first batch can be its last, of one sample, from
-        which whether the model mixes samples cannot be told: a later out-of-memory then
-        ended the run where the uninterrupted one backed off."""
-        if not start or not (hasattr(data, "batches") and hasattr(data, "shape")):
-            return x
-        first = next(iter(self._batches(data, 0, cl)), None)
-        return x if first is None or not first[0].shape[0] else first[0]
-
     def _backoffs(self) -> dict[str, int | None]:
         """The plan's record of out-of-memory back-offs, so a slow run says why in run.json:
         the samples per piece of a whole batch (`_pass_rows`) and per swapped forward
@@ -703,89 +691,6 @@ class Evaluator:
         return {"rows_after_oom": self._rows, "swap_rows_after_oom": self._swap_rows}
 
     # ---- pieces ----------------------------------------------------------------------
-    def _verified(
-        self, prog: Program, plan: Plan, x: torch.Tensor, keysets: list[set[str]]
-    ) -> tuple[Program, Plan]:
-        """The traced program and its plan if it computes what the model's own forward does on
-        the first batch, else the untraced program (one opaque step) and its plan.
-
-        fx records one path through Python: a branch on `isinstance(h, torch.Tensor)` or
-        `hasattr(out, "logits")` sees a Proxy while tracing and a tensor when run, and a
-        getattr on a module's output is recorded blindly; such a program computes another
-        function (a wrong number) or fails where the forward does not. Equal bit for bit on
-        the CPU (the program calls the same modules and functions); on a GPU to 1e-4 relative,
-        where some kernels are not deterministic. Checked in fp32 whatever the pass's precision
-        (a bf16 ulp would exceed any tolerance that still catches a wrong path, and a spurious
-        failure would silently cost the pass its prefix sharing and fan-out), on the first
-        `VERIFY_SAMPLES` samples: fx picks its path by types and attributes, never by values (a
-        branch on a value does not trace), so a slice shows a wrong path as well as a batch."""
-        x = x[:VERIFY_SAMPLES]
-        while True:
-            try:
-                why = trace_differs(self.model, prog, x, self.device)
-                break
-            except _OOM:
-                # No verdict on the trace (an untraced run loses prefix sharing and fan-out for
-                # good, and an unchecked one might compute another function): fewer samples, as
-                # `_pass_rows` backs off the pass itself; fx's path does not depend on how many.
-                if x.shape[0] <= 1:
-                    why = "the trace check ran out of memory even on one sample"
-                    break
-                x = x[: x.shape[0] // 2]
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-        if why is None or why is False:  # False: the model itself fails, the pass says so
-            self._trace_ok = True
-            return prog, plan
-        self._trace_ok = why
-        prog = Program(self.model, trace=False)
-        prog.trace_error = why
-        plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
-        self.last_plan = plan
-        return prog, plan
-
-    def _settle_unseen(
-        self, prog: Program, plan: Plan, x: torch.Tensor, keysets: list[set[str]]
-    ) -> tuple[Program, Plan]:
-        """Once, on the first batch, traced or not: the steps that read a parameter or buffer
-        past the program's bookkeeping (a replaced `forward`, a tensor sharing a parameter's
-        storage, a reference to another module), or write into another step's value (or the
-        input) past its in-place analysis (a replaced `forward` calling `x.mul_(2)`), by
-        `Program.unseen_effects`, are made opaque in this and every later pass's plan: a
-        variant of a tensor such a step reads starts before it, and cached cuts and the
-        input are copied before each variant runs from them.
-
-        Nothing to learn when no variant starts late, every start is copied already and no
-        group fans out (where an unknown write would also break the fused glue's proof)."""
-        if not plan.cuts and prog.has_inplace and all(g.fan is None for g in plan.groups):
-            return prog, plan
-        with precision_context("fp32", self.device):  # which tensors a step reads: a few
-            found = prog.unseen_effects(x[:8])  # samples tell as well as a batch, at less memory
-        self._unseen = set().union(*found) if found else set()
-        if self._unseen:
-            prog.make_opaque(self._unseen)
-            plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
-            self.last_plan = plan
-        return prog, plan
-
-    def _settle_cuts(
-        self, prog: Program, plan: Plan, x: torch.Tensor, keysets: list[set[str]]
-    ) -> tuple[Program, Plan]:
-        """Once, on the first batch, traced or not: the cuts no variant may start from, left
-        out of this and every later pass's plan, and whether the model mixes samples (then no
-        out-of-memory back-off may cut its batches), by `verify.unbatched_cuts`."""
-        report: dict = {}
-        self._unbatched = unbatched_cuts(prog, x, self.device, report)
-        self._mixes_samples = report.get("mixes_samples", False)
-        # Settled for good only when the model ran: a first run on data it fails on must not
-        # leave a reused Evaluator without its cuts (its drops still hold for this run's passes)
-        self._batch_dim = True if report.get("checked") else False
-        if self._unbatched:
-            prog.drop_cuts(self._unbatched)
-            plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
-            self.last_plan = plan
-        return prog, plan
-
     def _own_failure(self, x: torch.Tensor, first: int, dev_ov: list[dict[str, torch.Tensor]],
                      live: dict[str, torch.Tensor]) -> None:
         """`diagnose.own_failure`: a LayerfastError when the model's own forward fails on `x`."""

@@ -4,7 +4,7 @@ fx records one path through Python: a branch on `isinstance(h, torch.Tensor)` or
 `hasattr(out, "logits")` sees a Proxy while tracing and a tensor when run, and a getattr on a
 module's output is recorded blindly; such a program computes another function (a wrong number)
 or fails where the forward does not. The Evaluator compares the two on the first batch
-(`Evaluator._verified`) and runs the model untraced when they differ.
+(`Evaluator._verified`, in engine/firstbatch.py) and runs the model untraced when they differ.
 """
 
 from __future__ import annotations
