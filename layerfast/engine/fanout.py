@@ -420,22 +420,23 @@ _REDUCES_BATCH = "reduces over the batch dim, or over the whole tensor"
 def _is_batch_size(prog: Program, r: Any, fanned: set[int]) -> bool:
     """Whether `r` is a fanned value's batch size: `v.size(0)`, or item 0 of `v.size()`
     (`batchsize, c, h, w = x.size()`: ShuffleNetV2's channel_shuffle), v fanned (K·B rows)."""
+    v = _batch_size_of(prog, r)
+    return v is not None and v in fanned
+
+
+def _batch_size_of(prog: Program, r: Any) -> int | None:
+    """The step `v` when `r` is `v.size(0)`, `v.size()[0]` or `v.shape[0]`; else None."""
     if not isinstance(r, Ref):
-        return False
+        return None
     src = prog.steps[r.index]
     if src.op == "call_function" and src.target is operator.getitem and src.args[1] == 0 \
             and isinstance(src.args[0], Ref):
         src = prog.steps[src.args[0].index]  # v.size()[0], v.shape[0]
-        return (_is_whole_size(src) and isinstance(src.args[0], Ref)
-                and src.args[0].index in fanned)
-    return (
-        src.op == "call_method"
-        and src.target == "size"
-        and len(src.args) > 1
-        and src.args[1] == 0
-        and isinstance(src.args[0], Ref)
-        and src.args[0].index in fanned
-    )
+        ok = _is_whole_size(src)
+    else:
+        ok = (src.op == "call_method" and src.target == "size" and len(src.args) > 1
+              and src.args[1] == 0)
+    return src.args[0].index if ok and isinstance(src.args[0], Ref) else None
 
 
 def _index_why(rest: tuple, fanned: set[int], batch: set[int]) -> str | None:
@@ -609,12 +610,73 @@ def prove_fan(prog: Program, start: int, keys: set[str]) -> FanPlan | str:
         if not _reads_batch(prog.steps[i], batch):
             return (f"{_describe(prog, prog.steps[i])}: applied to a parameter or buffer, "
                     "not to a value of the batch")
+    why = _restack_why(prog, fanned, batch, seeds)
+    if why:
+        return why
     broadcasts = {
         i for i in fanned
         if (prog.steps[i].op == "call_function" and prog.steps[i].target in BROADCASTING_FUNCS)
         or (prog.steps[i].op == "call_method" and prog.steps[i].target in BROADCASTING_METHODS)
     }
     return FanPlan(start, mods, fanned, batch, dims, broadcasts)
+
+
+def _data_refs(s: Any) -> list[int]:
+    """The arguments of step `s` whose rows become its value's rows. A size has none (it is
+    numbers); `to`, `view`/`reshape`, `getitem` and the splits only their first: the others
+    are a dtype/device template (`p.to(h)` is `p`), sizes, an index or its bounds."""
+    if _is_whole_size(s) or (s.op == "call_method" and s.target == "size"):
+        return []
+    if (s.op == "call_method" and s.target in ("to", "view", "reshape", *_SPLIT_METHODS)) or (
+            s.op == "call_function"
+            and (s.target is operator.getitem or s.target in _SPLIT_FUNCS)):
+        return refs_in(s.args[:1])
+    return refs_in(s.args) + refs_in(s.kwargs)
+
+
+def _stacked(prog: Program, fanned: set[int], seeds: set[int]) -> set[int]:
+    """The fanned steps whose value holds the K variants' values stacked on dim 0 (K·B rows,
+    variant-major): the overridden modules' outputs and what is computed from them row by row
+    (`_data_refs`). A fanned step reached only through a size, a `to` template or an index
+    bound (`p.to(h)`, `p * h.size(1)`, `p[:, :h.size(1)]`) holds the one value eager mode
+    computes, with its own rows: fanned, but not K·B."""
+    out: set[int] = set()
+    for i in sorted(fanned):
+        if i in seeds or any(r in out for r in _data_refs(prog.steps[i])):
+            out.add(i)
+    return out
+
+
+def _restack_why(prog: Program, fanned: set[int], batch: set[int], seeds: set[int]) -> str | None:
+    """Steps that take a value's dim 0 to be the K variants' rows: an overridden module on a
+    fanned input (`apply_fanned` splits it into K blocks) and a view/reshape whose batch entry
+    is a fanned `size(0)` (K·B). Both need a value that really is K·B (`_stacked`), or a
+    shared one (tiled K times when it runs), and the view a K·B batch size: `p.to(h)` is `p`
+    fanned too, so `p.to(h).view(h.size(0), -1)` cut a [B·N] tensor into K·B rows of N/K where
+    eager mode has B rows of N, and `h.view(p.to(h).size(0), -1)` put K variants in one row.
+    None: every such step reads a K·B value."""
+    stacked = _stacked(prog, fanned, seeds)
+
+    def rows(r: Any) -> bool:  # a K·B value, or a shared one that is tiled to K·B
+        return isinstance(r, Ref) and (r.index in stacked or (
+            r.index in batch and r.index not in fanned))
+
+    for i in sorted(fanned):
+        s = prog.steps[i]
+        if i in seeds:
+            bad = [r for r in refs_in(s.args) + refs_in(s.kwargs) if r in fanned and r not in stacked]
+            if bad:
+                return (f"{_describe(prog, s)}: applied to a fanned value that is not the K "
+                        f"variants' batch (step {bad[0]}: reached through a size, a .to() "
+                        "template or an index bound)")
+        elif s.op == "call_method" and s.target in ("view", "reshape"):
+            shape = _view_shape(s)
+            v = _batch_size_of(prog, shape[0]) if shape else None
+            if not rows(s.args[0]) or v is None or v not in stacked:
+                return (f"{_describe(prog, s)}: its batch entry or the value it views is not "
+                        "the K variants' batch (a value reached through a size, a .to() "
+                        "template or an index bound has the rows eager mode gives it)")
+    return None
 
 
 def _reads_batch(s, batch: set[int]) -> bool:
