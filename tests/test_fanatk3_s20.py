@@ -9,6 +9,8 @@ sent to the swap path at run time.
    cut a [B·N] tensor into K·B rows of N/K where eager mode has B rows of N), a view's batch
    entry `p.to(h).size(0)` (B) put K variants' rows of `h` in one row, and an overridden
    module applied to `p.to(h)` split p's rows into K blocks, one per variant.
+2. `nn.Softmax(dim=1)` / `nn.LogSoftmax` (not wrong numbers: a slow path) were refused as "not on
+   the allow-list" although the proof has a dim check for them that `F.softmax` passes.
 """
 
 from __future__ import annotations
@@ -59,3 +61,26 @@ def test_a_fanned_value_that_is_not_the_batch_is_not_read_as_k_times_b(
     torch.manual_seed(0)
     plan = _same_as_naive(Laundered(how, shape), "lin", _data(n=n))
     _not_fanned(plan, "not the K variants' batch")
+
+
+# ---- 2. nn.Softmax / nn.LogSoftmax modules --------------------------------------------------
+
+
+@pytest.mark.parametrize("glue", ["fused", "unfolded"])
+def test_softmax_modules_over_a_sample_dim_fan_and_match_naive(glue: str) -> None:
+    """`F.softmax(h, 1)` fanned but `nn.Softmax(dim=1)` did not: the module's dim check sat
+    behind the allow-list test it never passed ("module type not on the allow-list")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Softmax(dim=1), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 16), nn.LogSoftmax(dim=-1), nn.Linear(16, 10))
+    plan = _same_as_naive(model, "0", _data(shape=(1, 8, 8)), glue=glue)
+    assert plan["fanned_variants"] == 3 and not plan["fanout_fallbacks"], plan
+
+
+@pytest.mark.parametrize(("dim", "words"), [(0, "batch dim"), (None, "batch dim"),
+                                            (-2, "NotPerSample")])
+def test_softmax_modules_over_the_batch_dim_are_not_fanned(dim: int | None, words: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Softmax(dim=dim), nn.Linear(16, 10))
+    plan = _same_as_naive(model, "0", _data())
+    _not_fanned(plan, words)

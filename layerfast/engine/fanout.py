@@ -87,6 +87,8 @@ _BATCHWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.InstanceNorm1d,
     nn.InstanceNorm2d,
     nn.PReLU,
+    nn.Softmax,  # over one dim, which `_why_not_batchwise` checks is not the batch dim
+    nn.LogSoftmax,
     *PER_CHANNEL_MODULES,
 )
 _ELEMENTWISE_FUNCS = {
