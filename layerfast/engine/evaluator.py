@@ -144,8 +144,9 @@ class Evaluator(FirstBatchChecks):
     is measured against its predictions.
 
     `device`, `precision`, `fanout` and `layout` take what `analyze` takes (docs/engine.md; a
-    float16 or bfloat16 model runs its own forward in every precision). `batch_size` None plans
-    B from memory for a DataSource (a plain iterable's batches are taken as they come).
+    float16 or bfloat16 model runs its own forward in every precision). `batch_size` (a positive
+    integer) fixes B; None plans it from memory for a DataSource (a plain iterable's batches
+    are taken as they come).
     `max_fanout` (a positive integer) caps K, the variants of one fanned chunk;
     `memory_fraction` (in (0, 1]) is the share of the device's total memory B and K are planned
     for (on the CPU, of the RAM, at most 8 GiB: `plan.memory_budget`); `glue` is `fused`,
@@ -188,6 +189,10 @@ class Evaluator(FirstBatchChecks):
         self.precision = for_model(resolve_precision(precision, self.device), precision, model)
         # None: the planner picks B on the first `run`/`plan_batch` with a DataSource; until
         # then, and for plain iterables (whose batches are already cut), this default stands.
+        # Checked like max_fanout: `batch_size or default` ran 0 silently at the default B,
+        # True in batches of one, and a numpy integer failed later in DataSource.batches.
+        if batch_size is not None:
+            batch_size = _positive_int(batch_size, "batch_size")
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else B_CPU)
         self._batch_fixed = batch_size is not None
         # Fan-out is for the GPU (one wide kernel instead of K small ones). On 2 CPU cores it
