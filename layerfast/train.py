@@ -461,7 +461,9 @@ def train(
         # any real number (np.float32 too, as analyze's threshold), never a bool
         if isinstance(v, bool) or not (isinstance(v, numbers.Real) and math.isfinite(v)
                                        and v >= 0):
-            raise LayerfastError(f"{name} must be a finite number >= 0, got {v!r}")
+            # lr 0 is refused below too: its message must not invite it (`--help`: above 0)
+            bound = "above 0" if name == "lr" else ">= 0"
+            raise LayerfastError(f"{name} must be a finite number {bound}, got {v!r}")
     # plain floats: the manifest is JSON, and the returned dict should equal what it holds
     lr, momentum, weight_decay = float(lr), float(momentum), float(weight_decay)
     if lr == 0:  # no step moves the weights: every checkpoint would equal θ⁰

@@ -39,3 +39,14 @@ def test_evaluator_batch_size_still_takes_none_and_integers(good):
     res = ev.run(src)
     assert res.n == 40
     assert isinstance(ev.batch_size, int) and not isinstance(ev.batch_size, bool)
+
+
+@pytest.mark.parametrize("lr", [-1.0, float("nan"), float("inf")])
+def test_train_negative_lr_message_says_above_0(tmp_path, lr):
+    """`layerfast train --help` says the lr is "above 0" and lr 0 is refused, but a negative
+    or non-finite lr was told "lr must be a finite number >= 0", inviting the 0 refused next."""
+    from layerfast.train import train
+
+    with pytest.raises(LayerfastError, match=r"lr must be a finite number above 0"):
+        train("fcn3x256", "digits", 1, tmp_path / "out", lr=lr, progress=False)
+    assert not (tmp_path / "out").exists()
