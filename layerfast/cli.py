@@ -251,14 +251,16 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--fresh", action="store_true", help="discard a previous run's progress in --out"
     )
-    a.add_argument(
+    # one or the other: `--fanout on --no-fanout` ran with fan-out off, silently (last wins)
+    fan = a.add_mutually_exclusive_group()
+    fan.add_argument(
         "--fanout",
         default="auto",
         choices=["auto", "on", "off"],
         help="run variants of one unit as one wide computation: auto (default) = on for CUDA, "
         "off for the CPU (measured no faster there); off = the bit-exact swap path",
     )
-    a.add_argument(
+    fan.add_argument(
         "--no-fanout", dest="fanout", action="store_const", const="off", help="same as --fanout off"
     )
     a.add_argument(
@@ -366,7 +368,9 @@ def _analyze(args: argparse.Namespace) -> int:
         units = list_units(args.arch, args.data, args.granularity, args.units, args.bn,
                            ckpts=args.ckpts)
         for u in units:
-            print(f"{u.name:32s} {len(u.modules):3d} modules  {len(u.keys):3d} tensors")
+            m, k = len(u.modules), len(u.keys)
+            print(f"{u.name:32s} {m:3d} module{' ' if m == 1 else 's'}  "
+                  f"{k:3d} tensor{'' if k == 1 else 's'}")
         what = f"custom: --units {args.units}" if args.units else f"{args.granularity} granularity"
         print(f"{len(units)} units ({what}, --bn {args.bn})")
         return 0

@@ -45,3 +45,20 @@ def test_widest_dtype() -> None:
     mixed = nn.Sequential(nn.Linear(2, 2).bfloat16(), nn.Linear(2, 2).double())
     assert widest_dtype(mixed) == torch.float64
     assert widest_dtype(nn.ReLU()) == torch.float32
+
+
+@pytest.mark.parametrize("argv", [["--fanout", "on", "--no-fanout"],
+                                  ["--no-fanout", "--fanout", "on"]])
+def test_conflicting_fanout_flags_are_refused(argv: list[str], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`--fanout on --no-fanout` ran with fan-out off and the other order on: the last flag
+    won, silently. One of the two is a mistake; which one only the user knows."""
+    from layerfast.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", "--arch", "fcn3x256", "--ckpts", str(tmp_path), "--out",
+              str(tmp_path / "o"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "not allowed with" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
