@@ -202,10 +202,18 @@ def apply_fanned(
             x = expand(x, K)
         B = x.shape[0] // K
         view = (K, 1, -1) + (1,) * (x.dim() - 2)
-        sc = st["scale"].to(x.dtype).reshape(view)
-        sh = st["shift"].to(x.dtype).reshape(view)
-        y = x.reshape(K, B, *x.shape[1:]) * sc + sh
-        return y.reshape(K * B, *x.shape[1:])
+        sc, sh = st["scale"].reshape(view), st["shift"].reshape(view)
+        xk = x.reshape(K, B, *x.shape[1:])
+        if x.dtype == sc.dtype:
+            return (xk * sc + sh).reshape(K * B, *x.shape[1:])
+        # A narrower x (bf16 autocast, a float16 model): the affine in scale's float32, rounded
+        # once into x's dtype, as the model's own BatchNorm computes. With scale and shift
+        # rounded to bf16 first, x·scale and shift (large where the running mean is) cancelled
+        # with bf16 errors: ~17x the eager BN's error on the output. `out=` stores the float32
+        # result straight into x's dtype, without a float32 copy of the K·B batch.
+        y = torch.empty_like(x)
+        torch.addcmul(sh, xk, sc, out=y.view(K, B, *x.shape[1:]))
+        return y
     raise TypeError(f"cannot fan out {type(m).__name__}")
 
 
