@@ -6,6 +6,7 @@ as K stacked weight sets (`fanrun.apply_fanned`), against the naive loop.
    bf16 autocast (the CUDA default) scale and shift were rounded to bf16 first, and x·scale
    cancelled against shift with bf16 errors, ~17x the error of the model's own BatchNorm, which
    computes in float32. The fanned and the swapped bf16 runs of one model disagreed.
+2. A sparse variant tensor failed in `copy_` with a bare RuntimeError (Python API).
 """
 
 from __future__ import annotations
@@ -90,3 +91,21 @@ def test_a_bn_unit_fanned_in_bf16_gives_the_swapped_runs_numbers(glue: str) -> N
     # was 0.37 apart (a loss sum over 64 samples)
     assert torch.allclose(fanned.counts[:, 2], swapped.counts[:, 2], rtol=1e-5, atol=1e-3), (
         fanned.counts, swapped.counts)
+
+
+# ---- 2. a sparse variant tensor ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fanout", [True, False])
+def test_a_sparse_variant_tensor_is_refused_with_a_clear_error(fanout: bool) -> None:
+    """It failed in `copy_` with a bare RuntimeError ("copy_() between dense and sparse Tensors
+    is not implemented"); the checkpoint loader already refuses sparse tensors by name."""
+    from layerfast.errors import LayerfastError
+
+    m = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 10)).eval()
+    w = m[2].weight.detach()
+    vs = [{"2.weight": w.to_sparse()}, {"2.weight": w * 2}]
+    x = torch.randn(4, 8)
+    with pytest.raises(LayerfastError, match=r"not dense.*2\.weight: sparse_coo.*to_dense"):
+        Evaluator(m, vs, device="cpu", precision="fp32", fanout=fanout).run(
+            [(x, torch.zeros(4, dtype=torch.long))])

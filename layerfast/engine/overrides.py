@@ -67,7 +67,8 @@ def check_fits(ov: Mapping[str, Any], live: Mapping[str, torch.Tensor], name: st
                i: int) -> None:
     """Variant `i` (`name` in messages), its overrides `ov` under canonical keys, fits the
     model's tensors `live`, or one LayerfastError lists every way it does not: values that
-    are not tensors, unknown keys, shapes, dtypes a floating tensor cannot take, meta tensors.
+    are not tensors, unknown keys, shapes, dtypes a floating tensor cannot take, meta tensors,
+    sparse (or other non-strided) tensors.
 
     As for checkpoints (docs/decisions.md): a floating model tensor takes any floating dtype,
     but an integer, bool or complex one was cast silently (complex with torch's warning at
@@ -82,9 +83,12 @@ def check_fits(ov: Mapping[str, Any], live: Mapping[str, torch.Tensor], name: st
     dtypes = [f"{k}: {t.dtype} vs model {live[k].dtype}" for k, t in ov.items()
               if k in live and live[k].is_floating_point() and not t.is_floating_point()]
     meta = [k for k, t in ov.items() if t.is_meta]
-    if bad or shapes or dtypes or meta:
+    sparse = [f"{k}: {str(t.layout).removeprefix('torch.')}" for k, t in ov.items()
+              if t.layout is not torch.strided]
+    if bad or shapes or dtypes or meta or sparse:
         what = [f"unknown keys {bad[:10]}"] if bad else []
         what += [f"shape mismatches {shapes[:10]}"] if shapes else []
         what += [f"dtype mismatches {dtypes[:10]}"] if dtypes else []
         what += [f"meta tensors, which hold no values, for {meta[:10]}"] if meta else []
+        what += [f"tensors that are not dense {sparse[:10]} (tensor.to_dense())"] if sparse else []
         raise LayerfastError(f"variant {i} does not fit the model: {'; '.join(what)}")
