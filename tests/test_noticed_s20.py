@@ -62,3 +62,37 @@ def test_conflicting_fanout_flags_are_refused(argv: list[str], tmp_path: Path,
     err = capsys.readouterr().err
     assert "not allowed with" in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+class _ReflectAfter(nn.Module):
+    """A conv unit, then a shared conv that pads by reflection (or another mode)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.unit = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.pad = nn.Conv2d(4, 5, 3, padding=1, padding_mode=mode)
+        self.fc = nn.Linear(5, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.unit(x)))
+        return self.fc(torch.relu(self.pad(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+def test_a_shared_conv_downstream_with_another_padding_mode_fans(mode: str) -> None:
+    """Only the unit's own conv must pad with zeros (its K stacked weights run as one
+    zero-padded conv); a shared conv after it runs as itself on the K·B batch, where every
+    padding mode pads each sample on its own. It refused the whole group (the swap path: a
+    speed cost on the GPU); a unit conv that pads another way is still refused."""
+    from layerfast.engine.fanrun import GLUE_MODES
+    from tests.test_fanunit_s20 import _data, _same_as_naive, _variants
+
+    torch.manual_seed(0)
+    m = _ReflectAfter(mode)
+    for glue in GLUE_MODES:
+        plan = _same_as_naive(m, _variants(m, "unit,bn"), _data(6, (3, 8, 8)), glue=glue)
+        assert plan["fanned_variants"] == 3, plan
+    plan = _same_as_naive(m, _variants(m, "pad"), _data(6, (3, 8, 8)))
+    assert plan["fanned_variants"] == 0, plan
+    assert f"padding_mode {mode!r}" in " ".join(plan["fanout_refused"].values()), plan

@@ -334,8 +334,6 @@ def _why_not_batchwise_bare(
             return _dim_why(m.start_dim, i, dims, "start_dim")
         if not isinstance(m, _BATCHWISE_MODULES):
             return f"module type {_NOT_LISTED}"
-        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.padding_mode != "zeros":
-            return f"padding_mode {m.padding_mode!r} (only 'zeros' is fanned)"
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
             m.training or m.running_mean is None
         ):
@@ -590,6 +588,11 @@ def prove_fan(prog: Program, start: int, keys: set[str]) -> FanPlan | str:
                         "(a fanned run does not call it)")
             if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and m.running_mean is None:
                 return f"{_describe(prog, s)}: a BatchNorm without running statistics"
+            if isinstance(m, nn.Conv1d | nn.Conv2d) and m.padding_mode != "zeros":
+                # the stacked conv pads with zeros; a shared conv downstream runs as itself on
+                # the K·B batch, where any padding mode pads each sample on its own
+                return (f"{_describe(prog, s)}: padding_mode {m.padding_mode!r} (only 'zeros' "
+                        "is fanned)")
             for k in s.keys:
                 owner[k] = s.target
     missing = sorted(keys - set(owner))
