@@ -353,8 +353,9 @@ class Evaluator(FirstBatchChecks):
         if P > 1 and N and p0 == P and s0 == 0:
             p0, s0 = P - 1, N  # every pass done but not yet marked finished: end the last one
         results: list[EvalResult] = []
-        self._records = self._restore(state, p0)
-        plans = [Plan.from_record(r) for r in self._records]
+        self._records = self._restore(state, p0, passes)
+        plans = [Plan.from_record(r, set(i), self.max_fanout)
+                 for r, i in zip(self._records, passes, strict=False)]
         for p in range(p0, P):
             idx = self._pass_idx = passes[p]
             base = p * N if N else (p * results[0].n if results else 0)
@@ -418,7 +419,8 @@ class Evaluator(FirstBatchChecks):
             plans.append(self.last_plan.remapped(self._pass_idx).record())
         return {"k": self._k, "rows": self._rows, "swap_rows": self._swap_rows, "plans": plans}
 
-    def _restore(self, state: dict | None, p0: int) -> list[dict]:
+    def _restore(self, state: dict | None, p0: int,
+                 passes: list[list[int]]) -> list[dict]:
         """Take back a `resume_state` for a run resuming in pass `p0`: the K and back-offs,
         and the resumed pass's groups (`_apply_saved`). Returns the records of the passes
         before `p0`, which this run does not run again."""
@@ -430,11 +432,15 @@ class Evaluator(FirstBatchChecks):
             for v in (k, rows, swap):
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                     raise ValueError(f"{v!r} is not a positive count")
-            plans = list(state.get("plans") or [])
-            if len(plans) < p0:
+            if k is not None and k > self.max_fanout:
+                raise ValueError(f"K {k} is above max_fanout {self.max_fanout}")
+            plans = state.get("plans") or []
+            if not isinstance(plans, list):
+                raise ValueError(f"its passes' records are a {type(plans).__name__}")
+            if not p0 <= len(plans) <= p0 + 1:
                 raise ValueError(f"{len(plans)} passes recorded, {p0} finished")
-            for rec in plans:
-                Plan.from_record(rec)
+            for rec, idx in zip(plans, passes, strict=False):
+                Plan.from_record(rec, set(idx), self.max_fanout)
             saved = ({str(g["members"][0]): g for g in plans[p0]["groups"] if g["members"]}
                      if len(plans) > p0 else None)
         except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:

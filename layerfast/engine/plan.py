@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -88,18 +89,40 @@ class Plan:
         }
 
     @staticmethod
-    def from_record(rec: dict) -> Plan:
+    def from_record(rec: dict, variants: Collection[int], max_fanout: int) -> Plan:
         """The plan a `record` describes, for its summary only: a fanned group gets an empty
-        FanPlan (the pass it belongs to is over and never runs from it)."""
-        return Plan(
-            [Group(int(g["start"]), [int(i) for i in g["members"]],
-                   FanPlan(int(g["start"]), [], set(), set()) if g["fan"] else None,
-                   kmax=int(g["kmax"]), fallback=g["fallback"], refused=g["refused"])
-             for g in rec["groups"]],
-            [int(i) for i in rec["same_as_baseline"]],
-            [int(c) for c in rec["cuts"]],
-            rec["untraced"],
-        )
+        FanPlan (the pass it belongs to is over and never runs from it).
+
+        Raises ValueError where `rec` is not what `record` writes for a pass of `variants`
+        under `max_fanout` (a damaged or edited resume store): the resumed pass runs its
+        groups' K, and a K of 0 crashed it, a negative one ran as a reported fallback, and
+        other types went into run.json as they were."""
+        if not isinstance(rec, dict):
+            raise ValueError(f"a pass's record is a {type(rec).__name__}")
+        groups, same, cuts = (_list(rec, k) for k in ("groups", "same_as_baseline", "cuts"))
+        out = []
+        for g in groups:
+            if not isinstance(g, dict):
+                raise ValueError(f"a group's record is a {type(g).__name__}")
+            members = _list(g, "members")
+            if not members or not all(_is_int(i) and i in variants for i in members):
+                raise ValueError(f"group members {members!r} are not variants of this pass")
+            start, kmax, fan = g.get("start"), g.get("kmax"), g.get("fan")
+            if not _is_int(start) or start < 0:
+                raise ValueError(f"group start {start!r} is not a step")
+            if not _is_int(kmax) or not 1 <= kmax <= max_fanout:
+                raise ValueError(f"group K {kmax!r} is not in 1..{max_fanout}")
+            if not isinstance(fan, bool):
+                raise ValueError(f"group fan {fan!r} is not true or false")
+            fallback, refused = _text(g, "fallback"), _text(g, "refused")
+            out.append(Group(start, list(members),
+                             FanPlan(start, [], set(), set()) if fan else None,
+                             kmax=kmax, fallback=fallback, refused=refused))
+        if not all(_is_int(i) and i in variants for i in same):
+            raise ValueError(f"baseline-equal variants {same!r} are not variants of this pass")
+        if not all(_is_int(c) and c >= 0 for c in cuts):
+            raise ValueError(f"cuts {cuts!r} are not steps")
+        return Plan(out, list(same), list(cuts), _text(rec, "untraced"))
 
     @staticmethod
     def merged(plans: list[Plan]) -> Plan:
@@ -110,6 +133,26 @@ class Plan:
             sorted({c for p in plans for c in p.cuts}),
             next((p.untraced for p in plans if p.untraced), None),
         )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _list(rec: dict, key: str) -> list:
+    """`rec[key]`, a list (`Plan.from_record`)."""
+    v = rec.get(key)
+    if not isinstance(v, list):
+        raise ValueError(f"{key!r} is {'missing' if v is None else f'a {type(v).__name__}'}")
+    return v
+
+
+def _text(rec: dict, key: str) -> str | None:
+    """`rec[key]`, a string or None (`Plan.from_record`)."""
+    v = rec.get(key)
+    if v is not None and not isinstance(v, str):
+        raise ValueError(f"{key!r} is a {type(v).__name__}, not text")
+    return v
 
 
 def _joined(pairs) -> dict[str, str]:
