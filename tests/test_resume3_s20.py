@@ -47,9 +47,10 @@ def _setup(branch: bool = False) -> tuple[nn.Module, DataSource, list[dict]]:
     return model, DataSource.from_arrays("t", x, y, num_classes=10), _variants(model, ["a", "b", "c"])
 
 
-def _saves(model: nn.Module, src: DataSource, variants: list[dict]) -> tuple[object, list]:
+def _saves(model: nn.Module, src: DataSource, variants: list[dict],
+           **kw: object) -> tuple[object, list]:
     """An uninterrupted run, and (counts, n_done, state as JSON) at each of its progress saves."""
-    ev = Evaluator(model, variants, device="cpu", batch_size=16, fanout="on")
+    ev = Evaluator(model, variants, device="cpu", batch_size=16, fanout="on", **kw)
     saves: list = []
 
     def save(counts: torch.Tensor, n: int) -> None:
@@ -57,6 +58,28 @@ def _saves(model: nn.Module, src: DataSource, variants: list[dict]) -> tuple[obj
 
     res = ev.run(src, on_checkpoint=save, checkpoint_every=0)
     return res, saves
+
+
+@pytest.mark.parametrize("stage", [None, 12000])  # one pass; several
+def test_a_pass_resumed_at_its_end_reports_the_plan_its_first_batch_decided(stage):
+    """Killed after its last progress save (every sample counted) and before the run was marked
+    finished, the rerun resumes at the pass's end: no batch runs, so no first-batch check ran,
+    and its plan was the unchecked one. run.json said the model was traced and its variants
+    fanned where the whole run had found the trace wrong and run untraced, on the swap path;
+    and that plan was saved again as the state a later rerun would take back."""
+    model, src, variants = _setup(branch=True)
+    whole, saves = _saves(model, src, variants, stage_bytes=stage)
+    assert whole.plan["untraced"] and not whole.plan["fanned_variants"]
+    assert (whole.plan["passes"] > 1) == (stage is not None)
+    counts, n, state = saves[-1]
+    assert n == src.n * whole.plan["passes"]
+    ev = Evaluator(model, variants, device="cpu", batch_size=16, fanout="on", stage_bytes=stage)
+    again: list = []
+    res = ev.run(src, start=n, counts=counts, state=state,
+                 on_checkpoint=lambda c, k: again.append(ev.resume_state()))
+    assert torch.equal(res.counts, whole.counts)
+    assert res.plan == whole.plan
+    assert json.loads(json.dumps(again[-1])) == state
 
 
 BAD = [

@@ -259,6 +259,7 @@ class Evaluator(FirstBatchChecks):
         self._forced_k: int | None = None
         self._records: list[dict] = []
         self._saved_groups: dict[str, dict] | None = None
+        self._saved_pass: dict | None = None
         self._in_pass = False
 
     # ---- setup -----------------------------------------------------------------------
@@ -383,7 +384,8 @@ class Evaluator(FirstBatchChecks):
                     )
             finally:
                 self._in_pass = False
-                self._saved_groups = None  # the resumed pass's: later passes plan their own
+                # the resumed pass's: later passes plan their own
+                self._saved_groups = self._saved_pass = None
             total[idx] = res.counts
             results.append(res)
             plans.append(self.last_plan.remapped(idx))
@@ -424,7 +426,7 @@ class Evaluator(FirstBatchChecks):
         """Take back a `resume_state` for a run resuming in pass `p0`: the K and back-offs,
         and the resumed pass's groups (`_apply_saved`). Returns the records of the passes
         before `p0`, which this run does not run again."""
-        self._forced_k, self._saved_groups = None, None
+        self._forced_k, self._saved_groups, self._saved_pass = None, None, None
         if state is None:
             return []
         try:
@@ -441,14 +443,27 @@ class Evaluator(FirstBatchChecks):
                 raise ValueError(f"{len(plans)} passes recorded, {p0} finished")
             for rec, idx in zip(plans, passes, strict=False):
                 Plan.from_record(rec, set(idx), self.max_fanout)
-            saved = ({str(g["members"][0]): g for g in plans[p0]["groups"] if g["members"]}
-                     if len(plans) > p0 else None)
+            last = plans[p0] if len(plans) > p0 else None
+            saved = {str(g["members"][0]): g for g in last["groups"]} if last else None
         except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
             raise LayerfastError(f"the saved engine state does not describe this run ({exc}); "
                                  "pass --fresh to start over") from None
         self._forced_k, self._rows, self._swap_rows = k, rows, swap
-        self._saved_groups = saved
+        self._k = k  # saved again as it was, also where no batch is left to size groups
+        self._saved_groups, self._saved_pass = saved, last
         return plans[:p0]
+
+    def _saved_plan(self) -> Plan:
+        """The resumed pass's plan as its interrupted run recorded it, in this pass's variant
+        indices: a pass resumed at its very end runs no batch, so no first-batch check decides
+        its plan again (the unchecked plan said traced and fanned where the run had found the
+        trace wrong and run untraced, and that went into run.json and the next save)."""
+        local = {v: i for i, v in enumerate(self._pass_idx)}
+        plan = Plan.from_record(self._saved_pass, set(local), self.max_fanout)
+        for g in plan.groups:
+            g.members = [local[i] for i in g.members]
+        plan.same_as_baseline = [local[i] for i in plan.same_as_baseline]
+        return plan
 
     def _apply_saved(self, plan: Plan) -> None:
         """The resumed pass's fanned groups as the interrupted run left them: their K (an
@@ -676,7 +691,9 @@ class Evaluator(FirstBatchChecks):
             raise LayerfastError("the data is empty: no samples to evaluate")
         if C == 0 and hasattr(data, "shape"):
             C = self._num_classes(prog, data.shape, cl)  # resumed at the end: no batch ran
-        if not self._groups_sized:  # likewise: the K the interrupted run had, for run.json
+        if n == start and self._saved_pass is not None:  # likewise: the plan it had
+            plan = self.last_plan = self._saved_plan()
+        elif not self._groups_sized:  # the K the interrupted run had, for run.json
             self._apply_saved(plan)
         out = acc[:V].cpu()
         if on_checkpoint is not None:
