@@ -187,7 +187,8 @@ def _write_ckpts(dicts: list[tuple[int, dict]], digest: str) -> tuple[Path, str]
 
 def _array(name: str, v: Any) -> np.ndarray:
     if isinstance(v, torch.Tensor):
-        t = v.detach().cpu()
+        # the checks before .cpu(): a meta tensor's copy is torch's NotImplementedError
+        t = v.detach() if v.is_meta else v.detach().cpu()
         if t.dtype == torch.bfloat16 or t.layout != torch.strided or t.is_meta:
             what = "a meta" if t.is_meta else str(t.dtype if t.layout == torch.strided
                                                   else t.layout).removeprefix("torch.")

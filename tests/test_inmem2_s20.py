@@ -1,0 +1,87 @@
+"""In-memory inputs of the Python API, adversarially (`layerfast.inputs`, session 20 review):
+exotic tensors are one LayerfastError, nothing is written before every check, a state dict of
+views writes only what its tensors hold, and a callable arch is named the same in every
+process (so the same script again resumes)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import layerfast
+from layerfast.data import open_data
+from layerfast.errors import LayerfastError
+
+ARGS = {"device": "cpu", "batch_size": 64, "progress": False, "figures": False,
+        "checkpoint_every": 0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (see conftest.one_thread)."""
+
+
+@pytest.fixture(autouse=True)
+def _own_tempdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The materialised inputs go under this test's tmp dir, not the machine's /tmp."""
+    tmp = tmp_path / "systemp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def _inputs_root() -> Path:
+    return Path(tempfile.gettempdir()) / f"layerfast-inputs-{os.getuid()}"
+
+
+class Small(nn.Module):
+    """A tiny MLP for digits (8×8 inputs), with a BatchNorm."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.fc2 = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(x.flatten(1)))))
+
+
+@pytest.fixture(scope="module")
+def sds() -> dict[int, dict[str, torch.Tensor]]:
+    """Three independent draws of Small, as {τ: state_dict}."""
+    torch.manual_seed(0)
+    return {t: {k: v.clone() for k, v in Small().state_dict().items()} for t in range(3)}
+
+
+@pytest.fixture(scope="module")
+def xy() -> tuple[torch.Tensor, torch.Tensor]:
+    src = open_data("digits")
+    return src.reader.x.float() / 16, src.reader.y.clone()
+
+
+def _refused(arch: object, ck: object, data: object, out: Path, msg: str) -> None:
+    with pytest.raises(LayerfastError, match=msg) as info:
+        layerfast.analyze(arch, ck, data=data, out=out, **ARGS)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+    root = _inputs_root()
+    assert not root.exists() or not any(root.iterdir()), "written before it was refused"
+
+
+def test_a_meta_x_is_refused_not_a_torch_traceback(sds: dict, xy: tuple,
+                                                   tmp_path: Path) -> None:
+    """`x.to("meta")` was NotImplementedError ("Cannot copy out of meta tensor") from .cpu(),
+    before the meta check that was meant to refuse it."""
+    from layerfast.analysis import list_units
+
+    x, y = xy
+    _refused(Small, sds, (x.to("meta"), y), tmp_path / "a", r"x is a meta tensor")
+    _refused(Small, sds, (x, y.to("meta")), tmp_path / "b", r"y is a meta tensor")
+    with pytest.raises(LayerfastError, match=r"x is a meta tensor"):
+        list_units(Small, data=(x.to("meta"), y))
