@@ -88,6 +88,10 @@ def _label(key: Any) -> int:
     if int(key) < 0:
         raise LayerfastError(f"ckpts: the labels τ must be >= 0 (0 is the initialization), "
                              f"got {int(key)}")
+    from layerfast.checkpoints.discover import MAX_LABEL
+
+    if int(key) > MAX_LABEL:  # the directory reader's bound, here before any file is written
+        raise LayerfastError(f"ckpts: the labels τ must be below 2**63, got {int(key)}")
     return int(key)
 
 

@@ -85,3 +85,13 @@ def test_a_meta_x_is_refused_not_a_torch_traceback(sds: dict, xy: tuple,
     _refused(Small, sds, (x, y.to("meta")), tmp_path / "b", r"y is a meta tensor")
     with pytest.raises(LayerfastError, match=r"x is a meta tensor"):
         list_units(Small, data=(x.to("meta"), y))
+
+
+def test_a_label_past_int64_is_refused_before_anything_is_written(sds: dict, xy: tuple,
+                                                                  tmp_path: Path) -> None:
+    """τ = 2**63 was written as epoch_9223372036854775808.pt, then refused by the directory
+    reader ("Rename it or write a manifest.json"): files written before the refusal, and
+    advice that means nothing for a mapping."""
+    for i, tau in enumerate((2**63, 2**70)):
+        _refused(Small, {0: sds[0], tau: sds[2]}, xy, tmp_path / f"o{i}",
+                 r"ckpts: the labels τ must be below 2\*\*63")
