@@ -77,7 +77,7 @@ def root() -> Path:
 def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
     """The tensor's values as bytes (a uint8 array), whatever its dtype (bfloat16 has no
     numpy dtype)."""
-    flat = t.detach().cpu().contiguous().reshape(-1)
+    flat = t.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy() if flat.numel() else np.zeros(0, np.uint8)
 
 
@@ -117,10 +117,14 @@ def _state_dict(label: int, value: Any) -> dict[str, torch.Tensor]:
     sd = find_state_dict(value, where, holder="it")
     for k, t in sd.items():
         if t.layout != torch.strided or t.is_meta or t.is_quantized:
-            raise LayerfastError(f"{where}[{k!r}] is a {t.layout} / {t.device.type} tensor; "
-                                 "checkpoints hold dense tensors with values")
-    # detach (a Parameter's grad state is no weight), cpu (a no-op for CPU tensors, so ties stay)
-    return {k: t.detach().cpu() for k, t in sd.items()}
+            what = ("quantized" if t.is_quantized else "meta" if t.is_meta
+                    else str(t.layout).removeprefix("torch."))
+            raise LayerfastError(f"{where}[{k!r}] is a {what} tensor; checkpoints hold dense "
+                                 "tensors with values")
+    # detach (a Parameter's grad state is no weight), cpu (a no-op for CPU tensors, so ties
+    # stay), and a conjugate or negative view's values made real (as torch.save would have
+    # them, and as `_tensor_bytes` reads them)
+    return {k: t.detach().cpu().resolve_conj().resolve_neg() for k, t in sd.items()}
 
 
 def _write_new(path: Path, write: Callable[[Path], None]) -> None:

@@ -9,6 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -95,3 +96,29 @@ def test_a_label_past_int64_is_refused_before_anything_is_written(sds: dict, xy:
     for i, tau in enumerate((2**63, 2**70)):
         _refused(Small, {0: sds[0], tau: sds[2]}, xy, tmp_path / f"o{i}",
                  r"ckpts: the labels τ must be below 2\*\*63")
+
+
+def test_exotic_state_dict_tensors_are_one_clear_error(sds: dict, xy: tuple,
+                                                       tmp_path: Path) -> None:
+    """A conjugate or negative view (`c.conj()`, `c.conj().imag`) was a RuntimeError from
+    torch's `Tensor.view` while hashing; a quantized tensor was said to be a "torch.strided /
+    cpu tensor", which is what a good one is."""
+    w = sds[2]["fc1.weight"]
+    neg = torch.complex(torch.zeros_like(w), -w).conj().imag  # w, as a tensor with the neg bit
+    assert neg.is_neg() and torch.equal(neg, w)
+    conj = w.to(torch.complex64).conj()
+    assert conj.is_conj()
+    q = torch.quantize_per_tensor(w, 0.1, 0, torch.qint8)
+    cases = [(conj, r"fc1.weight.*complex64 in the checkpoint vs float32 in the model"),
+             (q, r"ckpts\[2\]\['fc1.weight'\] is a quantized tensor")]
+    for i, (t, msg) in enumerate(cases):
+        out = tmp_path / f"o{i}"
+        with pytest.raises(LayerfastError, match=msg):
+            layerfast.analyze(Small, {**sds, 2: {**sds[2], "fc1.weight": t}}, data=xy, out=out,
+                              **ARGS)
+        assert not out.exists()
+    # the neg view holds w: the same run as w itself
+    plain = layerfast.analyze(Small, sds, data=xy, out=tmp_path / "p", **ARGS)
+    viewed = layerfast.analyze(Small, {**sds, 2: {**sds[2], "fc1.weight": neg}}, data=xy,
+                               out=tmp_path / "n", **ARGS)
+    pd.testing.assert_frame_equal(plain.table, viewed.table, check_exact=True)
