@@ -17,7 +17,9 @@ the same run.json — and the results are bit for bit those of the same objects 
   file stays (`_write_new`).
 - The state dict of each value is found by the checkpoint loader's own rule (`find_state_dict`:
   a state dict, or one held under `state_dict`, `model`, ...), and only its tensors are saved
-  (`torch.save`, which keeps tied tensors tied; safetensors refuses shared storage).
+  (`torch.save`, which keeps tied tensors tied; safetensors refuses shared storage). A tensor
+  that views part of a larger storage is copied out of it first (`_compact`): torch.save
+  writes a view's whole storage.
 - `(x, y)` is checked by the .npz reader's own code (`data.npz.open_arrays`) before it is
   saved with `numpy.savez(x=x, y=y)`: float32 `x` fed as is, uint8 scaled to [0, 1]. A third
   element is the .npz's optional `num_classes`, for labels that do not cover every class.
@@ -181,13 +183,35 @@ def _checked_ckpts(ckpts: Mapping[Any, Any]) -> tuple[list[tuple[int, dict]], st
     return dicts, h.hexdigest()
 
 
+def _compact(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sd` with each tensor that views part of a larger storage copied out of it.
+
+    torch.save writes a tensor's whole storage: a state dict of views into one flat buffer
+    (a flat-parameter optimizer, a preallocated history of every epoch) wrote the whole
+    buffer into every epoch_<τ>.pt, gigabytes for a small model. A tensor that spans its
+    storage is kept as it is, and the same view under two names (tied weights) becomes one
+    copy, so ties stay ties. Called per file as it is written: one state dict's copies at
+    a time, not every checkpoint's at once."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for k, t in sd.items():
+        if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                     tuple(t.stride()), t.dtype)
+            if ident not in copies:
+                copies[ident] = t.clone(memory_format=torch.contiguous_format)
+            t = copies[ident]
+        out[k] = t
+    return out
+
+
 def _write_ckpts(dicts: list[tuple[int, dict]], digest: str) -> tuple[Path, str]:
     """The folder holding the state dicts as `epoch_<τ>.pt` files, and a line for run.json."""
     from layerfast.checkpoints.save import save_atomic
 
     folder = _folder(digest)
     for tau, sd in dicts:
-        _write_new(folder / f"epoch_{tau}.pt", lambda p, sd=sd: save_atomic(sd, p))
+        _write_new(folder / f"epoch_{tau}.pt", lambda p, sd=sd: save_atomic(_compact(sd), p))
     taus = ", ".join(str(t) for t, _ in dicts)
     return folder, (f"in-memory: {len(dicts)} state dict{'s' * (len(dicts) != 1)} "
                     f"(τ {taus}), sha256 {digest}")
