@@ -5,8 +5,12 @@ process (so the same script again resumes)."""
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -183,3 +187,56 @@ def test_tied_views_into_a_large_buffer_stay_tied(xy: tuple, tmp_path: Path) -> 
     assert loaded["a.weight"].untyped_storage().nbytes() == 64 * 64 * 4
     plain = layerfast.analyze(Tied, sds, data=xy, out=tmp_path / "p", **ARGS)
     pd.testing.assert_frame_equal(plain.table, res.table, check_exact=True)
+
+
+def _build(num_classes: int = 10) -> nn.Module:
+    return Small(num_classes)
+
+
+class _Builder:
+    """A callable instance building Small."""
+
+    def __call__(self, num_classes: int = 10) -> nn.Module:
+        return Small(num_classes)
+
+
+def test_a_partial_or_a_callable_instance_is_named_without_its_address() -> None:
+    """A functools.partial (or any callable without a __qualname__) was named by its repr,
+    `functools.partial(<function _build at 0x7f...>)`: another process named it otherwise,
+    so the same script again refused its own out dir ("differs in: arch") instead of
+    resuming."""
+    from layerfast.models import get_arch
+
+    part = get_arch(functools.partial(_build, num_classes=10)).name
+    assert " at 0x" not in part and f"{__name__}:_build" in part
+    inst = get_arch(_Builder()).name
+    assert " at 0x" not in inst and f"{__name__}:_Builder" in inst
+
+
+@pytest.mark.slow
+def test_the_same_script_with_a_partial_arch_resumes(tmp_path: Path) -> None:
+    script = tmp_path / "run_partial.py"
+    script.write_text(textwrap.dedent(f"""
+        import functools, sys, tempfile
+        import torch
+        from torch import nn
+        import layerfast
+        tempfile.tempdir = {str(tmp_path)!r}
+
+        def build(num_classes=10):
+            return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+
+        torch.manual_seed(0)
+        sds = {{t: build().state_dict() for t in range(2)}}
+        x, y = torch.rand(40, 64), torch.arange(40) % 10
+        res = layerfast.analyze(functools.partial(build, num_classes=10), sds, data=(x, y),
+                                out={str(tmp_path / "o")!r}, device="cpu", progress=False,
+                                figures=False)
+        print("evaluated", res.run["engine"]["evaluated"])
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                           env=env, timeout=120) for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert runs[1].returncode == 0, runs[1].stderr
+    assert "evaluated 40" in runs[0].stdout and "evaluated 0" in runs[1].stdout

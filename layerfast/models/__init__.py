@@ -135,6 +135,24 @@ def _user_spec(spec: str, factory: Callable[..., Any] | None = None) -> ArchSpec
     return ArchSpec(spec, _checked(spec, build), None, None, None, factory)
 
 
+def _callable_name(f: Callable[..., Any]) -> str:
+    """`module:qualname` of a factory given as an object; a functools.partial named by its
+    function (`functools.partial(module:qualname)`), another callable without a __qualname__
+    by its class (`module:Class instance`).
+
+    Never its repr: `<function f at 0x7f...>` is another name in every process, and the name
+    is part of the resume fingerprint, so the same script run again refused its own out dir
+    ("differs in: arch"). What a partial binds is in the model's definition digest
+    (`models.identity`), which refuses a changed one."""
+    if isinstance(f, partial):
+        return f"functools.partial({_callable_name(f.func)})"
+    mod, qual = getattr(f, "__module__", None), getattr(f, "__qualname__", None)
+    if isinstance(mod, str) and isinstance(qual, str):
+        return f"{mod}:{qual}"
+    cls = type(f)
+    return f"{cls.__module__}:{cls.__qualname__} instance"
+
+
 def get_arch(name: str | Callable[..., nn.Module]) -> ArchSpec:
     """A registry name (case-insensitive), `fcnDxW`, or `package.module:factory`; or (from
     Python) the factory itself, a class or function returning an nn.Module, built as that
@@ -145,9 +163,7 @@ def get_arch(name: str | Callable[..., nn.Module]) -> ArchSpec:
             "function that builds it: layerfast builds fresh models (re-randomization draws)"
         )
     if callable(name) and not isinstance(name, str):
-        mod, qual = getattr(name, "__module__", None), getattr(name, "__qualname__", None)
-        label = f"{mod}:{qual}" if isinstance(mod, str) and isinstance(qual, str) else repr(name)
-        return _user_spec(label, name)
+        return _user_spec(_callable_name(name), name)
     if not isinstance(name, str) or not name.strip():
         raise LayerfastError(f"arch must be a non-empty name, got {name!r}")
     if _user.is_user_spec(name):
