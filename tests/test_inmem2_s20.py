@@ -13,6 +13,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -240,3 +241,20 @@ def test_the_same_script_with_a_partial_arch_resumes(tmp_path: Path) -> None:
     assert runs[0].returncode == 0, runs[0].stderr
     assert runs[1].returncode == 0, runs[1].stderr
     assert "evaluated 40" in runs[0].stdout and "evaluated 0" in runs[1].stdout
+
+
+@pytest.mark.parametrize("data", [
+    {"x": torch.zeros(300, 64), "y": torch.zeros(300, dtype=torch.long)},
+    np.zeros((300, 64), np.float32),
+    torch.zeros(300, 64),
+])
+def test_data_of_the_wrong_kind_is_one_short_line(sds: dict, tmp_path: Path,
+                                                  data: object) -> None:
+    """A dict, a bare array or tensor as `data` was refused with its whole repr in the
+    message: dozens of lines of numbers for "one clear line"."""
+    with pytest.raises(LayerfastError) as info:
+        layerfast.analyze(Small, sds, data=data, out=tmp_path / "o", **ARGS)
+    msg = str(info.value)
+    assert "\n" not in msg and len(msg) < 300, msg
+    assert "(x, y)" in msg
+    assert not (tmp_path / "o").exists()

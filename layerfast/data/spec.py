@@ -6,6 +6,7 @@ Spec modules are imported lazily: `digits` must not pay for FFCV/numba, nor `mni
 from __future__ import annotations
 
 import os
+import reprlib
 from pathlib import Path
 
 from layerfast.data.source import DataSource, check_max_samples
@@ -82,8 +83,14 @@ def open_data(spec: str, split: str = "test", max_samples: int | None = None) ->
     if isinstance(spec, os.PathLike):  # Path("x.npz"): a PATH spec, as `--data x.npz`
         spec = os.fspath(spec)
     if not isinstance(spec, str):  # was "unknown data spec '5': empty", a wrong reason
-        raise LayerfastError(f"a data spec is a string such as 'digits' or 'PATH.npz'; got "
-                             f"{type(spec).__name__} {spec!r}")
+        # its repr cut short and on one line: an array's or a dict of tensors' repr is dozens
+        # of lines of numbers
+        shape = getattr(spec, "shape", None)
+        shown = (f"of shape {tuple(shape)}" if isinstance(shape, tuple)  # torch.Size too
+                 else " ".join(reprlib.repr(spec).split()))
+        raise LayerfastError(f"a data spec is a string such as 'digits' or 'PATH.npz' "
+                             f"(analyze and list_units also take an in-memory pair (x, y)); "
+                             f"got {type(spec).__name__} {shown}")
     if not spec.strip():
         raise _unknown(spec, "empty")
     if split not in SPLITS:
