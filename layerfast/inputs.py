@@ -172,6 +172,12 @@ def _checked_ckpts(ckpts: Mapping[Any, Any]) -> tuple[list[tuple[int, dict]], st
     if not ckpts:
         raise LayerfastError("ckpts is an empty mapping: give {τ: state_dict, ...} with the "
                              "final model's state dict at the largest τ")
+    if any(isinstance(k, str) for k in ckpts) and \
+            any(isinstance(v, torch.Tensor) for v in ckpts.values()):
+        # was "the labels τ must be integers, got str 'fc1.weight'", which did not say why
+        raise LayerfastError("ckpts is one state dict (names to tensors); give a mapping "
+                             "{τ: state_dict, ...} of the checkpoints, with the final model's "
+                             "at the largest τ")
     labelled = sorted(((_label(k), v) for k, v in ckpts.items()), key=lambda kv: kv[0])
     dicts = [(tau, _state_dict(tau, v)) for tau, v in labelled]
     h = hashlib.sha256(_VERSION + b"ckpts\0")

@@ -258,3 +258,9 @@ def test_data_of_the_wrong_kind_is_one_short_line(sds: dict, tmp_path: Path,
     assert "\n" not in msg and len(msg) < 300, msg
     assert "(x, y)" in msg
     assert not (tmp_path / "o").exists()
+
+
+def test_a_single_state_dict_as_ckpts_says_so(sds: dict, xy: tuple, tmp_path: Path) -> None:
+    """`analyze(Net, model.state_dict(), ...)` was "the labels τ must be integers, got str
+    'fc1.weight'": true, but not what the user got wrong."""
+    _refused(Small, sds[2], xy, tmp_path / "o", r"ckpts is one state dict .* give a mapping")
