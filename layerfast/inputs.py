@@ -327,11 +327,14 @@ def materialise(ckpts: Any, data: Any, split: str) -> tuple[Any, Any, dict[str, 
     if not (mem_ck or mem_data):
         return ckpts, data, None
     need_data(ckpts, data)
-    from layerfast.data.spec import SPLITS
+    from layerfast.data.spec import SPLITS, spec_text
 
     if split not in SPLITS:  # open_data's check, before anything is written
         raise LayerfastError(f"split must be 'test' or 'train', got {split!r}")
-    # everything checked before anything is written
+    # everything checked before anything is written (a data spec beside in-memory checkpoints
+    # by its form: a dict or an array there wrote the checkpoints' files, then was refused)
+    if not mem_data:
+        spec_text(data)
     checked_data = _checked_data(data, split) if mem_data else None
     checked_ck = _checked_ckpts(ckpts) if mem_ck else None
     inputs = {}

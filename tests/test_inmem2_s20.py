@@ -264,3 +264,12 @@ def test_a_single_state_dict_as_ckpts_says_so(sds: dict, xy: tuple, tmp_path: Pa
     """`analyze(Net, model.state_dict(), ...)` was "the labels τ must be integers, got str
     'fc1.weight'": true, but not what the user got wrong."""
     _refused(Small, sds[2], xy, tmp_path / "o", r"ckpts is one state dict .* give a mapping")
+
+
+@pytest.mark.parametrize("data", [{"x": 1}, np.zeros((3, 64)), "  "])
+def test_a_bad_data_spec_beside_in_memory_ckpts_writes_nothing(sds: dict, data: object,
+                                                              tmp_path: Path) -> None:
+    """A data argument that cannot be a spec (a dict, an array, blank) beside in-memory
+    state dicts: the checkpoints' files were written to the inputs folder, then the data was
+    refused ("everything is checked before the first file is written")."""
+    _refused(Small, sds, data, tmp_path / "o", r"data spec")

@@ -77,9 +77,10 @@ def absolute_spec(spec: str, base: str | os.PathLike[str] | None = None) -> str:
     return spec
 
 
-def open_data(spec: str, split: str = "test", max_samples: int | None = None) -> DataSource:
-    """Open dataset `spec` (see VALID_SPECS and docs/data.md) for `split` ('test' or 'train'),
-    keeping only the first `max_samples` samples when given."""
+def spec_text(spec: object) -> str:
+    """`spec` as text (a path-like is its path), or the LayerfastError for what cannot be one
+    (a dict, an array, an empty string): `open_data`'s first check, which in-memory
+    checkpoints run before writing their files."""
     if isinstance(spec, os.PathLike):  # Path("x.npz"): a PATH spec, as `--data x.npz`
         spec = os.fspath(spec)
     if not isinstance(spec, str):  # was "unknown data spec '5': empty", a wrong reason
@@ -93,6 +94,13 @@ def open_data(spec: str, split: str = "test", max_samples: int | None = None) ->
                              f"got {type(spec).__name__} {shown}")
     if not spec.strip():
         raise _unknown(spec, "empty")
+    return spec
+
+
+def open_data(spec: str, split: str = "test", max_samples: int | None = None) -> DataSource:
+    """Open dataset `spec` (see VALID_SPECS and docs/data.md) for `split` ('test' or 'train'),
+    keeping only the first `max_samples` samples when given."""
+    spec = spec_text(spec)
     if split not in SPLITS:
         raise LayerfastError(f"split must be 'test' or 'train', got {split!r}")
     check_max_samples(max_samples)
