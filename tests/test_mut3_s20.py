@@ -178,3 +178,54 @@ def test_an_inputs_folder_of_another_user_is_refused(tmp_path,
     with pytest.raises(LayerfastError, match="not a directory of this user's"):
         inputs.root()
 
+
+
+# ---- resume: the resumed pass's groups as the interrupted run left them -----------------------
+
+
+def _fanned_fails_once(monkeypatch: pytest.MonkeyPatch, exc: Exception) -> list[int]:
+    """The first fanned chunk of the run raises `exc` (an out-of-memory error backs the
+    group's K off; another error sends the group to the swap path); the K of every call."""
+    import layerfast.engine.evaluator as evm
+
+    real, seen = evm.run_fanned, []
+
+    def run(prog, fan, x, stacks, K, *a, **k):
+        seen.append(K)
+        if len(seen) == 1:
+            raise exc
+        return real(prog, fan, x, stacks, K, *a, **k)
+
+    monkeypatch.setattr(evm, "run_fanned", run)
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exc", [torch.OutOfMemoryError("simulated"),
+                                 RuntimeError("simulated failure of the fanned run")],
+                         ids=["oom-back-off", "fallback"])
+def test_a_resumed_pass_keeps_its_groups_back_off_and_fallback(ckpts, tmp_path,
+                                                               monkeypatch, exc) -> None:
+    """A group whose K an out-of-memory error lowered, or that fell back to the swap path,
+    before the interrupt: the rerun goes on with that K / on the swap path (the saved
+    groups), so results.csv and run.json's plan are the uninterrupted run's."""
+    import layerfast
+    from tests.test_resume2_s20 import ARGS, _chunk_widths, _Crash, crash_after, same_record
+
+    kw = {**ARGS, "reset": "reinit", "fanout": True}
+    with monkeypatch.context() as m:
+        _fanned_fails_once(m, exc)
+        whole = _chunk_widths(m)
+        layerfast.analyze("fcn3x256", ckpts, out=tmp_path / "whole", **kw)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _fanned_fails_once(m, exc)
+        before = _chunk_widths(m)
+        crash_after(m, 3)
+        with pytest.raises(_Crash):
+            layerfast.analyze("fcn3x256", ckpts, out=out, **kw)
+    with monkeypatch.context() as m:
+        after = _chunk_widths(m)
+        layerfast.analyze("fcn3x256", ckpts, out=out, **kw)
+    assert before + after == whole, (before, after, whole)
+    same_record(out, tmp_path / "whole")

@@ -79,9 +79,11 @@ class ResumeState:
         path, so the rest of the pass runs the same chunks and run.json says the same."""
         for g in plan.groups if self._saved_groups else ():
             rec = self._saved_groups.get(str(self._pass_idx[g.members[0]]))
-            if rec is None or g.fan is None or not rec["fan"]:
+            if rec is None or g.fan is None:
                 continue
+            # a group that fell back is recorded with fan False (`Plan.record`: g.fan is None
+            # after the fallback), so its fallback is read before the fan flag
             if rec["fallback"]:
                 g.fan, g.fallback = None, rec["fallback"]
-            else:
+            elif rec["fan"]:
                 g.kmax = int(rec["kmax"])
