@@ -141,9 +141,11 @@ def test_tied_weight_alias_key_is_accepted():
         Evaluator(model, [clash], device="cpu").run([(torch.randn(4, 12), torch.zeros(4, dtype=torch.long))])
 
 
-def test_a_checkpoint_untying_a_tied_weight_names_the_variant(tmp_path):
-    """A checkpoint whose two names of one tied tensor differ (saved untied): the error names
-    the variant's kind, unit and τ, not just its index."""
+def test_a_checkpoint_untying_a_tied_weight_names_the_files(tmp_path):
+    """A checkpoint whose two names of one tied tensor differ (saved untied): refused when the
+    variants are made, before any evaluation (session 20: `CheckpointDir._check_ties`; a
+    reinit-only run used to go through), naming each file and the two names. The Evaluator's
+    own check, for variants given directly, is the test above."""
     from layerfast.checkpoints import CheckpointDir
     from layerfast.units import make_units
     from layerfast.variants import make_variants
@@ -154,10 +156,11 @@ def test_a_checkpoint_untying_a_tied_weight_names_the_variant(tmp_path):
         sd = {k: v.clone() for k, v in model.state_dict().items()}
         sd["b.weight"] = torch.randn(16, 16)  # b's own weight, as an untied model would save
         torch.save(sd, tmp_path / f"epoch_{tau}.pt")
-    variants = make_variants(model, make_units(model), CheckpointDir(tmp_path), reset="fullmodel")
-    with pytest.raises(LayerfastError, match=r"^variant 1 \(fullmodel of \* to τ=0\) gives "
-                       r"a.weight and b.weight, one tied tensor"):
-        Evaluator(model, variants, device="cpu").run([(torch.randn(4, 12), torch.zeros(4, dtype=torch.long))])
+    for reset in ("fullmodel", "reinit"):
+        with pytest.raises(LayerfastError, match=r"^checkpoints hold two different values for "
+                           r"one tied tensor of the model: epoch_0.pt: a.weight and b.weight \| "
+                           r"epoch_1.pt: a.weight and b.weight"):
+            make_variants(model, make_units(model), CheckpointDir(tmp_path), reset=reset)
 
 
 # ---- 2. fused BN -> add -> ReLU with an in-place write between --------------------------------
