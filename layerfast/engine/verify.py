@@ -16,7 +16,7 @@ from torch import nn
 
 from layerfast.engine.graph import Program, eager_inplace
 from layerfast.engine.precision import precision_context
-from layerfast.engine.tracing import _MODULE_SLOTS, _tensorish
+from layerfast.engine.tracing import _MODULE_SLOTS, _contents, _same, _tensorish
 
 _OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)
 
@@ -34,7 +34,7 @@ def trace_differs(
     False when the model's own forward fails (the pass then reports that). Out of memory in
     either forward is raised, not taken as a verdict: the caller backs off."""
     with precision_context("fp32", device):
-        slots = _empty_slots(model)
+        slots = _slots(model)
         try:
             with eager_inplace(model):
                 ref = model(x.clone())
@@ -63,27 +63,53 @@ def trace_differs(
         return _random_forward(model, x, device, ref) or why
 
 
-def _empty_slots(model: nn.Module) -> dict[tuple[str, str], bool]:
-    """(module name, attribute) -> whether it is None, for every plain attribute of every
-    module before a call (`_filled_on_first_call`: one absent here and a tensor after was set
-    by the call)."""
-    return {(n, k): v is None for n, m in model.named_modules() for k, v in vars(m).items()
+def _slots(model: nn.Module) -> dict[tuple[str, str], tuple[Any, list | None]]:
+    """(module name, attribute) -> (its value, a dict's or list's items) for every plain
+    attribute of every module before a call (`_filled_on_first_call`: one absent here, another
+    object after, or a dict or list with other items after, and holding a tensor, was set by
+    the call). The items are kept because a cache is as often a container the module made empty
+    in `__init__` and fills in place (`self.cache = {}`) as an attribute that was None."""
+    return {(n, k): (v, _contents(v) if isinstance(v, dict | list) else None)
+            for n, m in model.named_modules() for k, v in vars(m).items()
             if k not in _MODULE_SLOTS}
 
 
+def _refill(v: Any, items: list | None) -> None:
+    """Put a dict's or list's own items (`_contents`) back into it, in place."""
+    if items is None or not isinstance(v, dict | list):
+        return
+    v.clear()
+    if isinstance(v, dict):
+        v.update(items)
+    else:
+        v.extend(x for _, x in items)
+
+
+def _set_by_call(v: Any, was: tuple[Any, list | None] | None) -> bool:
+    """Whether a plain attribute now `v`, `was` before a call (None: absent), was made to hold
+    a tensor by the call."""
+    if not _tensorish(v):
+        return False
+    if was is None or v is not was[0]:
+        return True
+    return was[1] is not None and not _same(_contents(v), was[1])
+
+
 def _filled_on_first_call(model: nn.Module, x: torch.Tensor,
-                          before: dict[tuple[str, str], bool]) -> list[str]:
-    """The plain attributes (`name.attr`) the forward's call just made tensors of, where they
-    were None or absent (`before`), and which a second call leaves the very same object: a
-    cache filled on first use (`if self.wc is None: self.wc = self.a.weight * 1.0`). fx traced
-    the forward with the cache empty (`Program` is made before any call of the pass), so its
-    program recomputes it from the live weights for every variant, while the model's own
-    forward — the naive loop, the user's own code — reuses what its first call stored, and the
-    counts of the variants of the weights it derives from differ. An activation stored on
-    every call (`self.feat = h`) is a new object after the second call: not a cache, and the
-    model stays traced."""
-    filled = {(n, k): v for n, m in model.named_modules() for k, v in vars(m).items()
-              if k not in _MODULE_SLOTS and _tensorish(v) and before.get((n, k), True)}
+                          before: dict[tuple[str, str], tuple[Any, list | None]]) -> list[str]:
+    """The plain attributes (`name.attr`) the forward's call just filled with tensors (set
+    where they were absent, None or another object, or a dict/list given other items), and
+    which a second call leaves the very same (object and items): a cache filled on first use
+    (`if self.wc is None: self.wc = self.a.weight * 1.0`, `self.cache["w"] = ...` into a dict
+    made in `__init__`). fx traced the forward with the cache empty (`Program` is made before
+    any call of the pass), so its program recomputes it from the live weights for every
+    variant, while the model's own forward — the naive loop, the user's own code — reuses what
+    its first call stored, and the counts of the variants of the weights it derives from
+    differ. An activation stored on every call (`self.feat = h`) is a new object after the
+    second call: not a cache, and the model stays traced."""
+    filled = {(n, k): (v, _contents(v) if isinstance(v, dict | list) else None)
+              for n, m in model.named_modules() for k, v in vars(m).items()
+              if k not in _MODULE_SLOTS and _set_by_call(v, before.get((n, k)))}
     if not filled:
         return []
     try:
@@ -92,18 +118,21 @@ def _filled_on_first_call(model: nn.Module, x: torch.Tensor,
     except Exception:  # noqa: BLE001 - out of memory too: no verdict, the pass goes on
         return []
     mods = dict(model.named_modules())
-    kept = {nk: v for nk, v in filled.items() if getattr(mods[nk[0]], nk[1], None) is v}
+    kept = {nk: (v, items) for nk, (v, items) in filled.items()
+            if getattr(mods[nk[0]], nk[1], None) is v
+            and (items is None or _same(_contents(v), items))}
     return [f"{n}.{k}" if n else k for n, k in _from_weights(model, x, kept, before, mods)]
 
 
-def _from_weights(model: nn.Module, x: torch.Tensor, caches: dict[tuple[str, str], Any],
-                  before: dict[tuple[str, str], bool],
+def _from_weights(model: nn.Module, x: torch.Tensor,
+                  caches: dict[tuple[str, str], tuple[Any, list | None]],
+                  before: dict[tuple[str, str], tuple[Any, list | None]],
                   mods: dict[str, nn.Module]) -> list[tuple[str, str]]:
-    """Those of `caches` (filled by the first call) whose values depend on the parameters:
-    emptied as they were, the forward run once more with every parameter changed, and
-    compared. A table of the input's shape (positional, rotary from a buffer, a mask) is the
-    same and harmless: the program recomputes the same values for every variant. The
-    parameters and the caches come back as they were after the first call."""
+    """Those of `caches` (filled by the first call: value and items) whose values depend on
+    the parameters: emptied as they were, the forward run once more with every parameter
+    changed, and compared. A table of the input's shape (positional, rotary from a buffer, a
+    mask) is the same and harmless: the program recomputes the same values for every variant.
+    The parameters and the caches come back as they were after the first call."""
     if not caches:
         return []
     params = [p.data for p in model.parameters() if p.is_floating_point()]
@@ -114,15 +143,19 @@ def _from_weights(model: nn.Module, x: torch.Tensor, caches: dict[tuple[str, str
             for t in params:
                 t.mul_(0.5).add_(0.25)
         for (n, k) in caches:
-            if before.get((n, k)) is None:
+            was = before.get((n, k))
+            if was is None:
                 delattr(mods[n], k)
             else:
-                object.__setattr__(mods[n], k, None)
+                object.__setattr__(mods[n], k, was[0])
+                _refill(was[0], was[1])
         with eager_inplace(model):
             model(x.clone())
-        for (n, k), v in caches.items():
-            now = getattr(mods[n], k, None)
-            if not _same_values(now, v):
+        for (n, k), (v, items) in caches.items():
+            first = v  # what the first call stored (a container's items: it was refilled)
+            if items is not None:
+                first = dict(items) if isinstance(v, dict) else [x for _, x in items]
+            if not _same_values(getattr(mods[n], k, None), first):
                 out.append((n, k))
     except Exception:  # noqa: BLE001 - out of memory too: no verdict, the pass goes on
         out = []
@@ -130,8 +163,9 @@ def _from_weights(model: nn.Module, x: torch.Tensor, caches: dict[tuple[str, str
         with torch.no_grad():
             for t, v in zip(params, saved, strict=True):
                 t.copy_(v)
-        for (n, k), v in caches.items():
+        for (n, k), (v, items) in caches.items():
             object.__setattr__(mods[n], k, v)
+            _refill(v, items)
     return out
 
 
