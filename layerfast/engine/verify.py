@@ -136,7 +136,9 @@ def _from_weights(model: nn.Module, x: torch.Tensor,
     if not caches:
         return []
     params = [p.data for p in model.parameters() if p.is_floating_point()]
-    saved = [t.clone() for t in params]
+    # on the host: a model larger than half the GPU ran out of memory here, and the trace
+    # check's back-off then ran it untraced ("even on one sample")
+    saved = [t.to("cpu", copy=True) for t in params]
     out: list[tuple[str, str]] = []
     try:
         with torch.no_grad():
