@@ -392,13 +392,16 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
 def _num_outputs(model: torch.nn.Module, src: Any) -> int:
     """The logits' width, from two zero samples in the model's own float dtype (a float64 model
     takes float64). A model that cannot take the data's samples is bad input, said here."""
+    from layerfast.engine.tracing import attributes_kept
     from layerfast.models import input_dtype
 
     dtype = input_dtype(model)
     was = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # attributes the call sets (a cache filled on first use) are taken back: the engine's
+        # first-batch check must see the first fill to find a cache derived from the weights
+        with torch.no_grad(), attributes_kept(list(model.modules())):
             out = model(torch.zeros(2, *src.shape, dtype=dtype))  # 2: rows must follow B
     except Exception as exc:  # noqa: BLE001 - any failure here is a model/data mismatch
         msg = " ".join(str(exc).split())[:300]

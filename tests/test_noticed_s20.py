@@ -96,3 +96,30 @@ def test_a_shared_conv_downstream_with_another_padding_mode_fans(mode: str) -> N
     plan = _same_as_naive(m, _variants(m, "pad"), _data(6, (3, 8, 8)))
     assert plan["fanned_variants"] == 0, plan
     assert f"padding_mode {mode!r}" in " ".join(plan["fanout_refused"].values()), plan
+
+
+def test_analyze_finds_a_weight_derived_cache_and_says_what_its_rows_mean(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """analyze's own probe of the logits' width (`_num_outputs`) called the model first and
+    filled its cache, so the engine's first-batch check never saw the first fill: the model
+    stayed traced and nothing said that resets of `a` never reached the forward. The warning
+    now also says what such rows measure."""
+    import json
+
+    from tests.test_effects2_s20 import _Cached
+
+    class Flat(_Cached):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x.flatten(1))
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    torch.manual_seed(0)
+    sds = {t: {k: v.clone() for k, v in Flat().state_dict().items()} for t in (0, 1)}
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 64, generator=g), torch.randint(0, 10, (64,), generator=g)
+    layerfast.analyze(Flat, sds, data=(x, y), device="cpu", precision="fp32", reset="reinit",
+                      out=tmp_path / "o", progress=False, figures=False)
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert "caches tensors on its modules on its first call (wc)" in (
+        run["engine"]["plan"]["untraced"] or ""), run["engine"]["plan"]
+    assert "do not measure their resets" in capsys.readouterr().err

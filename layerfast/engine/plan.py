@@ -13,7 +13,7 @@ import torch
 
 from layerfast.engine.fanout import FanPlan, prove_fan
 from layerfast.engine.graph import Program
-from layerfast.engine.verify import NOT_DETERMINISTIC
+from layerfast.engine.verify import NOT_DETERMINISTIC, WEIGHT_CACHE
 from layerfast.errors import warn
 
 
@@ -192,7 +192,11 @@ def warn_plan(summary: dict) -> None:
         warn(f"the model ran untraced ({why}): every variant ran the whole forward, "
              "with no prefix sharing or fan-out, so the pass was as slow as the naive loop; "
              + ("its results change from run to run, and a resumed run is not the same run"
-                if str(why).startswith(NOT_DETERMINISTIC) else "the results are exact"))
+                if str(why).startswith(NOT_DETERMINISTIC) else
+                "the results are the model's own forward's, which reuses the tensors its "
+                "first call cached: a reset of the weights they were computed from does not "
+                "reach them, so those units' rows do not measure their resets"
+                if str(why).startswith(WEIGHT_CACHE) else "the results are exact"))
     rows, swap = summary.get("rows_after_oom"), summary.get("swap_rows_after_oom")
     if rows or swap:
         what = [f"every batch in pieces of {rows} samples"] if rows else []

@@ -26,6 +26,9 @@ VERIFY_SAMPLES = 64
 #: How `trace_differs` begins its reason when the forward differs from itself.
 NOT_DETERMINISTIC = "the model's forward is not deterministic in eval mode"
 
+#: How `trace_differs` begins its reason when the forward caches tensors derived from weights.
+WEIGHT_CACHE = "the forward caches tensors on its modules on its first call "
+
 
 def trace_differs(
     model: nn.Module, prog: Program, x: torch.Tensor, device: torch.device
@@ -44,7 +47,7 @@ def trace_differs(
             return False
         cached = _filled_on_first_call(model, x, slots) if prog.traced else []
         if cached:
-            return (f"the forward caches tensors on its modules on its first call "
+            return (f"{WEIGHT_CACHE}"
                     f"({', '.join(cached[:3])}{', ...' if len(cached) > 3 else ''}) and reuses "
                     "them after, where the traced program, recorded with them empty, "
                     "recomputes them from the live weights for every variant")[:300]
