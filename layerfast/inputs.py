@@ -178,6 +178,16 @@ def _checked_ckpts(ckpts: Mapping[Any, Any]) -> tuple[list[tuple[int, dict]], st
         raise LayerfastError("ckpts is one state dict (names to tensors); give a mapping "
                              "{τ: state_dict, ...} of the checkpoints, with the final model's "
                              "at the largest τ")
+    from layerfast.checkpoints.keymap import WRAPPER_KEYS
+
+    held = next((k for k in WRAPPER_KEYS if isinstance(ckpts.get(k), Mapping)), None)
+    if held is not None:
+        # one checkpoint as training scripts save it (`{"state_dict": sd, "epoch": 3}`,
+        # `{"model": sd}`: the loader's holders) got "the labels τ must be integers, got str
+        # 'state_dict'", which did not say why
+        raise LayerfastError(f"ckpts is one checkpoint (a state dict held under {held!r}); "
+                             "give a mapping {τ: state_dict, ...} of the checkpoints, with the "
+                             "final model's at the largest τ")
     labelled = sorted(((_label(k), v) for k, v in ckpts.items()), key=lambda kv: kv[0])
     dicts = [(tau, _state_dict(tau, v)) for tau, v in labelled]
     h = hashlib.sha256(_VERSION + b"ckpts\0")
