@@ -123,3 +123,39 @@ def test_analyze_finds_a_weight_derived_cache_and_says_what_its_rows_mean(
     assert "caches tensors on its modules on its first call (wc)" in (
         run["engine"]["plan"]["untraced"] or ""), run["engine"]["plan"]
     assert "do not measure their resets" in capsys.readouterr().err
+
+
+def test_an_out_of_memory_in_the_cache_check_backs_off_and_still_finds_the_cache(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weight-derived cache check's own calls swallowed an out-of-memory error (the model
+    stayed traced, its counts differed from the naive loop), and a retry on fewer samples saw
+    the cache the failed try had filled. It now backs off with the trace check and each try
+    starts from the model's own attributes."""
+    import contextlib
+
+    from layerfast.engine import Evaluator, verify
+    from layerfast.engine.naive import naive_evaluate
+    from tests.test_effects2_s20 import _Cached
+
+    real, calls = verify.eager_inplace, []
+
+    @contextlib.contextmanager
+    def tight(model: nn.Module):
+        calls.append(1)
+        if len(calls) == 2:  # the cache check's second call of the forward (the first try)
+            raise torch.OutOfMemoryError("simulated")
+        with real(model):
+            yield
+
+    monkeypatch.setattr(verify, "eager_inplace", tight)
+    torch.manual_seed(0)
+    m = _Cached().eval()
+    g = torch.Generator().manual_seed(1)
+    variants = [{"a.weight": torch.randn(64, 64, generator=g) * 0.2} for _ in range(3)]
+    batches = [(torch.randn(96, 64, generator=g), torch.randint(0, 10, (96,), generator=g))]
+    res = Evaluator(m, variants, device="cpu", precision="fp32").run(batches)
+    assert len(calls) > 2  # the simulated out-of-memory happened, and the check went on
+    assert "(wc)" in (res.plan.get("untraced") or ""), res.plan
+    monkeypatch.setattr(verify, "eager_inplace", real)
+    want = naive_evaluate(m, variants, lambda: batches)
+    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]]), (res.counts, want)

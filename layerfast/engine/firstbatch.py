@@ -18,6 +18,7 @@ from layerfast.engine.diagnose import OOM_ERRORS as _OOM
 from layerfast.engine.graph import Program
 from layerfast.engine.plan import Plan, make_plan
 from layerfast.engine.precision import precision_context
+from layerfast.engine.tracing import attributes_kept
 from layerfast.engine.verify import VERIFY_SAMPLES, trace_differs, unbatched_cuts
 
 
@@ -54,7 +55,10 @@ class FirstBatchChecks:
         x = x[:VERIFY_SAMPLES]
         while True:
             try:
-                why = trace_differs(self.model, prog, x, self.device)
+                # a try that ran out of memory gives back what its calls set (a cache filled
+                # on first use), so that the next, smaller one sees the first fill again
+                with attributes_kept(list(self.model.modules())):
+                    why = trace_differs(self.model, prog, x, self.device)
                 break
             except _OOM:
                 # No verdict on the trace (an untraced run loses prefix sharing and fan-out for

@@ -118,7 +118,9 @@ def _filled_on_first_call(model: nn.Module, x: torch.Tensor,
     try:
         with eager_inplace(model):
             model(x.clone())
-    except Exception:  # noqa: BLE001 - out of memory too: no verdict, the pass goes on
+    except _OOM:  # no verdict: the trace check backs off to fewer samples and asks again
+        raise
+    except Exception:  # noqa: BLE001 - the model fails: no verdict, the pass says so
         return []
     mods = dict(model.named_modules())
     kept = {nk: (v, items) for nk, (v, items) in filled.items()
@@ -162,7 +164,9 @@ def _from_weights(model: nn.Module, x: torch.Tensor,
                 first = dict(items) if isinstance(v, dict) else [x for _, x in items]
             if not _same_values(getattr(mods[n], k, None), first):
                 out.append((n, k))
-    except Exception:  # noqa: BLE001 - out of memory too: no verdict, the pass goes on
+    except _OOM:  # no verdict: the trace check backs off (the finally puts all back first)
+        raise
+    except Exception:  # noqa: BLE001 - the model fails: no verdict, the pass goes on
         out = []
     finally:
         with torch.no_grad():
