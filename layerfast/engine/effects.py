@@ -126,6 +126,8 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
             if _writes_past(prog, s, mode.wrote, own) or _aliases_past(
                     prog, s, ptrs(value), holders):
                 writes.add(i)
+        if mode.wrote and s.op != "get_attr":
+            writes.update(_stale_starts(prog, s, mode.wrote, own, holders))
         mode.seen, mode.wrote = set(), set()
         own[i] = ptrs(value)
         if s.op != "get_attr":
@@ -195,6 +197,28 @@ def _writes_past(prog: Program, s: Step, wrote: set[int], own: dict[int, set[int
             return False
         return not wrote <= own.get(target.index, set())
     return True
+
+
+def _stale_starts(prog: Program, s: Step, wrote: set[int], own: dict[int, set[int]],
+                  holders: dict[int, set[int]]) -> set[int]:
+    """The steps to make opaque so that no variant starts between the producer of a value
+    step s wrote into without taking it as an argument, and s (opaque steps included: they
+    are taken to write into their arguments only).
+
+    Such a value is reached through Python state (`self.inp = x` in one step, `self.inp
+    .mul_(2)` in a later one, in a replaced `forward` or a hook): a variant started from a
+    cut between the two does not run the step that set that state, so s writes again into
+    the value a previous run (the baseline's) left there, and reads that. Copying cached
+    values does not help: the state holds the old tensor. A variant must run the producer
+    again: its step is made opaque (variants start before it), or, for the input, the
+    steps taking it. Empty when every storage written is one of s's arguments'."""
+    mine = set().union(*(own.get(r, set()) for r in refs_in(s.args) + refs_in(s.kwargs)))
+    out: set[int] = set()
+    for p in wrote - mine:
+        first = min(holders.get(p, {s.index}))
+        if first < s.index:
+            out |= set(prog.steps[0].users) if first == 0 else {first}
+    return out
 
 
 def _aliases_past(prog: Program, s: Step, out: set[int], holders: dict[int, set[int]]) -> bool:
