@@ -292,3 +292,51 @@ def test_a_hidden_read_is_credited_to_its_step_alone() -> None:
     a = next(s.index for s in prog.steps if s.target == "a")
     assert found == ({a}, set())
     _matches_naive(_reads, ["a", "c", "e"])
+
+
+# A kept intermediate that is no cut's carrier: the run drops it after its last traced user,
+# the Python state keeps its storage alive.
+
+
+class _Res(nn.Module):
+    """t = b(h) lives only inside the block (h is live beside it: no cut after b); the cut
+    after relu(t + h) is the one c's and d's variants start from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+        self.d = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        g = torch.relu(self.b(h) + h)
+        return self.d(torch.relu(self.c(g)))
+
+
+def _res() -> nn.Module:
+    torch.manual_seed(0)
+    m = _Res()
+    box: dict[str, torch.Tensor] = {}
+    b, c = m.b, m.c
+
+    def fb(h: torch.Tensor) -> torch.Tensor:
+        box["t"] = F.linear(h, b.weight, b.bias)
+        return box["t"]
+
+    def fc(g: torch.Tensor) -> torch.Tensor:
+        box["t"].mul_(2)
+        return F.linear(g + box["t"], c.weight, c.bias)
+
+    m.b.forward, m.c.forward = fb, fc
+    return m
+
+
+def test_a_write_into_a_dropped_value_that_python_state_keeps() -> None:
+    """The check forgot t once the run dropped it, so c's write into it was not seen (no
+    step found): c's and d's variants reran c on the baseline's t, doubled once more per
+    run. A dropped value stays a holder while its storage lives."""
+    prog = Program(_res())
+    found = prog.unseen_effects(torch.randn(4, 64))
+    b = next(s.index for s in prog.steps if s.target == "b")
+    assert found is not None and b in found[1]
+    _matches_naive(_res, ["a", "b", "c", "d"])

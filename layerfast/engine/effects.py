@@ -49,6 +49,7 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
     answer of nothing found would have let a variant start after a step that read its
     tensor. None when the model fails on its own (the pass reports that failure)."""
     from torch._ops import HigherOrderOperator
+    from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
@@ -63,13 +64,32 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
         span = _byte_span(t) if ptr else None
         if span:
             by_storage.setdefault(ptr, []).append((*span, prog.canonical.get(name, name)))
-    # storage -> the steps (0: the input) whose live value holds it; a value leaves when
-    # the run drops it, so a later allocation at the same address is not taken for it.
+    # storage -> the steps (0: the input) whose live value holds it; a value leaves once
+    # the run has dropped it and its storages are freed, so a later allocation at the same
+    # address is not taken for it. One whose storage outlives the run's reference (kept in
+    # Python state: `self.t = t` in a replaced forward) stays while it lives: a later step
+    # writing into it reaches a value a variant started after its producer does not remake.
     # The input and the cuts' carriers stay, alive: the pass keeps them for the variants.
     holders: dict[int, set[int]] = {}
     kept = {0, *prog.carrier.values()}
     alive: list[Any] = []
     own: dict[int, set[int]] = {}  # step -> its live value's storages (parameters too)
+    values: dict[int, Any] = {}  # step -> its value, not kept, until the run drops it
+    dropped: list[tuple[int, list[StorageWeakRef]]] = []  # dropped, storages maybe alive
+
+    def settle() -> None:
+        """Forget the dropped values whose storages are all freed (checked before the
+        next op runs: the allocator may reuse their addresses from then on)."""
+        gone = {j for j, refs in dropped if all(r.expired() for r in refs)}
+        if not gone:
+            return
+        dropped[:] = [(j, refs) for j, refs in dropped if j not in gone]
+        for j in gone:
+            own.pop(j, None)
+        for p, held in list(holders.items()):
+            held -= gone
+            if not held:
+                del holders[p]
 
     def ptrs(v: Any) -> set[int]:
         return {p for t in tree_leaves(v) if isinstance(t, torch.Tensor)
@@ -93,6 +113,8 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
             kwargs = kwargs or {}
+            if dropped:
+                settle()
             if isinstance(func, HigherOrderOperator):
                 self.blind = True
                 return func(*args, **kwargs)
@@ -117,6 +139,8 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
     frees = prog.frees
 
     def record(i: int, value: Any) -> None:
+        if dropped:
+            settle()
         reads[i] = mode.seen
         if mode.blind:
             blind.add(i)
@@ -135,13 +159,13 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
                 holders.setdefault(p, set()).add(i)
             if i in kept:
                 alive.append(value)
+            else:
+                values[i] = value
         for j in frees[i]:
             if j not in kept:
-                own.pop(j, None)
-                for p, held in list(holders.items()):
-                    held.discard(j)
-                    if not held:
-                        del holders[p]
+                v = values.pop(j, None)
+                dropped.append((j, [StorageWeakRef(t.untyped_storage()) for t in tree_leaves(v)
+                                    if isinstance(t, torch.Tensor) and _storage_ptr(t)]))
 
     x0, x = x, x.clone()
     own[0] = ptrs(x)
