@@ -36,6 +36,9 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
     (`x.mul_(2)`, `x[:, 0] = 0`, `torch.ops.aten.relu_(x)`), a scripted submodule, a
     `torch.nn` subclass defined elsewhere, or one returning its input. The next variant
     then started from a cached cut (or the cached input) the previous one had written into.
+    With them, where a step wrote into a value it reached past its arguments (Python state,
+    a hook), the step that made that value (`_stale_starts`; for the input, the steps
+    taking it): the state still holds it, and a variant must make it again.
 
     Both are found in one run, by the storages each step's ops read and write (a
     dispatch mode: writes are the arguments the op's schema marks `Tensor(a!)`). Only the
