@@ -340,3 +340,35 @@ def test_a_write_into_a_dropped_value_that_python_state_keeps() -> None:
     b = next(s.index for s in prog.steps if s.target == "b")
     assert found is not None and b in found[1]
     _matches_naive(_res, ["a", "b", "c", "d"])
+
+
+# A read (no write) of a kept value through Python state: the previous VARIANT's value.
+
+
+def _reads_kept() -> nn.Module:
+    """b keeps h = relu(a(x)); d adds it to its input."""
+    torch.manual_seed(0)
+    m = _Four()
+    box = _keeping(m)
+    d = m.d
+    m.d.forward = lambda g: F.linear(g + box["h"], d.weight, d.bias)
+    return m
+
+
+@pytest.mark.parametrize("fanout", [False, True], ids=["swap", "fan"])
+def test_a_read_of_a_kept_value_through_python_state(fanout: bool) -> None:
+    """c's variants start after b and run d, which read the h a's last variant had left
+    in the state (a's variants run first), not the baseline's: every c row was wrong,
+    fanned or not. The value's producer is made opaque (variants start before it)."""
+    m = _reads_kept().eval()
+    variants = _variants(m, ["a", "c"], n=3)
+    batches = _batches()
+    res = Evaluator(m, variants, device="cpu", precision="fp32", fanout=fanout).run(batches)
+    want = naive_evaluate(_reads_kept().eval(), variants, lambda: batches)
+    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]]), (res.counts, want)
+
+
+def test_a_plain_model_has_no_stale_reads() -> None:
+    """Values passed as arguments (views included) are not reads past the trace."""
+    prog = Program(_Res())
+    assert prog.unseen_effects(torch.randn(4, 64)) == (set(), set())

@@ -101,6 +101,7 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
     class _Effects(TorchDispatchMode):
         seen: set[str] = set()
         wrote: set[int] = set()
+        looked: set[int] = set()  # held storages (not parameters') the step's ops took
         # A higher-order operator (`torch.cond`, `flex_attention`, ...) comes here whole,
         # its body run past this mode, instead of raising for want of a rule for the mode:
         # the step it runs in is then one whose effects are unknown (`blind`).
@@ -123,7 +124,10 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
                 return func(*args, **kwargs)
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor):
-                    held = by_storage.get(_storage_ptr(t) or -1)
+                    ptr = _storage_ptr(t) or -1
+                    if ptr in holders and ptr not in by_storage:
+                        self.looked.add(ptr)
+                    held = by_storage.get(ptr)
                     span = _byte_span(t) if held else None
                     if span:
                         self.seen |= {k for lo, hi, k in held if lo < span[1] and span[0] < hi}
@@ -135,8 +139,9 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
             return func(*args, **kwargs)
 
     mode = _Effects()
-    mode.seen, mode.wrote = set(), set()
+    mode.seen, mode.wrote, mode.looked = set(), set(), set()
     reads: dict[int, set[str]] = {}
+    stale_reads: set[int] = set()  # producers of values read past the arguments
     writes: set[int] = set()
     blind: set[int] = set()  # steps whose effects the run could not see
     frees = prog.frees
@@ -155,7 +160,9 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
                 writes.add(i)
         if mode.wrote and s.op != "get_attr":
             writes.update(_stale_starts(prog, s, mode.wrote, own, holders))
-        mode.seen, mode.wrote = set(), set()
+        if mode.looked and s.op != "get_attr":
+            stale_reads.update(_stale_starts(prog, s, mode.looked, own, holders))
+        mode.seen, mode.wrote, mode.looked = set(), set(), set()
         own[i] = ptrs(value)
         if s.op != "get_attr":
             for p in own[i]:
@@ -197,7 +204,7 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
         credited[s.index] = mine
         if reads.get(s.index, set()) - mine:
             unseen.add(s.index)
-    return unseen | blind, writes | blind
+    return unseen | stale_reads | blind, writes | blind
 
 
 def _runs_plain(prog: Program, x: torch.Tensor) -> bool:
@@ -229,16 +236,17 @@ def _writes_past(prog: Program, s: Step, wrote: set[int], own: dict[int, set[int
 def _stale_starts(prog: Program, s: Step, wrote: set[int], own: dict[int, set[int]],
                   holders: dict[int, set[int]]) -> set[int]:
     """The steps to make opaque so that no variant starts between the producer of a value
-    step s wrote into without taking it as an argument, and s (opaque steps included: they
-    are taken to write into their arguments only).
+    step s wrote into (or read: storages `wrote`) without taking it as an argument, and s
+    (opaque steps included: they are taken to write into their arguments only).
 
     Such a value is reached through Python state (`self.inp = x` in one step, `self.inp
-    .mul_(2)` in a later one, in a replaced `forward` or a hook): a variant started from a
-    cut between the two does not run the step that set that state, so s writes again into
-    the value a previous run (the baseline's) left there, and reads that. Copying cached
-    values does not help: the state holds the old tensor. A variant must run the producer
-    again: its step is made opaque (variants start before it), or, for the input, the
-    steps taking it. Empty when every storage written is one of s's arguments'."""
+    .mul_(2)` or `g + self.inp` in a later one, in a replaced `forward` or a hook): a variant
+    started from a cut between the two does not run the step that set that state, so s
+    reads (and writes again into) the value a previous run left there: the baseline's,
+    written into once already, or the previous variant's, made with other weights. Copying
+    cached values does not help: the state holds the old tensor. A variant must run the
+    producer again: its step is made opaque (variants start before it), or, for the input,
+    the steps taking it. Empty when every storage is one of s's arguments'."""
     mine = set().union(*(own.get(r, set()) for r in refs_in(s.args) + refs_in(s.kwargs)))
     out: set[int] = set()
     for p in wrote - mine:
