@@ -78,21 +78,22 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
     alive: list[Any] = []
     own: dict[int, set[int]] = {}  # step -> its live value's storages (parameters too)
     values: dict[int, Any] = {}  # step -> its value, not kept, until the run drops it
-    dropped: list[tuple[int, list[StorageWeakRef]]] = []  # dropped, storages maybe alive
+    dropped: set[int] = set()  # steps whose values the run has dropped
+    weak: dict[int, list[StorageWeakRef]] = {}  # storage -> its dropped holders' refs
 
-    def settle() -> None:
-        """Forget the dropped values whose storages are all freed (checked before the
-        next op runs: the allocator may reuse their addresses from then on)."""
-        gone = {j for j, refs in dropped if all(r.expired() for r in refs)}
-        if not gone:
-            return
-        dropped[:] = [(j, refs) for j, refs in dropped if j not in gone]
-        for j in gone:
-            own.pop(j, None)
-        for p, held in list(holders.items()):
-            held -= gone
-            if not held:
-                del holders[p]
+    def holds(p: int) -> bool:
+        """Whether storage address p is a value's the run made: one it holds, or one it
+        dropped whose storage lives on. Asked when p is met (lazily: a dropped value's
+        storage is checked only then); a freed one's entry goes, as its address is now
+        another tensor's."""
+        held = holders.get(p)
+        if not held:
+            return False
+        if not held <= dropped or any(not r.expired() for r in weak.get(p, ())):
+            return True
+        del holders[p]
+        weak.pop(p, None)
+        return False
 
     def ptrs(v: Any) -> set[int]:
         return {p for t in tree_leaves(v) if isinstance(t, torch.Tensor)
@@ -117,15 +118,13 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
             kwargs = kwargs or {}
-            if dropped:
-                settle()
             if isinstance(func, HigherOrderOperator):
                 self.blind = True
                 return func(*args, **kwargs)
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor):
                     ptr = _storage_ptr(t) or -1
-                    if ptr in holders and ptr not in by_storage:
+                    if ptr in holders and ptr not in by_storage and holds(ptr):
                         self.looked.add(ptr)
                     held = by_storage.get(ptr)
                     span = _byte_span(t) if held else None
@@ -135,7 +134,7 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
             for i, a in enumerate(schema.arguments if schema is not None else ()):
                 if a.alias_info is not None and a.alias_info.is_write:
                     v = args[i] if i < len(args) and not a.kwarg_only else kwargs.get(a.name)
-                    self.wrote |= {p for p in ptrs(v) if p in holders}
+                    self.wrote |= {p for p in ptrs(v) if p in holders and holds(p)}
             return func(*args, **kwargs)
 
     mode = _Effects()
@@ -147,23 +146,25 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
     frees = prog.frees
 
     def record(i: int, value: Any) -> None:
-        if dropped:
-            settle()
         reads[i] = mode.seen
+        out = ptrs(value)
+        for p in out:  # a freed dropped value's address, reused by this one: forget it
+            if p in holders:
+                holds(p)
         if mode.blind:
             blind.add(i)
             mode.blind = False
         s = prog.steps[i]
         if s.op != "get_attr" and not prog.is_opaque(s):
             if _writes_past(prog, s, mode.wrote, own) or _aliases_past(
-                    prog, s, ptrs(value), holders):
+                    prog, s, out, holders):
                 writes.add(i)
         if mode.wrote and s.op != "get_attr":
             writes.update(_stale_starts(prog, s, mode.wrote, own, holders))
         if mode.looked and s.op != "get_attr":
             stale_reads.update(_stale_starts(prog, s, mode.looked, own, holders))
         mode.seen, mode.wrote, mode.looked = set(), set(), set()
-        own[i] = ptrs(value)
+        own[i] = out
         if s.op != "get_attr":
             for p in own[i]:
                 holders.setdefault(p, set()).add(i)
@@ -173,9 +174,11 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
                 values[i] = value
         for j in frees[i]:
             if j not in kept:
-                v = values.pop(j, None)
-                dropped.append((j, [StorageWeakRef(t.untyped_storage()) for t in tree_leaves(v)
-                                    if isinstance(t, torch.Tensor) and _storage_ptr(t)]))
+                dropped.add(j)
+                for t in tree_leaves(values.pop(j, None)):
+                    p = _storage_ptr(t) if isinstance(t, torch.Tensor) else None
+                    if p:
+                        weak.setdefault(p, []).append(StorageWeakRef(t.untyped_storage()))
 
     x0, x = x, x.clone()
     own[0] = ptrs(x)
