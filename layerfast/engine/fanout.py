@@ -611,6 +611,9 @@ def prove_fan(prog: Program, start: int, keys: set[str]) -> FanPlan | str:
         why = _why_not_batchwise(prog, i, fanned, dims, batch) or _writes_why(prog, i, fanned)
         if why:
             return why
+    why = _viewed_then_written_why(prog, fanned)
+    if why:
+        return why
     for i in sorted(seeds):
         if not _reads_batch(prog.steps[i], batch):
             return (f"{_describe(prog, prog.steps[i])}: applied to a parameter or buffer, "
@@ -708,6 +711,33 @@ def _writes_why(prog: Program, i: int, fanned: set[int]) -> str | None:
         return None
     return (f"{_describe(prog, s)}: writes in place into a value the K variants share "
             "that another step reads")
+
+
+def _viewed_then_written_why(prog: Program, fanned: set[int]) -> str | None:
+    """A fanned step that may return a view of a value the K variants share (`x2.to(h)` is
+    `x2`; `x2.view(h.size(0), -1)`, `x2[:, :h.size(1)]` view it) holds a K-fold copy when
+    fanned: the shared operand is tiled when that step runs. A later in-place write into the
+    shared value, or into anything that may alias it (`x2.relu_()`, an `nn.ReLU(inplace=True)`
+    on it, `x2[:, :4].mul_(-1)`), reaches the view in eager mode and not the copy. So after
+    such a step, only writes into the K variants' own values (fanned, no view of a shared one)
+    or into a private value (fresh, read by its writer alone: it aliases nothing the view step
+    reads) are allowed. None: no other write."""
+    views = [i for i in sorted(fanned) if _may_view_shared(prog, i, fanned)]
+    if not views:
+        return None
+    for s in prog.steps[views[0] + 1 :]:
+        if not prog.is_inplace(s):
+            continue
+        v = prog.mutated(s)
+        if isinstance(v, Ref) and (
+            prog.private(v.index, s.index)
+            or (v.index in fanned and not _may_view_shared(prog, v.index, fanned))
+        ):
+            continue
+        return (f"{_describe(prog, s)}: writes in place after "
+                f"{_describe(prog, prog.steps[views[0]])} may have viewed a value the K variants "
+                "share (fanned, that view is a copy the write does not reach)")
+    return None
 
 
 def _may_view_shared(prog: Program, v: int, fanned: set[int]) -> bool:
