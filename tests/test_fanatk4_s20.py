@@ -69,3 +69,43 @@ def test_a_fanned_view_of_a_shared_value_nobody_writes_still_fans(view: str) -> 
     torch.manual_seed(0)
     plan = _same_as_naive(ViewThenWrite(view, "none"), "lin", _data())
     assert plan["fanned_variants"] == 3 and not plan["fanout_fallbacks"], plan
+
+
+# ---- 2. `view(-1, N)`: the batch entry inferred ----------------------------------------------
+
+
+class InferredBatch(nn.Module):
+    """`x.view(-1, 16 * 5 * 5)` (the classic PyTorch tutorial's flatten): per sample exactly
+    where N is each sample's size; `split` views each sample as 2 rows of 32 (and back)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))  # [B, 4, 8, 8]
+        if self.how == "flatten":
+            return self.fc(h.view(-1, 4 * 8 * 8))
+        if self.how == "reshape3":
+            return self.fc(h.reshape(-1, 16, 16).flatten(1))
+        if self.how == "split":  # each sample -> 2 rows of 128: a row is not a sample
+            z = h.view(-1, 128).softmax(1)  # over half a sample
+            return self.fc(z.view(h.size(0), -1))
+        # "mixed": a fanned value computed with the shared input, its batch inferred
+        return self.fc((h * x).view(-1, 256))
+
+
+@pytest.mark.parametrize("glue", ["fused", "fold", "unfolded"])
+@pytest.mark.parametrize("how", ["flatten", "reshape3", "mixed"])
+def test_a_view_with_the_batch_inferred_fans_out_and_matches(how: str, glue: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(InferredBatch(how), "conv", _data(shape=(1, 8, 8)), glue=glue)
+    assert plan["fanned_variants"] == 3 and not plan["fanout_fallbacks"], plan
+
+
+def test_a_view_with_the_batch_inferred_that_splits_samples_is_not_fanned() -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(InferredBatch("split"), "conv", _data(shape=(1, 8, 8)))
+    assert plan["fanned_variants"] == 0, plan

@@ -174,6 +174,9 @@ class FanPlan:
     # batch operand has the result's rank (its dim 0 is the result's dim 0) and no other
     # operand has a dim 0 of its own there, which `fanrun` checks when it runs
     broadcasts: set[int] = field(default_factory=set)
+    # `view(-1, N, ...)` / `reshape(-1, ...)` steps: per-sample only where the result keeps its
+    # input's rows (N... is each sample's size), which `fanrun` checks when it runs
+    rowviews: set[int] = field(default_factory=set)
 
 
 class NotPerSample(RuntimeError):
@@ -396,7 +399,7 @@ def _why_not_batchwise_bare(
                 # a parameter viewed with the fanned batch size: [B, N/B] in eager mode,
                 # [K·B, N/(K·B)] fanned, other numbers in every row (`tok.view(h.size(0), -1)`)
                 return "views a value that is not the batch's with the batch size"
-            if shape and _is_batch_size(prog, shape[0], fanned):
+            if shape and (_is_batch_size(prog, shape[0], fanned) or _is_rowview(s)):
                 return None
             return ("its batch entry is not the fanned tensor's own size(0) "
                     "(a number, or a size that is not the batch's, would mix samples)")
@@ -528,6 +531,19 @@ def _only_batch_entry(prog: Program, s) -> bool:
     )
 
 
+def _is_rowview(s: Any) -> bool:
+    """`v.view(-1, N, ...)` / `v.reshape(-1, ...)` with plain positive ints after the -1 (the
+    classic `x.view(-1, 16 * 5 * 5)` flatten). Fanned, the -1 becomes K·B where eager mode has
+    B; the result is per-sample exactly where it keeps its input's rows (N... is each sample's
+    size, so row i is sample i reshaped), which `fanrun` checks when it runs (`FanPlan.rowviews`;
+    a view that cuts each sample into several rows takes the swap path)."""
+    if s.op != "call_method" or s.target not in ("view", "reshape"):
+        return False
+    shape = _view_shape(s)
+    ints = all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+    return len(shape) > 1 and ints and shape[0] == -1 and all(d > 0 for d in shape[1:])
+
+
 def _view_shape(s) -> tuple:
     """The shape arguments of a `view`/`reshape` step, whether passed as *args or one tuple."""
     if len(s.args) < 2:
@@ -626,7 +642,8 @@ def prove_fan(prog: Program, start: int, keys: set[str]) -> FanPlan | str:
         if (prog.steps[i].op == "call_function" and prog.steps[i].target in BROADCASTING_FUNCS)
         or (prog.steps[i].op == "call_method" and prog.steps[i].target in BROADCASTING_METHODS)
     }
-    return FanPlan(start, mods, fanned, batch, dims, broadcasts)
+    rowviews = {i for i in fanned if _is_rowview(prog.steps[i])}
+    return FanPlan(start, mods, fanned, batch, dims, broadcasts, rowviews)
 
 
 def _data_refs(s: Any) -> list[int]:
@@ -680,6 +697,8 @@ def _restack_why(prog: Program, fanned: set[int], batch: set[int], seeds: set[in
         elif s.op == "call_method" and s.target in ("view", "reshape"):
             shape = _view_shape(s)
             v = _batch_size_of(prog, shape[0]) if shape else None
+            if _is_rowview(s) and rows(s.args[0]):
+                continue  # rows kept, which `fanrun` checks when it runs
             if not rows(s.args[0]) or v is None or v not in stacked:
                 return (f"{_describe(prog, s)}: its batch entry or the value it views is not "
                         "the K variants' batch (a value reached through a size, a .to() "

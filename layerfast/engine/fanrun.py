@@ -406,6 +406,19 @@ def _check_broadcast(s: Step, local: dict[int, Any], plan: FanPlan, rows: int) -
                 f"with {rows} rows: it would line the batch dim up with another dim")
 
 
+def _check_rows(s: Step, local: dict[int, Any], y: Any) -> None:
+    """A `view(-1, N...)` step (`FanPlan.rowviews`) on the K·B batch: raise `NotPerSample` unless
+    its result keeps its input's rows. Then row i is sample i reshaped (dim 0 is outermost);
+    otherwise each sample is cut into several rows (or rows merged), and the -1, K·B rows
+    fanned where eager mode has B, no longer lines the rows up with the samples."""
+    v = local.get(s.args[0].index) if isinstance(s.args[0], Ref) else None
+    if not (isinstance(v, torch.Tensor) and isinstance(y, torch.Tensor) and v.dim() > 0
+            and y.shape[0] == v.shape[0]):
+        raise NotPerSample(
+            f"step {s.index} (.{s.target}(-1, ...)): the result does not keep its input's rows "
+            f"({tuple(getattr(v, 'shape', ()))} -> {tuple(getattr(y, 'shape', ()))})")
+
+
 def run_fanned(
     prog: Program,
     plan: FanPlan,
@@ -472,6 +485,8 @@ def run_fanned(
                 if s.index in plan.broadcasts:
                     _check_broadcast(s, local, plan, K * x.shape[0])
                 y = prog.eval_step(s, local)
+                if s.index in plan.rowviews:
+                    _check_rows(s, local, y)
         if trace is not None and s.index in plan.fanned:
             trace.append(
                 "fused"
