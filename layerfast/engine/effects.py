@@ -80,6 +80,21 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
     values: dict[int, Any] = {}  # step -> its value, not kept, until the run drops it
     dropped: set[int] = set()  # steps whose values the run has dropped
     weak: dict[int, list[StorageWeakRef]] = {}  # storage -> its dropped holders' refs
+    # storage -> the step that made it and a ref to it: a tensor a step's ops made that
+    # outlives the step without being (in) its value (`self.h = h.clone()` in a replaced
+    # forward, kept in Python state); a later step reading it reaches that step's tensor
+    made: dict[int, tuple[int, StorageWeakRef]] = {}
+
+    def kept_by(p: int) -> int | None:
+        """The step whose own tensor, kept past it in Python state, lives at storage p (a
+        freed one's entry goes: its address is now another tensor's)."""
+        e = made.get(p)
+        if e is None:
+            return None
+        if e[1].expired():
+            del made[p]
+            return None
+        return e[0]
 
     def holds(p: int) -> bool:
         """Whether storage address p is a value's the run made: one it holds, or one it
@@ -103,6 +118,7 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
         seen: set[str] = set()
         wrote: set[int] = set()
         looked: set[int] = set()  # held storages (not parameters') the step's ops took
+        new: dict[int, StorageWeakRef] = {}  # storages the step's ops made (no one's before)
         # A higher-order operator (`torch.cond`, `flex_attention`, ...) comes here whole,
         # its body run past this mode, instead of raising for want of a rule for the mode:
         # the step it runs in is then one whose effects are unknown (`blind`).
@@ -121,10 +137,13 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
             if isinstance(func, HigherOrderOperator):
                 self.blind = True
                 return func(*args, **kwargs)
+            took: set[int] = set()
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor):
                     ptr = _storage_ptr(t) or -1
-                    if ptr in holders and ptr not in by_storage and holds(ptr):
+                    took.add(ptr)
+                    if ptr not in by_storage and (ptr in holders and holds(ptr)
+                                                  or ptr in made and kept_by(ptr) is not None):
                         self.looked.add(ptr)
                     held = by_storage.get(ptr)
                     span = _byte_span(t) if held else None
@@ -134,11 +153,18 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
             for i, a in enumerate(schema.arguments if schema is not None else ()):
                 if a.alias_info is not None and a.alias_info.is_write:
                     v = args[i] if i < len(args) and not a.kwarg_only else kwargs.get(a.name)
-                    self.wrote |= {p for p in ptrs(v) if p in holders and holds(p)}
-            return func(*args, **kwargs)
+                    self.wrote |= {p for p in ptrs(v) if p in holders and holds(p)
+                                   or p in made and kept_by(p) is not None}
+            out = func(*args, **kwargs)
+            for t in tree_leaves(out):
+                p = _storage_ptr(t) if isinstance(t, torch.Tensor) else None
+                if p and p not in took and p not in by_storage and not (
+                        p in holders and holds(p)) and (p not in made or kept_by(p) is None):
+                    self.new[p] = StorageWeakRef(t.untyped_storage())
+            return out
 
     mode = _Effects()
-    mode.seen, mode.wrote, mode.looked = set(), set(), set()
+    mode.seen, mode.wrote, mode.looked, mode.new = set(), set(), set(), {}
     reads: dict[int, set[str]] = {}
     stale_reads: set[int] = set()  # producers of values read past the arguments
     writes: set[int] = set()
@@ -159,11 +185,14 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
             if _writes_past(prog, s, mode.wrote, own) or _aliases_past(
                     prog, s, out, holders):
                 writes.add(i)
-        if mode.wrote and s.op != "get_attr":
-            writes.update(_stale_starts(prog, s, mode.wrote, own, holders))
-        if mode.looked and s.op != "get_attr":
-            stale_reads.update(_stale_starts(prog, s, mode.looked, own, holders))
-        mode.seen, mode.wrote, mode.looked = set(), set(), set()
+        if (mode.wrote or mode.looked) and s.op != "get_attr":
+            makers = {**holders, **{p: {e[0]} for p, e in made.items() if p not in holders}}
+            writes.update(_stale_starts(prog, s, mode.wrote, own, makers))
+            stale_reads.update(_stale_starts(prog, s, mode.looked, own, makers))
+        for p, r in mode.new.items():  # what the step made and still lives, not its value
+            if p not in out and not r.expired():
+                made[p] = (i, r)
+        mode.seen, mode.wrote, mode.looked, mode.new = set(), set(), set(), {}
         own[i] = out
         if s.op != "get_attr":
             for p in own[i]:
