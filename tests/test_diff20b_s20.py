@@ -6,6 +6,8 @@ values reached through Python state.
    (or writes into) it: a variant started between the two read the tensor the previous run
    had left there (a's last variant's, for c's variants), other numbers than the naive loop.
    The check took only the steps' values as holders; such a tensor is the step's as well.
+2. The same with a tensor no step made that a step writes into (`self.keep.copy_(h)`: a
+   plain tensor attribute, or a buffer no variant changes): the writer is its producer.
 """
 
 from __future__ import annotations
@@ -83,3 +85,45 @@ class _Temps(nn.Module):
 def test_a_plain_model_keeps_no_tensors_past_its_steps() -> None:
     prog = Program(_Temps().eval())
     assert prog.unseen_effects(torch.randn(4, 64)) == (set(), set())
+
+
+# ---- 2. a write into state no step made: a plain tensor attribute, a buffer ------------------
+
+
+def _writes_state(how: str) -> nn.Module:
+    """b copies its input h into a tensor of its own (a plain attribute, or a buffer no
+    variant changes); d reads it back."""
+    torch.manual_seed(0)
+    m = _Four()
+    b, d = m.b, m.d
+    if how == "buffer":
+        m.b.register_buffer("keep", torch.zeros(64, 64), persistent=False)
+    else:
+        m.b.keep = torch.zeros(64, 64)
+
+    def fb(h: torch.Tensor) -> torch.Tensor:
+        b.keep[: h.shape[0]].copy_(h)
+        return F.linear(h, b.weight, b.bias)
+
+    m.b.forward = fb
+    m.d.forward = lambda g: F.linear(g + b.keep[: g.shape[0]], d.weight, d.bias)
+    return m.eval()
+
+
+@pytest.mark.parametrize("fanout", [False, True], ids=["swap", "fan"])
+@pytest.mark.parametrize("how", ["attribute", "buffer"])
+def test_a_write_into_a_tensor_of_python_state_makes_the_writer_opaque(
+    how: str, fanout: bool
+) -> None:
+    """c's variants start after b and ran d on what a's last variant had copied into b's
+    tensor: the writer is made opaque, and the counts equal the naive loop's."""
+    prog = Program(_writes_state(how))
+    found = prog.unseen_effects(torch.randn(8, 64))
+    b = next(s.index for s in prog.steps if s.target == "b")
+    assert found is not None and b in found[0] | found[1], found
+    m = _writes_state(how)
+    variants = _variants(m, ["a", "c"], n=3)
+    batches = _batches()
+    res = Evaluator(m, variants, device="cpu", precision="fp32", fanout=fanout).run(batches)
+    want = naive_evaluate(_writes_state(how), variants, lambda: batches)
+    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]]), (res.counts, want)

@@ -119,6 +119,7 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
         wrote: set[int] = set()
         looked: set[int] = set()  # held storages (not parameters') the step's ops took
         new: dict[int, StorageWeakRef] = {}  # storages the step's ops made (no one's before)
+        stated = False  # whether the step's ops wrote into a parameter's or buffer's storage
         # A higher-order operator (`torch.cond`, `flex_attention`, ...) comes here whole,
         # its body run past this mode, instead of raising for want of a rule for the mode:
         # the step it runs in is then one whose effects are unknown (`blind`).
@@ -153,8 +154,17 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
             for i, a in enumerate(schema.arguments if schema is not None else ()):
                 if a.alias_info is not None and a.alias_info.is_write:
                     v = args[i] if i < len(args) and not a.kwarg_only else kwargs.get(a.name)
-                    self.wrote |= {p for p in ptrs(v) if p in holders and holds(p)
-                                   or p in made and kept_by(p) is not None}
+                    for t in tree_leaves(v):
+                        p = _storage_ptr(t) if isinstance(t, torch.Tensor) else None
+                        if not p:
+                            continue
+                        if p in holders and holds(p) or p in made and kept_by(p) is not None:
+                            self.wrote.add(p)
+                        elif p in by_storage:  # a parameter or buffer: state later runs read
+                            self.stated = True
+                        elif p not in self.new:  # a tensor of Python state no step made:
+                            # its writer makes it (read later past the arguments, it is stale)
+                            self.new[p] = StorageWeakRef(t.untyped_storage())
             out = func(*args, **kwargs)
             for t in tree_leaves(out):
                 p = _storage_ptr(t) if isinstance(t, torch.Tensor) else None
@@ -192,6 +202,11 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
         for p, r in mode.new.items():  # what the step made and still lives, not its value
             if p not in out and not r.expired():
                 made[p] = (i, r)
+        if mode.stated and s.op != "get_attr":
+            # a write into a parameter or buffer (`self.keep.copy_(h)` in a replaced forward):
+            # a variant started after this step reads what the previous run left there
+            stale_reads.add(i)
+            mode.stated = False
         mode.seen, mode.wrote, mode.looked, mode.new = set(), set(), set(), {}
         own[i] = out
         if s.op != "get_attr":
