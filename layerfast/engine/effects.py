@@ -196,7 +196,8 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
                     prog, s, out, holders):
                 writes.add(i)
         if (mode.wrote or mode.looked) and s.op != "get_attr":
-            makers = {**holders, **{p: {e[0]} for p, e in made.items() if p not in holders}}
+            makers = {p: holders[p] if p in holders else {made[p][0]}
+                      for p in mode.wrote | mode.looked if p in holders or p in made}
             writes.update(_stale_starts(prog, s, mode.wrote, own, makers))
             stale_reads.update(_stale_starts(prog, s, mode.looked, own, makers))
         for p, r in mode.new.items():  # what the step made and still lives, not its value
