@@ -280,15 +280,22 @@ def _fold_step(
 
 
 def _binary(s: Step, env: dict[int, Any], plan: FanPlan, K: int) -> Any:
-    """a ∘ b with a Fold on at least one side; the other a Fold of the same shape, a number, or
-    a shared per-sample tensor of a variant's shape (broadcast over K: no copy of it)."""
+    """a ∘ b with a Fold on at least one side; the other a Fold of the same shape, a number (or
+    a shared 0-d tensor, one number for all), or a shared per-sample tensor of a variant's shape
+    (broadcast over K: no copy of it)."""
     vals = [env[a.index] if isinstance(a, Ref) else a for a in s.args]
     fold = next(v for v in vals if isinstance(v, Fold))
     inplace = s.target in _INPLACE
     if inplace and not isinstance(vals[0], Fold):
         return _NO  # an in-place op into a shared value
+
+    def number(a: Any, v: Any) -> bool:
+        return isinstance(v, int | float) or (
+            isinstance(a, Ref) and a.index not in plan.fanned and isinstance(v, torch.Tensor)
+            and v.dim() == 0)
+
     pv = fold.per_variant_shape
-    if all(isinstance(v, Fold | int | float) for v in vals):
+    if all(isinstance(v, Fold) or number(a, v) for a, v in zip(s.args, vals, strict=True)):
         if any(isinstance(v, Fold) and v.t.shape != fold.t.shape for v in vals):
             return _NO
         ops = [v.t if isinstance(v, Fold) else v for v in vals]
@@ -384,6 +391,14 @@ def _check_dim(s: Step, d: int, env: dict[int, Any]) -> None:
         )
 
 
+def _tiles(v: Any) -> bool:
+    """Whether a shared value of the batch is tiled K times for a step on the K·B batch. A 0-d
+    one (`h * x.sum()`, `h / x.norm()`: a reduction of the whole shared input) has no batch dim:
+    eager mode gives every variant the same number, so it is used as it is, a per-call
+    constant (tiling it raised IndexError, and the group fell back to the swap path)."""
+    return isinstance(v, torch.Tensor) and v.dim() > 0
+
+
 def _check_broadcast(s: Step, local: dict[int, Any], plan: FanPlan, rows: int) -> None:
     """Elementwise step `s` on the K·B batch (`rows` = K·B) broadcasts its operands: raise
     `NotPerSample` unless every batch operand (fanned, or shared and tiled K times) has the
@@ -396,6 +411,8 @@ def _check_broadcast(s: Step, local: dict[int, Any], plan: FanPlan, rows: int) -
     ts = [(r, v) for r, v in vals if isinstance(v, torch.Tensor)]
     rank = max((v.dim() for _, v in ts), default=0)
     for r, v in ts:
+        if r not in plan.fanned and not _tiles(v):
+            continue  # a shared 0-d value: one number for every variant and sample
         batch = r in plan.fanned or r in plan.batch
         ok = (v.dim() == rank and v.shape[0] == rows) if batch else (
             v.dim() < rank or v.shape[0] == 1)
@@ -479,7 +496,7 @@ def run_fanned(
                     v = env[r]
                     if isinstance(v, Fold):
                         v = _retire(env, v)
-                    elif r not in plan.fanned and r in plan.batch and isinstance(v, torch.Tensor):
+                    elif r not in plan.fanned and r in plan.batch and _tiles(v):
                         v = expand(v, K)
                     local[r] = v
                 if s.index in plan.broadcasts:

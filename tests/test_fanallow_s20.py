@@ -1,0 +1,101 @@
+"""Fan-out allow-list additions (session 20): common per-sample forms that sent their groups
+to the swap path, each proven to fan and to equal the naive loop in every glue mode (and
+channels_last where 4-D), with the adversarial edges of each (a negative dim reaching the
+batch dim of a low-rank value, an operand that broadcasts across the batch, an in-place write
+into a shared value) refused with a reason or matching the naive loop.
+
+0. A 0-d value shared by the K variants (`h * x.sum()`, `h / x.norm()`): the same number for
+   every variant, a per-call constant. Tiling it K times raised `IndexError` in
+   `layout.expand`, so the group fell back to the swap path with an unclear reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from layerfast.engine.fanrun import GLUE_MODES
+from tests.test_fanatk_s19 import _data, _not_fanned, _same_as_naive
+
+
+def _fans(plan: dict) -> None:
+    assert plan["fanned_variants"] > 0 and not plan["fanout_fallbacks"], plan
+    assert not plan["fanout_refused"], plan
+
+
+# ---- 0. a 0-d shared value -----------------------------------------------------------------
+
+
+class ZeroDim(nn.Module):
+    """`how`: a 0-d value computed from the shared input, combined with the fanned `h`."""
+
+    def __init__(self, how: str, conv: bool = False) -> None:
+        super().__init__()
+        self.how, self.conv = how, conv
+        self.lin = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(8, 8)
+        self.fc = nn.Linear(4 * 4 * 4 if conv else 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.how == "mul-sum":
+            h = h * x.sum()
+        elif self.how == "div-norm":
+            h = h / x.norm()
+        elif self.how == "radd-mean":
+            h = x.mean() + h
+        elif self.how == "method":
+            h = h.mul(x.abs().max())
+        elif self.how == "inplace":  # into the variants' own value: fine
+            h += x.sum()
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", ["mul-sum", "div-norm", "radd-mean", "method", "inplace"])
+def test_a_zero_dim_shared_value_fans_as_a_constant(how: str, glue: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(ZeroDim(how), "lin", _data(), glue=glue)
+    _fans(plan)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", ["mul-sum", "radd-mean", "inplace"])
+def test_a_zero_dim_shared_value_fans_on_a_conv_output(how: str, glue: str, layout: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(ZeroDim(how, conv=True), "lin", _data(shape=(1, 4, 4)), glue=glue,
+                          layout=layout)
+    _fans(plan)
+
+
+class ZeroDimEdges(nn.Module):
+    """A 0-d value fanned through a `.to(h)` template (not shared: taken as a batch value, so
+    the broadcast check sends it to the swap path), and a shared 0-d value written in place
+    between two uses (each use reads the value it has then, as in eager mode)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        z = x.sum()
+        if self.how == "to":
+            return self.fc(h * z.to(h))
+        h = h * z
+        z.add_(1.0)
+        return self.fc(h * z)
+
+
+def test_a_zero_dim_value_fanned_through_a_template_matches_naive() -> None:
+    torch.manual_seed(0)
+    _not_fanned(_same_as_naive(ZeroDimEdges("to"), "lin", _data()), "broadcasts a ()")
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+def test_a_shared_zero_dim_value_written_between_uses_matches_naive(glue: str) -> None:
+    torch.manual_seed(0)
+    _same_as_naive(ZeroDimEdges("write"), "lin", _data(), glue=glue)
