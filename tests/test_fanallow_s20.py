@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from layerfast.engine.fanrun import GLUE_MODES
@@ -99,3 +100,78 @@ def test_a_zero_dim_value_fanned_through_a_template_matches_naive() -> None:
 def test_a_shared_zero_dim_value_written_between_uses_matches_naive(glue: str) -> None:
     torch.manual_seed(0)
     _same_as_naive(ZeroDimEdges("write"), "lin", _data(), glue=glue)
+
+
+# ---- 1. unary elementwise: exp, abs, softplus, torch.relu_ ---------------------------------
+
+_UNARY = {
+    "exp": lambda h: torch.exp(h * 0.1),
+    "exp-method": lambda h: (h * 0.1).exp(),
+    "abs": torch.abs,
+    "abs-method": lambda h: h.abs(),
+    "softplus": lambda h: F.softplus(h, beta=2.0, threshold=5.0),
+    "relu_": lambda h: torch.relu_(h),
+}
+
+
+class Unary(nn.Module):
+    """`op` applied to the fanned value: a Linear's [B, 8] or a conv's [B, 4, 4, 4]."""
+
+    def __init__(self, op: str, conv: bool = False) -> None:
+        super().__init__()
+        self.op = op
+        self.lin = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(8, 8)
+        self.fc = nn.Linear(4 * 4 * 4 if conv else 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_UNARY[self.op](self.lin(x)).flatten(1))
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("op", sorted(_UNARY))
+def test_unary_elementwise_ops_fan(op: str, glue: str) -> None:
+    torch.manual_seed(0)
+    _fans(_same_as_naive(Unary(op), "lin", _data(), glue=glue))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("op", sorted(_UNARY))
+def test_unary_elementwise_ops_fan_on_a_conv_output(op: str, glue: str, layout: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(Unary(op, conv=True), "lin", _data(shape=(1, 4, 4)), glue=glue,
+                          layout=layout)
+    _fans(plan)
+
+
+class ReluInplaceShared(nn.Module):
+    """torch.relu_ into a value the K variants share, fanned through a `.to(h)` template
+    (eager mode writes into `u`, which the last step reads; fanned, into a K-fold copy): refused.
+    Into a shared value only its writer reads (`x * 2`): fans."""
+
+    def __init__(self, read_again: bool) -> None:
+        super().__init__()
+        self.read_again = read_again
+        self.lin = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x - 0.5  # shared
+        h = self.lin(x)
+        if self.read_again:
+            h = h * torch.relu_(u.to(h))
+            return self.fc(h + u)
+        return self.fc(h * torch.relu_(x * 2))
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+def test_relu_inplace_into_a_shared_value_read_again_is_refused(glue: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(ReluInplaceShared(True), "lin", _data(), glue=glue)
+    _not_fanned(plan, "in place")
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+def test_relu_inplace_into_a_private_shared_value_fans(glue: str) -> None:
+    torch.manual_seed(0)
+    _fans(_same_as_naive(ReluInplaceShared(False), "lin", _data(), glue=glue))

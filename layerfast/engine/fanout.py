@@ -117,6 +117,11 @@ _ELEMENTWISE_FUNCS = {
     F.hardtanh,
     F.elu,
     F.leaky_relu,
+    # elementwise, no dims (a write by torch.relu_ is checked as every in-place step is)
+    torch.exp,
+    torch.abs,
+    torch.relu_,
+    F.softplus,
     F.dropout,
     F.adaptive_avg_pool2d,
     F.avg_pool2d,
@@ -142,6 +147,8 @@ _ELEMENTWISE_METHODS = {
     "add_",
     "relu_",
     "mul_",
+    "exp",
+    "abs",
 }
 #: The elementwise functions and methods above that take two tensors and broadcast them.
 BROADCASTING_FUNCS = {
