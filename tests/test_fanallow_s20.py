@@ -175,3 +175,50 @@ def test_relu_inplace_into_a_shared_value_read_again_is_refused(glue: str) -> No
 def test_relu_inplace_into_a_private_shared_value_fans(glue: str) -> None:
     torch.manual_seed(0)
     _fans(_same_as_naive(ReluInplaceShared(False), "lin", _data(), glue=glue))
+
+
+# ---- 2. torch.softmax / torch.log_softmax (function forms) ---------------------------------
+
+
+class TorchSoftmax(nn.Module):
+    """`torch.softmax`/`torch.log_softmax(h, dim)` on a Linear's [B, 8] or a conv's
+    [B, 4, 4, 4]: per sample unless `dim` is (or resolves to) the batch dim."""
+
+    def __init__(self, fn: str, dim: int, conv: bool = False, kw: bool = False) -> None:
+        super().__init__()
+        self.fn, self.dim, self.kw = getattr(torch, fn), dim, kw
+        self.lin = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(8, 8)
+        self.fc = nn.Linear(4 * 4 * 4 if conv else 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        h = self.fn(h, dim=self.dim) if self.kw else self.fn(h, self.dim)
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("fn", ["softmax", "log_softmax"])
+@pytest.mark.parametrize(("dim", "kw"), [(1, False), (-1, True)])
+def test_torch_softmax_over_a_sample_dim_fans(fn: str, dim: int, kw: bool, glue: str) -> None:
+    torch.manual_seed(0)
+    _fans(_same_as_naive(TorchSoftmax(fn, dim, kw=kw), "lin", _data(), glue=glue))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize(("fn", "dim"), [("softmax", 1), ("log_softmax", -3), ("softmax", -1)])
+def test_torch_softmax_fans_on_a_conv_output(fn: str, dim: int, glue: str, layout: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(TorchSoftmax(fn, dim, conv=True), "lin", _data(shape=(1, 4, 4)),
+                          glue=glue, layout=layout)
+    _fans(plan)
+
+
+@pytest.mark.parametrize("fn", ["softmax", "log_softmax"])
+def test_torch_softmax_over_the_batch_dim_is_not_fanned(fn: str) -> None:
+    torch.manual_seed(0)
+    _not_fanned(_same_as_naive(TorchSoftmax(fn, 0), "lin", _data()), "batch dim")
+    # -2 of a rank-2 value is its batch dim, known when it runs: the swap path
+    _not_fanned(_same_as_naive(TorchSoftmax(fn, -2, kw=True), "lin", _data()), "batch dim")
+    _not_fanned(_same_as_naive(TorchSoftmax(fn, -4, conv=True), "lin",
+                               _data(shape=(1, 4, 4))), "batch dim")

@@ -377,7 +377,7 @@ def _why_not_batchwise_bare(
                 if _ellipsis_ok(idx[1:], i, dims):
                     return None
             return "an index that may select along the batch dim"
-        if s.target in (F.softmax, F.log_softmax):
+        if s.target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
             return _dim_why(_arg(s, 1, "dim"), i, dims)
         if s.target in (torch.mean, torch.sum):
             return None if _reduced_dims_ok(s, i, dims) else _REDUCES_BATCH
