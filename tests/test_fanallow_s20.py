@@ -222,3 +222,74 @@ def test_torch_softmax_over_the_batch_dim_is_not_fanned(fn: str) -> None:
     _not_fanned(_same_as_naive(TorchSoftmax(fn, -2, kw=True), "lin", _data()), "batch dim")
     _not_fanned(_same_as_naive(TorchSoftmax(fn, -4, conv=True), "lin",
                                _data(shape=(1, 4, 4))), "batch dim")
+
+
+# ---- 3. pow / ** ---------------------------------------------------------------------------
+
+_POW = {
+    "square": lambda m, h, x: h**2,
+    "method": lambda m, h, x: h.pow(3),
+    "torch.pow": lambda m, h, x: torch.pow(h, 2),
+    "base": lambda m, h, x: 2 ** (h * 0.1),
+    "torch.pow-base": lambda m, h, x: torch.pow(2.0, h * 0.1),
+    "param": lambda m, h, x: h.abs() ** m.p,  # [8] / [4, 1, 1]: broadcasts within a sample
+    "shared": lambda m, h, x: h.abs() ** (x.abs() * 0.1 + 0.5),  # a variant's shape
+    "keepdim": lambda m, h, x: h.abs() ** x.abs().mean(1, keepdim=True),  # [B, 1]: per sample
+    "zero-dim": lambda m, h, x: h.abs() ** x.abs().mean(),
+}
+
+
+class Pow(nn.Module):
+    def __init__(self, how: str, conv: bool = False) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(8, 8)
+        self.p = nn.Parameter(torch.rand(4, 1, 1) + 0.5 if conv else torch.rand(8) + 0.5)
+        self.fc = nn.Linear(4 * 4 * 4 if conv else 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_POW[self.how](self, self.lin(x), x).flatten(1))
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", sorted(_POW))
+def test_pow_fans(how: str, glue: str) -> None:
+    torch.manual_seed(0)
+    _fans(_same_as_naive(Pow(how), "lin", _data(), glue=glue))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", ["square", "method", "base", "param", "zero-dim"])
+def test_pow_fans_on_a_conv_output(how: str, glue: str, layout: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(Pow(how, conv=True), "lin", _data(shape=(1, 4, 4)), glue=glue,
+                          layout=layout)
+    _fans(plan)
+
+
+class PowAcross(nn.Module):
+    """An exponent that lines the batch dim up with another dim: a batch value of lower rank
+    ([B] against [B, 8], B = 8) or a parameter of higher rank ([2, 1, 8])."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(8, 8)
+        self.p = nn.Parameter(torch.rand(2, 1, 8) + 0.5)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x).abs()
+        if self.how == "lower":
+            return self.fc(h ** x.abs().mean(1))
+        if self.how == "lower-method":
+            return self.fc(h.pow(h.mean(1)))
+        z = (h**self.p).mean(1)  # [2, B, 8]: a mean over the batch (over K·B rows fanned)
+        return self.fc(h + (h[:, None] * z).mean(1))
+
+
+@pytest.mark.parametrize("how", ["lower", "lower-method", "higher"])
+def test_pow_broadcasting_across_the_batch_dim_is_not_fanned(how: str) -> None:
+    torch.manual_seed(0)
+    _not_fanned(_same_as_naive(PowAcross(how), "lin", _data(n=8)), "broadcast")

@@ -98,6 +98,8 @@ _ELEMENTWISE_FUNCS = {
     operator.truediv,
     operator.floordiv,  # on a size's non-batch items (`c // groups`), or elementwise
     operator.neg,
+    operator.pow,  # `h ** 2`, `2 ** h`; a tensor exponent broadcasts (checked as `mul`'s is)
+    torch.pow,
     operator.iadd,
     operator.imul,
     operator.isub,
@@ -149,14 +151,15 @@ _ELEMENTWISE_METHODS = {
     "mul_",
     "exp",
     "abs",
+    "pow",
 }
 #: The elementwise functions and methods above that take two tensors and broadcast them.
 BROADCASTING_FUNCS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
     operator.iadd, operator.imul, operator.isub, operator.itruediv,
-    torch.add, torch.sub, torch.mul,
+    torch.add, torch.sub, torch.mul, operator.pow, torch.pow,
 }
-BROADCASTING_METHODS = {"add", "mul", "sub", "div", "add_", "mul_"}
+BROADCASTING_METHODS = {"add", "mul", "sub", "div", "add_", "mul_", "pow"}
 _FANNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 

@@ -88,8 +88,10 @@ _BINARY_FUNCS = {
     torch.add,
     torch.sub,
     torch.mul,
+    operator.pow,
+    torch.pow,
 }
-_BINARY_METHODS = {"add", "sub", "mul", "add_", "sub_", "mul_"}
+_BINARY_METHODS = {"add", "sub", "mul", "pow", "add_", "sub_", "mul_"}
 _INPLACE = {operator.iadd, operator.isub, operator.imul, "add_", "sub_", "mul_"}
 
 # How a fanned group's values move: fold form with BN -> [add ->] ReLU fused (the default), fold
