@@ -293,3 +293,59 @@ class PowAcross(nn.Module):
 def test_pow_broadcasting_across_the_batch_dim_is_not_fanned(how: str) -> None:
     torch.manual_seed(0)
     _not_fanned(_same_as_naive(PowAcross(how), "lin", _data(n=8)), "broadcast")
+
+
+# ---- 4. .sub_ ------------------------------------------------------------------------------
+
+
+class SubInplace(nn.Module):
+    """`.sub_` into the variants' own value (fans), into a shared value another step reads,
+    and into a shared value a fanned `.to(h)` viewed (both refused: eager mode changes what the
+    other step reads), and with an operand that broadcasts across the batch (swap path)."""
+
+    def __init__(self, how: str, conv: bool = False) -> None:
+        super().__init__()
+        self.how, self.conv = how, conv
+        self.lin = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(8, 8)
+        self.p = nn.Parameter(torch.randn(4, 1, 1) if conv else torch.randn(8))
+        self.fc = nn.Linear(4 * 4 * 4 if conv else 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        u = x * 2  # shared
+        if self.how == "own":
+            h.sub_(self.p)
+            h.sub_(x.mean())
+            if not self.conv:
+                h = h.sub_(u)
+        elif self.how == "shared-read":
+            h = h + u.sub_(h)  # eager: u becomes each variant's own
+            h = h * u
+        elif self.how == "viewed":
+            h = h * u.to(h).sub_(1.0)
+            h = h + u
+        else:  # "across": [B, 8] - [B] with B = 8
+            h.sub_(h.mean(1))
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+def test_sub_inplace_into_the_variants_value_fans(glue: str) -> None:
+    torch.manual_seed(0)
+    _fans(_same_as_naive(SubInplace("own"), "lin", _data(), glue=glue))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("glue", GLUE_MODES)
+def test_sub_inplace_fans_on_a_conv_output(glue: str, layout: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(SubInplace("own", conv=True), "lin", _data(shape=(1, 4, 4)),
+                          glue=glue, layout=layout)
+    _fans(plan)
+
+
+@pytest.mark.parametrize(("how", "words"), [
+    ("shared-read", "in place"), ("viewed", "in place"), ("across", "broadcast")])
+def test_sub_inplace_edges_are_not_fanned(how: str, words: str) -> None:
+    torch.manual_seed(0)
+    _not_fanned(_same_as_naive(SubInplace(how), "lin", _data(n=8)), words)

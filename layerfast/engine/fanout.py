@@ -149,6 +149,7 @@ _ELEMENTWISE_METHODS = {
     "add_",
     "relu_",
     "mul_",
+    "sub_",
     "exp",
     "abs",
     "pow",
@@ -159,7 +160,7 @@ BROADCASTING_FUNCS = {
     operator.iadd, operator.imul, operator.isub, operator.itruediv,
     torch.add, torch.sub, torch.mul, operator.pow, torch.pow,
 }
-BROADCASTING_METHODS = {"add", "mul", "sub", "div", "add_", "mul_", "pow"}
+BROADCASTING_METHODS = {"add", "mul", "sub", "div", "add_", "mul_", "sub_", "pow"}
 _FANNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
