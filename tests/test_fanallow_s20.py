@@ -349,3 +349,72 @@ def test_sub_inplace_fans_on_a_conv_output(glue: str, layout: str) -> None:
 def test_sub_inplace_edges_are_not_fanned(how: str, words: str) -> None:
     torch.manual_seed(0)
     _not_fanned(_same_as_naive(SubInplace(how), "lin", _data(n=8)), words)
+
+
+# ---- 5. clamp / clip -----------------------------------------------------------------------
+
+_CLAMP = {
+    "both": lambda m, h, x: torch.clamp(h, -0.3, 0.4),
+    "min-kw": lambda m, h, x: h.clamp(min=-0.2),
+    "max-kw": lambda m, h, x: torch.clip(h, max=0.1),
+    "clip-method": lambda m, h, x: h.clip(-0.5, 0.5),
+    "param": lambda m, h, x: h.clamp(min=m.lo),  # [8] / [4, 1, 1]: within a sample
+    "zero-dim": lambda m, h, x: torch.clamp(h, max=x.mean()),
+    "shared": lambda m, h, x: torch.clamp(h, min=x * 0.1),  # a variant's shape
+}
+
+
+class Clamp(nn.Module):
+    def __init__(self, how: str, conv: bool = False) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(8, 8)
+        self.lo = nn.Parameter(torch.randn(4, 1, 1) * 0.2 if conv else torch.randn(8) * 0.2)
+        self.fc = nn.Linear(4 * 4 * 4 if conv else 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_CLAMP[self.how](self, self.lin(x), x).flatten(1))
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", sorted(_CLAMP))
+def test_clamp_fans(how: str, glue: str) -> None:
+    torch.manual_seed(0)
+    _fans(_same_as_naive(Clamp(how), "lin", _data(), glue=glue))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", ["both", "min-kw", "clip-method", "param", "zero-dim"])
+def test_clamp_fans_on_a_conv_output(how: str, glue: str, layout: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(Clamp(how, conv=True), "lin", _data(shape=(1, 4, 4)), glue=glue,
+                          layout=layout)
+    _fans(plan)
+
+
+class ClampAcross(nn.Module):
+    """A tensor bound that lines the batch dim up with another dim ([B] against [B, 8] with
+    B = 8, or a [2, 1, 8] parameter): swap path."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(8, 8)
+        self.p = nn.Parameter(torch.randn(2, 1, 8) * 0.2)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.how == "lower":
+            return self.fc(torch.clamp(h, max=x.mean(1)))
+        if self.how == "lower-fanned":
+            return self.fc(h.clip(h.mean(1), None))
+        z = torch.clamp(h, min=self.p).mean(1)  # [2, B, 8]: a mean over the batch
+        return self.fc(h + (h[:, None] * z).mean(1))
+
+
+@pytest.mark.parametrize("how", ["lower", "lower-fanned", "higher"])
+def test_clamp_with_a_bound_across_the_batch_dim_is_not_fanned(how: str) -> None:
+    torch.manual_seed(0)
+    _not_fanned(_same_as_naive(ClampAcross(how), "lin", _data(n=8)), "broadcast")

@@ -100,6 +100,8 @@ _ELEMENTWISE_FUNCS = {
     operator.neg,
     operator.pow,  # `h ** 2`, `2 ** h`; a tensor exponent broadcasts (checked as `mul`'s is)
     torch.pow,
+    torch.clamp,  # a tensor bound broadcasts (checked as `mul`'s operands are)
+    torch.clip,
     operator.iadd,
     operator.imul,
     operator.isub,
@@ -153,14 +155,17 @@ _ELEMENTWISE_METHODS = {
     "exp",
     "abs",
     "pow",
+    "clamp",
+    "clip",
 }
 #: The elementwise functions and methods above that take two tensors and broadcast them.
 BROADCASTING_FUNCS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
     operator.iadd, operator.imul, operator.isub, operator.itruediv,
     torch.add, torch.sub, torch.mul, operator.pow, torch.pow,
+    torch.clamp, torch.clip,
 }
-BROADCASTING_METHODS = {"add", "mul", "sub", "div", "add_", "mul_", "sub_", "pow"}
+BROADCASTING_METHODS = {"add", "mul", "sub", "div", "add_", "mul_", "sub_", "pow", "clamp", "clip"}
 _FANNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 

@@ -51,12 +51,14 @@ _PER_CHANNEL_FUNCS = {
     torch.abs,
     torch.relu_,
     F.softplus,
+    torch.clamp,  # with number bounds (one tensor argument: the unary fold path's rule)
+    torch.clip,
     F.dropout,
     F.adaptive_avg_pool2d,
     F.avg_pool2d,
     F.max_pool2d,
 }
-_PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh", "exp", "abs"}
+_PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh", "exp", "abs", "clamp", "clip"}
 # Pooling and padding act per channel only on input of their own rank, [B, C, *spatial]: on a
 # 4-D value a MaxPool3d (or on a Conv1d's 3-D output a 2-D pool or pad) reads it as one
 # unbatched sample and pools across channels, which on the fold form means across variants.
