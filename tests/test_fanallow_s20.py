@@ -418,3 +418,78 @@ class ClampAcross(nn.Module):
 def test_clamp_with_a_bound_across_the_batch_dim_is_not_fanned(how: str) -> None:
     torch.manual_seed(0)
     _not_fanned(_same_as_naive(ClampAcross(how), "lin", _data(n=8)), "broadcast")
+
+
+# ---- 6. reductions: mean/sum over several negative dims, amax / amin -------------------------
+
+_REDUCE = {
+    "mean-neg2": lambda h: h.mean((-2, -1)),
+    "sum-neg2-kw": lambda h: torch.sum(h, dim=[-1, -2], keepdim=True).flatten(1),
+    "mean-mixed": lambda h: h.mean((2, -1)),
+    "amax": lambda h: h.amax((2, 3)),
+    "amax-neg": lambda h: torch.amax(h, dim=-1).flatten(1),
+    "amin-keepdim": lambda h: h.amin(dim=(-2, -1), keepdim=True).flatten(1),
+    "amax-channel": lambda h: torch.amax(h, 1).flatten(1),
+}
+
+
+class Reduce(nn.Module):
+    """A reduction over a conv output's [B, 4, 4, 4] non-batch dims."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.LazyLinear(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_REDUCE[self.how](self.lin(x)))
+
+
+def _reduce_model(how: str) -> nn.Module:
+    m = Reduce(how)
+    m(_data(shape=(1, 4, 4))[0][0])  # materialise the lazy fc
+    return m
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", sorted(_REDUCE))
+def test_reductions_over_sample_dims_fan(how: str, glue: str, layout: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(_reduce_model(how), "lin", _data(shape=(1, 4, 4)), glue=glue,
+                          layout=layout)
+    _fans(plan)
+
+
+class ReduceLow(nn.Module):
+    """A reduction of a Linear's [B, 8] (rank 2) whose dims reach the batch dim: -2 of a rank-2
+    value (alone or beside -1: the swap path), 0 or the whole tensor (refused)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.how == "mean-neg2":
+            z = h.mean((-2, -1))
+        elif self.how == "amax-neg2":
+            z = torch.amax(h, dim=(-1, -2), keepdim=True)
+        elif self.how == "amin-0":
+            z = h.amin((0, 1))
+        elif self.how == "amax-all":
+            z = torch.amax(h)
+        else:  # "amax-empty": dim=() is every dim
+            z = h.amax(())
+        return self.fc(h * z)
+
+
+@pytest.mark.parametrize(("how", "words"), [
+    ("mean-neg2", "batch dim"), ("amax-neg2", "batch dim"), ("amin-0", "batch dim"),
+    ("amax-all", "batch dim"), ("amax-empty", "batch dim")])
+def test_reductions_reaching_the_batch_dim_are_not_fanned(how: str, words: str) -> None:
+    torch.manual_seed(0)
+    _not_fanned(_same_as_naive(ReduceLow(how), "lin", _data()), words)

@@ -215,14 +215,21 @@ def _dim_ok(d: Any, i: int, dims: dict[int, int]) -> bool:
 
 
 def _reduced_dims_ok(s: Any, i: int, dims: dict[int, int]) -> bool:
-    """A `mean`/`sum` over named dims that never include the batch dim (`x.mean([2, 3])`, a
-    global average pool written by hand: MnasNet, SE blocks): per sample. No dim (the whole
-    tensor) mixes samples; a list must be positive dims (only one negative dim per step is
-    checked against the rank at run time)."""
+    """A `mean`/`sum`/`amax`/`amin` over named dims that never include the batch dim
+    (`x.mean([2, 3])`, a global average pool written by hand: MnasNet, SE blocks;
+    `x.mean((-2, -1))`): per sample. No dim (the whole tensor; `amax`'s default `()`) mixes
+    samples. Of a list's negative dims only the lowest can be dim 0 of a rank the call accepts
+    (a higher one is dim 0 only where the lowest is out of range), so that one is checked
+    against the rank when it runs (`dims`)."""
     d = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
     if isinstance(d, list | tuple):
-        return bool(d) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
-                               for x in d)
+        if not d or not all(isinstance(x, int) and not isinstance(x, bool) and x != 0
+                            for x in d):
+            return False
+        neg = [x for x in d if x < 0]
+        if neg:
+            dims[i] = min(neg)
+        return True
     return _dim_ok(d, i, dims)
 
 
@@ -388,7 +395,7 @@ def _why_not_batchwise_bare(
             return "an index that may select along the batch dim"
         if s.target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
             return _dim_why(_arg(s, 1, "dim"), i, dims)
-        if s.target in (torch.mean, torch.sum):
+        if s.target in (torch.mean, torch.sum, torch.amax, torch.amin):
             return None if _reduced_dims_ok(s, i, dims) else _REDUCES_BATCH
         if s.target in _PERMUTES:
             return _permute_why(s)
@@ -421,7 +428,7 @@ def _why_not_batchwise_bare(
                     "(a number, or a size that is not the batch's, would mix samples)")
         if s.target in ("softmax", "log_softmax"):
             return _dim_why(_arg(s, 1, "dim"), i, dims)
-        if s.target in ("mean", "sum"):
+        if s.target in ("mean", "sum", "amax", "amin"):
             return None if _reduced_dims_ok(s, i, dims) else _REDUCES_BATCH
         if s.target == "permute":
             return _permute_why(s)
