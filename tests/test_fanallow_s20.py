@@ -493,3 +493,86 @@ class ReduceLow(nn.Module):
 def test_reductions_reaching_the_batch_dim_are_not_fanned(how: str, words: str) -> None:
     torch.manual_seed(0)
     _not_fanned(_same_as_naive(ReduceLow(how), "lin", _data()), words)
+
+
+# ---- 7. unsqueeze / squeeze ----------------------------------------------------------------
+
+_UNSQ = {
+    "unsqueeze-1": lambda h: h.unsqueeze(1).mean(1),
+    "unsqueeze-last": lambda h: torch.unsqueeze(h, -1).mean(-1),
+    "unsqueeze-neg2": lambda h: h.unsqueeze(-2).sum(-2),  # [B, 1, ...]: per sample
+    "squeeze": lambda h: h[:, :1].squeeze(1)[:, None] + h,
+    "squeeze-neg": lambda h: torch.squeeze(h.unsqueeze(-1), -1),
+    "squeeze-tuple": lambda h: h.unsqueeze(1).unsqueeze(-1).squeeze((1, -1)),
+}
+
+
+class Unsqueeze(nn.Module):
+    def __init__(self, how: str, conv: bool = False) -> None:
+        super().__init__()
+        self.how, self.conv = how, conv
+        self.lin = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(8, 8)
+        self.fc = nn.LazyLinear(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_UNSQ[self.how](self.lin(x)).flatten(1))
+
+
+def _unsq_model(how: str, conv: bool, data: list) -> nn.Module:
+    m = Unsqueeze(how, conv)
+    m(data[0][0])
+    return m
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", sorted(_UNSQ))
+def test_unsqueeze_squeeze_fan(how: str, glue: str) -> None:
+    torch.manual_seed(0)
+    data = _data()
+    _fans(_same_as_naive(_unsq_model(how, False, data), "lin", data, glue=glue))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", sorted(_UNSQ))
+def test_unsqueeze_squeeze_fan_on_a_conv_output(how: str, glue: str, layout: str) -> None:
+    torch.manual_seed(0)
+    data = _data(shape=(1, 4, 4))
+    plan = _same_as_naive(_unsq_model(how, True, data), "lin", data, glue=glue, layout=layout)
+    _fans(plan)
+
+
+class UnsqueezeLow(nn.Module):
+    """Forms that reach the batch dim of a [B] value (a Linear's one output, squeezed): a new
+    dim before it (`unsqueeze(-2)`, `unsqueeze(0)`), `squeeze(-1)` of [B], `squeeze()` (the
+    batch dim too when B = 1)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x).squeeze(1)  # [B]
+        if self.how == "unsqueeze-neg2":
+            z = h.unsqueeze(-2).mean(1, keepdim=True)  # [1, B] -> mean over B
+        elif self.how == "unsqueeze-0":
+            z = torch.unsqueeze(h, 0).mean(1, keepdim=True).squeeze(1)
+        elif self.how == "squeeze-neg1":
+            z = h.unsqueeze(1).squeeze(-1).squeeze(-1)[:, None]
+        else:  # "squeeze-none"
+            z = h.unsqueeze(1).squeeze().reshape(-1, 1)
+        return self.fc(x) * z
+
+
+@pytest.mark.parametrize(("how", "n", "words"), [
+    ("unsqueeze-neg2", 6, "(unsqueeze): dim -1 is the batch dim of a rank-1"),
+    ("unsqueeze-0", 6, "(torch.unsqueeze): dim 0 goes before the batch dim"),
+    ("squeeze-neg1", 6, "(squeeze): dim -1 is the batch dim of a rank-1"),
+    ("squeeze-none", 6, "squeezes every size-1 dim"),
+    ("squeeze-none", 1, "squeezes every size-1 dim")])
+def test_unsqueeze_squeeze_reaching_the_batch_dim_are_not_fanned(
+        how: str, n: int, words: str) -> None:
+    torch.manual_seed(0)
+    _not_fanned(_same_as_naive(UnsqueezeLow(how), "lin", _data(n=n)), words)

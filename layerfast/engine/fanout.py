@@ -328,6 +328,36 @@ def _layer_norm_why(s: Any, i: int, dims: dict[int, int]) -> str | None:
     return None
 
 
+def _unsqueeze_why(d: Any, i: int, dims: dict[int, int]) -> str | None:
+    """`v.unsqueeze(d)`: per-sample unless the new dim goes before the batch dim. Its dim is a
+    dim of the result, one rank higher than `v`: a negative `d` is position d + rank + 1, so -1
+    never is dim 0 and d <= -2 is exactly where `d + 1` resolves to `v`'s dim 0 (checked
+    against the rank when it runs: `unsqueeze(-2)` of a [B] value makes it [1, B])."""
+    if not isinstance(d, int) or isinstance(d, bool) or d == 0:
+        return f"dim {d!r} goes before the batch dim (or is not a plain int)"
+    if d <= -2:
+        dims[i] = d + 1
+    return None
+
+
+def _squeeze_why(s: Any, i: int, dims: dict[int, int]) -> str | None:
+    """`v.squeeze(d)` / `v.squeeze((d1, d2))`: per-sample where no named dim is the batch dim
+    (the lowest negative one checked against the rank when it runs). No dim squeezes every
+    size-1 dim, the batch dim too where B is 1 and K·B is not: refused."""
+    d = _arg(s, 1, "dim")
+    if isinstance(d, list | tuple):
+        if not d or not all(isinstance(x, int) and not isinstance(x, bool) and x != 0
+                            for x in d):
+            return f"dims {d!r}: one {_BATCH_DIM} (or not plain ints)"
+        neg = [x for x in d if x < 0]
+        if neg:
+            dims[i] = min(neg)
+        return None
+    if d is None:
+        return "squeezes every size-1 dim, the batch dim too where the batch is 1 sample"
+    return _dim_why(d, i, dims)
+
+
 def _is_split(prog: Program, r: Any) -> bool:
     """Whether `r` refers to a split step (`chunk`, `split`, ...) the proof accepted."""
     if not isinstance(r, Ref):
@@ -395,6 +425,10 @@ def _why_not_batchwise_bare(
             return "an index that may select along the batch dim"
         if s.target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
             return _dim_why(_arg(s, 1, "dim"), i, dims)
+        if s.target is torch.unsqueeze:
+            return _unsqueeze_why(_arg(s, 1, "dim"), i, dims)
+        if s.target is torch.squeeze:
+            return _squeeze_why(s, i, dims)
         if s.target in (torch.mean, torch.sum, torch.amax, torch.amin):
             return None if _reduced_dims_ok(s, i, dims) else _REDUCES_BATCH
         if s.target in _PERMUTES:
@@ -428,6 +462,10 @@ def _why_not_batchwise_bare(
                     "(a number, or a size that is not the batch's, would mix samples)")
         if s.target in ("softmax", "log_softmax"):
             return _dim_why(_arg(s, 1, "dim"), i, dims)
+        if s.target == "unsqueeze":
+            return _unsqueeze_why(_arg(s, 1, "dim"), i, dims)
+        if s.target == "squeeze":
+            return _squeeze_why(s, i, dims)
         if s.target in ("mean", "sum", "amax", "amin"):
             return None if _reduced_dims_ok(s, i, dims) else _REDUCES_BATCH
         if s.target == "permute":
