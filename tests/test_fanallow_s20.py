@@ -576,3 +576,42 @@ def test_unsqueeze_squeeze_reaching_the_batch_dim_are_not_fanned(
         how: str, n: int, words: str) -> None:
     torch.manual_seed(0)
     _not_fanned(_same_as_naive(UnsqueezeLow(how), "lin", _data(n=n)), words)
+
+
+# ---- 8. out=None ---------------------------------------------------------------------------
+
+
+class OutWrite(nn.Module):
+    """`torch.mul(h, 2, out=u)` into a shared `u` another step reads: still an in-place write
+    (only `out=None`, which fx records for F.normalize, is none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x * 1.0
+        h = self.lin(x)
+        torch.mul(h, 2.0, out=u)
+        return self.fc(h + u)
+
+
+def test_a_real_out_tensor_is_still_a_write() -> None:
+    torch.manual_seed(0)
+    _not_fanned(_same_as_naive(OutWrite(), "lin", _data()), "in place")
+
+
+def test_out_none_is_not_a_write() -> None:
+    """fx records `out=None` where a function's signature has it (`F.normalize`): no write, so
+    the step is not taken for an in-place one (it was, and refused every group it was in)."""
+    from layerfast.engine.graph import Program
+
+    class M(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.normalize(x, dim=1) + torch.mul(x, 2.0, out=torch.empty(0))
+
+    prog = Program(M())
+    norm, mul = ([s for s in prog.steps if s.target is t][0] for t in (F.normalize, torch.mul))
+    assert norm.kwargs.get("out", 0) is None and not prog.is_inplace(norm)
+    assert prog.is_inplace(mul)

@@ -446,7 +446,7 @@ class Program:
         step may write into any of its arguments)."""
         if self.is_opaque(s):
             return None
-        if "out" in s.kwargs:
+        if s.kwargs.get("out") is not None:
             return s.kwargs["out"]
         if s.op == "call_function":
             written = writes_by_schema(s.target)
@@ -476,10 +476,13 @@ class Program:
     def _writes_in_place(self, s: Step) -> bool:
         if self.is_opaque(s):
             return True
+        # `out=None` is no output tensor: fx records it where a function's signature has it
+        # (`F.normalize(h, dim=1)` traces with out=None), and it writes nothing
+        out = s.kwargs.get("out") is not None
         if s.op == "call_method":
-            return inplace_name(s.target) or "out" in s.kwargs
+            return inplace_name(s.target) or out
         if s.op == "call_function":
-            if s.target in _INPLACE_FUNCS or "out" in s.kwargs:
+            if s.target in _INPLACE_FUNCS or out:
                 return True
             if writes_by_schema(s.target) is not None:  # torch.ops.aten.add_.Tensor
                 return True
