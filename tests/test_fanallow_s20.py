@@ -578,7 +578,49 @@ def test_unsqueeze_squeeze_reaching_the_batch_dim_are_not_fanned(
     _not_fanned(_same_as_naive(UnsqueezeLow(how), "lin", _data(n=n)), words)
 
 
-# ---- 8. out=None ---------------------------------------------------------------------------
+# ---- 8. F.normalize --------------------------------------------------------------------------
+
+
+class Normalize(nn.Module):
+    """`F.normalize(h, dim=...)` on a Linear's [B, 8] or a conv's [B, 4, 4, 4]: per sample
+    unless `dim` is (or resolves to) the batch dim."""
+
+    def __init__(self, dim: int | None, conv: bool = False, p: float = 2.0) -> None:
+        super().__init__()
+        self.dim, self.p = dim, p
+        self.lin = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(8, 8)
+        self.fc = nn.Linear(4 * 4 * 4 if conv else 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        h = F.normalize(h) if self.dim is None else F.normalize(h, self.p, self.dim)
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize(("dim", "p"), [(None, 2.0), (1, 1.0), (-1, 2.0)])
+def test_normalize_over_a_sample_dim_fans(dim: int | None, p: float, glue: str) -> None:
+    torch.manual_seed(0)
+    _fans(_same_as_naive(Normalize(dim, p=p), "lin", _data(), glue=glue))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("dim", [None, 1, -1, -3])
+def test_normalize_fans_on_a_conv_output(dim: int | None, glue: str, layout: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(Normalize(dim, conv=True), "lin", _data(shape=(1, 4, 4)), glue=glue,
+                          layout=layout)
+    _fans(plan)
+
+
+@pytest.mark.parametrize("dim", [0, -2])
+def test_normalize_over_the_batch_dim_is_not_fanned(dim: int) -> None:
+    torch.manual_seed(0)
+    _not_fanned(_same_as_naive(Normalize(dim), "lin", _data()), "batch dim")
+    if dim:
+        _not_fanned(_same_as_naive(Normalize(-4, conv=True), "lin", _data(shape=(1, 4, 4))),
+                    "batch dim")
 
 
 class OutWrite(nn.Module):

@@ -425,6 +425,8 @@ def _why_not_batchwise_bare(
             return "an index that may select along the batch dim"
         if s.target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
             return _dim_why(_arg(s, 1, "dim"), i, dims)
+        if s.target is F.normalize:  # over `dim` (default 1) of each sample
+            return _dim_why(_arg(s, 2, "dim", 1), i, dims)
         if s.target is torch.unsqueeze:
             return _unsqueeze_why(_arg(s, 1, "dim"), i, dims)
         if s.target is torch.squeeze:
