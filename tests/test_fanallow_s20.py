@@ -657,3 +657,48 @@ def test_out_none_is_not_a_write() -> None:
     norm, mul = ([s for s in prog.steps if s.target is t][0] for t in (F.normalize, torch.mul))
     assert norm.kwargs.get("out", 0) is None and not prog.is_inplace(norm)
     assert prog.is_inplace(mul)
+
+
+# ---- 9. F.adaptive_max_pool2d ----------------------------------------------------------------
+
+
+class AdaptiveMax(nn.Module):
+    """`F.adaptive_max_pool2d` of a conv's [B, 4, 4, 4] (`out` 1 or 2), of a Linear's output
+    as [B, 1, 8] (rank 3, read as one unbatched [C, H, W] sample whose channels are the batch:
+    still each sample pooled alone), or with indices (refused)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(8, 8) if how == "rank3" else nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.LazyLinear(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.how == "rank3":
+            return self.fc(F.adaptive_max_pool2d(h.unsqueeze(1), (1, 4)).flatten(1))
+        if self.how == "indices":
+            return self.fc(F.adaptive_max_pool2d(h, 2, return_indices=True)[0].flatten(1))
+        return self.fc(F.adaptive_max_pool2d(h, 1 if self.how == "1" else (2, None)).flatten(1))
+
+
+def _amax_model(how: str, data: list) -> nn.Module:
+    m = AdaptiveMax(how)
+    m(data[0][0])
+    return m
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", ["1", "2", "rank3"])
+def test_adaptive_max_pool2d_fans(how: str, glue: str, layout: str) -> None:
+    torch.manual_seed(0)
+    data = _data() if how == "rank3" else _data(shape=(1, 4, 4))
+    plan = _same_as_naive(_amax_model(how, data), "lin", data, glue=glue, layout=layout)
+    _fans(plan)
+
+
+def test_adaptive_max_pool2d_with_indices_is_not_fanned() -> None:
+    torch.manual_seed(0)
+    data = _data(shape=(1, 4, 4))
+    _not_fanned(_same_as_naive(_amax_model("indices", data), "lin", data), "indices")

@@ -128,6 +128,7 @@ _ELEMENTWISE_FUNCS = {
     F.softplus,
     F.dropout,
     F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,  # without indices
     F.avg_pool2d,
     F.max_pool2d,
     torch.nn.functional.softmax,
@@ -443,7 +444,9 @@ def _why_not_batchwise_bare(
             return _dim_why(_arg(s, 1 if s.target is torch.unbind else 2, "dim", 0), i, dims)
         if _identity_in_eval(s.target, s):
             return None
-        if s.target is F.adaptive_avg_pool2d:
+        if s.target is F.adaptive_max_pool2d and _arg(s, 2, "return_indices", False) is not False:
+            return "returns indices (a tuple the proof does not follow)"
+        if s.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
             dims[i] = -2  # as nn.AdaptiveAvgPool2d: [B, C] is pooled to [1, 1]
         return None if s.target in _ELEMENTWISE_FUNCS else _NOT_LISTED
     if s.op == "call_method":

@@ -55,6 +55,7 @@ _PER_CHANNEL_FUNCS = {
     torch.clip,
     F.dropout,
     F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
     F.avg_pool2d,
     F.max_pool2d,
 }
@@ -77,6 +78,7 @@ _SPATIAL_RANK: dict[Any, int] = {
     nn.AvgPool3d: 3,
     nn.AdaptiveAvgPool3d: 3,
     F.adaptive_avg_pool2d: 2,
+    F.adaptive_max_pool2d: 2,
     F.avg_pool2d: 2,
     F.max_pool2d: 2,
 }
