@@ -702,3 +702,58 @@ def test_adaptive_max_pool2d_with_indices_is_not_fanned() -> None:
     torch.manual_seed(0)
     data = _data(shape=(1, 4, 4))
     _not_fanned(_same_as_naive(_amax_model("indices", data), "lin", data), "indices")
+
+
+# ---- 10. nn.Unflatten / unflatten --------------------------------------------------------------
+
+
+class Unflatten(nn.Module):
+    """Split a non-batch dim of a conv's [B, 4, 4, 4] (or a Linear's [B, 8]) and read it
+    back; `dim` 0 or -2 of [B, 8] splits the batch dim."""
+
+    def __init__(self, how: str, dim: int, conv: bool = True) -> None:
+        super().__init__()
+        self.how, self.dim, self.conv = how, dim, conv
+        self.lin = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(8, 8)
+        self.unf = nn.Unflatten(dim, (2, -1))
+        self.fc = nn.LazyLinear(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.how == "module":
+            h = self.unf(h)
+        elif self.how == "method":
+            h = h.unflatten(self.dim, (2, -1))
+        else:
+            h = torch.unflatten(h, self.dim, (-1, 2))
+        if not self.conv:  # [B, 8] split on its batch dim: reduced to one number
+            return self.fc(x) + h.amax(-1).sum(-1).sum(-1)
+        return self.fc(h.flatten(1))
+
+
+def _unf_model(how: str, dim: int, conv: bool, data: list) -> nn.Module:
+    m = Unflatten(how, dim, conv)
+    m(data[0][0])
+    return m
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", ["module", "method", "torch"])
+@pytest.mark.parametrize("dim", [1, 2, -1])
+def test_unflatten_of_a_sample_dim_fans(how: str, dim: int, glue: str, layout: str) -> None:
+    torch.manual_seed(0)
+    data = _data(shape=(1, 4, 4))
+    plan = _same_as_naive(_unf_model(how, dim, True, data), "lin", data, glue=glue,
+                          layout=layout)
+    _fans(plan)
+
+
+@pytest.mark.parametrize("how", ["module", "method", "torch"])
+@pytest.mark.parametrize("dim", [0, -2])
+def test_unflatten_of_the_batch_dim_is_not_fanned(how: str, dim: int) -> None:
+    torch.manual_seed(0)
+    data = _data()
+    plan = _same_as_naive(_unf_model(how, dim, False, data), "lin", data)
+    _not_fanned(plan, "batch dim")
+    _not_fanned(plan, "unf")  # refused at the unflatten step, not a later one

@@ -389,6 +389,8 @@ def _why_not_batchwise_bare(
             return "forward hooks, pre-hooks or a parametrization (a fanned run does not call it)"
         if isinstance(m, nn.Flatten):
             return _dim_why(m.start_dim, i, dims, "start_dim")
+        if isinstance(m, nn.Unflatten):  # splits one dim of each sample
+            return _dim_why(m.dim, i, dims)
         if not isinstance(m, _BATCHWISE_MODULES):
             return f"module type {_NOT_LISTED}"
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
@@ -408,6 +410,8 @@ def _why_not_batchwise_bare(
             return _items_why(prog, s)
         if s.target in (torch.flatten,):
             return _dim_why(_arg(s, 1, "start_dim", 0), i, dims, "start_dim")
+        if s.target is torch.unflatten:
+            return _dim_why(_arg(s, 1, "dim"), i, dims)
         if s.target in (torch.cat, torch.concat):
             return _dim_why(_arg(s, 1, "dim", 0), i, dims)
         if s.target is operator.getitem:
@@ -454,6 +458,8 @@ def _why_not_batchwise_bare(
             return _size_why(prog, s, i, fanned, dims)
         if s.target == "flatten":
             return _dim_why(_arg(s, 1, "start_dim", 0), i, dims, "start_dim")
+        if s.target == "unflatten":
+            return _dim_why(_arg(s, 1, "dim"), i, dims)
         if s.target in ("view", "reshape"):
             shape = _view_shape(s)
             src = s.args[0] if s.args else None
