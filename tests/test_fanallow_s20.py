@@ -757,3 +757,73 @@ def test_unflatten_of_the_batch_dim_is_not_fanned(how: str, dim: int) -> None:
     plan = _same_as_naive(_unf_model(how, dim, False, data), "lin", data)
     _not_fanned(plan, "batch dim")
     _not_fanned(plan, "unf")  # refused at the unflatten step, not a later one
+
+
+# ---- 11. expand_as ---------------------------------------------------------------------------
+
+_EXPAND = {
+    "param": lambda m, h, x: h + m.p.expand_as(h),  # [8] / [4, 1, 1]: within a sample
+    "keepdim": lambda m, h, x: h * h.mean(1, keepdim=True).expand_as(h),  # [B, 1, ...]
+    "shared": lambda m, h, x: h * x.mean(1, keepdim=True).expand_as(h),  # tiled with the batch
+    "zero-dim": lambda m, h, x: h - x.sum().expand_as(h),
+}
+
+
+class ExpandAs(nn.Module):
+    def __init__(self, how: str, conv: bool = False) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(8, 8)
+        self.p = nn.Parameter(torch.randn(4, 1, 1) if conv else torch.randn(8))
+        self.fc = nn.Linear(4 * 4 * 4 if conv else 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_EXPAND[self.how](self, self.lin(x), x).flatten(1))
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", sorted(_EXPAND))
+def test_expand_as_fans(how: str, glue: str) -> None:
+    torch.manual_seed(0)
+    _fans(_same_as_naive(ExpandAs(how), "lin", _data(), glue=glue))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", sorted(_EXPAND))
+def test_expand_as_fans_on_a_conv_output(how: str, glue: str, layout: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(ExpandAs(how, conv=True), "lin", _data(shape=(1, 4, 4)), glue=glue,
+                          layout=layout)
+    _fans(plan)
+
+
+class ExpandAcross(nn.Module):
+    """expand_as that lines the batch dim up with another dim: a [B] value expanded as a
+    [B, 8] one (B = 8), a [B, 8] one as a [2, B, 8] one; and a write into a shared value a
+    fanned expand_as viewed."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.how == "lower":
+            return self.fc(h * h.mean(1).expand_as(h))
+        if self.how == "higher":
+            z = h.expand_as(torch.stack([x, x])).mean(1)  # [2, 8]: a mean over the batch
+            return self.fc(h + (h[:, None] * z).mean(1))
+        u = x * 2  # "write": shared, viewed by the fanned expand_as, then written
+        g = u.expand_as(h)
+        u.mul_(-1.0)
+        return self.fc(h + g)
+
+
+@pytest.mark.parametrize(("how", "words"), [
+    ("lower", "broadcast"), ("higher", "broadcast"), ("write", "in place")])
+def test_expand_as_edges_are_not_fanned(how: str, words: str) -> None:
+    torch.manual_seed(0)
+    _not_fanned(_same_as_naive(ExpandAcross(how), "lin", _data(n=8)), words)

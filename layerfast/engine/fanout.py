@@ -158,6 +158,7 @@ _ELEMENTWISE_METHODS = {
     "pow",
     "clamp",
     "clip",
+    "expand_as",  # broadcasts its value to the other's shape (checked as `mul`'s operands are)
 }
 #: The elementwise functions and methods above that take two tensors and broadcast them.
 BROADCASTING_FUNCS = {
@@ -166,7 +167,8 @@ BROADCASTING_FUNCS = {
     torch.add, torch.sub, torch.mul, operator.pow, torch.pow,
     torch.clamp, torch.clip,
 }
-BROADCASTING_METHODS = {"add", "mul", "sub", "div", "add_", "mul_", "sub_", "pow", "clamp", "clip"}
+BROADCASTING_METHODS = {"add", "mul", "sub", "div", "add_", "mul_", "sub_", "pow", "clamp", "clip",
+                        "expand_as"}
 _FANNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
