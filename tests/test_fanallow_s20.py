@@ -827,3 +827,50 @@ class ExpandAcross(nn.Module):
 def test_expand_as_edges_are_not_fanned(how: str, words: str) -> None:
     torch.manual_seed(0)
     _not_fanned(_same_as_naive(ExpandAcross(how), "lin", _data(n=8)), words)
+
+
+# ---- 12. v.shape[-1] / v.size()[-2] ------------------------------------------------------------
+
+
+class ShapeNeg(nn.Module):
+    """A negative item of a fanned value's size: a sample's size (fans) unless the value has
+    that rank, where it is the batch size (K·B fanned): then the swap path."""
+
+    def __init__(self, how: str, conv: bool = False) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(8, 8)
+        self.fc = nn.LazyLinear(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.how == "scale":  # LayerNorm-ish / attention-ish: divide by the last size
+            return self.fc((h / h.shape[-1] ** 0.5).flatten(1))
+        if self.how == "view":
+            return self.fc(h.reshape(h.shape[0], h.size()[-1], -1).mean(-1))
+        if self.how == "batch":  # -2 of a [B, 8] value is the batch size
+            return self.fc(h * (4.0 / h.shape[-2]))
+        return self.fc(h * (4.0 / h.mean(1).shape[-1]))  # "batch1": -1 of a [B] value
+
+
+def _shape_model(how: str, conv: bool, data: list) -> nn.Module:
+    m = ShapeNeg(how, conv)
+    m(data[0][0])
+    return m
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", ["scale", "view"])
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_negative_item_of_a_sample_size_fans(how: str, conv: bool, glue: str) -> None:
+    torch.manual_seed(0)
+    data = _data(shape=(1, 4, 4)) if conv else _data()
+    plan = _same_as_naive(_shape_model(how, conv, data), "lin", data, glue=glue)
+    _fans(plan)
+
+
+@pytest.mark.parametrize("how", ["batch", "batch1"])
+def test_a_negative_item_that_is_the_batch_size_is_not_fanned(how: str) -> None:
+    torch.manual_seed(0)
+    data = _data()
+    _not_fanned(_same_as_naive(_shape_model(how, False, data), "lin", data), "batch dim")

@@ -70,7 +70,9 @@ def test_shape_item_zero_as_the_batch_entry_fans_and_matches_naive(how: str) -> 
 
 @pytest.mark.parametrize(("how", "words"), [("shape-arith", "batch size"),
                                             ("shape-whole", "whole size"),
-                                            ("shape-neg", "whole size")])
+                                            # a negative item is checked against the rank
+                                            # when it runs; as a batch entry, never proven
+                                            ("shape-neg", "batch entry")])
 def test_other_uses_of_the_shape_are_refused_with_a_reason(how: str, words: str) -> None:
     prog = Program(Flat(how).eval())
     keys = {"conv.weight"}

@@ -421,6 +421,8 @@ def _why_not_batchwise_bare(
             src = prog.steps[s.args[0].index] if isinstance(s.args[0], Ref) else None
             if src is not None and (src.op == "call_method" and src.target == "size"
                                     or _is_whole_size(src)):
+                if isinstance(idx, int) and not isinstance(idx, bool) and idx < 0:
+                    dims[i] = idx  # `v.shape[-1]`: item 0 of a rank-1 value (checked when run)
                 return None  # an item of `v.size()`/`v.shape` (`_items_why`: how it is used)
             if _is_split(prog, s.args[0]) and isinstance(idx, int) and not isinstance(idx, bool):
                 return None  # one piece of a split along a non-batch dim
@@ -578,11 +580,12 @@ def _is_whole_size(s: Any) -> bool:
 
 def _items_why(prog: Program, s: Any) -> str | None:
     """A fanned value's whole size (`_is_whole_size`): only read item by item, item 0 (K·B
-    when fanned) only as a view/reshape's batch entry, the others freely."""
+    when fanned) only as a view/reshape's batch entry, the others freely. A negative item
+    (`v.shape[-1]`) is item 0 only of a value of that rank, which `fanrun` checks when it runs
+    (the getitem step's dim in `FanPlan.dims`)."""
     for u in (prog.steps[j] for j in s.users):
         if not (u.op == "call_function" and u.target is operator.getitem
-                and isinstance(u.args[1], int) and not isinstance(u.args[1], bool)
-                and u.args[1] >= 0):
+                and isinstance(u.args[1], int) and not isinstance(u.args[1], bool)):
             return "the whole size is used, not its items"
         if u.args[1] == 0 and not _only_batch_entry(prog, u):
             return _SIZE_USED

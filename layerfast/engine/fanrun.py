@@ -393,11 +393,12 @@ def _check_dim(s: Step, d: int, env: dict[int, Any]) -> None:
     refs = refs_in(s.args) + refs_in(s.kwargs)
     v = env.get(refs[0]) if refs else None
     t = v.t if isinstance(v, Fold) else v
-    if not isinstance(t, torch.Tensor) or resolves_to_batch(d, t.dim()):
+    # an item of a value's torch.Size (`v.shape[-1]`): the rank is the size's length
+    rank = len(t) if isinstance(t, torch.Size) else t.dim() if isinstance(t, torch.Tensor) else None
+    if rank is None or resolves_to_batch(d, rank):
         raise NotPerSample(
             f"step {s.index} ({getattr(s.target, '__name__', s.target)}): dim {d} is the "
-            "batch dim of a "
-            f"rank-{t.dim() if isinstance(t, torch.Tensor) else '?'} value"
+            f"batch dim of a rank-{'?' if rank is None else rank} value"
         )
 
 
