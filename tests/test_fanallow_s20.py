@@ -874,3 +874,82 @@ def test_a_negative_item_that_is_the_batch_size_is_not_fanned(how: str) -> None:
     torch.manual_seed(0)
     data = _data()
     _not_fanned(_same_as_naive(_shape_model(how, False, data), "lin", data), "batch dim")
+
+
+# ---- 13. max / min over a dim, and elementwise ---------------------------------------------------
+
+_MAX = {
+    "getitem": lambda m, h, x: h.max(1)[0],
+    "values": lambda m, h, x: torch.max(h, dim=-1).values,
+    "keepdim": lambda m, h, x: h * h.min(1, keepdim=True)[0],
+    "indices": lambda m, h, x: h.max(1)[1].float().unsqueeze(1) + h,
+    "indices-attr": lambda m, h, x: torch.min(h, 1).indices.float().unsqueeze(1) * h,
+    "elementwise-param": lambda m, h, x: torch.max(h, m.p),
+    "elementwise-method": lambda m, h, x: h.min(m.p),
+}
+
+
+class MaxDim(nn.Module):
+    def __init__(self, how: str, conv: bool = False) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(8, 8)
+        self.p = nn.Parameter(torch.randn(4, 1, 1) if conv else torch.randn(8))
+        self.fc = nn.LazyLinear(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _MAX[self.how](self, self.lin(x), x) if self.how != "elementwise-shared" else (
+            torch.max(self.lin(x), x * 0.5))
+        return self.fc(out.reshape(out.size(0), -1))
+
+
+def _max_model(how: str, conv: bool, data: list) -> nn.Module:
+    m = MaxDim(how, conv)
+    m(data[0][0])
+    return m
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", [*sorted(_MAX), "elementwise-shared"])
+def test_max_min_fan(how: str, glue: str) -> None:
+    torch.manual_seed(0)
+    data = _data()
+    _fans(_same_as_naive(_max_model(how, False, data), "lin", data, glue=glue))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", ["getitem", "values", "keepdim", "elementwise-param"])
+def test_max_min_fan_on_a_conv_output(how: str, glue: str, layout: str) -> None:
+    torch.manual_seed(0)
+    data = _data(shape=(1, 4, 4))
+    plan = _same_as_naive(_max_model(how, True, data), "lin", data, glue=glue, layout=layout)
+    _fans(plan)
+
+
+class MaxLow(nn.Module):
+    """max/min that reach the batch dim of a Linear's [B, 8] (B = 8)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.how == "dim0":
+            return self.fc(h * h.max(0)[0])
+        if self.how == "whole":
+            return self.fc(h * torch.max(h))
+        if self.how == "neg2":
+            return self.fc(h * torch.min(h, -2, True).values)
+        return self.fc(torch.max(h, h.mean(1)))  # "across": [B, 8] vs [B]
+
+
+@pytest.mark.parametrize(("how", "words"), [
+    ("dim0", "batch dim"), ("whole", "whole tensor"), ("neg2", "batch dim"),
+    ("across", "broadcast")])
+def test_max_min_reaching_the_batch_dim_are_not_fanned(how: str, words: str) -> None:
+    torch.manual_seed(0)
+    _not_fanned(_same_as_naive(MaxLow(how), "lin", _data(n=8)), words)

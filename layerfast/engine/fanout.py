@@ -166,9 +166,10 @@ BROADCASTING_FUNCS = {
     operator.iadd, operator.imul, operator.isub, operator.itruediv,
     torch.add, torch.sub, torch.mul, operator.pow, torch.pow,
     torch.clamp, torch.clip,
+    torch.max, torch.min,  # `torch.max(h, u)`; a max over a dim has one tensor: nothing to check
 }
 BROADCASTING_METHODS = {"add", "mul", "sub", "div", "add_", "mul_", "sub_", "pow", "clamp", "clip",
-                        "expand_as"}
+                        "expand_as", "max", "min"}
 _FANNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -331,6 +332,33 @@ def _layer_norm_why(s: Any, i: int, dims: dict[int, int]) -> str | None:
     return None
 
 
+def _max_arg(s: Any) -> Any:
+    """`max`/`min`'s second argument: a dim (`h.max(1)`), another tensor (`torch.max(h, u)`,
+    elementwise) or None (the whole tensor)."""
+    return _arg(s, 1, "dim", s.kwargs.get("other"))
+
+
+def _max_why(s: Any, i: int, dims: dict[int, int]) -> str | None:
+    """`h.max(d)` / `torch.min(h, dim=d)`: per-sample values and indices (a tuple, read by
+    `getitem` or `.values`) over a dim that is not the batch dim; `torch.max(h, u)`: the
+    elementwise maximum, a broadcast checked when it runs (`BROADCASTING_FUNCS`); no dim: over
+    the whole tensor, refused."""
+    d = _max_arg(s)
+    if isinstance(d, Ref):
+        return None
+    return _REDUCES_BATCH if d is None else _dim_why(d, i, dims)
+
+
+def _is_max_of_dim(prog: Program, r: Any) -> bool:
+    """Whether `r` refers to a `max`/`min` over a dim (a (values, indices) tuple)."""
+    if not isinstance(r, Ref):
+        return False
+    src = prog.steps[r.index]
+    return ((src.op == "call_function" and src.target in (torch.max, torch.min)) or (
+        src.op == "call_method" and src.target in ("max", "min"))) and isinstance(
+        _max_arg(src), int) and not isinstance(_max_arg(src), bool)
+
+
 def _unsqueeze_why(d: Any, i: int, dims: dict[int, int]) -> str | None:
     """`v.unsqueeze(d)`: per-sample unless the new dim goes before the batch dim. Its dim is a
     dim of the result, one rank higher than `v`: a negative `d` is position d + rank + 1, so -1
@@ -424,8 +452,9 @@ def _why_not_batchwise_bare(
                 if isinstance(idx, int) and not isinstance(idx, bool) and idx < 0:
                     dims[i] = idx  # `v.shape[-1]`: item 0 of a rank-1 value (checked when run)
                 return None  # an item of `v.size()`/`v.shape` (`_items_why`: how it is used)
-            if _is_split(prog, s.args[0]) and isinstance(idx, int) and not isinstance(idx, bool):
-                return None  # one piece of a split along a non-batch dim
+            if (_is_split(prog, s.args[0]) or _is_max_of_dim(prog, s.args[0])) and isinstance(
+                    idx, int) and not isinstance(idx, bool):
+                return None  # one piece of a split along a non-batch dim; max(dim)'s values
             if isinstance(idx, tuple) and idx and idx[0] == slice(None):
                 return _index_why(idx[1:], fanned, batch)
             if isinstance(idx, tuple) and idx and idx[0] is Ellipsis:
@@ -434,6 +463,11 @@ def _why_not_batchwise_bare(
             return "an index that may select along the batch dim"
         if s.target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
             return _dim_why(_arg(s, 1, "dim"), i, dims)
+        if s.target in (torch.max, torch.min):
+            return _max_why(s, i, dims)
+        if s.target is getattr and _is_max_of_dim(prog, s.args[0]) and s.args[1] in (
+                "values", "indices"):
+            return None  # `torch.max(h, 1).values`
         if s.target is F.normalize:  # over `dim` (default 1) of each sample
             return _dim_why(_arg(s, 2, "dim", 1), i, dims)
         if s.target is torch.unsqueeze:
@@ -477,6 +511,8 @@ def _why_not_batchwise_bare(
                     "(a number, or a size that is not the batch's, would mix samples)")
         if s.target in ("softmax", "log_softmax"):
             return _dim_why(_arg(s, 1, "dim"), i, dims)
+        if s.target in ("max", "min"):
+            return _max_why(s, i, dims)
         if s.target == "unsqueeze":
             return _unsqueeze_why(_arg(s, 1, "dim"), i, dims)
         if s.target == "squeeze":
