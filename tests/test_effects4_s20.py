@@ -1,0 +1,118 @@
+"""The first-batch effects check (`engine.effects.unseen_effects`), session 20, fourth pass:
+hidden channels between steps other than a step's value kept in Python state — a tensor a
+step makes on the side (`box.append(h.mean(1))`, a module-level global, a forward hook's
+closure) and a later step reads or writes. The engine's counts must equal the naive loop's,
+swapped or fanned."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerfast.engine.evaluator import Evaluator
+from layerfast.engine.graph import Program
+from layerfast.engine.naive import naive_evaluate
+from tests.test_effects3_s20 import _Four
+from tests.test_fan_s19 import _variants
+from tests.test_traceatk_s19 import _batches
+
+
+def _matches_naive(make: Callable[[], nn.Module], mods: list[str], fanout: bool) -> None:
+    """Counts equal the naive loop's in fp32, on a fresh model and fresh batches."""
+    m = make().eval()
+    variants = _variants(m, mods, n=3)
+    batches = _batches()
+    before = copy.deepcopy(batches)
+    res = Evaluator(m, variants, device="cpu", precision="fp32", fanout=fanout).run(batches)
+    want = naive_evaluate(make().eval(), variants, lambda: copy.deepcopy(before))
+    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]]), (res.counts, want)
+
+
+# A tensor made on the side by one step (not its value), kept in Python state, read later.
+
+_SIDE: dict[str, torch.Tensor] = {}
+
+
+def _side_list() -> nn.Module:
+    """b keeps h.mean(1) in a closure's list; d adds the last one to its input."""
+    torch.manual_seed(0)
+    m = _Four()
+    box: list[torch.Tensor] = []
+    b, d = m.b, m.d
+
+    def fb(h: torch.Tensor) -> torch.Tensor:
+        box.append(h.mean(1, keepdim=True))
+        return F.linear(h, b.weight, b.bias)
+
+    m.b.forward = fb
+    m.d.forward = lambda g: F.linear(g + box[-1], d.weight, d.bias)
+    return m
+
+
+def _side_global() -> nn.Module:
+    """b keeps h * 2 in a module-level dict; d adds it to its input."""
+    torch.manual_seed(0)
+    m = _Four()
+    b, d = m.b, m.d
+
+    def fb(h: torch.Tensor) -> torch.Tensor:
+        _SIDE["s"] = h * 2
+        return F.linear(h, b.weight, b.bias)
+
+    m.b.forward = fb
+    m.d.forward = lambda g: F.linear(g + _SIDE["s"], d.weight, d.bias)
+    return m
+
+
+def _side_accumulator() -> nn.Module:
+    """b makes a zero accumulator on the side; c adds its input into it in place, d adds
+    it to its input: a variant started after b added into the previous run's."""
+    torch.manual_seed(0)
+    m = _Four()
+    box: dict[str, torch.Tensor] = {}
+    b, c, d = m.b, m.c, m.d
+
+    def fb(h: torch.Tensor) -> torch.Tensor:
+        box["acc"] = torch.zeros(h.shape[0], 64)
+        return F.linear(h, b.weight, b.bias)
+
+    def fc(g: torch.Tensor) -> torch.Tensor:
+        box["acc"].add_(g)
+        return F.linear(g, c.weight, c.bias)
+
+    m.b.forward, m.c.forward = fb, fc
+    m.d.forward = lambda g: F.linear(g + box["acc"], d.weight, d.bias)
+    return m
+
+
+@pytest.mark.parametrize("fanout", [False, True], ids=["swap", "fan"])
+@pytest.mark.parametrize("make", [_side_list, _side_global, _side_accumulator],
+                         ids=["list", "global", "accumulator"])
+def test_a_side_tensor_read_through_python_state(
+        make: Callable[[], nn.Module], fanout: bool) -> None:
+    """c's variants start after b and ran d on the side tensor a's last variant had left
+    (or, for the accumulator, added into it again): every c row was wrong. The side
+    tensor's maker is made opaque, as the maker of a value read that way is."""
+    _matches_naive(make, ["a", "c"], fanout)
+
+
+class _Temps(nn.Linear):
+    """A leaf making and writing into its own temporaries: nothing past its arguments."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        y.relu_()
+        return y + y.mean(1, keepdim=True)
+
+
+def test_a_step_using_its_own_temporaries_is_not_a_side_read() -> None:
+    torch.manual_seed(0)
+    m = _Four()
+    m.b, m.c = _Temps(64, 64), _Temps(64, 64)
+    prog = Program(m)
+    assert prog.unseen_effects(torch.randn(4, 64)) == (set(), set())
