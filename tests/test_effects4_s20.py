@@ -116,3 +116,75 @@ def test_a_step_using_its_own_temporaries_is_not_a_side_read() -> None:
     m.b, m.c = _Temps(64, 64), _Temps(64, 64)
     prog = Program(m)
     assert prog.unseen_effects(torch.randn(4, 64)) == (set(), set())
+
+
+# A Python value made of a tensor (a float, a list, a numpy array) kept in Python state.
+
+
+def _escaping(make: Callable[[torch.Tensor], object],
+              use: Callable[[torch.Tensor, object], torch.Tensor]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        """b keeps make(h) in a closure's dict; d feeds use(g, it) to its linear."""
+        torch.manual_seed(0)
+        m = _Four()
+        box: dict[str, object] = {}
+        b, d = m.b, m.d
+
+        def fb(h: torch.Tensor) -> torch.Tensor:
+            box["s"] = make(h)
+            return F.linear(h, b.weight, b.bias)
+
+        m.b.forward = fb
+        m.d.forward = lambda g: F.linear(use(g, box["s"]), d.weight, d.bias)
+        return m
+
+    return build
+
+
+_ITEMS = _escaping(lambda h: [float(v) for v in h[:, 0]],
+                   lambda g, s: g * torch.tensor(s)[:, None])
+_TOLIST = _escaping(lambda h: h[:, 0].tolist(), lambda g, s: g * torch.tensor(s)[:, None])
+_NUMPY = _escaping(lambda h: h.numpy().copy(), lambda g, s: g + torch.from_numpy(s))
+
+
+@pytest.mark.parametrize("fanout", [False, True], ids=["swap", "fan"])
+@pytest.mark.parametrize("make", [_ITEMS, _TOLIST, _NUMPY], ids=["float", "tolist", "numpy"])
+def test_a_python_value_of_a_tensor_kept_in_python_state(
+        make: Callable[[], nn.Module], fanout: bool) -> None:
+    """c's variants started after b and ran d on the numbers a's last variant had left: the
+    step making them is opaque now (no storage tells where they go)."""
+    _matches_naive(make, ["a", "c"], fanout)
+
+
+def _numpy_writes(where: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        """`where`'s forward doubles part of its argument through `.numpy()`: the input (a)
+        or the carrier of the cut before b."""
+        torch.manual_seed(0)
+        m = _Four()
+        mod = m.get_submodule(where)
+
+        def f(h: torch.Tensor) -> torch.Tensor:
+            h.numpy()[:, :8] *= 2
+            return F.linear(h, mod.weight, mod.bias)
+
+        mod.forward = f
+        return m
+
+    return build
+
+
+@pytest.mark.parametrize("where", ["a", "b"])
+def test_a_write_through_numpy_into_a_cached_value(where: str) -> None:
+    """The write is past the dispatcher: the cached value (the input, the cut's carrier)
+    was doubled again by each variant started from it (docs/engine.md named it a limit)."""
+    _matches_naive(_numpy_writes(where), [where, "c"], fanout=False)
+
+
+def test_registry_models_hand_nothing_to_python() -> None:
+    """No found step in a plain ResNet: no `.item()` on its path."""
+    from layerfast.models import build_model
+
+    m = build_model("resnet20", num_classes=10, in_shape=(3, 32, 32))[0].eval()
+    with torch.inference_mode():
+        assert Program(m).unseen_effects(torch.randn(2, 3, 32, 32)) == (set(), set())

@@ -41,10 +41,14 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
     taking it): the state still holds it, and a variant must make it again.
 
     Both are found in one run, by the storages each step's ops read and write (a
-    dispatch mode: writes are the arguments the op's schema marks `Tensor(a!)`). Only the
-    path `x` takes is seen: code that reads or writes only on other inputs (a branch on
-    the values inside a replaced `forward`), or writes past the dispatcher (through
-    `.numpy()`), is not found.
+    dispatch mode: writes are the arguments the op's schema marks `Tensor(a!)`; `.numpy()`
+    and `np.asarray(t)`, past the dispatcher, are taken to write into `t`, by a function
+    mode). A step that hands a tensor's values to Python (`.item()`, `float(t)`, `bool(t)`,
+    `.tolist()`, `.numpy()`) is in reads: Python state may keep what it made, past any
+    storage, for a later step (`box["s"] = float(h.max())`, `g * box["s"]`), so a variant
+    must run it again. Only the path `x` takes is seen: code that reads or writes only on
+    other inputs (a branch on the values inside a replaced `forward`), or writes through a
+    raw pointer (`data_ptr()` and ctypes, an extension past the dispatcher), is not found.
 
     A step the mode cannot see into is in both sets, as unknown (so opaque): one that runs a
     higher-order operator (`torch.cond`: its body runs past the mode), and, where the run
@@ -53,6 +57,7 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
     tensor. None when the model fails on its own (the pass reports that failure)."""
     from torch._ops import HigherOrderOperator
     from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
@@ -120,6 +125,7 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
         looked: set[int] = set()  # held storages (not parameters') the step's ops took
         new: dict[int, StorageWeakRef] = {}  # storages the step's ops made (no one's before)
         stated = False  # whether the step's ops wrote into a parameter's or buffer's storage
+        escaped = False  # the step's ops made a Python value of a tensor's (`_Escapes`)
         # A higher-order operator (`torch.cond`, `flex_attention`, ...) comes here whole,
         # its body run past this mode, instead of raising for want of a rule for the mode:
         # the step it runs in is then one whose effects are unknown (`blind`).
@@ -139,6 +145,8 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
                 self.blind = True
                 return func(*args, **kwargs)
             took: set[int] = set()
+            if func in _SCALARS:
+                self.escaped = True  # `.item()`, `float(t)`, `bool(t)`, `int(t)`
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor):
                     ptr = _storage_ptr(t) or -1
@@ -172,6 +180,18 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
                         p in holders and holds(p)) and (p not in made or kept_by(p) is None):
                     self.new[p] = StorageWeakRef(t.untyped_storage())
             return out
+
+    class _Escapes(TorchFunctionMode):
+        """Sees what leaves torch without an op the dispatch mode would see: `.tolist()`,
+        and `.numpy()` / `np.asarray(t)`, a view a step may also write through."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            if func in _ESCAPES:
+                mode.escaped = True
+                if func is not torch.Tensor.tolist:  # numpy shares the storage: a write
+                    mode.wrote |= {p for p in ptrs(args[:1]) if p in holders and holds(p)
+                                   or p in made and kept_by(p) is not None}
+            return func(*args, **(kwargs or {}))
 
     mode = _Effects()
     mode.seen, mode.wrote, mode.looked, mode.new = set(), set(), set(), {}
@@ -208,6 +228,12 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
             # a variant started after this step reads what the previous run left there
             stale_reads.add(i)
             mode.stated = False
+        if mode.escaped and s.op != "get_attr":
+            # a Python value made of a tensor (a float, a list, a numpy array) may be kept
+            # in Python state and read by a later step, past any storage: a variant must
+            # run this step again, so each starts at or before it
+            stale_reads.add(i)
+            mode.escaped = False
         mode.seen, mode.wrote, mode.looked, mode.new = set(), set(), set(), {}
         own[i] = out
         if s.op != "get_attr":
@@ -230,7 +256,7 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
     for p in own[0]:
         holders[p] = {0}
     try:
-        with mode, torch.no_grad():
+        with _Escapes(), mode, torch.no_grad():
             prog.run(x, 0, on_value=record)
     except Exception:  # noqa: BLE001 - the model's, or the mode's: told apart below
         if not _runs_plain(prog, x0):
@@ -253,6 +279,13 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
         if reads.get(s.index, set()) - mine:
             unseen.add(s.index)
     return unseen | stale_reads | blind, writes | blind
+
+
+#: Tensor methods that hand a tensor's values to Python past the dispatcher (`.item()` and
+#: the scalar conversions dispatch an op, `_SCALARS`, which the dispatch mode sees).
+_ESCAPES = frozenset({torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__})
+#: The ops a scalar conversion dispatches (`aten.item` whole under `inference_mode`).
+_SCALARS = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default})
 
 
 def _runs_plain(prog: Program, x: torch.Tensor) -> bool:
