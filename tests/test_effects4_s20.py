@@ -188,3 +188,32 @@ def test_registry_models_hand_nothing_to_python() -> None:
     m = build_model("resnet20", num_classes=10, in_shape=(3, 32, 32))[0].eval()
     with torch.inference_mode():
         assert Program(m).unseen_effects(torch.randn(2, 3, 32, 32)) == (set(), set())
+
+
+# Fan-out and a forward replaced on the instance (`m.forward = f`): not torch's own code.
+
+
+def _replaced_unit() -> nn.Module:
+    """c, the fanned unit, computes 3·W·g + b − 1, not a Linear's W·g + b."""
+    torch.manual_seed(0)
+    m = _Four()
+    c = m.c
+    m.c.forward = lambda g: F.linear(g, c.weight * 3, c.bias) - 1
+    return m
+
+
+def _replaced_suffix() -> nn.Module:
+    """d, downstream of the fanned unit, centres its input over the batch: it mixes samples
+    (the K variants' rows, fanned)."""
+    torch.manual_seed(0)
+    m = _Four()
+    d = m.d
+    m.d.forward = lambda g: F.linear(g - g.mean(0), d.weight, d.bias)
+    return m
+
+
+@pytest.mark.parametrize("make", [_replaced_unit, _replaced_suffix], ids=["unit", "suffix"])
+def test_a_replaced_forward_is_not_fanned_as_torchs(make: Callable[[], nn.Module]) -> None:
+    """The fanned run reimplemented nn.Linear for c (ignoring its forward) and took d for a
+    per-sample Linear: every fanned row was wrong."""
+    _matches_naive(make, ["c"], fanout=True)

@@ -175,8 +175,16 @@ _FANNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 def _stock(m: nn.Module) -> bool:
     """A fannable module whose forward is torch's own: `apply_fanned` reimplements exactly that
-    (a subclass with its own forward computes something else)."""
-    return any(isinstance(m, t) and type(m).forward is t.forward for t in _FANNABLE)
+    (a subclass with its own forward, or an instance whose forward was replaced, computes
+    something else)."""
+    return not _replaced(m) and any(
+        isinstance(m, t) and type(m).forward is t.forward for t in _FANNABLE)
+
+
+def _replaced(m: nn.Module) -> bool:
+    """Whether `m.forward` was replaced on the instance (`m.forward = f`): a call runs `f`,
+    not its type's forward, whatever that type is known to compute (per sample or not)."""
+    return "forward" in vars(m)
 
 
 @dataclass
@@ -417,6 +425,8 @@ def _why_not_batchwise_bare(
         m = prog.modules[s.target]
         if _has_hooks(m):
             return "forward hooks, pre-hooks or a parametrization (a fanned run does not call it)"
+        if _replaced(m):
+            return "its forward is replaced on the instance (not known to work per sample)"
         if isinstance(m, nn.Flatten):
             return _dim_why(m.start_dim, i, dims, "start_dim")
         if isinstance(m, nn.Unflatten):  # splits one dim of each sample
