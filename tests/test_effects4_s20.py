@@ -217,3 +217,67 @@ def test_a_replaced_forward_is_not_fanned_as_torchs(make: Callable[[], nn.Module
     """The fanned run reimplemented nn.Linear for c (ignoring its forward) and took d for a
     per-sample Linear: every fanned row was wrong."""
     _matches_naive(make, ["c"], fanout=True)
+
+
+# A buffer written by one step in its forward and read by a later one.
+
+
+class _Stat(nn.Linear):
+    """A Linear keeping its input's batch mean in a buffer, in eval mode too."""
+
+    def __init__(self, *a: int) -> None:
+        super().__init__(*a)
+        self.register_buffer("stat", torch.zeros(64))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.stat.copy_(h.mean(0))
+        return super().forward(h)
+
+
+class _PlusStat(nn.Linear):
+    """A Linear adding another module's `stat` buffer to its input."""
+
+    def __init__(self, other: nn.Module, *a: int) -> None:
+        super().__init__(*a)
+        self.__dict__["other"] = other  # not a child: the buffer stays b's
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        return super().forward(g + self.other.stat)
+
+
+def _buffer_channel() -> nn.Module:
+    torch.manual_seed(0)
+    m = _Four()
+    b = _Stat(64, 64)
+    b.load_state_dict(m.b.state_dict(), strict=False)
+    d = _PlusStat(b, 64, 10)
+    d.load_state_dict(m.d.state_dict())
+    m.b, m.d = b, d
+    return m
+
+
+def _buffer_channel_replaced() -> nn.Module:
+    """The same, in replaced forwards (leaf steps, code behind a call)."""
+    torch.manual_seed(0)
+    m = _Four()
+    m.b.register_buffer("stat", torch.zeros(64))
+    b, d = m.b, m.d
+
+    def fb(h: torch.Tensor) -> torch.Tensor:
+        b.stat.copy_(h.mean(0))
+        return F.linear(h, b.weight, b.bias)
+
+    m.b.forward = fb
+    m.d.forward = lambda g: F.linear(g + b.stat, d.weight, d.bias)
+    return m
+
+
+@pytest.mark.parametrize("fanout", [False, True], ids=["swap", "fan"])
+@pytest.mark.parametrize("make", [_buffer_channel, _buffer_channel_replaced],
+                         ids=["traced", "replaced"])
+def test_a_buffer_written_by_one_step_and_read_by_a_later_one(
+        make: Callable[[], nn.Module], fanout: bool) -> None:
+    """c's variants started after the write and ran d on the `stat` a's last variant had
+    written (traced, the write is a known in-place step into a `get_attr`; replaced, reading
+    it unseen made only d opaque, too late): the writer is made opaque."""
+    _matches_naive(make, ["a", "c"], fanout)
