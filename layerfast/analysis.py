@@ -705,6 +705,8 @@ def _stored_dtypes(ck: Any, model: torch.nn.Module, taus: list[int]) -> dict[str
 def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
               every: float) -> tuple[torch.Tensor, int, dict]:
     """The engine pass from where `prev` stopped, saving progress into `store` as it goes."""
+    from layerfast.engine.resumestate import StateMismatch
+
     passes = len(ev.passes())
     bar = _progress(progress, src.n * passes, prev.n_done, len(ev.variants),
                     f" in {passes} passes" if passes > 1 else "")
@@ -713,6 +715,8 @@ def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
         res = ev.run(src, start=prev.n_done, counts=prev.counts, state=prev.info.get("resume"),
                      on_progress=(lambda n: bar.update(n - bar.n)) if bar else None,
                      on_checkpoint=store.save, checkpoint_every=every)
+    except StateMismatch as exc:  # said of the store it came from, as its other damage is
+        raise LayerfastError(f"{store.path}: {exc}") from None
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (cli's handler): say what is kept
         if bar:
             bar.close()

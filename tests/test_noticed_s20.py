@@ -159,3 +159,30 @@ def test_an_out_of_memory_in_the_cache_check_backs_off_and_still_finds_the_cache
     monkeypatch.setattr(verify, "eager_inplace", real)
     want = naive_evaluate(m, variants, lambda: batches)
     assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]]), (res.counts, want)
+
+
+def test_a_damaged_engine_state_names_its_store(ckpts: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A saved engine state that does not describe the run was refused in one line that did
+    not say where it came from, unlike the store's other damage ("<path> is damaged: ...")."""
+    import json
+    import sqlite3
+
+    from layerfast.errors import LayerfastError
+    from tests.test_resume2_s20 import ARGS, _Crash, crash_after
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        crash_after(m, 3)
+        with pytest.raises(_Crash):
+            layerfast.analyze("fcn3x256", ckpts, out=out, reset="reinit", **ARGS)
+    (db,) = out.rglob("progress.sqlite")
+    with sqlite3.connect(db) as con:
+        (info,) = con.execute("SELECT info FROM state WHERE id = 0").fetchone()
+        info = json.loads(info)
+        info["resume"]["k"] = "a"
+        con.execute("UPDATE state SET info = ? WHERE id = 0", (json.dumps(info),))
+    with pytest.raises(LayerfastError, match=r"progress\.sqlite: the saved engine state does "
+                       r"not describe this run") as exc:
+        layerfast.analyze("fcn3x256", ckpts, out=out, reset="reinit", **ARGS)
+    assert str(db.parent) in str(exc.value) and "\n" not in str(exc.value)

@@ -12,6 +12,11 @@ from layerfast.engine.plan import Plan
 from layerfast.errors import LayerfastError
 
 
+class StateMismatch(LayerfastError):
+    """A saved engine state that does not describe the run taking it back (`analyze` names
+    the store it came from)."""
+
+
 class ResumeState:
     """`Evaluator`'s resume state; see the module docstring."""
 
@@ -54,8 +59,8 @@ class ResumeState:
             last = plans[p0] if len(plans) > p0 else None
             saved = {str(g["members"][0]): g for g in last["groups"]} if last else None
         except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
-            raise LayerfastError(f"the saved engine state does not describe this run ({exc}); "
-                                 "pass --fresh to start over") from None
+            raise StateMismatch(f"the saved engine state does not describe this run ({exc}); "
+                                "pass --fresh to start over") from None
         self._forced_k, self._rows, self._swap_rows = k, rows, swap
         self._k = k  # saved again as it was, also where no batch is left to size groups
         self._saved_groups, self._saved_pass = saved, last
