@@ -17,33 +17,15 @@ import pytest
 import torch
 
 import layerfast
-from layerfast.store import ResumeStore
+from tests.test_resume import _Crash, crash_after  # noqa: F401  (used here and re-exported)
 
 ARGS = {"data": "digits", "seeds": 1, "device": "cpu", "batch_size": 32, "progress": False,
         "figures": False, "checkpoint_every": 0, "max_samples": 256}
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
     """Every test here runs single-threaded (see conftest.one_thread)."""
-
-
-def crash_after(monkeypatch: pytest.MonkeyPatch, saves: int) -> None:
-    """Make the k-th progress save the last thing the run does (after it is committed)."""
-    real = ResumeStore.save
-    count = {"n": 0}
-
-    def save(self: ResumeStore, counts, n_done: int) -> None:
-        real(self, counts, n_done)
-        count["n"] += 1
-        if count["n"] == saves:
-            raise _Crash
-
-    monkeypatch.setattr(ResumeStore, "save", save)
 
 
 def run_json(out: Path) -> dict:
