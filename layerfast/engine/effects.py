@@ -44,10 +44,10 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
     dispatch mode: writes are the arguments the op's schema marks `Tensor(a!)`; `.numpy()`
     and `np.asarray(t)`, past the dispatcher, are taken to write into `t`, by a function
     mode). A step that hands a tensor's values to Python (`.item()`, `float(t)`, `bool(t)`,
-    `.tolist()`, `.numpy()`) is in reads: Python state may keep what it made, past any
-    storage, for a later step (`box["s"] = float(h.max())`, `g * box["s"]`), so a variant
-    must run it again. Only the path `x` takes is seen: code that reads or writes only on
-    other inputs (a branch on the values inside a replaced `forward`), or writes through a
+    `.tolist()`, `.numpy()`, and the bool of `torch.equal` / `torch.allclose`) is in reads:
+    Python state may keep what it made, past any storage, for a later step (`box["s"] =
+    float(h.max())`, `g * box["s"]`), so a variant must run it again. Only the path `x`
+    takes is seen: code that reads or writes only on other inputs (a branch on the values inside a replaced `forward`), or writes through a
     raw pointer (`data_ptr()` and ctypes, an extension past the dispatcher), is not found.
 
     A step the mode cannot see into is in both sets, as unknown (so opaque): one that runs a
@@ -146,7 +146,7 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
                 return func(*args, **kwargs)
             took: set[int] = set()
             if func in _SCALARS:
-                self.escaped = True  # `.item()`, `float(t)`, `bool(t)`, `int(t)`
+                self.escaped = True  # `.item()`, `float(t)`, `bool(t)`, `torch.equal`
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor):
                     ptr = _storage_ptr(t) or -1
@@ -284,8 +284,12 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
 #: Tensor methods that hand a tensor's values to Python past the dispatcher (`.item()` and
 #: the scalar conversions dispatch an op, `_SCALARS`, which the dispatch mode sees).
 _ESCAPES = frozenset({torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__})
-#: The ops a scalar conversion dispatches (`aten.item` whole under `inference_mode`).
-_SCALARS = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default})
+#: The ops that return a tensor's values as a Python number or bool: a scalar conversion's
+#: (`aten.item` whole under `inference_mode`, and there `bool(t)` as `aten.is_nonzero`), and
+#: `torch.equal` / `torch.allclose`, whose bool a step may keep as `.item()`'s number.
+_SCALARS = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+                      torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default,
+                      torch.ops.aten.allclose.default})
 
 
 def _runs_plain(prog: Program, x: torch.Tensor) -> bool:
