@@ -4,10 +4,16 @@ combinations of two channels in one step. The engine's counts must equal the nai
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from layerfast.engine.graph import Program
+from tests.test_effects3_s20 import _Four
 from tests.test_effects4_s20 import _escaping, _matches_naive
 
 
@@ -27,6 +33,7 @@ _EQUAL = _escaping(_flags(lambda v: torch.equal(v > 0, _ONE)), _sign)  # type: i
 _ALLCLOSE = _escaping(_flags(lambda v: not torch.allclose(  # type: ignore[arg-type]
     v, torch.zeros(1, 1), rtol=0, atol=0)), _sign)
 _INFER_BOOL = _escaping(_flags(lambda v: _bool_in_inference(v)), _sign)  # type: ignore[arg-type]
+_DLPACK = _escaping(lambda h: np.from_dlpack(h).copy(), lambda g, s: g + torch.from_numpy(s))
 
 
 def _bool_in_inference(h: torch.Tensor) -> bool:
@@ -36,12 +43,13 @@ def _bool_in_inference(h: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("fanout", [False, True], ids=["swap", "fan"])
-@pytest.mark.parametrize("make", [_EQUAL, _ALLCLOSE, _INFER_BOOL],
-                         ids=["equal", "allclose", "inference_bool"])
+@pytest.mark.parametrize("make", [_EQUAL, _ALLCLOSE, _INFER_BOOL, _DLPACK],
+                         ids=["equal", "allclose", "inference_bool", "dlpack"])
 def test_a_python_value_made_past_item_is_an_escape(make, fanout: bool) -> None:  # noqa: ANN001
-    """`torch.equal` / `torch.allclose` (ops returning a bool) and `bool(t)` under
-    `inference_mode` (`aten.is_nonzero`) hand b's values to Python as `.item()` does: c's
-    variants started after b and ran d with the flags a's last variant had left."""
+    """`torch.equal` / `torch.allclose` (ops returning a bool), `bool(t)` under
+    `inference_mode` (`aten.is_nonzero`) and `np.from_dlpack(t)` (numpy's view past
+    `.numpy()`) hand b's values to Python as `.item()` does: c's variants started after b
+    and ran d with the flag (or array) a's last variant had left."""
     _matches_naive(make, ["a", "c"], fanout)
 
 
@@ -53,3 +61,28 @@ def test_escape_flags_are_found_per_step() -> None:
     assert found is not None
     b = next(s.index for s in prog.steps if s.op == "call_module" and s.target == "b")
     assert found[0] == {b}, found
+
+
+def _dlpack_writes(where: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        """`where`'s forward doubles part of its argument through `np.from_dlpack`: the
+        input (a) or the carrier of the cut before b."""
+        torch.manual_seed(0)
+        m = _Four()
+        mod = m.get_submodule(where)
+
+        def f(h: torch.Tensor) -> torch.Tensor:
+            np.from_dlpack(h)[:, :8] *= 2
+            return F.linear(h, mod.weight, mod.bias)
+
+        mod.forward = f
+        return m
+
+    return build
+
+
+@pytest.mark.parametrize("where", ["a", "b"])
+def test_a_write_through_numpy_from_dlpack_into_a_cached_value(where: str) -> None:
+    """numpy's dlpack view writes past the dispatcher as `.numpy()`'s does: each variant
+    started from the cached value doubled it again."""
+    _matches_naive(_dlpack_writes(where), [where, "c"], fanout=False)

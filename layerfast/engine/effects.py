@@ -41,14 +41,16 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
     taking it): the state still holds it, and a variant must make it again.
 
     Both are found in one run, by the storages each step's ops read and write (a
-    dispatch mode: writes are the arguments the op's schema marks `Tensor(a!)`; `.numpy()`
-    and `np.asarray(t)`, past the dispatcher, are taken to write into `t`, by a function
-    mode). A step that hands a tensor's values to Python (`.item()`, `float(t)`, `bool(t)`,
-    `.tolist()`, `.numpy()`, and the bool of `torch.equal` / `torch.allclose`) is in reads:
-    Python state may keep what it made, past any storage, for a later step (`box["s"] =
-    float(h.max())`, `g * box["s"]`), so a variant must run it again. Only the path `x`
-    takes is seen: code that reads or writes only on other inputs (a branch on the values inside a replaced `forward`), or writes through a
-    raw pointer (`data_ptr()` and ctypes, an extension past the dispatcher), is not found.
+    dispatch mode: writes are the arguments the op's schema marks `Tensor(a!)`; `.numpy()`,
+    `np.asarray(t)` and `np.from_dlpack(t)`, past the dispatcher, are taken to write into
+    `t`, by a function mode). A step that hands a tensor's values to Python (`.item()`,
+    `float(t)`, `bool(t)`, `.tolist()`, `.numpy()`, `np.from_dlpack(t)`, the bool of
+    `torch.equal` / `torch.allclose`) is in reads: Python state may keep what it made, past
+    any storage, for a later step (`box["s"] = float(h.max())`, `g * box["s"]`), so a
+    variant must run it again. Only the path `x` takes is seen: code that reads or writes
+    only on other inputs (a branch on the values inside a replaced `forward`), or writes
+    through a raw pointer (`data_ptr()` and ctypes, an extension past the dispatcher), is
+    not found.
 
     A step the mode cannot see into is in both sets, as unknown (so opaque): one that runs a
     higher-order operator (`torch.cond`: its body runs past the mode), and, where the run
@@ -183,7 +185,8 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
 
     class _Escapes(TorchFunctionMode):
         """Sees what leaves torch without an op the dispatch mode would see: `.tolist()`,
-        and `.numpy()` / `np.asarray(t)`, a view a step may also write through."""
+        and `.numpy()` / `np.asarray(t)` / `np.from_dlpack(t)`, a view a step may also
+        write through."""
 
         def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
             if func in _ESCAPES:
@@ -283,7 +286,10 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
 
 #: Tensor methods that hand a tensor's values to Python past the dispatcher (`.item()` and
 #: the scalar conversions dispatch an op, `_SCALARS`, which the dispatch mode sees).
-_ESCAPES = frozenset({torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__})
+#: `__dlpack__` is how `np.from_dlpack(t)` gets a writable view, as `.numpy()` does (and
+#: `torch.from_dlpack(t)`: a step doing that is found too, though the mode sees its writes).
+_ESCAPES = frozenset({torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__,
+                      torch.Tensor.__dlpack__})
 #: The ops that return a tensor's values as a Python number or bool: a scalar conversion's
 #: (`aten.item` whole under `inference_mode`, and there `bool(t)` as `aten.is_nonzero`), and
 #: `torch.equal` / `torch.allclose`, whose bool a step may keep as `.item()`'s number.
