@@ -86,3 +86,81 @@ def test_a_write_through_numpy_from_dlpack_into_a_cached_value(where: str) -> No
     """numpy's dlpack view writes past the dispatcher as `.numpy()`'s does: each variant
     started from the cached value doubled it again."""
     _matches_naive(_dlpack_writes(where), [where, "c"], fanout=False)
+
+
+# Two channels in one model: a side tensor and an escape, a side tensor written through
+# numpy, an escape inside a hook, a plain attribute written through numpy.
+
+
+def _side_and_item() -> nn.Module:
+    """b keeps h * 2 on the side and the float h.max(); d uses both."""
+    torch.manual_seed(0)
+    m = _Four()
+    box: dict[str, object] = {}
+    b, d = m.b, m.d
+
+    def fb(h: torch.Tensor) -> torch.Tensor:
+        box["t"], box["s"] = h * 2, float(h.max())
+        return F.linear(h, b.weight, b.bias)
+
+    m.b.forward = fb
+    m.d.forward = lambda g: F.linear(g * box["s"] + box["t"], d.weight, d.bias)  # type: ignore[operator]
+    return m
+
+
+def _side_numpy_write() -> nn.Module:
+    """b makes a zero accumulator on the side, c adds its input into it through `.numpy()`,
+    d adds it to its input."""
+    torch.manual_seed(0)
+    m = _Four()
+    box: dict[str, torch.Tensor] = {}
+    b, c, d = m.b, m.c, m.d
+
+    def fb(h: torch.Tensor) -> torch.Tensor:
+        box["acc"] = torch.zeros(h.shape[0], 64)
+        return F.linear(h, b.weight, b.bias)
+
+    def fc(g: torch.Tensor) -> torch.Tensor:
+        box["acc"].numpy()[:] += g.numpy()
+        return F.linear(g, c.weight, c.bias)
+
+    m.b.forward, m.c.forward = fb, fc
+    m.d.forward = lambda g: F.linear(g + box["acc"], d.weight, d.bias)
+    return m
+
+
+def _hook_item() -> nn.Module:
+    """A forward hook on b keeps the float out.max(); d scales its input by it."""
+    torch.manual_seed(0)
+    m = _Four()
+    box: dict[str, float] = {}
+    d = m.d
+    m.b.register_forward_hook(lambda mod, i, o: box.__setitem__("s", o.max().item()))
+    m.d.forward = lambda g: F.linear(g * box["s"], d.weight, d.bias)
+    return m
+
+
+def _attr_numpy_write() -> nn.Module:
+    """b writes h's first row into a plain tensor attribute through `.numpy()` (no step made
+    the attribute); d adds it to its input."""
+    torch.manual_seed(0)
+    m = _Four()
+    keep = torch.zeros(1, 64)
+    b, d = m.b, m.d
+
+    def fb(h: torch.Tensor) -> torch.Tensor:
+        keep.numpy()[:] = h[:1].numpy()
+        return F.linear(h, b.weight, b.bias)
+
+    m.b.forward = fb
+    m.d.forward = lambda g: F.linear(g + keep, d.weight, d.bias)
+    return m
+
+
+@pytest.mark.parametrize("fanout", [False, True], ids=["swap", "fan"])
+@pytest.mark.parametrize("make", [_side_and_item, _side_numpy_write, _hook_item,
+                                  _attr_numpy_write],
+                         ids=["side_and_item", "side_numpy_write", "hook_item", "attr_numpy"])
+def test_two_channels_in_one_model(make: Callable[[], nn.Module], fanout: bool) -> None:
+    _matches_naive(make, ["a", "c"], fanout)
+
