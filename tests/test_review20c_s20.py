@@ -164,3 +164,52 @@ def _attr_numpy_write() -> nn.Module:
 def test_two_channels_in_one_model(make: Callable[[], nn.Module], fanout: bool) -> None:
     _matches_naive(make, ["a", "c"], fanout)
 
+
+# `Tensor.apply_` / `map_` / `map2_`: CPU methods past the dispatcher that write into their
+# tensor in place and hand its elements (and the others') to a Python callable.
+
+
+def _python_writes(where: str, how: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        """`where`'s forward doubles its argument in place by a Python callable (`how`):
+        the input (a) or the carrier of the cut before b."""
+        torch.manual_seed(0)
+        m = _Four()
+        mod = m.get_submodule(where)
+
+        def f(h: torch.Tensor) -> torch.Tensor:
+            if how == "apply_":
+                h.apply_(lambda v: v * 2)
+            elif how == "map_":
+                h.map_(h, lambda u, v: u + v)
+            else:
+                h.map2_(h, h, lambda u, v, w: u + v)
+            return F.linear(h, mod.weight, mod.bias)
+
+        mod.forward = f
+        return m
+
+    return build
+
+
+@pytest.mark.parametrize("how", ["apply_", "map_", "map2_"])
+@pytest.mark.parametrize("where", ["a", "b"])
+def test_a_write_by_a_python_callable_into_a_cached_value(where: str, how: str) -> None:
+    """The write is past the dispatcher, as `.numpy()`'s is: each variant started from the
+    cached value (the input, the cut's carrier) doubled it again."""
+    _matches_naive(_python_writes(where, how), [where, "c"], fanout=False)
+
+
+_APPLY = _escaping(lambda h: _kept_by_apply(h), lambda g, s: g * torch.tensor(s)[:, None])
+
+
+def _kept_by_apply(h: torch.Tensor) -> list[float]:
+    """The first column's values, as the callable `apply_` runs on a copy saw them."""
+    seen: list[float] = []
+    h[:, 0].clone().apply_(lambda v: seen.append(v) or v)
+    return seen
+
+
+@pytest.mark.parametrize("fanout", [False, True], ids=["swap", "fan"])
+def test_values_a_python_callable_saw_kept_in_python_state(fanout: bool) -> None:
+    _matches_naive(_APPLY, ["a", "c"], fanout)

@@ -42,15 +42,15 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
 
     Both are found in one run, by the storages each step's ops read and write (a
     dispatch mode: writes are the arguments the op's schema marks `Tensor(a!)`; `.numpy()`,
-    `np.asarray(t)` and `np.from_dlpack(t)`, past the dispatcher, are taken to write into
-    `t`, by a function mode). A step that hands a tensor's values to Python (`.item()`,
-    `float(t)`, `bool(t)`, `.tolist()`, `.numpy()`, `np.from_dlpack(t)`, the bool of
-    `torch.equal` / `torch.allclose`) is in reads: Python state may keep what it made, past
-    any storage, for a later step (`box["s"] = float(h.max())`, `g * box["s"]`), so a
-    variant must run it again. Only the path `x` takes is seen: code that reads or writes
-    only on other inputs (a branch on the values inside a replaced `forward`), or writes
-    through a raw pointer (`data_ptr()` and ctypes, an extension past the dispatcher), is
-    not found.
+    `np.asarray(t)`, `np.from_dlpack(t)` and `t.apply_(f)` / `map_` / `map2_`, past the
+    dispatcher, are taken to write into `t`, by a function mode). A step that hands a
+    tensor's values to Python (`.item()`, `float(t)`, `bool(t)`, `.tolist()`, `.numpy()`,
+    `np.from_dlpack(t)`, `apply_`'s callable, the bool of `torch.equal` / `torch.allclose`)
+    is in reads: Python state may keep what it made, past any storage, for a later step
+    (`box["s"] = float(h.max())`, `g * box["s"]`), so a variant must run it again. Only the
+    path `x` takes is seen: code that reads or writes only on other inputs (a branch on the
+    values inside a replaced `forward`), or writes through a raw pointer (`data_ptr()` and
+    ctypes, an extension past the dispatcher), is not found.
 
     A step the mode cannot see into is in both sets, as unknown (so opaque): one that runs a
     higher-order operator (`torch.cond`: its body runs past the mode), and, where the run
@@ -184,14 +184,14 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
             return out
 
     class _Escapes(TorchFunctionMode):
-        """Sees what leaves torch without an op the dispatch mode would see: `.tolist()`,
-        and `.numpy()` / `np.asarray(t)` / `np.from_dlpack(t)`, a view a step may also
-        write through."""
+        """Sees what leaves torch without an op the dispatch mode would see: `.tolist()`;
+        `.numpy()` / `np.asarray(t)` / `np.from_dlpack(t)`, a view a step may also write
+        through; `t.apply_(f)` / `map_` / `map2_`, which write into `t`."""
 
         def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
             if func in _ESCAPES:
                 mode.escaped = True
-                if func is not torch.Tensor.tolist:  # numpy shares the storage: a write
+                if func is not torch.Tensor.tolist:  # numpy's view, or apply_'s: a write
                     mode.wrote |= {p for p in ptrs(args[:1]) if p in holders and holds(p)
                                    or p in made and kept_by(p) is not None}
             return func(*args, **(kwargs or {}))
@@ -288,8 +288,11 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
 #: the scalar conversions dispatch an op, `_SCALARS`, which the dispatch mode sees).
 #: `__dlpack__` is how `np.from_dlpack(t)` gets a writable view, as `.numpy()` does (and
 #: `torch.from_dlpack(t)`: a step doing that is found too, though the mode sees its writes).
+#: `apply_` / `map_` / `map2_` (CPU) write into their tensor in place, element by element,
+#: by a Python callable that sees the values: no op reaches the dispatch mode.
 _ESCAPES = frozenset({torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__,
-                      torch.Tensor.__dlpack__})
+                      torch.Tensor.__dlpack__, torch.Tensor.apply_, torch.Tensor.map_,
+                      torch.Tensor.map2_})
 #: The ops that return a tensor's values as a Python number or bool: a scalar conversion's
 #: (`aten.item` whole under `inference_mode`, and there `bool(t)` as `aten.is_nonzero`), and
 #: `torch.equal` / `torch.allclose`, whose bool a step may keep as `.item()`'s number.
