@@ -12,6 +12,11 @@ import sys
 from typing import Any
 
 import torch
+from torch._ops import HigherOrderOperator
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from layerfast.engine.graph import Program, Ref, Step, refs_in
 
@@ -57,222 +62,35 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
     under the mode raises while a plain run does not, every step it had not finished. An
     answer of nothing found would have let a variant start after a step that read its
     tensor. None when the model fails on its own (the pass reports that failure)."""
-    from torch._ops import HigherOrderOperator
-    from torch.multiprocessing.reductions import StorageWeakRef
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    # storage -> the bytes [lo, hi) of each parameter or buffer in it, and its key: a read
-    # is one of the tensors whose bytes it overlaps, not of all that share its storage
-    # (parameters made from chunks of one tensor, or a flat-parameter wrapper's views).
-    by_storage: dict[int, list[tuple[int, int, str]]] = {}
-    named = [*prog.model.named_parameters(remove_duplicate=False),
-             *prog.model.named_buffers(remove_duplicate=False)]
-    for name, t in named:
-        ptr = _storage_ptr(t)
-        span = _byte_span(t) if ptr else None
-        if span:
-            by_storage.setdefault(ptr, []).append((*span, prog.canonical.get(name, name)))
-    # storage -> the steps (0: the input) whose live value holds it; a value leaves once
-    # the run has dropped it and its storages are freed, so a later allocation at the same
-    # address is not taken for it. One whose storage outlives the run's reference (kept in
-    # Python state: `self.t = t` in a replaced forward) stays while it lives: a later step
-    # writing into it reaches a value a variant started after its producer does not remake.
-    # The input and the cuts' carriers stay, alive: the pass keeps them for the variants.
-    holders: dict[int, set[int]] = {}
-    kept = {0, *prog.carrier.values()}
-    alive: list[Any] = []
-    own: dict[int, set[int]] = {}  # step -> its live value's storages (parameters too)
-    values: dict[int, Any] = {}  # step -> its value, not kept, until the run drops it
-    dropped: set[int] = set()  # steps whose values the run has dropped
-    weak: dict[int, list[StorageWeakRef]] = {}  # storage -> its dropped holders' refs
-    # storage -> the step that made it and a ref to it: a tensor a step's ops made that
-    # outlives the step without being (in) its value (`self.h = h.clone()` in a replaced
-    # forward, kept in Python state); a later step reading it reaches that step's tensor
-    made: dict[int, tuple[int, StorageWeakRef]] = {}
-
-    def kept_by(p: int) -> int | None:
-        """The step whose own tensor, kept past it in Python state, lives at storage p (a
-        freed one's entry goes: its address is now another tensor's)."""
-        e = made.get(p)
-        if e is None:
-            return None
-        if e[1].expired():
-            del made[p]
-            return None
-        return e[0]
-
-    def holds(p: int) -> bool:
-        """Whether storage address p is a value's the run made: one it holds, or one it
-        dropped whose storage lives on. Asked when p is met (lazily: a dropped value's
-        storage is checked only then); a freed one's entry goes, as its address is now
-        another tensor's."""
-        held = holders.get(p)
-        if not held:
-            return False
-        if not held <= dropped or any(not r.expired() for r in weak.get(p, ())):
-            return True
-        del holders[p]
-        weak.pop(p, None)
-        return False
-
-    def ptrs(v: Any) -> set[int]:
-        return {p for t in tree_leaves(v) if isinstance(t, torch.Tensor)
-                for p in (_storage_ptr(t),) if p}
-
-    class _Effects(TorchDispatchMode):
-        seen: set[str] = set()
-        wrote: set[int] = set()
-        looked: set[int] = set()  # held storages (not parameters') the step's ops took
-        new: dict[int, StorageWeakRef] = {}  # storages the step's ops made (no one's before)
-        stated = False  # whether the step's ops wrote into a parameter's or buffer's storage
-        escaped = False  # the step's ops made a Python value of a tensor's (`_Escapes`)
-        # A higher-order operator (`torch.cond`, `flex_attention`, ...) comes here whole,
-        # its body run past this mode, instead of raising for want of a rule for the mode:
-        # the step it runs in is then one whose effects are unknown (`blind`).
-        supports_higher_order_operators = True
-        blind = False
-
-        @classmethod
-        def _should_skip_dynamo(cls) -> bool:
-            # torch wraps a mode's __torch_dispatch__ in `_disable_dynamo`, whose first
-            # call imports torch._dynamo: ~0.9 s once per process, 60x a ResNet-20
-            # forward on 8 samples. Nothing here compiles, so the wrapper is not needed.
-            return False
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            kwargs = kwargs or {}
-            if isinstance(func, HigherOrderOperator):
-                self.blind = True
-                return func(*args, **kwargs)
-            took: set[int] = set()
-            if func in _SCALARS:
-                self.escaped = True  # `.item()`, `float(t)`, `bool(t)`, `torch.equal`
-            for t in tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor):
-                    ptr = _storage_ptr(t) or -1
-                    took.add(ptr)
-                    if ptr not in by_storage and (ptr in holders and holds(ptr)
-                                                  or ptr in made and kept_by(ptr) is not None):
-                        self.looked.add(ptr)
-                    held = by_storage.get(ptr)
-                    span = _byte_span(t) if held else None
-                    if span:
-                        self.seen |= {k for lo, hi, k in held if lo < span[1] and span[0] < hi}
-            schema = getattr(func, "_schema", None)
-            for i, a in enumerate(schema.arguments if schema is not None else ()):
-                if a.alias_info is not None and a.alias_info.is_write:
-                    v = args[i] if i < len(args) and not a.kwarg_only else kwargs.get(a.name)
-                    for t in tree_leaves(v):
-                        p = _storage_ptr(t) if isinstance(t, torch.Tensor) else None
-                        if not p:
-                            continue
-                        if p in holders and holds(p) or p in made and kept_by(p) is not None:
-                            self.wrote.add(p)
-                        elif p in by_storage:  # a parameter or buffer: state later runs read
-                            self.stated = True
-                        elif p not in self.new:  # a tensor of Python state no step made:
-                            # its writer makes it (read later past the arguments, it is stale)
-                            self.new[p] = StorageWeakRef(t.untyped_storage())
-            out = func(*args, **kwargs)
-            for t in tree_leaves(out):
-                p = _storage_ptr(t) if isinstance(t, torch.Tensor) else None
-                if p and p not in took and p not in by_storage and not (
-                        p in holders and holds(p)) and (p not in made or kept_by(p) is None):
-                    self.new[p] = StorageWeakRef(t.untyped_storage())
-            return out
-
-    class _Escapes(TorchFunctionMode):
-        """Sees what leaves torch without an op the dispatch mode would see: `.tolist()`;
-        `.numpy()` / `np.asarray(t)` / `np.from_dlpack(t)`, a view a step may also write
-        through; `t.apply_(f)` / `map_` / `map2_`, which write into `t`."""
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            if func in _ESCAPES:
-                mode.escaped = True
-                if func is not torch.Tensor.tolist:  # numpy's view, or apply_'s: a write
-                    mode.wrote |= {p for p in ptrs(args[:1]) if p in holders and holds(p)
-                                   or p in made and kept_by(p) is not None}
-            return func(*args, **(kwargs or {}))
-
-    mode = _Effects()
-    mode.seen, mode.wrote, mode.looked, mode.new = set(), set(), set(), {}
-    reads: dict[int, set[str]] = {}
-    stale_reads: set[int] = set()  # producers of values read past the arguments
-    writes: set[int] = set()
-    blind: set[int] = set()  # steps whose effects the run could not see
-    frees = prog.frees
-
-    def record(i: int, value: Any) -> None:
-        reads[i] = mode.seen
-        out = ptrs(value)
-        for p in out:  # a freed dropped value's address, reused by this one: forget it
-            if p in holders:
-                holds(p)
-        if mode.blind:
-            blind.add(i)
-            mode.blind = False
-        s = prog.steps[i]
-        if s.op != "get_attr" and not prog.is_opaque(s):
-            if _writes_past(prog, s, mode.wrote, own) or _aliases_past(
-                    prog, s, out, holders):
-                writes.add(i)
-        if (mode.wrote or mode.looked) and s.op != "get_attr":
-            makers = {p: holders[p] if p in holders else {made[p][0]}
-                      for p in mode.wrote | mode.looked if p in holders or p in made}
-            writes.update(_stale_starts(prog, s, mode.wrote, own, makers))
-            stale_reads.update(_stale_starts(prog, s, mode.looked, own, makers))
-        for p, r in mode.new.items():  # what the step made and still lives, not its value
-            if p not in out and not r.expired():
-                made[p] = (i, r)
-        if mode.stated and s.op != "get_attr":
-            # a write into a parameter or buffer (`self.keep.copy_(h)` in a replaced forward):
-            # a variant started after this step reads what the previous run left there
-            stale_reads.add(i)
-            mode.stated = False
-        if mode.escaped and s.op != "get_attr":
-            # a Python value made of a tensor (a float, a list, a numpy array) may be kept
-            # in Python state and read by a later step, past any storage: a variant must
-            # run this step again, so each starts at or before it
-            stale_reads.add(i)
-            mode.escaped = False
-        mode.seen, mode.wrote, mode.looked, mode.new = set(), set(), set(), {}
-        own[i] = out
-        if s.op != "get_attr":
-            for p in own[i]:
-                holders.setdefault(p, set()).add(i)
-            if i in kept:
-                alive.append(value)
-            else:
-                values[i] = value
-        for j in frees[i]:
-            if j not in kept:
-                dropped.add(j)
-                for t in tree_leaves(values.pop(j, None)):
-                    p = _storage_ptr(t) if isinstance(t, torch.Tensor) else None
-                    if p:
-                        weak.setdefault(p, []).append(StorageWeakRef(t.untyped_storage()))
-
+    run = _Run(prog)
+    mode = _Effects(run)
+    run.mode = mode
     x0, x = x, x.clone()
-    own[0] = ptrs(x)
-    for p in own[0]:
-        holders[p] = {0}
+    run.own[0] = _ptrs(x)
+    for p in run.own[0]:
+        run.holders[p] = {0}
     try:
-        with _Escapes(), mode, torch.no_grad():
-            prog.run(x, 0, on_value=record)
+        with _Escapes(mode), mode, torch.no_grad():
+            prog.run(x, 0, on_value=run.record)
     except Exception:  # noqa: BLE001 - the model's, or the mode's: told apart below
         if not _runs_plain(prog, x0):
             return None  # the model's own failure: the pass says so
         # Only the mode failed: what it had not recorded is unknown, and so opaque (a
         # variant starts at or before the first such step; cached values are copies).
-        blind |= {s.index for s in prog.steps if s.index not in reads
-                  and s.op not in ("input", "output", "get_attr")}
-    if blind and "torch._dynamo" in sys.modules:
+        run.blind |= {s.index for s in prog.steps if s.index not in run.reads
+                      and s.op not in ("input", "output", "get_attr")}
+    if run.blind and "torch._dynamo" in sys.modules:
         # torch >= 2.11 compiles an eager `torch.cond` with dynamo; compiled under the mode
         # it stays broken for the process (every later call raises `Unsupported`, and the
         # pass blamed the model): forget what dynamo compiled meanwhile
         torch._dynamo.reset()
+    unseen = _uncredited(prog, run.reads)
+    return unseen | run.stale_reads | run.blind, run.writes | run.blind
+
+
+def _uncredited(prog: Program, reads: dict[int, set[str]]) -> set[int]:
+    """The steps whose ops read a parameter or buffer (`reads`: step -> keys) that neither
+    their own keys nor those of a step their value comes from credit them with."""
     credited: dict[int, frozenset[str]] = {}
     unseen: set[int] = set()
     for s in prog.steps:
@@ -281,7 +99,231 @@ def unseen_effects(prog: Program, x: torch.Tensor) -> tuple[set[int], set[int]] 
         credited[s.index] = mine
         if reads.get(s.index, set()) - mine:
             unseen.add(s.index)
-    return unseen | stale_reads | blind, writes | blind
+    return unseen
+
+
+class _Run:
+    """What `unseen_effects`' run knows of the storages it meets, and what it has found;
+    `record` takes each step's value (`Program.run`'s `on_value`) with what its ops did (the
+    dispatch mode's per-step sets, reset here)."""
+
+    def __init__(self, prog: Program) -> None:
+        self.prog = prog
+        self.mode: _Effects  # set before the run
+        # storage -> the bytes [lo, hi) of each parameter or buffer in it, and its key: a
+        # read is one of the tensors whose bytes it overlaps, not of all that share its
+        # storage (parameters made from chunks of one tensor, or a flat-parameter wrapper's
+        # views).
+        self.by_storage: dict[int, list[tuple[int, int, str]]] = {}
+        named = [*prog.model.named_parameters(remove_duplicate=False),
+                 *prog.model.named_buffers(remove_duplicate=False)]
+        for name, t in named:
+            ptr = _storage_ptr(t)
+            span = _byte_span(t) if ptr else None
+            if span:
+                self.by_storage.setdefault(ptr, []).append(  # type: ignore[arg-type]
+                    (*span, prog.canonical.get(name, name)))
+        # storage -> the steps (0: the input) whose live value holds it; a value leaves
+        # once the run has dropped it and its storages are freed, so a later allocation at
+        # the same address is not taken for it. One whose storage outlives the run's
+        # reference (kept in Python state: `self.t = t` in a replaced forward) stays while
+        # it lives: a later step writing into it reaches a value a variant started after
+        # its producer does not remake. The input and the cuts' carriers stay, alive: the
+        # pass keeps them for the variants.
+        self.holders: dict[int, set[int]] = {}
+        self.kept = {0, *prog.carrier.values()}
+        self.alive: list[Any] = []
+        self.own: dict[int, set[int]] = {}  # step -> its live value's storages (params too)
+        self.values: dict[int, Any] = {}  # step -> its value, not kept, until the run drops it
+        self.dropped: set[int] = set()  # steps whose values the run has dropped
+        self.weak: dict[int, list[StorageWeakRef]] = {}  # storage -> dropped holders' refs
+        # storage -> the step that made it and a ref to it: a tensor a step's ops made that
+        # outlives the step without being (in) its value (`self.h = h.clone()` in a
+        # replaced forward, kept in Python state); a later step reading it reaches that
+        # step's tensor
+        self.made: dict[int, tuple[int, StorageWeakRef]] = {}
+        # what was found
+        self.reads: dict[int, set[str]] = {}
+        self.stale_reads: set[int] = set()  # producers of values read past the arguments
+        self.writes: set[int] = set()
+        self.blind: set[int] = set()  # steps whose effects the run could not see
+
+    def kept_by(self, p: int) -> int | None:
+        """The step whose own tensor, kept past it in Python state, lives at storage p (a
+        freed one's entry goes: its address is now another tensor's)."""
+        e = self.made.get(p)
+        if e is None:
+            return None
+        if e[1].expired():
+            del self.made[p]
+            return None
+        return e[0]
+
+    def holds(self, p: int) -> bool:
+        """Whether storage address p is a value's the run made: one it holds, or one it
+        dropped whose storage lives on. Asked when p is met (lazily: a dropped value's
+        storage is checked only then); a freed one's entry goes, as its address is now
+        another tensor's."""
+        held = self.holders.get(p)
+        if not held:
+            return False
+        if not held <= self.dropped or any(not r.expired() for r in self.weak.get(p, ())):
+            return True
+        del self.holders[p]
+        self.weak.pop(p, None)
+        return False
+
+    def reached(self, p: int) -> bool:
+        """Whether storage p is a step's: a value the run holds (`holds`), or a tensor a
+        step made and keeps in Python state (`kept_by`). The one test of what a read past
+        the arguments, or a write, reaches (the dispatch and the function mode both ask)."""
+        return (p in self.holders and self.holds(p)
+                or p in self.made and self.kept_by(p) is not None)
+
+    def record(self, i: int, value: Any) -> None:
+        """Step i has run, to `value`: what its ops did (the mode's sets) and its value."""
+        prog, mode, holders, made, own = self.prog, self.mode, self.holders, self.made, self.own
+        self.reads[i] = mode.seen
+        out = _ptrs(value)
+        for p in out:  # a freed dropped value's address, reused by this one: forget it
+            if p in holders:
+                self.holds(p)
+        if mode.blind:
+            self.blind.add(i)
+            mode.blind = False
+        s = prog.steps[i]
+        if s.op != "get_attr" and not prog.is_opaque(s):
+            if _writes_past(prog, s, mode.wrote, own) or _aliases_past(
+                    prog, s, out, holders):
+                self.writes.add(i)
+        if (mode.wrote or mode.looked) and s.op != "get_attr":
+            makers = {p: holders[p] if p in holders else {made[p][0]}
+                      for p in mode.wrote | mode.looked if p in holders or p in made}
+            self.writes.update(_stale_starts(prog, s, mode.wrote, own, makers))
+            self.stale_reads.update(_stale_starts(prog, s, mode.looked, own, makers))
+        for p, r in mode.new.items():  # what the step made and still lives, not its value
+            if p not in out and not r.expired():
+                made[p] = (i, r)
+        if mode.stated and s.op != "get_attr":
+            # a write into a parameter or buffer (`self.keep.copy_(h)` in a replaced forward):
+            # a variant started after this step reads what the previous run left there
+            self.stale_reads.add(i)
+            mode.stated = False
+        if mode.escaped and s.op != "get_attr":
+            # a Python value made of a tensor (a float, a list, a numpy array) may be kept
+            # in Python state and read by a later step, past any storage: a variant must
+            # run this step again, so each starts at or before it
+            self.stale_reads.add(i)
+            mode.escaped = False
+        mode.seen, mode.wrote, mode.looked, mode.new = set(), set(), set(), {}
+        own[i] = out
+        if s.op != "get_attr":
+            for p in own[i]:
+                holders.setdefault(p, set()).add(i)
+            if i in self.kept:
+                self.alive.append(value)
+            else:
+                self.values[i] = value
+        for j in prog.frees[i]:
+            if j not in self.kept:
+                self.dropped.add(j)
+                for t in tree_leaves(self.values.pop(j, None)):
+                    p = _storage_ptr(t) if isinstance(t, torch.Tensor) else None
+                    if p:
+                        self.weak.setdefault(p, []).append(StorageWeakRef(t.untyped_storage()))
+
+
+class _Effects(TorchDispatchMode):
+    """What the current step's ops read and write (`_Run.record` takes and resets it)."""
+
+    # A higher-order operator (`torch.cond`, `flex_attention`, ...) comes here whole, its
+    # body run past this mode, instead of raising for want of a rule for the mode: the step
+    # it runs in is then one whose effects are unknown (`blind`).
+    supports_higher_order_operators = True
+
+    def __init__(self, run: _Run) -> None:
+        super().__init__()
+        self.run = run
+        self.seen: set[str] = set()
+        self.wrote: set[int] = set()
+        self.looked: set[int] = set()  # held storages (not parameters') the step's ops took
+        self.new: dict[int, StorageWeakRef] = {}  # storages the step's ops made (no one's before)
+        self.stated = False  # whether the step's ops wrote into a parameter's or buffer's storage
+        self.escaped = False  # the step's ops made a Python value of a tensor's (`_Escapes`)
+        self.blind = False
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in `_disable_dynamo`, whose first call
+        # imports torch._dynamo: ~0.9 s once per process, 60x a ResNet-20 forward on 8
+        # samples. Nothing here compiles, so the wrapper is not needed.
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if isinstance(func, HigherOrderOperator):
+            self.blind = True
+            return func(*args, **kwargs)
+        run, by_storage = self.run, self.run.by_storage
+        took: set[int] = set()
+        if func in _SCALARS:
+            self.escaped = True  # `.item()`, `float(t)`, `bool(t)`, `torch.equal`
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                ptr = _storage_ptr(t) or -1
+                took.add(ptr)
+                if ptr not in by_storage and run.reached(ptr):
+                    self.looked.add(ptr)
+                held = by_storage.get(ptr)
+                span = _byte_span(t) if held else None
+                if span:
+                    self.seen |= {k for lo, hi, k in held  # type: ignore[union-attr]
+                                  if lo < span[1] and span[0] < hi}
+        schema = getattr(func, "_schema", None)
+        for i, a in enumerate(schema.arguments if schema is not None else ()):
+            if a.alias_info is not None and a.alias_info.is_write:
+                v = args[i] if i < len(args) and not a.kwarg_only else kwargs.get(a.name)
+                for t in tree_leaves(v):
+                    p = _storage_ptr(t) if isinstance(t, torch.Tensor) else None
+                    if not p:
+                        continue
+                    if run.reached(p):
+                        self.wrote.add(p)
+                    elif p in by_storage:  # a parameter or buffer: state later runs read
+                        self.stated = True
+                    elif p not in self.new:  # a tensor of Python state no step made:
+                        # its writer makes it (read later past the arguments, it is stale)
+                        self.new[p] = StorageWeakRef(t.untyped_storage())
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            p = _storage_ptr(t) if isinstance(t, torch.Tensor) else None
+            if p and p not in took and p not in by_storage and not run.reached(p):
+                self.new[p] = StorageWeakRef(t.untyped_storage())
+        return out
+
+
+class _Escapes(TorchFunctionMode):
+    """Sees what leaves torch without an op the dispatch mode would see: `.tolist()`;
+    `.numpy()` / `np.asarray(t)` / `np.from_dlpack(t)`, a view a step may also write
+    through; `t.apply_(f)` / `map_` / `map2_`, which write into `t`."""
+
+    def __init__(self, mode: _Effects) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func in _ESCAPES:
+            mode = self.mode
+            mode.escaped = True
+            if func is not torch.Tensor.tolist:  # numpy's view, or apply_'s: a write
+                mode.wrote |= {p for p in _ptrs(args[:1]) if mode.run.reached(p)}
+        return func(*args, **(kwargs or {}))
+
+
+def _ptrs(v: Any) -> set[int]:
+    """The storages of the tensors in `v` (a value, possibly nested)."""
+    return {p for t in tree_leaves(v) if isinstance(t, torch.Tensor)
+            for p in (_storage_ptr(t),) if p}
 
 
 #: Tensor methods that hand a tensor's values to Python past the dispatcher (`.item()` and
