@@ -213,3 +213,38 @@ def _kept_by_apply(h: torch.Tensor) -> list[float]:
 @pytest.mark.parametrize("fanout", [False, True], ids=["swap", "fan"])
 def test_values_a_python_callable_saw_kept_in_python_state(fanout: bool) -> None:
     _matches_naive(_APPLY, ["a", "c"], fanout)
+
+
+def _map_reads(how: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        """b keeps its input h (a's value) in a dict; d adds it to a copy of its input by
+        `map_` / `map2_`, past the dispatcher: a read of h past d's arguments."""
+        torch.manual_seed(0)
+        m = _Four()
+        box: dict[str, torch.Tensor] = {}
+        b, d = m.b, m.d
+
+        def fb(h: torch.Tensor) -> torch.Tensor:
+            box["h"] = h
+            return F.linear(h, b.weight, b.bias)
+
+        def fd(g: torch.Tensor) -> torch.Tensor:
+            g2 = g.clone()
+            if how == "map_":
+                g2.map_(box["h"], lambda u, v: u + v)
+            else:
+                g2.map2_(g, box["h"], lambda u, v, w: v + w)
+            return F.linear(g2, d.weight, d.bias)
+
+        m.b.forward, m.d.forward = fb, fd
+        return m
+
+    return build
+
+
+@pytest.mark.parametrize("how", ["map_", "map2_"])
+def test_a_read_by_map_past_the_arguments(how: str) -> None:
+    """The tensors `map_` / `map2_` read besides their own are reads past the dispatcher: a
+    value reached through Python state that way makes its producer opaque, as a dispatched
+    read does (c's variants started after b and added a's last variant's h)."""
+    _matches_naive(_map_reads(how), ["a", "c"], fanout=False)

@@ -313,10 +313,14 @@ class _Escapes(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if func in _ESCAPES:
-            mode = self.mode
+            mode, run = self.mode, self.mode.run
             mode.escaped = True
             if func is not torch.Tensor.tolist:  # numpy's view, or apply_'s: a write
-                mode.wrote |= {p for p in _ptrs(args[:1]) if mode.run.reached(p)}
+                mode.wrote |= {p for p in _ptrs(args[:1]) if run.reached(p)}
+            # map_'s / map2_'s other tensors are read past the dispatcher: a value reached
+            # there through Python state is a read past the arguments, as the mode's are
+            mode.looked |= {p for p in _ptrs(args[1:]) - _ptrs(args[:1])
+                            if p not in run.by_storage and run.reached(p)}
         return func(*args, **(kwargs or {}))
 
 
