@@ -248,3 +248,31 @@ def test_a_read_by_map_past_the_arguments(how: str) -> None:
     value reached through Python state that way makes its producer opaque, as a dispatched
     read does (c's variants started after b and added a's last variant's h)."""
     _matches_naive(_map_reads(how), ["a", "c"], fanout=False)
+
+
+def _returns_kept(kind: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        """b keeps a tensor in a dict (`value`: its input h, a's value; `side`: one it makes,
+        relu(h) * 2); c returns it as its own value, running no op on it (a memo)."""
+        torch.manual_seed(0)
+        m = _Four()
+        box: dict[str, torch.Tensor] = {}
+        b = m.b
+
+        def fb(h: torch.Tensor) -> torch.Tensor:
+            box["h"] = h if kind == "value" else torch.relu(h) * 2
+            return F.linear(h, b.weight, b.bias)
+
+        m.b.forward = fb
+        m.c.forward = lambda g: box["h"]
+        return m
+
+    return build
+
+
+@pytest.mark.parametrize("fanout", [False, True], ids=["swap", "fan"])
+@pytest.mark.parametrize("kind", ["value", "side"])
+def test_a_step_returning_a_tensor_kept_in_python_state(kind: str, fanout: bool) -> None:
+    """No op of c's touches the kept tensor, so the mode saw no read past its arguments; its
+    value is one: c's variants started after b and returned what a's last variant had left."""
+    _matches_naive(_returns_kept(kind), ["a", "c"], fanout)

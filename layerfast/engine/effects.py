@@ -188,6 +188,10 @@ class _Run:
         for p in out:  # a freed dropped value's address, reused by this one: forget it
             if p in holders:
                 self.holds(p)
+        # a value that is a step's tensor (not a parameter's) with no op of this step's on
+        # it (`return self.memo`): a read past the arguments, which only the storages tell
+        # (`_stale_starts` leaves out the arguments' own)
+        mode.looked |= {p for p in out if p not in self.by_storage and self.reached(p)}
         if mode.blind:
             self.blind.add(i)
             mode.blind = False
