@@ -212,14 +212,15 @@ class _Run:
             # a write into a parameter or buffer (`self.keep.copy_(h)` in a replaced forward):
             # a variant started after this step reads what the previous run left there
             self.stale_reads.add(i)
-            mode.stated = False
         if mode.escaped and s.op != "get_attr":
             # a Python value made of a tensor (a float, a list, a numpy array) may be kept
             # in Python state and read by a later step, past any storage: a variant must
             # run this step again, so each starts at or before it
             self.stale_reads.add(i)
-            mode.escaped = False
+        # every flag is this step's alone, whatever the step (one left set would be charged
+        # to the next)
         mode.seen, mode.wrote, mode.looked, mode.new = set(), set(), set(), {}
+        mode.stated = mode.escaped = False
         own[i] = out
         if s.op != "get_attr":
             for p in own[i]:
