@@ -269,7 +269,11 @@ def _fold_step(
         s.op == "call_method" and s.target in _PER_CHANNEL_METHODS
     )
     if unary:
-        if len(refs) != 1 or not isinstance(first, Ref) or s.kwargs.get("return_indices"):
+        # a Ref among the keyword arguments (`torch.exp(g, out=g)`: the one ref is the input
+        # itself) would reach torch unresolved, a TypeError that sent the group to the swap
+        # path: the batch form runs such a step as eager mode does
+        if (len(refs) != 1 or not isinstance(first, Ref) or refs_in(s.kwargs)
+                or s.kwargs.get("return_indices")):
             return _NO
         x = env[first.index]
         if _SPATIAL_RANK.get(s.target, x.t.dim() - 2) != x.t.dim() - 2:
