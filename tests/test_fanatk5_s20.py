@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from layerfast.engine.fanrun import GLUE_MODES
@@ -47,3 +48,72 @@ def test_a_keyword_ref_on_the_fold_form_fans(op: str, glue: str, layout: str) ->
     torch.manual_seed(0)
     plan = _same_as_naive(OutSelf(op), "conv", _data(shape=(1, 4, 4)), glue=glue, layout=layout)
     assert plan["fanned_variants"] > 0 and not plan["fanout_fallbacks"], plan
+
+
+# ---- 2. the brief's adversarial edges: each matches the naive loop, fanned or not -----------
+
+_EDGES = {
+    # negative dims that reach the batch dim of a low-rank value
+    "unsqueeze(-2) of rank 1": lambda s, h, x: h[:, 0].unsqueeze(-2).mT + h,
+    "squeeze(-2) of rank 2": lambda s, h, x: h[:, :1].squeeze(-2) * h,
+    "amax((-1, -2)) of rank 2": lambda s, h, x: h - h.amax(dim=(-1, -2), keepdim=True),
+    "max(-2) of rank 2": lambda s, h, x: h - h.max(dim=-2, keepdim=True).values,
+    "normalize(-2) of rank 2": lambda s, h, x: F.normalize(h, dim=-2),
+    "shape[-1] of rank 1": lambda s, h, x: h / h[:, 0].shape[-1],
+    "unflatten(-2) of rank 2": lambda s, h, x: h.unflatten(-2, (-1, 1)).flatten(1),
+    # operands that broadcast across the batch
+    "max(h, x.mean(0))": lambda s, h, x: torch.max(h, x.mean(0)),
+    "clamp(h, min=x[:1])": lambda s, h, x: h.clamp(min=x[:1]),
+    "x.mean(0, keepdim).expand_as(h)": lambda s, h, x: h * x.mean(0, keepdim=True).expand_as(h),
+    "p1 ** h": lambda s, h, x: s.p1 ** (h * 0.1),
+    "h.abs().pow(x)": lambda s, h, x: h.abs().pow(x),
+    "max(h, p)": lambda s, h, x: torch.max(h, s.p),
+    "h * max(1).indices": lambda s, h, x: h * h.max(1, keepdim=True).indices.float(),
+    # in-place writes into shared values or views of them
+    "u.sub_(h[:, :1]) then u": lambda s, h, x: _then(lambda u: u.sub_(h[:, :1]), x * 2, h),
+    "u.expand_as(h).sub_(h) then u": lambda s, h, x: _then(lambda u: u.expand_as(h).sub_(h),
+                                                           x * 2, h),
+    "u.expand_as(h), u.add_(1)": lambda s, h, x: _viewed(lambda u: u.expand_as(h), x * 2, h),
+    "z.expand_as(h), z.add_(1)": lambda s, h, x: _viewed(lambda z: z.expand_as(h), x.sum(), h),
+    "z.sub_(h.size(1)) between uses": lambda s, h, x: _between(x.sum(), h),
+}
+
+
+def _then(write, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    write(u)
+    return h * u
+
+
+def _viewed(view, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    v = view(u)
+    u.add_(1.0)
+    return h * v
+
+
+def _between(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    a = h * z
+    z.sub_(h.size(1))
+    return a + h * z
+
+
+class Edge(nn.Module):
+    """`how` applied to a Linear's [B, 8] output `h` and the shared input `x` [B, 8]."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(8, 8)
+        self.p = nn.Parameter(torch.randn(8))
+        self.p1 = nn.Parameter(torch.rand(1) + 0.5)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_EDGES[self.how](self, self.lin(x), x))
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", list(_EDGES))
+def test_adversarial_edges_match_the_naive_loop(how: str, glue: str) -> None:
+    torch.manual_seed(0)
+    # B = 6: the values of rank 1 and 2 above are eager-valid only where no dim equals B
+    _same_as_naive(Edge(how), "lin", _data(), glue=glue)
