@@ -6,6 +6,12 @@ items, 0-d shared values, out=). Each must give the naive loop's counts, fanned 
    input (`torch.exp(g, out=g)`, `torch.abs(g, out=g)`, `torch.clamp(g, 0, 1, out=g)`): the
    fold path passed the unresolved `Ref` on to torch, a TypeError, so every such group fell
    back to the swap path ("TypeError: exp(): argument 'out' must be Tensor, not Ref").
+3. A new elementwise form whose first argument is the shared value (`torch.pow(u, h)`,
+   `u.max(h)`, `torch.clamp(u, min=h)`, `u.clip(h, None)`, `torch.abs(u.expand_as(h))`) returns
+   a new tensor, but was not in
+   `optables`' fresh lists: the proof took it for a possible view of `u`, so any later in-place
+   write (`.sub_`, `.relu_()`) refused the group ("writes in place into a view of a value the K
+   variants share").
 """
 
 from __future__ import annotations
@@ -117,3 +123,42 @@ def test_adversarial_edges_match_the_naive_loop(how: str, glue: str) -> None:
     torch.manual_seed(0)
     # B = 6: the values of rank 1 and 2 above are eager-valid only where no dim equals B
     _same_as_naive(Edge(how), "lin", _data(), glue=glue)
+
+
+# ---- 3. the new elementwise forms return new tensors ------------------------------------------
+
+_FRESH_THEN_WRITE = {
+    "torch.pow(u, h).sub_(u)": lambda h, u: torch.pow(u.abs() + 0.5, h.clamp(-1, 1)).sub_(u),
+    "u.max(h).relu_()": lambda h, u: u.max(h).relu_(),
+    "torch.min(u, h).add_(1)": lambda h, u: torch.min(u, h).add_(1.0),
+    "torch.clamp(u, min=h).add_(1)": lambda h, u: torch.clamp(u, min=h).add_(1.0),
+    "u.clip(h, None).mul_(2)": lambda h, u: u.clip(h, None).mul_(2.0),
+    # one-argument forms of a view of `u` the fanned step took (`u.expand_as(h)`)
+    "torch.abs(u.expand_as(h)).sub_(h)": lambda h, u: torch.abs(u.expand_as(h)).sub_(h),
+    "F.softplus(u.expand_as(h)).sub_(h)": lambda h, u: F.softplus(u.expand_as(h)).sub_(h),
+    "F.normalize(u.expand_as(h)).sub_(h)": lambda h, u: F.normalize(u.expand_as(h)).sub_(h),
+}
+
+
+class FreshThenWrite(nn.Module):
+    """`how`: a new elementwise form on the shared `u` (first) and the fanned `h`, written in
+    place; `u` is read again afterwards (a write into it would have to reach that read)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x * 0.5
+        return self.fc(_FRESH_THEN_WRITE[self.how](self.lin(x), u) + u)
+
+
+@pytest.mark.parametrize("glue", GLUE_MODES)
+@pytest.mark.parametrize("how", list(_FRESH_THEN_WRITE))
+def test_a_new_elementwise_form_on_a_shared_value_is_fresh(how: str, glue: str) -> None:
+    torch.manual_seed(0)
+    plan = _same_as_naive(FreshThenWrite(how), "lin", _data(), glue=glue)
+    assert plan["fanned_variants"] > 0 and not plan["fanout_refused"], plan
+    assert not plan["fanout_fallbacks"], plan

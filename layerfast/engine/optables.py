@@ -108,6 +108,17 @@ _FRESH_FUNCS = {
     F.hardswish,
     F.hardsigmoid,
     F.hardtanh,
+    # the fan-out allow-list's elementwise forms (a `torch.pow(u, h)` or `u.max(h)` followed by
+    # an in-place write was refused as a possible view of the shared `u`); an out= tensor is
+    # an in-place step, which every caller checks first
+    torch.pow,
+    torch.clamp,
+    torch.clip,
+    torch.abs,
+    torch.max,
+    torch.min,
+    F.softplus,
+    F.normalize,
 }
 _FRESH_METHODS = {
     "add",
@@ -131,6 +142,10 @@ _FRESH_METHODS = {
     "neg",
     "sqrt",
     "rsqrt",
+    "clamp",
+    "clip",
+    "max",
+    "min",
 }
 
 
