@@ -271,8 +271,8 @@ class _Effects(TorchDispatchMode):
             return func(*args, **kwargs)
         run, by_storage = self.run, self.run.by_storage
         took: set[int] = set()
-        if func in _SCALARS:
-            self.escaped = True  # `.item()`, `float(t)`, `bool(t)`, `torch.equal`
+        if func in _SCALARS or _hands_out_values(func, args):
+            self.escaped = True  # `.item()`, `float(t)`, `torch.equal`, `len(h[m])`
         for t in tree_leaves((args, kwargs)):
             if isinstance(t, torch.Tensor):
                 ptr = _storage_ptr(t) or -1
@@ -350,6 +350,25 @@ _ESCAPES = frozenset({torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__ar
 _SCALARS = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
                       torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default,
                       torch.ops.aten.allclose.default})
+
+
+def _hands_out_values(func: Any, args: tuple) -> bool:
+    """Whether op `func` gives Python something its tensor arguments' values decide beyond
+    `_SCALARS`: an output whose size they set (`h.nonzero()`, `h[h > 0]`, `torch.unique(h)`:
+    torch tags such ops `dynamic_output_shape`; other `data_dependent_output` ops), which
+    `.shape` / `len()` / `.numel()` read as a Python int that Python state may keep for a
+    later step, as a float from `.item()`. `aten.index.Tensor` has the tag for any indices:
+    only a boolean mask's count sets its size (an integer gather's is the index's), so only
+    that one counts."""
+    tags = getattr(func, "tags", ())
+    if torch.Tag.data_dependent_output in tags:
+        return True
+    if torch.Tag.dynamic_output_shape not in tags:
+        return False
+    if func is torch.ops.aten.index.Tensor:
+        return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+                   for t in (args[1] if len(args) > 1 else ()) if t is not None)
+    return True
 
 
 def _runs_plain(prog: Program, x: torch.Tensor) -> bool:
