@@ -89,11 +89,13 @@ build() {
 # twins of the newest engine changes go first (session 19's fan-out patterns, registry models
 # fanned whole, unseen effects, in-memory inputs; session 20's fan-out proof cases, bf16
 # BatchNorm on K·B, parameters written by the forward, weight-derived caches, resumed K and
-# fallbacks: tiny models, each file well under a minute; capped at 120 s together), in their own
+# fallbacks; session 20's later allow-list forms, view-then-write and view(-1, N), effects-check
+# models and an address-reuse case: tiny models, each file well under a minute (test_cuda_s20b:
+# 173 cases, 4 s as a CPU copy, est. 20-40 s on the GPU); capped at 150 s together), in their own
 # step out of the rest's cap $2: the rest of `-m cuda tests/` runs in file-name order, and the cap
 # cuts its last files, which must not be the ones that check what changed last.
 ops_tests=(tests/test_ops_swap.py tests/test_ops_score.py tests/test_ops_affine_relu.py tests/test_info.py)
-new_tests=(tests/test_cuda_s19.py tests/test_cuda_s20.py)
+new_tests=(tests/test_cuda_s19.py tests/test_cuda_s20.py tests/test_cuda_s20b.py)
 # -rfEs, not -rs: a later -r replaces addopts' -ra, and without the short summary's
 # `FAILED path::test` lines the summary below could name no failed test
 cuda_tests() { local t0
@@ -101,7 +103,7 @@ cuda_tests() { local t0
     > "$LOG/cuda-ops-tests.log" 2>&1
   tail -2 "$LOG/cuda-ops-tests.log"
   t0=$SECONDS
-  step cuda-new-tests "$(( $2 < 120 ? $2 : 120 ))" python3 -m pytest -v -m cuda "${new_tests[@]}" \
+  step cuda-new-tests "$(( $2 < 150 ? $2 : 150 ))" python3 -m pytest -v -m cuda "${new_tests[@]}" \
     -p no:cacheprovider -rfEs > "$LOG/cuda-new-tests.log" 2>&1
   tail -2 "$LOG/cuda-new-tests.log"
   step cuda-tests "$(( $2 - (SECONDS - t0) ))" python3 -m pytest -v -m cuda tests/ \
