@@ -25,8 +25,9 @@ fanned, exact where swapped; the loss sum to rounding) and in bf16 against the s
    (the rows check, at run time: the same fallback as on the CPU).
 3. The effects check on CUDA (it runs on the device, on the model's own tensors): a value a
    step keeps in Python state and a later step reads, a side tensor (in a closure's list, an
-   accumulator made on the device), a Python number (`float(t)`, which syncs the device) or a
-   host copy (`.cpu().numpy()`) handed out, a buffer written by one step and read by a later
+   accumulator made on the device), a Python number (`float(t)`, which syncs the device;
+   `torch.equal`; a size `nonzero` sets) or a host copy (`.cpu().numpy()`, `np.from_dlpack`)
+   handed out, a buffer written by one step and read by a later
    one: the same steps are made opaque as on the CPU (`Evaluator._unseen`), and the counts
    equal the naive loop's. The storage tracking keys storages by address and forgets an
    address once its tensor is freed (a weak reference); CUDA's caching allocator hands a
@@ -37,10 +38,11 @@ fanned, exact where swapped; the loss sum to rounding) and in bf16 against the s
    taken for that value's would credit the side tensor to the dropped value's step instead.
 
 `DEVICE` and the `cuda` markers are the only GPU-specific lines: the logic was checked on the
-CPU by a copy with `DEVICE = "cpu"` and no markers (173 passed in 3.0 s on a busy shared
+CPU by a copy with `DEVICE = "cpu"` and no markers (179 passed in 3.0 s on a busy shared
 CPU; the address-reuse assertion is CUDA's alone: glibc reuses the block only sometimes, and
 with `StorageWeakRef.expired` patched to always False the CPU copy's address-reuse test failed
-in the runs where it did, 4 of 6; with the effects check switched off, every case of 3 fails).
+in the runs where it did, 4 of 6; with the effects check switched off, every case of 3 fails;
+the equal / nonzero / dlpack cases fail with 55fde84 and 9348ce6 reverted).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -349,6 +352,17 @@ class _Reuse(nn.Module):
         return self.d(torch.relu(self.c(torch.relu(self.b(self.act2(self.act(h)) + h)))))
 
 
+#: a bool from a value-dependent op (`torch.equal`: no `.item()` on the way)
+_EQUAL = _escaping(lambda h: torch.equal((h[:, 0] > 0).sum() > h.shape[0] // 2,
+                                         torch.tensor(True, device=h.device)),
+                   lambda g, s: g * (3.0 if s else -1.0))
+#: a Python int a value-dependent size gives (`nonzero`: a device sync, no dispatched item)
+_NONZERO = _escaping(lambda h: (h[:, 0] > 0.3).nonzero().shape[0], lambda g, s: g * (1 + s))
+#: numpy's view through DLPack of a host copy (numpy cannot take a CUDA tensor's)
+_DLPACK = _escaping(lambda h: np.from_dlpack(h.cpu()).copy(),
+                    lambda g, s: g + torch.from_numpy(s).to(g.device))
+
+
 def _reused_address() -> tuple[nn.Module, list[bool]]:
     """b keeps `s * 2` (a side tensor, its input's size) in a closure's dict and d adds it to
     its input. By b, act's and act2's values have been dropped and freed (the add was act2's
@@ -399,6 +413,9 @@ EFFECTS: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
     "side-accumulator": (_side_accumulator, ["a", "c"]),
     "float-escape": (_ITEMS, ["a", "c"]),
     "host-numpy": (_NUMPY, ["a", "c"]),
+    "equal-escape": (_EQUAL, ["a", "c"]),
+    "nonzero-size": (_NONZERO, ["a", "c"]),
+    "host-dlpack": (_DLPACK, ["a", "c"]),
     "buffer-traced": (_buffer_channel, ["a", "c"]),
     "buffer-replaced": (_buffer_channel_replaced, ["a", "c"]),
 }
