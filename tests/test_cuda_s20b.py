@@ -25,10 +25,10 @@ fanned, exact where swapped; the loss sum to rounding) and in bf16 against the s
    (the rows check, at run time: the same fallback as on the CPU).
 3. The effects check on CUDA (it runs on the device, on the model's own tensors): a value a
    step keeps in Python state and a later step reads, a side tensor (in a closure's list, an
-   accumulator made on the device), a Python number (`float(t)`, which syncs the device;
-   `torch.equal`; a size `nonzero` sets) or a host copy (`.cpu().numpy()`, `np.from_dlpack`)
-   handed out, a buffer written by one step and read by a later
-   one: the same steps are made opaque as on the CPU (`Evaluator._unseen`), and the counts
+   accumulator made on the device, a host copy `h.to("cpu", copy=True)`), a Python number
+   (`float(t)`, which syncs the device; `torch.equal`; a size `nonzero` sets) or a host copy
+   (`.cpu().numpy()`, `np.from_dlpack`) handed out, a buffer written by one step and read by a
+   later one: the same steps are made opaque as on the CPU (`Evaluator._unseen`), and the counts
    equal the naive loop's. The storage tracking keys storages by address and forgets an
    address once its tensor is freed (a weak reference); CUDA's caching allocator hands a
    freed block of the same size straight back, so
@@ -38,7 +38,7 @@ fanned, exact where swapped; the loss sum to rounding) and in bf16 against the s
    taken for that value's would credit the side tensor to the dropped value's step instead.
 
 `DEVICE` and the `cuda` markers are the only GPU-specific lines: the logic was checked on the
-CPU by a copy with `DEVICE = "cpu"` and no markers (179 passed in 3.0 s on a busy shared
+CPU by a copy with `DEVICE = "cpu"` and no markers (181 passed in 3.1 s on a busy shared
 CPU; the address-reuse assertion is CUDA's alone: glibc reuses the block only sometimes, and
 with `StorageWeakRef.expired` patched to always False the CPU copy's address-reuse test failed
 in the runs where it did, 4 of 6; with the effects check switched off, every case of 3 fails;
@@ -362,6 +362,9 @@ _NONZERO = _escaping(lambda h: (h[:, 0] > 0.3).nonzero().shape[0], lambda g, s: 
 _DLPACK = _escaping(lambda h: np.from_dlpack(h.cpu()).copy(),
                     lambda g, s: g + torch.from_numpy(s).to(g.device))
 
+#: a host tensor kept in Python state (a device-to-host copy: storage in another address range)
+_HOST = _escaping(lambda h: h.to("cpu", copy=True), lambda g, s: g + s.to(g.device))
+
 
 def _reused_address() -> tuple[nn.Module, list[bool]]:
     """b keeps `s * 2` (a side tensor, its input's size) in a closure's dict and d adds it to
@@ -416,6 +419,7 @@ EFFECTS: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
     "equal-escape": (_EQUAL, ["a", "c"]),
     "nonzero-size": (_NONZERO, ["a", "c"]),
     "host-dlpack": (_DLPACK, ["a", "c"]),
+    "host-tensor": (_HOST, ["a", "c"]),
     "buffer-traced": (_buffer_channel, ["a", "c"]),
     "buffer-replaced": (_buffer_channel_replaced, ["a", "c"]),
 }
