@@ -91,7 +91,7 @@ build() {
 # BatchNorm on K·B, parameters written by the forward, weight-derived caches, resumed K and
 # fallbacks; session 20's later allow-list forms, view-then-write and view(-1, N), effects-check
 # models and an address-reuse case: tiny models, each file well under a minute (test_cuda_s20b:
-# 173 cases, 4 s as a CPU copy, est. 20-40 s on the GPU); capped at 150 s together), in their own
+# 205 cases, 4.5 s as a CPU copy, est. 20-40 s on the GPU); capped at 150 s together), in their own
 # step out of the rest's cap $2: the rest of `-m cuda tests/` runs in file-name order, and the cap
 # cuts its last files, which must not be the ones that check what changed last.
 ops_tests=(tests/test_ops_swap.py tests/test_ops_score.py tests/test_ops_affine_relu.py tests/test_info.py)

@@ -11,8 +11,9 @@ fanned, exact where swapped; the loss sum to rounding) and in bf16 against the s
    clamp with number and 0-d bounds, torch.softmax over a negative dim, mean/amin over
    negative dims, squeeze of a tuple, max over a dim and elementwise, F.normalize (out=None),
    adaptive_max_pool2d, unflatten, expand_as of a shared value, shape[-1], a shared 0-d
-   value, .sub_) fans in each glue mode (and channels_last where 4-D) and counts as the naive
-   loop. In bf16 (layout auto: channels_last on CUDA) the fanned run's counts are within one
+   value, .sub_; and a shared 0-d value on the host, `torch.tensor(2.0)` made in the forward or
+   `x.sum().cpu()`, which eager CUDA takes as a number) fans in each glue mode (and
+   channels_last where 4-D) and counts as the naive loop. In bf16 (layout auto: channels_last on CUDA) the fanned run's counts are within one
    flip of the swapped run's, and its loss sum (64 samples) within 0.1 of it or within the
    swapped run's own distance to fp32, whichever is larger. Why 0.1: both paths run the same
    bf16 ops on the same values; only a matmul's kernel choice by row count (K·B against B)
@@ -38,7 +39,7 @@ fanned, exact where swapped; the loss sum to rounding) and in bf16 against the s
    taken for that value's would credit the side tensor to the dropped value's step instead.
 
 `DEVICE` and the `cuda` markers are the only GPU-specific lines: the logic was checked on the
-CPU by a copy with `DEVICE = "cpu"` and no markers (181 passed in 3.1 s on a busy shared
+CPU by a copy with `DEVICE = "cpu"` and no markers (205 passed in 4.5 s on a busy shared
 CPU; the address-reuse assertion is CUDA's alone: glibc reuses the block only sometimes, and
 with `StorageWeakRef.expired` patched to always False the CPU copy's address-reuse test failed
 in the runs where it did, 4 of 6; with the effects check switched off, every case of 3 fails;
@@ -139,6 +140,33 @@ def _fans_all(plan: dict, n: int, label: str) -> None:
 # ---- 1. the allow-list's new forms, in each glue mode -----------------------------------------
 
 
+class HostZeroDim(nn.Module):
+    """A 0-d value the K variants share that lives on the host while the model runs on the
+    GPU (`torch.tensor(2.0)` made in the forward, `x.abs().sum().cpu()`): eager mode takes a
+    CPU 0-d tensor as a number in a binary op on CUDA values; the fanned run must too (it
+    uses a shared 0-d value untiled, as a per-call constant)."""
+
+    def __init__(self, how: str, conv: bool = False) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Conv2d(1, 4, 3, padding=1) if conv else nn.Linear(8, 8)
+        self.fc = nn.Linear(4 * 4 * 4 if conv else 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.how == "mul":
+            h = h * torch.tensor(2.0)
+        elif self.how == "div-of-x":
+            h = h / x.abs().sum().cpu()
+        elif self.how == "pow":
+            h = h.abs() ** torch.tensor(1.5)
+        elif self.how == "max":
+            h = torch.max(h, torch.tensor(0.1))
+        else:  # "sub_"
+            h = h.sub_(torch.tensor(0.3))
+        return self.fc(h.flatten(1))
+
+
 def _built(make: Callable[[], nn.Module], conv: bool) -> Callable[[int], tuple]:
     """A builder of (model, variants of its `lin`, batches of n samples): the model made
     under seed 0 and run once on the data (materialising any LazyLinear)."""
@@ -174,6 +202,11 @@ FORMS: dict[str, tuple[Callable[[int], tuple], bool]] = {
     "shape-neg1": (_built(lambda: ShapeNeg("scale"), False), False),
     "zero-dim-norm": (_built(lambda: ZeroDim("div-norm"), False), False),
     "sub_-own-conv": (_built(lambda: SubInplace("own", conv=True), True), True),
+    "host-0d-mul": (_built(lambda: HostZeroDim("mul"), False), False),
+    "host-0d-div-of-x-conv": (_built(lambda: HostZeroDim("div-of-x", conv=True), True), True),
+    "host-0d-pow-conv": (_built(lambda: HostZeroDim("pow", conv=True), True), True),
+    "host-0d-max": (_built(lambda: HostZeroDim("max"), False), False),
+    "host-0d-sub_-conv": (_built(lambda: HostZeroDim("sub_", conv=True), True), True),
 }
 
 _CASES = [(name, glue, layout) for name, (_, conv) in FORMS.items() for glue in GLUE_MODES
