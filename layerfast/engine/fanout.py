@@ -235,14 +235,21 @@ def _reduced_dims_ok(s: Any, i: int, dims: dict[int, int]) -> bool:
     against the rank when it runs (`dims`)."""
     d = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
     if isinstance(d, list | tuple):
-        if not d or not all(isinstance(x, int) and not isinstance(x, bool) and x != 0
-                            for x in d):
-            return False
-        neg = [x for x in d if x < 0]
-        if neg:
-            dims[i] = min(neg)
-        return True
+        return _dims_ok(d, i, dims)
     return _dim_ok(d, i, dims)
+
+
+def _dims_ok(ds: list | tuple, i: int, dims: dict[int, int]) -> bool:
+    """Whether named dims `ds` (a list or tuple) are plain ints none of which is the batch dim:
+    not empty, no 0 (nor a bool). Of the negative ones only the lowest can be dim 0 of a rank
+    the call accepts (a higher one is dim 0 only where the lowest is out of range), so that one
+    is recorded in `dims` for step i, to check against the rank when it runs."""
+    if not ds or not all(isinstance(x, int) and not isinstance(x, bool) and x != 0 for x in ds):
+        return False
+    neg = [x for x in ds if x < 0]
+    if neg:
+        dims[i] = min(neg)
+    return True
 
 
 def _identity_in_eval(target: Any, s: Any) -> bool:
@@ -319,11 +326,8 @@ def _transpose_why(s: Any, i: int, dims: dict[int, int]) -> str | None:
     dim is the batch dim. A negative one is checked against the rank when it runs; of two
     negative ones only the lower can be dim 0 of a rank the call accepts, so that one."""
     pair = (_arg(s, 1, "dim0"), _arg(s, 2, "dim1"))
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d != 0 for d in pair):
+    if not _dims_ok(pair, i, dims):
         return f"dims {pair[0]!r}, {pair[1]!r}: one {_BATCH_DIM} (or not a plain int)"
-    neg = [d for d in pair if d < 0]
-    if neg:
-        dims[i] = min(neg)
     return None
 
 
@@ -385,13 +389,7 @@ def _squeeze_why(s: Any, i: int, dims: dict[int, int]) -> str | None:
     size-1 dim, the batch dim too where B is 1 and K·B is not: refused."""
     d = _arg(s, 1, "dim")
     if isinstance(d, list | tuple):
-        if not d or not all(isinstance(x, int) and not isinstance(x, bool) and x != 0
-                            for x in d):
-            return f"dims {d!r}: one {_BATCH_DIM} (or not plain ints)"
-        neg = [x for x in d if x < 0]
-        if neg:
-            dims[i] = min(neg)
-        return None
+        return None if _dims_ok(d, i, dims) else f"dims {d!r}: one {_BATCH_DIM} (or not plain ints)"
     if d is None:
         return "squeezes every size-1 dim, the batch dim too where the batch is 1 sample"
     return _dim_why(d, i, dims)
@@ -503,7 +501,7 @@ def _why_not_batchwise_bare(
         return None if s.target in _ELEMENTWISE_FUNCS else _NOT_LISTED
     if s.op == "call_method":
         if s.target == "size":
-            return _size_why(prog, s, i, fanned, dims)
+            return _size_why(prog, s, i, dims)
         if s.target == "flatten":
             return _dim_why(_arg(s, 1, "start_dim", 0), i, dims, "start_dim")
         if s.target == "unflatten":
@@ -599,7 +597,7 @@ def _ellipsis_ok(rest: tuple, i: int, dims: dict[int, int]) -> bool:
     return True
 
 
-def _size_why(prog: Program, s, i: int, fanned: set[int], dims: dict[int, int]) -> str | None:
+def _size_why(prog: Program, s, i: int, dims: dict[int, int]) -> str | None:
     """`v.size(...)` of a fanned value. Its batch entry is K·B where the model saw B, so it may
     only set the batch entry of a view/reshape (which `_why_not_batchwise` checks); read any
     other way (`y * (16 / h.size(0))`) it would silently scale the fanned result by 1/K. Other
