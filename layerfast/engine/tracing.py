@@ -167,6 +167,17 @@ def _same(a: list[tuple[Any, Any]], b: list[tuple[Any, Any]]) -> bool:
     return True
 
 
+def _refill(v: Any, items: list[tuple[Any, Any]] | None) -> None:
+    """Put a dict's or list's own items (`_contents`) back into it, in place."""
+    if items is None or not isinstance(v, dict | list):
+        return
+    v.clear()
+    if isinstance(v, dict):
+        v.update(items)
+    else:
+        v.extend(x for _, x in items)
+
+
 #: What every nn.Module holds in its __dict__ (its parameters, buffers, hooks, ...): not the
 #: user's attributes, and changed legitimately (a buffer registered in forward).
 _MODULE_SLOTS = frozenset(vars(nn.Module()))
@@ -198,11 +209,7 @@ def attributes_kept(modules: list[nn.Module]) -> Iterator[None]:
                         object.__setattr__(m, k, before[k])
                 elif k in items and not _same(_contents(v), items[k]) and (
                         _tensorish(v) or any(_tensorish(x) for kv in items[k] for x in kv)):
-                    v.clear()
-                    if isinstance(v, dict):
-                        v.update(items[k])
-                    else:
-                        v.extend(x for _, x in items[k])
+                    _refill(v, items[k])
             for k, v in before.items():
                 if k not in now and _tensorish(v):
                     object.__setattr__(m, k, v)

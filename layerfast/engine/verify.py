@@ -16,7 +16,7 @@ from torch import nn
 
 from layerfast.engine.graph import Program, eager_inplace
 from layerfast.engine.precision import precision_context
-from layerfast.engine.tracing import _MODULE_SLOTS, _contents, _same, _tensorish
+from layerfast.engine.tracing import _MODULE_SLOTS, _contents, _refill, _same, _tensorish
 
 _OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)
 
@@ -75,17 +75,6 @@ def _slots(model: nn.Module) -> dict[tuple[str, str], tuple[Any, list | None]]:
     return {(n, k): (v, _contents(v) if isinstance(v, dict | list) else None)
             for n, m in model.named_modules() for k, v in vars(m).items()
             if k not in _MODULE_SLOTS}
-
-
-def _refill(v: Any, items: list | None) -> None:
-    """Put a dict's or list's own items (`_contents`) back into it, in place."""
-    if items is None or not isinstance(v, dict | list):
-        return
-    v.clear()
-    if isinstance(v, dict):
-        v.update(items)
-    else:
-        v.extend(x for _, x in items)
 
 
 def _set_by_call(v: Any, was: tuple[Any, list | None] | None) -> bool:
