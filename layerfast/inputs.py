@@ -337,10 +337,9 @@ def materialise(ckpts: Any, data: Any, split: str) -> tuple[Any, Any, dict[str, 
     if not (mem_ck or mem_data):
         return ckpts, data, None
     need_data(ckpts, data)
-    from layerfast.data.spec import SPLITS, spec_text
+    from layerfast.data.spec import check_split, spec_text
 
-    if split not in SPLITS:  # open_data's check, before anything is written
-        raise LayerfastError(f"split must be 'test' or 'train', got {split!r}")
+    check_split(split)  # open_data's check, before anything is written
     # everything checked before anything is written (a data spec beside in-memory checkpoints
     # by its form: a dict or an array there wrote the checkpoints' files, then was refused)
     if not mem_data:

@@ -97,12 +97,18 @@ def spec_text(spec: object) -> str:
     return spec
 
 
+def check_split(split: object) -> None:
+    """The LayerfastError for a split other than 'test' or 'train' (`open_data`'s check, which
+    in-memory inputs run before writing their files)."""
+    if split not in SPLITS:
+        raise LayerfastError(f"split must be 'test' or 'train', got {split!r}")
+
+
 def open_data(spec: str, split: str = "test", max_samples: int | None = None) -> DataSource:
     """Open dataset `spec` (see VALID_SPECS and docs/data.md) for `split` ('test' or 'train'),
     keeping only the first `max_samples` samples when given."""
     spec = spec_text(spec)
-    if split not in SPLITS:
-        raise LayerfastError(f"split must be 'test' or 'train', got {split!r}")
+    check_split(split)
     check_max_samples(max_samples)
     spec = spec.strip()
     low = spec.lower()
