@@ -8,7 +8,7 @@ A mixin of `Evaluator` (it reads the Evaluator's plan, passes and back-off field
 
 from __future__ import annotations
 
-from layerfast.engine.plan import Plan
+from layerfast.engine.plan import Plan, _is_int
 from layerfast.errors import LayerfastError
 
 
@@ -45,7 +45,7 @@ class ResumeState:
         try:
             k, rows, swap = (state.get(key) for key in ("k", "rows", "swap_rows"))
             for v in (k, rows, swap):
-                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                if v is not None and (not _is_int(v) or v < 1):  # as `Plan.from_record`'s K
                     raise ValueError(f"{v!r} is not a positive count")
             if k is not None and k > self.max_fanout:
                 raise ValueError(f"K {k} is above max_fanout {self.max_fanout}")
