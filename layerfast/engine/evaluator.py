@@ -734,7 +734,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
             for i in plan.same_as_baseline:
                 self._score(ops, logits0.unsqueeze(0), y, ref, acc[i : i + 1], [i])
         if not self._groups_sized:
-            self._size_groups(plan, prog, x, cache)
+            self._size_groups(plan, x, cache)
             self._groups_sized = True
         for g in plan.groups:
             inp = x if g.start == 0 else cache[g.start]
@@ -781,7 +781,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
         if self._hook is not None and rows is not None:
             self._hook([self._pass_idx[r] for r in rows], logits.float().cpu())
 
-    def _size_groups(self, plan: Plan, prog: Program, x: torch.Tensor, cache: dict) -> None:
+    def _size_groups(self, plan: Plan, x: torch.Tensor, cache: dict) -> None:
         """Pick K per fanned group from the activation size of one sample."""
         per_sample = self._k_peak  # every variant's cuts (`_probe`), when measured
         if per_sample is None:
@@ -843,7 +843,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
             return
         self._score(ops, logits.unsqueeze(0), y[lo:hi], ref[lo:hi], acc_rows, rows)
 
-    def _stacks(self, prog: Program, g: Group, lo: int, hi: int, dev_ov, live) -> dict:
+    def _stacks(self, prog: Program, g: Group, lo: int, hi: int, dev_ov) -> dict:
         key = (lo, hi)
         if key not in g.stacks:
             stacks = {}
@@ -880,7 +880,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
         """Run members[lo:hi] fanned and score them. False: the fanned run failed for a reason
         other than memory, so the group now runs (from `lo` on) on the swap path instead."""
         K = hi - lo
-        stacks = self._stacks(prog, g, lo, hi, dev_ov, live)
+        stacks = self._stacks(prog, g, lo, hi, dev_ov)
         x = inp.clone() if prog.has_inplace else inp
         try:
             logits = run_fanned(
