@@ -557,7 +557,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
         prog = Program(self.model, trace=not isinstance(self._trace_ok, str))
         if isinstance(self._trace_ok, str):
             prog.trace_error = self._trace_ok
-        prog.drop_cuts(self._unbatched)  # found on the first pass's first batch (`_verified`)
+        prog.drop_cuts(self._unbatched)  # found on the first pass's first batch (`_settle_cuts`)
         prog.make_opaque(self._unseen)  # likewise (`_settle_unseen`)
         dev_ov = self._device_overrides(live)
         # A variant whose tensors equal the live ones (e.g. reinit to the final τ) IS the
