@@ -64,6 +64,8 @@ from layerfast.engine.fanrun import GLUE_MODES
 from layerfast.engine.graph import Program
 from layerfast.engine.naive import naive_evaluate
 from layerfast.engine.precision import tf32_allowed
+from tests.test_cuda_s19 import _close_to_naive
+from tests.test_cuda_s20 import _why
 from tests.test_effects3_s20 import _Four, _reads_kept
 from tests.test_effects4_s20 import _buffer_channel, _buffer_channel_replaced, _side_list
 from tests.test_fan_s19 import _variants as _per_unit
@@ -104,22 +106,6 @@ def _naive(model: nn.Module, variants: list, batches: list) -> torch.Tensor:
     """The naive loop on DEVICE in full float32 (cuDNN's TF32, on by default, off)."""
     with tf32_allowed(False):
         return naive_evaluate(model, variants, lambda: copy.deepcopy(batches), device=DEVICE)
-
-
-def _close_to_naive(got: torch.Tensor, want: torch.Tensor, exact: bool = False) -> None:
-    """correct@1, correct@5 and agreement equal the naive loop's, up to one near-tie flip per
-    variant unless `exact`; the loss sum to rounding."""
-    diff = (got[:, [0, 1, 3]] - want[:, [0, 1, 3]]).abs().max().item()
-    assert diff <= (0 if exact else 1), (diff, got, want)
-    assert torch.allclose(got[:, 2], want[:, 2], rtol=1e-4, atol=1e-3), (got, want)
-
-
-def _why(plan: dict, label: str = "") -> str:
-    """A failed plan assertion's message, as one line `scripts/gpu_session.sh`'s summary picks
-    out of the test log (`fanout_refused`)."""
-    return (f"{label} fanned {plan['fanned_variants']}, swapped {plan['swapped_variants']}, "
-            f"fanout_refused {plan['fanout_refused']}, fanout_fallbacks "
-            f"{plan['fanout_fallbacks']}, untraced {plan['untraced']}")
 
 
 def _run(model: nn.Module, variants: list, batches: list, device: str = DEVICE,
