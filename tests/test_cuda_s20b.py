@@ -67,7 +67,12 @@ from layerfast.engine.precision import tf32_allowed
 from tests.test_cuda_s19 import _close_to_naive
 from tests.test_cuda_s20 import _why
 from tests.test_effects3_s20 import _Four, _reads_kept
-from tests.test_effects4_s20 import _buffer_channel, _buffer_channel_replaced, _side_list
+from tests.test_effects4_s20 import (
+    _buffer_channel,
+    _buffer_channel_replaced,
+    _escaping,
+    _side_list,
+)
 from tests.test_fan_s19 import _variants as _per_unit
 from tests.test_fanallow_s20 import (
     AdaptiveMax,
@@ -326,26 +331,6 @@ def _side_accumulator() -> nn.Module:
     m.b.forward, m.c.forward = fb, fc
     m.d.forward = lambda g: F.linear(g + box["acc"], d.weight, d.bias)
     return m
-
-
-def _escaping(make: Callable[[torch.Tensor], object],
-              use: Callable[[torch.Tensor, object], torch.Tensor]) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        """b keeps make(h) in a closure's dict; d feeds use(g, it) to its linear."""
-        torch.manual_seed(0)
-        m = _Four()
-        box: dict[str, object] = {}
-        b, d = m.b, m.d
-
-        def fb(h: torch.Tensor) -> torch.Tensor:
-            box["s"] = make(h)
-            return F.linear(h, b.weight, b.bias)
-
-        m.b.forward = fb
-        m.d.forward = lambda g: F.linear(use(g, box["s"]), d.weight, d.bias)
-        return m
-
-    return build
 
 
 #: a float per sample (`float(t)` of a device tensor: `_local_scalar_dense`, a device sync)
