@@ -126,7 +126,7 @@ def _score_inputs(C: int, device: str, dtype=torch.float32):
 
 def _check_score(logits, labels, ref_pred) -> None:
     """score_ and score_reference agree on fresh sums: counts exactly, the loss sum to 1e-5
-    (two summation orders in float64 of float32 terms; tests/test_ops_score.py)."""
+    (two summation orders in float64 of float32 terms; tests/ops/test_ops_score.py)."""
     got, want = (torch.zeros(logits.shape[0], 4, dtype=torch.float64, device=logits.device)
                  for _ in range(2))
     ops.score_(logits, labels, ref_pred, got)
@@ -184,7 +184,7 @@ def _bn_add_relu(K, C, x, skip, mean, var, w, b):
 
 
 def _check_affine_relu(K, C, x, skip, bn, scale, shift) -> None:
-    """The op equals the torch way (tests/test_ops_affine_relu.py's tolerances by dtype)."""
+    """The op equals the torch way (tests/ops/test_ops_affine_relu.py's tolerances by dtype)."""
     tol = {"rtol": 1e-5, "atol": 1e-5} if x.dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(ops.affine_relu(x, scale, shift, skip, True),
                                _bn_add_relu(K, C, x, skip, *bn), **tol)

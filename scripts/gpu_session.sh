@@ -24,7 +24,7 @@
 # summary into $OUT/summary.txt, which is also printed last (the call's output keeps 12,000 chars).
 # Knobs: CALL_BUDGET (s), FCN_EPOCHS, VGG_EPOCHS, RESNET_EPOCHS (100, the paper's), VGG_LR,
 # TRAIN_TIMEOUT (s, default 300), RESNET_ARCH=resnet18_cifar for the wider CIFAR ResNet-18.
-# Smoke test without a GPU: SKIP_BUILD=1 DEVICE=cpu MAX_SAMPLES=64 *_EPOCHS=1 (tests/test_scripts.py
+# Smoke test without a GPU: SKIP_BUILD=1 DEVICE=cpu MAX_SAMPLES=64 *_EPOCHS=1 (tests/project/test_scripts.py
 # runs repro-b so; `all` so took 6 min on 2 cores, the ResNet-50 benches cut at their caps).
 set -uo pipefail
 phase=${1:-all}
@@ -94,8 +94,8 @@ build() {
 # 205 cases, 4.5 s as a CPU copy, est. 20-40 s on the GPU); capped at 150 s together), in their own
 # step out of the rest's cap $2: the rest of `-m cuda tests/` runs in file-name order, and the cap
 # cuts its last files, which must not be the ones that check what changed last.
-ops_tests=(tests/test_ops_swap.py tests/test_ops_score.py tests/test_ops_affine_relu.py tests/test_info.py)
-new_tests=(tests/test_cuda_s19.py tests/test_cuda_s20.py tests/test_cuda_s20b.py)
+ops_tests=(tests/ops/test_ops_swap.py tests/ops/test_ops_score.py tests/ops/test_ops_affine_relu.py tests/cli/test_info.py)
+new_tests=(tests/gpu/test_cuda_s19.py tests/gpu/test_cuda_s20.py tests/gpu/test_cuda_s20b.py)
 # -rfEs, not -rs: a later -r replaces addopts' -ra, and without the short summary's
 # `FAILED path::test` lines the summary below could name no failed test
 cuda_tests() { local t0
@@ -167,8 +167,8 @@ case $phase in
   test)
     cuda_tests 180 300
     # -m "not cuda": on the device the CUDA cases of these files ran in the steps above already
-    step cpu-tests 120 python3 -m pytest -q -m "not cuda" tests/test_engine.py tests/test_fanrun.py tests/test_ops_swap.py \
-      tests/test_ops_score.py tests/test_ops_affine_relu.py -p no:cacheprovider > "$LOG/cpu-tests.log" 2>&1
+    step cpu-tests 120 python3 -m pytest -q -m "not cuda" tests/engine/test_engine.py tests/fanout/test_fanrun.py tests/ops/test_ops_swap.py \
+      tests/ops/test_ops_score.py tests/ops/test_ops_affine_relu.py -p no:cacheprovider > "$LOG/cpu-tests.log" 2>&1
     ops_bench 120 ;;
   bench)
     engine resnet50-block 240 "${headline[@]}" --profile "$LOG/profile-resnet50-block.txt"
