@@ -302,7 +302,7 @@ class CheckpointDir:
                     continue
                 first = f.get(raws[0])
                 for n in names[1:]:
-                    if km[n] != raws[0] and not _same_values(first, f.get(km[n])):
+                    if km[n] != raws[0] and not _same_values_nan_equal(first, f.get(km[n])):
                         found.append(f"{names[0]} and {n}")
             if found:
                 bad.append(f"{self.files[label].name}: {', '.join(found[:5])}"
@@ -337,7 +337,7 @@ class CheckpointDir:
             )
 
 
-def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _same_values_nan_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal shape and values, NaN equal to NaN (non-finite values are `_check_finite`'s)."""
     if a.shape != b.shape:
         return False

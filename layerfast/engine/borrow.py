@@ -28,12 +28,17 @@ def lazy_names(model: nn.Module) -> list[str]:
     return [k for k, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
 
 
+def _snapshottable(t: torch.Tensor) -> bool:
+    """Only a strided tensor off the meta device gets a snapshot: `torch.equal` has no sparse
+    or meta kernel, and its raising in `borrowed`'s exit failed a finished pass and left the
+    rest of the model unrestored (in eval mode)."""
+    return t.layout == torch.strided and not t.is_meta
+
+
 def _snapshot(b: torch.Tensor) -> torch.Tensor | None:
-    """A buffer's values before the pass, to put back what the pass wrote: only a strided one
-    off the meta device (None otherwise). `torch.equal` has no sparse or meta kernel, and its
-    raising in `borrowed`'s exit failed a finished pass and left the rest of the model
-    unrestored (in eval mode)."""
-    return b.detach().clone() if b.layout == torch.strided and not b.is_meta else None
+    """A buffer's values before the pass, to put back what the pass wrote (None where
+    `_snapshottable` says no)."""
+    return b.detach().clone() if _snapshottable(b) else None
 
 
 def _own_storage(now: torch.Tensor, data: torch.Tensor) -> bool:
@@ -49,10 +54,8 @@ def _own_storage(now: torch.Tensor, data: torch.Tensor) -> bool:
 
 def _param_snapshot(t: torch.Tensor) -> torch.Tensor | None:
     """A parameter's values before the pass, on the host (a model already on the GPU spends
-    no device memory on it); None where `_snapshot` takes none."""
-    if t.layout != torch.strided or t.is_meta:
-        return None
-    return t.detach().to("cpu", copy=True)
+    no device memory on it); None where `_snapshottable` says no."""
+    return t.detach().to("cpu", copy=True) if _snapshottable(t) else None
 
 
 @contextlib.contextmanager

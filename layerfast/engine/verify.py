@@ -151,7 +151,7 @@ def _from_weights(model: nn.Module, x: torch.Tensor,
             first = v  # what the first call stored (a container's items: it was refilled)
             if items is not None:
                 first = dict(items) if isinstance(v, dict) else [x for _, x in items]
-            if not _same_values(getattr(mods[n], k, None), first):
+            if not _same_cached_values(getattr(mods[n], k, None), first):
                 out.append((n, k))
     except _OOM:  # no verdict: the trace check backs off (the finally puts all back first)
         raise
@@ -167,7 +167,7 @@ def _from_weights(model: nn.Module, x: torch.Tensor,
     return out
 
 
-def _same_values(a: Any, b: Any) -> bool:
+def _same_cached_values(a: Any, b: Any) -> bool:
     """Whether two cached values (tensors, or containers of them) hold the same values."""
     from torch.utils._pytree import tree_flatten
 
