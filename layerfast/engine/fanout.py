@@ -816,10 +816,10 @@ def _restack_why(prog: Program, fanned: set[int], batch: set[int], seeds: set[in
                         f"variants' batch (step {bad[0]}: reached through a size, a .to() "
                         "template or an index bound)")
         elif s.op == "call_method" and s.target in ("view", "reshape"):
-            shape = _view_shape(s)
-            v = _batch_size_of(prog, shape[0]) if shape else None
             if _is_rowview(s) and rows(s.args[0]):
                 continue  # rows kept, which `fanrun` checks when it runs
+            shape = _view_shape(s)
+            v = _batch_size_of(prog, shape[0]) if shape else None
             if not rows(s.args[0]) or v is None or v not in stacked:
                 return (f"{_describe(prog, s)}: its batch entry or the value it views is not "
                         "the K variants' batch (a value reached through a size, a .to() "
