@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from layerfast.data.source import IMAGENET_MEAN, IMAGENET_STD, DataSource, make_source
-from layerfast.errors import LayerfastError
+from layerfast.errors import LayerfastError, warn
 
 SIDECAR_FORMAT = "layerfast-beton-1"
 _TYPE_NAMES = {0: "float", 1: "int", 2: "rgb-image", 3: "bytes", 4: "ndarray", 5: "json",
@@ -213,7 +213,10 @@ def _read_sidecar(path: Path, n: int) -> dict[str, Any] | None:
 
 
 def open_beton(path: Path, split: str, max_samples: int | None) -> DataSource:
-    """Open a .beton (fields `image`, `label`). `split` is ignored: a beton holds one split."""
+    """Open a .beton (fields `image`, `label`). A beton holds one split, so `split` does not
+    choose one; but where the sidecar says `convert` wrote the other split, that is said
+    (a warning, kept in run.json): `analyze --data cifar-train.beton` measured the training
+    set under the default `--split test`, and nothing said so."""
     if not path.is_file():
         raise LayerfastError(f"beton: file {path} does not exist")
     require_ffcv()
@@ -258,6 +261,7 @@ def open_beton(path: Path, split: str, max_samples: int | None) -> DataSource:
                              f"is {_TYPE_NAMES[itype]}")  # fmt: skip
     num_classes = int(labels.max()) + 1
     if side is not None:
+        _warn_other_split(path, side, split)
         scale, num_classes = float(side["scale"]), int(side["num_classes"])
         mean, std = side["mean"], side["std"]
         if labels.max() >= num_classes:
@@ -270,6 +274,16 @@ def open_beton(path: Path, split: str, max_samples: int | None) -> DataSource:
         str(path), beton, total=n, num_classes=num_classes, shape=shape, mean=mean, std=std, scale=scale,
         max_samples=max_samples,
     )  # fmt: skip
+
+
+def _warn_other_split(path: Path, side: dict[str, Any], split: str) -> None:
+    """Warn when the sidecar records that `path` holds the split other than `split` (a sidecar
+    from before the field, or another value, says nothing)."""
+    held = side.get("split")
+    if held in ("test", "train") and held != split:
+        warn(f"{path} holds the {held} split of {side.get('source')!r} (its sidecar says so), "
+             f"used here as the {split} split: a beton holds one split, --split cannot "
+             "choose another")
 
 
 def check_target(to: Path) -> None:
