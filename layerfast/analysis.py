@@ -866,7 +866,7 @@ def _distance_rows(variants: list, unit_list: list, model: torch.nn.Module, spec
             f"directory has only τ = {found}")
     rr = [v for v in variants if v.kind == "rerandom"]
     if chosen != "all" and ck.final not in chosen and any(v.kind == "interp" for v in variants):
-        chosen = [*chosen, ck.final]
+        chosen = sorted({*chosen, ck.final})  # in τ order, as every row: `--final` may be earlier
     dist = unit_distances(model, unit_list, ck, rerandom=rr, arch=spec, checkpoints=chosen)
     return dist, None
 
