@@ -42,3 +42,47 @@ def test_distances_rows_stay_in_tau_order_when_interp_adds_the_final(
         assert list(rows["checkpoint"]) == [0, 1, 2], unit
     written = read_distances(tmp_path / "o" / "distances.csv")
     assert list(written.loc[written["unit"] == "fc1", "checkpoint"]) == [0, 1, 2]
+
+
+_RESULTS = (
+    "unit,kind,checkpoint,seed,error,error_lo,error_hi,top5_error,loss,agreement,n,"
+    "delta_error,verdict\n"
+    "*,baseline,,,0.1,0.05,0.2,0.0,0.3,1.0,100,0.0,\n"
+    "fc1,reinit,0,,0.2,0.1,0.3,0.0,0.5,0.9,100,0.1,critical\n"
+)
+
+
+@pytest.mark.parametrize("huge", ["1e297", "1e299", "1e300"])
+def test_report_refuses_distances_the_log_scale_cannot_draw(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], huge: str
+) -> None:
+    """read_distances refused only values above 1e300 ("what the figure cannot draw"); from
+    ~1e297 up, beside ordinary distances, the log colour bar's tick locator overflowed and
+    `layerfast report` died with matplotlib's OverflowError traceback (exit 1), not exit 2."""
+    from layerfast.cli import main
+
+    (tmp_path / "results.csv").write_text(_RESULTS)
+    (tmp_path / "distances.csv").write_text(
+        "unit,checkpoint,l2,l2_rel,linf\n"
+        "fc1,0,0.0,0.0,0.0\n"
+        f"fc1,1,{huge},{huge},{huge}\n"
+        "fc1,2,0.5,0.02,0.01\n"
+    )
+    rc = main(["report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and "'l2', row 2" in err
+    assert not (tmp_path / "distances.png").exists()
+
+
+def test_the_largest_distance_read_back_is_drawn(tmp_path: Path) -> None:
+    """What read_distances accepts, distance_plot draws (log scale over 40 decades)."""
+    from layerfast.report import distance_plot
+
+    (tmp_path / "distances.csv").write_text(
+        "unit,checkpoint,l2,l2_rel,linf\n"
+        "fc1,0,0.0,0.0,0.0\n"
+        "fc1,1,1e250,1e250,1e250\n"
+        "fc1,2,0.5,0.02,0.01\n"
+    )
+    assert distance_plot(read_distances(tmp_path / "distances.csv"), tmp_path / "d.png").is_file()

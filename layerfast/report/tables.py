@@ -37,6 +37,12 @@ __all__ = [
 #: Columns of `distances.csv`, in order.
 DISTANCE_COLUMNS: tuple[str, ...] = ("unit", "checkpoint", "l2", "l2_rel", "linf")
 
+#: Largest distance `read_distances` accepts: far from float64's end, which matplotlib cannot
+#: draw (1e308 overflowed the axis limits; from ~1e297, beside ordinary distances, the log
+#: colour bar's tick locator overflowed). No checkpoint gives one: the model's float32 weights
+#: stay below ~3.4e38, so a larger value is a damaged or foreign distances.csv.
+MAX_DISTANCE = 1e250
+
 #: What `metrics.results_table` appends after DESIGN's columns when a run has interp rows.
 INTERP_COLUMNS = ("alpha", "sigma")
 _FLOATS = ("error", "error_lo", "error_hi", "top5_error", "loss", "agreement", "delta_error")
@@ -362,7 +368,7 @@ def read_distances(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a `distances.csv`; `checkpoint` stays text-or-int ("0", "rerandom:1" -> 0, "rerandom:1").
 
     Like `read_results`, a bad cell is one LayerfastError naming its column and row: unit
-    non-empty, checkpoint a τ or `rerandom:<seed>`, distances finite numbers >= 0 or empty
+    non-empty, checkpoint a τ or `rerandom:<seed>`, distances numbers in [0, `MAX_DISTANCE`] or empty
     (l2_rel is NaN for a zero-initialized unit, see layerfast.distances).
     """
     p = Path(path)
@@ -385,7 +391,6 @@ def read_distances(path: str | os.PathLike[str]) -> pd.DataFrame:
     out: dict[str, object] = {"unit": df["unit"], "checkpoint": checkpoints}
     for col in ("l2", "l2_rel", "linf"):
         v = _numbers(p, df, col)
-        # finite, and far from float64's end: 1e308 overflowed matplotlib's axis limits
-        out[col] = _checked(p, df, col, v, (v < 0) | np.isinf(v) | (v > 1e300),
-                            "a finite distance (>= 0)")
+        out[col] = _checked(p, df, col, v, (v < 0) | np.isinf(v) | (v > MAX_DISTANCE),
+                            f"a finite distance (>= 0, at most {MAX_DISTANCE:g})")
     return pd.DataFrame(out, index=df.index)[list(DISTANCE_COLUMNS)]
