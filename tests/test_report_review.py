@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import layerfast
@@ -86,3 +87,22 @@ def test_the_largest_distance_read_back_is_drawn(tmp_path: Path) -> None:
         "fc1,2,0.5,0.02,0.01\n"
     )
     assert distance_plot(read_distances(tmp_path / "distances.csv"), tmp_path / "d.png").is_file()
+
+
+def _distances(rerandom: bool) -> pd.DataFrame:
+    rows = [(u, t, 0.1 * t, 0.05 * t, 0.01 * t) for u in ("fc1", "fc2") for t in (0, 1, 3)]
+    if rerandom:
+        rows += [(u, "rerandom:1", 9.0, 1.4, 0.2) for u in ("fc1", "fc2")]
+    return pd.DataFrame(rows, columns=["unit", "checkpoint", "l2", "l2_rel", "linf"])
+
+
+@pytest.mark.parametrize("rerandom", [False, True])
+def test_distance_figure_explains_the_rernd_column_only_when_it_has_one(rerandom: bool) -> None:
+    """A run without rerandom (`--reset reinit`, `--reset interp`) drew distances.png with no
+    ReRnd column under a heading that explained one ("ReRnd: a fresh random draw against θ0")."""
+    fig = fig_mod.distance_figure(_distances(rerandom))
+    cols = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert (fig_mod.RERANDOM_COLUMN in cols) is rerandom
+    heading = fig.get_suptitle()
+    assert heading.startswith("Distance of each unit's weights")
+    assert (fig_mod.RERANDOM_COLUMN in heading) is rerandom, heading

@@ -529,10 +529,11 @@ def distance_figure(distances_df: pd.DataFrame) -> Figure:
     grids = [distance_grid(distances_df, col) for col, _ in panels]
     rows, cols, _ = grids[0]
     rows = fit_labels(rows)
-    heading = [
-        r"Distance of each unit's weights from their initialization $\theta^0$",
-        f"{RERANDOM_COLUMN}: a fresh random draw against " + r"$\theta^0$ (mean over seeds)",
-    ]
+    heading = [r"Distance of each unit's weights from their initialization $\theta^0$"]
+    if RERANDOM_COLUMN in cols:  # a run without rerandom has no such column to explain
+        heading.append(
+            f"{RERANDOM_COLUMN}: a fresh random draw against " + r"$\theta^0$ (mean over seeds)"
+        )
     geo = _Geometry(rows, cols, annot_chars=6, n_panels=2)
     fig = Figure(figsize=geo.figsize(heading, extra_h=1.8), layout="constrained")
     # Per block of rows, the two panels side by side (each block reads like the whole figure).
