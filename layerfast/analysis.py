@@ -39,7 +39,7 @@ from layerfast.errors import (
 )
 from layerfast.exclusive import exclusive
 from layerfast.flags import RESETS, _check_threshold, _checkpoint_every, _parse_units, parse_flags
-from layerfast.options import flag
+from layerfast.options import check_dir_path, flag
 
 if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn
     from matplotlib.figure import Figure
@@ -550,6 +550,8 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
     resets, interp, seed_list, seeded = f.resets, f.interp, f.seed_list, f.seeded
     threshold, final, batch_size, max_samples = f.threshold, f.final, f.batch_size, f.max_samples
     chosen, patterns = f.checkpoints, f.patterns
+    if out is not None:  # else `Path(out)` fails once the model and the data have been read
+        check_dir_path(out)
     resolve_device(device)  # up front: an unknown or absent device, before anything is read
     ckpts, data, inputs = materialise(ckpts, data, split)  # in-memory ones: written as files
     if not isinstance(ckpts, str | os.PathLike):

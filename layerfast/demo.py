@@ -14,7 +14,7 @@ import torch
 from layerfast.analysis import Analysis, analyze
 from layerfast.errors import LayerfastError, refused_paths_are_input
 from layerfast.exclusive import exclusive
-from layerfast.options import flag
+from layerfast.options import check_dir_path, flag
 from layerfast.train import train
 
 EPOCHS = 30
@@ -41,6 +41,7 @@ def demo(out: str | Path = "layerfast-demo", progress: bool = True) -> Analysis:
     retrains, so progress from an earlier demo belongs to other weights and must not be resumed.
     fp32 on the CPU so that every machine prints the same table as the README."""
     progress = flag(progress, "progress")
+    check_dir_path(out)
     if not str(out).strip():  # Path("") would put checkpoints/ and analysis/ in the cwd
         raise LayerfastError("--out is empty: name a directory for the demo's files")
     out = Path(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import os
 from collections.abc import Iterable
 
 from layerfast.errors import LayerfastError
@@ -53,6 +54,14 @@ def count(value: object, flag: str) -> int | None:
     if not is_int(value) or int(value) < 1:
         raise LayerfastError(f"{flag} must be a positive integer; got {value!r}")
     return int(value)
+
+
+def check_dir_path(value: object, name: str = "out") -> None:
+    """An output directory given as a str or `os.PathLike` (`Path`). Anything else (`out=5`,
+    `out=b"run"`) is refused up front: `Path()` raised a bare TypeError only once the model,
+    checkpoints and data had been read. `None`, where a default applies, is the caller's."""
+    if not isinstance(value, str | os.PathLike) or isinstance(os.fspath(value), bytes):
+        raise LayerfastError(f"{name} must be a directory path (str or Path), got {value!r}")
 
 
 def flag(value: object, name: str) -> bool:

@@ -65,7 +65,7 @@ from layerfast.errors import (
 )
 from layerfast.exclusive import exclusive
 from layerfast.models import build_model, input_dtype
-from layerfast.options import count, flag, int_list, is_int
+from layerfast.options import check_dir_path, count, flag, int_list, is_int
 from layerfast.rng import forked_host_generators, seeded_host_generators
 
 PAPER_CHECKPOINTS: tuple[int, ...] = (0, 1, 2, 3, 8, 40, 90, 100)
@@ -473,8 +473,7 @@ def train(
         raise LayerfastError(f"momentum must be below 1 (0.9 is usual), got {momentum!r}")
     _check_seed(seed)
     seed = int(seed)  # a numpy integer too: the manifest is JSON
-    if not isinstance(out, (str, os.PathLike)):
-        raise LayerfastError(f"out must be a directory path (str or Path), got {out!r}")
+    check_dir_path(out)
     if not str(out).strip():  # Path("") is the current directory: checkpoints among its files
         raise LayerfastError("--out is empty: name the directory for the checkpoints")
     out = Path(out)
