@@ -40,15 +40,19 @@ def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:
     return sorted(set(integers(checkpoints, "checkpoints")))
 
 
-def _parse_list(value: str | Sequence[str] | None) -> list[str]:
+def _parse_list(value: str | Sequence[str] | None, flag: str = "the option") -> list[str]:
     """A comma-separated option (`--reset`, `--units`) as a list without repeats, in order:
     repeats change nothing evaluated, so they must not change run.json or the resume
     fingerprint either. Commas inside brackets stay (`re:x{1,2}`, `[a,b]*`: see
-    `units.split_patterns`)."""
+    `units.split_patterns`). Neither a string nor an iterable (`units=5`) is refused naming
+    `flag`: it was a bare "TypeError: 'int' object is not iterable"."""
     from layerfast.units import split_patterns
 
     if value is None:
         return []
+    if isinstance(value, bytes) or not isinstance(value, str | Iterable):
+        raise LayerfastError(f"{flag} takes a comma-separated string or a list of strings; "
+                             f"got {type(value).__name__} {value!r}")
     items = split_patterns(value) if isinstance(value, str) else [str(v).strip() for v in value]
     return list(dict.fromkeys(v for v in items if v))
 
@@ -61,7 +65,7 @@ def _parse_units(units: str | Sequence[str] | None) -> list[str] | None:
     layer of the granularity instead of the custom units asked for."""
     if units is None:
         return None
-    patterns = _parse_list(units)
+    patterns = _parse_list(units, "--units")
     if not patterns:
         raise LayerfastError(
             f"--units names no pattern (got {units!r}): give globs or re:regexes, "
@@ -144,7 +148,7 @@ def parse_flags(reset: str | Sequence[str] | None = RESETS, alphas: Any = None, 
     `--threshold 2` would pass a command that then fails."""
     from layerfast.interp import check_grid, interp_options
 
-    resets = list(RESETS) if reset is None else _parse_list(reset)
+    resets = list(RESETS) if reset is None else _parse_list(reset, "--reset")
     resets = sorted(resets, key=lambda r: KINDS.index(r) if r in KINDS else len(KINDS))
     if not resets:  # `--reset ''` must not mean "every kind"
         raise LayerfastError(f"--reset names no kind: choose from {', '.join(KINDS)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 import layerfast
+from layerfast.analysis import list_units
 from layerfast.demo import demo
 from layerfast.errors import LayerfastError
 
@@ -28,3 +29,19 @@ def test_demo_out_that_is_not_a_path_is_refused(tmp_path, monkeypatch, out):
     with pytest.raises(LayerfastError, match="out must be a directory path"):
         demo(out, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["units", "reset"])
+@pytest.mark.parametrize("value", [5, 2.5, object()])
+def test_analyze_list_option_that_is_not_a_string_or_list_is_refused(ckpts, tmp_path, option,
+                                                                      value):
+    """`units=5` and `reset=5` were a bare "TypeError: 'int' object is not iterable"."""
+    with pytest.raises(LayerfastError, match=f"--{option}"):
+        layerfast.analyze("fcn3x256", ckpts, data="digits", out=tmp_path / "o", progress=False,
+                          **{option: value})
+    assert not (tmp_path / "o").exists()
+
+
+def test_list_units_units_that_is_not_a_string_or_list_is_refused():
+    with pytest.raises(LayerfastError, match="--units"):
+        list_units("fcn3x256", units=5)
