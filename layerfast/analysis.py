@@ -905,6 +905,8 @@ def list_units(arch: str | Callable[..., torch.nn.Module],
             data = _data_spec(None, ckpts)[0]
         src = open_data(data or "digits", split="test", max_samples=1)
     with torch.random.fork_rng(devices=[]):  # the factory's init draws: not the caller's
-        model, spec = build_model(arch, num_classes or src.num_classes, tuple(src.shape))
+        # `is None`, not `or`: num_classes=0 is refused by build_model, not read as "not given"
+        model, spec = build_model(arch, src.num_classes if num_classes is None else num_classes,
+                                  tuple(src.shape))
     return make_units(model, granularity=granularity, patterns=_parse_units(units), bn=bn,
                       arch=spec)

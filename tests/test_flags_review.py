@@ -8,6 +8,7 @@ import pytest
 
 import layerfast
 from layerfast.analysis import list_units
+from layerfast.cli import main
 from layerfast.demo import demo
 from layerfast.errors import LayerfastError
 
@@ -45,3 +46,17 @@ def test_analyze_list_option_that_is_not_a_string_or_list_is_refused(ckpts, tmp_
 def test_list_units_units_that_is_not_a_string_or_list_is_refused():
     with pytest.raises(LayerfastError, match="--units"):
         list_units("fcn3x256", units=5)
+
+
+def test_list_units_num_classes_zero_is_refused():
+    """`num_classes=0` was read as "not given" (`num_classes or ...`): the data's class count
+    was used without a word, while -1 and 2.5 were refused."""
+    with pytest.raises(LayerfastError, match="num_classes"):
+        list_units("fcn3x256", num_classes=0)
+
+
+def test_cli_still_accepts_the_documented_forms(ckpts, capsys):
+    """The checks above leave the CLI's own strings alone (a dry run: nothing is evaluated)."""
+    assert main(["analyze", "--arch", "fcn3x256", "--list-units", "--units", "fc1,fc2",
+                 "--reset", "reinit"]) == 0
+    assert "2 units" in capsys.readouterr().out
