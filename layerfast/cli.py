@@ -143,6 +143,26 @@ def _join_negative_lists(argv: list[str]) -> list[str]:
     return out
 
 
+class _Once(argparse.Action):
+    """Store a list-valued flag's value (`--units`, `--reset`, `--checkpoints`, `--seeds`,
+    `--alphas`, `--sigma`), refusing a second, different one: argparse keeps the last, and
+    `--units 'conv*' --units 'fc*'` analysed the fc units alone, exit 0, whether the user meant
+    both lists or a replacement. The same value again changes nothing and is let through.
+    Single-valued flags keep argparse's last-wins (a wrapper's `$COMMON --device cpu`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        seen = f"_{self.dest}_given"
+        if getattr(namespace, seen, False) and getattr(namespace, self.dest) != values:
+            def shown(v: object) -> str:  # as typed: `--seeds 1,2` parses to [1, 2]
+                return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+            parser.error(f"{option_string} given twice ({shown(getattr(namespace, self.dest))} "
+                         f"and {shown(values)}): give one comma-separated list")
+        setattr(namespace, seen, True)
+        setattr(namespace, self.dest, values)
+
+
 def _common_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument(
@@ -210,7 +230,7 @@ def parser() -> argparse.ArgumentParser:
         "top-level children",
     )
     a.add_argument(
-        "--units", default=None, help="custom units: glob or re:regex patterns, comma-separated"
+        "--units", default=None, action=_Once, help="custom units: glob or re:regex patterns, comma-separated"
     )
     a.add_argument(
         "--bn",
@@ -221,24 +241,24 @@ def parser() -> argparse.ArgumentParser:
         "model's; separate = each is a unit of its own",
     )
     a.add_argument(
-        "--reset", default="reinit,rerandom,fullmodel",
+        "--reset", default="reinit,rerandom,fullmodel", action=_Once,
         help="kinds, comma-separated (default: reinit,rerandom,fullmodel); also interp, with "
         "--alphas (it replaces the default: list the other kinds with it to keep them)",
     )
     a.add_argument(
-        "--alphas", default=None, metavar="A[,A...]",
+        "--alphas", default=None, metavar="A[,A...]", action=_Once,
         help="interp: each unit := (1-A)*theta^tau + A*theta^final, A in [0, 1], for every "
         "--checkpoints tau but the final one (e.g. 0.25,0.5,0.75)",
     )
     a.add_argument(
-        "--sigma", default="0", metavar="S[,S...]",
+        "--sigma", default="0", metavar="S[,S...]", action=_Once,
         help="interp: std of Gaussian noise added to the unit's parameters, absolute, one or "
         "several (default: 0); above 0, one variant per --seeds seed",
     )
-    a.add_argument("--checkpoints", default="all",
+    a.add_argument("--checkpoints", default="all", action=_Once,
                    help="τ labels to reset to: all (default) or e.g. 0,1,10")
     a.add_argument(
-        "--seeds", type=_seeds, default=1,
+        "--seeds", type=_seeds, default=1, action=_Once,
         help="re-randomization seeds: a count n (1..n) or a list (default: 1, one seed)"
     )
     a.add_argument(
@@ -290,7 +310,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="data spec, as for analyze (digits, ...)")
     t.add_argument("--epochs", type=int, required=True, help="epochs to train (the paper: 100)")
     t.add_argument(
-        "--checkpoints", type=_int_list, default=None, help="default: 0,1,2,3,8,40,90,100 scaled"
+        "--checkpoints", type=_int_list, default=None, action=_Once,
+        help="default: 0,1,2,3,8,40,90,100 scaled"
     )
     t.add_argument(
         "--out", required=True, help="directory for epoch_NNN.pt and manifest.json (created)"

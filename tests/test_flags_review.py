@@ -60,3 +60,36 @@ def test_cli_still_accepts_the_documented_forms(ckpts, capsys):
     assert main(["analyze", "--arch", "fcn3x256", "--list-units", "--units", "fc1,fc2",
                  "--reset", "reinit"]) == 0
     assert "2 units" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cmd", [
+    ["analyze", "--arch", "fcn3x256", "--list-units", "--units", "fc1", "--units", "fc2"],
+    ["analyze", "--arch", "fcn3x256", "--list-units", "--reset", "reinit", "--reset", "rerandom"],
+    ["analyze", "--arch", "fcn3x256", "--list-units", "--checkpoints", "0", "--checkpoints=3"],
+    ["analyze", "--arch", "fcn3x256", "--list-units", "--seeds", "3", "--seeds", "1,2"],
+    ["analyze", "--arch", "fcn3x256", "--list-units", "--reset", "interp", "--alphas", "0.5",
+     "--alphas", "0.25"],
+    ["analyze", "--arch", "fcn3x256", "--list-units", "--reset", "interp", "--alphas", "0.5",
+     "--sigma", "0", "--sigma", "0.1"],
+    ["train", "--arch", "fcn3x256", "--data", "digits", "--epochs", "3", "--out", "never",
+     "--checkpoints", "0,1", "--checkpoints", "3"],
+])
+def test_a_list_flag_given_twice_is_refused(cmd, capsys, tmp_path, monkeypatch):
+    """`--units 'conv*' --units 'fc*'` analysed the fc units alone, exit 0 (argparse keeps the
+    last value): the first list was dropped without a word, whether the user meant both
+    lists or a replacement. A list flag given twice with different values is now one line,
+    exit 2, naming the flag."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(cmd)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    flag = next(a for a in reversed(cmd) if a.startswith("--")).split("=")[0]
+    assert len(err.splitlines()) == 1 and flag in err and "twice" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_list_flag_repeated_with_the_same_value_still_runs(capsys):
+    assert main(["analyze", "--arch", "fcn3x256", "--list-units", "--units", "fc1",
+                 "--units", "fc1"]) == 0
+    assert "1 units" in capsys.readouterr().out
