@@ -604,7 +604,10 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
             "arch": arch, "model": definition_id(model, getattr(spec, "factory", None)),
             "ckpts": str(Path(ckpts).resolve()), "files": _file_ids(ck),
             "final": ck.final, "data": data, "data_files": _data_ids(data), "split": split,
-            "max_samples": max_samples, "n": src.n,
+            # a cap above the data's size cuts nothing (n says what ran): a rerun without it
+            # must resume, as README promises for options that change nothing evaluated
+            "max_samples": None if max_samples is not None and max_samples > src.n
+            else max_samples, "n": src.n,
             "granularity": granularity, "units": patterns, "bn": bn, "reset": resets,
             "checkpoints": taus, "variants": len(variants),
             # only rerandom and interp's noise draw seeds: else they change nothing, and must

@@ -93,3 +93,21 @@ def test_a_list_flag_repeated_with_the_same_value_still_runs(capsys):
     assert main(["analyze", "--arch", "fcn3x256", "--list-units", "--units", "fc1",
                  "--units", "fc1"]) == 0
     assert "1 units" in capsys.readouterr().out
+
+
+def test_max_samples_that_cuts_nothing_does_not_split_the_run(ckpts, tmp_path):
+    """README: a different command into the same --out is refused unless it changes nothing
+    evaluated. `--max-samples 1000` on digits' 360 test samples evaluates exactly what no
+    --max-samples does (n is in the fingerprint too), yet the rerun was refused: "a run with
+    different arguments (differs in: max_samples)". (A cap of exactly the data's size is still
+    told apart: n alone cannot say whether it cut.)"""
+    kw = dict(data="digits", reset="fullmodel", checkpoints=[0], out=tmp_path / "o",
+              progress=False, figures=False)
+    first = layerfast.analyze("fcn3x256", ckpts, max_samples=1000, **kw)
+    assert first.run["n"] == 360
+    again = layerfast.analyze("fcn3x256", ckpts, **kw)
+    assert again.run["engine"]["evaluated"] == 0
+    cut = layerfast.analyze("fcn3x256", ckpts, max_samples=100, fresh=True, **kw)
+    with pytest.raises(LayerfastError, match="differs in: max_samples"):
+        layerfast.analyze("fcn3x256", ckpts, **kw)  # a cap that cuts is still another run
+    assert cut.run["n"] == 100
