@@ -111,3 +111,13 @@ def test_max_samples_that_cuts_nothing_does_not_split_the_run(ckpts, tmp_path):
     with pytest.raises(LayerfastError, match="differs in: max_samples"):
         layerfast.analyze("fcn3x256", ckpts, **kw)  # a cap that cuts is still another run
     assert cut.run["n"] == 100
+
+
+@pytest.mark.parametrize("path", [5, b"fig.png", ""])
+def test_plot_path_that_is_no_file_name_is_refused(ckpts, tmp_path, path):
+    """`res.plot(5)` raised TypeError from `Path(5)`; `res.plot("")` tried to write the current
+    directory and said "cannot write .: Device or resource busy"."""
+    res = layerfast.analyze("fcn3x256", ckpts, data="digits", reset="fullmodel", checkpoints=[0],
+                            out=tmp_path / "o", progress=False, figures=False)
+    with pytest.raises(LayerfastError, match="a figure's path must be a file name"):
+        res.plot(path)

@@ -395,7 +395,11 @@ def _image_format(path: str | os.PathLike[str]) -> str:
 
     A fixed `format="png"` wrote PNG bytes into `res.plot("fig.pdf")`, which a PDF viewer or
     LaTeX then refuses. A suffix matplotlib cannot write is refused before anything is drawn
-    (its own savefig raises for it too)."""
+    (its own savefig raises for it too). So is a path that is no file name: `plot(5)` was a
+    TypeError from `Path(5)`, `plot("")` "cannot write .: Device or resource busy"."""
+    if (not isinstance(path, str | os.PathLike) or isinstance(os.fspath(path), bytes)
+            or not os.fspath(path).strip()):
+        raise LayerfastError(f"a figure's path must be a file name (str or Path), got {path!r}")
     suffix = Path(path).suffix[1:].lower()
     if not suffix:
         return "png"
