@@ -121,3 +121,42 @@ def test_plot_path_that_is_no_file_name_is_refused(ckpts, tmp_path, path):
                             out=tmp_path / "o", progress=False, figures=False)
     with pytest.raises(LayerfastError, match="a figure's path must be a file name"):
         res.plot(path)
+
+
+def _tiny():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    return m, [(x, y)]
+
+
+@pytest.mark.parametrize("model", [None, "fcn3x256", object()])
+def test_evaluator_model_that_is_not_a_module_is_refused(model):
+    """`Evaluator(None, [{}])` was "AttributeError: 'NoneType' object has no attribute
+    'named_parameters'"."""
+    with pytest.raises(LayerfastError, match="model must be a torch.nn.Module"):
+        layerfast.Evaluator(model, [{}], device="cpu")
+
+
+def test_evaluator_variants_that_are_no_list_are_refused():
+    """`variants=None` was "TypeError: 'NoneType' object is not iterable"; one mapping passed
+    for the list (`Evaluator(m, {"1.weight": w})`) was iterated as its keys, and each key was
+    refused as "a variant must be a mapping"."""
+    m, _ = _tiny()
+    with pytest.raises(LayerfastError, match="variants must be a list"):
+        layerfast.Evaluator(m, None, device="cpu")
+    with pytest.raises(LayerfastError, match=r"pass \[it\]"):
+        layerfast.Evaluator(m, {"1.weight": m[1].weight.detach().clone()}, device="cpu")
+
+
+@pytest.mark.parametrize("data", [None, 5, "digits"])
+def test_evaluator_run_data_that_is_no_iterable_of_batches_is_refused(data):
+    """`ev.run(None)`, `ev.run(5)`: "TypeError: ... object is not iterable" from the planner."""
+    m, batches = _tiny()
+    ev = layerfast.Evaluator(m, [{}], device="cpu")
+    with pytest.raises(LayerfastError, match="data must be a layerfast DataSource"):
+        ev.run(data)
+    assert ev.run(batches).counts.shape == (1, 4)  # the evaluator is still usable

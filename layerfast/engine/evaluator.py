@@ -14,7 +14,7 @@ import contextlib
 import numbers
 import operator
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +175,17 @@ class Evaluator(FirstBatchChecks, ResumeState):
         glue: str = "fused",
         stage_bytes: int | None = None,
     ) -> None:
+        # checked here, not met as an AttributeError (model=None) or a TypeError from `list()`
+        if not isinstance(model, nn.Module):
+            raise LayerfastError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if isinstance(variants, Mapping) and variants and all(
+                isinstance(k, str) for k in variants):  # {key: tensor}: one variant, not a list
+            raise LayerfastError("variants must be a list of variants; got one mapping of state "
+                                 "keys to tensors: pass [it] (and {} for the final model)")
+        if isinstance(variants, str | bytes) or not isinstance(variants, Iterable):
+            raise LayerfastError(f"variants must be a list of variants (mappings of state keys "
+                                 f"to tensors, or layerfast Variants); got "
+                                 f"{type(variants).__name__}")
         lazy = lazy_names(model)
         if lazy:
             # Their tensors have no shape yet: variants cannot be checked against them, and
@@ -314,6 +325,10 @@ class Evaluator(FirstBatchChecks, ResumeState):
         `checkpoint_every` seconds and at the end, with CPU counts in variant order.
         `on_logits(variant_indices, logits[K, B, C])` sees every block of logits scored, in
         data order per variant (for tests and research code; it costs a host sync)."""
+        if not (hasattr(data, "batches") or isinstance(data, Iterable)) or isinstance(
+                data, str | bytes):  # else a TypeError from deep in the batch planner
+            raise LayerfastError(f"data must be a layerfast DataSource or an iterable of (x, y) "
+                                 f"batches; got {type(data).__name__}")
         self._hook = on_logits
         if self._batch_dim is False:  # the last run could not check the model: check again
             self._batch_dim, self._unbatched, self._mixes_samples = None, set(), False
