@@ -30,6 +30,8 @@ from layerfast.engine.fanrun import GLUE_MODES
 from layerfast.engine.precision import LAYOUTS
 from layerfast.errors import LayerfastError, collect_warnings, say, warn
 
+#: `--glue`'s default: the fold form with the fused BN + add + ReLU kernel.
+GLUE_DEFAULT = "fused"
 #: The engine's timings in the order a pass runs them (EvalResult.timings).
 PHASES = ("setup", "data", "baseline", "fanned", "swapped", "total")
 
@@ -55,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="layerfast's activation layout (default: auto; see "
                         "`layerfast analyze --help`)")
-    p.add_argument("--glue", default="fused", choices=GLUE_MODES,
+    p.add_argument("--glue", default=GLUE_DEFAULT, choices=GLUE_MODES,
                    help="how fanned groups move their values: fold form with BN+add+ReLU fused "
                         "(default), fold form with torch ops, or unfolded after every conv")
     p.add_argument("--batch-size", type=int, default=None,
@@ -320,6 +322,12 @@ def _run(args: argparse.Namespace) -> dict:
             if name == "layerfast":
                 plan = ev.last_plan
                 warn_plan(res.plan)  # untraced: its figure is the naive loop's speed
+        if args.glue != GLUE_DEFAULT and not any(out.get(f"{name}_fanout") for name in
+                                                 ("layerfast", other[0])):
+            # options that would do nothing are said (docs/decisions.md): glue is how fanned
+            # groups run, and no timed mode fanned out (the CPU's default with --no-prefix-only)
+            warn(f"--glue {args.glue} has no effect: no timed mode fans out (on the CPU only the "
+                 "'fanout' row does, which --no-prefix-only leaves out)")
         idx = naive_sample(variants, min(args.naive_variants or V, V))  # None: all of them
         sub = [variants[i] for i in idx]
         out["naive_timed"] = [getattr(variants[i], "label", str(i)) for i in idx]

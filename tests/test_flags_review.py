@@ -160,3 +160,25 @@ def test_evaluator_run_data_that_is_no_iterable_of_batches_is_refused(data):
     with pytest.raises(LayerfastError, match="data must be a layerfast DataSource"):
         ev.run(data)
     assert ev.run(batches).counts.shape == (1, 4)  # the evaluator is still usable
+
+
+def test_bench_glue_that_times_nothing_is_said(capsys):
+    """docs/decisions.md: options that would do nothing are said. On the CPU only the 'fanout'
+    row fans out; with --no-prefix-only it is not timed, and `--glue unfolded` changed nothing
+    without a word (the JSON still said glue 'unfolded')."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the default mode fans out, and --glue applies")
+    from layerfast.bench import run
+    from layerfast.cli import parser
+
+    args = parser().parse_args(["bench", "--arch", "fcn2x16", "--max-samples", "40",
+                                "--checkpoints", "2", "--seeds", "1", "--device", "cpu",
+                                "--glue", "unfolded", "--no-prefix-only"])
+    out = run(args)
+    assert any("--glue unfolded has no effect" in w for w in out["warnings"]), out["warnings"]
+    args = parser().parse_args(["bench", "--arch", "fcn2x16", "--max-samples", "40",
+                                "--checkpoints", "2", "--seeds", "1", "--device", "cpu",
+                                "--glue", "unfolded"])
+    assert not any("--glue" in w for w in run(args)["warnings"])  # the fanout row uses it
