@@ -311,7 +311,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, required=True, help="epochs to train (the paper: 100)")
     t.add_argument(
         "--checkpoints", type=_int_list, default=None, action=_Once,
-        help="default: 0,1,2,3,8,40,90,100 scaled"
+        help="epochs to save, e.g. 0,1,10; 0 and --epochs are always saved (default: the "
+        "paper's 0,1,2,3,8,40,90,100 for 100 epochs, the later ones scaled to --epochs)"
     )
     t.add_argument(
         "--out", required=True, help="directory for epoch_NNN.pt and manifest.json (created)"

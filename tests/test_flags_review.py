@@ -182,3 +182,15 @@ def test_bench_glue_that_times_nothing_is_said(capsys):
                                 "--checkpoints", "2", "--seeds", "1", "--device", "cpu",
                                 "--glue", "unfolded"])
     assert not any("--glue" in w for w in run(args)["warnings"])  # the fanout row uses it
+
+
+def test_train_checkpoints_help_says_what_is_always_saved(capsys):
+    """`train --checkpoints 2 --epochs 4` saves epochs 0, 2 and 4, which the help ("default:
+    0,1,2,3,8,40,90,100 scaled") did not say: a user listing 2 alone got three files."""
+    from layerfast.train import checkpoint_schedule
+
+    assert checkpoint_schedule(4, "2") == [0, 2, 4]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 and --epochs are always saved" in text
