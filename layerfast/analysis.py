@@ -102,7 +102,8 @@ class Analysis:
             threshold = self.run["threshold"]
         _check_threshold(threshold)
         return report.summary_table(self.table, self.distances, float(threshold),
-                                    self.run.get("bn", "with-layer"))
+                                    self.run.get("bn", "with-layer"),
+                                    split=str(self.run.get("split", "test")))
 
 
 def _data_spec(data: str | os.PathLike[str] | None,

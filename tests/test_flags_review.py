@@ -194,3 +194,20 @@ def test_train_checkpoints_help_says_what_is_always_saved(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "0 and --epochs are always saved" in text
+
+
+def test_summary_of_a_train_split_run_says_train_error(ckpts, tmp_path, capsys):
+    """`analyze --split train` printed "baseline test error 18.44% ..., n=1,437": the errors
+    are the train split's (run.json said split "train"), and so must the summary, in analyze's
+    output and in `layerfast report`'s."""
+    out = tmp_path / "o"
+    res = layerfast.analyze("fcn3x256", ckpts, data="digits", split="train", reset="fullmodel",
+                            checkpoints=[0], max_samples=50, out=out, progress=False,
+                            figures=False)
+    assert "baseline train error" in res.summary() and "test error" not in res.summary()
+    assert main(["report", str(out)]) == 0
+    assert "baseline train error" in capsys.readouterr().out
+    test = layerfast.analyze("fcn3x256", ckpts, data="digits", reset="fullmodel",
+                             checkpoints=[0], max_samples=50, out=tmp_path / "t", progress=False,
+                             figures=False)
+    assert "baseline test error" in test.summary()

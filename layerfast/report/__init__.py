@@ -73,7 +73,9 @@ def summary(out_dir: str | os.PathLike[str], threshold: float | None = None) -> 
     if threshold is not None and threshold != recorded and not note:
         note = (f"\n(judged here at --threshold {threshold:g}; results.csv keeps the run's "
                 f"verdicts at {recorded:g})")
-    return summary_table(table, dist, recorded if threshold is None else threshold, bn) + note
+    split = run.get("split", "test") if isinstance(run, dict) else "test"
+    return summary_table(table, dist, recorded if threshold is None else threshold, bn,
+                         split=str(split)) + note
 
 
 def _read(out: Path):

@@ -123,6 +123,7 @@ def summary_table(
     distances: pd.DataFrame | None = None,
     threshold: float = 0.05,
     bn: str = "with-layer",
+    split: str = "test",
 ) -> str:
     """Render the per-unit summary of a results table as aligned plain text.
 
@@ -136,6 +137,8 @@ def summary_table(
     "(all units)" reference row at every τ (the whole model reset: the training curve, which
     is all a `--reset fullmodel` run has), and says when `bn` "keep" held normalization back.
     interp rows (`--reset interp`) follow as a grid of their own, unit and τ by α.
+    `split` names the data split the errors were measured on (`--split train`: "baseline
+    train error", not "test error").
     """
     threshold = float(threshold) + 0.0  # `--threshold -0` printed "<= -0 (-0 points)"
     kinds = table["kind"].astype(str)
@@ -252,7 +255,8 @@ def summary_table(
     if len(base):
         b = base.iloc[0]
         title = (
-            f"baseline test error {_pct(float(b['error']))} "
+            f"baseline {'train' if split == 'train' else 'test'} error "
+            f"{_pct(float(b['error']))} "
             f"[95% CI {_pct(float(b['error_lo']))}, {_pct(float(b['error_hi']))}], "
             f"n={int(b['n']):,}"
         )
