@@ -76,7 +76,8 @@ class Analysis:
                 raise LayerfastError("plot() needs a path when the analysis has no out dir")
             path = self.out / ("heatmap.png" if kind == "heatmap" else "distances.png")
         if kind == "heatmap":
-            return report.heatmap(self.table, path, title=self.run.get("title"))
+            return report.heatmap(self.table, path, title=self.run.get("title"),
+                                  split=str(self.run.get("split", "test")))
         if kind == "distances":
             return report.distance_plot(self.distances, path)
         raise LayerfastError(f"unknown plot kind {kind!r}: heatmap or distances")
@@ -88,7 +89,8 @@ class Analysis:
         from layerfast import report
 
         if kind == "heatmap":
-            return report.heatmap_figure(self.table, title=self.run.get("title"))
+            return report.heatmap_figure(self.table, title=self.run.get("title"),
+                                         split=str(self.run.get("split", "test")))
         if kind == "distances":
             return report.distance_figure(self.distances)
         raise LayerfastError(f"unknown plot kind {kind!r}: heatmap or distances")

@@ -211,3 +211,42 @@ def test_summary_of_a_train_split_run_says_train_error(ckpts, tmp_path, capsys):
                              checkpoints=[0], max_samples=50, out=tmp_path / "t", progress=False,
                              figures=False)
     assert "baseline test error" in test.summary()
+
+
+def _texts(fig) -> str:
+    from matplotlib.text import Text
+
+    return " | ".join(t.get_text() for t in fig.findobj(Text))
+
+
+def test_heatmap_of_a_train_split_run_says_train_error(ckpts, tmp_path):
+    """The heatmap of a `--split train` run was titled "Test error (%) after resetting one
+    unit", its colour bar "test error (%)": as the summary, it names the split measured, in
+    analyze's figure and in `layerfast report`'s redraw."""
+    from layerfast.report import redraw
+
+    out = tmp_path / "o"
+    res = layerfast.analyze("fcn3x256", ckpts, data="digits", split="train", reset="reinit",
+                            checkpoints=[0], max_samples=50, out=out, progress=False,
+                            figures=False)
+    text = _texts(res.figure("heatmap"))
+    assert "train error (%)" in text and "Train error (%)" in text and "est error" not in text
+    redraw(out)  # draws from the CSV files, the label from run.json
+    test = layerfast.analyze("fcn3x256", ckpts, data="digits", reset="reinit",
+                             checkpoints=[0], max_samples=50, out=tmp_path / "t", progress=False,
+                             figures=False)
+    assert "test error (%)" in _texts(test.figure("heatmap"))
+
+
+def test_redraw_labels_the_heatmap_with_run_json_split(ckpts, tmp_path, monkeypatch):
+    from layerfast import report
+
+    out = tmp_path / "o"
+    layerfast.analyze("fcn3x256", ckpts, data="digits", split="train", reset="reinit",
+                      checkpoints=[0], max_samples=50, out=out, progress=False)
+    seen = []
+    real = report.figures.heatmap_figure
+    monkeypatch.setattr(report.figures, "heatmap_figure",
+                        lambda *a, **k: seen.append(_texts(fig := real(*a, **k))) or fig)
+    report.redraw(out)
+    assert seen and "train error (%)" in seen[0]

@@ -12,6 +12,7 @@ its terminal table again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -120,11 +121,24 @@ def redraw(out_dir: str | os.PathLike[str]) -> list[Path]:
         return _redraw(out)
 
 
+def _recorded_split(out: Path) -> str:
+    """The split run.json records ("test" when it cannot be read): the heatmap's label."""
+    try:
+        path = out / "run.json"
+        if not path.is_file() or path.stat().st_size > 16 << 20:  # as `summary` reads it
+            return "test"
+        split = json.loads(path.read_text()).get("split")
+    except (OSError, ValueError, AttributeError):
+        return "test"
+    return "train" if split == "train" else "test"
+
+
 def _redraw(out: Path) -> list[Path]:
     table, dist = _read(out)  # again under the lock: a run may have finished meanwhile
     draws: list[tuple[Callable[..., Path], object, Path]] = []
     if has_heatmap(table):
-        draws.append((heatmap, table, out / "heatmap.png"))
+        split = _recorded_split(out)
+        draws.append((functools.partial(heatmap, split=split), table, out / "heatmap.png"))
     if dist is not None and len(dist):
         draws.append((distance_plot, dist, out / "distances.png"))
     for _, _, target in draws:  # checked first: the second move failing would mix the figures

@@ -430,15 +430,18 @@ def _baseline(table: pd.DataFrame) -> tuple[float | None, int | None]:
     return float(base["error"].iloc[0]), int(base["n"].iloc[0])
 
 
-def heatmap(table: pd.DataFrame, path: str | os.PathLike[str], title: str | None = None) -> Path:
-    """Write `heatmap_figure(table, title)` to `path` (atomically), in the format its suffix
-    names (PNG without one); returns the path."""
+def heatmap(table: pd.DataFrame, path: str | os.PathLike[str], title: str | None = None,
+            split: str = "test") -> Path:
+    """Write `heatmap_figure(table, title, split)` to `path` (atomically), in the format its
+    suffix names (PNG without one); returns the path."""
     _image_format(path)  # a suffix matplotlib cannot write is refused before the drawing
-    return _save(heatmap_figure(table, title), path)
+    return _save(heatmap_figure(table, title, split), path)
 
 
-def heatmap_figure(table: pd.DataFrame, title: str | None = None) -> Figure:
-    """The paper's Fig. 1a: test error (%) per unit (rows) and reset source (columns).
+def heatmap_figure(table: pd.DataFrame, title: str | None = None,
+                   split: str = "test") -> Figure:
+    """The paper's Fig. 1a: test error (%) per unit (rows) and reset source (columns); a
+    `--split train` run's errors are labelled "train error".
 
     Cells show the test error after resetting that unit alone, in percent with two significant
     digits; the colour scale runs from 0 to the largest error shown, so robust cells (near the
@@ -459,7 +462,8 @@ def heatmap_figure(table: pd.DataFrame, title: str | None = None) -> Figure:
     vmax = vmax if vmax > 0 else 1.0
     norm = Normalize(vmin=0.0, vmax=100.0 * vmax)
 
-    head = title if title is not None else "Test error (%) after resetting one unit"
+    which = "train" if split == "train" else "test"
+    head = title if title is not None else f"{which.title()} error (%) after resetting one unit"
     sub = (
         "no baseline row"
         if base is None
@@ -477,7 +481,7 @@ def heatmap_figure(table: pd.DataFrame, title: str | None = None) -> Figure:
         )
         ax.set_xlabel(xlabel, fontsize=geo.label_font + 1)
         ax.set_ylabel("unit", fontsize=geo.label_font + 1)
-        cbar = geo.colorbar(fig, im, ax, "test error (%)")
+        cbar = geo.colorbar(fig, im, ax, f"{which} error (%)")
         if base is not None:
             # A white line on the colour bar puts the baseline on the same scale as the cells.
             cbar.ax.axhline(100.0 * base, color="white", lw=2)  # type: ignore[attr-defined]
