@@ -250,3 +250,23 @@ def test_redraw_labels_the_heatmap_with_run_json_split(ckpts, tmp_path, monkeypa
                         lambda *a, **k: seen.append(_texts(fig := real(*a, **k))) or fig)
     report.redraw(out)
     assert seen and "train error (%)" in seen[0]
+
+
+@pytest.mark.parametrize("stage_bytes", [0, -1, 1.5, "1", True])
+def test_evaluator_stage_bytes_must_be_a_positive_integer(stage_bytes):
+    """`stage_bytes=0` ran at the default limit (`stage_bytes or stage_limit(...)`), -1 and 1.5
+    were taken as limits, and "1" failed mid-plan with "TypeError: '<=' not supported"; the
+    other counts (`batch_size`, `max_fanout`) are refused up front."""
+    m, _ = _tiny()
+    with pytest.raises(LayerfastError, match="stage_bytes must be a positive integer"):
+        layerfast.Evaluator(m, [{}], device="cpu", stage_bytes=stage_bytes)
+
+
+def test_evaluator_small_stage_bytes_still_runs_in_several_passes():
+    import torch
+
+    m, batches = _tiny()
+    w = torch.zeros_like(m[1].weight)
+    ev = layerfast.Evaluator(m, [{}, {"1.weight": w}, {"1.weight": w + 1}], device="cpu",
+                             stage_bytes=1)
+    assert ev.run(batches).counts.shape == (3, 4) and len(ev.passes()) > 1

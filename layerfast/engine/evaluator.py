@@ -232,7 +232,10 @@ class Evaluator(FirstBatchChecks, ResumeState):
         self._layout_checked = not self.channels_last
         # Bytes of variant tensors staged at once (None: plan.stage_limit, a multiple of the
         # model's size); more variants than that are evaluated in several passes over the data.
-        self.stage_bytes = stage_bytes
+        # Checked as batch_size is: `stage_bytes or stage_limit(...)` ran 0 at the default limit
+        # silently, and "1" failed mid-plan with a TypeError.
+        self.stage_bytes = None if stage_bytes is None else _positive_int(stage_bytes,
+                                                                          "stage_bytes")
         self._passes: list[list[int]] | None = None
         # Bytes per sample K is sized from (`_size_groups`): measured over the cuts of the plan
         # of ALL variants (`_probe`). Measured per pass, it depended on the units in the pass,
