@@ -187,6 +187,11 @@ def parser() -> argparse.ArgumentParser:
             "fresh draws and measure test error, every variant in one data pass."
         ),
     )
+    from layerfast import __version__
+
+    # `layerfast --version` said "a command is required": what every CLI user types first
+    ap.add_argument("--version", action="version", version=f"layerfast {__version__}",
+                    help="print layerfast's version and exit (`layerfast info`: all versions)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     a = sub.add_parser(

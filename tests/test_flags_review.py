@@ -270,3 +270,11 @@ def test_evaluator_small_stage_bytes_still_runs_in_several_passes():
     ev = layerfast.Evaluator(m, [{}, {"1.weight": w}, {"1.weight": w + 1}], device="cpu",
                              stage_bytes=1)
     assert ev.run(batches).counts.shape == (3, 4) and len(ev.passes()) > 1
+
+
+def test_version_flag(capsys):
+    """`layerfast --version` was refused as "a command is required", exit 2."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"layerfast {layerfast.__version__}"
