@@ -1,0 +1,94 @@
+"""Crash/resume review (session 21): what a hand-edited or damaged resume store, an interrupt
+and a rerun with other options do.
+
+- A store marked finished must hold what a finished pass records (its engine record with the
+  class count, every sample counted): a hand edit that set `complete` on an unfinished store,
+  or emptied its engine record, was a KeyError / AttributeError traceback (exit 1), or results
+  over part of the data written as finished.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+import layerfast
+from layerfast.errors import LayerfastError
+
+ARGS = {"data": "digits", "seeds": 1, "device": "cpu", "batch_size": 32, "progress": False,
+        "figures": False, "checkpoint_every": 0}
+N = 360  # digits' test split
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (see conftest.one_thread)."""
+
+
+def _edit(out: Path, sql: str, *args: object) -> None:
+    db = sqlite3.connect(out / "progress.sqlite")
+    db.execute(sql, args)
+    db.commit()
+    db.close()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _partial(ckpts: Path, out: Path, monkeypatch: pytest.MonkeyPatch, saves: int = 2) -> None:
+    """An analysis into `out` stopped after its `saves`-th progress save (not finished)."""
+    from layerfast.store import ResumeStore
+
+    real = ResumeStore.save
+    seen = []
+
+    def save(self, counts, n_done):
+        real(self, counts, n_done)
+        seen.append(n_done)
+        if len(seen) == saves:
+            raise _Stop
+
+    with monkeypatch.context() as m:
+        m.setattr(ResumeStore, "save", save)
+        with pytest.raises(_Stop):
+            layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    assert 0 < seen[-1] < N
+
+
+@pytest.mark.parametrize("info", [
+    "{}",  # KeyError: 'num_classes'
+    '{"num_classes": 10, "plan": 5}',  # AttributeError: 'int' object has no attribute 'get'
+    '{"num_classes": "10"}',
+    '{"num_classes": true}',
+])
+def test_a_finished_store_without_its_engine_record_is_damage(ckpts, tmp_path, info):
+    out = tmp_path / "o"
+    layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    (out / "run.json").unlink()  # as if killed while writing the outputs: a rerun writes them
+    _edit(out, "UPDATE state SET info = ?", info)
+    with pytest.raises(LayerfastError, match="is damaged"):
+        layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    assert not (out / "run.json").exists()
+
+
+def test_an_unfinished_store_marked_finished_is_damage(ckpts, tmp_path, monkeypatch):
+    """`complete` set by hand on a store of 64 samples: its engine record is the resume state,
+    with no class count (a KeyError traceback); with a finished run's record it wrote results
+    over 64 of the 360 samples as the finished run of the command."""
+    out, done = tmp_path / "o", tmp_path / "done"
+    layerfast.analyze("fcn3x256", ckpts, out=done, **ARGS)
+    finished = sqlite3.connect(done / "progress.sqlite").execute(
+        "SELECT info FROM state").fetchone()[0]
+    _partial(ckpts, out, monkeypatch)
+    _edit(out, "UPDATE state SET complete = 1")
+    with pytest.raises(LayerfastError, match="is damaged"):
+        layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    _edit(out, "UPDATE state SET info = ?", finished)
+    with pytest.raises(LayerfastError, match="is damaged"):
+        layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
+    assert not (out / "results.csv").exists()
+    assert json.loads(finished)["num_classes"] == 10
