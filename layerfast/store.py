@@ -275,12 +275,14 @@ def _what_differs(diff: list[str]) -> str:
     if "model" in diff and "arch" not in diff:  # another arch is another argument
         parts.append("a run of the same arch whose definition (its code or structure) has "
                      "changed since")
-    if "files" in diff:
+    # Files "changed since" only under the same --ckpts / --data: another directory or data
+    # spec has other files, and calling them changed sent users looking for a retraining.
+    # Likewise another --data, --split or --max-samples is another n, said as that argument.
+    if "files" in diff and "ckpts" not in diff:
         parts.append("a run over checkpoint files that have changed since")
-    if "data_files" in diff:  # the key analysis keeps the data's files under
+    if "data_files" in diff and "data" not in diff:  # analysis keeps the data's files there
         parts.append("a run over data files that have changed since")
-    elif "n" in diff and "files" not in diff and "max_samples" not in diff:
-        # (another --max-samples is another n: already said as an argument)
+    elif "n" in diff and not {"files", "data", "data_files", "split", "max_samples"} & set(diff):
         parts.append("a run over data with another number of samples")
     plan = [k for k in diff if k in _PLAN_KEYS]
     if plan:

@@ -5,6 +5,7 @@ and a rerun with other options do.
   class count, every sample counted): a hand edit that set `complete` on an unfinished store,
   or emptied its engine record, was a KeyError / AttributeError traceback (exit 1), or results
   over part of the data written as finished.
+- A refusal of another `--ckpts` or `--data` said the files "have changed since".
 """
 
 from __future__ import annotations
@@ -92,3 +93,31 @@ def test_an_unfinished_store_marked_finished_is_damage(ckpts, tmp_path, monkeypa
         layerfast.analyze("fcn3x256", ckpts, out=out, **ARGS)
     assert not (out / "results.csv").exists()
     assert json.loads(finished)["num_classes"] == 10
+
+
+@pytest.mark.parametrize(("diff", "said"), [
+    (["ckpts", "files"], "a run with different arguments (differs in: ckpts)"),
+    (["data", "data_files"], "a run with different arguments (differs in: data)"),
+    (["data", "data_files", "max_samples", "n"],
+     "a run with different arguments (differs in: data, max_samples)"),
+    (["n", "split"], "a run with different arguments (differs in: split)"),
+    (["data", "n"], "a run with different arguments (differs in: data)"),
+])
+def test_another_ckpts_or_data_argument_is_not_called_files_changed_since(diff, said):
+    """`--ckpts other_dir` (or `--data other.npz`) into an out dir was refused as "a run with
+    different arguments (differs in: ckpts); and a run over checkpoint files that have changed
+    since": the files are another directory's, not changed ones, and the user looked for a
+    retraining that never happened. The input notes are for the same arguments only."""
+    from layerfast.store import _what_differs
+
+    assert _what_differs(diff) == said
+
+
+def test_changed_files_under_the_same_arguments_are_still_said():
+    from layerfast.store import _what_differs
+
+    assert _what_differs(["files"]) == "a run over checkpoint files that have changed since"
+    assert _what_differs(["data_files", "n"]) == "a run over data files that have changed since"
+    assert _what_differs(["n"]) == "a run over data with another number of samples"
+    assert _what_differs(["model"]) == ("a run of the same arch whose definition (its code or "
+                                        "structure) has changed since")
