@@ -131,9 +131,15 @@ class ResumeStore:
     def _check_identity(self, out: Path) -> None:
         try:  # a file of that name that is not our store (other tables, damaged pages)
             rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+            # the meta rows are committed before any progress is saved: progress without
+            # them belongs to no known run, and taking it as new adopted another run's sums
+            orphan = not rows and self.db.execute("SELECT 1 FROM state").fetchone() is not None
         except sqlite3.Error as exc:
             self.close()
             raise self._unusable(exc) from None
+        if orphan:
+            self.close()
+            raise self._damaged("it holds progress but no record of the run it belongs to")
         if not rows:
             try:  # the first write: a full disk shows here
                 self.db.execute("BEGIN IMMEDIATE")

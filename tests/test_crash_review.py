@@ -6,6 +6,7 @@ and a rerun with other options do.
   or emptied its engine record, was a KeyError / AttributeError traceback (exit 1), or results
   over part of the data written as finished.
 - A refusal of another `--ckpts` or `--data` said the files "have changed since".
+- Progress whose meta rows are gone was adopted by whatever run came next.
 """
 
 from __future__ import annotations
@@ -121,3 +122,17 @@ def test_changed_files_under_the_same_arguments_are_still_said():
     assert _what_differs(["n"]) == "a run over data with another number of samples"
     assert _what_differs(["model"]) == ("a run of the same arch whose definition (its code or "
                                         "structure) has changed since")
+
+
+def test_progress_without_the_fingerprint_it_belongs_to_is_damage(ckpts, tmp_path, monkeypatch):
+    """A store whose meta rows are gone (deleted by hand, a tool that 'cleaned' the table) but
+    whose progress row is there: the run took it as a new store, wrote its own fingerprint
+    beside the old sums and resumed them, so another command's progress (here the first
+    samples of a run re-randomizing with seed 1, as many variants) went into this one's rows
+    for seed 7."""
+    out = tmp_path / "o"
+    _partial(ckpts, out, monkeypatch)
+    _edit(out, "DELETE FROM meta")
+    with pytest.raises(LayerfastError, match="is damaged"):
+        layerfast.analyze("fcn3x256", ckpts, out=out, **{**ARGS, "seeds": [7]})
+    assert not (out / "results.csv").exists()
