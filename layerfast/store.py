@@ -309,8 +309,14 @@ def find_unfinished(parent: Path, prefix: str, fingerprint: dict) -> Path | None
         db = d / FILENAME
         if not db.is_file():
             continue
+        # A read-only connection to a WAL database creates its -wal and -shm files and cannot
+        # delete them on close: every finished run dir looked at here gained two stale files.
+        # Without a -wal file no connection is open and every commit is in the main file, so
+        # that is read as it is (`immutable`: no side files); with one (a run writing there, or
+        # one SIGKILLed) the committed frames may be only in it, read by a normal reader.
+        mode = "ro" if db.with_name(db.name + "-wal").exists() else "ro&immutable=1"
         try:
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+            con = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, timeout=5)
             try:
                 meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
                 row = con.execute("SELECT complete FROM state WHERE id = 0").fetchone()

@@ -7,6 +7,7 @@ and a rerun with other options do.
   over part of the data written as finished.
 - A refusal of another `--ckpts` or `--data` said the files "have changed since".
 - Progress whose meta rows are gone was adopted by whatever run came next.
+- Each run without --out left a stale -wal and -shm in every earlier run dir it looked into.
 """
 
 from __future__ import annotations
@@ -136,3 +137,19 @@ def test_progress_without_the_fingerprint_it_belongs_to_is_damage(ckpts, tmp_pat
     with pytest.raises(LayerfastError, match="is damaged"):
         layerfast.analyze("fcn3x256", ckpts, out=out, **{**ARGS, "seeds": [7]})
     assert not (out / "results.csv").exists()
+
+
+def test_looking_for_an_unfinished_default_out_dir_leaves_the_others_as_they_were(
+        ckpts, tmp_path, monkeypatch):
+    """Without --out, each run opens the store of every earlier `layerfast-out/<arch>-*` dir
+    to find an unfinished one to resume. A read-only connection to a WAL database creates its
+    -wal and -shm files and cannot delete them, so every finished run dir gained a stale
+    `progress.sqlite-wal` and a 32 KB `progress.sqlite-shm` each time a later run looked."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20261207-000000")
+    one = layerfast.analyze("fcn3x256", ckpts, **{**ARGS, "out": None})
+    before = sorted(p.name for p in one.out.iterdir())
+    two = layerfast.analyze("fcn3x256", ckpts, **{**ARGS, "out": None})
+    assert two.out != one.out and two.run["engine"]["resumed_from"] == 0  # finished: not reused
+    assert sorted(p.name for p in one.out.iterdir()) == before
+    assert not any(p.name.startswith("progress.sqlite-") for p in two.out.iterdir())
