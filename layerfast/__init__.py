@@ -6,8 +6,30 @@ arbitrary weight variants of any `nn.Module` on any iterable of batches.
 
 from __future__ import annotations
 
-from layerfast import _ext  # noqa: F401  (fails with a clear message if the extension is missing)
-from layerfast.errors import LayerfastError
+import os as _os
+import sys as _sys
+
+
+def _is_the_command() -> bool:
+    """Whether this process is the `layerfast` command (the console script or `python -m
+    layerfast`), not a Python program that imports layerfast."""
+    orig = list(getattr(_sys, "orig_argv", []))
+    as_module = any(a == "-m" and b == "layerfast" for a, b in zip(orig, orig[1:], strict=False))
+    return as_module or _os.path.basename(_sys.argv[0] if _sys.argv else "") == "layerfast"
+
+
+try:
+    from layerfast import _ext  # noqa: F401  (fails with a clear message if the extension is missing)
+except KeyboardInterrupt:
+    # Most of a command's ~3 s start is importing torch, before `cli.main` installs its
+    # handler: a Ctrl-C there printed a 30-line KeyboardInterrupt traceback. The command says
+    # what it says for a Ctrl-C anywhere else; a program importing layerfast gets the
+    # KeyboardInterrupt as usual.
+    if _is_the_command():
+        _sys.stderr.write("layerfast: interrupted\n")
+        raise SystemExit(130) from None
+    raise
+from layerfast.errors import LayerfastError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["LayerfastError", "Evaluator", "analyze", "__version__"]
