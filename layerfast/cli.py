@@ -528,12 +528,38 @@ COMMANDS = {
 }
 
 
+#: The exit status a signal asked for (143 SIGTERM, 130 SIGINT) during the command being run:
+#: kept because the exception its handler raises can be swallowed (see `main`).
+_SIGNALLED: int | None = None
+
+
 def _terminated(signum: int, frame: object) -> NoReturn:
     """SIGTERM (a scheduler's preemption, `kill`) as SystemExit: the `with` and `finally`
     blocks then run as for Ctrl-C (bench's temporary checkpoints are removed, the resume store
     is closed with its progress), instead of the process vanishing mid-write."""
+    global _SIGNALLED
+    _SIGNALLED = 128 + signum
     say("layerfast: terminated")
     raise SystemExit(128 + signum)
+
+
+def _interrupted(signum: int, frame: object) -> NoReturn:
+    """SIGINT as Python's own handler does it (KeyboardInterrupt), remembered (`_SIGNALLED`)."""
+    global _SIGNALLED
+    _SIGNALLED = 130
+    raise KeyboardInterrupt
+
+
+def _signalled() -> int:
+    """The exit status of a command that a signal asked to stop but that went on: the
+    handler's exception was raised where Python swallows exceptions (a weakref callback, a
+    `__del__`: "Exception ignored in ...") and the command ran to its end, so "layerfast:
+    terminated" was printed and the run then exited 0; or user code caught it and raised
+    something else (a factory's error, exit 2). The status says what the signal asked for."""
+    assert _SIGNALLED is not None
+    if _SIGNALLED == 130:
+        say("layerfast: interrupted")
+    return _SIGNALLED
 
 
 #: The arguments of the `layerfast` command being run (None outside one): analyze records
@@ -542,18 +568,24 @@ INVOKED: list[str] | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    global INVOKED
+    global INVOKED, _SIGNALLED
     raw = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    previous = None
+    previous = previous_int = None
+    _SIGNALLED = None
     try:
         # inside the try: `--seeds` imports layerfast.analysis (pandas, ...) while argparse
         # runs, and a Ctrl-C there printed a KeyboardInterrupt traceback
         args = parser().parse_args(argv)
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _terminated)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not SIG_IGN
+                previous_int = signal.signal(signal.SIGINT, _interrupted)
         INVOKED = raw
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        return status if _SIGNALLED is None else _signalled()
     except LayerfastError as exc:
+        if _SIGNALLED is not None:  # user code (a factory) that turned the signal into an error
+            return _signalled()
         say(f"layerfast: error: {exc}")
         return 2
     except KeyboardInterrupt:
@@ -568,6 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         INVOKED = None
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 if __name__ == "__main__":  # pragma: no cover
