@@ -465,9 +465,13 @@ def _bn_policy(units: Sequence[UnitLike]) -> str:
 
 def _norm_keys(model: nn.Module) -> set[str]:
     """State-dict keys owned by normalization layers (parameters and buffers): what `--bn keep`
-    leaves at the final model in `fullmodel`."""
+    leaves at the final model in `fullmodel`.
+
+    Every name counts: a normalization module registered twice (`self.norm2 = self.bn`) has
+    its tensors in the state dict under both names, and a key left out here is loaded from
+    checkpoint τ into the one shared module, resetting it after all."""
     out: set[str] = set()
-    for name, m in model.named_modules():
+    for name, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, NORM_TYPES):
             prefix = f"{name}." if name else ""
             own = list(m._parameters.items()) + list(m._buffers.items())

@@ -1,0 +1,54 @@
+"""Units review: granularities, `--units` patterns and `--bn` policies on user models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from layerfast.checkpoints import CheckpointDir
+from layerfast.units import make_units
+from layerfast.variants import make_variants
+
+
+class SharedNorm(nn.Module):
+    """One BatchNorm used twice, registered under two names (`norm2 = bn`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.fc2 = nn.Linear(5, 5)
+        self.norm2 = self.bn
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.fc1(x)))
+        return self.head(torch.relu(self.norm2(self.fc2(h))))
+
+
+def _shared_norm_run(tmp_path: Path) -> SharedNorm:
+    for tau in (0, 1):
+        torch.manual_seed(tau)
+        m = SharedNorm()
+        with torch.no_grad():
+            m.bn.running_mean.normal_()
+            m.bn.running_var.uniform_(0.5, 2)
+            m.bn.weight.normal_()
+        torch.save(m.state_dict(), tmp_path / f"epoch_{tau}.pt")
+    return SharedNorm()
+
+
+def test_fullmodel_under_bn_keep_leaves_a_norm_with_two_names_at_final(tmp_path: Path) -> None:
+    """DESIGN §3: `--bn keep` leaves normalization layers at the final model in `fullmodel`
+    too. A BN registered under a second name (`self.norm2 = self.bn`) has its tensors in the
+    state dict under both names; the keep filter knew only the first, so fullmodel loaded
+    `norm2.*` from checkpoint τ and reset the (one, shared) BN after all."""
+    model = _shared_norm_run(tmp_path)
+    units = make_units(model, bn="keep")
+    vs = make_variants(model, units, CheckpointDir(tmp_path), reset="fullmodel", checkpoints=[0])
+    (v,) = [v for v in vs if v.kind == "fullmodel"]
+    norm = [k for k in v.keys if k.split(".")[0] in ("bn", "norm2")]
+    assert norm == [], norm
+    assert {"fc1.weight", "fc2.weight", "head.weight"} <= set(v.keys)
