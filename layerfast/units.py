@@ -363,7 +363,9 @@ def _pattern_selections(
                     f"unit pattern {pattern!r} selects only modules that own no parameters "
                     f"({shown}): nothing to reset"
                 )
-            examples = ", ".join(list(owners)[:6]) + (", ..." if len(owners) > 6 else "")
+            # the model's own parameters are the unit `(root)`: its name "" would show as ", ,"
+            examples = ", ".join(o or ROOT for o in list(owners)[:6]) + (
+                ", ..." if len(owners) > 6 else "")
             # A regex without `re:` is read as a glob and quietly matches nothing: say so.
             hint = "" if pattern.startswith("re:") else (
                 f"; it is read as a glob (*, ?, [...]), for a regex write 're:{pattern}'"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 from layerfast.checkpoints import CheckpointDir
+from layerfast.errors import LayerfastError
 from layerfast.units import make_units
 from layerfast.variants import make_variants
 
@@ -52,3 +54,26 @@ def test_fullmodel_under_bn_keep_leaves_a_norm_with_two_names_at_final(tmp_path:
     norm = [k for k in v.keys if k.split(".")[0] in ("bn", "norm2")]
     assert norm == [], norm
     assert {"fc1.weight", "fc2.weight", "head.weight"} <= set(v.keys)
+
+
+class RootScale(nn.Module):
+    """Parameters registered on the model itself: the unit `(root)`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.scale
+
+
+def test_no_match_error_names_the_root_unit_as_root() -> None:
+    """The examples of module names in the no-match error showed the model's own parameters
+    by their module name "" (`look like: , fc`): the name a pattern selects them by is
+    `(root)`."""
+    with pytest.raises(LayerfastError, match="matches no module") as err:
+        make_units(RootScale(), patterns=["scale"])
+    msg = str(err.value)
+    assert "look like: (root), fc)" in msg, msg
+    assert [u.name for u in make_units(RootScale(), patterns=["(root)"])] == ["(root)"]
