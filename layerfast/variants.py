@@ -70,6 +70,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from layerfast.checkpoints import CheckpointDir
 from layerfast.checkpoints.keymap import canonical_keys, is_tolerated_missing
@@ -469,13 +470,18 @@ def _norm_keys(model: nn.Module) -> set[str]:
 
     Every name counts: a normalization module registered twice (`self.norm2 = self.bn`) has
     its tensors in the state dict under both names, and a key left out here is loaded from
-    checkpoint τ into the one shared module, resetting it after all."""
+    checkpoint τ into the one shared module, resetting it after all. The state of a parametrized
+    norm's `parametrizations` container counts too (`ln.parametrizations.weight.original0`
+    under `weight_norm`): it is that layer's weight, which `units` never resets under keep."""
     out: set[str] = set()
     for name, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, NORM_TYPES):
             prefix = f"{name}." if name else ""
             own = list(m._parameters.items()) + list(m._buffers.items())
             out |= {prefix + n for n, t in own if t is not None}
+            held = m._modules.get("parametrizations")  # not other children: their own units
+            if held is not None and parametrize.is_parametrized(m):
+                out |= set(held.state_dict(prefix=f"{prefix}parametrizations.", keep_vars=True))
     return out
 
 

@@ -77,3 +77,28 @@ def test_no_match_error_names_the_root_unit_as_root() -> None:
     msg = str(err.value)
     assert "look like: (root), fc)" in msg, msg
     assert [u.name for u in make_units(RootScale(), patterns=["(root)"])] == ["(root)"]
+
+
+def test_fullmodel_under_bn_keep_leaves_a_parametrized_norm_weight_at_final(
+    tmp_path: Path,
+) -> None:
+    """A normalization layer with a parametrized weight (`weight_norm` on a LayerNorm) keeps
+    it as `<norm>.parametrizations.weight.original*`: `--bn keep` left no unit holding those
+    keys, yet fullmodel loaded them from checkpoint τ (the bias stayed at final, the weight
+    did not)."""
+
+    def net() -> nn.Module:
+        m = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+        nn.utils.parametrizations.weight_norm(m[1], "weight", dim=0)
+        return m
+
+    for tau in (0, 1):
+        torch.manual_seed(tau)
+        torch.save(net().state_dict(), tmp_path / f"epoch_{tau}.pt")
+    model = net()
+    units = make_units(model, bn="keep")
+    assert all(not k.startswith("1.") for u in units for k in u.keys)
+    vs = make_variants(model, units, CheckpointDir(tmp_path), reset="fullmodel", checkpoints=[0])
+    (v,) = [v for v in vs if v.kind == "fullmodel"]
+    assert [k for k in v.keys if k.startswith("1.")] == []
+    assert {"0.weight", "0.bias", "2.weight", "2.bias"} == set(v.keys)
