@@ -934,5 +934,10 @@ def list_units(arch: str | Callable[..., torch.nn.Module],
         # `is None`, not `or`: num_classes=0 is refused by build_model, not read as "not given"
         model, spec = build_model(arch, src.num_classes if num_classes is None else num_classes,
                                   tuple(src.shape))
-    return make_units(model, granularity=granularity, patterns=_parse_units(units), bn=bn,
-                      arch=spec)
+    from layerfast.units import tied_across_units
+
+    unit_list = make_units(model, granularity=granularity, patterns=_parse_units(units), bn=bn,
+                           arch=spec)
+    for line in tied_across_units(model, unit_list):  # as analyze warns: a dry run shows it too
+        warn(line)
+    return unit_list

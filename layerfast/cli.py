@@ -399,7 +399,7 @@ def _analyze(args: argparse.Namespace) -> int:
             print(f"{u.name:32s} {m:3d} module{' ' if m == 1 else 's'}  "
                   f"{k:3d} tensor{'' if k == 1 else 's'}")
         what = f"custom: --units {args.units}" if args.units else f"{args.granularity} granularity"
-        print(f"{len(units)} units ({what}, --bn {args.bn})")
+        print(f"{len(units)} unit{'' if len(units) == 1 else 's'} ({what}, --bn {args.bn})")
         return 0
     if not args.ckpts:
         raise LayerfastError("analyze needs --ckpts DIR (or --list-units for a dry run)")

@@ -106,7 +106,7 @@ def test_list_units_says_what_the_units_are(capsys) -> None:
     assert rc == 0
     *rows, last = out.strip().splitlines()
     assert [r.split()[0] for r in rows] == ["fc[12]"]
-    assert last == "1 units (custom: --units fc[12], --bn with-layer)"
+    assert last == "1 unit (custom: --units fc[12], --bn with-layer)"
     rc, out, _ = cli(["analyze", "--arch", "fcn3x256", "--list-units", "--bn", "keep"], capsys)
     assert out.strip().splitlines()[-1] == "4 units (layer granularity, --bn keep)"
     rc, out, _ = cli(["analyze", "--help"], capsys)
@@ -131,7 +131,7 @@ def test_list_units_builds_for_the_data_the_manifest_names(tmp_path, monkeypatch
     rc, out, _ = cli([*argv, "--ckpts", tmp_path / "ck"], capsys)
     assert rc == 0 and out.strip().splitlines()[-1].startswith("3 units "), out  # 3 channels
     rc, out, _ = cli(argv, capsys)
-    assert rc == 0 and out.strip().splitlines()[-1].startswith("1 units "), out  # digits: 1
+    assert rc == 0 and out.strip().splitlines()[-1].startswith("1 unit "), out  # digits: 1
     (tmp_path / "ck" / "manifest.json").write_text("{not json")  # refused as analyze refuses it
     rc, out, err = cli([*argv, "--ckpts", tmp_path / "ck"], capsys)
     assert rc == 2 and out == "" and "manifest.json" in err and err.count("\n") == 1, err

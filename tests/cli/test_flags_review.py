@@ -92,7 +92,7 @@ def test_a_list_flag_given_twice_is_refused(cmd, capsys, tmp_path, monkeypatch):
 def test_a_list_flag_repeated_with_the_same_value_still_runs(capsys):
     assert main(["analyze", "--arch", "fcn3x256", "--list-units", "--units", "fc1",
                  "--units", "fc1"]) == 0
-    assert "1 units" in capsys.readouterr().out
+    assert "1 unit " in capsys.readouterr().out
 
 
 def test_max_samples_that_cuts_nothing_does_not_split_the_run(ckpts, tmp_path):

@@ -102,3 +102,25 @@ def test_fullmodel_under_bn_keep_leaves_a_parametrized_norm_weight_at_final(
     (v,) = [v for v in vs if v.kind == "fullmodel"]
     assert [k for k in v.keys if k.startswith("1.")] == []
     assert {"0.weight", "0.bias", "2.weight", "2.bias"} == set(v.keys)
+
+
+def test_list_units_warns_about_tied_units_as_analyze_does(capsys) -> None:
+    """`--list-units` is analyze's dry run: units sharing one tensor under two names (tied
+    weights, `self.dec = nn.Sequential(self.enc, ...)`) were warned about by analyze only."""
+    from torch import nn
+
+    from layerfast.analysis import list_units
+
+    class EncDec(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Linear(64, 16)
+            self.dec = nn.Sequential(self.enc, nn.ReLU(), nn.Linear(16, 10))
+
+        def forward(self, x):
+            return self.dec(x.flatten(1))
+
+    units = list_units(lambda: EncDec(), "digits", granularity="block")
+    assert [u.name for u in units] == ["enc", "dec"]
+    err = capsys.readouterr().err
+    assert "units enc and dec share one tensor" in err and "tied weights" in err
