@@ -1,0 +1,68 @@
+"""Review of `layerfast.Evaluator` as a library: the input forms research code hands it
+(DataLoaders, generators, lists, odd label dtypes, odd model outputs, odd variants, one
+Evaluator run twice), each compared with a hand-written "reset, forward, count" loop.
+
+Defects pinned here:
+- One Evaluator run again after the caller changed the model (a submodule replaced, a
+  `forward` swapped in) kept the first run's first-batch checks — above all its verdict that
+  the traced program computes the model's forward — so the second run executed an unchecked
+  trace and returned another function's counts, silently, baseline row included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from layerfast.engine import Evaluator, naive_evaluate
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny models."""
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16),
+                         nn.ReLU(), nn.Linear(16, 10))
+
+
+def _data(n: int = 60) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return [(x[: n // 2], y[: n // 2]), (x[n // 2 :], y[n // 2 :])]
+
+
+def _assert_naive(got: torch.Tensor, model: nn.Module, variants: list, batches: list) -> None:
+    want = naive_evaluate(model, variants, lambda: batches)
+    assert torch.equal(got[:, [0, 1, 3]], want[:, [0, 1, 3]]), (got, want)
+    torch.testing.assert_close(got[:, 2], want[:, 2], rtol=1e-6, atol=1e-6)
+
+
+class _TypeBranch(nn.Module):
+    """Eager: `out` is a tensor, returned as is. fx: a Proxy is not a tensor, so the traced
+    program records `out * 0` — the first-batch trace check exists to catch exactly this."""
+
+    def __init__(self, lin: nn.Module) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.lin(h)
+        if isinstance(out, torch.Tensor):
+            return out
+        return out * 0.0
+
+
+def test_a_reused_evaluator_checks_the_changed_model_again() -> None:
+    """Research code builds one Evaluator and runs it after each edit of the model. The
+    second run must be the changed model's counts, not those of an unchecked trace."""
+    model, batches = _mlp(), _data()
+    torch.manual_seed(2)
+    variants = [{}, {"1.weight": torch.randn(32, 64)}, {"5.weight": torch.randn(10, 16)}]
+    ev = Evaluator(model, variants, device="cpu", precision="fp32")
+    _assert_naive(ev.run(batches).counts, model, variants, batches)
+    model[3] = _TypeBranch(model[3])  # same state keys under another name: variants untouched
+    _assert_naive(ev.run(batches).counts, model, variants, batches)
