@@ -122,6 +122,12 @@ def resolve_fanout(fanout: bool | str | None, device: torch.device) -> bool:
     return bool(fanout)
 
 
+def _is_variant(v: Any) -> bool:
+    """What `overrides.overrides_of` reads: a mapping {state key: tensor} or an object with
+    `.overrides()`."""
+    return isinstance(v, Mapping) or callable(getattr(v, "overrides", None))
+
+
 def _positive_int(value: Any, name: str) -> int:
     """`value` as an int >= 1 (a numpy integer too), else a LayerfastError naming `name`.
 
@@ -179,6 +185,13 @@ class Evaluator(FirstBatchChecks, ResumeState):
         if not isinstance(model, nn.Module):
             raise LayerfastError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if isinstance(variants, Mapping) and variants and all(
+                _is_variant(v) for v in variants.values()):  # {name: variant}: a study's table
+            names = ", ".join(repr(k) for k in list(variants)[:3])
+            raise LayerfastError(
+                f"variants must be a list of variants; got a mapping of names ({names}"
+                f"{', ...' if len(variants) > 3 else ''}) to variants: pass "
+                "list(variants.values()) (the counts' rows are in that order)")
+        if isinstance(variants, Mapping) and variants and all(
                 isinstance(k, str) for k in variants):  # {key: tensor}: one variant, not a list
             raise LayerfastError("variants must be a list of variants; got one mapping of state "
                                  "keys to tensors: pass [it] (and {} for the final model)")
@@ -197,6 +210,11 @@ class Evaluator(FirstBatchChecks, ResumeState):
                 "weights, before evaluating it")
         self.model = model
         self.variants = list(variants)
+        odd = next((i for i, v in enumerate(self.variants) if not _is_variant(v)), None)
+        if odd is not None:  # else a bare TypeError from `overrides_of`, in `run`
+            raise LayerfastError(
+                f"variant {odd} must be a mapping of state keys to tensors or have "
+                f".overrides(); got {type(self.variants[odd]).__name__}")
         self.device = resolve_device(device)
         self.precision = for_model(resolve_precision(precision, self.device), precision, model)
         # None: the planner picks B on the first `run`/`plan_batch` with a DataSource; until

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from layerfast.engine import Evaluator, naive_evaluate
+from layerfast.errors import LayerfastError
 
 
 @pytest.fixture(autouse=True)
@@ -66,3 +67,17 @@ def test_a_reused_evaluator_checks_the_changed_model_again() -> None:
     _assert_naive(ev.run(batches).counts, model, variants, batches)
     model[3] = _TypeBranch(model[3])  # same state keys under another name: variants untouched
     _assert_naive(ev.run(batches).counts, model, variants, batches)
+
+
+@pytest.mark.parametrize("names", [["baseline", "fc1@rnd"], [0, 1]])
+def test_a_dict_of_named_variants_is_refused_with_the_right_advice(names) -> None:
+    model = _mlp()
+    named = dict(zip(names, [{}, {"1.weight": torch.randn(32, 64)}], strict=True))
+    with pytest.raises(LayerfastError, match=r"list\(variants.values\(\)\)"):
+        Evaluator(model, named, device="cpu")
+
+
+@pytest.mark.parametrize("item", [None, torch.zeros(3), "1.weight", [("1.weight", None)]])
+def test_a_variant_that_is_no_mapping_is_refused_when_the_evaluator_is_built(item) -> None:
+    with pytest.raises(LayerfastError, match=r"variant 1 must be a mapping .* got "):
+        Evaluator(_mlp(), [{}, item], device="cpu")
