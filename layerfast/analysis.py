@@ -378,14 +378,9 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
         raise LayerfastError(f"the data {data!r} ({split}) is empty")
     lo, hi = int(labels.min()), int(labels.max())
     out_features = _num_outputs(model, src)
-    if out_features < 2:
-        # argmax over one logit is always class 0: every variant would score error 0, loss 0,
-        # agreement 1, and every unit would be called robust whatever its weights
-        raise LayerfastError(
-            f"the model has {out_features} output{'' if out_features == 1 else 's'}: with one "
-            "class every variant's error is 0 and every unit 'robust', whatever its weights; "
-            "layerfast analyzes classifiers with 2 or more logits (a binary classifier with "
-            "one sigmoid logit z: return torch.cat([-z, z], 1) / 2 instead)")
+    from layerfast.engine.batches import check_classes
+
+    check_classes(out_features)  # one logit: every variant error 0, every unit robust
     if lo < 0 or hi >= out_features:
         raise LayerfastError(f"labels of {data!r} lie in {lo}..{hi}, but the model has "
                              f"{out_features} outputs (classes 0..{out_features - 1})")

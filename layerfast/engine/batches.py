@@ -114,6 +114,19 @@ def _described(out: object) -> str:
     return f"an object of type {type(out).__name__}"
 
 
+def check_classes(num_classes: int) -> None:
+    """Class scores need two classes at least: argmax over one logit (a sigmoid binary
+    classifier's [B, 1]) is always class 0, so every variant would score error 0, loss 0 and
+    agreement 1 on labels 0, and every unit be called robust, whatever its weights. analyze
+    refuses such a model before its pass; `Evaluator`, given any module, refuses it here."""
+    if num_classes < 2:
+        raise LayerfastError(
+            f"the model has {num_classes} output{'' if num_classes == 1 else 's'}: with one "
+            "class every variant's error is 0 and every unit 'robust', whatever its weights; "
+            "layerfast analyzes classifiers with 2 or more logits (a binary classifier with "
+            "one sigmoid logit z: return torch.cat([-z, z], 1) / 2 instead)")
+
+
 def check_labels(span: tuple[int, int], num_classes: int) -> None:
     """A clear error for a label outside the model's outputs, before anything is scored: on
     CUDA, `score_` meets it as a device-side assert, which loses the CUDA context."""

@@ -21,7 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerfast.engine.batches import check_labels, check_logits, label_span, pair, peek
+from layerfast.engine.batches import (
+    check_classes,
+    check_labels,
+    check_logits,
+    label_span,
+    pair,
+    peek,
+)
 from layerfast.engine.borrow import borrowed, lazy_names
 from layerfast.engine.diagnose import OOM_ERRORS as _OOM
 from layerfast.engine.diagnose import own_failure
@@ -775,6 +782,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
             logits0 = prog.run(x0, 0, keep=set(plan.cuts), saved=cache)
             check_logits(logits0, x.shape[0])
             C = logits0.shape[1]
+            check_classes(C)
             if span is not None:  # before anything is scored: on CUDA, a device-side assert
                 check_labels(span, C)
             ref = logits0.argmax(1)

@@ -81,3 +81,23 @@ def test_a_dict_of_named_variants_is_refused_with_the_right_advice(names) -> Non
 def test_a_variant_that_is_no_mapping_is_refused_when_the_evaluator_is_built(item) -> None:
     with pytest.raises(LayerfastError, match=r"variant 1 must be a mapping .* got "):
         Evaluator(_mlp(), [{}, item], device="cpu")
+
+
+class _OneLogit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # [B, 1]: a sigmoid binary classifier's logit
+
+
+@pytest.mark.parametrize("labels", ["zeros", "binary"])
+def test_a_one_logit_model_is_refused_as_analyze_refuses_it(labels) -> None:
+    torch.manual_seed(0)
+    model = _OneLogit()
+    x = torch.randn(20, 64)
+    y = torch.zeros(20, dtype=torch.long) if labels == "zeros" else torch.arange(20) % 2
+    variants = [{}, {"net.2.weight": torch.randn(1, 8)}]
+    with pytest.raises(LayerfastError, match=r"1 output: with one class .*torch.cat"):
+        Evaluator(model, variants, device="cpu").run([(x, y)])
