@@ -357,6 +357,13 @@ class Evaluator(FirstBatchChecks, ResumeState):
                 data, str | bytes):  # else a TypeError from deep in the batch planner
             raise LayerfastError(f"data must be a layerfast DataSource or an iterable of (x, y) "
                                  f"batches; got {type(data).__name__}")
+        if counts is not None and (not isinstance(counts, torch.Tensor)
+                                   or tuple(counts.shape) != (len(self.variants), 4)):
+            # else an IndexError or AttributeError from the resumed pass's setup
+            got = tuple(counts.shape) if isinstance(counts, torch.Tensor) else \
+                type(counts).__name__
+            raise LayerfastError(f"counts must be the [V, 4] = [{len(self.variants)}, 4] tensor "
+                                 f"of sums a checkpoint gave (on_checkpoint); got {got}")
         self._hook = on_logits
         self._forget_checks()
         self.plan_batch(data)

@@ -101,3 +101,11 @@ def test_a_one_logit_model_is_refused_as_analyze_refuses_it(labels) -> None:
     variants = [{}, {"net.2.weight": torch.randn(1, 8)}]
     with pytest.raises(LayerfastError, match=r"1 output: with one class .*torch.cat"):
         Evaluator(model, variants, device="cpu").run([(x, y)])
+
+
+@pytest.mark.parametrize("counts", [torch.zeros(2, 4), torch.zeros(3), [[0.0] * 4] * 3])
+def test_resumed_counts_of_another_shape_are_refused(counts) -> None:
+    model, batches = _mlp(), _data()
+    ev = Evaluator(model, [{}, {}, {}], device="cpu")
+    with pytest.raises(LayerfastError, match=r"counts must be .*\[3, 4\]"):
+        ev.run(batches, counts=counts)
