@@ -436,6 +436,14 @@ class Evaluator(FirstBatchChecks, ResumeState):
                 self._in_pass = False
                 # the resumed pass's: later passes plan their own
                 self._saved_groups = self._saved_pass = None
+            if results and not source and res.n != results[0].n:
+                # Each pass iterates the data again; sums over other samples are no one
+                # variant set's counts, and n (the last pass's) would divide all of them.
+                raise LayerfastError(
+                    f"the data gave {results[0].n} samples in the first of the {P} passes "
+                    f"these {V} variants need (their tensors exceed what one pass stages) and "
+                    f"{res.n} in pass {p + 1}: an iterable read again must give the same "
+                    "batches (a list of batches, a DataLoader without random sampling)")
             total[idx] = res.counts
             results.append(res)
             plans.append(self.last_plan.remapped(idx))

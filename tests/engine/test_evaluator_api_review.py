@@ -109,3 +109,29 @@ def test_resumed_counts_of_another_shape_are_refused(counts) -> None:
     ev = Evaluator(model, [{}, {}, {}], device="cpu")
     with pytest.raises(LayerfastError, match=r"counts must be .*\[3, 4\]"):
         ev.run(batches, counts=counts)
+
+
+class _Shrinking:
+    """A re-iterable that gives 10 samples fewer each time it is iterated."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.k = batches, 0
+
+    def __iter__(self):
+        x, y = (torch.cat(t) for t in zip(*self.batches, strict=True))
+        n = x.shape[0] - 10 * self.k
+        self.k += 1
+        return iter([(x[:n], y[:n])])
+
+
+def test_passes_over_data_of_another_size_are_refused() -> None:
+    model = _mlp()
+    torch.manual_seed(3)
+    variants = [{}] + [{"3.weight": torch.randn(16, 32)} for _ in range(8)]
+    ev = Evaluator(model, variants, device="cpu", stage_bytes=3 * 16 * 32 * 4)
+    assert len(ev.passes()) > 1
+    with pytest.raises(LayerfastError,
+                       match=r"gave \d+ samples in the first of the \d passes .* in pass 2"):
+        ev.run(_Shrinking(_data()))
+    fixed = ev.run(_data())  # the same batches every pass: fine
+    _assert_naive(fixed.counts, model, variants, _data())
