@@ -135,3 +135,64 @@ def test_passes_over_data_of_another_size_are_refused() -> None:
         ev.run(_Shrinking(_data()))
     fixed = ev.run(_data())  # the same batches every pass: fine
     _assert_naive(fixed.counts, model, variants, _data())
+
+
+# ---- what docs/engine.md says the Evaluator takes (passing: pins the documented forms) -----
+
+
+@pytest.mark.parametrize("form", ["list", "generator", "lists", "int32", "uint8", "empty",
+                                  "one-sample", "loader"])
+def test_the_documented_batch_forms_give_the_naive_counts(form) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, batches = _mlp(), _data()
+    torch.manual_seed(2)
+    variants = [{}, {"1.weight": torch.randn(32, 64)}, {"5.weight": torch.randn(10, 16)}]
+    x, y = (torch.cat(t) for t in zip(*batches, strict=True))
+    given = {
+        "list": batches,
+        "generator": (b for b in batches),
+        "lists": [list(b) for b in batches],
+        "int32": [(a, b.int()) for a, b in batches],
+        "uint8": [(a, b.to(torch.uint8)) for a, b in batches],
+        "empty": [batches[0], (x[:0], y[:0]), batches[1]],
+        "one-sample": [(x[:1], y[:1]), (x[1:], y[1:])],
+        "loader": DataLoader(TensorDataset(x, y), batch_size=16),
+    }[form]
+    got = Evaluator(model, variants, device="cpu", precision="fp32").run(given).counts
+    _assert_naive(got, model, variants, batches)
+
+
+class _Returns(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.fc = how, nn.Linear(64, 12)
+
+    def forward(self, x: torch.Tensor):
+        z = self.fc(x)
+        if self.how == "tuple":
+            return z, z.sum()
+        if self.how == "dict":
+            return {"logits": z}
+        if self.how == "object":
+            return type("Out", (), {"logits": z})()
+        if self.how == "[B]":
+            return z[:, 0]
+        return z.view(-1, 3, 2, 2)  # [B, C, H, W]
+
+
+@pytest.mark.parametrize("how", ["tuple", "dict", "object", "[B]", "[B,C,H,W]"])
+def test_outputs_that_are_no_class_scores_are_one_clear_error(how) -> None:
+    x, y = torch.randn(8, 64), torch.arange(8) % 3
+    with pytest.raises(LayerfastError, match="must return logits shaped"):
+        Evaluator(_Returns(how), [{}], device="cpu").run([(x, y)])
+
+
+@pytest.mark.parametrize("batch", ["float", "onehot", "[B,1]", "dict", "triple"])
+def test_batches_that_are_no_pairs_of_integer_labels_are_one_clear_error(batch) -> None:
+    x, y = torch.randn(8, 64), torch.arange(8) % 10
+    item = {"float": (x, y.float()), "onehot": (x, nn.functional.one_hot(y, 10)),
+            "[B,1]": (x, y[:, None]), "dict": {"image": x, "label": y},
+            "triple": (x, y, torch.arange(8))}[batch]
+    with pytest.raises(LayerfastError, match="labels|pair"):
+        Evaluator(_mlp(), [{}], device="cpu").run([item])
