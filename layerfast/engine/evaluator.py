@@ -373,7 +373,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
             else:  # a plain iterable: probe with its first batch
                 data, first = peek(data)
                 if first is not None:
-                    self.settle_layout(first[0][:2])
+                    self.settle_layout(pair(first)[0][:2])  # checked first: a dict has no [0]
         passes = self.passes()
         P, V, t_all = len(passes), len(self.variants), time.perf_counter()
         source = hasattr(data, "batches") and hasattr(data, "n")

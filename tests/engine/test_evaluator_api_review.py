@@ -137,6 +137,15 @@ def test_passes_over_data_of_another_size_are_refused() -> None:
     _assert_naive(fixed.counts, model, variants, _data())
 
 
+@pytest.mark.parametrize("batch", ["dict", "numpy", "x-list"])
+def test_a_bad_first_batch_is_the_same_clear_error_with_channels_last(batch) -> None:
+    x, y = torch.randn(8, 64), torch.arange(8) % 10
+    item = {"dict": {"image": x, "label": y}, "numpy": (x.numpy(), y.numpy()),
+            "x-list": ([x], y)}[batch]
+    with pytest.raises(LayerfastError, match="each batch must be a pair"):
+        Evaluator(_mlp(), [{}], device="cpu", layout="channels_last").run([item])
+
+
 # ---- what docs/engine.md says the Evaluator takes (passing: pins the documented forms) -----
 
 
