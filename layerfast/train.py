@@ -364,7 +364,11 @@ def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> 
                     if k + 1 < len(tries):
                         continue  # a model that needs more samples: its smallest batch
                     msg = " ".join(str(exc).split())[:300]
-                    hint = ("; use --batch-size 2 or more" if size == 1 else "")
+                    # a batch of one comes from a one-sample training split (--max-samples 1,
+                    # whatever --batch-size says) or from --batch-size 1: name what made it
+                    hint = ("" if size > 1
+                            else "; train on 2 or more samples (--max-samples 2 or more)"
+                            if source.n == 1 else "; use --batch-size 2 or more")
                     raise LayerfastError(
                         f"{arch} cannot train on a batch of {size} sample{'s' * (size > 1)} "
                         f"({type(exc).__name__}: {msg}){hint}") from exc
