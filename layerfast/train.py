@@ -498,6 +498,11 @@ def train(
     with contextlib.ExitStack() as stack:
         # every warning also goes into the manifest, read when the run is analysed months later
         warned = stack.enter_context(collect_warnings())
+        # Gradients on whatever the caller's mode: `train` called inside `torch.no_grad()` (or
+        # `inference_mode`, where even the parameters would be built as inference tensors)
+        # failed at its first `backward`, after epoch_000.pt and a manifest were written.
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
         _warn_if_one_split(data, train_src, test_src)
         stack.enter_context(torch.random.fork_rng(cuda_ids))
         stack.enter_context(seeded_host_generators(seed))

@@ -38,3 +38,24 @@ def test_one_training_sample_with_batchnorm_does_not_blame_the_batch_size(bn_mod
     # batch_size 1 is still named when it is the cause
     with pytest.raises(LayerfastError, match="--batch-size 2 or more"):
         train(bn_model, "digits", 1, out, batch_size=1, max_samples=8, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_train_called_under_a_callers_no_grad_trains_as_usual(tmp_path, mode):
+    """A notebook cell or an evaluation helper that wraps its work in `torch.no_grad()` (or
+    `torch.inference_mode()`) and calls `train`: the first step's `backward` failed with torch's
+    RuntimeError ("element 0 of tensors does not require grad"), after epoch_000.pt and a
+    manifest were written. Training enables gradients itself, as `analyze` disables them."""
+    import torch
+
+    ref = train("fcn3x256", "digits", 1, tmp_path / "ref", max_samples=64, progress=False)
+    with getattr(torch, mode)():
+        got = train("fcn3x256", "digits", 1, tmp_path / "run", max_samples=64, progress=False)
+        assert not torch.is_grad_enabled()  # the caller's mode is left as it was
+    assert got["complete"] and [c["test_error"] for c in got["checkpoints"]] == [
+        c["test_error"] for c in ref["checkpoints"]
+    ]
+    for c in ref["checkpoints"]:
+        a = torch.load(tmp_path / "ref" / c["file"], weights_only=True)
+        b = torch.load(tmp_path / "run" / c["file"], weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
