@@ -39,7 +39,7 @@ import numbers
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -422,7 +422,7 @@ def _gather(source: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 @refused_paths_are_input
 @exclusive
 def train(
-    arch: str,
+    arch: str | Callable[..., nn.Module],
     data: str | os.PathLike[str],
     epochs: int,
     out: str | os.PathLike[str],
@@ -439,6 +439,9 @@ def train(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train `arch` on `data` for `epochs`, saving checkpoints into `out`; returns the manifest.
+
+    `arch`: a registry name, `package.module:factory`, or (as `analyze` takes it) the factory
+    itself, recorded in the manifest as `module:qualname`.
 
     Hyper-parameters: SGD(lr, momentum, weight_decay on every parameter, as torchvision's
     reference scripts do), cross-entropy, schedule per `lr_at`. Defaults lr 0.1 / weight_decay
@@ -513,7 +516,10 @@ def train(
         for i in cuda_ids:  # dropout & co. on the training GPU
             with torch.cuda.device(i):
                 torch.cuda.manual_seed(seed)
-        model, _ = build_model(arch, train_src.num_classes, train_src.shape)
+        model, spec = build_model(arch, train_src.num_classes, train_src.shape)
+        # a factory object (as `analyze` takes one) is named `module:qualname`, as analyze
+        # names it: the manifest is JSON, and analyze compares its arch with the one it got
+        arch = arch if isinstance(arch, str) else spec.name
         if not any(p.requires_grad for p in model.parameters()):  # SGD's bare ValueError else
             raise LayerfastError(f"{arch} has no trainable parameters: nothing to train")
         _probe(model, arch, train_src, batch_size)

@@ -59,3 +59,33 @@ def test_train_called_under_a_callers_no_grad_trains_as_usual(tmp_path, mode):
         a = torch.load(tmp_path / "ref" / c["file"], weights_only=True)
         b = torch.load(tmp_path / "run" / c["file"], weights_only=True)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tiny_net(num_classes: int = 10):
+    from torch import nn
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, num_classes))
+
+
+def test_a_factory_object_as_arch_is_recorded_by_name(tmp_path, capsys):
+    """`analyze(Net, ...)` takes the factory itself (DESIGN §5's Python API, `layerfast.inputs`)
+    and `build_model` builds it for `train` too, but the manifest then held the function:
+    after the probe and θ⁰'s evaluation the first manifest write failed with a bare TypeError
+    ("function is not JSON serialisable"). It is named `module:qualname`, as analyze names it,
+    so analysing the run with the same factory matches the manifest's arch without a warning."""
+    import json
+
+    from layerfast.analysis import analyze
+
+    out = tmp_path / "run"
+    man = train(_tiny_net, "digits", 1, out, max_samples=64, progress=False)
+    name = f"{__name__}:_tiny_net"
+    assert man["arch"] == name
+    assert json.loads((out / "manifest.json").read_text())["arch"] == name
+    capsys.readouterr()
+    res = analyze(_tiny_net, out, reset="fullmodel", device="cpu", progress=False,
+                  figures=False, out=tmp_path / "an")  # fmt: skip
+    assert "manifest.json says" not in capsys.readouterr().err
+    recorded = {c["epoch"]: c["test_error"] for c in man["checkpoints"]}
+    rows = res.table[res.table["kind"] == "fullmodel"]
+    assert {int(t): e for t, e in zip(rows["checkpoint"], rows["error"], strict=True)} == recorded
