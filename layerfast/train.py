@@ -267,6 +267,26 @@ def _remove_created(files: Sequence[Path], dirs: Sequence[Path]) -> None:
             break
 
 
+@contextlib.contextmanager
+def _stop_recorded(out: Path, entries: list[dict], meta: dict[str, Any]) -> Iterator[None]:
+    """Record in manifest.json (`"stopped"`) why a run that wrote checkpoints stopped early
+    (a divergence, bad data, a model that fails mid-run): its `complete: false` manifest said
+    only "interrupted or diverged", with an empty `warnings` list, and the message on the
+    terminal was all there was. `analyze` of those checkpoints repeats the reason."""
+    try:
+        yield
+    except LayerfastError as exc:
+        # Only beside what the manifest on disk already lists: the error may be that the
+        # last checkpoint's manifest write failed. Best effort: the run's own error is raised.
+        with contextlib.suppress(Exception):
+            listed = len((read_manifest(out) or {}).get("checkpoints") or ())
+            if listed:
+                meta["stopped"] = str(exc)
+                with _writing(out, MANIFEST):
+                    write_manifest(out, entries[:listed], **meta)
+        raise
+
+
 def _warn_if_one_split(data: str, train_src: DataSource, test_src: DataSource) -> None:
     """A one-split source (an .npz without x_train/x_test, a .beton) serves the same samples as
     'train' and 'test'; the 'test' errors recorded in the manifest are then training errors, and
@@ -595,31 +615,33 @@ def train(
         dtype = input_dtype(model)
         model.train()
         save(0, None)  # τ=0 is always in the schedule: the model before any step
-        for epoch in range(epochs):
-            perm = torch.randperm(n, generator=shuffle).to(x_all.device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-            seen = 0
-            for s, (i, j) in enumerate(steps):
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(schedule, lr, (epoch + s / len(steps)) / epochs)
-                idx = perm[i:j]
-                x, y = to_device(x_all[idx], y_all[idx], train_src, dev, dtype, False)
-                loss = F.cross_entropy(_forward(model, x, f"training epoch {epoch + 1}"), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach().double() * (j - i)
-                seen += j - i
-                bar.update()
-            train_loss = float(loss_sum.item()) / seen
-            if not math.isfinite(train_loss):
-                raise LayerfastError(
-                    f"training diverged at epoch {epoch + 1} (loss {train_loss}); lower lr={lr}"
-                )
-            post["loss"] = f"{train_loss:.4f}"
-            bar.set_postfix(post, refresh=False)
-            if epoch + 1 in taus:
-                save(epoch + 1, train_loss)
+        # a run that stops early says why in its manifest, not only on a terminal long gone
+        with _stop_recorded(out, entries, meta):
+            for epoch in range(epochs):
+                perm = torch.randperm(n, generator=shuffle).to(x_all.device)
+                loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+                seen = 0
+                for s, (i, j) in enumerate(steps):
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(schedule, lr, (epoch + s / len(steps)) / epochs)
+                    idx = perm[i:j]
+                    x, y = to_device(x_all[idx], y_all[idx], train_src, dev, dtype, False)
+                    loss = F.cross_entropy(_forward(model, x, f"training epoch {epoch + 1}"), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    loss_sum += loss.detach().double() * (j - i)
+                    seen += j - i
+                    bar.update()
+                train_loss = float(loss_sum.item()) / seen
+                if not math.isfinite(train_loss):
+                    raise LayerfastError(
+                        f"training diverged at epoch {epoch + 1} (loss {train_loss}); lower lr={lr}"
+                    )
+                post["loss"] = f"{train_loss:.4f}"
+                bar.set_postfix(post, refresh=False)
+                if epoch + 1 in taus:
+                    save(epoch + 1, train_loss)
         _warn_if_at_chance(entries[-1]["test_error"] if epochs else None,
                            train_src.num_classes, lr)
         meta.update(complete=True, train_seconds=round(time.perf_counter() - t0, 3))

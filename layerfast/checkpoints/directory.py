@@ -357,10 +357,10 @@ def _incomplete_reason(manifest: Mapping[str, Any] | None, labels: Sequence[int]
     epochs = manifest.get("epochs")
     upto = f"checkpoints up to epoch {labels[-1]}" if labels else "no checkpoints"
     of = f" of {epochs}" if isinstance(epochs, int) and not isinstance(epochs, bool) else ""
-    return (
-        f"its {MANIFEST} says the training run did not finish ({upto}{of}): it was "
-        "interrupted or diverged"
-    )
+    stopped = manifest.get("stopped")  # why, where layerfast train knew (a divergence, ...)
+    why = (f"it stopped: {' '.join(stopped.split())[:300]}" if isinstance(stopped, str)
+           and stopped.strip() else "it was interrupted or diverged")
+    return f"its {MANIFEST} says the training run did not finish ({upto}{of}): {why}"
 
 
 def _files(names: list[str]) -> str:

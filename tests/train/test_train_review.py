@@ -89,3 +89,19 @@ def test_a_factory_object_as_arch_is_recorded_by_name(tmp_path, capsys):
     recorded = {c["epoch"]: c["test_error"] for c in man["checkpoints"]}
     rows = res.table[res.table["kind"] == "fullmodel"]
     assert {int(t): e for t, e in zip(rows["checkpoint"], rows["error"], strict=True)} == recorded
+
+
+def test_a_run_that_stops_early_says_why_in_its_manifest(tmp_path, capsys):
+    """A diverged run's `complete: false` manifest held an empty `warnings` list and nothing
+    else: why it stopped was only on the terminal. It is kept as `"stopped"`, and analysing
+    those checkpoints repeats it."""
+    import json
+
+    from layerfast.checkpoints import CheckpointDir
+
+    with pytest.raises(LayerfastError, match="diverged at epoch 1") as err:
+        train("fcn3x256", "digits", 1, tmp_path, max_samples=200, lr=1e6, progress=False)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert man["complete"] is False and man["stopped"] == str(err.value)
+    ck = CheckpointDir(tmp_path)
+    assert ck.incomplete is not None and "it stopped: training diverged at epoch 1" in ck.incomplete
