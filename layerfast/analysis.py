@@ -903,6 +903,16 @@ def _progress(enabled: bool, total: int, done: int, nvar: int, how: str = "") ->
                         dynamic_ncols=True, leave=False)
 
 
+def _manifest_classes(ckpts: Path) -> int | None:
+    """The class count a checkpoint directory's manifest.json records (analyze builds the
+    model for it), or None: a factory whose layers depend on the class count has other units
+    for another one."""
+    from layerfast.checkpoints.discover import read_manifest
+
+    nc = (read_manifest(ckpts) or {}).get("num_classes") if ckpts.is_dir() else None
+    return nc if isinstance(nc, int) and not isinstance(nc, bool) and nc >= 1 else None
+
+
 def list_units(arch: str | Callable[..., torch.nn.Module],
                data: str | tuple[Any, ...] | None = None, granularity: str = "layer",
                units: str | Sequence[str] | None = None, bn: str = "with-layer",
@@ -925,6 +935,8 @@ def list_units(arch: str | Callable[..., torch.nn.Module],
         if not data and ckpts:
             data = _data_spec(None, ckpts)[0]
         src = open_data(data or "digits", split="test", max_samples=1)
+    if num_classes is None and isinstance(ckpts, str | os.PathLike):
+        num_classes = _manifest_classes(Path(ckpts).expanduser())  # as analyze builds it
     with torch.random.fork_rng(devices=[]):  # the factory's init draws: not the caller's
         # `is None`, not `or`: num_classes=0 is refused by build_model, not read as "not given"
         model, spec = build_model(arch, src.num_classes if num_classes is None else num_classes,

@@ -124,3 +124,33 @@ def test_list_units_warns_about_tied_units_as_analyze_does(capsys) -> None:
     assert [u.name for u in units] == ["enc", "dec"]
     err = capsys.readouterr().err
     assert "units enc and dec share one tensor" in err and "tied weights" in err
+
+
+def test_list_units_builds_the_model_for_the_manifests_class_count(tmp_path) -> None:
+    """analyze builds the model for manifest.json's `num_classes`; the dry run built it for
+    the data's, so a factory whose layers depend on the class count listed other units."""
+    import json
+
+    import torch
+    from torch import nn
+
+    from layerfast.analysis import list_units
+
+    def per_class_heads(num_classes: int = 10) -> nn.Module:
+        class Heads(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.body = nn.Linear(64, 8)
+                self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(num_classes))
+
+            def forward(self, x):
+                h = self.body(x.flatten(1)).relu()
+                return torch.cat([m(h) for m in self.heads], 1)
+        return Heads()
+
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"checkpoints": [], "data": "digits", "num_classes": 3}))
+    x, y = torch.randn(6, 64), torch.arange(6) % 10
+    units = list_units(per_class_heads, (x, y, 10), ckpts=tmp_path)
+    assert [u.name for u in units] == ["body", "heads.0", "heads.1", "heads.2"]
+    assert len(list_units(per_class_heads, (x, y, 10))) == 11  # no ckpts: the data's 10
