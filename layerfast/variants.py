@@ -681,14 +681,15 @@ def make_variants(
             out.append(
                 Variant("+".join(names), "joint", tau, None, keys=keys, _load=from_ckpt(tau, keys))
             )
-    for unit_name, tau, alpha, sigma in interp or ():
+    for entry in interp or ():
         assert ckpts is not None
+        unit_name, tau, alpha, sigma = _interp_entry(entry)
         if unit_name not in by_name:
             raise LayerfastError(f"interp: no unit named {unit_name!r}.")
-        ckpts.check_label(int(tau))
-        if not math.isfinite(float(alpha)):
+        ckpts.check_label(tau)
+        if not math.isfinite(alpha):
             raise LayerfastError(f"interp: alpha must be a finite number, got {alpha}.")
-        if not (math.isfinite(float(sigma)) and sigma >= 0):
+        if not (math.isfinite(sigma) and sigma >= 0):
             raise LayerfastError(f"interp: sigma must be a finite number >= 0, got {sigma}.")
         if sigma > 0 and not seeds:
             raise LayerfastError(
@@ -698,14 +699,8 @@ def make_variants(
         for s in seeds if sigma > 0 else [None]:
             out.append(
                 Variant(
-                    u.name,
-                    "interp",
-                    int(tau),
-                    s,
-                    float(alpha),
-                    float(sigma),
-                    tuple(u.keys),
-                    _interp(ckpts, ref, u, int(tau), float(alpha), float(sigma), s),
+                    u.name, "interp", tau, s, alpha, sigma, tuple(u.keys),
+                    _interp(ckpts, ref, u, tau, alpha, sigma, s),
                 )
             )
     if ckpts is not None:  # keys/shapes of every file a variant reads, before any evaluation
@@ -739,6 +734,36 @@ def _joint_entry(
     if not names:
         raise LayerfastError("joint reset: an empty list of units.")
     return names, chosen
+
+
+def _interp_entry(entry: Any) -> tuple[Any, int, float, float]:
+    """One `interp` request `(unit, τ, α, σ)` with τ a plain int and α, σ plain floats.
+
+    Checked, not converted blindly: `int(τ)` read τ = 1.7 (or True) as the label 1, so the
+    rows of checkpoint 1 came back for a label that does not exist (`joint`'s `(names, τ)` and
+    `checkpoints` refuse such values), and a σ given as a string was a bare TypeError from
+    `sigma >= 0`, a short tuple a ValueError from unpacking. Numbers as a notebook holds them
+    (numpy scalars, 0-d tensors) are taken; strings and bools are not numbers here."""
+    if isinstance(entry, str | bytes) or not isinstance(entry, Sequence) or len(entry) != 4:
+        raise LayerfastError(f"interp: an entry is (unit, τ, alpha, sigma); got {entry!r}.")
+    unit_name, tau, alpha, sigma = entry
+    if not is_int(tau):
+        raise LayerfastError(
+            f"interp {unit_name}: τ must be a checkpoint label (a whole number); got {tau!r}."
+        )
+    return unit_name, int(tau), _number(alpha, f"interp {unit_name}: alpha"), _number(
+        sigma, f"interp {unit_name}: sigma")
+
+
+def _number(v: Any, what: str) -> float:
+    """`v` as a float: an int or float, a numpy scalar or a 0-d tensor; never a bool or str."""
+    if not isinstance(v, bool | str | bytes) and getattr(v, "ndim", 0) == 0 and str(
+            getattr(v, "dtype", "")) not in ("bool", "torch.bool"):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            pass
+    raise LayerfastError(f"{what} must be a number; got {v!r}.")
 
 
 def _interp(
