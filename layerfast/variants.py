@@ -63,7 +63,6 @@ import copy
 import hashlib
 import json
 import math
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -721,11 +720,18 @@ def _joint_entry(
             "joint reset: an entry is a list of unit names, or (names, τ), not the string "
             f"{entry!r}; write {entry.split('+')!r}."
         )
-    tau_given = (
-        len(entry) == 2
-        and isinstance(entry[1], numbers.Integral)
-        and not isinstance(entry[1], bool)
-    )
+    if not isinstance(entry, Sequence):  # a set has no order (the unit's name) nor indexing
+        raise LayerfastError(
+            "joint reset: an entry is a list of unit names, or (names, τ), not a "
+            f"{type(entry).__name__} ({entry!r})."
+        )
+    if len(entry) == 2 and not isinstance(entry[0], str) and isinstance(entry[0], Iterable) \
+            and not is_int(entry[1]):  # (names, 1.0) read as two unit names hid the bad τ
+        raise LayerfastError(
+            f"joint reset {'+'.join(map(str, entry[0]))}: τ must be a checkpoint label (a whole "
+            f"number); got {entry[1]!r}."
+        )
+    tau_given = len(entry) == 2 and is_int(entry[1])  # a 0-d tensor too, never a bool
     if tau_given and not isinstance(entry[0], str):
         names, tau = list(entry[0]), int(entry[1])  # type: ignore[arg-type]
         ckpts.check_label(tau)

@@ -58,3 +58,26 @@ def test_interp_accepts_numpy_and_tensor_values(tmp_path: Path) -> None:
     got = a.overrides()
     for k in FC.keys:
         assert torch.equal(got[k], (0.75 * t[k].double() + 0.25 * f[k].double()).float()), k
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"fc", "conv"}, r"joint reset: an entry is a list of unit names, or \(names, τ\)"),
+    (5, r"joint reset: an entry is a list of unit names, or \(names, τ\)"),
+    ((["fc", "conv"], 1.0), r"joint reset fc\+conv: τ must be a checkpoint label"),
+    ((["fc", "conv"], True), r"joint reset fc\+conv: τ must be a checkpoint label"),
+])
+def test_joint_entry_shapes(entry, match, tmp_path: Path) -> None:
+    """A set of names was a bare TypeError ('set' object is not subscriptable), and
+    `(names, 1.0)` was read as a list of two unit names, refused as 'no unit named
+    "['fc', 'conv']"', which hid that the τ was the problem."""
+    model = write_run(tmp_path)
+    with pytest.raises(LayerfastError, match=match):
+        make_variants(model, UNITS, CheckpointDir(tmp_path), reset=(), joint=[entry])
+
+
+def test_joint_tau_as_a_tensor(tmp_path: Path) -> None:
+    """`(names, torch.tensor(1))` (a label read from a tensor) is that τ, as in interp."""
+    model = write_run(tmp_path)
+    vs = make_variants(model, UNITS, CheckpointDir(tmp_path), reset=(),
+                       joint=[(["fc", "conv"], torch.tensor(1))])
+    assert [(v.unit, v.kind, v.checkpoint) for v in vs[1:]] == [("fc+conv", "joint", 1)]
