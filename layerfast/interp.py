@@ -45,6 +45,10 @@ def parse_numbers(value: Any, flag: str, example: str) -> list[float]:
     a number (also NumPy's and 0-d tensors), or an iterable of numbers."""
     if value is None:
         return []
+    if isinstance(value, bytes | bytearray | memoryview):
+        # iterating bytes gives their character codes: sigma=b"0.1" ran σ = 46, 48 and 49
+        raise LayerfastError(f"{flag} takes finite numbers like {example}, as a str or a list; "
+                             f"got {type(value).__name__} {bytes(value)!r}")
     if isinstance(value, str):
         items: list[Any] = [v for v in value.split(",") if v.strip()]
     else:
@@ -55,7 +59,7 @@ def parse_numbers(value: Any, flag: str, example: str) -> list[float]:
     out: list[float] = []
     for item in items:
         try:
-            # bools (NumPy's too) are not numbers here; bytes go through float() like str
+            # bools (NumPy's too), str other than a plain decimal, and bytes are not numbers here
             plain = not isinstance(item, bool | np.bool_ | str | bytes) or (
                 isinstance(item, str) and _DECIMAL.fullmatch(item) is not None)
             v = float(item) if plain else math.nan

@@ -81,3 +81,16 @@ def test_joint_tau_as_a_tensor(tmp_path: Path) -> None:
     vs = make_variants(model, UNITS, CheckpointDir(tmp_path), reset=(),
                        joint=[(["fc", "conv"], torch.tensor(1))])
     assert [(v.unit, v.kind, v.checkpoint) for v in vs[1:]] == [("fc+conv", "joint", 1)]
+
+
+@pytest.mark.parametrize("value", [b"0.1", bytearray(b"0.1"), memoryview(b"0.1")])
+def test_sigma_as_bytes_is_refused(value) -> None:
+    """`analyze(sigma=b"0.1")` iterated the bytes and ran σ = 46, 48 and 49 (the codes of '.',
+    '0', '1') without a word: three noise levels nobody asked for. Bytes are refused, as
+    `seeds` and `checkpoints` refuse them."""
+    from layerfast.interp import interp_options
+
+    with pytest.raises(LayerfastError, match=r"--sigma takes finite numbers"):
+        interp_options(["interp"], [0.5], value)
+    with pytest.raises(LayerfastError, match=r"--alphas takes finite numbers"):
+        interp_options(["interp"], value, 0.0)
