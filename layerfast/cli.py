@@ -264,7 +264,8 @@ def parser() -> argparse.ArgumentParser:
                    help="τ labels to reset to: all (default) or e.g. 0,1,10")
     a.add_argument(
         "--seeds", type=_seeds, default=1, action=_Once,
-        help="re-randomization seeds: a count n (1..n) or a list (default: 1, one seed)"
+        help="seeds of the re-randomization draws and of interp's --sigma noise: a count n (1..n) "
+             "or a list (default: 1, one seed)"
     )
     a.add_argument(
         "--threshold", type=float, default=0.05, help="robust ⇔ Δerror ≤ threshold (default 0.05)"
