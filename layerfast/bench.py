@@ -351,8 +351,11 @@ def _run(args: argparse.Namespace) -> dict:
                            batch_size=args.batch_size, layout=args.layout, glue=args.glue)
             out["profile"] = profile_pass(ev, sub_src, args.profile)
         keysets = [_variant_keys(v) for v in variants]
+        # the forward's rate at the batch the pass ran: at most n samples, whatever B was asked
+        # (--batch-size 10**12 on 40 samples ran; a forward on 10**12 zero samples cannot)
         floor = floor_report(model, plan, tuple(src.shape), n, device, out["precision"],
-                             keysets=keysets, batch_size=out["layerfast_plan"]["batch_size"],
+                             keysets=keysets,
+                             batch_size=min(out["layerfast_plan"]["batch_size"], n),
                              channels_last=out["channels_last"])
         out["floor"] = floor
         out["times_floor"] = {k: v / floor["seconds_measured_rate"] for k, v in timings.items()}
