@@ -358,8 +358,11 @@ def _run(args: argparse.Namespace) -> dict:
                              batch_size=min(out["layerfast_plan"]["batch_size"], n),
                              channels_last=out["channels_last"])
         out["floor"] = floor
-        out["times_floor"] = {k: v / floor["seconds_measured_rate"] for k, v in timings.items()}
-        below = {k: x for k, x in out["times_floor"].items() if x < 1}
+        # a model without a conv or matmul needs 0 matrix FLOPs: no floor (null), not a
+        # ZeroDivisionError after every approach has been timed
+        floor_s = floor["seconds_measured_rate"]
+        out["times_floor"] = {k: v / floor_s if floor_s > 0 else None for k, v in timings.items()}
+        below = {k: x for k, x in out["times_floor"].items() if x is not None and x < 1}
         if below:  # the rate was measured while something else had the machine
             name, x = min(below.items(), key=lambda kv: kv[1])
             warn(f"{name} ran at {x:.2f}× the compute floor, faster than the rate measured for "
@@ -434,7 +437,8 @@ def main(args: argparse.Namespace) -> int:
           f"at the measured {f['rate_tflops_measured']:.3g} TFLOP/s (the best of a large GEMM's "
           f"{f['rate_tflops_gemm']:.3g} and the model's own forward's "
           f"{f['rate_tflops_forward'] or 0:.3g}){sheet}; "
-          f"layerfast at {out['times_floor']['layerfast']:.1f}× the floor")
+          + (f"layerfast at {x:.1f}× the floor" if (x := out["times_floor"]["layerfast"])
+             is not None else "no matrix FLOPs to floor layerfast's time"))
     if "profile" in out:
         p = out["profile"]
         print(f"profile of {p['samples']} samples ({p['time']}, total {p['total_ms']:.0f} ms; "

@@ -21,9 +21,10 @@ def rows(d: dict, name: str) -> list[str]:
     s = d["seconds"]
     pre = s.get("prefix_only")
     nan = math.nan
+    xfloor = d["times_floor"]["layerfast"]  # None: a model with no matrix FLOPs has no floor
     out = [f"{name:16s} {d['variants']:4d} {s['naive']:9.1f} {pre or nan:9.2f} {s['layerfast']:11.2f} "
            f"{d['speedup_vs_naive']['layerfast']:8.1f} {(pre / s['layerfast']) if pre else nan:8.2f}"
-           f" {d['floor']['seconds_measured_rate']:8.3g} {d['times_floor']['layerfast']:7.1f}"
+           f" {d['floor']['seconds_measured_rate']:8.3g} {nan if xfloor is None else xfloor:7.1f}"
            f" {d['layerfast_plan']['batch_size']:5d}"]
     if d.get("naive_scaled"):  # an extrapolation, not a measurement: say so on the row's next line
         k, v = d["naive_timed_variants"], d["variants"]

@@ -43,3 +43,57 @@ def test_the_floor_forward_runs_at_the_batch_the_pass_ran(monkeypatch, quick) ->
                           "2", "--no-prefix-only"))
     assert seen == [32]
     assert out["floor"]["rate_tflops_forward"] > 0
+
+
+def _table_rows():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_table.py"
+    spec = importlib.util.spec_from_file_location("bench_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.rows
+
+
+ELEMENTWISE = """
+import torch
+from torch import nn
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(10))
+
+    def reset_parameters(self):
+        nn.init.normal_(self.w)
+
+    def forward(self, x):
+        return x.flatten(1)[:, :10] * self.w
+
+
+def make(num_classes, in_shape):
+    return nn.Sequential(Scale())
+"""
+
+
+def test_a_model_without_matrix_flops_has_no_floor_not_a_crash(tmp_path, monkeypatch, quick,
+                                                               capsys) -> None:
+    """The floor counts matrix FLOPs only; a model without a conv or matmul (a learned
+    elementwise scale) needs 0 of them, and `times_floor` divided each time by 0 s: a
+    ZeroDivisionError traceback (exit 1) after every approach had been timed, nothing printed.
+    Its ×floor is "none" (null in the JSON), said as such in the text and in the GPU table."""
+    (tmp_path / "elementwise_bench.py").write_text(ELEMENTWISE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = bench.run(_args("--arch", "elementwise_bench:make", "--naive-variants", "2"))
+    assert out["floor"]["seconds_measured_rate"] == 0
+    assert out["times_floor"] == {"layerfast": None, "fanout": None, "naive": None}
+    assert not [w for w in out["warnings"] if "compute floor" in w]
+    monkeypatch.setattr(bench, "run", lambda args: out)
+    assert bench.main(_args()) == 0
+    floor = next(ln for ln in capsys.readouterr().out.splitlines()
+                 if ln.startswith("compute floor:"))
+    assert floor.endswith("no matrix FLOPs to floor layerfast's time")
+    lines = _table_rows()(out, "elementwise")  # the GPU session's table kept the row
+    assert lines[0].startswith("elementwise") and lines[0].split()[-2] == "nan"
