@@ -271,13 +271,16 @@ def _run(args: argparse.Namespace) -> dict:
                 not prof.exists() and not os.access(prof.parent, os.W_OK | os.X_OK)):
             why = "is a directory" if prof.is_dir() else "cannot be written"
             raise LayerfastError(f"--profile {prof}: {why}; name a file for the table")
-    device = resolve_device(args.device)
-    src = open_data(args.data, split="test", max_samples=args.max_samples)
-    torch.random.default_generator.manual_seed(0)  # the same model every run (`run` forks)
-    model, spec = build_model(args.arch, src.num_classes, tuple(src.shape))
     # every `layerfast: warning:` of the run also goes into the JSON (as analyze's run.json):
-    # a figure is judged later from the JSON, when the stderr beside it is gone
+    # a figure is judged later from the JSON, when the stderr beside it is gone. Opening the
+    # data is part of the run: it warns too (a .beton holding the other split).
+    with collect_warnings() as opening:
+        device = resolve_device(args.device)
+        src = open_data(args.data, split="test", max_samples=args.max_samples)
+        torch.random.default_generator.manual_seed(0)  # the same model every run (`run` forks)
+        model, spec = build_model(args.arch, src.num_classes, tuple(src.shape))
     with collect_warnings() as warned, tempfile.TemporaryDirectory(prefix="layerfast-bench-") as tmp:
+        warned[:0] = opening
         _synthetic_ckpts(model, args.checkpoints, Path(tmp))
         ck = CheckpointDir(tmp)
         model.load_state_dict(ck.tensors(ck.final))

@@ -97,3 +97,24 @@ def test_a_model_without_matrix_flops_has_no_floor_not_a_crash(tmp_path, monkeyp
     assert floor.endswith("no matrix FLOPs to floor layerfast's time")
     lines = _table_rows()(out, "elementwise")  # the GPU session's table kept the row
     assert lines[0].startswith("elementwise") and lines[0].split()[-2] == "nan"
+
+
+def test_a_warning_while_opening_the_data_is_kept_in_the_json(monkeypatch, quick) -> None:
+    """`open_data` can warn (a .beton whose sidecar says it holds the train split, used as the
+    test split: FFCV, not installed here, so simulated), but bench opened the data before its
+    `collect_warnings` block: the warning reached stderr only, not the JSON's `warnings`, which
+    is what a figure is judged by later (decisions.md: bench keeps its warnings as train's
+    manifest and analyze's run.json do)."""
+    import layerfast.data as data
+    from layerfast.errors import warn
+
+    real = data.open_data
+
+    def warning_open(*a, **k):
+        warn("data.beton holds the train split of 'x' (its sidecar says so), used here as the "
+             "test split")
+        return real(*a, **k)
+
+    monkeypatch.setattr(data, "open_data", warning_open)
+    out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "2", "--no-prefix-only"))
+    assert any(w.startswith("data.beton holds the train split") for w in out["warnings"])
