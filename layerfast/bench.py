@@ -371,7 +371,9 @@ def _run(args: argparse.Namespace) -> dict:
             warn(f"{name} ran at {x:.2f}× the compute floor, faster than the rate measured for "
                  f"it ({floor['rate_tflops_measured']:.3g} TFLOP/s) allows: that measurement "
                  "was low (a busy machine?), so the floor is no lower bound in this run")
-        out["warnings"] = warned
+        # once each: every timed mode builds its own Evaluator, and one that warns on
+        # construction (tf32 on the CPU) said the same thing once per mode
+        out["warnings"] = list(dict.fromkeys(warned))
     return out
 
 

@@ -118,3 +118,13 @@ def test_a_warning_while_opening_the_data_is_kept_in_the_json(monkeypatch, quick
     monkeypatch.setattr(data, "open_data", warning_open)
     out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "2", "--no-prefix-only"))
     assert any(w.startswith("data.beton holds the train split") for w in out["warnings"])
+
+
+def test_a_warning_each_timed_mode_repeats_is_kept_once(quick, capsys) -> None:
+    """Each timed mode (and --profile's pass) builds its own Evaluator, and one that warns on
+    construction warned once per mode: `--precision tf32 --device cpu` put the same "tf32 is a
+    CUDA mode" message twice in the JSON's `warnings`, and the text's last line counted
+    "2 warnings" for one."""
+    out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "2", "--precision", "tf32"))
+    tf32 = [w for w in out["warnings"] if w.startswith("precision tf32")]
+    assert len(tf32) == 1, out["warnings"]
