@@ -34,6 +34,8 @@ from layerfast.errors import LayerfastError, collect_warnings, say, warn
 GLUE_DEFAULT = "fused"
 #: The engine's timings in the order a pass runs them (EvalResult.timings).
 PHASES = ("setup", "data", "baseline", "fanned", "swapped", "total")
+#: `--profile-samples`' default.
+PROFILE_SAMPLES = 2048
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", type=Path, default=None, metavar="FILE",
                    help="also profile the default mode on up to --profile-samples samples "
                         "(torch.profiler) and write the op table, by self device time, to FILE")
-    p.add_argument("--profile-samples", type=int, default=2048,
+    p.add_argument("--profile-samples", type=int, default=PROFILE_SAMPLES,
                    help="samples the --profile pass runs on (default: 2048)")
 
 
@@ -281,6 +283,9 @@ def _run(args: argparse.Namespace) -> dict:
         model, spec = build_model(args.arch, src.num_classes, tuple(src.shape))
     with collect_warnings() as warned, tempfile.TemporaryDirectory(prefix="layerfast-bench-") as tmp:
         warned[:0] = opening
+        if args.profile is None and args.profile_samples != PROFILE_SAMPLES:
+            # options that would do nothing are said (docs/decisions.md), as --glue is below
+            warn(f"--profile-samples {args.profile_samples} has no effect without --profile")
         _synthetic_ckpts(model, args.checkpoints, Path(tmp))
         ck = CheckpointDir(tmp)
         model.load_state_dict(ck.tensors(ck.final))

@@ -128,3 +128,15 @@ def test_a_warning_each_timed_mode_repeats_is_kept_once(quick, capsys) -> None:
     out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "2", "--precision", "tf32"))
     tf32 = [w for w in out["warnings"] if w.startswith("precision tf32")]
     assert len(tf32) == 1, out["warnings"]
+
+
+def test_profile_samples_without_profile_is_said(quick) -> None:
+    """`--profile-samples N` sizes the --profile pass; without --profile nothing is profiled
+    and the option did nothing, silently (decisions.md: options that would do nothing are
+    said, as bench's --glue is when no timed mode fans out)."""
+    out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "2", "--no-prefix-only",
+                          "--profile-samples", "64"))
+    assert "profile" not in out
+    assert "--profile-samples 64 has no effect without --profile" in out["warnings"]
+    out = bench.run(_args("--arch", "fcn2x16", "--naive-variants", "2", "--no-prefix-only"))
+    assert out["warnings"] == []
