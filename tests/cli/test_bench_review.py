@@ -3,24 +3,12 @@ on the CPU, each pinned here. No test depends on how long anything took."""
 
 from __future__ import annotations
 
-import argparse
-
-import pytest
-
 import layerfast.bench as bench
 import layerfast.engine.flops as flops
+from tests.cli import test_bench_audit as _audit
 
-
-def _args(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    bench.add_arguments(p)
-    return p.parse_args(["--device", "cpu", "--data", "digits", "--max-samples", "32", *argv])
-
-
-@pytest.fixture
-def quick(monkeypatch):
-    """`bench.run` without the half-second GEMM that measures the rate (any rate will do)."""
-    monkeypatch.setattr(flops, "measure_rate", lambda device, precision, seconds=0.5: 1e10)
+# the audit's helpers: its argument parser and its `quick` fixture (no half-second GEMM)
+_args, quick = _audit._args, _audit.quick
 
 
 def test_the_floor_forward_runs_at_the_batch_the_pass_ran(monkeypatch, quick) -> None:
