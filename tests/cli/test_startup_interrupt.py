@@ -52,8 +52,11 @@ def test_a_program_importing_layerfast_gets_its_keyboardinterrupt() -> None:
 def test_a_real_ctrl_c_early_in_python_m_layerfast() -> None:
     """A real SIGINT 0.3 s into `python -m layerfast info` (inside torch's import on any
     machine this suite runs on; if it lands later, `cli.main`'s own handler answers the same)."""
+    # SIGINT at its default, as in a terminal: a background job of a non-interactive shell
+    # (CI) inherits it ignored, and then nothing is interrupted
     p = subprocess.Popen([sys.executable, "-m", "layerfast", "info"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.3)
     if p.poll() is None:
         os.kill(p.pid, signal.SIGINT)

@@ -14,6 +14,9 @@ import pytest
 
 _SCRIPT = textwrap.dedent("""
     import signal, sys, weakref
+    # as in a terminal: a background job of a non-interactive shell (CI) inherits SIGINT
+    # ignored, and an ignored SIGINT stays ignored (the last test)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from layerfast import cli
 
     def swallowed(args):
