@@ -18,6 +18,8 @@ a transformer's hundreds of parameter tensors):
   columns) get thinner than a label, and then every k-th one is labelled; a row label longer
   than `MAX_LABEL_CHARS` is cut in the middle (`tables.fit_labels`) (results.csv has the full name);
 - a perceptually uniform colormap (viridis), so equal steps in error look like equal steps;
+  the error heatmap's scale is fixed at 0-100% (`ERROR_SCALE`), so a colour is the same error
+  in every run (the distance panels have no such natural top: theirs spans their values);
 - annotation colour is chosen per cell from the cell's luminance (white on dark, black on
   light);
 - matplotlib's object API only (no pyplot): nothing global is touched, the Agg canvas is used
@@ -44,6 +46,7 @@ from layerfast.errors import LayerfastError
 from layerfast.report.tables import MAX_LABEL_CHARS, atomic_path, fit_labels, tau_of, unit_order
 
 __all__ = [
+    "ERROR_SCALE",
     "FULLMODEL_ROW",
     "MAX_ANNOTATED_COLS",
     "MAX_ANNOTATED_ROWS",
@@ -65,6 +68,9 @@ MAX_ANNOTATED_ROWS = 60
 MAX_ANNOTATED_COLS = 40
 #: Largest figure width and height, in inches (x `_DPI` = 6,000 px).
 MAX_FIGURE_IN = 40.0
+#: Top of the error heatmap's colour scale, in %: fixed, not the largest error shown, so that
+#: colours compare across runs (docs/decisions.md, Results).
+ERROR_SCALE = 100.0
 _PITCH = 0.17  # in: the thinnest row a 6 pt label fits (the natural row height's floor)
 _CMAP = "viridis"
 _DPI = 150
@@ -444,9 +450,11 @@ def heatmap_figure(table: pd.DataFrame, title: str | None = None,
     `--split train` run's errors are labelled "train error".
 
     Cells show the test error after resetting that unit alone, in percent with two significant
-    digits; the colour scale runs from 0 to the largest error shown, so robust cells (near the
-    baseline) are dark and critical ones bright. The baseline error is in the title and marked
-    on the colour bar. A matplotlib `Figure` with an Agg canvas, not a pyplot one: a notebook
+    digits. The colour scale is fixed at 0-100% (`ERROR_SCALE`), whatever the errors shown, so
+    a colour means the same error in every run: cells near a low baseline are dark, cells near
+    chance bright. (Scaled to the largest error shown, a run with nothing critical drew its
+    worst robust cell, 5% error, in the yellow of a 98% cell elsewhere.) The baseline error is
+    in the title and marked on the colour bar. A matplotlib `Figure` with an Agg canvas, not a pyplot one: a notebook
     shows it inline (after `%matplotlib inline`), `fig.savefig` works, and no pyplot state is
     created or leaked.
     """
@@ -457,10 +465,7 @@ def heatmap_figure(table: pd.DataFrame, title: str | None = None,
         )
     rows = fit_labels(rows)
     base, n = _baseline(table)
-    finite = grid[np.isfinite(grid)]
-    vmax = max([float(finite.max()) if finite.size else 0.0, base or 0.0])
-    vmax = vmax if vmax > 0 else 1.0
-    norm = Normalize(vmin=0.0, vmax=100.0 * vmax)
+    norm = Normalize(vmin=0.0, vmax=ERROR_SCALE)
 
     which = "train" if split == "train" else "test"
     head = title if title is not None else f"{which.title()} error (%) after resetting one unit"
