@@ -33,15 +33,17 @@ def _verdict(delta: float, threshold: float) -> str:
     return "robust" if delta <= threshold + 1e-12 else "critical"
 
 
-def _ranges(taus: Sequence[int], all_taus: Sequence[int]) -> str:
-    """Compact list of τ, collapsing runs of consecutive evaluated τ: [0,1,2,40] -> '0-2,40'."""
+def _ranges(taus: Sequence[int]) -> str:
+    """The critical τ, in order, as a list in which `a-b` stands only for every integer from a
+    to b: [0,1,2,3,10] -> '0-3,10', [0,3] -> '0,3'. Runs of τ consecutive among the evaluated
+    checkpoints but not as integers are listed one by one: with only τ 0 and 3 evaluated,
+    '0-3' read as critical at 0, 1, 2 and 3 (and [0,1,2,3,10] read '0-10')."""
     if not taus:
         return "none"
-    pos = {t: i for i, t in enumerate(all_taus)}
     parts: list[str] = []
     start = prev = taus[0]
-    for t in list(taus[1:]) + [None]:
-        if t is not None and pos[t] == pos[prev] + 1:
+    for t in [*taus[1:], None]:
+        if t is not None and t == prev + 1:
             prev = t
             continue
         parts.append(str(start) if start == prev else f"{start}-{prev}")
@@ -130,7 +132,8 @@ def summary_table(
     Columns: unit; error after reinit to the earliest τ (τ0, normally the initialization);
     error after rerandom as mean (sd over seeds, sample standard deviation; just the mean for
     one seed); the verdicts for both; every τ at which reinit is critical (the paper's point
-    is that critical layers become robust after a few epochs); and, with `distances`, the
+    is that critical layers become robust after a few epochs; `a-b` only where every integer
+    between was evaluated, `_ranges`); and, with `distances`, the
     largest relative ℓ2 distance from θ^0 over τ. Each row also carries the baseline error, so
     a row read alone (grep, a pasted line) says what it is compared with; the header line gives
     the baseline's Wilson interval, the footer the threshold. The footer also gives the
@@ -220,7 +223,7 @@ def summary_table(
                 if _verdict(float(d), threshold) == "critical"
             )
             judged = ri["delta_error"].notna().any()
-            row.append(_ranges(crit_taus, taus) if judged else "-")
+            row.append(_ranges(crit_taus) if judged else "-")
         if distances is not None:
             rel = max_rel.get(unit)
             if rel is None:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from layerfast.report import figures as fig_mod
-from layerfast.report import heatmap_figure
+from layerfast.report import heatmap_figure, summary_table
 from tests.report.test_report import FCN, make_table
 
 
@@ -32,3 +32,22 @@ def test_heatmap_colour_scale_is_fixed_so_a_robust_cell_is_dark() -> None:
     assert fig_mod._text_color(rgba) == "white", rgba  # a dark cell: white annotation
     wild = make_table(FCN, {"layers.1": 0.034})  # the same cell beside 90% rerandom cells
     np.testing.assert_array_equal(_cell_rgba(wild, 0, 1), rgba)  # column 0 is ReRnd there
+
+
+def _critical_at(text: str, unit: str) -> str:
+    head = text.splitlines()[2]
+    row = next(line for line in text.splitlines() if line.startswith(unit + " "))
+    at = head.index("critical at tau")
+    return row[at:].split()[0]
+
+
+def test_critical_at_tau_ranges_only_over_consecutive_integers() -> None:
+    """With only τ 0 and 3 evaluated, both critical, the summary printed '0-3', which reads as
+    critical at 0, 1, 2 and 3; over τ 0, 1, 2, 3, 8 critical at all of them it printed '0-8'."""
+    table = make_table(FCN, {"layers.1": 0.6})
+    ri = table["kind"] == "reinit"
+    only_03 = table[~ri | table["checkpoint"].isin([0, 3])]
+    assert _critical_at(summary_table(only_03), "layers.1") == "0,3"
+    text = summary_table(table, threshold=0.001)  # critical at τ 0, 1, 2, 3 and 8 (of 0..100)
+    assert _critical_at(text, "layers.1") == "0-3,8"
+    assert _critical_at(summary_table(table), "layers.1") == "0-3"  # all of 0..3 evaluated
