@@ -447,7 +447,8 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike[str], title: str | None
 def heatmap_figure(table: pd.DataFrame, title: str | None = None,
                    split: str = "test") -> Figure:
     """The paper's Fig. 1a: test error (%) per unit (rows) and reset source (columns); a
-    `--split train` run's errors are labelled "train error".
+    `--split train` run's errors are labelled "train error". The title says "after resetting
+    one unit", or "the whole model" for a run of fullmodel rows alone (its one row).
 
     Cells show the test error after resetting that unit alone, in percent with two significant
     digits. The colour scale is fixed at 0-100% (`ERROR_SCALE`), whatever the errors shown, so
@@ -468,7 +469,10 @@ def heatmap_figure(table: pd.DataFrame, title: str | None = None,
     norm = Normalize(vmin=0.0, vmax=ERROR_SCALE)
 
     which = "train" if split == "train" else "test"
-    head = title if title is not None else f"{which.title()} error (%) after resetting one unit"
+    # fullmodel rows alone (--reset fullmodel) reset no unit by itself: the title says what ran
+    alone = not table["kind"].astype(str).isin(["reinit", "rerandom"]).any()
+    what = "the whole model" if alone else "one unit"
+    head = title if title is not None else f"{which.title()} error (%) after resetting {what}"
     sub = (
         "no baseline row"
         if base is None

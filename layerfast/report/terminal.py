@@ -138,7 +138,9 @@ def summary_table(
     a row read alone (grep, a pasted line) says what it is compared with; the header line gives
     the baseline's Wilson interval, the footer the threshold. The footer also gives the
     "(all units)" reference row at every τ (the whole model reset: the training curve, which
-    is all a `--reset fullmodel` run has), and says when `bn` "keep" held normalization back.
+    is all a `--reset fullmodel` run has: such a run judges no unit, so it has no verdict
+    column, no distance column and no threshold line, and the footer says so), and says when
+    `bn` "keep" held normalization back.
     interp rows (`--reset interp`) follow as a grid of their own, unit and τ by α.
     `split` names the data split the errors were measured on (`--split train`: "baseline
     train error", not "test error").
@@ -171,10 +173,11 @@ def summary_table(
         head.append(f"{'reinit' if taus else 'reset'}@{tau0}")
     if len(rr):
         head.append("rerandom mean (sd)" if len(seeds) > 1 else "rerandom")
-    head.append("verdict")
+    if units:  # fullmodel rows alone (--reset fullmodel) judge no unit: no verdict column
+        head.append("verdict")
     if taus:
         head.append("critical at tau")
-    if distances is not None:
+    if distances is not None and units:
         head.append("max l2_rel")
     right = {j for j, h in enumerate(head)
              if h.startswith(("baseline", "reinit@", "reset@", "rerandom", "max"))}
@@ -243,10 +246,10 @@ def summary_table(
         lines.append(row)
 
     # Verdicts: pad each part to its widest so "rerandom: ..." starts in the same place.
-    vcol = head.index("verdict")
     widths = [max((len(v[k]) for _, v in pending if len(v) > k), default=0) for k in range(2)]
     for row, verdicts in pending:
-        row[vcol] = "  ".join(v.ljust(widths[k]) for k, v in enumerate(verdicts)).rstrip() or "-"
+        row[head.index("verdict")] = ("  ".join(v.ljust(widths[k]) for k, v in enumerate(verdicts))
+                                      .rstrip() or "-")
 
     text = _align(lines, right)
     grid = _interp_lines(table)
@@ -268,12 +271,14 @@ def summary_table(
     foot = [
         f"threshold: robust <=> error - baseline error <= {threshold:g} "
         f"({100 * threshold:g} points), else critical",
-    ] if pending or not grid else []  # interp rows alone: no verdict anywhere
+    ] if pending else []  # fullmodel or interp rows alone: no verdict anywhere
     if len(seeds) > 1:
         foot.append(f"rerandom: mean (sample sd) of the error over {len(seeds)} seeds, in % points")
     if tau0 is not None and len(full):
         kept = "; normalization layers kept at the final model (--bn keep)" if bn == "keep" else ""
-        foot.append(f"(all units): the whole model reset to tau={tau0} at once (reference{kept})")
+        what = (f"(reference{kept})" if units
+                else f"(no reinit or rerandom rows, so no robust/critical verdict{kept})")
+        foot.append(f"(all units): the whole model reset to tau={tau0} at once {what}")
         if len(full_taus) > 1:
             cells = [f"{t}: {_pct(float(full[full['checkpoint'] == t]['error'].mean()))}"
                      for t in full_taus]

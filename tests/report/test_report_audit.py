@@ -352,7 +352,8 @@ def test_summary_shows_the_fullmodel_row_without_reinit_rows() -> None:
         text = summary_table(t)
         full = [line for line in text.splitlines() if line.startswith("(all units) ")]
         assert len(full) == 1 and "90.00%" in full[0], text
-        assert "(all units): the whole model reset to tau=0 at once (reference)" in text
+        what = "reference" if t is table else "no reinit or rerandom rows, so no"  # s22
+        assert f"(all units): the whole model reset to tau=0 at once ({what}" in text
         assert "whole model reset, at each tau: 0: 90.00%, 5: 20.00%" in text  # the curve, every τ
     text = summary_table(table, bn="keep")
     assert ("(all units): the whole model reset to tau=0 at once (reference; normalization "

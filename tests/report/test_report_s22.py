@@ -8,7 +8,7 @@ import pytest
 
 from layerfast.report import figures as fig_mod
 from layerfast.report import heatmap_figure, summary_table
-from tests.report.test_report import FCN, make_table
+from tests.report.test_report import FCN, make_distances, make_table
 
 
 def _cell_rgba(table: pd.DataFrame, row: int, col: int) -> np.ndarray:
@@ -51,3 +51,21 @@ def test_critical_at_tau_ranges_only_over_consecutive_integers() -> None:
     text = summary_table(table, threshold=0.001)  # critical at τ 0, 1, 2, 3 and 8 (of 0..100)
     assert _critical_at(text, "layers.1") == "0-3,8"
     assert _critical_at(summary_table(table), "layers.1") == "0-3"  # all of 0..3 evaluated
+
+
+def test_fullmodel_only_run_says_what_ran() -> None:
+    """`--reset fullmodel` alone: the summary printed a threshold line, an empty verdict column
+    (and an empty max l2_rel column), and the heatmap's title said "after resetting one unit"."""
+    table = make_table(FCN)
+    full = table[table["kind"].isin(["baseline", "fullmodel"])]
+    text = summary_table(full, make_distances(FCN))
+    head = text.splitlines()[2].split()
+    assert head == ["unit", "baseline", "reset@0"], text
+    assert "threshold" not in text, text
+    assert "no reinit or rerandom rows, so no robust/critical verdict" in text, text
+    assert "after resetting the whole model" in heatmap_figure(full).get_suptitle()
+    # with unit rows beside the fullmodel row: as before
+    assert "after resetting one unit" in heatmap_figure(table).get_suptitle()
+    both = summary_table(table, make_distances(FCN))
+    assert "threshold: robust" in both and "(reference)" in both
+    assert both.splitlines()[2].split()[-2:] == ["max", "l2_rel"]
