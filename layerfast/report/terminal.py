@@ -120,6 +120,17 @@ def _interp_lines(table: pd.DataFrame) -> list[str]:
     return [title, *_align(rows, set(range(1, len(head))))]
 
 
+def _distance_note(shown: bool, measured: bool, dashes: bool) -> str:
+    """The footer line that says what the `max l2_rel` column holds, or why it is not there."""
+    if not shown:
+        why = ("only tau=0 was measured, whose distance from itself is 0" if measured
+               else "distances are measured from tau=0, which the checkpoints lack")
+        return f"max l2_rel: not shown: {why}"
+    dash = "; -: none finite (e.g. ||theta^0||_2 = 0)" if dashes else ""
+    return ("max l2_rel: a unit's largest ||theta^tau - theta^0||_2 / ||theta^0||_2 over the "
+            f"checkpoints measured{dash}")
+
+
 def summary_table(
     table: pd.DataFrame,
     distances: pd.DataFrame | None = None,
@@ -133,8 +144,9 @@ def summary_table(
     error after rerandom as mean (sd over seeds, sample standard deviation; just the mean for
     one seed); the verdicts for both; every τ at which reinit is critical (the paper's point
     is that critical layers become robust after a few epochs; `a-b` only where every integer
-    between was evaluated, `_ranges`); and, with `distances`, the
-    largest relative ℓ2 distance from θ^0 over τ. Each row also carries the baseline error, so
+    between was evaluated, `_ranges`); and, with `distances`, the largest relative ℓ2
+    distance from θ^0 over the τ measured other than 0 (itself: 0 by definition), said in the
+    footer, which says too why the column is missing when no such τ was measured. Each row also carries the baseline error, so
     a row read alone (grep, a pasted line) says what it is compared with; the header line gives
     the baseline's Wilson interval, the footer the threshold. The footer also gives the
     "(all units)" reference row at every τ (the whole model reset: the training curve, which
@@ -159,13 +171,20 @@ def summary_table(
     tau0 = taus[0] if taus else (full_taus[0] if full_taus else None)
     seeds = sorted({int(s) for s in rr["seed"].dropna()})
 
+    # The largest l2_rel over the τ measured besides 0: θ^0 against itself is 0 by definition,
+    # so with only τ = 0 measured a column of "0" read as "never moved from its init".
     max_rel: dict[str, float] = {}
+    moved = False  # some τ other than 0 measured
     if distances is not None and len(distances):
         for unit, cp, rel in zip(
             distances["unit"].astype(str), distances["checkpoint"], distances["l2_rel"], strict=True
         ):
-            if tau_of(cp) is not None and pd.notna(rel):
+            if tau_of(cp) in (None, 0):
+                continue
+            moved = True
+            if pd.notna(rel):
                 max_rel[unit] = max(max_rel.get(unit, -math.inf), float(rel))
+    rel_col = distances is not None and bool(units) and moved
 
     base_cell = _pct(float(base.iloc[0]["error"])) if len(base) else "-"
     head = ["unit", "baseline"]
@@ -177,7 +196,7 @@ def summary_table(
         head.append("verdict")
     if taus:
         head.append("critical at tau")
-    if distances is not None and units:
+    if rel_col:
         head.append("max l2_rel")
     right = {j for j, h in enumerate(head)
              if h.startswith(("baseline", "reinit@", "reset@", "rerandom", "max"))}
@@ -227,11 +246,11 @@ def summary_table(
             )
             judged = ri["delta_error"].notna().any()
             row.append(_ranges(crit_taus) if judged else "-")
-        if distances is not None:
+        if rel_col:
             rel = max_rel.get(unit)
             if rel is None:
                 row.append("-")
-            elif rel == 0:  # only τ = 0 evaluated: no distance yet, not "0.00e+00"
+            elif rel == 0:  # a unit that did not move (frozen): "0", not "0.00e+00"
                 row.append("0")
             elif 1e-3 <= rel < 1e4:
                 row.append(f"{rel:.4f}")
@@ -274,6 +293,8 @@ def summary_table(
     ] if pending else []  # fullmodel or interp rows alone: no verdict anywhere
     if len(seeds) > 1:
         foot.append(f"rerandom: mean (sample sd) of the error over {len(seeds)} seeds, in % points")
+    if distances is not None and units:
+        foot.append(_distance_note(rel_col, len(distances) > 0, any(u not in max_rel for u in units)))
     if tau0 is not None and len(full):
         kept = "; normalization layers kept at the final model (--bn keep)" if bn == "keep" else ""
         what = (f"(reference{kept})" if units

@@ -69,3 +69,28 @@ def test_fullmodel_only_run_says_what_ran() -> None:
     both = summary_table(table, make_distances(FCN))
     assert "threshold: robust" in both and "(reference)" in both
     assert both.splitlines()[2].split()[-2:] == ["max", "l2_rel"]
+
+
+def test_max_l2_rel_is_said_and_never_a_zero_that_only_tau0_gave() -> None:
+    """With only τ = 0 measured (`--checkpoints 0`) the column read "0" for every unit (θ^0
+    against itself: "never moved"); without τ = 0 it read "-" for every unit; neither was
+    explained. Now the largest over the τ measured besides 0, the footer says what it is, and
+    the column is left out, with the reason, when there is none."""
+    table = make_table(FCN)
+    dist = make_distances(FCN)
+    text = summary_table(table, dist)
+    assert text.splitlines()[2].split()[-2:] == ["max", "l2_rel"]
+    assert ("max l2_rel: a unit's largest ||theta^tau - theta^0||_2 / ||theta^0||_2 over the "
+            "checkpoints measured") in text.splitlines()
+    only0 = dist[dist["checkpoint"].astype(str).isin(["0", "rerandom:1"])]
+    text = summary_table(table[~table["kind"].eq("reinit") | table["checkpoint"].eq(0)], only0)
+    assert "l2_rel" not in text.splitlines()[2], text
+    assert "max l2_rel: not shown: only tau=0 was measured" in text, text
+    text = summary_table(table, dist.iloc[:0])  # a header-only distances.csv: no τ = 0
+    assert "l2_rel" not in text.splitlines()[2], text
+    assert "max l2_rel: not shown: distances are measured from tau=0" in text, text
+    nan = dist.assign(l2_rel=np.where(dist["unit"] == "layers.3", np.nan, dist["l2_rel"]))
+    text = summary_table(table, nan)  # a zero-initialized unit: NaN l2_rel at every τ
+    row = next(line for line in text.splitlines() if line.startswith("layers.3 "))
+    assert row.endswith("  -") and "; -: none finite (e.g. ||theta^0||_2 = 0)" in text, text
+    assert summary_table(table, None).count("l2_rel") == 0  # no distances.csv: not a word
