@@ -1,7 +1,9 @@
 """`layerfast train`: train a registry model and save the paper's checkpoint schedule (DESIGN §2).
 
 The analysis needs θ^τ at a few epochs τ, not a training framework, so this is a deliberately
-thin loop: plain SGD with momentum, cross-entropy, no augmentation, fp32. What it guarantees:
+thin loop: plain SGD with momentum, cross-entropy, no augmentation, fp32 (the model is built
+with float32 as the default dtype, whatever the caller set; a factory that makes its model
+float64 itself trains it in float64). What it guarantees:
 
 * **Layout.** One file `epoch_{τ:03d}.pt` per checkpoint holding `model.state_dict()` (CPU
   tensors, loadable with `weights_only=True`) plus `manifest.json`, both written atomically
@@ -313,6 +315,17 @@ def _warn_if_at_chance(error: float | None, num_classes: int, lr: float) -> None
              "epochs may help")
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """`torch.set_default_dtype(dtype)` for the block, the caller's default put back after."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def _check_seed(seed: object) -> None:
     """torch seeds take 64 bits; the manifest and the analysis store seeds as int64. A larger
     value used to fail inside `manual_seed` with a traceback, after `out` was created."""
@@ -526,6 +539,10 @@ def train(
         # failed at its first `backward`, after epoch_000.pt and a manifest were written.
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
+        # fp32 as documented: a caller's torch.set_default_dtype(torch.float64) built the model
+        # in float64, which trained and saved float64 checkpoints (a factory that asks for
+        # float64 itself, `.double()`, still gets it: `input_dtype` feeds it float64 data)
+        stack.enter_context(_default_dtype(torch.float32))
         _warn_if_one_split(data, train_src, test_src)
         stack.enter_context(torch.random.fork_rng(cuda_ids))
         stack.enter_context(seeded_host_generators(seed))
