@@ -334,8 +334,9 @@ def parser() -> argparse.ArgumentParser:
         "--schedule",
         default="cosine",
         choices=["cosine", "step", "constant"],
-        help="learning rate: cosine (default) = lr·(1 + cos(π·epochs done/epochs))/2, every "
-        "step; step = ÷10 from 50%% and ÷100 from 75%% of the epochs; constant",
+        help="learning rate, set before every step from the steps done: cosine (default) = "
+        "lr·(1 + cos(π·epochs done/epochs))/2; step = ÷10 from 50%% and ÷100 from 75%% of the "
+        "steps (both on epoch boundaries only when --epochs is a multiple of 4); constant",
     )
     t.add_argument(
         "--seed", type=int, default=0,

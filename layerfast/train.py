@@ -117,8 +117,12 @@ def checkpoint_schedule(epochs: int,
 def lr_at(schedule: str, lr: float, progress: float) -> float:
     """Learning rate at `progress` = epochs done / epochs (a float in [0, 1)).
 
-    cosine: lr·(1 + cos(π·progress))/2, updated every step (no warm-up, ends near 0);
-    step: lr, ÷10 from 50% and ÷100 from 75% of the epochs (the classic CIFAR recipe);
+    `train` sets it before every step, with progress counted in steps (epoch + step/steps per
+    epoch), for every schedule:
+    cosine: lr·(1 + cos(π·progress))/2 (no warm-up, ends near 0);
+    step: lr, ÷10 from 50% and ÷100 from 75% of the training steps (the classic CIFAR recipe;
+    both drops fall on epoch boundaries only when `epochs` is a multiple of 4, else one or both
+    come mid-epoch: for 30 epochs the ÷100 comes halfway through epoch 23);
     constant: lr throughout.
     """
     if schedule == "cosine":
@@ -481,7 +485,10 @@ def train(
     5e-4 are the common CIFAR recipe for ResNets and VGG with BatchNorm; plain VGG usually wants
     0.01-0.05 (a diverging run stops with an error that says so). The FCN: 0.1 is right for
     short runs (digits, 5 cosine epochs: 5% test error at 0.1, 9% at 0.05, 31% at 0.01).
-    `checkpoints`: see `checkpoint_schedule`. `max_samples` caps the *training* split only
+    `checkpoints`: see `checkpoint_schedule`. Each manifest entry's `train_loss` is the mean
+    training loss of the steps of the epoch that ended at it (per sample, over the shuffled
+    batches as they were trained, the weights moving between them: not a loss of the saved
+    weights, which `test_loss` is; None for τ=0). `max_samples` caps the *training* split only
     (for quick runs); test errors are always over the full test split, so they stay comparable
     with an analysis of the same checkpoints. `device`: "auto" (CUDA when visible), "cpu",
     "cuda", "cuda:1", ...
