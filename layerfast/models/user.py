@@ -6,6 +6,9 @@ be a dotted attribute path (`mynet:Net.small`). It is called with the keywords `
 and `in_shape=` that its signature accepts (a `**kwargs` accepts both), else with no arguments,
 and must return an `nn.Module`. A `**kwargs` factory whose callee rejects one of them ("unexpected
 keyword argument 'in_shape'", as `torchvision.models:resnet18` does) is called again without it.
+A model `torch.compile` wrapped (`return torch.compile(net)`, or a compiled submodule) is used
+uncompiled (`uncompiled`): its unit names and state-dict keys are those of the module itself,
+which is what checkpoints hold once the loader drops `_orig_mod.` (DESIGN §2).
 
 Everything that can go wrong (no such module, an import that raises, no such attribute, not
 callable, the factory raises, it returns something else) is one `LayerfastError` naming the
@@ -128,4 +131,26 @@ def build_user_model(
         raise LayerfastError(
             f"arch {spec!r}: the factory returned {type(model).__name__}, not an nn.Module"
         )
+    return uncompiled(model)
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """`model` with every `torch.compile` wrapper (`OptimizedModule`) replaced by the module it
+    wraps, at the root and among the submodules.
+
+    A factory returning `torch.compile(net)` gave units named `_orig_mod.fc`, an fx trace that
+    failed (normalization layers paired by the fallback rule), and a refusal of every
+    checkpoint, whose keys the loader normalises without `_orig_mod.`. The wrapper adds
+    nothing here: layerfast runs its own forward passes, and the wrapped module holds the very
+    parameters the compiled one would use."""
+    # torch._dynamo is imported only by torch.compile: without it there is no wrapper to find
+    wrapper = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    if wrapper is None:
+        return model
+    while isinstance(model, wrapper):
+        model = model._orig_mod
+    for m in model.modules():  # a replaced child's own children are visited after it
+        for name, child in m._modules.items():
+            while isinstance(child, wrapper):
+                child = m._modules[name] = child._orig_mod
     return model
