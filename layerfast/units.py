@@ -289,22 +289,64 @@ def _children_groups(
     return groups
 
 
+def _split_points(text: str) -> list[int]:
+    """Indices of the commas outside every closed bracket pair of `text`, in one pass.
+
+    `[...]` is a class as globs and regexes read it: a `]` right after `[` (or `[!`, `[^`) is
+    in it, and brackets inside are plain characters (`[[]`, `[(]`). `(` and `{` pair with their
+    own kind, nesting. A bracket that nothing closes (or that the closing of an outer pair
+    cuts off) is a plain character."""
+    n = len(text)
+    next_close = [-1] * (n + 1)  # the first `]` at or after each index
+    for i in range(n - 1, -1, -1):
+        next_close[i] = i if text[i] == "]" else next_close[i + 1]
+    cover = [0] * (n + 1)  # +1 where a closed pair's inside starts, -1 where it ends
+    stack: list[int] = []  # unclosed `(` and `{`
+    open_count = {"(": 0, "{": 0}
+    i = 0
+    while i < n:
+        ch = text[i]
+        if ch == "[":
+            k = i + 1
+            k += text[k:k + 1] in ("!", "^")
+            k += text[k:k + 1] == "]"
+            end = next_close[k]
+            if end >= 0:  # a class: skipped whole, brackets and commas in it included
+                cover[i + 1] += 1
+                cover[end] -= 1
+                i = end + 1
+                continue
+        elif ch in "({":
+            stack.append(i)
+            open_count[ch] += 1
+        elif ch in ")}":
+            want = "(" if ch == ")" else "{"
+            if open_count[want]:
+                while True:
+                    j = stack.pop()
+                    open_count[text[j]] -= 1
+                    if text[j] == want:
+                        break
+                cover[j + 1] += 1
+                cover[i] -= 1
+        i += 1
+    points, depth = [], 0
+    for i, ch in enumerate(text):
+        depth += cover[i]
+        if ch == "," and depth == 0:
+            points.append(i)
+    return points
+
+
 def split_patterns(text: str) -> list[str]:
     """Split `--units`-style text at commas outside brackets, stripped, empties dropped.
 
-    A plain `split(",")` would cut `re:x{1,2}` or the glob class `[a,b]` in two."""
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}" and depth:
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
+    A plain `split(",")` would cut `re:x{1,2}` or the glob class `[a,b]` in two. A bracket
+    that nothing closes is a plain character (a module named `a[` or `a(`, which its glob
+    matches as written): it used to hold every later comma, so `a[,fc` was one pattern, and
+    so did the `[` of `literal_pattern`'s `[[]`."""
+    bounds = [-1, *_split_points(text), len(text)]
+    parts = (text[a + 1:b] for a, b in zip(bounds, bounds[1:], strict=False))
     return [p.strip() for p in parts if p.strip()]
 
 
