@@ -396,9 +396,11 @@ def _analyze(args: argparse.Namespace) -> int:
                     args.batch_size, args.max_samples, args.final, args.checkpoints, args.units)
         units = list_units(args.arch, args.data, args.granularity, args.units, args.bn,
                            ckpts=args.ckpts)
+        from layerfast.report.tables import printable
+
         for u in units:
             m, k = len(u.modules), len(u.keys)
-            print(f"{u.name:32s} {m:3d} module{' ' if m == 1 else 's'}  "
+            print(f"{printable(u.name):32s} {m:3d} module{' ' if m == 1 else 's'}  "
                   f"{k:3d} tensor{'' if k == 1 else 's'}")
         what = f"custom: --units {args.units}" if args.units else f"{args.granularity} granularity"
         print(f"{len(units)} unit{'' if len(units) == 1 else 's'} ({what}, --bn {args.bn})")

@@ -118,6 +118,16 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
 #: Longest unit name shown in a figure's row labels or the terminal summary, in characters:
 #: ~8 in at the figures' largest label font.
 MAX_LABEL_CHARS = 90
+# C0/C1 control characters and the Unicode line/paragraph separators
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(name: str) -> str:
+    """`name` on one line: a control character or line break written as its escape (`\\n`,
+    `\\t`, `\\x1b`). A module may be named `"a\\nb"` (a ModuleDict key); printed raw it broke
+    the `--list-units` and summary columns over two lines (and a figure's label). For display
+    only: results.csv, run.json and `--units` keep the name itself."""
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], name)
 
 
 def fit_labels(rows: Sequence[str], ellipsis: str = "…") -> list[str]:
@@ -127,7 +137,8 @@ def fit_labels(rows: Sequence[str], ellipsis: str = "…") -> list[str]:
     column was as wide as the name (1,500 characters: a 139 in figure, past `MAX_FIGURE_IN`)
     and so was every line of the terminal summary. results.csv keeps the full names. Where two
     cut labels would read the same, the kept parts grow until they differ (or the names are
-    shown whole)."""
+    shown whole). Each is `printable` first."""
+    rows = [printable(r) for r in rows]
     out = list(rows)
     if all(len(r) <= MAX_LABEL_CHARS for r in out):
         return out
