@@ -9,12 +9,22 @@ is read on the host, before the batch moves, so checking it costs no sync.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 from layerfast.errors import LayerfastError
+
+
+def iterable(obj: object) -> bool:
+    """Whether `for item in obj` works as Python decides it: an `Iterable` (`__iter__`), or a
+    sequence by the old protocol (`__getitem__` from 0 until IndexError, as a map-style torch
+    `Dataset` of batches is), which `isinstance(obj, Iterable)` says no to; never a str or
+    bytes, whose items are characters."""
+    if isinstance(obj, str | bytes):
+        return False
+    return isinstance(obj, Iterable) or callable(getattr(type(obj), "__getitem__", None))
 
 
 def pair(item: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ from layerfast.engine.batches import (
     check_classes,
     check_labels,
     check_logits,
+    iterable,
     label_span,
     pair,
     peek,
@@ -202,7 +203,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
                 isinstance(k, str) for k in variants):  # {key: tensor}: one variant, not a list
             raise LayerfastError("variants must be a list of variants; got one mapping of state "
                                  "keys to tensors: pass [it] (and {} for the final model)")
-        if isinstance(variants, str | bytes) or not isinstance(variants, Iterable):
+        if not iterable(variants):  # a sequence by `__getitem__` too, as `list()` takes
             raise LayerfastError(f"variants must be a list of variants (mappings of state keys "
                                  f"to tensors, or layerfast Variants); got "
                                  f"{type(variants).__name__}")
@@ -353,8 +354,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
         `checkpoint_every` seconds and at the end, with CPU counts in variant order.
         `on_logits(variant_indices, logits[K, B, C])` sees every block of logits scored, in
         data order per variant (for tests and research code; it costs a host sync)."""
-        if not (hasattr(data, "batches") or isinstance(data, Iterable)) or isinstance(
-                data, str | bytes):  # else a TypeError from deep in the batch planner
+        if not (hasattr(data, "batches") or iterable(data)):  # else a TypeError deep in the plan
             raise LayerfastError(f"data must be a layerfast DataSource or an iterable of (x, y) "
                                  f"batches; got {type(data).__name__}")
         if counts is not None and (not isinstance(counts, torch.Tensor)

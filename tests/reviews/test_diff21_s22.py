@@ -1,0 +1,37 @@
+"""Session 22's fresh-eyes review of session 21's change (a200510..449832c): one test per
+defect it introduced or left, each failing on the code before its fix."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import layerfast
+
+
+class _Batches:
+    """Batches served by `__getitem__` and `__len__` alone (a map-style torch `Dataset` of
+    batches): Python iterates it by the sequence protocol, `isinstance(_, Iterable)` is False."""
+
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]  # IndexError past the end ends the iteration
+
+
+def test_a_sequence_of_batches_and_of_variants_is_evaluated_as_before():
+    """9ed143f refused data and variants that are no `collections.abc.Iterable`: a sequence by
+    `__getitem__` (which `for` and `list()` iterate, and which the engine evaluated until then)
+    became "data must be ... an iterable of (x, y) batches; got _Batches"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(2)]
+    reset = {"0.weight": torch.zeros(3, 4)}
+    as_list = layerfast.Evaluator(model, [{}, reset], device="cpu").run(batches)
+    ev = layerfast.Evaluator(model, _Batches([{}, reset]), device="cpu")
+    res = ev.run(_Batches(batches))
+    assert res.n == 10 and torch.equal(res.counts, as_list.counts)
