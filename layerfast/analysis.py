@@ -917,12 +917,15 @@ def list_units(arch: str | Callable[..., torch.nn.Module],
                data: str | tuple[Any, ...] | None = None, granularity: str = "layer",
                units: str | Sequence[str] | None = None, bn: str = "with-layer",
                num_classes: int | None = None,
-               ckpts: str | os.PathLike[str] | Mapping[int, Any] | None = None) -> list:
+               ckpts: str | os.PathLike[str] | Mapping[int, Any] | None = None,
+               split: str = "test") -> list:
     """The units an analysis would reset, without evaluation (a dry run). Only the data's
     sample shape and class count matter (a conv net's units can depend on the input size):
     `data`, else with `ckpts` the data their manifest.json names (with analyze's errors for a
     directory it would refuse), else digits. In-memory `arch` and `data` as for `analyze`
-    (nothing is written); in-memory `ckpts` name no data, so they need `data`."""
+    (nothing is written); in-memory `ckpts` name no data, so they need `data`. `split` is the
+    one the analysis would read, opened as analyze opens it: a .beton of the train split under
+    `--split train` was warned about as "used here as the test split"."""
     from layerfast.data import open_data
     from layerfast.inputs import need_data, open_pair
     from layerfast.models import build_model
@@ -934,7 +937,7 @@ def list_units(arch: str | Callable[..., torch.nn.Module],
     else:
         if not data and ckpts:
             data = _data_spec(None, ckpts)[0]
-        src = open_data(data or "digits", split="test", max_samples=1)
+        src = open_data(data or "digits", split=split, max_samples=1)
     if num_classes is None and isinstance(ckpts, str | os.PathLike):
         num_classes = _manifest_classes(Path(ckpts).expanduser())  # as analyze builds it
     with torch.random.fork_rng(devices=[]):  # the factory's init draws: not the caller's

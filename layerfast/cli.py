@@ -395,7 +395,7 @@ def _analyze(args: argparse.Namespace) -> int:
         parse_flags(args.reset, args.alphas, args.sigma, args.seeds, args.threshold,
                     args.batch_size, args.max_samples, args.final, args.checkpoints, args.units)
         units = list_units(args.arch, args.data, args.granularity, args.units, args.bn,
-                           ckpts=args.ckpts)
+                           ckpts=args.ckpts, split=args.split)
         from layerfast.report.tables import printable
 
         for u in units:

@@ -3,10 +3,13 @@ defect it introduced or left, each failing on the code before its fix."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import layerfast
+from layerfast.cli import main
+from tests.data.test_data_ffcv import require_ffcv
 
 
 class _Batches:
@@ -35,3 +38,21 @@ def test_a_sequence_of_batches_and_of_variants_is_evaluated_as_before():
     ev = layerfast.Evaluator(model, _Batches([{}, reset]), device="cpu")
     res = ev.run(_Batches(batches))
     assert res.n == 10 and torch.equal(res.counts, as_list.counts)
+
+
+@pytest.mark.ffcv
+def test_list_units_opens_the_split_it_is_given(tmp_path, capsys):
+    """e8e70c3 warns when a .beton holds the other split than the run reads; `--list-units`
+    opened the data as the test split whatever `--split` said, so a train beton under
+    `--split train` (what analyze would read, silently) was "used here as the test split"."""
+    require_ffcv()
+    from layerfast.data import convert
+
+    to = convert("digits", tmp_path / "d-train.beton", split="train")
+    capsys.readouterr()
+    assert main(["analyze", "--arch", "fcn3x256", "--data", str(to), "--split", "train",
+                 "--list-units"]) == 0
+    out = capsys.readouterr()
+    assert "4 units" in out.out and "warning" not in out.err
+    assert main(["analyze", "--arch", "fcn3x256", "--data", str(to), "--list-units"]) == 0
+    assert "holds the train split of 'digits'" in capsys.readouterr().err  # still said
