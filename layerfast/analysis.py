@@ -827,7 +827,7 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     t1 = time.perf_counter()
     _remove_outputs(path)  # a write that fails must not leave the old run.json beside new files
     table = results_table(variants, counts, n_done, engine["num_classes"], run["threshold"])
-    note = _chance_note(table, engine["num_classes"], run["threshold"])
+    note = _chance_note(table, engine["num_classes"], run["threshold"], run["split"])
     if note:  # every verdict would read "robust" against a baseline with nothing to lose
         warn(note)
         run["baseline_note"] = note
@@ -855,15 +855,18 @@ def _write_outputs(path: Path, variants: list, counts: torch.Tensor, n_done: int
     return result
 
 
-def _chance_note(table: pd.DataFrame, num_classes: int, threshold: float) -> str | None:
+def _chance_note(table: pd.DataFrame, num_classes: int, threshold: float,
+                 split: str = "test") -> str | None:
     """Why the verdicts mean nothing, when the final model is itself within `threshold` of
     chance (1 - 1/C): no reset can then make it more than `threshold` worse on average, so
-    every unit reads "robust" (a diverged run, the wrong checkpoint directory, the wrong data)."""
+    every unit reads "robust" (a diverged run, the wrong checkpoint directory, the wrong data).
+    The error is named by the `split` measured, as the summary and the heatmap name it."""
     chance = 1.0 - 1.0 / num_classes
     base = float(table.loc[table["kind"] == "baseline", "error"].iloc[0])
     if base + threshold < chance:
         return None
-    return (f"the final model's test error ({100 * base:.2f}%) is within the threshold "
+    which = "train" if split == "train" else "test"
+    return (f"the final model's {which} error ({100 * base:.2f}%) is within the threshold "
             f"({100 * threshold:g} points) of chance ({100 * chance:.2f}% for {num_classes} "
             f"classes): the robust/critical verdicts say nothing about the units")
 

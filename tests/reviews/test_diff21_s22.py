@@ -56,3 +56,15 @@ def test_list_units_opens_the_split_it_is_given(tmp_path, capsys):
     assert "4 units" in out.out and "warning" not in out.err
     assert main(["analyze", "--arch", "fcn3x256", "--data", str(to), "--list-units"]) == 0
     assert "holds the train split of 'digits'" in capsys.readouterr().err  # still said
+
+
+def test_the_chance_note_names_the_split_measured(ckpts, tmp_path, capsys):
+    """60d640e and 82cfe86 made the summary and the heatmap say "train error" for a
+    `--split train` run, but the note on a baseline at chance (stderr, run.json's
+    baseline_note) still called the training set's error "the final model's test error"."""
+    res = layerfast.analyze("fcn3x256", ckpts, final=0, split="train", reset="reinit",
+                            checkpoints=[0], max_samples=200, device="cpu", progress=False,
+                            figures=False, out=tmp_path / "init")
+    note = res.run["baseline_note"]
+    assert note.startswith("the final model's train error (") and "test error" not in note
+    assert note in capsys.readouterr().err
