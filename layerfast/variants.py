@@ -64,6 +64,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -720,6 +721,9 @@ def _joint_entry(
             "joint reset: an entry is a list of unit names, or (names, τ), not the string "
             f"{entry!r}; write {entry.split('+')!r}."
         )
+    if not isinstance(entry, Sequence | AbstractSet | Mapping) and isinstance(
+            entry, Iterable) and getattr(entry, "ndim", 1) == 1:
+        entry = list(entry)  # ordered all the same: a numpy array of names, a generator
     if not isinstance(entry, Sequence):  # a set has no order (the unit's name) nor indexing
         raise LayerfastError(
             "joint reset: an entry is a list of unit names, or (names, τ), not a "

@@ -68,3 +68,21 @@ def test_the_chance_note_names_the_split_measured(ckpts, tmp_path, capsys):
     note = res.run["baseline_note"]
     assert note.startswith("the final model's train error (") and "test error" not in note
     assert note in capsys.readouterr().err
+
+
+def test_a_joint_entry_given_as_a_numpy_array_of_names_is_taken_again(tmp_path):
+    """d212dfa refused joint entries that are no `Sequence` (for a set, whose order would name
+    the unit at random), which also refused a 1-D numpy array of names (`df.unit.values[:2]`,
+    ordered, and taken before as one variant per τ) with "not a ndarray"."""
+    import numpy as np
+
+    from layerfast.checkpoints import CheckpointDir
+    from layerfast.errors import LayerfastError
+    from layerfast.variants import make_variants
+    from tests.units_variants.test_variants import UNITS, write_run
+
+    model, ck = write_run(tmp_path), CheckpointDir(tmp_path)
+    vs = make_variants(model, UNITS, ck, reset=(), joint=[np.array(["fc", "conv"])])
+    assert [(v.unit, v.checkpoint) for v in vs[1:]] == [("fc+conv", t) for t in (0, 1, 5)]
+    with pytest.raises(LayerfastError, match="not a set"):  # unordered: still refused
+        make_variants(model, UNITS, ck, reset=(), joint=[{"fc", "conv"}])
