@@ -13,9 +13,13 @@ import sys as _sys
 def _is_the_command() -> bool:
     """Whether this process is the `layerfast` command (the console script or `python -m
     layerfast`), not a Python program that imports layerfast."""
-    orig = list(getattr(_sys, "orig_argv", []))
-    as_module = any(a == "-m" and b == "layerfast" for a, b in zip(orig, orig[1:], strict=False))
-    return as_module or _os.path.basename(_sys.argv[0] if _sys.argv else "") == "layerfast"
+    if _sys.argv[:1] == ["-m"]:  # `python -m X` while runpy imports X's package
+        # X follows the interpreter's own -m, the first one: a later "-m layerfast" is the
+        # program's arguments (`python study.py -m layerfast`, `pytest -m layerfast`)
+        orig = [*getattr(_sys, "orig_argv", []), ""]
+        i = next((i for i, a in enumerate(orig[1:-1], 1) if a.startswith("-m")), None)
+        return i is not None and (orig[i][2:] or orig[i + 1]) == "layerfast"  # also -mlayerfast
+    return _os.path.basename(_sys.argv[0] if _sys.argv else "") == "layerfast"
 
 
 try:

@@ -86,3 +86,25 @@ def test_a_joint_entry_given_as_a_numpy_array_of_names_is_taken_again(tmp_path):
     assert [(v.unit, v.checkpoint) for v in vs[1:]] == [("fc+conv", t) for t in (0, 1, 5)]
     with pytest.raises(LayerfastError, match="not a set"):  # unordered: still refused
         make_variants(model, UNITS, ck, reset=(), joint=[{"fc", "conv"}])
+
+
+def test_a_program_whose_own_arguments_are_dash_m_layerfast_gets_its_keyboardinterrupt(
+        tmp_path):
+    """e6d6a2b turns a Ctrl-C while `python -m layerfast` imports torch into one line and exit
+    130, and leaves a program importing layerfast its KeyboardInterrupt; but it took any
+    "-m layerfast" pair in the interpreter's command line for the command, so
+    `python study.py -m layerfast` (the program's own arguments) lost its KeyboardInterrupt."""
+    import subprocess
+    import sys
+
+    prog = tmp_path / "study.py"  # a Ctrl-C where `import torch` runs, made deterministic
+    prog.write_text("import builtins\nreal = builtins.__import__\n"
+                    "def fake(name, *a, **k):\n"
+                    "    if name.split('.')[0] == 'torch':\n"
+                    "        raise KeyboardInterrupt\n"
+                    "    return real(name, *a, **k)\n"
+                    "builtins.__import__ = fake\nimport layerfast\n")
+    p = subprocess.run([sys.executable, str(prog), "-m", "layerfast"], capture_output=True,
+                       text=True, timeout=120)
+    assert "KeyboardInterrupt" in p.stderr and "layerfast: interrupted" not in p.stderr
+    assert p.returncode in (1, -2)  # Python exits -2 on an unhandled Ctrl-C
