@@ -152,9 +152,10 @@ def _two_sig(v: float) -> str:
     if v == 0:
         return "0"
     a = abs(v)
-    # Small values: the notation is chosen by the value rounded to two digits, so 0.00996 is
-    # written "0.010", as 0.0101 is, not "1.0e-2" in the cell beside it.
-    if abs(float(f"{v:.1e}")) < 0.01 or a >= 1000:
+    # The notation is chosen by the value as rounded for display, at both ends: 0.00996 is
+    # written "0.010", as 0.0101 is, not "1.0e-2" in the cell beside it; 999.6 (shown as an
+    # integer, "1000") is "1.0e3", as 1000.4 is, not four digits in the cell beside it.
+    if abs(float(f"{v:.1e}")) < 0.01 or round(a) >= 1000:
         mant, exp = f"{v:.1e}".split("e")
         return f"{mant}e{int(exp)}"
     digits = max(0, 1 - math.floor(math.log10(a)))

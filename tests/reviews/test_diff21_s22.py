@@ -108,3 +108,12 @@ def test_a_program_whose_own_arguments_are_dash_m_layerfast_gets_its_keyboardint
                        text=True, timeout=120)
     assert "KeyboardInterrupt" in p.stderr and "layerfast: interrupted" not in p.stderr
     assert p.returncode in (1, -2)  # Python exits -2 on an unhandled Ctrl-C
+
+
+def test_a_distance_that_rounds_to_1000_is_written_as_1000_is():
+    """6570c79 chose `_two_sig`'s notation by the value as rounded for the small end only:
+    999.6 was written "1000" (four digits) beside 1000.4's "1.0e3" in distances.png."""
+    from layerfast.report.figures import _two_sig
+
+    assert _two_sig(999.6) == _two_sig(1000.4) == "1.0e3"
+    assert _two_sig(999.4) == "999" and _two_sig(0.00996) == _two_sig(0.0101) == "0.010"
