@@ -908,12 +908,19 @@ def _progress(enabled: bool, total: int, done: int, nvar: int, how: str = "") ->
 
 def _manifest_classes(ckpts: Path) -> int | None:
     """The class count a checkpoint directory's manifest.json records (analyze builds the
-    model for it), or None: a factory whose layers depend on the class count has other units
-    for another one."""
+    model for it), or None where it records none: a factory whose layers depend on the class
+    count has other units for another one. One that is no positive integer is refused, as
+    `build` refuses it: the dry run passed a directory the real run stops at."""
     from layerfast.checkpoints.discover import read_manifest
 
-    nc = (read_manifest(ckpts) or {}).get("num_classes") if ckpts.is_dir() else None
-    return nc if isinstance(nc, int) and not isinstance(nc, bool) and nc >= 1 else None
+    man = (read_manifest(ckpts) or {}) if ckpts.is_dir() else {}
+    if "num_classes" not in man:
+        return None
+    nc = man["num_classes"]
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
+        raise LayerfastError(f"{ckpts / 'manifest.json'}: num_classes must be a positive "
+                             f"integer, got {nc!r}")
+    return nc
 
 
 def list_units(arch: str | Callable[..., torch.nn.Module],

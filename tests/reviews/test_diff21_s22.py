@@ -117,3 +117,22 @@ def test_a_distance_that_rounds_to_1000_is_written_as_1000_is():
 
     assert _two_sig(999.6) == _two_sig(1000.4) == "1.0e3"
     assert _two_sig(999.4) == "999" and _two_sig(0.00996) == _two_sig(0.0101) == "0.010"
+
+
+def test_list_units_refuses_a_manifest_class_count_that_analyze_refuses(ckpts, tmp_path,
+                                                                           capsys):
+    """441fbb2 builds list-units' model for the manifest's num_classes, as analyze does, but
+    one that is no positive integer was skipped without a word: the dry run listed units
+    (exit 0) for a directory analyze then refused ("num_classes must be a positive integer")."""
+    import json
+    import shutil
+
+    bad = tmp_path / "ck"
+    shutil.copytree(ckpts, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "num_classes": "10"}))
+    argv = ["analyze", "--arch", "fcn3x256", "--ckpts", str(bad)]
+    assert main([*argv, "--list-units"]) == 2
+    assert "num_classes must be a positive integer, got '10'" in capsys.readouterr().err
+    assert main([*argv, "--reset", "fullmodel", "--out", str(tmp_path / "o")]) == 2
+    assert "num_classes must be a positive integer, got '10'" in capsys.readouterr().err
