@@ -465,19 +465,6 @@ class Evaluator(FirstBatchChecks, ResumeState):
             timings,
         )
 
-    def _forget_checks(self) -> None:
-        """Make the next batch run the first-batch checks again (`FirstBatchChecks`): whether
-        the trace computes the model's forward, which steps have unseen effects, which cuts
-        hold the batch and whether the model mixes samples.
-
-        They hold for the model as it was on that batch. Between two `run`s the caller may
-        change it (replace a submodule, a `forward`, a flag a branch reads); a reused
-        Evaluator that kept the first run's verdicts ran the new model's trace unchecked and
-        returned another function's counts, baseline included. Within one `run` its passes
-        share the verdicts of its first batch, so a multi-pass run plans every pass alike."""
-        self._trace_ok, self._batch_dim = None, None
-        self._unbatched, self._unseen, self._mixes_samples = set(), set(), False
-
     def passes(self) -> list[list[int]]:
         """The variants' indices in passes over the data (`plan.split_passes`): one pass unless
         staging every variant's tensors at once would exceed the stage limit."""

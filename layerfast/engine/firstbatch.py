@@ -1,7 +1,8 @@
 """The Evaluator's first-batch checks (DESIGN.md §7): before a pass trusts its traced program,
 the first batch decides whether the trace computes the model's own forward (`_verified`), which
 steps read or write tensors past the program's bookkeeping (`_settle_unseen`) and which cuts no
-variant may start from (`_settle_cuts`). Each may re-plan; each runs once per Evaluator.
+variant may start from (`_settle_cuts`). Each may re-plan; each runs on the first batch of
+every `run` (the caller may have changed the model since the last: `_forget_checks`).
 
 A mixin of `Evaluator` (it reads the Evaluator's model, device, fan-out options and batch
 iterator): kept apart so the pass itself stays readable, and because these checks decide
@@ -10,6 +11,8 @@ correctness, not speed.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,6 +27,36 @@ from layerfast.engine.verify import VERIFY_SAMPLES, trace_differs, unbatched_cut
 
 class FirstBatchChecks:
     """`Evaluator`'s first-batch checks; see the module docstring."""
+
+    #: Set by `_checks_kept`: `run` keeps the verdicts of the run before.
+    _keep_checks = False
+
+    def _forget_checks(self) -> None:
+        """Make the next batch run the first-batch checks again: whether the trace computes
+        the model's forward, which steps have unseen effects, which cuts hold the batch and
+        whether the model mixes samples (unless inside `_checks_kept`).
+
+        They hold for the model as it was on that batch. Between two `run`s the caller may
+        change it (replace a submodule, a `forward`, a flag a branch reads); a reused
+        Evaluator that kept the first run's verdicts ran the new model's trace unchecked and
+        returned another function's counts, baseline included. Within one `run` its passes
+        share the verdicts of its first batch, so a multi-pass run plans every pass alike."""
+        if self._keep_checks:
+            return
+        self._trace_ok, self._batch_dim = None, None
+        self._unbatched, self._unseen, self._mixes_samples = set(), set(), False
+
+    @contextlib.contextmanager
+    def _checks_kept(self) -> Iterator[None]:
+        """`run`s inside keep the verdicts of the run before, for a caller that has not changed
+        the model since and measures the pass alone: `bench.profile_pass`, whose profiled run
+        after its warm-up had the checks' own forwards, medians and copies in its op table
+        once every run checked the model again."""
+        self._keep_checks = True
+        try:
+            yield
+        finally:
+            self._keep_checks = False
 
     def _check_samples(self, data: Any, start: int, cl: bool, x: torch.Tensor) -> torch.Tensor:
         """The samples the first-batch checks run on: the batch `x`, unless this pass resumes

@@ -136,3 +136,24 @@ def test_list_units_refuses_a_manifest_class_count_that_analyze_refuses(ckpts, t
     assert "num_classes must be a positive integer, got '10'" in capsys.readouterr().err
     assert main([*argv, "--reset", "fullmodel", "--out", str(tmp_path / "o")]) == 2
     assert "num_classes must be a positive integer, got '10'" in capsys.readouterr().err
+
+
+def test_bench_profiles_the_pass_without_the_first_batch_checks(tmp_path):
+    """8746211 made every `run` check the model again; `bench --profile`'s profiled run comes
+    after a warm-up run on the same, unchanged model, and its op table then held the checks'
+    own forwards (on CPU fcn3x256: addmm 34 calls instead of 14, median, nonzero, abs)."""
+    from layerfast.bench import profile_pass
+    from layerfast.data import open_data
+
+    torch.manual_seed(0)
+    src = open_data("digits", split="test", max_samples=32)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    ev = layerfast.Evaluator(model, [{}, {"3.weight": torch.zeros(10, 16)}], device="cpu")
+    checked = []
+    settle = ev._settle_cuts
+    ev._settle_cuts = lambda *a: checked.append(1) or settle(*a)
+    out = profile_pass(ev, src, tmp_path / "prof.txt")
+    assert len(checked) == 1  # the warm-up's checks; the profiled run keeps their verdicts
+    assert out["samples"] == 32 and "median" not in (tmp_path / "prof.txt").read_text()
+    res = ev.run(src)  # outside the profile, a run checks the model again
+    assert len(checked) == 2 and res.n == 32
