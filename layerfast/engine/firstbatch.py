@@ -20,7 +20,7 @@ import torch
 from layerfast.engine.diagnose import OOM_ERRORS as _OOM
 from layerfast.engine.graph import Program
 from layerfast.engine.plan import Plan, make_plan
-from layerfast.engine.precision import precision_context
+from layerfast.engine.precision import channels_last, precision_context
 from layerfast.engine.tracing import attributes_kept
 from layerfast.engine.verify import VERIFY_SAMPLES, trace_differs, unbatched_cuts
 
@@ -34,7 +34,10 @@ class FirstBatchChecks:
     def _forget_checks(self) -> None:
         """Make the next batch run the first-batch checks again: whether the trace computes
         the model's forward, which steps have unseen effects, which cuts hold the batch and
-        whether the model mixes samples (unless inside `_checks_kept`).
+        whether the model mixes samples; and the run its layout probe (`settle_layout`), which
+        left a model changed to one that cannot run in channels_last (`h.view(B, -1)` on a
+        conv map) failing on a reused Evaluator, blamed on the model, where a fresh one falls
+        back to the contiguous layout (auto) or names the layout. Not inside `_checks_kept`.
 
         They hold for the model as it was on that batch. Between two `run`s the caller may
         change it (replace a submodule, a `forward`, a flag a branch reads); a reused
@@ -43,6 +46,8 @@ class FirstBatchChecks:
         share the verdicts of its first batch, so a multi-pass run plans every pass alike."""
         if self._keep_checks:
             return
+        self.channels_last = channels_last(self.precision, self.device, self.layout)
+        self._layout_checked = not self.channels_last
         self._trace_ok, self._batch_dim = None, None
         self._unbatched, self._unseen, self._mixes_samples = set(), set(), False
 

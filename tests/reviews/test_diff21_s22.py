@@ -157,3 +157,29 @@ def test_bench_profiles_the_pass_without_the_first_batch_checks(tmp_path):
     assert out["samples"] == 32 and "median" not in (tmp_path / "prof.txt").read_text()
     res = ev.run(src)  # outside the profile, a run checks the model again
     assert len(checked) == 2 and res.n == 32
+
+
+def test_a_reused_evaluator_probes_the_layout_of_the_changed_model_again():
+    """8746211 checks a reused Evaluator's model again on each run, but not its layout
+    (`settle_layout`): a model changed to one that cannot run in channels_last failed as
+    "the model fails on samples 0..3" (a fresh Evaluator says the layout is at fault, and under
+    `layout="auto"` on CUDA falls back to the contiguous layout and runs)."""
+    from layerfast.errors import LayerfastError
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc, self.flat = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(256, 3), True
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.fc(h.flatten(1) if self.flat else h.view(h.shape[0], -1))
+
+    torch.manual_seed(0)
+    model, data = Net(), [(torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,)))]
+    variants = [{}, {"conv.weight": torch.zeros(4, 3, 3, 3)}]
+    ev = layerfast.Evaluator(model, variants, device="cpu", layout="channels_last")
+    assert ev.run(data).n == 4
+    model.flat = False  # `view` on a channels_last map: only the contiguous layout runs it
+    with pytest.raises(LayerfastError, match="does not run with channels_last activations"):
+        ev.run(data)
