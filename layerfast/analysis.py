@@ -482,10 +482,15 @@ def _files_under(root: Path) -> Iterator[Path]:
 def _keeps_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run `fn` with torch's CPU random state put back afterwards: the model's factory draws
     its initialization, a model may draw in its forward, and a notebook's `torch.manual_seed(0);
-    analyze(...); torch.randn(3)` must draw what it would without the analysis."""
+    analyze(...); torch.randn(3)` must draw what it would without the analysis. And with
+    float32 as torch's default dtype (`precision.float32_default`): a notebook's float64
+    default built the model in float64, so the run drew other rerandom weights than fp32's
+    while run.json said fp32."""
     @functools.wraps(fn)
     def kept(*args: Any, **kwargs: Any) -> Any:
-        with torch.random.fork_rng(devices=[]):
+        from layerfast.engine.precision import float32_default
+
+        with torch.random.fork_rng(devices=[]), float32_default():
             return fn(*args, **kwargs)
 
     return kept
@@ -937,6 +942,7 @@ def list_units(arch: str | Callable[..., torch.nn.Module],
     one the analysis would read, opened as analyze opens it: a .beton of the train split under
     `--split train` was warned about as "used here as the test split"."""
     from layerfast.data import open_data
+    from layerfast.engine.precision import float32_default
     from layerfast.inputs import need_data, open_pair
     from layerfast.models import build_model
     from layerfast.units import make_units
@@ -950,7 +956,8 @@ def list_units(arch: str | Callable[..., torch.nn.Module],
         src = open_data(data or "digits", split=split, max_samples=1)
     if num_classes is None and isinstance(ckpts, str | os.PathLike):
         num_classes = _manifest_classes(Path(ckpts).expanduser())  # as analyze builds it
-    with torch.random.fork_rng(devices=[]):  # the factory's init draws: not the caller's
+    # the factory's init draws: not the caller's; fp32 as analyze builds it
+    with torch.random.fork_rng(devices=[]), float32_default():
         # `is None`, not `or`: num_classes=0 is refused by build_model, not read as "not given"
         model, spec = build_model(arch, src.num_classes if num_classes is None else num_classes,
                                   tuple(src.shape))

@@ -57,7 +57,7 @@ from layerfast.data import open_data, to_device
 from layerfast.data.source import DataSource, check_finite
 from layerfast.data.spec import absolute_spec
 from layerfast.engine.batches import check_logits
-from layerfast.engine.precision import precision_context, resolve_device
+from layerfast.engine.precision import float32_default, precision_context, resolve_device
 from layerfast.errors import (
     LayerfastError,
     collect_warnings,
@@ -319,17 +319,6 @@ def _warn_if_at_chance(error: float | None, num_classes: int, lr: float) -> None
              "epochs may help")
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """`torch.set_default_dtype(dtype)` for the block, the caller's default put back after."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
-
-
 def _check_seed(seed: object) -> None:
     """torch seeds take 64 bits; the manifest and the analysis store seeds as int64. A larger
     value used to fail inside `manual_seed` with a traceback, after `out` was created."""
@@ -549,7 +538,7 @@ def train(
         # fp32 as documented: a caller's torch.set_default_dtype(torch.float64) built the model
         # in float64, which trained and saved float64 checkpoints (a factory that asks for
         # float64 itself, `.double()`, still gets it: `input_dtype` feeds it float64 data)
-        stack.enter_context(_default_dtype(torch.float32))
+        stack.enter_context(float32_default())
         _warn_if_one_split(data, train_src, test_src)
         stack.enter_context(torch.random.fork_rng(cuda_ids))
         stack.enter_context(seeded_host_generators(seed))

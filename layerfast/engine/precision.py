@@ -13,6 +13,22 @@ from layerfast.errors import LayerfastError, warn
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
 
+@contextmanager
+def float32_default() -> Iterator[None]:
+    """torch's default dtype is float32 for the block, the caller's put back after. layerfast's
+    fp32 is documented whatever a notebook set earlier: under `torch.set_default_dtype(
+    torch.float64)` a registry model was built in float64, so `train` saved float64 checkpoints
+    and `analyze` ran every variant in float64 (its rerandom draws made in float64, other
+    numbers than the fp32 run) while run.json said fp32. A factory that builds float64 itself
+    (`.double()`) still gets float64 (`models.input_dtype`)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
