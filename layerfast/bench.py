@@ -7,9 +7,15 @@ batch. It is, if anything, favoured: it counts correct@1 only (layerfast also to
 agreement), its data are in memory before its clock starts (layerfast's clock includes reading
 the DataSource), and on CUDA torch's default lets its convolutions use TF32. It may be timed on
 a subset of the variants (`--naive-variants`; a sample spread over the kinds and units,
-`naive_sample`) and scaled to all of them, its first batch timed apart and added once; the
-output says so and names the variants timed. Beside the default mode the other fan-out setting
-is timed: prefix sharing alone on CUDA (`prefix_only`), fan-out on the CPU (`fanout`).
+`naive_sample`) and scaled to all of them; the output says so and names the variants timed.
+Beside the default mode the other fan-out setting is timed: prefix sharing alone on CUDA
+(`prefix_only`), fan-out on the CPU (`fanout`).
+
+Every approach is timed warm (`warm_up`): before its timed pass each layerfast mode runs once,
+untimed, over the first batch of the data at the batch size it plans, in an Evaluator of its
+own (the timed one plans again, so its seconds keep the probes), and the naive loop runs one
+batch through the final model. A first forward at a shape pays for what later ones reuse
+(kernel selection, allocator growth): left in, it fell on whichever mode was timed first.
 
 Checkpoints are synthetic (the initialization plus growing noise, saved to a temp dir): timing
 does not depend on what the weights are.
@@ -18,6 +24,7 @@ does not depend on what the weights are.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -36,6 +43,16 @@ GLUE_DEFAULT = "fused"
 PHASES = ("setup", "data", "baseline", "fanned", "swapped", "total")
 #: `--profile-samples`' default.
 PROFILE_SAMPLES = 2048
+#: `layerfast bench --help`'s description: what is timed, and how.
+DESCRIPTION = (
+    "Time layerfast (its default mode and the other fan-out setting) and the naive loop (load "
+    "each variant's weights, a DataLoader pass, fp32, .item() per batch) on the same variants "
+    "and data, in one run. Every approach is timed warm: before its timed pass each layerfast "
+    "mode runs once, untimed, over the first batch at the batch size it plans (the timed pass "
+    "plans again, and its seconds include that), and the naive loop runs one batch through the "
+    "final model; so no mode pays the process's first-forward costs for the others. "
+    "See BENCHMARKS.md."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -138,6 +155,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def warm_up(ev, src) -> None:
+    """One untimed run of `ev` over the first batch of `src`, at the batch size `ev` plans: the
+    warm-up each layerfast mode gets before its timed run (in another Evaluator, built alike).
+
+    A process's first forward at a shape pays once for what later ones reuse (oneDNN or cuDNN
+    choosing and building kernels, the allocator growing): untimed for none of the modes, it
+    fell on whichever was timed first. ResNet-20 block on 64 images, one thread: prefix sharing
+    took 3.7-4.6 s timed first against 2.7-3.3 s timed second. A forward of a few samples did
+    not help (the cost is per shape): the warm-up runs the real batch shape and every variant."""
+    batch = ev.plan_batch(src)
+    ev.run(dataclasses.replace(src, n=min(src.n, batch)))
+
+
 def naive_pass(model, variants, src, device, batch_size: int,
                warmup: bool = False) -> tuple[float, float, list[int]]:
     """(warm-up seconds, loop seconds, correct@1 per variant) of the naive loop over
@@ -145,10 +175,11 @@ def naive_pass(model, variants, src, device, batch_size: int,
     DataLoader pass normalising on the host, fp32, correct@1 read back with `.item()` every
     batch. The counts let `run` check that both approaches measured the same thing.
 
-    `warmup`: first one batch through the final model, timed apart (else 0.0). When the loop is
-    timed on k of V variants and scaled by V/k, the one-time costs of a first forward (kernel
-    loading and selection for fp32, allocator growth; layerfast ran before in bf16 on CUDA)
-    would otherwise be multiplied by V/k: the caller adds the warm-up once instead."""
+    `warmup`: first one batch through the final model, outside the loop's clock and timed apart
+    (else 0.0): the naive loop's share of `warm_up`'s treatment. The one-time costs of a first
+    forward at its batch shape (kernel selection for fp32, allocator growth; layerfast ran
+    before in another batch size, in bf16 on CUDA) then stay out of its figure as out of
+    layerfast's, and are not multiplied by V/k when the loop is timed on k of V variants."""
     from torch.utils.data import DataLoader, TensorDataset
 
     xs, ys = zip(*src.batches(4096), strict=True)
@@ -304,9 +335,14 @@ def _run(args: argparse.Namespace) -> dict:
             if name != "layerfast" and args.no_prefix_only:
                 continue
             _status(f"timing {name} on {V} variants × {n} samples")
-            ev = Evaluator(model, variants, device=device, precision=args.precision,
-                           batch_size=args.batch_size, fanout=fan, layout=args.layout,
-                           glue=args.glue)
+
+            def evaluator(fan: bool | None = fan) -> Evaluator:
+                return Evaluator(model, variants, device=device, precision=args.precision,
+                                 batch_size=args.batch_size, fanout=fan, layout=args.layout,
+                                 glue=args.glue)
+
+            warm_up(evaluator(), src)  # untimed, so no mode is timed cold
+            ev = evaluator()  # plans again: the timed seconds keep the probes
             out[f"{name}_fanout"] = ev.fanout
             _sync(device)
             t = time.perf_counter()
@@ -344,10 +380,10 @@ def _run(args: argparse.Namespace) -> dict:
         scaled = len(sub) < V
         _status(f"timing the naive loop on {len(sub)} of {V} variants × {n} samples")
         t_warm, t_naive, naive_correct = naive_pass(model, sub, src, device, naive_batch,
-                                                    warmup=scaled)
+                                                    warmup=True)  # warm, as every mode is
         out["agreement_with_naive"] = _agreement(correct1, idx, naive_correct, n,
                                                  out["precision"], device)
-        timings["naive"] = t_warm + t_naive * V / len(sub)  # one-time costs once, not × V/k
+        timings["naive"] = t_naive * V / len(sub)
         out["naive_warmup_s"] = round(t_warm, 4)
         out["naive_timed_variants"] = len(sub)
         out["naive_scaled"] = scaled

@@ -361,9 +361,10 @@ def parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    b = sub.add_parser("bench", help="layerfast vs the naive loop on the same variants, one run")
-    from layerfast.bench import add_arguments
+    from layerfast.bench import DESCRIPTION, add_arguments
 
+    b = sub.add_parser("bench", help="layerfast vs the naive loop on the same variants, one run",
+                       description=DESCRIPTION)
     add_arguments(b)
 
     c = sub.add_parser("convert", help="write a dataset spec to an FFCV .beton")

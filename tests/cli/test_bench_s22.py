@@ -1,0 +1,57 @@
+"""Session 22's review of `layerfast bench` (layerfast/bench.py): every approach timed warm, the
+warnings counted as stderr shows them, the batch size the pass ran. No test depends on how long
+anything took: the method is checked with counting stubs."""
+
+from __future__ import annotations
+
+import pytest
+
+import layerfast.bench as bench
+import layerfast.engine as engine
+from tests.cli import test_bench_audit as _audit
+
+# the audit's helpers: its argument parser and its `quick` fixture (no half-second GEMM)
+_args, quick = _audit._args, _audit.quick
+
+
+def test_every_mode_gets_an_untimed_warm_up_at_its_batch_shape(monkeypatch, quick) -> None:
+    """The first timed mode ran cold: a process's first forward at a shape pays for what later
+    ones reuse (kernel selection, allocator growth), so ResNet-20 block on 64 images took
+    3.7-4.6 s for prefix sharing timed first and 2.7-3.3 s timed second, and the CPU's
+    "fanout vs layerfast" leaned toward the mode timed second. Each mode now runs once over
+    the first batch (its planned B, every variant) in an Evaluator of its own, outside the
+    clock, before its timed run in a fresh Evaluator; the naive loop gets its warm-up batch
+    whether or not it is scaled, and that batch is not in its figure."""
+    runs: list[tuple[object, bool, int]] = []  # (evaluator, fan-out, samples) per run
+    real_run = engine.Evaluator.run
+
+    def counting_run(self, data, *a, **k):
+        runs.append((self, bool(self.fanout), data.n))
+        return real_run(self, data, *a, **k)
+
+    naive_calls: list[bool] = []
+    real_naive = bench.naive_pass
+
+    def counting_naive(*a, warmup=False, **k):
+        naive_calls.append(warmup)
+        warm, loop, counts = real_naive(*a, warmup=warmup, **k)
+        return 5.0, loop, counts  # a warm-up this slow would show in the figure if it were in it
+
+    monkeypatch.setattr(engine.Evaluator, "run", counting_run)
+    monkeypatch.setattr(bench, "naive_pass", counting_naive)
+    out = bench.run(_args("--arch", "fcn2x16", "--batch-size", "8"))  # 32 samples: 4 batches
+    assert [(fan, n) for _, fan, n in runs] == [(False, 8), (False, 32), (True, 8), (True, 32)]
+    assert runs[0][0] is not runs[1][0] and runs[2][0] is not runs[3][0]  # the timed one plans anew
+    assert naive_calls == [True]  # all 22 variants timed, not scaled: warmed all the same
+    assert out["naive_warmup_s"] == 5.0 and out["seconds"]["naive"] < 5.0
+    assert out["layerfast_plan"]["batch_size"] == out["fanout_plan"]["batch_size"] == 8
+
+
+def test_the_help_says_how_bench_times(capsys) -> None:
+    """How the approaches are timed was in no help text: `bench --help` says it now."""
+    import layerfast.cli as cli
+
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Every approach is timed warm" in text and "untimed" in text
