@@ -35,7 +35,7 @@ import torch
 
 from layerfast.engine.fanrun import GLUE_MODES
 from layerfast.engine.precision import LAYOUTS
-from layerfast.errors import LayerfastError, collect_warnings, say, warn
+from layerfast.errors import LayerfastError, collect_warnings, say, warn, warnings_once
 
 #: `--glue`'s default: the fold form with the fused BN + add + ReLU kernel.
 GLUE_DEFAULT = "fused"
@@ -280,8 +280,10 @@ def run(args: argparse.Namespace) -> dict:
     `layerfast bench` namespace (`layerfast.cli.parser().parse_args(["bench", ...])`).
 
     Torch's global (CPU) random state is the caller's again afterwards: the model is built
-    from seed 0, and the naive loop's DataLoader draws a seed for its iterator."""
-    with torch.random.fork_rng(devices=[]):
+    from seed 0, and the naive loop's DataLoader draws a seed for its iterator. Each warning
+    is said once (`warnings_once`): every warm-up and timed mode builds its own Evaluator, and
+    one that warns on construction (tf32 on the CPU) would say it for each."""
+    with torch.random.fork_rng(devices=[]), warnings_once():
         return _run(args)
 
 
@@ -413,9 +415,7 @@ def _run(args: argparse.Namespace) -> dict:
             warn(f"{name} ran at {x:.2f}× the compute floor, faster than the rate measured for "
                  f"it ({floor['rate_tflops_measured']:.3g} TFLOP/s) allows: that measurement "
                  "was low (a busy machine?), so the floor is no lower bound in this run")
-        # once each: every timed mode builds its own Evaluator, and one that warns on
-        # construction (tf32 on the CPU) said the same thing once per mode
-        out["warnings"] = list(dict.fromkeys(warned))
+        out["warnings"] = list(warned)  # once each, as on stderr: `run` says each once
     return out
 
 

@@ -100,6 +100,8 @@ def progress_bar(enabled: bool = True, auto: bool = False, **kwargs: Any) -> Any
 
 #: The lists `collect_warnings` is filling, innermost last.
 _COLLECTORS: list[list[str]] = []
+#: The messages said inside each open `warnings_once` block.
+_ONCE: list[set[str]] = []
 
 
 def warn(message: str) -> None:
@@ -110,6 +112,10 @@ def warn(message: str) -> None:
     rule, a chance-level baseline) and must reach them every run. Why also collect it: stderr
     is gone when a cluster job's log rotates; run.json is what is read later to judge a run.
     """
+    if any(message in said for said in _ONCE):
+        return
+    for said in _ONCE:
+        said.add(message)
     say(f"layerfast: warning: {message}")
     for sink in _COLLECTORS:
         sink.append(message)
@@ -124,6 +130,21 @@ def collect_warnings() -> Iterator[list[str]]:
         yield sink
     finally:  # by identity: `list.remove` compares by value, and two sinks can be equal
         del _COLLECTORS[next(i for i, c in enumerate(_COLLECTORS) if c is sink)]
+
+
+@contextmanager
+def warnings_once() -> Iterator[None]:
+    """Inside the block `warn` says each message once: a repeat is neither printed nor collected.
+
+    For a command that does the same thing several times over: `layerfast bench` builds an
+    Evaluator per warm-up and per timed mode, and one that warns on construction (tf32 on the
+    CPU) printed the same line once for each while the JSON and the text's count kept one."""
+    said: set[str] = set()
+    _ONCE.append(said)
+    try:
+        yield
+    finally:  # by identity, as collect_warnings' sinks
+        del _ONCE[next(i for i, s in enumerate(_ONCE) if s is said)]
 
 
 #: A write that cannot be done: a full disk or quota, an I/O error, a file over the size limit.

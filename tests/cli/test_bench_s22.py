@@ -55,3 +55,30 @@ def test_the_help_says_how_bench_times(capsys) -> None:
         cli.parser().parse_args(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Every approach is timed warm" in text and "untimed" in text
+
+
+def test_the_warning_count_is_what_stderr_shows(monkeypatch, quick, capsys) -> None:
+    """Every warm-up and timed mode builds its own Evaluator, and one that warns on
+    construction (`--precision tf32` on the CPU) printed its line on stderr once for each,
+    while the JSON kept one and the text's last line said "1 warning (stderr, above ...)".
+    Each warning is now said once per run, on stderr as in the JSON."""
+    assert bench.main(_args("--arch", "fcn2x16", "--naive-variants", "2", "--precision",
+                            "tf32")) == 0
+    captured = capsys.readouterr()
+    said = [ln for ln in captured.err.splitlines() if ln.startswith("layerfast: warning: ")]
+    assert len(said) == 1 and said[0].startswith("layerfast: warning: precision tf32"), said
+    assert captured.out.rstrip().splitlines()[-1] == \
+        "1 warning (stderr, above; also in --json's warnings)"
+
+
+def test_warnings_once_says_each_message_once_inside_the_block(capsys) -> None:
+    from layerfast.errors import collect_warnings, warn, warnings_once
+
+    with collect_warnings() as outer:
+        with warnings_once(), collect_warnings() as inner:
+            warn("a")
+            warn("b")
+            warn("a")
+        warn("a")  # outside the block: said again
+    assert inner == ["a", "b"] and outer == ["a", "b", "a"]
+    assert capsys.readouterr().err.count("layerfast: warning: a\n") == 2
