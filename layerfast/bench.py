@@ -358,7 +358,10 @@ def _run(args: argparse.Namespace) -> dict:
             out["precision"] = res.precision
             # the layout the pass ran in: `run` may have turned channels_last off (a model that
             # cannot run in it, layout auto), so it is read after the pass, not before
+            # batch_size as planned (or --batch-size); batch_size_used, what the pass's batches
+            # held: at most the n samples (B=1000 planned on 32 samples ran one batch of 32)
             out[f"{name}_plan"] = {**res.plan, "batch_size": ev.batch_size,
+                                   "batch_size_used": min(ev.batch_size, n),
                                    "channels_last": ev.channels_last}
             if name == "layerfast":
                 out["channels_last"] = ev.channels_last
@@ -379,6 +382,7 @@ def _run(args: argparse.Namespace) -> dict:
         sub = [variants[i] for i in idx]
         out["naive_timed"] = [getattr(variants[i], "label", str(i)) for i in idx]
         out["naive_batch_size"] = naive_batch = args.batch_size or 256
+        out["naive_batch_size_used"] = min(naive_batch, n)
         scaled = len(sub) < V
         _status(f"timing the naive loop on {len(sub)} of {V} variants × {n} samples")
         t_warm, t_naive, naive_correct = naive_pass(model, sub, src, device, naive_batch,
@@ -402,7 +406,7 @@ def _run(args: argparse.Namespace) -> dict:
         # (--batch-size 10**12 on 40 samples ran; a forward on 10**12 zero samples cannot)
         floor = floor_report(model, plan, tuple(src.shape), n, device, out["precision"],
                              keysets=keysets,
-                             batch_size=min(out["layerfast_plan"]["batch_size"], n),
+                             batch_size=out["layerfast_plan"]["batch_size_used"],
                              channels_last=out["channels_last"])
         out["floor"] = floor
         # a model without a conv or matmul needs 0 matrix FLOPs: no floor (null), not a
@@ -437,6 +441,12 @@ def _agreement(correct1: dict, idx: list[int], naive: list[int], n: int, precisi
     return {"variants": len(idx), "max_abs_diff_correct1": diff, "bound": bound}
 
 
+def _batch(used: int, asked: int, how: str) -> str:
+    """`B=` as the text prints it: the batch the pass ran, and the larger one planned or asked
+    for when the data held fewer samples (it said B=1000 for a pass over 32 samples)."""
+    return f"B={used}" if used == asked else f"B={used}, all the samples ({asked} {how})"
+
+
 def main(args: argparse.Namespace) -> int:
     out = run(args)
     if args.json:
@@ -454,7 +464,8 @@ def main(args: argparse.Namespace) -> int:
         how = ""
         if plan:
             fan = f"on, glue {out['glue']}" if out[f"{name}_fanout"] else "off"
-            how = f"  (fan-out {fan}, B={plan['batch_size']})"
+            batch = _batch(plan["batch_size_used"], plan["batch_size"], "planned")
+            how = f"  (fan-out {fan}, {batch})"
         print(f"{name:14s} {secs:10.3f} {speed:15.0f} {ratio:8.1f}{how}")
     for name in out["seconds"]:  # groups that ran swapped although fan-out was on, and why
         plan = out.get(f"{name}_plan") or {}
@@ -466,7 +477,8 @@ def main(args: argparse.Namespace) -> int:
     print("layerfast's time: " + ", ".join(f"{k} {ph[k]:.3f}" for k in PHASES if k in ph)
           + f" s (setup and total wall time, the phases {clock} time), after "
           f"{out['layerfast_probes']:.3f} s of batch-size and layout probes before the pass")
-    print(f"naive = load weights, DataLoader pass (B={out['naive_batch_size']}), fp32, correct@1 "
+    naive_b = _batch(out["naive_batch_size_used"], out["naive_batch_size"], "asked")
+    print(f"naive = load weights, DataLoader pass at {naive_b}, fp32, correct@1 "
           f"by .item() per batch{scaled}")
     agree = out["agreement_with_naive"]
     worst = max(agree["max_abs_diff_correct1"].values(), default=0.0)

@@ -15,6 +15,12 @@ from pathlib import Path
 PHASES = ("setup", "data", "baseline", "fanned", "swapped", "total")
 
 
+def used_batch(plan: dict) -> int:
+    """The batch the pass ran (at most n samples); a JSON from before session 22 has only the
+    planned one."""
+    return plan.get("batch_size_used", plan["batch_size"])
+
+
 def rows(d: dict, name: str) -> list[str]:
     """The lines for one bench result: the figures, fan-out fallbacks and refusals, phases,
     profile top."""
@@ -25,7 +31,7 @@ def rows(d: dict, name: str) -> list[str]:
     out = [f"{name:16s} {d['variants']:4d} {s['naive']:9.1f} {pre or nan:9.2f} {s['layerfast']:11.2f} "
            f"{d['speedup_vs_naive']['layerfast']:8.1f} {(pre / s['layerfast']) if pre else nan:8.2f}"
            f" {d['floor']['seconds_measured_rate']:8.3g} {nan if xfloor is None else xfloor:7.1f}"
-           f" {d['layerfast_plan']['batch_size']:5d}"]
+           f" {used_batch(d['layerfast_plan']):5d}"]
     if d.get("naive_scaled"):  # an extrapolation, not a measurement: say so on the row's next line
         k, v = d["naive_timed_variants"], d["variants"]
         timed = d.get("naive_timed", [])

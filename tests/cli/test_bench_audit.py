@@ -133,7 +133,7 @@ def test_the_text_says_the_naive_batch_and_a_small_floor(monkeypatch, quick, cap
     floor = next(ln for ln in text.splitlines() if ln.startswith("compute floor:"))
     secs = float(floor.split(") = ")[1].split(" s ")[0])
     assert secs > 0
-    assert "DataLoader pass (B=256)" in text
+    assert "DataLoader pass at B=32, all the samples (256 asked)" in text  # 32 samples (s22)
     out = bench.run(_args("--arch", "fcn2x16", "--no-prefix-only", "--batch-size", "64"))
     assert out["naive_batch_size"] == 64
 

@@ -82,3 +82,29 @@ def test_warnings_once_says_each_message_once_inside_the_block(capsys) -> None:
         warn("a")  # outside the block: said again
     assert inner == ["a", "b"] and outer == ["a", "b", "a"]
     assert capsys.readouterr().err.count("layerfast: warning: a\n") == 2
+
+
+def test_the_text_shows_the_batch_the_pass_ran(monkeypatch, quick, capsys) -> None:
+    """`B=` printed the planned batch size even above n: a pass over 32 samples said B=1000
+    (the CPU's plan for fcn2x16) and the naive loop B=256, while every batch held 32. The text
+    and the GPU session's table show the batch used; the JSON keeps the planned one beside it."""
+    run = bench.run
+    out = run(_args("--arch", "fcn2x16", "--naive-variants", "2"))
+    for mode in ("layerfast", "fanout"):
+        plan = out[f"{mode}_plan"]
+        assert plan["batch_size"] > 32 and plan["batch_size_used"] == 32
+    assert out["naive_batch_size"] == 256 and out["naive_batch_size_used"] == 32
+    monkeypatch.setattr(bench, "run", lambda args: out)
+    bench.main(_args())
+    text = capsys.readouterr().out
+    planned = out["layerfast_plan"]["batch_size"]
+    row = next(ln for ln in text.splitlines() if ln.startswith("layerfast "))
+    assert row.endswith(f"(fan-out off, B=32, all the samples ({planned} planned))"), row
+    assert f"B={planned}" not in text and "B=256" not in text
+    assert "DataLoader pass at B=32, all the samples (256 asked)" in text
+    assert _audit._table_rows()(out, "fcn")[0].split()[-1] == "32"
+    out = run(_args("--arch", "fcn2x16", "--naive-variants", "2", "--batch-size", "8"))
+    monkeypatch.setattr(bench, "run", lambda args: out)
+    bench.main(_args())
+    text = capsys.readouterr().out
+    assert "fan-out off, B=8)" in text and "DataLoader pass at B=8," in text

@@ -540,7 +540,9 @@ def test_bench_runs_both_modes_and_the_naive_loop_side_by_side(capsys) -> None:
     assert ph["total"] <= out["seconds"]["layerfast"] + 1e-3
     assert main(["bench", "--device", "cpu", "--max-samples", "120", "--naive-variants", "3"]) == 0
     text = capsys.readouterr().out
-    assert "(fan-out off, B=1000)" in text and "timed on 3 of 29 variants, scaled" in text
+    # B= is the batch the pass ran: its 120 samples, 1000 planned (session 22)
+    assert "(fan-out off, B=120, all the samples (1000 planned))" in text
+    assert "timed on 3 of 29 variants, scaled" in text
     assert "(fan-out on, glue fused, B=" in text
     assert "compute floor:" in text and "× the floor" in text
     assert (
