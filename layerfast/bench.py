@@ -11,11 +11,11 @@ a subset of the variants (`--naive-variants`; a sample spread over the kinds and
 Beside the default mode the other fan-out setting is timed: prefix sharing alone on CUDA
 (`prefix_only`), fan-out on the CPU (`fanout`).
 
-Every approach is timed warm (`warm_up`): before its timed pass each layerfast mode runs once,
+Every approach is timed warm (`warm_up`): before any is timed, each layerfast mode runs once,
 untimed, over the first batch of the data at the batch size it plans, in an Evaluator of its
 own (the timed one plans again, so its seconds keep the probes), and the naive loop runs one
-batch through the final model. A first forward at a shape pays for what later ones reuse
-(kernel selection, allocator growth): left in, it fell on whichever mode was timed first.
+batch through the final model. A pass leaves the process changed for later ones (kernels
+chosen per shape, malloc's thresholds raised): left in, that favoured the modes timed later.
 
 Checkpoints are synthetic (the initialization plus growing noise, saved to a temp dir): timing
 does not depend on what the weights are.
@@ -47,11 +47,10 @@ PROFILE_SAMPLES = 2048
 DESCRIPTION = (
     "Time layerfast (its default mode and the other fan-out setting) and the naive loop (load "
     "each variant's weights, a DataLoader pass, fp32, .item() per batch) on the same variants "
-    "and data, in one run. Every approach is timed warm: before its timed pass each layerfast "
+    "and data, in one run. Every approach is timed warm: before any is timed, each layerfast "
     "mode runs once, untimed, over the first batch at the batch size it plans (the timed pass "
-    "plans again, and its seconds include that), and the naive loop runs one batch through the "
-    "final model; so no mode pays the process's first-forward costs for the others. "
-    "See BENCHMARKS.md."
+    "plans again, and its seconds include that), and the naive loop runs one batch through "
+    "the final model; so no timed pass gains or loses from the order. See BENCHMARKS.md."
 )
 
 
@@ -156,14 +155,18 @@ def _sync(device: torch.device) -> None:
 
 
 def warm_up(ev, src) -> None:
-    """One untimed run of `ev` over the first batch of `src`, at the batch size `ev` plans: the
-    warm-up each layerfast mode gets before its timed run (in another Evaluator, built alike).
+    """One untimed run of `ev` over the first batch of `src`, at the batch size `ev` plans, with
+    every variant: the warm-up each layerfast mode gets (in an Evaluator of its own, built as
+    the timed one) before any approach is timed; the naive loop gets one batch likewise.
 
-    A process's first forward at a shape pays once for what later ones reuse (oneDNN or cuDNN
-    choosing and building kernels, the allocator growing): untimed for none of the modes, it
-    fell on whichever was timed first. ResNet-20 block on 64 images, one thread: prefix sharing
-    took 3.7-4.6 s timed first against 2.7-3.3 s timed second. A forward of a few samples did
-    not help (the cost is per shape): the warm-up runs the real batch shape and every variant."""
+    A pass leaves the process changed for the passes after it: kernels chosen and built per
+    shape (oneDNN, cuDNN), and glibc's malloc, whose mmap and trim thresholds only rise, to the
+    largest block freed so far. Untimed for none of the modes, that fell on whichever was timed
+    first: ResNet-20 block on 64 images, one thread, prefix sharing took 3.7-4.6 s timed first
+    against 2.7-3.3 s after fan-out, ~1 s of it system time (page faults: its blocks were
+    mapped and unmapped anew) that fan-out's larger blocks had removed for it. A warm-up of
+    the mode itself just before its timed pass did not remove it; warming every approach up
+    first does, whatever the order."""
     batch = ev.plan_batch(src)
     ev.run(dataclasses.replace(src, n=min(src.n, batch)))
 
@@ -176,10 +179,10 @@ def naive_pass(model, variants, src, device, batch_size: int,
     batch. The counts let `run` check that both approaches measured the same thing.
 
     `warmup`: first one batch through the final model, outside the loop's clock and timed apart
-    (else 0.0): the naive loop's share of `warm_up`'s treatment. The one-time costs of a first
-    forward at its batch shape (kernel selection for fp32, allocator growth; layerfast ran
-    before in another batch size, in bf16 on CUDA) then stay out of its figure as out of
-    layerfast's, and are not multiplied by V/k when the loop is timed on k of V variants."""
+    (else 0.0): the naive loop's share of `warm_up`, which `run` asks for with no variants
+    before any approach is timed. The costs a first forward at its batch shape pays (kernel
+    selection for fp32, the allocator's growth) then stay out of its figure, as out of
+    layerfast's, and are not multiplied by V/k when it is timed on k of V variants."""
     from torch.utils.data import DataLoader, TensorDataset
 
     xs, ys = zip(*src.batches(4096), strict=True)
@@ -333,18 +336,25 @@ def _run(args: argparse.Namespace) -> dict:
         # "layerfast" is the default mode (fan-out on CUDA, prefix sharing alone on the CPU);
         # the other setting is timed beside it: "prefix_only" on CUDA, "fanout" on the CPU.
         other = ("prefix_only", False) if device.type == "cuda" else ("fanout", True)
-        for name, fan in (("layerfast", None), other):
-            if name != "layerfast" and args.no_prefix_only:
-                continue
+        modes = [(name, fan) for name, fan in (("layerfast", None), other)
+                 if name == "layerfast" or not args.no_prefix_only]
+        out["naive_batch_size"] = naive_batch = args.batch_size or 256
+        out["naive_batch_size_used"] = min(naive_batch, n)
+
+        def evaluator(fan: bool | None) -> Evaluator:
+            return Evaluator(model, variants, device=device, precision=args.precision,
+                             batch_size=args.batch_size, fanout=fan, layout=args.layout,
+                             glue=args.glue)
+
+        # Every approach warms up before any is timed (`warm_up`): then no timed pass finds
+        # the process in a state another approach's pass left it in, whatever the order.
+        _status("warming up each approach on one batch (untimed)")
+        for _name, fan in modes:
+            warm_up(evaluator(fan), src)
+        t_warm = naive_pass(model, [], src, device, naive_batch, warmup=True)[0]
+        for name, fan in modes:
             _status(f"timing {name} on {V} variants × {n} samples")
-
-            def evaluator(fan: bool | None = fan) -> Evaluator:
-                return Evaluator(model, variants, device=device, precision=args.precision,
-                                 batch_size=args.batch_size, fanout=fan, layout=args.layout,
-                                 glue=args.glue)
-
-            warm_up(evaluator(), src)  # untimed, so no mode is timed cold
-            ev = evaluator()  # plans again: the timed seconds keep the probes
+            ev = evaluator(fan)  # plans again: the timed seconds keep the probes
             out[f"{name}_fanout"] = ev.fanout
             _sync(device)
             t = time.perf_counter()
@@ -381,12 +391,9 @@ def _run(args: argparse.Namespace) -> dict:
         idx = naive_sample(variants, min(args.naive_variants or V, V))  # None: all of them
         sub = [variants[i] for i in idx]
         out["naive_timed"] = [getattr(variants[i], "label", str(i)) for i in idx]
-        out["naive_batch_size"] = naive_batch = args.batch_size or 256
-        out["naive_batch_size_used"] = min(naive_batch, n)
         scaled = len(sub) < V
         _status(f"timing the naive loop on {len(sub)} of {V} variants × {n} samples")
-        t_warm, t_naive, naive_correct = naive_pass(model, sub, src, device, naive_batch,
-                                                    warmup=True)  # warm, as every mode is
+        _, t_naive, naive_correct = naive_pass(model, sub, src, device, naive_batch)
         out["agreement_with_naive"] = _agreement(correct1, idx, naive_correct, n,
                                                  out["precision"], device)
         timings["naive"] = t_naive * V / len(sub)

@@ -14,35 +14,38 @@ from tests.cli import test_bench_audit as _audit
 _args, quick = _audit._args, _audit.quick
 
 
-def test_every_mode_gets_an_untimed_warm_up_at_its_batch_shape(monkeypatch, quick) -> None:
-    """The first timed mode ran cold: a process's first forward at a shape pays for what later
-    ones reuse (kernel selection, allocator growth), so ResNet-20 block on 64 images took
-    3.7-4.6 s for prefix sharing timed first and 2.7-3.3 s timed second, and the CPU's
-    "fanout vs layerfast" leaned toward the mode timed second. Each mode now runs once over
-    the first batch (its planned B, every variant) in an Evaluator of its own, outside the
-    clock, before its timed run in a fresh Evaluator; the naive loop gets its warm-up batch
-    whether or not it is scaled, and that batch is not in its figure."""
-    runs: list[tuple[object, bool, int]] = []  # (evaluator, fan-out, samples) per run
+def test_every_approach_warms_up_untimed_before_any_is_timed(monkeypatch, quick) -> None:
+    """The first timed mode ran cold: a pass leaves the process changed for later ones
+    (kernels chosen per shape; glibc malloc's thresholds, which only rise), so ResNet-20 block
+    on 64 images took 3.7-4.6 s for prefix sharing timed first and 2.7-3.3 s after fan-out,
+    and the CPU's "fanout vs layerfast" leaned toward the mode timed second. Each layerfast
+    mode now runs once over the first batch (its planned B, every variant) in an Evaluator of
+    its own, and the naive loop one batch, before ANY approach is timed (a mode's own warm-up
+    just before its timed pass left the order's effect in place); each timed pass is a fresh
+    Evaluator, and the naive warm-up is outside the naive figure, scaled or not."""
+    events: list[tuple] = []  # in order: ("ev", evaluator, fan-out, samples) or ("naive", ...)
     real_run = engine.Evaluator.run
 
     def counting_run(self, data, *a, **k):
-        runs.append((self, bool(self.fanout), data.n))
+        events.append(("ev", self, bool(self.fanout), data.n))
         return real_run(self, data, *a, **k)
 
-    naive_calls: list[bool] = []
     real_naive = bench.naive_pass
 
-    def counting_naive(*a, warmup=False, **k):
-        naive_calls.append(warmup)
-        warm, loop, counts = real_naive(*a, warmup=warmup, **k)
-        return 5.0, loop, counts  # a warm-up this slow would show in the figure if it were in it
+    def counting_naive(model, variants, *a, warmup=False, **k):
+        events.append(("naive", None, warmup, len(variants)))
+        warm, loop, counts = real_naive(model, variants, *a, warmup=warmup, **k)
+        return (5.0 if warmup else 0.0), loop, counts  # a slow warm-up would show if counted
 
     monkeypatch.setattr(engine.Evaluator, "run", counting_run)
     monkeypatch.setattr(bench, "naive_pass", counting_naive)
     out = bench.run(_args("--arch", "fcn2x16", "--batch-size", "8"))  # 32 samples: 4 batches
-    assert [(fan, n) for _, fan, n in runs] == [(False, 8), (False, 32), (True, 8), (True, 32)]
-    assert runs[0][0] is not runs[1][0] and runs[2][0] is not runs[3][0]  # the timed one plans anew
-    assert naive_calls == [True]  # all 22 variants timed, not scaled: warmed all the same
+    assert [e[0::2] + e[3:] for e in events] == [
+        ("ev", False, 8), ("ev", True, 8), ("naive", True, 0),  # warm-ups: one batch each
+        ("ev", False, 32), ("ev", True, 32), ("naive", False, 22),  # then the timed passes
+    ]
+    evs = [e[1] for e in events if e[0] == "ev"]
+    assert len({id(e) for e in evs}) == 4  # a fresh Evaluator each: the timed ones plan anew
     assert out["naive_warmup_s"] == 5.0 and out["seconds"]["naive"] < 5.0
     assert out["layerfast_plan"]["batch_size"] == out["fanout_plan"]["batch_size"] == 8
 
