@@ -285,8 +285,12 @@ def run(args: argparse.Namespace) -> dict:
     Torch's global (CPU) random state is the caller's again afterwards: the model is built
     from seed 0, and the naive loop's DataLoader draws a seed for its iterator. Each warning
     is said once (`warnings_once`): every warm-up and timed mode builds its own Evaluator, and
-    one that warns on construction (tf32 on the CPU) would say it for each."""
-    with torch.random.fork_rng(devices=[]), warnings_once():
+    one that warns on construction (tf32 on the CPU) would say it for each. The model is
+    built and run with float32 as torch's default dtype (`precision.float32_default`), as
+    `analyze` runs it: a caller's float64 default built a float64 model, timed as "fp32"."""
+    from layerfast.engine.precision import float32_default
+
+    with torch.random.fork_rng(devices=[]), warnings_once(), float32_default():
         return _run(args)
 
 

@@ -50,3 +50,22 @@ def test_list_units_under_a_float64_default_builds_the_fp32_model():
     units = _under_float64(list_units, net, "digits")
     assert [u.name for u in units] == ["1"]
     assert seen == [torch.float32]
+
+
+def test_bench_under_a_float64_default_builds_the_fp32_model(monkeypatch):
+    """`bench` built its model under the caller's default dtype, so a float64 default timed a
+    float64 model as fp32 (the naive loop too)."""
+    import layerfast.bench as bench
+    from tests.cli.test_bench_audit import _args
+
+    seen: list[torch.dtype] = []
+    real = bench.naive_pass
+
+    def spy(model, *a, **k):
+        seen.append(next(model.parameters()).dtype)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(bench, "naive_pass", spy)
+    out = _under_float64(bench.run, _args("--arch", "fcn2x16", "--max-samples", "16"))
+    assert seen and set(seen) == {torch.float32}
+    assert out["precision"] == "fp32"
