@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from layerfast.errors import LayerfastError
-from layerfast.options import MAX_SEEDS, count, integers, is_int
+from layerfast.options import MAX_SEEDS, count, int_list, integers, is_int
 
 RESETS = ("reinit", "rerandom", "fullmodel")
 #: Every kind `--reset` accepts: the default three, and `interp` (it needs `--alphas`).
@@ -24,16 +24,16 @@ CHECKPOINT_EVERY = 5.0
 def _parse_checkpoints(checkpoints: str | Iterable[int]) -> str | list[int]:
     """'all', or the labels sorted without repeats: `0,0,4` and `4,0` ask for what `0,4` asks
     for, so run.json, the resume fingerprint and the rows (ordered by τ, as with 'all') must not
-    tell them apart."""
+    tell them apart. An empty item (`1,,2`, `0,`: a typo) is refused, as `train --checkpoints`
+    refuses it (`options.int_list`): it was dropped without a word."""
     if isinstance(checkpoints, str):
         if checkpoints.strip() == "all":
             return "all"
         try:
-            labels = [int(c) for c in checkpoints.split(",") if c.strip()]
-        except ValueError:
-            labels = []
-        if not labels:
-            raise LayerfastError(f"--checkpoints takes 'all' or labels like 0,1,10; got {checkpoints!r}")
+            labels = int_list(checkpoints, "--checkpoints")
+        except LayerfastError:
+            raise LayerfastError(f"--checkpoints takes 'all' or labels like 0,1,10; "
+                                 f"got {checkpoints!r}") from None
         return sorted(set(labels))
     if is_int(checkpoints):  # one label
         return [int(checkpoints)]
