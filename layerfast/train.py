@@ -77,6 +77,10 @@ _FILE_RE = re.compile(r"^epoch_\d+\.pt$")
 _TMP_RE = re.compile(r"^\.(epoch_\d+\.pt|manifest\.json)\..+\.tmp$")
 _STAGE_ON_GPU_BYTES = 2 << 30
 _EVAL_BATCH = 1024
+#: More epochs than any study trains (the paper: 100): the bound makes a typo such as
+#: `--epochs 99999999999` a usage error up front instead of a run that never ends, whose final
+#: label (from 2**63 on) analyze would refuse anyway.
+MAX_EPOCHS = 10**6
 
 
 def checkpoint_schedule(epochs: int,
@@ -94,6 +98,9 @@ def checkpoint_schedule(epochs: int,
     if not is_int(epochs) or epochs < 1:
         raise LayerfastError(f"epochs must be a positive integer, got {epochs!r}")
     epochs = int(epochs)
+    if epochs > MAX_EPOCHS:
+        raise LayerfastError(f"epochs must be at most {MAX_EPOCHS:,} (the paper trains 100), "
+                             f"got {epochs}")
     if checkpoints is None:
         late = (math.floor(t * epochs / 100 + 0.5) for t in PAPER_CHECKPOINTS if t not in _EARLY)
         taus = {t for t in _EARLY if t <= epochs} | set(late)

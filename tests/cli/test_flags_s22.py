@@ -30,3 +30,27 @@ def test_analyze_api_checkpoints_with_an_empty_item_is_refused(ckpts, tmp_path):
 
 def test_analyze_checkpoints_written_with_spaces_still_reads(capsys):
     assert main(["analyze", "--arch", "fcn3x256", "--list-units", "--checkpoints", "0, 1"]) == 0
+
+
+@pytest.mark.parametrize("epochs", ["99999999999", str(2**63), "1000001"])
+def test_train_absurd_epochs_are_refused_before_anything_is_written(tmp_path, epochs, capsys):
+    """`train --epochs 99999999999` (a typo) was accepted: it wrote epoch_000.pt and trained
+    on, a run that never ends; from 2**63 on its final label is one analyze refuses."""
+    rc = main(["train", "--arch", "fcn1x4", "--data", "digits", "--epochs", epochs,
+               "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "epochs must be at most 1,000,000" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_api_absurd_epochs_are_refused():
+    from layerfast.train import checkpoint_schedule
+
+    with pytest.raises(LayerfastError, match="epochs must be at most"):
+        checkpoint_schedule(99999999999)
+
+
+def test_train_epochs_at_the_bound_still_plan_a_schedule():
+    from layerfast.train import MAX_EPOCHS, checkpoint_schedule
+
+    assert checkpoint_schedule(MAX_EPOCHS)[-3:] == [400_000, 900_000, MAX_EPOCHS]
