@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import operator
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from layerfast.engine.arguments import check_run, positive_int, variant_list
 from layerfast.engine.batches import (
     check_classes,
     check_labels,
     check_logits,
-    iterable,
     label_span,
     pair,
     peek,
@@ -130,27 +129,6 @@ def resolve_fanout(fanout: bool | str | None, device: torch.device) -> bool:
     return bool(fanout)
 
 
-def _is_variant(v: Any) -> bool:
-    """What `overrides.overrides_of` reads: a mapping {state key: tensor} or an object with
-    `.overrides()`."""
-    return isinstance(v, Mapping) or callable(getattr(v, "overrides", None))
-
-
-def _positive_int(value: Any, name: str) -> int:
-    """`value` as an int >= 1 (a numpy integer too), else a LayerfastError naming `name`.
-
-    `max_fanout=0` made K = 0 chunks, whose weight stacks `torch.stack` refused with a bare
-    RuntimeError mid-pass; a negative cap sent every group to the swap path as a "fallback",
-    and True ran as 1: refused here, as an unknown `glue` or `fanout` is."""
-    try:
-        n = operator.index(value) if not isinstance(value, bool) else None
-    except TypeError:
-        n = None
-    if n is None or n < 1:
-        raise LayerfastError(f"{name} must be a positive integer, got {value!r}")
-    return n
-
-
 class Evaluator(FirstBatchChecks, ResumeState):
     """Evaluate weight variants of `model` on batches, all in one data pass.
 
@@ -192,21 +170,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
         # checked here, not met as an AttributeError (model=None) or a TypeError from `list()`
         if not isinstance(model, nn.Module):
             raise LayerfastError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        if isinstance(variants, Mapping) and variants and all(
-                _is_variant(v) for v in variants.values()):  # {name: variant}: a study's table
-            names = ", ".join(repr(k) for k in list(variants)[:3])
-            raise LayerfastError(
-                f"variants must be a list of variants; got a mapping of names ({names}"
-                f"{', ...' if len(variants) > 3 else ''}) to variants: pass "
-                "list(variants.values()) (the counts' rows are in that order)")
-        if isinstance(variants, Mapping) and variants and all(
-                isinstance(k, str) for k in variants):  # {key: tensor}: one variant, not a list
-            raise LayerfastError("variants must be a list of variants; got one mapping of state "
-                                 "keys to tensors: pass [it] (and {} for the final model)")
-        if not iterable(variants):  # a sequence by `__getitem__` too, as `list()` takes
-            raise LayerfastError(f"variants must be a list of variants (mappings of state keys "
-                                 f"to tensors, or layerfast Variants); got "
-                                 f"{type(variants).__name__}")
+        variants = variant_list(variants)
         lazy = lazy_names(model)
         if lazy:
             # Their tensors have no shape yet: variants cannot be checked against them, and
@@ -217,12 +181,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
                 f"{', ...' if len(lazy) > 5 else ''}): run one forward on a batch, or load its "
                 "weights, before evaluating it")
         self.model = model
-        self.variants = list(variants)
-        odd = next((i for i, v in enumerate(self.variants) if not _is_variant(v)), None)
-        if odd is not None:  # else a bare TypeError from `overrides_of`, in `run`
-            raise LayerfastError(
-                f"variant {odd} must be a mapping of state keys to tensors or have "
-                f".overrides(); got {type(self.variants[odd]).__name__}")
+        self.variants = variants
         self.device = resolve_device(device)
         self.precision = for_model(resolve_precision(precision, self.device), precision, model)
         # None: the planner picks B on the first `run`/`plan_batch` with a DataSource; until
@@ -230,7 +189,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
         # Checked like max_fanout: `batch_size or default` ran 0 silently at the default B,
         # True in batches of one, and a numpy integer failed later in DataSource.batches.
         if batch_size is not None:
-            batch_size = _positive_int(batch_size, "batch_size")
+            batch_size = positive_int(batch_size, "batch_size")
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else B_CPU)
         self._batch_fixed = batch_size is not None
         # Fan-out is for the GPU (one wide kernel instead of K small ones). On 2 CPU cores it
@@ -238,7 +197,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
         # machine's run-to-run noise, BENCHMARKS.md), and the swap path is bit-exact, so None
         # means "on for CUDA, off for the CPU".
         self.fanout = resolve_fanout(fanout, self.device)
-        self.max_fanout = _positive_int(max_fanout, "max_fanout")
+        self.max_fanout = positive_int(max_fanout, "max_fanout")
         # How a fanned group's values move (engine/fanrun.py): "fused" (fold form, BN -> [add ->]
         # ReLU as one affine_relu), "fold" (fold form, torch ops), "unfolded" (a K·B batch after
         # every conv). Same results to rounding; kept selectable to measure what each step buys
@@ -260,8 +219,8 @@ class Evaluator(FirstBatchChecks, ResumeState):
         # model's size); more variants than that are evaluated in several passes over the data.
         # Checked as batch_size is: `stage_bytes or stage_limit(...)` ran 0 at the default limit
         # silently, and "1" failed mid-plan with a TypeError.
-        self.stage_bytes = None if stage_bytes is None else _positive_int(stage_bytes,
-                                                                          "stage_bytes")
+        self.stage_bytes = None if stage_bytes is None else positive_int(stage_bytes,
+                                                                         "stage_bytes")
         self._passes: list[list[int]] | None = None
         # Bytes per sample K is sized from (`_size_groups`): measured over the cuts of the plan
         # of ALL variants (`_probe`). Measured per pass, it depended on the units in the pass,
@@ -351,19 +310,13 @@ class Evaluator(FirstBatchChecks, ResumeState):
         continue from the saved sums; `state`, the `resume_state()` taken when they were
         saved, makes the rest run (and the plan report) as the interrupted run would have.
         `on_checkpoint(counts, n_done)` is called every
-        `checkpoint_every` seconds and at the end, with CPU counts in variant order.
+        `checkpoint_every` seconds (>= 0; `math.inf`: never mid-pass) and at the end, with CPU
+        counts in variant order. Bad arguments are refused before any work (`arguments`).
         `on_logits(variant_indices, logits[K, B, C])` sees every block of logits scored, in
         data order per variant (for tests and research code; it costs a host sync)."""
-        if not (hasattr(data, "batches") or iterable(data)):  # else a TypeError deep in the plan
-            raise LayerfastError(f"data must be a layerfast DataSource or an iterable of (x, y) "
-                                 f"batches; got {type(data).__name__}")
-        if counts is not None and (not isinstance(counts, torch.Tensor)
-                                   or tuple(counts.shape) != (len(self.variants), 4)):
-            # else an IndexError or AttributeError from the resumed pass's setup
-            got = tuple(counts.shape) if isinstance(counts, torch.Tensor) else \
-                type(counts).__name__
-            raise LayerfastError(f"counts must be the [V, 4] = [{len(self.variants)}, 4] tensor "
-                                 f"of sums a checkpoint gave (on_checkpoint); got {got}")
+        checkpoint_every = check_run(data, start, counts, len(self.variants), {
+            "on_progress": on_progress, "on_checkpoint": on_checkpoint, "on_logits": on_logits},
+            checkpoint_every)
         self._hook = on_logits
         self._forget_checks()
         self.plan_batch(data)
