@@ -20,7 +20,11 @@ from layerfast.errors import LayerfastError
 
 def is_variant(v: Any) -> bool:
     """What `overrides.overrides_of` reads: a mapping {state key: tensor} or an object with
-    `.overrides()`."""
+    `.overrides()`, at least one of them.
+
+    An empty list ran a whole data pass and returned [0, 4] counts: the baseline is computed
+    but is not one of the rows. `{}` (the final model as one variant) given bare instead of as
+    `[{}]` was read as that empty list."""
     return isinstance(v, Mapping) or callable(getattr(v, "overrides", None))
 
 
@@ -41,7 +45,11 @@ def positive_int(value: Any, name: str) -> int:
 
 def variant_list(variants: Any) -> list:
     """`variants` as a list, each a mapping of state keys to tensors or an object with
-    `.overrides()`."""
+    `.overrides()`, at least one of them.
+
+    An empty list ran a whole data pass and returned [0, 4] counts: the baseline is computed
+    but is not one of the rows. `{}` (the final model as one variant) given bare instead of as
+    `[{}]` was read as that empty list."""
     if isinstance(variants, Mapping) and variants and all(
             is_variant(v) for v in variants.values()):  # {name: variant}: a study's table
         names = ", ".join(repr(k) for k in list(variants)[:3])
@@ -58,6 +66,10 @@ def variant_list(variants: Any) -> list:
                              f"to tensors, or layerfast Variants); got "
                              f"{type(variants).__name__}")
     out = list(variants)
+    if not out:
+        what = "an empty mapping, not a list" if isinstance(variants, Mapping) else "empty"
+        raise LayerfastError(f"variants is {what}: nothing to evaluate; pass [{{}}] for the "
+                             "final model alone")
     odd = next((i for i, v in enumerate(out) if not is_variant(v)), None)
     if odd is not None:  # else a bare TypeError from `overrides_of`, in `run`
         raise LayerfastError(

@@ -132,9 +132,10 @@ def resolve_fanout(fanout: bool | str | None, device: torch.device) -> bool:
 class Evaluator(FirstBatchChecks, ResumeState):
     """Evaluate weight variants of `model` on batches, all in one data pass.
 
-    `variants`: mappings {state-dict key: tensor} or objects with `.overrides()`; an empty
-    mapping is the final model itself. The baseline (no overrides) is always computed: agreement
-    is measured against its predictions.
+    `variants`: a non-empty list of mappings {state-dict key: tensor} or objects with
+    `.overrides()`; an empty mapping is the final model itself. The baseline (no overrides) is
+    always computed, agreement is measured against its predictions, but only the variants'
+    counts are returned: `[{}, ...]` to get the baseline's own.
 
     `device`, `precision`, `fanout` and `layout` take what `analyze` takes (docs/engine.md; a
     float16 or bfloat16 model runs its own forward in every precision). `batch_size` (a positive

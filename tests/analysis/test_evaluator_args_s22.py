@@ -65,3 +65,38 @@ def test_good_arguments_still_run_and_call_back():
     Evaluator(_model(), [{}], device="cpu").run(
         _data(), on_checkpoint=lambda c, n: saves.append(n), checkpoint_every=0)
     assert saves == [5, 10, 10]
+
+
+@pytest.mark.parametrize("variants", [[], {}, ()])
+def test_an_empty_variant_list_is_refused(variants):
+    """`Evaluator(model, [])` (and `{}`, the final model given bare instead of as `[{}]`) ran
+    a whole data pass and returned [0, 4] counts: nothing evaluated, exit 0."""
+    with pytest.raises(LayerfastError, match=r"variants is .*nothing to evaluate; pass \[\{\}\]"):
+        Evaluator(_model(), variants, device="cpu")
+
+
+def test_the_final_model_alone_is_one_row():
+    res = Evaluator(_model(), [{}], device="cpu").run(_data())
+    assert tuple(res.counts.shape) == (1, 4) and res.n == 10
+
+
+@pytest.mark.parametrize("spec", ["empty.npz", "synthetic:cifar:0"])
+def test_the_cli_on_an_empty_data_set_is_one_line_exit_2(ckpts, tmp_path, spec, capsys):
+    """A check, not a fix (it passed on 449832c): the CLI's path for an empty data set (an
+    empty empty.npz) refuses it before the pass, one line, exit 2, nothing written; an empty
+    iterable given to `Evaluator.run` is refused after its (empty) pass."""
+    import numpy as np
+
+    from layerfast.cli import main
+
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 1, 8, 8), np.float32),
+             y=np.zeros((0,), np.int64))
+    data = str(tmp_path / spec) if spec.endswith(".npz") else spec
+    rc = main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--data", data,
+               "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "empty" in err or "must be positive" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(LayerfastError, match="the data is empty"):
+        Evaluator(_model(), [{}], device="cpu").run([])

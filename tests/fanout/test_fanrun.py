@@ -328,4 +328,4 @@ def test_evaluator_rejects_unknown_glue():
     from layerfast.errors import LayerfastError
 
     with pytest.raises(LayerfastError, match="glue must be one of fused, fold, unfolded"):
-        Evaluator(nn.Linear(2, 2), [], device="cpu", glue="fast")
+        Evaluator(nn.Linear(2, 2), [{}], device="cpu", glue="fast")
