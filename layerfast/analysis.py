@@ -560,12 +560,12 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
     if not isinstance(ckpts, str | os.PathLike):
         raise LayerfastError(f"ckpts must be the path of a checkpoint directory or a mapping "
                              f"{{τ: state_dict}}; got a {type(ckpts).__name__}")
-    every = _checkpoint_every(checkpoint_every)
     data, named_by = _data_spec(data, ckpts)
 
     # Every `warn` from here on is also kept in run.json ("warnings"): stderr is gone when a
     # job's log is, and a warning is part of judging the run.
     with collect_warnings() as warned:
+        every = _checkpoint_every(checkpoint_every)  # an infinite interval warns
         if not seeded and seed_list != [1]:  # 1 is the default: said only if asked
             warn(f"--seeds {','.join(map(str, seed_list))} has no effect: only rerandom (and "
                  f"interp with --sigma > 0) draws seeds, and --reset is {','.join(resets)}")

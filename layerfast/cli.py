@@ -199,7 +199,8 @@ def parser() -> argparse.ArgumentParser:
         help="reset every unit, evaluate all variants, write the report",
         epilog="A killed run resumes when the same command runs again: progress "
         "is saved in OUT/progress.sqlite every $LAYERFAST_CHECKPOINT_EVERY seconds "
-        "(default 5). A different command into the same --out is refused unless "
+        "(default 5; inf: only when the pass ends, with a warning). A different command into "
+        "the same --out is refused unless "
         "--fresh.",
     )
     a.add_argument(

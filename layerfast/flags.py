@@ -5,13 +5,14 @@ before anything is read or written: each bad value is one message naming its fla
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from layerfast.errors import LayerfastError
+from layerfast.errors import LayerfastError, warn
 from layerfast.options import MAX_SEEDS, count, int_list, integers, is_int
 
 RESETS = ("reinit", "rerandom", "fullmodel")
@@ -174,16 +175,28 @@ def parse_flags(reset: str | Sequence[str] | None = RESETS, alphas: Any = None, 
 
 def _checkpoint_every(value: float | None) -> float:
     """Seconds between progress saves: the argument, else $LAYERFAST_CHECKPOINT_EVERY, else 5.
-    A save costs one small SQLite transaction, so 0 (every batch) is affordable for tests."""
+    A save costs one small SQLite transaction, so 0 (every batch) is affordable for tests.
+
+    An infinite interval (`inf`, `1e400`) saves only when the pass ends, so a run killed
+    before then starts over. From the environment variable (set once in a profile, then
+    forgotten) that was silent: it is said now (`warn`, kept in run.json when called inside
+    analyze's `collect_warnings`); given as the argument, it is taken as meant."""
+    source = "checkpoint_every"
     if value is None:
-        text = os.environ.get("LAYERFAST_CHECKPOINT_EVERY", "").strip()
+        source = "LAYERFAST_CHECKPOINT_EVERY"
+        text = os.environ.get(source, "").strip()
         if not text:
             return CHECKPOINT_EVERY
         try:
             value = float(text)
         except ValueError:
             value = text  # type: ignore[assignment]  # said as given, below
-    if isinstance(value, str) or not value >= 0:  # also rejects NaN
-        raise LayerfastError(f"checkpoint interval (LAYERFAST_CHECKPOINT_EVERY) must be a number "
-                             f"of seconds >= 0; got {value!r}")
+    if isinstance(value, bool | str) or not isinstance(value, numbers.Real) \
+            or not value >= 0:  # also rejects NaN
+        raise LayerfastError(f"checkpoint interval ({source}) must be a number of seconds >= 0; "
+                             f"got {value!r}")
+    if math.isinf(value) and source != "checkpoint_every":
+        warn(f"LAYERFAST_CHECKPOINT_EVERY={text}: progress is saved only when the pass ends, so "
+             "a run killed before then starts over; set it to a number of seconds (default 5) "
+             "to keep the run resumable")
     return float(value)

@@ -54,3 +54,43 @@ def test_train_epochs_at_the_bound_still_plan_a_schedule():
     from layerfast.train import MAX_EPOCHS, checkpoint_schedule
 
     assert checkpoint_schedule(MAX_EPOCHS)[-3:] == [400_000, 900_000, MAX_EPOCHS]
+
+
+@pytest.mark.parametrize("text", ["inf", "1e400"])
+def test_an_infinite_checkpoint_interval_from_the_environment_is_warned(ckpts, tmp_path, text,
+                                                                        monkeypatch, capsys):
+    """LAYERFAST_CHECKPOINT_EVERY=inf silently meant "never save mid-pass": a killed run then
+    started over. It runs, and says so on stderr and in run.json."""
+    import json
+
+    monkeypatch.setenv("LAYERFAST_CHECKPOINT_EVERY", text)
+    out = tmp_path / "o"
+    assert main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--reset", "reinit",
+                 "--checkpoints", "0", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "LAYERFAST_CHECKPOINT_EVERY" in line]
+    assert len(said) == 1 and "saved only when the pass ends" in said[0]
+    assert any("LAYERFAST_CHECKPOINT_EVERY" in w
+               for w in json.loads((out / "run.json").read_text())["warnings"])
+
+
+@pytest.mark.parametrize("every", ["x", "5", True])
+def test_a_bad_checkpoint_every_argument_is_named_as_the_argument(ckpts, tmp_path, every,
+                                                                  monkeypatch):
+    """`analyze(checkpoint_every="x")` was blamed on LAYERFAST_CHECKPOINT_EVERY, and True ran
+    as one second."""
+    monkeypatch.setenv("LAYERFAST_CHECKPOINT_EVERY", "5")
+    with pytest.raises(LayerfastError, match=r"checkpoint interval \(checkpoint_every\) must"):
+        layerfast.analyze("fcn3x256", ckpts, checkpoint_every=every, out=tmp_path / "o",
+                          progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_finite_interval_and_an_explicit_infinite_argument_say_nothing(monkeypatch, capsys):
+    import math
+
+    from layerfast.flags import _checkpoint_every
+
+    monkeypatch.setenv("LAYERFAST_CHECKPOINT_EVERY", "30")
+    assert _checkpoint_every(None) == 30.0 and _checkpoint_every(math.inf) == math.inf
+    assert capsys.readouterr().err == ""
