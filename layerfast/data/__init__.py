@@ -28,13 +28,14 @@ def convert(spec: str, to: str | Path, split: str = "test") -> Path:
     """Write dataset `spec` (split `split`) to the FFCV file `to` (fields `image`, `label`).
 
     Reading `to` back yields exactly the same batches as `spec`. The file appears atomically
-    (temp file + os.replace): an interrupted conversion leaves no half-written .beton."""
+    (temp file + os.replace): an interrupted conversion leaves no half-written .beton. A `to`
+    whose sidecar says it holds the other split is refused, not replaced (`check_target`)."""
     from layerfast.data.beton import check_target, require_ffcv
     from layerfast.data.beton import convert as _convert
 
     to = Path(to).expanduser()
     require_ffcv()  # before opening: do not decode a whole dataset only to fail
-    check_target(to)
+    check_target(to, split)
     return _convert(open_data(spec, split), spec, split, to)
 
 

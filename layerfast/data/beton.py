@@ -286,19 +286,44 @@ def _warn_other_split(path: Path, side: dict[str, Any], split: str) -> None:
              "choose another")
 
 
-def check_target(to: Path) -> None:
+def check_target(to: Path, split: str | None = None) -> None:
     """Bad `--to` paths, before any data is decoded: the wrong suffix, a directory where the
-    .beton or its sidecar goes, a file where a parent directory should be."""
+    .beton or its sidecar goes, a file where a parent directory should be; and, given the
+    `split` to write, a .beton whose sidecar says it holds the other split.
+
+    That one was replaced without a word: `convert cifar10:DIR --split train --to cifar.beton`
+    after the test split went to the same path destroyed a conversion that can take an hour
+    (ImageNet). The same split again is a re-conversion, and goes ahead."""
     if to.suffix.lower() != ".beton":  # any case, as `--data` reads them
         raise LayerfastError(f"convert: the output must end in .beton, got {to}")
     for p in (to, sidecar_path(to)):
         if p.exists() and not p.is_file():
             raise LayerfastError(f"convert: {p} exists and is not a file")
+    held = _held_split(to)
+    if split in ("test", "train") and held is not None and held[0] != split:
+        raise LayerfastError(
+            f"convert: {to} holds the {held[0]} split of {held[1]!r} (its sidecar says so); "
+            f"writing the {split} split there would replace it: remove it first, or choose "
+            "another --to")
     parent = to.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise LayerfastError(f"convert: {parent} is not a directory, so {to} cannot be written")
+
+
+def _held_split(to: Path) -> tuple[str, Any] | None:
+    """(split, source) that an existing `to`'s sidecar records; None where there is no such
+    pair, or the sidecar cannot be read (reading the beton says what is wrong with it)."""
+    side = sidecar_path(to)
+    if not (to.is_file() and side.is_file()):
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    held = meta.get("split") if isinstance(meta, dict) else None
+    return (held, meta.get("source")) if held in ("test", "train") else None
 
 
 class _Staged:
@@ -382,7 +407,7 @@ def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
 
     from layerfast.data.ffcv_writer import SafeDatasetWriter
 
-    check_target(to)
+    check_target(to, split)
     tmp: list[str] = []
     created: list[Path] = []  # the folders this call made, deepest last
     done = False

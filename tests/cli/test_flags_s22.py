@@ -94,3 +94,26 @@ def test_a_finite_interval_and_an_explicit_infinite_argument_say_nothing(monkeyp
     monkeypatch.setenv("LAYERFAST_CHECKPOINT_EVERY", "30")
     assert _checkpoint_every(None) == 30.0 and _checkpoint_every(math.inf) == math.inf
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.ffcv
+def test_convert_refuses_to_replace_a_beton_of_the_other_split(tmp_path, capsys):
+    """`convert digits --split train --to d.beton` replaced the test split's d.beton (its
+    sidecar records the split) without a word; now exit 2, one line, the old files intact.
+    The same split again still re-converts."""
+    from layerfast.data import convert
+    from tests.data.test_data_ffcv import require_ffcv
+
+    require_ffcv()
+    to = tmp_path / "d.beton"
+    assert main(["convert", "digits", "--to", str(to)]) == 0
+    before = to.read_bytes(), (tmp_path / "d.beton.json").read_text()
+    capsys.readouterr()
+    assert main(["convert", "digits", "--split", "train", "--to", str(to)]) == 2
+    err = capsys.readouterr().err
+    assert "holds the test split of 'digits'" in err and "remove it first" in err
+    assert err.count("\n") == 1
+    assert (to.read_bytes(), (tmp_path / "d.beton.json").read_text()) == before
+    assert main(["convert", "digits", "--split", "test", "--to", str(to)]) == 0
+    with pytest.raises(LayerfastError, match="holds the test split"):
+        convert("digits", to, split="train")
