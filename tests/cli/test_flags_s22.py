@@ -117,3 +117,72 @@ def test_convert_refuses_to_replace_a_beton_of_the_other_split(tmp_path, capsys)
     assert main(["convert", "digits", "--split", "test", "--to", str(to)]) == 0
     with pytest.raises(LayerfastError, match="holds the test split"):
         convert("digits", to, split="train")
+
+
+def _digits_npz(path):
+    """The digits test split as an npz (same shape and classes as `digits`, other scaling)."""
+    import numpy as np
+
+    from layerfast.data import open_data
+
+    xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in open_data("digits").batches(1000)),
+                 strict=True)
+    np.savez(path, x=np.concatenate(xs), y=np.concatenate(ys))
+    return path
+
+
+def _data_warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "which the checkpoints were trained on" in line]
+
+
+def test_data_other_than_the_manifests_is_warned_naming_both(ckpts, tmp_path, capsys):
+    """`--data other.npz` on checkpoints whose manifest.json names `digits` (shapes that fit)
+    ran without a word; now one warning on stderr (and in run.json) names both."""
+    import json
+
+    npz = _digits_npz(tmp_path / "other.npz")
+    capsys.readouterr()
+    rc = main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ckpts), "--data", str(npz),
+               "--reset", "reinit", "--checkpoints", "0", "--out", str(tmp_path / "o"),
+               "--quiet", "--device", "cpu"])
+    said = _data_warnings(capsys.readouterr().err)
+    assert rc == 0 and len(said) == 1
+    assert str(npz) in said[0] and "'digits'" in said[0] and "manifest.json" in said[0]
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert sum("which the checkpoints were trained on" in w for w in run["warnings"]) == 1
+
+
+@pytest.mark.parametrize("how", ["same spec", "relative path", "no --data"])
+def test_the_manifests_own_data_says_nothing(ckpts, tmp_path, how, monkeypatch, capsys):
+    import json
+    import shutil
+
+    ck = ckpts
+    data: list[str] = ["--data", "digits"] if how == "same spec" else []
+    if how == "relative path":  # the manifest names x.npz beside it; --data spells it otherwise
+        ck = tmp_path / "ck"
+        shutil.copytree(ckpts, ck)
+        _digits_npz(ck / "x.npz")
+        man = json.loads((ck / "manifest.json").read_text())
+        (ck / "manifest.json").write_text(json.dumps({**man, "data": "x.npz"}))
+        monkeypatch.chdir(tmp_path)
+        data = ["--data", "ck/../ck/x.npz"]
+    capsys.readouterr()
+    assert main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ck), *data, "--reset",
+                 "reinit", "--checkpoints", "0", "--out", str(tmp_path / "o"), "--quiet",
+                 "--device", "cpu"]) == 0
+    assert _data_warnings(capsys.readouterr().err) == []
+
+
+@pytest.mark.ffcv
+def test_a_beton_converted_from_the_manifests_data_says_nothing(ckpts, tmp_path, capsys):
+    from layerfast.data import convert
+    from tests.data.test_data_ffcv import require_ffcv
+
+    require_ffcv()
+    to = convert("digits", tmp_path / "d.beton")
+    capsys.readouterr()
+    res = layerfast.analyze("fcn3x256", ckpts, data=str(to), reset="reinit", checkpoints="0",
+                            out=tmp_path / "o", progress=False, device="cpu", figures=False)
+    assert _data_warnings(capsys.readouterr().err) == []
+    assert not any("trained on" in w for w in res.run.get("warnings", []))
