@@ -17,9 +17,10 @@ Rules:
 3. Resolution against a reference (`CheckpointDir.validate`): the first of these key maps that
    matches the reference's key set exactly is used: the normalised keys; the raw keys (for a
    model whose own root really is called `module`); the normalised keys with a first component
-   that *every* key shares stripped (Lightning's `model.`); the keys under the one first
-   component whose subtree alone matches (a LightningModule that also owns, say, a loss module
-   with parameters; two matching subtrees, e.g. teacher and student, is an error, and so is a
+   that *every* key shares stripped (Lightning's `model.`); the keys under the one prefix, of
+   any depth, whose subtree alone matches (a LightningModule that also owns, say, a loss module
+   with parameters, its model at `model.` or one attribute deeper at `backbone.net.`; two
+   matching subtrees, e.g. teacher and student, is an error, and so is a
    matching subtree next to a full copy of the model's keys at the top level, e.g. a state
    dict with an `ema.` copy added). "Matches"
    tolerates missing `num_batches_tracked` buffers. Without an exact match, the candidate with
@@ -149,6 +150,34 @@ def fill_tied(keymap: dict[str, str], ties: Mapping[str, Sequence[str]]) -> dict
     return keymap
 
 
+def _matching_subtrees(
+    base: Mapping[str, str], reference: set[str], ties: Mapping[str, Sequence[str]]
+) -> list[tuple[str, dict[str, str]]]:
+    """Every prefix, of any depth, whose subtree alone matches `reference` (rule 3), sorted by
+    prefix, one entry per distinct key map (the shortest prefix names it: `ema.` and
+    `ema.module.`, normalised within the subtree, are one). Any depth: a LightningModule's
+    `self.backbone = Wrapper(net)` beside a loss with parameters saves `backbone.net.*` and
+    `loss.*`, which no first component matched. Only prefixes some key splits into (prefix,
+    a reference key or a `module.` one) can match; the keys are grouped under them in one
+    pass, so the search stays linear in the keys."""
+    splits = [(k, k.split(".")) for k in base]
+    prefixes = {".".join(parts[:i]) for _, parts in splits for i in range(1, len(parts))
+                if parts[i] == "module" or ".".join(parts[i:]) in reference}  # fmt: skip
+    under: dict[str, list[str]] = {p: [] for p in prefixes}
+    for k, parts in splits:
+        for i in range(1, len(parts)):
+            group = under.get(".".join(parts[:i]))
+            if group is not None:
+                group.append(k)
+    hits: list[tuple[str, dict[str, str]]] = []
+    for p in sorted(prefixes, key=lambda q: (q.count("."), q)):
+        stripped = normalise(k[len(p) + 1 :] for k in under[p])
+        cand = {new: base[f"{p}.{tail}"] for new, tail in stripped.items()}
+        if cand and _matches(cand, reference, ties) and all(cand != c for _, c in hits):
+            hits.append((p, cand))
+    return sorted(hits, key=lambda h: h[0])
+
+
 def resolve(
     raw_keys: Iterable[str],
     reference: set[str],
@@ -173,16 +202,10 @@ def resolve(
         (p,) = firsts
         stripped = normalise(k[len(p) + 1 :] for k in base)
         candidates.append({new: base[f"{p}.{tail}"] for new, tail in stripped.items()})
-    elif len(firsts) > 1:
-        subtree_hits: list[tuple[str, dict[str, str]]] = []
-        for p in sorted(firsts):
-            sub = [k for k in base if k.startswith(p + ".")]
-            if not sub:
-                continue
-            stripped = normalise(k[len(p) + 1 :] for k in sub)
-            cand = {new: base[f"{p}.{tail}"] for new, tail in stripped.items()}
-            if cand and _matches(cand, reference, ties):
-                subtree_hits.append((p, cand))
+    # a shared first part (`model.`) that leaves more than the model (`model.backbone.net.*`
+    # beside `model.loss.*`) is searched deeper like several first parts are
+    if len(firsts) > 1 or not _matches(candidates[-1], reference, ties):
+        subtree_hits = _matching_subtrees(base, reference, ties)
         if len(subtree_hits) > 1 or (subtree_hits and top_matches):
             names = ", ".join(
                 ["the top level"] * top_matches + [repr(p + ".") for p, _ in subtree_hits]
