@@ -15,6 +15,7 @@ user metadata, so normalisation and the class count go to a sidecar `PATH.beton.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -55,6 +56,38 @@ def _restore_threads(threads: int) -> None:
 
 def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
+
+
+#: The sidecar's `fingerprint` of its .beton: BLAKE2b over the size and the whole file up to
+#: 64 MiB, above that over 64 blocks of 64 KiB spread from the first byte to the last, so an
+#: open reads at most 64 MiB whatever the size. Whole below: FFCV pages are 2 MiB or more, and
+#: a small dataset's few KiB of pixels sit in one of them, between blocks a sample misses.
+_FINGERPRINT_NAME = "blake2b-v1"
+_FINGERPRINT_WHOLE = 64 << 20
+_FINGERPRINT_BLOCKS = 64
+_FINGERPRINT_BLOCK = 1 << 16
+
+
+def beton_fingerprint(path: str | os.PathLike[str]) -> str:
+    """A content fingerprint of a .beton, kept in its sidecar and checked on read. `convert`
+    moves the sidecar into place just before the .beton: killed between the two, a target
+    that held other data of the same n and byte size kept its old .beton beside the new
+    sidecar, whose mean/std and class count were then applied to the wrong data. n and size
+    cannot tell them apart; the pixels can, read whole or, in a large file (whose pages are
+    full of samples), sampled, so as not to read gigabytes per open."""
+    h = hashlib.blake2b(digest_size=16)
+    blocks, block = _FINGERPRINT_BLOCKS, _FINGERPRINT_BLOCK
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(size.to_bytes(8, "little"))
+        if size <= _FINGERPRINT_WHOLE:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        else:
+            for i in range(blocks):
+                f.seek((size - block) * i // (blocks - 1))
+                h.update(f.read(block))
+    return f"{_FINGERPRINT_NAME}:{h.hexdigest()}"
 
 
 def _open_reader(path: Path) -> Any:
@@ -194,6 +227,8 @@ def _check_sidecar(meta: Any, side: Path) -> None:
         v = meta[key]
         if v is not None and not (isinstance(v, list) and v and all(map(_finite_number, v))):
             raise bad(f"{key} must be null or a list of finite numbers, got {v!r}")
+    if "fingerprint" in meta and not isinstance(meta["fingerprint"], str):
+        raise bad(f"fingerprint must be a string, got {meta['fingerprint']!r}")
 
 
 def _read_sidecar(path: Path, n: int) -> dict[str, Any] | None:
@@ -205,7 +240,9 @@ def _read_sidecar(path: Path, n: int) -> dict[str, Any] | None:
     except (OSError, ValueError, RecursionError) as exc:
         raise LayerfastError(f"beton: cannot read {side}: {exc}") from None
     _check_sidecar(meta, side)
-    if meta.get("n") != n or meta.get("bytes") != path.stat().st_size:
+    # a sidecar from before session 22 has no fingerprint: n and size are all it can check
+    if (meta.get("n") != n or meta.get("bytes") != path.stat().st_size
+            or meta.get("fingerprint", None) not in (None, beton_fingerprint(path))):  # fmt: skip
         raise LayerfastError(
             f"beton: {side} describes a different file than {path}; re-run layerfast convert"
         )
@@ -449,6 +486,7 @@ def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
                 "n": source.n, "bytes": os.path.getsize(bpath), "num_classes": source.num_classes,
                 "shape": list(source.shape), "mean": source.mean, "std": source.std,
                 "scale": source.scale}  # fmt: skip
+        meta["fingerprint"] = beton_fingerprint(bpath)
         fd, spath = tempfile.mkstemp(prefix=f".{to.name}.", suffix=".json.tmp", dir=to.parent)
         with os.fdopen(fd, "w") as f:
             json.dump(meta, f, indent=1)
@@ -460,8 +498,11 @@ def convert(source: DataSource, spec: str, split: str, to: Path) -> Path:
         os.replace(spath, sidecar_path(to))
         try:
             os.replace(bpath, to)
-        except OSError:  # no sidecar without its .beton
-            os.unlink(sidecar_path(to))
+        except OSError:  # no sidecar without its .beton; beside an old .beton the new one
+            # stays, its fingerprint refusing the pair: removed, the old data read as a
+            # foreign beton, without its own sidecar's mean/std
+            if not to.exists():
+                os.unlink(sidecar_path(to))
             raise
         done = True
     except OSError as exc:  # a read-only or full disk: one line, nothing left behind
