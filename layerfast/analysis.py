@@ -142,25 +142,6 @@ def _data_spec(data: str | os.PathLike[str] | None,
     return absolute_spec(named, base=root), root / "manifest.json"
 
 
-def _data_key(spec: str, base: Path | None = None) -> tuple[str, ...]:
-    """What `spec` reads, for telling two spellings of one data set from two data sets: the
-    resolved file or directory (fashion-mnist's default one too), else the spec's name; a
-    .beton `convert` wrote stands for the data set its sidecar names (by name: its path was
-    the converting shell's)."""
-    from layerfast.data.beton import sidecar_path
-    from layerfast.data.spec import absolute_spec, data_paths
-
-    spec = absolute_spec(spec, base)
-    name = spec.partition(":")[0].lower()
-    if spec.lower().endswith(".beton"):
-        with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
-            source = json.loads(sidecar_path(Path(spec)).read_text()).get("source")
-            if isinstance(source, str) and source.strip():
-                return (source.strip().partition(":")[0].lower(),)
-    paths = data_paths(spec)
-    return (name, str(paths[0])) if paths else (spec.lower(),)
-
-
 def _other_data(data: str, ck: Any) -> str | None:
     """The data spec the checkpoints' manifest.json names where `--data` names other data,
     else None. A model whose input shape and head fit both was analysed on the other data
@@ -168,7 +149,9 @@ def _other_data(data: str, ck: Any) -> str | None:
     named = (ck.manifest or {}).get("data")
     if not isinstance(named, str) or not named.strip():
         return None
-    if _data_key(data) == _data_key(named, ck.path):
+    from layerfast.data.spec import data_key
+
+    if data_key(data) == data_key(named, ck.path):
         return None
     return named
 

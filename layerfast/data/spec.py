@@ -5,6 +5,8 @@ Spec modules are imported lazily: `digits` must not pay for FFCV/numba, nor `mni
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import reprlib
 from pathlib import Path
@@ -150,3 +152,21 @@ def open_data(spec: str, split: str = "test", max_samples: int | None = None) ->
             spec, "a bare directory; did you mean imagefolder:DIR, mnist:DIR or cifar10:DIR?"
         )
     raise _unknown(spec, f"no dataset named {name!r}")
+
+
+def data_key(spec: str, base: Path | None = None) -> tuple[str, ...]:
+    """What `spec` reads, for telling two spellings of one data set from two data sets: the
+    resolved file or directory (fashion-mnist's default one too), else the spec's name; a
+    .beton `convert` wrote stands for the data set its sidecar names (by name: its path was
+    the converting shell's)."""
+    from layerfast.data.beton import sidecar_path  # lazy, as open_spec imports it
+
+    spec = absolute_spec(spec, base)
+    name = spec.partition(":")[0].lower()
+    if spec.lower().endswith(".beton"):
+        with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
+            source = json.loads(sidecar_path(Path(spec)).read_text()).get("source")
+            if isinstance(source, str) and source.strip():
+                return (source.strip().partition(":")[0].lower(),)
+    paths = data_paths(spec)
+    return (name, str(paths[0])) if paths else (spec.lower(),)
