@@ -4,7 +4,8 @@ DataLoader, fp32, and read each batch's counts back to the host with `.item()`."
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +13,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerfast.ops import ranks_above
+
+
+@contextlib.contextmanager
+def _given_back(model: nn.Module) -> Iterator[None]:
+    """On exit, returned or raised, `model` as it came: each parameter and buffer its own
+    tensor object with its own data (so on its own device: `model.to(device)` had left a
+    notebook's CPU model on the GPU), each gradient, and each module's own training flag (a
+    train-mode model may hold frozen eval-mode BNs, which `model.train(True)` unfroze).
+
+    The parameter objects themselves are put back too: `Module.to` swaps a parameter's data
+    where it can (CPU -> CUDA) but replaces the parameter where it cannot (-> meta), and an
+    optimizer holds the caller's objects.
+
+    Not `borrow.borrowed`: that also turns in-place activations off and runs under inference
+    mode, the engine's conditions; this loop is the reference the engine is checked against,
+    and runs the model as a public reproduction does."""
+    modes = [(m, m.training) for m in model.modules()]
+    params = [(m, k, p, p.data, p.grad) for m in model.modules()
+              for k, p in m._parameters.items() if p is not None]
+    buffers = [(m, k, b) for m in model.modules() for k, b in m._buffers.items() if b is not None]
+    try:
+        for _, _, p, _, _ in params:  # `Module.to` would move the grads too, which then could
+            p.grad = None             # not be put back beside the parameter's own CPU data
+        yield
+    finally:
+        for m, k, p, data, grad in params:
+            m._parameters[k] = p
+            p.data, p.grad = data, grad
+        for m, k, b in buffers:
+            m._buffers[k] = b
+        for m, mode in modes:
+            m.training = mode
 
 
 def naive_evaluate(
@@ -27,9 +60,19 @@ def naive_evaluate(
     correct@5 counts a sample when its label is among the first 5 classes of a stable
     descending sort (`ops.ranks_above`: ties and NaNs ordered as argmax orders them); below 5
     classes it counts correct@1, as `ops.score_` does.
+
+    The model runs on `device` in eval mode and comes back as it came (`_given_back`), also
+    when the pass raises: on its own device, each module in its own mode, each variant's keys
+    at their own values.
     """
     device = torch.device(device)
-    was_training = model.training
+    with _given_back(model):
+        return _evaluate(model, variants, batches, device)
+
+
+def _evaluate(model: nn.Module, variants: Sequence[Any],
+              batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+              device: torch.device) -> torch.Tensor:
     model.eval().to(device)
     state = {k: v for k, v in model.state_dict(keep_vars=False).items()}
     ref: list[torch.Tensor] = []
@@ -42,18 +85,19 @@ def naive_evaluate(
         for i, v in enumerate(variants):
             ov = v if isinstance(v, dict) else v.overrides()
             saved = {k: state[k].clone() for k in ov}
-            model.load_state_dict(ov, strict=False)
-            for j, (x, y) in enumerate(batches()):
-                x, y = x.to(device, copy=True), y.to(device)
-                logits = model(x).float()
-                pred = logits.argmax(1)
-                out[i, 0] += (pred == y).sum().item()
-                label_logit = logits.gather(1, y[:, None])
-                above = ranks_above(logits, label_logit.squeeze(1), y)
-                top5 = above.sum(1) < 5 if logits.shape[1] >= 5 else pred == y
-                out[i, 1] += top5.sum().item()
-                out[i, 2] += F.cross_entropy(logits, y, reduction="sum").double().item()
-                out[i, 3] += (pred.cpu() == ref[j]).sum().item()
-            model.load_state_dict(saved, strict=False)
-    model.train(was_training)
+            try:  # on the CPU the variant is loaded into the caller's own tensors
+                model.load_state_dict(ov, strict=False)
+                for j, (x, y) in enumerate(batches()):
+                    x, y = x.to(device, copy=True), y.to(device)
+                    logits = model(x).float()
+                    pred = logits.argmax(1)
+                    out[i, 0] += (pred == y).sum().item()
+                    label_logit = logits.gather(1, y[:, None])
+                    above = ranks_above(logits, label_logit.squeeze(1), y)
+                    top5 = above.sum(1) < 5 if logits.shape[1] >= 5 else pred == y
+                    out[i, 1] += top5.sum().item()
+                    out[i, 2] += F.cross_entropy(logits, y, reduction="sum").double().item()
+                    out[i, 3] += (pred.cpu() == ref[j]).sum().item()
+            finally:
+                model.load_state_dict(saved, strict=False)
     return out
