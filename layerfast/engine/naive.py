@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerfast.engine.overrides import prefix_hint
+from layerfast.errors import LayerfastError
 from layerfast.ops import ranks_above
 
 
@@ -84,6 +86,10 @@ def _evaluate(model: nn.Module, variants: Sequence[Any],
         out = torch.zeros(len(variants), 4, dtype=torch.float64)
         for i, v in enumerate(variants):
             ov = v if isinstance(v, dict) else v.overrides()
+            unknown = [k for k in ov if k not in state]
+            if unknown:  # refused as `Evaluator` refuses them (was a bare KeyError)
+                raise LayerfastError(f"variant {i} does not fit the model: unknown keys "
+                                     f"{unknown[:10]}{prefix_hint(unknown, state)}")
             saved = {k: state[k].clone() for k in ov}
             try:  # on the CPU the variant is loaded into the caller's own tensors
                 model.load_state_dict(ov, strict=False)

@@ -8,7 +8,7 @@ or anything a Python user builds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,6 +63,22 @@ def canonical(
     return out
 
 
+def prefix_hint(unknown: Sequence[str], live: Container[str]) -> str:
+    """What to do about `unknown` keys that are the model's own but for DataParallel's or
+    DDP's `module.` prefix (empty when they are not): a wrapped model's state dict has
+    it, the checkpoint loader strips it (`checkpoints.keymap`), a variant given as a mapping is
+    taken as it is. Not stripped here: a model may own a submodule called `module`, so the
+    prefix is not always a wrapper's; the refusal names the fix instead."""
+    if not unknown:
+        return ""
+    if all(k.startswith("module.") and k.removeprefix("module.") in live for k in unknown):
+        return " (a DataParallel/DDP state dict's keys: strip their leading 'module.')"
+    if all(f"module.{k}" in live for k in unknown):
+        return (" (the model is wrapped in DataParallel/DDP and its keys start with 'module.': "
+                "pass model.module)")
+    return ""
+
+
 def check_fits(ov: Mapping[str, Any], live: Mapping[str, torch.Tensor], name: str,
                i: int) -> None:
     """Variant `i` (`name` in messages), its overrides `ov` under canonical keys, fits the
@@ -86,7 +102,7 @@ def check_fits(ov: Mapping[str, Any], live: Mapping[str, torch.Tensor], name: st
     sparse = [f"{k}: {str(t.layout).removeprefix('torch.')}" for k, t in ov.items()
               if t.layout is not torch.strided]
     if bad or shapes or dtypes or meta or sparse:
-        what = [f"unknown keys {bad[:10]}"] if bad else []
+        what = [f"unknown keys {bad[:10]}{prefix_hint(bad, live)}"] if bad else []
         what += [f"shape mismatches {shapes[:10]}"] if shapes else []
         what += [f"dtype mismatches {dtypes[:10]}"] if dtypes else []
         what += [f"meta tensors, which hold no values, for {meta[:10]}"] if meta else []
