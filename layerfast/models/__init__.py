@@ -23,6 +23,7 @@ children).
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -126,11 +127,13 @@ ARCHS: dict[str, ArchSpec] = _register()
 
 
 def _user_spec(spec: str, factory: Callable[..., Any] | None = None) -> ArchSpec:
+    where = None  # a factory given as an object: its module is the caller's business
     if factory is None:
-        factory = _user.load_factory(spec)  # import errors surface here, before any data is read
+        where = os.getcwd()  # importable again while the factory is called (`user.importable`)
+        factory = _user.load_factory(spec, where)  # import errors surface here, before any data
 
     def build(num_classes: int, in_shape: tuple[int, int, int]) -> nn.Module:
-        return _user.build_user_model(spec, factory, num_classes, in_shape)
+        return _user.build_user_model(spec, factory, num_classes, in_shape, where)
 
     return ArchSpec(spec, _checked(spec, build), None, None, None, factory)
 

@@ -1,7 +1,10 @@
 """User architectures: `--arch package.module:factory`.
 
 The module is imported with the current directory importable (it is put first on `sys.path`
-when missing, as `python -m` would), so `--arch mynet:build` finds `./mynet.py`. `factory` may
+when missing, as `python -m` would), so `--arch mynet:build` finds `./mynet.py`; so is each call
+of the factory (which may import a sibling module when called). The entry is removed again
+afterwards: `analyze(arch="mynet:build")` in a notebook left the directory on its `sys.path`,
+where it shadowed installed packages for every later import. `factory` may
 be a dotted attribute path (`mynet:Net.small`). It is called with the keywords `num_classes=`
 and `in_shape=` that its signature accepts (a `**kwargs` accepts both), else with no arguments,
 and must return an `nn.Module`. A `**kwargs` factory whose callee rejects one of them ("unexpected
@@ -19,11 +22,12 @@ Python caller still sees the line of their code that failed; the CLI prints the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
@@ -42,16 +46,31 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
 
 
-def load_factory(spec: str) -> Callable[..., Any]:
-    """Import `pkg.mod` and return the callable `factory` named by `spec`."""
+@contextlib.contextmanager
+def importable(where: str | None) -> Iterator[None]:
+    """`where` first on `sys.path` for the block when it is not on it (None: nothing), and
+    removed again afterwards, whatever the block did: the caller's import path as it was."""
+    added = where is not None and where not in sys.path
+    if added:
+        sys.path.insert(0, where)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):  # the block took it off itself
+                sys.path.remove(where)
+
+
+def load_factory(spec: str, where: str | None = None) -> Callable[..., Any]:
+    """Import `pkg.mod` with the directory `where` (default: the current one) importable, and
+    return the callable `factory` named by `spec`."""
     if not is_user_spec(spec):
         raise LayerfastError(f"arch {spec!r}: expected 'package.module:factory'")
     mod_name, _, attr_path = (s.strip() for s in spec.partition(":"))
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    cwd = os.getcwd() if where is None else where
     try:
-        obj: Any = importlib.import_module(mod_name)
+        with importable(cwd):
+            obj: Any = importlib.import_module(mod_name)
     except ModuleNotFoundError as err:
         raise LayerfastError(
             f"arch {spec!r}: cannot import module {mod_name!r} ({_describe(err)}); "
@@ -107,15 +126,19 @@ def _rejected_keyword(err: BaseException, kwargs: dict[str, Any]) -> str | None:
 
 
 def build_user_model(
-    spec: str, factory: Callable[..., Any], num_classes: int, in_shape: tuple[int, int, int]
+    spec: str, factory: Callable[..., Any], num_classes: int, in_shape: tuple[int, int, int],
+    where: str | None = None,
 ) -> nn.Module:
-    """Call `factory` with the keywords it accepts; check that it returned an nn.Module."""
+    """Call `factory` with the keywords it accepts, with the directory its module was imported
+    from (`where`; None for a factory given as an object) importable during the call; check
+    that it returned an nn.Module."""
     offered = {"num_classes": num_classes, "in_shape": tuple(in_shape)}
     kwargs = {k: v for k, v in offered.items() if k in _accepted_kwargs(factory)}
     named = _named_kwargs(factory)
     while True:
         try:
-            model = factory(**kwargs)
+            with importable(where):
+                model = factory(**kwargs)
             break
         except BaseException as err:  # noqa: BLE001 - user code: anything it raises is bad input
             if isinstance(err, KeyboardInterrupt):

@@ -436,11 +436,12 @@ def test_user_factory_errors(user_dir, spec: str, fragment: str) -> None:
     assert type(err.__cause__) is raised if raised else err.__cause__ is None
 
 
-def test_user_spec_puts_cwd_on_path(user_dir) -> None:
+def test_user_spec_imports_from_cwd_and_takes_it_off_the_path_again(user_dir) -> None:
     _write(
         user_dir, "lf_user_cwd", "from torch import nn\ndef make():\n    return nn.Linear(1, 1)\n"
     )
     cwd = os.getcwd()
     assert cwd not in sys.path
     get_arch("lf_user_cwd:make")
-    assert cwd in sys.path
+    assert "lf_user_cwd" in sys.modules  # imported from the cwd
+    assert cwd not in sys.path  # and the caller's import path as it was (session 22)
