@@ -33,6 +33,7 @@ from layerfast.errors import (
     collect_warnings,
     progress_bar,
     progress_stream,
+    quiet_warnings,
     refused_paths_are_input,
     say,
     warn,
@@ -527,7 +528,7 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
             fresh: bool = False, progress: bool = True, figures: bool = True,
             fanout: bool | str | None = None, checkpoint_every: float | None = None,
             layout: str = "auto", alphas: str | Iterable[float] | None = None,
-            sigma: float | str | Iterable[float] = 0.0) -> Analysis:
+            sigma: float | str | Iterable[float] = 0.0, quiet: bool = False) -> Analysis:
     """Reset every unit of the final model to each checkpoint τ and to fresh draws, evaluate all
     variants in one data pass, and write results.csv, distances.csv, run.json and the figures.
 
@@ -541,7 +542,9 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
     the same `out` with the same arguments (progress saved every `checkpoint_every` seconds,
     default $LAYERFAST_CHECKPOINT_EVERY or 5); refuses different arguments there unless
     `fresh`. Everything is validated before `out` is touched, so bad input leaves no files
-    in it.
+    in it. `quiet` (Python only): no `layerfast: warning:` lines on stderr, for a loop of many
+    analyses; the warnings are still in run.json (`.run["warnings"]`). `progress=False` hides
+    the bar.
 
     In memory (`layerfast.inputs`): `arch` may be a class or function returning an nn.Module
     (called as a `module:factory` is), `ckpts` a mapping {τ: state_dict} (which needs `data`),
@@ -561,7 +564,7 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
 
     t0 = time.perf_counter()
     fresh, progress = flag(fresh, "fresh"), flag(progress, "progress")
-    figures = flag(figures, "figures")
+    figures, quiet = flag(figures, "figures"), flag(quiet, "quiet")
     f = parse_flags(reset, alphas, sigma, seeds, threshold, batch_size, max_samples, final,
                     checkpoints, units)
     resets, interp, seed_list, seeded = f.resets, f.interp, f.seed_list, f.seeded
@@ -577,8 +580,8 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
     data, named_by = _data_spec(data, ckpts)
 
     # Every `warn` from here on is also kept in run.json ("warnings"): stderr is gone when a
-    # job's log is, and a warning is part of judging the run.
-    with collect_warnings() as warned:
+    # job's log is, and a warning is part of judging the run. So `quiet` loses none of them.
+    with collect_warnings() as warned, quiet_warnings(quiet):
         every = _checkpoint_every(checkpoint_every)  # an infinite interval warns
         if not seeded and seed_list != [1]:  # 1 is the default: said only if asked
             warn(f"--seeds {','.join(map(str, seed_list))} has no effect: only rerandom (and "

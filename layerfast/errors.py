@@ -102,6 +102,8 @@ def progress_bar(enabled: bool = True, auto: bool = False, **kwargs: Any) -> Any
 _COLLECTORS: list[list[str]] = []
 #: The messages said inside each open `warnings_once` block.
 _ONCE: list[set[str]] = []
+#: How many `quiet_warnings` blocks are open: inside one, `warn` keeps but does not print.
+_QUIET: list[bool] = []
 
 
 def warn(message: str) -> None:
@@ -111,14 +113,29 @@ def warn(message: str) -> None:
     `-W ignore`, while a warning here is about the user's input (θ⁰ not drawn from the init
     rule, a chance-level baseline) and must reach them every run. Why also collect it: stderr
     is gone when a cluster job's log rotates; run.json is what is read later to judge a run.
+    Silenced only when asked for by name (`quiet_warnings`, `analyze(quiet=True)`).
     """
     if any(message in said for said in _ONCE):
         return
     for said in _ONCE:
         said.add(message)
-    say(f"layerfast: warning: {message}")
+    if not any(_QUIET):
+        say(f"layerfast: warning: {message}")
     for sink in _COLLECTORS:
         sink.append(message)
+
+
+@contextmanager
+def quiet_warnings(quiet: bool = True) -> Iterator[None]:
+    """Inside the block (when `quiet`), `warn` prints nothing; its messages are still kept
+    (run.json's and a training manifest's `warnings`). For a study that runs hundreds of
+    analyses in a loop: stderr was the only place the same lines could not be turned off,
+    since they do not go through Python's `warnings` filters (see `warn`)."""
+    _QUIET.append(bool(quiet))
+    try:
+        yield
+    finally:
+        _QUIET.pop()
 
 
 @contextmanager
