@@ -93,7 +93,8 @@ def checkpoint_schedule(epochs: int,
     0,1,2,3,4,9,10; 20 -> 0,1,2,3,8,18,20; 5 -> 0,1,2,3,5; 200 -> 0,1,2,3,16,80,180,200.
     An explicit list is used as given (each τ in 0..epochs), plus 0 and `epochs`: τ=0 is the
     re-initialization target and the final model is what training produced. A string is the
-    CLI's form, `"0,1,10"`, so `train(checkpoints=...)` takes what `--checkpoints` takes.
+    CLI's form, `"0,1,10"`, so `train(checkpoints=...)` takes what `--checkpoints` takes; an
+    int is one epoch, as `"5"` is (and as `analyze(checkpoints=5)` reads one label).
     """
     if not is_int(epochs) or epochs < 1:
         raise LayerfastError(f"epochs must be a positive integer, got {epochs!r}")
@@ -107,6 +108,8 @@ def checkpoint_schedule(epochs: int,
     else:
         if isinstance(checkpoints, str):
             checkpoints = int_list(checkpoints, "checkpoints")
+        elif is_int(checkpoints):  # refused as "not a list", where "5" and analyze took it
+            checkpoints = [checkpoints]
         if isinstance(checkpoints, bytes) or not isinstance(checkpoints, Iterable):
             raise LayerfastError(
                 f"checkpoints must be a list of epochs such as [0, 1, 10], got {checkpoints!r}"
