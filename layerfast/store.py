@@ -316,7 +316,9 @@ def find_unfinished(parent: Path, prefix: str, fingerprint: dict) -> Path | None
         # one SIGKILLed) the committed frames may be only in it, read by a normal reader.
         mode = "ro" if db.with_name(db.name + "-wal").exists() else "ro&immutable=1"
         try:
-            con = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, timeout=5)
+            # as_uri percent-encodes the path: a `?`, `#` or `%xx` in it cut the URI short or
+            # was decoded, the open failed, and a rerun started over instead of resuming
+            con = sqlite3.connect(f"{db.absolute().as_uri()}?mode={mode}", uri=True, timeout=5)
             try:
                 meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
                 row = con.execute("SELECT complete FROM state WHERE id = 0").fetchone()
