@@ -315,7 +315,7 @@ def parser() -> argparse.ArgumentParser:
         help="as for analyze: fcn3x256, vgg11_cifar, resnet20, ... or pkg.module:factory",
     )
     t.add_argument("--data", required=True, help="data spec, as for analyze (digits, ...)")
-    t.add_argument("--epochs", type=int, required=True, help="epochs to train (the paper: 100)")
+    t.add_argument("--epochs", type=int, required=True, help="epochs to train (the paper: 100; at most 1,000,000)")
     t.add_argument(
         "--checkpoints", type=_int_list, default=None, action=_Once,
         help="epochs to save, e.g. 0,1,10; 0 and --epochs are always saved (default: the "

@@ -617,7 +617,7 @@ def train(
                        else f"test loss {res['test_loss']}: its outputs overflow")  # fmt: skip
                 if not epoch:
                     raise LayerfastError(f"the initial model of {arch} is not finite ({why})")
-                raise LayerfastError(f"training diverged at epoch {epoch} ({why}); lower lr={lr}")
+                raise LayerfastError(f"training diverged at epoch {epoch} ({why}); lower lr={lr:g}")
             if not entries:
                 pending.append(out / name)
             with _writing(out, name):
@@ -659,7 +659,7 @@ def train(
                 train_loss = float(loss_sum.item()) / seen
                 if not math.isfinite(train_loss):
                     raise LayerfastError(
-                        f"training diverged at epoch {epoch + 1} (loss {train_loss}); lower lr={lr}"
+                        f"training diverged at epoch {epoch + 1} (loss {train_loss}); lower lr={lr:g}"
                     )
                 post["loss"] = f"{train_loss:.4f}"
                 bar.set_postfix(post, refresh=False)
