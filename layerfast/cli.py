@@ -582,13 +582,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = previous_int = None
     _SIGNALLED = None
     try:
-        # inside the try: `--seeds` imports layerfast.analysis (pandas, ...) while argparse
-        # runs, and a Ctrl-C there printed a KeyboardInterrupt traceback
-        args = parser().parse_args(argv)
+        # Before the parser: building it imports the engine (numpy, ...), and a Ctrl-C inside
+        # numpy's lazy `import numpy.dtypes` left numpy half-imported, so what came out was a
+        # RecursionError traceback, exit 1 (the handler's `_SIGNALLED` tells it apart below).
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _terminated)
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not SIG_IGN
                 previous_int = signal.signal(signal.SIGINT, _interrupted)
+        # inside the try: `--seeds` imports layerfast.analysis (pandas, ...) while argparse
+        # runs, and a Ctrl-C there printed a KeyboardInterrupt traceback
+        args = parser().parse_args(argv)
         INVOKED = raw
         if args.command in COMPUTES:
             from layerfast.hostmem import steady_malloc
@@ -605,10 +608,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("layerfast: interrupted")
         return 130
     except OSError as exc:  # stdout gone or full, a full disk, a path refused (EACCES, ...)
+        if _SIGNALLED is not None:
+            return _signalled()
         status = output_failed(exc)
         if status is None:
             raise
         return status
+    except Exception:
+        # a signal's KeyboardInterrupt/SystemExit raised inside code that then failed another
+        # way (a half-done import): the signal is what happened, not a bug to show
+        if _SIGNALLED is not None:
+            return _signalled()
+        raise
     finally:
         INVOKED = None
         if previous is not None:
