@@ -22,17 +22,43 @@ def _is_the_command() -> bool:
     return _os.path.basename(_sys.argv[0] if _sys.argv else "") == "layerfast"
 
 
-try:
-    from layerfast import _ext  # noqa: F401  (fails with a clear message if the extension is missing)
-except KeyboardInterrupt:
-    # Most of a command's ~3 s start is importing torch, before `cli.main` installs its
-    # handler: a Ctrl-C there printed a 30-line KeyboardInterrupt traceback. The command says
-    # what it says for a Ctrl-C anywhere else; a program importing layerfast gets the
-    # KeyboardInterrupt as usual.
-    if _is_the_command():
-        _sys.stderr.write("layerfast: interrupted\n")
-        raise SystemExit(130) from None
-    raise
+def _import_ext() -> None:
+    """Import the extension (and torch with it: most of a command's ~3 s start, before
+    `cli.main` installs its handler). A Ctrl-C there printed a 30-line KeyboardInterrupt
+    traceback; the command says what it says for a Ctrl-C anywhere else, while a program
+    importing layerfast gets the KeyboardInterrupt as usual. For the command a SIGINT handler
+    remembers the signal during the import: a KeyboardInterrupt inside a library's import can
+    come out as another error (numpy's lazy `import numpy.dtypes` left half-done gave a
+    RecursionError), which is then the Ctrl-C too."""
+    import signal
+
+    seen: list[int] = []
+
+    def remember(signum: int, frame: object) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    command = _is_the_command()
+    ours = False
+    if command and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        try:
+            signal.signal(signal.SIGINT, remember)
+            ours = True
+        except ValueError:  # not the main thread: nothing to install
+            pass
+    try:
+        from layerfast import _ext  # noqa: F401  (a clear message if the extension is missing)
+    except BaseException as exc:
+        if command and (isinstance(exc, KeyboardInterrupt) or seen):
+            _sys.stderr.write("layerfast: interrupted\n")
+            raise SystemExit(130) from None
+        raise
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_import_ext()
 from layerfast.errors import LayerfastError  # noqa: E402
 
 __version__ = "0.1.0"
