@@ -150,9 +150,9 @@ def _other_data(data: str, ck: Any) -> str | None:
     named = (ck.manifest or {}).get("data")
     if not isinstance(named, str) or not named.strip():
         return None
-    from layerfast.data.spec import data_key
+    from layerfast.data.spec import same_data
 
-    if data_key(data) == data_key(named, ck.path):
+    if same_data(data, named, ck.path):
         return None
     return named
 

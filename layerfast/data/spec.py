@@ -154,19 +154,48 @@ def open_data(spec: str, split: str = "test", max_samples: int | None = None) ->
     raise _unknown(spec, f"no dataset named {name!r}")
 
 
+def _data_name(spec: str) -> str:
+    """The name a data set goes by whatever folder holds it: a `.beton`'s recorded source is
+    matched by it (`cifar10:DIR` -> `cifar10`, `x.npz` -> its file name, `digits` as it is)."""
+    spec = spec.strip()
+    name = spec.partition(":")[0].lower()
+    if spec.lower().endswith(".npz"):
+        return Path(spec).name.lower()
+    return name if name in ("mnist", "fashion-mnist", "cifar10", "imagefolder") else spec.lower()
+
+
+def _beton_source(spec: str) -> str | None:
+    """The source spec the sidecar of the .beton `spec` records, else None."""
+    from layerfast.data.beton import sidecar_path  # lazy, as open_spec imports it
+
+    if spec.lower().endswith(".beton"):
+        with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
+            source = json.loads(sidecar_path(Path(spec)).read_text()).get("source")
+            if isinstance(source, str) and source.strip():
+                return source.strip()
+    return None
+
+
 def data_key(spec: str, base: Path | None = None) -> tuple[str, ...]:
     """What `spec` reads, for telling two spellings of one data set from two data sets: the
     resolved file or directory (fashion-mnist's default one too), else the spec's name; a
     .beton `convert` wrote stands for the data set its sidecar names (by name: its path was
     the converting shell's)."""
-    from layerfast.data.beton import sidecar_path  # lazy, as open_spec imports it
-
     spec = absolute_spec(spec, base)
-    name = spec.partition(":")[0].lower()
-    if spec.lower().endswith(".beton"):
-        with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
-            source = json.loads(sidecar_path(Path(spec)).read_text()).get("source")
-            if isinstance(source, str) and source.strip():
-                return (source.strip().partition(":")[0].lower(),)
+    source = _beton_source(spec)
+    if source is not None:
+        return (_data_name(source),)
     paths = data_paths(spec)
-    return (name, str(paths[0])) if paths else (spec.lower(),)
+    return (spec.partition(":")[0].lower(), str(paths[0])) if paths else (spec.lower(),)
+
+
+def same_data(spec: str, other: str, base: Path | None = None) -> bool:
+    """Whether `spec` and `other` (a relative path in it taken from `base`) read the same data
+    (`data_key`). A converted .beton beside a spec is matched by the data set's name on both
+    sides: the .beton's key holds no path, so `cifar10:DIR` (or `x.npz`) against the .beton
+    converted from it read as other data and was warned about."""
+    a, b = absolute_spec(spec), absolute_spec(other, base)
+    sa, sb = _beton_source(a), _beton_source(b)
+    if (sa is None) != (sb is None):
+        return _data_name(sa or a) == _data_name(sb or b)
+    return data_key(a) == data_key(b)

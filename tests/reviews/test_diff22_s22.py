@@ -1,0 +1,40 @@
+"""Session 22's fresh-eyes review of its own change (449832c..f5b4bd4): one test per defect it
+introduced, each failing on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from layerfast.cli import main
+from tests.cli.test_flags_s22 import _data_warnings, _digits_npz
+from tests.data.test_data_ffcv import require_ffcv
+
+
+@pytest.mark.ffcv
+def test_a_beton_converted_from_the_manifests_npz_is_not_other_data(ckpts, tmp_path, capsys):
+    """9e57579: a .beton stands for the data its sidecar names, by name; the spec it was
+    converted from kept its path in its key, so the manifest's `x.npz` (or `cifar10:DIR`)
+    against the .beton converted from it was warned about as other data (docs/decisions.md:
+    'a .beton whose sidecar names it as its source' is not warned about)."""
+    from layerfast.data import convert
+
+    require_ffcv()
+    ck = tmp_path / "ck"
+    shutil.copytree(ckpts, ck)
+    npz = _digits_npz(ck / "x.npz")
+    man = json.loads((ck / "manifest.json").read_text())
+    (ck / "manifest.json").write_text(json.dumps({**man, "data": str(npz)}))
+    to = convert(str(npz), tmp_path / "x.beton")
+    capsys.readouterr()
+    assert main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ck), "--data", str(to),
+                 "--reset", "reinit", "--checkpoints", "0", "--out", str(tmp_path / "o"),
+                 "--quiet", "--device", "cpu"]) == 0
+    assert _data_warnings(capsys.readouterr().err) == []
+    other = convert(str(_digits_npz(tmp_path / "y.npz")), tmp_path / "y.beton")  # other data
+    assert main(["analyze", "--arch", "fcn3x256", "--ckpts", str(ck), "--data", str(other),
+                 "--reset", "reinit", "--checkpoints", "0", "--out", str(tmp_path / "o2"),
+                 "--quiet", "--device", "cpu"]) == 0
+    assert len(_data_warnings(capsys.readouterr().err)) == 1
