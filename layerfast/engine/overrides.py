@@ -8,7 +8,7 @@ or anything a Python user builds.
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,19 +63,24 @@ def canonical(
     return out
 
 
-def prefix_hint(unknown: Sequence[str], live: Container[str]) -> str:
+def prefix_hint(unknown: Sequence[str], live: Collection[str]) -> str:
     """What to do about `unknown` keys that are the model's own but for DataParallel's or
     DDP's `module.` prefix (empty when they are not): a wrapped model's state dict has
     it, the checkpoint loader strips it (`checkpoints.keymap`), a variant given as a mapping is
     taken as it is. Not stripped here: a model may own a submodule called `module`, so the
-    prefix is not always a wrapper's; the refusal names the fix instead."""
+    prefix is not always a wrapper's; the refusal names the fix instead. The model is called
+    wrapped only when every key of it starts with `module.`, as a wrapper's do: a model that
+    owns a submodule `module` beside others was told to pass `model.module`, that submodule
+    alone."""
     if not unknown:
         return ""
     if all(k.startswith("module.") and k.removeprefix("module.") in live for k in unknown):
         return " (a DataParallel/DDP state dict's keys: strip their leading 'module.')"
     if all(f"module.{k}" in live for k in unknown):
-        return (" (the model is wrapped in DataParallel/DDP and its keys start with 'module.': "
-                "pass model.module)")
+        if all(k.startswith("module.") for k in live):
+            return (" (the model is wrapped in DataParallel/DDP and its keys start with "
+                    "'module.': pass model.module)")
+        return " (the model's keys for them start with 'module.', its submodule's name)"
     return ""
 
 

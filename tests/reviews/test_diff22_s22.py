@@ -7,6 +7,8 @@ import json
 import shutil
 
 import pytest
+import torch
+from torch import nn
 
 from layerfast.cli import main
 from tests.cli.test_flags_s22 import _data_warnings, _digits_npz
@@ -38,3 +40,40 @@ def test_a_beton_converted_from_the_manifests_npz_is_not_other_data(ckpts, tmp_p
                  "--reset", "reinit", "--checkpoints", "0", "--out", str(tmp_path / "o2"),
                  "--quiet", "--device", "cpu"]) == 0
     assert len(_data_warnings(capsys.readouterr().err)) == 1
+
+
+class _OwnsModule(nn.Module):
+    """Not wrapped: it owns a submodule called `module` beside its head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.module(x))
+
+
+@pytest.mark.parametrize("how", ["Evaluator", "naive_evaluate"])
+def test_a_model_owning_a_submodule_called_module_is_not_called_wrapped(how):
+    """c3326c5: a variant key missing the `module.` of the model's own submodule `module` was
+    answered 'the model is wrapped in DataParallel/DDP ...: pass model.module', which would
+    evaluate that submodule alone; a wrapper's keys all start with `module.`, this model's
+    do not. A DataParallel model is still told to pass model.module."""
+    from layerfast.engine import Evaluator
+    from layerfast.engine.naive import naive_evaluate
+    from layerfast.errors import LayerfastError
+
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+
+    def refusal(model: nn.Module) -> str:
+        with pytest.raises(LayerfastError, match="unknown keys") as exc:
+            if how == "Evaluator":
+                Evaluator(model, [{"weight": torch.zeros(4, 4)}], device="cpu").run(batches)
+            else:
+                naive_evaluate(model, [{"weight": torch.zeros(4, 4)}], lambda: batches, "cpu")
+        return str(exc.value)
+
+    said = refusal(_OwnsModule())
+    assert "wrapped" not in said and "model.module" not in said and "'module.'" in said
+    assert "pass model.module" in refusal(nn.DataParallel(nn.Linear(4, 3)))
