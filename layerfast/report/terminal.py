@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from layerfast.report.tables import fit_labels, tau_of, unit_order
+from layerfast.report.tables import fit_labels, printable, tau_of, unit_order
 
 __all__ = ["summary_table"]
 
@@ -97,7 +97,7 @@ def _interp_lines(table: pd.DataFrame) -> list[str]:
                 sel = u[(u["checkpoint"] == tau).to_numpy() & (sig[u.index] == x).to_numpy()]
                 if not len(sel):
                     continue
-                row = [unit, str(tau), *([sig_names[x]] if len(sigmas) > 1 else [])]
+                row = [printable(unit), str(tau), *([sig_names[x]] if len(sigmas) > 1 else [])]
                 for j in shown:
                     if j < 0:
                         row.append("...")

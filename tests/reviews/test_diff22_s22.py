@@ -77,3 +77,20 @@ def test_a_model_owning_a_submodule_called_module_is_not_called_wrapped(how):
     said = refusal(_OwnsModule())
     assert "wrapped" not in said and "model.module" not in said and "'module.'" in said
     assert "pass model.module" in refusal(nn.DataParallel(nn.Linear(4, 3)))
+
+
+def test_the_interp_grid_shows_a_control_character_escaped(tmp_path):
+    """4314ca3 escaped control characters in the summary's main table, the figures and
+    --list-units, but the interp grid below the table printed the unit name raw: a ModuleDict
+    key "x\\ny" broke its row over two lines."""
+    from layerfast.analysis import analyze
+    from layerfast.report import summary
+    from layerfast.train import train
+    from tests.report.test_unit_names_shown_s22 import build
+
+    train(build, "digits", 1, tmp_path / "run", max_samples=40, progress=False, device="cpu")
+    analyze(build, tmp_path / "run", device="cpu", progress=False, figures=False,
+            out=tmp_path / "an", reset=["interp"], alphas="0.5")
+    text = summary(tmp_path / "an")
+    rows = [line.split()[0] for line in text.splitlines() if line.startswith("d.")]
+    assert rows == ["d.x\\ny", "d.t\\tab"]
