@@ -178,15 +178,21 @@ def _beton_source(spec: str) -> str | None:
 
 def data_key(spec: str, base: Path | None = None) -> tuple[str, ...]:
     """What `spec` reads, for telling two spellings of one data set from two data sets: the
-    resolved file or directory (fashion-mnist's default one too), else the spec's name; a
+    resolved file or directory (fashion-mnist's default one too; for `cifar10:DIR` the folder
+    of batches it reads, DIR or DIR/cifar-10-batches-py), else the spec's name; a
     .beton `convert` wrote stands for the data set its sidecar names (by name: its path was
     the converting shell's)."""
     spec = absolute_spec(spec, base)
     source = _beton_source(spec)
     if source is not None:
         return (_data_name(source),)
-    paths = data_paths(spec)
-    return (spec.partition(":")[0].lower(), str(paths[0])) if paths else (spec.lower(),)
+    name, paths = spec.partition(":")[0].lower(), data_paths(spec)
+    if name == "cifar10" and paths:  # DIR or the DIR/cifar-10-batches-py it reads: one folder
+        from layerfast.data.cifar import batch_dir
+
+        with contextlib.suppress(LayerfastError, OSError):
+            paths = [batch_dir(paths[0]).resolve()]
+    return (name, str(paths[0])) if paths else (spec.lower(),)
 
 
 def same_data(spec: str, other: str, base: Path | None = None) -> bool:

@@ -94,3 +94,22 @@ def test_the_interp_grid_shows_a_control_character_escaped(tmp_path):
     text = summary(tmp_path / "an")
     rows = [line.split()[0] for line in text.splitlines() if line.startswith("d.")]
     assert rows == ["d.x\\ny", "d.t\\tab"]
+
+
+def test_cifar10_named_by_its_batches_folder_is_not_other_data(tmp_path, capsys):
+    """9e57579: `cifar10:DIR` reads DIR/cifar-10-batches-py when DIR holds no batches itself
+    (the official tarball's folder, `cifar.batch_dir`), so `cifar10:DIR` and
+    `cifar10:DIR/cifar-10-batches-py` are the same data spelt otherwise; their paths differ,
+    and --data naming the one on checkpoints whose manifest names the other was warned about."""
+    from layerfast.train import train
+    from tests.data.test_data import make_cifar
+
+    make_cifar(tmp_path / "c" / "cifar-10-batches-py")
+    train("fcn3x256", f"cifar10:{tmp_path / 'c'}", 1, tmp_path / "ck", progress=False,
+          device="cpu")
+    capsys.readouterr()
+    for i, data in enumerate([tmp_path / "c" / "cifar-10-batches-py", tmp_path / "c"]):
+        assert main(["analyze", "--arch", "fcn3x256", "--ckpts", str(tmp_path / "ck"),
+                     "--data", f"cifar10:{data}", "--reset", "reinit", "--checkpoints", "0",
+                     "--out", str(tmp_path / f"o{i}"), "--quiet", "--device", "cpu"]) == 0
+        assert _data_warnings(capsys.readouterr().err) == []
