@@ -525,13 +525,6 @@ def train(
     out = Path(out)
     _check_out(out, overwrite)
     dev = resolve_device(device)
-    train_src = open_data(data, split="train", max_samples=max_samples)
-    test_src = open_data(data, split="test")
-    if test_src.num_classes != train_src.num_classes or test_src.shape != train_src.shape:
-        raise LayerfastError(
-            f"{data}: train and test splits disagree (classes {train_src.num_classes} vs "
-            f"{test_src.num_classes}, shape {train_src.shape} vs {test_src.shape})"
-        )
 
     # The caller's RNG state is restored afterwards: training reseeds, the caller should not see it.
     cuda_ids = []
@@ -540,6 +533,15 @@ def train(
     with contextlib.ExitStack() as stack:
         # every warning also goes into the manifest, read when the run is analysed months later
         warned = stack.enter_context(collect_warnings())
+        # opened inside the block: opening warns too (a .beton holding the other split), and
+        # that warning reached stderr only, never the manifest. No --split: neither names one.
+        train_src = open_data(data, split="train", max_samples=max_samples, split_flag=False)
+        test_src = open_data(data, split="test", split_flag=False)
+        if test_src.num_classes != train_src.num_classes or test_src.shape != train_src.shape:
+            raise LayerfastError(
+                f"{data}: train and test splits disagree (classes {train_src.num_classes} vs "
+                f"{test_src.num_classes}, shape {train_src.shape} vs {test_src.shape})"
+            )
         # Gradients on whatever the caller's mode: `train` called inside `torch.no_grad()` (or
         # `inference_mode`, where even the parameters would be built as inference tensors)
         # failed at its first `backward`, after epoch_000.pt and a manifest were written.

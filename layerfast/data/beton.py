@@ -249,7 +249,8 @@ def _read_sidecar(path: Path, n: int) -> dict[str, Any] | None:
     return meta
 
 
-def open_beton(path: Path, split: str, max_samples: int | None) -> DataSource:
+def open_beton(path: Path, split: str, max_samples: int | None, *,
+               split_flag: bool = True) -> DataSource:
     """Open a .beton (fields `image`, `label`). A beton holds one split, so `split` does not
     choose one; but where the sidecar says `convert` wrote the other split, that is said
     (a warning, kept in run.json): `analyze --data cifar-train.beton` measured the training
@@ -298,7 +299,7 @@ def open_beton(path: Path, split: str, max_samples: int | None) -> DataSource:
                              f"is {_TYPE_NAMES[itype]}")  # fmt: skip
     num_classes = int(labels.max()) + 1
     if side is not None:
-        _warn_other_split(path, side, split)
+        _warn_other_split(path, side, split, split_flag)
         scale, num_classes = float(side["scale"]), int(side["num_classes"])
         mean, std = side["mean"], side["std"]
         if labels.max() >= num_classes:
@@ -313,14 +314,16 @@ def open_beton(path: Path, split: str, max_samples: int | None) -> DataSource:
     )  # fmt: skip
 
 
-def _warn_other_split(path: Path, side: dict[str, Any], split: str) -> None:
+def _warn_other_split(path: Path, side: dict[str, Any], split: str, split_flag: bool) -> None:
     """Warn when the sidecar records that `path` holds the split other than `split` (a sidecar
-    from before the field, or another value, says nothing)."""
+    from before the field, or another value, says nothing). `split_flag`: the command has a
+    `--split` the warning may name; `train` and `bench` have none (they read the splits they
+    need), and the warning told their users that a flag they lack "cannot choose another"."""
     held = side.get("split")
     if held in ("test", "train") and held != split:
+        tail = ", --split cannot choose another" if split_flag else ""
         warn(f"{path} holds the {held} split of {side.get('source')!r} (its sidecar says so), "
-             f"used here as the {split} split: a beton holds one split, --split cannot "
-             "choose another")
+             f"used here as the {split} split: a beton holds one split{tail}")
 
 
 def check_target(to: Path, split: str | None = None) -> None:

@@ -106,9 +106,11 @@ def check_split(split: object) -> None:
         raise LayerfastError(f"split must be 'test' or 'train', got {split!r}")
 
 
-def open_data(spec: str, split: str = "test", max_samples: int | None = None) -> DataSource:
+def open_data(spec: str, split: str = "test", max_samples: int | None = None, *,
+              split_flag: bool = True) -> DataSource:
     """Open dataset `spec` (see VALID_SPECS and docs/data.md) for `split` ('test' or 'train'),
-    keeping only the first `max_samples` samples when given."""
+    keeping only the first `max_samples` samples when given. `split_flag=False` for a command
+    without `--split` (train, bench): a warning then names no such flag."""
     spec = spec_text(spec)
     check_split(split)
     check_max_samples(max_samples)
@@ -117,7 +119,7 @@ def open_data(spec: str, split: str = "test", max_samples: int | None = None) ->
     if low.endswith(".beton"):
         from layerfast.data.beton import open_beton
 
-        return open_beton(Path(spec).expanduser(), split, max_samples)
+        return open_beton(Path(spec).expanduser(), split, max_samples, split_flag=split_flag)
     if low.endswith(".npz"):
         from layerfast.data.npz import open_npz
 
