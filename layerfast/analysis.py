@@ -68,8 +68,8 @@ class Analysis:
 
     def plot(self, path: str | os.PathLike[str] | None = None, kind: str = "heatmap") -> Path:
         """Draw the paper-style heatmap (`kind="heatmap"`) or distance plot (`"distances"`) to
-        `path` (default: the out dir's heatmap.png / distances.png), in the format its suffix
-        names (`fig.pdf`, `fig.svg`; PNG without a suffix)."""
+        the file `path` (default: the out dir's heatmap.png / distances.png), in the format its
+        suffix names (`fig.pdf`, `fig.svg`; PNG without a suffix); a directory is refused."""
         from layerfast import report
 
         if path is None:

@@ -397,16 +397,24 @@ def _annotate(
                 color=colour)
 
 
-def _image_format(path: str | os.PathLike[str]) -> str:
+def _image_format(path: str | os.PathLike[str], name: str = "heatmap.png") -> str:
     """The format `path`'s suffix names, as matplotlib's `savefig` reads it; PNG without one.
 
     A fixed `format="png"` wrote PNG bytes into `res.plot("fig.pdf")`, which a PDF viewer or
     LaTeX then refuses. A suffix matplotlib cannot write is refused before anything is drawn
     (its own savefig raises for it too). So is a path that is no file name: `plot(5)` was a
-    TypeError from `Path(5)`, `plot("")` "cannot write .: Device or resource busy"."""
+    TypeError from `Path(5)`, `plot("")` "cannot write .: Device or resource busy"; and a
+    directory (`plot(Path(""))` and `plot(".")` failed so too, `plot("sub/")` wrote a file
+    named `sub`), which the message answers with `name`, the figure's usual file name."""
     if (not isinstance(path, str | os.PathLike) or isinstance(os.fspath(path), bytes)
             or not os.fspath(path).strip()):
         raise LayerfastError(f"a figure's path must be a file name (str or Path), got {path!r}")
+    text = os.fspath(path)
+    seps = tuple(s for s in (os.sep, os.altsep) if s)
+    if (text.endswith(seps) or Path(text).name in ("", ".", "..")
+            or os.path.isdir(text)):  # isdir: False, not an error, where it cannot look
+        raise LayerfastError(f"a figure's path must be a file name, got the directory {text!r}: "
+                             f"name the file, as {os.path.join(text, name)!r}")
     suffix = Path(path).suffix[1:].lower()
     if not suffix:
         return "png"
@@ -518,7 +526,7 @@ def _norm_for(grid: np.ndarray) -> tuple[Normalize, bool]:
 def distance_plot(distances_df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write `distance_figure(distances_df)` to `path` (atomically), in the format its suffix
     names (PNG without one); returns the path."""
-    _image_format(path)  # a suffix matplotlib cannot write is refused before the drawing
+    _image_format(path, "distances.png")  # a bad suffix is refused before the drawing
     return _save(distance_figure(distances_df), path)
 
 
