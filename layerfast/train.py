@@ -288,19 +288,32 @@ def _stop_recorded(out: Path, entries: list[dict], meta: dict[str, Any]) -> Iter
     """Record in manifest.json (`"stopped"`) why a run that wrote checkpoints stopped early
     (a divergence, bad data, a model that fails mid-run): its `complete: false` manifest said
     only "interrupted or diverged", with an empty `warnings` list, and the message on the
-    terminal was all there was. `analyze` of those checkpoints repeats the reason."""
+    terminal was all there was. `analyze` of those checkpoints repeats the reason. Any other
+    exception too (CUDA out of memory, a failing backward), as its type and first line: only a
+    LayerfastError was kept, and they left "interrupted or diverged". An interrupt (Ctrl-C, a
+    BaseException) is what that default says, and is left to it."""
     try:
         yield
-    except LayerfastError as exc:
+    except Exception as exc:
         # Only beside what the manifest on disk already lists: the error may be that the
         # last checkpoint's manifest write failed. Best effort: the run's own error is raised.
         with contextlib.suppress(Exception):
             listed = len((read_manifest(out) or {}).get("checkpoints") or ())
             if listed:
-                meta["stopped"] = str(exc)
+                meta["stopped"] = _stop_reason(exc)
                 with _writing(out, MANIFEST):
                     write_manifest(out, entries[:listed], **meta)
         raise
+
+
+def _stop_reason(exc: Exception) -> str:
+    """What `"stopped"` records: a LayerfastError's message as it is (written for the user);
+    any other exception as its type and the first line of its message (torch's CUDA
+    out-of-memory message runs on over several lines of allocator advice)."""
+    if isinstance(exc, LayerfastError):
+        return str(exc)
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
 
 
 def _warn_if_one_split(data: str, train_src: DataSource, test_src: DataSource) -> None:
