@@ -9,16 +9,21 @@ from __future__ import annotations
 import os as _os
 import sys as _sys
 
+#: The modules `python -m` runs as the command: the package (its __main__) and `cli`, whose
+#: `if __name__ == "__main__"` makes `python -m layerfast.cli` the command too.
+_COMMAND_MODULES = ("layerfast", "layerfast.__main__", "layerfast.cli")
+
 
 def _is_the_command() -> bool:
     """Whether this process is the `layerfast` command (the console script or `python -m
-    layerfast`), not a Python program that imports layerfast."""
+    layerfast`, `python -m layerfast.cli`), not a Python program that imports layerfast."""
     if _sys.argv[:1] == ["-m"]:  # `python -m X` while runpy imports X's package
         # X follows the interpreter's own -m, the first one: a later "-m layerfast" is the
         # program's arguments (`python study.py -m layerfast`, `pytest -m layerfast`)
         orig = [*getattr(_sys, "orig_argv", []), ""]
         i = next((i for i, a in enumerate(orig[1:-1], 1) if a.startswith("-m")), None)
-        return i is not None and (orig[i][2:] or orig[i + 1]) == "layerfast"  # also -mlayerfast
+        # orig[i][2:]: `-mlayerfast`, the module in the same argument
+        return i is not None and (orig[i][2:] or orig[i + 1]) in _COMMAND_MODULES
     return _os.path.basename(_sys.argv[0] if _sys.argv else "") == "layerfast"
 
 
