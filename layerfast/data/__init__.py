@@ -29,14 +29,17 @@ def convert(spec: str, to: str | Path, split: str = "test") -> Path:
 
     Reading `to` back yields exactly the same batches as `spec`. The file appears atomically
     (temp file + os.replace): an interrupted conversion leaves no half-written .beton. A `to`
-    whose sidecar says it holds the other split is refused, not replaced (`check_target`)."""
-    from layerfast.data.beton import check_target, require_ffcv
+    whose sidecar says it holds the other split is refused, not replaced (`check_target`); one
+    of the same split but another data set is replaced with a warning naming both."""
+    from layerfast.data.beton import check_target, require_ffcv, warn_other_source
     from layerfast.data.beton import convert as _convert
 
     to = Path(to).expanduser()
     require_ffcv()  # before opening: do not decode a whole dataset only to fail
     check_target(to, split)
-    return _convert(open_data(spec, split), spec, split, to)
+    source = open_data(spec, split)  # a valid spec from here on
+    warn_other_source(to, spec, split)  # before the conversion, which can take an hour
+    return _convert(source, spec, split, to)
 
 
 def ffcv_available() -> bool:

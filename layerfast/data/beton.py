@@ -352,6 +352,25 @@ def check_target(to: Path, split: str | None = None) -> None:
         raise LayerfastError(f"convert: {parent} is not a directory, so {to} cannot be written")
 
 
+def warn_other_source(to: Path, spec: str, split: str) -> None:
+    """Warn when `to`'s sidecar says it holds this `split` of another data set than `spec`
+    (`data_key` tells two spellings of one data set from two data sets): converting digits
+    onto an existing fashion-mnist.beton replaced it without a word. The same split is a
+    re-conversion, so it goes ahead (the other split is refused: `check_target`)."""
+    from layerfast.data.spec import data_key  # lazy: spec imports this module lazily too
+
+    held = _held_split(to)
+    if held is None or held[0] != split or not isinstance(held[1], str) or not held[1].strip():
+        return
+    try:
+        same = data_key(held[1]) == data_key(spec)
+    except (OSError, ValueError, RuntimeError):  # a path that cannot be resolved: say so
+        same = False
+    if not same:
+        warn(f"convert: {to} holds the {split} split of {held[1]!r} (its sidecar says so); "
+             f"it is replaced by the {split} split of {spec!r}")
+
+
 def _held_split(to: Path) -> tuple[str, Any] | None:
     """(split, source) that an existing `to`'s sidecar records; None where there is no such
     pair, or the sidecar cannot be read (reading the beton says what is wrong with it)."""
