@@ -12,6 +12,7 @@ normalisation constants are documented in docs/data.md.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from layerfast.data.device import to_device
@@ -24,16 +25,20 @@ __all__ = ["DataSource", "SPLITS", "VALID_SPECS", "convert", "ffcv_available", "
 
 
 @refused_paths_are_input
-def convert(spec: str, to: str | Path, split: str = "test") -> Path:
+def convert(spec: str | os.PathLike[str], to: str | Path, split: str = "test") -> Path:
     """Write dataset `spec` (split `split`) to the FFCV file `to` (fields `image`, `label`).
 
     Reading `to` back yields exactly the same batches as `spec`. The file appears atomically
     (temp file + os.replace): an interrupted conversion leaves no half-written .beton. A `to`
     whose sidecar says it holds the other split is refused, not replaced (`check_target`); one
-    of the same split but another data set is replaced with a warning naming both."""
+    of the same split but another data set is replaced with a warning naming both. A path-like
+    `spec` (`Path("x.npz")`, as `open_data` takes) is recorded in the sidecar as its string:
+    it failed once all was converted, in the sidecar's json.dump, with a TypeError traceback."""
     from layerfast.data.beton import check_target, require_ffcv, warn_other_source
     from layerfast.data.beton import convert as _convert
 
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     to = Path(to).expanduser()
     require_ffcv()  # before opening: do not decode a whole dataset only to fail
     check_target(to, split)

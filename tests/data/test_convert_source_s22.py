@@ -50,3 +50,11 @@ def test_the_same_data_set_spelled_otherwise_is_no_other(tmp_path, monkeypatch, 
         with collect_warnings() as kept:
             convert(again, to, split="train")
         assert kept == [] and "warning" not in capsys.readouterr().err
+
+
+def test_a_path_spec_is_recorded_as_its_string(tmp_path) -> None:
+    # open_data takes Path("x.npz"); convert decoded it all, then died in the sidecar's
+    # json.dump ("Object of type PosixPath is not JSON serializable"), nothing written
+    npz = _npz(tmp_path / "x.npz")
+    to = convert(npz, tmp_path / "x.beton")
+    assert json.loads(sidecar_path(to).read_text())["source"] == str(npz)
