@@ -9,7 +9,7 @@ how much noise, before the error leaves the baseline's. The variants themselves 
 α is an interpolation weight, so it must lie in [0, 1]: beyond, the line extrapolates, and
 BatchNorm variances (interpolated like weights) can turn negative, which gives NaN logits that
 read as an error rate. σ is an absolute standard deviation (not relative to the weights' scale)
-and must be >= 0. Values are sorted, without repeats, and -0.0 is 0.0, so that run.json, the
+and must be >= 0, and at most the weights' dtype maximum / NOISE_REACH (the noise must fit). Values are sorted, without repeats, and -0.0 is 0.0, so that run.json, the
 resume fingerprint and the rows do not tell apart requests that evaluate the same thing (as
 `--checkpoints` and `--seeds` are sorted).
 """
@@ -35,6 +35,12 @@ MAX_VALUES = 1000
 #: ran out, the failure MAX_SEEDS exists to turn into a clear error. Ten times MAX_VALUES
 #: keeps a dense grid (100 α × 10 σ × 10 seeds) legal.
 MAX_GRID = 10 * MAX_VALUES
+
+#: A bound on |z| for torch's float64 standard normal draws, with a margin: Box–Muller on
+#: 53-bit uniforms reaches at most sqrt(-2·ln 2⁻⁵³) ≈ 8.57. σ times it must fit the weights'
+#: dtype: a σ just below float32's maximum (3e38) made a quarter of the noisy weights Inf,
+#: and the rows read as chance with only the generic NaN/Inf-logits warning.
+NOISE_REACH = 10.0
 
 #: A number as a user writes one: Python's float() also reads "1_0" (as 10), "nan" and "inf".
 _DECIMAL = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", re.ASCII)
@@ -100,13 +106,25 @@ def interp_options(resets: Sequence[str], alphas: Any,
     negative = [s for s in sigmas if s < 0]
     if negative:
         raise LayerfastError(f"--sigma must be >= 0 (a standard deviation); got {negative[0]:g}")
-    # The noise is drawn in float64, then cast to the weights' dtype: a σ that float32 cannot
-    # hold becomes Inf there, and every noisy float32 weight would be Inf or NaN.
-    huge = [s for s in sigmas if s > torch.finfo(torch.float32).max]
+    # The noise is drawn in float64, then cast to the weights' dtype (float32 for the
+    # registry's models; make_variants checks the model's own): noise beyond it is Inf there.
+    huge = [s for s in sigmas if s > sigma_limit(torch.float32)]
     if huge:
-        raise LayerfastError(f"--sigma {huge[0]:g} is beyond float32's range "
-                             f"({torch.finfo(torch.float32).max:.3g}): the noise would be Inf")
+        raise LayerfastError(f"--sigma {huge[0]:g} makes noise beyond float32's range: "
+                             f"{sigma_reach_note(torch.float32)}")
     return sorted(alpha_list), sorted(sigmas) or [0.0]
+
+
+def sigma_limit(dtype: torch.dtype) -> float:
+    """The largest σ whose noise (σ·N(0, 1), |N(0, 1)| < NOISE_REACH) stays finite in `dtype`."""
+    return torch.finfo(dtype).max / NOISE_REACH
+
+
+def sigma_reach_note(dtype: torch.dtype) -> str:
+    """Why a σ above `sigma_limit(dtype)` is refused, and the limit, for one-line errors."""
+    name = str(dtype).removeprefix("torch.")
+    return (f"a standard normal draw reaches ~8.6, so σ must be <= {sigma_limit(dtype):.3g} "
+            f"({name}'s maximum / {NOISE_REACH:g}) or noisy weights become Inf")
 
 
 def check_grid(alphas: Sequence[float], sigmas: Sequence[float], seeds: Sequence[int]) -> None:

@@ -27,7 +27,8 @@ Kinds and their order in `make_variants` (results are reported in this order):
    what it sweeps); computed in float64, then cast. BN statistics are interpolated like
    weights (they are not the interpolated network's own statistics).
    Integer and bool tensors of the unit (`num_batches_tracked`, index buffers) cannot be
-   interpolated and stay at the final model; α and σ must be finite.
+   interpolated and stay at the final model; α and σ must be finite, and σ's noise must fit
+   the unit's parameter dtype (`interp.sigma_limit`).
 
 Re-randomization (`rerandom_draw`): each module of the unit is deep-copied alone to the CPU and
 re-drawn there under `torch.random.fork_rng`, the CPU generator seeded with a 63-bit SHA-256
@@ -75,6 +76,7 @@ from torch.nn.utils import parametrize
 from layerfast.checkpoints import CheckpointDir
 from layerfast.checkpoints.keymap import canonical_keys, is_tolerated_missing
 from layerfast.errors import LayerfastError, warn
+from layerfast.interp import sigma_limit, sigma_reach_note
 from layerfast.models.init import NORM_TYPES
 from layerfast.options import MAX_SEEDS, integers, is_int
 from layerfast.rng import seeded_host_generators
@@ -696,6 +698,7 @@ def make_variants(
                 f"interp {unit_name} with sigma > 0 needs at least one seed; seeds is empty."
             )
         u = by_name[unit_name]
+        _check_sigma_fits(ref, u, sigma)
         for s in seeds if sigma > 0 else [None]:
             out.append(
                 Variant(
@@ -763,6 +766,17 @@ def _interp_entry(entry: Any) -> tuple[Any, int, float, float]:
         )
     return unit_name, int(tau), _number(alpha, f"interp {unit_name}: alpha"), _number(
         sigma, f"interp {unit_name}: sigma")
+
+
+def _check_sigma_fits(ref: _Ref, u: UnitLike, sigma: float) -> None:
+    """Refuse a σ whose noise can overflow the dtype of a parameter it lands on: the noise is
+    drawn in float64 and cast, so there it became Inf, and the variant ran on Inf weights."""
+    noisy = {ref.meta[k][1] for k in u.keys if k in ref.params and k in ref.meta}
+    noisy = {d for d in noisy if d.is_floating_point}
+    for dtype in sorted(noisy, key=lambda d: sigma_limit(d)):
+        if sigma > sigma_limit(dtype):
+            raise LayerfastError(f"interp {u.name}: sigma {sigma:g} is too large for its "
+                                 f"weights: {sigma_reach_note(dtype)}.")
 
 
 def _number(v: Any, what: str) -> float:
