@@ -18,7 +18,8 @@ Kinds and their order in `make_variants` (results are reported in this order):
    stay at the final model, as they do in every other variant of that policy (DESIGN.md §3);
    so under `keep`, `fullmodel @τ` is not checkpoint τ's own test error;
 4. `joint`: several units := τ together; an entry is a list of unit names (one variant per
-   chosen τ) or `(names, τ)` (one variant); its unit is the names joined by `+`;
+   chosen τ) or `(names, τ)` (one variant); its unit is the names joined by `+` (a name given
+   twice counts once, at its first place);
 5. `interp` `(unit, τ, α, σ)`: θ = (1−α)·θ^τ + α·θ^final + σ·N(0, 1) on the unit's keys, with
    θ^final the final checkpoint and the noise on floating *parameters* only (never on BN
    statistics, which noise could make negative); σ > 0 gives one variant per seed, drawn from
@@ -740,13 +741,20 @@ def _joint_entry(
         )
     tau_given = len(entry) == 2 and is_int(entry[1])  # a 0-d tensor too, never a bool
     if tau_given and not isinstance(entry[0], str):
-        names, tau = list(entry[0]), int(entry[1])  # type: ignore[arg-type]
+        names, tau = _once(entry[0]), int(entry[1])  # type: ignore[arg-type]
         ckpts.check_label(tau)
         return names, [tau]
-    names = [str(n) for n in entry]
+    names = _once(str(n) for n in entry)
     if not names:
         raise LayerfastError("joint reset: an empty list of units.")
     return names, chosen
+
+
+def _once(names: Iterable[Any]) -> list[Any]:
+    """Unit names without repeats, first-seen order: a joint reset resets a set of units, so
+    `["fc1", "fc2", "fc1"]` is the variant `fc1+fc2` (it was named `fc1+fc2+fc1`, a unit no
+    other request spells, over the same keys), as `--units` and `--reset` drop repeats."""
+    return list(dict.fromkeys(names))
 
 
 def _interp_entry(entry: Any) -> tuple[Any, int, float, float]:
