@@ -17,7 +17,7 @@ from pathlib import Path
 
 from layerfast.data.device import to_device
 from layerfast.data.source import DataSource
-from layerfast.data.spec import SPLITS, VALID_SPECS, open_data
+from layerfast.data.spec import SPLITS, VALID_SPECS, absolute_spec, open_data
 from layerfast.errors import LayerfastError, refused_paths_are_input
 
 __all__ = ["DataSource", "SPLITS", "VALID_SPECS", "convert", "ffcv_available", "open_data",
@@ -33,7 +33,10 @@ def convert(spec: str | os.PathLike[str], to: str | Path, split: str = "test") -
     whose sidecar says it holds the other split is refused, not replaced (`check_target`); one
     of the same split but another data set is replaced with a warning naming both. A path-like
     `spec` (`Path("x.npz")`, as `open_data` takes) is recorded in the sidecar as its string:
-    it failed once all was converted, in the sidecar's json.dump, with a TypeError traceback."""
+    it failed once all was converted, in the sidecar's json.dump, with a TypeError traceback.
+    The path in it is recorded resolved (`absolute_spec`, as `train` records manifest.json's):
+    a relative `x.npz` was later read against another command's current directory, so the
+    same name in another folder was taken for the data the .beton holds."""
     from layerfast.data.beton import check_target, require_ffcv, warn_other_source
     from layerfast.data.beton import convert as _convert
 
@@ -44,7 +47,7 @@ def convert(spec: str | os.PathLike[str], to: str | Path, split: str = "test") -
     check_target(to, split)
     source = open_data(spec, split)  # a valid spec from here on
     warn_other_source(to, spec, split)  # before the conversion, which can take an hour
-    return _convert(source, spec, split, to)
+    return _convert(source, absolute_spec(spec), split, to)
 
 
 def ffcv_available() -> bool:
