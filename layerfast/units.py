@@ -68,7 +68,7 @@ import fnmatch
 import re
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -394,19 +394,19 @@ def _pattern_selections(
             named = [n for n, _ in model.named_modules(remove_duplicate=False) if n and match(n)]
             parts = {_parametrized_owner(n, owners) for n in named} - {None}
             if parts:
-                shown = ", ".join(sorted(p or ROOT for p in parts))
+                shown = _listed(sorted(p or ROOT for p in parts))
                 raise LayerfastError(
                     f"unit pattern {pattern!r} selects only the parametrizations of {shown}, "
                     "which are reset with their layer: select the layer"
                 )
             if named:
-                shown = ", ".join(named[:4]) + (", ..." if len(named) > 4 else "")
+                shown = _listed(named[:4]) + (", ..." if len(named) > 4 else "")
                 raise LayerfastError(
                     f"unit pattern {pattern!r} selects only modules that own no parameters "
                     f"({shown}): nothing to reset"
                 )
             # the model's own parameters are the unit `(root)`: its name "" would show as ", ,"
-            examples = ", ".join(o or ROOT for o in list(owners)[:6]) + (
+            examples = _listed(o or ROOT for o in list(owners)[:6]) + (
                 ", ..." if len(owners) > 6 else "")
             # A regex without `re:` is read as a glob and quietly matches nothing: say so.
             hint = "" if pattern.startswith("re:") else (
@@ -426,6 +426,16 @@ def _pattern_selections(
             )
         selections.append((pattern, chosen))
     return selections
+
+
+def _listed(names: Iterable[str]) -> str:
+    """Module or unit names for an error message, comma-separated, each on one line as
+    `--list-units` shows it (`report.tables.printable`): a ModuleDict key such as `"a\\nb"`
+    or one holding an ANSI escape was printed raw, breaking the one-line message or recolouring
+    the terminal. Patterns are shown by `repr`, which escapes them already."""
+    from layerfast.report.tables import printable  # lazy: pandas, for an error path only
+
+    return ", ".join(printable(n) for n in names)
 
 
 def _parametrized_owner(name: str, owners: dict[str, nn.Module]) -> str | None:
@@ -608,7 +618,7 @@ def make_units(
     counts = Counter(u.name for u in units)
     dup = sorted(n for n, c in counts.items() if c > 1)
     if dup:
-        raise LayerfastError(f"two units share the name(s) {', '.join(dup)}")
+        raise LayerfastError(f"two units share the name(s) {_listed(dup)}")
     if not units:
         raise LayerfastError(
             "no units: every selected module is a normalization layer kept by --bn keep"
