@@ -212,9 +212,8 @@ def test_evaluator_refuses_a_model_with_uninitialized_lazy_modules():
 # ---- Analysis.plot --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["heatmap", "distances"])
-def test_plot_writes_the_format_its_path_names(tmp_path, kind):
-    # Always PNG before: res.plot("fig.pdf") wrote PNG bytes into a .pdf no reader opens.
+def tiny_result():
+    """A three-row Analysis (baseline, one reinit, one rerandom) with distances, to plot."""
     import pandas as pd
 
     from layerfast.analysis import Analysis
@@ -229,7 +228,13 @@ def test_plot_writes_the_format_its_path_names(tmp_path, kind):
         "verdict": ["", "critical", "critical"]})
     dist = pd.DataFrame({"unit": ["fc1", "fc1"], "checkpoint": ["1", "rerandom"],
                          "l2": [1.0, 2.0], "l2_rel": [0.1, 0.2], "linf": [0.5, 0.6]})
-    res = Analysis(table, dist, {"threshold": 0.05})
+    return Analysis(table, dist, {"threshold": 0.05})
+
+
+@pytest.mark.parametrize("kind", ["heatmap", "distances"])
+def test_plot_writes_the_format_its_path_names(tmp_path, kind):
+    # Always PNG before: res.plot("fig.pdf") wrote PNG bytes into a .pdf no reader opens.
+    res = tiny_result()
     heads = {"pdf": b"%PDF", "svg": b"<?xml", "png": b"\x89PNG"}
     for suffix, head in heads.items():
         path = res.plot(tmp_path / f"fig.{suffix}", kind=kind)

@@ -8,7 +8,6 @@ packages."""
 
 from __future__ import annotations
 
-import os
 import sys
 import textwrap
 
@@ -16,6 +15,10 @@ import pytest
 
 from layerfast.analysis import analyze, list_units
 from layerfast.models import get_arch
+from tests.models import test_models as _models
+
+# test_models' fixture: a temporary cwd not on sys.path, sys.path/sys.modules restored
+user_dir = _models.user_dir
 
 NET = """
 def build(num_classes, in_shape):
@@ -31,16 +34,11 @@ def net(num_classes, in_shape):
 
 
 @pytest.fixture
-def study_dir(tmp_path, monkeypatch):
+def study_dir(user_dir):
     """A study directory as the cwd, not on sys.path; sys.modules restored afterwards."""
-    (tmp_path / "lf_s22_net.py").write_text(textwrap.dedent(NET))
-    (tmp_path / "lf_s22_parts.py").write_text(textwrap.dedent(PARTS))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
-    before = set(sys.modules)
-    yield tmp_path
-    for name in set(sys.modules) - before:
-        del sys.modules[name]
+    (user_dir / "lf_s22_net.py").write_text(textwrap.dedent(NET))
+    (user_dir / "lf_s22_parts.py").write_text(textwrap.dedent(PARTS))
+    return user_dir
 
 
 def test_get_arch_and_its_build_leave_sys_path_alone(study_dir) -> None:

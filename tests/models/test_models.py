@@ -328,13 +328,17 @@ def test_init_functions_touch_only_the_given_module() -> None:
 
 @pytest.fixture
 def user_dir(tmp_path, monkeypatch):
-    """A temporary cwd NOT on sys.path, and sys.path/sys.modules restored afterwards."""
+    """A temporary cwd NOT on sys.path, and sys.path/sys.modules restored afterwards: the
+    modules imported from it are forgotten (only those: a library the test imported first,
+    such as matplotlib's lazily imported parts, stays whole for the tests after it)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
     before = set(sys.modules)
     yield tmp_path
     for name in set(sys.modules) - before:
-        del sys.modules[name]
+        where = getattr(sys.modules[name], "__file__", None) or ""
+        if where.startswith(str(tmp_path)):
+            del sys.modules[name]
 
 
 def _write(d, name: str, source: str) -> None:

@@ -8,25 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from layerfast.analysis import Analysis
 from layerfast.errors import LayerfastError
+from tests.analysis.test_api_hygiene_s17 import tiny_result
 
-
-def _result() -> Analysis:
-    table = pd.DataFrame({
-        "unit": ["*", "fc1", "fc1"], "kind": ["baseline", "reinit", "rerandom"],
-        "checkpoint": pd.array([None, 0, None], dtype="Int64"),
-        "seed": pd.array([None, None, 1], dtype="Int64"),
-        "error": [0.1, 0.2, 0.9], "error_lo": [0.05, 0.1, 0.8], "error_hi": [0.2, 0.3, 0.95],
-        "top5_error": [0.0, 0.0, 0.5], "loss": [0.3, 0.5, 2.3], "agreement": [1.0, 0.9, 0.1],
-        "n": [100, 100, 100], "delta_error": [0.0, 0.1, 0.8],
-        "verdict": ["", "critical", "critical"]})
-    dist = pd.DataFrame({"unit": ["fc1", "fc1"], "checkpoint": ["1", "rerandom"],
-                         "l2": [1.0, 2.0], "l2_rel": [0.1, 0.2], "linf": [0.5, 0.6]})
-    return Analysis(table, dist, {"threshold": 0.05})
+_result = tiny_result  # a three-row Analysis with distances
 
 
 @pytest.mark.parametrize("kind,name", [("heatmap", "heatmap.png"),
