@@ -163,7 +163,23 @@ def _data_name(spec: str) -> str:
     name = spec.partition(":")[0].lower()
     if spec.lower().endswith(".npz"):
         return Path(spec).name.lower()
-    return name if name in ("mnist", "fashion-mnist", "cifar10", "imagefolder") else spec.lower()
+    return name if name in ("mnist", "fashion-mnist", "cifar10", "imagefolder") else _pathless(spec)
+
+
+def _pathless(spec: str) -> str:
+    """A spec that names no path, as one text per data set: lower-cased (as `open_data` reads
+    the name), and `synthetic:KIND` with its sample count written out as `open_synthetic`
+    reads it (`synthetic:cifar` is `synthetic:cifar:10000`, `:01000` is `:1000`): compared as
+    typed, one synthetic data set spelled twice was warned about as two (convert, analyze)."""
+    low = spec.strip().lower()
+    name, _, arg = low.partition(":")
+    if name == "synthetic":
+        from layerfast.data.synthetic import DEFAULT_N
+
+        kind, _, count = arg.partition(":")
+        with contextlib.suppress(ValueError):  # not a count: open_data refuses it
+            return f"synthetic:{kind}:{int(count) if count else DEFAULT_N}"
+    return low
 
 
 def _beton_source(spec: str) -> str | None:
@@ -194,7 +210,7 @@ def data_key(spec: str, base: Path | None = None) -> tuple[str, ...]:
 
         with contextlib.suppress(LayerfastError, OSError):
             paths = [batch_dir(paths[0]).resolve()]
-    return (name, str(paths[0])) if paths else (spec.lower(),)
+    return (name, str(paths[0])) if paths else (_pathless(spec),)
 
 
 def same_data(spec: str, other: str, base: Path | None = None) -> bool:
