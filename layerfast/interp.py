@@ -9,9 +9,10 @@ how much noise, before the error leaves the baseline's. The variants themselves 
 α is an interpolation weight, so it must lie in [0, 1]: beyond, the line extrapolates, and
 BatchNorm variances (interpolated like weights) can turn negative, which gives NaN logits that
 read as an error rate. σ is an absolute standard deviation (not relative to the weights' scale)
-and must be >= 0, and at most the weights' dtype maximum / NOISE_REACH (the noise must fit). Values are sorted, without repeats, and -0.0 is 0.0, so that run.json, the
-resume fingerprint and the rows do not tell apart requests that evaluate the same thing (as
-`--checkpoints` and `--seeds` are sorted).
+and must be >= 0, and at most the weights' dtype maximum / NOISE_REACH (the noise must fit).
+Values are sorted, without repeats, and -0.0 is 0.0, so that run.json, the resume fingerprint
+and the rows do not tell apart requests that evaluate the same thing (as `--checkpoints` and
+`--seeds` are sorted).
 """
 
 from __future__ import annotations
