@@ -27,40 +27,51 @@ def _is_the_command() -> bool:
     return _os.path.basename(_sys.argv[0] if _sys.argv else "") == "layerfast"
 
 
+#: SIGINTs the command received while it started (`_startup_sigint`): answered by `cli.main`
+#: once the imports are done.
+STARTUP_SIGNALS: list[int] = []
+
+
+def _startup_sigint(signum: int, frame: object) -> None:
+    """The command's SIGINT handler while it imports (torch: most of its ~3 s start, before
+    `cli.main` installs its own): it remembers the signal and raises nothing. A
+    KeyboardInterrupt raised inside a library's import left it half-done — numpy's lazy
+    `import numpy.dtypes` then failed with a RecursionError traceback (exit 1), a signal after
+    the extension's import gave a KeyboardInterrupt traceback (-2), and torch's native
+    libraries ended some runs by SIGABRT at exit — so the imports finish and `cli.main` says
+    "layerfast: interrupted", exit 130, before it parses anything."""
+    STARTUP_SIGNALS.append(signum)
+
+
+def _interrupted_at_startup() -> None:
+    """End the command whose import raised KeyboardInterrupt itself (a Ctrl-C before the
+    handler was installed, or an import that raises it): one line, exit status 130, at once —
+    nothing is open or written yet, and with torch half-initialized a normal exit was not
+    safe (finalization ended such runs by SIGINT or SIGABRT after the line was printed)."""
+    _sys.stderr.write("layerfast: interrupted\n")
+    _sys.stderr.flush()
+    _os._exit(130)
+
+
 def _import_ext() -> None:
-    """Import the extension (and torch with it: most of a command's ~3 s start, before
-    `cli.main` installs its handler). A Ctrl-C there printed a 30-line KeyboardInterrupt
-    traceback; the command says what it says for a Ctrl-C anywhere else, while a program
-    importing layerfast gets the KeyboardInterrupt as usual. For the command a SIGINT handler
-    remembers the signal during the import: a KeyboardInterrupt inside a library's import can
-    come out as another error (numpy's lazy `import numpy.dtypes` left half-done gave a
-    RecursionError), which is then the Ctrl-C too."""
+    """Import the extension (it fails with a clear message if the extension is missing). For
+    the command, a SIGINT meanwhile is remembered (`_startup_sigint`, left installed for
+    `cli.main` to take over); a program importing layerfast gets its KeyboardInterrupt as
+    usual."""
     import signal
 
-    seen: list[int] = []
-
-    def remember(signum: int, frame: object) -> None:
-        seen.append(signum)
-        raise KeyboardInterrupt
-
     command = _is_the_command()
-    ours = False
     if command and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         try:
-            signal.signal(signal.SIGINT, remember)
-            ours = True
+            signal.signal(signal.SIGINT, _startup_sigint)
         except ValueError:  # not the main thread: nothing to install
             pass
     try:
-        from layerfast import _ext  # noqa: F401  (a clear message if the extension is missing)
-    except BaseException as exc:
-        if command and (isinstance(exc, KeyboardInterrupt) or seen):
-            _sys.stderr.write("layerfast: interrupted\n")
-            raise SystemExit(130) from None
+        from layerfast import _ext  # noqa: F401
+    except KeyboardInterrupt:
+        if command:
+            _interrupted_at_startup()
         raise
-    finally:
-        if ours:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 _import_ext()

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
+import layerfast
 from layerfast.errors import LayerfastError, output_failed, say
 from layerfast.options import int_list
 
@@ -559,6 +560,20 @@ def _interrupted(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt
 
 
+def _quiet_unraisable(hook: object) -> object:
+    """`sys.unraisablehook` that says nothing of our own handlers' exceptions where Python
+    cannot raise them (a ctypes callback — llvmlite's, during numba's compile —, a `__del__`):
+    Python printed "Exception ignored on calling ctypes callback function" and a traceback of
+    `_interrupted` before "layerfast: interrupted"; `_signalled` answers the signal."""
+    def quiet(unraisable: object) -> None:
+        if _SIGNALLED is not None and isinstance(getattr(unraisable, "exc_value", None),
+                                                 KeyboardInterrupt | SystemExit):
+            return
+        hook(unraisable)  # type: ignore[operator]
+
+    return quiet
+
+
 def _signalled() -> int:
     """The exit status of a command that a signal asked to stop but that went on: the
     handler's exception was raised where Python swallows exceptions (a weakref callback, a
@@ -579,16 +594,24 @@ INVOKED: list[str] | None = None
 def main(argv: Sequence[str] | None = None) -> int:
     global INVOKED, _SIGNALLED
     raw = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    previous = previous_int = None
+    previous = previous_int = hook = None
     _SIGNALLED = None
     try:
         # Before the parser: building it imports the engine (numpy, ...), and a Ctrl-C inside
         # numpy's lazy `import numpy.dtypes` left numpy half-imported, so what came out was a
         # RecursionError traceback, exit 1 (the handler's `_SIGNALLED` tells it apart below).
+        hook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable(sys.unraisablehook)
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _terminated)
-            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not SIG_IGN
+            current = signal.getsignal(signal.SIGINT)
+            if current is signal.default_int_handler:  # not SIG_IGN
                 previous_int = signal.signal(signal.SIGINT, _interrupted)
+            elif current is layerfast._startup_sigint:  # the command's, while it imported
+                signal.signal(signal.SIGINT, _interrupted)
+                previous_int = signal.default_int_handler
+        if layerfast.STARTUP_SIGNALS:  # a Ctrl-C while the command imported torch
+            layerfast.STARTUP_SIGNALS.clear()
+            raise KeyboardInterrupt
         # inside the try: `--seeds` imports layerfast.analysis (pandas, ...) while argparse
         # runs, and a Ctrl-C there printed a KeyboardInterrupt traceback
         args = parser().parse_args(argv)
@@ -622,6 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     finally:
         INVOKED = None
+        if hook is not None:
+            sys.unraisablehook = hook
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if previous_int is not None:

@@ -7,6 +7,9 @@ came out as a RecursionError traceback and exit 1, because `cli.main` installed 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -51,3 +54,31 @@ def test_an_error_without_a_signal_still_shows_its_traceback(monkeypatch, defaul
     monkeypatch.setattr(cli, "parser", broken)
     with pytest.raises(RecursionError, match="a real bug"):
         cli.main(["info"])
+
+
+_CALLBACK = textwrap.dedent("""
+    import signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # CI's job inherits it ignored
+    import layerfast.cli as cli
+
+    class InterruptsOnDelete:  # the SIGINT where Python cannot raise its KeyboardInterrupt
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    real = cli.parser
+    def parser():
+        InterruptsOnDelete()  # deleted at once: the handler's exception is unraisable
+        return real()
+    cli.parser = parser
+    raise SystemExit(cli.main(["info"]))
+""")
+
+
+def test_a_ctrl_c_in_a_callback_is_one_line_without_the_ignored_traceback() -> None:
+    """As llvmlite's ctypes callback during numba's compile (`layerfast info` ~2 s in): Python
+    printed "Exception ignored on calling ctypes callback function" and `_interrupted`'s
+    traceback before "layerfast: interrupted". (A subprocess: pytest replaces the hook.)"""
+    p = subprocess.run([sys.executable, "-c", _CALLBACK], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 130, p.stderr
+    assert p.stderr == "layerfast: interrupted\n", p.stderr

@@ -52,7 +52,9 @@ def test_a_swallowed_signal_still_sets_the_exit_status(cmd, sig, status, said) -
     assert p.stderr.count(said) == 1, p.stderr
     assert "layerfast: error" not in p.stderr
     if cmd == "swallowed":
-        assert "Exception ignored" in p.stderr and "went on to the end" in p.stdout
+        # swallowed (the command went on), and since session 22 Python's "Exception ignored
+        # in ..." report of our own handler's exception is not printed (cli._quiet_unraisable)
+        assert "went on to the end" in p.stdout and "Exception ignored" not in p.stderr
 
 
 def test_an_ignored_sigint_stays_ignored() -> None:
