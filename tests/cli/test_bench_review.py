@@ -7,8 +7,9 @@ import layerfast.bench as bench
 import layerfast.engine.flops as flops
 from tests.cli import test_bench_audit as _audit
 
-# the audit's helpers: its argument parser and its `quick` fixture (no half-second GEMM)
-_args, quick = _audit._args, _audit.quick
+# the audit's helpers: its argument parser, its `quick` fixture (no half-second GEMM) and its
+# loader of scripts/bench_table.py's rows
+_args, quick, _table_rows = _audit._args, _audit.quick, _audit._table_rows
 
 
 def test_the_floor_forward_runs_at_the_batch_the_pass_ran(monkeypatch, quick) -> None:
@@ -31,17 +32,6 @@ def test_the_floor_forward_runs_at_the_batch_the_pass_ran(monkeypatch, quick) ->
                           "2", "--no-prefix-only"))
     assert seen == [32]
     assert out["floor"]["rate_tflops_forward"] > 0
-
-
-def _table_rows():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_table.py"
-    spec = importlib.util.spec_from_file_location("bench_table", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.rows
 
 
 ELEMENTWISE = """
