@@ -11,8 +11,8 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import layerfast
 from layerfast.errors import LayerfastError, output_failed, say
@@ -316,7 +316,8 @@ def parser() -> argparse.ArgumentParser:
         help="as for analyze: fcn3x256, vgg11_cifar, resnet20, ... or pkg.module:factory",
     )
     t.add_argument("--data", required=True, help="data spec, as for analyze (digits, ...)")
-    t.add_argument("--epochs", type=int, required=True, help="epochs to train (the paper: 100; at most 1,000,000)")
+    t.add_argument("--epochs", type=int, required=True,
+                   help="epochs to train (the paper: 100; at most 1,000,000)")
     t.add_argument(
         "--checkpoints", type=_int_list, default=None, action=_Once,
         help="epochs to save, e.g. 0,1,10; 0 and --epochs are always saved (default: the "
@@ -560,16 +561,16 @@ def _interrupted(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt
 
 
-def _quiet_unraisable(hook: object) -> object:
+def _quiet_unraisable(hook: Callable[[Any], object]) -> Callable[[Any], None]:
     """`sys.unraisablehook` that says nothing of our own handlers' exceptions where Python
     cannot raise them (a ctypes callback — llvmlite's, during numba's compile —, a `__del__`):
     Python printed "Exception ignored on calling ctypes callback function" and a traceback of
     `_interrupted` before "layerfast: interrupted"; `_signalled` answers the signal."""
-    def quiet(unraisable: object) -> None:
+    def quiet(unraisable: Any) -> None:
         if _SIGNALLED is not None and isinstance(getattr(unraisable, "exc_value", None),
                                                  KeyboardInterrupt | SystemExit):
             return
-        hook(unraisable)  # type: ignore[operator]
+        hook(unraisable)
 
     return quiet
 
