@@ -149,13 +149,15 @@ def measure_rate(
     clock: Callable[[], float] = time.perf_counter,
 ) -> float:
     """FLOP/s of a large square GEMM at the pass's precision on `device`: the best a matrix
-    unit here does in practice (bf16 on CUDA; tf32 as `torch.backends` allows; else fp32).
+    unit here does in practice (bf16 wherever the pass runs bf16 autocast, the CPU included:
+    oneDNN on a CPU with AVX512-BF16 or AMX runs it at several times its fp32 rate, and an fp32
+    GEMM made the floor of a CPU bf16 pass too high; tf32 as `torch.backends` allows; else fp32).
 
     Timed in chunks of 5 GEMMs for `seconds`; the rate is the best chunk's, not the mean: on a
     shared machine a chunk that another process slowed down says nothing about what the unit
     can do, and a rate too low makes the floor too high (layerfast would look closer to it)."""
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if precision == "bf16" and cuda else torch.float32
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     n = 8192 if cuda else 1024
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
