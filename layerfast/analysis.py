@@ -555,7 +555,7 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
     """
     from layerfast.engine import Evaluator
     from layerfast.engine.precision import model_dtype, resolve_device
-    from layerfast.inputs import materialise
+    from layerfast.inputs import materialise, named_as_passed
     from layerfast.interp import interp_requests
     from layerfast.models.identity import definition_id
     from layerfast.store import PREVIOUS, ResumeStore
@@ -581,7 +581,7 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
 
     # Every `warn` from here on is also kept in run.json ("warnings"): stderr is gone when a
     # job's log is, and a warning is part of judging the run. So `quiet` loses none of them.
-    with collect_warnings() as warned, quiet_warnings(quiet):
+    with collect_warnings() as warned, quiet_warnings(quiet), named_as_passed(ckpts, data, inputs):
         every = _checkpoint_every(checkpoint_every)  # an infinite interval warns
         if not seeded and seed_list != [1]:  # 1 is the default: said only if asked
             warn(f"--seeds {','.join(map(str, seed_list))} has no effect: only rerandom (and "

@@ -32,11 +32,12 @@ the same run.json — and the results are bit for bit those of the same objects 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import numbers
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -353,3 +354,38 @@ def materialise(ckpts: Any, data: Any, split: str) -> tuple[Any, Any, dict[str, 
     if checked_ck is not None:
         ckpts, inputs["ckpts"] = _write_ckpts(*checked_ck)
     return ckpts, data, inputs
+
+
+#: How an error names each in-memory input: as the caller passed it (as `open_pair` names the
+#: data), not by the temp file it was written to.
+DATA_NAME, CKPTS_NAME = "data (x, y)", "the in-memory state dicts"
+
+
+@contextlib.contextmanager
+def named_as_passed(ckpts: Any, data: Any, inputs: dict[str, str] | None) -> Iterator[None]:
+    """A LayerfastError raised inside names the in-memory inputs as the caller passed them,
+    not by the temp files `materialise` wrote (`ckpts` the folder, `data` the .npz it
+    returned), which the caller never made; and when the head was built for the in-memory
+    labels' largest + 1 (no num_classes given) and a message says so, it names the fix,
+    `data=(x, y, num_classes)`. Why: a notebook's test labels that missed a class were
+    answered with a shape mismatch between two files under the temp dir, the model "built for
+    9 classes, the largest label of '/tmp/layerfast-inputs-0/<sha256>/data.npz' (test) + 1",
+    and no word of the third element the README offers for exactly that case."""
+    try:
+        yield
+    except LayerfastError as exc:
+        if not inputs:
+            raise
+        msg = str(exc)
+        if "data" in inputs:
+            for form in dict.fromkeys((str(data), str(Path(data).resolve()))):
+                msg = msg.replace(repr(form), DATA_NAME).replace(form, DATA_NAME)
+            if f"the largest label of {DATA_NAME}" in msg and "num_classes" not in inputs["data"]:
+                msg += ("; pass data=(x, y, num_classes) to build the head for the state dicts' "
+                        "class count")
+        if "ckpts" in inputs:
+            for form in dict.fromkeys((str(ckpts), str(Path(ckpts).resolve()))):
+                msg = msg.replace(form, CKPTS_NAME)
+        if msg != str(exc):
+            exc.args = (msg,)
+        raise
