@@ -97,29 +97,28 @@ def checkpoint_schedule(epochs: int,
     int is one epoch, as `"5"` is (and as `analyze(checkpoints=5)` reads one label).
     """
     if not is_int(epochs) or epochs < 1:
-        raise LayerfastError(f"epochs must be a positive integer, got {epochs!r}")
+        raise LayerfastError(f"--epochs must be a positive integer, got {epochs!r}")
     epochs = int(epochs)
     if epochs > MAX_EPOCHS:
-        raise LayerfastError(f"epochs must be at most {MAX_EPOCHS:,} (the paper trains 100), "
+        raise LayerfastError(f"--epochs must be at most {MAX_EPOCHS:,} (the paper trains 100), "
                              f"got {epochs}")
     if checkpoints is None:
         late = (math.floor(t * epochs / 100 + 0.5) for t in PAPER_CHECKPOINTS if t not in _EARLY)
         taus = {t for t in _EARLY if t <= epochs} | set(late)
     else:
         if isinstance(checkpoints, str):
-            checkpoints = int_list(checkpoints, "checkpoints")
+            checkpoints = int_list(checkpoints, "--checkpoints")
         elif is_int(checkpoints):  # refused as "not a list", where "5" and analyze took it
             checkpoints = [checkpoints]
         if isinstance(checkpoints, bytes) or not isinstance(checkpoints, Iterable):
             raise LayerfastError(
-                f"checkpoints must be a list of epochs such as [0, 1, 10], got {checkpoints!r}"
+                f"--checkpoints must be a list of epochs such as [0, 1, 10], got {checkpoints!r}"
             )
         taus = set()
         for t in checkpoints:
             if not is_int(t) or not 0 <= t <= epochs:
-                raise LayerfastError(
-                    f"checkpoint epoch {t!r} is not an integer in 0..{epochs} (epochs={epochs})"
-                )
+                raise LayerfastError(f"--checkpoints: epoch {t!r} is not an integer in "
+                                     f"0..{epochs} (--epochs {epochs})")
             taus.add(int(t))
     return sorted(taus | {0, epochs})
 
@@ -346,7 +345,7 @@ def _check_seed(seed: object) -> None:
     """torch seeds take 64 bits; the manifest and the analysis store seeds as int64. A larger
     value used to fail inside `manual_seed` with a traceback, after `out` was created."""
     if not is_int(seed) or not -(2**63) <= seed < 2**63:
-        raise LayerfastError(f"seed must be an integer in -2**63..2**63-1, got {seed!r}")
+        raise LayerfastError(f"--seed must be an integer in -2**63..2**63-1, got {seed!r}")
 
 
 def _batch_sizes(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -510,26 +509,27 @@ def train(
     taus = checkpoint_schedule(epochs, checkpoints)
     epochs = int(epochs)  # a numpy integer or 0-d tensor too: the returned manifest is the JSON
     if schedule not in SCHEDULES:
-        raise LayerfastError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        raise LayerfastError(f"unknown --schedule {schedule!r}; choose one of "
+                             f"{', '.join(SCHEDULES)}")
     progress, overwrite = flag(progress, "progress"), flag(overwrite, "overwrite")
-    batch_size = count(batch_size, "batch_size")
+    batch_size = count(batch_size, "--batch-size")
     if batch_size is None:
-        raise LayerfastError("batch_size must be a positive integer; got None")
-    max_samples = count(max_samples, "max_samples")  # numpy integers too: the manifest is JSON
-    for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+        raise LayerfastError("--batch-size must be a positive integer; got None")
+    max_samples = count(max_samples, "--max-samples")  # numpy integers too: the manifest is JSON
+    for name, v in (("--lr", lr), ("--momentum", momentum), ("--weight-decay", weight_decay)):
         # any real number (np.float32 too, as analyze's threshold), never a bool
         if isinstance(v, bool) or not (isinstance(v, numbers.Real) and math.isfinite(v)
                                        and v >= 0):
             # lr 0 is refused below too: its message must not invite it (`--help`: above 0)
-            bound = "above 0" if name == "lr" else ">= 0"
+            bound = "above 0" if name == "--lr" else ">= 0"
             raise LayerfastError(f"{name} must be a finite number {bound}, got {v!r}")
     # plain floats: the manifest is JSON, and the returned dict should equal what it holds
     lr, momentum, weight_decay = float(lr), float(momentum), float(weight_decay)
     if lr == 0:  # no step moves the weights: every checkpoint would equal θ⁰
-        raise LayerfastError("lr must be above 0 (0.1 is usual for SGD): with lr 0 every "
+        raise LayerfastError("--lr must be above 0 (0.1 is usual for SGD): with lr 0 every "
                              "checkpoint equals the initial weights")
     if momentum >= 1:  # the velocity would never decay: the run diverges, blamed on the lr
-        raise LayerfastError(f"momentum must be below 1 (0.9 is usual), got {momentum!r}")
+        raise LayerfastError(f"--momentum must be below 1 (0.9 is usual), got {momentum!r}")
     _check_seed(seed)
     seed = int(seed)  # a numpy integer too: the manifest is JSON
     check_dir_path(out)
