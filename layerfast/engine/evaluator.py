@@ -478,7 +478,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
         model fails on them."""
         keysets = [set(keys_of(v)) for v in self.variants]
         with self._on_device() as cl:
-            prog = Program(self.model)
+            prog = self._program()
             plan = make_plan(prog, keysets, self.fanout, self.max_fanout)
             x = x2.to(self.device)
             if cl and x.dim() == 4:
@@ -512,7 +512,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
                     xd = xd.contiguous(memory_format=torch.channels_last)
                 try:
                     with precision_context(self.precision, self.device):
-                        Program(self.model).run(xd, 0)
+                        self._program().run(xd, 0)
                 except Exception as exc:  # noqa: BLE001 - only the comparison matters here
                     return f"{type(exc).__name__}: {exc}"
             return None
@@ -565,7 +565,7 @@ class Evaluator(FirstBatchChecks, ResumeState):
     def _run(self, data, start, counts, on_progress, on_checkpoint, every, cl, t0) -> EvalResult:
         ops = _ops()
         live = self._live()
-        prog = Program(self.model, trace=not isinstance(self._trace_ok, str))
+        prog = self._program(trace=not isinstance(self._trace_ok, str))
         if isinstance(self._trace_ok, str):
             prog.trace_error = self._trace_ok
         prog.drop_cuts(self._unbatched)  # found on the first pass's first batch (`_settle_cuts`)

@@ -63,6 +63,11 @@ class FirstBatchChecks:
         finally:
             self._keep_checks = False
 
+    def _program(self, trace: bool = True) -> Program:
+        """The model's program for this pass, traced under its autocast: a forward that sets
+        autocast otherwise for part of itself runs untraced (`tracing.trace`)."""
+        return Program(self.model, trace, (self.precision, self.device))
+
     def _check_samples(self, data: Any, start: int, cl: bool, x: torch.Tensor) -> torch.Tensor:
         """The samples the first-batch checks run on: the batch `x`, unless this pass resumes
         a DataSource mid-way (`start` > 0), where they are the data's first batch, as in the

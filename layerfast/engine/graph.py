@@ -145,9 +145,12 @@ class Program:
     #: them reading or writing tensors past the program's bookkeeping), for messages.
     found_opaque: frozenset[int] = frozenset()
 
-    def __init__(self, model: nn.Module, trace: bool = True) -> None:
+    def __init__(self, model: nn.Module, trace: bool = True,
+                 precision: tuple[str, torch.device] | None = None) -> None:
         """`trace=False`: do not trace (the children of a plain nn.Sequential, else one
-        opaque step), for a model whose traced program is not its forward (`Evaluator` checks)."""
+        opaque step), for a model whose traced program is not its forward (`Evaluator` checks).
+        `precision`: the pass's (precision, device), traced under its autocast, so that a
+        forward setting autocast otherwise for part of itself is not traced (`trace`)."""
         self.model = model
         self.traced = False
         self.trace_error: str | None = None
@@ -166,7 +169,13 @@ class Program:
             if not trace or whole:
                 raise NotTraced("not traced" if not whole else
                                  "the model has forward hooks of its own, or global ones")
-            graph, self.constants = _trace(model)
+            if precision is None:
+                graph, self.constants = _trace(model)
+            else:
+                from layerfast.engine.precision import precision_context
+
+                with precision_context(*precision):
+                    graph, self.constants = _trace(model, precision[1].type)
             self._from_fx(graph, owned)
             self._check_hooks_run()
             self.traced = True

@@ -8,7 +8,10 @@ leaving a mark on the model.
 - the model's plain attributes come back as they were (`attributes_kept`): a trace leaves fx
   constants and Proxies in caches, and a run leaves the last variant's derived tensors;
 - code the trace cannot see (forward hooks, functions the user `torch.fx.wrap`ped) is named
-  here (`hooked`, `global_hooks`, `opaque_function`) for the program to treat as opaque.
+  here (`hooked`, `global_hooks`, `opaque_function`) for the program to treat as opaque;
+- a forward that sets `torch.autocast` itself for part of it is not traced where that differs
+  from the pass's own autocast (`trace(model, autocast=...)`): fx records the ops, not the
+  `with` around them.
 """
 
 from __future__ import annotations
@@ -73,9 +76,29 @@ class _Tracer(fx.Tracer):
     would take the other branch. As a Proxy the branch cannot trace, and the model runs
     untraced (exact)."""
 
-    def __init__(self) -> None:
+    def __init__(self, autocast: str | None = None) -> None:
         super().__init__()
         self.proxy_buffer_attributes = True
+        #: the device type whose autocast state the forward must leave alone (None: unchecked),
+        #: that state when the trace began, and the first op recorded under another one
+        self._autocast = autocast
+        self._autocast0: tuple[bool, torch.dtype | None] | None = None
+        self.autocast_switched: str | None = None
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        if self._autocast is not None:
+            self._autocast0 = autocast_state(self._autocast)
+        return super().trace(root, concrete_args)
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any,
+                    name: str | None = None, type_expr: Any = None) -> fx.Node:
+        """fx's node, and the first op recorded while the forward had switched autocast
+        (`with torch.autocast(...)`, which fx does not record) away from the trace's state."""
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if (self._autocast0 is not None and self.autocast_switched is None
+                and autocast_state(self._autocast) != self._autocast0):
+            self.autocast_switched = node.name
+        return node
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _AugProxy(node, self)
@@ -93,14 +116,32 @@ class NotTraced(Exception):
     pass
 
 
-def trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
+def autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
+    """Whether autocast is on for `device_type` here, and its dtype when it is."""
+    on = torch.is_autocast_enabled(device_type)
+    return on, torch.get_autocast_dtype(device_type) if on else None
+
+
+def trace(model: nn.Module, autocast: str | None = None) -> tuple[fx.Graph, dict[str, Any]]:
     """`torch.fx.symbolic_trace`'s graph, with augmented assignments recorded in place, and the
     constants the graph reads by name (`get_attr`) that are not the model's own.
 
     fx stores a tensor the forward uses but the model does not hold (a module-level constant)
     as a new attribute of the model (`_tensor_constant0`); those are taken off the user's model
-    again and returned, so tracing leaves it as it was."""
-    return trace_with(_Tracer(), model)
+    again and returned, so tracing leaves it as it was.
+
+    `autocast`: a device type, traced under the pass's own autocast state for it. A forward
+    that switches that state for some of its ops (`with torch.autocast("cpu", enabled=False)`
+    around a head it keeps in float32, or a bf16 region of its own) raises NotTraced: the
+    graph holds those ops without the `with`, so it ran them at the pass's precision (a bf16
+    pass ran the float32 head in bf16, and the first-batch check, in fp32, could not see it)."""
+    tracer = _Tracer(autocast)
+    out = trace_with(tracer, model)
+    if tracer.autocast_switched is not None:
+        raise NotTraced(f"its forward sets torch.autocast for {autocast} itself (from its op "
+                        f"{tracer.autocast_switched!r} on), which a traced program would not "
+                        "replay")
+    return out
 
 
 def trace_with(tracer: fx.Tracer, model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
