@@ -178,6 +178,11 @@ def naive_pass(model, variants, src, device, batch_size: int,
     DataLoader pass normalising on the host, fp32, correct@1 read back with `.item()` every
     batch. The counts let `run` check that both approaches measured the same thing.
 
+    The batches are fed in the model's own dtype (`models.input_dtype`), as the engine feeds
+    them: a model built in bfloat16, float16 or float64 runs its own forward in both (float32
+    batches made its first layer raise "Input type (float) and bias type (c10::BFloat16)
+    should be the same", a traceback before anything was timed).
+
     `warmup`: first one batch through the final model, outside the loop's clock and timed apart
     (else 0.0): the naive loop's share of `warm_up`, which `run` asks for with no variants
     before any approach is timed. The costs a first forward at its batch shape pays (kernel
@@ -185,10 +190,14 @@ def naive_pass(model, variants, src, device, batch_size: int,
     layerfast's, and are not multiplied by V/k when it is timed on k of V variants."""
     from torch.utils.data import DataLoader, TensorDataset
 
+    from layerfast.models import input_dtype
+
     xs, ys = zip(*src.batches(4096), strict=True)
     ds = TensorDataset(torch.cat(xs), torch.cat(ys))
-    mean = torch.tensor(src.mean or (0.0,)).view(1, -1, 1, 1)
-    std = torch.tensor(src.std or (1.0,)).view(1, -1, 1, 1)
+    dtype = input_dtype(model)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32  # to_device's constants
+    mean = torch.tensor(src.mean or (0.0,), dtype=wide).view(1, -1, 1, 1)
+    std = torch.tensor(src.std or (1.0,), dtype=wide).view(1, -1, 1, 1)
     model.eval().to(device)
     state = model.state_dict()
     warm, counts = 0.0, []
@@ -197,7 +206,7 @@ def naive_pass(model, variants, src, device, batch_size: int,
             _sync(device)
             t = time.perf_counter()
             x, y = next(iter(DataLoader(ds, batch_size=batch_size, shuffle=False)))
-            x = ((x.float() / src.scale - mean) / std).to(device)
+            x = ((x.to(wide) / src.scale - mean) / std).to(device, dtype)
             (model(x).argmax(1) == y.to(device)).sum().item()
             _sync(device)
             warm = time.perf_counter() - t
@@ -209,7 +218,7 @@ def naive_pass(model, variants, src, device, batch_size: int,
             model.load_state_dict(ov, strict=False)
             correct = 0
             for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
-                x = ((x.float() / src.scale - mean) / std).to(device)
+                x = ((x.to(wide) / src.scale - mean) / std).to(device, dtype)
                 correct += (model(x).argmax(1) == y.to(device)).sum().item()
             model.load_state_dict(saved, strict=False)
             counts.append(int(correct))
@@ -300,7 +309,7 @@ def _run(args: argparse.Namespace) -> dict:
     from layerfast.engine import Evaluator
     from layerfast.engine.flops import floor_report
     from layerfast.engine.plan import warn_plan
-    from layerfast.engine.precision import resolve_device
+    from layerfast.engine.precision import model_dtype, resolve_device
     from layerfast.models import build_model
     from layerfast.units import make_units
     from layerfast.variants import make_variants
@@ -369,7 +378,7 @@ def _run(args: argparse.Namespace) -> dict:
             if name == "layerfast" and not torch.isfinite(res.counts[0, 2]):  # variant 0: baseline
                 warn("the final model gives NaN or Inf logits on this data: the figures time a "
                      "model whose errors mean nothing (analyze refuses it)")
-            out["precision"] = res.precision
+            out["precision"], out["model_dtype"] = res.precision, model_dtype(model)
             # the layout the pass ran in: `run` may have turned channels_last off (a model that
             # cannot run in it, layout auto), so it is read after the pass, not before
             # batch_size as planned (or --batch-size); batch_size_used, what the pass's batches
@@ -466,8 +475,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     scaled = (f" (timed on {out['naive_timed_variants']} of {out['variants']} variants, scaled)"
               if out["naive_scaled"] else "")
+    # what math ran: a model built in another dtype runs its own forward (analyze's wording)
+    dt = out.get("model_dtype", "float32")
+    ran = f"{out['precision']}{'' if dt == 'float32' else f' on a {dt} model'}"
     print(f"{out['arch']} on {out['data']}: {out['variants']} variants × {out['n']} samples, "
-          f"{out['device']}, {out['precision']}{', channels_last' if out['channels_last'] else ''}")
+          f"{out['device']}, {ran}{', channels_last' if out['channels_last'] else ''}")
     print(f"{'approach':14s} {'seconds':>10s} {'variant·img/s':>15s} {'× naive':>8s}")
     for name, secs in out["seconds"].items():
         speed = out["variant_images_per_s"][name]
@@ -490,7 +502,8 @@ def main(args: argparse.Namespace) -> int:
           + f" s (setup and total wall time, the phases {clock} time), after "
           f"{out['layerfast_probes']:.3f} s of batch-size and layout probes before the pass")
     naive_b = _batch(out["naive_batch_size_used"], out["naive_batch_size"], "asked")
-    print(f"naive = load weights, DataLoader pass at {naive_b}, fp32, correct@1 "
+    naive_math = "fp32" if dt == "float32" else f"fp32 on a {dt} model"
+    print(f"naive = load weights, DataLoader pass at {naive_b}, {naive_math}, correct@1 "
           f"by .item() per batch{scaled}")
     agree = out["agreement_with_naive"]
     worst = max(agree["max_abs_diff_correct1"].values(), default=0.0)
