@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from layerfast.engine.graph import Program, Ref, no_inplace_modules, refs_in
 from layerfast.engine.plan import Plan
-from layerfast.engine.precision import precision_context, tf32_allowed
+from layerfast.engine.precision import model_dtype, precision_context, tf32_allowed
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets, by precision.
 # Matched against torch.cuda.get_device_name in this order (the SXM H100 is the plain "H100").
@@ -243,7 +243,11 @@ def floor_report(
     rate is the best of a large GEMM's and, given the pass's `batch_size` (and layout), the
     model's own forward's: a floor must not be beaten by the very work it counts."""
     f = pass_flops(model, plan, sample_shape, keysets)
-    gemm = measure_rate(device, precision)
+    # A model built in bfloat16 runs its own bfloat16 forward in every mode (recorded as fp32,
+    # `precision.for_model`): its matmuls, and so its floor's GEMM, are bfloat16 ones. (float16
+    # and float64 keep the float32 GEMM: a CPU without float16 units runs both slower, so that
+    # floor is lower than theirs, loose but still a floor.)
+    gemm = measure_rate(device, "bf16" if model_dtype(model) == "bfloat16" else precision)
     fwd = None
     if batch_size:
         fwd = forward_rate(model, sample_shape, device, precision, batch_size, channels_last)
@@ -267,6 +271,7 @@ def floor_report(
         "seconds_datasheet_rate": total / sheet if sheet else None,
         "what": "matrix FLOPs (conv, matmul, attention; 2 per multiply-add) of the baseline "
         "forward plus, for each variant, the steps that depend on its changed tensors, at the "
-        "best rate measured here in the pass's precision (a large GEMM, or the model's own "
+        "best rate measured here in the pass's precision (bf16 for a model built in it; a "
+        "large GEMM, or the model's own "
         "forward at the pass's batch size if faster; datasheet for known GPUs)",
     }
