@@ -4,7 +4,8 @@ Prints the versions (layerfast, torch, torch's CUDA, Python), whether the CUDA k
 `layerfast._C` were compiled and whether they can run here (a visible GPU, checked by a tiny
 `swap_` on it), every `torch.ops.layerfast.*` op with the dispatch keys that have a kernel, the
 GPU architectures compiled into the extension and those torch was built for, whether FFCV is
-importable, and the thread counts. `--json` prints the same as one JSON object.
+importable, whether the CPU has native bf16 instructions, and the thread counts. `--json`
+prints the same as one JSON object.
 
     layerfast info [--json]
     python -m layerfast.info [--json]
@@ -156,6 +157,30 @@ def _ffcv() -> dict[str, Any]:
     return out
 
 
+#: /proc/cpuinfo flags of native bfloat16 arithmetic: x86's AVX512-BF16 and AMX-BF16, arm64's BF16
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_bf16(cpuinfo: str | None = None) -> dict[str, Any]:
+    """Whether this CPU has native bfloat16 instructions (`native`: True, False, or None where
+    it cannot be told: no /proc/cpuinfo), and which of `BF16_FLAGS` it has. Why: on the CPU,
+    `--precision bf16` runs the matmuls in bf16 through oneDNN, several times the fp32 rate on a
+    CPU that has them (BENCHMARKS.md, series 7) and with no such rate to gain where it has not;
+    `auto` stays fp32 on the CPU either way."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return {"native": None, "flags": []}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            have = set(value.split())
+            found = [f for f in BF16_FLAGS if f in have]
+            return {"native": bool(found), "flags": found}
+    return {"native": None, "flags": []}
+
+
 def collect() -> dict[str, Any]:
     """Everything `layerfast info` reports, as a JSON-serialisable dict."""
     cuda_built = torch.backends.cuda.is_built()
@@ -186,6 +211,7 @@ def collect() -> dict[str, Any]:
         "torch_cuda_arch_list": torch.cuda.get_arch_list() if cuda_built else [],
         "ops": op_kernels(),
         "ffcv": _ffcv(),
+        "cpu_bf16": cpu_bf16(),
         "threads": {
             "torch_intra_op": torch.get_num_threads(),
             "torch_inter_op": torch.get_num_interop_threads(),
@@ -224,6 +250,19 @@ def format_text(info: dict[str, Any]) -> str:
         lines.append(f"FFCV            {ffcv['version'] or 'installed (version unknown)'}{note}")
     else:
         lines.append(f"FFCV            not importable ({ffcv['error']})")
+    bf16 = info["cpu_bf16"]
+    if bf16["native"]:
+        lines.append(
+            f"CPU bf16        native ({', '.join(bf16['flags'])}): --precision bf16 "
+            "runs fast on the CPU (auto stays fp32 there)"
+        )
+    elif bf16["native"] is False:
+        lines.append(
+            "CPU bf16        not native (no avx512_bf16, amx_bf16 or bf16 flag): "
+            "keep fp32 on the CPU"
+        )
+    else:
+        lines.append("CPU bf16        unknown (no CPU flags to read here)")
     t = info["threads"]
     lines.append(
         f"threads         torch intra-op {t['torch_intra_op']}, inter-op {t['torch_inter_op']}; "
@@ -235,7 +274,7 @@ def format_text(info: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="layerfast info",
-        description="Versions, compiled kernels, registered ops, FFCV and threads.",
+        description="Versions, compiled kernels, registered ops, FFCV, CPU bf16 and threads.",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ KEYS = {
     "python",
     "platform",
     "extension",
+    "cpu_bf16",
     "cuda_kernels_compiled",
     "cuda_kernels_runnable",
     "cuda_check",
