@@ -58,6 +58,7 @@ from layerfast.engine.tracing import (
     hooked,
     opaque_function,
     trace,
+    trace_for_pass,
     trace_with,
 )
 
@@ -149,8 +150,8 @@ class Program:
                  precision: tuple[str, torch.device] | None = None) -> None:
         """`trace=False`: do not trace (the children of a plain nn.Sequential, else one
         opaque step), for a model whose traced program is not its forward (`Evaluator` checks).
-        `precision`: the pass's (precision, device), traced under its autocast, so that a
-        forward setting autocast otherwise for part of itself is not traced (`trace`)."""
+        `precision`: the pass's (precision, device), so that a forward setting autocast
+        otherwise for part of itself is not traced (`trace_for_pass`)."""
         self.model = model
         self.traced = False
         self.trace_error: str | None = None
@@ -172,10 +173,7 @@ class Program:
             if precision is None:
                 graph, self.constants = _trace(model)
             else:
-                from layerfast.engine.precision import precision_context
-
-                with precision_context(*precision):
-                    graph, self.constants = _trace(model, precision[1].type)
+                graph, self.constants = trace_for_pass(model, *precision)
             self._from_fx(graph, owned)
             self._check_hooks_run()
             self.traced = True

@@ -10,13 +10,14 @@ leaving a mark on the model.
 - code the trace cannot see (forward hooks, functions the user `torch.fx.wrap`ped) is named
   here (`hooked`, `global_hooks`, `opaque_function`) for the program to treat as opaque;
 - a forward that sets `torch.autocast` itself for part of it is not traced where that differs
-  from the pass's own autocast (`trace(model, autocast=...)`): fx records the ops, not the
-  `with` around them.
+  from the pass's own autocast (`trace_for_pass`): fx records the ops, not the `with` around
+  them.
 """
 
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -142,6 +143,42 @@ def trace(model: nn.Module, autocast: str | None = None) -> tuple[fx.Graph, dict
                         f"{tracer.autocast_switched!r} on), which a traced program would not "
                         "replay")
     return out
+
+
+def trace_for_pass(model: nn.Module, precision: str,
+                   device: torch.device) -> tuple[fx.Graph, dict[str, Any]]:
+    """`trace`'s graph for a pass at `precision` on `device`, recorded with autocast off, the
+    state the first-batch check runs the program in (`verify.trace_differs`, fp32); NotTraced
+    where the forward sets autocast otherwise than the pass does for some of its ops, or takes
+    another path under the pass's autocast than with it off.
+
+    A trace runs for real the ops of the forward that read only constants (a fixed matrix it
+    builds each call, `q @ q.T`): recorded under a bf16 pass's autocast, that product became
+    a bfloat16 constant of the graph, the fp32 check failed on it ("expected m1 and m2 to have
+    the same dtype") and the pass ran untraced, without its prefix sharing. So where the pass
+    turns autocast on, a trace under it looks for the forward's own regions, and for a path
+    that depends on autocast (`if torch.is_autocast_enabled("cpu"): ...`), which the program
+    recorded with autocast off would not take in the pass and the fp32 check cannot see."""
+    from layerfast.engine.precision import precision_context
+
+    kind = device.type
+    with precision_context(precision, device):
+        autocast_on = autocast_state(kind)[0]
+        under = trace(model, kind)[0] if autocast_on else None
+    with precision_context("fp32", device):
+        graph, constants = trace(model, None if autocast_on else kind)
+    if under is not None and _steps(under) != _steps(graph):
+        raise NotTraced(f"its forward takes another path under {kind} autocast than without "
+                        "it, which the program the first-batch check runs (fp32) would not")
+    return graph, constants
+
+
+def _steps(graph: fx.Graph) -> list[str]:
+    """A graph's nodes as text: equal for two traces that took the same path (constants are
+    named, not shown: their values may differ under autocast, their use may not; an object
+    the forward makes afresh on each call is shown without its address)."""
+    return [re.sub(r" at 0x[0-9a-fA-F]+", "", f"{n.op} {n.target} {n.args} {n.kwargs}")
+            for n in graph.nodes]
 
 
 def trace_with(tracer: fx.Tracer, model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:

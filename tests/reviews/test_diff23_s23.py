@@ -1,0 +1,90 @@
+"""Review of session 23's changes (helper diff23): one test per defect found.
+
+1. Tracing under a bf16 pass's autocast (ecb8192, to find a forward's own autocast regions) also
+   ran the ops a trace evaluates for real, on constants, in bf16: a forward that builds a fixed
+   matrix from constants (`mix = q @ q.T`) left a bfloat16 constant in the graph, the fp32
+   first-batch check then failed on it ("expected m1 and m2 to have the same dtype"), and the
+   pass ran untraced, without its prefix sharing, where it had been traced before. The program
+   is now recorded with autocast off; a trace under the pass's autocast still looks for the
+   forward's own regions, and for a path it takes only under autocast, which then runs
+   untraced (its own forward) as before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerfast.engine import Evaluator
+
+
+class ConstantMix(nn.Module):
+    """A fixed 64×64 transform built in the forward from constants, then two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+        mix = q @ q.T / 64  # traced for real: a constant of the graph
+        h = F.relu(self.a(x.flatten(1))) @ mix
+        return self.fc(F.relu(self.b(h)))
+
+
+def test_bf16_pass_keeps_the_trace_of_a_forward_with_matmul_constants() -> None:
+    torch.manual_seed(0)
+    model = ConstantMix().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(200, 1, 8, 8, generator=g), torch.randint(0, 10, (200,), generator=g)
+    variants = [{"b.weight": torch.randn(64, 64, generator=g) * 0.1},
+                {"fc.weight": torch.randn(10, 64, generator=g) * 0.1}]
+    res = Evaluator(model, variants, device="cpu", precision="bf16").run([(x, y)])
+    assert res.precision == "bf16"
+    assert res.plan["untraced"] is None, res.plan["untraced"]
+    # the model's own forward under the same autocast, variant by variant: the same counts but
+    # for a near-tie or two (the graph's constant is the fp32 product, cast by autocast)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i, v in enumerate(variants):
+            model.load_state_dict(v, strict=False)
+            correct = int((model(x).argmax(1) == y).sum())
+            model.load_state_dict(state)
+            assert abs(float(res.counts[i, 0]) - correct) <= 2
+
+
+class AutocastPath(nn.Module):
+    """A forward that takes a path of its own under autocast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x.flatten(1)))
+        if torch.is_autocast_enabled("cpu"):
+            h = h * 2
+        return self.fc(F.relu(self.b(h)))
+
+
+def test_bf16_pass_runs_a_forward_with_an_autocast_path_as_its_own() -> None:
+    """1b. The program recorded with autocast off must not run where the forward would take
+    another path under the pass's autocast: that forward runs untraced, bit for bit its own."""
+    torch.manual_seed(0)
+    model = AutocastPath().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(200, 1, 8, 8, generator=g), torch.randint(0, 10, (200,), generator=g)
+    variants = [{"b.weight": torch.randn(64, 64, generator=g) * 0.1},
+                {"fc.weight": torch.randn(10, 64, generator=g) * 0.1}]
+    got: dict[int, torch.Tensor] = {}
+    res = Evaluator(model, variants, device="cpu", precision="bf16").run(
+        [(x, y)], on_logits=lambda rows, logits: got.update(zip(rows, logits, strict=True)))
+    assert "autocast" in (res.plan["untraced"] or ""), res.plan["untraced"]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, v in enumerate(variants):
+        model.load_state_dict(v, strict=False)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # fresh weight cache
+            ref = model(x)
+        model.load_state_dict(state)
+        assert torch.equal(got[i], ref), i
