@@ -244,15 +244,17 @@ def floor_report(
     model's own forward's: a floor must not be beaten by the very work it counts."""
     f = pass_flops(model, plan, sample_shape, keysets)
     # A model built in bfloat16 runs its own bfloat16 forward in every mode (recorded as fp32,
-    # `precision.for_model`): its matmuls, and so its floor's GEMM, are bfloat16 ones. (float16
-    # and float64 keep the float32 GEMM: a CPU without float16 units runs both slower, so that
-    # floor is lower than theirs, loose but still a floor.)
-    gemm = measure_rate(device, "bf16" if model_dtype(model) == "bfloat16" else precision)
+    # `precision.for_model`): its matmuls, and so its floor's GEMM and datasheet rate, are
+    # bfloat16 ones (the fp32 datasheet peak was a tenth of the bf16 GEMM measured beside it).
+    # (float16 and float64 keep the float32 GEMM: a CPU without float16 units runs both slower,
+    # so that floor is lower than theirs, loose but still a floor.)
+    math = "bf16" if model_dtype(model) == "bfloat16" else precision
+    gemm = measure_rate(device, math)
     fwd = None
     if batch_size:
         fwd = forward_rate(model, sample_shape, device, precision, batch_size, channels_last)
     measured = max(gemm, fwd or 0.0)
-    sheet = datasheet_rate(device, precision)
+    sheet = datasheet_rate(device, math)
     total = f.needed * n_samples
     return {
         "gflop_per_sample": {

@@ -88,3 +88,27 @@ def test_bf16_pass_runs_a_forward_with_an_autocast_path_as_its_own() -> None:
             ref = model(x)
         model.load_state_dict(state)
         assert torch.equal(got[i], ref), i
+
+
+def test_a_bf16_models_floor_reads_the_bf16_datasheet_rate(monkeypatch) -> None:
+    """2. The floor of a model built in bfloat16 timed its GEMM in bf16 (966ea8f) but still read
+    the datasheet at the recorded precision, fp32: on an H100 a measured bf16 GEMM of several
+    hundred TFLOP/s beside a "datasheet" peak of 66.9, and a datasheet floor ~15× the measured
+    one. Both rates are now the bf16 ones."""
+    import layerfast.engine.flops as flops
+    from layerfast.engine.graph import Program
+    from layerfast.engine.plan import make_plan
+
+    asked: dict[str, list[str]] = {"gemm": [], "sheet": []}
+    monkeypatch.setattr(flops, "measure_rate", lambda device, precision, seconds=0.5:
+                        asked["gemm"].append(precision) or 5e14)
+    monkeypatch.setattr(flops, "datasheet_rate", lambda device, precision:
+                        asked["sheet"].append(precision) or 1e15)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    keysets = [{"1.weight"}, {"3.weight"}]
+    for dtype, want in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        model.to(dtype)
+        plan = make_plan(Program(model), keysets, False, 1)
+        flops.floor_report(model, plan, (1, 8, 8), 100, torch.device("cpu"), "fp32",
+                           keysets=keysets)
+        assert asked["gemm"][-1] == asked["sheet"][-1] == want, asked
