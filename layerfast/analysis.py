@@ -292,17 +292,16 @@ def _versions() -> dict:
 
 
 def _shape_mismatches(ck: Any, labels: list[int] | None, ref: dict[str, torch.Tensor],
-                      num_classes: int) -> tuple[bool, bool, list[str]]:
-    """(any head mismatch, any other mismatch, the files that fit) between the checkpoints
-    `labels` (all when None) and the model's state dict `ref`. A head mismatch is a tensor whose
-    model shape leads with `num_classes` where the checkpoint's does not: only then is the
-    data's class count the likely cause. A torchvision (3-channel) checkpoint with 1-channel
-    data mismatches only in conv1.weight, and blaming the labels there sends the user the wrong
-    way. The files that fit (the model's keys, every shape equal) show that the model built from
-    the data and --arch is right, so neither may be blamed for the files that do not."""
+                      num_classes: int) -> tuple[int, bool, list[str]]:
+    """(the checkpoints' class count where a head mismatches, else 0; any other mismatch; the
+    files that fit) for the checkpoints `labels` (all when None) against the state dict `ref`.
+    Only a head mismatch (the model's shape leads with `num_classes`, the checkpoint's not)
+    blames the data's class count: a torchvision (3-channel) checkpoint with 1-channel data
+    mismatches only in conv1.weight. Files that fit (the model's keys, every shape equal) show
+    the model built from the data and --arch right: neither is blamed for the others."""
     from layerfast.checkpoints.keymap import is_tolerated_missing
 
-    head = other = False
+    head, other = 0, False
     fit: list[str] = []
     for label in ck.labels if labels is None else labels:
         try:
@@ -318,7 +317,7 @@ def _shape_mismatches(ck: Any, labels: list[int] | None, ref: dict[str, torch.Te
                 continue
             fits = False
             if want[:1] == (num_classes,) and tuple(shape[:1]) != want[:1]:
-                head = True
+                head = max(head, int(shape[0]) if len(shape) else 1)
             else:
                 other = True
         if fits:
@@ -376,9 +375,10 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
                    if always <= set(fit) else "replace them")
             raise LayerfastError(f"{exc} ({shown} fit the model, so the other files were saved "
                                  f"from a different model: {fix})") from None
-        if head and from_data:
-            raise LayerfastError(f"{exc} (the model was built for {num_classes:,} classes, "
-                                 f"{where}; labels must be 0..classes-1 of the checkpoint's "
+        if head and from_data:  # fewer: labels that miss the top class (inputs.named_as_passed)
+            fewer = f", fewer than the {head:,} of the checkpoint" * (head > num_classes)
+            raise LayerfastError(f"{exc} (the model was built for {num_classes:,} classes, {where}"
+                                 f"{fewer}; labels must be 0..classes-1 of the checkpoint's "
                                  "model)") from None
         if other and not head:
             raise LayerfastError(f"{exc} (the model was built for inputs of shape "

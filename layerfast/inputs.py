@@ -380,7 +380,10 @@ def named_as_passed(ckpts: Any, data: Any, inputs: dict[str, str] | None) -> Ite
         if "data" in inputs:
             for form in dict.fromkeys((str(data), str(Path(data).resolve()))):
                 msg = msg.replace(repr(form), DATA_NAME).replace(form, DATA_NAME)
-            if f"the largest label of {DATA_NAME}" in msg and "num_classes" not in inputs["data"]:
+            # built for fewer classes than the state dicts (`analysis.build`): labels that miss
+            # the top class; labels past the state dicts' classes (1-based ones) it cannot fix
+            if (f"the largest label of {DATA_NAME}" in msg and "fewer than the" in msg
+                    and "num_classes" not in inputs["data"]):
                 msg += ("; pass data=(x, y, num_classes) to build the head for the state dicts' "
                         "class count")
         if "ckpts" in inputs:

@@ -112,3 +112,45 @@ def test_a_bf16_models_floor_reads_the_bf16_datasheet_rate(monkeypatch) -> None:
         flops.floor_report(model, plan, (1, 8, 8), 100, torch.device("cpu"), "fp32",
                            keysets=keysets)
         assert asked["gemm"][-1] == asked["sheet"][-1] == want, asked
+
+
+class _Net(nn.Module):
+    """The README's notebook model."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def test_labels_beyond_the_checkpoints_classes_are_not_told_to_pass_num_classes(
+        tmp_path, monkeypatch) -> None:
+    """3. In-memory labels that run past the state dicts' classes (1-based labels, 1..10, for a
+    10-class head) build an 11-class head; the error added "pass data=(x, y, num_classes) to
+    build the head for the state dicts' class count" (b195da8), a fix that cannot work (10
+    classes: label 10 is then out of range). The advice is for labels that miss the top class,
+    where the head is built smaller than the state dicts'."""
+    import tempfile
+
+    import pytest
+
+    import layerfast
+    from layerfast.errors import LayerfastError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    torch.manual_seed(0)
+    states = {0: _Net().state_dict(), 1: _Net().state_dict()}
+    x = torch.randn(40, 64)
+    args = {"device": "cpu", "progress": False, "figures": False, "quiet": True}
+    with pytest.raises(LayerfastError) as info:
+        layerfast.analyze(_Net, states, data=(x, torch.arange(40) % 10 + 1), out=tmp_path / "a",
+                          **args)
+    msg = str(info.value)
+    assert "built for 11 classes" in msg and "data (x, y)" in msg, msg
+    assert "num_classes" not in msg, msg
+    with pytest.raises(LayerfastError) as info:  # labels that miss class 9: the advice stays
+        layerfast.analyze(_Net, states, data=(x, torch.arange(40) % 9), out=tmp_path / "b",
+                          **args)
+    assert "pass data=(x, y, num_classes)" in str(info.value), str(info.value)
