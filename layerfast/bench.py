@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
                    help="layerfast's precision, as for analyze (default: auto); the naive loop "
-                        "runs fp32")
+                        "runs fp32 (a model built in bfloat16, float16 or float64: its own "
+                        "dtype, as analyze runs it)")
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="layerfast's activation layout (default: auto; see "
                         "`layerfast analyze --help`)")
