@@ -369,6 +369,10 @@ class TorchFile(OpenedFile):
         try:
             with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                # torch checks a sparse tensor's invariants while loading and says so as a
+                # raw UserWarning (two lines, one of torch's source); the tensor is refused
+                # just below with one line that says why, so its warning is only noise.
+                warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
                 obj = torch.load(
                     str(path), map_location="cpu", weights_only=True, mmap=not self.in_memory
                 )
