@@ -348,6 +348,20 @@ def _check_seed(seed: object) -> None:
         raise LayerfastError(f"--seed must be an integer in -2**63..2**63-1, got {seed!r}")
 
 
+def _check_step_sizes(model: nn.Module, lr: float, weight_decay: float) -> None:
+    """SGD multiplies by lr and weight_decay in the parameters' dtype: a value beyond that
+    dtype's range (`--lr 1e308` for float32 weights) failed at the first step, with torch's
+    RuntimeError "value cannot be converted to type float without overflow" as a traceback,
+    exit 1, after epoch_000.pt and a manifest were written. Refused before anything is."""
+    for dtype in sorted({p.dtype for p in model.parameters() if p.is_floating_point()}, key=str):
+        top = torch.finfo(dtype).max
+        for name, v in (("lr", lr), ("weight_decay", weight_decay)):
+            if v > top:
+                raise LayerfastError(f"{name} must be at most {top:.4g}, the largest "
+                                     f"{str(dtype).removeprefix('torch.')} the model's "
+                                     f"weights hold; got {v:g}")
+
+
 def _batch_sizes(n: int, batch_size: int) -> list[tuple[int, int]]:
     """The training steps' (start, stop) over `n` samples: batches of `batch_size`, a lone
     trailing sample dropped (it would break BatchNorm's training statistics). With
@@ -581,6 +595,7 @@ def train(
         if not any(p.requires_grad for p in model.parameters()):  # SGD's bare ValueError else
             raise LayerfastError(f"{arch} has no trainable parameters: nothing to train")
         _probe(model, arch, train_src, batch_size)
+        _check_step_sizes(model, lr, weight_decay)
         model.to(dev)
         x_all, y_all = _gather(train_src, dev)  # decodes every image: broken files show here
         # NaN/Inf inputs would show as a NaN loss, blamed on the learning rate: blame the data
