@@ -195,6 +195,10 @@ def naive_pass(model, variants, src, device, batch_size: int,
 
     xs, ys = zip(*src.batches(4096), strict=True)
     ds = TensorDataset(torch.cat(xs), torch.cat(ys))
+    # DataLoader's sampler cuts batches with itertools.islice, which refuses a size above
+    # sys.maxsize (`--batch-size 99999999999999999999`: a ValueError traceback); any size
+    # from n up gives the same one batch of all n samples.
+    batch_size = min(batch_size, len(ds))
     dtype = input_dtype(model)
     wide = torch.float64 if dtype == torch.float64 else torch.float32  # to_device's constants
     mean = torch.tensor(src.mean or (0.0,), dtype=wide).view(1, -1, 1, 1)
