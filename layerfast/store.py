@@ -110,6 +110,7 @@ class ResumeStore:
 
     # ---- setup -----------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
+        db = None
         try:
             db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
             db.execute("PRAGMA journal_mode=WAL")
@@ -118,6 +119,12 @@ class ResumeStore:
             db.execute("CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 0),"
                        " n_done INTEGER, counts BLOB, complete INTEGER, info TEXT)")
         except sqlite3.DatabaseError as exc:
+            # closed here: the error's traceback holds this frame, so a damaged store's
+            # connection stayed open as long as the error lived (an API caller's, a notebook's
+            # last traceback), with the -wal and -shm files it made left beside the store
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
             raise self._unusable(exc) from None
         return db
 
