@@ -972,9 +972,9 @@ def list_units(arch: str | Callable[..., torch.nn.Module],
     if isinstance(data, tuple | list):
         src = open_pair(data, max_samples=1)
     else:
-        if not data and ckpts:
+        if data is None and ckpts:  # `--data ""` is a bad spec, refused as analyze refuses it
             data = _data_spec(None, ckpts)[0]
-        src = open_data(data or "digits", split=split, max_samples=1)
+        src = open_data("digits" if data is None else data, split=split, max_samples=1)
     if num_classes is None and isinstance(ckpts, str | os.PathLike):
         num_classes = _manifest_classes(Path(ckpts).expanduser())  # as analyze builds it
     # the factory's init draws: not the caller's; fp32 as analyze builds it

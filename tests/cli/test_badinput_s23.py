@@ -23,3 +23,26 @@ def test_bench_takes_a_batch_size_beyond_sys_maxsize(capsys: pytest.CaptureFixtu
     assert "Traceback" not in captured.err
     out = json.loads(captured.out)
     assert out["naive_batch_size"] == big and out["naive_batch_size_used"] == 16
+
+
+@pytest.mark.parametrize("with_ckpts", [False, True])
+def test_list_units_refuses_an_empty_data_spec_as_analyze_does(
+    tmp_path, with_ckpts: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`analyze --data ""` is refused ("unknown data spec ''"), but the dry run `--list-units`
+    read the empty spec as no --data at all and listed digits' units (or those of the data the
+    checkpoints' manifest names), exit 0: a dry run must not pass a command the real run
+    refuses. Now the same one-line refusal, exit 2."""
+    argv = ["analyze", "--arch", "fcn3x256", "--list-units", "--data", ""]
+    if with_ckpts:
+        ck = tmp_path / "ck"
+        ck.mkdir()
+        (ck / "manifest.json").write_text(json.dumps(
+            {"checkpoints": [{"epoch": 0, "file": "epoch_000.pt"}], "data": "digits"}))
+        argv += ["--ckpts", str(ck)]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and "warning:" not in ln]
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("layerfast: error:"), err
+    assert "data spec ''" in lines[0], err
