@@ -398,6 +398,9 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.list_units:  # the same checks as a real run: a dry run must not pass a bad command
         parse_flags(args.reset, args.alphas, args.sigma, args.seeds, args.threshold,
                     args.batch_size, args.max_samples, args.final, args.checkpoints, args.units)
+        from layerfast.engine.precision import parse_device
+
+        parse_device(args.device)  # `--device bogus` passed the dry run that the run refuses
         units = list_units(args.arch, args.data, args.granularity, args.units, args.bn,
                            ckpts=args.ckpts, split=args.split)
         from layerfast.report.tables import printable

@@ -29,15 +29,25 @@ def float32_default() -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
+def parse_device(device: str | torch.device) -> torch.device | None:
+    """`device` as a torch.device (None for auto), refused unless it names the CPU or CUDA.
+    Only the name: a dry run (`--list-units`) checks this much, and leaves whether the GPU is
+    there to the run (a command for a GPU machine can be dry-run on a laptop)."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise LayerfastError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    dev = parse_device(device)
+    if dev is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LayerfastError(f"--device {dev} was asked for, but torch sees no CUDA GPU here")
     n = torch.cuda.device_count() if dev.type == "cuda" else 0

@@ -46,3 +46,27 @@ def test_list_units_refuses_an_empty_data_spec_as_analyze_does(
     assert rc == 2, err
     assert len(lines) == 1 and lines[0].startswith("layerfast: error:"), err
     assert "data spec ''" in lines[0], err
+
+
+@pytest.mark.parametrize("device", ["bogus", "", "tpu"])
+def test_list_units_refuses_a_device_the_run_refuses(
+    device: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`analyze --device bogus` is refused ("unknown --device"), but `--list-units` never
+    looked at --device: it listed the units, exit 0, for a command that cannot run. Now the
+    dry run refuses it with the run's line, exit 2."""
+    rc = main(["analyze", "--arch", "fcn3x256", "--list-units", "--device", device])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and "warning:" not in ln]
+    assert rc == 2, err
+    assert len(lines) == 1 and "unknown --device" in lines[0], err
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:7", "auto"])
+def test_list_units_checks_the_device_name_only(
+    device: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whether the GPU is there is left to the run (docs/decisions.md: a command for a GPU
+    machine can be dry-run on a laptop)."""
+    assert main(["analyze", "--arch", "fcn3x256", "--list-units", "--device", device]) == 0
+    assert "fc1" in capsys.readouterr().out
