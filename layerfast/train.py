@@ -355,7 +355,7 @@ def _check_step_sizes(model: nn.Module, lr: float, weight_decay: float) -> None:
     exit 1, after epoch_000.pt and a manifest were written. Refused before anything is."""
     for dtype in sorted({p.dtype for p in model.parameters() if p.is_floating_point()}, key=str):
         top = torch.finfo(dtype).max
-        for name, v in (("lr", lr), ("weight_decay", weight_decay)):
+        for name, v in (("--lr", lr), ("--weight-decay", weight_decay)):
             if v > top:
                 raise LayerfastError(f"{name} must be at most {top:.4g}, the largest "
                                      f"{str(dtype).removeprefix('torch.')} the model's "
