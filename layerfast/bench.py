@@ -221,11 +221,17 @@ def naive_pass(model, variants, src, device, batch_size: int,
             ov = v.overrides()
             saved = {k: state[k].clone() for k in ov}
             model.load_state_dict(ov, strict=False)
+            # under a caller's autocast (grad mode on: this loop runs under no_grad, not
+            # inference_mode) autocast keeps its casts of leaf parameters for the whole region:
+            # after an in-place load the forwards read the casts made before it (every variant
+            # counted as the first one forwarded: engine.naive clears it likewise)
+            torch.clear_autocast_cache()
             correct = 0
             for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
                 x = ((x.to(wide) / src.scale - mean) / std).to(device, dtype)
                 correct += (model(x).argmax(1) == y.to(device)).sum().item()
             model.load_state_dict(saved, strict=False)
+            torch.clear_autocast_cache()
             counts.append(int(correct))
         _sync(device)
         loop = time.perf_counter() - t
