@@ -21,6 +21,7 @@ from torch import nn
 
 import layerfast.bench as bench
 from layerfast.engine import Evaluator
+from layerfast.engine.precision import tf32_allowed
 from tests.cli import test_bench_audit as _audit
 
 DEVICE = "cuda"
@@ -52,11 +53,16 @@ def _case():
 
 
 def _plain_loop(model, variants, batches) -> torch.Tensor:
-    """Reset, the model's own forward under bf16 autocast on the device, keep the logits."""
+    """Reset, the model's own forward under bf16 autocast on the device, keep the logits.
+
+    With TF32 allowed, as the bf16 mode runs (`precision_context`): the head the forward keeps
+    in float32 is a float32 matmul, which the engine's bf16 pass runs in TF32 on CUDA, and
+    torch's default (cuBLAS TF32 off) made this reference another computation. On the CPU the
+    setting changes nothing (oneDNN stays in full float32 in every mode)."""
     model = model.to(DEVICE)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), tf32_allowed(True):
         for v in variants:
             model.load_state_dict({k: t.to(DEVICE) for k, t in v.items()}, strict=False)
             with torch.autocast(DEVICE, dtype=torch.bfloat16):
