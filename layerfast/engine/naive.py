@@ -79,6 +79,11 @@ def _evaluate(model: nn.Module, variants: Sequence[Any],
     state = {k: v for k, v in model.state_dict(keep_vars=False).items()}
     ref: list[torch.Tensor] = []
     with torch.no_grad():
+        # the final model's own casts too: a caller's autocast region may hold casts made
+        # before its weights last changed in place (a forward, then a load_state_dict), and
+        # the reference predictions read them while every variant, loaded below, reads fresh
+        # ones (the final model then disagreed with itself)
+        torch.clear_autocast_cache()
         for x, _ in batches():
             # a copy: a forward that writes into its input (`x.mul_(2)`) must not change the
             # batch the next variant reads, as the engine's cached input is never changed

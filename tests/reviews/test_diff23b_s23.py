@@ -6,6 +6,8 @@
    casts of the first forward's weights ([11, 11, 11] for three different models on 200
    digits); `engine.naive` was fixed for the same in c30cbe7. Each variant now reads its own
    weights, and the caller's model its own after the loop.
+2. `naive_evaluate`'s reference pass under a caller's autocast holding casts older than the
+   weights (below).
 """
 
 from __future__ import annotations
@@ -50,3 +52,25 @@ def test_bench_naive_pass_under_autocast_reads_each_variants_weights() -> None:
         assert got == want
         # and the caller's model reads its own (restored) weights afterwards, in the same region
         assert naive_pass(model, [variants[0]], src, cpu, 64)[2] == want[:1]
+
+
+def test_naive_evaluate_reads_the_final_models_current_weights_under_autocast() -> None:
+    """2. `naive_evaluate` under a caller's autocast that cast the weights before they last
+    changed in place (the caller's forward, then an in-place change or `load_state_dict`): the
+    reference predictions read those old casts while each variant, loaded after a clear of the
+    cache (c30cbe7), read fresh ones, so the final model agreed with itself on 10 of 64 samples.
+    The loop now clears the cache before its reference pass too."""
+    from layerfast.engine.naive import naive_evaluate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 4, 4, generator=g), torch.randint(0, 4, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            model(x)  # the caller's forward: autocast keeps the weights' casts
+            model[1].weight.mul_(-1)  # then the caller changes them in place
+        got = naive_evaluate(model, [{}], lambda: [(x, y)])
+    assert got[0, 3] == 64  # the model as it is agrees with itself on every sample
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a region of its own: no old casts
+        assert torch.equal(got, naive_evaluate(model, [{}], lambda: [(x, y)]))
