@@ -11,7 +11,6 @@ caller never made, and no word of the third element that fixes it. Now the messa
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from torch import nn
 
 import layerfast
 from layerfast.errors import LayerfastError
+from tests.analysis.test_inmem_s19 import _own_tempdir  # noqa: F401 - autouse: inputs under tmp_path
 
 ARGS = {"device": "cpu", "progress": False, "figures": False, "quiet": True}
 
@@ -33,15 +33,6 @@ class Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
-
-@pytest.fixture(autouse=True)
-def _own_tempdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The materialised inputs go under this test's tmp dir, not the machine's /tmp."""
-    tmp = tmp_path / "systemp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return tmp
 
 
 def _states() -> dict[int, dict[str, torch.Tensor]]:

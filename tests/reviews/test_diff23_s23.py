@@ -33,25 +33,32 @@ class ConstantMix(nn.Module):
         return self.fc(F.relu(self.b(h)))
 
 
-def test_bf16_pass_keeps_the_trace_of_a_forward_with_matmul_constants() -> None:
+def _case(cls: type[nn.Module]) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[dict]]:
     torch.manual_seed(0)
-    model = ConstantMix().eval()
+    model = cls().eval()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(200, 1, 8, 8, generator=g), torch.randint(0, 10, (200,), generator=g)
     variants = [{"b.weight": torch.randn(64, 64, generator=g) * 0.1},
                 {"fc.weight": torch.randn(10, 64, generator=g) * 0.1}]
+    return model, x, y, variants
+
+
+def test_bf16_pass_keeps_the_trace_of_a_forward_with_matmul_constants() -> None:
+    model, x, y, variants = _case(ConstantMix)
     res = Evaluator(model, variants, device="cpu", precision="bf16").run([(x, y)])
     assert res.precision == "bf16"
     assert res.plan["untraced"] is None, res.plan["untraced"]
-    # the model's own forward under the same autocast, variant by variant: the same counts but
-    # for a near-tie or two (the graph's constant is the fp32 product, cast by autocast)
+    # the model's own forward under the same autocast, variant by variant (each in a region of
+    # its own: a region kept across the in-place loads would serve the first variant's weight
+    # casts to the next, under no_grad): the same counts but for a near-tie or two (the
+    # graph's constant is the fp32 product, cast by autocast)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for i, v in enumerate(variants):
-            model.load_state_dict(v, strict=False)
+    for i, v in enumerate(variants):
+        model.load_state_dict(v, strict=False)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             correct = int((model(x).argmax(1) == y).sum())
-            model.load_state_dict(state)
-            assert abs(float(res.counts[i, 0]) - correct) <= 2
+        model.load_state_dict(state)
+        assert abs(float(res.counts[i, 0]) - correct) <= 2
 
 
 class AutocastPath(nn.Module):
@@ -71,12 +78,7 @@ class AutocastPath(nn.Module):
 def test_bf16_pass_runs_a_forward_with_an_autocast_path_as_its_own() -> None:
     """1b. The program recorded with autocast off must not run where the forward would take
     another path under the pass's autocast: that forward runs untraced, bit for bit its own."""
-    torch.manual_seed(0)
-    model = AutocastPath().eval()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(200, 1, 8, 8, generator=g), torch.randint(0, 10, (200,), generator=g)
-    variants = [{"b.weight": torch.randn(64, 64, generator=g) * 0.1},
-                {"fc.weight": torch.randn(10, 64, generator=g) * 0.1}]
+    model, x, y, variants = _case(AutocastPath)
     got: dict[int, torch.Tensor] = {}
     res = Evaluator(model, variants, device="cpu", precision="bf16").run(
         [(x, y)], on_logits=lambda rows, logits: got.update(zip(rows, logits, strict=True)))
