@@ -106,7 +106,8 @@ class Analysis:
         _check_threshold(threshold)
         return report.summary_table(self.table, self.distances, float(threshold),
                                     self.run.get("bn", "with-layer"),
-                                    split=str(self.run.get("split", "test")))
+                                    split=str(self.run.get("split", "test")),
+                                    precision=self.run.get("precision"))
 
 
 def _data_spec(data: str | os.PathLike[str] | None,

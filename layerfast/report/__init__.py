@@ -75,8 +75,9 @@ def summary(out_dir: str | os.PathLike[str], threshold: float | None = None) -> 
         note = (f"\n(judged here at --threshold {threshold:g}; results.csv keeps the run's "
                 f"verdicts at {recorded:g})")
     split = run.get("split", "test") if isinstance(run, dict) else "test"
+    precision = run.get("precision") if isinstance(run, dict) else None
     return summary_table(table, dist, recorded if threshold is None else threshold, bn,
-                         split=str(split)) + note
+                         split=str(split), precision=precision) + note
 
 
 def _read(out: Path):

@@ -137,6 +137,7 @@ def summary_table(
     threshold: float = 0.05,
     bn: str = "with-layer",
     split: str = "test",
+    precision: str | None = None,
 ) -> str:
     """Render the per-unit summary of a results table as aligned plain text.
 
@@ -155,7 +156,10 @@ def summary_table(
     `bn` "keep" held normalization back.
     interp rows (`--reset interp`) follow as a grid of their own, unit and τ by α.
     `split` names the data split the errors were measured on (`--split train`: "baseline
-    train error", not "test error").
+    train error", not "test error"). `precision`, the run's (run.json): a bf16 or tf32 run says
+    so in the footer, where a table pasted or reprinted without the command would otherwise
+    pass for fp32's, the mode that reproduces the naive loop (bf16 moved a ResNet-20 row by
+    0.68 points, and an FCN verdict at the threshold).
     """
     threshold = float(threshold) + 0.0  # `--threshold -0` printed "<= -0 (-0 points)"
     kinds = table["kind"].astype(str)
@@ -306,4 +310,7 @@ def summary_table(
             if len(cells) > 12:  # a run that kept every epoch: its two ends
                 cells = [*cells[:6], "...", *cells[-6:]]
             foot.append("whole model reset, at each tau: " + ", ".join(cells))
+    if precision in ("bf16", "tf32"):
+        foot.append(f"precision: {precision}: its rounding can move an error by up to about a "
+                    "point from fp32's (--precision fp32 reproduces the naive loop)")
     return "\n".join([title, *body, rule, *foot])
