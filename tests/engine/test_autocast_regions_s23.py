@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerfast.engine import Evaluator
+from tests.engine.test_bf16_s18 import _plain_loop  # reset, own forward (autocast per variant)
 
 
 class Float32Head(nn.Module):
@@ -68,25 +69,12 @@ def _engine(model, variants, batches, precision: str, fanout: bool):
     return res, torch.stack([torch.cat(got[i]) for i in range(len(variants))]).float()
 
 
-def _plain_loop(model, variants, batches, bf16: bool) -> torch.Tensor:
-    """Reset, the model's own forward under the mode's autocast, keep the logits."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    out = []
-    with torch.no_grad():
-        for v in variants:
-            model.load_state_dict(v, strict=False)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out.append(torch.cat([model(x) for x, _ in batches]).float())
-            model.load_state_dict(state)
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("fanout", [False, True])
 def test_bf16_keeps_a_float32_region_of_the_forward(fanout):
     model, variants, batches = _case(Float32Head)
     res, got = _engine(model, variants, batches, "bf16", fanout)
     assert res.precision == "bf16"
-    ref = _plain_loop(model, variants, batches, bf16=True)
+    ref = _plain_loop(model, variants, batches, autocast=True)
     assert torch.equal(got, ref), f"max |Δlogit| {(got - ref).abs().max():.3g}"
     assert "autocast" in (res.plan["untraced"] or ""), res.plan["untraced"]
 
@@ -96,13 +84,13 @@ def test_fp32_keeps_the_trace_where_the_region_changes_nothing():
     model, variants, batches = _case(Float32Head)
     res, got = _engine(model, variants, batches, "fp32", False)
     assert res.plan["untraced"] is None
-    assert torch.equal(got, _plain_loop(model, variants, batches, bf16=False))
+    assert torch.equal(got, _plain_loop(model, variants, batches, autocast=False))
 
 
 def test_fp32_runs_a_models_own_bf16_region_and_says_why_untraced():
     model, variants, batches = _case(Bf16Middle)
     res, got = _engine(model, variants, batches, "fp32", False)
-    assert torch.equal(got, _plain_loop(model, variants, batches, bf16=False))
+    assert torch.equal(got, _plain_loop(model, variants, batches, autocast=False))
     why = res.plan["untraced"] or ""
     assert "autocast" in why and "cpu" in why, why
 
