@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerfast.engine import Evaluator
+from tests.analysis.test_inmem_names_s23 import Net as _Net  # the README's notebook model
 
 
 class ConstantMix(nn.Module):
@@ -114,17 +115,6 @@ def test_a_bf16_models_floor_reads_the_bf16_datasheet_rate(monkeypatch) -> None:
         flops.floor_report(model, plan, (1, 8, 8), 100, torch.device("cpu"), "fp32",
                            keysets=keysets)
         assert asked["gemm"][-1] == asked["sheet"][-1] == want, asked
-
-
-class _Net(nn.Module):
-    """The README's notebook model."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
 def test_labels_beyond_the_checkpoints_classes_are_not_told_to_pass_num_classes(
