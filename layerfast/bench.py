@@ -221,8 +221,8 @@ def naive_pass(model, variants, src, device, batch_size: int,
             ov = v.overrides()
             saved = {k: state[k].clone() for k in ov}
             model.load_state_dict(ov, strict=False)
-            # under a caller's autocast (grad mode on: this loop runs under no_grad, not
-            # inference_mode) autocast keeps its casts of leaf parameters for the whole region:
+            # under a caller's autocast, outside inference_mode (this loop runs under no_grad,
+            # which does not stop it), autocast keeps its casts of leaf parameters for the region:
             # after an in-place load the forwards read the casts made before it (every variant
             # counted as the first one forwarded: engine.naive clears it likewise)
             torch.clear_autocast_cache()

@@ -98,9 +98,10 @@ def _evaluate(model: nn.Module, variants: Sequence[Any],
             saved = {k: state[k].clone() for k in ov}
             try:  # on the CPU the variant is loaded into the caller's own tensors
                 model.load_state_dict(ov, strict=False)
-                # Under a caller's autocast (a bf16 reference), grad mode on, autocast keeps
-                # the low-precision casts of leaf parameters for the whole region: after this
-                # in-place load every forward would still read the casts made before it.
+                # Under a caller's autocast (a bf16 reference) and outside inference_mode
+                # (no_grad, as here, included), autocast keeps the low-precision casts of leaf
+                # parameters for the whole region: after this in-place load every forward would
+                # still read the casts made before it.
                 torch.clear_autocast_cache()
                 for j, (x, y) in enumerate(batches()):
                     x, y = x.to(device, copy=True), y.to(device)
