@@ -77,8 +77,7 @@ class Analysis:
                 raise LayerfastError("plot() needs a path when the analysis has no out dir")
             path = self.out / ("heatmap.png" if kind == "heatmap" else "distances.png")
         if kind == "heatmap":
-            return report.heatmap(self.table, path, title=self.run.get("title"),
-                                  split=str(self.run.get("split", "test")))
+            return report.heatmap(self.table, path, **report.heatmap_labels(self.run))
         if kind == "distances":
             return report.distance_plot(self.distances, path)
         raise LayerfastError(f"unknown plot kind {kind!r}: heatmap or distances")
@@ -90,8 +89,7 @@ class Analysis:
         from layerfast import report
 
         if kind == "heatmap":
-            return report.heatmap_figure(self.table, title=self.run.get("title"),
-                                         split=str(self.run.get("split", "test")))
+            return report.heatmap_figure(self.table, **report.heatmap_labels(self.run))
         if kind == "distances":
             return report.distance_figure(self.distances)
         raise LayerfastError(f"unknown plot kind {kind!r}: heatmap or distances")

@@ -25,6 +25,7 @@ from layerfast.report.figures import (
     has_heatmap,
     heatmap,
     heatmap_figure,
+    heatmap_labels,
 )
 from layerfast.report.tables import atomic_path, read_distances, read_results, write_csv
 from layerfast.report.terminal import summary_table
@@ -36,6 +37,7 @@ __all__ = [
     "has_heatmap",
     "heatmap",
     "heatmap_figure",
+    "heatmap_labels",
     "read_distances",
     "read_results",
     "redraw",
@@ -122,24 +124,25 @@ def redraw(out_dir: str | os.PathLike[str]) -> list[Path]:
         return _redraw(out)
 
 
-def _recorded_split(out: Path) -> str:
-    """The split run.json records ("test" when it cannot be read): the heatmap's label."""
+def _recorded_labels(out: Path) -> dict[str, object]:
+    """The heatmap's labels from run.json (`heatmap_labels`: the defaults, test and no
+    precision line, when it cannot be read), so a redraw says what `analyze` drew."""
+    run = None
     try:
         path = out / "run.json"
-        if not path.is_file() or path.stat().st_size > 16 << 20:  # as `summary` reads it
-            return "test"
-        split = json.loads(path.read_text()).get("split")
-    except (OSError, ValueError, AttributeError):
-        return "test"
-    return "train" if split == "train" else "test"
+        if path.is_file() and path.stat().st_size <= 16 << 20:  # as `summary` reads it
+            run = json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    return heatmap_labels(run)
 
 
 def _redraw(out: Path) -> list[Path]:
     table, dist = _read(out)  # again under the lock: a run may have finished meanwhile
     draws: list[tuple[Callable[..., Path], object, Path]] = []
     if has_heatmap(table):
-        split = _recorded_split(out)
-        draws.append((functools.partial(heatmap, split=split), table, out / "heatmap.png"))
+        labels = _recorded_labels(out)
+        draws.append((functools.partial(heatmap, **labels), table, out / "heatmap.png"))
     if dist is not None and len(dist):
         draws.append((distance_plot, dist, out / "distances.png"))
     for _, _, target in draws:  # checked first: the second move failing would mix the figures

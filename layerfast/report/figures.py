@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -446,18 +447,31 @@ def _baseline(table: pd.DataFrame) -> tuple[float | None, int | None]:
 
 
 def heatmap(table: pd.DataFrame, path: str | os.PathLike[str], title: str | None = None,
-            split: str = "test") -> Path:
-    """Write `heatmap_figure(table, title, split)` to `path` (atomically), in the format its
-    suffix names (PNG without one); returns the path."""
+            split: str = "test", precision: str | None = None) -> Path:
+    """Write `heatmap_figure(table, title, split, precision)` to `path` (atomically), in the
+    format its suffix names (PNG without one); returns the path."""
     _image_format(path)  # a suffix matplotlib cannot write is refused before the drawing
-    return _save(heatmap_figure(table, title, split), path)
+    return _save(heatmap_figure(table, title, split, precision), path)
+
+
+def heatmap_labels(run: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The heatmap's labels from a run's record (run.json, `Analysis.run`): its title, split
+    and precision, each as `heatmap_figure` takes it (defaults for what is missing or of
+    another type: a hand-edited run.json must not stop a redraw)."""
+    run = run if isinstance(run, Mapping) else {}
+    title, precision = run.get("title"), run.get("precision")
+    return {"title": title if isinstance(title, str) else None,
+            "split": "train" if run.get("split") == "train" else "test",
+            "precision": precision if isinstance(precision, str) else None}
 
 
 def heatmap_figure(table: pd.DataFrame, title: str | None = None,
-                   split: str = "test") -> Figure:
+                   split: str = "test", precision: str | None = None) -> Figure:
     """The paper's Fig. 1a: test error (%) per unit (rows) and reset source (columns); a
     `--split train` run's errors are labelled "train error". The title says "after resetting
-    one unit", or "the whole model" for a run of fullmodel rows alone (its one row).
+    one unit", or "the whole model" for a run of fullmodel rows alone (its one row). A bf16 or
+    tf32 run (`precision`, as run.json records it) says so under the title: its rounding can
+    move an error by up to about a point from fp32's, and a figure is often all a reader sees.
 
     Cells show the test error after resetting that unit alone, in percent with two significant
     digits. The colour scale is fixed at 0-100% (`ERROR_SCALE`), whatever the errors shown, so
@@ -487,6 +501,8 @@ def heatmap_figure(table: pd.DataFrame, title: str | None = None,
         if base is None
         else (f"baseline {100 * base:.2f}% (n={n:,}; white line on the colour bar)")
     )
+    if precision in ("bf16", "tf32"):
+        sub += f"; precision {precision}"
     # a --reset rerandom run has no τ column: "checkpoint τ" would name nothing on the axis
     xlabel = ("checkpoint τ (re-initialization)" if cols != [RERANDOM_COLUMN]
               else "re-randomization (mean over seeds)")
