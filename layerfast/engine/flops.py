@@ -35,10 +35,10 @@ from layerfast.engine.precision import model_dtype, precision_context, tf32_allo
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets, by precision.
 # Matched against torch.cuda.get_device_name in this order (the SXM H100 is the plain "H100").
 DATASHEET_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
-    ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    ("A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
 )
 
 
@@ -157,7 +157,7 @@ def measure_rate(
     shared machine a chunk that another process slowed down says nothing about what the unit
     can do, and a rate too low makes the floor too high (layerfast would look closer to it)."""
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     n = 8192 if cuda else 1024
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
@@ -246,9 +246,13 @@ def floor_report(
     # A model built in bfloat16 runs its own bfloat16 forward in every mode (recorded as fp32,
     # `precision.for_model`): its matmuls, and so its floor's GEMM and datasheet rate, are
     # bfloat16 ones (the fp32 datasheet peak was a tenth of the bf16 GEMM measured beside it).
-    # (float16 and float64 keep the float32 GEMM: a CPU without float16 units runs both slower,
-    # so that floor is lower than theirs, loose but still a floor.)
-    math = "bf16" if model_dtype(model) == "bfloat16" else precision
+    # A float16 model's are float16 ones on CUDA too, where tensor cores run float16 at the
+    # bf16 rate (an fp32 GEMM, 15x slower on an H100, made a floor above the pass's time).
+    # On a CPU, float16 (and float64 anywhere) keep the float32 GEMM: a CPU without float16
+    # units runs both slower, so that floor is lower than theirs, loose but still a floor.
+    dtype = model_dtype(model)
+    math = ("bf16" if dtype == "bfloat16"
+            else "fp16" if dtype == "float16" and device.type == "cuda" else precision)
     gemm = measure_rate(device, math)
     fwd = None
     if batch_size:
@@ -273,7 +277,8 @@ def floor_report(
         "seconds_datasheet_rate": total / sheet if sheet else None,
         "what": "matrix FLOPs (conv, matmul, attention; 2 per multiply-add) of the baseline "
         "forward plus, for each variant, the steps that depend on its changed tensors, at the "
-        "best rate measured here in the pass's precision (bf16 for a model built in it; a "
+        "best rate measured here in the pass's precision (bf16 for a model built in it, "
+        "float16 on CUDA for one built in float16; a "
         "large GEMM, or the model's own "
         "forward at the pass's batch size if faster; datasheet for known GPUs)",
     }
