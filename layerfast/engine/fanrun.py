@@ -21,6 +21,7 @@ is unchanged.
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from layerfast.engine import fuse, layout
 from layerfast.engine.fanout import PER_CHANNEL_MODULES, FanPlan, NotPerSample, resolves_to_batch
 from layerfast.engine.graph import Program, Ref, Step, _map_refs, refs_in
 from layerfast.engine.layout import Fold, empty_as, expand
+from layerfast.engine.tracing import autocast_as
 
 # Modules that act on each channel of each sample alone (eval mode), so fold form is safe.
 _PER_CHANNEL_MODULES = PER_CHANNEL_MODULES
@@ -480,6 +482,9 @@ def run_fanned(
     done: dict[int, Any] = {}  # values of steps a fusion already computed
     covered: set[int] = set()  # every step a fusion ran (for `trace`)
     frees = prog.frees
+    # the forward's own autocast regions whose state is not the one in force (`regions_here`):
+    # each such step runs under its region's state, however it runs here
+    regions = prog.regions_here()
     for s in prog.steps[start + 1 :]:
         if s.op == "output":
             out = _map_refs(s.args, lambda r, env_=env: env_[r.index])[0]
@@ -488,37 +493,13 @@ def run_fanned(
             return out if s.index in plan.fanned else expand(out, K)
         if s.index in plan.dims:
             _check_dim(s, plan.dims[s.index], env)
-        if s.index in done:
-            y = done.pop(s.index)
-        elif s.index not in plan.fanned:
-            y = prog.eval_step(s, env)
-        elif kernel is not None and (fused := _fusion(prog, s, env, plan, stacks, K, kernel)):
-            covered.update(fused)
-            y = fused.pop(s.index)
-            done.update(fused)
-        elif s.op == "call_module" and s.target in stacks:
-            (arg,) = s.args
-            m, v = prog.modules[s.target], env[arg.index]
-            if isinstance(v, Fold) and not (fold and isinstance(m, _FOLD_MODULES)):
-                v = _retire(env, v)
-            y = apply_fanned(m, stacks[s.target], v, arg.index in plan.fanned, K)
-            y = y if fold or not isinstance(y, Fold) else y.batch()
+        if regions and s.index in regions:
+            with autocast_as(prog.autocast_kind, regions[s.index]):  # type: ignore[arg-type]
+                y = _fanned_step(prog, plan, s, env, stacks, K, fold, kernel, done, covered,
+                                 K * x.shape[0], regions)
         else:
-            y = _fold_step(prog, s, env, plan, K, stacks)
-            if y is _NO:
-                local: dict[int, Any] = {}
-                for r in set(refs_in(s.args) + refs_in(s.kwargs)):
-                    v = env[r]
-                    if isinstance(v, Fold):
-                        v = _retire(env, v)
-                    elif r not in plan.fanned and r in plan.batch and _tiles(v):
-                        v = expand(v, K)
-                    local[r] = v
-                if s.index in plan.broadcasts:
-                    _check_broadcast(s, local, plan, K * x.shape[0])
-                y = prog.eval_step(s, local)
-                if s.index in plan.rowviews:
-                    _check_rows(s, local, y)
+            y = _fanned_step(prog, plan, s, env, stacks, K, fold, kernel, done, covered,
+                             K * x.shape[0], regions)
         if trace is not None and s.index in plan.fanned:
             trace.append(
                 "fused"
@@ -533,3 +514,59 @@ def run_fanned(
         for r in frees[s.index]:
             env.pop(r, None)
     raise RuntimeError("program has no output")
+
+
+def _one_state(prog: Program, s: Step, regions: Mapping[int, Any]) -> bool:
+    """Whether the steps a fusion at `s` may cover (`try_fuse`'s chain: s, its only user, and
+    where that is not the ReLU, the add's only user) all run in the same autocast state: the
+    fused op runs once, in s's."""
+    if not regions:
+        return True
+    chain = {s.index}
+    if len(s.users) == 1:
+        u = prog.steps[s.users[0]]
+        chain.add(u.index)
+        if not fuse.is_relu_of(prog, u, s.index) and len(u.users) == 1:
+            chain.add(u.users[0])
+    return len({regions.get(i) for i in chain}) == 1
+
+
+def _fanned_step(prog: Program, plan: FanPlan, s: Step, env: dict[int, Any], stacks: dict,
+                 K: int, fold: bool, kernel, done: dict[int, Any], covered: set[int],
+                 rows: int, regions: Mapping[int, Any]) -> Any:
+    """Step s's value in `run_fanned` (its autocast state is the caller's to set): a value a
+    fusion computed already, the step as it is (not fanned), a fusion, an overridden module's
+    K weight sets, a step on the fold form, or the step on the K·B batch."""
+    if s.index in done:
+        return done.pop(s.index)
+    if s.index not in plan.fanned:
+        return prog.eval_step(s, env)
+    if kernel is not None and _one_state(prog, s, regions) and (
+            fused := _fusion(prog, s, env, plan, stacks, K, kernel)):
+        covered.update(fused)
+        done.update(fused)
+        return done.pop(s.index)
+    if s.op == "call_module" and s.target in stacks:
+        (arg,) = s.args
+        m, v = prog.modules[s.target], env[arg.index]
+        if isinstance(v, Fold) and not (fold and isinstance(m, _FOLD_MODULES)):
+            v = _retire(env, v)
+        y = apply_fanned(m, stacks[s.target], v, arg.index in plan.fanned, K)
+        return y if fold or not isinstance(y, Fold) else y.batch()
+    y = _fold_step(prog, s, env, plan, K, stacks)
+    if y is not _NO:
+        return y
+    local: dict[int, Any] = {}
+    for r in set(refs_in(s.args) + refs_in(s.kwargs)):
+        v = env[r]
+        if isinstance(v, Fold):
+            v = _retire(env, v)
+        elif r not in plan.fanned and r in plan.batch and _tiles(v):
+            v = expand(v, K)
+        local[r] = v
+    if s.index in plan.broadcasts:
+        _check_broadcast(s, local, plan, rows)
+    y = prog.eval_step(s, local)
+    if s.index in plan.rowviews:
+        _check_rows(s, local, y)
+    return y

@@ -64,8 +64,8 @@ class FirstBatchChecks:
             self._keep_checks = False
 
     def _program(self, trace: bool = True) -> Program:
-        """The model's program for this pass: a forward that sets autocast otherwise than the
-        pass for part of itself runs untraced (`tracing.trace_for_pass`)."""
+        """The model's program for this pass, with the autocast regions of the forward's own
+        replayed where the pass's state is another (`tracing.trace_for_pass`)."""
         return Program(self.model, trace, (self.precision, self.device))
 
     def _check_samples(self, data: Any, start: int, cl: bool, x: torch.Tensor) -> torch.Tensor:

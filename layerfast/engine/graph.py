@@ -22,6 +22,10 @@ canonical key, the name `named_parameters()` / `named_buffers()` give it (their 
 keeps the first); every module holding it reads that key, and `Program.canonical_key` maps the
 state dict's other names for it (`b.weight`) to that key.
 
+A forward's own `with torch.autocast(...)` regions are kept on their steps (`Step.autocast`) and
+replayed where their state differs from the one in force (`Program.regions_here`; the rule is in
+`engine/tracing.py`'s docstring).
+
 The tracer is in `engine/tracing.py`; what each recorded call does (writes in place, returns a
 new tensor, returns several) is tabled in `engine/optables.py`.
 """
@@ -52,8 +56,11 @@ from layerfast.engine.optables import (
     writes_by_schema,
 )
 from layerfast.engine.tracing import (
+    AutocastState,
     NotTraced,
     attributes_kept,
+    autocast_as,
+    autocast_state,
     global_hooks,
     hooked,
     opaque_function,
@@ -77,6 +84,9 @@ class Step:
     kwargs: dict
     keys: frozenset[str] = frozenset()  # state-dict keys this step reads
     users: list[int] = field(default_factory=list)
+    #: the autocast state of the forward's own region around this step (None: outside every
+    #: region, it inherits the state in force); `Program.regions_here` replays it
+    autocast: AutocastState | None = None
 
 
 class Ref:
@@ -129,6 +139,9 @@ def _state_keys(model: nn.Module, canon: dict[str, str]) -> dict[str, list[str]]
 
 _trace = trace  # `Program.__init__` has an argument of that name
 
+#: `Program.regions_here` of a program without autocast regions (never written to).
+_NO_REGIONS: Mapping[int, AutocastState] = {}
+
 
 # Modules `no_inplace_modules` has switched to out-of-place right now: Program must know that
 # their `inplace` flag is False only for the duration.
@@ -150,8 +163,10 @@ class Program:
                  precision: tuple[str, torch.device] | None = None) -> None:
         """`trace=False`: do not trace (the children of a plain nn.Sequential, else one
         opaque step), for a model whose traced program is not its forward (`Evaluator` checks).
-        `precision`: the pass's (precision, device), so that a forward setting autocast
-        otherwise for part of itself is not traced (`trace_for_pass`)."""
+        `precision`: the pass's (precision, device): the autocast regions of the forward
+        (`with torch.autocast(...)` around some of its ops) are recorded on their steps and
+        replayed (`regions_here`; `trace_for_pass` says which it refuses). Without it they
+        are not followed: every step runs in the state in force."""
         self.model = model
         self.traced = False
         self.trace_error: str | None = None
@@ -162,6 +177,10 @@ class Program:
         for name, key in self.canonical.items():
             self.aliases.setdefault(key, []).append(name)
         self.constants: dict[str, Any] = {}  # what the trace reads that the model does not hold
+        #: the device type whose autocast regions the steps carry (None: not followed), and
+        #: per state in force, the steps to run under their own (`regions_here`)
+        self.autocast_kind: str | None = None if precision is None else precision[1].type
+        self._regions: dict[AutocastState, dict[int, AutocastState]] = {}
         owned = _state_keys(model, self.canonical)
         # Hooks on the model itself, or on every module, run only when the model is called:
         # a program of its parts would skip them, so it is one opaque step.
@@ -186,6 +205,8 @@ class Program:
             self._from_children(model, owned, whole)
         self._mark_opaque()
         self._link()
+        self._any_region = self.autocast_kind is not None and any(
+            s.autocast is not None for s in self.steps)
         self.cuts, self.carrier = self._find_cuts()
         self._settle_writes()
         # Untraced, a step's module runs its own forward: the in-place modules inside it run in
@@ -272,7 +293,8 @@ class Program:
                 keys = frozenset(owned.get(n.target, ()))
             args = conv(n.args)
             kwargs = conv(n.kwargs)
-            self.steps.append(Step(i, n.op, n.target, tuple(args), dict(kwargs), keys))
+            self.steps.append(Step(i, n.op, n.target, tuple(args), dict(kwargs), keys,
+                                   autocast=n.meta.get("autocast_region")))
 
     def _check_hooks_run(self) -> None:
         """fx traces through every module it does not keep as a call (`nn.Sequential`, user
@@ -550,7 +572,23 @@ class Program:
         with _inplace_on([m]):
             return m(*args, **kwargs)
 
+    def regions_here(self) -> Mapping[int, AutocastState]:
+        """step index -> the autocast state it must run under, for the steps in a region of
+        the forward's own whose state is not the one in force now (`enabled=False` around a
+        head under a bf16 pass; a bf16 region in the fp32 check). Empty, at no cost, for a
+        program without regions: the callers enter no context per step then."""
+        if not self._any_region:
+            return _NO_REGIONS
+        now = autocast_state(self.autocast_kind)
+        got = self._regions.get(now)
+        if got is None:
+            got = self._regions[now] = {s.index: s.autocast for s in self.steps
+                                        if s.autocast is not None and s.autocast != now}
+        return got
+
     def eval_step(self, s: Step, env: Mapping[int, Any]) -> Any:
+        """Step s on the values in `env`, in the autocast state in force: a caller running a
+        region's step enters its state first (`regions_here`, as `run` and `run_fanned` do)."""
         args = _map_refs(s.args, lambda r: env[r.index])
         kwargs = _map_refs(s.kwargs, lambda r: env[r.index])
         if s.op == "call_module":
@@ -584,10 +622,15 @@ class Program:
             if s.op == "get_attr":  # parameter reads are not state: re-read them
                 env[s.index] = self.fetch(s.target)
         frees = self.frees
+        regions = self.regions_here()
         for s in self.steps[start + 1 :]:
             if s.op == "output":
                 return _map_refs(s.args, lambda r: env[r.index])[0]
-            env[s.index] = self.eval_step(s, env)
+            if regions and s.index in regions:
+                with autocast_as(self.autocast_kind, regions[s.index]):  # type: ignore[arg-type]
+                    env[s.index] = self.eval_step(s, env)
+            else:
+                env[s.index] = self.eval_step(s, env)
             if after_step is not None:
                 after_step(s.index)
             if on_value is not None:

@@ -9,9 +9,26 @@ leaving a mark on the model.
   constants and Proxies in caches, and a run leaves the last variant's derived tensors;
 - code the trace cannot see (forward hooks, functions the user `torch.fx.wrap`ped) is named
   here (`hooked`, `global_hooks`, `opaque_function`) for the program to treat as opaque;
-- a forward that sets `torch.autocast` itself for part of it is not traced where that differs
-  from the pass's own autocast (`trace_for_pass`): fx records the ops, not the `with` around
-  them.
+- a forward that sets `torch.autocast` itself for part of it keeps its trace: fx records the
+  ops, not the `with` around them, so each op's autocast state is recorded beside it
+  (`node.meta["autocast"]`) and the program replays it (`trace_for_pass`, below).
+
+Autocast regions, relative to the pass. A program runs in two autocast states: the pass's own
+(bf16: on, bfloat16; fp32 and tf32: off) and off (the first-batch check, in fp32). A `with
+torch.autocast(...)` sets an absolute state for the ops inside it; an op outside every region
+inherits whatever state is in force when it runs. So the program is traced in both states (one
+trace where the pass's state is off), and each op is classed by what it was in the two:
+- the ambient state in each (off in the off trace, the pass's in the pass's): it inherits, and
+  runs as it is (no context; a model without regions pays nothing else);
+- one and the same state in both: a region, an absolute state recorded on the program's step
+  (`Step.autocast`); it runs under that state wherever that differs from the one in force
+  (`Program.regions_here`: `enabled=False` around a float32 head is a context under a bf16
+  pass and none in the fp32 check, a bf16 region of the model's own the other way round);
+- anything else (a region whose state follows the pass's, `enabled=not
+  torch.is_autocast_enabled()`) cannot be pinned down from two states: NotTraced, untraced and
+  exact, as is a forward that takes another path under the pass's autocast (`if
+  torch.is_autocast_enabled(...)`: the two traces differ), or that leaves the state switched.
+Only the pass's device type is followed (autocast for another device does not touch its ops).
 """
 
 from __future__ import annotations
@@ -80,25 +97,29 @@ class _Tracer(fx.Tracer):
     def __init__(self, autocast: str | None = None) -> None:
         super().__init__()
         self.proxy_buffer_attributes = True
-        #: the device type whose autocast state the forward must leave alone (None: unchecked),
-        #: that state when the trace began, and the first op recorded under another one
+        #: the device type whose autocast state is recorded on each node (None: not followed)
         self._autocast = autocast
-        self._autocast0: tuple[bool, torch.dtype | None] | None = None
-        self.autocast_switched: str | None = None
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        if self._autocast is not None:
-            self._autocast0 = autocast_state(self._autocast)
-        return super().trace(root, concrete_args)
+        """fx's trace; NotTraced where the forward returns with the followed device's
+        autocast state switched (set without a `with`): no program step replays that."""
+        if self._autocast is None:
+            return super().trace(root, concrete_args)
+        before = autocast_state(self._autocast)
+        graph = super().trace(root, concrete_args)
+        if autocast_state(self._autocast) != before:
+            raise NotTraced(f"its forward leaves torch.autocast for {self._autocast} switched "
+                            "after it returns, which a traced program would not replay")
+        return graph
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any,
                     name: str | None = None, type_expr: Any = None) -> fx.Node:
-        """fx's node, and the first op recorded while the forward had switched autocast
-        (`with torch.autocast(...)`, which fx does not record) away from the trace's state."""
+        """fx's node, with the autocast state the forward had set when it was recorded
+        (`node.meta["autocast"]`, where followed): fx records the ops, not a `with
+        torch.autocast(...)` around them."""
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        if (self._autocast0 is not None and self.autocast_switched is None
-                and autocast_state(self._autocast) != self._autocast0):
-            self.autocast_switched = node.name
+        if self._autocast is not None:
+            node.meta["autocast"] = autocast_state(self._autocast)
         return node
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -117,10 +138,20 @@ class NotTraced(Exception):
     pass
 
 
-def autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
+#: An autocast state for one device type: (enabled, dtype when enabled).
+AutocastState = tuple[bool, torch.dtype | None]
+
+
+def autocast_state(device_type: str) -> AutocastState:
     """Whether autocast is on for `device_type` here, and its dtype when it is."""
     on = torch.is_autocast_enabled(device_type)
     return on, torch.get_autocast_dtype(device_type) if on else None
+
+
+def autocast_as(device_type: str, state: AutocastState) -> torch.autocast:
+    """The `with` that sets `state` for `device_type`, as the forward's own region did."""
+    on, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=on)
 
 
 def trace(model: nn.Module, autocast: str | None = None) -> tuple[fx.Graph, dict[str, Any]]:
@@ -131,46 +162,58 @@ def trace(model: nn.Module, autocast: str | None = None) -> tuple[fx.Graph, dict
     as a new attribute of the model (`_tensor_constant0`); those are taken off the user's model
     again and returned, so tracing leaves it as it was.
 
-    `autocast`: a device type, traced under the pass's own autocast state for it. A forward
-    that switches that state for some of its ops (`with torch.autocast("cpu", enabled=False)`
-    around a head it keeps in float32, or a bf16 region of its own) raises NotTraced: the
-    graph holds those ops without the `with`, so it ran them at the pass's precision (a bf16
-    pass ran the float32 head in bf16, and the first-batch check, in fp32, could not see it)."""
-    tracer = _Tracer(autocast)
-    out = trace_with(tracer, model)
-    if tracer.autocast_switched is not None:
-        raise NotTraced(f"its forward sets torch.autocast for {autocast} itself (from its op "
-                        f"{tracer.autocast_switched!r} on), which a traced program would not "
-                        "replay")
-    return out
+    `autocast`: a device type whose autocast state is recorded on every node
+    (`node.meta["autocast"]`): a forward that sets it for some of its ops (`with
+    torch.autocast("cpu", enabled=False)` around a head it keeps in float32) runs them so, and
+    the graph alone would not say it (`trace_for_pass` makes regions of it)."""
+    return trace_with(_Tracer(autocast), model)
 
 
 def trace_for_pass(model: nn.Module, precision: str,
                    device: torch.device) -> tuple[fx.Graph, dict[str, Any]]:
     """`trace`'s graph for a pass at `precision` on `device`, recorded with autocast off, the
-    state the first-batch check runs the program in (`verify.trace_differs`, fp32); NotTraced
-    where the forward sets autocast otherwise than the pass does for some of its ops, or takes
-    another path under the pass's autocast than with it off.
+    state the first-batch check runs the program in (`verify.trace_differs`, fp32), each node
+    whose ops run in an autocast region of the forward's own marked with that region's state
+    (`node.meta["autocast_region"]`, the module docstring's rule); NotTraced where a region's
+    state cannot be pinned down, or the forward takes another path under the pass's autocast
+    than with it off.
 
     A trace runs for real the ops of the forward that read only constants (a fixed matrix it
     builds each call, `q @ q.T`): recorded under a bf16 pass's autocast, that product became
     a bfloat16 constant of the graph, the fp32 check failed on it ("expected m1 and m2 to have
     the same dtype") and the pass ran untraced, without its prefix sharing. So where the pass
-    turns autocast on, a trace under it looks for the forward's own regions, and for a path
-    that depends on autocast (`if torch.is_autocast_enabled("cpu"): ...`), which the program
+    turns autocast on, a second trace under it shows each op's state there, and a path that
+    depends on autocast (`if torch.is_autocast_enabled("cpu"): ...`), which the program
     recorded with autocast off would not take in the pass and the fp32 check cannot see."""
     from layerfast.engine.precision import precision_context
 
     kind = device.type
     with precision_context(precision, device):
-        autocast_on = autocast_state(kind)[0]
-        under = trace(model, kind)[0] if autocast_on else None
+        ambient = autocast_state(kind)
+        under = trace(model, kind)[0] if ambient[0] else None
     with precision_context("fp32", device):
-        graph, constants = trace(model, None if autocast_on else kind)
+        off = autocast_state(kind)
+        graph, constants = trace(model, kind)
     if under is not None and _steps(under) != _steps(graph):
         raise NotTraced(f"its forward takes another path under {kind} autocast than without "
                         "it, which the program the first-batch check runs (fp32) would not")
+    pairs = zip(graph.nodes, under.nodes if under is not None else graph.nodes, strict=True)
+    for n, u in pairs:
+        s0, su = n.meta["autocast"], (u.meta["autocast"] if under is not None else ambient)
+        if s0 == off and su == ambient:
+            continue  # inherits the state in force
+        if under is not None and s0 != su:
+            raise NotTraced(f"its forward sets torch.autocast for {kind} at its op {n.name!r} "
+                            f"to a state that follows the pass's ({_name(s0)} with autocast "
+                            f"off, {_name(su)} under the pass's), which a traced program "
+                            "cannot pin down")
+        n.meta["autocast_region"] = s0
     return graph, constants
+
+
+def _name(state: AutocastState) -> str:
+    on, dtype = state
+    return str(dtype).removeprefix("torch.") if on else "off"
 
 
 def _steps(graph: fx.Graph) -> list[str]:
