@@ -37,12 +37,19 @@ CPU = torch.device("cpu")
 # ---- tracing.trace_for_pass, _steps, _Tracer.create_node -------------------------------------
 
 
-def test_the_untraced_line_names_the_regions_first_op() -> None:
-    """Mutant: `create_node` records every switched op, not the first (`autocast_switched is
-    None` dropped): the plan's line named the region's last op, not where it starts."""
+def test_a_bf16_region_under_fp32_is_replayed_from_its_first_op() -> None:
+    """Mutant (s23): `create_node` recorded every switched op, not the first. Since the s24
+    replay (`Program.regions_here`) the region is kept on its steps instead: under an fp32
+    pass the model's own bf16 middle layer is traced, its steps (from `b`, the first) carry
+    the region's state, and the logits are the eager forward's bit for bit."""
     model, variants, batches = _case(Bf16Middle)
-    res, _ = _engine(model, variants, batches, "fp32", False)
-    assert "from its op 'b' on" in (res.plan["untraced"] or ""), res.plan["untraced"]
+    res, got = _engine(model, variants, batches, "fp32", False)
+    assert res.plan["untraced"] is None, res.plan["untraced"]
+    prog = Program(model, True, ("fp32", CPU))
+    regions = [s for s in prog.steps if s.autocast is not None]
+    assert regions and regions[0].target == "b", [s.target for s in regions]
+    assert all(s.autocast == (True, torch.bfloat16) for s in regions)
+    assert torch.equal(got, _plain_loop(model, variants, batches, autocast=False))
 
 
 class Fp16Middle(nn.Module):
@@ -60,14 +67,16 @@ class Fp16Middle(nn.Module):
         return self.fc(h.float())
 
 
-def test_a_region_in_another_autocast_dtype_is_the_reason_it_runs_untraced() -> None:
-    """Mutant: `autocast_state` compares only whether autocast is on, not its dtype: a float16
-    region under the bf16 pass was traced, and the plan's reason became a first-batch logit
-    difference instead of the forward's own autocast."""
+def test_a_region_in_another_autocast_dtype_runs_in_its_own_dtype() -> None:
+    """Mutant: `autocast_state` compares only whether autocast is on, not its dtype. Under the
+    bf16 pass a float16 region of the model's own then looked like the pass's state: s23 traced
+    it (a first-batch logit difference instead of the real reason), s24's replay would run it
+    in bf16. It is a region of its own (float16), traced, and equals the eager forward."""
     model, variants, batches = _case(Fp16Middle)
     res, got = _engine(model, variants, batches, "bf16", False)
-    why = res.plan["untraced"] or ""
-    assert "sets torch.autocast for cpu" in why, why
+    assert res.plan["untraced"] is None, res.plan["untraced"]
+    prog = Program(model, True, ("bf16", CPU))
+    assert {s.autocast for s in prog.steps} == {None, (True, torch.float16)}
     assert torch.equal(got, _plain_loop(model, variants, batches, autocast=True))
 
 
