@@ -170,11 +170,21 @@ def _old_checkpoints(out: Path) -> list[str]:
                   if p.is_file() and (p.name == MANIFEST or p.suffix.lower() in SUFFIXES))  # fmt: skip
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool, taus: Sequence[int]) -> None:
     """Refuse an unusable `out` without touching the disk, so that bad input found later still
-    leaves nothing behind: a file in the way, or old checkpoints and no `overwrite`."""
+    leaves nothing behind: a file in the way, old checkpoints and no `overwrite`, or something
+    that is not a file (a directory) where the run will write `manifest.json` or the
+    `epoch_NNN.pt` of an epoch in `taus`: that failed at its write, after `overwrite` had
+    deleted the old run and the first checkpoints of the new one were written."""
     if out.exists() and not out.is_dir():
         raise LayerfastError(f"--out {out}: exists and is not a directory")
+    if out.is_dir():  # one listing, not a stat per epoch of a long --checkpoints list
+        written = {MANIFEST} | {f"epoch_{t:03d}.pt" for t in taus}
+        for name in sorted(p.name for p in out.iterdir() if p.name in written):
+            if (out / name).exists() and not (out / name).is_file():  # a dangling link is fine
+                raise LayerfastError(f"--out {out}: {name} is in the way (not a file: this run "
+                                     "writes a file of that name); remove it or choose another "
+                                     "directory")
     old = _old_checkpoints(out)
     if old and not overwrite:
         shown = ", ".join(old[:5]) + (", ..." if len(old) > 5 else "")
@@ -190,14 +200,15 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def _prepare_out(out: Path, overwrite: bool) -> tuple[list[Path], Any]:
+def _prepare_out(out: Path, overwrite: bool, taus: Sequence[int]) -> tuple[list[Path], Any]:
     """Create `out` (after `_check_out`, once every input is validated) and, with `overwrite`,
     delete the manifest and the `epoch_NNN.pt` files of an old run (other files are left alone;
-    the new manifest lists exactly the new files, so discovery ignores them).
+    the new manifest lists exactly the new files, so discovery ignores them). `taus`: the
+    epochs the run will save, as `_check_out` takes them.
 
     Returns the directories it created, innermost first, so a run that fails before writing
     anything can remove them again."""
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, taus)
     created: list[Path] = []
     p = out
     while not p.exists() and p != p.parent:
@@ -215,7 +226,7 @@ def _prepare_out(out: Path, overwrite: bool) -> tuple[list[Path], Any]:
     # the other run wrote. One run at a time, and the check repeated under the lock.
     lock = _lock(out, created)
     try:
-        _check_out(out, overwrite)
+        _check_out(out, overwrite, taus)
     except BaseException:
         _unlock(out, lock)
         raise
@@ -550,7 +561,7 @@ def train(
     if not str(out).strip():  # Path("") is the current directory: checkpoints among its files
         raise LayerfastError("--out is empty: name the directory for the checkpoints")
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, taus)
     dev = resolve_device(device)
 
     # The caller's RNG state is restored afterwards: training reseeds, the caller should not see it.
@@ -602,7 +613,7 @@ def train(
         check_finite(f"{data}: the training inputs", x_all,
                      "training on them would only diverge. Fix or drop those samples.")
         # Only now, with every input validated, is anything written.
-        created, lock = _prepare_out(out, overwrite)
+        created, lock = _prepare_out(out, overwrite, taus)
         # Until the first manifest exists, a failure (an undecodable test image, Ctrl-C) must
         # leave `out` as it was: `pending` is what to undo, emptied once a manifest lists it.
         # Both lists are empty by the time the run succeeds, so this undoes nothing then.
