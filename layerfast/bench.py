@@ -24,6 +24,7 @@ does not depend on what the weights are.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -315,6 +316,42 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace) -> dict:
+    check_args(args)
+    created = _probe_profile(args.profile) if args.profile is not None else None
+    try:
+        return _timed(args)
+    except BaseException:
+        if created is not None:  # the probe's file, empty or a table cut short by the error
+            with contextlib.suppress(OSError):
+                created.unlink()
+        raise
+
+
+def _probe_profile(prof: Path) -> Path | None:
+    """Open `--profile` for writing now, not after minutes of timing: `os.access` passed, for
+    root, a symlink loop, a file under /sys or /proc, and a path under a regular file, all of
+    which failed at the table's write, after every approach was timed. Opened to append
+    (nothing of an existing file changes) and non-blocking (a FIFO with no reader is refused,
+    not waited on). Returns the file the probe created (the link's target, for a symlink), which
+    the caller removes if the run then fails; None when the file was there already."""
+    if prof.is_dir():
+        raise LayerfastError(f"--profile {prof}: is a directory; name a file for the table")
+    target = Path(os.path.realpath(prof))
+    existed = target.exists()
+    try:
+        os.close(os.open(prof, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666))
+    except OSError as exc:
+        if not os.path.lexists(prof.parent):
+            raise LayerfastError(
+                f"--profile {prof}: the directory {prof.parent} does not exist"
+            ) from None
+        raise LayerfastError(f"--profile {prof}: cannot be written ({exc.strerror or exc}); "
+                             "name a file for the table") from None
+    return None if existed else target
+
+
+def _timed(args: argparse.Namespace) -> dict:
+    """`_run` once the options are checked and `--profile` is known to be writable."""
     from layerfast.checkpoints import CheckpointDir
     from layerfast.data import open_data
     from layerfast.engine import Evaluator
@@ -325,15 +362,6 @@ def _run(args: argparse.Namespace) -> dict:
     from layerfast.units import make_units
     from layerfast.variants import make_variants
 
-    check_args(args)
-    if args.profile is not None:  # said now, not after minutes of timing
-        prof = args.profile
-        if not prof.parent.is_dir():
-            raise LayerfastError(f"--profile {prof}: the directory {prof.parent} does not exist")
-        if prof.is_dir() or (prof.exists() and not os.access(prof, os.W_OK)) or (
-                not prof.exists() and not os.access(prof.parent, os.W_OK | os.X_OK)):
-            why = "is a directory" if prof.is_dir() else "cannot be written"
-            raise LayerfastError(f"--profile {prof}: {why}; name a file for the table")
     # every `layerfast: warning:` of the run also goes into the JSON (as analyze's run.json):
     # a figure is judged later from the JSON, when the stderr beside it is gone. Opening the
     # data is part of the run: it warns too (a .beton holding the other split).
