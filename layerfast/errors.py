@@ -104,6 +104,8 @@ _COLLECTORS: list[list[str]] = []
 _ONCE: list[set[str]] = []
 #: How many `quiet_warnings` blocks are open: inside one, `warn` keeps but does not print.
 _QUIET: list[bool] = []
+#: The rewrites of each open `renamed_warnings` block, applied innermost first.
+_RENAMES: list[Callable[[str], str]] = []
 
 
 def warn(message: str) -> None:
@@ -115,6 +117,8 @@ def warn(message: str) -> None:
     is gone when a cluster job's log rotates; run.json is what is read later to judge a run.
     Silenced only when asked for by name (`quiet_warnings`, `analyze(quiet=True)`).
     """
+    for rename in reversed(_RENAMES):
+        message = rename(message)
     if any(message in said for said in _ONCE):
         return
     for said in _ONCE:
@@ -136,6 +140,18 @@ def quiet_warnings(quiet: bool = True) -> Iterator[None]:
         yield
     finally:
         _QUIET.pop()
+
+
+@contextmanager
+def renamed_warnings(rename: Callable[[str], str]) -> Iterator[None]:
+    """Inside the block, `warn` says `rename(message)`, printed and kept alike: how
+    `inputs.named_as_passed` names in-memory inputs as the caller passed them, not by the temp
+    files they were written to, in warnings as in errors."""
+    _RENAMES.append(rename)
+    try:
+        yield
+    finally:  # by identity, as collect_warnings' sinks
+        del _RENAMES[next(i for i, r in enumerate(_RENAMES) if r is rename)]
 
 
 @contextmanager

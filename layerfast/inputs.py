@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import numbers
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -359,36 +360,76 @@ def materialise(ckpts: Any, data: Any, split: str) -> tuple[Any, Any, dict[str, 
 #: How an error names each in-memory input: as the caller passed it (as `open_pair` names the
 #: data), not by the temp file it was written to.
 DATA_NAME, CKPTS_NAME = "data (x, y)", "the in-memory state dicts"
+#: How a message names one in-memory state dict, by its τ (the key the caller gave it).
+STATE_NAME = "state dict τ={}"
+_STATE_FILE = re.compile(r"(?<![\w./-])epoch_(\d+)\.pt\b")
+#: Words about the files that, for in-memory state dicts, are about the state dicts.
+_FILE_WORDS = (("the other files were saved", "the other state dicts were saved"),
+               ("which file holds what", "which state dict holds what"))
+
+
+def _renamer(ckpts: Any, data: Any, inputs: dict[str, str]) -> Callable[[str], str]:
+    """The rewrite `named_as_passed` applies: the temp folder and files `materialise` wrote
+    (`ckpts` the folder, `data` the .npz), written as the caller passed them."""
+    data_forms = ckpt_forms = ()
+    taus: set[str] = set()
+    if "data" in inputs:
+        data_forms = tuple(dict.fromkeys((str(data), str(Path(data).resolve()))))
+    if "ckpts" in inputs:
+        ckpt_forms = tuple(dict.fromkeys((str(ckpts), str(Path(ckpts).resolve()))))
+        with contextlib.suppress(OSError):  # the folder holds exactly the caller's τ
+            taus = {m.group(1) for p in Path(ckpts).iterdir()
+                    if (m := _STATE_FILE.fullmatch(p.name))}  # fmt: skip
+
+    def state(m: re.Match[str]) -> str:
+        return STATE_NAME.format(m.group(1)) if m.group(1) in taus else m.group(0)
+
+    def rename(msg: str) -> str:
+        for form in data_forms:
+            msg = msg.replace(repr(form), DATA_NAME).replace(form, DATA_NAME)
+        if ckpt_forms:
+            for form in ckpt_forms:  # a file's whole path first, then the folder's
+                msg = re.sub(re.escape(form + os.sep) + r"epoch_(\d+)\.pt\b", state, msg)
+                msg = msg.replace(form, CKPTS_NAME)
+            msg = _STATE_FILE.sub(state, msg)
+            if msg.count("state dict τ="):
+                msg = re.sub(r"\((\d+) files\)", r"(\1 state dicts)", msg)
+                for was, now in _FILE_WORDS:
+                    msg = msg.replace(was, now)
+        return msg
+
+    return rename
 
 
 @contextlib.contextmanager
 def named_as_passed(ckpts: Any, data: Any, inputs: dict[str, str] | None) -> Iterator[None]:
-    """A LayerfastError raised inside names the in-memory inputs as the caller passed them,
-    not by the temp files `materialise` wrote (`ckpts` the folder, `data` the .npz it
-    returned), which the caller never made; and when the head was built for the in-memory
-    labels' largest + 1 (no num_classes given) and a message says so, it names the fix,
-    `data=(x, y, num_classes)`. Why: a notebook's test labels that missed a class were
+    """A LayerfastError raised inside, and every warning said inside, names the in-memory
+    inputs as the caller passed them, not by the temp files `materialise` wrote (`ckpts` the
+    folder, `data` the .npz it returned), which the caller never made: "the in-memory state
+    dicts", each one "state dict τ=1", "data (x, y)". And when the head was built for the
+    in-memory labels' largest + 1 (no num_classes given) and a message says so, it names the
+    fix, `data=(x, y, num_classes)`. Why: a notebook's test labels that missed a class were
     answered with a shape mismatch between two files under the temp dir, the model "built for
     9 classes, the largest label of '/tmp/layerfast-inputs-0/<sha256>/data.npz' (test) + 1",
-    and no word of the third element the README offers for exactly that case."""
-    try:
+    and no word of the third element the README offers for exactly that case; and warnings
+    (bfloat16 state dicts) and shape errors still named each state dict `epoch_1.pt`."""
+    if not inputs:
         yield
+        return
+    from layerfast.errors import renamed_warnings
+
+    rename = _renamer(ckpts, data, inputs)
+    try:
+        with renamed_warnings(rename):
+            yield
     except LayerfastError as exc:
-        if not inputs:
-            raise
-        msg = str(exc)
-        if "data" in inputs:
-            for form in dict.fromkeys((str(data), str(Path(data).resolve()))):
-                msg = msg.replace(repr(form), DATA_NAME).replace(form, DATA_NAME)
-            # built for fewer classes than the state dicts (`analysis.build`): labels that miss
-            # the top class; labels past the state dicts' classes (1-based ones) it cannot fix
-            if (f"the largest label of {DATA_NAME}" in msg and "fewer than the" in msg
-                    and "num_classes" not in inputs["data"]):
-                msg += ("; pass data=(x, y, num_classes) to build the head for the state dicts' "
-                        "class count")
-        if "ckpts" in inputs:
-            for form in dict.fromkeys((str(ckpts), str(Path(ckpts).resolve()))):
-                msg = msg.replace(form, CKPTS_NAME)
+        msg = rename(str(exc))
+        # built for fewer classes than the state dicts (`analysis.build`): labels that miss
+        # the top class; labels past the state dicts' classes (1-based ones) it cannot fix
+        if ("data" in inputs and f"the largest label of {DATA_NAME}" in msg
+                and "fewer than the" in msg and "num_classes" not in inputs["data"]):
+            msg += ("; pass data=(x, y, num_classes) to build the head for the state dicts' "
+                    "class count")
         if msg != str(exc):
             exc.args = (msg,)
         raise
