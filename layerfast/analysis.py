@@ -552,6 +552,7 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
     content-addressed folder under the temp dir, so a rerun with the same objects resumes, and
     run.json's `inputs` says which were in memory.
     """
+    from layerfast.checkpoints.stored import stored_dtypes
     from layerfast.engine import Evaluator
     from layerfast.engine.precision import model_dtype, resolve_device
     from layerfast.inputs import materialise, named_as_passed
@@ -604,7 +605,7 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
         for line in tied_across_units(model, unit_list):
             warn(line)
         taus = ck.labels if chosen == "all" else chosen
-        stored = _stored_dtypes(ck, model, taus)
+        stored = stored_dtypes(ck, model, taus)
         # The paper resets to earlier checkpoints; a later one asks another question. Analysing
         # the initialization (`--final 0`) has only later ones, on purpose.
         later = [t for t in taus if t > ck.final] if ck.final != ck.labels[0] else []
@@ -705,31 +706,6 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
                 })
             shutil.rmtree(path / PREVIOUS, ignore_errors=True)  # what it replaced can go now
             return result
-
-
-def _stored_dtypes(ck: Any, model: torch.nn.Module, taus: list[int]) -> dict[str, str]:
-    """τ label -> the dtype the checkpoint stores its floating weights in ("float16", or
-    "bfloat16+float32" for a mix), for each checkpoint the run reads (the final model, θ⁰ and
-    `taus`), from metadata only. A file stored narrower than the model is analysed as stored:
-    cast up, its rounding stays in every row (baseline included), so it is said once; without
-    it, run.json could not tell a float16 file's results from a float32 one's."""
-    from layerfast.engine.precision import widest_dtype
-
-    read = sorted({ck.final, *taus, *({0} & set(ck.labels))})
-    stored = {t: ck.stored_dtypes(t) for t in read}
-    model_dtype = widest_dtype(model)
-    eps = torch.finfo(model_dtype).eps
-    narrow = sorted({d for ds in stored.values() for d in ds
-                     if isinstance(dt := getattr(torch, d, None), torch.dtype)
-                     and dt.is_floating_point and torch.finfo(dt).eps > eps})
-    if narrow:
-        files = [ck.files[t].name for t, ds in stored.items() if set(ds) & set(narrow)]
-        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-        warn(f"{shown} store{'s' if len(files) == 1 else ''} weights in {'/'.join(narrow)}: "
-             f"they are analysed as stored (rounded), cast to the model's "
-             f"{str(model_dtype).removeprefix('torch.')}; run.json's checkpoint_dtypes says "
-             "which file holds what")
-    return {str(t): "+".join(ds) for t, ds in stored.items()}
 
 
 def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,

@@ -157,8 +157,14 @@ class CheckpointDir:
         """The dtypes (torch's names, sorted) the checkpoint at `label` stores its floating
         tensors in, from metadata only. They are cast to the model's dtype on loading, so a
         float16 or bfloat16 file is analysed as stored, i.e. rounded: run.json records it."""
+        return sorted(set(self.key_dtypes(label).values()))
+
+    def key_dtypes(self, label: int) -> dict[str, str]:
+        """Key -> the dtype (torch's name) each floating tensor of the checkpoint at `label` is
+        stored in, from metadata only: what each is cast from, into the model's own tensor of
+        that key (`checkpoints.stored.stored_dtypes` compares them per tensor)."""
         f, km = self._open(label), self._keymap(label)
-        return sorted({f.dtype_name(raw) for raw in km.values() if f.is_floating(raw)})
+        return {k: f.dtype_name(raw) for k, raw in km.items() if f.is_floating(raw)}
 
     def tensors(self, label: int, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """CPU copies of the tensors `names` (all when None) of the checkpoint at `label`.

@@ -85,9 +85,9 @@ def model_dtype(model: torch.nn.Module) -> str:
 
 
 def widest_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The model's most precise floating dtype (float32 when it holds none): a checkpoint
-    stored in anything coarser is rounded relative to what the model computes in
-    (`analysis._stored_dtypes` says so once). `model_dtype` names every dtype instead."""
+    """The model's most precise floating dtype (float32 when it holds none). A checkpoint's
+    rounding is judged per tensor, against the model tensor each loads into
+    (`checkpoints.stored.stored_dtypes`), not against this. `model_dtype` names every dtype."""
     wide = [t.dtype for t in (*model.parameters(), *model.buffers()) if t.dtype.is_floating_point]
     return min(wide, key=lambda d: torch.finfo(d).eps, default=torch.float32)
 
