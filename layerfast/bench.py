@@ -185,6 +185,9 @@ def naive_pass(model, variants, src, device, batch_size: int,
     batches made its first layer raise "Input type (float) and bias type (c10::BFloat16)
     should be the same", a traceback before anything was timed).
 
+    Run with autocast off for `device`'s type (fp32 under a caller's `torch.autocast` too),
+    and the model's tensors are its own again after each variant, on an exception too.
+
     `warmup`: first one batch through the final model, outside the loop's clock and timed apart
     (else 0.0): the naive loop's share of `warm_up`, which `run` asks for with no variants
     before any approach is timed. The costs a first forward at its batch shape pays (kernel
@@ -207,7 +210,9 @@ def naive_pass(model, variants, src, device, batch_size: int,
     model.eval().to(device)
     state = model.state_dict()
     warm, counts = 0.0, []
-    with torch.no_grad():
+    # fp32 as documented, also under a caller's torch.autocast (which ran its bf16 here); so no
+    # autocast cache is read or filled either, and each variant's forward reads its own weights
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
         if warmup:
             _sync(device)
             t = time.perf_counter()
@@ -221,18 +226,16 @@ def naive_pass(model, variants, src, device, batch_size: int,
         for v in variants:
             ov = v.overrides()
             saved = {k: state[k].clone() for k in ov}
-            model.load_state_dict(ov, strict=False)
-            # under a caller's autocast, outside inference_mode (this loop runs under no_grad,
-            # which does not stop it), autocast keeps its casts of leaf parameters for the region:
-            # after an in-place load the forwards read the casts made before it (every variant
-            # counted as the first one forwarded: engine.naive clears it likewise)
-            torch.clear_autocast_cache()
-            correct = 0
-            for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
-                x = ((x.to(wide) / src.scale - mean) / std).to(device, dtype)
-                correct += (model(x).argmax(1) == y.to(device)).sum().item()
-            model.load_state_dict(saved, strict=False)
-            torch.clear_autocast_cache()
+            # the caller's model is given back with its own tensors whatever happens: a forward
+            # that raises, or a load that copied the tensors that fit before refusing one
+            try:
+                model.load_state_dict(ov, strict=False)
+                correct = 0
+                for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+                    x = ((x.to(wide) / src.scale - mean) / std).to(device, dtype)
+                    correct += (model(x).argmax(1) == y.to(device)).sum().item()
+            finally:
+                model.load_state_dict(saved, strict=False)
             counts.append(int(correct))
         _sync(device)
         loop = time.perf_counter() - t
