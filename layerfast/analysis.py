@@ -340,7 +340,7 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
     from layerfast.models import build_model
 
     ck = CheckpointDir(ckpts, final=final)
-    src = open_data(data, split=split, max_samples=max_samples)
+    src = open_data(data, split=split, max_samples=max_samples, split_flag="--split")
     man = ck.manifest or {}
     from_data = "num_classes" not in man
     num_classes = man.get("num_classes", src.num_classes)
@@ -949,7 +949,8 @@ def list_units(arch: str | Callable[..., torch.nn.Module],
     else:
         if data is None and ckpts:  # `--data ""` is a bad spec, refused as analyze refuses it
             data = _data_spec(None, ckpts)[0]
-        src = open_data("digits" if data is None else data, split=split, max_samples=1)
+        src = open_data("digits" if data is None else data, split=split, max_samples=1,
+                        split_flag="--split")
     if num_classes is None and isinstance(ckpts, str | os.PathLike):
         num_classes = _manifest_classes(Path(ckpts).expanduser())  # as analyze builds it
     # the factory's init draws: not the caller's; fp32 as analyze builds it

@@ -370,7 +370,7 @@ def _timed(args: argparse.Namespace) -> dict:
     # data is part of the run: it warns too (a .beton holding the other split).
     with collect_warnings() as opening:
         device = resolve_device(args.device)
-        src = open_data(args.data, split="test", max_samples=args.max_samples, split_flag=False)
+        src = open_data(args.data, split="test", max_samples=args.max_samples, split_flag=None)
         torch.random.default_generator.manual_seed(0)  # the same model every run (`run` forks)
         model, spec = build_model(args.arch, src.num_classes, tuple(src.shape))
     with collect_warnings() as warned, tempfile.TemporaryDirectory(prefix="layerfast-bench-") as tmp:
@@ -460,7 +460,7 @@ def _timed(args: argparse.Namespace) -> dict:
         out["speedup_vs_naive"] = {k: timings["naive"] / v for k, v in timings.items() if k != "naive"}
         if args.profile is not None:
             sub_src = open_data(args.data, split="test", max_samples=min(n, args.profile_samples),
-                                split_flag=False)
+                                split_flag=None)
             ev = Evaluator(model, variants, device=device, precision=args.precision,
                            batch_size=args.batch_size, layout=args.layout, glue=args.glue)
             out["profile"] = profile_pass(ev, sub_src, args.profile)

@@ -81,6 +81,10 @@ _EVAL_BATCH = 1024
 #: `--epochs 99999999999` a usage error up front instead of a run that never ends, whose final
 #: label (from 2**63 on) analyze would refuse anyway.
 MAX_EPOCHS = 10**6
+#: A diverged run's advice. The option by its flag, as every train message names it (CLI and
+#: Python alike, docs/decisions.md: `lr=` is `--lr`), and the rate as the chance note gives it:
+#: "lower lr=0.1" named neither the flag of the CLI nor a form the other messages use.
+_LOWER_LR = "lower --lr (this run's: {:g})"
 
 
 def checkpoint_schedule(epochs: int,
@@ -573,8 +577,8 @@ def train(
         warned = stack.enter_context(collect_warnings())
         # opened inside the block: opening warns too (a .beton holding the other split), and
         # that warning reached stderr only, never the manifest. No --split: neither names one.
-        train_src = open_data(data, split="train", max_samples=max_samples, split_flag=False)
-        test_src = open_data(data, split="test", split_flag=False)
+        train_src = open_data(data, split="train", max_samples=max_samples, split_flag=None)
+        test_src = open_data(data, split="test", split_flag=None)
         if test_src.num_classes != train_src.num_classes or test_src.shape != train_src.shape:
             raise LayerfastError(
                 f"{data}: train and test splits disagree (classes {train_src.num_classes} vs "
@@ -658,7 +662,8 @@ def train(
                        else f"test loss {res['test_loss']}: its outputs overflow")  # fmt: skip
                 if not epoch:
                     raise LayerfastError(f"the initial model of {arch} is not finite ({why})")
-                raise LayerfastError(f"training diverged at epoch {epoch} ({why}); lower lr={lr:g}")
+                raise LayerfastError(f"training diverged at epoch {epoch} ({why}); "
+                                     f"{_LOWER_LR.format(lr)}")
             if not entries:
                 pending.append(out / name)
             with _writing(out, name):
@@ -700,7 +705,8 @@ def train(
                 train_loss = float(loss_sum.item()) / seen
                 if not math.isfinite(train_loss):
                     raise LayerfastError(
-                        f"training diverged at epoch {epoch + 1} (loss {train_loss}); lower lr={lr:g}"
+                        f"training diverged at epoch {epoch + 1} (loss {train_loss}); "
+                        f"{_LOWER_LR.format(lr)}"
                     )
                 post["loss"] = f"{train_loss:.4f}"
                 bar.set_postfix(post, refresh=False)

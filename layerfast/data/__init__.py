@@ -45,7 +45,7 @@ def convert(spec: str | os.PathLike[str], to: str | Path, split: str = "test") -
     to = Path(to).expanduser()
     require_ffcv()  # before opening: do not decode a whole dataset only to fail
     check_target(to, split)
-    source = open_data(spec, split)  # a valid spec from here on
+    source = open_data(spec, split, split_flag="--split")  # a valid spec from here on
     warn_other_source(to, spec, split)  # before the conversion, which can take an hour
     return _convert(source, absolute_spec(spec), split, to)
 

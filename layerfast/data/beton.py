@@ -250,7 +250,7 @@ def _read_sidecar(path: Path, n: int) -> dict[str, Any] | None:
 
 
 def open_beton(path: Path, split: str, max_samples: int | None, *,
-               split_flag: bool = True) -> DataSource:
+               split_flag: str | None = "--split") -> DataSource:
     """Open a .beton (fields `image`, `label`). A beton holds one split, so `split` does not
     choose one; but where the sidecar says `convert` wrote the other split, that is said
     (a warning, kept in run.json): `analyze --data cifar-train.beton` measured the training
@@ -314,14 +314,17 @@ def open_beton(path: Path, split: str, max_samples: int | None, *,
     )  # fmt: skip
 
 
-def _warn_other_split(path: Path, side: dict[str, Any], split: str, split_flag: bool) -> None:
+def _warn_other_split(path: Path, side: dict[str, Any], split: str,
+                      split_flag: str | None) -> None:
     """Warn when the sidecar records that `path` holds the split other than `split` (a sidecar
-    from before the field, or another value, says nothing). `split_flag`: the command has a
-    `--split` the warning may name; `train` and `bench` have none (they read the splits they
-    need), and the warning told their users that a flag they lack "cannot choose another"."""
+    from before the field, or another value, says nothing). `split_flag`: the name of the
+    argument that chose `split`, which the warning says cannot choose another (`--split`, or
+    `open_data`'s own argument from Python); None where there is none: `train` and `bench`
+    read the splits they need, and the warning told their users that a flag they lack "cannot
+    choose another"."""
     held = side.get("split")
     if held in ("test", "train") and held != split:
-        tail = ", --split cannot choose another" if split_flag else ""
+        tail = f", {split_flag} cannot choose another" if split_flag else ""
         warn(f"{path} holds the {held} split of {side.get('source')!r} (its sidecar says so), "
              f"used here as the {split} split: a beton holds one split{tail}")
 

@@ -106,11 +106,21 @@ def check_split(split: object) -> None:
         raise LayerfastError(f"split must be 'test' or 'train', got {split!r}")
 
 
+#: How a warning of `open_data` names its own `split` argument (a Python caller's; `analyze`
+#: and `convert` pass their flag's name, "--split", as their messages name options).
+SPLIT_ARGUMENT = "the split argument"
+
+
 def open_data(spec: str, split: str = "test", max_samples: int | None = None, *,
-              split_flag: bool = True) -> DataSource:
+              split_flag: str | bool | None = SPLIT_ARGUMENT) -> DataSource:
     """Open dataset `spec` (see VALID_SPECS and docs/data.md) for `split` ('test' or 'train'),
-    keeping only the first `max_samples` samples when given. `split_flag=False` for a command
-    without `--split` (train, bench): a warning then names no such flag."""
+    keeping only the first `max_samples` samples when given. `split_flag`: how a warning names
+    the argument that chose `split` (a .beton holding the other split says it cannot choose
+    another): this function's own by default, `"--split"` for analyze and convert, None (or
+    False) for a command without one (train, bench), True for "--split" as before. From Python
+    the warning named a `--split` flag, which `open_data` does not have."""
+    if isinstance(split_flag, bool):
+        split_flag = "--split" if split_flag else None
     spec = spec_text(spec)
     check_split(split)
     check_max_samples(max_samples)

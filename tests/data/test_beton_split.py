@@ -31,6 +31,7 @@ def test_a_beton_of_the_other_split_is_said(tmp_path, capsys, held, asked, warne
     assert src.n == 8
     if warned:
         assert f"holds the {held} split of 'digits'" in err and f"as the {asked} split" in err
-        assert len(kept) == 1 and "--split cannot choose another" in kept[0]
+        # open_data's own argument (session 24: it named analyze's flag, `--split`)
+        assert len(kept) == 1 and "the split argument cannot choose another" in kept[0]
     else:
         assert "warning" not in err and kept == []

@@ -34,7 +34,7 @@ def test_without_the_flag_the_warning_names_none(train_beton, capsys) -> None:
     assert len(kept) == 1 and "holds the train split of 'digits'" in kept[0]
     assert "--split" not in kept[0] and "--split" not in capsys.readouterr().err
     with collect_warnings() as kept:  # analyze's and convert's (they have --split): as it was
-        open_data(str(train_beton), split="test", max_samples=8)
+        open_data(str(train_beton), split="test", max_samples=8, split_flag="--split")
     assert len(kept) == 1 and "--split cannot choose another" in kept[0]
 
 

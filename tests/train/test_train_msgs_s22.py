@@ -13,7 +13,8 @@ from layerfast.train import MAX_EPOCHS, train
 def test_the_divergence_message_prints_lr_compactly(tmp_path):
     with pytest.raises(LayerfastError, match="diverged") as err:
         train("fcn3x256", "digits", 1, tmp_path, max_samples=200, lr=1e10, progress=False)
-    assert str(err.value).endswith("lower lr=1e+10"), str(err.value)
+    # session 24: the flag as the other train messages name it, `--lr` (was "lower lr=1e+10")
+    assert str(err.value).endswith("lower --lr (this run's: 1e+10)"), str(err.value)
 
 
 def test_the_epochs_help_says_the_cap(capsys):
