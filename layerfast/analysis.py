@@ -663,8 +663,7 @@ def analyze(arch: str | Callable[..., torch.nn.Module],
                         f"{store.path} is damaged: its baseline row does not count the "
                         f"{min(prev.n_done, src.n)} samples it has seen; pass --fresh to start "
                         "over there")
-                if prev.complete:
-                    _check_finished(store.path, prev, src.n)
+                _check_progress(store.path, prev, src.n, len(ev.passes()))
                 if named_by is not None:  # even --quiet: said once all is validated
                     say(f"layerfast: --data not given: evaluating on {data!r} ({split} split), "
                         f"the data {named_by} names")
@@ -739,16 +738,23 @@ def _run_pass(ev: Any, src: Any, store: Any, prev: Any, progress: bool,
     return res.counts, res.n, engine
 
 
-def _check_finished(path: Path, prev: Any, n: int) -> None:
+def _check_progress(path: Path, prev: Any, n: int, passes: int) -> None:
     """A store marked finished is written out without evaluating again, so it must hold what
     `_run_pass` records at the end: every sample counted (a finished pass saves `n`, however
     many passes it took) and the engine record the outputs read (the class count, the plan).
     A hand edit that set `complete` on an unfinished store, or emptied its record, was a
-    KeyError traceback, or results over part of the data written as the finished run."""
+    KeyError traceback, or results over part of the data written as the finished run. An
+    unfinished one resumes at `n_done` of the `n` × `passes` samples: past them, the engine's
+    "start offset 1000 is outside 0..64" said nothing of the store."""
     from layerfast.engine.plan import _is_int
 
     classes, plan = prev.info.get("num_classes"), prev.info.get("plan", {})
-    if prev.n_done != n:
+    if not prev.complete:
+        if prev.n_done <= n * passes:
+            return
+        over = f" ({n * passes} over this run's {passes} passes)" if passes > 1 else ""
+        why = f"it records {prev.n_done} samples done, but the data has {n}{over}"
+    elif prev.n_done != n:
         why = f"it is marked finished after {prev.n_done} of the {n} samples"
     elif not _is_int(classes) or classes < 2 or not isinstance(plan, dict):
         why = "it is marked finished but holds no engine record of the pass"
