@@ -424,7 +424,7 @@ def named_as_passed(ckpts: Any, data: Any, inputs: dict[str, str] | None) -> Ite
             yield
     except LayerfastError as exc:
         msg = rename(str(exc))
-        # built for fewer classes than the state dicts (`analysis.build`): labels that miss
+        # built for fewer classes than the state dicts (`build.build`): labels that miss
         # the top class; labels past the state dicts' classes (1-based ones) it cannot fix
         if ("data" in inputs and f"the largest label of {DATA_NAME}" in msg
                 and "fewer than the" in msg and "num_classes" not in inputs["data"]):

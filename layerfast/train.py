@@ -398,7 +398,7 @@ def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> 
     epoch_000.pt was written. It runs on a copy of the model that shares its tensors, when one
     can be made (else the model's state, plain attributes and modes are put back), under
     forked random states and fp32, so the seeded run trains exactly as without it."""
-    from layerfast.analysis import _num_outputs
+    from layerfast.build import _num_outputs
 
     smallest = min(j - i for i, j in _batch_sizes(int(source.n), batch_size))
     # A copy that shares the parameters and buffers (no second model in memory); the buffers

@@ -33,7 +33,7 @@ def own_failure(model: nn.Module, variants: Sequence[Any], pass_idx: list[int], 
     `first`.. of the data), with its own tensors or with one variant's (`dev_ov[j]`, variant
     `pass_idx[j]`): a user's model that cannot take some batch (a check on the batch size, on
     finite activations) is bad input, as when it fails on the first one
-    (`analysis._num_outputs`). Return when every forward runs: the failure was the engine's
+    (`build._num_outputs`). Return when every forward runs: the failure was the engine's
     own, and the caller re-raises it as an internal error. The whole batch is tried first (a
     model may fail only on large batches), then, when that runs out of memory, pieces of
     `step` samples (no larger than an out-of-memory back-off left)."""
