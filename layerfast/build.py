@@ -51,6 +51,41 @@ def _shape_mismatches(ck: Any, labels: list[int] | None, ref: dict[str, torch.Te
     return head, other, fit
 
 
+#: How a message says a .npz declared its class count, names the value to change there, and
+#: names the num_classes array a .npz whose labels miss a class lacks: in-memory data's are
+#: `data=(x, y, num_classes)`'s (`inputs.named_as_passed` rewrites them).
+NPZ_DECLARED = "declared by {} (its num_classes)"
+NPZ_SET = "or make the num_classes of {} {}"
+NPZ_DECLARE = "or a num_classes array in {} must declare the classes they miss"
+
+
+def classes_from(data: str, src: Any) -> str:
+    """Where the class count of the data `src` (opened from the spec `data`) came from, as a
+    message says it: declared by the data (a fixed data set, class folders, a .npz's
+    num_classes, a .beton's sidecar), or its largest label + 1 over the label arrays named
+    (a bare .npz counts every y array it holds, not only the split's)."""
+    counted = src.classes_from_labels
+    if counted:
+        return f"the largest label of {data!r} + 1 (over {', '.join(map(repr, counted))})"
+    if data.lower().endswith(".npz"):
+        return NPZ_DECLARED.format(repr(data))
+    return f"declared by {data!r}"
+
+
+def _head_fix(data: str, src: Any, head: int, num_classes: int) -> str:
+    """What to do when the state dicts' head has `head` classes and the data's count
+    (`classes_from`) is `num_classes`. A count counted from labels is wrong where the labels
+    are (past the checkpoint's classes), or misses a class the labels never show, which a
+    .npz can declare; a declared count is the data's own, which no label changes."""
+    npz = data.lower().endswith(".npz")
+    if src.classes_from_labels:
+        fix = "labels must be 0..classes-1 of the checkpoint's model"
+        return fix + (f", {NPZ_DECLARE.format(repr(data))}" if npz and head > num_classes
+                      else "")
+    fix = "the checkpoint's model is for another class count: evaluate on the data it was trained on"
+    return fix + (f", {NPZ_SET.format(repr(data), head)}" if npz else "")
+
+
 def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split: str = "test",
           final: int | None = None, max_samples: int | None = None,
           checkpoints: str | list[int] = "all") -> tuple[Any, Any, Any, Any]:
@@ -74,11 +109,10 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise LayerfastError(f"{ck.path / 'manifest.json'}: num_classes must be a positive "
                              f"integer, got {num_classes!r}")
-    # Without a manifest the class count is the data's (largest label + 1): a stray label
-    # (a synset offset such as 15075141, an id) makes a head of millions of outputs, whose
-    # allocation fails (a traceback, exit 1) or succeeds and then mismatches the checkpoint.
-    where = (f"the largest label of {data!r} ({split}) + 1" if from_data
-             else "manifest.json's num_classes")
+    # Without a manifest the class count is the data's (declared, or its largest label + 1): a
+    # stray label (a synset offset such as 15075141, an id) makes a head of millions of outputs,
+    # whose allocation fails (a traceback, exit 1) or succeeds and then mismatches the checkpoint.
+    where = classes_from(data, src) if from_data else "manifest.json's num_classes"
     try:
         model, spec = build_model(arch, num_classes, tuple(src.shape))
     except LayerfastError as exc:
@@ -104,8 +138,7 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
         if head and from_data:  # fewer: labels that miss the top class (inputs.named_as_passed)
             fewer = f", fewer than the {head:,} of the checkpoint" * (head > num_classes)
             raise LayerfastError(f"{exc} (the model was built for {num_classes:,} classes, {where}"
-                                 f"{fewer}; labels must be 0..classes-1 of the checkpoint's "
-                                 "model)") from None
+                                 f"{fewer}; {_head_fix(data, src, head, num_classes)})") from None
         if other and not head:
             raise LayerfastError(f"{exc} (the model was built for inputs of shape "
                                  f"{tuple(src.shape)}, the samples of {data!r} ({split}); the "

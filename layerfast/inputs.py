@@ -401,14 +401,29 @@ def _renamer(ckpts: Any, data: Any, inputs: dict[str, str]) -> Callable[[str], s
     return rename
 
 
+def _as_passed_classes(msg: str) -> str:
+    """`msg` with the .npz's words for its class count (`build.build`) said of the in-memory
+    data: its num_classes is the third element of `data=(x, y, num_classes)`, passed, not an
+    array the caller wrote."""
+    from layerfast.build import NPZ_DECLARE, NPZ_DECLARED, NPZ_SET
+
+    msg = msg.replace(NPZ_DECLARED.format(DATA_NAME), "passed as num_classes")
+    msg = msg.replace(NPZ_DECLARE.format(DATA_NAME),
+                      "or pass data=(x, y, num_classes) to declare the classes they miss")
+    return re.sub(re.escape(NPZ_SET.format(DATA_NAME, "")) + r"(\d+)", r"or pass data=(x, y, \1)",
+                  msg)
+
+
 @contextlib.contextmanager
 def named_as_passed(ckpts: Any, data: Any, inputs: dict[str, str] | None) -> Iterator[None]:
     """A LayerfastError raised inside, and every warning said inside, names the in-memory
     inputs as the caller passed them, not by the temp files `materialise` wrote (`ckpts` the
     folder, `data` the .npz it returned), which the caller never made: "the in-memory state
-    dicts", each one "state dict τ=1", "data (x, y)". And when the head was built for the
-    in-memory labels' largest + 1 (no num_classes given) and a message says so, it names the
-    fix, `data=(x, y, num_classes)`. Why: a notebook's test labels that missed a class were
+    dicts", each one "state dict τ=1", "data (x, y)". And what a message says of the .npz's
+    num_classes is said of `data=(x, y, num_classes)` (`_as_passed_classes`): a count given
+    there is "passed as num_classes", and where the head was built for the in-memory labels'
+    largest + 1 and the state dicts have more classes, the fix named is that third element.
+    Why: a notebook's test labels that missed a class were
     answered with a shape mismatch between two files under the temp dir, the model "built for
     9 classes, the largest label of '/tmp/layerfast-inputs-0/<sha256>/data.npz' (test) + 1",
     and no word of the third element the README offers for exactly that case; and warnings
@@ -424,12 +439,8 @@ def named_as_passed(ckpts: Any, data: Any, inputs: dict[str, str] | None) -> Ite
             yield
     except LayerfastError as exc:
         msg = rename(str(exc))
-        # built for fewer classes than the state dicts (`build.build`): labels that miss
-        # the top class; labels past the state dicts' classes (1-based ones) it cannot fix
-        if ("data" in inputs and f"the largest label of {DATA_NAME}" in msg
-                and "fewer than the" in msg and "num_classes" not in inputs["data"]):
-            msg += ("; pass data=(x, y, num_classes) to build the head for the state dicts' "
-                    "class count")
+        if "data" in inputs:
+            msg = _as_passed_classes(msg)
         if msg != str(exc):
             exc.args = (msg,)
         raise

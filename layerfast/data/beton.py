@@ -298,9 +298,10 @@ def open_beton(path: Path, split: str, max_samples: int | None, *,
         raise LayerfastError(f"beton: {path}: 'image' must be an NDArrayField or RGBImageField, "
                              f"is {_TYPE_NAMES[itype]}")  # fmt: skip
     num_classes = int(labels.max()) + 1
+    counted: tuple[str, ...] = ("label",)  # the class count's source (DataSource)
     if side is not None:
         _warn_other_split(path, side, split, split_flag)
-        scale, num_classes = float(side["scale"]), int(side["num_classes"])
+        scale, num_classes, counted = float(side["scale"]), int(side["num_classes"]), ()
         mean, std = side["mean"], side["std"]
         if labels.max() >= num_classes:
             raise LayerfastError(f"beton: {path}: label {int(labels.max())} >= num_classes "
@@ -310,7 +311,7 @@ def open_beton(path: Path, split: str, max_samples: int | None, *,
     )
     return make_source(
         str(path), beton, total=n, num_classes=num_classes, shape=shape, mean=mean, std=std, scale=scale,
-        max_samples=max_samples,
+        max_samples=max_samples, classes_from_labels=counted,
     )  # fmt: skip
 
 

@@ -95,10 +95,14 @@ def open_arrays(arrays: dict[str, np.ndarray], where: str, name: str, split: str
                 f"shape {nc.shape}"
             )
         num_classes = int(nc.reshape(()))
+        counted: tuple[str, ...] = ()
     else:
-        ys = [check_labels(f"{where}: '{k}'", arrays[k])
-              for k in arrays if k == "y" or k.startswith("y_")]
-        num_classes = max(int(t.max()) + 1 for t in ys if len(t)) if any(len(t) for t in ys) else 0
+        # every y array, not only the split's: test labels that miss a class still get the
+        # train split's count (docs/data.md), and a message names the arrays counted
+        ys = {k: check_labels(f"{where}: '{k}'", arrays[k])
+              for k in arrays if k == "y" or k.startswith("y_")}
+        counted = tuple(k for k, t in ys.items() if len(t))
+        num_classes = max(int(ys[k].max()) + 1 for k in counted) if counted else 0
     yt = check_labels(f"{where}: '{ky}'", y, num_classes if num_classes > 0 else None)
     if not x.dtype.isnative:
         # big-endian data (FITS files, arrays saved on another machine) holds the same values;
@@ -125,4 +129,5 @@ def open_arrays(arrays: dict[str, np.ndarray], where: str, name: str, split: str
     return make_source(
         name, ArrayReader(torch.from_numpy(x), yt), total=len(yt), num_classes=num_classes,
         shape=tuple(x.shape[1:]), mean=None, std=None, scale=scale, max_samples=max_samples,
+        classes_from_labels=counted,
     )  # fmt: skip

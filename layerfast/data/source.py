@@ -62,6 +62,13 @@ class DataSource:
     Normalisation happens on the device (`to_device`): `x.float() / scale`, then
     `(x - mean) / std` per channel when `mean`/`std` are set. Keeping `x` uint8 until then makes
     the host->device copy 4x smaller than shipping floats.
+
+    `classes_from_labels` says where `num_classes` came from: the label arrays whose largest
+    label + 1 it is (a .npz's `y`, or every `y_*` it holds, not only the split's; a .beton's
+    `label` field without a sidecar; `from_arrays`' `y`), or `()` where the data declares it
+    (a fixed data set, an imagefolder's class folders, a .npz's `num_classes`, a .beton's
+    sidecar, `from_arrays(num_classes=)`). A message about the class count says which: a
+    count declared by the data is not fixed by adding a label.
     """
 
     name: str
@@ -72,6 +79,7 @@ class DataSource:
     std: tuple[float, ...] | None
     scale: float
     reader: Reader = field(repr=False, compare=False)
+    classes_from_labels: tuple[str, ...] = ()
 
     def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """CPU batches `x` [b,C,H,W] (uint8, or float32 for float data) and `y` int64 [b], in
@@ -118,6 +126,7 @@ class DataSource:
         return make_source(
             name, ArrayReader(xt, yt), total=len(yt), num_classes=k,
             shape=tuple(xt.shape[1:]), mean=mean, std=std, scale=scale, max_samples=max_samples,
+            classes_from_labels=("y",) if num_classes is None else (),
         )  # fmt: skip
 
 
@@ -153,8 +162,10 @@ def make_source(
     std: tuple[float, ...] | None,
     scale: float,
     max_samples: int | None,
+    classes_from_labels: tuple[str, ...] = (),
 ) -> DataSource:
-    """Build a DataSource after the checks every spec shares (non-empty, sane shape/norm)."""
+    """Build a DataSource after the checks every spec shares (non-empty, sane shape/norm).
+    `classes_from_labels`: the label arrays `num_classes` was counted from (`DataSource`)."""
     check_max_samples(max_samples)
     if total == 0:
         raise LayerfastError(f"{name}: the dataset is empty (0 samples)")
@@ -177,7 +188,7 @@ def make_source(
         name=name, n=n, num_classes=int(num_classes), shape=(c, h, w),
         mean=None if mean is None else tuple(float(m) for m in mean),
         std=None if std is None else tuple(float(s) for s in std),
-        scale=float(scale), reader=reader,
+        scale=float(scale), reader=reader, classes_from_labels=tuple(classes_from_labels),
     )  # fmt: skip
 
 

@@ -58,12 +58,14 @@ def test_labels_missing_a_class_name_the_fix_not_temp_files(tmp_path: Path) -> N
 
 
 def test_given_num_classes_is_not_advised_again(tmp_path: Path) -> None:
-    """With num_classes given, a head mismatch is the state dicts' own: no advice to pass it."""
+    """With num_classes given, a head mismatch is the state dicts' own: no advice to pass it.
+    (Session 24: the 12 given was said to be "the largest label of data (x, y) (test) + 1";
+    it is "passed as num_classes", test_class_count_s24.)"""
     x, y = torch.randn(40, 64), torch.arange(40) % 10
     with pytest.raises(LayerfastError) as info:
         layerfast.analyze(Net, _states(), data=(x, y, 12), out=tmp_path / "a", **ARGS)
     msg = str(info.value)
-    assert "layerfast-inputs" not in msg and "data (x, y)" in msg, msg
+    assert "layerfast-inputs" not in msg and "passed as num_classes" in msg, msg
     assert "pass data=(x, y, num_classes)" not in msg
 
 
