@@ -58,6 +58,7 @@ from layerfast.engine.optables import (
 from layerfast.engine.tracing import (
     AutocastState,
     NotTraced,
+    PassConstants,
     attributes_kept,
     autocast_as,
     autocast_state,
@@ -181,6 +182,8 @@ class Program:
         #: per state in force, the steps to run under their own (`regions_here`)
         self.autocast_kind: str | None = None if precision is None else precision[1].type
         self._regions: dict[AutocastState, dict[int, AutocastState]] = {}
+        #: the constants computed otherwise under the pass's autocast, and that state (`fetch`)
+        self._pass_constants: PassConstants = ((False, None), {})
         owned = _state_keys(model, self.canonical)
         # Hooks on the model itself, or on every module, run only when the model is called:
         # a program of its parts would skip them, so it is one opaque step.
@@ -192,7 +195,8 @@ class Program:
             if precision is None:
                 graph, self.constants = _trace(model)
             else:
-                graph, self.constants = trace_for_pass(model, *precision)
+                graph, self.constants, self._pass_constants = trace_for_pass(model,
+                                                                             *precision)
             self._from_fx(graph, owned)
             self._check_hooks_run()
             self.traced = True
@@ -202,6 +206,7 @@ class Program:
             )
             self.steps = []
             self.constants = {}
+            self._pass_constants = ((False, None), {})
             self._from_children(model, owned, whole)
         self._mark_opaque()
         self._link()
@@ -550,8 +555,13 @@ class Program:
 
     # ---- execution -------------------------------------------------------------------
     def fetch(self, target: str) -> Any:
-        """A parameter, buffer or attribute by its dotted name (or a constant of the trace)."""
+        """A parameter, buffer or attribute by its dotted name (or a constant of the trace: the
+        pass's own where it computed otherwise under the pass's autocast and that is in force,
+        `trace_for_pass`)."""
         if target in self.constants:
+            state, differ = self._pass_constants
+            if target in differ and autocast_state(self.autocast_kind) == state:  # type: ignore[arg-type]
+                return differ[target]
             return self.constants[target]
         obj: Any = self.model
         for part in target.split("."):

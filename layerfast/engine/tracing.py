@@ -169,8 +169,13 @@ def trace(model: nn.Module, autocast: str | None = None) -> tuple[fx.Graph, dict
     return trace_with(_Tracer(autocast), model)
 
 
+#: The constants a trace computed for real that come out otherwise under the pass's autocast
+#: (`trace_for_pass`): that state, and those constants' values in it.
+PassConstants = tuple[AutocastState, dict[str, Any]]
+
+
 def trace_for_pass(model: nn.Module, precision: str,
-                   device: torch.device) -> tuple[fx.Graph, dict[str, Any]]:
+                   device: torch.device) -> tuple[fx.Graph, dict[str, Any], PassConstants]:
     """`trace`'s graph for a pass at `precision` on `device`, recorded with autocast off, the
     state the first-batch check runs the program in (`verify.trace_differs`, fp32), each node
     whose ops run in an autocast region of the forward's own marked with that region's state
@@ -184,13 +189,20 @@ def trace_for_pass(model: nn.Module, precision: str,
     the same dtype") and the pass ran untraced, without its prefix sharing. So where the pass
     turns autocast on, a second trace under it shows each op's state there, and a path that
     depends on autocast (`if torch.is_autocast_enabled("cpu"): ...`), which the program
-    recorded with autocast off would not take in the pass and the fp32 check cannot see."""
+    recorded with autocast off would not take in the pass and the fp32 check cannot see.
+    Such a constant computed outside every region is the pass's own where the pass runs
+    (bfloat16 under bf16, as in the eager forward; the float32 one read there instead was off
+    by bf16's rounding): the third item holds the pass's state and the constants that trace
+    computed otherwise, which `Program.fetch` reads while that state is in force. A
+    `get_attr` is never a region's step (it reads, it runs no op that autocast casts): it
+    reads the constant of the state in force outside the regions, the one its value was
+    computed in when no region was around it."""
     from layerfast.engine.precision import precision_context
 
     kind = device.type
     with precision_context(precision, device):
         ambient = autocast_state(kind)
-        under = trace(model, kind)[0] if ambient[0] else None
+        under, under_constants = trace(model, kind) if ambient[0] else (None, {})
     with precision_context("fp32", device):
         off = autocast_state(kind)
         graph, constants = trace(model, kind)
@@ -199,6 +211,8 @@ def trace_for_pass(model: nn.Module, precision: str,
                         "it, which the program the first-batch check runs (fp32) would not")
     pairs = zip(graph.nodes, under.nodes if under is not None else graph.nodes, strict=True)
     for n, u in pairs:
+        if n.op in ("placeholder", "get_attr", "output"):
+            continue  # no op autocast casts: it runs in the state in force
         s0, su = n.meta["autocast"], (u.meta["autocast"] if under is not None else ambient)
         if s0 == off and su == ambient:
             continue  # inherits the state in force
@@ -208,7 +222,15 @@ def trace_for_pass(model: nn.Module, precision: str,
                             f"off, {_name(su)} under the pass's), which a traced program "
                             "cannot pin down")
         n.meta["autocast_region"] = s0
-    return graph, constants
+    differ = {k: v for k, v in under_constants.items()
+              if k in constants and not _same_tensor(v, constants[k])}
+    return graph, constants, (ambient, differ)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and values (a NaN equal to a NaN where it is in both)."""
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b) or (
+        a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
 
 
 def _name(state: AutocastState) -> str:
