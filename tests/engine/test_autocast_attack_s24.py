@@ -7,6 +7,10 @@ tests that kill the mutants of the replay the other tests let through.
    rounding (max |Δlogit| 0.004 here, counts changed) while the first-batch check, in fp32,
    saw nothing. The program now reads the pass's own value of such a constant where the
    pass's state is in force (`tracing.trace_for_pass`'s third item, `Program.fetch`).
+
+Mutants of the replay (trace_for_pass's classes, regions_here's cache, Program.run's and
+run_fanned's contexts, _one_state, the tracer's leak check) that the other tests let through
+are killed below, each named in its test's docstring.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerfast.engine import Evaluator
 from layerfast.engine.graph import Program
 from tests.engine.test_autocast_replay_s24 import _case, _engine, _naive
 from tests.engine.test_bf16_s18 import _plain_loop
@@ -97,3 +102,91 @@ def test_the_program_reads_each_states_own_constant():
         assert prog.fetch("_tensor_constant0").dtype == torch.bfloat16
     with torch.autocast("cpu", enabled=False):
         assert prog.fetch("_tensor_constant0").dtype == torch.float32
+
+
+# ---- mutants of the replay that every other test let through ---------------------------------
+
+
+class ParamOnlyInRegion(nn.Module):
+    """A float32 region after `b`'s cut holding a product of parameters alone (a bias added to
+    b's fanned output): no fanned value flows into it, so a fanned run computes it once, not
+    fanned, and must still run it in the region's state (in bf16 it was off by bf16's
+    rounding, then cast back up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        self.u = nn.Parameter(torch.randn(64, 64) * 0.1)
+        self.v = nn.Parameter(torch.randn(64, 64) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.b(F.relu(self.a(x.flatten(1)))))
+        with torch.autocast("cpu", enabled=False):
+            h = h.float() + (self.u @ self.v).float().mean(0)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_region_step_no_variant_reaches_runs_in_its_state_fanned(precision):
+    """Mutant: `run_fanned` entered a region's state only for the fanned steps."""
+    model, variants, batches = _case(ParamOnlyInRegion)
+    _exact(ParamOnlyInRegion, precision, True)
+    _, res, _ = _engine(model, variants, batches, precision, True)
+    assert res.plan["fanout_fallbacks"] == {} and res.plan["fanned_variants"] > 0, res.plan
+
+
+class LeaksDtype(nn.Module):
+    """A forward that switches autocast's dtype (not whether it is on) and leaves it so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.fc = nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(F.relu(self.a(x.flatten(1))))
+        torch.set_autocast_dtype("cpu", torch.float16)
+        return out
+
+
+def test_a_forward_that_leaves_autocasts_dtype_switched_is_not_traced():
+    """Mutant: the tracer's leak check compared only whether autocast is on."""
+    model = LeaksDtype().eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prog = Program(model, precision=("bf16", CPU))
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # the pass's, back
+    assert not prog.traced and "switched" in (prog.trace_error or ""), prog.trace_error
+
+
+def test_a_region_that_follows_the_pass_is_refused_naming_both_states():
+    """Mutant: `_name` said "off" for every state: the reason names what the region was in
+    each trace (bf16 with autocast off, off under the pass's bf16)."""
+    from tests.engine.test_autocast_replay_s24 import FollowsPass
+
+    model, _, _ = _case(FollowsPass)
+    prog = Program(model, precision=("bf16", CPU))
+    assert not prog.traced
+    assert "(bfloat16 with autocast off, off under the pass's)" in (prog.trace_error or ""), \
+        prog.trace_error
+
+
+def test_the_unfolded_glue_unfolds_inside_a_region(monkeypatch):
+    """Mutant: `_fanned_step` left an overridden conv's fold form as it was with
+    glue="unfolded" (the K·B batch after every conv, the glue kept to measure what folding
+    buys): ConvRegion's `c2`, in its float32 region, is followed by batch-form steps."""
+    import layerfast.engine.evaluator as evaluator
+    from layerfast.engine import fanrun
+    from tests.engine.test_autocast_replay_s24 import ConvRegion
+
+    runs: list[list[str]] = []
+
+    def spy(*args, **kwargs):
+        runs.append([])
+        return fanrun.run_fanned(*args, **kwargs, trace=runs[-1])
+
+    monkeypatch.setattr(evaluator, "run_fanned", spy)
+    model, variants, batches = _case(ConvRegion)
+    ev = Evaluator(model, variants, device="cpu", precision="bf16", fanout=True, glue="unfolded")
+    res = ev.run(batches)
+    assert res.plan["fanned_variants"] == len(variants), res.plan
+    assert runs and all("fold" not in r for r in runs), runs
+    assert any(r[:2] == ["module", "batch"] for r in runs), runs
