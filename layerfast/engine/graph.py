@@ -199,6 +199,8 @@ class Program:
                                                                              *precision)
             self._from_fx(graph, owned)
             self._check_hooks_run()
+            self._mark_opaque()
+            self._check_constant_writes()
             self.traced = True
         except Exception as exc:  # noqa: BLE001 - any trace failure means "no graph"
             self.trace_error = (
@@ -311,6 +313,45 @@ class Program:
             if hooked(m) and id(m) not in called:
                 raise NotTraced(f"module {name!r} has forward hooks, which a traced program "
                                  "would not run")
+
+    def _check_constant_writes(self) -> None:
+        """NotTraced where a step may write into a tensor the trace computed for real (one of
+        `constants`) or into a view of one (`m = q @ q.T; m += h.mean()`): the forward builds
+        it afresh on every call, the program holds one tensor, and each run started from the
+        writes of the runs before it (logits off by all they added, which the first-batch
+        check, on the first run, could not see)."""
+        near = {s.index for s in self.steps if s.op == "get_attr" and s.target in self.constants}
+        if not near:
+            return
+        # fx reads a constant through a get_attr of its own at each use: one write-only use
+        uses = [self.steps[i].target for i in near]
+        for s in self.steps:
+            if not any(r in near for r in refs_in(s.args) + refs_in(s.kwargs)):
+                continue
+            if self._writes_in_place(s) or (
+                    s.op == "call_module" and _has_inplace_flag(self.modules[s.target])):
+                v = self.mutated(s)
+                # `out=` into a constant nothing else reads (`torch.mul(x, 2, out=torch.empty(0))`)
+                # is overwritten whole before anything reads it, in every run: no history
+                if (isinstance(v, Ref) and v is s.kwargs.get("out")
+                        and uses.count(self.steps[v.index].target) == 1):
+                    continue
+                if v is None or (isinstance(v, Ref) and v.index in near):
+                    op = getattr(s.target, "__name__", s.target)
+                    raise NotTraced(
+                        f"its op {op!r} may write into a tensor the forward builds "
+                        "afresh on each call (a constant of the trace), which a traced program "
+                        "holds once: each run would start from the last one's writes")
+            if not self._new_value(s):
+                near.add(s.index)  # it may be (a view of) the constant
+
+    def _new_value(self, s: Step) -> bool:
+        """Step s returns a new tensor, never one of its arguments or a view of one."""
+        if s.op == "call_module":
+            m = self.modules[s.target]
+            return isinstance(m, _FRESH_MODULES) and not getattr(m, "return_indices", False)
+        return (s.op == "call_function" and s.target in _FRESH_FUNCS) or (
+            s.op == "call_method" and s.target in _FRESH_METHODS)
 
     def _mark_opaque(self) -> None:
         """Steps whose code the program cannot see: a call of a module with hooks on it or

@@ -8,6 +8,13 @@ tests that kill the mutants of the replay the other tests let through.
    saw nothing. The program now reads the pass's own value of such a constant where the
    pass's state is in force (`tracing.trace_for_pass`'s third item, `Program.fetch`).
 
+2. A step writing into such a constant (`m = q @ q.T; m += h.mean()`, outside or inside a
+   region) wrote into the one tensor the program holds, where the forward builds it afresh on
+   each call: each run (baseline, every variant, every batch) started from the writes of all
+   runs before it, logits off by up to 55 here, counts wrong, and the first-batch check, on
+   the program's first run, saw nothing. Such a program now runs untraced (exact), its reason
+   in the plan (`Program._check_constant_writes`).
+
 Mutants of the replay (trace_for_pass's classes, regions_here's cache, Program.run's and
 run_fanned's contexts, _one_state, the tracer's leak check) that the other tests let through
 are killed below, each named in its test's docstring.
@@ -102,6 +109,118 @@ def test_the_program_reads_each_states_own_constant():
         assert prog.fetch("_tensor_constant0").dtype == torch.bfloat16
     with torch.autocast("cpu", enabled=False):
         assert prog.fetch("_tensor_constant0").dtype == torch.float32
+
+
+class WritesConstant(_Three):
+    """A constant of the trace the forward then adds a value of the batch to, in place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.b(F.relu(self.a(x.flatten(1)))))
+        m = self.q @ self.q.T
+        m += h.mean()
+        return self.fc(h @ m)
+
+
+class WritesConstantInRegion(_Three):
+    """The same, through a view of the constant, inside a float32 region."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.b(F.relu(self.a(x.flatten(1)))))
+        m = self.q @ self.q.T
+        with torch.autocast("cpu", enabled=False):
+            m.view(-1)[:64].add_(h.float().mean())
+            return self.fc(h.float() @ m.float())
+
+
+class WritesAViewOfAConstant(_Three):
+    """A view the program takes of a constant (its length read from the batch, so a step),
+    then written in place: the write reaches the constant through the view."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.b(F.relu(self.a(x.flatten(1)))))
+        m = self.q @ self.q.T
+        torch.narrow(m, 0, 0, h.shape[1] // 2).add_(h.mean())
+        return self.fc(h @ m)
+
+
+class ActInPlaceOnAConstant(_Three):
+    """An `inplace=True` LeakyReLU (its flag off while the engine runs, `no_inplace_modules`,
+    and on again for this call: its input is read after it) on a view of a constant: applied
+    once per call in the forward, once more per run in a program holding the constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.LeakyReLU(0.5, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.b(F.relu(self.a(x.flatten(1)))))
+        m = self.q @ self.q.T - 0.01
+        self.act(torch.narrow(m, 0, 0, h.shape[1]))
+        return self.fc(h @ m)
+
+
+def _bump(m: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Code the trace does not see (wrapped below): it writes into its first argument."""
+    return m.add_(h.mean())
+
+
+torch.fx.wrap("_bump")
+
+
+class WrappedWritesAConstant(_Three):
+    """A constant handed to a function the user wrapped: the program cannot see what it
+    writes, so it may write into the constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.b(F.relu(self.a(x.flatten(1)))))
+        return self.fc(h @ _bump(self.q @ self.q.T, h))
+
+
+class OutIntoAConstantReadBefore(_Three):
+    """`out=` into a constant another step reads before the write: that read saw the last
+    run's write in the program, a fresh zero tensor in the forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.b(F.relu(self.a(x.flatten(1)))))
+        buf = torch.zeros(64)
+        y = h + buf
+        torch.mul(h.mean(0), 2.0, out=buf)
+        return self.fc(y + buf)
+
+
+@pytest.mark.parametrize("fanout", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("cls", [WritesConstant, WritesConstantInRegion, WritesAViewOfAConstant,
+                                 ActInPlaceOnAConstant, WrappedWritesAConstant,
+                                 OutIntoAConstantReadBefore],
+                         ids=lambda c: c.__name__)
+def test_a_write_into_a_constant_of_the_trace_runs_untraced_and_exact(cls, precision, fanout):
+    """2."""
+    model, variants, batches = _case(cls)
+    state = {k: (v, v.clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    _, res, got = _engine(model, variants, batches, precision, fanout)
+    why = res.plan["untraced"] or ""
+    assert "constant of the trace" in why, why
+    assert torch.equal(got, _plain_loop(model, variants, batches, autocast=precision == "bf16"))
+    want = _naive(model, variants, batches, precision)
+    assert torch.equal(res.counts[:, [0, 1, 3]], want[:, [0, 1, 3]])
+    after = model.state_dict(keep_vars=True)
+    for k, (obj, val) in state.items():
+        assert after[k] is obj and torch.equal(after[k], val), k
+
+
+def test_a_constant_only_read_keeps_the_trace():
+    """2. Reading a constant into a new value that is then written in place (`(h @ m)`'s
+    product, ReLU'd in place) writes nothing the forward builds once: traced."""
+
+    class ReadsConstant(_Three):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu(self.b(F.relu(self.a(x.flatten(1)))))
+            return self.fc((h @ (self.q @ self.q.T)).relu_())
+
+    model, _, _ = _case(ReadsConstant)
+    prog = Program(model, precision=("fp32", CPU))
+    assert prog.traced and prog.constants, prog.trace_error
 
 
 # ---- mutants of the replay that every other test let through ---------------------------------
