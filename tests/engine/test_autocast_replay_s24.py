@@ -19,20 +19,11 @@ from torch import nn
 from layerfast.engine import Evaluator
 from layerfast.engine.graph import Program
 from layerfast.engine.naive import naive_evaluate
+from tests.engine.test_autocast_regions_s23 import (
+    Bf16Middle,  # a bf16 middle layer
+    Float32Head,  # a region around a leaf Linear
+)
 from tests.engine.test_bf16_s18 import _plain_loop  # reset, own forward (autocast per variant)
-
-
-class Float32Head(nn.Module):
-    """A region around a submodule call: the head, a leaf Linear, kept in float32."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.fc = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.b(F.relu(self.a(x.flatten(1)))))
-        with torch.autocast("cpu", enabled=False):
-            return self.fc(h.float())
 
 
 class FunctionalHead(nn.Module):
@@ -48,20 +39,6 @@ class FunctionalHead(nn.Module):
         with torch.autocast("cpu", enabled=False):
             h = torch.tanh(h.float()) * 0.5 + h.float()
             return F.linear(h, self.w) @ torch.eye(10)
-
-
-class Bf16Middle(nn.Module):
-    """A middle layer the model itself runs in bfloat16, whatever the caller's mode."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.fc = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.a(x.flatten(1)))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            h = F.relu(self.b(h))
-        return self.fc(h.float())
 
 
 class Nested(nn.Module):
