@@ -28,7 +28,9 @@ trace where the pass's state is off), and each op is classed by what it was in t
   torch.is_autocast_enabled()`) cannot be pinned down from two states: NotTraced, untraced and
   exact, as is a forward that takes another path under the pass's autocast (`if
   torch.is_autocast_enabled(...)`: the two traces differ), or that leaves the state switched.
-Only the pass's device type is followed (autocast for another device does not touch its ops).
+Only the pass's device type is followed: autocast for another device type touches only ops on
+that device's tensors, which the pass does not have unless the forward moves some there itself
+(CPU tensors under its own `torch.autocast("cpu")` in a CUDA pass: not replayed, docs/engine.md).
 """
 
 from __future__ import annotations
