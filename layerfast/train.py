@@ -398,7 +398,7 @@ def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> 
     epoch_000.pt was written. It runs on a copy of the model that shares its tensors, when one
     can be made (else the model's state, plain attributes and modes are put back), under
     forked random states and fp32, so the seeded run trains exactly as without it."""
-    from layerfast.build import _num_outputs
+    from layerfast.build import _num_outputs, classes_from
 
     smallest = min(j - i for i, j in _batch_sizes(int(source.n), batch_size))
     # A copy that shares the parameters and buffers (no second model in memory); the buffers
@@ -429,7 +429,8 @@ def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> 
             if width < source.num_classes:
                 raise LayerfastError(
                     f"{arch} returns {width} logits per sample, but the data has "
-                    f"{source.num_classes} classes: the model needs one output per class")
+                    f"{source.num_classes} classes, {classes_from(source.name, source)}: the "
+                    "model needs one output per class")
             probe.train()
             tries = list(dict.fromkeys((min(smallest, 2), min(smallest, 64))))
             for k, size in enumerate(tries):
