@@ -179,8 +179,9 @@ def _data_name(spec: str) -> str:
 def _pathless(spec: str) -> str:
     """A spec that names no path, as one text per data set: lower-cased (as `open_data` reads
     the name), and `synthetic:KIND` with its sample count written out as `open_synthetic`
-    reads it (`synthetic:cifar` is `synthetic:cifar:10000`, `:01000` is `:1000`): compared as
-    typed, one synthetic data set spelled twice was warned about as two (convert, analyze)."""
+    reads it (`synthetic:cifar` is `synthetic:cifar:10000`, `:01000` is `:1000`), and a name
+    with an empty argument (`digits:`) as the name: compared as typed, one data set spelled
+    twice was warned about as two (convert, analyze)."""
     low = spec.strip().lower()
     name, _, arg = low.partition(":")
     if name == "synthetic":
@@ -189,7 +190,7 @@ def _pathless(spec: str) -> str:
         kind, _, count = arg.partition(":")
         with contextlib.suppress(ValueError):  # not a count: open_data refuses it
             return f"synthetic:{kind}:{int(count) if count else DEFAULT_N}"
-    return low
+    return name if not arg else low  # `digits:` opens `digits`: one data set, one text
 
 
 def _beton_source(spec: str) -> str | None:
