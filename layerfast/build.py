@@ -59,6 +59,12 @@ NPZ_SET = "or make the num_classes of {} {}"
 NPZ_DECLARE = "or a num_classes array in {} must declare the classes they miss"
 
 
+def _is_npz(data: str) -> bool:
+    """Whether the spec `data` opens a .npz, as `open_data` decides it: stripped, any case
+    (`--data "x.npz "` opens x.npz, and its count is still said as a .npz's)."""
+    return data.strip().lower().endswith(".npz")
+
+
 def classes_from(data: str, src: Any) -> str:
     """Where the class count of the data `src` (opened from the spec `data`) came from, as a
     message says it: declared by the data (a fixed data set, class folders, a .npz's
@@ -67,7 +73,7 @@ def classes_from(data: str, src: Any) -> str:
     counted = src.classes_from_labels
     if counted:
         return f"the largest label of {data!r} + 1 (over {', '.join(map(repr, counted))})"
-    if data.lower().endswith(".npz"):
+    if _is_npz(data):
         return NPZ_DECLARED.format(repr(data))
     return f"declared by {data!r}"
 
@@ -77,7 +83,7 @@ def _head_fix(data: str, src: Any, head: int, num_classes: int) -> str:
     (`classes_from`) is `num_classes`. A count counted from labels is wrong where the labels
     are (past the checkpoint's classes), or misses a class the labels never show, which a
     .npz can declare; a declared count is the data's own, which no label changes."""
-    npz = data.lower().endswith(".npz")
+    npz = _is_npz(data)
     if src.classes_from_labels:
         fix = "labels must be 0..classes-1 of the checkpoint's model"
         return fix + (f", {NPZ_DECLARE.format(repr(data))}" if npz and head > num_classes
