@@ -9,12 +9,35 @@ the probe created is removed again if the run then fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from layerfast.cli import main
+
+
+class _Blocked(BaseException):
+    """Not an OSError (the probe turns those into its message) nor an Exception."""
+
+
+@contextlib.contextmanager
+def _alarm(seconds: int) -> Iterator[None]:
+    """Fail, not hang, if the probe blocks: a FIFO opened without O_NONBLOCK waits for a
+    reader forever (a mutant that dropped the flag held the suite for minutes)."""
+    def boom(*_: object) -> None:
+        raise _Blocked(f"the --profile probe blocked for {seconds} s (a FIFO open?)")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def _no_timing(monkeypatch) -> None:
@@ -34,7 +57,8 @@ def test_an_unwritable_profile_is_refused_before_timing(kind: str, tmp_path: Pat
     else:
         (tmp_path / "afile").write_text("")
         prof = tmp_path / "afile" / "p.txt"
-    rc = main(["bench", "--device", "cpu", "--profile", str(prof)])
+    with _alarm(20):
+        rc = main(["bench", "--device", "cpu", "--profile", str(prof)])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert err.count("\n") == 1 and "Traceback" not in err
