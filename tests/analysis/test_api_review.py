@@ -246,7 +246,7 @@ def train_models(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("arch", ["s15_tm:noisy", "s15_tm:counter"])
 def test_train_probe_leaves_the_seeded_run_as_it_was(train_models, monkeypatch, arch):
-    """The probe's eval forward (`analysis._num_outputs`) ran outside any fork_rng and without
+    """The probe's eval forward (`build._num_outputs`) ran outside any fork_rng and without
     putting the state back: a model that draws in eval mode trained on another random stream
     than before the probe existed (same seed, other checkpoints), and one that counts its
     calls in a buffer saved a θ⁰ the probe had changed."""
