@@ -195,7 +195,7 @@ def naive_pass(model, variants, src, device, batch_size: int,
     layerfast's, and are not multiplied by V/k when it is timed on k of V variants."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from layerfast.models import input_dtype
+    from layerfast.models import input_dtype, load_tensors
 
     xs, ys = zip(*src.batches(4096), strict=True)
     ds = TensorDataset(torch.cat(xs), torch.cat(ys))
@@ -229,13 +229,13 @@ def naive_pass(model, variants, src, device, batch_size: int,
             # the caller's model is given back with its own tensors whatever happens: a forward
             # that raises, or a load that copied the tensors that fit before refusing one
             try:
-                model.load_state_dict(ov, strict=False)
+                load_tensors(model, ov, strict=False)
                 correct = 0
                 for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
                     x = ((x.to(wide) / src.scale - mean) / std).to(device, dtype)
                     correct += (model(x).argmax(1) == y.to(device)).sum().item()
             finally:
-                model.load_state_dict(saved, strict=False)
+                load_tensors(model, saved, strict=False)
             counts.append(int(correct))
         _sync(device)
         loop = time.perf_counter() - t
@@ -361,7 +361,7 @@ def _timed(args: argparse.Namespace) -> dict:
     from layerfast.engine.flops import floor_report
     from layerfast.engine.plan import warn_plan
     from layerfast.engine.precision import model_dtype, resolve_device
-    from layerfast.models import build_model
+    from layerfast.models import build_model, load_tensors
     from layerfast.units import make_units
     from layerfast.variants import make_variants
 
@@ -380,7 +380,7 @@ def _timed(args: argparse.Namespace) -> dict:
             warn(f"--profile-samples {args.profile_samples} has no effect without --profile")
         _synthetic_ckpts(model, args.checkpoints, Path(tmp))
         ck = CheckpointDir(tmp)
-        model.load_state_dict(ck.tensors(ck.final))
+        load_tensors(model, ck.tensors(ck.final))
         units = make_units(model, granularity=args.granularity, arch=spec)
         variants = make_variants(model, units, ck, spec, reset=("reinit", "rerandom"),
                                  seeds=range(1, args.seeds + 1))

@@ -105,7 +105,7 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
     error."""
     from layerfast.checkpoints import CheckpointDir
     from layerfast.data import open_data
-    from layerfast.models import build_model
+    from layerfast.models import build_model, load_tensors
 
     ck = CheckpointDir(ckpts, final=final)
     src = open_data(data, split=split, max_samples=max_samples, split_flag="--split")
@@ -152,7 +152,7 @@ def build(arch: str, ckpts: str | os.PathLike[str], data: str = "digits", split:
                                  "--arch)") from None
         raise
     ck.check_trained()  # a dir holding only τ=0 (a diverged first epoch) has no trained model
-    model.load_state_dict(ck.tensors(ck.final), strict=False)
+    load_tensors(model, ck.tensors(ck.final), strict=False)
     labels = src.labels()
     if labels.numel() == 0:
         raise LayerfastError(f"the data {data!r} ({split}) is empty")

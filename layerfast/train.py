@@ -66,7 +66,7 @@ from layerfast.errors import (
     warn,
 )
 from layerfast.exclusive import exclusive
-from layerfast.models import build_model, input_dtype
+from layerfast.models import build_model, input_dtype, load_tensors
 from layerfast.options import check_dir_path, count, flag, int_list, is_int
 from layerfast.rng import forked_host_generators, seeded_host_generators
 
@@ -459,7 +459,7 @@ def _probe(model: nn.Module, arch: str, source: DataSource, batch_size: int) -> 
             for b, before in buffers:
                 b.copy_(before)
         if probe is model:
-            model.load_state_dict(saved)
+            load_tensors(model, saved)
             for m, attrs in plain:
                 vars(m).update(attrs)
         for m, mode in modes:

@@ -14,6 +14,7 @@ from torch import nn
 
 from layerfast.engine.overrides import prefix_hint
 from layerfast.errors import LayerfastError
+from layerfast.models import load_tensors
 from layerfast.ops import ranks_above
 
 
@@ -97,7 +98,7 @@ def _evaluate(model: nn.Module, variants: Sequence[Any],
                                      f"{unknown[:10]}{prefix_hint(unknown, state)}")
             saved = {k: state[k].clone() for k in ov}
             try:  # on the CPU the variant is loaded into the caller's own tensors
-                model.load_state_dict(ov, strict=False)
+                load_tensors(model, ov, strict=False)
                 # Under a caller's autocast (a bf16 reference) and outside inference_mode
                 # (no_grad, as here, included), autocast keeps the low-precision casts of leaf
                 # parameters for the whole region: after this in-place load every forward would
@@ -115,6 +116,6 @@ def _evaluate(model: nn.Module, variants: Sequence[Any],
                     out[i, 2] += F.cross_entropy(logits, y, reduction="sum").double().item()
                     out[i, 3] += (pred.cpu() == ref[j]).sum().item()
             finally:
-                model.load_state_dict(saved, strict=False)
+                load_tensors(model, saved, strict=False)
                 torch.clear_autocast_cache()
     return out

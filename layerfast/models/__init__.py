@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -42,7 +43,7 @@ from layerfast.models.init import default_init, resnet_init, vgg_init
 
 Units = list[tuple[str, list[str]]]
 
-__all__ = ["ARCHS", "ArchSpec", "build_model", "get_arch", "input_dtype"]
+__all__ = ["ARCHS", "ArchSpec", "build_model", "get_arch", "input_dtype", "load_tensors"]
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,23 @@ def input_dtype(model: nn.Module) -> torch.dtype:
         if t.dtype.is_floating_point:
             return t.dtype
     return torch.float32
+
+
+def load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], strict: bool = True) -> Any:
+    """`model.load_state_dict(tensors, strict=strict)` for a plain dict of tensors (a
+    checkpoint's, a variant's, a saved copy), with the model's own version metadata attached.
+
+    A module whose `_load_from_state_dict` reads its state-dict version (torchvision's MNASNet:
+    "version should be set to 1 or 2 instead of None") refuses a dict without `_metadata`; the
+    tensors were saved from, or drawn for, this very model, so its current versions are theirs.
+    """
+    own = getattr(tensors, "_metadata", None)
+    if own is None:
+        own = getattr(model.state_dict(keep_vars=True), "_metadata", None)
+    loaded = OrderedDict(tensors)
+    if own is not None:
+        loaded._metadata = own  # type: ignore[attr-defined]
+    return model.load_state_dict(loaded, strict=strict)
 
 
 def _materialize(model: nn.Module, arch: str, in_shape: tuple[int, ...]) -> None:
