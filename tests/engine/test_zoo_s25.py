@@ -9,6 +9,7 @@ are cheap on one CPU thread are run for real at the end.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import pytest
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerfast.engine import Evaluator, naive_evaluate
+from layerfast.models import load_tensors
+from tests.engine.test_engine_fuzz2 import _perturb_norms, _unit_keys
 
 # ---- a module whose load reads its state-dict version (torchvision's MNASNet) ---------------
 
@@ -74,8 +77,6 @@ def test_naive_loop_loads_a_versioned_module():
 
 
 def test_load_tensors_keeps_the_given_metadata_and_strictness():
-    from layerfast.models import load_tensors
-
     model = VersionedNet()
     sd = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     load_tensors(model, sd)
@@ -114,3 +115,84 @@ def test_train_then_analyze_a_versioned_model(tmp_path, capsys, net):
                  "--device", "cpu"]) == 0, capsys.readouterr().err
     assert main(["analyze", "--arch", arch, "--data", "digits", "--ckpts", str(ck), "--out",
                  str(out), "--device", "cpu", "--max-samples", "64"]) == 0, capsys.readouterr().err
+
+
+# ---- the real torchvision models that are cheap on one CPU thread ------------------------------
+
+#: name -> (builder keywords, input side); every one traced, no variant falling back to a full
+#: forward but the first module's (which starts at the input anyway), nothing refused fan-out
+ZOO = {"resnet18": ({}, 32), "squeezenet1_1": ({}, 32), "shufflenet_v2_x0_5": ({}, 32),
+       "mobilenet_v3_small": ({}, 32), "mnasnet0_5": ({}, 32),
+       "googlenet": ({"init_weights": True}, 32),
+       "efficientnet_b0": ({}, 32)}
+ZN, ZBS = 6, 4  # a partial last batch
+
+
+def _zoo_variants(model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Two random draws each of the first, a middle and the last module with tensors of its
+    own, of a middle BatchNorm's statistics alone, and of a module and the last jointly; one
+    equal to the live tensors."""
+    mods = [n for n, _ in model.named_modules() if _unit_keys(model, n)]
+    norms = [n for n, m in model.named_modules() if getattr(m, "running_mean", None) is not None]
+    sd = model.state_dict()
+    g = torch.Generator().manual_seed(0)
+
+    def draw(keys):
+        return {k: (torch.rand(sd[k].shape, generator=g) + 0.5 if "running_var" in k
+                    else torch.randn(sd[k].shape, generator=g) * (sd[k].float().std() + 0.05))
+                for k in keys if sd[k].is_floating_point()}
+
+    first, mid, last = mods[0], mods[len(mods) // 2], mods[-1]
+    sets = [_unit_keys(model, u) for u in (first, mid, last)]
+    if norms:  # not in SqueezeNet
+        sets.append([k for k in _unit_keys(model, norms[len(norms) // 2]) if "running" in k])
+    sets.append(_unit_keys(model, mods[len(mods) // 4]) + _unit_keys(model, last))
+    return [draw(keys) for keys in sets for _ in range(2)] + [{k: sd[k].clone() for k in sets[1]}]
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_torchvision_model_matches_the_naive_loop(name):
+    tvm = pytest.importorskip("torchvision.models")
+    kw, side = ZOO[name]
+    torch.manual_seed(0)
+    model = tvm.get_model(name, weights=None, num_classes=10, **kw).eval()
+    _perturb_norms(model)
+    variants = _zoo_variants(model)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(ZN, 3, side, side, generator=g), torch.randint(0, 10, (ZN,), generator=g)
+    batches = [(x[i:i + ZBS], y[i:i + ZBS]) for i in range(0, ZN, ZBS)]
+    ref = []
+    for ov in variants:
+        m = copy.deepcopy(model)
+        load_tensors(m, ov, strict=False)
+        with torch.no_grad():
+            ref.append(torch.cat([m(xb) for xb, _ in batches]))
+    ref = torch.stack(ref)
+    counts = naive_evaluate(copy.deepcopy(model), variants, lambda: batches)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for fanout in (False, True):
+        got: dict[int, list[torch.Tensor]] = {}
+
+        def hook(rows, logits, got=got):
+            for r, lg in zip(rows, logits, strict=True):
+                got.setdefault(r, []).append(lg)
+
+        ev = Evaluator(model, variants, device="cpu", precision="fp32", batch_size=ZBS,
+                       layout="contiguous", fanout=fanout)
+        res = ev.run(batches, on_logits=hook)
+        logits = torch.stack([torch.cat(got[i]) for i in range(len(variants))])
+        what = f"{name} fanout={fanout}: plan {res.plan}"
+        assert res.plan["untraced"] is None, what
+        assert sum(len(gr.members) for gr in ev.last_plan.groups if gr.start == 0) == 2, what
+        if not fanout:
+            assert torch.equal(logits, ref), f"{what}: max |Δlogit| {(logits - ref).abs().max():.3g}"
+            assert torch.equal(res.counts[:, [0, 1, 3]], counts[:, [0, 1, 3]]), what
+        else:
+            assert res.plan["fanned_variants"] == len(variants) - 1, what
+            assert res.plan["fanout_fallbacks"] == {}, what
+            torch.testing.assert_close(logits, ref, rtol=0, atol=1e-4 * max(ref.abs().max().item(), 1.0))
+            assert int((logits.argmax(-1) != ref.argmax(-1)).sum(-1).max()) <= 1, what
+            assert (res.counts[:, [0, 1, 3]] - counts[:, [0, 1, 3]]).abs().max() <= 1, what
+        torch.testing.assert_close(res.counts[:, 2], counts[:, 2], rtol=1e-5, atol=1e-3)
+        after = model.state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in before.items()), what
