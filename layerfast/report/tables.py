@@ -379,7 +379,7 @@ def read_distances(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a `distances.csv`; `checkpoint` stays text-or-int ("0", "rerandom:1" -> 0, "rerandom:1").
 
     Like `read_results`, a bad cell is one LayerfastError naming its column and row: unit
-    non-empty, checkpoint a τ or `rerandom:<seed>`, distances numbers in [0, `MAX_DISTANCE`] or empty
+    non-empty, checkpoint a τ (>= 0) or `rerandom:<seed>`, distances numbers in [0, `MAX_DISTANCE`] or empty
     (l2_rel is NaN for a zero-initialized unit, see layerfast.distances).
     """
     p = Path(path)
@@ -392,13 +392,16 @@ def read_distances(path: str | os.PathLike[str]) -> pd.DataFrame:
     _checked(p, df, "unit", None, (df["unit"] == "").to_numpy(), "a name")
     checkpoints: list[object] = []
     for v in df["checkpoint"]:
-        if v.lstrip("-").isdigit():
+        # ASCII digits only: τ labels are never negative (read_results refuses "-3" too), and
+        # "²" passed str.isdigit() but not int(), a ValueError traceback instead of this check
+        if re.fullmatch(r"[0-9]+", v):
             checkpoints.append(int(v))
         else:
             checkpoints.append(v)
     taus_ok = np.array([isinstance(v, int) or re.fullmatch(r"rerandom:\d+", v) is not None
                         for v in checkpoints], dtype=bool)  # fmt: skip
-    _checked(p, df, "checkpoint", None, ~taus_ok, "a τ label or 'rerandom:<seed>'")
+    _checked(p, df, "checkpoint", None, ~taus_ok,
+             "a τ label (a whole number >= 0) or 'rerandom:<seed>'")
     out: dict[str, object] = {"unit": df["unit"], "checkpoint": checkpoints}
     for col in ("l2", "l2_rel", "linf"):
         v = _numbers(p, df, col)
