@@ -69,8 +69,15 @@ def label_from_stem(stem: str) -> int | None:
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
-    """The parsed manifest.json, or None when the directory has none."""
+    """The parsed manifest.json, or None when the directory has none (a broken link to one is
+    an error, as a broken link to a checkpoint is)."""
     path = directory / MANIFEST
+    if _is_broken_link(path):
+        # not "no manifest": the file names' integers would silently replace its epochs
+        raise LayerfastError(
+            f"{path} is a broken link (to {os.readlink(path)}); restore its target or remove "
+            "the link."
+        )
     if not path.exists():
         return None
     try:
