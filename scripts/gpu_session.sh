@@ -96,7 +96,7 @@ build() {
 # cuts its last files, which must not be the ones that check what changed last.
 ops_tests=(tests/ops/test_ops_swap.py tests/ops/test_ops_score.py tests/ops/test_ops_affine_relu.py tests/cli/test_info.py)
 new_tests=(tests/gpu/test_cuda_s19.py tests/gpu/test_cuda_s20.py tests/gpu/test_cuda_s20b.py tests/gpu/test_cuda_s21.py tests/gpu/test_cuda_s22.py
-           tests/gpu/test_cuda_s23.py tests/gpu/test_cuda_s24.py)
+           tests/gpu/test_cuda_s23.py tests/gpu/test_cuda_s24.py tests/gpu/test_cuda_s25.py)
 # -rfEs, not -rs: a later -r replaces addopts' -ra, and without the short summary's
 # `FAILED path::test` lines the summary below could name no failed test
 cuda_tests() { local t0
