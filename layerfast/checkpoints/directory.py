@@ -88,7 +88,8 @@ class CheckpointDir:
         #: key -> the reference's other names of the same tensor (`keymap.tied_keys`)
         self._ties: dict[str, tuple[str, ...]] = {}
         self._keymaps: dict[int, dict[str, str]] = {}
-        self._finite_ok: set[int] = set()
+        #: label -> the model dtypes its tensors were found finite as (`_check_finite`)
+        self._finite_ok: dict[int, frozenset[tuple[str, torch.dtype | None]]] = {}
         self._ties_ok: set[int] = set()
 
     def __repr__(self) -> str:
@@ -201,7 +202,7 @@ class CheckpointDir:
         weights would be wrong; floating -> floating (float16/bfloat16/float64 -> float32) is a
         harmless cast and non-floating model buffers (`num_batches_tracked`) take any dtype. With `check_finite`, every floating tensor is checked
         for NaN/Inf, one tensor at a time straight from the file mapping; a file that passed
-        is not checked again. The reference's key set is remembered: it decides how each
+        is not checked again for the same model dtypes. The reference's key set is remembered: it decides how each
         file's keys are resolved from now on (see `keymap.resolve`).
         Whether there is a trained model at all is `check_trained`'s question, not this one's.
         """
@@ -326,8 +327,11 @@ class CheckpointDir:
         """NaN/Inf in the floating tensors of `labels`, as the model will hold them (`ref`: key
         -> the model's dtype): a float64 value beyond float32's range is inf once loaded."""
         bad: list[str] = []
+        # a verdict holds for the dtypes it was reached under: a float64 1e300 is finite for a
+        # float64 model and Inf for a float32 one with the same keys
+        seen_as = frozenset(ref.items())
         for label in labels:
-            if label in self._finite_ok:
+            if self._finite_ok.get(label) == seen_as:
                 continue
             f, km = self._open(label), self._keymap(label)
             keys = [k for k in km if k in ref and f.is_floating(km[k])]
@@ -335,7 +339,7 @@ class CheckpointDir:
             if found:
                 bad.append(f"{self.files[label].name}: {_listing(found, 'tensors')}")
             else:
-                self._finite_ok.add(label)
+                self._finite_ok[label] = seen_as
         if bad:
             raise LayerfastError(
                 "checkpoints hold NaN or Inf weights: " + " | ".join(bad) + " (a diverged run? "
