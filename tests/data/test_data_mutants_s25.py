@@ -162,3 +162,19 @@ def test_a_label_equal_to_the_sidecars_class_count_is_refused(tmp_path: Path) ->
     side.write_text(json.dumps(dict(json.loads(side.read_text()), num_classes=9)))
     with pytest.raises(LayerfastError, match="label 9 >= num_classes 9"):
         open_data(str(to))
+
+
+def test_imagefolder_reads_grayscale_and_rgba_images_as_rgb(tmp_path: Path) -> None:
+    """torchvision's loader converts every image to RGB: a grayscale or RGBA PNG among JPEGs is
+    three channels, not a "cannot decode"."""
+    from PIL import Image
+
+    gray = np.random.default_rng(6).integers(0, 256, (256, 256), dtype=np.uint8)
+    for cls, img in (("a", Image.fromarray(gray, "L")),
+                     ("b", Image.fromarray(np.dstack([gray] * 4), "RGBA"))):  # fmt: skip
+        (tmp_path / cls).mkdir()
+        img.save(tmp_path / cls / "x.png")
+    x, y = next(open_data(f"imagefolder:{tmp_path}").batches(2))
+    want = torch.from_numpy(gray[16:240, 16:240].copy())
+    assert y.tolist() == [0, 1]
+    assert all(torch.equal(x[i, c], want) for i in range(2) for c in range(3))
