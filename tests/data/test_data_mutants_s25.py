@@ -12,7 +12,7 @@ import torch
 from layerfast.data import open_data
 from layerfast.data.source import DataSource, check_labels
 from layerfast.errors import LayerfastError
-from tests.data.test_data import make_cifar
+from tests.data.test_data import make_cifar, make_idx, write_idx
 from tests.data.test_data_ffcv import require_ffcv
 
 
@@ -178,3 +178,11 @@ def test_imagefolder_reads_grayscale_and_rgba_images_as_rgb(tmp_path: Path) -> N
     want = torch.from_numpy(gray[16:240, 16:240].copy())
     assert y.tolist() == [0, 1]
     assert all(torch.equal(x[i, c], want) for i in range(2) for c in range(3))
+
+
+def test_an_idx_header_must_start_with_two_zero_bytes(tmp_path: Path) -> None:
+    """0x01000803 is not an idx magic (the first two bytes are zero), though type and rank fit."""
+    x, _ = make_idx(tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", x[:, 0], magic=b"\x01\x00\x08\x03")
+    with pytest.raises(LayerfastError, match="bad idx magic number 0x01000803"):
+        open_data(f"mnist:{tmp_path}")
