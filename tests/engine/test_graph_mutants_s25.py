@@ -189,20 +189,26 @@ class _InplaceKept(nn.Module):
         return self.fc(h.flatten(1) + z)
 
 
-def test_an_inplace_module_on_a_fold_keeps_one_fold() -> None:
-    """A per-channel module that ran in place on a Fold's tensor returns that same Fold, so
-    the one Fold is retired to one batch form for every step holding it, and a write into that
-    batch (`z.mul_(2)`) is seen through `h` as in eager mode. Mutant killed: a second Fold
-    wrapped around the written tensor (retired separately: `h` read a stale copy)."""
+
+def _fold_matches_eager(cls: type[nn.Module]) -> None:
+    """The conv `c`'s variants run folded and unfolded (K=3) give the eager logits."""
     from tests.fanout.test_fanrun import _three_ways
 
     torch.manual_seed(0)
-    model = _InplaceKept().eval()
+    model = cls().eval()
     x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     folded, unfolded, ref, trace = _three_ways(model, ("c.",), x, K=3)
     assert trace[1] == "fold", trace
     torch.testing.assert_close(folded, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(unfolded, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_an_inplace_module_on_a_fold_keeps_one_fold() -> None:
+    """A per-channel module that ran in place on a Fold's tensor returns that same Fold, so
+    the one Fold is retired to one batch form for every step holding it, and a write into that
+    batch (`z.mul_(2)`) is seen through `h` as in eager mode. Mutant killed: a second Fold
+    wrapped around the written tensor (retired separately: `h` read a stale copy)."""
+    _fold_matches_eager(_InplaceKept)
 
 
 class _IaddAliased(nn.Module):
@@ -226,15 +232,7 @@ def test_an_inplace_binary_on_a_fold_returns_that_fold() -> None:
     """`+=` into a Fold (`fanrun._binary`) returns the Fold it wrote into, so `a` and `b` stay
     one value through the retire to the batch form. Mutant killed: a new Fold around the
     written tensor (`a`'s batch form a stale copy that missed `z.mul_(2)`)."""
-    from tests.fanout.test_fanrun import _three_ways
-
-    torch.manual_seed(0)
-    model = _IaddAliased().eval()
-    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    folded, unfolded, ref, trace = _three_ways(model, ("c.",), x, K=3)
-    assert trace[1] == "fold", trace
-    torch.testing.assert_close(folded, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(unfolded, ref, rtol=1e-5, atol=1e-5)
+    _fold_matches_eager(_IaddAliased)
 
 
 class _TwoNamesOneFold(nn.Module):
