@@ -292,17 +292,9 @@ def test_the_unfolded_glue_unfolds_inside_a_region(monkeypatch):
     """Mutant: `_fanned_step` left an overridden conv's fold form as it was with
     glue="unfolded" (the K·B batch after every conv, the glue kept to measure what folding
     buys): ConvRegion's `c2`, in its float32 region, is followed by batch-form steps."""
-    import layerfast.engine.evaluator as evaluator
-    from layerfast.engine import fanrun
-    from tests.engine.test_autocast_replay_s24 import ConvRegion
+    from tests.engine.test_autocast_replay_s24 import ConvRegion, spy_fanned
 
-    runs: list[list[str]] = []
-
-    def spy(*args, **kwargs):
-        runs.append([])
-        return fanrun.run_fanned(*args, **kwargs, trace=runs[-1])
-
-    monkeypatch.setattr(evaluator, "run_fanned", spy)
+    runs = spy_fanned(monkeypatch)
     model, variants, batches = _case(ConvRegion)
     ev = Evaluator(model, variants, device="cpu", precision="bf16", fanout=True, glue="unfolded")
     res = ev.run(batches)

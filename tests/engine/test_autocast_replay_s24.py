@@ -188,9 +188,9 @@ def test_a_forward_with_autocast_regions_is_traced_and_exact(cls, precision, fan
         assert after[k] is obj and torch.equal(after[k], val), k
 
 
-def test_a_fused_chain_inside_a_region_runs_in_its_state(monkeypatch):
-    """ConvRegion's BatchNorm -> add -> ReLU, all in its float32 region, fuses under a bf16
-    pass (one state for the chain: `fanrun._one_state`), run in that region's state."""
+def spy_fanned(monkeypatch) -> list[list[str]]:
+    """Record what each fanned run did, step by step (`fanrun.run_fanned`'s `trace`): one list
+    per call, filled as the Evaluator runs."""
     import layerfast.engine.evaluator as evaluator
     from layerfast.engine import fanrun
 
@@ -201,6 +201,13 @@ def test_a_fused_chain_inside_a_region_runs_in_its_state(monkeypatch):
         return fanrun.run_fanned(*args, **kwargs, trace=runs[-1])
 
     monkeypatch.setattr(evaluator, "run_fanned", spy)
+    return runs
+
+
+def test_a_fused_chain_inside_a_region_runs_in_its_state(monkeypatch):
+    """ConvRegion's BatchNorm -> add -> ReLU, all in its float32 region, fuses under a bf16
+    pass (one state for the chain: `fanrun._one_state`), run in that region's state."""
+    runs = spy_fanned(monkeypatch)
     model, variants, batches = _case(ConvRegion)
     _, res, got = _engine(model, variants, batches, "bf16", True)
     assert any(r[:4] == ["module", "fused", "fused", "fused"] for r in runs), runs  # c2's
